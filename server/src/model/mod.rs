@@ -1,0 +1,11 @@
+//! Resource types of the `clusterclaw.io/v1` API and their validation (pure, no I/O).
+
+mod names;
+mod quantity;
+mod resources;
+mod validate;
+
+pub use names::{validate_dns_label, validate_label_key, validate_label_value};
+pub use quantity::{format_cpu, format_memory, parse_cpu, parse_memory};
+pub use resources::*;
+pub use validate::{FieldProblem, MAX_OBJECT_BYTES, MAX_REPLICAS, validate_object, validate_version};

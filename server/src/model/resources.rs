@@ -1,0 +1,764 @@
+//! The four kinds (`Tenant`, `Project`, `OpenClawInstance`, `Host`) and their envelope.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use super::FieldProblem;
+
+/// The only API version this server speaks.
+pub const API_VERSION: &str = "clusterclaw.io/v1";
+/// Image repository used when an instance names a `version` and no `image`.
+pub const DEFAULT_IMAGE_REPOSITORY: &str = "ghcr.io/openclaw/openclaw";
+/// Defaults filled in at admission when `spec.resources` leaves them out (OpenClaw's own
+/// manifests limit a Gateway to 2Gi).
+pub const DEFAULT_CPU: &str = "1";
+pub const DEFAULT_MEMORY: &str = "2Gi";
+pub const DEFAULT_PIDS: i64 = 512;
+
+/// A resource kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+pub enum Kind {
+    Tenant,
+    Project,
+    OpenClawInstance,
+    Host,
+}
+
+/// Where objects of a kind live: their names are unique within that scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Cluster,
+    Tenant,
+    Project,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Tenant, Kind::Project, Kind::OpenClawInstance, Kind::Host];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Tenant => "Tenant",
+            Kind::Project => "Project",
+            Kind::OpenClawInstance => "OpenClawInstance",
+            Kind::Host => "Host",
+        }
+    }
+
+    /// Lower-case name used in CLI output (`tenant/acme created`).
+    pub fn lower(self) -> &'static str {
+        match self {
+            Kind::Tenant => "tenant",
+            Kind::Project => "project",
+            Kind::OpenClawInstance => "openclawinstance",
+            Kind::Host => "host",
+        }
+    }
+
+    /// Collection name in REST paths.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Tenant => "tenants",
+            Kind::Project => "projects",
+            Kind::OpenClawInstance => "instances",
+            Kind::Host => "hosts",
+        }
+    }
+
+    pub fn scope(self) -> Scope {
+        match self {
+            Kind::Tenant | Kind::Host => Scope::Cluster,
+            Kind::Project => Scope::Tenant,
+            Kind::OpenClawInstance => Scope::Project,
+        }
+    }
+
+    /// Whether users may create and change objects of this kind (hosts are written by agents).
+    pub fn user_writable(self) -> bool {
+        !matches!(self, Kind::Host)
+    }
+
+    /// Order in which a batch is written: parents before children.
+    pub fn apply_order(self) -> u8 {
+        match self {
+            Kind::Tenant => 0,
+            Kind::Project => 1,
+            Kind::OpenClawInstance => 2,
+            Kind::Host => 3,
+        }
+    }
+
+    /// Parses a kind as typed by people: singular, plural, short alias, any case.
+    pub fn from_user(s: &str) -> Option<Kind> {
+        match s.to_ascii_lowercase().as_str() {
+            "tenant" | "tenants" | "tn" => Some(Kind::Tenant),
+            "project" | "projects" | "proj" | "pj" => Some(Kind::Project),
+            "openclawinstance" | "openclawinstances" | "instance" | "instances" | "inst" | "oci" => {
+                Some(Kind::OpenClawInstance)
+            }
+            "host" | "hosts" | "ho" => Some(Kind::Host),
+            _ => None,
+        }
+    }
+
+    /// Parses the exact `kind:` field of a manifest.
+    pub fn from_manifest(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Identity of an object: kind, scope and name. Unused scope parts are empty strings.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub tenant: String,
+    pub project: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn cluster(kind: Kind, name: impl Into<String>) -> Self {
+        ObjectKey { kind, tenant: String::new(), project: String::new(), name: name.into() }
+    }
+
+    pub fn project(tenant: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectKey { kind: Kind::Project, tenant: tenant.into(), project: String::new(), name: name.into() }
+    }
+
+    pub fn instance(tenant: impl Into<String>, project: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectKey {
+            kind: Kind::OpenClawInstance,
+            tenant: tenant.into(),
+            project: project.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The key of the object this one lives in, if any (a project's tenant, an instance's project).
+    pub fn parent(&self) -> Option<ObjectKey> {
+        match self.kind {
+            Kind::Tenant | Kind::Host => None,
+            Kind::Project => Some(ObjectKey::cluster(Kind::Tenant, &self.tenant)),
+            Kind::OpenClawInstance => Some(ObjectKey::project(&self.tenant, &self.project)),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    /// `tenant/acme`, `project/acme/helpdesk`, `openclawinstance/acme/helpdesk/support-bot`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind.lower())?;
+        for part in [&self.tenant, &self.project, &self.name] {
+            if !part.is_empty() {
+                write!(f, "/{part}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A Kubernetes-style quantity, kept as written. Accepts a YAML/JSON string or number.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, ToSchema)]
+#[schema(value_type = String, example = "4Gi")]
+pub struct Quantity(pub String);
+
+impl<'de> Deserialize<'de> for Quantity {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Quantity;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a quantity such as 2, 500m, 512Mi or 4Gi")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Quantity, E> {
+                Ok(Quantity(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Quantity, E> {
+                Ok(Quantity(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Quantity, E> {
+                Ok(Quantity(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Quantity, E> {
+                Ok(Quantity(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Quantity {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Quantity {
+    fn from(s: &str) -> Self {
+        Quantity(s.to_string())
+    }
+}
+
+/// `metadata` of every object.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metadata {
+    /// DNS-1123 label, unique within the object's scope.
+    pub name: String,
+    /// The tenant a `Project` or `OpenClawInstance` belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The project an `OpenClawInstance` belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    /// Set by the server at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// Bumped by the server on every change of `spec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+    /// The store index of the object's last write. Sent back on update, a stale value is refused
+    /// with 409 Conflict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<u64>,
+    /// RFC 3339 time of creation, set by the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Limits on a tenant's or project's consumption.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Quota {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TenantSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Quota>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProjectSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Quota>,
+}
+
+/// Compute limits of each replica's container.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResourceRequirements {
+    /// Cores (`2`, `0.5`) or millicores (`500m`). Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Quantity>,
+    /// Kubernetes quantity (`512Mi`, `4Gi`). Default 2Gi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+    /// Process limit. Default 512.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Placement {
+    /// Hosts must carry all these labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub host_selector: BTreeMap<String, String>,
+}
+
+fn default_replicas() -> i64 {
+    1
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InstanceSpec {
+    /// OpenClaw release (`2026.7.1`, `2026.7.1-2`, `2026.8.0-beta.1`); the image is
+    /// `ghcr.io/openclaw/openclaw:<version>` unless `image` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Full image reference; overrides `version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default = "default_replicas")]
+    pub replicas: i64,
+    #[serde(default)]
+    pub resources: ResourceRequirements,
+    /// This instance's part of `openclaw.json`.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    #[schema(value_type = Object)]
+    pub config: Map<String, Value>,
+    /// Environment variables of the Gateway container.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "is_default_placement")]
+    pub placement: Placement,
+}
+
+fn is_default_placement(p: &Placement) -> bool {
+    p.host_selector.is_empty()
+}
+
+impl InstanceSpec {
+    /// The image the agent runs.
+    pub fn image_ref(&self) -> String {
+        match (&self.image, &self.version) {
+            (Some(image), _) => image.clone(),
+            (None, Some(v)) => format!("{DEFAULT_IMAGE_REPOSITORY}:{v}"),
+            (None, None) => format!("{DEFAULT_IMAGE_REPOSITORY}:latest"),
+        }
+    }
+
+    /// Fills in defaulted resource limits, so the stored spec says what runs.
+    pub fn apply_defaults(&mut self) {
+        let r = &mut self.resources;
+        r.cpu.get_or_insert_with(|| Quantity::from(DEFAULT_CPU));
+        r.memory.get_or_insert_with(|| Quantity::from(DEFAULT_MEMORY));
+        r.pids.get_or_insert(DEFAULT_PIDS);
+    }
+
+    /// CPU per replica in millicores (after validation this cannot fail; 0 if it does).
+    pub fn cpu_millis(&self) -> u64 {
+        let q = self.resources.cpu.as_ref().map_or(DEFAULT_CPU, |q| q.as_str());
+        super::parse_cpu(q).unwrap_or(0)
+    }
+
+    /// Memory per replica in bytes (after validation this cannot fail; 0 if it does).
+    pub fn memory_bytes(&self) -> u64 {
+        let q = self.resources.memory.as_ref().map_or(DEFAULT_MEMORY, |q| q.as_str());
+        super::parse_memory(q).unwrap_or(0)
+    }
+}
+
+/// What a host offers, as measured by its agent.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostCapacity {
+    pub cpu: Quantity,
+    pub memory: Quantity,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<Quantity>,
+}
+
+impl Default for Quantity {
+    fn default() -> Self {
+        Quantity("0".into())
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostSpec {
+    #[serde(default)]
+    pub hostname: String,
+    #[serde(default)]
+    pub capacity: HostCapacity,
+    /// When true the scheduler places no new replicas here.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unschedulable: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+}
+
+/// A condition in the Kubernetes style.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum HostPhase {
+    #[default]
+    Unknown,
+    Ready,
+    NotReady,
+}
+
+/// Compute figures of a host.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostResources {
+    #[serde(default)]
+    pub cpu_millis: u64,
+    #[serde(default)]
+    pub memory_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostStatus {
+    #[serde(default)]
+    pub phase: HostPhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// What the scheduler has placed here.
+    #[serde(default)]
+    pub allocated: HostResources,
+    /// Reported usage: CPU, memory, disk, load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    pub usage: Option<Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum InstancePhase {
+    #[default]
+    Pending,
+    Progressing,
+    Running,
+    Degraded,
+    Failed,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum ReplicaState {
+    #[default]
+    Pending,
+    Pulling,
+    Starting,
+    Running,
+    Ready,
+    Unhealthy,
+    CrashLoopBackOff,
+    Failed,
+}
+
+/// Observed state of one replica `<name>-<ordinal>`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatus {
+    pub name: String,
+    pub ordinal: u32,
+    /// The host the scheduler placed the replica on; none while unschedulable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub state: ReplicaState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+    /// The spec generation the replica's container runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceStatus {
+    #[serde(default)]
+    pub phase: InstancePhase,
+    #[serde(default)]
+    pub observed_generation: i64,
+    #[serde(default)]
+    pub replicas: i64,
+    #[serde(default)]
+    pub ready_replicas: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replica_status: Vec<ReplicaStatus>,
+}
+
+/// Status of a tenant or project: what it consumes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScopeStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    pub usage: Option<Value>,
+}
+
+macro_rules! object {
+    ($(#[$doc:meta])* $name:ident, $kind:ident, $spec:ty, $status:ty) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        pub struct $name {
+            /// Always `clusterclaw.io/v1`.
+            #[schema(example = "clusterclaw.io/v1")]
+            pub api_version: String,
+            #[schema(value_type = String)]
+            pub kind: Kind,
+            pub metadata: Metadata,
+            #[serde(default)]
+            pub spec: $spec,
+            /// Written by the server; ignored on input.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub status: Option<$status>,
+        }
+    };
+}
+
+object!(
+    /// An organisation using the platform: the outer isolation boundary.
+    Tenant, Tenant, TenantSpec, ScopeStatus
+);
+object!(
+    /// A group of instances inside a tenant.
+    Project, Project, ProjectSpec, ScopeStatus
+);
+object!(
+    /// A set of OpenClaw Gateway replicas.
+    OpenClawInstance, OpenClawInstance, InstanceSpec, InstanceStatus
+);
+object!(
+    /// A machine running clusterclaw-agent; written by enrollment and heartbeats.
+    Host, Host, HostSpec, HostStatus
+);
+
+impl Default for InstanceSpec {
+    fn default() -> Self {
+        InstanceSpec {
+            version: None,
+            image: None,
+            replicas: 1,
+            resources: ResourceRequirements::default(),
+            config: Map::new(),
+            env: BTreeMap::new(),
+            placement: Placement::default(),
+        }
+    }
+}
+
+/// Any object of the API.
+#[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum Resource {
+    Tenant(Tenant),
+    Project(Project),
+    OpenClawInstance(OpenClawInstance),
+    Host(Host),
+}
+
+impl Resource {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Resource::Tenant(_) => Kind::Tenant,
+            Resource::Project(_) => Kind::Project,
+            Resource::OpenClawInstance(_) => Kind::OpenClawInstance,
+            Resource::Host(_) => Kind::Host,
+        }
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        match self {
+            Resource::Tenant(o) => &o.metadata,
+            Resource::Project(o) => &o.metadata,
+            Resource::OpenClawInstance(o) => &o.metadata,
+            Resource::Host(o) => &o.metadata,
+        }
+    }
+
+    pub fn metadata_mut(&mut self) -> &mut Metadata {
+        match self {
+            Resource::Tenant(o) => &mut o.metadata,
+            Resource::Project(o) => &mut o.metadata,
+            Resource::OpenClawInstance(o) => &mut o.metadata,
+            Resource::Host(o) => &mut o.metadata,
+        }
+    }
+
+    /// The object's identity; scope parts it does not have are empty.
+    pub fn key(&self) -> ObjectKey {
+        let m = self.metadata();
+        let kind = self.kind();
+        let part = |p: &Option<String>, needed: bool| if needed { p.clone().unwrap_or_default() } else { String::new() };
+        ObjectKey {
+            kind,
+            tenant: part(&m.tenant, kind.scope() != Scope::Cluster),
+            project: part(&m.project, kind.scope() == Scope::Project),
+            name: m.name.clone(),
+        }
+    }
+
+    /// `spec` as JSON, for change detection.
+    pub fn spec_value(&self) -> Value {
+        let v = match self {
+            Resource::Tenant(o) => serde_json::to_value(&o.spec),
+            Resource::Project(o) => serde_json::to_value(&o.spec),
+            Resource::OpenClawInstance(o) => serde_json::to_value(&o.spec),
+            Resource::Host(o) => serde_json::to_value(&o.spec),
+        };
+        v.unwrap_or(Value::Null)
+    }
+
+    /// `status` as JSON (`null` when unset).
+    pub fn status_value(&self) -> Value {
+        let v = match self {
+            Resource::Tenant(o) => serde_json::to_value(&o.status),
+            Resource::Project(o) => serde_json::to_value(&o.status),
+            Resource::OpenClawInstance(o) => serde_json::to_value(&o.status),
+            Resource::Host(o) => serde_json::to_value(&o.status),
+        };
+        v.unwrap_or(Value::Null)
+    }
+
+    /// Drops `status` (input never sets it).
+    pub fn clear_status(&mut self) {
+        match self {
+            Resource::Tenant(o) => o.status = None,
+            Resource::Project(o) => o.status = None,
+            Resource::OpenClawInstance(o) => o.status = None,
+            Resource::Host(o) => o.status = None,
+        }
+    }
+
+    /// Defaulting done at admission, so the stored spec says what runs.
+    pub fn apply_defaults(&mut self) {
+        if let Resource::OpenClawInstance(o) = self {
+            o.spec.apply_defaults();
+        }
+    }
+
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+
+    /// Reads a manifest that has already been parsed into JSON (from YAML or JSON), checking
+    /// `apiVersion` and `kind` and reporting unknown fields and wrong types with their path.
+    /// This is structure only; see [`super::validate_object`] for the rules on values.
+    pub fn from_value(value: Value) -> Result<Resource, Vec<FieldProblem>> {
+        let Value::Object(map) = &value else {
+            return Err(vec![FieldProblem::new("", format!("a manifest must be a mapping with apiVersion, kind, metadata and spec; found {}", json_type(&value)))]);
+        };
+        let mut problems = Vec::new();
+        match map.get("apiVersion") {
+            Some(Value::String(v)) if v == API_VERSION => {}
+            Some(Value::String(v)) => problems.push(FieldProblem::new("apiVersion", format!("{v:?} is not supported; use {API_VERSION}"))),
+            Some(other) => problems.push(FieldProblem::new("apiVersion", format!("must be the string {API_VERSION}, found {}", json_type(other)))),
+            None => problems.push(FieldProblem::new("apiVersion", format!("is required; use {API_VERSION}"))),
+        }
+        let allowed = Kind::ALL.map(|k| k.as_str()).join(", ");
+        let kind = match map.get("kind") {
+            Some(Value::String(k)) => match Kind::from_manifest(k) {
+                Some(kind) => Some(kind),
+                None => {
+                    problems.push(FieldProblem::new("kind", format!("unknown kind {k:?}; the kinds are {allowed}")));
+                    None
+                }
+            },
+            Some(other) => {
+                problems.push(FieldProblem::new("kind", format!("must be a string, found {}", json_type(other))));
+                None
+            }
+            None => {
+                problems.push(FieldProblem::new("kind", format!("is required; one of {allowed}")));
+                None
+            }
+        };
+        let Some(kind) = kind else { return Err(problems) };
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, Vec<FieldProblem>> {
+            serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
+                let path = e.path().to_string();
+                let path = if path == "." { String::new() } else { path };
+                vec![FieldProblem::new(path, humanize_serde(&e.into_inner().to_string()))]
+            })
+        }
+        Ok(match kind {
+            Kind::Tenant => Resource::Tenant(typed(value)?),
+            Kind::Project => Resource::Project(typed(value)?),
+            Kind::OpenClawInstance => Resource::OpenClawInstance(typed(value)?),
+            Kind::Host => Resource::Host(typed(value)?),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Resource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        Resource::from_value(v).map_err(|p| {
+            let msg = p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ");
+            serde::de::Error::custom(msg)
+        })
+    }
+}
+
+/// Names a JSON value's type the way a person reading YAML thinks of it.
+pub fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+/// Turns serde's wording into the project's: "unknown field `x`, expected one of ..." stays
+/// useful; "invalid type: map, expected a string" becomes "expected a string, found a mapping".
+fn humanize_serde(msg: &str) -> String {
+    if let Some(rest) = msg.strip_prefix("invalid type: ") {
+        if let Some((found, expected)) = rest.split_once(", expected ") {
+            let found = match found {
+                "map" => "a mapping".to_string(),
+                "sequence" => "a list".to_string(),
+                f => f.to_string(),
+            };
+            return format!("expected {expected}, found {found}");
+        }
+    }
+    msg.replace('`', "'")
+}

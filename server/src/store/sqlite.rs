@@ -1,0 +1,790 @@
+//! SQLite implementation of the store: WAL journal, `synchronous=FULL`, versioned migrations,
+//! one writer connection and a small pool of readers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
+use tokio::sync::watch;
+
+use super::{
+    JoinRefusal, ListFilter, Store, StoreError, StoredObject, TokenKind, TokenRecord, WriteMode, WriteResult,
+    WriteSummary, admit,
+};
+use crate::model::{FieldProblem, Kind, ObjectKey, Resource};
+
+/// Schema migrations; migration `i` takes the database from version `i` to `i + 1`
+/// (`PRAGMA user_version`). Append only: a released migration never changes.
+const MIGRATIONS: &[&str] = &[
+    // 1: objects, the global index, tokens.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+     INSERT INTO meta (key, value) VALUES ('index', 0);
+     CREATE TABLE objects (
+        kind TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        project TEXT NOT NULL,
+        name TEXT NOT NULL,
+        uid TEXT NOT NULL UNIQUE,
+        generation INTEGER NOT NULL,
+        resource_version INTEGER NOT NULL,
+        labels TEXT NOT NULL,
+        body TEXT NOT NULL,
+        UNIQUE (kind, tenant, project, name)
+     );
+     CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        role TEXT NOT NULL,
+        tenant TEXT,
+        project TEXT,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        uses_remaining INTEGER,
+        revoked INTEGER NOT NULL DEFAULT 0
+     );",
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+const MAX_IDLE_READERS: usize = 8;
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const OBJECT_COLUMNS: &str = "kind, tenant, project, name, uid, generation, resource_version, labels, body";
+
+/// The embedded store.
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    index: AtomicU64,
+    notify: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).field("index", &self.index()).finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave a connection half-way through a transaction
+    // (rusqlite rolls back on drop), so the data behind a poisoned lock is still good.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    /// A database written by a newer clusterclaw is refused.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let mut conn = Connection::open(path).map_err(|e| open_error(path, e))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // Fails on a file that is not SQLite at all.
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|e| open_error(path, e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Backend(format!("{}: could not switch to WAL journal mode (got {mode})", path.display())));
+        }
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+        migrate(&mut conn, path)?;
+        let index: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'index'", [], |r| r.get(0))?;
+        let index = index as u64;
+        let (notify, _) = watch::channel(index);
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            writer: Mutex::new(conn),
+            readers: Mutex::new(Vec::new()),
+            index: AtomicU64::new(index),
+            notify,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn open_reader(&self) -> Result<Connection, StoreError> {
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.execute_batch("PRAGMA query_only = ON;")?;
+        Ok(conn)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let pooled = lock(&self.readers).pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => self.open_reader()?,
+        };
+        let out = f(&conn);
+        let mut pool = lock(&self.readers);
+        if pool.len() < MAX_IDLE_READERS {
+            pool.push(conn);
+        }
+        out
+    }
+
+    /// Runs `f` in an immediate write transaction with the next index. `f` returns whether it
+    /// changed anything; only then is the index bumped and the transaction committed.
+    fn write_tx<T>(
+        &self,
+        dry_run: bool,
+        f: impl FnOnce(&Transaction<'_>, u64) -> Result<(T, bool), StoreError>,
+    ) -> Result<(T, u64), StoreError> {
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'index'", [], |r| r.get(0))?;
+        let next = current as u64 + 1;
+        let (out, changed) = f(&tx, next)?;
+        if !changed || dry_run {
+            tx.rollback()?;
+            return Ok((out, current as u64));
+        }
+        tx.execute("UPDATE meta SET value = ?1 WHERE key = 'index'", [next as i64])?;
+        tx.commit()?;
+        self.index.store(next, Ordering::SeqCst);
+        self.notify.send_replace(next);
+        Ok((out, next))
+    }
+}
+
+fn open_error(path: &Path, e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => {
+            StoreError::Corrupt(format!("{} is not a clusterclaw database (not an SQLite file)", path.display()))
+        }
+        Some(rusqlite::ErrorCode::CannotOpen) => StoreError::Backend(format!(
+            "cannot open {}: {e} (does the directory exist and is it writable?)",
+            path.display()
+        )),
+        _ => StoreError::Backend(format!("{}: {e}", path.display())),
+    }
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            path: path.display().to_string(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+        tx.execute_batch(sql)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
+        tx.commit()?;
+        tracing::info!(path = %path.display(), version = i + 1, "applied store schema migration");
+    }
+    Ok(())
+}
+
+fn kind_from_db(s: &str) -> Result<Kind, StoreError> {
+    Kind::from_manifest(s).ok_or_else(|| StoreError::Corrupt(format!("unknown kind {s:?} in the objects table")))
+}
+
+fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, ObjectKeyParts, StoredParts)> {
+    Ok((
+        r.get(0)?,
+        (r.get(1)?, r.get(2)?, r.get(3)?),
+        (r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?),
+    ))
+}
+
+type ObjectKeyParts = (String, String, String);
+type StoredParts = (String, i64, i64, String, String);
+
+fn assemble(kind: String, k: ObjectKeyParts, s: StoredParts) -> Result<StoredObject, StoreError> {
+    let key = ObjectKey { kind: kind_from_db(&kind)?, tenant: k.0, project: k.1, name: k.2 };
+    let labels: BTreeMap<String, String> =
+        serde_json::from_str(&s.3).map_err(|e| StoreError::Corrupt(format!("labels of {key}: {e}")))?;
+    Ok(StoredObject { key, uid: s.0, generation: s.1, resource_version: s.2 as u64, labels, json: s.4 })
+}
+
+fn get_in(conn: &Connection, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {OBJECT_COLUMNS} FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4"
+    ))?;
+    let row = stmt
+        .query_row(params![key.kind.as_str(), key.tenant, key.project, key.name], row_to_object)
+        .optional()?;
+    row.map(|(kind, k, s)| assemble(kind, k, s)).transpose()
+}
+
+fn exists_in(conn: &Connection, key: &ObjectKey) -> Result<bool, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT 1 FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4")?;
+    Ok(stmt.exists(params![key.kind.as_str(), key.tenant, key.project, key.name])?)
+}
+
+fn to_stored(r: &Resource) -> Result<StoredObject, StoreError> {
+    let m = r.metadata();
+    let json = serde_json::to_string(r).map_err(|e| StoreError::Backend(format!("encoding {}: {e}", r.key())))?;
+    Ok(StoredObject {
+        key: r.key(),
+        uid: m.uid.clone().unwrap_or_default(),
+        generation: m.generation.unwrap_or(1),
+        resource_version: m.resource_version.unwrap_or(0),
+        labels: m.labels.clone(),
+        json,
+    })
+}
+
+fn upsert_in(conn: &Connection, o: &StoredObject) -> Result<(), StoreError> {
+    let labels = serde_json::to_string(&o.labels).map_err(|e| StoreError::Backend(e.to_string()))?;
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO objects (kind, tenant, project, name, uid, generation, resource_version, labels, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (kind, tenant, project, name) DO UPDATE SET
+            uid = excluded.uid, generation = excluded.generation,
+            resource_version = excluded.resource_version, labels = excluded.labels, body = excluded.body",
+    )?;
+    stmt.execute(params![
+        o.key.kind.as_str(),
+        o.key.tenant,
+        o.key.project,
+        o.key.name,
+        o.uid,
+        o.generation,
+        o.resource_version as i64,
+        labels,
+        o.json
+    ])?;
+    Ok(())
+}
+
+/// Applies `change` to one stored object and writes it if it changed; server-owned metadata is
+/// kept and `resourceVersion` set to `next`.
+fn update_in(
+    tx: &Transaction<'_>,
+    existing: StoredObject,
+    next: u64,
+    change: &mut dyn FnMut(&mut Resource) -> bool,
+) -> Result<bool, StoreError> {
+    let key = existing.key.clone();
+    let before = existing.resource()?;
+    let mut after = before.clone();
+    if !change(&mut after) || after == before {
+        return Ok(false);
+    }
+    if after.key() != key {
+        return Err(StoreError::Backend(format!("an update of {key} tried to rename it to {}", after.key())));
+    }
+    let m = after.metadata_mut();
+    m.resource_version = Some(next);
+    let bm = before.metadata();
+    m.uid.clone_from(&bm.uid);
+    m.generation = bm.generation;
+    m.created_at.clone_from(&bm.created_at);
+    upsert_in(tx, &to_stored(&after)?)?;
+    Ok(true)
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+fn in_batch(index: usize, e: StoreError) -> StoreError {
+    StoreError::InBatch { index, source: Box::new(e) }
+}
+
+fn token_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(TokenRecord, String)> {
+    let kind: String = r.get(3)?;
+    Ok((
+        TokenRecord {
+            id: r.get(0)?,
+            hash: r.get(1)?,
+            name: r.get(2)?,
+            kind: TokenKind::Api,
+            role: r.get(4)?,
+            tenant: r.get(5)?,
+            project: r.get(6)?,
+            created_at: r.get(7)?,
+            expires_at: r.get(8)?,
+            uses_remaining: r.get(9)?,
+            revoked: r.get::<_, i64>(10)? != 0,
+        },
+        kind,
+    ))
+}
+
+fn finish_token((mut t, kind): (TokenRecord, String)) -> Result<TokenRecord, StoreError> {
+    t.kind = match kind.as_str() {
+        "api" => TokenKind::Api,
+        "join" => TokenKind::Join,
+        other => return Err(StoreError::Corrupt(format!("token {} has unknown kind {other:?}", t.id))),
+    };
+    Ok(t)
+}
+
+const TOKEN_COLUMNS: &str =
+    "id, hash, name, kind, role, tenant, project, created_at, expires_at, uses_remaining, revoked";
+
+impl Store for SqliteStore {
+    fn index(&self) -> u64 {
+        self.index.load(Ordering::SeqCst)
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.notify.subscribe()
+    }
+
+    fn get(&self, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError> {
+        self.read(|c| get_in(c, key))
+    }
+
+    fn list(&self, filter: &ListFilter) -> Result<Vec<StoredObject>, StoreError> {
+        self.read(|c| {
+            let mut sql = format!("SELECT {OBJECT_COLUMNS} FROM objects WHERE kind = ?1");
+            let kind = filter.kind.as_str();
+            let mut args: Vec<&dyn rusqlite::ToSql> = vec![&kind];
+            if let Some(t) = &filter.tenant {
+                sql.push_str(&format!(" AND tenant = ?{}", args.len() + 1));
+                args.push(t);
+            }
+            if let Some(p) = &filter.project {
+                sql.push_str(&format!(" AND project = ?{}", args.len() + 1));
+                args.push(p);
+            }
+            sql.push_str(" ORDER BY tenant, project, name");
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(args.as_slice(), row_to_object)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (kind, k, s) = row?;
+                let o = assemble(kind, k, s)?;
+                if filter.labels.iter().all(|req| req.matches(&o.labels)) {
+                    out.push(o);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn write(&self, batch: &[(Resource, WriteMode)], dry_run: bool) -> Result<WriteSummary, StoreError> {
+        let keys: Vec<ObjectKey> = batch.iter().map(|(r, _)| r.key()).collect();
+        let mut seen: HashMap<&ObjectKey, usize> = HashMap::new();
+        let mut dupes = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            if let Some(first) = seen.insert(k, i) {
+                dupes.push(FieldProblem::new(format!("items[{i}]"), format!("names {k} again (as items[{first}] does)")));
+            }
+        }
+        if !dupes.is_empty() {
+            return Err(StoreError::Invalid(dupes));
+        }
+        // Parents before children, otherwise in request order.
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by_key(|&i| batch[i].0.kind().apply_order());
+        let now = now_rfc3339();
+        let (results, index) = self.write_tx(dry_run, |tx, next| {
+            let mut results: Vec<Option<WriteResult>> = vec![None; batch.len()];
+            let mut changed = false;
+            for &i in &order {
+                let (res, mode) = &batch[i];
+                let key = &keys[i];
+                if let Some(parent) = key.parent() {
+                    if !exists_in(tx, &parent)? {
+                        return Err(in_batch(i, StoreError::ParentMissing { key: key.clone(), parent }));
+                    }
+                }
+                let existing = get_in(tx, key)?;
+                let admitted = admit(existing.as_ref(), res, *mode, next, &now, || uuid::Uuid::new_v4().to_string())
+                    .map_err(|e| in_batch(i, e))?;
+                let object = match (admitted.outcome, existing) {
+                    (super::Outcome::Unchanged, Some(existing)) => existing,
+                    _ => {
+                        let o = to_stored(&admitted.resource)?;
+                        upsert_in(tx, &o)?;
+                        changed = true;
+                        o
+                    }
+                };
+                results[i] = Some(WriteResult { key: key.clone(), outcome: admitted.outcome, object });
+            }
+            Ok((results, changed))
+        })?;
+        let results = results.into_iter().flatten().collect();
+        Ok(WriteSummary { index, results })
+    }
+
+    fn update(&self, key: &ObjectKey, change: &mut dyn FnMut(&mut Resource) -> bool) -> Result<Option<u64>, StoreError> {
+        let (changed, index) = self.write_tx(false, |tx, next| {
+            let existing = get_in(tx, key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
+            let changed = update_in(tx, existing, next, change)?;
+            Ok((changed, changed))
+        })?;
+        Ok(changed.then_some(index))
+    }
+
+    fn update_many(
+        &self,
+        keys: &[ObjectKey],
+        change: &mut dyn FnMut(&mut Resource) -> bool,
+    ) -> Result<Option<u64>, StoreError> {
+        let (changed, index) = self.write_tx(false, |tx, next| {
+            let mut changed = false;
+            for key in keys {
+                if let Some(existing) = get_in(tx, key)? {
+                    changed |= update_in(tx, existing, next, change)?;
+                }
+            }
+            Ok((changed, changed))
+        })?;
+        Ok(changed.then_some(index))
+    }
+
+    fn delete(&self, key: &ObjectKey, expected: Option<u64>) -> Result<u64, StoreError> {
+        let ((), index) = self.write_tx(false, |tx, _next| {
+            let existing = get_in(tx, key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
+            if let Some(given) = expected.filter(|rv| *rv != 0) {
+                if given != existing.resource_version {
+                    return Err(StoreError::Conflict { key: key.clone(), given, current: existing.resource_version });
+                }
+            }
+            let children = match key.kind {
+                Kind::Tenant => Some((
+                    "projects",
+                    tx.query_row(
+                        "SELECT COUNT(*) FROM objects WHERE kind = 'Project' AND tenant = ?1",
+                        [&key.name],
+                        |r| r.get::<_, i64>(0),
+                    )?,
+                )),
+                Kind::Project => Some((
+                    "instances",
+                    tx.query_row(
+                        "SELECT COUNT(*) FROM objects WHERE kind = 'OpenClawInstance' AND tenant = ?1 AND project = ?2",
+                        [&key.tenant, &key.name],
+                        |r| r.get::<_, i64>(0),
+                    )?,
+                )),
+                Kind::OpenClawInstance | Kind::Host => None,
+            };
+            if let Some((child, count)) = children.filter(|(_, n)| *n > 0) {
+                return Err(StoreError::HasChildren { key: key.clone(), count: count as usize, child });
+            }
+            tx.execute(
+                "DELETE FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4",
+                params![key.kind.as_str(), key.tenant, key.project, key.name],
+            )?;
+            Ok(((), true))
+        })?;
+        Ok(index)
+    }
+
+    fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        let conn = lock(&self.writer);
+        conn.execute(
+            &format!("INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+            params![
+                t.id,
+                t.hash,
+                t.name,
+                t.kind.as_str(),
+                t.role,
+                t.tenant,
+                t.project,
+                t.created_at,
+                t.expires_at,
+                t.uses_remaining,
+                t.revoked as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"))?;
+            stmt.query_row([hash], token_from_row).optional()?.map(finish_token).transpose()
+        })
+    }
+
+    fn consume_join_token(&self, hash: &str, now: i64) -> Result<TokenRecord, StoreError> {
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let found = {
+            let mut stmt = tx.prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"))?;
+            stmt.query_row([hash], token_from_row).optional()?.map(finish_token).transpose()?
+        };
+        let refuse = |r| Err(StoreError::JoinRefused(r));
+        let Some(mut t) = found else { return refuse(JoinRefusal::Unknown) };
+        if t.kind != TokenKind::Join {
+            return refuse(JoinRefusal::NotAJoinToken);
+        }
+        if t.revoked {
+            return refuse(JoinRefusal::Revoked);
+        }
+        if t.expires_at.is_some_and(|exp| exp <= now) {
+            return refuse(JoinRefusal::Expired);
+        }
+        if let Some(uses) = t.uses_remaining {
+            if uses <= 0 {
+                return refuse(JoinRefusal::UsedUp);
+            }
+            t.uses_remaining = Some(uses - 1);
+            tx.execute("UPDATE tokens SET uses_remaining = ?1 WHERE id = ?2", params![uses - 1, t.id])?;
+        }
+        tx.commit()?;
+        Ok(t)
+    }
+
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"))?;
+            let rows = stmt.query_map([], token_from_row)?;
+            rows.map(|r| finish_token(r?)).collect()
+        })
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+        let conn = lock(&self.writer);
+        Ok(conn.execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", [id])? > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{LabelRequirement, Outcome};
+    use serde_json::json;
+
+    fn open() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("clusterclaw.db")).unwrap();
+        (dir, store)
+    }
+
+    fn res(v: serde_json::Value) -> Resource {
+        Resource::from_value(v).unwrap()
+    }
+
+    fn tenant(name: &str) -> Resource {
+        res(json!({"apiVersion": "clusterclaw.io/v1", "kind": "Tenant", "metadata": {"name": name}}))
+    }
+
+    fn project(t: &str, name: &str) -> Resource {
+        res(json!({"apiVersion": "clusterclaw.io/v1", "kind": "Project", "metadata": {"name": name, "tenant": t}}))
+    }
+
+    fn instance(t: &str, p: &str, name: &str, replicas: i64, region: &str) -> Resource {
+        res(json!({
+            "apiVersion": "clusterclaw.io/v1", "kind": "OpenClawInstance",
+            "metadata": {"name": name, "tenant": t, "project": p, "labels": {"region": region}},
+            "spec": {"version": "2026.7.1", "replicas": replicas}
+        }))
+    }
+
+    fn apply(store: &SqliteStore, items: Vec<Resource>) -> Result<WriteSummary, StoreError> {
+        let batch: Vec<_> = items.into_iter().map(|r| (r, WriteMode::Apply)).collect();
+        store.write(&batch, false)
+    }
+
+    #[test]
+    fn batch_is_ordered_parents_first_and_bumps_the_index_once() {
+        let (_d, store) = open();
+        let mut rx = store.subscribe();
+        let s = apply(&store, vec![instance("acme", "web", "bot", 2, "eu"), project("acme", "web"), tenant("acme")]).unwrap();
+        assert_eq!(s.index, 1);
+        assert_eq!(store.index(), 1);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), 1);
+        assert!(s.results.iter().all(|r| r.outcome == Outcome::Created));
+        assert_eq!(s.results[0].key, ObjectKey::instance("acme", "web", "bot"), "results follow request order");
+        assert!(s.results.iter().all(|r| r.object.resource_version == 1));
+
+        let again = apply(&store, vec![tenant("acme"), project("acme", "web"), instance("acme", "web", "bot", 2, "eu")]).unwrap();
+        assert!(again.results.iter().all(|r| r.outcome == Outcome::Unchanged));
+        assert_eq!(again.index, 1, "an unchanged apply does not move the index");
+
+        let changed = apply(&store, vec![instance("acme", "web", "bot", 3, "eu")]).unwrap();
+        assert_eq!(changed.results[0].outcome, Outcome::Configured);
+        assert_eq!(changed.index, 2);
+        let got = store.get(&ObjectKey::instance("acme", "web", "bot")).unwrap().unwrap();
+        assert_eq!((got.generation, got.resource_version), (2, 2));
+        assert_eq!(got.resource().unwrap().metadata().resource_version, Some(2));
+    }
+
+    #[test]
+    fn a_failing_item_writes_nothing() {
+        let (_d, store) = open();
+        apply(&store, vec![tenant("acme"), project("acme", "web")]).unwrap();
+        let err = apply(&store, vec![instance("acme", "web", "a", 1, "eu"), instance("acme", "nope", "b", 1, "eu")]).unwrap_err();
+        match err {
+            StoreError::InBatch { index: 1, source } => {
+                assert!(matches!(*source, StoreError::ParentMissing { .. }), "{source}")
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(store.index(), 1);
+        assert!(store.get(&ObjectKey::instance("acme", "web", "a")).unwrap().is_none());
+        let dup = apply(&store, vec![tenant("x"), tenant("x")]).unwrap_err();
+        assert!(matches!(dup, StoreError::Invalid(ref p) if p[0].field == "items[1]"), "{dup}");
+    }
+
+    #[test]
+    fn dry_run_reports_without_writing() {
+        let (_d, store) = open();
+        let s = store.write(&[(tenant("acme"), WriteMode::Apply)], true).unwrap();
+        assert_eq!(s.results[0].outcome, Outcome::Created);
+        assert_eq!((s.index, store.index()), (0, 0));
+        assert!(store.get(&ObjectKey::cluster(Kind::Tenant, "acme")).unwrap().is_none());
+    }
+
+    #[test]
+    fn stale_resource_version_conflicts() {
+        let (_d, store) = open();
+        apply(&store, vec![tenant("acme")]).unwrap();
+        apply(&store, vec![tenant("other")]).unwrap();
+        let mut stale = tenant("acme");
+        stale.metadata_mut().labels.insert("a".into(), "b".into());
+        stale.metadata_mut().resource_version = Some(7);
+        assert!(matches!(apply(&store, vec![stale.clone()]), Err(StoreError::InBatch { .. })));
+        stale.metadata_mut().resource_version = Some(1);
+        assert_eq!(apply(&store, vec![stale]).unwrap().results[0].outcome, Outcome::Configured);
+        assert!(matches!(
+            store.delete(&ObjectKey::cluster(Kind::Tenant, "other"), Some(1)),
+            Err(StoreError::Conflict { given: 1, current: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn delete_refuses_parents_with_children() {
+        let (_d, store) = open();
+        apply(&store, vec![tenant("acme"), project("acme", "web"), instance("acme", "web", "bot", 1, "eu")]).unwrap();
+        let t = ObjectKey::cluster(Kind::Tenant, "acme");
+        assert!(matches!(store.delete(&t, None), Err(StoreError::HasChildren { count: 1, child: "projects", .. })));
+        assert!(matches!(
+            store.delete(&ObjectKey::project("acme", "web"), None),
+            Err(StoreError::HasChildren { child: "instances", .. })
+        ));
+        let before = store.index();
+        assert_eq!(store.delete(&ObjectKey::instance("acme", "web", "bot"), None).unwrap(), before + 1);
+        store.delete(&ObjectKey::project("acme", "web"), None).unwrap();
+        store.delete(&t, None).unwrap();
+        assert!(matches!(store.delete(&t, None), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn list_filters_and_orders() {
+        let (_d, store) = open();
+        apply(&store, vec![tenant("b"), tenant("a"), project("a", "p"), project("b", "p")]).unwrap();
+        apply(
+            &store,
+            vec![instance("b", "p", "x", 1, "eu"), instance("a", "p", "z", 1, "us"), instance("a", "p", "y", 1, "eu")],
+        )
+        .unwrap();
+        let names = |f: &ListFilter| store.list(f).unwrap().into_iter().map(|o| o.key.to_string()).collect::<Vec<_>>();
+        let mut f = ListFilter::all(Kind::OpenClawInstance);
+        assert_eq!(names(&f), ["openclawinstance/a/p/y", "openclawinstance/a/p/z", "openclawinstance/b/p/x"]);
+        f.labels = vec![LabelRequirement::Equals("region".into(), "eu".into())];
+        assert_eq!(names(&f), ["openclawinstance/a/p/y", "openclawinstance/b/p/x"]);
+        f.tenant = Some("a".into());
+        f.project = Some("p".into());
+        assert_eq!(names(&f), ["openclawinstance/a/p/y"]);
+        assert_eq!(names(&ListFilter::all(Kind::Tenant)), ["tenant/a", "tenant/b"]);
+    }
+
+    #[test]
+    fn update_keeps_generation_and_bumps_the_index() {
+        let (_d, store) = open();
+        apply(&store, vec![tenant("acme"), project("acme", "web"), instance("acme", "web", "bot", 1, "eu")]).unwrap();
+        let key = ObjectKey::instance("acme", "web", "bot");
+        let rv = store
+            .update(&key, &mut |r| {
+                if let Resource::OpenClawInstance(i) = r {
+                    i.status.get_or_insert_with(Default::default).replicas = 1;
+                }
+                true
+            })
+            .unwrap();
+        assert_eq!(rv, Some(2));
+        let noop = store.update(&key, &mut |_| true).unwrap();
+        assert_eq!(noop, None, "an update that changes nothing writes nothing");
+        let o = store.get(&key).unwrap().unwrap();
+        assert_eq!((o.generation, o.resource_version), (1, 2));
+        // A later apply of the same spec keeps the status.
+        let s = apply(&store, vec![instance("acme", "web", "bot", 2, "eu")]).unwrap();
+        let Resource::OpenClawInstance(i) = s.results[0].object.resource().unwrap() else { panic!() };
+        assert_eq!(i.status.map(|s| s.replicas), Some(1));
+        let many = store.update_many(&[key.clone(), ObjectKey::instance("acme", "web", "gone")], &mut |_| false).unwrap();
+        assert_eq!(many, None);
+    }
+
+    #[test]
+    fn reopening_keeps_data_and_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            apply(&store, vec![tenant("acme")]).unwrap();
+            apply(&store, vec![tenant("beta")]).unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.index(), 2);
+        assert!(store.get(&ObjectKey::cluster(Kind::Tenant, "beta")).unwrap().is_some());
+    }
+
+    #[test]
+    fn newer_schema_is_refused_and_garbage_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        drop(SqliteStore::open(&path).unwrap());
+        Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 99").unwrap();
+        let err = SqliteStore::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: SCHEMA_VERSION, .. }), "{err}");
+        assert!(err.to_string().contains("newer"), "{err}");
+        let junk = dir.path().join("junk.db");
+        std::fs::write(&junk, vec![b'x'; 8192]).unwrap();
+        let err = SqliteStore::open(&junk).unwrap_err();
+        assert!(err.to_string().contains("not a clusterclaw database"), "{err}");
+    }
+
+    fn token(id: &str, kind: TokenKind, expires_at: Option<i64>, uses: Option<i64>) -> TokenRecord {
+        TokenRecord {
+            id: id.into(),
+            name: id.into(),
+            kind,
+            role: String::new(),
+            tenant: None,
+            project: None,
+            created_at: 100,
+            expires_at,
+            uses_remaining: uses,
+            revoked: false,
+            hash: format!("hash-{id}"),
+        }
+    }
+
+    #[test]
+    fn join_tokens_are_checked_and_used_up() {
+        let (_d, store) = open();
+        store.insert_token(&token("once", TokenKind::Join, Some(1000), Some(1))).unwrap();
+        store.insert_token(&token("api", TokenKind::Api, None, None)).unwrap();
+        store.insert_token(&token("old", TokenKind::Join, Some(50), None)).unwrap();
+        let refused = |h: &str, now| match store.consume_join_token(h, now) {
+            Err(StoreError::JoinRefused(r)) => Some(r),
+            _ => None,
+        };
+        assert_eq!(refused("hash-nope", 200), Some(JoinRefusal::Unknown));
+        assert_eq!(refused("hash-api", 200), Some(JoinRefusal::NotAJoinToken));
+        assert_eq!(refused("hash-old", 200), Some(JoinRefusal::Expired));
+        assert_eq!(store.consume_join_token("hash-once", 200).unwrap().uses_remaining, Some(0));
+        assert_eq!(refused("hash-once", 200), Some(JoinRefusal::UsedUp));
+        assert!(store.revoke_token("api").unwrap());
+        assert!(!store.revoke_token("missing").unwrap());
+        assert!(store.token_by_hash("hash-api").unwrap().unwrap().revoked);
+        assert_eq!(store.list_tokens().unwrap().len(), 3);
+        assert_eq!(store.index(), 0, "tokens are not objects and do not move the index");
+    }
+}
