@@ -1,0 +1,1003 @@
+//! Handlers for objects: tenants, projects, instances, hosts, `/apply`, info and health.
+
+use std::fmt::Write as _;
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use super::body::{self, APPLY_BODY_LIMIT, BODY_LIMIT};
+use super::error::{ApiError, ErrorBody, ErrorCode, single};
+use super::openapi::{HostList, InstanceList, ProjectList, TenantList};
+use super::{ApiState, OUTCOME_HEADER, P, json_response, query};
+use crate::model::{
+    API_VERSION, FieldProblem, Host, Kind, ObjectKey, OpenClawInstance, Project, Resource, Tenant,
+    validate_object,
+};
+use crate::store::{ListFilter, Outcome, Store, StoreError, StoredObject, WriteMode, WriteSummary};
+
+/// Why users cannot write hosts.
+const HOST_READ_ONLY: &str = "Host objects are written by clusterclaw-agent when a host enrolls and reports; they cannot be created or changed through the API (DELETE /api/v1/hosts/{host} removes one)";
+/// Attempts of a scale before giving up on concurrent writers.
+const SCALE_ATTEMPTS: usize = 5;
+
+/// `GET /healthz` answer.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    pub ok: bool,
+}
+
+/// `GET /readyz` answer.
+#[derive(Serialize, ToSchema)]
+pub struct Ready {
+    pub ready: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `GET /api/v1/info` answer.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Info {
+    /// Version of the server.
+    #[schema(example = "0.1.0")]
+    pub version: String,
+    #[schema(example = "clusterclaw.io/v1")]
+    pub api_version: String,
+    /// Current store index.
+    pub index: u64,
+}
+
+/// `POST /api/v1/apply` JSON body.
+#[derive(Serialize, ToSchema)]
+pub struct ApplyRequest {
+    /// Objects of any user-writable kind, written all or nothing, parents first.
+    pub items: Vec<Resource>,
+}
+
+/// What `/apply` did to one object.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AppliedItem {
+    #[schema(value_type = String, example = "OpenClawInstance")]
+    pub kind: Kind,
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    pub outcome: Outcome,
+    pub resource_version: u64,
+}
+
+/// `POST /api/v1/apply` answer, items in request order.
+#[derive(Serialize, ToSchema)]
+pub struct ApplyResponse {
+    pub index: u64,
+    pub items: Vec<AppliedItem>,
+}
+
+/// `PUT .../scale` body.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleRequest {
+    pub replicas: i64,
+}
+
+/// `DELETE` answer.
+#[derive(Serialize, ToSchema)]
+pub struct Deleted {
+    /// The deleted object, e.g. `openclawinstance/acme/helpdesk/bot`.
+    #[schema(example = "openclawinstance/acme/helpdesk/bot")]
+    pub deleted: String,
+    pub index: u64,
+}
+
+// ---- shared implementation -------------------------------------------------------------
+
+/// The object a request path names (or, for a `POST`, the scope it creates in).
+struct Target {
+    kind: Kind,
+    tenant: Option<String>,
+    project: Option<String>,
+    name: Option<String>,
+}
+
+/// A list answer built from the stored JSON texts, without decoding them.
+fn list_body(index: u64, items: &[StoredObject]) -> String {
+    let len: usize = items.iter().map(|o| o.json.len() + 1).sum();
+    let mut s = String::with_capacity(len + 48);
+    let _ = write!(s, "{{\"index\":{index},\"items\":[");
+    for (i, o) in items.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&o.json);
+    }
+    s.push_str("]}");
+    s
+}
+
+/// Lists `filter.kind`, narrowed by the query; `parent` must exist when given.
+async fn list(
+    state: ApiState,
+    raw: Option<String>,
+    allowed: &[&str],
+    mut filter: ListFilter,
+    parent: Option<ObjectKey>,
+) -> Result<Response, ApiError> {
+    let params = query::parse(raw.as_deref(), allowed)?;
+    filter.labels = params.selector()?;
+    if let Some(t) = params.get("tenant") {
+        filter.tenant = Some(t.to_string());
+    }
+    if let Some(p) = params.get("project") {
+        filter.project = Some(p.to_string());
+    }
+    let (index, text) = state
+        .run(move |store| {
+            let index = store.index();
+            if let Some(parent) = parent
+                && store.get(&parent)?.is_none()
+            {
+                return Err(StoreError::NotFound(parent).into());
+            }
+            let items = store.list(&filter)?;
+            Ok((index, list_body(index, &items)))
+        })
+        .await?;
+    Ok(json_response(StatusCode::OK, text, index))
+}
+
+async fn get_one(
+    state: ApiState,
+    raw: Option<String>,
+    key: ObjectKey,
+) -> Result<Response, ApiError> {
+    if raw.is_some() {
+        query::parse(raw.as_deref(), &[])?;
+    }
+    let (index, object) = state
+        .run(move |store| {
+            let index = store.index();
+            match store.get(&key)? {
+                Some(o) => Ok((index, o)),
+                None => Err(StoreError::NotFound(key).into()),
+            }
+        })
+        .await?;
+    Ok(json_response(StatusCode::OK, object.json, index))
+}
+
+/// Fills in what the path says (apiVersion, kind, scope, name) where the body leaves it out,
+/// and reports where the body contradicts the path.
+fn bind_to_path(value: &mut Value, target: &Target) -> Result<(), ApiError> {
+    let Value::Object(map) = value else {
+        return Ok(());
+    };
+    let mut problems = Vec::new();
+    map.entry("apiVersion")
+        .or_insert_with(|| Value::String(API_VERSION.into()));
+    match map.get("kind") {
+        None | Some(Value::Null) => {
+            map.insert("kind".into(), Value::String(target.kind.as_str().into()));
+        }
+        Some(Value::String(k)) if k == target.kind.as_str() => {}
+        Some(Value::String(k)) if k == Kind::Host.as_str() => {
+            return Err(ApiError::new(ErrorCode::Forbidden, HOST_READ_ONLY)
+                .with_details(vec![FieldProblem::new("kind", HOST_READ_ONLY)]));
+        }
+        Some(other) => problems.push(FieldProblem::new(
+            "kind",
+            format!(
+                "this endpoint takes {} objects, not {other}; send other kinds to their own endpoints or to /api/v1/apply",
+                target.kind
+            ),
+        )),
+    }
+    let meta = map
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if let Value::Object(meta) = meta {
+        for (field, expected) in [
+            ("name", &target.name),
+            ("tenant", &target.tenant),
+            ("project", &target.project),
+        ] {
+            let Some(expected) = expected else { continue };
+            match meta.get(field) {
+                None | Some(Value::Null) => {
+                    meta.insert(field.into(), Value::String(expected.clone()));
+                }
+                Some(Value::String(s)) if s == expected => {}
+                Some(other) => problems.push(FieldProblem::new(
+                    format!("metadata.{field}"),
+                    format!("{other} does not match {expected:?} in the request path"),
+                )),
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(problems))
+    }
+}
+
+/// Decodes and validates one manifest.
+fn decode(value: Value) -> Result<Resource, Vec<FieldProblem>> {
+    let r = Resource::from_value(value)?;
+    let problems = validate_object(&r);
+    if problems.is_empty() {
+        Ok(r)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Reads, binds, checks and decodes the body of a `POST` or `PUT`.
+async fn object_from_body(
+    headers: &HeaderMap,
+    body: Body,
+    target: &Target,
+) -> Result<Resource, ApiError> {
+    let (bytes, format) = body::read(headers, body, BODY_LIMIT).await?;
+    let mut value = body::one_document(&bytes, format)?;
+    if let Some(problem) = body::object_too_large(&value) {
+        return Err(ApiError::new(ErrorCode::PayloadTooLarge, problem));
+    }
+    bind_to_path(&mut value, target)?;
+    let resource = decode(value).map_err(ApiError::invalid)?;
+    if !resource.kind().user_writable() {
+        return Err(ApiError::new(ErrorCode::Forbidden, HOST_READ_ONLY));
+    }
+    Ok(resource)
+}
+
+fn written(summary: WriteSummary) -> Result<(u64, Outcome, StoredObject), ApiError> {
+    let index = summary.index;
+    match summary.results.into_iter().next() {
+        Some(r) => Ok((index, r.outcome, r.object)),
+        None => Err(ApiError::internal(
+            "the store answered a write of one object with no result",
+        )),
+    }
+}
+
+async fn create(
+    state: ApiState,
+    raw: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+    target: Target,
+) -> Result<Response, ApiError> {
+    query::parse(raw.as_deref(), &[])?;
+    let resource = object_from_body(&headers, body, &target).await?;
+    let (index, _, object) = state
+        .run(move |store| {
+            written(
+                store
+                    .write(&[(resource, WriteMode::Create)], false)
+                    .map_err(single)?,
+            )
+        })
+        .await?;
+    Ok(json_response(StatusCode::CREATED, object.json, index))
+}
+
+fn with_outcome(mut resp: Response, outcome: Outcome) -> Response {
+    resp.headers_mut()
+        .insert(OUTCOME_HEADER, HeaderValue::from_static(outcome.as_str()));
+    resp
+}
+
+async fn put_one(
+    state: ApiState,
+    raw: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+    target: Target,
+) -> Result<Response, ApiError> {
+    query::parse(raw.as_deref(), &[])?;
+    let resource = object_from_body(&headers, body, &target).await?;
+    let (index, outcome, object) = state
+        .run(move |store| {
+            written(
+                store
+                    .write(&[(resource, WriteMode::Apply)], false)
+                    .map_err(single)?,
+            )
+        })
+        .await?;
+    let status = match outcome {
+        Outcome::Created => StatusCode::CREATED,
+        Outcome::Configured | Outcome::Unchanged => StatusCode::OK,
+    };
+    Ok(with_outcome(
+        json_response(status, object.json, index),
+        outcome,
+    ))
+}
+
+async fn delete_one(
+    state: ApiState,
+    raw: Option<String>,
+    key: ObjectKey,
+) -> Result<Response, ApiError> {
+    let params = query::parse(raw.as_deref(), &["resourceVersion"])?;
+    let expected = params.u64("resourceVersion")?;
+    let deleted = key.to_string();
+    let index = state
+        .run(move |store| Ok(store.delete(&key, expected)?))
+        .await?;
+    let text = serde_json::to_string(&Deleted { deleted, index }).map_err(ApiError::internal)?;
+    Ok(json_response(StatusCode::OK, text, index))
+}
+
+// ---- health and info -------------------------------------------------------------------
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "health", security(()),
+    responses((status = 200, description = "The server is alive", body = Health)))]
+pub async fn healthz() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        r#"{"ok":true}"#,
+    )
+        .into_response()
+}
+
+/// Readiness: the server takes requests (503 while shutting down).
+#[utoipa::path(get, path = "/readyz", tag = "health", security(()),
+    responses(
+        (status = 200, description = "Ready", body = Ready),
+        (status = 503, description = "Not ready, with the reason", body = Ready),
+    ))]
+pub async fn readyz(State(state): State<ApiState>) -> Response {
+    if state.is_shutting_down() {
+        let body = Ready {
+            ready: false,
+            reason: Some("shutting down".into()),
+        };
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    }
+    axum::Json(Ready {
+        ready: true,
+        reason: None,
+    })
+    .into_response()
+}
+
+/// Server version, API version and current index.
+#[utoipa::path(get, path = "/api/v1/info", tag = "info",
+    responses(
+        (status = 200, description = "Server information", body = Info),
+        (status = 401, description = "No valid API token", body = ErrorBody),
+    ))]
+pub async fn info(
+    State(state): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    query::parse(raw.as_deref(), &[])?;
+    let index = state.index();
+    let info = Info {
+        version: env!("CARGO_PKG_VERSION").into(),
+        api_version: API_VERSION.into(),
+        index,
+    };
+    let text = serde_json::to_string(&info).map_err(ApiError::internal)?;
+    Ok(json_response(StatusCode::OK, text, index))
+}
+
+// ---- apply -----------------------------------------------------------------------------
+
+/// Creates or updates a batch of objects, all or nothing, parents before children.
+#[utoipa::path(post, path = "/api/v1/apply", tag = "objects",
+    params(("dryRun" = Option<bool>, Query, description = "Check and report without writing")),
+    request_body(description = "`{\"items\":[...]}` as JSON, or YAML documents (one object each)",
+        content((ApplyRequest = "application/json"), (String = "application/yaml"))),
+    responses(
+        (status = 200, description = "What happened to each object, in request order", body = ApplyResponse,
+            headers(("X-Clusterclaw-Index" = u64, description = "Store index after the write"))),
+        (status = 400, description = "The body is not JSON/YAML (the message gives line and column)", body = ErrorBody),
+        (status = 403, description = "The batch writes a Host", body = ErrorBody),
+        (status = 404, description = "A referenced tenant or project does not exist", body = ErrorBody),
+        (status = 409, description = "A stale resourceVersion", body = ErrorBody),
+        (status = 413, description = "Body over 64 MiB or an object over 256 KiB", body = ErrorBody),
+        (status = 415, description = "Neither JSON nor YAML", body = ErrorBody),
+        (status = 422, description = "Objects break rules; details name items[i].field", body = ErrorBody),
+    ))]
+pub async fn apply(
+    State(state): State<ApiState>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let params = query::parse(raw.as_deref(), &["dryRun"])?;
+    let dry_run = params.bool("dryRun")?;
+    let (bytes, format) = body::read(&headers, body, APPLY_BODY_LIMIT).await?;
+    let docs = body::apply_documents(&bytes, format)?;
+    drop(bytes);
+    let (mut too_large, mut forbidden, mut invalid) = (Vec::new(), Vec::new(), Vec::new());
+    let mut batch = Vec::with_capacity(docs.len());
+    for (i, doc) in docs.into_iter().enumerate() {
+        let item = format!("items[{i}]");
+        if let Some(problem) = body::object_too_large(&doc) {
+            too_large.push(FieldProblem::new(item, problem));
+            continue;
+        }
+        if doc.get("kind").and_then(Value::as_str) == Some(Kind::Host.as_str()) {
+            forbidden.push(FieldProblem::new(format!("{item}.kind"), HOST_READ_ONLY));
+            continue;
+        }
+        match decode(doc) {
+            Ok(r) if !r.kind().user_writable() => {
+                forbidden.push(FieldProblem::new(format!("{item}.kind"), HOST_READ_ONLY))
+            }
+            Ok(r) => batch.push((r, WriteMode::Apply)),
+            Err(problems) => invalid.extend(problems.into_iter().map(|p| p.under(&item))),
+        }
+    }
+    if !too_large.is_empty() {
+        let msg = format!(
+            "{} object(s) are over the size limit, listed in details",
+            too_large.len()
+        );
+        return Err(ApiError::new(ErrorCode::PayloadTooLarge, msg).with_details(too_large));
+    }
+    if !forbidden.is_empty() {
+        let msg = format!("{}; nothing was written", HOST_READ_ONLY);
+        return Err(ApiError::new(ErrorCode::Forbidden, msg).with_details(forbidden));
+    }
+    if !invalid.is_empty() {
+        let mut e = ApiError::invalid(invalid);
+        e.message.push_str("; nothing was written");
+        return Err(e);
+    }
+    let summary = state
+        .run(move |store| Ok(store.write(&batch, dry_run)?))
+        .await?;
+    let items = summary
+        .results
+        .into_iter()
+        .map(|r| AppliedItem {
+            kind: r.key.kind,
+            name: r.key.name,
+            tenant: Some(r.key.tenant).filter(|t| !t.is_empty()),
+            project: Some(r.key.project).filter(|p| !p.is_empty()),
+            outcome: r.outcome,
+            resource_version: r.object.resource_version,
+        })
+        .collect();
+    let response = ApplyResponse {
+        index: summary.index,
+        items,
+    };
+    let text = serde_json::to_string(&response).map_err(ApiError::internal)?;
+    Ok(json_response(StatusCode::OK, text, summary.index))
+}
+
+// ---- tenants ---------------------------------------------------------------------------
+
+fn tenant(name: Option<String>) -> Target {
+    Target {
+        kind: Kind::Tenant,
+        tenant: None,
+        project: None,
+        name,
+    }
+}
+
+fn project(tenant: String, name: Option<String>) -> Target {
+    Target {
+        kind: Kind::Project,
+        tenant: Some(tenant),
+        project: None,
+        name,
+    }
+}
+
+fn instance(tenant: String, project: String, name: Option<String>) -> Target {
+    Target {
+        kind: Kind::OpenClawInstance,
+        tenant: Some(tenant),
+        project: Some(project),
+        name,
+    }
+}
+
+/// Lists tenants.
+#[utoipa::path(get, path = "/api/v1/tenants", tag = "tenants",
+    params(("labelSelector" = Option<String>, Query, description = "k=v,k!=v,k,!k")),
+    responses((status = 200, description = "Tenants by name", body = TenantList,
+        headers(("X-Clusterclaw-Index" = u64, description = "Store index the list was read at")))))]
+pub async fn list_tenants(
+    State(state): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    list(
+        state,
+        raw,
+        &["labelSelector"],
+        ListFilter::all(Kind::Tenant),
+        None,
+    )
+    .await
+}
+
+/// Creates a tenant.
+#[utoipa::path(post, path = "/api/v1/tenants", tag = "tenants", request_body = Tenant,
+    responses(
+        (status = 201, description = "Created", body = Tenant),
+        (status = 409, description = "AlreadyExists", body = ErrorBody),
+        (status = 422, description = "Invalid", body = ErrorBody),
+    ))]
+pub async fn create_tenant(
+    State(state): State<ApiState>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    create(state, raw, headers, body, tenant(None)).await
+}
+
+/// Reads a tenant.
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}", tag = "tenants",
+    params(("tenant" = String, Path)),
+    responses((status = 200, description = "The tenant", body = Tenant), (status = 404, description = "NotFound", body = ErrorBody)))]
+pub async fn get_tenant(
+    State(state): State<ApiState>,
+    P(name): P<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    get_one(state, raw, ObjectKey::cluster(Kind::Tenant, name)).await
+}
+
+/// Creates or updates a tenant.
+#[utoipa::path(put, path = "/api/v1/tenants/{tenant}", tag = "tenants",
+    params(("tenant" = String, Path)), request_body = Tenant,
+    responses(
+        (status = 200, description = "Configured or unchanged", body = Tenant,
+            headers(("X-Clusterclaw-Outcome" = String, description = "configured or unchanged"))),
+        (status = 201, description = "Created", body = Tenant,
+            headers(("X-Clusterclaw-Outcome" = String, description = "created"))),
+        (status = 409, description = "Stale resourceVersion", body = ErrorBody),
+        (status = 422, description = "Invalid", body = ErrorBody),
+    ))]
+pub async fn put_tenant(
+    State(state): State<ApiState>,
+    P(name): P<String>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    put_one(state, raw, headers, body, tenant(Some(name))).await
+}
+
+/// Deletes a tenant that has no projects left.
+#[utoipa::path(delete, path = "/api/v1/tenants/{tenant}", tag = "tenants",
+    params(("tenant" = String, Path), ("resourceVersion" = Option<u64>, Query, description = "Precondition")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 404, description = "NotFound", body = ErrorBody),
+        (status = 409, description = "The tenant still has projects, or a stale resourceVersion", body = ErrorBody),
+    ))]
+pub async fn delete_tenant(
+    State(state): State<ApiState>,
+    P(name): P<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    delete_one(state, raw, ObjectKey::cluster(Kind::Tenant, name)).await
+}
+
+// ---- projects --------------------------------------------------------------------------
+
+/// Lists projects of every tenant, or of one.
+#[utoipa::path(get, path = "/api/v1/projects", tag = "projects",
+    params(("tenant" = Option<String>, Query), ("labelSelector" = Option<String>, Query, description = "k=v,k!=v,k,!k")),
+    responses((status = 200, description = "Projects by tenant and name", body = ProjectList)))]
+pub async fn list_projects(
+    State(state): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    list(
+        state,
+        raw,
+        &["tenant", "labelSelector"],
+        ListFilter::all(Kind::Project),
+        None,
+    )
+    .await
+}
+
+/// Lists the projects of a tenant.
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/projects", tag = "projects",
+    params(("tenant" = String, Path), ("labelSelector" = Option<String>, Query, description = "k=v,k!=v,k,!k")),
+    responses((status = 200, description = "Projects by name", body = ProjectList),
+        (status = 404, description = "No such tenant", body = ErrorBody)))]
+pub async fn list_tenant_projects(
+    State(state): State<ApiState>,
+    P(tenant): P<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let filter = ListFilter {
+        tenant: Some(tenant.clone()),
+        ..ListFilter::all(Kind::Project)
+    };
+    list(
+        state,
+        raw,
+        &["labelSelector"],
+        filter,
+        Some(ObjectKey::cluster(Kind::Tenant, tenant)),
+    )
+    .await
+}
+
+/// Creates a project in a tenant.
+#[utoipa::path(post, path = "/api/v1/tenants/{tenant}/projects", tag = "projects",
+    params(("tenant" = String, Path)), request_body = Project,
+    responses(
+        (status = 201, description = "Created", body = Project),
+        (status = 404, description = "No such tenant", body = ErrorBody),
+        (status = 409, description = "AlreadyExists", body = ErrorBody),
+        (status = 422, description = "Invalid", body = ErrorBody),
+    ))]
+pub async fn create_project(
+    State(state): State<ApiState>,
+    P(tenant): P<String>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    create(state, raw, headers, body, project(tenant, None)).await
+}
+
+/// Reads a project.
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/projects/{project}", tag = "projects",
+    params(("tenant" = String, Path), ("project" = String, Path)),
+    responses((status = 200, description = "The project", body = Project), (status = 404, description = "NotFound", body = ErrorBody)))]
+pub async fn get_project(
+    State(state): State<ApiState>,
+    P((tenant, name)): P<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    get_one(state, raw, ObjectKey::project(tenant, name)).await
+}
+
+/// Creates or updates a project.
+#[utoipa::path(put, path = "/api/v1/tenants/{tenant}/projects/{project}", tag = "projects",
+    params(("tenant" = String, Path), ("project" = String, Path)), request_body = Project,
+    responses(
+        (status = 200, description = "Configured or unchanged", body = Project,
+            headers(("X-Clusterclaw-Outcome" = String, description = "configured or unchanged"))),
+        (status = 201, description = "Created", body = Project,
+            headers(("X-Clusterclaw-Outcome" = String, description = "created"))),
+        (status = 404, description = "No such tenant", body = ErrorBody),
+        (status = 409, description = "Stale resourceVersion", body = ErrorBody),
+        (status = 422, description = "Invalid", body = ErrorBody),
+    ))]
+pub async fn put_project(
+    State(state): State<ApiState>,
+    P((tenant, name)): P<(String, String)>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    put_one(state, raw, headers, body, project(tenant, Some(name))).await
+}
+
+/// Deletes a project that has no instances left.
+#[utoipa::path(delete, path = "/api/v1/tenants/{tenant}/projects/{project}", tag = "projects",
+    params(("tenant" = String, Path), ("project" = String, Path), ("resourceVersion" = Option<u64>, Query, description = "Precondition")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 404, description = "NotFound", body = ErrorBody),
+        (status = 409, description = "The project still has instances, or a stale resourceVersion", body = ErrorBody),
+    ))]
+pub async fn delete_project(
+    State(state): State<ApiState>,
+    P((tenant, name)): P<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    delete_one(state, raw, ObjectKey::project(tenant, name)).await
+}
+
+// ---- instances -------------------------------------------------------------------------
+
+/// Lists instances, optionally of one tenant and project.
+#[utoipa::path(get, path = "/api/v1/instances", tag = "instances",
+    params(("tenant" = Option<String>, Query), ("project" = Option<String>, Query),
+        ("labelSelector" = Option<String>, Query, description = "k=v,k!=v,k,!k")),
+    responses((status = 200, description = "Instances by tenant, project and name", body = InstanceList)))]
+pub async fn list_instances(
+    State(state): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    list(
+        state,
+        raw,
+        &["tenant", "project", "labelSelector"],
+        ListFilter::all(Kind::OpenClawInstance),
+        None,
+    )
+    .await
+}
+
+/// Lists the instances of a project.
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/projects/{project}/instances", tag = "instances",
+    params(("tenant" = String, Path), ("project" = String, Path), ("labelSelector" = Option<String>, Query, description = "k=v,k!=v,k,!k")),
+    responses((status = 200, description = "Instances by name", body = InstanceList),
+        (status = 404, description = "No such project", body = ErrorBody)))]
+pub async fn list_project_instances(
+    State(state): State<ApiState>,
+    P((tenant, project)): P<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let filter = ListFilter {
+        tenant: Some(tenant.clone()),
+        project: Some(project.clone()),
+        ..ListFilter::all(Kind::OpenClawInstance)
+    };
+    list(
+        state,
+        raw,
+        &["labelSelector"],
+        filter,
+        Some(ObjectKey::project(tenant, project)),
+    )
+    .await
+}
+
+/// Creates an instance in a project.
+#[utoipa::path(post, path = "/api/v1/tenants/{tenant}/projects/{project}/instances", tag = "instances",
+    params(("tenant" = String, Path), ("project" = String, Path)), request_body = OpenClawInstance,
+    responses(
+        (status = 201, description = "Created", body = OpenClawInstance),
+        (status = 404, description = "No such tenant or project", body = ErrorBody),
+        (status = 409, description = "AlreadyExists", body = ErrorBody),
+        (status = 422, description = "Invalid", body = ErrorBody),
+    ))]
+pub async fn create_instance(
+    State(state): State<ApiState>,
+    P((tenant, project)): P<(String, String)>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    create(state, raw, headers, body, instance(tenant, project, None)).await
+}
+
+/// Reads an instance, with its status.
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}", tag = "instances",
+    params(("tenant" = String, Path), ("project" = String, Path), ("name" = String, Path)),
+    responses((status = 200, description = "The instance", body = OpenClawInstance), (status = 404, description = "NotFound", body = ErrorBody)))]
+pub async fn get_instance(
+    State(state): State<ApiState>,
+    P((tenant, project, name)): P<(String, String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    get_one(state, raw, ObjectKey::instance(tenant, project, name)).await
+}
+
+/// Creates or updates an instance.
+#[utoipa::path(put, path = "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}", tag = "instances",
+    params(("tenant" = String, Path), ("project" = String, Path), ("name" = String, Path)), request_body = OpenClawInstance,
+    responses(
+        (status = 200, description = "Configured or unchanged", body = OpenClawInstance,
+            headers(("X-Clusterclaw-Outcome" = String, description = "configured or unchanged"))),
+        (status = 201, description = "Created", body = OpenClawInstance,
+            headers(("X-Clusterclaw-Outcome" = String, description = "created"))),
+        (status = 404, description = "No such tenant or project", body = ErrorBody),
+        (status = 409, description = "Stale resourceVersion", body = ErrorBody),
+        (status = 422, description = "Invalid", body = ErrorBody),
+    ))]
+pub async fn put_instance(
+    State(state): State<ApiState>,
+    P((tenant, project, name)): P<(String, String, String)>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    put_one(
+        state,
+        raw,
+        headers,
+        body,
+        instance(tenant, project, Some(name)),
+    )
+    .await
+}
+
+/// Deletes an instance.
+#[utoipa::path(delete, path = "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}", tag = "instances",
+    params(("tenant" = String, Path), ("project" = String, Path), ("name" = String, Path),
+        ("resourceVersion" = Option<u64>, Query, description = "Precondition")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 404, description = "NotFound", body = ErrorBody),
+        (status = 409, description = "Stale resourceVersion", body = ErrorBody),
+    ))]
+pub async fn delete_instance(
+    State(state): State<ApiState>,
+    P((tenant, project, name)): P<(String, String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    delete_one(state, raw, ObjectKey::instance(tenant, project, name)).await
+}
+
+/// Sets the number of replicas of an instance.
+#[utoipa::path(put, path = "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}/scale", tag = "instances",
+    params(("tenant" = String, Path), ("project" = String, Path), ("name" = String, Path)), request_body = ScaleRequest,
+    responses(
+        (status = 200, description = "The instance after scaling", body = OpenClawInstance,
+            headers(("X-Clusterclaw-Outcome" = String, description = "configured or unchanged"))),
+        (status = 404, description = "NotFound", body = ErrorBody),
+        (status = 422, description = "Replicas out of range", body = ErrorBody),
+    ))]
+pub async fn scale_instance(
+    State(state): State<ApiState>,
+    P((tenant, project, name)): P<(String, String, String)>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    query::parse(raw.as_deref(), &[])?;
+    let (bytes, format) = body::read(&headers, body, BODY_LIMIT).await?;
+    let value = body::one_document(&bytes, format)?;
+    let request: ScaleRequest = serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = match e.path().to_string() {
+            p if p == "." => String::new(),
+            p => p,
+        };
+        ApiError::invalid(vec![FieldProblem::new(
+            field,
+            e.into_inner().to_string().replace('`', "'"),
+        )])
+    })?;
+    let key = ObjectKey::instance(tenant, project, name);
+    let (index, outcome, object) = state
+        .run(move |store| scale(store, &key, request.replicas))
+        .await?;
+    Ok(with_outcome(
+        json_response(StatusCode::OK, object.json, index),
+        outcome,
+    ))
+}
+
+/// Read, change, write with the read resourceVersion as precondition; retried when another
+/// writer got in between.
+fn scale(
+    store: &dyn Store,
+    key: &ObjectKey,
+    replicas: i64,
+) -> Result<(u64, Outcome, StoredObject), ApiError> {
+    for _ in 0..SCALE_ATTEMPTS {
+        let Some(current) = store.get(key)? else {
+            return Err(StoreError::NotFound(key.clone()).into());
+        };
+        let mut resource = current.resource()?;
+        match &mut resource {
+            Resource::OpenClawInstance(i) => i.spec.replicas = replicas,
+            Resource::Tenant(_) | Resource::Project(_) | Resource::Host(_) => {
+                return Err(ApiError::internal(format!("{key} decoded as another kind")));
+            }
+        }
+        resource.metadata_mut().resource_version = Some(current.resource_version);
+        let problems = validate_object(&resource);
+        if !problems.is_empty() {
+            return Err(ApiError::invalid(problems));
+        }
+        match store
+            .write(&[(resource, WriteMode::Update)], false)
+            .map_err(single)
+        {
+            Err(StoreError::Conflict { .. }) => continue,
+            other => return written(other?),
+        }
+    }
+    Err(ApiError::new(
+        ErrorCode::Conflict,
+        format!(
+            "{key} kept changing while it was being scaled ({SCALE_ATTEMPTS} attempts); try again"
+        ),
+    ))
+}
+
+// ---- hosts -----------------------------------------------------------------------------
+
+/// Lists hosts.
+#[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts",
+    params(("labelSelector" = Option<String>, Query, description = "k=v,k!=v,k,!k")),
+    responses((status = 200, description = "Hosts by name", body = HostList)))]
+pub async fn list_hosts(
+    State(state): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    list(
+        state,
+        raw,
+        &["labelSelector"],
+        ListFilter::all(Kind::Host),
+        None,
+    )
+    .await
+}
+
+/// Reads a host.
+#[utoipa::path(get, path = "/api/v1/hosts/{host}", tag = "hosts",
+    params(("host" = String, Path)),
+    responses((status = 200, description = "The host", body = Host), (status = 404, description = "NotFound", body = ErrorBody)))]
+pub async fn get_host(
+    State(state): State<ApiState>,
+    P(name): P<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    get_one(state, raw, ObjectKey::cluster(Kind::Host, name)).await
+}
+
+/// Deletes a host; its agent's certificate is no longer accepted.
+#[utoipa::path(delete, path = "/api/v1/hosts/{host}", tag = "hosts",
+    params(("host" = String, Path), ("resourceVersion" = Option<u64>, Query, description = "Precondition")),
+    responses((status = 200, description = "Deleted", body = Deleted), (status = 404, description = "NotFound", body = ErrorBody)))]
+pub async fn delete_host(
+    State(state): State<ApiState>,
+    P(name): P<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let reports = state.reports().clone();
+    let response = delete_one(state, raw, ObjectKey::cluster(Kind::Host, name.clone())).await?;
+    reports.forget(&name);
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn list_bodies_are_valid_json() {
+        let o = |name: &str| StoredObject {
+            key: ObjectKey::cluster(Kind::Tenant, name),
+            uid: "u".into(),
+            generation: 1,
+            resource_version: 1,
+            labels: Default::default(),
+            json: json!({"metadata": {"name": name}}).to_string(),
+        };
+        let text = list_body(7, &[o("a"), o("b")]);
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v,
+            json!({"index": 7, "items": [{"metadata": {"name": "a"}}, {"metadata": {"name": "b"}}]})
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(&list_body(0, &[])).unwrap(),
+            json!({"index": 0, "items": []})
+        );
+    }
+
+    #[test]
+    fn path_binding_fills_in_and_refuses_contradictions() {
+        let mut v = json!({"spec": {}});
+        bind_to_path(&mut v, &project("acme".into(), Some("helpdesk".into()))).unwrap();
+        assert_eq!(
+            v,
+            json!({"spec": {}, "apiVersion": API_VERSION, "kind": "Project", "metadata": {"name": "helpdesk", "tenant": "acme"}})
+        );
+        let mut v = json!({"kind": "Tenant", "metadata": {"name": "other"}});
+        let e = bind_to_path(&mut v, &project("acme".into(), Some("helpdesk".into()))).unwrap_err();
+        let fields: Vec<_> = e.details.iter().map(|d| d.field.as_str()).collect();
+        assert_eq!(fields, ["kind", "metadata.name"]);
+        let mut v = json!({"kind": "Host"});
+        assert_eq!(
+            bind_to_path(&mut v, &tenant(None)).unwrap_err().code,
+            ErrorCode::Forbidden
+        );
+    }
+}

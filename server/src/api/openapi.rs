@@ -1,0 +1,193 @@
+//! The OpenAPI 3 document of the API, generated from the handlers and the model types.
+
+use std::sync::OnceLock;
+
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::Serialize;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use super::error::{ErrorBody, ErrorCode};
+use super::objects::{
+    self, AppliedItem, ApplyRequest, ApplyResponse, Deleted, Health, Info, Ready, ScaleRequest,
+};
+use super::tokens::{self, CreateToken, CreatedToken, Revoked};
+use super::{ApiState, json_response};
+use crate::model::{FieldProblem, Host, OpenClawInstance, Project, Tenant};
+use crate::store::{Outcome, TokenKind, TokenRecord};
+
+/// A list of tenants.
+#[derive(Serialize, ToSchema)]
+pub struct TenantList {
+    /// Store index the list was read at.
+    pub index: u64,
+    pub items: Vec<Tenant>,
+}
+
+/// A list of projects.
+#[derive(Serialize, ToSchema)]
+pub struct ProjectList {
+    pub index: u64,
+    pub items: Vec<Project>,
+}
+
+/// A list of instances.
+#[derive(Serialize, ToSchema)]
+pub struct InstanceList {
+    pub index: u64,
+    pub items: Vec<OpenClawInstance>,
+}
+
+/// A list of hosts.
+#[derive(Serialize, ToSchema)]
+pub struct HostList {
+    pub index: u64,
+    pub items: Vec<Host>,
+}
+
+/// A list of token records.
+#[derive(Serialize, ToSchema)]
+pub struct TokenList {
+    pub index: u64,
+    pub items: Vec<TokenRecord>,
+}
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let mut http = Http::new(HttpAuthScheme::Bearer);
+        http.description = Some(
+            "An API token (cca_...). The first one is created at first start and written to <data-dir>/admin.token."
+                .into(),
+        );
+        components.add_security_scheme("bearer", SecurityScheme::Http(http));
+    }
+}
+
+/// The API description.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "openClusterClaw API",
+        description = "Control plane for fleets of OpenClaw Gateway instances. Every /api/v1 response carries X-Clusterclaw-Index, the store index it was served at.",
+        license(name = "Apache-2.0"),
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    paths(
+        objects::healthz,
+        objects::readyz,
+        openapi_handler,
+        objects::info,
+        objects::apply,
+        objects::list_tenants,
+        objects::create_tenant,
+        objects::get_tenant,
+        objects::put_tenant,
+        objects::delete_tenant,
+        objects::list_projects,
+        objects::list_tenant_projects,
+        objects::create_project,
+        objects::get_project,
+        objects::put_project,
+        objects::delete_project,
+        objects::list_instances,
+        objects::list_project_instances,
+        objects::create_instance,
+        objects::get_instance,
+        objects::put_instance,
+        objects::delete_instance,
+        objects::scale_instance,
+        objects::list_hosts,
+        objects::get_host,
+        objects::delete_host,
+        tokens::create_token,
+        tokens::list_tokens,
+        tokens::revoke_token,
+    ),
+    components(schemas(
+        ErrorBody, ErrorCode, FieldProblem, Health, Ready, Info, ApplyRequest, ApplyResponse, AppliedItem, Outcome,
+        Deleted, ScaleRequest, TenantList, ProjectList, InstanceList, HostList, TokenList, TokenRecord, TokenKind,
+        CreateToken, CreatedToken, Revoked,
+    )),
+    tags(
+        (name = "health", description = "Liveness and readiness, without authentication"),
+        (name = "info", description = "About this server"),
+        (name = "objects", description = "Batches of objects of any kind"),
+        (name = "tenants"), (name = "projects"), (name = "instances"),
+        (name = "hosts", description = "Read-only to users: written by clusterclaw-agent"),
+        (name = "tokens", description = "API and join tokens"),
+    ),
+)]
+pub struct ApiDoc;
+
+/// The document as pretty JSON text (built once).
+pub fn openapi_json() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| {
+        ApiDoc::openapi()
+            .to_pretty_json()
+            .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    })
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "info",
+    responses((status = 200, description = "The OpenAPI 3 document", content_type = "application/json", body = serde_json::Value)))]
+pub async fn openapi_handler(
+    axum::extract::State(state): axum::extract::State<ApiState>,
+) -> Response {
+    json_response(StatusCode::OK, openapi_json(), state.index())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_document_snapshot() {
+        let doc: serde_json::Value = serde_json::from_str(openapi_json()).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        insta::assert_json_snapshot!("openapi", doc);
+    }
+
+    #[test]
+    fn every_route_is_documented_with_bearer_security() {
+        let doc: serde_json::Value = serde_json::from_str(openapi_json()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for p in [
+            "/healthz",
+            "/readyz",
+            "/api/v1/openapi.json",
+            "/api/v1/info",
+            "/api/v1/apply",
+            "/api/v1/tenants",
+            "/api/v1/tenants/{tenant}",
+            "/api/v1/projects",
+            "/api/v1/tenants/{tenant}/projects",
+            "/api/v1/tenants/{tenant}/projects/{project}",
+            "/api/v1/instances",
+            "/api/v1/tenants/{tenant}/projects/{project}/instances",
+            "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}",
+            "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}/scale",
+            "/api/v1/hosts",
+            "/api/v1/hosts/{host}",
+            "/api/v1/tokens",
+            "/api/v1/tokens/{id}",
+        ] {
+            assert!(paths.contains_key(p), "{p} is missing from the document");
+        }
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
+        assert_eq!(doc["security"], serde_json::json!([{"bearer": []}]));
+        assert_eq!(
+            doc["paths"]["/healthz"]["get"]["security"],
+            serde_json::json!([{}])
+        );
+    }
+}

@@ -1,0 +1,316 @@
+//! Handlers for tokens: create (the secret is shown once), list records, revoke.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::body::{self, BODY_LIMIT};
+use super::error::{ApiError, ErrorBody, ErrorCode};
+use super::openapi::TokenList;
+use super::{ApiState, P, json_response, query};
+use crate::auth::{
+    PLATFORM_ADMIN, ROLES, generate_api_token, generate_join_token, generate_token_id, hash_token,
+    unix_now,
+};
+use crate::model::FieldProblem;
+use crate::store::{TokenKind, TokenRecord};
+
+/// Lifetime of a join token created without `ttl`.
+pub const DEFAULT_JOIN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Longest token name.
+const MAX_NAME: usize = 128;
+
+/// `POST /api/v1/tokens` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreateToken {
+    /// `join` (enrolls hosts) or `api` (calls the API).
+    pub kind: TokenKind,
+    /// Lifetime such as `1h` or `30d`; join tokens default to 24h, API tokens do not expire.
+    #[serde(default)]
+    pub ttl: Option<String>,
+    /// How many hosts a join token may enroll; unlimited within its lifetime when absent.
+    #[serde(default)]
+    pub uses: Option<i64>,
+    /// A label for people.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Role of an API token; `platform-admin` (the default) is the only one so far.
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+/// `POST /api/v1/tokens` answer: the only time the secret is shown.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedToken {
+    /// The secret (`ccj_...` or `cca_...`). Not stored; shown only here.
+    pub token: String,
+    pub id: String,
+    pub kind: TokenKind,
+    pub name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub role: String,
+    /// Unix seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uses_remaining: Option<i64>,
+}
+
+/// `DELETE /api/v1/tokens/{id}` answer.
+#[derive(Serialize, ToSchema)]
+pub struct Revoked {
+    pub revoked: String,
+}
+
+fn parse_request(value: serde_json::Value) -> Result<CreateToken, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = match e.path().to_string() {
+            p if p == "." => String::new(),
+            p => p,
+        };
+        ApiError::invalid(vec![FieldProblem::new(
+            field,
+            e.into_inner().to_string().replace('`', "'"),
+        )])
+    })
+}
+
+/// Checks a request and turns it into a record (without the hash).
+fn plan(req: &CreateToken, now: i64) -> Result<TokenRecord, ApiError> {
+    let mut problems = Vec::new();
+    let ttl = match req.ttl.as_deref() {
+        None => None,
+        Some(t) => match humantime::parse_duration(t) {
+            Ok(d) if d >= Duration::from_secs(60) => Some(d),
+            Ok(_) => {
+                problems.push(FieldProblem::new(
+                    "ttl",
+                    format!("{t:?} is too short; a token lives at least 1m"),
+                ));
+                None
+            }
+            Err(e) => {
+                problems.push(FieldProblem::new(
+                    "ttl",
+                    format!("{t:?} is not a duration ({e}); use e.g. 1h, 7d"),
+                ));
+                None
+            }
+        },
+    };
+    let name = req.name.clone().unwrap_or_default();
+    if name.chars().count() > MAX_NAME || name.chars().any(char::is_control) {
+        problems.push(FieldProblem::new(
+            "name",
+            format!("at most {MAX_NAME} characters, no control characters"),
+        ));
+    }
+    let role = match req.kind {
+        TokenKind::Join => {
+            if req.role.is_some() {
+                problems.push(FieldProblem::new(
+                    "role",
+                    "join tokens have no role; roles are for API tokens",
+                ));
+            }
+            String::new()
+        }
+        TokenKind::Api => {
+            if req.uses.is_some() {
+                problems.push(FieldProblem::new(
+                    "uses",
+                    "only join tokens are limited in uses",
+                ));
+            }
+            let role = req
+                .role
+                .clone()
+                .unwrap_or_else(|| PLATFORM_ADMIN.to_string());
+            if !ROLES.contains(&role.as_str()) {
+                problems.push(FieldProblem::new(
+                    "role",
+                    format!("{role:?} is not a role; the roles are {}", ROLES.join(", ")),
+                ));
+            }
+            role
+        }
+    };
+    if let Some(u) = req.uses
+        && u < 1
+    {
+        problems.push(FieldProblem::new(
+            "uses",
+            format!("{u} is not allowed; a join token has at least 1 use"),
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::invalid(problems));
+    }
+    let ttl = match (req.kind, ttl) {
+        (_, Some(d)) => Some(d),
+        (TokenKind::Join, None) => Some(DEFAULT_JOIN_TTL),
+        (TokenKind::Api, None) => None,
+    };
+    let expires_at =
+        ttl.map(|d| now.saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX)));
+    Ok(TokenRecord {
+        id: generate_token_id(),
+        name,
+        kind: req.kind,
+        role,
+        tenant: None,
+        project: None,
+        created_at: now,
+        expires_at,
+        uses_remaining: req.uses,
+        revoked: false,
+        hash: String::new(),
+    })
+}
+
+/// Creates a token; the answer holds the secret, which is never shown again.
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens", request_body = CreateToken,
+    responses(
+        (status = 201, description = "Created; `token` is the secret", body = CreatedToken),
+        (status = 422, description = "Invalid", body = ErrorBody),
+    ))]
+pub async fn create_token(
+    State(state): State<ApiState>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    query::parse(raw.as_deref(), &[])?;
+    let (bytes, format) = body::read(&headers, body, BODY_LIMIT).await?;
+    let request = parse_request(body::one_document(&bytes, format)?)?;
+    let mut record = plan(&request, unix_now())?;
+    let secret = match record.kind {
+        TokenKind::Join => generate_join_token(),
+        TokenKind::Api => generate_api_token(),
+    };
+    record.hash = hash_token(secret.expose());
+    let created = CreatedToken {
+        token: secret.expose().to_string(),
+        id: record.id.clone(),
+        kind: record.kind,
+        name: record.name.clone(),
+        role: record.role.clone(),
+        expires_at: record.expires_at,
+        uses_remaining: record.uses_remaining,
+    };
+    let index = state
+        .run(move |store| {
+            store.insert_token(&record)?;
+            Ok(store.index())
+        })
+        .await?;
+    tracing::info!(id = %created.id, kind = created.kind.as_str(), "token created");
+    let text = serde_json::to_string(&created).map_err(ApiError::internal)?;
+    Ok(json_response(StatusCode::CREATED, text, index))
+}
+
+/// Lists token records (never secrets).
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens",
+    responses((status = 200, description = "Token records", body = TokenList)))]
+pub async fn list_tokens(
+    State(state): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    query::parse(raw.as_deref(), &[])?;
+    let (index, items) = state
+        .run(|store| Ok((store.index(), store.list_tokens()?)))
+        .await?;
+    let text = serde_json::to_string(&TokenList { index, items }).map_err(ApiError::internal)?;
+    Ok(json_response(StatusCode::OK, text, index))
+}
+
+/// Revokes a token at once.
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", tag = "tokens",
+    params(("id" = String, Path)),
+    responses(
+        (status = 200, description = "Revoked", body = Revoked),
+        (status = 404, description = "No such token", body = ErrorBody),
+    ))]
+pub async fn revoke_token(
+    State(state): State<ApiState>,
+    P(id): P<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    query::parse(raw.as_deref(), &[])?;
+    let lookup = id.clone();
+    let (index, found) = state
+        .run(move |store| Ok((store.index(), store.revoke_token(&lookup)?)))
+        .await?;
+    if !found {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("token {id} not found; GET /api/v1/tokens lists them"),
+        ));
+    }
+    state.inner.auth.forget_token(&id);
+    tracing::info!(id = %id, "token revoked");
+    let text = serde_json::to_string(&Revoked { revoked: id }).map_err(ApiError::internal)?;
+    Ok(json_response(StatusCode::OK, text, index))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(kind: TokenKind) -> CreateToken {
+        CreateToken {
+            kind,
+            ttl: None,
+            uses: None,
+            name: None,
+            role: None,
+        }
+    }
+
+    #[test]
+    fn join_tokens_expire_by_default() {
+        let r = plan(&req(TokenKind::Join), 1000).unwrap();
+        assert_eq!(r.expires_at, Some(1000 + 86400));
+        assert_eq!(r.role, "");
+        let r = plan(
+            &CreateToken {
+                ttl: Some("1h".into()),
+                uses: Some(3),
+                ..req(TokenKind::Join)
+            },
+            0,
+        )
+        .unwrap();
+        assert_eq!((r.expires_at, r.uses_remaining), (Some(3600), Some(3)));
+        let r = plan(&req(TokenKind::Api), 0).unwrap();
+        assert_eq!((r.expires_at, r.role.as_str()), (None, PLATFORM_ADMIN));
+    }
+
+    #[test]
+    fn bad_requests_list_every_problem() {
+        let bad = CreateToken {
+            kind: TokenKind::Api,
+            ttl: Some("soon".into()),
+            uses: Some(0),
+            name: Some("x".repeat(200)),
+            role: Some("root".into()),
+        };
+        let e = plan(&bad, 0).unwrap_err();
+        let fields: Vec<_> = e.details.iter().map(|d| d.field.as_str()).collect();
+        assert_eq!(fields, ["ttl", "name", "uses", "role", "uses"]);
+        let e = parse_request(serde_json::json!({"kind": "join", "ttll": "1h"})).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Invalid);
+        assert!(
+            e.details[0].problem.contains("unknown field 'ttll'"),
+            "{:?}",
+            e.details
+        );
+    }
+}

@@ -1,0 +1,811 @@
+//! Configuration of `clusterclaw server`: flags over a TOML file over defaults, validated whole
+//! before anything binds.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::telemetry::LogFormat;
+
+/// Exit code for a bad command line or configuration (sysexits `EX_USAGE`).
+pub const EX_USAGE: u8 = 64;
+pub const DEFAULT_API_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7080);
+pub const DEFAULT_AGENT_LISTEN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 7443);
+pub const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(30);
+/// Data directory of a server running as root.
+pub const SYSTEM_DATA_DIR: &str = "/var/lib/clusterclaw";
+
+/// Flags of `clusterclaw server`. Each one overrides the same setting of the config file.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ServerArgs {
+    /// TOML configuration file; flags given on the command line override its settings.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory of the database, the admin token and the PKI [default: /var/lib/clusterclaw
+    /// as root, else $XDG_DATA_HOME/clusterclaw or ~/.local/share/clusterclaw].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the REST API, IP:PORT [default: 127.0.0.1:7080].
+    #[arg(long, value_name = "ADDR")]
+    pub api_listen: Option<String>,
+    /// Address of the agent port (gRPC over mutual TLS), IP:PORT [default: 0.0.0.0:7443].
+    #[arg(long, value_name = "ADDR")]
+    pub agent_listen: Option<String>,
+    /// Log format: text or json [default: text]. The filter comes from RUST_LOG (default info).
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// PEM certificate chain for HTTPS on the API port (needs --api-tls-key).
+    #[arg(long, value_name = "FILE")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS on the API port (needs --api-tls-cert).
+    #[arg(long, value_name = "FILE")]
+    pub api_tls_key: Option<PathBuf>,
+    /// A DNS name or IP address agents use to reach this server, put in the agent-port server
+    /// certificate (repeatable; localhost, 127.0.0.1 and the hostname are always included).
+    #[arg(long = "server-name", value_name = "DNS")]
+    pub server_names: Vec<String>,
+}
+
+/// Certificate and key of the API port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The whole, validated configuration of a server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// The config file the settings came from, if any.
+    pub config_file: Option<PathBuf>,
+    /// Absolute.
+    pub data_dir: PathBuf,
+    pub log_format: LogFormat,
+    pub api_listen: SocketAddr,
+    /// HTTPS on the API port when set.
+    pub api_tls: Option<TlsFiles>,
+    pub agent_listen: SocketAddr,
+    /// Directory of the CA and the agent-port certificate; `<data_dir>/pki` by default.
+    pub pki_dir: PathBuf,
+    /// Names for the agent-port server certificate, as configured (the defaults are added
+    /// when the certificate is made).
+    pub server_names: Vec<String>,
+    pub resync_interval: Duration,
+}
+
+impl ServerConfig {
+    /// A configuration with every default, around `data_dir`, except that the API and agent
+    /// ports are ephemeral ports of 127.0.0.1. Meant for tests and embedding.
+    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
+        ServerConfig {
+            config_file: None,
+            pki_dir: data_dir.join("pki"),
+            data_dir,
+            log_format: LogFormat::Text,
+            api_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+            api_tls: None,
+            agent_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
+            server_names: Vec::new(),
+            resync_interval: DEFAULT_RESYNC_INTERVAL,
+        }
+    }
+
+    /// Loads the file named by `--config` (if any), applies the flags and the defaults, and
+    /// checks everything, reporting every problem at once.
+    pub fn load(args: &ServerArgs) -> Result<ServerConfig, ConfigError> {
+        load_with(args, &Environment::current())
+    }
+}
+
+/// One thing wrong with the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Where: `--api-listen`, or `/etc/clusterclaw/server.toml, line 3 (api.listen)`.
+    pub location: String,
+    /// What is wrong and what is allowed.
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.location, self.problem)
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "the server configuration has {n} problem{}:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What the defaults depend on.
+#[derive(Clone, Debug, Default)]
+pub struct Environment {
+    pub root: bool,
+    pub home: Option<PathBuf>,
+    pub xdg_data_home: Option<PathBuf>,
+}
+
+impl Environment {
+    pub fn current() -> Self {
+        let var = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        Environment {
+            root: running_as_root(),
+            home: var("HOME"),
+            xdg_data_home: var("XDG_DATA_HOME"),
+        }
+    }
+
+    /// `/var/lib/clusterclaw` for root, else `$XDG_DATA_HOME/clusterclaw` or
+    /// `~/.local/share/clusterclaw`.
+    pub fn default_data_dir(&self) -> Option<PathBuf> {
+        if self.root {
+            return Some(PathBuf::from(SYSTEM_DATA_DIR));
+        }
+        if let Some(x) = self.xdg_data_home.as_ref().filter(|x| x.is_absolute()) {
+            return Some(x.join("clusterclaw"));
+        }
+        self.home
+            .as_ref()
+            .filter(|h| h.is_absolute())
+            .map(|h| h.join(".local/share/clusterclaw"))
+    }
+}
+
+/// Whether the process runs with effective uid 0 (read from /proc, Linux).
+fn running_as_root() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        .unwrap_or(false)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<Spanned<String>>,
+    log_format: Option<Spanned<String>>,
+    #[serde(default)]
+    api: ApiSection,
+    #[serde(default)]
+    agent: AgentSection,
+    #[serde(default)]
+    pki: PkiSection,
+    #[serde(default)]
+    scheduler: SchedulerSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiSection {
+    listen: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentSection {
+    listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PkiSection {
+    dir: Option<Spanned<String>>,
+    server_names: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SchedulerSection {
+    resync_interval: Option<Spanned<String>>,
+}
+
+/// The config file: its path, its text, and its parsed settings.
+struct Source {
+    path: PathBuf,
+    text: String,
+}
+
+impl Source {
+    fn location(&self, span: Range<usize>, key: &str) -> String {
+        let upto = &self.text[..span.start.min(self.text.len())];
+        let line = upto.matches('\n').count() + 1;
+        let column = upto.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!(
+            "{}, line {line}, column {column} ({key})",
+            self.path.display()
+        )
+    }
+
+    /// A path from the file, relative to the file's directory.
+    fn path_value(&self, value: &str) -> PathBuf {
+        let p = Path::new(value);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+}
+
+/// A setting and where it came from, for messages.
+struct Setting<T> {
+    value: T,
+    location: String,
+}
+
+struct Collector {
+    problems: Vec<ConfigProblem>,
+}
+
+impl Collector {
+    fn push(&mut self, location: impl Into<String>, problem: impl Into<String>) {
+        self.problems.push(ConfigProblem {
+            location: location.into(),
+            problem: problem.into(),
+        });
+    }
+}
+
+/// Picks the flag if given, else the file's value (with its location), else nothing.
+fn pick<F, T>(
+    flag: Option<T>,
+    flag_name: &str,
+    file: Option<&Spanned<String>>,
+    key: &str,
+    source: Option<&Source>,
+    from_file: F,
+) -> Option<Setting<T>>
+where
+    F: Fn(&Source, &str) -> T,
+{
+    if let Some(value) = flag {
+        return Some(Setting {
+            value,
+            location: flag_name.to_string(),
+        });
+    }
+    let (file, source) = (file?, source?);
+    Some(Setting {
+        value: from_file(source, file.get_ref()),
+        location: source.location(file.span(), key),
+    })
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if let Some(port) = s.strip_prefix("localhost:")
+        && let Ok(port) = port.parse::<u16>()
+    {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    Err(format!(
+        "{s:?} is not an address; expected IP:PORT such as 127.0.0.1:7080, 0.0.0.0:7443 or [::]:7443"
+    ))
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// [`ServerConfig::load`] with the environment given (for tests).
+pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, ConfigError> {
+    let mut c = Collector {
+        problems: Vec::new(),
+    };
+    let mut file = FileConfig::default();
+    let mut source = None;
+    if let Some(path) = &args.config {
+        match std::fs::read_to_string(path) {
+            Err(e) => c.push(
+                format!("--config {}", path.display()),
+                format!("cannot read the file: {e}"),
+            ),
+            Ok(text) => {
+                let src = Source {
+                    path: absolute(path),
+                    text,
+                };
+                match toml::from_str::<FileConfig>(&src.text) {
+                    Ok(f) => file = f,
+                    Err(e) => {
+                        let key = "the file";
+                        let loc = match e.span() {
+                            Some(span) => src.location(span, key),
+                            None => src.path.display().to_string(),
+                        };
+                        c.push(loc, e.message().trim().replace('`', "'"));
+                    }
+                }
+                source = Some(src);
+            }
+        }
+    }
+    let src = source.as_ref();
+
+    let data_dir = pick(
+        args.data_dir.clone(),
+        "--data-dir",
+        file.data_dir.as_ref(),
+        "data_dir",
+        src,
+        |s, v| s.path_value(v),
+    );
+    let data_dir = match data_dir {
+        Some(Setting { value, location }) => {
+            if value.as_os_str().is_empty() {
+                c.push(
+                    location,
+                    "must not be empty; give the directory for the database, tokens and PKI",
+                );
+            } else if value.exists() && !value.is_dir() {
+                c.push(
+                    location,
+                    format!("{} exists and is not a directory", value.display()),
+                );
+            }
+            absolute(&value)
+        }
+        None => match env.default_data_dir() {
+            Some(d) => d,
+            None => {
+                c.push("data directory", "cannot pick a default (HOME is not set); pass --data-dir or set data_dir in the config file");
+                PathBuf::new()
+            }
+        },
+    };
+
+    let log_format = match pick(
+        args.log_format.clone(),
+        "--log-format",
+        file.log_format.as_ref(),
+        "log_format",
+        src,
+        |_, v| v.to_string(),
+    ) {
+        None => LogFormat::Text,
+        Some(s) => LogFormat::parse(&s.value).unwrap_or_else(|| {
+            c.push(
+                s.location,
+                format!(
+                    "{:?} is not a log format; use {}",
+                    s.value,
+                    LogFormat::ALLOWED
+                ),
+            );
+            LogFormat::Text
+        }),
+    };
+
+    let mut listen = |flag: &Option<String>,
+                      flag_name: &str,
+                      file: Option<&Spanned<String>>,
+                      key: &str,
+                      default: SocketAddr| {
+        match pick(flag.clone(), flag_name, file, key, src, |_, v| {
+            v.to_string()
+        }) {
+            None => default,
+            Some(s) => parse_listen(&s.value).unwrap_or_else(|e| {
+                c.push(s.location, e);
+                default
+            }),
+        }
+    };
+    let api_listen = listen(
+        &args.api_listen,
+        "--api-listen",
+        file.api.listen.as_ref(),
+        "api.listen",
+        DEFAULT_API_LISTEN,
+    );
+    let agent_listen = listen(
+        &args.agent_listen,
+        "--agent-listen",
+        file.agent.listen.as_ref(),
+        "agent.listen",
+        DEFAULT_AGENT_LISTEN,
+    );
+    if api_listen.port() != 0 && api_listen == agent_listen {
+        c.push(
+            "--api-listen / --agent-listen",
+            format!("the API and the agent port cannot both be {api_listen}"),
+        );
+    }
+
+    let tls_cert = pick(
+        args.api_tls_cert.clone(),
+        "--api-tls-cert",
+        file.api.tls_cert.as_ref(),
+        "api.tls_cert",
+        src,
+        |s, v| s.path_value(v),
+    );
+    let tls_key = pick(
+        args.api_tls_key.clone(),
+        "--api-tls-key",
+        file.api.tls_key.as_ref(),
+        "api.tls_key",
+        src,
+        |s, v| s.path_value(v),
+    );
+    let api_tls = match (tls_cert, tls_key) {
+        (None, None) => None,
+        (Some(cert), None) => {
+            c.push(
+                cert.location,
+                "a certificate needs its key: set --api-tls-key (or api.tls_key) too",
+            );
+            None
+        }
+        (None, Some(key)) => {
+            c.push(
+                key.location,
+                "a key needs its certificate: set --api-tls-cert (or api.tls_cert) too",
+            );
+            None
+        }
+        (Some(cert), Some(key)) => match crate::api::tls_server_config(&cert.value, &key.value) {
+            Ok(_) => Some(TlsFiles {
+                cert: absolute(&cert.value),
+                key: absolute(&key.value),
+            }),
+            Err(e) => {
+                c.push(format!("{} / {}", cert.location, key.location), e);
+                None
+            }
+        },
+    };
+
+    let pki_dir = match pick(
+        None::<PathBuf>,
+        "",
+        file.pki.dir.as_ref(),
+        "pki.dir",
+        src,
+        |s, v| s.path_value(v),
+    ) {
+        Some(s) => absolute(&s.value),
+        None => data_dir.join("pki"),
+    };
+
+    let mut server_names = Vec::new();
+    if !args.server_names.is_empty() {
+        for n in &args.server_names {
+            if let Err(e) = crate::pki::check_server_name(n) {
+                c.push("--server-name", e.to_string());
+            }
+            server_names.push(n.clone());
+        }
+    } else if let (Some(names), Some(s)) = (&file.pki.server_names, src) {
+        for n in names {
+            if let Err(e) = crate::pki::check_server_name(n.get_ref()) {
+                c.push(s.location(n.span(), "pki.server_names"), e.to_string());
+            }
+            server_names.push(n.get_ref().clone());
+        }
+    }
+
+    let resync_interval = match pick(
+        None::<String>,
+        "",
+        file.scheduler.resync_interval.as_ref(),
+        "scheduler.resync_interval",
+        src,
+        |_, v| v.to_string(),
+    ) {
+        None => DEFAULT_RESYNC_INTERVAL,
+        Some(s) => match humantime::parse_duration(&s.value) {
+            Ok(d) if d >= Duration::from_secs(1) => d,
+            Ok(_) => {
+                c.push(
+                    s.location,
+                    format!(
+                        "{:?} is too short; the resync interval is at least 1s",
+                        s.value
+                    ),
+                );
+                DEFAULT_RESYNC_INTERVAL
+            }
+            Err(e) => {
+                c.push(
+                    s.location,
+                    format!("{:?} is not a duration ({e}); use e.g. 30s, 5m", s.value),
+                );
+                DEFAULT_RESYNC_INTERVAL
+            }
+        },
+    };
+
+    if !c.problems.is_empty() {
+        return Err(ConfigError {
+            problems: c.problems,
+        });
+    }
+    Ok(ServerConfig {
+        config_file: source.map(|s| s.path),
+        data_dir,
+        log_format,
+        api_listen,
+        api_tls,
+        agent_listen,
+        pki_dir,
+        server_names,
+        resync_interval,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env() -> Environment {
+        Environment {
+            root: false,
+            home: Some("/home/ada".into()),
+            xdg_data_home: None,
+        }
+    }
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("server.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn defaults() {
+        let c = load_with(&ServerArgs::default(), &env()).unwrap();
+        assert_eq!(
+            c.data_dir,
+            PathBuf::from("/home/ada/.local/share/clusterclaw")
+        );
+        assert_eq!(
+            c.pki_dir,
+            PathBuf::from("/home/ada/.local/share/clusterclaw/pki")
+        );
+        assert_eq!(c.api_listen, DEFAULT_API_LISTEN);
+        assert_eq!(c.agent_listen.to_string(), "0.0.0.0:7443");
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.api_tls, None);
+        assert_eq!(c.resync_interval, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn default_data_dirs() {
+        let root = Environment {
+            root: true,
+            ..env()
+        };
+        assert_eq!(
+            root.default_data_dir().unwrap(),
+            PathBuf::from("/var/lib/clusterclaw")
+        );
+        let xdg = Environment {
+            xdg_data_home: Some("/xdg".into()),
+            ..env()
+        };
+        assert_eq!(
+            xdg.default_data_dir().unwrap(),
+            PathBuf::from("/xdg/clusterclaw")
+        );
+        let relative_xdg = Environment {
+            xdg_data_home: Some("rel".into()),
+            ..env()
+        };
+        assert_eq!(
+            relative_xdg.default_data_dir().unwrap(),
+            PathBuf::from("/home/ada/.local/share/clusterclaw")
+        );
+        let nothing = Environment::default();
+        let e = load_with(&ServerArgs::default(), &nothing).unwrap_err();
+        assert!(e.to_string().contains("pass --data-dir"), "{e}");
+    }
+
+    #[test]
+    fn file_then_flags_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            r#"
+data_dir = "state"
+log_format = "json"
+[api]
+listen = "127.0.0.1:9000"
+[agent]
+listen = "[::]:9443"
+[pki]
+server_names = ["cp.example.com"]
+[scheduler]
+resync_interval = "1m"
+"#,
+        );
+        let args = ServerArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let c = load_with(&args, &env()).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("state"), "relative to the file");
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.api_listen.to_string(), "127.0.0.1:9000");
+        assert_eq!(c.agent_listen.to_string(), "[::]:9443");
+        assert_eq!(c.server_names, ["cp.example.com"]);
+        assert_eq!(c.resync_interval, Duration::from_secs(60));
+        assert_eq!(c.config_file.as_deref(), Some(p.as_path()));
+
+        let args = ServerArgs {
+            config: Some(p),
+            api_listen: Some("localhost:9100".into()),
+            log_format: Some("text".into()),
+            server_names: vec!["other.example.com".into()],
+            data_dir: Some(dir.path().join("flag")),
+            ..Default::default()
+        };
+        let c = load_with(&args, &env()).unwrap();
+        assert_eq!(c.api_listen.to_string(), "127.0.0.1:9100");
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.server_names, ["other.example.com"]);
+        assert_eq!(c.data_dir, dir.path().join("flag"));
+        assert_eq!(c.pki_dir, dir.path().join("flag/pki"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "log_format = \"xml\"\n[api]\nlisten = \"nowhere\"\ntls_cert = \"a.crt\"\n[pki]\nserver_names = [\"ok.example\", \"bad name\"]\n[scheduler]\nresync_interval = \"soon\"\n",
+        );
+        let args = ServerArgs {
+            config: Some(p.clone()),
+            agent_listen: Some("7443".into()),
+            ..Default::default()
+        };
+        let e = load_with(&args, &env()).unwrap_err();
+        let text = e.to_string();
+        assert_eq!(e.problems.len(), 6, "{text}");
+        let file = p.display().to_string();
+        assert!(text.contains(&format!("{file}, line 1, column 14 (log_format): \"xml\" is not a log format; use text or json")), "{text}");
+        assert!(
+            text.contains(&format!(
+                "{file}, line 3, column 10 (api.listen): \"nowhere\" is not an address"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("--agent-listen: \"7443\" is not an address"),
+            "{text}"
+        );
+        assert!(
+            text.contains("(api.tls_cert): a certificate needs its key"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "{file}, line 6, column 31 (pki.server_names): \"bad name\""
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("(scheduler.resync_interval): \"soon\" is not a duration"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_syntax_errors_name_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "[api]\nlisten = \"127.0.0.1:1\"\nlistne = \"x\"\n",
+        );
+        let e = load_with(
+            &ServerArgs {
+                config: Some(p),
+                ..Default::default()
+            },
+            &env(),
+        )
+        .unwrap_err();
+        assert_eq!(e.problems.len(), 1);
+        assert!(e.problems[0].location.contains("line 3, column 1"), "{e}");
+        assert!(
+            e.problems[0].problem.contains("unknown field 'listne'"),
+            "{e}"
+        );
+        assert!(e.problems[0].problem.contains("expected one of"), "{e}");
+
+        let p = write(dir.path(), "data_dir = \n");
+        let e = load_with(
+            &ServerArgs {
+                config: Some(p),
+                ..Default::default()
+            },
+            &env(),
+        )
+        .unwrap_err();
+        assert!(e.problems[0].location.contains("line 1"), "{e}");
+
+        let e = load_with(
+            &ServerArgs {
+                config: Some(dir.path().join("missing.toml")),
+                ..Default::default()
+            },
+            &env(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("cannot read the file"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = ServerArgs {
+            api_tls_cert: Some(dir.path().join("missing.crt")),
+            api_tls_key: Some(dir.path().join("missing.key")),
+            ..Default::default()
+        };
+        let e = load_with(&args, &env()).unwrap_err();
+        assert!(e.to_string().contains("missing.crt"), "{e}");
+
+        let files = crate::pki::init_dir(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+        let args = ServerArgs {
+            api_tls_cert: Some(files.server_cert.clone()),
+            api_tls_key: Some(files.server_key.clone()),
+            ..Default::default()
+        };
+        let c = load_with(&args, &env()).unwrap();
+        assert_eq!(
+            c.api_tls,
+            Some(TlsFiles {
+                cert: files.server_cert,
+                key: files.server_key
+            })
+        );
+    }
+
+    #[test]
+    fn same_port_twice_is_refused() {
+        let args = ServerArgs {
+            api_listen: Some("0.0.0.0:7443".into()),
+            data_dir: Some("/tmp/x".into()),
+            ..Default::default()
+        };
+        let e = load_with(&args, &env()).unwrap_err();
+        assert!(e.to_string().contains("cannot both be 0.0.0.0:7443"), "{e}");
+    }
+}

@@ -1,0 +1,580 @@
+//! The `clusterclaw server` process: start-up in a fixed order, serving, background tasks, and
+//! a draining shutdown on SIGTERM/SIGINT.
+
+use std::fs::{self, File, TryLockError};
+use std::future::Future;
+use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::agent_rpc::{self, AgentRpc, AgentTls};
+use crate::api::{self, ApiState};
+use crate::auth::{self, ADMIN_TOKEN_FILE};
+use crate::config::{EX_USAGE, ServerArgs, ServerConfig};
+use crate::pki::{self, PkiSetup};
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+use crate::telemetry;
+
+/// The database inside the data directory.
+pub const DB_FILE: &str = "clusterclaw.db";
+/// Held locked (flock) by the running server; holds its pid.
+pub const LOCK_FILE: &str = "server.lock";
+/// Where a running server says how to reach it (removed when it stops).
+pub const ENDPOINTS_FILE: &str = "endpoints.json";
+/// How long background tasks get to stop after the API has drained.
+const TASK_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Contents of `<data-dir>/endpoints.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoints {
+    /// Base URL of the REST API, e.g. `http://127.0.0.1:7080`.
+    pub api: String,
+    /// Address of the agent port, `HOST:PORT`.
+    pub agent: String,
+    /// Absolute path of the CA certificate agents and clients trust.
+    pub ca_cert: String,
+    pub pid: u32,
+}
+
+/// The data directory, locked against a second server for as long as this value lives.
+struct DataDirLock {
+    _file: File,
+}
+
+fn lock_data_dir(dir: &Path) -> anyhow::Result<DataDirLock> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    let path = dir.join(LOCK_FILE);
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            let pid = fs::read_to_string(&path).unwrap_or_default();
+            let pid = pid.trim();
+            let who = if pid.is_empty() {
+                String::new()
+            } else {
+                format!(" (pid {pid})")
+            };
+            bail!(
+                "another clusterclaw server{who} is already using the data directory {}; stop it first, or give this server its own --data-dir",
+                dir.display()
+            );
+        }
+        Err(TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(DataDirLock { _file: file })
+}
+
+/// The machine's host name (Linux), if it is usable in a certificate.
+fn hostname() -> Option<String> {
+    let name = fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| fs::read_to_string("/etc/hostname"))
+        .ok()?;
+    let name = name.trim().to_ascii_lowercase();
+    pki::check_server_name(&name).ok().map(|()| name)
+}
+
+/// Names for the agent-port certificate: the configured ones, `localhost`, `127.0.0.1`, the
+/// host name and a specific agent listen address; without duplicates.
+fn certificate_names(config: &ServerConfig) -> Vec<String> {
+    let mut names: Vec<String> = config.server_names.clone();
+    names.push("localhost".into());
+    names.push("127.0.0.1".into());
+    names.extend(hostname());
+    if !config.agent_listen.ip().is_unspecified() {
+        names.push(config.agent_listen.ip().to_string());
+    }
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.to_ascii_lowercase()));
+    names
+}
+
+/// The URL a local client uses for an API bound at `addr`.
+fn api_url(addr: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    let host = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_string(),
+        IpAddr::V6(ip) if ip.is_unspecified() => "[::1]".to_string(),
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+    };
+    format!("{scheme}://{host}:{}", addr.port())
+}
+
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| anyhow!("{what} failed: {e}"))
+}
+
+/// Runs the server with a validated configuration until `shutdown` completes: locks the data
+/// directory, opens the store, ensures the admin token and the PKI, binds the API, writes
+/// `endpoints.json`, serves, then drains and stops.
+pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let data_dir =
+        std::path::absolute(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+    let _lock = lock_data_dir(&data_dir)?;
+
+    let db = data_dir.join(DB_FILE);
+    let db_path = db.clone();
+    let store: Arc<dyn Store> = Arc::new(
+        blocking("opening the store", move || {
+            SqliteStore::open(&db_path)
+                .with_context(|| format!("cannot open the store {}", db_path.display()))
+        })
+        .await??,
+    );
+    tracing::info!(path = %db.display(), index = store.index(), "store opened");
+
+    let token_store = Arc::clone(&store);
+    let token_dir = data_dir.clone();
+    let admin = blocking("creating the admin token", move || {
+        auth::ensure_admin_token(token_store.as_ref(), &token_dir)
+    })
+    .await??;
+    let admin_token_path = data_dir.join(ADMIN_TOKEN_FILE);
+    if let Some(new) = &admin {
+        eprintln!("{}", auth::admin_token_banner(new));
+        tracing::info!(id = %new.id, path = %new.path.display(), "created the platform-admin token");
+    }
+
+    let names = certificate_names(&config);
+    let pki_dir = std::path::absolute(&config.pki_dir).unwrap_or_else(|_| config.pki_dir.clone());
+    let (pki_files, setup) = {
+        let (dir, names) = (pki_dir.clone(), names.clone());
+        blocking("setting up the PKI", move || pki::ensure(&dir, &names)).await??
+    };
+    match setup {
+        PkiSetup::Created => {
+            tracing::info!(dir = %pki_dir.display(), names = ?names, "created a certificate authority and the agent-port certificate")
+        }
+        PkiSetup::ServerCertRenewed => {
+            tracing::info!(dir = %pki_dir.display(), names = ?names, "issued a new agent-port certificate")
+        }
+        PkiSetup::Loaded => {
+            tracing::info!(dir = %pki_dir.display(), "certificate authority loaded")
+        }
+    }
+
+    let tls = match &config.api_tls {
+        None => None,
+        Some(files) => {
+            Some(api::tls_server_config(&files.cert, &files.key).map_err(|e| anyhow!(e))?)
+        }
+    };
+    let listener = TcpListener::bind(config.api_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for the API", config.api_listen))?;
+    let api_addr = listener
+        .local_addr()
+        .context("the API listener has no address")?;
+    let agent_listener = TcpListener::bind(config.agent_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for the agent port",
+                config.agent_listen
+            )
+        })?;
+    let agent_addr = agent_listener
+        .local_addr()
+        .context("the agent listener has no address")?;
+    let endpoints = Endpoints {
+        api: api_url(api_addr, tls.is_some()),
+        agent: agent_addr.to_string(),
+        ca_cert: pki_files.ca_cert.display().to_string(),
+        pid: std::process::id(),
+    };
+    let endpoints_path = data_dir.join(ENDPOINTS_FILE);
+    let text = serde_json::to_vec_pretty(&endpoints).context("encoding endpoints.json")?;
+    auth::write_file_atomic(&endpoints_path, &text, 0o644)
+        .with_context(|| format!("cannot write {}", endpoints_path.display()))?;
+
+    let (stop_tasks, tasks_stop) = watch::channel(false);
+    let mut tasks: JoinSet<&'static str> = JoinSet::new();
+
+    let agent_tls = {
+        let files = pki_files.clone();
+        blocking(
+            "reading the agent-port certificate",
+            move || -> anyhow::Result<AgentTls> {
+                let read = |p: &Path| {
+                    fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+                };
+                Ok(AgentTls {
+                    cert_pem: read(&files.server_cert)?,
+                    key_pem: read(&files.server_key)?,
+                    ca_pem: read(&files.ca_cert)?,
+                })
+            },
+        )
+        .await??
+    };
+    let ca = {
+        let dir = pki_dir.clone();
+        Arc::new(blocking("loading the CA", move || pki::Ca::load(&dir)).await??)
+    };
+    let rpc = AgentRpc {
+        store: Arc::clone(&store),
+        ca,
+        book: Arc::default(),
+        reports: Arc::default(),
+        metrics: Arc::default(),
+    };
+    {
+        let (rpc, mut stop) = (rpc.clone(), tasks_stop.clone());
+        tasks.spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = agent_rpc::serve(agent_listener, agent_tls, rpc, stopped).await {
+                tracing::error!(error = %e, "the agent port failed");
+            }
+            "agent port"
+        });
+    }
+    {
+        let (rpc, stop) = (rpc.clone(), tasks_stop.clone());
+        tasks.spawn(async move {
+            agent_rpc::run_background(rpc, stop).await;
+            "assignment book"
+        });
+    }
+
+    {
+        let (store, stop, resync) = (
+            Arc::clone(&store),
+            tasks_stop.clone(),
+            config.resync_interval,
+        );
+        tasks.spawn(async move {
+            crate::controllers::scheduler::run(store, stop, resync).await;
+            "scheduler"
+        });
+    }
+
+    tracing::info!(
+        api = %endpoints.api,
+        agent = %endpoints.agent,
+        ca_cert = %endpoints.ca_cert,
+        data_dir = %data_dir.display(),
+        "clusterclaw server started"
+    );
+
+    let state = ApiState::with_agent_state(
+        Arc::clone(&store),
+        admin_token_path,
+        Arc::clone(&rpc.reports),
+        Arc::clone(&rpc.metrics),
+    );
+    let app = api::router(state.clone());
+    let (abort_tx, abort_rx) = oneshot::channel::<()>();
+    let serve_state = state.clone();
+    let stop_serving = async move {
+        tokio::select! {
+            () = shutdown => tracing::info!("shutting down: draining requests"),
+            _ = abort_rx => {}
+        }
+        serve_state.begin_shutdown();
+    };
+    let serving = api::serve(listener, app, tls, stop_serving, api::SHUTDOWN_GRACE);
+    tokio::pin!(serving);
+
+    let mut failure: Option<anyhow::Error> = None;
+    let mut abort_tx = Some(abort_tx);
+    let served = loop {
+        tokio::select! {
+            r = &mut serving => break r,
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                let name = joined.unwrap_or("a background task");
+                tracing::error!(task = name, "a background task stopped unexpectedly; shutting down");
+                failure.get_or_insert_with(|| anyhow!("the {name} stopped unexpectedly"));
+                if let Some(tx) = abort_tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    };
+
+    let _ = stop_tasks.send(true);
+    let stopped = tokio::time::timeout(TASK_STOP_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if stopped.is_err() {
+        tracing::warn!(
+            tasks = tasks.len(),
+            "background tasks did not stop in time; abandoning them"
+        );
+        tasks.abort_all();
+    }
+    match fs::remove_file(&endpoints_path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %endpoints_path.display(), error = %e, "cannot remove endpoints.json")
+        }
+    }
+    served.context("serving the API failed")?;
+    match failure {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("clusterclaw server stopped");
+            Ok(())
+        }
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+fn termination_signal() -> io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
+}
+
+/// `clusterclaw server`: loads and checks the configuration (exit 64 on problems), sets up
+/// logging, and runs until SIGTERM/SIGINT (exit 0) or a failure (exit 1).
+pub fn main(args: ServerArgs) -> ExitCode {
+    let config = match ServerConfig::load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("clusterclaw server: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    if let Err(e) = telemetry::init(config.log_format) {
+        eprintln!("clusterclaw server: {e}");
+        return ExitCode::from(EX_USAGE);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("clusterclaw")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let signal = termination_signal().context("cannot install the SIGTERM/SIGINT handlers")?;
+        run(config, signal).await
+    });
+    runtime.shutdown_timeout(TASK_STOP_GRACE);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads the `endpoints.json` of a running server.
+pub fn read_endpoints(data_dir: &Path) -> io::Result<Endpoints> {
+    let text = fs::read(data_dir.join(ENDPOINTS_FILE))?;
+    serde_json::from_slice(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// Path of the admin token file of a data directory.
+pub fn admin_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(ADMIN_TOKEN_FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_urls() {
+        assert_eq!(
+            api_url("0.0.0.0:7080".parse().unwrap(), false),
+            "http://127.0.0.1:7080"
+        );
+        assert_eq!(
+            api_url("[::]:7080".parse().unwrap(), true),
+            "https://[::1]:7080"
+        );
+        assert_eq!(
+            api_url("10.0.0.5:1".parse().unwrap(), false),
+            "http://10.0.0.5:1"
+        );
+    }
+
+    #[test]
+    fn certificate_names_include_the_defaults_once() {
+        let mut c = ServerConfig::with_data_dir("/tmp/x");
+        c.server_names = vec!["cp.example.com".into(), "localhost".into()];
+        c.agent_listen = "10.1.2.3:7443".parse().unwrap();
+        let names = certificate_names(&c);
+        assert_eq!(&names[..3], ["cp.example.com", "localhost", "127.0.0.1"]);
+        assert!(names.contains(&"10.1.2.3".to_string()));
+        assert_eq!(names.iter().filter(|n| *n == "localhost").count(), 1);
+    }
+
+    async fn wait_for_endpoints(dir: &Path) -> Endpoints {
+        for _ in 0..200 {
+            if let Ok(e) = read_endpoints(dir) {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the server did not write endpoints.json");
+    }
+
+    async fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out.split(' ').nth(1).unwrap().parse().unwrap();
+        (status, out)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn start_serve_lock_and_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServerConfig::with_data_dir(dir.path());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(run(config.clone(), async move {
+            let _ = stopped.await;
+        }));
+        let endpoints = wait_for_endpoints(dir.path()).await;
+        assert_eq!(endpoints.pid, std::process::id());
+        assert!(
+            endpoints.api.starts_with("http://127.0.0.1:"),
+            "{}",
+            endpoints.api
+        );
+        assert!(
+            Path::new(&endpoints.ca_cert).is_absolute() && Path::new(&endpoints.ca_cert).exists()
+        );
+        assert!(
+            endpoints.agent.starts_with("127.0.0.1:") && !endpoints.agent.ends_with(":0"),
+            "the bound agent port is published: {}",
+            endpoints.agent
+        );
+
+        let token = fs::read_to_string(dir.path().join(ADMIN_TOKEN_FILE)).unwrap();
+        let token = token.trim();
+        assert!(token.starts_with("cca_"));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(dir.path().join(ADMIN_TOKEN_FILE))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+
+        let addr = endpoints.api.trim_start_matches("http://");
+        assert_eq!(http_get(addr, "/healthz", None).await.0, 200);
+        assert_eq!(http_get(addr, "/api/v1/info", None).await.0, 401);
+        let (status, text) = http_get(addr, "/api/v1/info", Some(token)).await;
+        assert_eq!(status, 200, "{text}");
+        assert!(
+            text.to_ascii_lowercase().contains("x-clusterclaw-index:"),
+            "{text}"
+        );
+
+        // A second server on the same data directory is refused.
+        let second = run(config.clone(), async {}).await.unwrap_err();
+        assert!(
+            format!("{second:#}").contains("already using the data directory"),
+            "{second:#}"
+        );
+
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        assert!(
+            !dir.path().join(ENDPOINTS_FILE).exists(),
+            "endpoints.json is removed at exit"
+        );
+
+        // The next start keeps the admin token and the CA.
+        let ca_before = fs::read(&endpoints.ca_cert).unwrap();
+        run(config, async {}).await.unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join(ADMIN_TOKEN_FILE))
+                .unwrap()
+                .trim(),
+            token
+        );
+        assert_eq!(fs::read(&endpoints.ca_cert).unwrap(), ca_before);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn in_flight_requests_finish_during_shutdown() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let config = ServerConfig::with_data_dir(dir.path());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(run(config, async move {
+            let _ = stopped.await;
+        }));
+        let endpoints = wait_for_endpoints(dir.path()).await;
+        let token = fs::read_to_string(dir.path().join(ADMIN_TOKEN_FILE)).unwrap();
+        let addr = endpoints.api.trim_start_matches("http://").to_string();
+        // Send the headers of a request whose body is still to come, then ask for shutdown.
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let body = r#"{"metadata":{"name":"acme"}}"#;
+        let head = format!(
+            "POST /api/v1/tenants HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            token.trim(),
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(body.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 201"), "{out}");
+        server.await.unwrap().unwrap();
+    }
+}
