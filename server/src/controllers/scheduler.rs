@@ -1,0 +1,821 @@
+//! The scheduler: places every replica of every `OpenClawInstance` on a host.
+//!
+//! [`plan`] decides (pure, no I/O); [`apply_instance_plan`] and [`apply_host_allocation`] turn
+//! a decision into status; [`reconcile_once`] reads the store, plans and writes what changed;
+//! [`run`] repeats that whenever the store changes, on a resync timer, and after errors with
+//! backoff.
+//!
+//! Rules: a replica goes to a host that is `Ready`, not cordoned (`spec.unschedulable`),
+//! carries every label of the instance's `spec.placement.hostSelector`, and has the cpu and
+//! memory the replica requests left over after everything already placed there. Among those,
+//! replicas of one instance spread over hosts first, then the least allocated host wins, and
+//! ties go to the host whose name sorts first. Placements are sticky: a placed replica stays on
+//! its host (its state volume lives there) until that host is deleted, even if the host goes
+//! NotReady, is cordoned, stops matching the selector or is overcommitted. Scaling down removes
+//! the highest ordinals.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use crate::model::{
+    Condition, Host, HostPhase, HostResources, HostStatus, InstanceStatus, Kind, MAX_REPLICAS,
+    ObjectKey, OpenClawInstance, ReplicaState, ReplicaStatus, Resource, parse_cpu, parse_memory,
+    summarize,
+};
+use crate::store::{ListFilter, Store, StoreError, StoredObject};
+
+#[cfg(test)]
+mod tests;
+
+/// Condition type the scheduler owns on every instance.
+pub const CONDITION_SCHEDULED: &str = "Scheduled";
+/// Condition reason (and message prefix) while a replica cannot be placed.
+pub const REASON_UNSCHEDULABLE: &str = "Unschedulable";
+/// Condition reason once every replica has a host.
+pub const REASON_SCHEDULED: &str = "Scheduled";
+
+/// After a wake-up by a store change, further changes are coalesced for this long.
+pub const DEBOUNCE: Duration = Duration::from_millis(20);
+/// First retry delay after a failed pass; doubles on every further failure.
+pub const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// Upper bound of the retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Objects written per store transaction.
+pub const WRITE_BATCH: usize = 256;
+
+/// Where one replica goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplicaPlacement {
+    Placed {
+        host: String,
+    },
+    /// No host fits; `reason` is the text shown to people (`Unschedulable: 0/3 hosts fit (...)`).
+    Unplaced {
+        reason: String,
+    },
+}
+
+impl ReplicaPlacement {
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            ReplicaPlacement::Placed { host } => Some(host),
+            ReplicaPlacement::Unplaced { .. } => None,
+        }
+    }
+}
+
+/// The decision for one instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstancePlan {
+    /// `metadata.generation` of the spec this plan was made for.
+    pub generation: Option<i64>,
+    /// One entry per desired replica; the index is the ordinal.
+    pub replicas: Vec<ReplicaPlacement>,
+}
+
+impl InstancePlan {
+    /// The host of every replica, in ordinal order (`None` where unplaced).
+    pub fn hosts(&self) -> Vec<Option<&str>> {
+        self.replicas.iter().map(ReplicaPlacement::host).collect()
+    }
+
+    /// Why the first unplaced replica could not be placed, if any replica could not.
+    pub fn unschedulable(&self) -> Option<&str> {
+        self.replicas.iter().find_map(|r| match r {
+            ReplicaPlacement::Unplaced { reason } => Some(reason.as_str()),
+            ReplicaPlacement::Placed { .. } => None,
+        })
+    }
+
+    pub fn unplaced(&self) -> usize {
+        self.replicas.iter().filter(|r| r.host().is_none()).count()
+    }
+}
+
+/// The scheduler's decision for a whole cluster.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// Every instance given to [`plan`], by key.
+    pub instances: BTreeMap<ObjectKey, InstancePlan>,
+    /// What is placed on every host given to [`plan`], by host name.
+    pub hosts: BTreeMap<String, HostResources>,
+}
+
+impl Plan {
+    /// The host of every replica of `key`, in ordinal order; empty for an unknown instance.
+    pub fn hosts_of(&self, key: &ObjectKey) -> Vec<Option<&str>> {
+        self.instances
+            .get(key)
+            .map(InstancePlan::hosts)
+            .unwrap_or_default()
+    }
+}
+
+/// Why a host cannot take a replica, in the order hosts are checked (a host is counted under
+/// the first reason that applies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Misfit {
+    NotReady = 0,
+    Unschedulable = 1,
+    SelectorMismatch = 2,
+    InsufficientCpu = 3,
+    InsufficientMemory = 4,
+}
+
+impl Misfit {
+    const ALL: [Misfit; 5] = [
+        Misfit::NotReady,
+        Misfit::Unschedulable,
+        Misfit::SelectorMismatch,
+        Misfit::InsufficientCpu,
+        Misfit::InsufficientMemory,
+    ];
+
+    fn text(self) -> &'static str {
+        match self {
+            Misfit::NotReady => "not ready",
+            Misfit::Unschedulable => "unschedulable",
+            Misfit::SelectorMismatch => "selector mismatch",
+            Misfit::InsufficientCpu => "insufficient cpu",
+            Misfit::InsufficientMemory => "insufficient memory",
+        }
+    }
+}
+
+/// `Unschedulable: 0/3 hosts fit (2 insufficient memory, 1 selector mismatch)`: reasons with
+/// the most hosts first, equal counts in the order hosts are checked.
+fn unschedulable_message(hosts: usize, misfits: &[usize; 5]) -> String {
+    if hosts == 0 {
+        return format!(
+            "{REASON_UNSCHEDULABLE}: 0/0 hosts fit (no hosts have joined; enroll one with clusterclaw-agent)"
+        );
+    }
+    let mut counted: Vec<(usize, Misfit)> = Misfit::ALL
+        .iter()
+        .map(|&m| (misfits[m as usize], m))
+        .filter(|(n, _)| *n > 0)
+        .collect();
+    counted.sort_by(|a, b| b.0.cmp(&a.0).then((a.1 as u8).cmp(&(b.1 as u8))));
+    let parts: Vec<String> = counted
+        .iter()
+        .map(|(n, m)| format!("{n} {}", m.text()))
+        .collect();
+    format!(
+        "{REASON_UNSCHEDULABLE}: 0/{hosts} hosts fit ({})",
+        parts.join(", ")
+    )
+}
+
+/// A host as the planner sees it.
+struct Node<'a> {
+    name: &'a str,
+    host: &'a Host,
+    ready: bool,
+    cpu_capacity: u64,
+    memory_capacity: u64,
+    cpu_used: u64,
+    memory_used: u64,
+    replicas: u64,
+}
+
+impl<'a> Node<'a> {
+    fn new(host: &'a Host) -> Self {
+        Node {
+            name: &host.metadata.name,
+            host,
+            ready: host
+                .status
+                .as_ref()
+                .is_some_and(|s| s.phase == HostPhase::Ready),
+            // A capacity that does not parse offers nothing rather than failing the pass.
+            cpu_capacity: parse_cpu(host.spec.capacity.cpu.as_str()).unwrap_or(0),
+            memory_capacity: parse_memory(host.spec.capacity.memory.as_str()).unwrap_or(0),
+            cpu_used: 0,
+            memory_used: 0,
+            replicas: 0,
+        }
+    }
+
+    /// The first static reason this host cannot take replicas of an instance with `selector`.
+    fn static_misfit(&self, selector: &BTreeMap<String, String>) -> Option<Misfit> {
+        if !self.ready {
+            Some(Misfit::NotReady)
+        } else if self.host.spec.unschedulable {
+            Some(Misfit::Unschedulable)
+        } else if !selector
+            .iter()
+            .all(|(k, v)| self.host.metadata.labels.get(k) == Some(v))
+        {
+            Some(Misfit::SelectorMismatch)
+        } else {
+            None
+        }
+    }
+
+    fn resource_misfit(&self, cpu: u64, memory: u64) -> Option<Misfit> {
+        if cpu > self.cpu_capacity.saturating_sub(self.cpu_used) {
+            Some(Misfit::InsufficientCpu)
+        } else if memory > self.memory_capacity.saturating_sub(self.memory_used) {
+            Some(Misfit::InsufficientMemory)
+        } else {
+            None
+        }
+    }
+
+    fn charge(&mut self, cpu: u64, memory: u64) {
+        self.cpu_used = self.cpu_used.saturating_add(cpu);
+        self.memory_used = self.memory_used.saturating_add(memory);
+        self.replicas += 1;
+    }
+
+    /// How full the host would be with one more replica: the sum of the cpu and memory
+    /// fractions in millionths (lower is better, as Kubernetes' LeastAllocated).
+    fn score_after(&self, cpu: u64, memory: u64) -> u128 {
+        fn fraction(used: u64, capacity: u64) -> u128 {
+            if capacity == 0 {
+                0
+            } else {
+                u128::from(used) * 1_000_000 / u128::from(capacity)
+            }
+        }
+        fraction(self.cpu_used.saturating_add(cpu), self.cpu_capacity)
+            + fraction(
+                self.memory_used.saturating_add(memory),
+                self.memory_capacity,
+            )
+    }
+}
+
+/// An instance being planned.
+struct Work<'a> {
+    key: ObjectKey,
+    instance: &'a OpenClawInstance,
+    cpu: u64,
+    memory: u64,
+    /// Host index per ordinal.
+    slots: Vec<Option<usize>>,
+    reasons: Vec<Option<String>>,
+}
+
+/// Decides where every replica of every instance goes. Pure and deterministic: the result does
+/// not depend on the order of either input. Runs in O(replicas × hosts).
+///
+/// Existing placements (`status.replicaStatus[].host`) are kept while their host exists and the
+/// ordinal is below `spec.replicas`; they are charged to their host first, then the remaining
+/// replicas are placed instance by instance (in key order), ordinal by ordinal.
+pub fn plan(instances: &[OpenClawInstance], hosts: &[Host]) -> Plan {
+    let mut nodes: Vec<Node<'_>> = hosts.iter().map(Node::new).collect();
+    // Names are unique in the store; should a name come twice, the newest record wins.
+    nodes.sort_by(|a, b| {
+        (a.name.cmp(b.name)).then(
+            b.host
+                .metadata
+                .resource_version
+                .cmp(&a.host.metadata.resource_version),
+        )
+    });
+    nodes.dedup_by(|later, first| later.name == first.name);
+    let by_name: HashMap<&str, usize> =
+        nodes.iter().enumerate().map(|(i, n)| (n.name, i)).collect();
+
+    let mut work: Vec<Work<'_>> = instances
+        .iter()
+        .map(|instance| {
+            let desired = instance.spec.replicas.clamp(0, MAX_REPLICAS) as usize;
+            Work {
+                key: instance_key(instance),
+                instance,
+                cpu: instance.spec.cpu_millis(),
+                memory: instance.spec.memory_bytes(),
+                slots: vec![None; desired],
+                reasons: vec![None; desired],
+            }
+        })
+        .collect();
+    work.sort_by(|a, b| {
+        (a.key.cmp(&b.key)).then(
+            b.instance
+                .metadata
+                .resource_version
+                .cmp(&a.instance.metadata.resource_version),
+        )
+    });
+    work.dedup_by(|later, first| later.key == first.key);
+
+    // Sticky placements first, so new replicas see every host's real allocation.
+    for w in &mut work {
+        let Some(status) = &w.instance.status else {
+            continue;
+        };
+        for r in &status.replica_status {
+            let ordinal = r.ordinal as usize;
+            let (Some(host), true) = (&r.host, ordinal < w.slots.len()) else {
+                continue;
+            };
+            if w.slots[ordinal].is_some() {
+                continue;
+            }
+            if let Some(&i) = by_name.get(host.as_str()) {
+                w.slots[ordinal] = Some(i);
+                nodes[i].charge(w.cpu, w.memory);
+            }
+        }
+    }
+
+    // Replicas of the instance being placed, per host; reset after each instance.
+    let mut spread = vec![0u32; nodes.len()];
+    let mut eligible: Vec<usize> = Vec::with_capacity(nodes.len());
+    for w in &mut work {
+        if w.slots.iter().all(Option::is_some) {
+            continue;
+        }
+        for i in w.slots.iter().flatten() {
+            spread[*i] += 1;
+        }
+        let mut static_misfits = [0usize; 5];
+        eligible.clear();
+        for (i, node) in nodes.iter().enumerate() {
+            match node.static_misfit(&w.instance.spec.placement.host_selector) {
+                Some(m) => static_misfits[m as usize] += 1,
+                None => eligible.push(i),
+            }
+        }
+        for ordinal in 0..w.slots.len() {
+            if w.slots[ordinal].is_some() {
+                continue;
+            }
+            let mut misfits = static_misfits;
+            let mut best: Option<(u32, u128, usize)> = None;
+            for &i in &eligible {
+                let node = &nodes[i];
+                if let Some(m) = node.resource_misfit(w.cpu, w.memory) {
+                    misfits[m as usize] += 1;
+                    continue;
+                }
+                // Hosts are in name order, so a strict improvement keeps the first name on ties.
+                let candidate = (spread[i], node.score_after(w.cpu, w.memory), i);
+                if best.is_none_or(|b| (candidate.0, candidate.1) < (b.0, b.1)) {
+                    best = Some(candidate);
+                }
+            }
+            match best {
+                Some((_, _, i)) => {
+                    w.slots[ordinal] = Some(i);
+                    nodes[i].charge(w.cpu, w.memory);
+                    spread[i] += 1;
+                }
+                None => w.reasons[ordinal] = Some(unschedulable_message(nodes.len(), &misfits)),
+            }
+        }
+        for i in w.slots.iter().flatten() {
+            spread[*i] = 0;
+        }
+    }
+
+    let instances = work
+        .into_iter()
+        .map(|w| {
+            let replicas = w
+                .slots
+                .iter()
+                .zip(w.reasons)
+                .map(|(slot, reason)| match slot {
+                    Some(i) => ReplicaPlacement::Placed {
+                        host: nodes[*i].name.to_string(),
+                    },
+                    None => ReplicaPlacement::Unplaced {
+                        reason: reason.unwrap_or_default(),
+                    },
+                })
+                .collect();
+            (
+                w.key,
+                InstancePlan {
+                    generation: w.instance.metadata.generation,
+                    replicas,
+                },
+            )
+        })
+        .collect();
+    let hosts = nodes
+        .iter()
+        .map(|n| {
+            let allocated = HostResources {
+                cpu_millis: n.cpu_used,
+                memory_bytes: n.memory_used,
+                replicas: Some(n.replicas),
+            };
+            (n.name.to_string(), allocated)
+        })
+        .collect();
+    Plan { instances, hosts }
+}
+
+/// Writes `plan` into an instance's status; returns whether anything changed. `now` (RFC 3339)
+/// stamps a condition whose status flips.
+///
+/// A replica that stays on its host keeps everything the agent reported about it; one that gets
+/// a new host (or loses it) starts over as `Pending`. The `Scheduled` condition, and
+/// `status.message` while a replica is unplaced, say why. When placement changed (or the
+/// instance had no status yet) the summary (phase, ready replicas, observed generation) is
+/// recomputed with [`summarize`], the same rule agent reports go through, so the two never
+/// disagree; otherwise the phase is left alone.
+pub fn apply_instance_plan(
+    instance: &mut OpenClawInstance,
+    plan: &InstancePlan,
+    now: &str,
+) -> bool {
+    let before = instance.status.clone();
+    let name = instance.metadata.name.clone();
+    let status = instance.status.get_or_insert_with(InstanceStatus::default);
+
+    let mut previous: BTreeMap<u32, ReplicaStatus> = BTreeMap::new();
+    for r in std::mem::take(&mut status.replica_status) {
+        previous.entry(r.ordinal).or_insert(r);
+    }
+    let old_hosts: Vec<(u32, Option<String>)> =
+        previous.iter().map(|(o, r)| (*o, r.host.clone())).collect();
+    let mut replicas = Vec::with_capacity(plan.replicas.len());
+    for (ordinal, placement) in plan.replicas.iter().enumerate() {
+        let ordinal = ordinal as u32;
+        let replica_name = format!("{name}-{ordinal}");
+        let entry = match (placement, previous.remove(&ordinal)) {
+            (ReplicaPlacement::Placed { host }, Some(mut r))
+                if r.host.as_deref() == Some(host.as_str()) =>
+            {
+                r.name = replica_name;
+                r
+            }
+            (ReplicaPlacement::Placed { host }, _) => ReplicaStatus {
+                name: replica_name,
+                ordinal,
+                host: Some(host.clone()),
+                ..ReplicaStatus::default()
+            },
+            (ReplicaPlacement::Unplaced { reason }, _) => ReplicaStatus {
+                name: replica_name,
+                ordinal,
+                state: ReplicaState::Pending,
+                message: Some(reason.clone()),
+                ..ReplicaStatus::default()
+            },
+        };
+        replicas.push(entry);
+    }
+    let new_hosts: Vec<(u32, Option<String>)> = replicas
+        .iter()
+        .map(|r| (r.ordinal, r.host.clone()))
+        .collect();
+    let placement_changed = before.is_none() || old_hosts != new_hosts;
+    status.replica_status = replicas;
+    status.replicas = plan.replicas.len() as i64;
+
+    match plan.unschedulable() {
+        Some(reason) => {
+            set_condition(
+                &mut status.conditions,
+                CONDITION_SCHEDULED,
+                "False",
+                REASON_UNSCHEDULABLE,
+                reason,
+                now,
+            );
+            status.message = Some(reason.to_string());
+        }
+        None => {
+            let desired = plan.replicas.len();
+            let message = format!("{desired}/{desired} replicas placed");
+            set_condition(
+                &mut status.conditions,
+                CONDITION_SCHEDULED,
+                "True",
+                REASON_SCHEDULED,
+                &message,
+                now,
+            );
+            if status
+                .message
+                .as_deref()
+                .is_some_and(|m| m.starts_with(REASON_UNSCHEDULABLE))
+            {
+                status.message = None;
+            }
+        }
+    }
+    if placement_changed {
+        summarize(instance);
+    }
+    instance.status != before
+}
+
+/// Sets a condition, stamping `now` only when it is new or its status flips.
+fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    now: &str,
+) {
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            if c.status != status {
+                c.status = status.to_string();
+                c.last_transition_time = Some(now.to_string());
+            }
+            c.reason = Some(reason.to_string());
+            c.message = Some(message.to_string());
+        }
+        None => conditions.push(Condition {
+            type_: type_.to_string(),
+            status: status.to_string(),
+            reason: Some(reason.to_string()),
+            message: Some(message.to_string()),
+            last_transition_time: Some(now.to_string()),
+        }),
+    }
+}
+
+/// Records what is placed on a host in `status.allocated`; returns whether anything changed.
+pub fn apply_host_allocation(host: &mut Host, allocated: &HostResources) -> bool {
+    match &mut host.status {
+        Some(status) if status.allocated == *allocated => false,
+        Some(status) => {
+            status.allocated = allocated.clone();
+            true
+        }
+        None => {
+            host.status = Some(HostStatus {
+                allocated: allocated.clone(),
+                ..HostStatus::default()
+            });
+            true
+        }
+    }
+}
+
+/// Why a scheduling pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("listing {kind} objects: {source}")]
+    List {
+        kind: Kind,
+        #[source]
+        source: Box<StoreError>,
+    },
+    #[error("writing the placement of {objects} objects: {source}")]
+    Write {
+        objects: usize,
+        #[source]
+        source: Box<StoreError>,
+    },
+    #[error("the scheduling pass stopped unexpectedly: {0}")]
+    Task(String),
+}
+
+/// What one pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PassReport {
+    pub instances: usize,
+    pub hosts: usize,
+    /// Objects skipped because they could not be decoded.
+    pub skipped: usize,
+    pub instances_written: usize,
+    pub hosts_written: usize,
+    pub unplaced_replicas: usize,
+    /// The store index after the last write, if anything was written.
+    pub index: Option<u64>,
+}
+
+fn decode(o: &StoredObject) -> Option<Resource> {
+    match o.resource() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(object = %o.key, error = %e, "the scheduler skips an object it cannot read");
+            None
+        }
+    }
+}
+
+/// One pass: reads every instance and host, plans, and writes only what changed (in batches of
+/// [`WRITE_BATCH`], each one transaction). Blocking; call it from `spawn_blocking`.
+pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
+    let list = |kind| {
+        store
+            .list(&ListFilter::all(kind))
+            .map_err(|e| SchedulerError::List {
+                kind,
+                source: Box::new(e),
+            })
+    };
+    let instance_objects = list(Kind::OpenClawInstance)?;
+    let host_objects = list(Kind::Host)?;
+    let mut report = PassReport::default();
+
+    let mut instances = Vec::with_capacity(instance_objects.len());
+    for o in &instance_objects {
+        match decode(o) {
+            Some(Resource::OpenClawInstance(i)) => instances.push(i),
+            _ => report.skipped += 1,
+        }
+    }
+    // A host that cannot be read still holds its replicas (they must not move because of a bad
+    // record), but takes nothing new and is not written.
+    let mut hosts = Vec::with_capacity(host_objects.len());
+    let mut unreadable_hosts = Vec::new();
+    for o in &host_objects {
+        match decode(o) {
+            Some(Resource::Host(h)) => hosts.push(h),
+            _ => {
+                report.skipped += 1;
+                unreadable_hosts.push(o.key.name.clone());
+                hosts.push(placeholder_host(&o.key.name));
+            }
+        }
+    }
+    report.instances = instances.len();
+    report.hosts = hosts.len();
+
+    let decided = plan(&instances, &hosts);
+    report.unplaced_replicas = decided.instances.values().map(InstancePlan::unplaced).sum();
+
+    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let mut keys = Vec::new();
+    for mut instance in instances {
+        let key = instance_key(&instance);
+        if let Some(p) = decided.instances.get(&key)
+            && apply_instance_plan(&mut instance, p, &now)
+        {
+            keys.push(key);
+            report.instances_written += 1;
+        }
+    }
+    for mut host in hosts {
+        if unreadable_hosts.contains(&host.metadata.name) {
+            continue;
+        }
+        if let Some(allocated) = decided.hosts.get(&host.metadata.name)
+            && apply_host_allocation(&mut host, allocated)
+        {
+            keys.push(ObjectKey::cluster(Kind::Host, host.metadata.name.clone()));
+            report.hosts_written += 1;
+        }
+    }
+
+    let mut change = |r: &mut Resource| -> bool {
+        match r {
+            Resource::OpenClawInstance(instance) => {
+                let key = instance_key(instance);
+                match decided.instances.get(&key) {
+                    // A spec changed since the pass read it: the next pass (woken by that very
+                    // change) plans it again.
+                    Some(p) if p.generation == instance.metadata.generation => {
+                        apply_instance_plan(instance, p, &now)
+                    }
+                    _ => false,
+                }
+            }
+            Resource::Host(host) => match decided.hosts.get(&host.metadata.name) {
+                Some(allocated) => apply_host_allocation(host, allocated),
+                None => false,
+            },
+            Resource::Tenant(_) | Resource::Project(_) => false,
+        }
+    };
+    for chunk in keys.chunks(WRITE_BATCH) {
+        match store.update_many(chunk, &mut change) {
+            Ok(Some(index)) => report.index = Some(index),
+            Ok(None) => {}
+            Err(e) => {
+                return Err(SchedulerError::Write {
+                    objects: chunk.len(),
+                    source: Box::new(e),
+                });
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// The key of an instance (as [`Resource::key`], without cloning it).
+pub fn instance_key(instance: &OpenClawInstance) -> ObjectKey {
+    let m = &instance.metadata;
+    ObjectKey::instance(
+        m.tenant.clone().unwrap_or_default(),
+        m.project.clone().unwrap_or_default(),
+        m.name.clone(),
+    )
+}
+
+/// A host with only a name: exists, is not ready, offers nothing.
+fn placeholder_host(name: &str) -> Host {
+    Host {
+        api_version: crate::model::API_VERSION.to_string(),
+        kind: Kind::Host,
+        metadata: crate::model::Metadata {
+            name: name.to_string(),
+            ..Default::default()
+        },
+        spec: Default::default(),
+        status: None,
+    }
+}
+
+/// The delay before retrying after `failures` failed passes in a row (at least one).
+pub fn backoff(failures: u32) -> Duration {
+    let factor = 1u32
+        .checked_shl(failures.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    BACKOFF_INITIAL.saturating_mul(factor).min(BACKOFF_MAX)
+}
+
+/// Resolves once shutdown is requested (or whoever could request it is gone).
+async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs the scheduler until `shutdown` turns true (or its sender is dropped): a pass at start,
+/// then one after every burst of store changes (coalesced for [`DEBOUNCE`]), one every `resync`,
+/// and retries after failures with [`backoff`].
+pub async fn run(store: Arc<dyn Store>, mut shutdown: watch::Receiver<bool>, resync: Duration) {
+    let mut changes = store.subscribe();
+    let mut changes_open = true;
+    let mut failures: u32 = 0;
+    tracing::info!(resync = ?resync, "scheduler started");
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        // Mark what this pass will see, so any later change wakes the loop again.
+        changes.borrow_and_update();
+        let pass_store = Arc::clone(&store);
+        let pass = tokio::task::spawn_blocking(move || reconcile_once(pass_store.as_ref()));
+        let outcome = tokio::select! {
+            joined = pass => joined.unwrap_or_else(|e| Err(SchedulerError::Task(e.to_string()))),
+            () = shutdown_requested(&mut shutdown) => break,
+        };
+        let retry_after = match outcome {
+            Ok(report) => {
+                failures = 0;
+                if report.instances_written + report.hosts_written > 0 {
+                    tracing::info!(
+                        instances = report.instances_written,
+                        hosts = report.hosts_written,
+                        unplaced_replicas = report.unplaced_replicas,
+                        index = report.index,
+                        "scheduler updated placements"
+                    );
+                } else {
+                    tracing::debug!(
+                        instances = report.instances,
+                        hosts = report.hosts,
+                        "scheduler pass changed nothing"
+                    );
+                }
+                None
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let delay = backoff(failures);
+                tracing::warn!(error = %e, failures, retry_in = ?delay, "scheduler pass failed");
+                Some(delay)
+            }
+        };
+        match retry_after {
+            Some(delay) => tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown_requested(&mut shutdown) => break,
+            },
+            None => {
+                let woken_by_change = tokio::select! {
+                    changed = changes.changed(), if changes_open => {
+                        if changed.is_err() {
+                            tracing::warn!("the store stopped announcing changes; the scheduler falls back to its resync timer");
+                            changes_open = false;
+                        }
+                        changed.is_ok()
+                    }
+                    () = tokio::time::sleep(resync) => false,
+                    () = shutdown_requested(&mut shutdown) => break,
+                };
+                if woken_by_change {
+                    tokio::select! {
+                        () = tokio::time::sleep(DEBOUNCE) => {}
+                        () = shutdown_requested(&mut shutdown) => break,
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("scheduler stopped");
+}
