@@ -1,1 +1,21 @@
-fn main() {}
+//! `clusterclaw`: the control plane (`clusterclaw server`) and its admin CLI in one binary.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use clusterclaw_server::cli::{self, Cli, Command};
+
+fn main() -> ExitCode {
+    // Usage errors exit with 2, `--help` and `--version` with 0.
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Server(args) => clusterclaw_server::server::main(args),
+        command => match cli::run(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                err.report(&mut std::io::stderr().lock());
+                ExitCode::from(err.exit_code())
+            }
+        },
+    }
+}

@@ -1,0 +1,441 @@
+//! `clusterclaw describe KIND NAME`: one object for people: spec, status, replicas, conditions.
+
+use std::fmt::Write as _;
+use std::time::SystemTime;
+
+use clap::Args;
+use serde_json::Value;
+
+use super::client::Client;
+use super::output::{age, labels, str_at, table, text_at};
+use super::resolve::{self, list_path, parse_kind};
+use super::settings::{ClientOpts, Settings};
+use super::{CliResult, print_out};
+use crate::model::{DEFAULT_IMAGE_REPOSITORY, Kind, format_cpu, format_memory};
+
+#[derive(Args, Debug)]
+pub struct DescribeArgs {
+    /// tenant, project, instance or host (also plural, or short: tn, pj, inst, ho)
+    #[arg(value_parser = parse_kind, value_name = "KIND")]
+    pub kind: Kind,
+    pub name: String,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+const KEY_WIDTH: usize = 24;
+
+struct Out {
+    text: String,
+}
+
+impl Out {
+    fn field(&mut self, indent: usize, key: &str, value: impl AsRef<str>) {
+        let key = format!("{key}:");
+        let pad = KEY_WIDTH.saturating_sub(indent).max(key.len() + 1);
+        let _ = writeln!(self.text, "{:indent$}{key:<pad$}{}", "", value.as_ref());
+    }
+
+    fn heading(&mut self, indent: usize, title: &str) {
+        let _ = writeln!(self.text, "{:indent$}{title}:", "");
+    }
+
+    fn block(&mut self, indent: usize, body: &str) {
+        for line in body.lines() {
+            let _ = writeln!(self.text, "{:indent$}{line}", "");
+        }
+    }
+}
+
+fn created(v: &Value, now: SystemTime) -> String {
+    match v.pointer("/metadata/createdAt").and_then(Value::as_str) {
+        Some(t) => format!("{t} ({} ago)", age(Some(t), now)),
+        None => "-".into(),
+    }
+}
+
+fn map_pairs(v: Option<&Value>, sep: &str) -> String {
+    match v.and_then(Value::as_object) {
+        Some(m) if !m.is_empty() => m
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{k}={}",
+                    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(sep),
+        _ => "<none>".into(),
+    }
+}
+
+fn conditions(out: &mut Out, v: &Value, now: SystemTime) {
+    let Some(conds) = v
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .filter(|c| !c.is_empty())
+    else {
+        out.field(0, "Conditions", "<none>");
+        return;
+    };
+    out.heading(0, "Conditions");
+    let rows: Vec<Vec<String>> = conds
+        .iter()
+        .map(|c| {
+            let since = c
+                .get("lastTransitionTime")
+                .and_then(Value::as_str)
+                .map_or("-".to_string(), |t| age(Some(t), now));
+            vec![
+                text_at(c, "/type"),
+                text_at(c, "/status"),
+                text_at(c, "/reason"),
+                since,
+                text_at(c, "/message"),
+            ]
+        })
+        .collect();
+    out.block(
+        2,
+        &table(&["TYPE", "STATUS", "REASON", "AGE", "MESSAGE"], &rows),
+    );
+}
+
+fn header(out: &mut Out, v: &Value, now: SystemTime) {
+    out.field(0, "Name", str_at(v, "/metadata/name"));
+    out.field(0, "Kind", str_at(v, "/kind"));
+    for (key, ptr) in [
+        ("Tenant", "/metadata/tenant"),
+        ("Project", "/metadata/project"),
+    ] {
+        if let Some(s) = v.pointer(ptr).and_then(Value::as_str) {
+            out.field(0, key, s);
+        }
+    }
+    out.field(0, "Labels", labels(v.pointer("/metadata/labels")));
+    out.field(0, "UID", text_at(v, "/metadata/uid"));
+    out.field(0, "Created", created(v, now));
+    out.field(0, "Generation", text_at(v, "/metadata/generation"));
+    out.field(
+        0,
+        "Resource version",
+        text_at(v, "/metadata/resourceVersion"),
+    );
+}
+
+fn scope_object(out: &mut Out, v: &Value) {
+    out.heading(0, "Spec");
+    out.field(2, "Display name", text_at(v, "/spec/displayName"));
+    out.field(2, "Description", text_at(v, "/spec/description"));
+    out.field(2, "Quota", map_pairs(v.pointer("/spec/quota"), ", "));
+    out.heading(0, "Status");
+    out.field(2, "Usage", map_pairs(v.pointer("/status/usage"), ", "));
+}
+
+fn instance(out: &mut Out, v: &Value, now: SystemTime) {
+    out.heading(0, "Spec");
+    out.field(2, "Version", text_at(v, "/spec/version"));
+    let image = match (
+        v.pointer("/spec/image").and_then(Value::as_str),
+        v.pointer("/spec/version").and_then(Value::as_str),
+    ) {
+        (Some(i), _) => i.to_string(),
+        (None, Some(ver)) => format!("{DEFAULT_IMAGE_REPOSITORY}:{ver}"),
+        (None, None) => "-".into(),
+    };
+    out.field(2, "Image", image);
+    out.field(2, "Replicas", text_at(v, "/spec/replicas"));
+    out.field(
+        2,
+        "Resources",
+        format!(
+            "cpu {}, memory {}, pids {}",
+            text_at(v, "/spec/resources/cpu"),
+            text_at(v, "/spec/resources/memory"),
+            text_at(v, "/spec/resources/pids")
+        ),
+    );
+    let placement = map_pairs(v.pointer("/spec/placement/hostSelector"), ", ");
+    out.field(
+        2,
+        "Host selector",
+        if placement == "<none>" {
+            "<any host>".into()
+        } else {
+            placement
+        },
+    );
+    out.field(2, "Env", map_pairs(v.pointer("/spec/env"), ", "));
+    match v
+        .pointer("/spec/config")
+        .filter(|c| c.as_object().is_some_and(|m| !m.is_empty()))
+    {
+        Some(config) => {
+            out.heading(2, "Config");
+            out.block(4, &serde_json::to_string_pretty(config).unwrap_or_default());
+        }
+        None => out.field(2, "Config", "<none>"),
+    }
+    let Some(status) = v.get("status").filter(|s| !s.is_null()) else {
+        out.field(0, "Status", "not reported yet");
+        return;
+    };
+    out.heading(0, "Status");
+    out.field(2, "Phase", text_at(status, "/phase"));
+    out.field(
+        2,
+        "Ready",
+        format!(
+            "{}/{}",
+            text_at(status, "/readyReplicas"),
+            text_at(v, "/spec/replicas")
+        ),
+    );
+    out.field(
+        2,
+        "Observed generation",
+        text_at(status, "/observedGeneration"),
+    );
+    if let Some(m) = status.get("message").and_then(Value::as_str) {
+        out.field(2, "Message", m);
+    }
+    match status
+        .get("replicaStatus")
+        .and_then(Value::as_array)
+        .filter(|r| !r.is_empty())
+    {
+        Some(replicas) => {
+            out.heading(0, "Replicas");
+            let rows: Vec<Vec<String>> = replicas
+                .iter()
+                .map(|r| {
+                    vec![
+                        text_at(r, "/name"),
+                        r.get("host")
+                            .and_then(Value::as_str)
+                            .unwrap_or("<unscheduled>")
+                            .to_string(),
+                        text_at(r, "/state"),
+                        text_at(r, "/restarts"),
+                        text_at(r, "/hostPort"),
+                        text_at(r, "/generation"),
+                        text_at(r, "/message"),
+                    ]
+                })
+                .collect();
+            out.block(
+                2,
+                &table(
+                    &[
+                        "NAME",
+                        "HOST",
+                        "STATE",
+                        "RESTARTS",
+                        "PORT",
+                        "GENERATION",
+                        "MESSAGE",
+                    ],
+                    &rows,
+                ),
+            );
+        }
+        None => out.field(0, "Replicas", "<none>"),
+    }
+    conditions(out, v, now);
+}
+
+fn host(out: &mut Out, v: &Value, now: SystemTime, replicas: &[Vec<String>]) {
+    out.heading(0, "Spec");
+    out.field(2, "Hostname", text_at(v, "/spec/hostname"));
+    out.field(
+        2,
+        "Capacity",
+        format!(
+            "cpu {}, memory {}, disk {}",
+            text_at(v, "/spec/capacity/cpu"),
+            text_at(v, "/spec/capacity/memory"),
+            text_at(v, "/spec/capacity/disk")
+        ),
+    );
+    let unschedulable = v
+        .pointer("/spec/unschedulable")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    out.field(2, "Unschedulable", unschedulable.to_string());
+    out.field(2, "Agent version", text_at(v, "/spec/agentVersion"));
+    out.field(
+        2,
+        "OS/arch",
+        format!("{}/{}", text_at(v, "/spec/os"), text_at(v, "/spec/arch")),
+    );
+    out.heading(0, "Status");
+    let phase = str_at(v, "/status/phase");
+    out.field(2, "Phase", if phase.is_empty() { "Unknown" } else { phase });
+    out.field(
+        2,
+        "Last heartbeat",
+        v.pointer("/status/lastHeartbeat")
+            .and_then(Value::as_str)
+            .map_or("never".into(), |t| {
+                format!("{t} ({} ago)", age(Some(t), now))
+            }),
+    );
+    if let Some(m) = v.pointer("/status/message").and_then(Value::as_str) {
+        out.field(2, "Message", m);
+    }
+    let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+    out.field(
+        2,
+        "Allocated",
+        format!(
+            "cpu {}, memory {}, replicas {}",
+            format_cpu(n("/status/allocated/cpuMillis")),
+            format_memory(n("/status/allocated/memoryBytes")),
+            n("/status/allocated/replicas")
+        ),
+    );
+    out.field(2, "Usage", map_pairs(v.pointer("/status/usage"), ", "));
+    if replicas.is_empty() {
+        out.field(0, "Replicas", "<none>");
+    } else {
+        out.heading(0, "Replicas");
+        out.block(
+            2,
+            &table(&["NAME", "INSTANCE", "STATE", "MESSAGE"], replicas),
+        );
+    }
+    conditions(out, v, now);
+}
+
+/// The text of `describe` for one object; `host_replicas` lists replicas placed on a host.
+pub fn render(kind: Kind, v: &Value, host_replicas: &[Vec<String>], now: SystemTime) -> String {
+    let mut out = Out {
+        text: String::new(),
+    };
+    header(&mut out, v, now);
+    match kind {
+        Kind::Tenant | Kind::Project => scope_object(&mut out, v),
+        Kind::OpenClawInstance => instance(&mut out, v, now),
+        Kind::Host => host(&mut out, v, now, host_replicas),
+    }
+    out.text
+}
+
+/// Replicas placed on `host`, from a list of instances.
+fn replicas_on(host: &str, instances: &Value) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for inst in instances
+        .get("items")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for r in inst
+            .pointer("/status/replicaStatus")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if r.get("host").and_then(Value::as_str) == Some(host) {
+                let owner = format!(
+                    "{}/{}/{}",
+                    str_at(inst, "/metadata/tenant"),
+                    str_at(inst, "/metadata/project"),
+                    str_at(inst, "/metadata/name")
+                );
+                rows.push(vec![
+                    text_at(r, "/name"),
+                    owner,
+                    text_at(r, "/state"),
+                    text_at(r, "/message"),
+                ]);
+            }
+        }
+    }
+    rows
+}
+
+pub async fn run(args: DescribeArgs) -> CliResult {
+    let settings = Settings::resolve(&args.client)?;
+    let client = Client::new(&settings)?;
+    let (_, obj) = resolve::find(&client, &settings, args.kind, &args.name).await?;
+    let host_replicas = if args.kind == Kind::Host {
+        let instances = client
+            .get(&list_path(Kind::OpenClawInstance, None, None, None))
+            .await?;
+        replicas_on(&args.name, &instances)
+    } else {
+        Vec::new()
+    };
+    print_out(&render(args.kind, &obj, &host_replicas, SystemTime::now()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn now() -> SystemTime {
+        humantime::parse_rfc3339("2026-07-10T12:00:00Z").unwrap()
+    }
+
+    #[test]
+    fn instance_description_shows_spec_replicas_and_conditions() {
+        let v = json!({
+            "apiVersion": "clusterclaw.io/v1", "kind": "OpenClawInstance",
+            "metadata": {"name": "bot", "tenant": "acme", "project": "helpdesk", "generation": 2, "resourceVersion": 17, "createdAt": "2026-07-10T11:00:00Z"},
+            "spec": {"version": "2026.7.1", "replicas": 2, "resources": {"cpu": "1", "memory": "2Gi", "pids": 512},
+                     "env": {"LOG_LEVEL": "info"}, "config": {"gateway": {"bind": "lan"}}},
+            "status": {"phase": "Degraded", "observedGeneration": 2, "replicas": 2, "readyReplicas": 1,
+                "replicaStatus": [
+                    {"name": "bot-0", "ordinal": 0, "host": "h1", "state": "Ready", "restarts": 0, "hostPort": 19100},
+                    {"name": "bot-1", "ordinal": 1, "state": "Pending", "restarts": 0, "message": "no host has 2Gi free"}
+                ],
+                "conditions": [{"type": "Available", "status": "False", "reason": "NotEnoughReplicas", "lastTransitionTime": "2026-07-10T11:58:00Z"}]}
+        });
+        let text = render(Kind::OpenClawInstance, &v, &[], now());
+        for needle in [
+            "Name:                   bot\n",
+            "Tenant:                 acme\n",
+            "Created:                2026-07-10T11:00:00Z (60m ago)\n",
+            "  Image:                ghcr.io/openclaw/openclaw:2026.7.1\n",
+            "  Env:                  LOG_LEVEL=info\n",
+            "      \"bind\": \"lan\"\n",
+            "  Phase:                Degraded\n",
+            "  Ready:                1/2\n",
+            "  bot-0   h1              Ready     0          19100   -            -\n",
+            "  Observed generation:  2\n",
+            "  bot-1   <unscheduled>   Pending   0          -       -            no host has 2Gi free\n",
+            "  Available   False    NotEnoughReplicas   2m    -\n",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn hosts_list_their_replicas() {
+        let instances = json!({"items": [{"metadata": {"name": "bot", "tenant": "acme", "project": "helpdesk"},
+            "status": {"replicaStatus": [{"name": "bot-0", "host": "h1", "state": "Ready"}, {"name": "bot-1", "host": "h2", "state": "Ready"}]}}]});
+        let rows = replicas_on("h1", &instances);
+        assert_eq!(
+            rows,
+            [vec![
+                "bot-0".to_string(),
+                "acme/helpdesk/bot".into(),
+                "Ready".into(),
+                "-".into()
+            ]]
+        );
+        let host = json!({"kind": "Host", "metadata": {"name": "h1"}, "spec": {"capacity": {"cpu": "8", "memory": "16Gi"}}});
+        let text = render(Kind::Host, &host, &rows, now());
+        assert!(text.contains("  Last heartbeat:       never\n"), "{text}");
+        assert!(
+            text.contains("  bot-0   acme/helpdesk/bot   Ready"),
+            "{text}"
+        );
+        let bare = json!({"kind": "Tenant", "metadata": {"name": "acme"}});
+        let text = render(Kind::Tenant, &bare, &[], now());
+        assert!(text.contains("  Quota:                <none>"), "{text}");
+    }
+}

@@ -1,0 +1,528 @@
+//! `clusterclaw get KIND [NAME]`: lists and single objects as tables, JSON or YAML.
+
+use std::io::Write;
+use std::time::SystemTime;
+
+use clap::Args;
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use super::client::Client;
+use super::output::{self, Format, age, labels, str_at, text_at};
+use super::resolve::{self, list_path, parse_kind};
+use super::settings::{ClientOpts, Settings};
+use super::{CliResult, print_out, stdout_error};
+use crate::model::{DEFAULT_IMAGE_REPOSITORY, Kind, Scope, format_cpu, format_memory};
+
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    /// tenants, projects, instances or hosts (also singular, or short: tn, pj, inst, ho)
+    #[arg(value_parser = parse_kind, value_name = "KIND")]
+    pub kind: Kind,
+    /// Show only this object
+    pub name: Option<String>,
+    /// Output format
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+    /// Only objects whose labels match, e.g. team=support,tier!=gold,gpu,!legacy
+    #[arg(short = 'l', long = "selector", value_name = "SELECTOR")]
+    pub selector: Option<String>,
+    /// List across all tenants and projects, ignoring -t/-p and the configured ones
+    #[arg(short = 'A', long)]
+    pub all_tenants: bool,
+    #[command(flatten)]
+    pub client: ClientOpts,
+}
+
+/// A list as tables need it: only the fields [`rows`] reads are kept while parsing, so that a
+/// large `config` or `env` costs no allocation.
+#[derive(Deserialize)]
+struct BriefList {
+    items: Vec<Brief>,
+}
+
+#[derive(Deserialize, Serialize)]
+struct Brief {
+    #[serde(default)]
+    metadata: Map<String, Value>,
+    #[serde(default)]
+    spec: BriefSpec,
+    #[serde(default)]
+    status: BriefStatus,
+}
+
+#[derive(Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BriefSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    version: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    image: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replicas: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resources: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    display_name: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    quota: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    capacity: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unschedulable: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hostname: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agent_version: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    os: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    arch: Option<Value>,
+}
+
+#[derive(Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BriefStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    phase: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ready_replicas: Option<Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    replica_status: Vec<BriefReplica>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    allocated: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_heartbeat: Option<Value>,
+}
+
+#[derive(Deserialize, Serialize)]
+struct BriefReplica {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host: Option<Value>,
+}
+
+impl Brief {
+    fn into_value(self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// The image tag, for the VERSION column of instances that name an image.
+fn image_tag(image: &str) -> &str {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    let last = last.split('@').next().unwrap_or(last);
+    last.split_once(':').map_or("latest", |(_, tag)| tag)
+}
+
+fn version(o: &Value) -> String {
+    match (
+        o.pointer("/spec/version").and_then(Value::as_str),
+        o.pointer("/spec/image").and_then(Value::as_str),
+    ) {
+        (_, Some(image)) => image_tag(image).to_string(),
+        (Some(v), None) => v.to_string(),
+        (None, None) => "-".into(),
+    }
+}
+
+fn image(o: &Value) -> String {
+    match (
+        o.pointer("/spec/image").and_then(Value::as_str),
+        o.pointer("/spec/version").and_then(Value::as_str),
+    ) {
+        (Some(image), _) => image.to_string(),
+        (None, Some(v)) => format!("{DEFAULT_IMAGE_REPOSITORY}:{v}"),
+        (None, None) => "-".into(),
+    }
+}
+
+fn num(o: &Value, pointer: &str) -> i64 {
+    o.pointer(pointer).and_then(Value::as_i64).unwrap_or(0)
+}
+
+fn hosts_of(o: &Value) -> String {
+    let mut hosts: Vec<&str> = o
+        .pointer("/status/replicaStatus")
+        .and_then(Value::as_array)
+        .map(|rs| {
+            rs.iter()
+                .filter_map(|r| r.get("host").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default();
+    hosts.sort_unstable();
+    hosts.dedup();
+    if hosts.is_empty() {
+        "<none>".into()
+    } else {
+        hosts.join(",")
+    }
+}
+
+fn quota(o: &Value) -> String {
+    let Some(q) = o.pointer("/spec/quota").and_then(Value::as_object) else {
+        return "<none>".into();
+    };
+    let parts: Vec<String> = ["instances", "replicas", "cpu", "memory"]
+        .iter()
+        .filter_map(|k| {
+            q.get(*k).filter(|v| !v.is_null()).map(|v| {
+                format!(
+                    "{k}={}",
+                    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+                )
+            })
+        })
+        .collect();
+    if parts.is_empty() {
+        "<none>".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+fn phase(o: &Value, default: &str) -> String {
+    let p = str_at(o, "/status/phase");
+    if p.is_empty() {
+        default.into()
+    } else {
+        p.into()
+    }
+}
+
+/// Header and rows of a table of objects of one kind.
+pub fn rows(
+    kind: Kind,
+    items: &[Value],
+    wide: bool,
+    now: SystemTime,
+) -> (Vec<&'static str>, Vec<Vec<String>>) {
+    let created = |o: &Value| {
+        age(
+            o.pointer("/metadata/createdAt").and_then(Value::as_str),
+            now,
+        )
+    };
+    let name = |o: &Value| str_at(o, "/metadata/name").to_string();
+    match kind {
+        Kind::Tenant => {
+            let mut header = vec!["NAME", "DISPLAY NAME", "AGE"];
+            if wide {
+                header.extend(["QUOTA", "LABELS"]);
+            }
+            let rows = items
+                .iter()
+                .map(|o| {
+                    let mut r = vec![name(o), text_at(o, "/spec/displayName"), created(o)];
+                    if wide {
+                        r.extend([quota(o), labels(o.pointer("/metadata/labels"))]);
+                    }
+                    r
+                })
+                .collect();
+            (header, rows)
+        }
+        Kind::Project => {
+            let mut header = vec!["NAME", "TENANT", "DISPLAY NAME", "AGE"];
+            if wide {
+                header.extend(["QUOTA", "LABELS"]);
+            }
+            let rows = items
+                .iter()
+                .map(|o| {
+                    let mut r = vec![
+                        name(o),
+                        text_at(o, "/metadata/tenant"),
+                        text_at(o, "/spec/displayName"),
+                        created(o),
+                    ];
+                    if wide {
+                        r.extend([quota(o), labels(o.pointer("/metadata/labels"))]);
+                    }
+                    r
+                })
+                .collect();
+            (header, rows)
+        }
+        Kind::OpenClawInstance => {
+            let mut header = vec![
+                "NAME", "TENANT", "PROJECT", "VERSION", "REPLICAS", "PHASE", "AGE",
+            ];
+            if wide {
+                header.extend(["IMAGE", "CPU", "MEMORY", "HOSTS"]);
+            }
+            let rows = items
+                .iter()
+                .map(|o| {
+                    let replicas = format!(
+                        "{}/{}",
+                        num(o, "/status/readyReplicas"),
+                        num(o, "/spec/replicas")
+                    );
+                    let mut r = vec![
+                        name(o),
+                        text_at(o, "/metadata/tenant"),
+                        text_at(o, "/metadata/project"),
+                        version(o),
+                        replicas,
+                        phase(o, "Pending"),
+                        created(o),
+                    ];
+                    if wide {
+                        r.extend([
+                            image(o),
+                            text_at(o, "/spec/resources/cpu"),
+                            text_at(o, "/spec/resources/memory"),
+                            hosts_of(o),
+                        ]);
+                    }
+                    r
+                })
+                .collect();
+            (header, rows)
+        }
+        Kind::Host => {
+            let mut header = vec!["NAME", "STATUS", "CPU", "MEMORY", "REPLICAS", "AGE"];
+            if wide {
+                header.extend(["HOSTNAME", "AGENT", "OS/ARCH", "LAST HEARTBEAT", "LABELS"]);
+            }
+            let rows = items
+                .iter()
+                .map(|o| {
+                    let mut status = phase(o, "Unknown");
+                    if o.pointer("/spec/unschedulable").and_then(Value::as_bool) == Some(true) {
+                        status.push_str(",SchedulingDisabled");
+                    }
+                    let alloc = |p: &str| o.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+                    let cpu = format!(
+                        "{}/{}",
+                        format_cpu(alloc("/status/allocated/cpuMillis")),
+                        text_at(o, "/spec/capacity/cpu")
+                    );
+                    let mem = format!(
+                        "{}/{}",
+                        format_memory(alloc("/status/allocated/memoryBytes")),
+                        text_at(o, "/spec/capacity/memory")
+                    );
+                    let mut r = vec![
+                        name(o),
+                        status,
+                        cpu,
+                        mem,
+                        alloc("/status/allocated/replicas").to_string(),
+                        created(o),
+                    ];
+                    if wide {
+                        let os = format!("{}/{}", text_at(o, "/spec/os"), text_at(o, "/spec/arch"));
+                        let beat = o
+                            .pointer("/status/lastHeartbeat")
+                            .and_then(Value::as_str)
+                            .map_or("-".into(), |t| format!("{} ago", age(Some(t), now)));
+                        r.extend([
+                            text_at(o, "/spec/hostname"),
+                            text_at(o, "/spec/agentVersion"),
+                            os,
+                            beat,
+                            labels(o.pointer("/metadata/labels")),
+                        ]);
+                    }
+                    r
+                })
+                .collect();
+            (header, rows)
+        }
+    }
+}
+
+pub async fn run(args: GetArgs) -> CliResult {
+    let settings = Settings::resolve(&args.client)?;
+    let client = Client::new(&settings)?;
+    if let Some(name) = &args.name {
+        let (_, obj) = resolve::find(&client, &settings, args.kind, name).await?;
+        return print_one(args.kind, &obj, args.output);
+    }
+    let (tenant, project) = if args.all_tenants {
+        (None, None)
+    } else {
+        (settings.tenant.as_deref(), settings.project.as_deref())
+    };
+    let path = list_path(args.kind, tenant, project, args.selector.as_deref());
+    let items = |list: Value| match list {
+        Value::Object(mut m) => match m.remove("items") {
+            Some(Value::Array(items)) => items,
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    };
+    match args.output {
+        Format::Json => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+            client.stream_items(&path, &mut out).await?;
+            out.flush().map_err(stdout_error)
+        }
+        Format::Yaml => {
+            let items = items(client.get(&path).await?);
+            print_out(&output::to_yaml(&json!({ "items": items }))?)
+        }
+        Format::Table | Format::Wide => {
+            let list: BriefList = client.json(Method::GET, &path, None).await?;
+            let items: Vec<Value> = list.items.into_iter().map(Brief::into_value).collect();
+            if items.is_empty() {
+                let scope = match (args.kind.scope(), tenant, project) {
+                    (Scope::Cluster, _, _) | (_, None, _) => String::new(),
+                    (Scope::Project, Some(t), Some(p)) => format!(" in project {t}/{p}"),
+                    (_, Some(t), _) => format!(" in tenant {t}"),
+                };
+                eprintln!("No {} found{scope}.", args.kind.plural());
+                return Ok(());
+            }
+            let (header, rows) = rows(
+                args.kind,
+                &items,
+                args.output == Format::Wide,
+                SystemTime::now(),
+            );
+            print_out(&output::table(&header, &rows))
+        }
+    }
+}
+
+fn print_one(kind: Kind, obj: &Value, format: Format) -> CliResult {
+    match format {
+        Format::Json => print_out(&output::to_json(obj)?),
+        Format::Yaml => print_out(&output::to_yaml(obj)?),
+        Format::Table | Format::Wide => {
+            let (header, rows) = rows(
+                kind,
+                std::slice::from_ref(obj),
+                format == Format::Wide,
+                SystemTime::now(),
+            );
+            print_out(&output::table(&header, &rows))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> SystemTime {
+        humantime::parse_rfc3339("2026-07-10T12:00:00Z").unwrap()
+    }
+
+    fn instance() -> Value {
+        json!({
+            "apiVersion": "clusterclaw.io/v1", "kind": "OpenClawInstance",
+            "metadata": {"name": "support-bot", "tenant": "acme", "project": "helpdesk", "createdAt": "2026-07-10T11:55:00Z"},
+            "spec": {"version": "2026.7.1", "replicas": 3, "resources": {"cpu": "2", "memory": "4Gi", "pids": 512}},
+            "status": {"phase": "Running", "readyReplicas": 2, "replicas": 3, "replicaStatus": [
+                {"name": "support-bot-0", "ordinal": 0, "host": "h2", "state": "Ready"},
+                {"name": "support-bot-1", "ordinal": 1, "host": "h1", "state": "Ready"},
+                {"name": "support-bot-2", "ordinal": 2, "host": "h2", "state": "Starting"}
+            ]}
+        })
+    }
+
+    #[test]
+    fn instance_table_and_wide() {
+        let (h, r) = rows(Kind::OpenClawInstance, &[instance()], false, now());
+        let t = output::table(&h, &r);
+        assert_eq!(
+            t,
+            "NAME          TENANT   PROJECT    VERSION    REPLICAS   PHASE     AGE\n\
+             support-bot   acme     helpdesk   2026.7.1   2/3        Running   5m\n"
+        );
+        let (h, r) = rows(Kind::OpenClawInstance, &[instance()], true, now());
+        assert_eq!(&h[7..], ["IMAGE", "CPU", "MEMORY", "HOSTS"]);
+        assert_eq!(
+            &r[0][7..],
+            ["ghcr.io/openclaw/openclaw:2026.7.1", "2", "4Gi", "h1,h2"]
+        );
+    }
+
+    #[test]
+    fn instances_without_status_are_pending() {
+        let mut o = instance();
+        o.as_object_mut().unwrap().remove("status");
+        o["spec"]["image"] = json!("registry.example.com:5000/openclaw:2026.7.2");
+        let (_, r) = rows(Kind::OpenClawInstance, &[o], true, now());
+        assert_eq!(r[0][3..6], ["2026.7.2", "0/3", "Pending"]);
+        assert_eq!(r[0][10], "<none>");
+    }
+
+    #[test]
+    fn host_rows() {
+        let h = json!({
+            "metadata": {"name": "h1", "createdAt": "2026-07-08T12:00:00Z", "labels": {"region": "eu"}},
+            "spec": {"hostname": "h1.example.com", "capacity": {"cpu": "8", "memory": "16Gi"}, "unschedulable": true, "os": "linux", "arch": "x86_64"},
+            "status": {"phase": "Ready", "lastHeartbeat": "2026-07-10T11:59:50Z", "allocated": {"cpuMillis": 2500, "memoryBytes": 4294967296u64, "replicas": 2}}
+        });
+        let (hd, r) = rows(Kind::Host, &[h], true, now());
+        assert_eq!(
+            hd[..6],
+            ["NAME", "STATUS", "CPU", "MEMORY", "REPLICAS", "AGE"]
+        );
+        assert_eq!(
+            r[0][..6],
+            [
+                "h1",
+                "Ready,SchedulingDisabled",
+                "2500m/8",
+                "4Gi/16Gi",
+                "2",
+                "2d"
+            ]
+        );
+        assert_eq!(
+            r[0][6..],
+            [
+                "h1.example.com",
+                "-",
+                "linux/x86_64",
+                "10s ago",
+                "region=eu"
+            ]
+        );
+    }
+
+    #[test]
+    fn tenant_and_project_rows() {
+        let t = json!({"metadata": {"name": "acme", "createdAt": "2026-07-10T10:00:00Z"}, "spec": {"displayName": "ACME Corp", "quota": {"instances": 10, "memory": "64Gi"}}});
+        let (_, r) = rows(Kind::Tenant, std::slice::from_ref(&t), true, now());
+        assert_eq!(
+            r[0],
+            [
+                "acme",
+                "ACME Corp",
+                "2h",
+                "instances=10,memory=64Gi",
+                "<none>"
+            ]
+        );
+        let p = json!({"metadata": {"name": "helpdesk", "tenant": "acme"}, "spec": {}});
+        let (_, r) = rows(Kind::Project, &[p], false, now());
+        assert_eq!(r[0], ["helpdesk", "acme", "-", "<unknown>"]);
+    }
+
+    #[test]
+    fn brief_parsing_keeps_every_column() {
+        let full = instance();
+        let list = json!({"index": 7, "items": [full.clone()]}).to_string();
+        let brief: BriefList = serde_json::from_str(&list).unwrap();
+        let slim: Vec<Value> = brief.items.into_iter().map(Brief::into_value).collect();
+        assert_eq!(
+            rows(Kind::OpenClawInstance, &slim, true, now()),
+            rows(Kind::OpenClawInstance, &[full], true, now())
+        );
+    }
+
+    #[test]
+    fn image_tags() {
+        assert_eq!(image_tag("ghcr.io/openclaw/openclaw:2026.7.1"), "2026.7.1");
+        assert_eq!(image_tag("localhost:5000/openclaw"), "latest");
+        assert_eq!(image_tag("openclaw:1@sha256:abc"), "1");
+    }
+}

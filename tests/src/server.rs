@@ -1,0 +1,542 @@
+//! Runs the real `clusterclaw` binary as a control plane on a temporary data directory, and its
+//! CLI against it.
+//!
+//! The binary is the one cargo builds next to the test executable (`target/<profile>/clusterclaw`);
+//! it is built once per test process with `cargo build -p clusterclaw-server --bin clusterclaw`, so
+//! that a test never runs a stale server. `CLUSTERCLAW_BIN` names another binary instead.
+//!
+//! Everything here is synchronous: call it from plain `#[test]` functions.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// How long a server may take to write `endpoints.json`.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a server may take to exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Environment variables of the CLI and server that a test must not inherit.
+const CLEARED_ENV: [&str; 8] = [
+    "CLUSTERCLAW_SERVER",
+    "CLUSTERCLAW_TOKEN",
+    "CLUSTERCLAW_CA_CERT",
+    "CLUSTERCLAW_TENANT",
+    "CLUSTERCLAW_PROJECT",
+    "CLUSTERCLAW_CONFIG",
+    "XDG_CONFIG_HOME",
+    "XDG_DATA_HOME",
+];
+
+/// What a started server writes to `<data-dir>/endpoints.json`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoints {
+    /// `http://127.0.0.1:PORT`
+    pub api: String,
+    pub agent: String,
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    pub pid: u32,
+}
+
+/// Exit code and output of one CLI run.
+#[derive(Clone, Debug)]
+pub struct CliOutput {
+    /// The exit code; -1 when killed by a signal.
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    /// Panics with both streams unless the command succeeded.
+    #[track_caller]
+    pub fn ok(self) -> CliOutput {
+        assert_eq!(
+            self.code, 0,
+            "command failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Panics with both streams unless the command exited with `code`.
+    #[track_caller]
+    pub fn code(self, code: i32) -> CliOutput {
+        assert_eq!(
+            self.code, code,
+            "unexpected exit code\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Standard output as JSON.
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}", self.stdout))
+    }
+}
+
+/// An HTTP answer.
+#[derive(Clone, Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+}
+
+/// The `clusterclaw` binary, built once per process.
+pub fn clusterclaw_bin() -> anyhow::Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| build_bin().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn build_bin() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("CLUSTERCLAW_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    // <target>/<profile>/deps/<test executable>
+    let exe = std::env::current_exe().context("locate the test executable")?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the test executable is not in <target>/<profile>/deps")?
+        .to_path_buf();
+    let target_dir = profile_dir
+        .parent()
+        .context("no target directory above the profile directory")?;
+    let profile = profile_dir
+        .file_name()
+        .and_then(|p| p.to_str())
+        .unwrap_or("debug")
+        .to_string();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut cmd = Command::new(cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "clusterclaw-server",
+        "--bin",
+        "clusterclaw",
+        "--manifest-path",
+    ])
+    .arg(&manifest)
+    .arg("--target-dir")
+    .arg(target_dir);
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    let status = cmd
+        .status()
+        .context("run cargo build for the clusterclaw binary")?;
+    if !status.success() {
+        bail!("cargo build -p clusterclaw-server --bin clusterclaw failed ({status})");
+    }
+    let bin = profile_dir.join("clusterclaw");
+    if !bin.exists() {
+        bail!(
+            "cargo built clusterclaw, but {} does not exist",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A `clusterclaw server` process on its own data directory; killed on drop.
+pub struct TestServer {
+    bin: PathBuf,
+    data_dir: tempfile::TempDir,
+    scratch: tempfile::TempDir,
+    extra_args: Vec<String>,
+    agent_listen: String,
+    child: Option<Child>,
+    endpoints: Endpoints,
+    admin_token: String,
+    runtime: tokio::runtime::Runtime,
+    http: reqwest::Client,
+}
+
+impl TestServer {
+    /// Starts a server with the API and agent ports on ephemeral ports of 127.0.0.1.
+    pub fn start() -> anyhow::Result<TestServer> {
+        TestServer::start_with(&[])
+    }
+
+    /// Like [`TestServer::start`], with more `clusterclaw server` arguments.
+    pub fn start_with(extra_args: &[&str]) -> anyhow::Result<TestServer> {
+        TestServer::start_on("127.0.0.1:0", extra_args)
+    }
+
+    /// Like [`TestServer::start_with`], with the agent port on `agent_listen` (kept across
+    /// [`TestServer::restart`], so that agents find the server again).
+    pub fn start_on(agent_listen: &str, extra_args: &[&str]) -> anyhow::Result<TestServer> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let bin = clusterclaw_bin()?;
+        let data_dir = tempfile::Builder::new()
+            .prefix("clusterclaw-data-")
+            .tempdir()?;
+        let scratch = tempfile::Builder::new()
+            .prefix("clusterclaw-work-")
+            .tempdir()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()?;
+        let mut server = TestServer {
+            bin,
+            data_dir,
+            scratch,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            agent_listen: agent_listen.to_string(),
+            child: None,
+            endpoints: Endpoints {
+                api: String::new(),
+                agent: String::new(),
+                ca_cert: None,
+                pid: 0,
+            },
+            admin_token: String::new(),
+            runtime,
+            http,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.scratch.path().join("server.log")
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let endpoints_file = self.data_dir.path().join("endpoints.json");
+        let _ = fs::remove_file(&endpoints_file);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("server")
+            .arg("--data-dir")
+            .arg(self.data_dir.path())
+            .args(["--api-listen", "127.0.0.1:0", "--agent-listen"])
+            .arg(&self.agent_listen)
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for var in CLEARED_ENV {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("start {}", self.bin.display()))?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let endpoints = loop {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "clusterclaw server exited during start-up ({status}); its log:\n{}",
+                    self.log()
+                );
+            }
+            if let Ok(text) = fs::read_to_string(&endpoints_file)
+                && let Ok(e) = serde_json::from_str::<Endpoints>(&text)
+                && e.pid == child.id()
+            {
+                break e;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "clusterclaw server wrote no endpoints.json within {START_TIMEOUT:?}; its log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        };
+        let token_file = self.data_dir.path().join("admin.token");
+        self.admin_token = fs::read_to_string(&token_file)
+            .with_context(|| format!("read {}", token_file.display()))?
+            .trim()
+            .to_string();
+        self.endpoints = endpoints;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// `http://127.0.0.1:PORT` of the REST API.
+    pub fn api_url(&self) -> &str {
+        &self.endpoints.api
+    }
+
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
+    /// A directory for manifests and CLI config files of this test.
+    pub fn scratch_dir(&self) -> &Path {
+        self.scratch.path()
+    }
+
+    /// What the server wrote to stdout and stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Writes a file under the scratch directory (creating parents) and returns its path.
+    pub fn write_file(&self, name: &str, content: &str) -> PathBuf {
+        let path = self.scratch.path().join(name);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).expect("create the scratch subdirectory");
+        }
+        fs::write(&path, content).expect("write the scratch file");
+        path
+    }
+
+    /// Runs the CLI as the admin of this server (server and token from the environment, and an
+    /// empty CLI config file).
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        self.cli_with(
+            args,
+            &[
+                ("CLUSTERCLAW_SERVER", self.api_url()),
+                ("CLUSTERCLAW_TOKEN", self.admin_token()),
+            ],
+            None,
+        )
+    }
+
+    /// Runs the CLI with exactly the given `CLUSTERCLAW_*` variables (nothing inherited; the CLI
+    /// config file is `<scratch>/cli-config.toml` unless `CLUSTERCLAW_CONFIG` is given) and
+    /// optional standard input.
+    pub fn cli_with(&self, args: &[&str], env: &[(&str, &str)], stdin: Option<&str>) -> CliOutput {
+        run_cli(&self.bin, self.scratch.path(), args, env, stdin)
+    }
+
+    /// Sends an HTTP request to the API; `token` is sent as a bearer token.
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> HttpResponse {
+        let url = format!("{}{path}", self.api_url());
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("an HTTP method");
+        let mut req = self.http.request(method, &url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            let ctype = if b.trim_start().starts_with(['{', '[']) {
+                "application/json"
+            } else {
+                "application/yaml"
+            };
+            req = req.header("Content-Type", ctype).body(b.to_string());
+        }
+        self.runtime.block_on(async {
+            let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
+            let status = resp.status().as_u16();
+            let headers = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            let body = resp.text().await.unwrap_or_else(|e| panic!("{url}: {e}"));
+            HttpResponse {
+                status,
+                headers,
+                body,
+            }
+        })
+    }
+
+    /// GET as the admin, expecting 200 and JSON.
+    #[track_caller]
+    pub fn get_json(&self, path: &str) -> Value {
+        let resp = self.http("GET", path, None, Some(&self.admin_token));
+        assert_eq!(resp.status, 200, "GET {path}: {}", resp.body);
+        resp.json()
+    }
+
+    /// The store index, from `GET /api/v1/info`.
+    #[track_caller]
+    pub fn index(&self) -> u64 {
+        let info = self.get_json("/api/v1/info");
+        info["index"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no index in /api/v1/info: {info}"))
+    }
+
+    /// Waits until the store index stops moving (controllers write status after a change), so
+    /// that a test can then assert that something did not move it. Returns the settled index.
+    #[track_caller]
+    pub fn settled_index(&self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last = self.index();
+        let mut quiet_since = Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = self.index();
+            if now != last {
+                last = now;
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= Duration::from_millis(400) {
+                return now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the store index kept moving for 20s (at {now})"
+            );
+        }
+    }
+
+    /// The process id of the running server.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("the server is not running")
+        };
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "clusterclaw server did not exit within {STOP_TIMEOUT:?} of SIGTERM; its log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server with SIGKILL (`kill -9`) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same data directory (stopping it first if it runs).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            self.terminate()?;
+        }
+        self.spawn()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `clusterclaw` with a clean environment: only `env` of the CLI's own variables, and a
+/// CLI config file under `work_dir` unless `CLUSTERCLAW_CONFIG` is given.
+pub fn run_cli(
+    bin: &Path,
+    work_dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: Option<&str>,
+) -> CliOutput {
+    let mut cmd = Command::new(bin);
+    cmd.args(args).current_dir(work_dir);
+    for var in CLEARED_ENV {
+        cmd.env_remove(var);
+    }
+    cmd.env("CLUSTERCLAW_CONFIG", work_dir.join("cli-config.toml"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin is piped");
+        let input = input.to_string();
+        // Write from a thread so that a large input cannot deadlock against a full stdout pipe.
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(input.as_bytes());
+        });
+    }
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("wait for {}: {e}", bin.display()));
+    CliOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
