@@ -1,4 +1,14 @@
 //! openClusterClaw control plane: resource model, store, REST API, agent RPC, controllers, CLI.
 
+pub mod agent_rpc;
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod controllers;
+pub mod metrics;
 pub mod model;
+pub mod pki;
+pub mod server;
 pub mod store;
+pub mod telemetry;

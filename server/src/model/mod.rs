@@ -3,9 +3,13 @@
 mod names;
 mod quantity;
 mod resources;
+mod status;
 mod validate;
 
 pub use names::{validate_dns_label, validate_label_key, validate_label_value};
 pub use quantity::{format_cpu, format_memory, parse_cpu, parse_memory};
 pub use resources::*;
-pub use validate::{FieldProblem, MAX_OBJECT_BYTES, MAX_REPLICAS, validate_object, validate_version};
+pub use status::summarize;
+pub use validate::{
+    FieldProblem, MAX_OBJECT_BYTES, MAX_REPLICAS, validate_object, validate_version,
+};

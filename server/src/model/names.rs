@@ -7,16 +7,28 @@ pub fn validate_dns_label(name: &str) -> Result<(), String> {
         return Err("must not be empty".into());
     }
     if name.len() > 63 {
-        return Err(format!("{name:?} is {} characters long; at most 63 are allowed", name.len()));
+        return Err(format!(
+            "{name:?} is {} characters long; at most 63 are allowed",
+            name.len()
+        ));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
-        let hint = if c.is_ascii_uppercase() { " (use lower case)" } else { "" };
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        let hint = if c.is_ascii_uppercase() {
+            " (use lower case)"
+        } else {
+            ""
+        };
         return Err(format!(
             "{name:?} contains {c:?}{hint}; a name is a DNS-1123 label: lower-case letters, digits and '-'"
         ));
     }
     if name.starts_with('-') || name.ends_with('-') {
-        return Err(format!("{name:?} must start and end with a lower-case letter or digit"));
+        return Err(format!(
+            "{name:?} must start and end with a lower-case letter or digit"
+        ));
     }
     Ok(())
 }
@@ -27,7 +39,8 @@ fn valid_label_segment(s: &str) -> bool {
         && b.len() <= 63
         && b[0].is_ascii_alphanumeric()
         && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 /// Checks a label key: `[prefix/]name`, where the optional prefix is a DNS subdomain (at most 253
@@ -39,9 +52,12 @@ pub fn validate_label_key(key: &str) -> Result<(), String> {
         None => (None, key),
     };
     if let Some(p) = prefix {
-        let ok = !p.is_empty() && p.len() <= 253 && p.split('.').all(|l| validate_dns_label(l).is_ok());
+        let ok =
+            !p.is_empty() && p.len() <= 253 && p.split('.').all(|l| validate_dns_label(l).is_ok());
         if !ok {
-            return Err(format!("label key {key:?} has an invalid prefix {p:?}; the prefix must be a DNS subdomain such as example.com"));
+            return Err(format!(
+                "label key {key:?} has an invalid prefix {p:?}; the prefix must be a DNS subdomain such as example.com"
+            ));
         }
     }
     if !valid_label_segment(name) {
@@ -73,18 +89,44 @@ mod tests {
         for ok in ["a", "support-bot", "a1", "0abc", &"a".repeat(63)] {
             assert!(validate_dns_label(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-a", "a-", "Support", "a_b", "a.b", "ä", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "Support",
+            "a_b",
+            "a.b",
+            "ä",
+            &"a".repeat(64),
+        ] {
             assert!(validate_dns_label(bad).is_err(), "{bad}");
         }
-        assert!(validate_dns_label("Support").unwrap_err().contains("lower case"));
+        assert!(
+            validate_dns_label("Support")
+                .unwrap_err()
+                .contains("lower case")
+        );
     }
 
     #[test]
     fn label_keys_and_values() {
-        for ok in ["region", "clusterclaw.io/role", "a.b-c_d", "topology.example.com/zone"] {
+        for ok in [
+            "region",
+            "clusterclaw.io/role",
+            "a.b-c_d",
+            "topology.example.com/zone",
+        ] {
             assert!(validate_label_key(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "/x", "Ex ample", "-a", "a/", "EXAMPLE.com/x", &"k".repeat(64)] {
+        for bad in [
+            "",
+            "/x",
+            "Ex ample",
+            "-a",
+            "a/",
+            "EXAMPLE.com/x",
+            &"k".repeat(64),
+        ] {
             assert!(validate_label_key(bad).is_err(), "{bad}");
         }
         for ok in ["", "eu", "eu-west.1", "A_b"] {

@@ -4,7 +4,9 @@
 pub fn parse_cpu(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let err = || {
-        format!("{s:?} is not a CPU quantity; use cores such as 2 or 0.5, or millicores such as 500m")
+        format!(
+            "{s:?} is not a CPU quantity; use cores such as 2 or 0.5, or millicores such as 500m"
+        )
     };
     let (num, scale) = match s.strip_suffix('m') {
         Some(n) => (n, 1.0),
@@ -15,7 +17,7 @@ pub fn parse_cpu(s: &str) -> Result<u64, String> {
     }
     let v: f64 = num.parse().map_err(|_| err())?;
     let millis = (v * scale).round();
-    if !(millis.is_finite() && millis >= 0.0 && millis <= 1e12) {
+    if !(millis.is_finite() && (0.0..=1e12).contains(&millis)) {
         return Err(err());
     }
     if v > 0.0 && millis < 1.0 {
@@ -45,18 +47,28 @@ const DECIMAL: [(&str, u64); 6] = [
 /// 1024) and `k M G T P E` (powers of 1000); a plain number is bytes.
 pub fn parse_memory(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
     let factor = if suffix.is_empty() {
         Some(1)
     } else {
-        BINARY.iter().chain(DECIMAL.iter()).find(|(u, _)| *u == suffix).map(|(_, f)| *f)
+        BINARY
+            .iter()
+            .chain(DECIMAL.iter())
+            .find(|(u, _)| *u == suffix)
+            .map(|(_, f)| *f)
     };
-    let parsed: Option<f64> = if num.is_empty() { None } else { num.parse().ok() };
+    let parsed: Option<f64> = if num.is_empty() {
+        None
+    } else {
+        num.parse().ok()
+    };
     match (parsed, factor) {
         (Some(v), Some(f)) => {
             let bytes = (v * f as f64).round();
-            if bytes.is_finite() && bytes >= 0.0 && bytes < 1.8e19 {
+            if bytes.is_finite() && (0.0..1.8e19).contains(&bytes) {
                 Ok(bytes as u64)
             } else {
                 Err(format!("{t:?} is out of range"))
@@ -86,13 +98,17 @@ fn memory_error(t: &str, num: &str, suffix: &str) -> String {
 
 /// Formats millicores the way a person writes them: `2`, `0.5` becomes `500m`.
 pub fn format_cpu(millis: u64) -> String {
-    if millis % 1000 == 0 { format!("{}", millis / 1000) } else { format!("{millis}m") }
+    if millis.is_multiple_of(1000) {
+        format!("{}", millis / 1000)
+    } else {
+        format!("{millis}m")
+    }
 }
 
 /// Formats bytes with the largest binary suffix that divides them, else in `Mi` with a fraction.
 pub fn format_memory(bytes: u64) -> String {
     for (unit, f) in BINARY.iter().rev() {
-        if bytes >= *f && bytes % f == 0 {
+        if bytes >= *f && bytes.is_multiple_of(*f) {
             return format!("{}{unit}", bytes / f);
         }
     }

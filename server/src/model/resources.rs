@@ -20,7 +20,9 @@ pub const DEFAULT_MEMORY: &str = "2Gi";
 pub const DEFAULT_PIDS: i64 = 512;
 
 /// A resource kind.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 pub enum Kind {
     Tenant,
     Project,
@@ -37,7 +39,12 @@ pub enum Scope {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Tenant, Kind::Project, Kind::OpenClawInstance, Kind::Host];
+    pub const ALL: [Kind; 4] = [
+        Kind::Tenant,
+        Kind::Project,
+        Kind::OpenClawInstance,
+        Kind::Host,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -96,9 +103,8 @@ impl Kind {
         match s.to_ascii_lowercase().as_str() {
             "tenant" | "tenants" | "tn" => Some(Kind::Tenant),
             "project" | "projects" | "proj" | "pj" => Some(Kind::Project),
-            "openclawinstance" | "openclawinstances" | "instance" | "instances" | "inst" | "oci" => {
-                Some(Kind::OpenClawInstance)
-            }
+            "openclawinstance" | "openclawinstances" | "instance" | "instances" | "inst"
+            | "oci" => Some(Kind::OpenClawInstance),
             "host" | "hosts" | "ho" => Some(Kind::Host),
             _ => None,
         }
@@ -127,14 +133,28 @@ pub struct ObjectKey {
 
 impl ObjectKey {
     pub fn cluster(kind: Kind, name: impl Into<String>) -> Self {
-        ObjectKey { kind, tenant: String::new(), project: String::new(), name: name.into() }
+        ObjectKey {
+            kind,
+            tenant: String::new(),
+            project: String::new(),
+            name: name.into(),
+        }
     }
 
     pub fn project(tenant: impl Into<String>, name: impl Into<String>) -> Self {
-        ObjectKey { kind: Kind::Project, tenant: tenant.into(), project: String::new(), name: name.into() }
+        ObjectKey {
+            kind: Kind::Project,
+            tenant: tenant.into(),
+            project: String::new(),
+            name: name.into(),
+        }
     }
 
-    pub fn instance(tenant: impl Into<String>, project: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn instance(
+        tenant: impl Into<String>,
+        project: impl Into<String>,
+        name: impl Into<String>,
+    ) -> Self {
         ObjectKey {
             kind: Kind::OpenClawInstance,
             tenant: tenant.into(),
@@ -343,19 +363,28 @@ impl InstanceSpec {
     pub fn apply_defaults(&mut self) {
         let r = &mut self.resources;
         r.cpu.get_or_insert_with(|| Quantity::from(DEFAULT_CPU));
-        r.memory.get_or_insert_with(|| Quantity::from(DEFAULT_MEMORY));
+        r.memory
+            .get_or_insert_with(|| Quantity::from(DEFAULT_MEMORY));
         r.pids.get_or_insert(DEFAULT_PIDS);
     }
 
     /// CPU per replica in millicores (after validation this cannot fail; 0 if it does).
     pub fn cpu_millis(&self) -> u64 {
-        let q = self.resources.cpu.as_ref().map_or(DEFAULT_CPU, |q| q.as_str());
+        let q = self
+            .resources
+            .cpu
+            .as_ref()
+            .map_or(DEFAULT_CPU, |q| q.as_str());
         super::parse_cpu(q).unwrap_or(0)
     }
 
     /// Memory per replica in bytes (after validation this cannot fail; 0 if it does).
     pub fn memory_bytes(&self) -> u64 {
-        let q = self.resources.memory.as_ref().map_or(DEFAULT_MEMORY, |q| q.as_str());
+        let q = self
+            .resources
+            .memory
+            .as_ref()
+            .map_or(DEFAULT_MEMORY, |q| q.as_str());
         super::parse_memory(q).unwrap_or(0)
     }
 }
@@ -621,7 +650,13 @@ impl Resource {
     pub fn key(&self) -> ObjectKey {
         let m = self.metadata();
         let kind = self.kind();
-        let part = |p: &Option<String>, needed: bool| if needed { p.clone().unwrap_or_default() } else { String::new() };
+        let part = |p: &Option<String>, needed: bool| {
+            if needed {
+                p.clone().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        };
         ObjectKey {
             kind,
             tenant: part(&m.tenant, kind.scope() != Scope::Cluster),
@@ -678,34 +713,63 @@ impl Resource {
     /// This is structure only; see [`super::validate_object`] for the rules on values.
     pub fn from_value(value: Value) -> Result<Resource, Vec<FieldProblem>> {
         let Value::Object(map) = &value else {
-            return Err(vec![FieldProblem::new("", format!("a manifest must be a mapping with apiVersion, kind, metadata and spec; found {}", json_type(&value)))]);
+            return Err(vec![FieldProblem::new(
+                "",
+                format!(
+                    "a manifest must be a mapping with apiVersion, kind, metadata and spec; found {}",
+                    json_type(&value)
+                ),
+            )]);
         };
         let mut problems = Vec::new();
         match map.get("apiVersion") {
             Some(Value::String(v)) if v == API_VERSION => {}
-            Some(Value::String(v)) => problems.push(FieldProblem::new("apiVersion", format!("{v:?} is not supported; use {API_VERSION}"))),
-            Some(other) => problems.push(FieldProblem::new("apiVersion", format!("must be the string {API_VERSION}, found {}", json_type(other)))),
-            None => problems.push(FieldProblem::new("apiVersion", format!("is required; use {API_VERSION}"))),
+            Some(Value::String(v)) => problems.push(FieldProblem::new(
+                "apiVersion",
+                format!("{v:?} is not supported; use {API_VERSION}"),
+            )),
+            Some(other) => problems.push(FieldProblem::new(
+                "apiVersion",
+                format!(
+                    "must be the string {API_VERSION}, found {}",
+                    json_type(other)
+                ),
+            )),
+            None => problems.push(FieldProblem::new(
+                "apiVersion",
+                format!("is required; use {API_VERSION}"),
+            )),
         }
         let allowed = Kind::ALL.map(|k| k.as_str()).join(", ");
         let kind = match map.get("kind") {
             Some(Value::String(k)) => match Kind::from_manifest(k) {
                 Some(kind) => Some(kind),
                 None => {
-                    problems.push(FieldProblem::new("kind", format!("unknown kind {k:?}; the kinds are {allowed}")));
+                    problems.push(FieldProblem::new(
+                        "kind",
+                        format!("unknown kind {k:?}; the kinds are {allowed}"),
+                    ));
                     None
                 }
             },
             Some(other) => {
-                problems.push(FieldProblem::new("kind", format!("must be a string, found {}", json_type(other))));
+                problems.push(FieldProblem::new(
+                    "kind",
+                    format!("must be a string, found {}", json_type(other)),
+                ));
                 None
             }
             None => {
-                problems.push(FieldProblem::new("kind", format!("is required; one of {allowed}")));
+                problems.push(FieldProblem::new(
+                    "kind",
+                    format!("is required; one of {allowed}"),
+                ));
                 None
             }
         };
-        let Some(kind) = kind else { return Err(problems) };
+        let Some(kind) = kind else {
+            return Err(problems);
+        };
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -713,7 +777,10 @@ impl Resource {
             serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
                 let path = e.path().to_string();
                 let path = if path == "." { String::new() } else { path };
-                vec![FieldProblem::new(path, humanize_serde(&e.into_inner().to_string()))]
+                vec![FieldProblem::new(
+                    path,
+                    humanize_serde(&e.into_inner().to_string()),
+                )]
             })
         }
         Ok(match kind {
@@ -729,7 +796,11 @@ impl<'de> Deserialize<'de> for Resource {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = Value::deserialize(d)?;
         Resource::from_value(v).map_err(|p| {
-            let msg = p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ");
+            let msg = p
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
             serde::de::Error::custom(msg)
         })
     }
@@ -750,15 +821,15 @@ pub fn json_type(v: &Value) -> &'static str {
 /// Turns serde's wording into the project's: "unknown field `x`, expected one of ..." stays
 /// useful; "invalid type: map, expected a string" becomes "expected a string, found a mapping".
 fn humanize_serde(msg: &str) -> String {
-    if let Some(rest) = msg.strip_prefix("invalid type: ") {
-        if let Some((found, expected)) = rest.split_once(", expected ") {
-            let found = match found {
-                "map" => "a mapping".to_string(),
-                "sequence" => "a list".to_string(),
-                f => f.to_string(),
-            };
-            return format!("expected {expected}, found {found}");
-        }
+    if let Some(rest) = msg.strip_prefix("invalid type: ")
+        && let Some((found, expected)) = rest.split_once(", expected ")
+    {
+        let found = match found {
+            "map" => "a mapping".to_string(),
+            "sequence" => "a list".to_string(),
+            f => f.to_string(),
+        };
+        return format!("expected {expected}, found {found}");
     }
     msg.replace('`', "'")
 }

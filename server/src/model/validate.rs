@@ -30,32 +30,53 @@ pub struct FieldProblem {
 
 impl FieldProblem {
     pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        FieldProblem { field: field.into(), problem: problem.into() }
+        FieldProblem {
+            field: field.into(),
+            problem: problem.into(),
+        }
     }
 
     /// The same problem, with its path put under `prefix` (`items[3]`).
     pub fn under(mut self, prefix: &str) -> Self {
-        self.field = if self.field.is_empty() { prefix.to_string() } else { format!("{prefix}.{}", self.field) };
+        self.field = if self.field.is_empty() {
+            prefix.to_string()
+        } else {
+            format!("{prefix}.{}", self.field)
+        };
         self
     }
 }
 
 impl fmt::Display for FieldProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() { f.write_str(&self.problem) } else { write!(f, "{}: {}", self.field, self.problem) }
+        if self.field.is_empty() {
+            f.write_str(&self.problem)
+        } else {
+            write!(f, "{}: {}", self.field, self.problem)
+        }
     }
 }
 
 /// Checks an OpenClaw release: `YYYY.M.D`, optionally `-N` or `-beta.N`.
 pub fn validate_version(v: &str) -> Result<(), String> {
-    let err = || format!("{v:?} is not an OpenClaw version; versions look like 2026.7.1, 2026.7.1-2 or 2026.8.0-beta.1");
+    let err = || {
+        format!(
+            "{v:?} is not an OpenClaw version; versions look like 2026.7.1, 2026.7.1-2 or 2026.8.0-beta.1"
+        )
+    };
     let (core, pre) = match v.split_once('-') {
         Some((c, p)) => (c, Some(p)),
         None => (v, None),
     };
     let parts: Vec<&str> = core.split('.').collect();
-    let digits = |s: &str, min: usize, max: usize| s.len() >= min && s.len() <= max && s.bytes().all(|b| b.is_ascii_digit());
-    if parts.len() != 3 || !digits(parts[0], 4, 4) || !digits(parts[1], 1, 2) || !digits(parts[2], 1, 2) {
+    let digits = |s: &str, min: usize, max: usize| {
+        s.len() >= min && s.len() <= max && s.bytes().all(|b| b.is_ascii_digit())
+    };
+    if parts.len() != 3
+        || !digits(parts[0], 4, 4)
+        || !digits(parts[1], 1, 2)
+        || !digits(parts[2], 1, 2)
+    {
         return Err(err());
     }
     let month: u32 = parts[1].parse().map_err(|_| err())?;
@@ -74,23 +95,41 @@ fn validate_image(image: &str) -> Result<(), String> {
     let ok = !image.is_empty()
         && image.len() <= 512
         && !image.starts_with(['-', '/', ':', '@'])
-        && image.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b));
-    if ok { Ok(()) } else { Err(format!("{image:?} is not an image reference such as registry.example.com/openclaw:2026.7.1")) }
+        && image
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{image:?} is not an image reference such as registry.example.com/openclaw:2026.7.1"
+        ))
+    }
 }
 
 fn validate_env_name(name: &str) -> Result<(), String> {
     let b = name.as_bytes();
-    let ok = !b.is_empty() && !b[0].is_ascii_digit() && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_');
+    let ok = !b.is_empty()
+        && !b[0].is_ascii_digit()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_');
     if !ok {
-        return Err(format!("{name:?} is not an environment variable name: letters, digits and '_', not starting with a digit"));
+        return Err(format!(
+            "{name:?} is not an environment variable name: letters, digits and '_', not starting with a digit"
+        ));
     }
     if RESERVED_ENV.contains(&name) {
-        return Err(format!("{name} is set by clusterclaw itself and cannot be overridden"));
+        return Err(format!(
+            "{name} is set by clusterclaw itself and cannot be overridden"
+        ));
     }
     Ok(())
 }
 
-fn check_labels(labels: &std::collections::BTreeMap<String, String>, path: &str, out: &mut Vec<FieldProblem>) {
+fn check_labels(
+    labels: &std::collections::BTreeMap<String, String>,
+    path: &str,
+    out: &mut Vec<FieldProblem>,
+) {
     for (k, v) in labels {
         if let Err(e) = validate_label_key(k) {
             out.push(FieldProblem::new(format!("{path}.{k}"), e));
@@ -106,7 +145,8 @@ fn check_metadata(kind: Kind, m: &Metadata, out: &mut Vec<FieldProblem>) {
         out.push(FieldProblem::new("metadata.name", e));
     }
     let scope = kind.scope();
-    let mut scope_field = |field: &str, value: &Option<String>, needed: bool| match (value, needed) {
+    let mut scope_field = |field: &str, value: &Option<String>, needed: bool| {
+        match (value, needed) {
         (Some(v), true) => {
             if let Err(e) = validate_dns_label(v) {
                 out.push(FieldProblem::new(format!("metadata.{field}"), e));
@@ -121,6 +161,7 @@ fn check_metadata(kind: Kind, m: &Metadata, out: &mut Vec<FieldProblem>) {
             format!("a {kind} does not belong to a {field}; remove this field"),
         )),
         (None, false) => {}
+    }
     };
     scope_field("tenant", &m.tenant, scope != Scope::Cluster);
     scope_field("project", &m.project, scope == Scope::Project);
@@ -131,18 +172,21 @@ fn check_quota(q: &Option<Quota>, out: &mut Vec<FieldProblem>) {
     let Some(q) = q else { return };
     for (field, v) in [("instances", q.instances), ("replicas", q.replicas)] {
         if v.is_some_and(|n| n < 0) {
-            out.push(FieldProblem::new(format!("spec.quota.{field}"), "must not be negative"));
+            out.push(FieldProblem::new(
+                format!("spec.quota.{field}"),
+                "must not be negative",
+            ));
         }
     }
-    if let Some(cpu) = &q.cpu {
-        if let Err(e) = parse_cpu(cpu.as_str()) {
-            out.push(FieldProblem::new("spec.quota.cpu", e));
-        }
+    if let Some(cpu) = &q.cpu
+        && let Err(e) = parse_cpu(cpu.as_str())
+    {
+        out.push(FieldProblem::new("spec.quota.cpu", e));
     }
-    if let Some(mem) = &q.memory {
-        if let Err(e) = parse_memory(mem.as_str()) {
-            out.push(FieldProblem::new("spec.quota.memory", e));
-        }
+    if let Some(mem) = &q.memory
+        && let Err(e) = parse_memory(mem.as_str())
+    {
+        out.push(FieldProblem::new("spec.quota.memory", e));
     }
 }
 
@@ -156,13 +200,19 @@ pub fn validate_object(r: &Resource) -> Vec<FieldProblem> {
     match r {
         Resource::Tenant(t) => {
             if t.spec.display_name.as_ref().is_some_and(|d| d.len() > 256) {
-                out.push(FieldProblem::new("spec.displayName", "at most 256 characters"));
+                out.push(FieldProblem::new(
+                    "spec.displayName",
+                    "at most 256 characters",
+                ));
             }
             check_quota(&t.spec.quota, &mut out)
         }
         Resource::Project(p) => {
             if p.spec.display_name.as_ref().is_some_and(|d| d.len() > 256) {
-                out.push(FieldProblem::new("spec.displayName", "at most 256 characters"));
+                out.push(FieldProblem::new(
+                    "spec.displayName",
+                    "at most 256 characters",
+                ));
             }
             check_quota(&p.spec.quota, &mut out)
         }
@@ -185,12 +235,18 @@ pub fn validate_object(r: &Resource) -> Vec<FieldProblem> {
             if !(0..=MAX_REPLICAS).contains(&s.replicas) {
                 out.push(FieldProblem::new(
                     "spec.replicas",
-                    format!("{} is out of range; replicas must be between 0 and {MAX_REPLICAS}", s.replicas),
+                    format!(
+                        "{} is out of range; replicas must be between 0 and {MAX_REPLICAS}",
+                        s.replicas
+                    ),
                 ));
             }
             if let Some(cpu) = &s.resources.cpu {
                 match parse_cpu(cpu.as_str()) {
-                    Ok(0) => out.push(FieldProblem::new("spec.resources.cpu", "must be more than 0")),
+                    Ok(0) => out.push(FieldProblem::new(
+                        "spec.resources.cpu",
+                        "must be more than 0",
+                    )),
                     Ok(_) => {}
                     Err(e) => out.push(FieldProblem::new("spec.resources.cpu", e)),
                 }
@@ -205,28 +261,37 @@ pub fn validate_object(r: &Resource) -> Vec<FieldProblem> {
                     Err(e) => out.push(FieldProblem::new("spec.resources.memory", e)),
                 }
             }
-            if let Some(p) = s.resources.pids {
-                if !(MIN_PIDS..=MAX_PIDS).contains(&p) {
-                    out.push(FieldProblem::new(
-                        "spec.resources.pids",
-                        format!("{p} is out of range; pids must be between {MIN_PIDS} and {MAX_PIDS}"),
-                    ));
-                }
+            if let Some(p) = s.resources.pids
+                && !(MIN_PIDS..=MAX_PIDS).contains(&p)
+            {
+                out.push(FieldProblem::new(
+                    "spec.resources.pids",
+                    format!("{p} is out of range; pids must be between {MIN_PIDS} and {MAX_PIDS}"),
+                ));
             }
             for name in s.env.keys() {
                 if let Err(e) = validate_env_name(name) {
                     out.push(FieldProblem::new(format!("spec.env.{name}"), e));
                 }
             }
-            check_labels(&s.placement.host_selector, "spec.placement.hostSelector", &mut out);
+            check_labels(
+                &s.placement.host_selector,
+                "spec.placement.hostSelector",
+                &mut out,
+            );
         }
         Resource::Host(_) => {}
     }
-    let size = serde_json::to_vec(&r.to_value()).map(|v| v.len()).unwrap_or(0);
+    let size = serde_json::to_vec(&r.to_value())
+        .map(|v| v.len())
+        .unwrap_or(0);
     if size > MAX_OBJECT_BYTES {
         out.push(FieldProblem::new(
             "",
-            format!("the object is {size} bytes; at most {MAX_OBJECT_BYTES} bytes ({} KiB) are allowed", MAX_OBJECT_BYTES / 1024),
+            format!(
+                "the object is {size} bytes; at most {MAX_OBJECT_BYTES} bytes ({} KiB) are allowed",
+                MAX_OBJECT_BYTES / 1024
+            ),
         ));
     }
     out
@@ -273,7 +338,16 @@ mod tests {
         for ok in ["2026.7.1", "2026.12.31", "2026.7.1-2", "2026.8.0-beta.1"] {
             assert!(validate_version(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "latest", "2026.7", "26.7.1", "2026.13.1", "2026.7.1-rc.1", "2026.7.1-", "v2026.7.1"] {
+        for bad in [
+            "",
+            "latest",
+            "2026.7",
+            "26.7.1",
+            "2026.13.1",
+            "2026.7.1-rc.1",
+            "2026.7.1-",
+            "v2026.7.1",
+        ] {
             assert!(validate_version(bad).is_err(), "{bad}");
         }
     }
@@ -284,36 +358,62 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].field, "spec.replicaz");
         assert!(p[0].problem.contains("unknown field"), "{}", p[0].problem);
-        let p = problems(instance(json!({"version": "2026.7.1", "resources": {"memroy": "1Gi"}})));
+        let p = problems(instance(
+            json!({"version": "2026.7.1", "resources": {"memroy": "1Gi"}}),
+        ));
         assert_eq!(p[0].field, "spec.resources.memroy");
     }
 
     #[test]
     fn wrong_kind_and_api_version() {
         let p = problems(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}}));
-        assert_eq!(p.iter().map(|p| p.field.as_str()).collect::<Vec<_>>(), ["apiVersion", "kind"]);
+        assert_eq!(
+            p.iter().map(|p| p.field.as_str()).collect::<Vec<_>>(),
+            ["apiVersion", "kind"]
+        );
         assert!(p[1].problem.contains("OpenClawInstance"));
         assert_eq!(problems(json!("just a string"))[0].field, "");
     }
 
     #[test]
     fn bad_values() {
-        assert_eq!(fields(instance(json!({"version": "2026.7.1", "replicas": -1}))), ["spec.replicas"]);
-        assert_eq!(fields(instance(json!({"version": "2026.7.1", "replicas": 100000}))), ["spec.replicas"]);
-        let p = problems(instance(json!({"version": "2026.7.1", "resources": {"memory": "4GB"}})));
+        assert_eq!(
+            fields(instance(json!({"version": "2026.7.1", "replicas": -1}))),
+            ["spec.replicas"]
+        );
+        assert_eq!(
+            fields(instance(json!({"version": "2026.7.1", "replicas": 100000}))),
+            ["spec.replicas"]
+        );
+        let p = problems(instance(
+            json!({"version": "2026.7.1", "resources": {"memory": "4GB"}}),
+        ));
         assert_eq!(p[0].field, "spec.resources.memory");
         assert!(p[0].problem.contains("4Gi"));
         assert_eq!(fields(instance(json!({"version": "7"}))), ["spec.version"]);
         assert_eq!(fields(instance(json!({}))), ["spec.version"]);
-        assert_eq!(fields(instance(json!({"image": "bad image"}))), ["spec.image"]);
-        assert_eq!(fields(instance(json!({"version": "2026.7.1", "env": {"1X": "a"}}))), ["spec.env.1X"]);
         assert_eq!(
-            fields(instance(json!({"version": "2026.7.1", "env": {"OPENCLAW_CONFIG_PATH": "/x"}}))),
+            fields(instance(json!({"image": "bad image"}))),
+            ["spec.image"]
+        );
+        assert_eq!(
+            fields(instance(json!({"version": "2026.7.1", "env": {"1X": "a"}}))),
+            ["spec.env.1X"]
+        );
+        assert_eq!(
+            fields(instance(
+                json!({"version": "2026.7.1", "env": {"OPENCLAW_CONFIG_PATH": "/x"}})
+            )),
             ["spec.env.OPENCLAW_CONFIG_PATH"]
         );
-        assert_eq!(fields(instance(json!({"version": "2026.7.1", "config": "x"}))), ["spec.config"]);
         assert_eq!(
-            fields(instance(json!({"version": "2026.7.1", "resources": {"cpu": "lots", "pids": 2}}))),
+            fields(instance(json!({"version": "2026.7.1", "config": "x"}))),
+            ["spec.config"]
+        );
+        assert_eq!(
+            fields(instance(
+                json!({"version": "2026.7.1", "resources": {"cpu": "lots", "pids": 2}})
+            )),
             ["spec.resources.cpu", "spec.resources.pids"]
         );
     }
@@ -333,7 +433,9 @@ mod tests {
     #[test]
     fn size_limit() {
         let big = "x".repeat(MAX_OBJECT_BYTES);
-        let p = problems(instance(json!({"version": "2026.7.1", "config": {"blob": big}})));
+        let p = problems(instance(
+            json!({"version": "2026.7.1", "config": {"blob": big}}),
+        ));
         assert_eq!(p.len(), 1);
         assert!(p[0].problem.contains("at most"), "{}", p[0].problem);
     }

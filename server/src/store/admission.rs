@@ -40,21 +40,31 @@ pub fn admit(
         m.generation = Some(1);
         m.resource_version = Some(index);
         m.created_at = Some(now_rfc3339.to_string());
-        return Ok(Admitted { outcome: Outcome::Created, resource: next });
+        return Ok(Admitted {
+            outcome: Outcome::Created,
+            resource: next,
+        });
     };
     if mode == WriteMode::Create {
         return Err(StoreError::AlreadyExists(key));
     }
-    if let Some(given) = given_rv {
-        if given != existing.resource_version {
-            return Err(StoreError::Conflict { key, given, current: existing.resource_version });
-        }
+    if let Some(given) = given_rv
+        && given != existing.resource_version
+    {
+        return Err(StoreError::Conflict {
+            key,
+            given,
+            current: existing.resource_version,
+        });
     }
     let current = existing.resource()?;
     let spec_changed = current.spec_value() != next.spec_value();
     let labels_changed = current.metadata().labels != next.metadata().labels;
     if !spec_changed && !labels_changed {
-        return Ok(Admitted { outcome: Outcome::Unchanged, resource: current });
+        return Ok(Admitted {
+            outcome: Outcome::Unchanged,
+            resource: current,
+        });
     }
     let cm = current.metadata();
     let generation = cm.generation.unwrap_or(1) + i64::from(spec_changed);
@@ -69,8 +79,11 @@ pub fn admit(
     if !status.is_null() {
         value["status"] = status;
     }
-    let resource = Resource::from_value(value).map_err(|p| StoreError::Invalid(p))?;
-    Ok(Admitted { outcome: Outcome::Configured, resource })
+    let resource = Resource::from_value(value).map_err(StoreError::Invalid)?;
+    Ok(Admitted {
+        outcome: Outcome::Configured,
+        resource,
+    })
 }
 
 #[cfg(test)]
@@ -104,40 +117,105 @@ mod tests {
 
     #[test]
     fn create_then_unchanged_then_configured() {
-        let a = admit(None, &instance(1, json!({})), WriteMode::Apply, 5, NOW, || "u1".into()).unwrap();
+        let a = admit(
+            None,
+            &instance(1, json!({})),
+            WriteMode::Apply,
+            5,
+            NOW,
+            || "u1".into(),
+        )
+        .unwrap();
         assert_eq!(a.outcome, Outcome::Created);
         let m = a.resource.metadata();
-        assert_eq!((m.generation, m.resource_version, m.uid.as_deref()), (Some(1), Some(5), Some("u1")));
+        assert_eq!(
+            (m.generation, m.resource_version, m.uid.as_deref()),
+            (Some(1), Some(5), Some("u1"))
+        );
         let OpenClawInstanceSpecCheck(mem) = OpenClawInstanceSpecCheck::of(&a.resource);
         assert_eq!(mem.as_deref(), Some("2Gi"), "defaults are filled in");
 
         let s = stored(&a.resource);
-        let b = admit(Some(&s), &instance(1, json!({})), WriteMode::Apply, 6, NOW, || unreachable!()).unwrap();
+        let b = admit(
+            Some(&s),
+            &instance(1, json!({})),
+            WriteMode::Apply,
+            6,
+            NOW,
+            || unreachable!(),
+        )
+        .unwrap();
         assert_eq!(b.outcome, Outcome::Unchanged);
         assert_eq!(b.resource.metadata().resource_version, Some(5));
 
-        let c = admit(Some(&s), &instance(3, json!({})), WriteMode::Apply, 7, NOW, || unreachable!()).unwrap();
+        let c = admit(
+            Some(&s),
+            &instance(3, json!({})),
+            WriteMode::Apply,
+            7,
+            NOW,
+            || unreachable!(),
+        )
+        .unwrap();
         assert_eq!(c.outcome, Outcome::Configured);
         assert_eq!(c.resource.metadata().generation, Some(2));
         assert_eq!(c.resource.metadata().uid.as_deref(), Some("u1"));
 
-        let d = admit(Some(&s), &instance(1, json!({"a": "b"})), WriteMode::Apply, 7, NOW, || unreachable!()).unwrap();
+        let d = admit(
+            Some(&s),
+            &instance(1, json!({"a": "b"})),
+            WriteMode::Apply,
+            7,
+            NOW,
+            || unreachable!(),
+        )
+        .unwrap();
         assert_eq!(d.outcome, Outcome::Configured);
-        assert_eq!(d.resource.metadata().generation, Some(1), "labels alone do not bump generation");
+        assert_eq!(
+            d.resource.metadata().generation,
+            Some(1),
+            "labels alone do not bump generation"
+        );
     }
 
     #[test]
     fn preconditions() {
-        let a = admit(None, &instance(1, json!({})), WriteMode::Apply, 5, NOW, || "u1".into()).unwrap();
+        let a = admit(
+            None,
+            &instance(1, json!({})),
+            WriteMode::Apply,
+            5,
+            NOW,
+            || "u1".into(),
+        )
+        .unwrap();
         let s = stored(&a.resource);
         let mut stale = instance(2, json!({}));
         stale.metadata_mut().resource_version = Some(4);
         assert!(matches!(
-            admit(Some(&s), &stale, WriteMode::Apply, 9, NOW, || unreachable!()),
-            Err(StoreError::Conflict { given: 4, current: 5, .. })
+            admit(
+                Some(&s),
+                &stale,
+                WriteMode::Apply,
+                9,
+                NOW,
+                || unreachable!()
+            ),
+            Err(StoreError::Conflict {
+                given: 4,
+                current: 5,
+                ..
+            })
         ));
         assert!(matches!(
-            admit(Some(&s), &instance(1, json!({})), WriteMode::Create, 9, NOW, || unreachable!()),
+            admit(
+                Some(&s),
+                &instance(1, json!({})),
+                WriteMode::Create,
+                9,
+                NOW,
+                || unreachable!()
+            ),
             Err(StoreError::AlreadyExists(_))
         ));
         assert!(matches!(
@@ -154,7 +232,9 @@ mod tests {
     impl OpenClawInstanceSpecCheck {
         fn of(r: &Resource) -> Self {
             match r {
-                Resource::OpenClawInstance(i) => Self(i.spec.resources.memory.as_ref().map(|q| q.0.clone())),
+                Resource::OpenClawInstance(i) => {
+                    Self(i.spec.resources.memory.as_ref().map(|q| q.0.clone()))
+                }
                 _ => Self(None),
             }
         }

@@ -27,7 +27,8 @@ pub struct StoredObject {
 impl StoredObject {
     /// Decodes the stored JSON; it was validated when written, so failure means corruption.
     pub fn resource(&self) -> Result<Resource, StoreError> {
-        serde_json::from_str(&self.json).map_err(|e| StoreError::Corrupt(format!("{}: {e}", self.key)))
+        serde_json::from_str(&self.json)
+            .map_err(|e| StoreError::Corrupt(format!("{}: {e}", self.key)))
     }
 }
 
@@ -115,7 +116,8 @@ impl LabelRequirement {
                 | LabelRequirement::Exists(k)
                 | LabelRequirement::NotExists(k) => k,
             };
-            crate::model::validate_label_key(key).map_err(|e| format!("label selector {s:?}: {e}"))?;
+            crate::model::validate_label_key(key)
+                .map_err(|e| format!("label selector {s:?}: {e}"))?;
             out.push(req);
         }
         Ok(out)
@@ -133,7 +135,12 @@ pub struct ListFilter {
 
 impl ListFilter {
     pub fn all(kind: Kind) -> Self {
-        ListFilter { kind, tenant: None, project: None, labels: Vec::new() }
+        ListFilter {
+            kind,
+            tenant: None,
+            project: None,
+            labels: Vec::new(),
+        }
     }
 }
 
@@ -197,14 +204,29 @@ pub enum StoreError {
     NotFound(ObjectKey),
     #[error("{0} already exists")]
     AlreadyExists(ObjectKey),
-    #[error("{key} has been modified: resourceVersion {given} was given but the object is at {current}; read it again and retry")]
-    Conflict { key: ObjectKey, given: u64, current: u64 },
-    #[error("{key} was deleted or never existed; a resourceVersion ({given}) was given, which only makes sense for an update")]
+    #[error(
+        "{key} has been modified: resourceVersion {given} was given but the object is at {current}; read it again and retry"
+    )]
+    Conflict {
+        key: ObjectKey,
+        given: u64,
+        current: u64,
+    },
+    #[error(
+        "{key} was deleted or never existed; a resourceVersion ({given}) was given, which only makes sense for an update"
+    )]
     Gone { key: ObjectKey, given: u64 },
     #[error("{parent} does not exist; create it before {key}")]
-    ParentMissing { key: ObjectKey, parent: ObjectKey },
+    ParentMissing {
+        key: ObjectKey,
+        parent: Box<ObjectKey>,
+    },
     #[error("{key} still has {count} {child}; delete them first")]
-    HasChildren { key: ObjectKey, count: usize, child: &'static str },
+    HasChildren {
+        key: ObjectKey,
+        count: usize,
+        child: &'static str,
+    },
     #[error("item {index}: {source}")]
     InBatch {
         index: usize,
@@ -218,7 +240,11 @@ pub enum StoreError {
     #[error(
         "the database {path} has schema version {found}, newer than this clusterclaw supports ({supported}); run a newer clusterclaw, or restore a backup made by this version"
     )]
-    SchemaTooNew { path: String, found: i64, supported: i64 },
+    SchemaTooNew {
+        path: String,
+        found: i64,
+        supported: i64,
+    },
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("database error: {0}")]
@@ -247,11 +273,19 @@ pub trait Store: Send + Sync + 'static {
     /// already be validated ([`crate::model::validate_object`]); references to tenants and
     /// projects are checked here, against the batch and the store. With `dry_run` nothing is
     /// written but the results are what a real write would give.
-    fn write(&self, batch: &[(Resource, WriteMode)], dry_run: bool) -> Result<WriteSummary, StoreError>;
+    fn write(
+        &self,
+        batch: &[(Resource, WriteMode)],
+        dry_run: bool,
+    ) -> Result<WriteSummary, StoreError>;
     /// Reads, changes and writes one object in one transaction. `change` edits the object in
     /// place (status, or a host's spec) and returns whether it changed anything; `generation`
     /// is not bumped. Returns the new resourceVersion, or `None` when nothing changed.
-    fn update(&self, key: &ObjectKey, change: &mut dyn FnMut(&mut Resource) -> bool) -> Result<Option<u64>, StoreError>;
+    fn update(
+        &self,
+        key: &ObjectKey,
+        change: &mut dyn FnMut(&mut Resource) -> bool,
+    ) -> Result<Option<u64>, StoreError>;
     /// [`Store::update`] over many objects in one transaction (one index bump, one sync to
     /// disk); keys that no longer exist are skipped. Returns the new index if anything changed.
     fn update_many(

@@ -7,12 +7,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
+};
 use tokio::sync::watch;
 
 use super::{
-    JoinRefusal, ListFilter, Store, StoreError, StoredObject, TokenKind, TokenRecord, WriteMode, WriteResult,
-    WriteSummary, admit,
+    JoinRefusal, ListFilter, Store, StoreError, StoredObject, TokenKind, TokenRecord, WriteMode,
+    WriteResult, WriteSummary, admit,
 };
 use crate::model::{FieldProblem, Kind, ObjectKey, Resource};
 
@@ -54,7 +56,8 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 const MAX_IDLE_READERS: usize = 8;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-const OBJECT_COLUMNS: &str = "kind, tenant, project, name, uid, generation, resource_version, labels, body";
+const OBJECT_COLUMNS: &str =
+    "kind, tenant, project, name, uid, generation, resource_version, labels, body";
 
 /// The embedded store.
 pub struct SqliteStore {
@@ -67,7 +70,10 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").field("path", &self.path).field("index", &self.index()).finish()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .field("index", &self.index())
+            .finish()
     }
 }
 
@@ -88,11 +94,16 @@ impl SqliteStore {
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
             .map_err(|e| open_error(path, e))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Backend(format!("{}: could not switch to WAL journal mode (got {mode})", path.display())));
+            return Err(StoreError::Backend(format!(
+                "{}: could not switch to WAL journal mode (got {mode})",
+                path.display()
+            )));
         }
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
         migrate(&mut conn, path)?;
-        let index: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'index'", [], |r| r.get(0))?;
+        let index: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'index'", [], |r| {
+            r.get(0)
+        })?;
         let index = index as u64;
         let (notify, _) = watch::channel(index);
         Ok(SqliteStore {
@@ -111,14 +122,19 @@ impl SqliteStore {
     fn open_reader(&self) -> Result<Connection, StoreError> {
         let conn = Connection::open_with_flags(
             &self.path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
         )?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.execute_batch("PRAGMA query_only = ON;")?;
         Ok(conn)
     }
 
-    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let pooled = lock(&self.readers).pop();
         let conn = match pooled {
             Some(c) => c,
@@ -141,14 +157,19 @@ impl SqliteStore {
     ) -> Result<(T, u64), StoreError> {
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let current: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'index'", [], |r| r.get(0))?;
+        let current: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'index'", [], |r| {
+            r.get(0)
+        })?;
         let next = current as u64 + 1;
         let (out, changed) = f(&tx, next)?;
         if !changed || dry_run {
             tx.rollback()?;
             return Ok((out, current as u64));
         }
-        tx.execute("UPDATE meta SET value = ?1 WHERE key = 'index'", [next as i64])?;
+        tx.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'index'",
+            [next as i64],
+        )?;
         tx.commit()?;
         self.index.store(next, Ordering::SeqCst);
         self.notify.send_replace(next);
@@ -158,9 +179,10 @@ impl SqliteStore {
 
 fn open_error(path: &Path, e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::NotADatabase) => {
-            StoreError::Corrupt(format!("{} is not a clusterclaw database (not an SQLite file)", path.display()))
-        }
+        Some(rusqlite::ErrorCode::NotADatabase) => StoreError::Corrupt(format!(
+            "{} is not a clusterclaw database (not an SQLite file)",
+            path.display()
+        )),
         Some(rusqlite::ErrorCode::CannotOpen) => StoreError::Backend(format!(
             "cannot open {}: {e} (does the directory exist and is it writable?)",
             path.display()
@@ -189,7 +211,8 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
 }
 
 fn kind_from_db(s: &str) -> Result<Kind, StoreError> {
-    Kind::from_manifest(s).ok_or_else(|| StoreError::Corrupt(format!("unknown kind {s:?} in the objects table")))
+    Kind::from_manifest(s)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown kind {s:?} in the objects table")))
 }
 
 fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, ObjectKeyParts, StoredParts)> {
@@ -204,10 +227,22 @@ type ObjectKeyParts = (String, String, String);
 type StoredParts = (String, i64, i64, String, String);
 
 fn assemble(kind: String, k: ObjectKeyParts, s: StoredParts) -> Result<StoredObject, StoreError> {
-    let key = ObjectKey { kind: kind_from_db(&kind)?, tenant: k.0, project: k.1, name: k.2 };
-    let labels: BTreeMap<String, String> =
-        serde_json::from_str(&s.3).map_err(|e| StoreError::Corrupt(format!("labels of {key}: {e}")))?;
-    Ok(StoredObject { key, uid: s.0, generation: s.1, resource_version: s.2 as u64, labels, json: s.4 })
+    let key = ObjectKey {
+        kind: kind_from_db(&kind)?,
+        tenant: k.0,
+        project: k.1,
+        name: k.2,
+    };
+    let labels: BTreeMap<String, String> = serde_json::from_str(&s.3)
+        .map_err(|e| StoreError::Corrupt(format!("labels of {key}: {e}")))?;
+    Ok(StoredObject {
+        key,
+        uid: s.0,
+        generation: s.1,
+        resource_version: s.2 as u64,
+        labels,
+        json: s.4,
+    })
 }
 
 fn get_in(conn: &Connection, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError> {
@@ -215,20 +250,30 @@ fn get_in(conn: &Connection, key: &ObjectKey) -> Result<Option<StoredObject>, St
         "SELECT {OBJECT_COLUMNS} FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4"
     ))?;
     let row = stmt
-        .query_row(params![key.kind.as_str(), key.tenant, key.project, key.name], row_to_object)
+        .query_row(
+            params![key.kind.as_str(), key.tenant, key.project, key.name],
+            row_to_object,
+        )
         .optional()?;
     row.map(|(kind, k, s)| assemble(kind, k, s)).transpose()
 }
 
 fn exists_in(conn: &Connection, key: &ObjectKey) -> Result<bool, StoreError> {
-    let mut stmt = conn
-        .prepare_cached("SELECT 1 FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4")?;
-    Ok(stmt.exists(params![key.kind.as_str(), key.tenant, key.project, key.name])?)
+    let mut stmt = conn.prepare_cached(
+        "SELECT 1 FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4",
+    )?;
+    Ok(stmt.exists(params![
+        key.kind.as_str(),
+        key.tenant,
+        key.project,
+        key.name
+    ])?)
 }
 
 fn to_stored(r: &Resource) -> Result<StoredObject, StoreError> {
     let m = r.metadata();
-    let json = serde_json::to_string(r).map_err(|e| StoreError::Backend(format!("encoding {}: {e}", r.key())))?;
+    let json = serde_json::to_string(r)
+        .map_err(|e| StoreError::Backend(format!("encoding {}: {e}", r.key())))?;
     Ok(StoredObject {
         key: r.key(),
         uid: m.uid.clone().unwrap_or_default(),
@@ -240,7 +285,8 @@ fn to_stored(r: &Resource) -> Result<StoredObject, StoreError> {
 }
 
 fn upsert_in(conn: &Connection, o: &StoredObject) -> Result<(), StoreError> {
-    let labels = serde_json::to_string(&o.labels).map_err(|e| StoreError::Backend(e.to_string()))?;
+    let labels =
+        serde_json::to_string(&o.labels).map_err(|e| StoreError::Backend(e.to_string()))?;
     let mut stmt = conn.prepare_cached(
         "INSERT INTO objects (kind, tenant, project, name, uid, generation, resource_version, labels, body)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
@@ -277,7 +323,10 @@ fn update_in(
         return Ok(false);
     }
     if after.key() != key {
-        return Err(StoreError::Backend(format!("an update of {key} tried to rename it to {}", after.key())));
+        return Err(StoreError::Backend(format!(
+            "an update of {key} tried to rename it to {}",
+            after.key()
+        )));
     }
     let m = after.metadata_mut();
     m.resource_version = Some(next);
@@ -294,7 +343,10 @@ fn now_rfc3339() -> String {
 }
 
 fn in_batch(index: usize, e: StoreError) -> StoreError {
-    StoreError::InBatch { index, source: Box::new(e) }
+    StoreError::InBatch {
+        index,
+        source: Box::new(e),
+    }
 }
 
 fn token_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(TokenRecord, String)> {
@@ -321,7 +373,12 @@ fn finish_token((mut t, kind): (TokenRecord, String)) -> Result<TokenRecord, Sto
     t.kind = match kind.as_str() {
         "api" => TokenKind::Api,
         "join" => TokenKind::Join,
-        other => return Err(StoreError::Corrupt(format!("token {} has unknown kind {other:?}", t.id))),
+        other => {
+            return Err(StoreError::Corrupt(format!(
+                "token {} has unknown kind {other:?}",
+                t.id
+            )));
+        }
     };
     Ok(t)
 }
@@ -370,13 +427,20 @@ impl Store for SqliteStore {
         })
     }
 
-    fn write(&self, batch: &[(Resource, WriteMode)], dry_run: bool) -> Result<WriteSummary, StoreError> {
+    fn write(
+        &self,
+        batch: &[(Resource, WriteMode)],
+        dry_run: bool,
+    ) -> Result<WriteSummary, StoreError> {
         let keys: Vec<ObjectKey> = batch.iter().map(|(r, _)| r.key()).collect();
         let mut seen: HashMap<&ObjectKey, usize> = HashMap::new();
         let mut dupes = Vec::new();
         for (i, k) in keys.iter().enumerate() {
             if let Some(first) = seen.insert(k, i) {
-                dupes.push(FieldProblem::new(format!("items[{i}]"), format!("names {k} again (as items[{first}] does)")));
+                dupes.push(FieldProblem::new(
+                    format!("items[{i}]"),
+                    format!("names {k} again (as items[{first}] does)"),
+                ));
             }
         }
         if !dupes.is_empty() {
@@ -392,14 +456,22 @@ impl Store for SqliteStore {
             for &i in &order {
                 let (res, mode) = &batch[i];
                 let key = &keys[i];
-                if let Some(parent) = key.parent() {
-                    if !exists_in(tx, &parent)? {
-                        return Err(in_batch(i, StoreError::ParentMissing { key: key.clone(), parent }));
-                    }
+                if let Some(parent) = key.parent()
+                    && !exists_in(tx, &parent)?
+                {
+                    return Err(in_batch(
+                        i,
+                        StoreError::ParentMissing {
+                            key: key.clone(),
+                            parent: Box::new(parent),
+                        },
+                    ));
                 }
                 let existing = get_in(tx, key)?;
-                let admitted = admit(existing.as_ref(), res, *mode, next, &now, || uuid::Uuid::new_v4().to_string())
-                    .map_err(|e| in_batch(i, e))?;
+                let admitted = admit(existing.as_ref(), res, *mode, next, &now, || {
+                    uuid::Uuid::new_v4().to_string()
+                })
+                .map_err(|e| in_batch(i, e))?;
                 let object = match (admitted.outcome, existing) {
                     (super::Outcome::Unchanged, Some(existing)) => existing,
                     _ => {
@@ -409,7 +481,11 @@ impl Store for SqliteStore {
                         o
                     }
                 };
-                results[i] = Some(WriteResult { key: key.clone(), outcome: admitted.outcome, object });
+                results[i] = Some(WriteResult {
+                    key: key.clone(),
+                    outcome: admitted.outcome,
+                    object,
+                });
             }
             Ok((results, changed))
         })?;
@@ -417,7 +493,11 @@ impl Store for SqliteStore {
         Ok(WriteSummary { index, results })
     }
 
-    fn update(&self, key: &ObjectKey, change: &mut dyn FnMut(&mut Resource) -> bool) -> Result<Option<u64>, StoreError> {
+    fn update(
+        &self,
+        key: &ObjectKey,
+        change: &mut dyn FnMut(&mut Resource) -> bool,
+    ) -> Result<Option<u64>, StoreError> {
         let (changed, index) = self.write_tx(false, |tx, next| {
             let existing = get_in(tx, key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
             let changed = update_in(tx, existing, next, change)?;
@@ -446,11 +526,10 @@ impl Store for SqliteStore {
     fn delete(&self, key: &ObjectKey, expected: Option<u64>) -> Result<u64, StoreError> {
         let ((), index) = self.write_tx(false, |tx, _next| {
             let existing = get_in(tx, key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
-            if let Some(given) = expected.filter(|rv| *rv != 0) {
-                if given != existing.resource_version {
+            if let Some(given) = expected.filter(|rv| *rv != 0)
+                && given != existing.resource_version {
                     return Err(StoreError::Conflict { key: key.clone(), given, current: existing.resource_version });
                 }
-            }
             let children = match key.kind {
                 Kind::Tenant => Some((
                     "projects",
@@ -505,8 +584,13 @@ impl Store for SqliteStore {
 
     fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"))?;
-            stmt.query_row([hash], token_from_row).optional()?.map(finish_token).transpose()
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"
+            ))?;
+            stmt.query_row([hash], token_from_row)
+                .optional()?
+                .map(finish_token)
+                .transpose()
         })
     }
 
@@ -514,11 +598,18 @@ impl Store for SqliteStore {
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let found = {
-            let mut stmt = tx.prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"))?;
-            stmt.query_row([hash], token_from_row).optional()?.map(finish_token).transpose()?
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"
+            ))?;
+            stmt.query_row([hash], token_from_row)
+                .optional()?
+                .map(finish_token)
+                .transpose()?
         };
         let refuse = |r| Err(StoreError::JoinRefused(r));
-        let Some(mut t) = found else { return refuse(JoinRefusal::Unknown) };
+        let Some(mut t) = found else {
+            return refuse(JoinRefusal::Unknown);
+        };
         if t.kind != TokenKind::Join {
             return refuse(JoinRefusal::NotAJoinToken);
         }
@@ -533,7 +624,10 @@ impl Store for SqliteStore {
                 return refuse(JoinRefusal::UsedUp);
             }
             t.uses_remaining = Some(uses - 1);
-            tx.execute("UPDATE tokens SET uses_remaining = ?1 WHERE id = ?2", params![uses - 1, t.id])?;
+            tx.execute(
+                "UPDATE tokens SET uses_remaining = ?1 WHERE id = ?2",
+                params![uses - 1, t.id],
+            )?;
         }
         tx.commit()?;
         Ok(t)
@@ -541,7 +635,9 @@ impl Store for SqliteStore {
 
     fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"))?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"
+            ))?;
             let rows = stmt.query_map([], token_from_row)?;
             rows.map(|r| finish_token(r?)).collect()
         })
@@ -570,11 +666,15 @@ mod tests {
     }
 
     fn tenant(name: &str) -> Resource {
-        res(json!({"apiVersion": "clusterclaw.io/v1", "kind": "Tenant", "metadata": {"name": name}}))
+        res(
+            json!({"apiVersion": "clusterclaw.io/v1", "kind": "Tenant", "metadata": {"name": name}}),
+        )
     }
 
     fn project(t: &str, name: &str) -> Resource {
-        res(json!({"apiVersion": "clusterclaw.io/v1", "kind": "Project", "metadata": {"name": name, "tenant": t}}))
+        res(
+            json!({"apiVersion": "clusterclaw.io/v1", "kind": "Project", "metadata": {"name": name, "tenant": t}}),
+        )
     }
 
     fn instance(t: &str, p: &str, name: &str, replicas: i64, region: &str) -> Resource {
@@ -594,23 +694,51 @@ mod tests {
     fn batch_is_ordered_parents_first_and_bumps_the_index_once() {
         let (_d, store) = open();
         let mut rx = store.subscribe();
-        let s = apply(&store, vec![instance("acme", "web", "bot", 2, "eu"), project("acme", "web"), tenant("acme")]).unwrap();
+        let s = apply(
+            &store,
+            vec![
+                instance("acme", "web", "bot", 2, "eu"),
+                project("acme", "web"),
+                tenant("acme"),
+            ],
+        )
+        .unwrap();
         assert_eq!(s.index, 1);
         assert_eq!(store.index(), 1);
         assert!(rx.has_changed().unwrap());
         assert_eq!(*rx.borrow_and_update(), 1);
         assert!(s.results.iter().all(|r| r.outcome == Outcome::Created));
-        assert_eq!(s.results[0].key, ObjectKey::instance("acme", "web", "bot"), "results follow request order");
+        assert_eq!(
+            s.results[0].key,
+            ObjectKey::instance("acme", "web", "bot"),
+            "results follow request order"
+        );
         assert!(s.results.iter().all(|r| r.object.resource_version == 1));
 
-        let again = apply(&store, vec![tenant("acme"), project("acme", "web"), instance("acme", "web", "bot", 2, "eu")]).unwrap();
-        assert!(again.results.iter().all(|r| r.outcome == Outcome::Unchanged));
+        let again = apply(
+            &store,
+            vec![
+                tenant("acme"),
+                project("acme", "web"),
+                instance("acme", "web", "bot", 2, "eu"),
+            ],
+        )
+        .unwrap();
+        assert!(
+            again
+                .results
+                .iter()
+                .all(|r| r.outcome == Outcome::Unchanged)
+        );
         assert_eq!(again.index, 1, "an unchanged apply does not move the index");
 
         let changed = apply(&store, vec![instance("acme", "web", "bot", 3, "eu")]).unwrap();
         assert_eq!(changed.results[0].outcome, Outcome::Configured);
         assert_eq!(changed.index, 2);
-        let got = store.get(&ObjectKey::instance("acme", "web", "bot")).unwrap().unwrap();
+        let got = store
+            .get(&ObjectKey::instance("acme", "web", "bot"))
+            .unwrap()
+            .unwrap();
         assert_eq!((got.generation, got.resource_version), (2, 2));
         assert_eq!(got.resource().unwrap().metadata().resource_version, Some(2));
     }
@@ -619,26 +747,51 @@ mod tests {
     fn a_failing_item_writes_nothing() {
         let (_d, store) = open();
         apply(&store, vec![tenant("acme"), project("acme", "web")]).unwrap();
-        let err = apply(&store, vec![instance("acme", "web", "a", 1, "eu"), instance("acme", "nope", "b", 1, "eu")]).unwrap_err();
+        let err = apply(
+            &store,
+            vec![
+                instance("acme", "web", "a", 1, "eu"),
+                instance("acme", "nope", "b", 1, "eu"),
+            ],
+        )
+        .unwrap_err();
         match err {
             StoreError::InBatch { index: 1, source } => {
-                assert!(matches!(*source, StoreError::ParentMissing { .. }), "{source}")
+                assert!(
+                    matches!(*source, StoreError::ParentMissing { .. }),
+                    "{source}"
+                )
             }
             other => panic!("{other}"),
         }
         assert_eq!(store.index(), 1);
-        assert!(store.get(&ObjectKey::instance("acme", "web", "a")).unwrap().is_none());
+        assert!(
+            store
+                .get(&ObjectKey::instance("acme", "web", "a"))
+                .unwrap()
+                .is_none()
+        );
         let dup = apply(&store, vec![tenant("x"), tenant("x")]).unwrap_err();
-        assert!(matches!(dup, StoreError::Invalid(ref p) if p[0].field == "items[1]"), "{dup}");
+        assert!(
+            matches!(dup, StoreError::Invalid(ref p) if p[0].field == "items[1]"),
+            "{dup}"
+        );
     }
 
     #[test]
     fn dry_run_reports_without_writing() {
         let (_d, store) = open();
-        let s = store.write(&[(tenant("acme"), WriteMode::Apply)], true).unwrap();
+        let s = store
+            .write(&[(tenant("acme"), WriteMode::Apply)], true)
+            .unwrap();
         assert_eq!(s.results[0].outcome, Outcome::Created);
         assert_eq!((s.index, store.index()), (0, 0));
-        assert!(store.get(&ObjectKey::cluster(Kind::Tenant, "acme")).unwrap().is_none());
+        assert!(
+            store
+                .get(&ObjectKey::cluster(Kind::Tenant, "acme"))
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -649,56 +802,135 @@ mod tests {
         let mut stale = tenant("acme");
         stale.metadata_mut().labels.insert("a".into(), "b".into());
         stale.metadata_mut().resource_version = Some(7);
-        assert!(matches!(apply(&store, vec![stale.clone()]), Err(StoreError::InBatch { .. })));
+        assert!(matches!(
+            apply(&store, vec![stale.clone()]),
+            Err(StoreError::InBatch { .. })
+        ));
         stale.metadata_mut().resource_version = Some(1);
-        assert_eq!(apply(&store, vec![stale]).unwrap().results[0].outcome, Outcome::Configured);
+        assert_eq!(
+            apply(&store, vec![stale]).unwrap().results[0].outcome,
+            Outcome::Configured
+        );
         assert!(matches!(
             store.delete(&ObjectKey::cluster(Kind::Tenant, "other"), Some(1)),
-            Err(StoreError::Conflict { given: 1, current: 2, .. })
+            Err(StoreError::Conflict {
+                given: 1,
+                current: 2,
+                ..
+            })
         ));
     }
 
     #[test]
     fn delete_refuses_parents_with_children() {
         let (_d, store) = open();
-        apply(&store, vec![tenant("acme"), project("acme", "web"), instance("acme", "web", "bot", 1, "eu")]).unwrap();
+        apply(
+            &store,
+            vec![
+                tenant("acme"),
+                project("acme", "web"),
+                instance("acme", "web", "bot", 1, "eu"),
+            ],
+        )
+        .unwrap();
         let t = ObjectKey::cluster(Kind::Tenant, "acme");
-        assert!(matches!(store.delete(&t, None), Err(StoreError::HasChildren { count: 1, child: "projects", .. })));
+        assert!(matches!(
+            store.delete(&t, None),
+            Err(StoreError::HasChildren {
+                count: 1,
+                child: "projects",
+                ..
+            })
+        ));
         assert!(matches!(
             store.delete(&ObjectKey::project("acme", "web"), None),
-            Err(StoreError::HasChildren { child: "instances", .. })
+            Err(StoreError::HasChildren {
+                child: "instances",
+                ..
+            })
         ));
         let before = store.index();
-        assert_eq!(store.delete(&ObjectKey::instance("acme", "web", "bot"), None).unwrap(), before + 1);
-        store.delete(&ObjectKey::project("acme", "web"), None).unwrap();
+        assert_eq!(
+            store
+                .delete(&ObjectKey::instance("acme", "web", "bot"), None)
+                .unwrap(),
+            before + 1
+        );
+        store
+            .delete(&ObjectKey::project("acme", "web"), None)
+            .unwrap();
         store.delete(&t, None).unwrap();
-        assert!(matches!(store.delete(&t, None), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            store.delete(&t, None),
+            Err(StoreError::NotFound(_))
+        ));
     }
 
     #[test]
     fn list_filters_and_orders() {
         let (_d, store) = open();
-        apply(&store, vec![tenant("b"), tenant("a"), project("a", "p"), project("b", "p")]).unwrap();
         apply(
             &store,
-            vec![instance("b", "p", "x", 1, "eu"), instance("a", "p", "z", 1, "us"), instance("a", "p", "y", 1, "eu")],
+            vec![
+                tenant("b"),
+                tenant("a"),
+                project("a", "p"),
+                project("b", "p"),
+            ],
         )
         .unwrap();
-        let names = |f: &ListFilter| store.list(f).unwrap().into_iter().map(|o| o.key.to_string()).collect::<Vec<_>>();
+        apply(
+            &store,
+            vec![
+                instance("b", "p", "x", 1, "eu"),
+                instance("a", "p", "z", 1, "us"),
+                instance("a", "p", "y", 1, "eu"),
+            ],
+        )
+        .unwrap();
+        let names = |f: &ListFilter| {
+            store
+                .list(f)
+                .unwrap()
+                .into_iter()
+                .map(|o| o.key.to_string())
+                .collect::<Vec<_>>()
+        };
         let mut f = ListFilter::all(Kind::OpenClawInstance);
-        assert_eq!(names(&f), ["openclawinstance/a/p/y", "openclawinstance/a/p/z", "openclawinstance/b/p/x"]);
+        assert_eq!(
+            names(&f),
+            [
+                "openclawinstance/a/p/y",
+                "openclawinstance/a/p/z",
+                "openclawinstance/b/p/x"
+            ]
+        );
         f.labels = vec![LabelRequirement::Equals("region".into(), "eu".into())];
-        assert_eq!(names(&f), ["openclawinstance/a/p/y", "openclawinstance/b/p/x"]);
+        assert_eq!(
+            names(&f),
+            ["openclawinstance/a/p/y", "openclawinstance/b/p/x"]
+        );
         f.tenant = Some("a".into());
         f.project = Some("p".into());
         assert_eq!(names(&f), ["openclawinstance/a/p/y"]);
-        assert_eq!(names(&ListFilter::all(Kind::Tenant)), ["tenant/a", "tenant/b"]);
+        assert_eq!(
+            names(&ListFilter::all(Kind::Tenant)),
+            ["tenant/a", "tenant/b"]
+        );
     }
 
     #[test]
     fn update_keeps_generation_and_bumps_the_index() {
         let (_d, store) = open();
-        apply(&store, vec![tenant("acme"), project("acme", "web"), instance("acme", "web", "bot", 1, "eu")]).unwrap();
+        apply(
+            &store,
+            vec![
+                tenant("acme"),
+                project("acme", "web"),
+                instance("acme", "web", "bot", 1, "eu"),
+            ],
+        )
+        .unwrap();
         let key = ObjectKey::instance("acme", "web", "bot");
         let rv = store
             .update(&key, &mut |r| {
@@ -715,9 +947,16 @@ mod tests {
         assert_eq!((o.generation, o.resource_version), (1, 2));
         // A later apply of the same spec keeps the status.
         let s = apply(&store, vec![instance("acme", "web", "bot", 2, "eu")]).unwrap();
-        let Resource::OpenClawInstance(i) = s.results[0].object.resource().unwrap() else { panic!() };
+        let Resource::OpenClawInstance(i) = s.results[0].object.resource().unwrap() else {
+            panic!()
+        };
         assert_eq!(i.status.map(|s| s.replicas), Some(1));
-        let many = store.update_many(&[key.clone(), ObjectKey::instance("acme", "web", "gone")], &mut |_| false).unwrap();
+        let many = store
+            .update_many(
+                &[key.clone(), ObjectKey::instance("acme", "web", "gone")],
+                &mut |_| false,
+            )
+            .unwrap();
         assert_eq!(many, None);
     }
 
@@ -732,7 +971,12 @@ mod tests {
         }
         let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.index(), 2);
-        assert!(store.get(&ObjectKey::cluster(Kind::Tenant, "beta")).unwrap().is_some());
+        assert!(
+            store
+                .get(&ObjectKey::cluster(Kind::Tenant, "beta"))
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]
@@ -740,14 +984,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");
         drop(SqliteStore::open(&path).unwrap());
-        Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 99").unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("PRAGMA user_version = 99")
+            .unwrap();
         let err = SqliteStore::open(&path).unwrap_err();
-        assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported: SCHEMA_VERSION, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                StoreError::SchemaTooNew {
+                    found: 99,
+                    supported: SCHEMA_VERSION,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(err.to_string().contains("newer"), "{err}");
         let junk = dir.path().join("junk.db");
         std::fs::write(&junk, vec![b'x'; 8192]).unwrap();
         let err = SqliteStore::open(&junk).unwrap_err();
-        assert!(err.to_string().contains("not a clusterclaw database"), "{err}");
+        assert!(
+            err.to_string().contains("not a clusterclaw database"),
+            "{err}"
+        );
     }
 
     fn token(id: &str, kind: TokenKind, expires_at: Option<i64>, uses: Option<i64>) -> TokenRecord {
@@ -769,9 +1029,15 @@ mod tests {
     #[test]
     fn join_tokens_are_checked_and_used_up() {
         let (_d, store) = open();
-        store.insert_token(&token("once", TokenKind::Join, Some(1000), Some(1))).unwrap();
-        store.insert_token(&token("api", TokenKind::Api, None, None)).unwrap();
-        store.insert_token(&token("old", TokenKind::Join, Some(50), None)).unwrap();
+        store
+            .insert_token(&token("once", TokenKind::Join, Some(1000), Some(1)))
+            .unwrap();
+        store
+            .insert_token(&token("api", TokenKind::Api, None, None))
+            .unwrap();
+        store
+            .insert_token(&token("old", TokenKind::Join, Some(50), None))
+            .unwrap();
         let refused = |h: &str, now| match store.consume_join_token(h, now) {
             Err(StoreError::JoinRefused(r)) => Some(r),
             _ => None,
@@ -779,12 +1045,22 @@ mod tests {
         assert_eq!(refused("hash-nope", 200), Some(JoinRefusal::Unknown));
         assert_eq!(refused("hash-api", 200), Some(JoinRefusal::NotAJoinToken));
         assert_eq!(refused("hash-old", 200), Some(JoinRefusal::Expired));
-        assert_eq!(store.consume_join_token("hash-once", 200).unwrap().uses_remaining, Some(0));
+        assert_eq!(
+            store
+                .consume_join_token("hash-once", 200)
+                .unwrap()
+                .uses_remaining,
+            Some(0)
+        );
         assert_eq!(refused("hash-once", 200), Some(JoinRefusal::UsedUp));
         assert!(store.revoke_token("api").unwrap());
         assert!(!store.revoke_token("missing").unwrap());
         assert!(store.token_by_hash("hash-api").unwrap().unwrap().revoked);
         assert_eq!(store.list_tokens().unwrap().len(), 3);
-        assert_eq!(store.index(), 0, "tokens are not objects and do not move the index");
+        assert_eq!(
+            store.index(),
+            0,
+            "tokens are not objects and do not move the index"
+        );
     }
 }

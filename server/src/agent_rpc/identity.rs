@@ -1,0 +1,70 @@
+//! The calling host's identity, read from its client certificate and checked against the store.
+
+use tonic::Status;
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::model::{Kind, ObjectKey, Resource};
+use crate::store::Store;
+
+/// Prefix of the URI SAN that carries a host's uid in its certificate.
+pub const HOST_URI_PREFIX: &str = "urn:clusterclaw:host:";
+
+/// Who is calling: the `Host` object's name and uid, both from the certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostIdentity {
+    pub name: String,
+    pub uid: String,
+}
+
+/// Reads name (subject CN) and uid (URI SAN) from a DER certificate the TLS layer has verified.
+pub fn identity_from_der(der: &[u8]) -> Result<HostIdentity, String> {
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| format!("unreadable client certificate: {e}"))?;
+    let name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or("the client certificate has no common name")?
+        .to_string();
+    let uid = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|n| match n {
+                GeneralName::URI(u) => u.strip_prefix(HOST_URI_PREFIX).map(str::to_string),
+                _ => None,
+            })
+        })
+        .ok_or("the client certificate is not a clusterclaw host certificate (no host uid)")?;
+    Ok(HostIdentity { name, uid })
+}
+
+/// The caller's identity: a client certificate is required, and the `Host` it names must
+/// still exist with the same uid (deleting a host revokes its certificates).
+pub fn authenticate<T>(req: &tonic::Request<T>, store: &dyn Store) -> Result<HostIdentity, Status> {
+    let certs = req.peer_certs().ok_or_else(|| {
+        Status::unauthenticated(
+            "a client certificate is required; enroll this host with a join token first",
+        )
+    })?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
+    let id = identity_from_der(leaf.as_ref()).map_err(Status::unauthenticated)?;
+    let host = store
+        .get(&ObjectKey::cluster(Kind::Host, &id.name))
+        .map_err(|e| Status::unavailable(format!("store: {e}")))?;
+    let current_uid = host.and_then(|h| match h.resource() {
+        Ok(Resource::Host(h)) => h.metadata.uid,
+        _ => None,
+    });
+    match current_uid {
+        Some(uid) if uid == id.uid => Ok(id),
+        _ => Err(Status::unauthenticated(format!(
+            "host {} has been removed from the cluster and its certificate is revoked; enroll again with a new join token",
+            id.name
+        ))),
+    }
+}

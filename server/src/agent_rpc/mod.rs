@@ -1,0 +1,403 @@
+//! The gRPC service agents call over mutual TLS: enrollment, certificate renewal, the
+//! assignment long poll and status reports. The server never connects to a host.
+
+pub mod book;
+pub mod identity;
+pub mod reports;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clusterclaw_proto::agent as pb;
+use clusterclaw_proto::agent::agent_service_server::{AgentService, AgentServiceServer};
+use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::metrics::Metrics;
+use crate::model::{
+    Host, HostCapacity, HostSpec, Kind, Metadata, ObjectKey, Quantity, Resource, format_cpu,
+    format_memory,
+};
+use crate::pki::Ca;
+use crate::store::{JoinRefusal, Store, StoreError, WriteMode};
+
+pub use book::AssignmentBook;
+use identity::HostIdentity;
+pub use reports::Reports;
+
+/// Longest a `WatchAssignments` call is held.
+pub const MAX_WAIT: Duration = Duration::from_secs(600);
+/// Shortest hold an agent may ask for.
+const MIN_WAIT: Duration = Duration::from_secs(1);
+/// How long a host certificate is valid; agents renew at two thirds of it.
+pub const HOST_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How often heartbeats are checked.
+const HEARTBEAT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Shared state of the agent service.
+#[derive(Clone)]
+pub struct AgentRpc {
+    pub store: Arc<dyn Store>,
+    pub ca: Arc<Ca>,
+    pub book: Arc<AssignmentBook>,
+    pub reports: Arc<Reports>,
+    pub metrics: Arc<Metrics>,
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::JoinRefused(r) => Status::unauthenticated(match r {
+            JoinRefusal::Unknown => {
+                "join token not recognised; create one with `clusterclaw token create join`"
+            }
+            JoinRefusal::Expired => {
+                "join token has expired; create a new one with `clusterclaw token create join`"
+            }
+            JoinRefusal::UsedUp => {
+                "join token has been used up; create a new one with `clusterclaw token create join`"
+            }
+            JoinRefusal::Revoked => "join token has been revoked",
+            JoinRefusal::NotAJoinToken => {
+                "that is an API token, not a join token; create a join token with `clusterclaw token create join`"
+            }
+        }),
+        StoreError::NotFound(k) => Status::not_found(format!("{k} not found")),
+        StoreError::Invalid(p) => Status::invalid_argument(
+            p.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker failed: {e}")))?
+}
+
+/// A DNS-1123 label made from a hostname: lower case, dots and other characters become `-`.
+pub fn host_name_from(hostname: &str) -> String {
+    let mut s: String = hostname
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    s.truncate(50);
+    let s = s.trim_matches('-').to_string();
+    if s.is_empty() { "host".into() } else { s }
+}
+
+impl AgentRpc {
+    fn observe<T>(&self, method: &'static str, started: Instant, r: &Result<T, Status>) {
+        let code = match r {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.metrics.observe_rpc(method, code, started.elapsed());
+    }
+
+    fn enroll_blocking(&self, req: pb::EnrollRequest) -> Result<pb::EnrollResponse, Status> {
+        let mut problems = Vec::new();
+        for (k, v) in &req.labels {
+            if let Err(e) = crate::model::validate_label_key(k)
+                .and_then(|_| crate::model::validate_label_value(v))
+            {
+                problems.push(e);
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "bad host labels: {}",
+                problems.join("; ")
+            )));
+        }
+        Ca::check_csr(&req.csr_pem)
+            .map_err(|e| Status::invalid_argument(format!("bad certificate request: {e}")))?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        self.store
+            .consume_join_token(&crate::auth::hash_token(&req.join_token), now)
+            .map_err(store_status)?;
+
+        let base = host_name_from(if req.hostname.is_empty() {
+            "host"
+        } else {
+            &req.hostname
+        });
+        let capacity = req.capacity.unwrap_or_default();
+        let mut name = base.clone();
+        let mut attempt = 0;
+        let created = loop {
+            let host = Host {
+                api_version: crate::model::API_VERSION.into(),
+                kind: Kind::Host,
+                metadata: Metadata {
+                    name: name.clone(),
+                    labels: req.labels.clone().into_iter().collect(),
+                    ..Default::default()
+                },
+                spec: HostSpec {
+                    hostname: req.hostname.clone(),
+                    capacity: HostCapacity {
+                        cpu: Quantity(format_cpu(capacity.cpu_millis)),
+                        memory: Quantity(format_memory(capacity.memory_bytes)),
+                        disk: (capacity.disk_bytes > 0)
+                            .then(|| Quantity(format_memory(capacity.disk_bytes))),
+                    },
+                    unschedulable: false,
+                    agent_version: Some(req.agent_version.clone()).filter(|s| !s.is_empty()),
+                    os: Some(req.os.clone()).filter(|s| !s.is_empty()),
+                    arch: Some(req.arch.clone()).filter(|s| !s.is_empty()),
+                },
+                status: None,
+            };
+            match self
+                .store
+                .write(&[(Resource::Host(host), WriteMode::Create)], false)
+            {
+                Ok(mut s) => break s.results.remove(0).object,
+                Err(StoreError::InBatch { source, .. })
+                    if matches!(*source, StoreError::AlreadyExists(_)) && attempt < 8 =>
+                {
+                    attempt += 1;
+                    name = format!("{base}-{:04x}", rand::random::<u16>());
+                }
+                Err(e) => return Err(store_status(e)),
+            }
+        };
+        let id = HostIdentity {
+            name: created.key.name.clone(),
+            uid: created.uid.clone(),
+        };
+        let cert = self
+            .ca
+            .sign_host_csr(
+                &req.csr_pem,
+                &id.name,
+                Some(&format!("{}{}", identity::HOST_URI_PREFIX, id.uid)),
+                HOST_CERT_VALIDITY,
+            )
+            .map_err(|e| {
+                Status::invalid_argument(format!("cannot sign the certificate request: {e}"))
+            })?;
+        tracing::info!(host = %id.name, hostname = %req.hostname, "host enrolled");
+        Ok(pb::EnrollResponse {
+            host_id: id.name,
+            certificate_pem: cert,
+            ca_pem: self.ca.cert_pem().to_string(),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentRpc {
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let started = Instant::now();
+        let this = self.clone();
+        let r = blocking(move || this.enroll_blocking(request.into_inner())).await;
+        self.observe("Enroll", started, &r);
+        r.map(Response::new)
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        let started = Instant::now();
+        let this = self.clone();
+        let r = blocking(move || {
+            let id = identity::authenticate(&request, this.store.as_ref())?;
+            let csr = &request.get_ref().csr_pem;
+            let uri = format!("{}{}", identity::HOST_URI_PREFIX, id.uid);
+            let cert = this
+                .ca
+                .sign_host_csr(csr, &id.name, Some(&uri), HOST_CERT_VALIDITY)
+                .map_err(|e| {
+                    Status::invalid_argument(format!("cannot sign the certificate request: {e}"))
+                })?;
+            tracing::info!(host = %id.name, "host certificate renewed");
+            Ok(pb::RenewCertificateResponse {
+                certificate_pem: cert,
+            })
+        })
+        .await;
+        self.observe("RenewCertificate", started, &r);
+        r.map(Response::new)
+    }
+
+    async fn watch_assignments(
+        &self,
+        request: Request<pb::WatchAssignmentsRequest>,
+    ) -> Result<Response<pb::WatchAssignmentsResponse>, Status> {
+        let started = Instant::now();
+        let store = self.store.clone();
+        let (id, request) = {
+            let id =
+                tokio::task::block_in_place(|| identity::authenticate(&request, store.as_ref()));
+            (id, request.into_inner())
+        };
+        let id = match id {
+            Ok(id) => id,
+            Err(e) => {
+                self.metrics
+                    .observe_rpc("WatchAssignments", e.code(), started.elapsed());
+                return Err(e);
+            }
+        };
+        let wait = Duration::from_secs(u64::from(request.wait_seconds)).clamp(MIN_WAIT, MAX_WAIT);
+        let answer = match self.book.wait(&id.name, request.known_index, wait).await {
+            book::Wait::Changed(a) => pb::WatchAssignmentsResponse {
+                index: a.index,
+                changed: true,
+                assignments: a.assignments.clone(),
+            },
+            book::Wait::NoChange => pb::WatchAssignmentsResponse {
+                index: request.known_index,
+                changed: false,
+                assignments: Vec::new(),
+            },
+        };
+        self.metrics
+            .observe_rpc("WatchAssignments", tonic::Code::Ok, started.elapsed());
+        Ok(Response::new(answer))
+    }
+
+    async fn report_status(
+        &self,
+        request: Request<Streaming<pb::StatusReport>>,
+    ) -> Result<Response<pb::ReportStatusResponse>, Status> {
+        let started = Instant::now();
+        let store = self.store.clone();
+        let id = tokio::task::block_in_place(|| identity::authenticate(&request, store.as_ref()));
+        let id = match id {
+            Ok(id) => id,
+            Err(e) => {
+                self.metrics
+                    .observe_rpc("ReportStatus", e.code(), started.elapsed());
+                return Err(e);
+            }
+        };
+        let mut stream = request.into_inner();
+        while let Some(msg) = stream.next().await {
+            let each = Instant::now();
+            let report = match msg {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(host = %id.name, error = %e, "status stream ended with an error");
+                    break;
+                }
+            };
+            let (store, reports, id2) = (self.store.clone(), self.reports.clone(), id.clone());
+            let r = blocking(move || {
+                reports
+                    .apply(store.as_ref(), &id2, report)
+                    .map_err(store_status)
+            })
+            .await;
+            self.metrics.observe_rpc(
+                "ReportStatus",
+                r.as_ref().err().map_or(tonic::Code::Ok, |e| e.code()),
+                each.elapsed(),
+            );
+            if let Err(e) = r {
+                tracing::warn!(host = %id.name, error = %e, "could not apply a status report");
+                if e.code() == tonic::Code::NotFound {
+                    return Err(Status::unauthenticated(format!(
+                        "host {} has been removed from the cluster",
+                        id.name
+                    )));
+                }
+            }
+        }
+        Ok(Response::new(pb::ReportStatusResponse {}))
+    }
+}
+
+/// TLS material of the agent port.
+pub struct AgentTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+/// Serves the agent port on `listener` until `shutdown` completes. Every call but `Enroll`
+/// requires a client certificate of the cluster CA (checked per call); a certificate from
+/// another CA fails the TLS handshake.
+pub async fn serve(
+    listener: TcpListener,
+    tls: AgentTls,
+    rpc: AgentRpc,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(tls.cert_pem, tls.key_pem))
+        .client_ca_root(Certificate::from_pem(tls.ca_pem))
+        .client_auth_optional(true);
+    Server::builder()
+        .tls_config(tls)?
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(AgentServiceServer::new(rpc))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Background work of the agent port: the assignment book and heartbeat checks.
+pub async fn run_background(rpc: AgentRpc, shutdown: tokio::sync::watch::Receiver<bool>) {
+    let book = tokio::spawn(book::run(
+        rpc.store.clone(),
+        rpc.book.clone(),
+        shutdown.clone(),
+    ));
+    let started = Instant::now();
+    let mut shutdown = shutdown;
+    let mut tick = tokio::time::interval(HEARTBEAT_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let (store, reports) = (rpc.store.clone(), rpc.reports.clone());
+                let r = tokio::task::spawn_blocking(move || reports::check_heartbeats(store.as_ref(), &reports, started)).await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "heartbeat check failed");
+                }
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    let _ = book.await;
+}
+
+/// Removes a host: its object (so its certificate is refused from now on) and its report.
+pub fn revoke_host(store: &dyn Store, reports: &Reports, name: &str) -> Result<u64, StoreError> {
+    let index = store.delete(&ObjectKey::cluster(Kind::Host, name), None)?;
+    reports.forget(name);
+    Ok(index)
+}
+
+/// The address agents should be told to use, for log lines.
+pub fn describe(addr: SocketAddr) -> String {
+    format!("https://{addr}")
+}

@@ -1,0 +1,368 @@
+//! The agent port over real TLS on loopback: enrollment, identity, revocation, long poll and
+//! status reports, against a real SQLite store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clusterclaw_proto::agent as pb;
+use clusterclaw_proto::agent::agent_service_client::AgentServiceClient;
+use serde_json::json;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use super::*;
+use crate::model::{HostPhase, InstancePhase, ReplicaState};
+use crate::pki::PkiFiles;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{TokenKind, TokenRecord};
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    url: String,
+    ca_pem: String,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+async fn start() -> Harness {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap());
+    let pki = dir.path().join("pki");
+    crate::pki::init_dir(&pki, &["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let files = PkiFiles::in_dir(&pki);
+    let ca = Arc::new(Ca::load(&pki).unwrap());
+    let rpc = AgentRpc {
+        store: store.clone(),
+        ca: ca.clone(),
+        book: Arc::default(),
+        reports: Arc::default(),
+        metrics: Arc::default(),
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "https://localhost:{}",
+        listener.local_addr().unwrap().port()
+    );
+    let tls = AgentTls {
+        cert_pem: std::fs::read_to_string(&files.server_cert).unwrap(),
+        key_pem: std::fs::read_to_string(&files.server_key).unwrap(),
+        ca_pem: ca.cert_pem().to_string(),
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut s1 = stopped.clone();
+    tokio::spawn(serve(listener, tls, rpc.clone(), async move {
+        let _ = s1.changed().await;
+    }));
+    tokio::spawn(run_background(rpc, stopped.clone()));
+    tokio::spawn(crate::controllers::scheduler::run(
+        store.clone(),
+        stopped,
+        Duration::from_secs(30),
+    ));
+    Harness {
+        _dir: dir,
+        store,
+        url,
+        ca_pem: ca.cert_pem().to_string(),
+        stop,
+    }
+}
+
+fn join_token(store: &dyn Store, uses: Option<i64>, expires_at: Option<i64>) -> String {
+    let secret = crate::auth::generate_join_token();
+    store
+        .insert_token(&TokenRecord {
+            id: crate::auth::generate_token_id(),
+            name: "test".into(),
+            kind: TokenKind::Join,
+            role: String::new(),
+            tenant: None,
+            project: None,
+            created_at: 0,
+            expires_at,
+            uses_remaining: uses,
+            revoked: false,
+            hash: crate::auth::hash_token(secret.expose()),
+        })
+        .unwrap();
+    secret.expose().to_string()
+}
+
+fn client(url: &str, ca_pem: &str, identity: Option<(&str, &str)>) -> AgentServiceClient<Channel> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some((c, k)) = identity {
+        tls = tls.identity(Identity::from_pem(c, k));
+    }
+    AgentServiceClient::new(
+        Endpoint::from_shared(url.to_string())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect_lazy(),
+    )
+}
+
+fn csr() -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    (
+        params.serialize_request(&key).unwrap().pem().unwrap(),
+        key.serialize_pem(),
+    )
+}
+
+async fn enroll(
+    h: &Harness,
+    token: &str,
+    hostname: &str,
+) -> Result<(pb::EnrollResponse, String), Status> {
+    let (csr, key) = csr();
+    let resp = client(&h.url, &h.ca_pem, None)
+        .enroll(pb::EnrollRequest {
+            join_token: token.into(),
+            csr_pem: csr,
+            hostname: hostname.into(),
+            labels: [("region".to_string(), "eu".to_string())].into(),
+            capacity: Some(pb::Capacity {
+                cpu_millis: 4000,
+                memory_bytes: 8 << 30,
+                disk_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok((resp, key))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_watch_report_revoke() {
+    let h = start().await;
+    let token = join_token(h.store.as_ref(), Some(2), None);
+    let (resp, key) = enroll(&h, &token, "Node-1.example.com").await.unwrap();
+    assert_eq!(resp.host_id, "node-1-example-com");
+    let (resp2, _) = enroll(&h, &token, "Node-1.example.com").await.unwrap();
+    assert_ne!(
+        resp2.host_id, resp.host_id,
+        "a second host with the same hostname gets its own id"
+    );
+    let used_up = enroll(&h, &token, "node-3").await.unwrap_err();
+    assert_eq!(used_up.code(), tonic::Code::Unauthenticated);
+    assert!(
+        used_up.message().contains("used up"),
+        "{}",
+        used_up.message()
+    );
+    let wrong = enroll(&h, "ccj_nope", "node-3").await.unwrap_err();
+    assert!(
+        wrong.message().contains("not recognised"),
+        "{}",
+        wrong.message()
+    );
+
+    let mut host = client(&h.url, &h.ca_pem, Some((&resp.certificate_pem, &key)));
+    // No certificate: refused.
+    let anon = client(&h.url, &h.ca_pem, None)
+        .watch_assignments(pb::WatchAssignmentsRequest {
+            known_index: 0,
+            wait_seconds: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(anon.code(), tonic::Code::Unauthenticated);
+
+    let first = host
+        .watch_assignments(pb::WatchAssignmentsRequest {
+            known_index: 0,
+            wait_seconds: 5,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.changed && first.assignments.is_empty());
+
+    // The host is not Ready until it reports; report, then place an instance on it.
+    let report = pb::StatusReport {
+        host: Some(pb::HostFigures {
+            capacity: Some(pb::Capacity {
+                cpu_millis: 4000,
+                memory_bytes: 8 << 30,
+                disk_bytes: 0,
+            }),
+            ..Default::default()
+        }),
+        runtime: Some(pb::RuntimeCondition {
+            ready: true,
+            runtime: "docker".into(),
+            version: "20.10".into(),
+            message: String::new(),
+        }),
+        ..Default::default()
+    };
+    host.report_status(tokio_stream::iter(vec![report]))
+        .await
+        .unwrap();
+    let host_key = ObjectKey::cluster(Kind::Host, &resp.host_id);
+    let Resource::Host(stored) = h.store.get(&host_key).unwrap().unwrap().resource().unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(stored.status.unwrap().phase, HostPhase::Ready);
+    assert_eq!(
+        stored.metadata.labels.get("region").map(String::as_str),
+        Some("eu")
+    );
+    // Make the second host unschedulable so both replicas land on the first.
+    h.store
+        .update(&ObjectKey::cluster(Kind::Host, &resp2.host_id), &mut |r| {
+            if let Resource::Host(h) = r {
+                h.spec.unschedulable = true;
+            }
+            true
+        })
+        .unwrap();
+
+    let watch = {
+        let mut host = host.clone();
+        let known = first.index;
+        tokio::spawn(async move {
+            host.watch_assignments(pb::WatchAssignmentsRequest {
+                known_index: known,
+                wait_seconds: 30,
+            })
+            .await
+        })
+    };
+    let objects: Vec<(Resource, crate::store::WriteMode)> = [
+        json!({"apiVersion": "clusterclaw.io/v1", "kind": "Tenant", "metadata": {"name": "t"}}),
+        json!({"apiVersion": "clusterclaw.io/v1", "kind": "Project", "metadata": {"name": "p", "tenant": "t"}}),
+        json!({"apiVersion": "clusterclaw.io/v1", "kind": "OpenClawInstance",
+               "metadata": {"name": "bot", "tenant": "t", "project": "p"},
+               "spec": {"version": "2026.7.1", "replicas": 2, "resources": {"memory": "1Gi"}, "env": {"A": "b"}}}),
+    ]
+    .into_iter()
+    .map(|v| (Resource::from_value(v).unwrap(), crate::store::WriteMode::Apply))
+    .collect();
+    let started = std::time::Instant::now();
+    h.store.write(&objects, false).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), watch)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .into_inner();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the long poll answered on the change, not on its timeout"
+    );
+    assert!(got.changed);
+    assert_eq!(got.assignments.len(), 2);
+    let a = &got.assignments[0];
+    assert_eq!(
+        (a.replica.as_str(), a.ordinal, a.image.as_str()),
+        ("bot-0", 0, "ghcr.io/openclaw/openclaw:2026.7.1")
+    );
+    assert_eq!(a.env.get("A").map(String::as_str), Some("b"));
+    assert!(a.config_json.contains("18789"));
+
+    // Reports turn into instance status.
+    let replicas = got
+        .assignments
+        .iter()
+        .map(|a| pb::ReplicaStatus {
+            tenant: a.tenant.clone(),
+            project: a.project.clone(),
+            instance: a.instance.clone(),
+            replica: a.replica.clone(),
+            ordinal: a.ordinal,
+            generation: a.generation,
+            state: pb::ReplicaState::Ready as i32,
+            container_id: format!("c{}", a.ordinal),
+            host_port: 19100 + 20 * a.ordinal,
+            config_hash: a.config_hash.clone(),
+            ..Default::default()
+        })
+        .collect();
+    host.report_status(tokio_stream::iter(vec![pb::StatusReport {
+        replicas,
+        ..Default::default()
+    }]))
+    .await
+    .unwrap();
+    let Resource::OpenClawInstance(inst) = h
+        .store
+        .get(&ObjectKey::instance("t", "p", "bot"))
+        .unwrap()
+        .unwrap()
+        .resource()
+        .unwrap()
+    else {
+        panic!()
+    };
+    let status = inst.status.unwrap();
+    assert_eq!(
+        (status.phase, status.ready_replicas),
+        (InstancePhase::Running, 2)
+    );
+    assert_eq!(status.replica_status[1].state, ReplicaState::Ready);
+    assert_eq!(status.replica_status[1].host_port, Some(19120));
+
+    // A quiet long poll holds and answers "no change".
+    let quiet = host
+        .watch_assignments(pb::WatchAssignmentsRequest {
+            known_index: got.index,
+            wait_seconds: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!quiet.changed);
+
+    // Deleting the host revokes its certificate.
+    revoke_host(h.store.as_ref(), &Reports::default(), &resp.host_id).unwrap();
+    let revoked = host
+        .watch_assignments(pb::WatchAssignmentsRequest {
+            known_index: 0,
+            wait_seconds: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(revoked.code(), tonic::Code::Unauthenticated);
+    assert!(
+        revoked.message().contains("revoked"),
+        "{}",
+        revoked.message()
+    );
+    let _ = h.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_another_ca_fails_the_handshake() {
+    let h = start().await;
+    let other = tempfile::tempdir().unwrap();
+    crate::pki::init_dir(other.path(), &["localhost".to_string()]).unwrap();
+    let stranger = Ca::load(other.path()).unwrap();
+    let (csr, key) = csr();
+    let cert = stranger
+        .sign_host_csr(
+            &csr,
+            "intruder",
+            Some("urn:clusterclaw:host:x"),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let err = client(&h.url, &h.ca_pem, Some((&cert, &key)))
+        .watch_assignments(pb::WatchAssignmentsRequest {
+            known_index: 0,
+            wait_seconds: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_ne!(err.code(), tonic::Code::Ok);
+    let expired = join_token(h.store.as_ref(), None, Some(1));
+    let e = enroll(&h, &expired, "late").await.unwrap_err();
+    assert!(e.message().contains("expired"), "{}", e.message());
+    let _ = h.stop.send(true);
+}
