@@ -1,1 +1,22 @@
-//! Host agent.
+//! Host agent: runs the replicas assigned to this host in Docker or Podman and reports on them.
+//!
+//! [`daemon::run`] is the whole agent; [`config`] loads its settings. [`enroll`] and [`client`]
+//! join the cluster and talk to it, [`control`] is the control plane as the host loops in
+//! [`sync`] see it, [`runtime`] talks to the container engine, [`reconcile`] decides and
+//! executes what to change, [`probe`] checks the Gateways' health, [`metrics`] samples host
+//! figures and [`state`] keeps the last known assignments on disk.
+
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod engine;
+pub mod enroll;
+pub mod metrics;
+pub mod model;
+pub mod ports;
+pub mod probe;
+pub mod reconcile;
+pub mod runtime;
+pub mod state;
+pub mod sync;

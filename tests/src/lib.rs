@@ -1,1 +1,6 @@
 //! Test support.
+
+pub mod server;
+pub mod standin;
+
+pub use standin::{docker_available, ensure_standin_image};

@@ -1,0 +1,1202 @@
+//! Configuration of `clusterclaw-agent`: flags over a TOML file over defaults, validated whole before anything starts.
+//!
+//! Every problem is collected and reported at once, each with where it came from (the flag, or
+//! the file with line and column) and what would be right; `main` then exits with [`EX_USAGE`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::enroll::IdentityFiles;
+use crate::model::is_dns_label;
+use crate::probe::ProbeSettings;
+use crate::runtime::RuntimeKind;
+
+/// Exit code for a bad command line or configuration (sysexits `EX_USAGE`).
+pub const EX_USAGE: u8 = 64;
+/// Data directory of an agent running as root.
+pub const SYSTEM_DATA_DIR: &str = "/var/lib/clusterclaw-agent";
+/// Environment variable that may carry the join token.
+pub const JOIN_TOKEN_ENV: &str = "CLUSTERCLAW_JOIN_TOKEN";
+pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_POLL_WAIT: Duration = Duration::from_secs(300);
+/// How often the agent compares the engine with its assignments when nothing else wakes it.
+pub const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(5);
+/// The longest hold of a long poll the server grants.
+pub const MAX_POLL_WAIT: Duration = Duration::from_secs(600);
+const MIN_INTERVAL: Duration = Duration::from_secs(1);
+const MAX_REPORT_INTERVAL: Duration = Duration::from_secs(600);
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    pub const ALLOWED: &'static str = "text or json";
+
+    pub fn parse(s: &str) -> Option<LogFormat> {
+        match s {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
+/// A join token. `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JoinToken(String);
+
+impl JoinToken {
+    pub fn new(token: impl Into<String>) -> Self {
+        JoinToken(token.into())
+    }
+
+    /// The token itself, for the `Enroll` request only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Flags of `clusterclaw-agent`. Each one overrides the same setting of the config file.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct AgentArgs {
+    /// TOML configuration file; flags given on the command line override its settings.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The control plane's agent port, https://HOST:PORT (needed to enroll; later starts use
+    /// the server the host enrolled with unless this is given).
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    /// PEM file of the cluster CA (needed only to enroll; `clusterclaw server` prints its path).
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// Join token for the first start (`clusterclaw token create join`); later starts need none.
+    #[arg(
+        long,
+        env = JOIN_TOKEN_ENV,
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub join_token: Option<String>,
+    /// File holding the join token (instead of --join-token).
+    #[arg(long, value_name = "FILE")]
+    pub join_token_file: Option<PathBuf>,
+    /// Directory of the host identity, saved assignments and rendered configs [default:
+    /// /var/lib/clusterclaw-agent as root, else $XDG_DATA_HOME/clusterclaw-agent or
+    /// ~/.local/share/clusterclaw-agent].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A label of this host, KEY=VALUE, for placement (repeatable; sent when enrolling).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// The host's name in the cluster [default: the machine's hostname].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Container engine: docker or podman (through its Docker-compatible socket) [default: docker].
+    #[arg(long, value_name = "RUNTIME")]
+    pub runtime: Option<String>,
+    /// The engine's API address: unix:///path, /path, tcp://HOST:PORT [default: the runtime's
+    /// local socket].
+    #[arg(long, value_name = "ADDR")]
+    pub docker_host: Option<String>,
+    /// Log format: text or json [default: text]. The filter comes from RUST_LOG (default info).
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// How often status is reported (it is also reported at once after a change) [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    pub report_interval: Option<String>,
+    /// How long one assignment long poll may be held by the server [default: 5m, at most 10m].
+    #[arg(long, value_name = "DURATION")]
+    pub poll_wait: Option<String>,
+    /// How often the engine is compared with the assignments when nothing else changes [default: 5s].
+    #[arg(long, value_name = "DURATION")]
+    pub resync_interval: Option<String>,
+    /// Interval between health probes of a running replica [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    pub probe_interval: Option<String>,
+    /// How long a health probe may take [default: 3s].
+    #[arg(long, value_name = "DURATION")]
+    pub probe_timeout: Option<String>,
+    /// Liveness failures in a row after which a replica is restarted [default: 3].
+    #[arg(long, value_name = "N")]
+    pub probe_failure_threshold: Option<u32>,
+    /// Liveness failures this soon after a container starts are not counted [default: 15s].
+    #[arg(long, value_name = "DURATION")]
+    pub probe_initial_delay: Option<String>,
+    /// Delay before the first restart of a failing replica, doubled after each further failure
+    /// [default: 10s].
+    #[arg(long, value_name = "DURATION")]
+    pub restart_backoff: Option<String>,
+}
+
+/// The whole, validated configuration of an agent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentConfig {
+    /// The config file the settings came from, if any.
+    pub config_file: Option<PathBuf>,
+    /// `https://HOST:PORT`; `None` only when the data dir holds an identity naming its server.
+    pub server: Option<String>,
+    /// PEM text of the cluster CA, read from `--ca-cert`.
+    pub ca_pem: Option<String>,
+    pub ca_cert: Option<PathBuf>,
+    pub join_token: Option<JoinToken>,
+    /// Absolute.
+    pub data_dir: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    pub name: Option<String>,
+    pub runtime: RuntimeKind,
+    pub docker_host: Option<String>,
+    pub log_format: LogFormat,
+    pub report_interval: Duration,
+    pub poll_wait: Duration,
+    pub resync_interval: Duration,
+    pub probe: ProbeSettings,
+    pub restart_backoff: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults around `data_dir` and `server`, for embedding (`clusterclaw dev`) and tests.
+    pub fn new(data_dir: impl Into<PathBuf>, server: Option<String>) -> Self {
+        AgentConfig {
+            config_file: None,
+            server,
+            ca_pem: None,
+            ca_cert: None,
+            join_token: None,
+            data_dir: data_dir.into(),
+            labels: BTreeMap::new(),
+            name: None,
+            runtime: RuntimeKind::Docker,
+            docker_host: None,
+            log_format: LogFormat::Text,
+            report_interval: DEFAULT_REPORT_INTERVAL,
+            poll_wait: DEFAULT_POLL_WAIT,
+            resync_interval: DEFAULT_RESYNC_INTERVAL,
+            probe: ProbeSettings::default(),
+            restart_backoff: crate::reconcile::BackoffPolicy::default().initial,
+        }
+    }
+
+    /// Loads the file named by `--config` (if any), applies the flags, the environment and the
+    /// defaults, and checks everything, reporting every problem at once.
+    pub fn load(args: &AgentArgs) -> Result<AgentConfig, ConfigError> {
+        load_with(args, &Environment::current())
+    }
+}
+
+/// One thing wrong with the configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Where: `--report-interval`, or `/etc/clusterclaw/agent.toml, line 3, column 1 (poll_wait)`.
+    pub location: String,
+    /// What is wrong and what is allowed.
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.location, self.problem)
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "the agent configuration has {n} problem{}:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What the defaults depend on.
+#[derive(Clone, Debug, Default)]
+pub struct Environment {
+    pub root: bool,
+    pub home: Option<PathBuf>,
+    pub xdg_data_home: Option<PathBuf>,
+}
+
+impl Environment {
+    pub fn current() -> Self {
+        let var = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        Environment {
+            root: running_as_root(),
+            home: var("HOME"),
+            xdg_data_home: var("XDG_DATA_HOME"),
+        }
+    }
+
+    /// `/var/lib/clusterclaw-agent` for root, else `$XDG_DATA_HOME/clusterclaw-agent` or
+    /// `~/.local/share/clusterclaw-agent`.
+    pub fn default_data_dir(&self) -> Option<PathBuf> {
+        if self.root {
+            return Some(PathBuf::from(SYSTEM_DATA_DIR));
+        }
+        if let Some(x) = self.xdg_data_home.as_ref().filter(|x| x.is_absolute()) {
+            return Some(x.join("clusterclaw-agent"));
+        }
+        self.home
+            .as_ref()
+            .filter(|h| h.is_absolute())
+            .map(|h| h.join(".local/share/clusterclaw-agent"))
+    }
+}
+
+/// Whether the process runs with effective uid 0 (read from /proc, Linux).
+fn running_as_root() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        .unwrap_or(false)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    server: Option<Spanned<String>>,
+    ca_cert: Option<Spanned<String>>,
+    join_token_file: Option<Spanned<String>>,
+    data_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    labels: BTreeMap<String, Spanned<String>>,
+    name: Option<Spanned<String>>,
+    runtime: Option<Spanned<String>>,
+    docker_host: Option<Spanned<String>>,
+    log_format: Option<Spanned<String>>,
+    report_interval: Option<Spanned<String>>,
+    poll_wait: Option<Spanned<String>>,
+    resync_interval: Option<Spanned<String>>,
+    restart_backoff: Option<Spanned<String>>,
+    #[serde(default)]
+    probe: ProbeSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProbeSection {
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    failure_threshold: Option<Spanned<u32>>,
+    initial_delay: Option<Spanned<String>>,
+}
+
+/// The config file: its path and its text.
+struct Source {
+    path: PathBuf,
+    text: String,
+}
+
+impl Source {
+    fn location(&self, span: Range<usize>, key: &str) -> String {
+        let upto = &self.text[..span.start.min(self.text.len())];
+        let line = upto.matches('\n').count() + 1;
+        let column = upto.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!(
+            "{}, line {line}, column {column} ({key})",
+            self.path.display()
+        )
+    }
+
+    /// A path from the file, relative to the file's directory.
+    fn path_value(&self, value: &str) -> PathBuf {
+        let p = Path::new(value);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+}
+
+/// A setting and where it came from, for messages.
+struct Setting<T> {
+    value: T,
+    location: String,
+}
+
+#[derive(Default)]
+struct Collector {
+    problems: Vec<ConfigProblem>,
+}
+
+impl Collector {
+    fn push(&mut self, location: impl Into<String>, problem: impl Into<String>) {
+        self.problems.push(ConfigProblem {
+            location: location.into(),
+            problem: problem.into(),
+        });
+    }
+}
+
+/// Picks the flag if given, else the file's value (with its location), else nothing.
+fn pick<T: Clone, V>(
+    flag: Option<T>,
+    flag_name: &str,
+    file: Option<&Spanned<V>>,
+    key: &str,
+    source: Option<&Source>,
+    from_file: impl Fn(&Source, &V) -> T,
+) -> Option<Setting<T>> {
+    if let Some(value) = flag {
+        return Some(Setting {
+            value,
+            location: flag_name.to_string(),
+        });
+    }
+    let (file, source) = (file?, source?);
+    Some(Setting {
+        value: from_file(source, file.get_ref()),
+        location: source.location(file.span(), key),
+    })
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Checks a server URL of the agent port: `https://HOST[:PORT]`, nothing after the authority.
+pub fn check_server_url(url: &str) -> Result<String, String> {
+    let url = url.trim().trim_end_matches('/');
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Err(format!(
+            "{url:?} is not an agent-port URL: it must start with https:// (the agent port always uses TLS), e.g. https://cp.example.com:7443"
+        ));
+    };
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@', ' ']) {
+        return Err(format!(
+            "{url:?} is not an agent-port URL: expected https://HOST:PORT with no path, e.g. https://cp.example.com:7443"
+        ));
+    }
+    let uri: http_uri::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a valid URL: {e}"))?;
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{url:?} names no host"));
+    }
+    Ok(url.to_string())
+}
+
+mod http_uri {
+    pub use tonic::codegen::http::Uri;
+}
+
+/// Checks a label key: an optional DNS-subdomain prefix and `/`, then 1-63 of letters, digits,
+/// `-`, `_`, `.`, starting and ending with a letter or digit.
+pub fn check_label_key(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix
+        && (p.is_empty() || p.len() > 253 || !p.split('.').all(is_dns_label))
+    {
+        return Err(format!(
+            "label key {key:?} has an invalid prefix {p:?}; the prefix must be a DNS subdomain such as example.com"
+        ));
+    }
+    if !label_segment(name) {
+        return Err(format!(
+            "label key {key:?} is invalid: the name part must be 1-63 characters of letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a label value: empty, or like the name part of a key.
+pub fn check_label_value(value: &str) -> Result<(), String> {
+    if value.is_empty() || label_segment(value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "label value {value:?} is invalid: at most 63 characters of letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+        ))
+    }
+}
+
+fn label_segment(s: &str) -> bool {
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    !s.is_empty()
+        && s.len() <= 63
+        && s.starts_with(alnum)
+        && s.ends_with(alnum)
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn parse_duration(
+    c: &mut Collector,
+    setting: Option<Setting<String>>,
+    default: Duration,
+    range: (Duration, Duration),
+) -> Duration {
+    let Some(Setting { value, location }) = setting else {
+        return default;
+    };
+    let fmt = |d: Duration| humantime::format_duration(d).to_string();
+    match humantime::parse_duration(value.trim()) {
+        Err(e) => {
+            c.push(
+                location,
+                format!("{value:?} is not a duration such as 500ms, 10s or 5m: {e}"),
+            );
+            default
+        }
+        Ok(d) if d < range.0 || d > range.1 => {
+            c.push(
+                location,
+                format!(
+                    "{value:?} is out of range; allowed is {} to {}",
+                    fmt(range.0),
+                    fmt(range.1)
+                ),
+            );
+            default
+        }
+        Ok(d) => d,
+    }
+}
+
+/// [`AgentConfig::load`] with the environment given (for tests).
+pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, ConfigError> {
+    let mut c = Collector::default();
+    let mut file = FileConfig::default();
+    let mut source = None;
+    if let Some(path) = &args.config {
+        match std::fs::read_to_string(path) {
+            Err(e) => c.push(
+                format!("--config {}", path.display()),
+                format!("cannot read the file: {e}"),
+            ),
+            Ok(text) => {
+                let src = Source {
+                    path: absolute(path),
+                    text,
+                };
+                match toml::from_str::<FileConfig>(&src.text) {
+                    Ok(f) => file = f,
+                    Err(e) => {
+                        let loc = match e.span() {
+                            Some(span) => src.location(span, "the file"),
+                            None => src.path.display().to_string(),
+                        };
+                        c.push(
+                            loc,
+                            format!(
+                                "{} (the keys are server, ca_cert, join_token_file, data_dir, labels, name, runtime, docker_host, log_format, report_interval, poll_wait, resync_interval, restart_backoff and [probe] interval, timeout, failure_threshold, initial_delay)",
+                                e.message().trim().replace('`', "'")
+                            ),
+                        );
+                    }
+                }
+                source = Some(src);
+            }
+        }
+    }
+    let src = source.as_ref();
+    let string = |_: &Source, v: &String| v.clone();
+
+    // Data directory.
+    let data_dir = match pick(
+        args.data_dir.clone(),
+        "--data-dir",
+        file.data_dir.as_ref(),
+        "data_dir",
+        src,
+        |s, v| s.path_value(v),
+    ) {
+        Some(Setting { value, location }) => {
+            if value.as_os_str().is_empty() {
+                c.push(
+                    location,
+                    "must not be empty; give the directory for the host identity and state",
+                );
+            } else if value.exists() && !value.is_dir() {
+                c.push(
+                    location,
+                    format!("{} exists and is not a directory", value.display()),
+                );
+            }
+            absolute(&value)
+        }
+        None => env.default_data_dir().unwrap_or_else(|| {
+            c.push(
+                "data directory",
+                "cannot pick a default (HOME is not set); pass --data-dir or set data_dir in the config file",
+            );
+            PathBuf::new()
+        }),
+    };
+    let enrolled = !data_dir.as_os_str().is_empty() && IdentityFiles::in_dir(&data_dir).exist();
+
+    // Server.
+    let server = pick(
+        args.server.clone(),
+        "--server",
+        file.server.as_ref(),
+        "server",
+        src,
+        string,
+    )
+    .and_then(|s| match check_server_url(&s.value) {
+        Ok(url) => Some(url),
+        Err(problem) => {
+            c.push(s.location, problem);
+            None
+        }
+    });
+
+    // Join token: flag or environment, or a file.
+    let token_file = pick(
+        args.join_token_file.clone(),
+        "--join-token-file",
+        file.join_token_file.as_ref(),
+        "join_token_file",
+        src,
+        |s, v| s.path_value(v),
+    );
+    let join_token = match (&args.join_token, token_file) {
+        (Some(_), Some(f)) => {
+            c.push(
+                f.location,
+                format!("give the join token once: either --join-token (or {JOIN_TOKEN_ENV}) or a token file"),
+            );
+            None
+        }
+        (Some(t), None) if t.trim().is_empty() => {
+            c.push(
+                format!("--join-token (or {JOIN_TOKEN_ENV})"),
+                "is empty; pass the token `clusterclaw token create join` printed",
+            );
+            None
+        }
+        (Some(t), None) => Some(JoinToken::new(t.trim())),
+        (None, Some(Setting { value, location })) => match std::fs::read_to_string(&value) {
+            Err(e) => {
+                c.push(
+                    location,
+                    format!("cannot read the join token file {}: {e}", value.display()),
+                );
+                None
+            }
+            Ok(t) if t.trim().is_empty() => {
+                c.push(
+                    location,
+                    format!("the join token file {} is empty", value.display()),
+                );
+                None
+            }
+            Ok(t) => Some(JoinToken::new(t.trim())),
+        },
+        (None, None) => None,
+    };
+
+    // CA certificate.
+    let ca_cert = pick(
+        args.ca_cert.clone(),
+        "--ca-cert",
+        file.ca_cert.as_ref(),
+        "ca_cert",
+        src,
+        |s, v| s.path_value(v),
+    );
+    let mut ca_pem = None;
+    let mut ca_path = None;
+    if let Some(Setting { value, location }) = ca_cert {
+        match std::fs::read_to_string(&value) {
+            Err(e) => c.push(
+                location,
+                format!("cannot read the CA certificate {}: {e}", value.display()),
+            ),
+            Ok(pem) if !pem.contains("-----BEGIN CERTIFICATE-----") => c.push(
+                location,
+                format!(
+                    "{} is not a PEM certificate (no BEGIN CERTIFICATE line); pass the cluster CA, e.g. <server data dir>/pki/ca.crt",
+                    value.display()
+                ),
+            ),
+            Ok(pem) => {
+                ca_pem = Some(pem);
+                ca_path = Some(absolute(&value));
+            }
+        }
+    }
+
+    // What enrollment needs.
+    if !enrolled && !data_dir.as_os_str().is_empty() {
+        let missing: Vec<&str> = [
+            (server.is_none(), "--server"),
+            (ca_pem.is_none(), "--ca-cert"),
+            (join_token.is_none(), "--join-token"),
+        ]
+        .into_iter()
+        .filter_map(|(missing, flag)| missing.then_some(flag))
+        .collect();
+        // Report only what is absent, not what was given but invalid (reported above).
+        let absent: Vec<&str> = missing
+            .into_iter()
+            .filter(|flag| match *flag {
+                "--server" => args.server.is_none() && file.server.is_none(),
+                "--ca-cert" => args.ca_cert.is_none() && file.ca_cert.is_none(),
+                _ => {
+                    args.join_token.is_none()
+                        && args.join_token_file.is_none()
+                        && file.join_token_file.is_none()
+                }
+            })
+            .collect();
+        if !absent.is_empty() {
+            c.push(
+                "enrollment",
+                format!(
+                    "this host is not enrolled yet (no identity in {}), so {} {} needed: create a token with `clusterclaw token create join` and pass --server https://HOST:7443 --ca-cert FILE --join-token TOKEN",
+                    data_dir.display(),
+                    absent.join(", "),
+                    if absent.len() == 1 { "is" } else { "are" }
+                ),
+            );
+        }
+    }
+
+    // Labels: the file's, then the flags' over them.
+    let mut labels = BTreeMap::new();
+    if let Some(s) = src {
+        for (k, v) in &file.labels {
+            let location = s.location(v.span(), &format!("labels.{k}"));
+            match check_label_key(k).and_then(|()| check_label_value(v.get_ref())) {
+                Ok(()) => {
+                    labels.insert(k.clone(), v.get_ref().clone());
+                }
+                Err(problem) => c.push(location, problem),
+            }
+        }
+    }
+    for l in &args.labels {
+        let Some((k, v)) = l.split_once('=') else {
+            c.push(
+                format!("--label {l}"),
+                "expected KEY=VALUE, e.g. --label region=eu",
+            );
+            continue;
+        };
+        match check_label_key(k).and_then(|()| check_label_value(v)) {
+            Ok(()) => {
+                labels.insert(k.to_string(), v.to_string());
+            }
+            Err(problem) => c.push(format!("--label {l}"), problem),
+        }
+    }
+
+    let name = pick(
+        args.name.clone(),
+        "--name",
+        file.name.as_ref(),
+        "name",
+        src,
+        string,
+    )
+    .and_then(|s| {
+        if is_dns_label(&s.value) {
+            Some(s.value)
+        } else {
+            c.push(
+                s.location,
+                format!(
+                    "{:?} is not a valid host name: 1-63 of a-z, 0-9 and '-', not starting or ending with '-'",
+                    s.value
+                ),
+            );
+            None
+        }
+    });
+
+    let runtime = match pick(
+        args.runtime.clone(),
+        "--runtime",
+        file.runtime.as_ref(),
+        "runtime",
+        src,
+        string,
+    ) {
+        None => RuntimeKind::Docker,
+        Some(s) => s.value.parse().unwrap_or_else(|e: String| {
+            c.push(s.location, e);
+            RuntimeKind::Docker
+        }),
+    };
+
+    let docker_host = pick(
+        args.docker_host.clone(),
+        "--docker-host",
+        file.docker_host.as_ref(),
+        "docker_host",
+        src,
+        string,
+    )
+    .and_then(|s| {
+        let v = s.value.trim();
+        let ok = v.starts_with("unix:///")
+            || v.starts_with('/')
+            || v.starts_with("tcp://")
+            || v.starts_with("http://");
+        if ok {
+            Some(v.to_string())
+        } else {
+            c.push(
+                s.location,
+                format!(
+                    "{v:?} is not an engine address; expected unix:///path, /path, tcp://HOST:PORT or http://HOST:PORT"
+                ),
+            );
+            None
+        }
+    });
+
+    let log_format = match pick(
+        args.log_format.clone(),
+        "--log-format",
+        file.log_format.as_ref(),
+        "log_format",
+        src,
+        string,
+    ) {
+        None => LogFormat::Text,
+        Some(s) => LogFormat::parse(&s.value).unwrap_or_else(|| {
+            c.push(
+                s.location,
+                format!(
+                    "{:?} is not a log format; use {}",
+                    s.value,
+                    LogFormat::ALLOWED
+                ),
+            );
+            LogFormat::Text
+        }),
+    };
+
+    let dur = |flag: &Option<String>, name: &str, f: Option<&Spanned<String>>, key: &str| {
+        pick(flag.clone(), name, f, key, src, string)
+    };
+    let report_interval = {
+        let s = dur(
+            &args.report_interval,
+            "--report-interval",
+            file.report_interval.as_ref(),
+            "report_interval",
+        );
+        parse_duration(
+            &mut c,
+            s,
+            DEFAULT_REPORT_INTERVAL,
+            (MIN_INTERVAL, MAX_REPORT_INTERVAL),
+        )
+    };
+    let poll_wait = {
+        let s = dur(
+            &args.poll_wait,
+            "--poll-wait",
+            file.poll_wait.as_ref(),
+            "poll_wait",
+        );
+        parse_duration(&mut c, s, DEFAULT_POLL_WAIT, (MIN_INTERVAL, MAX_POLL_WAIT))
+    };
+    let resync_interval = {
+        let s = dur(
+            &args.resync_interval,
+            "--resync-interval",
+            file.resync_interval.as_ref(),
+            "resync_interval",
+        );
+        parse_duration(
+            &mut c,
+            s,
+            DEFAULT_RESYNC_INTERVAL,
+            (Duration::from_millis(500), Duration::from_secs(600)),
+        )
+    };
+    let restart_backoff = {
+        let s = dur(
+            &args.restart_backoff,
+            "--restart-backoff",
+            file.restart_backoff.as_ref(),
+            "restart_backoff",
+        );
+        parse_duration(
+            &mut c,
+            s,
+            crate::reconcile::BackoffPolicy::default().initial,
+            (Duration::from_millis(100), Duration::from_secs(300)),
+        )
+    };
+    let defaults = ProbeSettings::default();
+    let probe_interval = {
+        let s = dur(
+            &args.probe_interval,
+            "--probe-interval",
+            file.probe.interval.as_ref(),
+            "probe.interval",
+        );
+        parse_duration(
+            &mut c,
+            s,
+            defaults.interval,
+            (Duration::from_millis(200), Duration::from_secs(600)),
+        )
+    };
+    let timeout_given = args.probe_timeout.is_some() || file.probe.timeout.is_some();
+    let probe_timeout = {
+        let s = dur(
+            &args.probe_timeout,
+            "--probe-timeout",
+            file.probe.timeout.as_ref(),
+            "probe.timeout",
+        );
+        parse_duration(
+            &mut c,
+            s,
+            defaults.timeout,
+            (Duration::from_millis(50), Duration::from_secs(60)),
+        )
+    };
+    let initial_delay = {
+        let s = dur(
+            &args.probe_initial_delay,
+            "--probe-initial-delay",
+            file.probe.initial_delay.as_ref(),
+            "probe.initial_delay",
+        );
+        parse_duration(
+            &mut c,
+            s,
+            defaults.initial_delay,
+            (Duration::ZERO, Duration::from_secs(3600)),
+        )
+    };
+    let failure_threshold = match pick(
+        args.probe_failure_threshold,
+        "--probe-failure-threshold",
+        file.probe.failure_threshold.as_ref(),
+        "probe.failure_threshold",
+        src,
+        |_, v| *v,
+    ) {
+        None => defaults.failure_threshold,
+        Some(Setting { value, location }) => {
+            if (1..=100).contains(&value) {
+                value
+            } else {
+                c.push(
+                    location,
+                    format!("{value} is out of range; allowed is 1 to 100"),
+                );
+                defaults.failure_threshold
+            }
+        }
+    };
+    // The default timeout shrinks to a shorter interval; a given one must fit in it.
+    let probe_timeout = if timeout_given {
+        probe_timeout
+    } else {
+        probe_timeout.min(probe_interval)
+    };
+    if probe_timeout > probe_interval {
+        c.push(
+            "--probe-timeout",
+            format!(
+                "the probe timeout ({}) must not be longer than the probe interval ({})",
+                humantime::format_duration(probe_timeout),
+                humantime::format_duration(probe_interval)
+            ),
+        );
+    }
+
+    if !c.problems.is_empty() {
+        return Err(ConfigError {
+            problems: c.problems,
+        });
+    }
+    Ok(AgentConfig {
+        config_file: source.map(|s| s.path),
+        server,
+        ca_pem,
+        ca_cert: ca_path,
+        join_token,
+        data_dir,
+        labels,
+        name,
+        runtime,
+        docker_host,
+        log_format,
+        report_interval,
+        poll_wait,
+        resync_interval,
+        probe: ProbeSettings {
+            interval: probe_interval,
+            timeout: probe_timeout,
+            failure_threshold,
+            initial_delay,
+        },
+        restart_backoff,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+    fn env(home: &Path) -> Environment {
+        Environment {
+            root: false,
+            home: Some(home.to_path_buf()),
+            xdg_data_home: None,
+        }
+    }
+
+    fn enrolling(dir: &Path) -> AgentArgs {
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, CA).unwrap();
+        AgentArgs {
+            server: Some("https://cp.example.com:7443".into()),
+            ca_cert: Some(ca),
+            join_token: Some("ccj_secret".into()),
+            data_dir: Some(dir.join("data")),
+            ..AgentArgs::default()
+        }
+    }
+
+    #[test]
+    fn defaults_for_a_first_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = load_with(&enrolling(dir.path()), &env(dir.path())).unwrap();
+        assert_eq!(cfg.server.as_deref(), Some("https://cp.example.com:7443"));
+        assert_eq!(cfg.report_interval, DEFAULT_REPORT_INTERVAL);
+        assert_eq!(cfg.poll_wait, DEFAULT_POLL_WAIT);
+        assert_eq!(cfg.runtime, RuntimeKind::Docker);
+        assert_eq!(cfg.data_dir, dir.path().join("data"));
+        assert_eq!(cfg.join_token.as_ref().unwrap().expose(), "ccj_secret");
+        assert!(
+            !format!("{cfg:?}").contains("ccj_secret"),
+            "the token never reaches Debug output"
+        );
+    }
+
+    #[test]
+    fn default_data_dirs() {
+        let root = Environment {
+            root: true,
+            ..Environment::default()
+        };
+        assert_eq!(
+            root.default_data_dir(),
+            Some(PathBuf::from(SYSTEM_DATA_DIR))
+        );
+        let user = Environment {
+            root: false,
+            home: Some("/home/u".into()),
+            xdg_data_home: None,
+        };
+        assert_eq!(
+            user.default_data_dir(),
+            Some(PathBuf::from("/home/u/.local/share/clusterclaw-agent"))
+        );
+        let xdg = Environment {
+            xdg_data_home: Some("/x".into()),
+            ..user
+        };
+        assert_eq!(
+            xdg.default_data_dir(),
+            Some(PathBuf::from("/x/clusterclaw-agent"))
+        );
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = AgentArgs {
+            server: Some("http://cp:7443".into()),
+            labels: vec!["region".into(), "-bad=x".into(), "zone=eu west".into()],
+            runtime: Some("containerd".into()),
+            report_interval: Some("fast".into()),
+            poll_wait: Some("20m".into()),
+            log_format: Some("xml".into()),
+            name: Some("Node_1".into()),
+            data_dir: Some(dir.path().join("d")),
+            ..AgentArgs::default()
+        };
+        let err = load_with(&args, &env(dir.path())).unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "--server: \"http://cp:7443\" is not an agent-port URL",
+            "--label region: expected KEY=VALUE",
+            "--label -bad=x: label key",
+            "--label zone=eu west: label value",
+            "--runtime: unknown runtime \"containerd\"",
+            "--report-interval: \"fast\" is not a duration",
+            "--poll-wait: \"20m\" is out of range",
+            "--log-format: \"xml\" is not a log format",
+            "--name: \"Node_1\" is not a valid host name",
+            "enrollment: this host is not enrolled yet",
+            "--ca-cert, --join-token are needed",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert_eq!(err.problems.len(), 10, "{text}");
+    }
+
+    #[test]
+    fn file_settings_with_locations_and_flag_precedence() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "report_interval = \"3s\"\npoll_wait = \"1h\"\n[labels]\nregion = \"eu\"\ndisk = \"ssd\"\n[probe]\ninterval = \"2s\"\nfailure_threshold = 0\n",
+        )
+        .unwrap();
+        let mut args = enrolling(dir.path());
+        args.config = Some(file.clone());
+        let err = load_with(&args, &env(dir.path())).unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert!(
+            err.problems[0]
+                .location
+                .ends_with("agent.toml, line 2, column 13 (poll_wait)"),
+            "{err}"
+        );
+        assert!(
+            err.problems[1]
+                .location
+                .contains("line 8, column 21 (probe.failure_threshold)"),
+            "{err}"
+        );
+
+        args.poll_wait = Some("30s".into());
+        args.probe_failure_threshold = Some(2);
+        args.labels = vec!["region=us".into()];
+        let cfg = load_with(&args, &env(dir.path())).unwrap();
+        assert_eq!(cfg.report_interval, Duration::from_secs(3));
+        assert_eq!(cfg.poll_wait, Duration::from_secs(30));
+        assert_eq!(cfg.probe.interval, Duration::from_secs(2));
+        assert_eq!(cfg.probe.failure_threshold, 2);
+        assert_eq!(cfg.labels["region"], "us");
+        assert_eq!(cfg.labels["disk"], "ssd");
+        assert_eq!(cfg.config_file.as_deref(), Some(file.as_path()));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "servr = \"https://x:1\"\n").unwrap();
+        let mut args = enrolling(dir.path());
+        args.config = Some(file);
+        let err = load_with(&args, &env(dir.path())).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("line 1, column 1"), "{text}");
+        assert!(text.contains("servr"), "{text}");
+    }
+
+    #[test]
+    fn join_token_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, "ccj_from_file\n").unwrap();
+        let mut args = enrolling(dir.path());
+        args.join_token = None;
+        args.join_token_file = Some(token_file.clone());
+        let cfg = load_with(&args, &env(dir.path())).unwrap();
+        assert_eq!(cfg.join_token.unwrap().expose(), "ccj_from_file");
+
+        args.join_token = Some("ccj_flag".into());
+        let err = load_with(&args, &env(dir.path())).unwrap_err();
+        assert!(
+            err.to_string().contains("give the join token once"),
+            "{err}"
+        );
+
+        args.join_token = None;
+        std::fs::write(&token_file, "  \n").unwrap();
+        let err = load_with(&args, &env(dir.path())).unwrap_err();
+        assert!(err.to_string().contains("is empty"), "{err}");
+    }
+
+    #[test]
+    fn an_enrolled_host_needs_no_token_or_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let files = IdentityFiles::in_dir(&data);
+        for p in [&files.key, &files.cert, &files.ca, &files.host] {
+            std::fs::write(p, "x").unwrap();
+        }
+        let args = AgentArgs {
+            data_dir: Some(data),
+            ..AgentArgs::default()
+        };
+        let cfg = load_with(&args, &env(dir.path())).unwrap();
+        assert_eq!(cfg.server, None);
+        assert_eq!(cfg.join_token, None);
+    }
+
+    #[test]
+    fn label_rules() {
+        assert!(check_label_key("region").is_ok());
+        assert!(check_label_key("topology.example.com/zone").is_ok());
+        assert!(check_label_key("Example.com/zone").is_err());
+        assert!(check_label_key("").is_err());
+        assert!(check_label_key(&"a".repeat(64)).is_err());
+        assert!(check_label_value("").is_ok());
+        assert!(check_label_value("eu-west_1.a").is_ok());
+        assert!(check_label_value("eu/west").is_err());
+    }
+
+    #[test]
+    fn server_urls() {
+        assert_eq!(
+            check_server_url("https://cp.example.com:7443/").unwrap(),
+            "https://cp.example.com:7443"
+        );
+        assert!(check_server_url("https://[::1]:7443").is_ok());
+        assert!(check_server_url("cp:7443").is_err());
+        assert!(check_server_url("https://cp:7443/api").is_err());
+        assert!(check_server_url("https://").is_err());
+    }
+}

@@ -1,0 +1,1109 @@
+//! Desired assignments against the containers found by label: a pure [`plan`] and a thin [`Reconciler`] that executes it.
+//!
+//! The plan never touches anything without the managed label or with another host's id. It
+//! creates missing replicas, replaces a container whose config hash or image changed (the
+//! state volume stays), removes containers of replicas no longer assigned and then their
+//! volumes, restarts exited or dead-by-liveness containers with exponential back-off counted
+//! per replica, and leaves healthy running containers alone: a restarted agent adopts what runs.
+//!
+//! A change of generation alone does not replace a container: the config hash covers
+//! everything that requires a new container.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::model::{Assignment, ReplicaKey, ReplicaState, ReplicaStatus};
+use crate::ports::{self, PortRange};
+use crate::probe::{Liveness, ProbeStatus, ProbeTarget};
+use crate::runtime::{
+    ContainerRuntime, ContainerStatus, Labelled, ObservedContainer, ObservedNetwork,
+    ObservedVolume, RuntimeError, labels, spec,
+};
+use crate::state;
+
+/// How many ports a create tries when the engine reports the chosen one as taken.
+const PORT_ATTEMPTS: usize = 8;
+
+/// What the engine holds for this host, as read at the start of a pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub containers: Vec<ObservedContainer>,
+    pub volumes: Vec<ObservedVolume>,
+    pub networks: Vec<ObservedNetwork>,
+}
+
+/// Delays between restarts (and between failed attempts to create) of one replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackoffPolicy {
+    /// Delay after the first failure; doubled after each further one.
+    pub initial: Duration,
+    pub max: Duration,
+    /// A replica that has run this long since the last attempt starts counting from zero again.
+    pub reset_after: Duration,
+}
+
+impl Default for BackoffPolicy {
+    fn default() -> Self {
+        BackoffPolicy {
+            initial: Duration::from_secs(10),
+            max: Duration::from_secs(300),
+            reset_after: Duration::from_secs(600),
+        }
+    }
+}
+
+impl BackoffPolicy {
+    /// The wait before the next attempt after `consecutive` failures in a row (none after zero).
+    pub fn delay(&self, consecutive: u32) -> Duration {
+        if consecutive == 0 {
+            return Duration::ZERO;
+        }
+        let factor = 2u32.saturating_pow(consecutive - 1);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// Something the executor is doing for a replica right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    Pulling,
+    Creating,
+}
+
+/// The agent's memory of one replica across passes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaRecord {
+    /// Restarts made by the agent (reported to the server).
+    pub restarts: u32,
+    /// Failures (exits, failed probes, failed creates) in a row; drives the back-off.
+    pub consecutive_failures: u32,
+    /// No new attempt before this.
+    pub not_before: Option<Instant>,
+    pub last_attempt: Option<Instant>,
+    /// Why the last attempt to create or start failed.
+    pub last_error: Option<String>,
+    pub activity: Option<Activity>,
+}
+
+/// Per-replica records, shared between the reconciler and the status reporter.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicaBook {
+    records: Arc<Mutex<BTreeMap<ReplicaKey, ReplicaRecord>>>,
+    policy: BackoffPolicy,
+}
+
+impl ReplicaBook {
+    pub fn new(policy: BackoffPolicy) -> Self {
+        ReplicaBook {
+            records: Arc::default(),
+            policy,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<ReplicaKey, ReplicaRecord>> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn policy(&self) -> BackoffPolicy {
+        self.policy
+    }
+
+    pub fn get(&self, key: &ReplicaKey) -> ReplicaRecord {
+        self.lock().get(key).cloned().unwrap_or_default()
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<ReplicaKey, ReplicaRecord> {
+        self.lock().clone()
+    }
+
+    /// A restart was made: counts it and sets the back-off for the next one.
+    pub fn record_restart(&self, key: &ReplicaKey, now: Instant) {
+        let mut records = self.lock();
+        let r = records.entry(key.clone()).or_default();
+        r.restarts += 1;
+        r.consecutive_failures += 1;
+        r.not_before = Some(now + self.policy.delay(r.consecutive_failures));
+        r.last_attempt = Some(now);
+        r.last_error = None;
+        r.activity = None;
+    }
+
+    /// An attempt to create or start failed with `error`.
+    pub fn record_failure(&self, key: &ReplicaKey, now: Instant, error: String) {
+        let mut records = self.lock();
+        let r = records.entry(key.clone()).or_default();
+        r.consecutive_failures += 1;
+        r.not_before = Some(now + self.policy.delay(r.consecutive_failures));
+        r.last_attempt = Some(now);
+        r.last_error = Some(error);
+        r.activity = None;
+    }
+
+    /// A container was created and started.
+    pub fn record_created(&self, key: &ReplicaKey, now: Instant) {
+        let mut records = self.lock();
+        let r = records.entry(key.clone()).or_default();
+        r.last_attempt = Some(now);
+        r.last_error = None;
+        r.activity = None;
+    }
+
+    pub fn set_activity(&self, key: &ReplicaKey, activity: Option<Activity>) {
+        self.lock().entry(key.clone()).or_default().activity = activity;
+    }
+
+    /// The replica runs and is not failing: after `reset_after` since the last attempt, its
+    /// failures in a row start from zero again.
+    pub fn settle(&self, key: &ReplicaKey, now: Instant) {
+        let reset_after = self.policy.reset_after;
+        if let Some(r) = self.lock().get_mut(key)
+            && r.last_attempt.is_none_or(|at| now >= at + reset_after)
+        {
+            r.consecutive_failures = 0;
+            r.not_before = None;
+        }
+    }
+
+    /// Forgets every replica `keep` rejects.
+    pub fn retain(&self, keep: impl Fn(&ReplicaKey) -> bool) {
+        self.lock().retain(|k, _| keep(k));
+    }
+}
+
+/// Why a container is removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoveReason {
+    /// Its replica is no longer assigned to this host.
+    Unassigned,
+    /// Another container runs the same replica.
+    Duplicate,
+    /// It carries this host's labels but not which replica it is.
+    Unidentified,
+}
+
+/// Why a replica gets a new container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplaceReason {
+    ConfigChanged {
+        from: String,
+        to: String,
+    },
+    ImageChanged {
+        from: String,
+        to: String,
+    },
+    /// The engine reports the container dead; it cannot be started again.
+    Dead,
+}
+
+/// Why a container is restarted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestartReason {
+    /// It is not running (exited, or created and never started).
+    NotRunning(ContainerStatus),
+    LivenessFailed(String),
+}
+
+/// One action of a reconcile pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    RemoveContainer {
+        key: Option<ReplicaKey>,
+        container_id: String,
+        name: String,
+        reason: RemoveReason,
+    },
+    RemoveVolume {
+        key: ReplicaKey,
+        volume: String,
+    },
+    RemoveNetwork {
+        tenant: String,
+        network: String,
+    },
+    Create {
+        assignment: Box<Assignment>,
+        /// A host port to reuse when it is free.
+        preferred_port: Option<u16>,
+    },
+    /// Stop and remove `container_id`, then create the assignment's container (same volume).
+    Replace {
+        container_id: String,
+        assignment: Box<Assignment>,
+        preferred_port: Option<u16>,
+        reason: ReplaceReason,
+    },
+    /// Stop (when running) and start the same container again.
+    Restart {
+        key: ReplicaKey,
+        container_id: String,
+        running: bool,
+        reason: RestartReason,
+    },
+    /// Nothing to do before `until` (back-off).
+    Wait {
+        key: ReplicaKey,
+        until: Instant,
+    },
+}
+
+impl Step {
+    /// The replica the step acts on, if it is known.
+    pub fn key(&self) -> Option<ReplicaKey> {
+        match self {
+            Step::RemoveContainer { key, .. } => key.clone(),
+            Step::RemoveVolume { key, .. } | Step::Restart { key, .. } | Step::Wait { key, .. } => {
+                Some(key.clone())
+            }
+            Step::Create { assignment, .. } | Step::Replace { assignment, .. } => {
+                Some(assignment.key())
+            }
+            Step::RemoveNetwork { .. } => None,
+        }
+    }
+}
+
+/// Everything [`plan`] decides from; plain values only.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput<'a> {
+    pub host_id: &'a str,
+    pub desired: &'a [Assignment],
+    pub observed: &'a Observed,
+    /// The prober's view, per replica.
+    pub probes: &'a BTreeMap<ReplicaKey, ProbeStatus>,
+    /// The back-off records, per replica.
+    pub records: &'a BTreeMap<ReplicaKey, ReplicaRecord>,
+    pub now: Instant,
+}
+
+/// The container that runs (or should run) `a` among the replica's containers: one with the
+/// desired config hash and image, running ones first, then the first by name.
+pub fn current_container<'c>(
+    a: &Assignment,
+    containers: &[&'c ObservedContainer],
+) -> Option<&'c ObservedContainer> {
+    let mut matching: Vec<&ObservedContainer> = containers
+        .iter()
+        .copied()
+        .filter(|c| c.config_hash() == Some(a.config_hash.as_str()) && c.image == a.image)
+        .collect();
+    matching.sort_by_key(|c| (!c.status.is_running(), c.name.clone(), c.id.clone()));
+    matching.first().copied()
+}
+
+/// Whether the prober's verdict is about this very container run and says it is dead.
+fn liveness_failure<'p>(c: &ObservedContainer, probe: Option<&'p ProbeStatus>) -> Option<&'p str> {
+    let p = probe?;
+    if p.container_id != c.id || p.started_at != c.started_at {
+        return None;
+    }
+    match &p.liveness {
+        Liveness::Failed { message } => Some(message),
+        _ => None,
+    }
+}
+
+/// Decides what to do; performs no I/O.
+pub fn plan(input: &PlanInput<'_>) -> Vec<Step> {
+    let host = input.host_id;
+    let mut removals = Vec::new();
+    let mut volume_removals = Vec::new();
+    let mut network_removals = Vec::new();
+    let mut actions = Vec::new();
+
+    // Desired replicas, first assignment of a key wins.
+    let mut desired: BTreeMap<ReplicaKey, &Assignment> = BTreeMap::new();
+    let mut order = Vec::new();
+    for a in input.desired {
+        if let std::collections::btree_map::Entry::Vacant(slot) = desired.entry(a.key()) {
+            order.push(slot.key().clone());
+            slot.insert(a);
+        }
+    }
+
+    // This host's managed containers by replica; anything else is not ours to touch.
+    let mut by_key: BTreeMap<ReplicaKey, Vec<&ObservedContainer>> = BTreeMap::new();
+    for c in input
+        .observed
+        .containers
+        .iter()
+        .filter(|c| c.managed_by(host))
+    {
+        match c.replica_key() {
+            Some(key) => by_key.entry(key).or_default().push(c),
+            None => removals.push(Step::RemoveContainer {
+                key: None,
+                container_id: c.id.clone(),
+                name: c.name.clone(),
+                reason: RemoveReason::Unidentified,
+            }),
+        }
+    }
+
+    for (key, containers) in &by_key {
+        if desired.contains_key(key) {
+            continue;
+        }
+        for c in containers {
+            removals.push(Step::RemoveContainer {
+                key: Some(key.clone()),
+                container_id: c.id.clone(),
+                name: c.name.clone(),
+                reason: RemoveReason::Unassigned,
+            });
+        }
+    }
+
+    for v in input.observed.volumes.iter().filter(|v| v.managed_by(host)) {
+        if let Some(key) = v.replica_key()
+            && !desired.contains_key(&key)
+        {
+            volume_removals.push(Step::RemoveVolume {
+                key,
+                volume: v.name.clone(),
+            });
+        }
+    }
+
+    let tenants_in_use: BTreeSet<&str> = desired.keys().map(|k| k.tenant.as_str()).collect();
+    for n in input
+        .observed
+        .networks
+        .iter()
+        .filter(|n| n.managed_by(host))
+    {
+        if let Some(tenant) = n.label(labels::TENANT)
+            && !tenants_in_use.contains(tenant)
+        {
+            network_removals.push(Step::RemoveNetwork {
+                tenant: tenant.to_owned(),
+                network: n.name.clone(),
+            });
+        }
+    }
+
+    let empty = Vec::new();
+    for key in &order {
+        let a = desired[key];
+        let containers = by_key.get(key).unwrap_or(&empty);
+        let record = input.records.get(key);
+        let held_until = record
+            .and_then(|r| r.not_before)
+            .filter(|until| *until > input.now);
+        let current = current_container(a, containers);
+
+        // Every container of the replica other than the current one goes; the first stale one
+        // is replaced (its host port reused) when there is no current one.
+        let mut stale: Vec<&ObservedContainer> = containers
+            .iter()
+            .copied()
+            .filter(|c| current.is_none_or(|cur| cur.id != c.id))
+            .collect();
+        stale.sort_by_key(|c| (c.host_port.is_none(), c.name.clone()));
+        let replaced = if current.is_none() && !stale.is_empty() {
+            Some(stale.remove(0))
+        } else {
+            None
+        };
+        for c in stale {
+            removals.push(Step::RemoveContainer {
+                key: Some(key.clone()),
+                container_id: c.id.clone(),
+                name: c.name.clone(),
+                reason: RemoveReason::Duplicate,
+            });
+        }
+
+        if let Some(old) = replaced {
+            let reason = if old.image != a.image {
+                ReplaceReason::ImageChanged {
+                    from: old.image.clone(),
+                    to: a.image.clone(),
+                }
+            } else {
+                ReplaceReason::ConfigChanged {
+                    from: old.config_hash().unwrap_or_default().to_owned(),
+                    to: a.config_hash.clone(),
+                }
+            };
+            actions.push(Step::Replace {
+                container_id: old.id.clone(),
+                assignment: Box::new(a.clone()),
+                preferred_port: old.host_port,
+                reason,
+            });
+            continue;
+        }
+
+        let Some(c) = current else {
+            match held_until {
+                Some(until) => actions.push(Step::Wait {
+                    key: key.clone(),
+                    until,
+                }),
+                None => actions.push(Step::Create {
+                    assignment: Box::new(a.clone()),
+                    preferred_port: None,
+                }),
+            }
+            continue;
+        };
+
+        let restart = match &c.status {
+            ContainerStatus::Running => liveness_failure(c, input.probes.get(key))
+                .map(|m| (true, RestartReason::LivenessFailed(m.to_owned()))),
+            status @ (ContainerStatus::Created | ContainerStatus::Exited { .. }) => {
+                Some((false, RestartReason::NotRunning(status.clone())))
+            }
+            ContainerStatus::Dead => {
+                match held_until {
+                    Some(until) => actions.push(Step::Wait {
+                        key: key.clone(),
+                        until,
+                    }),
+                    None => actions.push(Step::Replace {
+                        container_id: c.id.clone(),
+                        assignment: Box::new(a.clone()),
+                        preferred_port: c.host_port,
+                        reason: ReplaceReason::Dead,
+                    }),
+                }
+                continue;
+            }
+            // Paused, restarting or being removed: someone else is acting on it; look again later.
+            ContainerStatus::Paused
+            | ContainerStatus::Restarting
+            | ContainerStatus::Removing
+            | ContainerStatus::Unknown(_) => None,
+        };
+        if let Some((running, reason)) = restart {
+            match held_until {
+                Some(until) => actions.push(Step::Wait {
+                    key: key.clone(),
+                    until,
+                }),
+                None => actions.push(Step::Restart {
+                    key: key.clone(),
+                    container_id: c.id.clone(),
+                    running,
+                    reason,
+                }),
+            }
+        }
+    }
+
+    removals
+        .into_iter()
+        .chain(volume_removals)
+        .chain(network_removals)
+        .chain(actions)
+        .collect()
+}
+
+/// What the reporter says about one replica; pure.
+pub fn replica_status(
+    a: &Assignment,
+    container: Option<&ObservedContainer>,
+    probe: Option<&ProbeStatus>,
+    record: &ReplicaRecord,
+    now: Instant,
+) -> ReplicaStatus {
+    let probe = probe.filter(|p| {
+        container.is_some_and(|c| p.container_id == c.id && p.started_at == c.started_at)
+    });
+    let held = record.not_before.filter(|until| *until > now);
+    let (state, message) = if record.activity == Some(Activity::Pulling) {
+        (ReplicaState::Pulling, format!("pulling {}", a.image))
+    } else if let Some(c) = container {
+        match &c.status {
+            ContainerStatus::Running => match probe.map(|p| (&p.liveness, p.ever_alive, p)) {
+                None | Some((Liveness::Unknown, _, _)) => {
+                    (ReplicaState::Starting, "waiting for the first probe".into())
+                }
+                Some((Liveness::Failed { message }, _, _)) => {
+                    (ReplicaState::Unhealthy, message.clone())
+                }
+                Some((Liveness::Failing { message, .. }, true, _)) => {
+                    (ReplicaState::Unhealthy, message.clone())
+                }
+                Some((Liveness::Failing { message, .. }, false, _)) => {
+                    (ReplicaState::Starting, message.clone())
+                }
+                Some((Liveness::Alive, _, p)) if p.ready => (ReplicaState::Ready, String::new()),
+                Some((Liveness::Alive, _, p)) => (
+                    ReplicaState::Running,
+                    p.readiness_message.clone().unwrap_or_default(),
+                ),
+            },
+            ContainerStatus::Created | ContainerStatus::Restarting => {
+                (ReplicaState::Starting, format!("container {}", c.status))
+            }
+            status @ (ContainerStatus::Exited { .. } | ContainerStatus::Dead) => match held {
+                Some(until) => (
+                    ReplicaState::CrashLoopBackOff,
+                    format!(
+                        "container {status}; next restart in {}s",
+                        until.saturating_duration_since(now).as_secs()
+                    ),
+                ),
+                None => (
+                    ReplicaState::Starting,
+                    format!("container {status}; restarting"),
+                ),
+            },
+            ContainerStatus::Paused => (ReplicaState::Unhealthy, "container is paused".into()),
+            ContainerStatus::Removing | ContainerStatus::Unknown(_) => {
+                (ReplicaState::Pending, format!("container {}", c.status))
+            }
+        }
+    } else if let Some(error) = &record.last_error {
+        (ReplicaState::Failed, error.clone())
+    } else if record.activity == Some(Activity::Creating) {
+        (ReplicaState::Pending, "creating the container".into())
+    } else {
+        (ReplicaState::Pending, String::new())
+    };
+    let applied = container.filter(|c| c.config_hash() == Some(a.config_hash.as_str()));
+    ReplicaStatus {
+        tenant: a.tenant.clone(),
+        project: a.project.clone(),
+        instance: a.instance.clone(),
+        replica: a.replica.clone(),
+        ordinal: a.ordinal,
+        generation: match (applied, container) {
+            (Some(_), _) | (None, None) => a.generation,
+            (None, Some(c)) => c.generation().unwrap_or_default(),
+        },
+        state,
+        message,
+        container_id: container.map(|c| c.id.clone()),
+        restarts: record.restarts,
+        host_port: container.and_then(|c| c.host_port),
+        config_hash: container
+            .and_then(|c| c.config_hash())
+            .unwrap_or_default()
+            .to_owned(),
+        stats: None,
+    }
+}
+
+/// Settings of a [`Reconciler`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReconcilerSettings {
+    pub host_id: String,
+    /// Where rendered configs are written (`<data_dir>/replicas/...`).
+    pub data_dir: PathBuf,
+    pub ports: PortRange,
+    pub stop_grace: Duration,
+    pub backoff: BackoffPolicy,
+}
+
+impl ReconcilerSettings {
+    pub fn new(host_id: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        ReconcilerSettings {
+            host_id: host_id.into(),
+            data_dir: data_dir.into(),
+            ports: PortRange::DEFAULT,
+            stop_grace: spec::DEFAULT_STOP_GRACE,
+            backoff: BackoffPolicy::default(),
+        }
+    }
+}
+
+/// Why a step failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("writing {path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("no free host port in {first}..={last} (step {step})")]
+    NoFreePort { first: u16, last: u16, step: u16 },
+}
+
+/// The result of one executed step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepOutcome {
+    pub step: Step,
+    pub result: Result<(), StepError>,
+}
+
+/// What one reconcile pass saw and did.
+#[derive(Debug, Clone)]
+pub struct Pass {
+    /// The engine's state before the steps ran.
+    pub observed: Observed,
+    pub outcomes: Vec<StepOutcome>,
+    /// The earliest back-off deadline, when a pass should run again at the latest.
+    pub next_wake: Option<Instant>,
+}
+
+impl Pass {
+    pub fn failures(&self) -> impl Iterator<Item = &StepOutcome> {
+        self.outcomes.iter().filter(|o| o.result.is_err())
+    }
+}
+
+/// Runs plans against a [`ContainerRuntime`].
+pub struct Reconciler {
+    runtime: Arc<dyn ContainerRuntime>,
+    settings: ReconcilerSettings,
+    book: ReplicaBook,
+    port_is_free: fn(u16) -> bool,
+}
+
+impl Reconciler {
+    pub fn new(runtime: Arc<dyn ContainerRuntime>, settings: ReconcilerSettings) -> Self {
+        let book = ReplicaBook::new(settings.backoff);
+        Reconciler {
+            runtime,
+            settings,
+            book,
+            port_is_free: ports::port_is_free,
+        }
+    }
+
+    /// Replaces the check of whether a host port is free (tests).
+    pub fn with_port_check(mut self, port_is_free: fn(u16) -> bool) -> Self {
+        self.port_is_free = port_is_free;
+        self
+    }
+
+    pub fn settings(&self) -> &ReconcilerSettings {
+        &self.settings
+    }
+
+    pub fn runtime(&self) -> &Arc<dyn ContainerRuntime> {
+        &self.runtime
+    }
+
+    /// The per-replica records (clone it to share with a reporter).
+    pub fn book(&self) -> &ReplicaBook {
+        &self.book
+    }
+
+    /// Where the rendered config of `key` lives on the host.
+    pub fn config_file(&self, key: &ReplicaKey) -> PathBuf {
+        self.replica_dir(key).join("openclaw.json")
+    }
+
+    fn replica_dir(&self, key: &ReplicaKey) -> PathBuf {
+        // Names are DNS labels, so a dot separates them unambiguously.
+        self.settings
+            .data_dir
+            .join("replicas")
+            .join(format!("{}.{}.{}", key.tenant, key.project, key.replica))
+    }
+
+    /// Reads this host's managed containers, volumes and networks.
+    pub async fn observe(&self) -> Result<Observed, RuntimeError> {
+        let host = self.settings.host_id.as_str();
+        let (containers, volumes, networks) = tokio::try_join!(
+            self.runtime.list_managed_containers(host),
+            self.runtime.list_managed_volumes(host),
+            self.runtime.list_managed_networks(host),
+        )?;
+        Ok(Observed {
+            containers,
+            volumes,
+            networks,
+        })
+    }
+
+    /// Where to probe each desired replica's running container.
+    pub fn probe_targets(&self, desired: &[Assignment], observed: &Observed) -> Vec<ProbeTarget> {
+        let host = self.settings.host_id.as_str();
+        desired
+            .iter()
+            .filter_map(|a| {
+                let containers = replica_containers(host, observed, &a.key());
+                let c = current_container(a, &containers)?;
+                let port = c.host_port.filter(|_| c.status.is_running())?;
+                Some(ProbeTarget {
+                    key: a.key(),
+                    container_id: c.id.clone(),
+                    started_at: c.started_at.clone(),
+                    addr: SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)),
+                })
+            })
+            .collect()
+    }
+
+    /// The status of every desired replica, from an observation and the prober's view.
+    pub fn statuses(
+        &self,
+        desired: &[Assignment],
+        observed: &Observed,
+        probes: &BTreeMap<ReplicaKey, ProbeStatus>,
+        now: Instant,
+    ) -> Vec<ReplicaStatus> {
+        let host = self.settings.host_id.as_str();
+        let records = self.book.snapshot();
+        desired
+            .iter()
+            .map(|a| {
+                let key = a.key();
+                let containers = replica_containers(host, observed, &key);
+                let container =
+                    current_container(a, &containers).or_else(|| containers.first().copied());
+                replica_status(
+                    a,
+                    container,
+                    probes.get(&key),
+                    &records.get(&key).cloned().unwrap_or_default(),
+                    now,
+                )
+            })
+            .collect()
+    }
+
+    /// One pass: observe, plan, execute. Fails only when the engine cannot be read.
+    pub async fn reconcile(
+        &self,
+        desired: &[Assignment],
+        probes: &BTreeMap<ReplicaKey, ProbeStatus>,
+        now: Instant,
+    ) -> Result<Pass, RuntimeError> {
+        let observed = self.observe().await?;
+        let wanted: BTreeSet<ReplicaKey> = desired.iter().map(Assignment::key).collect();
+        self.book.retain(|k| wanted.contains(k));
+        for a in desired {
+            let key = a.key();
+            let containers = replica_containers(&self.settings.host_id, &observed, &key);
+            if let Some(c) = current_container(a, &containers)
+                && c.status.is_running()
+                && liveness_failure(c, probes.get(&key)).is_none()
+            {
+                self.book.settle(&key, now);
+            }
+        }
+        let records = self.book.snapshot();
+        let steps = plan(&PlanInput {
+            host_id: &self.settings.host_id,
+            desired,
+            observed: &observed,
+            probes,
+            records: &records,
+            now,
+        });
+        let outcomes = self.execute(steps, &observed, now).await;
+        let next_wake = outcomes
+            .iter()
+            .filter_map(|o| match o.step {
+                Step::Wait { until, .. } => Some(until),
+                _ => None,
+            })
+            .min();
+        Ok(Pass {
+            observed,
+            outcomes,
+            next_wake,
+        })
+    }
+
+    /// Runs `steps` in order; a failed step does not stop the others.
+    ///
+    /// Creations of new replicas touch nothing that runs, so they go last and concurrently, each
+    /// on a host port reserved up front: scaling up takes about as long as one creation. The
+    /// first creation for a tenant without its network yet runs alone, so that two creations
+    /// never race to make the network.
+    pub async fn execute(
+        &self,
+        steps: Vec<Step>,
+        observed: &Observed,
+        now: Instant,
+    ) -> Vec<StepOutcome> {
+        let mut taken: BTreeSet<u16> = observed
+            .containers
+            .iter()
+            .filter_map(|c| c.host_port)
+            .collect();
+        let mut slots: Vec<Option<StepOutcome>> = Vec::with_capacity(steps.len());
+        let mut creates = Vec::new();
+        for (i, step) in steps.into_iter().enumerate() {
+            if matches!(step, Step::Create { .. }) {
+                slots.push(None);
+                creates.push((i, step));
+                continue;
+            }
+            let result = self.execute_one(&step, observed, &mut taken, now).await;
+            log_outcome(&step, &result);
+            slots.push(Some(StepOutcome { step, result }));
+        }
+
+        let host = self.settings.host_id.as_str();
+        let networks: BTreeSet<&str> = observed
+            .networks
+            .iter()
+            .filter(|n| n.managed_by(host))
+            .filter_map(|n| n.label(labels::TENANT))
+            .collect();
+        let mut first_of_tenant = BTreeSet::new();
+        let mut batch = Vec::new();
+        for (i, step) in creates {
+            let new_network = match &step {
+                Step::Create { assignment, .. } => {
+                    !networks.contains(assignment.tenant.as_str())
+                        && first_of_tenant.insert(assignment.tenant.clone())
+                }
+                _ => false,
+            };
+            if new_network {
+                let result = self.execute_one(&step, observed, &mut taken, now).await;
+                log_outcome(&step, &result);
+                slots[i] = Some(StepOutcome { step, result });
+            } else {
+                batch.push((i, step));
+            }
+        }
+
+        let port_is_free = self.port_is_free;
+        let mut reserved = Vec::with_capacity(batch.len());
+        for (_, step) in &batch {
+            let preferred = match step {
+                Step::Create { preferred_port, .. } => *preferred_port,
+                _ => None,
+            };
+            let port = preferred
+                .filter(|p| !taken.contains(p) && port_is_free(*p))
+                .or_else(|| ports::allocate(self.settings.ports, &taken, port_is_free));
+            if let Some(p) = port {
+                taken.insert(p);
+            }
+            reserved.push(port);
+        }
+        let results = futures::future::join_all(batch.iter().zip(&reserved).map(
+            |((_, step), port)| {
+                let mut own = taken.clone();
+                if let Some(p) = port {
+                    own.remove(p);
+                }
+                async move {
+                    match step {
+                        Step::Create { assignment, .. } => {
+                            self.create(assignment, *port, &mut own, now).await
+                        }
+                        other => self.execute_one(other, observed, &mut own, now).await,
+                    }
+                }
+            },
+        ))
+        .await;
+        for ((i, step), result) in batch.into_iter().zip(results) {
+            log_outcome(&step, &result);
+            slots[i] = Some(StepOutcome { step, result });
+        }
+        slots.into_iter().flatten().collect()
+    }
+
+    async fn execute_one(
+        &self,
+        step: &Step,
+        observed: &Observed,
+        taken: &mut BTreeSet<u16>,
+        now: Instant,
+    ) -> Result<(), StepError> {
+        let grace = self.settings.stop_grace;
+        match step {
+            Step::RemoveContainer { container_id, .. } => {
+                self.runtime.stop_container(container_id, grace).await?;
+                self.runtime.remove_container(container_id).await?;
+                if let Some(port) = port_of(observed, container_id) {
+                    taken.remove(&port);
+                }
+                Ok(())
+            }
+            Step::RemoveVolume { key, volume } => {
+                self.runtime.remove_volume(volume).await?;
+                let dir = self.replica_dir(key);
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => Ok(()),
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(err) => Err(StepError::Io {
+                        path: dir,
+                        message: err.to_string(),
+                    }),
+                }
+            }
+            Step::RemoveNetwork { network, .. } => {
+                self.runtime.remove_network(network).await?;
+                Ok(())
+            }
+            Step::Create {
+                assignment,
+                preferred_port,
+            } => self.create(assignment, *preferred_port, taken, now).await,
+            Step::Replace {
+                container_id,
+                assignment,
+                preferred_port,
+                ..
+            } => {
+                let key = assignment.key();
+                let removed = async {
+                    self.runtime.stop_container(container_id, grace).await?;
+                    self.runtime.remove_container(container_id).await
+                }
+                .await;
+                if let Err(err) = removed {
+                    self.book.record_failure(&key, now, err.to_string());
+                    return Err(err.into());
+                }
+                if let Some(port) = port_of(observed, container_id) {
+                    taken.remove(&port);
+                }
+                self.create(assignment, *preferred_port, taken, now).await
+            }
+            Step::Restart {
+                key,
+                container_id,
+                running,
+                reason,
+            } => {
+                tracing::info!(replica = %key, ?reason, "restarting replica");
+                let restarted = async {
+                    if *running {
+                        self.runtime.stop_container(container_id, grace).await?;
+                    }
+                    self.runtime.start_container(container_id).await
+                }
+                .await;
+                match restarted {
+                    Ok(()) => {
+                        self.book.record_restart(key, now);
+                        Ok(())
+                    }
+                    Err(err) => {
+                        self.book.record_failure(key, now, err.to_string());
+                        if matches!(err, RuntimeError::PortInUse { .. }) {
+                            // Its host port was taken while it was down: the next pass
+                            // creates it again on a free port.
+                            self.runtime.remove_container(container_id).await?;
+                        }
+                        Err(err.into())
+                    }
+                }
+            }
+            Step::Wait { .. } => Ok(()),
+        }
+    }
+
+    async fn create(
+        &self,
+        a: &Assignment,
+        preferred_port: Option<u16>,
+        taken: &mut BTreeSet<u16>,
+        now: Instant,
+    ) -> Result<(), StepError> {
+        let key = a.key();
+        let result = self.try_create(a, preferred_port, taken).await;
+        match &result {
+            Ok(()) => self.book.record_created(&key, now),
+            Err(err) => self.book.record_failure(&key, now, err.to_string()),
+        }
+        result
+    }
+
+    async fn try_create(
+        &self,
+        a: &Assignment,
+        preferred_port: Option<u16>,
+        taken: &mut BTreeSet<u16>,
+    ) -> Result<(), StepError> {
+        let host = self.settings.host_id.as_str();
+        let key = a.key();
+        self.book.set_activity(&key, Some(Activity::Pulling));
+        self.runtime.ensure_image(&a.image).await?;
+        self.book.set_activity(&key, Some(Activity::Creating));
+        self.runtime
+            .ensure_network(&spec::network_spec(host, &a.tenant))
+            .await?;
+        self.runtime
+            .ensure_volume(&spec::volume_spec(host, a))
+            .await?;
+        let config_file = self.config_file(&key);
+        write_config(&config_file, a.config_json.as_bytes())?;
+
+        let port_is_free = self.port_is_free;
+        let mut port = preferred_port
+            .filter(|p| !taken.contains(p) && port_is_free(*p))
+            .or_else(|| ports::allocate(self.settings.ports, taken, port_is_free));
+        for _ in 0..PORT_ATTEMPTS {
+            let Some(host_port) = port else { break };
+            let spec =
+                spec::container_spec(host, a, &config_file, host_port, self.settings.stop_grace);
+            match self.runtime.create_and_start(&spec).await {
+                Ok(id) => {
+                    taken.insert(host_port);
+                    tracing::info!(replica = %key, container = %id, host_port, "replica container started");
+                    return Ok(());
+                }
+                Err(RuntimeError::PortInUse { .. }) => {
+                    taken.insert(host_port);
+                    port = ports::allocate(self.settings.ports, taken, port_is_free);
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        let range = self.settings.ports;
+        Err(StepError::NoFreePort {
+            first: range.first,
+            last: range.iter().last().unwrap_or(range.first),
+            step: range.step,
+        })
+    }
+}
+
+fn log_outcome(step: &Step, result: &Result<(), StepError>) {
+    match result {
+        Ok(()) => tracing::debug!(?step, "reconcile step done"),
+        Err(err) => tracing::warn!(?step, error = %err, "reconcile step failed"),
+    }
+}
+
+fn replica_containers<'o>(
+    host: &str,
+    observed: &'o Observed,
+    key: &ReplicaKey,
+) -> Vec<&'o ObservedContainer> {
+    observed
+        .containers
+        .iter()
+        .filter(|c| c.managed_by(host) && c.replica_key().as_ref() == Some(key))
+        .collect()
+}
+
+fn port_of(observed: &Observed, container_id: &str) -> Option<u16> {
+    observed
+        .containers
+        .iter()
+        .find(|c| c.id == container_id)
+        .and_then(|c| c.host_port)
+}
+
+/// Writes a rendered config for the container user: mode 0600 owned by uid/gid 1000 when the
+/// agent may change ownership, otherwise readable by all (0644).
+fn write_config(path: &Path, contents: &[u8]) -> Result<(), StepError> {
+    let io_err = |err: std::io::Error| StepError::Io {
+        path: path.to_path_buf(),
+        message: err.to_string(),
+    };
+    if let Some(dir) = path.parent() {
+        state::create_private_dir(dir).map_err(io_err)?;
+    }
+    state::write_file_atomic(path, contents, 0o600).map_err(io_err)?;
+    if std::os::unix::fs::chown(path, Some(spec::CONTAINER_UID), Some(spec::CONTAINER_GID)).is_err()
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(io_err)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

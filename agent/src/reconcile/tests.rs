@@ -1,0 +1,789 @@
+//! Unit tests of the reconcile plan (plain values) and of the executor against the fake runtime.
+
+use super::*;
+use crate::runtime::{FakeCall, FakeRuntime};
+
+const HOST: &str = "host-1";
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// A container of this host running `a` (or a variation of it).
+fn container(id: &str, a: &Assignment) -> ObservedContainer {
+    ObservedContainer {
+        id: id.into(),
+        name: format!("{}-{id}", spec::container_name(HOST, &a.key())),
+        image: a.image.clone(),
+        labels: spec::container_labels(HOST, a),
+        status: ContainerStatus::Running,
+        started_at: Some("2026-01-01T00:00:00Z".into()),
+        host_port: Some(19100),
+        engine_restarts: 0,
+    }
+}
+
+fn with_status(mut c: ObservedContainer, status: ContainerStatus) -> ObservedContainer {
+    c.status = status;
+    c
+}
+
+fn exited(code: i64) -> ContainerStatus {
+    ContainerStatus::Exited {
+        code,
+        oom_killed: false,
+    }
+}
+
+fn volume(a: &Assignment, host: &str) -> ObservedVolume {
+    let v = spec::volume_spec(host, a);
+    ObservedVolume {
+        name: v.name,
+        labels: v.labels,
+    }
+}
+
+fn network(host: &str, tenant: &str) -> ObservedNetwork {
+    let n = spec::network_spec(host, tenant);
+    ObservedNetwork {
+        id: format!("id-{}", n.name),
+        name: n.name,
+        labels: n.labels,
+    }
+}
+
+struct World {
+    desired: Vec<Assignment>,
+    observed: Observed,
+    probes: BTreeMap<ReplicaKey, ProbeStatus>,
+    records: BTreeMap<ReplicaKey, ReplicaRecord>,
+    now: Instant,
+}
+
+impl World {
+    fn new(desired: Vec<Assignment>, containers: Vec<ObservedContainer>) -> Self {
+        World {
+            desired,
+            observed: Observed {
+                containers,
+                ..Observed::default()
+            },
+            probes: BTreeMap::new(),
+            records: BTreeMap::new(),
+            now: Instant::now(),
+        }
+    }
+
+    fn plan(&self) -> Vec<Step> {
+        plan(&PlanInput {
+            host_id: HOST,
+            desired: &self.desired,
+            observed: &self.observed,
+            probes: &self.probes,
+            records: &self.records,
+            now: self.now,
+        })
+    }
+}
+
+fn probe(c: &ObservedContainer, liveness: Liveness, ready: bool) -> ProbeStatus {
+    ProbeStatus {
+        container_id: c.id.clone(),
+        started_at: c.started_at.clone(),
+        ever_alive: matches!(liveness, Liveness::Alive),
+        liveness,
+        ready,
+        readiness_message: None,
+    }
+}
+
+// --- plan ---------------------------------------------------------------------------------------
+
+#[test]
+fn creates_missing_replicas_once_each() {
+    let a0 = Assignment::test("bot-0");
+    let a1 = Assignment::test("bot-1");
+    let world = World::new(vec![a0.clone(), a1.clone(), a0.clone()], vec![]);
+    assert_eq!(
+        world.plan(),
+        vec![
+            Step::Create {
+                assignment: Box::new(a0),
+                preferred_port: None
+            },
+            Step::Create {
+                assignment: Box::new(a1),
+                preferred_port: None
+            },
+        ]
+    );
+}
+
+#[test]
+fn adopts_a_healthy_running_container_untouched() {
+    let a = Assignment::test("bot-0");
+    let c = container("c1", &a);
+    let mut world = World::new(vec![a.clone()], vec![c.clone()]);
+    assert_eq!(world.plan(), vec![]);
+    world
+        .probes
+        .insert(a.key(), probe(&c, Liveness::Alive, true));
+    assert_eq!(world.plan(), vec![]);
+    // Failing below the threshold is not yet a reason to act.
+    world.probes.insert(
+        a.key(),
+        probe(
+            &c,
+            Liveness::Failing {
+                failures: 2,
+                message: "x".into(),
+            },
+            false,
+        ),
+    );
+    assert_eq!(world.plan(), vec![]);
+}
+
+#[test]
+fn replaces_on_config_change_reusing_the_port_and_keeping_the_volume() {
+    let old = Assignment::test("bot-0");
+    let new = old.clone().config_hash(&"bb".repeat(32)).generation(2);
+    let mut world = World::new(vec![new.clone()], vec![container("c1", &old)]);
+    world.observed.volumes = vec![volume(&old, HOST)];
+    assert_eq!(
+        world.plan(),
+        vec![Step::Replace {
+            container_id: "c1".into(),
+            assignment: Box::new(new),
+            preferred_port: Some(19100),
+            reason: ReplaceReason::ConfigChanged {
+                from: "aa".repeat(32),
+                to: "bb".repeat(32)
+            },
+        }]
+    );
+}
+
+#[test]
+fn replaces_on_image_change() {
+    let old = Assignment::test("bot-0");
+    let new = old.clone().image("example/openclaw:2026.8.1");
+    let world = World::new(vec![new.clone()], vec![container("c1", &old)]);
+    assert!(matches!(
+        world.plan().as_slice(),
+        [Step::Replace { reason: ReplaceReason::ImageChanged { to, .. }, .. }] if to == "example/openclaw:2026.8.1"
+    ));
+}
+
+#[test]
+fn a_generation_bump_alone_does_not_replace() {
+    let old = Assignment::test("bot-0");
+    let new = old.clone().generation(7);
+    let world = World::new(vec![new], vec![container("c1", &old)]);
+    assert_eq!(world.plan(), vec![]);
+}
+
+#[test]
+fn removes_unassigned_containers_then_their_volume_and_network() {
+    let kept = Assignment::test("bot-0");
+    let gone = Assignment::test("bot-1");
+    let other_tenant = Assignment::test("web-0").tenant("tenant-b");
+    let mut world = World::new(
+        vec![kept.clone()],
+        vec![
+            container("c0", &kept),
+            container("c1", &gone),
+            container("c2", &other_tenant),
+        ],
+    );
+    world.observed.volumes = vec![
+        volume(&kept, HOST),
+        volume(&gone, HOST),
+        volume(&other_tenant, HOST),
+    ];
+    world.observed.networks = vec![network(HOST, "tenant-a"), network(HOST, "tenant-b")];
+    let steps = world.plan();
+    let gone_container = |id: &str| Step::RemoveContainer {
+        key: Some(
+            world
+                .observed
+                .containers
+                .iter()
+                .find(|c| c.id == id)
+                .unwrap()
+                .replica_key()
+                .unwrap(),
+        ),
+        container_id: id.into(),
+        name: world
+            .observed
+            .containers
+            .iter()
+            .find(|c| c.id == id)
+            .unwrap()
+            .name
+            .clone(),
+        reason: RemoveReason::Unassigned,
+    };
+    assert_eq!(
+        steps,
+        vec![
+            gone_container("c1"),
+            gone_container("c2"),
+            Step::RemoveVolume {
+                key: gone.key(),
+                volume: spec::volume_name(HOST, &gone.key())
+            },
+            Step::RemoveVolume {
+                key: other_tenant.key(),
+                volume: spec::volume_name(HOST, &other_tenant.key())
+            },
+            Step::RemoveNetwork {
+                tenant: "tenant-b".into(),
+                network: spec::network_name(HOST, "tenant-b")
+            },
+        ]
+    );
+}
+
+#[test]
+fn never_touches_unmanaged_or_other_hosts_things() {
+    let a = Assignment::test("bot-0");
+    let mut foreign_host = container("f1", &a);
+    foreign_host
+        .labels
+        .insert(labels::HOST.into(), "host-2".into());
+    foreign_host.status = exited(1);
+    let mut unmanaged = container("u1", &Assignment::test("bot-9"));
+    unmanaged.labels.remove(labels::MANAGED);
+    let mut managed_false = container("u2", &Assignment::test("bot-8"));
+    managed_false
+        .labels
+        .insert(labels::MANAGED.into(), "false".into());
+    let mut world = World::new(vec![], vec![foreign_host, unmanaged, managed_false]);
+    world.observed.volumes = vec![volume(&a, "host-2")];
+    world.observed.networks = vec![network("host-2", "tenant-a")];
+    assert_eq!(world.plan(), vec![]);
+
+    // With the replica assigned here, the other host's container does not count as ours.
+    world.desired = vec![a.clone()];
+    assert_eq!(
+        world.plan(),
+        vec![Step::Create {
+            assignment: Box::new(a),
+            preferred_port: None
+        }]
+    );
+}
+
+#[test]
+fn removes_this_hosts_containers_it_cannot_identify() {
+    let mut c = container("x1", &Assignment::test("bot-0"));
+    c.labels.remove(labels::REPLICA);
+    let world = World::new(vec![], vec![c.clone()]);
+    assert_eq!(
+        world.plan(),
+        vec![Step::RemoveContainer {
+            key: None,
+            container_id: "x1".into(),
+            name: c.name,
+            reason: RemoveReason::Unidentified
+        }]
+    );
+}
+
+#[test]
+fn keeps_one_container_per_replica() {
+    let a = Assignment::test("bot-0");
+    let stale = Assignment::test("bot-0").config_hash(&"cc".repeat(32));
+    let running = container("c2", &a);
+    let stopped = with_status(container("c1", &a), exited(0));
+    let old = container("c0", &stale);
+    let world = World::new(vec![a.clone()], vec![old, stopped, running]);
+    let steps = world.plan();
+    let removed: Vec<&str> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::RemoveContainer {
+                container_id,
+                reason: RemoveReason::Duplicate,
+                ..
+            } => Some(container_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(removed, ["c0", "c1"]);
+    assert_eq!(steps.len(), 2, "{steps:?}");
+}
+
+#[test]
+fn restarts_exited_containers_with_back_off() {
+    let a = Assignment::test("bot-0");
+    let c = with_status(container("c1", &a), exited(1));
+    let mut world = World::new(vec![a.clone()], vec![c]);
+    assert_eq!(
+        world.plan(),
+        vec![Step::Restart {
+            key: a.key(),
+            container_id: "c1".into(),
+            running: false,
+            reason: RestartReason::NotRunning(exited(1)),
+        }]
+    );
+
+    let until = world.now + secs(20);
+    world.records.insert(
+        a.key(),
+        ReplicaRecord {
+            restarts: 2,
+            consecutive_failures: 2,
+            not_before: Some(until),
+            ..ReplicaRecord::default()
+        },
+    );
+    assert_eq!(
+        world.plan(),
+        vec![Step::Wait {
+            key: a.key(),
+            until
+        }]
+    );
+
+    world.now += secs(20);
+    assert!(matches!(world.plan().as_slice(), [Step::Restart { .. }]));
+}
+
+#[test]
+fn starts_a_created_but_never_started_container() {
+    let a = Assignment::test("bot-0");
+    let world = World::new(
+        vec![a.clone()],
+        vec![with_status(container("c1", &a), ContainerStatus::Created)],
+    );
+    assert!(matches!(
+        world.plan().as_slice(),
+        [Step::Restart {
+            running: false,
+            reason: RestartReason::NotRunning(ContainerStatus::Created),
+            ..
+        }]
+    ));
+}
+
+#[test]
+fn restarts_on_failed_liveness_of_the_current_run_only() {
+    let a = Assignment::test("bot-0");
+    let c = container("c1", &a);
+    let mut world = World::new(vec![a.clone()], vec![c.clone()]);
+    let failed = Liveness::Failed {
+        message: "/healthz answered HTTP 503 with \"ok\": false".into(),
+    };
+
+    // A verdict about an earlier run of the container is stale.
+    let mut earlier = probe(&c, failed.clone(), false);
+    earlier.started_at = Some("2025-12-31T00:00:00Z".into());
+    world.probes.insert(a.key(), earlier);
+    assert_eq!(world.plan(), vec![]);
+
+    world.probes.insert(a.key(), probe(&c, failed, false));
+    assert!(matches!(
+        world.plan().as_slice(),
+        [Step::Restart { running: true, reason: RestartReason::LivenessFailed(m), .. }] if m.contains("503")
+    ));
+}
+
+#[test]
+fn replaces_dead_containers_and_holds_failed_creates() {
+    let a = Assignment::test("bot-0");
+    let mut world = World::new(
+        vec![a.clone()],
+        vec![with_status(container("c1", &a), ContainerStatus::Dead)],
+    );
+    assert!(matches!(
+        world.plan().as_slice(),
+        [Step::Replace {
+            reason: ReplaceReason::Dead,
+            preferred_port: Some(19100),
+            ..
+        }]
+    ));
+
+    world.observed.containers.clear();
+    let until = world.now + secs(10);
+    world.records.insert(
+        a.key(),
+        ReplicaRecord {
+            consecutive_failures: 1,
+            not_before: Some(until),
+            last_error: Some("ImagePullFailed: no such host".into()),
+            ..ReplicaRecord::default()
+        },
+    );
+    assert_eq!(
+        world.plan(),
+        vec![Step::Wait {
+            key: a.key(),
+            until
+        }]
+    );
+}
+
+#[test]
+fn paused_or_restarting_containers_are_left_alone() {
+    let a = Assignment::test("bot-0");
+    for status in [ContainerStatus::Paused, ContainerStatus::Restarting] {
+        let world = World::new(
+            vec![a.clone()],
+            vec![with_status(container("c1", &a), status)],
+        );
+        assert_eq!(world.plan(), vec![]);
+    }
+}
+
+#[test]
+fn backoff_doubles_up_to_the_cap() {
+    let policy = BackoffPolicy::default();
+    let delays: Vec<u64> = (0..8).map(|n| policy.delay(n).as_secs()).collect();
+    assert_eq!(delays, [0, 10, 20, 40, 80, 160, 300, 300]);
+    assert_eq!(policy.delay(u32::MAX), policy.max);
+}
+
+#[test]
+fn the_book_counts_restarts_and_settles_after_a_quiet_period() {
+    let book = ReplicaBook::new(BackoffPolicy::default());
+    let key = ReplicaKey::new("t", "p", "bot-0");
+    let t0 = Instant::now();
+    book.record_restart(&key, t0);
+    book.record_restart(&key, t0 + secs(10));
+    let r = book.get(&key);
+    assert_eq!((r.restarts, r.consecutive_failures), (2, 2));
+    assert_eq!(r.not_before, Some(t0 + secs(30)));
+
+    book.settle(&key, t0 + secs(60));
+    assert_eq!(
+        book.get(&key).consecutive_failures,
+        2,
+        "too early to settle"
+    );
+    book.settle(&key, t0 + secs(10 + 600));
+    let r = book.get(&key);
+    assert_eq!(
+        (r.restarts, r.consecutive_failures, r.not_before),
+        (2, 0, None)
+    );
+
+    book.retain(|_| false);
+    assert_eq!(book.get(&key), ReplicaRecord::default());
+}
+
+// --- status --------------------------------------------------------------------------------------
+
+#[test]
+fn status_follows_container_probe_and_record() {
+    let a = Assignment::test("bot-0");
+    let now = Instant::now();
+    let c = container("c1", &a);
+    let none = ReplicaRecord::default();
+    let state = |c: Option<&ObservedContainer>, p: Option<&ProbeStatus>, r: &ReplicaRecord| {
+        let s = replica_status(&a, c, p, r, now);
+        (s.state, s.message)
+    };
+
+    assert_eq!(state(None, None, &none).0, ReplicaState::Pending);
+    let pulling = ReplicaRecord {
+        activity: Some(Activity::Pulling),
+        ..ReplicaRecord::default()
+    };
+    assert_eq!(state(None, None, &pulling).0, ReplicaState::Pulling);
+    let pull_failed = ReplicaRecord {
+        last_error: Some("ImagePullFailed: manifest unknown".into()),
+        not_before: Some(now + secs(10)),
+        ..ReplicaRecord::default()
+    };
+    assert_eq!(
+        state(None, None, &pull_failed),
+        (
+            ReplicaState::Failed,
+            "ImagePullFailed: manifest unknown".into()
+        )
+    );
+
+    assert_eq!(state(Some(&c), None, &none).0, ReplicaState::Starting);
+    let ready = probe(&c, Liveness::Alive, true);
+    assert_eq!(state(Some(&c), Some(&ready), &none).0, ReplicaState::Ready);
+    let live = probe(&c, Liveness::Alive, false);
+    assert_eq!(state(Some(&c), Some(&live), &none).0, ReplicaState::Running);
+    let dead = probe(
+        &c,
+        Liveness::Failed {
+            message: "down".into(),
+        },
+        false,
+    );
+    assert_eq!(
+        state(Some(&c), Some(&dead), &none),
+        (ReplicaState::Unhealthy, "down".into())
+    );
+
+    let crashed = with_status(c.clone(), exited(3));
+    let held = ReplicaRecord {
+        restarts: 4,
+        consecutive_failures: 4,
+        not_before: Some(now + secs(80)),
+        ..ReplicaRecord::default()
+    };
+    let (s, m) = state(Some(&crashed), None, &held);
+    assert_eq!(s, ReplicaState::CrashLoopBackOff);
+    assert!(m.contains("exited with code 3") && m.contains("80s"), "{m}");
+
+    let status = replica_status(&a, Some(&c), Some(&ready), &held, now);
+    assert_eq!(status.restarts, 4);
+    assert_eq!(status.host_port, Some(19100));
+    assert_eq!(status.container_id.as_deref(), Some("c1"));
+    assert_eq!(status.config_hash, a.config_hash);
+    let proto = status.to_proto();
+    assert_eq!(
+        proto.state,
+        clusterclaw_proto::agent::ReplicaState::Ready as i32
+    );
+}
+
+// --- executor against the fake runtime ------------------------------------------------------------
+
+fn reconciler(fake: &Arc<FakeRuntime>, data_dir: &Path) -> Reconciler {
+    let runtime: Arc<dyn ContainerRuntime> = fake.clone();
+    Reconciler::new(runtime, ReconcilerSettings::new(HOST, data_dir)).with_port_check(|_| true)
+}
+
+async fn pass(r: &Reconciler, desired: &[Assignment], now: Instant) -> Pass {
+    r.reconcile(desired, &BTreeMap::new(), now)
+        .await
+        .expect("engine answers")
+}
+
+#[tokio::test]
+async fn creates_a_replica_with_its_network_volume_and_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0");
+    let key = a.key();
+    let now = Instant::now();
+
+    let p = pass(&r, std::slice::from_ref(&a), now).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    let name = spec::container_name(HOST, &key);
+    assert_eq!(
+        fake.mutations(),
+        vec![
+            FakeCall::EnsureImage(a.image.clone()),
+            FakeCall::EnsureNetwork(spec::network_name(HOST, "tenant-a")),
+            FakeCall::EnsureVolume(spec::volume_name(HOST, &key)),
+            FakeCall::CreateAndStart(name.clone(), Some(19100)),
+        ]
+    );
+    let config = r.config_file(&key);
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), a.config_json);
+    let created = fake.spec(&name).expect("created");
+    assert_eq!(created.binds[0].source, config);
+
+    // Idempotent: a second pass changes nothing.
+    fake.clear_calls();
+    let p = pass(&r, std::slice::from_ref(&a), now).await;
+    assert!(p.outcomes.is_empty());
+    assert!(fake.mutations().is_empty());
+}
+
+#[tokio::test]
+async fn skips_host_ports_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    // 19100 looks free to a bind test but the engine refuses it; 19120 is bound by someone.
+    fake.occupy_port(19100);
+    let r = reconciler(&fake, dir.path()).with_port_check(|p| p != 19120);
+    let desired = [Assignment::test("bot-0"), Assignment::test("bot-1")];
+    let p = pass(&r, &desired, Instant::now()).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    let mut ports: Vec<u16> = fake
+        .containers()
+        .iter()
+        .filter_map(|c| c.host_port)
+        .collect();
+    ports.sort();
+    assert_eq!(ports, [19140, 19160]);
+}
+
+#[tokio::test]
+async fn an_unpullable_image_fails_the_replica_and_backs_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0").image("example/missing:1");
+    fake.fail_pull("example/missing:1", "manifest unknown");
+    let now = Instant::now();
+
+    let p = pass(&r, std::slice::from_ref(&a), now).await;
+    let failure = p.failures().next().expect("failed");
+    assert_eq!(
+        failure.result.as_ref().unwrap_err().to_string(),
+        "ImagePullFailed: manifest unknown"
+    );
+    let status = &r.statuses(std::slice::from_ref(&a), &p.observed, &BTreeMap::new(), now)[0];
+    assert_eq!(status.state, ReplicaState::Failed);
+    assert_eq!(status.message, "ImagePullFailed: manifest unknown");
+
+    // Within the back-off nothing is tried.
+    fake.clear_calls();
+    let p = pass(&r, std::slice::from_ref(&a), now + secs(5)).await;
+    assert_eq!(p.next_wake, Some(now + secs(10)));
+    assert!(fake.mutations().is_empty());
+    // After it, the pull is tried again.
+    pass(&r, std::slice::from_ref(&a), now + secs(10)).await;
+    assert_eq!(
+        fake.mutations(),
+        vec![FakeCall::EnsureImage("example/missing:1".into())]
+    );
+}
+
+#[tokio::test]
+async fn replaces_on_config_change_keeping_volume_and_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0");
+    let now = Instant::now();
+    pass(&r, std::slice::from_ref(&a), now).await;
+    let old = fake.containers()[0].clone();
+
+    let mut b = a.clone().config_hash(&"bb".repeat(32)).generation(2);
+    b.config_json = r#"{"changed":true}"#.into();
+    fake.clear_calls();
+    let p = pass(&r, std::slice::from_ref(&b), now).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    let name = spec::container_name(HOST, &a.key());
+    let mutations = fake.mutations();
+    assert_eq!(mutations[0], FakeCall::StopContainer(old.id.clone()));
+    assert_eq!(mutations[1], FakeCall::RemoveContainer(old.id.clone()));
+    assert_eq!(
+        mutations.last(),
+        Some(&FakeCall::CreateAndStart(name, Some(19100)))
+    );
+    assert!(
+        !mutations
+            .iter()
+            .any(|c| matches!(c, FakeCall::RemoveVolume(_)))
+    );
+    let now_running = fake.containers();
+    assert_eq!(now_running.len(), 1);
+    assert_eq!(now_running[0].config_hash(), Some(b.config_hash.as_str()));
+    assert_eq!(now_running[0].generation(), Some(2));
+    assert_eq!(
+        std::fs::read_to_string(r.config_file(&a.key())).unwrap(),
+        b.config_json
+    );
+}
+
+#[tokio::test]
+async fn a_crash_loop_restarts_with_growing_delays() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0");
+    let desired = std::slice::from_ref(&a);
+    let t0 = Instant::now();
+    pass(&r, desired, t0).await;
+    let id = fake.containers()[0].id.clone();
+
+    let mut restarts_at = Vec::new();
+    for t in 1..=80 {
+        let now = t0 + secs(t);
+        fake.set_status(&id, exited(1));
+        fake.clear_calls();
+        let p = pass(&r, desired, now).await;
+        if fake
+            .mutations()
+            .contains(&FakeCall::StartContainer(id.clone()))
+        {
+            restarts_at.push(t);
+        } else {
+            let status = &r.statuses(desired, &p.observed, &BTreeMap::new(), now)[0];
+            assert_eq!(status.state, ReplicaState::CrashLoopBackOff, "at {t}s");
+        }
+    }
+    // Immediately, then after 10, 20 and 40 seconds.
+    assert_eq!(restarts_at, [1, 11, 31, 71]);
+    assert_eq!(r.book().get(&a.key()).restarts, 4);
+}
+
+#[tokio::test]
+async fn unassigning_removes_container_volume_network_and_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0");
+    let now = Instant::now();
+    pass(&r, std::slice::from_ref(&a), now).await;
+    let config = r.config_file(&a.key());
+    assert!(config.exists());
+
+    let p = pass(&r, &[], now).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    assert!(fake.containers().is_empty());
+    assert!(fake.volumes().is_empty());
+    assert!(fake.networks().is_empty());
+    assert!(!config.exists());
+    assert!(!config.parent().unwrap().exists());
+}
+
+#[tokio::test]
+async fn leaves_other_hosts_and_unmanaged_containers_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0");
+    let mut theirs = container("theirs", &a);
+    theirs.labels.insert(labels::HOST.into(), "host-2".into());
+    let mut unmanaged = container("plain", &a);
+    unmanaged.labels.clear();
+    fake.insert_container(theirs);
+    fake.insert_container(unmanaged);
+
+    pass(&r, &[], Instant::now()).await;
+    assert!(fake.mutations().is_empty(), "{:?}", fake.mutations());
+    assert_eq!(fake.containers().len(), 2);
+}
+
+#[tokio::test]
+async fn an_unreachable_engine_fails_the_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    fake.set_unavailable(true);
+    let err = r
+        .reconcile(
+            &[Assignment::test("bot-0")],
+            &BTreeMap::new(),
+            Instant::now(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::Unavailable(_)));
+}
+
+#[tokio::test]
+async fn probe_targets_point_at_running_containers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let desired = [Assignment::test("bot-0"), Assignment::test("bot-1")];
+    let p = pass(&r, &desired, Instant::now()).await;
+    let observed = r.observe().await.unwrap();
+    assert_ne!(p.observed, observed);
+    let targets = r.probe_targets(&desired, &observed);
+    let addrs: Vec<String> = targets.iter().map(|t| t.addr.to_string()).collect();
+    assert_eq!(addrs, ["127.0.0.1:19100", "127.0.0.1:19120"]);
+
+    fake.set_status(&targets[1].container_id, exited(0));
+    let observed = r.observe().await.unwrap();
+    assert_eq!(r.probe_targets(&desired, &observed).len(), 1);
+}

@@ -1,0 +1,391 @@
+//! An in-memory [`ContainerRuntime`] that records every call, for unit tests of reconcile and the sync loop.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{
+    ContainerRuntime, ContainerSpec, ContainerStatus, Labelled, NetworkSpec, ObservedContainer,
+    ObservedNetwork, ObservedVolume, RuntimeError, RuntimeInfo, VolumeSpec,
+};
+use crate::model::ContainerStats;
+
+/// One call made to a [`FakeRuntime`], with the argument that identifies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeCall {
+    Ping,
+    Info,
+    ListContainers,
+    InspectContainer(String),
+    EnsureImage(String),
+    /// Container name and published host port.
+    CreateAndStart(String, Option<u16>),
+    StartContainer(String),
+    StopContainer(String),
+    RemoveContainer(String),
+    EnsureVolume(String),
+    ListVolumes,
+    RemoveVolume(String),
+    EnsureNetwork(String),
+    ListNetworks,
+    RemoveNetwork(String),
+    ContainerStats(String),
+}
+
+#[derive(Default)]
+struct State {
+    calls: Vec<FakeCall>,
+    containers: BTreeMap<String, ObservedContainer>,
+    specs: BTreeMap<String, ContainerSpec>,
+    volumes: BTreeMap<String, ObservedVolume>,
+    networks: BTreeMap<String, ObservedNetwork>,
+    images: BTreeSet<String>,
+    pull_failures: BTreeMap<String, String>,
+    busy_ports: BTreeSet<u16>,
+    unavailable: bool,
+    counter: u64,
+}
+
+/// A container engine in memory. Images are pullable unless [`FakeRuntime::fail_pull`] says not.
+#[derive(Default)]
+pub struct FakeRuntime {
+    state: Mutex<State>,
+}
+
+impl FakeRuntime {
+    pub fn new() -> Self {
+        FakeRuntime::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, call: FakeCall) -> MutexGuard<'_, State> {
+        let mut state = self.lock();
+        state.calls.push(call);
+        state
+    }
+
+    /// Every call so far, in order.
+    pub fn calls(&self) -> Vec<FakeCall> {
+        self.lock().calls.clone()
+    }
+
+    /// Calls that change something (not lists, inspections, stats, ping or info).
+    pub fn mutations(&self) -> Vec<FakeCall> {
+        self.calls()
+            .into_iter()
+            .filter(|c| {
+                !matches!(
+                    c,
+                    FakeCall::Ping
+                        | FakeCall::Info
+                        | FakeCall::ListContainers
+                        | FakeCall::ListVolumes
+                        | FakeCall::ListNetworks
+                        | FakeCall::InspectContainer(_)
+                        | FakeCall::ContainerStats(_)
+                )
+            })
+            .collect()
+    }
+
+    pub fn clear_calls(&self) {
+        self.lock().calls.clear();
+    }
+
+    /// Makes pulling `image` fail with `reason`.
+    pub fn fail_pull(&self, image: &str, reason: &str) {
+        self.lock()
+            .pull_failures
+            .insert(image.to_owned(), reason.to_owned());
+    }
+
+    /// Makes every call fail as if the engine were gone (or back, with `false`).
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.lock().unavailable = unavailable;
+    }
+
+    /// Marks a host port as taken by something else.
+    pub fn occupy_port(&self, port: u16) {
+        self.lock().busy_ports.insert(port);
+    }
+
+    /// Adds a container as if something had created it.
+    pub fn insert_container(&self, container: ObservedContainer) {
+        self.lock()
+            .containers
+            .insert(container.id.clone(), container);
+    }
+
+    pub fn insert_volume(&self, volume: ObservedVolume) {
+        self.lock().volumes.insert(volume.name.clone(), volume);
+    }
+
+    /// Changes a container's status, as a crash or an exit would.
+    pub fn set_status(&self, id: &str, status: ContainerStatus) {
+        if let Some(c) = self.lock().containers.get_mut(id) {
+            c.status = status;
+        }
+    }
+
+    pub fn containers(&self) -> Vec<ObservedContainer> {
+        self.lock().containers.values().cloned().collect()
+    }
+
+    /// The spec a container was created from, by container name.
+    pub fn spec(&self, name: &str) -> Option<ContainerSpec> {
+        self.lock().specs.get(name).cloned()
+    }
+
+    pub fn volumes(&self) -> Vec<String> {
+        self.lock().volumes.keys().cloned().collect()
+    }
+
+    pub fn networks(&self) -> Vec<String> {
+        self.lock().networks.keys().cloned().collect()
+    }
+
+    fn check(state: &State) -> Result<(), RuntimeError> {
+        if state.unavailable {
+            Err(RuntimeError::Unavailable("fake engine is down".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl ContainerRuntime for FakeRuntime {
+    async fn ping(&self) -> Result<(), RuntimeError> {
+        Self::check(&self.record(FakeCall::Ping))
+    }
+
+    async fn info(&self) -> Result<RuntimeInfo, RuntimeError> {
+        Self::check(&self.record(FakeCall::Info))?;
+        Ok(RuntimeInfo {
+            runtime: "fake".into(),
+            version: "0".into(),
+            api_version: "1.41".into(),
+        })
+    }
+
+    async fn list_managed_containers(
+        &self,
+        host_id: &str,
+    ) -> Result<Vec<ObservedContainer>, RuntimeError> {
+        let state = self.record(FakeCall::ListContainers);
+        Self::check(&state)?;
+        Ok(state
+            .containers
+            .values()
+            .filter(|c| c.managed_by(host_id))
+            .cloned()
+            .collect())
+    }
+
+    async fn inspect_container(&self, id: &str) -> Result<Option<ObservedContainer>, RuntimeError> {
+        let state = self.record(FakeCall::InspectContainer(id.into()));
+        Self::check(&state)?;
+        Ok(state
+            .containers
+            .values()
+            .find(|c| c.id == id || c.name == id)
+            .cloned())
+    }
+
+    async fn ensure_image(&self, image: &str) -> Result<(), RuntimeError> {
+        let mut state = self.record(FakeCall::EnsureImage(image.into()));
+        Self::check(&state)?;
+        if let Some(reason) = state.pull_failures.get(image) {
+            return Err(RuntimeError::ImagePull {
+                image: image.into(),
+                reason: reason.clone(),
+            });
+        }
+        state.images.insert(image.into());
+        Ok(())
+    }
+
+    async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        let host_port = spec.publish.map(|p| p.host_port);
+        let mut state = self.record(FakeCall::CreateAndStart(spec.name.clone(), host_port));
+        Self::check(&state)?;
+        if !state.images.contains(&spec.image) {
+            return Err(RuntimeError::NotFound(format!("image {}", spec.image)));
+        }
+        if state.containers.values().any(|c| c.name == spec.name) {
+            return Err(RuntimeError::Conflict(format!(
+                "container name {} is in use",
+                spec.name
+            )));
+        }
+        if let Some(port) = host_port {
+            let taken = state.busy_ports.contains(&port)
+                || state
+                    .containers
+                    .values()
+                    .any(|c| c.status.is_running() && c.host_port == Some(port));
+            if taken {
+                return Err(RuntimeError::PortInUse {
+                    port,
+                    message: "port is already allocated".into(),
+                });
+            }
+        }
+        state.counter += 1;
+        let id = format!("fake-{:04}", state.counter);
+        let started_at = format!("start-{}", state.counter);
+        state.containers.insert(
+            id.clone(),
+            ObservedContainer {
+                id: id.clone(),
+                name: spec.name.clone(),
+                image: spec.image.clone(),
+                labels: spec.labels.clone(),
+                status: ContainerStatus::Running,
+                started_at: Some(started_at),
+                host_port,
+                engine_restarts: 0,
+            },
+        );
+        state.specs.insert(spec.name.clone(), spec.clone());
+        Ok(id)
+    }
+
+    async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut state = self.record(FakeCall::StartContainer(id.into()));
+        Self::check(&state)?;
+        state.counter += 1;
+        let started_at = format!("start-{}", state.counter);
+        match state.containers.get_mut(id) {
+            Some(c) => {
+                c.status = ContainerStatus::Running;
+                c.started_at = Some(started_at);
+                Ok(())
+            }
+            None => Err(RuntimeError::NotFound(format!("container {id}"))),
+        }
+    }
+
+    async fn stop_container(&self, id: &str, _grace: Duration) -> Result<(), RuntimeError> {
+        let mut state = self.record(FakeCall::StopContainer(id.into()));
+        Self::check(&state)?;
+        if let Some(c) = state.containers.get_mut(id)
+            && c.status.is_running()
+        {
+            c.status = ContainerStatus::Exited {
+                code: 0,
+                oom_killed: false,
+            };
+        }
+        Ok(())
+    }
+
+    async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut state = self.record(FakeCall::RemoveContainer(id.into()));
+        Self::check(&state)?;
+        if let Some(c) = state.containers.remove(id) {
+            state.specs.remove(&c.name);
+        }
+        Ok(())
+    }
+
+    async fn ensure_volume(&self, spec: &VolumeSpec) -> Result<(), RuntimeError> {
+        let mut state = self.record(FakeCall::EnsureVolume(spec.name.clone()));
+        Self::check(&state)?;
+        state
+            .volumes
+            .entry(spec.name.clone())
+            .or_insert_with(|| ObservedVolume {
+                name: spec.name.clone(),
+                labels: spec.labels.clone(),
+            });
+        Ok(())
+    }
+
+    async fn list_managed_volumes(
+        &self,
+        host_id: &str,
+    ) -> Result<Vec<ObservedVolume>, RuntimeError> {
+        let state = self.record(FakeCall::ListVolumes);
+        Self::check(&state)?;
+        Ok(state
+            .volumes
+            .values()
+            .filter(|v| v.managed_by(host_id))
+            .cloned()
+            .collect())
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<(), RuntimeError> {
+        let mut state = self.record(FakeCall::RemoveVolume(name.into()));
+        Self::check(&state)?;
+        let in_use = state
+            .specs
+            .values()
+            .any(|s| s.volumes.iter().any(|v| v.volume == name));
+        if in_use {
+            return Err(RuntimeError::Conflict(format!("volume {name} is in use")));
+        }
+        state.volumes.remove(name);
+        Ok(())
+    }
+
+    async fn ensure_network(&self, spec: &NetworkSpec) -> Result<(), RuntimeError> {
+        let mut state = self.record(FakeCall::EnsureNetwork(spec.name.clone()));
+        Self::check(&state)?;
+        let id = format!("net-{}", spec.name);
+        state
+            .networks
+            .entry(spec.name.clone())
+            .or_insert_with(|| ObservedNetwork {
+                id,
+                name: spec.name.clone(),
+                labels: spec.labels.clone(),
+            });
+        Ok(())
+    }
+
+    async fn list_managed_networks(
+        &self,
+        host_id: &str,
+    ) -> Result<Vec<ObservedNetwork>, RuntimeError> {
+        let state = self.record(FakeCall::ListNetworks);
+        Self::check(&state)?;
+        Ok(state
+            .networks
+            .values()
+            .filter(|n| n.managed_by(host_id))
+            .cloned()
+            .collect())
+    }
+
+    async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
+        let mut state = self.record(FakeCall::RemoveNetwork(name.into()));
+        Self::check(&state)?;
+        let in_use = state
+            .specs
+            .values()
+            .any(|s| s.network.as_deref() == Some(name));
+        if in_use {
+            return Err(RuntimeError::Conflict(format!(
+                "network {name} has active endpoints"
+            )));
+        }
+        state.networks.remove(name);
+        Ok(())
+    }
+
+    async fn container_stats(&self, id: &str) -> Result<ContainerStats, RuntimeError> {
+        let state = self.record(FakeCall::ContainerStats(id.into()));
+        Self::check(&state)?;
+        match state.containers.get(id) {
+            Some(_) => Ok(ContainerStats::default()),
+            None => Err(RuntimeError::NotFound(format!("container {id}"))),
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! How an assignment becomes a container: names, labels and OpenClaw's hardened container settings.
+//!
+//! Every replica runs as uid 1000 with all capabilities dropped, `no-new-privileges`, a
+//! read-only root filesystem, a `/tmp` tmpfs with mode 1777, memory/CPU/pids limits, its
+//! rendered config bind-mounted read-only at [`CONFIG_PATH`], its own named volume at
+//! [`STATE_DIR`], its tenant's bridge network, and the Gateway port published on 127.0.0.1 only.
+//!
+//! The state volume: a new named volume is created empty and owned by root. The engine copies
+//! the image's content at the mount point into an empty volume on first mount, ownership
+//! included, so an image in which `/home/node/.openclaw` exists and belongs to 1000:1000 yields a
+//! volume the Gateway can write to. The container cannot fix ownership itself (it runs as uid
+//! 1000 on a read-only root filesystem), so images run this way must ship that directory.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::{BindMount, ContainerSpec, NetworkSpec, PortPublish, VolumeMount, VolumeSpec, labels};
+use crate::model::{Assignment, ReplicaKey};
+
+/// The port the Gateway listens on inside its container.
+pub const GATEWAY_PORT: u16 = 18789;
+/// Where the rendered config is mounted.
+pub const CONFIG_PATH: &str = "/etc/openclaw/openclaw.json";
+/// Where the Gateway keeps its state (sessions, workspace, SQLite database).
+pub const STATE_DIR: &str = "/home/node/.openclaw";
+/// The user the Gateway runs as.
+pub const CONTAINER_USER: &str = "1000:1000";
+/// Numeric uid and gid of [`CONTAINER_USER`].
+pub const CONTAINER_UID: u32 = 1000;
+pub const CONTAINER_GID: u32 = 1000;
+/// Pids limit when the assignment gives none.
+pub const DEFAULT_PIDS_LIMIT: u32 = 512;
+/// How long a stop waits after SIGTERM before killing.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(20);
+/// Share of the memory limit given to V8's old generation (`--max-old-space-size`), in percent.
+pub const NODE_HEAP_PERCENT: u64 = 75;
+/// Prefix of every name the agent gives to containers, volumes and networks.
+pub const NAME_PREFIX: &str = "clusterclaw";
+
+/// Eight hex digits identifying a host id in engine object names, so agents with different ids
+/// sharing one engine never collide.
+pub fn host_tag(host_id: &str) -> String {
+    Sha256::digest(host_id.as_bytes())
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `clusterclaw-<tenant>-<project>-<replica>-<host tag>`.
+pub fn container_name(host_id: &str, key: &ReplicaKey) -> String {
+    format!(
+        "{NAME_PREFIX}-{}-{}-{}-{}",
+        key.tenant,
+        key.project,
+        key.replica,
+        host_tag(host_id)
+    )
+}
+
+/// The replica's state volume; same shape as [`container_name`], with a `-state` suffix.
+pub fn volume_name(host_id: &str, key: &ReplicaKey) -> String {
+    format!("{}-state", container_name(host_id, key))
+}
+
+/// `clusterclaw-<tenant>-<host tag>`: one bridge network per tenant.
+pub fn network_name(host_id: &str, tenant: &str) -> String {
+    format!("{NAME_PREFIX}-{tenant}-{}", host_tag(host_id))
+}
+
+/// Labels of the container running `a` on this host.
+pub fn container_labels(host_id: &str, a: &Assignment) -> BTreeMap<String, String> {
+    let mut out = replica_labels(host_id, &a.key());
+    out.insert(labels::INSTANCE.into(), a.instance.clone());
+    out.insert(labels::GENERATION.into(), a.generation.to_string());
+    out.insert(labels::CONFIG_HASH.into(), a.config_hash.clone());
+    out
+}
+
+/// Labels of everything belonging to one replica (its container and its volume).
+pub fn replica_labels(host_id: &str, key: &ReplicaKey) -> BTreeMap<String, String> {
+    let mut out = base_labels(host_id);
+    out.insert(labels::TENANT.into(), key.tenant.clone());
+    out.insert(labels::PROJECT.into(), key.project.clone());
+    out.insert(labels::REPLICA.into(), key.replica.clone());
+    out
+}
+
+fn base_labels(host_id: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::MANAGED.into(), labels::MANAGED_VALUE.into()),
+        (labels::HOST.into(), host_id.into()),
+    ])
+}
+
+pub fn volume_spec(host_id: &str, a: &Assignment) -> VolumeSpec {
+    let key = a.key();
+    let mut labels = replica_labels(host_id, &key);
+    labels.insert(labels::INSTANCE.into(), a.instance.clone());
+    VolumeSpec {
+        name: volume_name(host_id, &key),
+        labels,
+    }
+}
+
+pub fn network_spec(host_id: &str, tenant: &str) -> NetworkSpec {
+    let mut labels = base_labels(host_id);
+    labels.insert(labels::TENANT.into(), tenant.into());
+    NetworkSpec {
+        name: network_name(host_id, tenant),
+        labels,
+    }
+}
+
+/// `NODE_OPTIONS` for a memory limit: the assignment's own value with
+/// `--max-old-space-size=<75% of the limit in MiB>` appended, unless the assignment already
+/// sizes the heap itself. No limit, no change.
+pub fn node_options(user_value: Option<&str>, memory_bytes: u64) -> Option<String> {
+    let user = user_value.map(str::trim).filter(|v| !v.is_empty());
+    if memory_bytes == 0 || user.is_some_and(|v| v.contains("--max-old-space-size")) {
+        return user.map(str::to_owned);
+    }
+    let heap_mib = (memory_bytes >> 20) * NODE_HEAP_PERCENT / 100;
+    let flag = format!("--max-old-space-size={}", heap_mib.max(1));
+    Some(match user {
+        Some(user) => format!("{user} {flag}"),
+        None => flag,
+    })
+}
+
+/// The container that runs `a` on this host, publishing the Gateway on `127.0.0.1:host_port`,
+/// with the rendered config read from `config_file` on the host.
+pub fn container_spec(
+    host_id: &str,
+    a: &Assignment,
+    config_file: &Path,
+    host_port: u16,
+    stop_grace: Duration,
+) -> ContainerSpec {
+    let key = a.key();
+    let mut env = a.env.clone();
+    match node_options(
+        a.env.get("NODE_OPTIONS").map(String::as_str),
+        a.resources.memory_bytes,
+    ) {
+        Some(value) => env.insert("NODE_OPTIONS".into(), value),
+        None => env.remove("NODE_OPTIONS"),
+    };
+    env.insert("OPENCLAW_CONFIG_PATH".into(), CONFIG_PATH.into());
+    env.insert("OPENCLAW_CONFIG_READONLY".into(), "1".into());
+    env.insert("HOME".into(), "/home/node".into());
+
+    let pids = match a.resources.pids {
+        0 => DEFAULT_PIDS_LIMIT,
+        n => n,
+    };
+    ContainerSpec {
+        name: container_name(host_id, &key),
+        image: a.image.clone(),
+        labels: container_labels(host_id, a),
+        env,
+        user: CONTAINER_USER.into(),
+        read_only_rootfs: true,
+        cap_drop: vec!["ALL".into()],
+        no_new_privileges: true,
+        tmpfs: BTreeMap::from([("/tmp".into(), "rw,nosuid,nodev,mode=1777".into())]),
+        memory_bytes: (a.resources.memory_bytes > 0).then_some(a.resources.memory_bytes),
+        nano_cpus: (a.resources.cpu_millis > 0).then_some(a.resources.cpu_millis * 1_000_000),
+        pids_limit: Some(i64::from(pids)),
+        network: Some(network_name(host_id, &a.tenant)),
+        volumes: vec![VolumeMount {
+            volume: volume_name(host_id, &key),
+            target: STATE_DIR.into(),
+            read_only: false,
+        }],
+        binds: vec![BindMount {
+            source: config_file.to_path_buf(),
+            target: CONFIG_PATH.into(),
+            read_only: true,
+        }],
+        publish: Some(PortPublish {
+            container_port: GATEWAY_PORT,
+            host_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            host_port,
+        }),
+        stop_grace,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_options_gets_three_quarters_of_the_limit() {
+        assert_eq!(
+            node_options(None, 2 << 30).as_deref(),
+            Some("--max-old-space-size=1536")
+        );
+        assert_eq!(
+            node_options(Some("--enable-source-maps"), 512 << 20).as_deref(),
+            Some("--enable-source-maps --max-old-space-size=384")
+        );
+        assert_eq!(
+            node_options(Some("--max-old-space-size=100"), 2 << 30).as_deref(),
+            Some("--max-old-space-size=100")
+        );
+        assert_eq!(node_options(None, 0), None);
+        assert_eq!(node_options(Some("--x"), 0).as_deref(), Some("--x"));
+    }
+
+    #[test]
+    fn spec_has_the_hardened_defaults() {
+        let mut a = Assignment::test("bot-0");
+        a.env.insert("ANTHROPIC_API_KEY".into(), "sk-secret".into());
+        let spec = container_spec(
+            "host-1",
+            &a,
+            Path::new("/var/lib/x/openclaw.json"),
+            19100,
+            DEFAULT_STOP_GRACE,
+        );
+        assert_eq!(spec.user, "1000:1000");
+        assert!(spec.read_only_rootfs && spec.no_new_privileges);
+        assert_eq!(spec.cap_drop, ["ALL"]);
+        assert!(spec.tmpfs["/tmp"].contains("mode=1777"));
+        assert_eq!(spec.memory_bytes, Some(512 << 20));
+        assert_eq!(spec.nano_cpus, Some(1_000_000_000));
+        assert_eq!(spec.pids_limit, Some(512));
+        assert_eq!(spec.env["NODE_OPTIONS"], "--max-old-space-size=384");
+        assert_eq!(spec.env["OPENCLAW_CONFIG_PATH"], CONFIG_PATH);
+        assert_eq!(spec.env["OPENCLAW_CONFIG_READONLY"], "1");
+        assert_eq!(spec.env["ANTHROPIC_API_KEY"], "sk-secret");
+        assert_eq!(spec.volumes[0].target, STATE_DIR);
+        assert!(spec.binds[0].read_only);
+        let publish = spec.publish.expect("published");
+        assert_eq!(publish.host_ip.to_string(), "127.0.0.1");
+        assert_eq!((publish.container_port, publish.host_port), (18789, 19100));
+        assert_eq!(spec.labels[labels::MANAGED], "true");
+        assert_eq!(spec.labels[labels::HOST], "host-1");
+        assert_eq!(spec.labels[labels::REPLICA], "bot-0");
+        assert_eq!(spec.labels[labels::INSTANCE], "bot");
+        assert_eq!(spec.labels[labels::GENERATION], "1");
+        assert_eq!(spec.labels[labels::CONFIG_HASH], a.config_hash);
+        assert!(!format!("{spec:?}").contains("sk-secret"));
+    }
+
+    #[test]
+    fn names_are_per_host_and_valid_for_the_engine() {
+        let key = ReplicaKey::new("acme", "helpdesk", "bot-0");
+        let a = container_name("host-a", &key);
+        assert!(a.starts_with("clusterclaw-acme-helpdesk-bot-0-"));
+        assert_ne!(a, container_name("host-b", &key));
+        assert_eq!(volume_name("host-a", &key), format!("{a}-state"));
+        assert!(
+            a.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        );
+    }
+}

@@ -1,0 +1,798 @@
+//! The host's loops: long-poll the assignments (saved to disk before acting), reconcile the engine against them, probe the replicas, and stream status reports.
+//!
+//! Four tasks share their views through watch channels:
+//!
+//! - **watch**: `WatchAssignments` in a loop; every new set is saved to `state.json`, then
+//!   published. While the server is away it retries with jittered, capped exponential backoff.
+//! - **reconcile**: a pass whenever the set changes, a liveness probe fails, a back-off deadline
+//!   comes due, or the resync interval passes. It starts from the saved set (static
+//!   stability) and never acts before it has a set: an agent that has heard nothing yet leaves
+//!   the engine alone.
+//! - **probe**: liveness and readiness of every running replica; a starting replica is probed
+//!   every [`STARTUP_PROBE_INTERVAL`] until it is ready, so Ready is seen quickly.
+//! - **report**: one `ReportStatus` stream; a report every report interval with host figures
+//!   and container stats, and at once after any change of a replica's state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use clusterclaw_proto::agent as pb;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+
+use crate::control::{CallError, ControlPlane};
+use crate::metrics::{HostFigures, HostMetrics};
+use crate::model::{Assignment, ContainerStats, ReplicaKey, ReplicaStatus};
+use crate::probe::{self, Liveness, ProbeKind, ProbeSettings, ProbeStatus, ProbeTarget, Prober};
+use crate::reconcile::{Observed, Reconciler, Step};
+use crate::runtime::ContainerRuntime;
+use crate::state::{SavedState, StateStore};
+
+/// First delay before reconnecting to the control plane.
+pub const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(250);
+/// Longest delay between reconnection attempts (also capped by the report interval, so that
+/// status is fresh within one report interval of the server coming back).
+pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
+/// First delay before asking an unavailable engine again.
+pub const ENGINE_RETRY_MIN_DELAY: Duration = Duration::from_millis(500);
+/// How often a replica that has not been ready yet is probed, during its initial delay.
+pub const STARTUP_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// Changes arriving this close together go out in one report.
+const REPORT_COALESCE: Duration = Duration::from_millis(5);
+/// How long one container stats sample may take (the engine samples over about a second).
+const STATS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many reports may wait for the stream before the oldest are dropped.
+const REPORT_QUEUE: usize = 4;
+
+/// The agent's version, as reported.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Settings of the loops.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncSettings {
+    pub host_id: String,
+    pub data_dir: PathBuf,
+    /// How long the server may hold a long poll.
+    pub poll_wait: Duration,
+    pub report_interval: Duration,
+    pub resync_interval: Duration,
+    pub probe: ProbeSettings,
+    /// `docker` or `podman`, for the runtime condition.
+    pub runtime_name: String,
+}
+
+/// The assignments the host acts on, and the index they are current at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredSet {
+    pub index: u64,
+    pub assignments: Vec<Assignment>,
+}
+
+/// Whether the container engine answers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EngineCondition {
+    pub ready: bool,
+    pub runtime: String,
+    pub version: String,
+    pub message: String,
+}
+
+impl EngineCondition {
+    pub fn to_proto(&self) -> pb::RuntimeCondition {
+        pb::RuntimeCondition {
+            ready: self.ready,
+            runtime: self.runtime.clone(),
+            version: self.version.clone(),
+            message: self.message.clone(),
+        }
+    }
+}
+
+type Probes = Arc<BTreeMap<ReplicaKey, ProbeStatus>>;
+
+/// The views the loops share.
+struct Hub {
+    desired: watch::Sender<Option<Arc<DesiredSet>>>,
+    observed: watch::Sender<Option<Arc<Observed>>>,
+    targets: watch::Sender<Arc<Vec<ProbeTarget>>>,
+    probes: watch::Sender<Probes>,
+    engine: watch::Sender<EngineCondition>,
+    /// Wakes the reconcile loop (a liveness verdict turned Failed).
+    reconcile_now: Notify,
+    /// The watch loop reached the server again: the reporter need not wait out its back-off.
+    server_back: Notify,
+}
+
+/// The backoff of reconnection attempts, capped by `cap`.
+pub fn reconnect_backoff(cap: Duration) -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(RECONNECT_MIN_DELAY)
+        .with_max_delay(cap.clamp(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Completes when `stop` turns true (or its sender is gone).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The host's loops.
+pub struct HostLoops {
+    settings: SyncSettings,
+    reconciler: Arc<Reconciler>,
+    control: Arc<dyn ControlPlane>,
+    store: StateStore,
+    hub: Arc<Hub>,
+}
+
+impl HostLoops {
+    pub fn new(
+        settings: SyncSettings,
+        reconciler: Arc<Reconciler>,
+        control: Arc<dyn ControlPlane>,
+    ) -> Self {
+        let store = StateStore::new(&settings.data_dir);
+        let engine = EngineCondition {
+            ready: false,
+            runtime: settings.runtime_name.clone(),
+            version: String::new(),
+            message: "not checked yet".into(),
+        };
+        let hub = Hub {
+            desired: watch::Sender::new(None),
+            observed: watch::Sender::new(None),
+            targets: watch::Sender::new(Arc::default()),
+            probes: watch::Sender::new(Arc::default()),
+            engine: watch::Sender::new(engine),
+            reconcile_now: Notify::new(),
+            server_back: Notify::new(),
+        };
+        HostLoops {
+            settings,
+            reconciler,
+            control,
+            store,
+            hub: Arc::new(hub),
+        }
+    }
+
+    /// The set the host acts on (`None` until one is loaded or received).
+    pub fn desired(&self) -> watch::Receiver<Option<Arc<DesiredSet>>> {
+        self.hub.desired.subscribe()
+    }
+
+    /// The engine's condition as last seen.
+    pub fn engine_condition(&self) -> watch::Receiver<EngineCondition> {
+        self.hub.engine.subscribe()
+    }
+
+    /// Loads the saved assignments, if they were made for this host; they are acted on at once.
+    pub fn load_saved(&self) -> Option<u64> {
+        match self.store.load() {
+            Ok(Some(saved)) if saved.host_id == self.settings.host_id => {
+                tracing::info!(
+                    index = saved.index,
+                    replicas = saved.assignments.len(),
+                    path = %self.store.path().display(),
+                    "running the saved assignments until the control plane answers"
+                );
+                let index = saved.index;
+                self.hub.desired.send_replace(Some(Arc::new(DesiredSet {
+                    index,
+                    assignments: saved.assignments,
+                })));
+                Some(index)
+            }
+            Ok(Some(saved)) => {
+                tracing::warn!(
+                    saved_for = %saved.host_id,
+                    host = %self.settings.host_id,
+                    path = %self.store.path().display(),
+                    "ignoring saved assignments made for another host id"
+                );
+                None
+            }
+            Ok(None) => None,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot read the saved assignments; waiting for the control plane");
+                None
+            }
+        }
+    }
+
+    /// Runs every loop until `stop` turns true. Containers keep running afterwards.
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        let known = self.load_saved().unwrap_or(0);
+        let this = Arc::new(self);
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(Arc::clone(&this).watch_loop(known, stop.clone()));
+        tasks.spawn(Arc::clone(&this).reconcile_loop(stop.clone()));
+        tasks.spawn(Arc::clone(&this).probe_loop(stop.clone()));
+        tasks.spawn(Arc::clone(&this).report_loop(stop.clone()));
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(err) = joined
+                && err.is_panic()
+            {
+                tracing::error!(error = %err, "an agent loop panicked; stopping");
+                tasks.abort_all();
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- watch
+
+    async fn watch_loop(self: Arc<Self>, mut known: u64, mut stop: watch::Receiver<bool>) {
+        let cap = self.settings.report_interval.min(RECONNECT_MAX_DELAY);
+        let mut backoff = reconnect_backoff(cap);
+        let mut failing = false;
+        loop {
+            let wait = jittered_wait(self.settings.poll_wait);
+            let answer = tokio::select! {
+                () = stopped(&mut stop) => return,
+                a = self.control.watch_assignments(known, wait) => a,
+            };
+            match answer {
+                Ok(answer) => {
+                    if failing {
+                        tracing::info!("control plane reachable again");
+                        failing = false;
+                    }
+                    backoff = reconnect_backoff(cap);
+                    self.hub.server_back.notify_one();
+                    if answer.changed {
+                        known = answer.index;
+                        self.accept(answer.index, answer.assignments).await;
+                    }
+                }
+                Err(err) => {
+                    let delay = backoff.next().unwrap_or(cap);
+                    match &err {
+                        CallError::Refused(_) => {
+                            tracing::error!(error = %err, retry_in = ?delay, "assignments refused; the replicas keep running from the saved assignments")
+                        }
+                        _ => {
+                            tracing::warn!(error = %err, retry_in = ?delay, "cannot fetch assignments; the replicas keep running from the saved assignments")
+                        }
+                    }
+                    failing = true;
+                    tokio::select! {
+                        () = stopped(&mut stop) => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Converts, saves, then publishes a new assignment set.
+    async fn accept(&self, index: u64, wire: Vec<pb::Assignment>) {
+        let converted: Result<Vec<Assignment>, _> =
+            wire.into_iter().map(Assignment::try_from).collect();
+        let assignments = match converted {
+            Ok(a) => a,
+            Err(err) => {
+                tracing::error!(index, error = %err, "the control plane sent an assignment this agent cannot run; keeping the previous assignments");
+                return;
+            }
+        };
+        let saved = SavedState::new(&self.settings.host_id, index, assignments.clone());
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.save(&saved)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "cannot save the assignments; acting on them anyway, but a restart without the control plane will not know them")
+            }
+            Err(err) => tracing::error!(error = %err, "saving the assignments failed"),
+        }
+        tracing::info!(index, replicas = assignments.len(), "new assignments");
+        self.hub
+            .desired
+            .send_replace(Some(Arc::new(DesiredSet { index, assignments })));
+    }
+
+    // ------------------------------------------------------------ reconcile
+
+    async fn reconcile_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut desired_rx = self.hub.desired.subscribe();
+        let mut engine_backoff: Option<ExponentialBackoff> = None;
+        loop {
+            let desired = desired_rx.borrow_and_update().clone();
+            let mut next = Instant::now() + self.settings.resync_interval;
+            match desired {
+                None => {
+                    // Nothing known yet: leave the engine alone, only watch its condition.
+                    match self.reconciler.runtime().ping().await {
+                        Ok(()) => self.engine_ready().await,
+                        Err(err) => self.engine_down(&err.to_string()),
+                    }
+                }
+                Some(set) => {
+                    let probes = self.hub.probes.borrow().clone();
+                    let pass = self
+                        .reconciler
+                        .reconcile(&set.assignments, &probes, Instant::now())
+                        .await;
+                    match pass {
+                        Ok(pass) => {
+                            engine_backoff = None;
+                            self.engine_ready().await;
+                            let acted = pass
+                                .outcomes
+                                .iter()
+                                .any(|o| !matches!(o.step, Step::Wait { .. }));
+                            let observed = if acted {
+                                match self.reconciler.observe().await {
+                                    Ok(o) => o,
+                                    Err(_) => pass.observed,
+                                }
+                            } else {
+                                pass.observed
+                            };
+                            let targets =
+                                self.reconciler.probe_targets(&set.assignments, &observed);
+                            self.hub.targets.send_if_modified(|t| {
+                                if **t == targets {
+                                    false
+                                } else {
+                                    *t = Arc::new(targets);
+                                    true
+                                }
+                            });
+                            self.hub.observed.send_if_modified(|o| {
+                                if o.as_deref() == Some(&observed) {
+                                    false
+                                } else {
+                                    *o = Some(Arc::new(observed));
+                                    true
+                                }
+                            });
+                            if let Some(wake) = pass.next_wake {
+                                next = next.min(wake);
+                            }
+                        }
+                        Err(err) => {
+                            self.engine_down(&err.to_string());
+                            let b = engine_backoff.get_or_insert_with(|| {
+                                ExponentialBuilder::default()
+                                    .with_min_delay(ENGINE_RETRY_MIN_DELAY)
+                                    .with_max_delay(self.settings.resync_interval)
+                                    .with_jitter()
+                                    .without_max_times()
+                                    .build()
+                            });
+                            let delay = b.next().unwrap_or(self.settings.resync_interval);
+                            next = Instant::now() + delay;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                () = stopped(&mut stop) => return,
+                r = desired_rx.changed() => if r.is_err() { return },
+                () = self.hub.reconcile_now.notified() => {}
+                () = tokio::time::sleep_until(next) => {}
+            }
+        }
+    }
+
+    async fn engine_ready(&self) {
+        if self.hub.engine.borrow().ready {
+            return;
+        }
+        let info = self.reconciler.runtime().info().await;
+        let (runtime, version) = match info {
+            Ok(i) => (i.runtime, i.version),
+            Err(_) => (self.settings.runtime_name.clone(), String::new()),
+        };
+        tracing::info!(%runtime, %version, "container engine available");
+        self.hub.engine.send_replace(EngineCondition {
+            ready: true,
+            runtime,
+            version,
+            message: String::new(),
+        });
+    }
+
+    fn engine_down(&self, message: &str) {
+        let changed = self.hub.engine.send_if_modified(|c| {
+            if !c.ready && c.message == message {
+                return false;
+            }
+            c.ready = false;
+            c.message = message.to_string();
+            true
+        });
+        if changed {
+            tracing::warn!(error = %message, "container engine unavailable; replicas are left as they are and the agent keeps trying");
+        }
+    }
+
+    // ---------------------------------------------------------------- probe
+
+    async fn probe_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let settings = self.settings.probe;
+        let mut prober = Prober::new(settings);
+        let mut schedule: HashMap<ReplicaKey, RunSchedule> = HashMap::new();
+        let mut targets_rx = self.hub.targets.subscribe();
+        loop {
+            let targets = targets_rx.borrow_and_update().clone();
+            let now = Instant::now();
+            prober.set_targets(&targets, now);
+            schedule.retain(|k, _| targets.iter().any(|t| &t.key == k));
+            for t in targets.iter() {
+                let run = (t.container_id.clone(), t.started_at.clone());
+                let entry = schedule
+                    .entry(t.key.clone())
+                    .or_insert_with(|| RunSchedule {
+                        run: run.clone(),
+                        since: now,
+                        last: None,
+                        ready_seen: false,
+                    });
+                if entry.run != run {
+                    *entry = RunSchedule {
+                        run,
+                        since: now,
+                        last: None,
+                        ready_seen: false,
+                    };
+                }
+            }
+
+            let due: Vec<ProbeTarget> = targets
+                .iter()
+                .filter(|t| {
+                    schedule
+                        .get(&t.key)
+                        .is_some_and(|s| s.next_due(&settings) <= now)
+                })
+                .cloned()
+                .collect();
+            if !due.is_empty() {
+                let timeout = settings.timeout;
+                let results = futures::future::join_all(due.iter().map(|t| async move {
+                    let (live, ready) = tokio::join!(
+                        probe::check(ProbeKind::Liveness, t.addr, timeout),
+                        probe::check(ProbeKind::Readiness, t.addr, timeout)
+                    );
+                    (t.key.clone(), live, ready)
+                }))
+                .await;
+                let at = Instant::now();
+                for (key, live, ready) in results {
+                    prober.record(&key, ProbeKind::Liveness, live, at);
+                    prober.record(&key, ProbeKind::Readiness, ready, at);
+                    if let Some(s) = schedule.get_mut(&key) {
+                        s.last = Some(at);
+                        if prober.status(&key).is_some_and(|p| p.ready) {
+                            s.ready_seen = true;
+                        }
+                    }
+                }
+            }
+            let statuses = prober.statuses();
+            let newly_failed = statuses.iter().any(|(k, p)| {
+                matches!(p.liveness, Liveness::Failed { .. })
+                    && !self
+                        .hub
+                        .probes
+                        .borrow()
+                        .get(k)
+                        .is_some_and(|old| old.liveness == p.liveness)
+            });
+            self.hub.probes.send_if_modified(|p| {
+                if **p == statuses {
+                    false
+                } else {
+                    *p = Arc::new(statuses);
+                    true
+                }
+            });
+            if newly_failed {
+                self.hub.reconcile_now.notify_one();
+            }
+
+            let next = schedule
+                .values()
+                .map(|s| s.next_due(&settings))
+                .min()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                () = stopped(&mut stop) => return,
+                r = targets_rx.changed() => if r.is_err() { return },
+                () = tokio::time::sleep_until(next) => {}
+            }
+        }
+    }
+
+    // --------------------------------------------------------------- report
+
+    async fn report_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let data_dir = self.settings.data_dir.clone();
+        let mut metrics = match tokio::task::spawn_blocking(move || HostMetrics::new(data_dir))
+            .await
+        {
+            Ok(Ok(m)) => Some(m),
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "host figures unavailable; reporting without them");
+                None
+            }
+            Err(_) => None,
+        };
+        let mut reporter = Reporter {
+            stats: HashMap::new(),
+            figures: HostFigures::default(),
+            last_sent: None,
+        };
+        let cap = self.settings.report_interval.min(RECONNECT_MAX_DELAY);
+        let mut backoff = reconnect_backoff(cap);
+        let mut desired_rx = self.hub.desired.subscribe();
+        let mut observed_rx = self.hub.observed.subscribe();
+        let mut probes_rx = self.hub.probes.subscribe();
+        let mut engine_rx = self.hub.engine.subscribe();
+        let mut failing = false;
+        reporter.figures = sample(&mut metrics).await;
+        loop {
+            let (tx, rx) = mpsc::channel(REPORT_QUEUE);
+            let call = self.control.report_status(rx);
+            tokio::pin!(call);
+            // A fresh report opens every stream.
+            reporter.last_sent = None;
+            let first = self.build_report(&mut reporter, true);
+            let _ = tx.try_send(first);
+            let mut tick = tokio::time::interval_at(
+                Instant::now() + self.settings.report_interval,
+                self.settings.report_interval,
+            );
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let outcome = loop {
+                tokio::select! {
+                    () = stopped(&mut stop) => {
+                        drop(tx);
+                        let _ = tokio::time::timeout(Duration::from_secs(2), &mut call).await;
+                        return;
+                    }
+                    r = &mut call => break r,
+                    _ = tick.tick() => {
+                        reporter.figures = sample(&mut metrics).await;
+                        self.refresh_stats(&mut reporter).await;
+                        let report = self.build_report(&mut reporter, true);
+                        if tx.try_send(report).is_err() {
+                            tracing::debug!("status stream is backed up; a report was dropped");
+                        }
+                    }
+                    _ = changed(&mut desired_rx, &mut observed_rx, &mut probes_rx, &mut engine_rx) => {
+                        tokio::time::sleep(REPORT_COALESCE).await;
+                        desired_rx.borrow_and_update();
+                        observed_rx.borrow_and_update();
+                        probes_rx.borrow_and_update();
+                        engine_rx.borrow_and_update();
+                        let report = self.build_report(&mut reporter, false);
+                        if reporter.last_sent.as_ref() != Some(&signature(&report)) {
+                            reporter.last_sent = Some(signature(&report));
+                            let _ = tx.try_send(report);
+                        }
+                    }
+                }
+            };
+            let delay = match outcome {
+                Ok(()) => {
+                    backoff = reconnect_backoff(cap);
+                    RECONNECT_MIN_DELAY
+                }
+                Err(err) => {
+                    let delay = backoff.next().unwrap_or(cap);
+                    if !failing {
+                        tracing::warn!(error = %err, retry_in = ?delay, "status stream failed; reconnecting");
+                    } else {
+                        tracing::debug!(error = %err, retry_in = ?delay, "status stream failed again");
+                    }
+                    failing = true;
+                    delay
+                }
+            };
+            tokio::select! {
+                () = stopped(&mut stop) => return,
+                () = tokio::time::sleep(delay) => {}
+                () = self.hub.server_back.notified() => {
+                    backoff = reconnect_backoff(cap);
+                }
+            }
+            if failing {
+                failing = false;
+            }
+        }
+    }
+
+    /// Samples container stats of every running replica (concurrently).
+    async fn refresh_stats(&self, reporter: &mut Reporter) {
+        let Some(observed) = self.hub.observed.borrow().clone() else {
+            return;
+        };
+        let runtime: &Arc<dyn ContainerRuntime> = self.reconciler.runtime();
+        let running: Vec<String> = observed
+            .containers
+            .iter()
+            .filter(|c| c.status.is_running())
+            .map(|c| c.id.clone())
+            .collect();
+        let samples = futures::future::join_all(running.iter().map(|id| async move {
+            let s = tokio::time::timeout(STATS_TIMEOUT, runtime.container_stats(id)).await;
+            (id.clone(), s)
+        }))
+        .await;
+        reporter.stats.clear();
+        for (id, s) in samples {
+            match s {
+                Ok(Ok(stats)) => {
+                    reporter.stats.insert(id, stats);
+                }
+                Ok(Err(err)) => tracing::debug!(container = %id, error = %err, "no stats"),
+                Err(_) => tracing::debug!(container = %id, "stats timed out"),
+            }
+        }
+    }
+
+    fn build_report(&self, reporter: &mut Reporter, remember: bool) -> pb::StatusReport {
+        let desired = self.hub.desired.borrow().clone();
+        let observed = self.hub.observed.borrow().clone();
+        let probes = self.hub.probes.borrow().clone();
+        let engine = self.hub.engine.borrow().clone();
+        let (index, replicas) = match (&desired, &observed) {
+            (Some(set), Some(observed)) => {
+                let statuses: Vec<ReplicaStatus> =
+                    self.reconciler
+                        .statuses(&set.assignments, observed, &probes, Instant::now());
+                let replicas = statuses
+                    .into_iter()
+                    .map(|mut s| {
+                        s.stats = s
+                            .container_id
+                            .as_ref()
+                            .and_then(|id| reporter.stats.get(id).copied());
+                        s.to_proto()
+                    })
+                    .collect();
+                (set.index, replicas)
+            }
+            (Some(set), None) => {
+                let empty = Observed::default();
+                let statuses =
+                    self.reconciler
+                        .statuses(&set.assignments, &empty, &probes, Instant::now());
+                (
+                    set.index,
+                    statuses.iter().map(ReplicaStatus::to_proto).collect(),
+                )
+            }
+            (None, _) => (0, Vec::new()),
+        };
+        let report = pb::StatusReport {
+            host: Some(reporter.figures.to_proto()),
+            runtime: Some(engine.to_proto()),
+            replicas,
+            applied_index: index,
+            agent_version: AGENT_VERSION.to_string(),
+        };
+        if remember {
+            reporter.last_sent = Some(signature(&report));
+        }
+        report
+    }
+}
+
+/// Per replica: when its current container run was first seen and last probed.
+#[derive(Debug, Clone)]
+struct RunSchedule {
+    run: (String, Option<String>),
+    since: Instant,
+    last: Option<Instant>,
+    ready_seen: bool,
+}
+
+impl RunSchedule {
+    fn next_due(&self, settings: &ProbeSettings) -> Instant {
+        let Some(last) = self.last else {
+            return self.since;
+        };
+        let starting = !self.ready_seen
+            && last < self.since + settings.initial_delay.max(STARTUP_PROBE_INTERVAL);
+        let interval = if starting {
+            STARTUP_PROBE_INTERVAL.min(settings.interval)
+        } else {
+            settings.interval
+        };
+        last + interval
+    }
+}
+
+struct Reporter {
+    /// Last stats per container id.
+    stats: HashMap<String, ContainerStats>,
+    figures: HostFigures,
+    /// What the last report said about the replicas and the engine.
+    last_sent: Option<Signature>,
+}
+
+/// The parts of a report whose change warrants an immediate report.
+type Signature = (bool, u64, Vec<(String, i32, String, u32, u32, String, i64)>);
+
+fn signature(r: &pb::StatusReport) -> Signature {
+    (
+        r.runtime.as_ref().is_some_and(|c| c.ready),
+        r.applied_index,
+        r.replicas
+            .iter()
+            .map(|s| {
+                (
+                    format!("{}/{}/{}", s.tenant, s.project, s.replica),
+                    s.state,
+                    s.container_id.clone(),
+                    s.restarts,
+                    s.host_port,
+                    s.config_hash.clone(),
+                    s.generation,
+                )
+            })
+            .collect(),
+    )
+}
+
+async fn changed(
+    a: &mut watch::Receiver<Option<Arc<DesiredSet>>>,
+    b: &mut watch::Receiver<Option<Arc<Observed>>>,
+    c: &mut watch::Receiver<Probes>,
+    d: &mut watch::Receiver<EngineCondition>,
+) {
+    // A closed channel means the loops are stopping; wait for the stop signal instead.
+    tokio::select! {
+        Ok(()) = a.changed() => {}
+        Ok(()) = b.changed() => {}
+        Ok(()) = c.changed() => {}
+        Ok(()) = d.changed() => {}
+        else => std::future::pending::<()>().await,
+    }
+}
+
+async fn sample(metrics: &mut Option<HostMetrics>) -> HostFigures {
+    let Some(m) = metrics.take() else {
+        return HostFigures::default();
+    };
+    match tokio::task::spawn_blocking(move || {
+        let mut m = m;
+        let f = m.sample();
+        (m, f)
+    })
+    .await
+    {
+        Ok((m, f)) => {
+            *metrics = Some(m);
+            f
+        }
+        Err(_) => HostFigures::default(),
+    }
+}
+
+/// The wait asked of the server: `poll_wait` less up to a tenth, so that many agents started
+/// together do not come back in step.
+fn jittered_wait(poll_wait: Duration) -> Duration {
+    let tenth = poll_wait.as_millis() as u64 / 10;
+    let less = if tenth == 0 {
+        0
+    } else {
+        rand::random_range(0..=tenth)
+    };
+    (poll_wait - Duration::from_millis(less)).max(Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests;

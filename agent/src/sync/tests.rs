@@ -1,0 +1,432 @@
+//! Unit tests of the host loops against the fake engine and a scripted control plane.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+
+use super::*;
+use crate::control::WatchAnswer;
+use crate::reconcile::ReconcilerSettings;
+use crate::runtime::{ContainerStatus, FakeCall, FakeRuntime, ObservedContainer, spec};
+
+const HOST: &str = "host-1";
+const WAIT_LIMIT: Duration = Duration::from_secs(10);
+
+/// A control plane that answers long polls from a script and records what it is sent.
+#[derive(Default)]
+struct ScriptedControl {
+    answers: Mutex<VecDeque<WatchAnswer>>,
+    known: Mutex<Vec<u64>>,
+    reports: Mutex<Vec<pb::StatusReport>>,
+    down: AtomicBool,
+    streams: Mutex<u32>,
+}
+
+impl ScriptedControl {
+    fn answer(&self, index: u64, assignments: &[Assignment]) {
+        self.answers.lock().unwrap().push_back(WatchAnswer {
+            index,
+            changed: true,
+            assignments: assignments.iter().map(wire).collect(),
+        });
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    fn reports(&self) -> Vec<pb::StatusReport> {
+        self.reports.lock().unwrap().clone()
+    }
+
+    fn known(&self) -> Vec<u64> {
+        self.known.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl ControlPlane for ScriptedControl {
+    async fn watch_assignments(
+        &self,
+        known_index: u64,
+        wait: Duration,
+    ) -> Result<WatchAnswer, CallError> {
+        self.known.lock().unwrap().push(known_index);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(CallError::Unreachable("connection refused".into()));
+        }
+        let next = self.answers.lock().unwrap().pop_front();
+        match next {
+            Some(a) => Ok(a),
+            None => {
+                // Hold like the server, but wake up now and then to pick up new script lines.
+                tokio::time::sleep(wait.min(Duration::from_millis(20))).await;
+                Ok(WatchAnswer {
+                    index: known_index,
+                    changed: false,
+                    assignments: Vec::new(),
+                })
+            }
+        }
+    }
+
+    async fn report_status(
+        &self,
+        mut reports: mpsc::Receiver<pb::StatusReport>,
+    ) -> Result<(), CallError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(CallError::Unreachable("connection refused".into()));
+        }
+        *self.streams.lock().unwrap() += 1;
+        loop {
+            tokio::select! {
+                r = reports.recv() => match r {
+                    Some(r) => self.reports.lock().unwrap().push(r),
+                    None => return Ok(()),
+                },
+                () = tokio::time::sleep(Duration::from_millis(10)) => {
+                    if self.down.load(Ordering::SeqCst) {
+                        return Err(CallError::Unreachable("stream reset".into()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn wire(a: &Assignment) -> pb::Assignment {
+    pb::Assignment {
+        tenant: a.tenant.clone(),
+        project: a.project.clone(),
+        instance: a.instance.clone(),
+        replica: a.replica.clone(),
+        ordinal: a.ordinal,
+        generation: a.generation,
+        image: a.image.clone(),
+        env: a.env.clone().into_iter().collect(),
+        config_json: a.config_json.clone(),
+        config_hash: a.config_hash.clone(),
+        resources: Some(pb::Resources {
+            cpu_millis: a.resources.cpu_millis,
+            memory_bytes: a.resources.memory_bytes,
+            pids: a.resources.pids,
+        }),
+        instance_uid: a.instance_uid.clone(),
+    }
+}
+
+struct Harness {
+    engine: Arc<FakeRuntime>,
+    control: Arc<ScriptedControl>,
+    dir: tempfile::TempDir,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let (stop, _) = watch::channel(false);
+        Harness {
+            engine: Arc::new(FakeRuntime::new()),
+            control: Arc::new(ScriptedControl::default()),
+            dir: tempfile::tempdir().unwrap(),
+            stop,
+            task: None,
+        }
+    }
+
+    fn settings(&self) -> SyncSettings {
+        SyncSettings {
+            host_id: HOST.into(),
+            data_dir: self.dir.path().to_path_buf(),
+            poll_wait: Duration::from_secs(60),
+            report_interval: Duration::from_millis(300),
+            resync_interval: Duration::from_millis(50),
+            probe: ProbeSettings {
+                interval: Duration::from_millis(200),
+                timeout: Duration::from_millis(100),
+                failure_threshold: 3,
+                initial_delay: Duration::from_secs(30),
+            },
+            runtime_name: "docker".into(),
+        }
+    }
+
+    fn start(&mut self) {
+        let engine: Arc<dyn ContainerRuntime> = self.engine.clone();
+        let reconciler = Reconciler::new(engine, ReconcilerSettings::new(HOST, self.dir.path()))
+            .with_port_check(|_| true);
+        let loops = HostLoops::new(self.settings(), Arc::new(reconciler), self.control.clone());
+        let stop = self.stop.subscribe();
+        self.task = Some(tokio::spawn(loops.run(stop)));
+    }
+
+    async fn stop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT_LIMIT, task)
+                .await
+                .expect("the loops stop promptly")
+                .expect("no loop panicked");
+        }
+    }
+
+    fn running(&self) -> Vec<ObservedContainer> {
+        self.engine
+            .containers()
+            .into_iter()
+            .filter(|c| c.status.is_running())
+            .collect()
+    }
+
+    fn save(&self, index: u64, assignments: Vec<Assignment>) {
+        StateStore::new(self.dir.path())
+            .save(&SavedState::new(HOST, index, assignments))
+            .unwrap();
+    }
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT_LIMIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn replicas(n: usize) -> Vec<Assignment> {
+    (0..n)
+        .map(|i| Assignment::test(&format!("bot-{i}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn new_assignments_are_saved_then_run_and_reported() {
+    let mut h = Harness::new();
+    h.control.answer(7, &replicas(2));
+    h.start();
+    wait_until("two containers run", || h.running().len() == 2).await;
+
+    let saved = StateStore::new(h.dir.path())
+        .load()
+        .unwrap()
+        .expect("saved");
+    assert_eq!(saved.index, 7);
+    assert_eq!(saved.host_id, HOST);
+    assert_eq!(saved.assignments, replicas(2));
+
+    // The next long poll carries the index it was given.
+    wait_until("the agent polls with index 7", || {
+        h.control.known().contains(&7)
+    })
+    .await;
+    assert_eq!(h.control.known()[0], 0, "a fresh agent knows nothing");
+
+    // A report names both replicas with their containers and ports, at index 7.
+    wait_until("a report with both containers", || {
+        h.control.reports().iter().any(|r| {
+            r.applied_index == 7
+                && r.replicas.len() == 2
+                && r.replicas
+                    .iter()
+                    .all(|s| !s.container_id.is_empty() && s.host_port >= 19100)
+        })
+    })
+    .await;
+    let ports: BTreeSet<Option<u16>> = h.running().iter().map(|c| c.host_port).collect();
+    assert_eq!(ports.len(), 2, "replicas created together get their own ports");
+    let last = h.control.reports().pop().unwrap();
+    assert!(last.runtime.unwrap().ready);
+    assert_eq!(last.agent_version, AGENT_VERSION);
+    assert!(last.host.unwrap().memory_total_bytes > 0);
+
+    // Scale down: one replica goes, the other is left alone.
+    let keep = h
+        .running()
+        .into_iter()
+        .find(|c| c.name.contains("bot-0"))
+        .unwrap();
+    h.control.answer(8, &replicas(1));
+    wait_until("one container runs", || h.running().len() == 1).await;
+    assert_eq!(h.running()[0].id, keep.id);
+    h.stop().await;
+    assert_eq!(h.running().len(), 1, "containers keep running after a stop");
+}
+
+#[tokio::test]
+async fn saved_assignments_run_while_the_server_is_away() {
+    let mut h = Harness::new();
+    h.save(3, replicas(2));
+    h.control.set_down(true);
+    h.start();
+    wait_until("the saved replicas run", || h.running().len() == 2).await;
+    // A replica that exits is restarted from the saved assignments.
+    let victim = h.running()[0].id.clone();
+    h.engine.set_status(
+        &victim,
+        ContainerStatus::Exited {
+            code: 1,
+            oom_killed: false,
+        },
+    );
+    wait_until("the exited replica is started again", || {
+        h.engine
+            .calls()
+            .contains(&FakeCall::StartContainer(victim.clone()))
+    })
+    .await;
+    // It keeps asking the server with the saved index, with growing delays.
+    wait_until("a few retries", || h.control.known().len() >= 3).await;
+    assert!(h.control.known().iter().all(|k| *k == 3));
+    assert!(h.control.reports().is_empty());
+
+    // The server comes back: a report arrives promptly with the saved index.
+    h.control.set_down(false);
+    wait_until("a report after the server is back", || {
+        h.control
+            .reports()
+            .iter()
+            .any(|r| r.applied_index == 3 && r.replicas.len() == 2)
+    })
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn nothing_is_touched_before_assignments_are_known() {
+    let mut h = Harness::new();
+    // A managed container of this host, from an earlier life.
+    let a = Assignment::test("bot-0");
+    h.engine.insert_container(ObservedContainer {
+        id: "old".into(),
+        name: spec::container_name(HOST, &a.key()),
+        image: a.image.clone(),
+        labels: spec::container_labels(HOST, &a),
+        status: ContainerStatus::Running,
+        started_at: Some("t0".into()),
+        host_port: Some(19100),
+        engine_restarts: 0,
+    });
+    h.control.set_down(true);
+    h.start();
+    wait_until("several polls", || h.control.known().len() >= 3).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.engine.mutations(), [], "no assignments, no changes");
+    assert!(h.engine.calls().contains(&FakeCall::Ping));
+
+    // Once the server answers, the container is adopted as it is.
+    h.control.set_down(false);
+    h.control.answer(1, std::slice::from_ref(&a));
+    wait_until("the assignment is saved", || {
+        StateStore::new(h.dir.path())
+            .load()
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.engine.mutations(), [], "the running container is adopted");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_engine_outage_is_reported_and_recovered() {
+    let mut h = Harness::new();
+    h.engine.set_unavailable(true);
+    h.control.answer(2, &replicas(1));
+    h.start();
+    wait_until("a report saying the engine is down", || {
+        h.control.reports().iter().any(|r| {
+            r.runtime
+                .as_ref()
+                .is_some_and(|c| !c.ready && c.message.contains("fake engine is down"))
+        })
+    })
+    .await;
+    h.engine.set_unavailable(false);
+    wait_until("the replica runs", || h.running().len() == 1).await;
+    wait_until("a report saying the engine is back", || {
+        h.control
+            .reports()
+            .last()
+            .and_then(|r| r.runtime.clone())
+            .is_some_and(|c| c.ready && c.runtime == "fake")
+    })
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_assignment_set_is_not_acted_on() {
+    let mut h = Harness::new();
+    h.save(4, replicas(1));
+    let mut bad = replicas(2);
+    bad[1].tenant = "Not A Label".into();
+    h.control.answer(5, &bad);
+    h.start();
+    wait_until("the agent moves past index 5", || {
+        h.control.known().contains(&5)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(h.running().len(), 1, "the saved set still runs");
+    let saved = StateStore::new(h.dir.path()).load().unwrap().unwrap();
+    assert_eq!(saved.index, 4, "an invalid set is not saved");
+    h.stop().await;
+}
+
+#[test]
+fn startup_probes_are_frequent_until_ready() {
+    let settings = ProbeSettings {
+        interval: Duration::from_secs(10),
+        timeout: Duration::from_secs(1),
+        failure_threshold: 3,
+        initial_delay: Duration::from_secs(15),
+    };
+    let t0 = Instant::now();
+    let mut s = RunSchedule {
+        run: ("c".into(), None),
+        since: t0,
+        last: None,
+        ready_seen: false,
+    };
+    assert_eq!(s.next_due(&settings), t0, "a new run is probed at once");
+    s.last = Some(t0 + Duration::from_secs(1));
+    assert_eq!(
+        s.next_due(&settings),
+        t0 + Duration::from_secs(1) + STARTUP_PROBE_INTERVAL
+    );
+    s.ready_seen = true;
+    assert_eq!(s.next_due(&settings), t0 + Duration::from_secs(11));
+    // A replica that never turns ready falls back to the normal interval after the initial delay.
+    s.ready_seen = false;
+    s.last = Some(t0 + Duration::from_secs(16));
+    assert_eq!(s.next_due(&settings), t0 + Duration::from_secs(26));
+}
+
+#[test]
+fn poll_waits_are_jittered_below_the_setting() {
+    let wait = Duration::from_secs(300);
+    for _ in 0..100 {
+        let w = jittered_wait(wait);
+        assert!(w <= wait && w >= Duration::from_secs(270), "{w:?}");
+    }
+    assert_eq!(
+        jittered_wait(Duration::from_secs(1)),
+        Duration::from_secs(1)
+    );
+}
+
+#[test]
+fn reconnect_delays_grow_and_stay_capped() {
+    let cap = Duration::from_secs(2);
+    let delays: Vec<Duration> = reconnect_backoff(cap).take(12).collect();
+    assert!(delays[0] >= RECONNECT_MIN_DELAY);
+    assert!(delays[0] < RECONNECT_MIN_DELAY * 2 + Duration::from_millis(1));
+    // Jitter adds at most the delay itself on top.
+    assert!(delays.iter().all(|d| *d <= cap * 2), "{delays:?}");
+    assert!(delays[11] >= cap, "{delays:?}");
+}
