@@ -877,8 +877,8 @@ impl Reconciler {
             }
             reserved.push(port);
         }
-        let results = futures::future::join_all(batch.iter().zip(&reserved).map(
-            |((_, step), port)| {
+        let results =
+            futures::future::join_all(batch.iter().zip(&reserved).map(|((_, step), port)| {
                 let mut own = taken.clone();
                 if let Some(p) = port {
                     own.remove(p);
@@ -891,9 +891,8 @@ impl Reconciler {
                         other => self.execute_one(other, observed, &mut own, now).await,
                     }
                 }
-            },
-        ))
-        .await;
+            }))
+            .await;
         for ((i, step), result) in batch.into_iter().zip(results) {
             log_outcome(&step, &result);
             slots[i] = Some(StepOutcome { step, result });

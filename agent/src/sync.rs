@@ -106,11 +106,13 @@ struct Hub {
     server_back: Notify,
 }
 
-/// The backoff of reconnection attempts, capped by `cap`.
+/// The backoff of reconnection attempts: jittered, never longer than `cap` (jitter adds up to
+/// the delay itself, so the delay before jitter stops at half of it).
 pub fn reconnect_backoff(cap: Duration) -> ExponentialBackoff {
+    let cap = cap.clamp(RECONNECT_MIN_DELAY * 2, RECONNECT_MAX_DELAY);
     ExponentialBuilder::default()
         .with_min_delay(RECONNECT_MIN_DELAY)
-        .with_max_delay(cap.clamp(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY))
+        .with_max_delay(cap / 2)
         .with_jitter()
         .without_max_times()
         .build()

@@ -1135,7 +1135,10 @@ fn plain_docker_ready(image: &str, n: usize, tag: &str) -> anyhow::Result<Durati
         })?;
     }
     let took = started.elapsed();
-    let _ = Command::new("docker").args(["rm", "-f"]).args(&names).output();
+    let _ = Command::new("docker")
+        .args(["rm", "-f"])
+        .args(&names)
+        .output();
     Ok(took)
 }
 
@@ -1163,7 +1166,11 @@ fn figures_on_loopback() -> anyhow::Result<()> {
     let mut agent_runs = Vec::new();
     let mut plain_runs = Vec::new();
     for round in 0..3 {
-        plain_runs.push(plain_docker_ready(&image, 3, &format!("{baseline_tag}-{round}"))?);
+        plain_runs.push(plain_docker_ready(
+            &image,
+            3,
+            &format!("{baseline_tag}-{round}"),
+        )?);
         let name = format!("ready-{round}");
         let manifest = scope.instance_manifest(&name, &image, 3, &BTreeMap::new());
         let log_before = agent.log().len();

@@ -236,7 +236,11 @@ async fn new_assignments_are_saved_then_run_and_reported() {
     })
     .await;
     let ports: BTreeSet<Option<u16>> = h.running().iter().map(|c| c.host_port).collect();
-    assert_eq!(ports.len(), 2, "replicas created together get their own ports");
+    assert_eq!(
+        ports.len(),
+        2,
+        "replicas created together get their own ports"
+    );
     let last = h.control.reports().pop().unwrap();
     assert!(last.runtime.unwrap().ready);
     assert_eq!(last.agent_version, AGENT_VERSION);
@@ -425,8 +429,7 @@ fn reconnect_delays_grow_and_stay_capped() {
     let cap = Duration::from_secs(2);
     let delays: Vec<Duration> = reconnect_backoff(cap).take(12).collect();
     assert!(delays[0] >= RECONNECT_MIN_DELAY);
-    assert!(delays[0] < RECONNECT_MIN_DELAY * 2 + Duration::from_millis(1));
-    // Jitter adds at most the delay itself on top.
-    assert!(delays.iter().all(|d| *d <= cap * 2), "{delays:?}");
-    assert!(delays[11] >= cap, "{delays:?}");
+    assert!(delays[0] <= RECONNECT_MIN_DELAY * 2);
+    assert!(delays.iter().all(|d| *d <= cap), "{delays:?}");
+    assert!(delays[11] >= cap / 2, "{delays:?}");
 }
