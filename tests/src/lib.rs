@@ -1,5 +1,6 @@
 //! Test support.
 
+pub mod agent;
 pub mod server;
 pub mod standin;
 
