@@ -12,3 +12,5 @@ pub mod pki;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod util;
+pub mod yaml;

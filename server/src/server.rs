@@ -25,6 +25,7 @@ use crate::pki::{self, PkiSetup};
 use crate::store::Store;
 use crate::store::sqlite::SqliteStore;
 use crate::telemetry;
+use crate::util::blocking;
 
 /// The database inside the data directory.
 pub const DB_FILE: &str = "clusterclaw.db";
@@ -127,15 +128,6 @@ fn api_url(addr: SocketAddr, tls: bool) -> String {
         IpAddr::V6(ip) => format!("[{ip}]"),
     };
     format!("{scheme}://{host}:{}", addr.port())
-}
-
-async fn blocking<T: Send + 'static>(
-    what: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> anyhow::Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| anyhow!("{what} failed: {e}"))
 }
 
 /// Runs the server with a validated configuration until `shutdown` completes: locks the data

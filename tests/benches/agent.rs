@@ -1,8 +1,8 @@
 //! Agent figures, measured end to end with the real release binaries, real mutual TLS, real
-//! Docker and the stand-in Gateway image, with the agent's default intervals:
-//! spec change → agent acting (p50/p99), apply → 3 Ready replicas against plain `docker run`
-//! + first passing `/readyz` (medians and their ratio), and the agent's resident memory and CPU
-//! while it manages 10 running replicas.
+//! Docker and the stand-in Gateway image, with the agent's default intervals: spec change to
+//! agent acting (p50/p99); apply to 3 Ready replicas against plain `docker run` plus the first
+//! passing `/readyz` (medians and their ratio); the agent's resident memory and CPU while it
+//! manages 10 running replicas.
 //!
 //! Run with `cargo bench -p clusterclaw-tests --bench agent`.
 

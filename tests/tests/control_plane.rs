@@ -970,3 +970,115 @@ fn an_https_api_is_trusted_through_ca_cert() {
     )
     .ok();
 }
+
+#[test]
+fn a_token_lifetime_beyond_ten_years_is_refused_without_a_crash() {
+    let s = start();
+    let count = |s: &TestServer| {
+        s.cli(&["token", "list", "-o", "json"]).ok().json()["items"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = count(&s);
+    let out = s
+        .cli(&["token", "create", "join", "--ttl", "8000y"])
+        .code(1);
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("ttl") && out.stderr.contains("maximum of 10y"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "no secret is printed: {}",
+        out.stdout
+    );
+    assert_eq!(count(&s), before, "no token was stored");
+    // The longest lifetime allowed is created and listed with its date.
+    let out = s.cli(&["token", "create", "join", "--ttl", "10y"]).ok();
+    assert!(out.stdout.trim().starts_with("ccj_"), "{}", out.stdout);
+    s.cli(&["token", "list"]).ok();
+}
+
+#[test]
+fn a_yaml_apply_of_thirty_thousand_tenants_is_read_whole() {
+    let s = start();
+    let body: String = (0..30_000)
+        .map(|i| {
+            format!(
+                "apiVersion: clusterclaw.io/v1\nkind: Tenant\nmetadata:\n  name: t-{i:05}\n---\n"
+            )
+        })
+        .collect();
+    let resp = s.http(
+        "POST",
+        "/api/v1/apply?dryRun=true",
+        Some(&body),
+        Some(s.admin_token()),
+    );
+    assert_eq!(
+        resp.status,
+        200,
+        "{}",
+        &resp.body[..resp.body.len().min(500)]
+    );
+    assert_eq!(resp.json()["items"].as_array().unwrap().len(), 30_000);
+    assert_eq!(
+        s.get_json("/api/v1/tenants")["items"],
+        json!([]),
+        "a dry run"
+    );
+}
+
+#[test]
+fn the_database_is_readable_by_the_server_user_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut s = start();
+    let modes = |s: &TestServer| -> Vec<(String, u32)> {
+        fs::read_dir(s.data_dir())
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("clusterclaw.db")
+            })
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().unwrap().permissions().mode() & 0o777,
+                )
+            })
+            .collect()
+    };
+    apply_fleet(&s);
+    let found = modes(&s);
+    assert!(
+        found.iter().any(|(n, _)| n == "clusterclaw.db"),
+        "{found:?}"
+    );
+    assert!(found.iter().all(|(_, m)| *m == 0o600), "{found:?}");
+    // A data directory opened up by hand, with the database in it, is tightened at start.
+    s.terminate().unwrap();
+    fs::set_permissions(s.data_dir(), fs::Permissions::from_mode(0o755)).unwrap();
+    for (name, _) in modes(&s) {
+        fs::set_permissions(s.data_dir().join(name), fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    s.restart().unwrap();
+    s.cli(&[
+        "scale",
+        "instance",
+        "support-bot",
+        "--replicas",
+        "2",
+        "-t",
+        "acme",
+        "-p",
+        "helpdesk",
+    ])
+    .ok();
+    let found = modes(&s);
+    assert!(found.iter().all(|(_, m)| *m == 0o600), "{found:?}");
+}

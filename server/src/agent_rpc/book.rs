@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::model::{Kind, OpenClawInstance, Resource};
 use crate::store::{ListFilter, Store};
+use crate::util::hex;
 
 /// How long a burst of store changes is coalesced before the book is rebuilt.
 const REBUILD_DEBOUNCE: Duration = Duration::from_millis(5);
@@ -127,10 +128,6 @@ pub fn assignments_of(instance: &OpenClawInstance) -> Vec<(String, pb::Assignmen
             ))
         })
         .collect()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl AssignmentBook {

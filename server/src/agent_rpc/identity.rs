@@ -42,8 +42,17 @@ pub fn identity_from_der(der: &[u8]) -> Result<HostIdentity, String> {
 }
 
 /// The caller's identity: a client certificate is required, and the `Host` it names must
-/// still exist with the same uid (deleting a host revokes its certificates).
+/// still exist with the same uid (deleting a host revokes its certificates). Blocking: it reads
+/// the store.
 pub fn authenticate<T>(req: &tonic::Request<T>, store: &dyn Store) -> Result<HostIdentity, Status> {
+    let id = peer_identity(req)?;
+    check_current(&id, store)?;
+    Ok(id)
+}
+
+/// The identity in the caller's client certificate, as the TLS layer verified it (no store
+/// access; [`check_current`] checks it is still valid).
+pub fn peer_identity<T>(req: &tonic::Request<T>) -> Result<HostIdentity, Status> {
     let certs = req.peer_certs().ok_or_else(|| {
         Status::unauthenticated(
             "a client certificate is required; enroll this host with a join token first",
@@ -52,7 +61,11 @@ pub fn authenticate<T>(req: &tonic::Request<T>, store: &dyn Store) -> Result<Hos
     let leaf = certs
         .first()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let id = identity_from_der(leaf.as_ref()).map_err(Status::unauthenticated)?;
+    identity_from_der(leaf.as_ref()).map_err(Status::unauthenticated)
+}
+
+/// Checks that the `Host` an identity names still exists with its uid. Blocking.
+pub fn check_current(id: &HostIdentity, store: &dyn Store) -> Result<(), Status> {
     let host = store
         .get(&ObjectKey::cluster(Kind::Host, &id.name))
         .map_err(|e| Status::unavailable(format!("store: {e}")))?;
@@ -61,7 +74,7 @@ pub fn authenticate<T>(req: &tonic::Request<T>, store: &dyn Store) -> Result<Hos
         _ => None,
     });
     match current_uid {
-        Some(uid) if uid == id.uid => Ok(id),
+        Some(uid) if uid == id.uid => Ok(()),
         _ => Err(Status::unauthenticated(format!(
             "host {} has been removed from the cluster and its certificate is revoked; enroll again with a new join token",
             id.name

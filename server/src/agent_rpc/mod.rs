@@ -8,9 +8,8 @@ pub mod reports;
 mod tests;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clusterclaw_proto::agent as pb;
 use clusterclaw_proto::agent::agent_service_server::{AgentService, AgentServiceServer};
@@ -22,11 +21,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
 use crate::model::{
-    Host, HostCapacity, HostSpec, Kind, Metadata, ObjectKey, Quantity, Resource, format_cpu,
-    format_memory,
+    Host, HostCapacity, HostSpec, Kind, MAX_HOSTNAME_BYTES, Metadata, Quantity, Resource,
+    format_cpu, format_memory, validate_object,
 };
 use crate::pki::Ca;
-use crate::store::{JoinRefusal, Store, StoreError, WriteMode};
+use crate::store::{JoinRefusal, Store, StoreError};
+use crate::util::{try_blocking, unix_now};
 
 pub use book::AssignmentBook;
 use identity::HostIdentity;
@@ -40,6 +40,10 @@ const MIN_WAIT: Duration = Duration::from_secs(1);
 pub const HOST_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 /// How often heartbeats are checked.
 const HEARTBEAT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// Most labels a host may enroll with.
+const MAX_HOST_LABELS: usize = 64;
+/// Names tried after the first when another host already has it.
+const NAME_ATTEMPTS: usize = 8;
 
 /// Shared state of the agent service.
 #[derive(Clone)]
@@ -79,14 +83,6 @@ fn store_status(e: StoreError) -> Status {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("worker failed: {e}")))?
-}
-
 /// A DNS-1123 label made from a hostname: lower case, dots and other characters become `-`.
 pub fn host_name_from(hostname: &str) -> String {
     let mut s: String = hostname
@@ -105,6 +101,18 @@ pub fn host_name_from(hostname: &str) -> String {
 }
 
 impl AgentRpc {
+    /// The caller's identity from its client certificate, checked against the store on the
+    /// blocking pool.
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<HostIdentity, Status> {
+        let id = identity::peer_identity(request)?;
+        let store = self.store.clone();
+        try_blocking("checking the host identity", move || {
+            identity::check_current(&id, store.as_ref())?;
+            Ok(id)
+        })
+        .await
+    }
+
     fn observe<T>(&self, method: &'static str, started: Instant, r: &Result<T, Status>) {
         let code = match r {
             Ok(_) => tonic::Code::Ok,
@@ -113,7 +121,21 @@ impl AgentRpc {
         self.metrics.observe_rpc(method, code, started.elapsed());
     }
 
+    /// Enrolls a host. Everything about the request is checked before the join token is
+    /// touched; the token is used up and the `Host` created in one store transaction.
     fn enroll_blocking(&self, req: pb::EnrollRequest) -> Result<pb::EnrollResponse, Status> {
+        if req.hostname.len() > MAX_HOSTNAME_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "the hostname is {} bytes long; at most {MAX_HOSTNAME_BYTES} are allowed",
+                req.hostname.len()
+            )));
+        }
+        if req.labels.len() > MAX_HOST_LABELS {
+            return Err(Status::invalid_argument(format!(
+                "bad host labels: {} labels given; at most {MAX_HOST_LABELS} are allowed",
+                req.labels.len()
+            )));
+        }
         let mut problems = Vec::new();
         for (k, v) in &req.labels {
             if let Err(e) = crate::model::validate_label_key(k)
@@ -130,13 +152,6 @@ impl AgentRpc {
         }
         Ca::check_csr(&req.csr_pem)
             .map_err(|e| Status::invalid_argument(format!("bad certificate request: {e}")))?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        self.store
-            .consume_join_token(&crate::auth::hash_token(&req.join_token), now)
-            .map_err(store_status)?;
 
         let base = host_name_from(if req.hostname.is_empty() {
             "host"
@@ -144,14 +159,12 @@ impl AgentRpc {
             &req.hostname
         });
         let capacity = req.capacity.unwrap_or_default();
-        let mut name = base.clone();
-        let mut attempt = 0;
-        let created = loop {
-            let host = Host {
+        let host_named = |name: &str| {
+            Resource::Host(Host {
                 api_version: crate::model::API_VERSION.into(),
                 kind: Kind::Host,
                 metadata: Metadata {
-                    name: name.clone(),
+                    name: name.to_string(),
                     labels: req.labels.clone().into_iter().collect(),
                     ..Default::default()
                 },
@@ -169,15 +182,24 @@ impl AgentRpc {
                     arch: Some(req.arch.clone()).filter(|s| !s.is_empty()),
                 },
                 status: None,
-            };
-            match self
-                .store
-                .write(&[(Resource::Host(host), WriteMode::Create)], false)
-            {
-                Ok(mut s) => break s.results.remove(0).object,
-                Err(StoreError::InBatch { source, .. })
-                    if matches!(*source, StoreError::AlreadyExists(_)) && attempt < 8 =>
-                {
+            })
+        };
+        // The longest name a retry can give is checked too (the suffix adds 5 characters).
+        for name in [base.clone(), format!("{base}-ffff")] {
+            let problems = validate_object(&host_named(&name));
+            if !problems.is_empty() {
+                return Err(store_status(StoreError::Invalid(problems)));
+            }
+        }
+
+        let token_hash = crate::auth::hash_token(&req.join_token);
+        let now = unix_now();
+        let mut name = base.clone();
+        let mut attempt = 0;
+        let created = loop {
+            match self.store.enroll_host(&token_hash, now, host_named(&name)) {
+                Ok(created) => break created,
+                Err(StoreError::AlreadyExists(_)) if attempt < NAME_ATTEMPTS => {
                     attempt += 1;
                     name = format!("{base}-{:04x}", rand::random::<u16>());
                 }
@@ -188,17 +210,24 @@ impl AgentRpc {
             name: created.key.name.clone(),
             uid: created.uid.clone(),
         };
-        let cert = self
-            .ca
-            .sign_host_csr(
-                &req.csr_pem,
-                &id.name,
-                Some(&format!("{}{}", identity::HOST_URI_PREFIX, id.uid)),
-                HOST_CERT_VALIDITY,
-            )
-            .map_err(|e| {
-                Status::invalid_argument(format!("cannot sign the certificate request: {e}"))
-            })?;
+        let signed = self.ca.sign_host_csr(
+            &req.csr_pem,
+            &id.name,
+            Some(&format!("{}{}", identity::HOST_URI_PREFIX, id.uid)),
+            HOST_CERT_VALIDITY,
+        );
+        let cert = match signed {
+            Ok(cert) => cert,
+            Err(e) => {
+                // Not expected after the checks above; do not leave a host nobody can act as.
+                if let Err(undo) = self.store.delete(&created.key, None) {
+                    tracing::warn!(host = %id.name, error = %undo, "could not remove a host whose certificate could not be signed");
+                }
+                return Err(Status::invalid_argument(format!(
+                    "cannot sign the certificate request: {e}"
+                )));
+            }
+        };
         tracing::info!(host = %id.name, hostname = %req.hostname, "host enrolled");
         Ok(pb::EnrollResponse {
             host_id: id.name,
@@ -216,7 +245,7 @@ impl AgentService for AgentRpc {
     ) -> Result<Response<pb::EnrollResponse>, Status> {
         let started = Instant::now();
         let this = self.clone();
-        let r = blocking(move || this.enroll_blocking(request.into_inner())).await;
+        let r = try_blocking("Enroll", move || this.enroll_blocking(request.into_inner())).await;
         self.observe("Enroll", started, &r);
         r.map(Response::new)
     }
@@ -227,7 +256,7 @@ impl AgentService for AgentRpc {
     ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
         let started = Instant::now();
         let this = self.clone();
-        let r = blocking(move || {
+        let r = try_blocking("RenewCertificate", move || {
             let id = identity::authenticate(&request, this.store.as_ref())?;
             let csr = &request.get_ref().csr_pem;
             let uri = format!("{}{}", identity::HOST_URI_PREFIX, id.uid);
@@ -252,12 +281,8 @@ impl AgentService for AgentRpc {
         request: Request<pb::WatchAssignmentsRequest>,
     ) -> Result<Response<pb::WatchAssignmentsResponse>, Status> {
         let started = Instant::now();
-        let store = self.store.clone();
-        let (id, request) = {
-            let id =
-                tokio::task::block_in_place(|| identity::authenticate(&request, store.as_ref()));
-            (id, request.into_inner())
-        };
+        let id = self.authenticate(&request).await;
+        let request = request.into_inner();
         let id = match id {
             Ok(id) => id,
             Err(e) => {
@@ -289,8 +314,7 @@ impl AgentService for AgentRpc {
         request: Request<Streaming<pb::StatusReport>>,
     ) -> Result<Response<pb::ReportStatusResponse>, Status> {
         let started = Instant::now();
-        let store = self.store.clone();
-        let id = tokio::task::block_in_place(|| identity::authenticate(&request, store.as_ref()));
+        let id = self.authenticate(&request).await;
         let id = match id {
             Ok(id) => id,
             Err(e) => {
@@ -310,7 +334,7 @@ impl AgentService for AgentRpc {
                 }
             };
             let (store, reports, id2) = (self.store.clone(), self.reports.clone(), id.clone());
-            let r = blocking(move || {
+            let r = try_blocking("ReportStatus", move || {
                 reports
                     .apply(store.as_ref(), &id2, report)
                     .map_err(store_status)
@@ -379,7 +403,7 @@ pub async fn run_background(rpc: AgentRpc, shutdown: tokio::sync::watch::Receive
         tokio::select! {
             _ = tick.tick() => {
                 let (store, reports) = (rpc.store.clone(), rpc.reports.clone());
-                let r = tokio::task::spawn_blocking(move || reports::check_heartbeats(store.as_ref(), &reports, started)).await;
+                let r = crate::util::blocking("the heartbeat check", move || reports::check_heartbeats(store.as_ref(), &reports, started)).await;
                 if let Ok(Err(e)) = r {
                     tracing::warn!(error = %e, "heartbeat check failed");
                 }
@@ -388,16 +412,4 @@ pub async fn run_background(rpc: AgentRpc, shutdown: tokio::sync::watch::Receive
         }
     }
     let _ = book.await;
-}
-
-/// Removes a host: its object (so its certificate is refused from now on) and its report.
-pub fn revoke_host(store: &dyn Store, reports: &Reports, name: &str) -> Result<u64, StoreError> {
-    let index = store.delete(&ObjectKey::cluster(Kind::Host, name), None)?;
-    reports.forget(name);
-    Ok(index)
-}
-
-/// The address agents should be told to use, for log lines.
-pub fn describe(addr: SocketAddr) -> String {
-    format!("https://{addr}")
 }

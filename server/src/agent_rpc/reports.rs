@@ -3,16 +3,17 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use clusterclaw_proto::agent as pb;
 use serde_json::json;
 
 use crate::model::{
-    Condition, HostCapacity, HostPhase, ObjectKey, Quantity, ReplicaState, Resource, format_cpu,
-    format_memory, summarize,
+    Condition, Host, HostCapacity, HostPhase, Kind, ObjectKey, Quantity, ReplicaState, Resource,
+    format_cpu, format_memory, summarize,
 };
 use crate::store::{Store, StoreError};
+use crate::util::now_rfc3339;
 
 use super::identity::HostIdentity;
 
@@ -49,10 +50,6 @@ fn replica_state(s: i32) -> ReplicaState {
     }
 }
 
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
-
 fn non_empty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
@@ -80,14 +77,21 @@ impl Reports {
     }
 
     /// Records one report and writes what it changes (blocking; call from `spawn_blocking`).
+    ///
+    /// The host's status and its replicas' states are written in one transaction, and only
+    /// while the host still exists with the uid of the caller's certificate: a report that
+    /// arrives after the host was deleted (or enrolled again under the same name) changes
+    /// nothing and fails with [`StoreError::NotFound`]. A replica entry counts only where the
+    /// scheduler placed that replica on this host; the others are dropped, also from what is
+    /// kept in memory for `/metrics`.
     pub fn apply(
         &self,
         store: &dyn Store,
         host: &HostIdentity,
-        report: pb::StatusReport,
+        mut report: pb::StatusReport,
     ) -> Result<(), StoreError> {
         let now = Instant::now();
-        let write_host = {
+        let refresh_host = {
             let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
             match hosts.get(&host.name) {
                 None => true,
@@ -98,77 +102,76 @@ impl Reports {
                 }
             }
         };
-        self.apply_replicas(store, host, &report)?;
-        let host_key = ObjectKey::cluster(crate::model::Kind::Host, &host.name);
-        let mut wrote = false;
-        let runtime = report.runtime.clone().unwrap_or_default();
-        let figures = report.host.unwrap_or_default();
-        store.update(&host_key, &mut |r| {
-            let Resource::Host(h) = r else { return false };
-            let status = h.status.get_or_insert_with(Default::default);
-            let phase_changed = status.phase != HostPhase::Ready;
-            if !(write_host || phase_changed) {
-                return false;
+        let mut by_instance: HashMap<ObjectKey, Vec<usize>> = HashMap::new();
+        for (i, r) in report.replicas.iter().enumerate() {
+            by_instance
+                .entry(ObjectKey::instance(&r.tenant, &r.project, &r.instance))
+                .or_default()
+                .push(i);
+        }
+        let host_key = ObjectKey::cluster(Kind::Host, &host.name);
+        let mut instance_keys: Vec<ObjectKey> = by_instance.keys().cloned().collect();
+        instance_keys.sort();
+        // The host first: the replicas are only written once it is known to be this one.
+        let keys: Vec<ObjectKey> = std::iter::once(host_key.clone())
+            .chain(instance_keys)
+            .collect();
+        let mut host_is_current = false;
+        let mut wrote_host = false;
+        let mut accepted = vec![false; report.replicas.len()];
+        store.update_many(&keys, &mut |res| match res {
+            Resource::Host(h) => {
+                if h.metadata.uid.as_deref() != Some(host.uid.as_str()) {
+                    return false;
+                }
+                host_is_current = true;
+                let phase_changed = h.status.as_ref().map(|s| s.phase) != Some(HostPhase::Ready);
+                if !(refresh_host || phase_changed) {
+                    return false;
+                }
+                wrote_host = true;
+                write_host_status(h, &report);
+                true
             }
-            wrote = true;
-            status.phase = HostPhase::Ready;
-            status.message = None;
-            status.last_heartbeat = Some(now_rfc3339());
-            status.usage = Some(json!({
-                "cpuPercent": (figures.cpu_percent * 10.0).round() / 10.0,
-                "memoryUsedBytes": figures.memory_used_bytes,
-                "memoryTotalBytes": figures.memory_total_bytes,
-                "diskUsedBytes": figures.disk_used_bytes,
-                "diskTotalBytes": figures.disk_total_bytes,
-                "load1": figures.load1, "load5": figures.load5, "load15": figures.load15,
-            }));
-            let ready = if runtime.ready { "True" } else { "False" };
-            let message = if runtime.ready {
-                format!("{} {}", runtime.runtime, runtime.version)
-                    .trim()
-                    .to_string()
-            } else {
-                runtime.message.clone()
-            };
-            let previous = status
-                .conditions
-                .iter()
-                .find(|c| c.type_ == "RuntimeReady")
-                .cloned();
-            let since = match previous {
-                Some(p) if p.status == ready => p.last_transition_time,
-                _ => Some(now_rfc3339()),
-            };
-            status.conditions.retain(|c| c.type_ != "RuntimeReady");
-            status.conditions.push(Condition {
-                type_: "RuntimeReady".into(),
-                status: ready.into(),
-                reason: Some(
-                    if runtime.ready {
-                        "EngineAnswering"
-                    } else {
-                        "EngineUnavailable"
-                    }
-                    .into(),
-                ),
-                message: non_empty(&message),
-                last_transition_time: since,
-            });
-            if let Some(c) = &figures.capacity {
-                h.spec.capacity = HostCapacity {
-                    cpu: Quantity(format_cpu(c.cpu_millis)),
-                    memory: Quantity(format_memory(c.memory_bytes)),
-                    disk: (c.disk_bytes > 0).then(|| Quantity(format_memory(c.disk_bytes))),
+            Resource::OpenClawInstance(inst) => {
+                if !host_is_current {
+                    return false;
+                }
+                let Some(reported) = by_instance.get(&inst.key()) else {
+                    return false;
                 };
+                let Some(status) = inst.status.as_mut() else {
+                    return false;
+                };
+                for &i in reported {
+                    let rep = &report.replicas[i];
+                    let Some(entry) = status.replica_status.iter_mut().find(|e| {
+                        e.name == rep.replica && e.host.as_deref() == Some(host.name.as_str())
+                    }) else {
+                        continue;
+                    };
+                    accepted[i] = true;
+                    entry.state = replica_state(rep.state);
+                    entry.message = non_empty(&rep.message);
+                    entry.container_id = non_empty(&rep.container_id);
+                    entry.restarts = rep.restarts;
+                    entry.host_port = u16::try_from(rep.host_port).ok().filter(|p| *p != 0);
+                    entry.config_hash = non_empty(&rep.config_hash);
+                    entry.generation = (rep.generation > 0).then_some(rep.generation);
+                }
+                summarize(inst);
+                true
             }
-            if !report.agent_version.is_empty() {
-                h.spec.agent_version = Some(report.agent_version.clone());
-            }
-            true
+            Resource::Tenant(_) | Resource::Project(_) => false,
         })?;
+        if !host_is_current {
+            return Err(StoreError::NotFound(host_key));
+        }
+        let mut accepted = accepted.into_iter();
+        report.replicas.retain(|_| accepted.next().unwrap_or(false));
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         let status_written = match hosts.get(&host.name) {
-            Some(prev) if !wrote => prev.status_written,
+            Some(prev) if !wrote_host => prev.status_written,
             _ => now,
         };
         hosts.insert(
@@ -181,62 +184,68 @@ impl Reports {
         );
         Ok(())
     }
-
-    fn apply_replicas(
-        &self,
-        store: &dyn Store,
-        host: &HostIdentity,
-        report: &pb::StatusReport,
-    ) -> Result<(), StoreError> {
-        let mut by_instance: HashMap<ObjectKey, Vec<&pb::ReplicaStatus>> = HashMap::new();
-        for r in &report.replicas {
-            by_instance
-                .entry(ObjectKey::instance(&r.tenant, &r.project, &r.instance))
-                .or_default()
-                .push(r);
-        }
-        if by_instance.is_empty() {
-            return Ok(());
-        }
-        let mut keys: Vec<ObjectKey> = by_instance.keys().cloned().collect();
-        keys.sort();
-        store.update_many(&keys, &mut |res| {
-            let Resource::OpenClawInstance(inst) = res else {
-                return false;
-            };
-            let Some(reported) = by_instance.get(&res_key(inst)) else {
-                return false;
-            };
-            let Some(status) = inst.status.as_mut() else {
-                return false;
-            };
-            for rep in reported {
-                let Some(entry) = status.replica_status.iter_mut().find(|e| {
-                    e.name == rep.replica && e.host.as_deref() == Some(host.name.as_str())
-                }) else {
-                    continue;
-                };
-                entry.state = replica_state(rep.state);
-                entry.message = non_empty(&rep.message);
-                entry.container_id = non_empty(&rep.container_id);
-                entry.restarts = rep.restarts;
-                entry.host_port = u16::try_from(rep.host_port).ok().filter(|p| *p != 0);
-                entry.config_hash = non_empty(&rep.config_hash);
-                entry.generation = (rep.generation > 0).then_some(rep.generation);
-            }
-            summarize(inst);
-            true
-        })?;
-        Ok(())
-    }
 }
 
-fn res_key(i: &crate::model::OpenClawInstance) -> ObjectKey {
-    ObjectKey::instance(
-        i.metadata.tenant.clone().unwrap_or_default(),
-        i.metadata.project.clone().unwrap_or_default(),
-        &i.metadata.name,
-    )
+/// Writes what a report says about its host: Ready, the heartbeat, usage figures, the runtime
+/// condition, and the capacity and agent version it reports.
+fn write_host_status(h: &mut Host, report: &pb::StatusReport) {
+    let runtime = report.runtime.clone().unwrap_or_default();
+    let figures = report.host.unwrap_or_default();
+    let now = now_rfc3339();
+    let status = h.status.get_or_insert_with(Default::default);
+    status.phase = HostPhase::Ready;
+    status.message = None;
+    status.last_heartbeat = Some(now.clone());
+    status.usage = Some(json!({
+        "cpuPercent": (figures.cpu_percent * 10.0).round() / 10.0,
+        "memoryUsedBytes": figures.memory_used_bytes,
+        "memoryTotalBytes": figures.memory_total_bytes,
+        "diskUsedBytes": figures.disk_used_bytes,
+        "diskTotalBytes": figures.disk_total_bytes,
+        "load1": figures.load1, "load5": figures.load5, "load15": figures.load15,
+    }));
+    let ready = if runtime.ready { "True" } else { "False" };
+    let message = if runtime.ready {
+        format!("{} {}", runtime.runtime, runtime.version)
+            .trim()
+            .to_string()
+    } else {
+        runtime.message.clone()
+    };
+    let previous = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "RuntimeReady")
+        .cloned();
+    let since = match previous {
+        Some(p) if p.status == ready => p.last_transition_time,
+        _ => Some(now),
+    };
+    status.conditions.retain(|c| c.type_ != "RuntimeReady");
+    status.conditions.push(Condition {
+        type_: "RuntimeReady".into(),
+        status: ready.into(),
+        reason: Some(
+            if runtime.ready {
+                "EngineAnswering"
+            } else {
+                "EngineUnavailable"
+            }
+            .into(),
+        ),
+        message: non_empty(&message),
+        last_transition_time: since,
+    });
+    if let Some(c) = &figures.capacity {
+        h.spec.capacity = HostCapacity {
+            cpu: Quantity(format_cpu(c.cpu_millis)),
+            memory: Quantity(format_memory(c.memory_bytes)),
+            disk: (c.disk_bytes > 0).then(|| Quantity(format_memory(c.disk_bytes))),
+        };
+    }
+    if !report.agent_version.is_empty() {
+        h.spec.agent_version = Some(report.agent_version.clone());
+    }
 }
 
 /// Marks hosts NotReady when their reports stop (blocking; run periodically). A host that has
@@ -275,4 +284,161 @@ pub fn check_heartbeats(
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::model::{InstanceStatus, ReplicaStatus};
+    use crate::store::WriteMode;
+    use crate::store::sqlite::SqliteStore;
+
+    /// A store with host `h1` and two instances: `t/p/bot` with `bot-0` placed on `h1`, and
+    /// `other/q/secret` with `secret-0` placed on `h2`.
+    fn setup() -> (tempfile::TempDir, SqliteStore, HostIdentity) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let objects: Vec<(Resource, WriteMode)> = [
+            serde_json::json!({"apiVersion": "clusterclaw.io/v1", "kind": "Host", "metadata": {"name": "h1"},
+                               "spec": {"hostname": "h1", "capacity": {"cpu": "4", "memory": "8Gi"}}}),
+            serde_json::json!({"apiVersion": "clusterclaw.io/v1", "kind": "Tenant", "metadata": {"name": "t"}}),
+            serde_json::json!({"apiVersion": "clusterclaw.io/v1", "kind": "Tenant", "metadata": {"name": "other"}}),
+            serde_json::json!({"apiVersion": "clusterclaw.io/v1", "kind": "Project", "metadata": {"name": "p", "tenant": "t"}}),
+            serde_json::json!({"apiVersion": "clusterclaw.io/v1", "kind": "Project", "metadata": {"name": "q", "tenant": "other"}}),
+            serde_json::json!({"apiVersion": "clusterclaw.io/v1", "kind": "OpenClawInstance",
+                               "metadata": {"name": "bot", "tenant": "t", "project": "p"}, "spec": {"version": "2026.7.1"}}),
+            serde_json::json!({"apiVersion": "clusterclaw.io/v1", "kind": "OpenClawInstance",
+                               "metadata": {"name": "secret", "tenant": "other", "project": "q"}, "spec": {"version": "2026.7.1"}}),
+        ]
+        .into_iter()
+        .map(|v| (Resource::from_value(v).unwrap(), WriteMode::Apply))
+        .collect();
+        let written = store.write(&objects, false).unwrap();
+        for (key, replica, on) in [
+            (ObjectKey::instance("t", "p", "bot"), "bot-0", "h1"),
+            (
+                ObjectKey::instance("other", "q", "secret"),
+                "secret-0",
+                "h2",
+            ),
+        ] {
+            store
+                .update(&key, &mut |r| {
+                    let Resource::OpenClawInstance(i) = r else {
+                        return false;
+                    };
+                    i.status = Some(InstanceStatus {
+                        replica_status: vec![ReplicaStatus {
+                            name: replica.into(),
+                            host: Some(on.into()),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    });
+                    true
+                })
+                .unwrap();
+        }
+        let id = HostIdentity {
+            name: "h1".into(),
+            uid: written.results[0].object.uid.clone(),
+        };
+        (dir, store, id)
+    }
+
+    fn replica(tenant: &str, project: &str, instance: &str, name: &str) -> pb::ReplicaStatus {
+        pb::ReplicaStatus {
+            tenant: tenant.into(),
+            project: project.into(),
+            instance: instance.into(),
+            replica: name.into(),
+            state: pb::ReplicaState::Ready as i32,
+            stats: Some(pb::ContainerStats {
+                cpu_percent: 12.5,
+                memory_bytes: 1 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn state_of(store: &SqliteStore, key: &ObjectKey) -> ReplicaState {
+        let Resource::OpenClawInstance(i) = store.get(key).unwrap().unwrap().resource().unwrap()
+        else {
+            panic!("{key} is not an instance")
+        };
+        i.status.unwrap().replica_status[0].state
+    }
+
+    #[test]
+    fn only_replicas_placed_on_the_host_are_kept_and_published() {
+        let (_dir, store, id) = setup();
+        let reports = Reports::default();
+        let report = pb::StatusReport {
+            replicas: vec![
+                replica("t", "p", "bot", "bot-0"),
+                replica("other", "q", "secret", "secret-0"),
+                replica("ghost", "g", "made-up", "made-up-0"),
+            ],
+            ..Default::default()
+        };
+        reports.apply(&store, &id, report).unwrap();
+        assert_eq!(
+            state_of(&store, &ObjectKey::instance("t", "p", "bot")),
+            ReplicaState::Ready
+        );
+        assert_eq!(
+            state_of(&store, &ObjectKey::instance("other", "q", "secret")),
+            ReplicaState::Pending,
+            "another host's replica is not written"
+        );
+        let kept: Vec<String> = reports.snapshot()["h1"]
+            .report
+            .replicas
+            .iter()
+            .map(|r| r.replica.clone())
+            .collect();
+        assert_eq!(kept, ["bot-0"]);
+        let text = Metrics::default().render(&store, &reports).unwrap();
+        assert!(text.contains("instance=\"bot\""), "{text}");
+        assert!(
+            !text.contains("secret") && !text.contains("ghost"),
+            "a host publishes series only for its own replicas:\n{text}"
+        );
+    }
+
+    #[test]
+    fn a_report_after_the_host_was_deleted_changes_nothing() {
+        let (_dir, store, id) = setup();
+        let reports = Reports::default();
+        let report = pb::StatusReport {
+            replicas: vec![replica("t", "p", "bot", "bot-0")],
+            ..Default::default()
+        };
+        store
+            .delete(&ObjectKey::cluster(Kind::Host, "h1"), None)
+            .unwrap();
+        let index = store.index();
+        let err = reports.apply(&store, &id, report.clone()).unwrap_err();
+        assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+        assert_eq!(
+            state_of(&store, &ObjectKey::instance("t", "p", "bot")),
+            ReplicaState::Pending
+        );
+        assert_eq!(store.index(), index, "nothing was written");
+        assert!(reports.last_seen("h1").is_none());
+
+        // A new host enrolled under the same name is not the caller.
+        let again = Resource::from_value(serde_json::json!({"apiVersion": "clusterclaw.io/v1", "kind": "Host",
+            "metadata": {"name": "h1"}, "spec": {"hostname": "h1", "capacity": {"cpu": "4", "memory": "8Gi"}}}))
+        .unwrap();
+        store.write(&[(again, WriteMode::Create)], false).unwrap();
+        let err = reports.apply(&store, &id, report).unwrap_err();
+        assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+        assert_eq!(
+            state_of(&store, &ObjectKey::instance("t", "p", "bot")),
+            ReplicaState::Pending
+        );
+    }
 }

@@ -10,7 +10,7 @@ use serde_json::json;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::*;
-use crate::model::{HostPhase, InstancePhase, ReplicaState};
+use crate::model::{HostPhase, InstancePhase, ObjectKey, ReplicaState};
 use crate::pki::PkiFiles;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{TokenKind, TokenRecord};
@@ -321,7 +321,7 @@ async fn enroll_watch_report_revoke() {
     assert!(!quiet.changed);
 
     // Deleting the host revokes its certificate.
-    revoke_host(h.store.as_ref(), &Reports::default(), &resp.host_id).unwrap();
+    h.store.delete(&host_key, None).unwrap();
     let revoked = host
         .watch_assignments(pb::WatchAssignmentsRequest {
             known_index: 0,
@@ -364,5 +364,52 @@ async fn a_certificate_from_another_ca_fails_the_handshake() {
     let expired = join_token(h.store.as_ref(), None, Some(1));
     let e = enroll(&h, &expired, "late").await.unwrap_err();
     assert!(e.message().contains("expired"), "{}", e.message());
+    let _ = h.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_enrollment_does_not_use_the_token() {
+    let h = start().await;
+    let token = join_token(h.store.as_ref(), Some(1), None);
+    let uses_left = || {
+        h.store
+            .token_by_hash(&crate::auth::hash_token(&token))
+            .unwrap()
+            .unwrap()
+            .uses_remaining
+    };
+    let huge = "h".repeat(4 << 20);
+    let e = enroll(&h, &token, &huge[..1 << 20]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("hostname"), "{}", e.message());
+    let e = enroll(&h, &token, "node\n1").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("spec.hostname"), "{}", e.message());
+    let (csr, _) = csr();
+    let e = client(&h.url, &h.ca_pem, None)
+        .enroll(pb::EnrollRequest {
+            join_token: token.clone(),
+            csr_pem: csr,
+            hostname: "node-1".into(),
+            os: "x".repeat(1000),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert_eq!(
+        uses_left(),
+        Some(1),
+        "refused requests leave the token as it was"
+    );
+    assert!(
+        h.store
+            .list(&crate::store::ListFilter::all(Kind::Host))
+            .unwrap()
+            .is_empty()
+    );
+    let (ok, _) = enroll(&h, &token, "node-1").await.unwrap();
+    assert_eq!(ok.host_id, "node-1");
+    assert_eq!(uses_left(), Some(0));
     let _ = h.stop.send(true);
 }

@@ -12,6 +12,12 @@ use crate::model::MAX_OBJECT_BYTES;
 pub const APPLY_BODY_LIMIT: usize = 64 << 20;
 /// Largest body of any other request.
 pub const BODY_LIMIT: usize = 1 << 20;
+/// Most memory set aside up front for a body, whatever its `Content-Length` says; a larger
+/// body grows the buffer as it arrives.
+const INITIAL_CAPACITY_LIMIT: usize = 1 << 20;
+
+// The YAML parser's budget must let through every body the limit lets through.
+const _: () = assert!(APPLY_BODY_LIMIT <= crate::yaml::MAX_STREAM_BYTES);
 
 /// How a body is encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,7 +88,7 @@ pub async fn read(
         return Err(too_large(limit));
     }
     let mut stream = body.into_data_stream();
-    let mut buf = Vec::with_capacity(announced.map_or(0, |n| n as usize));
+    let mut buf = Vec::with_capacity(initial_capacity(announced));
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
             ApiError::bad_request(format!("the request body could not be read: {e}"))
@@ -94,6 +100,13 @@ pub async fn read(
     }
     let format = declared.unwrap_or_else(|| sniff(&buf));
     Ok((Bytes::from(buf), format))
+}
+
+/// Buffer size to start with for a body of `announced` bytes.
+fn initial_capacity(announced: Option<u64>) -> usize {
+    announced.map_or(0, |n| {
+        usize::try_from(n).map_or(INITIAL_CAPACITY_LIMIT, |n| n.min(INITIAL_CAPACITY_LIMIT))
+    })
 }
 
 /// Without a content type: JSON when the body starts like a JSON object or array, else YAML.
@@ -113,32 +126,20 @@ fn yaml_text(body: &[u8]) -> Result<&str, ApiError> {
     })
 }
 
-/// YAML 1.2 core booleans (`yes`, `no`, `on`, `off`, `y`, `n` stay strings) and plain,
-/// one-line error messages.
+/// YAML documents read as the CLI reads them ([`crate::yaml::options`]).
 fn yaml_documents(text: &str) -> Result<Vec<Value>, ApiError> {
-    let options = serde_saphyr::options! { strict_booleans: true, with_snippet: false };
-    serde_saphyr::from_multiple_with_options(text, options).map_err(|e| yaml_error(&e))
+    serde_saphyr::from_multiple_with_options(text, crate::yaml::options())
+        .map_err(|e| yaml_error(&e))
 }
 
 fn yaml_error(e: &serde_saphyr::Error) -> ApiError {
-    let text = e.to_string();
-    let mut text = text
-        .trim()
-        .replace('`', "'")
-        .replace(", set DuplicateKeyPolicy in Options if acceptable", "");
-    if text.contains("recursive references") {
-        text = "an alias refers to the node that contains it".into();
-    }
-    match e.location() {
-        Some(loc) => {
-            let suffix = format!(" at line {}, column {}", loc.line(), loc.column());
-            let text = text.strip_suffix(&suffix).unwrap_or(&text);
-            ApiError::bad_request(format!(
-                "the body is not valid YAML: line {}, column {}: {text}",
-                loc.line(),
-                loc.column()
-            ))
-        }
+    let text = crate::yaml::error_text(e);
+    match e.location().filter(|l| l.line() > 0) {
+        Some(loc) => ApiError::bad_request(format!(
+            "the body is not valid YAML: line {}, column {}: {text}",
+            loc.line(),
+            loc.column()
+        )),
         None => ApiError::bad_request(format!("the body is not valid YAML: {text}")),
     }
 }
@@ -286,6 +287,17 @@ mod tests {
         );
         assert_eq!(sniff(b"  {}"), Format::Json);
         assert_eq!(sniff(b"kind: x"), Format::Yaml);
+    }
+
+    #[test]
+    fn a_large_content_length_does_not_reserve_its_size() {
+        assert_eq!(initial_capacity(None), 0);
+        assert_eq!(initial_capacity(Some(512)), 512);
+        assert_eq!(
+            initial_capacity(Some(APPLY_BODY_LIMIT as u64)),
+            INITIAL_CAPACITY_LIMIT
+        );
+        assert_eq!(initial_capacity(Some(u64::MAX)), INITIAL_CAPACITY_LIMIT);
     }
 
     #[test]

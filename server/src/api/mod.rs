@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, OriginalUri, Path, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -224,25 +224,82 @@ async fn require_token(State(state): State<ApiState>, mut req: Request, next: Ne
     resp
 }
 
+/// The path as the client sent it (a nested router sees it without `/api/v1`).
+fn client_path(req: &Request) -> String {
+    req.extensions()
+        .get::<OriginalUri>()
+        .map_or_else(|| req.uri().path(), |u| u.0.path())
+        .to_string()
+}
+
 async fn not_found(req: Request) -> ApiError {
     ApiError::new(
         ErrorCode::NotFound,
         format!(
             "no such endpoint: {}; the API is described at /api/v1/openapi.json",
-            req.uri().path()
+            client_path(&req)
         ),
     )
 }
 
-async fn method_not_allowed(req: Request) -> ApiError {
-    ApiError::new(
+/// The methods each route of the API answers, for `Allow` (checked against the router by a
+/// test).
+const ROUTE_METHODS: &[(&str, &str)] = &[
+    ("/metrics", "GET"),
+    ("/healthz", "GET"),
+    ("/readyz", "GET"),
+    ("/api/v1/openapi.json", "GET"),
+    ("/api/v1/info", "GET"),
+    ("/api/v1/apply", "POST"),
+    ("/api/v1/tenants", "GET, POST"),
+    ("/api/v1/tenants/{tenant}", "GET, PUT, DELETE"),
+    ("/api/v1/projects", "GET"),
+    ("/api/v1/tenants/{tenant}/projects", "GET, POST"),
+    (
+        "/api/v1/tenants/{tenant}/projects/{project}",
+        "GET, PUT, DELETE",
+    ),
+    ("/api/v1/instances", "GET"),
+    (
+        "/api/v1/tenants/{tenant}/projects/{project}/instances",
+        "GET, POST",
+    ),
+    (
+        "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}",
+        "GET, PUT, DELETE",
+    ),
+    (
+        "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}/scale",
+        "PUT",
+    ),
+    ("/api/v1/hosts", "GET"),
+    ("/api/v1/hosts/{host}", "GET, PUT, DELETE"),
+    ("/api/v1/tokens", "GET, POST"),
+    ("/api/v1/tokens/{id}", "DELETE"),
+];
+
+async fn method_not_allowed(matched: Option<MatchedPath>, req: Request) -> Response {
+    let path = client_path(&req);
+    let allowed = matched.and_then(|m| {
+        ROUTE_METHODS
+            .iter()
+            .find(|(route, _)| *route == m.as_str())
+            .map(|(_, methods)| *methods)
+    });
+    let hint = match allowed {
+        Some(methods) => format!("this path answers {methods}"),
+        None => "see /api/v1/openapi.json".to_string(),
+    };
+    let mut resp = ApiError::new(
         ErrorCode::MethodNotAllowed,
-        format!(
-            "{} is not allowed on {}; see /api/v1/openapi.json",
-            req.method(),
-            req.uri().path()
-        ),
+        format!("{} is not allowed on {path}; {hint}", req.method()),
     )
+    .into_response();
+    if let Some(methods) = allowed {
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(methods));
+    }
+    resp
 }
 
 /// Prometheus text exposition (bearer token, like the API).
@@ -305,7 +362,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/hosts", get(objects::list_hosts))
         .route(
             "/hosts/{host}",
-            get(objects::get_host).delete(objects::delete_host),
+            get(objects::get_host)
+                .put(objects::put_host)
+                .delete(objects::delete_host),
         )
         .route(
             "/tokens",

@@ -15,13 +15,10 @@ use super::error::{ApiError, ErrorBody, ErrorCode, single};
 use super::openapi::{HostList, InstanceList, ProjectList, TenantList};
 use super::{ApiState, OUTCOME_HEADER, P, json_response, query};
 use crate::model::{
-    API_VERSION, FieldProblem, Host, Kind, ObjectKey, OpenClawInstance, Project, Resource, Tenant,
-    validate_object,
+    API_VERSION, FieldProblem, HOST_READ_ONLY, Host, Kind, MAX_REPLICAS, ObjectKey,
+    OpenClawInstance, Project, Resource, Tenant, decode_typed, validate_dns_label, validate_object,
 };
 use crate::store::{ListFilter, Outcome, Store, StoreError, StoredObject, WriteMode, WriteSummary};
-
-/// Why users cannot write hosts.
-const HOST_READ_ONLY: &str = "Host objects are written by clusterclaw-agent when a host enrolls and reports; they cannot be created or changed through the API (DELETE /api/v1/hosts/{host} removes one)";
 /// Attempts of a scale before giving up on concurrent writers.
 const SCALE_ATTEMPTS: usize = 5;
 
@@ -122,6 +119,24 @@ fn list_body(index: u64, items: &[StoredObject]) -> String {
     s
 }
 
+/// Checks the names a request path gives (`("tenant", "acme")`): each is a DNS-1123 label, or
+/// the request is malformed (400), whatever the store holds.
+fn check_path_names(names: &[(&str, &str)]) -> Result<(), ApiError> {
+    for (param, value) in names {
+        if let Err(e) = validate_dns_label(value) {
+            let rule = if e.contains("DNS-1123") {
+                String::new()
+            } else {
+                "; names are DNS-1123 labels: 1 to 63 lower-case letters, digits and '-'".into()
+            };
+            return Err(ApiError::bad_request(format!(
+                "path parameter {param:?}: {e}{rule}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Lists `filter.kind`, narrowed by the query; `parent` must exist when given.
 async fn list(
     state: ApiState,
@@ -140,13 +155,12 @@ async fn list(
     }
     let (index, text) = state
         .run(move |store| {
-            let index = store.index();
             if let Some(parent) = parent
                 && store.get(&parent)?.is_none()
             {
                 return Err(StoreError::NotFound(parent).into());
             }
-            let items = store.list(&filter)?;
+            let (index, items) = store.list_at(&filter)?;
             Ok((index, list_body(index, &items)))
         })
         .await?;
@@ -162,12 +176,9 @@ async fn get_one(
         query::parse(raw.as_deref(), &[])?;
     }
     let (index, object) = state
-        .run(move |store| {
-            let index = store.index();
-            match store.get(&key)? {
-                Some(o) => Ok((index, o)),
-                None => Err(StoreError::NotFound(key).into()),
-            }
+        .run(move |store| match store.get_at(&key)? {
+            (index, Some(o)) => Ok((index, o)),
+            (_, None) => Err(StoreError::NotFound(key).into()),
         })
         .await?;
     Ok(json_response(StatusCode::OK, object.json, index))
@@ -554,6 +565,7 @@ pub async fn get_tenant(
     P(name): P<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    check_path_names(&[("tenant", &name)])?;
     get_one(state, raw, ObjectKey::cluster(Kind::Tenant, name)).await
 }
 
@@ -591,6 +603,7 @@ pub async fn delete_tenant(
     P(name): P<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    check_path_names(&[("tenant", &name)])?;
     delete_one(state, raw, ObjectKey::cluster(Kind::Tenant, name)).await
 }
 
@@ -624,6 +637,7 @@ pub async fn list_tenant_projects(
     P(tenant): P<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    check_path_names(&[("tenant", &tenant)])?;
     let filter = ListFilter {
         tenant: Some(tenant.clone()),
         ..ListFilter::all(Kind::Project)
@@ -666,6 +680,7 @@ pub async fn get_project(
     P((tenant, name)): P<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    check_path_names(&[("tenant", &tenant), ("project", &name)])?;
     get_one(state, raw, ObjectKey::project(tenant, name)).await
 }
 
@@ -704,6 +719,7 @@ pub async fn delete_project(
     P((tenant, name)): P<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    check_path_names(&[("tenant", &tenant), ("project", &name)])?;
     delete_one(state, raw, ObjectKey::project(tenant, name)).await
 }
 
@@ -738,6 +754,7 @@ pub async fn list_project_instances(
     P((tenant, project)): P<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    check_path_names(&[("tenant", &tenant), ("project", &project)])?;
     let filter = ListFilter {
         tenant: Some(tenant.clone()),
         project: Some(project.clone()),
@@ -781,6 +798,7 @@ pub async fn get_instance(
     P((tenant, project, name)): P<(String, String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    check_path_names(&[("tenant", &tenant), ("project", &project), ("name", &name)])?;
     get_one(state, raw, ObjectKey::instance(tenant, project, name)).await
 }
 
@@ -827,6 +845,7 @@ pub async fn delete_instance(
     P((tenant, project, name)): P<(String, String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    check_path_names(&[("tenant", &tenant), ("project", &project), ("name", &name)])?;
     delete_one(state, raw, ObjectKey::instance(tenant, project, name)).await
 }
 
@@ -849,16 +868,16 @@ pub async fn scale_instance(
     query::parse(raw.as_deref(), &[])?;
     let (bytes, format) = body::read(&headers, body, BODY_LIMIT).await?;
     let value = body::one_document(&bytes, format)?;
-    let request: ScaleRequest = serde_path_to_error::deserialize(value).map_err(|e| {
-        let field = match e.path().to_string() {
-            p if p == "." => String::new(),
-            p => p,
-        };
-        ApiError::invalid(vec![FieldProblem::new(
-            field,
-            e.into_inner().to_string().replace('`', "'"),
-        )])
-    })?;
+    let request: ScaleRequest = decode_typed(value).map_err(|p| ApiError::invalid(vec![p]))?;
+    if !(0..=MAX_REPLICAS).contains(&request.replicas) {
+        return Err(ApiError::invalid(vec![FieldProblem::new(
+            "replicas",
+            format!(
+                "{} is out of range; replicas must be between 0 and {MAX_REPLICAS}",
+                request.replicas
+            ),
+        )]));
+    }
     let key = ObjectKey::instance(tenant, project, name);
     let (index, outcome, object) = state
         .run(move |store| scale(store, &key, request.replicas))
@@ -890,6 +909,16 @@ fn scale(
         resource.metadata_mut().resource_version = Some(current.resource_version);
         let problems = validate_object(&resource);
         if !problems.is_empty() {
+            // Name the body's field where the problem is the one this request changed.
+            let problems = problems
+                .into_iter()
+                .map(|mut p| {
+                    if p.field == "spec.replicas" {
+                        p.field = "replicas".into();
+                    }
+                    p
+                })
+                .collect();
             return Err(ApiError::invalid(problems));
         }
         match store
@@ -937,7 +966,16 @@ pub async fn get_host(
     P(name): P<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    check_path_names(&[("host", &name)])?;
     get_one(state, raw, ObjectKey::cluster(Kind::Host, name)).await
+}
+
+/// Hosts are written by their agents; a user's write is refused.
+#[utoipa::path(put, path = "/api/v1/hosts/{host}", tag = "hosts",
+    params(("host" = String, Path)),
+    responses((status = 403, description = "Host objects are read-only to users", body = ErrorBody)))]
+pub async fn put_host() -> ApiError {
+    ApiError::new(ErrorCode::Forbidden, HOST_READ_ONLY)
 }
 
 /// Deletes a host; its agent's certificate is no longer accepted.
@@ -949,6 +987,7 @@ pub async fn delete_host(
     P(name): P<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    check_path_names(&[("host", &name)])?;
     let reports = state.reports().clone();
     let response = delete_one(state, raw, ObjectKey::cluster(Kind::Host, name.clone())).await?;
     reports.forget(&name);

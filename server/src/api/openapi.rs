@@ -103,6 +103,7 @@ impl Modify for BearerAuth {
         objects::scale_instance,
         objects::list_hosts,
         objects::get_host,
+        objects::put_host,
         objects::delete_host,
         tokens::create_token,
         tokens::list_tokens,

@@ -669,7 +669,7 @@ async fn users_cannot_write_hosts() {
             Body::from("{}"),
         )
         .await;
-    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
     let r = f
         .json(
             Method::POST,
@@ -717,7 +717,7 @@ async fn scale_changes_replicas_only() {
     assert_eq!(r.headers["x-clusterclaw-outcome"], "configured");
     let r = f.json(Method::PUT, &path, json!({"replicas": -1})).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(r.fields(), ["spec.replicas"]);
+    assert_eq!(r.fields(), ["replicas"]);
     let r = f
         .json(Method::PUT, &path, json!({"replicas": 1, "x": 1}))
         .await;
@@ -880,7 +880,7 @@ async fn join_tokens_are_created_listed_and_revoked() {
         (r.body["kind"].as_str(), r.body["usesRemaining"].as_i64()),
         (Some("join"), Some(3))
     );
-    assert!(r.body["expiresAt"].as_i64().unwrap() > auth::unix_now() + 3500);
+    assert!(r.body["expiresAt"].as_i64().unwrap() > crate::util::unix_now() + 3500);
     let id = r.body["id"].as_str().unwrap().to_string();
 
     let r = f.get("/api/v1/tokens").await;
@@ -1049,4 +1049,281 @@ async fn listing_10000_instances_is_fast() {
         "listing 10,000 instances ({} bytes) took {elapsed:?}",
         bytes.len()
     );
+}
+
+// ---- regressions -----------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_token_lifetime_over_ten_years_is_refused_and_nothing_is_stored() {
+    let f = fixture();
+    let before = f.get("/api/v1/tokens").await.body["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    let r = f
+        .json(
+            Method::POST,
+            "/api/v1/tokens",
+            json!({"kind": "join", "ttl": "8000y"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert_eq!(r.fields(), ["ttl"]);
+    let problem = r.body["details"][0]["problem"].as_str().unwrap();
+    assert!(
+        problem.contains("8000y") && problem.contains("10y"),
+        "{problem}"
+    );
+    let after = f.get("/api/v1/tokens").await.body["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(before, after, "no token was stored");
+    let r = f
+        .json(
+            Method::POST,
+            "/api/v1/tokens",
+            json!({"kind": "join", "ttl": "10y"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "the maximum itself is fine");
+}
+
+#[tokio::test]
+async fn a_yaml_apply_is_not_capped_by_the_parser_budget() {
+    let f = fixture();
+    // More documents than the parser's default budget of 1,024.
+    let text: String = (0..1_100)
+        .map(|i| {
+            format!(
+                "apiVersion: clusterclaw.io/v1\nkind: Tenant\nmetadata: {{name: t-{i:05}}}\n---\n"
+            )
+        })
+        .collect();
+    let r = f.yaml("/api/v1/apply?dryRun=true", &text).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["items"].as_array().unwrap().len(), 1_100);
+    // Nesting is still bounded, and said in words.
+    let deep = format!("a: {}1{}\n", "[".repeat(100), "]".repeat(100));
+    let r = f.yaml("/api/v1/apply", &deep).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(
+        !r.message().contains("budget") && !r.message().contains("{"),
+        "{}",
+        r.message()
+    );
+    assert!(r.message().contains("nested"), "{}", r.message());
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_name_the_whole_path() {
+    let f = fixture();
+    let r = f.get("/api/v1/widgets").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(r.message().contains("/api/v1/widgets"), "{}", r.message());
+    let r = f.delete("/api/v1/tenants").await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(
+        r.message()
+            .contains("DELETE is not allowed on /api/v1/tenants"),
+        "{}",
+        r.message()
+    );
+    let allow = r.headers.get(header::ALLOW).expect("an Allow header");
+    assert_eq!(allow, "GET, POST");
+    let r = f.json(Method::POST, "/api/v1/hosts/h1", json!({})).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers[header::ALLOW], "GET, PUT, DELETE");
+    // Writing a host is refused as docs/api.md says: 403, not 405.
+    let r = f.json(Method::PUT, "/api/v1/hosts/h1", json!({})).await;
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("Forbidden"))
+    );
+    assert_eq!(r.message(), crate::model::HOST_READ_ONLY);
+}
+
+#[tokio::test]
+async fn names_in_paths_must_be_dns_labels() {
+    let f = seeded().await;
+    for (path, param) in [
+        ("/api/v1/tenants/Bad_Name", "tenant"),
+        ("/api/v1/tenants/acme/projects/x.y", "project"),
+        (
+            "/api/v1/tenants/acme/projects/helpdesk/instances/-bot",
+            "name",
+        ),
+        ("/api/v1/hosts/UPPER", "host"),
+    ] {
+        let r = f.get(path).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.body);
+        assert!(
+            r.message().contains(&format!("path parameter {param:?}"))
+                && r.message().contains("DNS-1123"),
+            "{path}: {}",
+            r.message()
+        );
+        let r = f.delete(path).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.body);
+    }
+}
+
+#[tokio::test]
+async fn label_selector_values_are_checked() {
+    let f = fixture();
+    for selector in ["a%3Db%3Dc", "team%3D!!!", "team!%3Dx%20y"] {
+        let r = f
+            .get(&format!("/api/v1/tenants?labelSelector={selector}"))
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{selector}: {}", r.body);
+        assert!(r.message().contains("label value"), "{}", r.message());
+    }
+    let r = f.get("/api/v1/tenants?labelSelector=team%3D").await;
+    assert_eq!(r.status, StatusCode::OK, "an empty value is a value");
+}
+
+#[tokio::test]
+async fn env_values_may_not_hold_nul_or_be_huge() {
+    let f = seeded().await;
+    let mut v = instance("acme", "helpdesk", "bot", 1);
+    v["spec"]["env"] = json!({"A": "x\u{0}y", "B": "x".repeat(33 * 1024), "C": "two\nlines"});
+    let r = f.json(Method::POST, INSTANCES, v).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.fields(), ["spec.env.A", "spec.env.B"]);
+}
+
+#[tokio::test]
+async fn token_names_refuse_format_characters() {
+    let f = fixture();
+    let r = f
+        .json(
+            Method::POST,
+            "/api/v1/tokens",
+            json!({"kind": "join", "name": "rack\u{202e}4"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert_eq!(r.fields(), ["name"]);
+}
+
+#[tokio::test]
+async fn serde_problems_read_the_same_on_every_endpoint() {
+    let f = seeded().await;
+    f.json(
+        Method::POST,
+        INSTANCES,
+        instance("acme", "helpdesk", "bot", 1),
+    )
+    .await;
+    let scale = format!("{INSTANCES}/bot/scale");
+    let r = f.json(Method::PUT, &scale, json!({"replicas": 1e23})).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert_eq!(
+        r.body["details"],
+        json!([{"field": "replicas", "problem": "must be a whole number between 0 and 100, found 1e23"}])
+    );
+    let mut v = instance("acme", "helpdesk", "bot2", 1);
+    v["spec"]["replicas"] = json!(1e23);
+    let r = f.json(Method::POST, INSTANCES, v).await;
+    assert_eq!(
+        r.body["details"],
+        json!([{"field": "spec.replicas", "problem": "must be a whole number between 0 and 100, found 1e23"}])
+    );
+    let r = f.json(Method::PUT, &scale, json!({"replicas": 500})).await;
+    assert_eq!(
+        r.fields(),
+        ["replicas"],
+        "the body's field, not spec.replicas"
+    );
+    let r = f.json(Method::PUT, &scale, json!({})).await;
+    assert_eq!(
+        r.body["details"],
+        json!([{"field": "replicas", "problem": "is required"}])
+    );
+    let r = f
+        .json(Method::POST, "/api/v1/tenants", json!({"metadata": {}}))
+        .await;
+    assert_eq!(
+        r.body["details"],
+        json!([{"field": "metadata.name", "problem": "is required"}])
+    );
+    let r = f
+        .json(
+            Method::POST,
+            "/api/v1/tokens",
+            json!({"kind": "join", "uses": 1.5}),
+        )
+        .await;
+    assert_eq!(r.fields(), ["uses"]);
+    let problem = r.body["details"][0]["problem"].as_str().unwrap();
+    assert!(problem.starts_with("must be a whole number"), "{problem}");
+    let text = r.body.to_string();
+    assert!(!text.contains('`'), "no backticks: {text}");
+}
+
+#[tokio::test]
+async fn the_allow_table_matches_the_router() {
+    let f = seeded().await;
+    for (route, allowed) in super::ROUTE_METHODS {
+        let path = route
+            .replace("{tenant}", "acme")
+            .replace("{project}", "helpdesk")
+            .replace("{name}", "bot")
+            .replace("{host}", "h1")
+            .replace("{id}", "abc");
+        let allowed: Vec<&str> = allowed.split(", ").collect();
+        for method in [
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::PATCH,
+        ] {
+            let req = Request::builder()
+                .method(method.clone())
+                .uri(&path)
+                .header(header::AUTHORIZATION, format!("Bearer {}", f.token))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from("{}"))
+                .unwrap();
+            let status = f.app.clone().oneshot(req).await.unwrap().status();
+            assert_eq!(
+                status == StatusCode::METHOD_NOT_ALLOWED,
+                !allowed.contains(&method.as_str()),
+                "{method} {path}: {status}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_listed_index_is_never_below_what_the_list_shows() {
+    use crate::store::testing::HookStore;
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteStore::open(&dir.path().join("db")).unwrap();
+    let admin = auth::ensure_admin_token(&sqlite, dir.path())
+        .unwrap()
+        .unwrap();
+    let store = Arc::new(HookStore::new(sqlite));
+    let app = router(ApiState::new(
+        store.clone() as Arc<dyn Store>,
+        dir.path().join("admin.token"),
+    ));
+    let f = Fixture {
+        app,
+        token: admin.token.expose().to_string(),
+        store: Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap()),
+        dir,
+    };
+    // The index is read, then a write commits, then the objects are read.
+    *store.stale_index.lock().unwrap() = Some(0);
+    let r = f
+        .json(Method::POST, "/api/v1/tenants", tenant("acme"))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let r = f.get("/api/v1/tenants").await;
+    assert_eq!(r.body["items"][0]["metadata"]["resourceVersion"], 1);
+    assert_eq!((r.index(), r.body["index"].as_u64()), (1, Some(1)));
+    let r = f.get("/api/v1/tenants/acme").await;
+    assert_eq!(r.index(), 1);
 }

@@ -14,14 +14,17 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::openapi::TokenList;
 use super::{ApiState, P, json_response, query};
 use crate::auth::{
-    PLATFORM_ADMIN, ROLES, generate_api_token, generate_join_token, generate_token_id, hash_token,
-    unix_now,
+    PLATFORM_ADMIN, ROLES, Secret, generate_api_token, generate_join_token, generate_token_id,
+    hash_token,
 };
-use crate::model::FieldProblem;
+use crate::model::{FieldProblem, decode_typed};
 use crate::store::{TokenKind, TokenRecord};
+use crate::util::{is_format_char, unix_now};
 
 /// Lifetime of a join token created without `ttl`.
 pub const DEFAULT_JOIN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Longest `ttl`: ten years (`10y`, a year counted as 365.25 days).
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 31_557_600);
 /// Longest token name.
 const MAX_NAME: usize = 128;
 
@@ -50,7 +53,8 @@ pub struct CreateToken {
 #[serde(rename_all = "camelCase")]
 pub struct CreatedToken {
     /// The secret (`ccj_...` or `cca_...`). Not stored; shown only here.
-    pub token: String,
+    #[schema(value_type = String)]
+    pub token: Secret,
     pub id: String,
     pub kind: TokenKind,
     pub name: String,
@@ -70,16 +74,7 @@ pub struct Revoked {
 }
 
 fn parse_request(value: serde_json::Value) -> Result<CreateToken, ApiError> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let field = match e.path().to_string() {
-            p if p == "." => String::new(),
-            p => p,
-        };
-        ApiError::invalid(vec![FieldProblem::new(
-            field,
-            e.into_inner().to_string().replace('`', "'"),
-        )])
-    })
+    decode_typed(value).map_err(|p| ApiError::invalid(vec![p]))
 }
 
 /// Checks a request and turns it into a record (without the hash).
@@ -87,29 +82,41 @@ fn plan(req: &CreateToken, now: i64) -> Result<TokenRecord, ApiError> {
     let mut problems = Vec::new();
     let ttl = match req.ttl.as_deref() {
         None => None,
-        Some(t) => match humantime::parse_duration(t) {
-            Ok(d) if d >= Duration::from_secs(60) => Some(d),
-            Ok(_) => {
-                problems.push(FieldProblem::new(
+        Some(t) => {
+            match humantime::parse_duration(t) {
+                Ok(d) if d > MAX_TTL => {
+                    problems.push(FieldProblem::new(
                     "ttl",
-                    format!("{t:?} is too short; a token lives at least 1m"),
+                    format!("{t:?} is longer than the maximum of 10y; a token lives at most ten years"),
                 ));
-                None
+                    None
+                }
+                Ok(d) if d >= Duration::from_secs(60) => Some(d),
+                Ok(_) => {
+                    problems.push(FieldProblem::new(
+                        "ttl",
+                        format!("{t:?} is too short; a token lives at least 1m"),
+                    ));
+                    None
+                }
+                Err(e) => {
+                    problems.push(FieldProblem::new(
+                        "ttl",
+                        format!("{t:?} is not a duration ({e}); use e.g. 1h, 7d"),
+                    ));
+                    None
+                }
             }
-            Err(e) => {
-                problems.push(FieldProblem::new(
-                    "ttl",
-                    format!("{t:?} is not a duration ({e}); use e.g. 1h, 7d"),
-                ));
-                None
-            }
-        },
+        }
     };
     let name = req.name.clone().unwrap_or_default();
-    if name.chars().count() > MAX_NAME || name.chars().any(char::is_control) {
+    if name.chars().count() > MAX_NAME || name.chars().any(|c| c.is_control() || is_format_char(c))
+    {
         problems.push(FieldProblem::new(
             "name",
-            format!("at most {MAX_NAME} characters, no control characters"),
+            format!(
+                "at most {MAX_NAME} characters, no control or invisible formatting characters (such as U+202E)"
+            ),
         ));
     }
     let role = match req.kind {
@@ -197,7 +204,7 @@ pub async fn create_token(
     };
     record.hash = hash_token(secret.expose());
     let created = CreatedToken {
-        token: secret.expose().to_string(),
+        token: secret,
         id: record.id.clone(),
         kind: record.kind,
         name: record.name.clone(),
@@ -291,6 +298,43 @@ mod tests {
         assert_eq!((r.expires_at, r.uses_remaining), (Some(3600), Some(3)));
         let r = plan(&req(TokenKind::Api), 0).unwrap();
         assert_eq!((r.expires_at, r.role.as_str()), (None, PLATFORM_ADMIN));
+    }
+
+    #[test]
+    fn created_tokens_do_not_show_their_secret_in_debug() {
+        let created = CreatedToken {
+            token: Secret::new("ccj_topsecret"),
+            id: "id".into(),
+            kind: TokenKind::Join,
+            name: String::new(),
+            role: String::new(),
+            expires_at: None,
+            uses_remaining: None,
+        };
+        assert!(!format!("{created:?}").contains("topsecret"));
+        assert!(
+            serde_json::to_string(&created)
+                .unwrap()
+                .contains("\"token\":\"ccj_topsecret\""),
+            "the answer carries it"
+        );
+    }
+
+    #[test]
+    fn lifetimes_are_bounded() {
+        let ttl = |t: &str| {
+            plan(
+                &CreateToken {
+                    ttl: Some(t.into()),
+                    ..req(TokenKind::Join)
+                },
+                0,
+            )
+        };
+        assert_eq!(ttl("10y").unwrap().expires_at, Some(315_576_000));
+        let e = ttl("10y 1s").unwrap_err();
+        assert_eq!(e.details[0].field, "ttl");
+        assert!(e.details[0].problem.contains("maximum of 10y"), "{e}");
     }
 
     #[test]

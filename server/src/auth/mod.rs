@@ -7,14 +7,16 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::store::{Store, StoreError, TokenKind, TokenRecord};
+use crate::util::{hex, rfc3339, unix_now};
 
 pub use token::{
     API_TOKEN_PREFIX, JOIN_TOKEN_PREFIX, Secret, TOKEN_RANDOM_CHARS, generate_api_token,
-    generate_join_token, generate_token_id, has_token_shape, hash_token, hash_token_bytes, hex,
+    generate_join_token, generate_token_id, has_token_shape, hash_token, hash_token_bytes,
 };
 
 /// The role that may do everything.
@@ -119,19 +121,6 @@ impl AuthError {
     }
 }
 
-/// Current time in Unix seconds.
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-/// RFC 3339 rendering of Unix seconds.
-pub fn rfc3339(unix: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(unix).unwrap_or(0));
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
 struct CacheEntry {
     principal: Arc<Principal>,
     expires_at: Option<i64>,
@@ -143,6 +132,10 @@ struct CacheEntry {
 pub struct Authenticator {
     store: Arc<dyn Store>,
     cache: RwLock<HashMap<[u8; 32], CacheEntry>>,
+    /// Bumped (under the cache's write lock) every time a token is forgotten. A lookup that
+    /// started before a bump may have read the token before its revocation committed; it does
+    /// not cache what it read.
+    generation: AtomicU64,
     admin_token_path: PathBuf,
 }
 
@@ -152,6 +145,7 @@ impl Authenticator {
         Authenticator {
             store,
             cache: RwLock::new(HashMap::new()),
+            generation: AtomicU64::new(0),
             admin_token_path,
         }
     }
@@ -176,20 +170,21 @@ impl Authenticator {
         if let Some(p) = self.cached(&digest, now)? {
             return Ok(p);
         }
+        let generation = self.generation.load(Ordering::SeqCst);
         let store = Arc::clone(&self.store);
         let hash = hex(&digest);
-        let record = tokio::task::spawn_blocking(move || {
+        let record = crate::util::blocking("the token lookup", move || {
             store.token_by_hash(&hash).map_err(AuthError::from)
         })
         .await
-        .map_err(|e| {
-            AuthError::from(StoreError::Backend(format!(
-                "token lookup task failed: {e}"
-            )))
-        })??;
+        .map_err(|e| AuthError::from(StoreError::Backend(e.to_string())))??;
         let record = record.ok_or(AuthError::Unknown)?;
         let principal = Arc::new(check_record(&record, now)?);
         let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        if self.generation.load(Ordering::SeqCst) != generation {
+            // A token was revoked while this one was looked up: what was read may be stale.
+            return Ok(principal);
+        }
         if cache.len() >= CACHE_MAX {
             cache.clear();
         }
@@ -221,9 +216,11 @@ impl Authenticator {
         Ok(Some(Arc::clone(&entry.principal)))
     }
 
-    /// Drops a token from the cache (after it was revoked).
+    /// Drops a token from the cache (after its revocation committed); lookups still in flight
+    /// do not cache what they read.
     pub fn forget_token(&self, token_id: &str) {
         let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::SeqCst);
         cache.retain(|_, e| e.principal.token_id != token_id);
     }
 }
@@ -356,11 +353,27 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> io::Result<()> {
 /// Writes a file atomically with the given mode: a temporary file beside `path`, created with
 /// `mode`, synced, then renamed over `path`.
 pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    let staged = stage_file(path, contents, mode)?;
+    commit_file(&staged, path)?;
+    sync_parent(path);
+    Ok(())
+}
+
+/// The temporary name of `path` while it is written: `.<name>.tmp` beside it.
+pub fn staged_path(path: &Path) -> PathBuf {
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{file_name}.tmp"));
+    path.with_file_name(format!(".{file_name}.tmp"))
+}
+
+/// The first half of an atomic write: `contents` in [`staged_path`]`(path)`, created with
+/// `mode` (never readable by others, not even briefly, when `mode` says so) and synced to
+/// disk. [`commit_file`] puts it in place. Several files can be staged first and committed
+/// after, in an order that keeps every intermediate state usable.
+pub fn stage_file(path: &Path, contents: &[u8], mode: u32) -> io::Result<PathBuf> {
+    let tmp = staged_path(path);
     match fs::remove_file(&tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -373,15 +386,30 @@ pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<
         .open(&tmp)?;
     let written = f.write_all(contents).and_then(|()| f.sync_all());
     drop(f);
-    if let Err(e) = written.and_then(|()| fs::rename(&tmp, path)) {
+    if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
+    Ok(tmp)
+}
+
+/// The second half of an atomic write: renames a staged file over `path`.
+pub fn commit_file(staged: &Path, path: &Path) -> io::Result<()> {
+    fs::rename(staged, path).inspect_err(|_| {
+        let _ = fs::remove_file(staged);
+    })
+}
+
+/// Persists renames in the directory of `path` (not every file system can sync a directory).
+pub fn sync_parent(path: &Path) {
     if let Some(dir) = path.parent() {
-        // Persist the rename; not every file system supports syncing a directory.
-        let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+        sync_dir(dir);
     }
-    Ok(())
+}
+
+/// Persists the entries of a directory (created and renamed files), where the file system can.
+pub fn sync_dir(dir: &Path) {
+    let _ = fs::File::open(dir).and_then(|d| d.sync_all());
 }
 
 #[cfg(test)]
@@ -445,9 +473,34 @@ mod tests {
         );
     }
 
-    #[test]
-    fn rfc3339_rendering() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_800_000_000), "2027-01-15T08:00:00Z");
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_token_revoked_during_its_lookup_is_not_cached() {
+        use crate::store::sqlite::SqliteStore;
+        use crate::store::testing::HookStore;
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let admin = ensure_admin_token(&sqlite, dir.path()).unwrap().unwrap();
+        let store = Arc::new(HookStore::new(sqlite));
+        let auth = Arc::new(Authenticator::new(
+            store.clone() as Arc<dyn Store>,
+            dir.path().join(ADMIN_TOKEN_FILE),
+        ));
+        let header = format!("Bearer {}", admin.token.expose());
+        // The token is revoked (and forgotten) after the lookup read it, before it is cached.
+        let (hook_store, hook_auth, id) = (store.clone(), auth.clone(), admin.id.clone());
+        *store.after_token_lookup.lock().unwrap() = Some(Box::new(move || {
+            assert!(hook_store.inner.revoke_token(&id).unwrap());
+            hook_auth.forget_token(&id);
+        }));
+        let in_flight = auth.authenticate(Some(header.as_bytes())).await;
+        assert!(
+            in_flight.is_ok(),
+            "the request in flight read the token before"
+        );
+        let next = auth.authenticate(Some(header.as_bytes())).await;
+        assert!(
+            matches!(next, Err(AuthError::Revoked { .. })),
+            "the next request must not be served from a stale cache entry: {next:?}"
+        );
     }
 }

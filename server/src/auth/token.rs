@@ -1,10 +1,14 @@
 //! Bearer tokens: generation from a CSPRNG, SHA-256 hashing, and the `Secret` wrapper.
 
 use std::fmt;
+use std::str::FromStr;
 
 use rand::Rng;
 use rand::distr::Alphanumeric;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::util::hex;
 
 /// Prefix of API tokens (they authenticate REST calls).
 pub const API_TOKEN_PREFIX: &str = "cca_";
@@ -15,8 +19,11 @@ pub const TOKEN_RANDOM_CHARS: usize = 40;
 /// Length of a public token id (base62).
 const TOKEN_ID_CHARS: usize = 12;
 
-/// A value that must never be printed: `Debug` and `Display` show `***`.
-#[derive(Clone, PartialEq, Eq)]
+/// A value that must never be printed: `Debug` and `Display` show `***`. It serializes as the
+/// plain string, for the places where it is handed to its owner (an API answer that shows a
+/// new token once, the CLI config file).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {
@@ -24,9 +31,46 @@ impl Secret {
         Secret(value.into())
     }
 
-    /// The secret itself; call only where it is handed to its owner (a file, a response).
+    /// The secret itself; call only where it is handed to its owner (a file, a response, an
+    /// `Authorization` header).
     pub fn expose(&self) -> &str {
         &self.0
+    }
+
+    /// A recognisable but harmless form: the token kind prefix and the last four characters.
+    pub fn redacted(&self) -> String {
+        let prefix = self.0.split_once('_').map_or("", |(p, _)| p);
+        let tail: String = self
+            .0
+            .chars()
+            .rev()
+            .take(4)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        if self.0.chars().count() < 12 {
+            "***".into()
+        } else if prefix.is_empty() {
+            format!("***{tail}")
+        } else {
+            format!("{prefix}_***{tail}")
+        }
+    }
+}
+
+impl FromStr for Secret {
+    type Err = String;
+
+    /// Surrounding white space is dropped (a token pasted with its newline); an empty value is
+    /// refused.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.is_empty() {
+            Err("the token is empty".into())
+        } else {
+            Ok(Secret(s.to_string()))
+        }
     }
 }
 
@@ -76,17 +120,6 @@ pub fn hash_token(token: &str) -> String {
     hex(&hash_token_bytes(token))
 }
 
-/// Lower-case hex of bytes.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 0x0f)] as char);
-    }
-    out
-}
-
 /// Whether `s` has the shape of a token with `prefix` (prefix plus 40 base62 characters).
 pub fn has_token_shape(s: &str, prefix: &str) -> bool {
     s.strip_prefix(prefix).is_some_and(|rest| {
@@ -121,6 +154,22 @@ mod tests {
         assert_eq!(format!("{s}"), "***");
         assert_eq!(format!("{s:?}"), "***");
         assert_eq!(format!("{:?}", Some(&s)), "Some(***)");
+    }
+
+    #[test]
+    fn secrets_parse_and_redact() {
+        assert_eq!(" cca_abc\n".parse::<Secret>().unwrap().expose(), "cca_abc");
+        assert!("  ".parse::<Secret>().is_err());
+        assert_eq!(
+            Secret::new("cca_supersecretvalue1234").redacted(),
+            "cca_***1234"
+        );
+        assert_eq!(Secret::new("short").redacted(), "***");
+        assert_eq!(
+            serde_json::to_string(&Secret::new("x")).unwrap(),
+            "\"x\"",
+            "serialized for its owner"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use super::client::{ApiError, Client};
 use super::manifest::{self, Check, Defaults, Located, Manifest};
 use super::settings::{ClientOpts, Settings};
 use super::{CliError, CliResult, print_out};
-use crate::model::{FieldProblem, Kind, ObjectKey};
+use crate::model::{FieldProblem, HOST_READ_ONLY, Kind, ObjectKey};
 
 #[derive(Args, Debug)]
 pub struct ApplyArgs {
@@ -53,10 +53,7 @@ fn check_batch(manifests: &[Manifest]) -> Vec<Located> {
     let mut seen: HashMap<ObjectKey, &Manifest> = HashMap::new();
     for m in manifests {
         if !m.resource.kind().user_writable() {
-            problems.push(m.problem(
-                "kind",
-                "Host objects are written by clusterclaw-agent when a host enrolls; they cannot be applied",
-            ));
+            problems.push(m.problem("kind", HOST_READ_ONLY));
             continue;
         }
         let key = m.resource.key();

@@ -427,16 +427,6 @@ fn split_documents(text: &str) -> Vec<Chunk> {
     chunks
 }
 
-/// Strips the ` at line L, column C` the parser appends to its messages.
-fn parser_message(err: &serde_saphyr::Error) -> String {
-    let msg = err.without_snippet().to_string();
-    let msg = match msg.rfind(" at line ") {
-        Some(i) if msg[i..].contains("column") => msg[..i].to_string(),
-        _ => msg,
-    };
-    msg.trim().to_string()
-}
-
 /// Where a document is: its file, number and lines, and its parsed tree for finding fields.
 #[derive(Debug, Clone)]
 pub struct Place {
@@ -613,25 +603,26 @@ pub fn load(
                 ));
                 continue;
             }
-            let node: Spanned<Node> = match serde_saphyr::from_str(&chunk.text) {
-                Ok(n) => n,
-                Err(e) => {
-                    let (line, column) = match e.location().filter(|l| l.line() > 0) {
-                        Some(l) => (
-                            chunk.first_line + l.line() as usize - 1,
-                            Some(l.column() as usize),
-                        ),
-                        None => (content_line, None),
-                    };
-                    problems.push(at(
-                        line,
-                        column,
-                        "",
-                        format!("invalid YAML: {}", parser_message(&e)),
-                    ));
-                    continue;
-                }
-            };
+            let node: Spanned<Node> =
+                match serde_saphyr::from_str_with_options(&chunk.text, crate::yaml::options()) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let (line, column) = match e.location().filter(|l| l.line() > 0) {
+                            Some(l) => (
+                                chunk.first_line + l.line() as usize - 1,
+                                Some(l.column() as usize),
+                            ),
+                            None => (content_line, None),
+                        };
+                        problems.push(at(
+                            line,
+                            column,
+                            "",
+                            format!("invalid YAML: {}", crate::yaml::error_text(&e)),
+                        ));
+                        continue;
+                    }
+                };
             let mut bad_numbers = Vec::new();
             let value = Node::to_json(&node, "", &mut bad_numbers);
             if !bad_numbers.is_empty() {
@@ -992,5 +983,16 @@ items:
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/m.yaml"), "{err}");
+    }
+
+    #[test]
+    fn yaml_is_read_as_the_server_reads_it() {
+        let text = "apiVersion: clusterclaw.io/v1\nkind: Tenant\nmetadata:\n  name: acme\n  labels: {country: NO, debug: on}\n";
+        let m = load(&[src("m.yaml", text)], Defaults::default(), Check::Full).unwrap();
+        assert_eq!(
+            m[0].value["metadata"]["labels"],
+            serde_json::json!({"country": "NO", "debug": "on"}),
+            "YAML 1.2 booleans only, as the API"
+        );
     }
 }

@@ -2,74 +2,20 @@
 
 use std::fmt;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use super::CliError;
+use crate::auth::write_private_file;
 
 /// Server used when neither a flag, the environment nor the config file names one.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7080";
 
-/// A credential. Its `Debug` and `Display` never show the value.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The secret itself, for the `Authorization` header or the config file.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// A recognisable but harmless form: the token kind prefix and the last four characters.
-    pub fn redacted(&self) -> String {
-        let prefix = self.0.split_once('_').map_or("", |(p, _)| p);
-        let tail: String = self
-            .0
-            .chars()
-            .rev()
-            .take(4)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        if self.0.chars().count() < 12 {
-            "***".into()
-        } else if prefix.is_empty() {
-            format!("***{tail}")
-        } else {
-            format!("{prefix}_***{tail}")
-        }
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl FromStr for Secret {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        if s.is_empty() {
-            Err("the token is empty".into())
-        } else {
-            Ok(Secret(s.to_string()))
-        }
-    }
-}
+/// A credential: its `Debug` and `Display` never show the value.
+pub use crate::auth::Secret;
 
 /// Options shared by every command that talks to a server. They may be given after any
 /// subcommand.
@@ -186,24 +132,9 @@ impl ConfigFile {
         }
         let text = toml::to_string(self)
             .map_err(|e| CliError::Failed(format!("cannot encode the CLI config: {e}")))?;
-        let tmp = path.with_extension("toml.tmp");
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| fail("write", e))?;
-        file.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(|e| fail("set the mode of", e))?;
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|e| fail("write", e))?;
-        fs::rename(&tmp, path).map_err(|e| fail("write", e))
+        write_private_file(path, text.as_bytes()).map_err(|e| fail("write", e))
     }
 }
-
-use std::os::unix::fs::DirBuilderExt;
 
 /// Where a setting came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -10,6 +10,7 @@ use super::client::Client;
 use super::output::{self, table, text_at};
 use super::settings::{ClientOpts, Settings};
 use super::{CliError, CliResult, print_out};
+use crate::util::rfc3339_u64;
 
 #[derive(Args, Debug)]
 pub struct TokenArgs {
@@ -79,25 +80,23 @@ pub enum ListFormat {
     Yaml,
 }
 
-/// A time the server sends as Unix seconds or RFC 3339 text.
+/// A time the server sends as Unix seconds or RFC 3339 text. Seconds RFC 3339 cannot write
+/// (past the year 9999) are shown as they are.
 fn when(v: Option<&Value>) -> Option<String> {
     match v? {
-        Value::Number(n) => {
-            let secs = n.as_u64()?;
-            Some(
-                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs))
-                    .to_string(),
-            )
-        }
+        Value::Number(n) => n.as_u64().map(rfc3339_u64).or_else(|| Some(n.to_string())),
         Value::String(s) if !s.is_empty() => Some(s.clone()),
         _ => None,
     }
 }
 
 fn expired(v: Option<&Value>, now: SystemTime) -> bool {
-    when(v)
-        .and_then(|t| humantime::parse_rfc3339_weak(&t).ok())
-        .is_some_and(|t| t <= now)
+    let now_secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    match v {
+        Some(Value::Number(n)) => n.as_u64().is_some_and(|secs| secs <= now_secs),
+        Some(Value::String(s)) => humantime::parse_rfc3339_weak(s).is_ok_and(|t| t <= now),
+        _ => false,
+    }
 }
 
 /// Rows of `token list`.
@@ -266,6 +265,24 @@ mod tests {
         assert_eq!(rows[1][4..7], ["2026-07-10T13:00:00Z", "2", "active"]);
         assert_eq!(rows[2][6], "expired");
         assert_eq!(rows[3][6], "revoked");
+    }
+
+    #[test]
+    fn dates_past_year_9999_print_as_seconds() {
+        let far = 8000 * 31_557_600_u64 + 1_800_000_000;
+        assert_eq!(
+            when(Some(&json!(far))).unwrap(),
+            format!("{far} (Unix seconds)")
+        );
+        assert_eq!(
+            when(Some(&json!(u64::MAX))).unwrap(),
+            format!("{} (Unix seconds)", u64::MAX)
+        );
+        let rows = token_rows(
+            &[json!({"id": "t", "kind": "join", "expiresAt": far, "revoked": false})],
+            SystemTime::now(),
+        );
+        assert_eq!(rows[0][6], "active");
     }
 
     #[test]

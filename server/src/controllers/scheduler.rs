@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -286,7 +286,7 @@ pub fn plan(instances: &[OpenClawInstance], hosts: &[Host]) -> Plan {
         .map(|instance| {
             let desired = instance.spec.replicas.clamp(0, MAX_REPLICAS) as usize;
             Work {
-                key: instance_key(instance),
+                key: instance.key(),
                 instance,
                 cpu: instance.spec.cpu_millis(),
                 memory: instance.spec.memory_bytes(),
@@ -642,10 +642,10 @@ pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
     let decided = plan(&instances, &hosts);
     report.unplaced_replicas = decided.instances.values().map(InstancePlan::unplaced).sum();
 
-    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let now = crate::util::now_rfc3339();
     let mut keys = Vec::new();
     for mut instance in instances {
-        let key = instance_key(&instance);
+        let key = instance.key();
         if let Some(p) = decided.instances.get(&key)
             && apply_instance_plan(&mut instance, p, &now)
         {
@@ -668,7 +668,7 @@ pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
     let mut change = |r: &mut Resource| -> bool {
         match r {
             Resource::OpenClawInstance(instance) => {
-                let key = instance_key(instance);
+                let key = instance.key();
                 match decided.instances.get(&key) {
                     // A spec changed since the pass read it: the next pass (woken by that very
                     // change) plans it again.
@@ -698,16 +698,6 @@ pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
         }
     }
     Ok(report)
-}
-
-/// The key of an instance (as [`Resource::key`], without cloning it).
-pub fn instance_key(instance: &OpenClawInstance) -> ObjectKey {
-    let m = &instance.metadata;
-    ObjectKey::instance(
-        m.tenant.clone().unwrap_or_default(),
-        m.project.clone().unwrap_or_default(),
-        m.name.clone(),
-    )
 }
 
 /// A host with only a name: exists, is not ready, offers nothing.

@@ -19,6 +19,9 @@ pub const DEFAULT_CPU: &str = "1";
 pub const DEFAULT_MEMORY: &str = "2Gi";
 pub const DEFAULT_PIDS: i64 = 512;
 
+/// Why users cannot write `Host` objects; said by the API and the CLI alike.
+pub const HOST_READ_ONLY: &str = "Host objects are written by clusterclaw-agent when a host enrolls and reports; they cannot be created or changed by users (DELETE /api/v1/hosts/{host}, or clusterclaw delete host NAME, removes one)";
+
 /// A resource kind.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
@@ -594,6 +597,38 @@ object!(
     Host, Host, HostSpec, HostStatus
 );
 
+impl Tenant {
+    pub fn key(&self) -> ObjectKey {
+        ObjectKey::cluster(Kind::Tenant, &self.metadata.name)
+    }
+}
+
+impl Project {
+    pub fn key(&self) -> ObjectKey {
+        ObjectKey::project(
+            self.metadata.tenant.as_deref().unwrap_or_default(),
+            &self.metadata.name,
+        )
+    }
+}
+
+impl OpenClawInstance {
+    pub fn key(&self) -> ObjectKey {
+        let m = &self.metadata;
+        ObjectKey::instance(
+            m.tenant.as_deref().unwrap_or_default(),
+            m.project.as_deref().unwrap_or_default(),
+            &m.name,
+        )
+    }
+}
+
+impl Host {
+    pub fn key(&self) -> ObjectKey {
+        ObjectKey::cluster(Kind::Host, &self.metadata.name)
+    }
+}
+
 impl Default for InstanceSpec {
     fn default() -> Self {
         InstanceSpec {
@@ -648,20 +683,11 @@ impl Resource {
 
     /// The object's identity; scope parts it does not have are empty.
     pub fn key(&self) -> ObjectKey {
-        let m = self.metadata();
-        let kind = self.kind();
-        let part = |p: &Option<String>, needed: bool| {
-            if needed {
-                p.clone().unwrap_or_default()
-            } else {
-                String::new()
-            }
-        };
-        ObjectKey {
-            kind,
-            tenant: part(&m.tenant, kind.scope() != Scope::Cluster),
-            project: part(&m.project, kind.scope() == Scope::Project),
-            name: m.name.clone(),
+        match self {
+            Resource::Tenant(o) => o.key(),
+            Resource::Project(o) => o.key(),
+            Resource::OpenClawInstance(o) => o.key(),
+            Resource::Host(o) => o.key(),
         }
     }
 
@@ -774,14 +800,7 @@ impl Resource {
             return Err(problems);
         }
         fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, Vec<FieldProblem>> {
-            serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
-                let path = e.path().to_string();
-                let path = if path == "." { String::new() } else { path };
-                vec![FieldProblem::new(
-                    path,
-                    humanize_serde(&e.into_inner().to_string()),
-                )]
-            })
+            super::decode_typed(v).map_err(|p| vec![p])
         }
         Ok(match kind {
             Kind::Tenant => Resource::Tenant(typed(value)?),
@@ -816,20 +835,4 @@ pub fn json_type(v: &Value) -> &'static str {
         Value::Array(_) => "a list",
         Value::Object(_) => "a mapping",
     }
-}
-
-/// Turns serde's wording into the project's: "unknown field `x`, expected one of ..." stays
-/// useful; "invalid type: map, expected a string" becomes "expected a string, found a mapping".
-fn humanize_serde(msg: &str) -> String {
-    if let Some(rest) = msg.strip_prefix("invalid type: ")
-        && let Some((found, expected)) = rest.split_once(", expected ")
-    {
-        let found = match found {
-            "map" => "a mapping".to_string(),
-            "sequence" => "a list".to_string(),
-            f => f.to_string(),
-        };
-        return format!("expected {expected}, found {found}");
-    }
-    msg.replace('`', "'")
 }

@@ -2,7 +2,9 @@
 
 use std::fmt;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::names::{validate_dns_label, validate_label_key, validate_label_value};
@@ -16,6 +18,12 @@ pub const MAX_REPLICAS: i64 = 100;
 const MIN_MEMORY: u64 = 32 << 20;
 const MAX_PIDS: i64 = 65_536;
 const MIN_PIDS: i64 = 16;
+/// Largest value of one environment variable.
+pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
+/// Longest host name (a DNS name is at most 253 characters).
+pub const MAX_HOSTNAME_BYTES: usize = 253;
+/// Longest agent version, operating system or architecture a host reports.
+const MAX_HOST_FACT_BYTES: usize = 64;
 /// Variables the agent sets itself; a spec may not override them.
 const RESERVED_ENV: [&str; 2] = ["OPENCLAW_CONFIG_PATH", "OPENCLAW_CONFIG_READONLY"];
 
@@ -54,6 +62,109 @@ impl fmt::Display for FieldProblem {
         } else {
             write!(f, "{}: {}", self.field, self.problem)
         }
+    }
+}
+
+/// Decodes a JSON value into a typed request or object; what does not fit is reported as one
+/// [`FieldProblem`] in the project's words (see [`serde_problem`]).
+pub fn decode_typed<T: DeserializeOwned>(value: Value) -> Result<T, FieldProblem> {
+    serde_path_to_error::deserialize(value).map_err(serde_problem)
+}
+
+/// Turns a decoding error into the project's wording, the same for every endpoint and for the
+/// CLI: `missing field 'name'` under `metadata` becomes `metadata.name: is required`;
+/// `invalid type: floating point 1e23, expected i64` at `spec.replicas` becomes
+/// `must be a whole number between 0 and 100, found 1e23`; no backticks.
+pub fn serde_problem<E: fmt::Display>(e: serde_path_to_error::Error<E>) -> FieldProblem {
+    let path = match e.path().to_string() {
+        p if p == "." => String::new(),
+        p => p,
+    };
+    let msg = e.into_inner().to_string();
+    if let Some(name) = msg
+        .strip_prefix("missing field `")
+        .and_then(|r| r.strip_suffix('`'))
+    {
+        let field = if path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{path}.{name}")
+        };
+        return FieldProblem::new(field, "is required");
+    }
+    let mismatch = msg
+        .strip_prefix("invalid type: ")
+        .or_else(|| msg.strip_prefix("invalid value: "))
+        .and_then(|rest| rest.rsplit_once(", expected "));
+    if let Some((found, expected)) = mismatch {
+        let problem = format!(
+            "must be {}, found {}",
+            expected_words(&path, expected),
+            found_words(found)
+        );
+        return FieldProblem::new(path, problem);
+    }
+    let problem = match msg.strip_prefix("unknown variant ") {
+        Some(rest) => format!("unknown value {rest}"),
+        None => msg,
+    };
+    FieldProblem::new(path, problem.replace('`', "'"))
+}
+
+/// The allowed range of a whole-number field, where the rules give one.
+fn whole_number_range(path: &str) -> Option<(i64, i64)> {
+    match path {
+        "spec.replicas" | "replicas" => Some((0, MAX_REPLICAS)),
+        "spec.resources.pids" => Some((MIN_PIDS, MAX_PIDS)),
+        _ => None,
+    }
+}
+
+/// serde's name of an expected type, in words.
+fn expected_words(path: &str, expected: &str) -> String {
+    let integer = [
+        "i8", "i16", "i32", "i64", "i128", "isize", "u8", "u16", "u32", "u64", "u128", "usize",
+    ];
+    if integer.contains(&expected) {
+        return match whole_number_range(path) {
+            Some((lo, hi)) => format!("a whole number between {lo} and {hi}"),
+            None if expected.starts_with('u') => "a whole number, 0 or more".to_string(),
+            None => "a whole number".to_string(),
+        };
+    }
+    match expected {
+        "f32" | "f64" => "a number".into(),
+        "a map" | "map" => "a mapping".into(),
+        "a sequence" | "sequence" => "a list".into(),
+        "a borrowed string" => "a string".into(),
+        e if e.starts_with("struct ") => "a mapping".into(),
+        e => e.replace('`', "'"),
+    }
+}
+
+/// serde's description of a value found, in words.
+fn found_words(found: &str) -> String {
+    let quoted = |prefix: &str| {
+        found
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('`'))
+            .and_then(|r| r.strip_suffix('`'))
+            .map(str::to_string)
+    };
+    if let Some(f) = quoted("floating point ") {
+        return f.replace("e+", "e");
+    }
+    if let Some(v) = quoted("integer ").or_else(|| quoted("boolean ")) {
+        return v;
+    }
+    match found {
+        "map" => "a mapping".into(),
+        "sequence" => "a list".into(),
+        "unit value" | "null" => "null".into(),
+        f => match f.strip_prefix("string ") {
+            Some(s) => format!("the string {s}"),
+            None => f.replace('`', "'"),
+        },
     }
 }
 
@@ -123,6 +234,37 @@ fn validate_env_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+fn validate_env_value(value: &str) -> Result<(), String> {
+    if value.contains('\0') {
+        return Err(
+            "holds a NUL character, which an environment variable cannot carry".to_string(),
+        );
+    }
+    if value.len() > MAX_ENV_VALUE_BYTES {
+        return Err(format!(
+            "the value is {} bytes; at most {} KiB are allowed",
+            value.len(),
+            MAX_ENV_VALUE_BYTES / 1024
+        ));
+    }
+    Ok(())
+}
+
+/// A short, single-line text a host reports about itself.
+fn check_host_text(field: &str, value: &str, max: usize, out: &mut Vec<FieldProblem>) {
+    if value.len() > max {
+        out.push(FieldProblem::new(
+            field,
+            format!("is {} bytes long; at most {max} are allowed", value.len()),
+        ));
+    } else if value.chars().any(char::is_control) {
+        out.push(FieldProblem::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
 }
 
 fn check_labels(
@@ -269,8 +411,8 @@ pub fn validate_object(r: &Resource) -> Vec<FieldProblem> {
                     format!("{p} is out of range; pids must be between {MIN_PIDS} and {MAX_PIDS}"),
                 ));
             }
-            for name in s.env.keys() {
-                if let Err(e) = validate_env_name(name) {
+            for (name, value) in &s.env {
+                if let Err(e) = validate_env_name(name).and_then(|()| validate_env_value(value)) {
                     out.push(FieldProblem::new(format!("spec.env.{name}"), e));
                 }
             }
@@ -280,7 +422,30 @@ pub fn validate_object(r: &Resource) -> Vec<FieldProblem> {
                 &mut out,
             );
         }
-        Resource::Host(_) => {}
+        Resource::Host(h) => {
+            let s = &h.spec;
+            check_host_text("spec.hostname", &s.hostname, MAX_HOSTNAME_BYTES, &mut out);
+            for (field, value) in [
+                ("spec.agentVersion", &s.agent_version),
+                ("spec.os", &s.os),
+                ("spec.arch", &s.arch),
+            ] {
+                if let Some(v) = value {
+                    check_host_text(field, v, MAX_HOST_FACT_BYTES, &mut out);
+                }
+            }
+            if let Err(e) = parse_cpu(s.capacity.cpu.as_str()) {
+                out.push(FieldProblem::new("spec.capacity.cpu", e));
+            }
+            for (field, q) in [
+                ("spec.capacity.memory", Some(&s.capacity.memory)),
+                ("spec.capacity.disk", s.capacity.disk.as_ref()),
+            ] {
+                if let Some(Err(e)) = q.map(|q| parse_memory(q.as_str())) {
+                    out.push(FieldProblem::new(field, e));
+                }
+            }
+        }
     }
     let size = serde_json::to_vec(&r.to_value())
         .map(|v| v.len())
@@ -416,6 +581,56 @@ mod tests {
             )),
             ["spec.resources.cpu", "spec.resources.pids"]
         );
+    }
+
+    #[test]
+    fn env_values_and_host_facts_are_bounded() {
+        let p = problems(instance(json!({"version": "2026.7.1",
+            "env": {"A": "a\u{0}b", "B": "x".repeat(MAX_ENV_VALUE_BYTES + 1),
+                    "C": "x".repeat(MAX_ENV_VALUE_BYTES), "D": "two\nlines"}})));
+        assert_eq!(
+            p.iter().map(|p| p.field.as_str()).collect::<Vec<_>>(),
+            ["spec.env.A", "spec.env.B"]
+        );
+        assert!(p[0].problem.contains("NUL"), "{}", p[0].problem);
+        let host = |hostname: &str, os: &str| {
+            json!({"apiVersion": "clusterclaw.io/v1", "kind": "Host", "metadata": {"name": "h1"},
+                   "spec": {"hostname": hostname, "os": os, "capacity": {"cpu": "4", "memory": "8Gi"}}})
+        };
+        assert_eq!(
+            fields(host("node-1.example.com", "linux")),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            fields(host(&"h".repeat(MAX_HOSTNAME_BYTES + 1), "linux\n")),
+            ["spec.hostname", "spec.os"]
+        );
+    }
+
+    #[test]
+    fn serde_problems_are_in_words() {
+        let p = problems(instance(json!({"version": "2026.7.1", "replicas": 1e23})));
+        assert_eq!(
+            p,
+            [FieldProblem::new(
+                "spec.replicas",
+                "must be a whole number between 0 and 100, found 1e23"
+            )]
+        );
+        let p = problems(instance(
+            json!({"version": "2026.7.1", "resources": {"pids": "many"}}),
+        ));
+        assert_eq!(
+            p[0].problem,
+            "must be a whole number between 16 and 65536, found the string \"many\""
+        );
+        let p = problems(instance(json!({"version": "2026.7.1", "env": []})));
+        assert_eq!(p[0].problem, "must be a mapping, found a list");
+        let p =
+            problems(json!({"apiVersion": "clusterclaw.io/v1", "kind": "Tenant", "metadata": {}}));
+        assert_eq!(p, [FieldProblem::new("metadata.name", "is required")]);
+        let p = problems(instance(json!({"version": "2026.7.1", "replicaz": 1})));
+        assert!(!p[0].problem.contains('`'), "{}", p[0].problem);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::auth::{Secret, write_file_atomic, write_private_file};
+use crate::auth::{Secret, commit_file, stage_file, staged_path, sync_dir, sync_parent};
 
 pub const CA_CERT_FILE: &str = "ca.crt";
 pub const CA_KEY_FILE: &str = "ca.key";
@@ -323,21 +323,6 @@ impl Ca {
         .signed_by(&self.issuer)?;
         Ok(signed.pem())
     }
-
-    fn write(&self, files: &PkiFiles) -> Result<(), PkiError> {
-        write_private_file(&files.ca_key, self.key_pem.expose().as_bytes()).map_err(|source| {
-            PkiError::Write {
-                path: files.ca_key.clone(),
-                source,
-            }
-        })?;
-        write_file_atomic(&files.ca_cert, self.cert_pem.as_bytes(), 0o644).map_err(|source| {
-            PkiError::Write {
-                path: files.ca_cert.clone(),
-                source,
-            }
-        })
-    }
 }
 
 /// Words for why a CSR was refused.
@@ -390,19 +375,61 @@ pub fn check_server_name(name: &str) -> Result<(), PkiError> {
     Ok(())
 }
 
-fn write_server_cert(files: &PkiFiles, cert: &SignedCert) -> Result<(), PkiError> {
-    write_private_file(&files.server_key, cert.key_pem.expose().as_bytes()).map_err(|source| {
-        PkiError::Write {
-            path: files.server_key.clone(),
-            source,
-        }
-    })?;
-    write_file_atomic(&files.server_cert, cert.cert_pem.as_bytes(), 0o644).map_err(|source| {
-        PkiError::Write {
-            path: files.server_cert.clone(),
-            source,
-        }
+/// Writes `contents` beside `path` under its staged name, synced; see [`commit`].
+fn stage(path: &Path, contents: &[u8], mode: u32) -> Result<PathBuf, PkiError> {
+    stage_file(path, contents, mode).map_err(|source| PkiError::Write {
+        path: path.to_path_buf(),
+        source,
     })
+}
+
+/// Puts a staged file in place.
+fn commit(staged: &Path, path: &Path) -> Result<(), PkiError> {
+    commit_file(staged, path).map_err(|source| PkiError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Stages files, makes the staged names durable, then commits them in the order given. Callers
+/// order them so that a crash between two commits leaves a state the next start repairs.
+fn write_in_order(dir: &Path, files: &[(&Path, &[u8], u32)]) -> Result<(), PkiError> {
+    let mut staged = Vec::with_capacity(files.len());
+    for (path, contents, mode) in files {
+        staged.push((stage(path, contents, *mode)?, *path));
+    }
+    sync_dir(dir);
+    for (tmp, path) in staged {
+        commit(&tmp, path)?;
+    }
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Writes the agent-port certificate and its key: the key first, so that a crash in between
+/// leaves a new key beside the old certificate, which [`ensure`] sees does not match and
+/// replaces at the next start.
+fn write_server_cert(files: &PkiFiles, cert: &SignedCert) -> Result<(), PkiError> {
+    write_in_order(
+        &files.dir,
+        &[
+            (&files.server_key, cert.key_pem.expose().as_bytes(), 0o600),
+            (&files.server_cert, cert.cert_pem.as_bytes(), 0o644),
+        ],
+    )
+}
+
+/// A crash while a CA was written can leave `ca.key` without `ca.crt`, the certificate still
+/// under its staged name. Finishes that write, so the server can start; the key and the
+/// certificate are checked against each other when the CA is loaded.
+fn finish_interrupted_init(files: &PkiFiles) -> Result<(), PkiError> {
+    let staged = staged_path(&files.ca_cert);
+    if !files.ca_cert.exists() && files.ca_key.exists() && staged.exists() {
+        commit(&staged, &files.ca_cert)?;
+        sync_parent(&files.ca_cert);
+        tracing::info!(dir = %files.dir.display(), "finished writing a CA whose creation was interrupted");
+    }
+    Ok(())
 }
 
 fn create_dir(dir: &Path) -> Result<(), PkiError> {
@@ -429,8 +456,17 @@ pub fn init_dir(dir: &Path, server_names: &[String]) -> Result<PkiFiles, PkiErro
     create_dir(dir)?;
     let ca = Ca::generate()?;
     let server = ca.sign_server(server_names)?;
-    ca.write(&files)?;
-    write_server_cert(&files, &server)?;
+    // The CA certificate last: until it is in place a start makes a new CA (the server files
+    // are useless without it), and once it is, everything else is too.
+    write_in_order(
+        dir,
+        &[
+            (&files.server_key, server.key_pem.expose().as_bytes(), 0o600),
+            (&files.server_cert, server.cert_pem.as_bytes(), 0o644),
+            (&files.ca_key, ca.key_pem.expose().as_bytes(), 0o600),
+            (&files.ca_cert, ca.cert_pem.as_bytes(), 0o644),
+        ],
+    )?;
     Ok(files)
 }
 
@@ -450,6 +486,7 @@ pub enum PkiSetup {
 /// valid for a while; creates or renews what is missing.
 pub fn ensure(dir: &Path, server_names: &[String]) -> Result<(PkiFiles, PkiSetup), PkiError> {
     let files = PkiFiles::in_dir(dir);
+    finish_interrupted_init(&files)?;
     if !files.ca_cert.exists() && !files.ca_key.exists() {
         return init_dir(dir, server_names).map(|f| (f, PkiSetup::Created));
     }
@@ -462,10 +499,15 @@ pub fn ensure(dir: &Path, server_names: &[String]) -> Result<(PkiFiles, PkiSetup
     Ok((files, PkiSetup::ServerCertRenewed))
 }
 
+/// Whether the server certificate is signed by the CA, belongs to `server.key`, covers every
+/// name and is not close to its end.
 fn server_cert_is_current(ca: &Ca, files: &PkiFiles, names: &[String]) -> bool {
-    if !files.server_key.exists() {
+    let Ok(key_pem) = fs::read_to_string(&files.server_key).map(Secret::new) else {
         return false;
-    }
+    };
+    let Ok(key) = KeyPair::from_pem(key_pem.expose()) else {
+        return false;
+    };
     let Ok(pem) = fs::read(&files.server_cert) else {
         return false;
     };
@@ -475,6 +517,9 @@ fn server_cert_is_current(ca: &Ca, files: &PkiFiles, names: &[String]) -> bool {
     let Ok((_, cert)) = X509Certificate::from_der(&der) else {
         return false;
     };
+    if cert.public_key().raw != key.subject_public_key_info().as_slice() {
+        return false;
+    }
     let Ok(ca_der) = CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()) else {
         return false;
     };
@@ -730,6 +775,75 @@ mod tests {
         assert_eq!(
             ensure(dir.path(), &names()).unwrap().1,
             PkiSetup::ServerCertRenewed
+        );
+    }
+
+    #[test]
+    fn a_server_key_that_does_not_match_its_certificate_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (files, _) = ensure(dir.path(), &names()).unwrap();
+        // As a crash between writing the new key and the new certificate leaves it.
+        fs::write(
+            &files.server_key,
+            KeyPair::generate().unwrap().serialize_pem(),
+        )
+        .unwrap();
+        assert_eq!(
+            ensure(dir.path(), &names()).unwrap().1,
+            PkiSetup::ServerCertRenewed
+        );
+        let ca = Ca::load(dir.path()).unwrap();
+        assert!(server_cert_is_current(&ca, &files, &names()));
+        assert_eq!(
+            fs::metadata(&files.server_key)
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn an_interrupted_ca_creation_is_finished_at_the_next_start() {
+        let made = tempfile::tempdir().unwrap();
+        let files = init_dir(made.path(), &names()).unwrap();
+        // A crash after ca.key was put in place, before ca.crt was: the certificate is still
+        // under its staged name and nothing else is there.
+        let dir = tempfile::tempdir().unwrap();
+        let crashed = PkiFiles::in_dir(dir.path());
+        fs::copy(&files.ca_key, &crashed.ca_key).unwrap();
+        fs::copy(&files.ca_cert, staged_path(&crashed.ca_cert)).unwrap();
+        let (_, setup) = ensure(dir.path(), &names()).unwrap();
+        assert_eq!(setup, PkiSetup::ServerCertRenewed);
+        assert_eq!(
+            fs::read(&crashed.ca_cert).unwrap(),
+            fs::read(&files.ca_cert).unwrap(),
+            "the CA written before the crash is kept"
+        );
+        assert!(!staged_path(&crashed.ca_cert).exists());
+        Ca::load(dir.path()).unwrap();
+        // Without the staged certificate nothing is guessed.
+        let lost = tempfile::tempdir().unwrap();
+        fs::copy(&files.ca_key, lost.path().join(CA_KEY_FILE)).unwrap();
+        assert!(matches!(
+            ensure(lost.path(), &names()),
+            Err(PkiError::CaMissing { .. })
+        ));
+    }
+
+    #[test]
+    fn nothing_staged_is_left_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dir(dir.path(), &names()).unwrap();
+        let mut names_in_dir: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names_in_dir.sort();
+        assert_eq!(
+            names_in_dir,
+            [CA_CERT_FILE, CA_KEY_FILE, SERVER_CERT_FILE, SERVER_KEY_FILE]
         );
     }
 

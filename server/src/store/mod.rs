@@ -2,6 +2,8 @@
 
 mod admission;
 pub mod sqlite;
+#[cfg(test)]
+pub mod testing;
 
 use std::collections::BTreeMap;
 
@@ -110,13 +112,12 @@ impl LabelRequirement {
             } else {
                 LabelRequirement::Exists(part.into())
             };
-            let key = match &req {
-                LabelRequirement::Equals(k, _)
-                | LabelRequirement::NotEquals(k, _)
-                | LabelRequirement::Exists(k)
-                | LabelRequirement::NotExists(k) => k,
+            let (key, value) = match &req {
+                LabelRequirement::Equals(k, v) | LabelRequirement::NotEquals(k, v) => (k, Some(v)),
+                LabelRequirement::Exists(k) | LabelRequirement::NotExists(k) => (k, None),
             };
             crate::model::validate_label_key(key)
+                .and_then(|()| value.map_or(Ok(()), |v| crate::model::validate_label_value(v)))
                 .map_err(|e| format!("label selector {s:?}: {e}"))?;
             out.push(req);
         }
@@ -145,7 +146,8 @@ impl ListFilter {
 }
 
 /// A bearer credential. The secret itself is never stored, only its SHA-256.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+// `Debug` is written by hand so that it does not show the hash either.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenRecord {
     /// Public identifier (not secret), used to list and revoke.
@@ -168,6 +170,24 @@ pub struct TokenRecord {
     pub revoked: bool,
     #[serde(skip)]
     pub hash: String,
+}
+
+impl std::fmt::Debug for TokenRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenRecord")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("role", &self.role)
+            .field("tenant", &self.tenant)
+            .field("project", &self.project)
+            .field("created_at", &self.created_at)
+            .field("expires_at", &self.expires_at)
+            .field("uses_remaining", &self.uses_remaining)
+            .field("revoked", &self.revoked)
+            .field("hash", &"***")
+            .finish()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -221,7 +241,7 @@ pub enum StoreError {
         key: ObjectKey,
         parent: Box<ObjectKey>,
     },
-    #[error("{key} still has {count} {child}; delete them first")]
+    #[error("{key} still has {count} {}; delete {} first", noun(*.count, .child), if *.count == 1 { "it" } else { "them" })]
     HasChildren {
         key: ObjectKey,
         count: usize,
@@ -251,6 +271,15 @@ pub enum StoreError {
     Backend(String),
 }
 
+/// `1 project`, `2 projects`: `plural` is the plural noun.
+fn noun(count: usize, plural: &str) -> &str {
+    if count == 1 {
+        plural.strip_suffix('s').unwrap_or(plural)
+    } else {
+        plural
+    }
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         StoreError::Backend(e.to_string())
@@ -269,6 +298,22 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError>;
     /// Objects matching the filter, ordered by tenant, project, name.
     fn list(&self, filter: &ListFilter) -> Result<Vec<StoredObject>, StoreError>;
+    /// [`Store::get`] with the index it was read at: never below the object's
+    /// `resourceVersion`. A store that can should read both in one snapshot.
+    fn get_at(&self, key: &ObjectKey) -> Result<(u64, Option<StoredObject>), StoreError> {
+        let index = self.index();
+        let object = self.get(key)?;
+        let seen = object.as_ref().map_or(0, |o| o.resource_version);
+        Ok((index.max(seen), object))
+    }
+    /// [`Store::list`] with the index it was read at: never below any returned object's
+    /// `resourceVersion`. A store that can should read both in one snapshot.
+    fn list_at(&self, filter: &ListFilter) -> Result<(u64, Vec<StoredObject>), StoreError> {
+        let index = self.index();
+        let items = self.list(filter)?;
+        let seen = items.iter().map(|o| o.resource_version).max().unwrap_or(0);
+        Ok((index.max(seen), items))
+    }
     /// Writes a batch in one transaction, parents before children, all or nothing. Objects must
     /// already be validated ([`crate::model::validate_object`]); references to tenants and
     /// projects are checked here, against the batch and the store. With `dry_run` nothing is
@@ -287,7 +332,8 @@ pub trait Store: Send + Sync + 'static {
         change: &mut dyn FnMut(&mut Resource) -> bool,
     ) -> Result<Option<u64>, StoreError>;
     /// [`Store::update`] over many objects in one transaction (one index bump, one sync to
-    /// disk); keys that no longer exist are skipped. Returns the new index if anything changed.
+    /// disk), calling `change` for the keys in the order given; keys that no longer exist are
+    /// skipped. Returns the new index if anything changed.
     fn update_many(
         &self,
         keys: &[ObjectKey],
@@ -301,7 +347,74 @@ pub trait Store: Send + Sync + 'static {
     fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Checks a join token and uses it up by one, atomically.
     fn consume_join_token(&self, hash: &str, now: i64) -> Result<TokenRecord, StoreError>;
+    /// Enrolls a host in one transaction: checks the join token whose SHA-256 is
+    /// `join_token_hash` and uses it up by one (as [`Store::consume_join_token`]), and creates
+    /// `host` (validated, a [`Resource::Host`]) as [`WriteMode::Create`] does. Either both
+    /// happen or neither: a refused token creates nothing, and a host that cannot be created
+    /// (its name is taken: [`StoreError::AlreadyExists`]) uses up nothing, so the caller may
+    /// retry with another name.
+    fn enroll_host(
+        &self,
+        join_token_hash: &str,
+        now: i64,
+        host: Resource,
+    ) -> Result<StoredObject, StoreError>;
     fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     /// Returns false if there is no such token.
     fn revoke_token(&self, id: &str) -> Result<bool, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_check_keys_and_values() {
+        let reqs =
+            LabelRequirement::parse_selector("region=eu,tier!=gold,gpu,!legacy,team=").unwrap();
+        assert_eq!(reqs.len(), 5);
+        for bad in ["a=b=c", "team=!!!", "team!=x y", "Bad Key", "=v"] {
+            let e = LabelRequirement::parse_selector(bad).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    #[test]
+    fn token_records_do_not_show_their_hash() {
+        let t = TokenRecord {
+            id: "id1".into(),
+            name: "n".into(),
+            kind: TokenKind::Join,
+            role: String::new(),
+            tenant: None,
+            project: None,
+            created_at: 0,
+            expires_at: None,
+            uses_remaining: None,
+            revoked: false,
+            hash: "0123456789abcdef".into(),
+        };
+        let shown = format!("{t:?}");
+        assert!(
+            !shown.contains("0123456789abcdef") && shown.contains("id1"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn children_are_counted_in_words() {
+        let e = |count| StoreError::HasChildren {
+            key: ObjectKey::cluster(Kind::Tenant, "acme"),
+            count,
+            child: "projects",
+        };
+        assert_eq!(
+            e(1).to_string(),
+            "tenant/acme still has 1 project; delete it first"
+        );
+        assert_eq!(
+            e(3).to_string(),
+            "tenant/acme still has 3 projects; delete them first"
+        );
+    }
 }

@@ -2,10 +2,13 @@
 //! one writer connection and a small pool of readers.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rusqlite::{
     Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
@@ -17,6 +20,7 @@ use super::{
     WriteResult, WriteSummary, admit,
 };
 use crate::model::{FieldProblem, Kind, ObjectKey, Resource};
+use crate::util::now_rfc3339;
 
 /// Schema migrations; migration `i` takes the database from version `i` to `i + 1`
 /// (`PRAGMA user_version`). Append only: a released migration never changes.
@@ -86,7 +90,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     /// A database written by a newer clusterclaw is refused.
+    /// The database file and its `-wal` and `-shm` companions are readable by the owner only
+    /// (they hold token hashes and instance configuration): a new file is created with mode
+    /// 0600 before SQLite opens it (SQLite gives the companions the database's mode), and
+    /// files left more open are tightened.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        make_private(path)?;
         let mut conn = Connection::open(path).map_err(|e| open_error(path, e))?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // Fails on a file that is not SQLite at all.
@@ -101,10 +110,7 @@ impl SqliteStore {
         }
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
         migrate(&mut conn, path)?;
-        let index: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'index'", [], |r| {
-            r.get(0)
-        })?;
-        let index = index as u64;
+        let index = index_in(&conn)?;
         let (notify, _) = watch::channel(index);
         Ok(SqliteStore {
             path: path.to_path_buf(),
@@ -157,14 +163,12 @@ impl SqliteStore {
     ) -> Result<(T, u64), StoreError> {
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let current: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'index'", [], |r| {
-            r.get(0)
-        })?;
-        let next = current as u64 + 1;
+        let current = index_in(&tx)?;
+        let next = current + 1;
         let (out, changed) = f(&tx, next)?;
         if !changed || dry_run {
             tx.rollback()?;
-            return Ok((out, current as u64));
+            return Ok((out, current));
         }
         tx.execute(
             "UPDATE meta SET value = ?1 WHERE key = 'index'",
@@ -175,6 +179,50 @@ impl SqliteStore {
         self.notify.send_replace(next);
         Ok((out, next))
     }
+}
+
+/// Files SQLite keeps beside a database in WAL mode (and the rollback journal of older ones).
+const COMPANION_SUFFIXES: [&str; 3] = ["-wal", "-shm", "-journal"];
+
+/// Creates the database file with mode 0600 if it is missing, and takes group and other
+/// permissions away from it and its companions if they have any.
+fn make_private(path: &Path) -> Result<(), StoreError> {
+    let io_error = |p: &Path, e: io::Error| {
+        StoreError::Backend(format!(
+            "cannot open {}: {e} (does the directory exist and is it writable?)",
+            p.display()
+        ))
+    };
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_error(path, e)),
+    }
+    let mut files = vec![path.to_path_buf()];
+    files.extend(COMPANION_SUFFIXES.iter().map(|suffix| {
+        let mut name = path.as_os_str().to_os_string();
+        name.push(suffix);
+        PathBuf::from(name)
+    }));
+    for file in files {
+        let meta = match fs::metadata(&file) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_error(&file, e)),
+        };
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            fs::set_permissions(&file, fs::Permissions::from_mode(mode & 0o700))
+                .map_err(|e| io_error(&file, e))?;
+            tracing::warn!(path = %file.display(), "the database file was readable by other users; made it private (mode 0600)");
+        }
+    }
+    Ok(())
 }
 
 fn open_error(path: &Path, e: rusqlite::Error) -> StoreError {
@@ -258,6 +306,76 @@ fn get_in(conn: &Connection, key: &ObjectKey) -> Result<Option<StoredObject>, St
     row.map(|(kind, k, s)| assemble(kind, k, s)).transpose()
 }
 
+fn index_in(conn: &Connection) -> Result<u64, StoreError> {
+    let index: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'index'", [], |r| {
+        r.get(0)
+    })?;
+    Ok(index as u64)
+}
+
+fn list_in(conn: &Connection, filter: &ListFilter) -> Result<Vec<StoredObject>, StoreError> {
+    let mut sql = format!("SELECT {OBJECT_COLUMNS} FROM objects WHERE kind = ?1");
+    let kind = filter.kind.as_str();
+    let mut args: Vec<&dyn rusqlite::ToSql> = vec![&kind];
+    if let Some(t) = &filter.tenant {
+        sql.push_str(&format!(" AND tenant = ?{}", args.len() + 1));
+        args.push(t);
+    }
+    if let Some(p) = &filter.project {
+        sql.push_str(&format!(" AND project = ?{}", args.len() + 1));
+        args.push(p);
+    }
+    sql.push_str(" ORDER BY tenant, project, name");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(args.as_slice(), row_to_object)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (kind, k, s) = row?;
+        let o = assemble(kind, k, s)?;
+        if filter.labels.iter().all(|req| req.matches(&o.labels)) {
+            out.push(o);
+        }
+    }
+    Ok(out)
+}
+
+/// Checks a join token and uses it up by one, inside the caller's transaction.
+fn use_join_token(tx: &Transaction<'_>, hash: &str, now: i64) -> Result<TokenRecord, StoreError> {
+    let found = {
+        let mut stmt = tx.prepare_cached(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"
+        ))?;
+        stmt.query_row([hash], token_from_row)
+            .optional()?
+            .map(finish_token)
+            .transpose()?
+    };
+    let refuse = |r| Err(StoreError::JoinRefused(r));
+    let Some(mut t) = found else {
+        return refuse(JoinRefusal::Unknown);
+    };
+    if t.kind != TokenKind::Join {
+        return refuse(JoinRefusal::NotAJoinToken);
+    }
+    if t.revoked {
+        return refuse(JoinRefusal::Revoked);
+    }
+    if t.expires_at.is_some_and(|exp| exp <= now) {
+        return refuse(JoinRefusal::Expired);
+    }
+    if let Some(uses) = t.uses_remaining {
+        if uses <= 0 {
+            return refuse(JoinRefusal::UsedUp);
+        }
+        t.uses_remaining = Some(uses - 1);
+        tx.execute(
+            "UPDATE tokens SET uses_remaining = ?1 WHERE id = ?2",
+            params![uses - 1, t.id],
+        )?;
+    }
+    Ok(t)
+}
+
 fn exists_in(conn: &Connection, key: &ObjectKey) -> Result<bool, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT 1 FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4",
@@ -338,10 +456,6 @@ fn update_in(
     Ok(true)
 }
 
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
-
 fn in_batch(index: usize, e: StoreError) -> StoreError {
     StoreError::InBatch {
         index,
@@ -400,30 +514,26 @@ impl Store for SqliteStore {
     }
 
     fn list(&self, filter: &ListFilter) -> Result<Vec<StoredObject>, StoreError> {
+        self.read(|c| list_in(c, filter))
+    }
+
+    fn get_at(&self, key: &ObjectKey) -> Result<(u64, Option<StoredObject>), StoreError> {
         self.read(|c| {
-            let mut sql = format!("SELECT {OBJECT_COLUMNS} FROM objects WHERE kind = ?1");
-            let kind = filter.kind.as_str();
-            let mut args: Vec<&dyn rusqlite::ToSql> = vec![&kind];
-            if let Some(t) = &filter.tenant {
-                sql.push_str(&format!(" AND tenant = ?{}", args.len() + 1));
-                args.push(t);
-            }
-            if let Some(p) = &filter.project {
-                sql.push_str(&format!(" AND project = ?{}", args.len() + 1));
-                args.push(p);
-            }
-            sql.push_str(" ORDER BY tenant, project, name");
-            let mut stmt = c.prepare_cached(&sql)?;
-            let rows = stmt.query_map(args.as_slice(), row_to_object)?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (kind, k, s) = row?;
-                let o = assemble(kind, k, s)?;
-                if filter.labels.iter().all(|req| req.matches(&o.labels)) {
-                    out.push(o);
-                }
-            }
-            Ok(out)
+            let tx = c.unchecked_transaction()?;
+            let index = index_in(&tx)?;
+            let object = get_in(&tx, key)?;
+            tx.commit()?;
+            Ok((index, object))
+        })
+    }
+
+    fn list_at(&self, filter: &ListFilter) -> Result<(u64, Vec<StoredObject>), StoreError> {
+        self.read(|c| {
+            let tx = c.unchecked_transaction()?;
+            let index = index_in(&tx)?;
+            let items = list_in(&tx, filter)?;
+            tx.commit()?;
+            Ok((index, items))
         })
     }
 
@@ -597,40 +707,40 @@ impl Store for SqliteStore {
     fn consume_join_token(&self, hash: &str, now: i64) -> Result<TokenRecord, StoreError> {
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let found = {
-            let mut stmt = tx.prepare_cached(&format!(
-                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"
-            ))?;
-            stmt.query_row([hash], token_from_row)
-                .optional()?
-                .map(finish_token)
-                .transpose()?
-        };
-        let refuse = |r| Err(StoreError::JoinRefused(r));
-        let Some(mut t) = found else {
-            return refuse(JoinRefusal::Unknown);
-        };
-        if t.kind != TokenKind::Join {
-            return refuse(JoinRefusal::NotAJoinToken);
-        }
-        if t.revoked {
-            return refuse(JoinRefusal::Revoked);
-        }
-        if t.expires_at.is_some_and(|exp| exp <= now) {
-            return refuse(JoinRefusal::Expired);
-        }
-        if let Some(uses) = t.uses_remaining {
-            if uses <= 0 {
-                return refuse(JoinRefusal::UsedUp);
-            }
-            t.uses_remaining = Some(uses - 1);
-            tx.execute(
-                "UPDATE tokens SET uses_remaining = ?1 WHERE id = ?2",
-                params![uses - 1, t.id],
-            )?;
-        }
+        let t = use_join_token(&tx, hash, now)?;
         tx.commit()?;
         Ok(t)
+    }
+
+    fn enroll_host(
+        &self,
+        join_token_hash: &str,
+        now: i64,
+        host: Resource,
+    ) -> Result<StoredObject, StoreError> {
+        let key = host.key();
+        if key.kind != Kind::Host {
+            return Err(StoreError::Backend(format!(
+                "enrollment creates hosts, not {key}"
+            )));
+        }
+        let created_at = now_rfc3339();
+        let (object, _) = self.write_tx(false, |tx, next| {
+            use_join_token(tx, join_token_hash, now)?;
+            let existing = get_in(tx, &key)?;
+            let admitted = admit(
+                existing.as_ref(),
+                &host,
+                WriteMode::Create,
+                next,
+                &created_at,
+                || uuid::Uuid::new_v4().to_string(),
+            )?;
+            let object = to_stored(&admitted.resource)?;
+            upsert_in(tx, &object)?;
+            Ok((object, true))
+        })?;
+        Ok(object)
     }
 
     fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
@@ -961,6 +1071,38 @@ mod tests {
     }
 
     #[test]
+    fn the_database_files_are_private_even_in_an_open_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("clusterclaw.db");
+        let store = SqliteStore::open(&path).unwrap();
+        apply(&store, vec![tenant("acme")]).unwrap();
+        store
+            .get(&ObjectKey::cluster(Kind::Tenant, "acme"))
+            .unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let p = PathBuf::from(format!("{}{suffix}", path.display()));
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+        drop(store);
+        // A database left readable by others is tightened when opened.
+        for suffix in ["", "-wal", "-shm"] {
+            let p = PathBuf::from(format!("{}{suffix}", path.display()));
+            if p.exists() {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+            }
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        apply(&store, vec![tenant("beta")]).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let p = PathBuf::from(format!("{}{suffix}", path.display()));
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+    }
+
+    #[test]
     fn reopening_keeps_data_and_index() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");
@@ -1062,5 +1204,84 @@ mod tests {
             0,
             "tokens are not objects and do not move the index"
         );
+    }
+
+    fn host(name: &str) -> Resource {
+        res(
+            json!({"apiVersion": "clusterclaw.io/v1", "kind": "Host", "metadata": {"name": name},
+                   "spec": {"hostname": name, "capacity": {"cpu": "4", "memory": "8Gi"}}}),
+        )
+    }
+
+    #[test]
+    fn enrolling_uses_the_token_and_creates_the_host_together() {
+        let (_d, store) = open();
+        store
+            .insert_token(&token("twice", TokenKind::Join, Some(1000), Some(2)))
+            .unwrap();
+        let uses = |store: &SqliteStore| {
+            store
+                .token_by_hash("hash-twice")
+                .unwrap()
+                .unwrap()
+                .uses_remaining
+        };
+        let created = store.enroll_host("hash-twice", 200, host("h1")).unwrap();
+        assert_eq!(created.key, ObjectKey::cluster(Kind::Host, "h1"));
+        assert!(!created.uid.is_empty());
+        assert_eq!((created.resource_version, store.index()), (1, 1));
+        assert_eq!(uses(&store), Some(1));
+
+        // The name is taken: nothing is created and the token keeps its use.
+        let err = store
+            .enroll_host("hash-twice", 200, host("h1"))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::AlreadyExists(_)), "{err}");
+        assert_eq!((uses(&store), store.index()), (Some(1), 1));
+
+        // A refused token creates nothing.
+        for (hash, now, refusal) in [
+            ("hash-nope", 200, JoinRefusal::Unknown),
+            ("hash-twice", 5000, JoinRefusal::Expired),
+        ] {
+            let err = store.enroll_host(hash, now, host("h2")).unwrap_err();
+            assert!(
+                matches!(err, StoreError::JoinRefused(r) if r == refusal),
+                "{err}"
+            );
+        }
+        assert!(
+            store
+                .get(&ObjectKey::cluster(Kind::Host, "h2"))
+                .unwrap()
+                .is_none()
+        );
+        store.enroll_host("hash-twice", 200, host("h2")).unwrap();
+        assert_eq!(uses(&store), Some(0));
+        assert!(matches!(
+            store.enroll_host("hash-twice", 200, host("h3")),
+            Err(StoreError::JoinRefused(JoinRefusal::UsedUp))
+        ));
+        assert!(matches!(
+            store.enroll_host("hash-twice", 200, tenant("t")),
+            Err(StoreError::Backend(_))
+        ));
+    }
+
+    #[test]
+    fn reads_report_the_index_of_their_snapshot() {
+        let (_d, store) = open();
+        apply(&store, vec![tenant("a")]).unwrap();
+        apply(&store, vec![tenant("b")]).unwrap();
+        let (index, items) = store.list_at(&ListFilter::all(Kind::Tenant)).unwrap();
+        assert_eq!((index, items.len()), (2, 2));
+        let (index, found) = store
+            .get_at(&ObjectKey::cluster(Kind::Tenant, "a"))
+            .unwrap();
+        assert_eq!((index, found.map(|o| o.resource_version)), (2, Some(1)));
+        let (index, found) = store
+            .get_at(&ObjectKey::cluster(Kind::Tenant, "zz"))
+            .unwrap();
+        assert_eq!((index, found), (2, None));
     }
 }

@@ -1275,6 +1275,14 @@ impl Store for ClockStore {
     fn consume_join_token(&self, _hash: &str, _now: i64) -> Result<TokenRecord, StoreError> {
         Err(unsupported())
     }
+    fn enroll_host(
+        &self,
+        _join_token_hash: &str,
+        _now: i64,
+        _host: Resource,
+    ) -> Result<StoredObject, StoreError> {
+        Err(unsupported())
+    }
     fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         Err(unsupported())
     }
@@ -1373,11 +1381,8 @@ async fn shutdown_interrupts_a_backoff_wait() {
 #[test]
 fn plan_keys_match_resource_keys() {
     let bot = InstanceBuilder::new("bot").tenant("t").project("p").build();
-    assert_eq!(
-        instance_key(&bot),
-        Resource::OpenClawInstance(bot.clone()).key()
-    );
+    assert_eq!(bot.key(), Resource::OpenClawInstance(bot.clone()).key());
     let mut by_key = BTreeMap::new();
-    by_key.insert(instance_key(&bot), 1);
+    by_key.insert(bot.key(), 1);
     assert!(by_key.contains_key(&ObjectKey::instance("t", "p", "bot")));
 }

@@ -1,0 +1,105 @@
+//! A store for tests: the SQLite store, with hooks that reproduce what a busy server sees (an
+//! index read before a write committed, another request acting while a token is looked up).
+
+use std::sync::Mutex;
+
+use tokio::sync::watch;
+
+use super::sqlite::SqliteStore;
+use super::{ListFilter, Store, StoreError, StoredObject, TokenRecord, WriteMode, WriteSummary};
+use crate::model::{ObjectKey, Resource};
+
+/// Work run by a hook.
+pub type Hook = Box<dyn FnOnce() + Send>;
+
+/// Wraps a [`SqliteStore`]; every call goes to it unless a hook says otherwise. The snapshot
+/// reads (`get_at`, `list_at`) are the trait's defaults, built on `index`, `get` and `list`.
+pub struct HookStore {
+    pub inner: SqliteStore,
+    /// When set, [`Store::index`] answers this, as if it had been read before later writes.
+    pub stale_index: Mutex<Option<u64>>,
+    /// Runs once, after the next token lookup has read its record and before it returns.
+    pub after_token_lookup: Mutex<Option<Hook>>,
+}
+
+impl HookStore {
+    pub fn new(inner: SqliteStore) -> Self {
+        HookStore {
+            inner,
+            stale_index: Mutex::new(None),
+            after_token_lookup: Mutex::new(None),
+        }
+    }
+}
+
+impl Store for HookStore {
+    fn index(&self) -> u64 {
+        let stale = *self.stale_index.lock().unwrap_or_else(|e| e.into_inner());
+        stale.unwrap_or_else(|| self.inner.index())
+    }
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.subscribe()
+    }
+    fn get(&self, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError> {
+        self.inner.get(key)
+    }
+    fn list(&self, filter: &ListFilter) -> Result<Vec<StoredObject>, StoreError> {
+        self.inner.list(filter)
+    }
+    fn write(
+        &self,
+        batch: &[(Resource, WriteMode)],
+        dry_run: bool,
+    ) -> Result<WriteSummary, StoreError> {
+        self.inner.write(batch, dry_run)
+    }
+    fn update(
+        &self,
+        key: &ObjectKey,
+        change: &mut dyn FnMut(&mut Resource) -> bool,
+    ) -> Result<Option<u64>, StoreError> {
+        self.inner.update(key, change)
+    }
+    fn update_many(
+        &self,
+        keys: &[ObjectKey],
+        change: &mut dyn FnMut(&mut Resource) -> bool,
+    ) -> Result<Option<u64>, StoreError> {
+        self.inner.update_many(keys, change)
+    }
+    fn delete(&self, key: &ObjectKey, expected: Option<u64>) -> Result<u64, StoreError> {
+        self.inner.delete(key, expected)
+    }
+    fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
+        self.inner.insert_token(token)
+    }
+    fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let found = self.inner.token_by_hash(hash);
+        let hook = self
+            .after_token_lookup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(hook) = hook {
+            hook();
+        }
+        found
+    }
+    fn consume_join_token(&self, hash: &str, now: i64) -> Result<TokenRecord, StoreError> {
+        self.inner.consume_join_token(hash, now)
+    }
+    fn enroll_host(
+        &self,
+        join_token_hash: &str,
+        now: i64,
+        host: Resource,
+    ) -> Result<StoredObject, StoreError> {
+        self.inner.enroll_host(join_token_hash, now, host)
+    }
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.inner.list_tokens()
+    }
+    fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+        self.inner.revoke_token(id)
+    }
+}
