@@ -25,6 +25,8 @@ fn main() -> anyhow::Result<()> {
     let Some(image) = require_docker()? else {
         anyhow::bail!("no Docker engine: the agent benchmark needs one");
     };
+    // Built (if needed) before anything is timed or started.
+    agent_bin()?;
     let scope = Scope::new("bench");
     let cleanup = DockerCleanup::tenant(&scope.tenant);
     let baseline_tag = unique("bench-plain");

@@ -218,8 +218,12 @@ impl TestServer {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        // Idle pooled connections are dropped well before the server closes idle keep-alive
+        // connections (it waits 30 s for the next request's headers), so a request is never
+        // sent on a connection the server is closing.
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(120))
+            .pool_idle_timeout(Duration::from_secs(10))
             .build()?;
         let mut server = TestServer {
             bin,

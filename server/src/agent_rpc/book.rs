@@ -232,25 +232,28 @@ pub async fn run(
     let mut changes = store.subscribe();
     loop {
         let index = store.index();
-        let s = store.clone();
-        let listed =
-            tokio::task::spawn_blocking(move || s.list(&ListFilter::all(Kind::OpenClawInstance)))
-                .await;
-        match listed {
-            Ok(Ok(objects)) => {
-                let instances: Vec<OpenClawInstance> = objects
-                    .iter()
-                    .filter_map(|o| match o.resource() {
-                        Ok(Resource::OpenClawInstance(i)) => Some(i),
-                        Ok(_) => None,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "skipping an undecodable instance");
-                            None
-                        }
-                    })
-                    .collect();
-                book.rebuild(&instances, index);
-            }
+        let (s, b) = (store.clone(), book.clone());
+        // Reading and decoding every instance is CPU work: it runs on the blocking pool, and
+        // each raw object is dropped as soon as it is decoded.
+        let rebuilt = tokio::task::spawn_blocking(move || {
+            let objects = s.list(&ListFilter::all(Kind::OpenClawInstance))?;
+            let instances: Vec<OpenClawInstance> = objects
+                .into_iter()
+                .filter_map(|o| match o.resource() {
+                    Ok(Resource::OpenClawInstance(i)) => Some(i),
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "skipping an undecodable instance");
+                        None
+                    }
+                })
+                .collect();
+            b.rebuild(&instances, index);
+            Ok::<(), crate::store::StoreError>(())
+        })
+        .await;
+        match rebuilt {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "could not read instances for the assignment book; retrying");
                 tokio::time::sleep(REBUILD_RETRY).await;

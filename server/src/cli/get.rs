@@ -13,7 +13,7 @@ use super::output::{self, Format, age, labels, str_at, text_at};
 use super::resolve::{self, list_path, parse_kind};
 use super::settings::{ClientOpts, Settings};
 use super::{CliResult, print_out, stdout_error};
-use crate::model::{DEFAULT_IMAGE_REPOSITORY, Kind, Scope, format_cpu, format_memory};
+use crate::model::{DEFAULT_IMAGE_REPOSITORY, Kind, Scope, format_cpu};
 
 #[derive(Args, Debug)]
 pub struct GetArgs {
@@ -300,10 +300,11 @@ pub fn rows(
                         format_cpu(alloc("/status/allocated/cpuMillis")),
                         text_at(o, "/spec/capacity/cpu")
                     );
+                    let capacity = text_at(o, "/spec/capacity/memory");
                     let mem = format!(
                         "{}/{}",
-                        format_memory(alloc("/status/allocated/memoryBytes")),
-                        text_at(o, "/spec/capacity/memory")
+                        human_memory(alloc("/status/allocated/memoryBytes")),
+                        crate::model::parse_memory(&capacity).map_or(capacity, human_memory)
                     );
                     let mut r = vec![
                         name(o),
@@ -405,6 +406,28 @@ fn print_one(kind: Kind, obj: &Value, format: Format) -> CliResult {
     }
 }
 
+/// Bytes in the largest binary unit that keeps at least one whole unit, with one decimal when
+/// the amount is not whole (`16Gi`, `23.5Gi`, `300Mi`).
+fn human_memory(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("Ti", 1 << 40),
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+    ];
+    for (unit, size) in UNITS {
+        if bytes >= size {
+            let v = bytes as f64 / size as f64;
+            return if bytes.is_multiple_of(size) {
+                format!("{}{unit}", bytes / size)
+            } else {
+                format!("{v:.1}{unit}")
+            };
+        }
+    }
+    bytes.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,6 +474,15 @@ mod tests {
         let (_, r) = rows(Kind::OpenClawInstance, &[o], true, now());
         assert_eq!(r[0][3..6], ["2026.7.2", "0/3", "Pending"]);
         assert_eq!(r[0][10], "<none>");
+    }
+
+    #[test]
+    fn memory_reads_like_a_person_writes_it() {
+        assert_eq!(human_memory(0), "0");
+        assert_eq!(human_memory(16 << 30), "16Gi");
+        assert_eq!(human_memory(24_684_084 * 1024), "23.5Gi");
+        assert_eq!(human_memory(1536 << 20), "1.5Gi");
+        assert_eq!(human_memory(300 << 20), "300Mi");
     }
 
     #[test]

@@ -615,9 +615,11 @@ pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
     let host_objects = list(Kind::Host)?;
     let mut report = PassReport::default();
 
+    // Each raw object is dropped as soon as it is decoded, so the pass never holds both forms
+    // of every instance at once.
     let mut instances = Vec::with_capacity(instance_objects.len());
-    for o in &instance_objects {
-        match decode(o) {
+    for o in instance_objects {
+        match decode(&o) {
             Some(Resource::OpenClawInstance(i)) => instances.push(i),
             _ => report.skipped += 1,
         }
@@ -626,8 +628,8 @@ pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
     // record), but takes nothing new and is not written.
     let mut hosts = Vec::with_capacity(host_objects.len());
     let mut unreadable_hosts = Vec::new();
-    for o in &host_objects {
-        match decode(o) {
+    for o in host_objects {
+        match decode(&o) {
             Some(Resource::Host(h)) => hosts.push(h),
             _ => {
                 report.skipped += 1;
