@@ -33,6 +33,9 @@ pub const DB_FILE: &str = "clusterclaw.db";
 pub const LOCK_FILE: &str = "server.lock";
 /// Where a running server says how to reach it (removed when it stops).
 pub const ENDPOINTS_FILE: &str = "endpoints.json";
+/// Threads for store work. API store calls are limited to a few at once already; more threads
+/// would only add stacks and allocator caches, not throughput.
+const MAX_BLOCKING_THREADS: usize = 16;
 /// How long background tasks get to stop after the API has drained.
 const TASK_STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -378,6 +381,7 @@ pub fn main(args: ServerArgs) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("clusterclaw")
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
     {
         Ok(rt) => rt,
