@@ -141,52 +141,11 @@ pub fn agent_bin() -> anyhow::Result<PathBuf> {
 }
 
 pub fn build_agent() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("CLUSTERCLAW_AGENT_BIN") {
-        return Ok(PathBuf::from(bin));
-    }
-    let exe = std::env::current_exe().context("locate the test executable")?;
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("the test executable is not in <target>/<profile>/deps")?
-        .to_path_buf();
-    let target_dir = profile_dir
-        .parent()
-        .context("no target directory above the profile directory")?;
-    let profile = profile_dir
-        .file_name()
-        .and_then(|p| p.to_str())
-        .unwrap_or("debug")
-        .to_string();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
+    crate::server::workspace_bin(
+        "CLUSTERCLAW_AGENT_BIN",
         "clusterclaw-agent",
-        "--bin",
         "clusterclaw-agent",
-        "--manifest-path",
-    ])
-    .arg(&manifest)
-    .arg("--target-dir")
-    .arg(target_dir);
-    match profile.as_str() {
-        "debug" => {}
-        "release" => {
-            cmd.arg("--release");
-        }
-        other => {
-            cmd.args(["--profile", other]);
-        }
-    }
-    let status = cmd.status().context("run cargo build for the agent")?;
-    ensure!(status.success(), "cargo build of clusterclaw-agent failed");
-    let bin = profile_dir.join("clusterclaw-agent");
-    ensure!(bin.exists(), "{} does not exist", bin.display());
-    Ok(bin)
+    )
 }
 
 /// A `clusterclaw-agent` process on its own data directory; killed on drop.

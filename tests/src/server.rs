@@ -121,8 +121,15 @@ pub fn clusterclaw_bin() -> anyhow::Result<PathBuf> {
 }
 
 fn build_bin() -> anyhow::Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("CLUSTERCLAW_BIN") {
-        return Ok(PathBuf::from(bin));
+    workspace_bin("CLUSTERCLAW_BIN", "clusterclaw-server", "clusterclaw")
+}
+
+/// A binary of this workspace for the profile the running test or bench was built with:
+/// `$env_override` when set, else `cargo build -p package --bin bin` into the same target
+/// directory (cheap when it is up to date).
+pub fn workspace_bin(env_override: &str, package: &str, bin: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os(env_override) {
+        return Ok(PathBuf::from(path));
     }
     // <target>/<profile>/deps/<test executable>
     let exe = std::env::current_exe().context("locate the test executable")?;
@@ -146,9 +153,9 @@ fn build_bin() -> anyhow::Result<PathBuf> {
         "build",
         "--quiet",
         "-p",
-        "clusterclaw-server",
+        package,
         "--bin",
-        "clusterclaw",
+        bin,
         "--manifest-path",
     ])
     .arg(&manifest)
@@ -165,18 +172,15 @@ fn build_bin() -> anyhow::Result<PathBuf> {
     }
     let status = cmd
         .status()
-        .context("run cargo build for the clusterclaw binary")?;
+        .with_context(|| format!("run cargo build for {bin}"))?;
     if !status.success() {
-        bail!("cargo build -p clusterclaw-server --bin clusterclaw failed ({status})");
+        bail!("cargo build -p {package} --bin {bin} failed ({status})");
     }
-    let bin = profile_dir.join("clusterclaw");
-    if !bin.exists() {
-        bail!(
-            "cargo built clusterclaw, but {} does not exist",
-            bin.display()
-        );
+    let path = profile_dir.join(bin);
+    if !path.exists() {
+        bail!("cargo built {bin}, but {} does not exist", path.display());
     }
-    Ok(bin)
+    Ok(path)
 }
 
 /// A `clusterclaw server` process on its own data directory; killed on drop.
