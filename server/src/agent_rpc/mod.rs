@@ -15,7 +15,7 @@ use clusterclaw_proto::agent as pb;
 use clusterclaw_proto::agent::agent_service_server::{AgentService, AgentServiceServer};
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -379,12 +379,15 @@ pub async fn serve(
         .identity(Identity::from_pem(tls.cert_pem, tls.key_pem))
         .client_ca_root(Certificate::from_pem(tls.ca_pem))
         .client_auth_optional(true);
+    // Small frames (a long poll's answer, its trailers) go out at once: with Nagle's
+    // algorithm they would wait for the peer's delayed ACK, tens of milliseconds on loopback.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(AgentServiceServer::new(rpc))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 

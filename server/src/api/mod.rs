@@ -51,7 +51,7 @@ struct Inner {
     store: Arc<dyn Store>,
     reports: Arc<Reports>,
     metrics: Arc<Metrics>,
-    store_slots: tokio::sync::Semaphore,
+    store_slots: Arc<tokio::sync::Semaphore>,
     auth: Authenticator,
     index: watch::Receiver<u64>,
     shutting_down: AtomicBool,
@@ -84,7 +84,7 @@ impl ApiState {
                 store,
                 reports,
                 metrics,
-                store_slots: tokio::sync::Semaphore::new(STORE_CONCURRENCY),
+                store_slots: Arc::new(tokio::sync::Semaphore::new(STORE_CONCURRENCY)),
                 auth,
                 index,
                 shutting_down: AtomicBool::new(false),
@@ -115,23 +115,41 @@ impl ApiState {
         *self.inner.index.borrow()
     }
 
+    /// A store slot, held for as long as the store work runs.
+    async fn store_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        Arc::clone(&self.inner.store_slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    ErrorCode::Unavailable,
+                    "the server is shutting down; retry in a moment",
+                )
+            })
+    }
+
     /// Runs store work on the blocking pool.
     async fn run<T, F>(&self, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, ApiError> + Send + 'static,
     {
-        let _slot = self.inner.store_slots.acquire().await.map_err(|_| {
-            ApiError::new(
-                ErrorCode::Unavailable,
-                "the server is shutting down; retry in a moment",
-            )
-        })?;
+        let _slot = self.store_slot().await?;
         let store = Arc::clone(&self.inner.store);
         match tokio::task::spawn_blocking(move || f(store.as_ref())).await {
             Ok(result) => result,
             Err(e) => Err(ApiError::internal(format!("a store task failed: {e}"))),
         }
+    }
+
+    /// Runs a point read (one row by its key, tens of microseconds) on the calling task: a hop
+    /// to the blocking pool and back would cost more than the read. Readers in WAL mode never
+    /// wait for the writer, so this does not stall the runtime.
+    fn read_point<T>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        f(self.inner.store.as_ref())
     }
 }
 

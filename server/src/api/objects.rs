@@ -1,13 +1,17 @@
 //! Handlers for objects: tenants, projects, instances, hosts, `/apply`, info and health.
 
+use std::cell::Cell;
 use std::fmt::Write as _;
+use std::sync::Arc;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
 use utoipa::ToSchema;
 
 use super::body::{self, APPLY_BODY_LIMIT, BODY_LIMIT};
@@ -104,21 +108,6 @@ struct Target {
     name: Option<String>,
 }
 
-/// A list answer built from the stored JSON texts, without decoding them.
-fn list_body(index: u64, items: &[StoredObject]) -> String {
-    let len: usize = items.iter().map(|o| o.json.len() + 1).sum();
-    let mut s = String::with_capacity(len + 48);
-    let _ = write!(s, "{{\"index\":{index},\"items\":[");
-    for (i, o) in items.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
-        }
-        s.push_str(&o.json);
-    }
-    s.push_str("]}");
-    s
-}
-
 /// Checks the names a request path gives (`("tenant", "acme")`): each is a DNS-1123 label, or
 /// the request is malformed (400), whatever the store holds.
 fn check_path_names(names: &[(&str, &str)]) -> Result<(), ApiError> {
@@ -153,18 +142,140 @@ async fn list(
     if let Some(p) = params.get("project") {
         filter.project = Some(p.to_string());
     }
-    let (index, text) = state
-        .run(move |store| {
-            if let Some(parent) = parent
-                && store.get(&parent)?.is_none()
-            {
-                return Err(StoreError::NotFound(parent).into());
+    stream_list(state, filter, parent).await
+}
+
+/// Bytes of list body gathered before they are handed to the connection.
+const LIST_CHUNK: usize = 64 * 1024;
+
+/// Answers a list as a stream of chunks read from one store snapshot on the blocking pool, so
+/// a list of 10,000 objects never holds more than a few chunks in memory. Errors found before
+/// the first byte (a missing parent, a store failure) are answered as usual.
+async fn stream_list(
+    state: ApiState,
+    filter: ListFilter,
+    parent: Option<ObjectKey>,
+) -> Result<Response, ApiError> {
+    let slot = state.store_slot().await?;
+    let store = Arc::clone(state.store());
+    let (started_tx, started_rx) = oneshot::channel::<Result<u64, ApiError>>();
+    let (chunks_tx, chunks_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        // Shared by the two scan callbacks.
+        let started_tx = Cell::new(Some(started_tx));
+        let at = Cell::new(0u64);
+        let fail = |e: ApiError| {
+            if let Some(tx) = started_tx.take() {
+                let _ = tx.send(Err(e));
             }
-            let (index, items) = store.list_at(&filter)?;
-            Ok((index, list_body(index, &items)))
-        })
-        .await?;
-    Ok(json_response(StatusCode::OK, text, index))
+        };
+        if let Some(parent) = parent {
+            match store.get(&parent) {
+                Ok(Some(_)) => {}
+                Ok(None) => return fail(StoreError::NotFound(parent).into()),
+                Err(e) => return fail(e.into()),
+            }
+        }
+        let mut out = ChunkWriter::new(chunks_tx);
+        let mut start = |index: u64| {
+            at.set(index);
+            started_tx
+                .take()
+                .is_some_and(|tx| tx.send(Ok(index)).is_ok())
+        };
+        let mut each = |o: &StoredObject| out.item(at.get(), o.json.as_bytes());
+        match store.scan(&filter, &mut start, &mut each) {
+            Ok(()) => out.finish(at.get()),
+            // Before the first byte the caller gets the error; after it, the body is cut so
+            // the client sees a broken answer, never a valid-looking short list.
+            Err(e) => match started_tx.take() {
+                Some(tx) => {
+                    let _ = tx.send(Err(e.into()));
+                }
+                None => out.abort(e.to_string()),
+            },
+        }
+    });
+    let index = match started_rx.await {
+        Ok(result) => result?,
+        Err(_) => return Err(ApiError::internal("the list task ended without an answer")),
+    };
+    let body = Body::from_stream(ReceiverStream::new(chunks_rx));
+    Ok(json_response(StatusCode::OK, body, index))
+}
+
+/// Gathers a list body into chunks of about [`LIST_CHUNK`] bytes and hands them to the
+/// response stream.
+struct ChunkWriter {
+    buf: Vec<u8>,
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    items: usize,
+    /// False once the client went away.
+    open: bool,
+}
+
+impl ChunkWriter {
+    fn new(tx: mpsc::Sender<Result<Bytes, std::io::Error>>) -> Self {
+        ChunkWriter {
+            buf: Vec::with_capacity(LIST_CHUNK + 4096),
+            tx,
+            items: 0,
+            open: true,
+        }
+    }
+
+    fn head(&mut self, index: u64) {
+        let _ = write!(
+            ByteText(&mut self.buf),
+            "{{\"index\":{index},\"items\":["
+        );
+    }
+
+    /// Adds one object's JSON; false once the client is gone.
+    fn item(&mut self, index: u64, json: &[u8]) -> bool {
+        if self.items == 0 {
+            self.head(index);
+        } else {
+            self.buf.push(b',');
+        }
+        self.items += 1;
+        self.buf.extend_from_slice(json);
+        if self.buf.len() >= LIST_CHUNK {
+            self.flush();
+        }
+        self.open
+    }
+
+    fn flush(&mut self) {
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(LIST_CHUNK + 4096));
+        self.open = self.open && self.tx.blocking_send(Ok(Bytes::from(chunk))).is_ok();
+    }
+
+    fn finish(mut self, index: u64) {
+        if !self.open {
+            return;
+        }
+        if self.items == 0 {
+            self.head(index);
+        }
+        self.buf.extend_from_slice(b"]}");
+        self.flush();
+    }
+
+    fn abort(self, why: String) {
+        let _ = self.tx.blocking_send(Err(std::io::Error::other(why)));
+    }
+}
+
+/// Lets `write!` append UTF-8 text to a byte buffer.
+struct ByteText<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for ByteText<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
 }
 
 async fn get_one(
@@ -175,12 +286,10 @@ async fn get_one(
     if raw.is_some() {
         query::parse(raw.as_deref(), &[])?;
     }
-    let (index, object) = state
-        .run(move |store| match store.get_at(&key)? {
-            (index, Some(o)) => Ok((index, o)),
-            (_, None) => Err(StoreError::NotFound(key).into()),
-        })
-        .await?;
+    let (index, object) = state.read_point(move |store| match store.get_at(&key)? {
+        (index, Some(o)) => Ok((index, o)),
+        (_, None) => Err(StoreError::NotFound(key).into()),
+    })?;
     Ok(json_response(StatusCode::OK, object.json, index))
 }
 
@@ -1000,25 +1109,45 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn list_bodies_are_valid_json() {
-        let o = |name: &str| StoredObject {
-            key: ObjectKey::cluster(Kind::Tenant, name),
-            uid: "u".into(),
-            generation: 1,
-            resource_version: 1,
-            labels: Default::default(),
-            json: json!({"metadata": {"name": name}}).to_string(),
-        };
-        let text = list_body(7, &[o("a"), o("b")]);
-        let v: Value = serde_json::from_str(&text).unwrap();
+    fn list_bodies_are_valid_json_across_chunks() {
+        /// Everything a writer sent, joined.
+        fn body(items: &[String], index: u64) -> (usize, Value) {
+            let (tx, mut rx) = mpsc::channel(1024);
+            let mut w = ChunkWriter::new(tx);
+            for j in items {
+                assert!(w.item(index, j.as_bytes()));
+            }
+            w.finish(index);
+            let (mut chunks, mut all) = (0, Vec::new());
+            while let Ok(chunk) = rx.try_recv() {
+                chunks += 1;
+                all.extend_from_slice(&chunk.unwrap());
+            }
+            (chunks, serde_json::from_slice(&all).unwrap())
+        }
+        let o = |name: &str| json!({"metadata": {"name": name}}).to_string();
+        let (_, v) = body(&[o("a"), o("b")], 7);
         assert_eq!(
             v,
             json!({"index": 7, "items": [{"metadata": {"name": "a"}}, {"metadata": {"name": "b"}}]})
         );
-        assert_eq!(
-            serde_json::from_str::<Value>(&list_body(0, &[])).unwrap(),
-            json!({"index": 0, "items": []})
-        );
+        assert_eq!(body(&[], 0).1, json!({"index": 0, "items": []}));
+        // Big enough to need several chunks: still one valid document, every item once.
+        let many: Vec<String> = (0..3000).map(|i| o(&format!("bot-{i}-{}", "x".repeat(40)))).collect();
+        let (chunks, v) = body(&many, 9);
+        assert!(chunks > 2, "{chunks} chunks");
+        let items = v["items"].as_array().unwrap();
+        assert_eq!(items.len(), 3000);
+        assert_eq!(items[2999]["metadata"]["name"], json!(format!("bot-2999-{}", "x".repeat(40))));
+    }
+
+    #[test]
+    fn a_gone_client_stops_the_list() {
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let mut w = ChunkWriter::new(tx);
+        let big = "x".repeat(LIST_CHUNK);
+        assert!(!w.item(1, big.as_bytes()));
     }
 
     #[test]

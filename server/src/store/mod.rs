@@ -314,6 +314,26 @@ pub trait Store: Send + Sync + 'static {
         let seen = items.iter().map(|o| o.resource_version).max().unwrap_or(0);
         Ok((index.max(seen), items))
     }
+    /// [`Store::list_at`] without holding the whole answer: `start` gets the index the
+    /// snapshot was read at, then `each` every matching object in list order. Either returning
+    /// `false` stops the scan (the reader went away). A store that can should read from one
+    /// snapshot and hold only one object at a time.
+    fn scan(
+        &self,
+        filter: &ListFilter,
+        start: &mut dyn FnMut(u64) -> bool,
+        each: &mut dyn FnMut(&StoredObject) -> bool,
+    ) -> Result<(), StoreError> {
+        let (index, items) = self.list_at(filter)?;
+        if start(index) {
+            for o in &items {
+                if !each(o) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
     /// Writes a batch in one transaction, parents before children, all or nothing. Objects must
     /// already be validated ([`crate::model::validate_object`]); references to tenants and
     /// projects are checked here, against the batch and the store. With `dry_run` nothing is

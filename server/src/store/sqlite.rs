@@ -314,6 +314,21 @@ fn index_in(conn: &Connection) -> Result<u64, StoreError> {
 }
 
 fn list_in(conn: &Connection, filter: &ListFilter) -> Result<Vec<StoredObject>, StoreError> {
+    let mut out = Vec::new();
+    scan_in(conn, filter, &mut |o| {
+        out.push(o);
+        true
+    })?;
+    Ok(out)
+}
+
+/// Hands every object matching `filter` to `each` in list order, one at a time, until it
+/// returns false.
+fn scan_in(
+    conn: &Connection,
+    filter: &ListFilter,
+    each: &mut dyn FnMut(StoredObject) -> bool,
+) -> Result<(), StoreError> {
     let mut sql = format!("SELECT {OBJECT_COLUMNS} FROM objects WHERE kind = ?1");
     let kind = filter.kind.as_str();
     let mut args: Vec<&dyn rusqlite::ToSql> = vec![&kind];
@@ -328,15 +343,14 @@ fn list_in(conn: &Connection, filter: &ListFilter) -> Result<Vec<StoredObject>, 
     sql.push_str(" ORDER BY tenant, project, name");
     let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt.query_map(args.as_slice(), row_to_object)?;
-    let mut out = Vec::new();
     for row in rows {
         let (kind, k, s) = row?;
         let o = assemble(kind, k, s)?;
-        if filter.labels.iter().all(|req| req.matches(&o.labels)) {
-            out.push(o);
+        if filter.labels.iter().all(|req| req.matches(&o.labels)) && !each(o) {
+            break;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Checks a join token and uses it up by one, inside the caller's transaction.
@@ -534,6 +548,22 @@ impl Store for SqliteStore {
             let items = list_in(&tx, filter)?;
             tx.commit()?;
             Ok((index, items))
+        })
+    }
+
+    fn scan(
+        &self,
+        filter: &ListFilter,
+        start: &mut dyn FnMut(u64) -> bool,
+        each: &mut dyn FnMut(&StoredObject) -> bool,
+    ) -> Result<(), StoreError> {
+        self.read(|c| {
+            let tx = c.unchecked_transaction()?;
+            if start(index_in(&tx)?) {
+                scan_in(&tx, filter, &mut |o| each(&o))?;
+            }
+            tx.commit()?;
+            Ok(())
         })
     }
 
