@@ -1,4 +1,4 @@
-//! Configuration of `clusterclaw-agent`: flags over a TOML file over defaults, validated whole before anything starts.
+//! Configuration of `clusterclaw-agent`: flags over environment variables over a TOML file over defaults, validated whole before anything starts.
 //!
 //! Every problem is collected and reported at once, each with where it came from (the flag, or
 //! the file with line and column) and what would be right; `main` then exits with [`EX_USAGE`].
@@ -23,6 +23,46 @@ pub const EX_USAGE: u8 = 64;
 pub const SYSTEM_DATA_DIR: &str = "/var/lib/clusterclaw-agent";
 /// Environment variable that may carry the join token.
 pub const JOIN_TOKEN_ENV: &str = "CLUSTERCLAW_JOIN_TOKEN";
+/// Every other environment variable of `clusterclaw-agent` starts with this.
+pub const ENV_PREFIX: &str = "CLUSTERCLAW_AGENT_";
+/// Each flag of `clusterclaw-agent` and the environment variable that gives the same setting
+/// (used when the flag is absent; the flag wins). `CLUSTERCLAW_AGENT_LABELS` takes
+/// comma-separated `KEY=VALUE` pairs.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("--config", "CLUSTERCLAW_AGENT_CONFIG"),
+    ("--server", "CLUSTERCLAW_AGENT_SERVER"),
+    ("--ca-cert", "CLUSTERCLAW_AGENT_CA_CERT"),
+    ("--join-token", JOIN_TOKEN_ENV),
+    ("--join-token-file", "CLUSTERCLAW_AGENT_JOIN_TOKEN_FILE"),
+    ("--data-dir", "CLUSTERCLAW_AGENT_DATA_DIR"),
+    ("--label", "CLUSTERCLAW_AGENT_LABELS"),
+    ("--name", "CLUSTERCLAW_AGENT_NAME"),
+    ("--runtime", "CLUSTERCLAW_AGENT_RUNTIME"),
+    ("--docker-host", "CLUSTERCLAW_AGENT_DOCKER_HOST"),
+    ("--log-format", "CLUSTERCLAW_AGENT_LOG_FORMAT"),
+    ("--report-interval", "CLUSTERCLAW_AGENT_REPORT_INTERVAL"),
+    ("--poll-wait", "CLUSTERCLAW_AGENT_POLL_WAIT"),
+    ("--resync-interval", "CLUSTERCLAW_AGENT_RESYNC_INTERVAL"),
+    ("--probe-interval", "CLUSTERCLAW_AGENT_PROBE_INTERVAL"),
+    ("--probe-timeout", "CLUSTERCLAW_AGENT_PROBE_TIMEOUT"),
+    (
+        "--probe-failure-threshold",
+        "CLUSTERCLAW_AGENT_PROBE_FAILURE_THRESHOLD",
+    ),
+    (
+        "--probe-initial-delay",
+        "CLUSTERCLAW_AGENT_PROBE_INITIAL_DELAY",
+    ),
+    ("--restart-backoff", "CLUSTERCLAW_AGENT_RESTART_BACKOFF"),
+];
+
+/// The environment variable of a flag in [`ENV_VARS`].
+fn env_var(flag: &str) -> &'static str {
+    ENV_VARS
+        .iter()
+        .find(|(f, _)| *f == flag)
+        .map_or("", |(_, v)| v)
+}
 pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_POLL_WAIT: Duration = Duration::from_secs(300);
 /// How often the agent compares the engine with its assignments when nothing else wakes it.
@@ -75,17 +115,20 @@ impl fmt::Debug for JoinToken {
     }
 }
 
-/// Flags of `clusterclaw-agent`. Each one overrides the same setting of the config file.
+/// Flags of `clusterclaw-agent`. Each one overrides its environment variable, which overrides
+/// the same setting of the config file.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct AgentArgs {
-    /// TOML configuration file; flags given on the command line override its settings.
+    /// TOML configuration file; flags and environment variables override its settings
+    /// [env: CLUSTERCLAW_AGENT_CONFIG].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The control plane's agent port, https://HOST:PORT (needed to enroll; later starts use
-    /// the server the host enrolled with unless this is given).
+    /// the server the host enrolled with unless this is given) [env: CLUSTERCLAW_AGENT_SERVER].
     #[arg(long, value_name = "URL")]
     pub server: Option<String>,
-    /// PEM file of the cluster CA (needed only to enroll; `clusterclaw server` prints its path).
+    /// PEM file of the cluster CA (needed only to enroll; `clusterclaw server` prints its path)
+    /// [env: CLUSTERCLAW_AGENT_CA_CERT].
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
     /// Join token for the first start (`clusterclaw token create join`); later starts need none.
@@ -96,53 +139,65 @@ pub struct AgentArgs {
         value_name = "TOKEN"
     )]
     pub join_token: Option<String>,
-    /// File holding the join token (instead of --join-token).
+    /// File holding the join token (instead of --join-token), for unattended enrollment; it is
+    /// deleted once the host is enrolled, and not needed after that
+    /// [env: CLUSTERCLAW_AGENT_JOIN_TOKEN_FILE].
     #[arg(long, value_name = "FILE")]
     pub join_token_file: Option<PathBuf>,
     /// Directory of the host identity, saved assignments and rendered configs [default:
     /// /var/lib/clusterclaw-agent as root, else $XDG_DATA_HOME/clusterclaw-agent or
-    /// ~/.local/share/clusterclaw-agent].
+    /// ~/.local/share/clusterclaw-agent] [env: CLUSTERCLAW_AGENT_DATA_DIR].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// A label of this host, KEY=VALUE, for placement (repeatable; sent when enrolling).
+    /// A label of this host, KEY=VALUE, for placement (repeatable; sent when enrolling)
+    /// [env: CLUSTERCLAW_AGENT_LABELS, comma-separated].
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
-    /// The host's name in the cluster [default: the machine's hostname].
+    /// The host's name in the cluster [default: the machine's hostname]
+    /// [env: CLUSTERCLAW_AGENT_NAME].
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
-    /// Container engine: docker or podman (through its Docker-compatible socket) [default: docker].
+    /// Container engine: docker or podman (through its Docker-compatible socket) [default:
+    /// docker] [env: CLUSTERCLAW_AGENT_RUNTIME].
     #[arg(long, value_name = "RUNTIME")]
     pub runtime: Option<String>,
     /// The engine's API address: unix:///path, /path, tcp://HOST:PORT [default: the runtime's
-    /// local socket].
+    /// local socket] [env: CLUSTERCLAW_AGENT_DOCKER_HOST].
     #[arg(long, value_name = "ADDR")]
     pub docker_host: Option<String>,
-    /// Log format: text or json [default: text]. The filter comes from RUST_LOG (default info).
+    /// Log format: text or json [default: text]. The filter comes from RUST_LOG (default info)
+    /// [env: CLUSTERCLAW_AGENT_LOG_FORMAT].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
-    /// How often status is reported (it is also reported at once after a change) [default: 10s].
+    /// How often status is reported (it is also reported at once after a change) [default: 10s]
+    /// [env: CLUSTERCLAW_AGENT_REPORT_INTERVAL].
     #[arg(long, value_name = "DURATION")]
     pub report_interval: Option<String>,
-    /// How long one assignment long poll may be held by the server [default: 5m, at most 10m].
+    /// How long one assignment long poll may be held by the server [default: 5m, at most 10m]
+    /// [env: CLUSTERCLAW_AGENT_POLL_WAIT].
     #[arg(long, value_name = "DURATION")]
     pub poll_wait: Option<String>,
-    /// How often the engine is compared with the assignments when nothing else changes [default: 5s].
+    /// How often the engine is compared with the assignments when nothing else changes
+    /// [default: 5s] [env: CLUSTERCLAW_AGENT_RESYNC_INTERVAL].
     #[arg(long, value_name = "DURATION")]
     pub resync_interval: Option<String>,
-    /// Interval between health probes of a running replica [default: 10s].
+    /// Interval between health probes of a running replica [default: 10s]
+    /// [env: CLUSTERCLAW_AGENT_PROBE_INTERVAL].
     #[arg(long, value_name = "DURATION")]
     pub probe_interval: Option<String>,
-    /// How long a health probe may take [default: 3s].
+    /// How long a health probe may take [default: 3s] [env: CLUSTERCLAW_AGENT_PROBE_TIMEOUT].
     #[arg(long, value_name = "DURATION")]
     pub probe_timeout: Option<String>,
-    /// Liveness failures in a row after which a replica is restarted [default: 3].
+    /// Liveness failures in a row after which a replica is restarted [default: 3]
+    /// [env: CLUSTERCLAW_AGENT_PROBE_FAILURE_THRESHOLD].
     #[arg(long, value_name = "N")]
     pub probe_failure_threshold: Option<u32>,
-    /// Liveness failures this soon after a container starts are not counted [default: 15s].
+    /// Liveness failures this soon after a container starts are not counted [default: 15s]
+    /// [env: CLUSTERCLAW_AGENT_PROBE_INITIAL_DELAY].
     #[arg(long, value_name = "DURATION")]
     pub probe_initial_delay: Option<String>,
     /// Delay before the first restart of a failing replica, doubled after each further failure
-    /// [default: 10s].
+    /// [default: 10s] [env: CLUSTERCLAW_AGENT_RESTART_BACKOFF].
     #[arg(long, value_name = "DURATION")]
     pub restart_backoff: Option<String>,
 }
@@ -158,6 +213,8 @@ pub struct AgentConfig {
     pub ca_pem: Option<String>,
     pub ca_cert: Option<PathBuf>,
     pub join_token: Option<JoinToken>,
+    /// The file the join token was read from; deleted once the host is enrolled.
+    pub join_token_file: Option<PathBuf>,
     /// Absolute.
     pub data_dir: PathBuf,
     pub labels: BTreeMap<String, String>,
@@ -181,6 +238,7 @@ impl AgentConfig {
             ca_pem: None,
             ca_cert: None,
             join_token: None,
+            join_token_file: None,
             data_dir: data_dir.into(),
             labels: BTreeMap::new(),
             name: None,
@@ -238,12 +296,14 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// What the defaults depend on.
+/// What the defaults depend on, and the settings given as environment variables.
 #[derive(Clone, Debug, Default)]
 pub struct Environment {
     pub root: bool,
     pub home: Option<PathBuf>,
     pub xdg_data_home: Option<PathBuf>,
+    /// The `CLUSTERCLAW_AGENT_*` variables that are set and not empty.
+    pub vars: BTreeMap<String, String>,
 }
 
 impl Environment {
@@ -257,7 +317,23 @@ impl Environment {
             root: running_as_root(),
             home: var("HOME"),
             xdg_data_home: var("XDG_DATA_HOME"),
+            vars: std::env::vars_os()
+                .filter_map(|(k, v)| {
+                    let k = k.into_string().ok()?;
+                    let v = v.to_string_lossy().into_owned();
+                    (k.starts_with(ENV_PREFIX) && !v.is_empty()).then_some((k, v))
+                })
+                .collect(),
         }
+    }
+
+    /// The value of a variable of [`ENV_VARS`], with where it came from.
+    fn setting(&self, flag: &str) -> Option<Setting<String>> {
+        let var = env_var(flag);
+        self.vars.get(var).map(|v| Setting {
+            value: v.clone(),
+            location: format!("{var} (environment)"),
+        })
     }
 
     /// `/var/lib/clusterclaw-agent` for root, else `$XDG_DATA_HOME/clusterclaw-agent` or
@@ -366,20 +442,36 @@ impl Collector {
     }
 }
 
-/// Picks the flag if given, else the file's value (with its location), else nothing.
-fn pick<T: Clone, V>(
+/// The flag if given, else its environment variable, each with where it came from.
+fn given<T>(
     flag: Option<T>,
     flag_name: &str,
+    env: &Environment,
+    from_env: impl FnOnce(String) -> T,
+) -> Option<Setting<T>> {
+    match flag {
+        Some(value) => Some(Setting {
+            value,
+            location: flag_name.to_string(),
+        }),
+        None => env.setting(flag_name).map(|s| Setting {
+            value: from_env(s.value),
+            location: s.location,
+        }),
+    }
+}
+
+/// Picks the flag or environment setting if given, else the file's value (with its location),
+/// else nothing.
+fn pick<T, V>(
+    given: Option<Setting<T>>,
     file: Option<&Spanned<V>>,
     key: &str,
     source: Option<&Source>,
     from_file: impl Fn(&Source, &V) -> T,
 ) -> Option<Setting<T>> {
-    if let Some(value) = flag {
-        return Some(Setting {
-            value,
-            location: flag_name.to_string(),
-        });
+    if given.is_some() {
+        return given;
     }
     let (file, source) = (file?, source?);
     Some(Setting {
@@ -497,12 +589,29 @@ fn parse_duration(
 /// [`AgentConfig::load`] with the environment given (for tests).
 pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, ConfigError> {
     let mut c = Collector::default();
+    for var in env.vars.keys() {
+        if !ENV_VARS.iter().any(|(_, v)| v == var) {
+            let known: Vec<&str> = ENV_VARS
+                .iter()
+                .map(|(_, v)| *v)
+                .filter(|v| v.starts_with(ENV_PREFIX))
+                .collect();
+            c.push(
+                format!("{var} (environment)"),
+                format!(
+                    "is not a setting of clusterclaw-agent; the variables are {}",
+                    known.join(", ")
+                ),
+            );
+        }
+    }
     let mut file = FileConfig::default();
     let mut source = None;
-    if let Some(path) = &args.config {
+    if let Some(config) = given(args.config.clone(), "--config", env, PathBuf::from) {
+        let path = &config.value;
         match std::fs::read_to_string(path) {
             Err(e) => c.push(
-                format!("--config {}", path.display()),
+                format!("{} {}", config.location, path.display()),
                 format!("cannot read the file: {e}"),
             ),
             Ok(text) => {
@@ -532,11 +641,11 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
     }
     let src = source.as_ref();
     let string = |_: &Source, v: &String| v.clone();
+    let same = |v: String| v;
 
     // Data directory.
     let data_dir = match pick(
-        args.data_dir.clone(),
-        "--data-dir",
+        given(args.data_dir.clone(), "--data-dir", env, PathBuf::from),
         file.data_dir.as_ref(),
         "data_dir",
         src,
@@ -567,15 +676,15 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
     let enrolled = !data_dir.as_os_str().is_empty() && IdentityFiles::in_dir(&data_dir).exist();
 
     // Server.
-    let server = pick(
-        args.server.clone(),
-        "--server",
+    let server_setting = pick(
+        given(args.server.clone(), "--server", env, same),
         file.server.as_ref(),
         "server",
         src,
         string,
-    )
-    .and_then(|s| match check_server_url(&s.value) {
+    );
+    let server_given = server_setting.is_some();
+    let server = server_setting.and_then(|s| match check_server_url(&s.value) {
         Ok(url) => Some(url),
         Err(problem) => {
             c.push(s.location, problem);
@@ -583,15 +692,28 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
         }
     });
 
-    // Join token: flag or environment, or a file.
-    let token_file = pick(
+    // Join token: the flag or its environment variable, or a file. A token given directly beats
+    // a token file named in the config file; both given directly is ambiguous. Once the host
+    // is enrolled, a token file that is gone (deleted after use) is fine.
+    let token_file_flag = given(
         args.join_token_file.clone(),
         "--join-token-file",
-        file.join_token_file.as_ref(),
-        "join_token_file",
-        src,
-        |s, v| s.path_value(v),
+        env,
+        PathBuf::from,
     );
+    let token_file = if args.join_token.is_some() && token_file_flag.is_none() {
+        None
+    } else {
+        pick(
+            token_file_flag,
+            file.join_token_file.as_ref(),
+            "join_token_file",
+            src,
+            |s, v| s.path_value(v),
+        )
+    };
+    let token_given = args.join_token.is_some() || token_file.is_some();
+    let mut join_token_file = None;
     let join_token = match (&args.join_token, token_file) {
         (Some(_), Some(f)) => {
             c.push(
@@ -609,10 +731,14 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
         }
         (Some(t), None) => Some(JoinToken::new(t.trim())),
         (None, Some(Setting { value, location })) => match std::fs::read_to_string(&value) {
+            Err(e) if enrolled && e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => {
                 c.push(
                     location,
-                    format!("cannot read the join token file {}: {e}", value.display()),
+                    format!(
+                        "cannot read the join token file {}: {e}; write the token `clusterclaw token create join` printed there",
+                        value.display()
+                    ),
                 );
                 None
             }
@@ -623,24 +749,28 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
                 );
                 None
             }
-            Ok(t) => Some(JoinToken::new(t.trim())),
+            Ok(t) => {
+                join_token_file = Some(absolute(&value));
+                Some(JoinToken::new(t.trim()))
+            }
         },
         (None, None) => None,
     };
 
-    // CA certificate.
+    // CA certificate: needed only to enroll, so a missing file is fine once enrolled.
     let ca_cert = pick(
-        args.ca_cert.clone(),
-        "--ca-cert",
+        given(args.ca_cert.clone(), "--ca-cert", env, PathBuf::from),
         file.ca_cert.as_ref(),
         "ca_cert",
         src,
         |s, v| s.path_value(v),
     );
+    let ca_given = ca_cert.is_some();
     let mut ca_pem = None;
     let mut ca_path = None;
     if let Some(Setting { value, location }) = ca_cert {
         match std::fs::read_to_string(&value) {
+            Err(e) if enrolled && e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => c.push(
                 location,
                 format!("cannot read the CA certificate {}: {e}", value.display()),
@@ -659,34 +789,22 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
         }
     }
 
-    // What enrollment needs.
+    // What enrollment needs. Report only what is absent, not what was given but invalid
+    // (reported above).
     if !enrolled && !data_dir.as_os_str().is_empty() {
-        let missing: Vec<&str> = [
-            (server.is_none(), "--server"),
-            (ca_pem.is_none(), "--ca-cert"),
-            (join_token.is_none(), "--join-token"),
+        let absent: Vec<&str> = [
+            (server_given, "--server"),
+            (ca_given, "--ca-cert"),
+            (token_given, "--join-token"),
         ]
         .into_iter()
-        .filter_map(|(missing, flag)| missing.then_some(flag))
+        .filter_map(|(given, flag)| (!given).then_some(flag))
         .collect();
-        // Report only what is absent, not what was given but invalid (reported above).
-        let absent: Vec<&str> = missing
-            .into_iter()
-            .filter(|flag| match *flag {
-                "--server" => args.server.is_none() && file.server.is_none(),
-                "--ca-cert" => args.ca_cert.is_none() && file.ca_cert.is_none(),
-                _ => {
-                    args.join_token.is_none()
-                        && args.join_token_file.is_none()
-                        && file.join_token_file.is_none()
-                }
-            })
-            .collect();
         if !absent.is_empty() {
             c.push(
                 "enrollment",
                 format!(
-                    "this host is not enrolled yet (no identity in {}), so {} {} needed: create a token with `clusterclaw token create join` and pass --server https://HOST:7443 --ca-cert FILE --join-token TOKEN",
+                    "this host is not enrolled yet (no identity in {}), so {} {} needed: create a token with `clusterclaw token create join` and pass --server https://HOST:7443 --ca-cert FILE --join-token TOKEN (or the environment variables or config file settings of the same names)",
                     data_dir.display(),
                     absent.join(", "),
                     if absent.len() == 1 { "is" } else { "are" }
@@ -695,7 +813,7 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
         }
     }
 
-    // Labels: the file's, then the flags' over them.
+    // Labels: the file's, then the environment's over them, then the flags'.
     let mut labels = BTreeMap::new();
     if let Some(s) = src {
         for (k, v) in &file.labels {
@@ -708,25 +826,33 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
             }
         }
     }
-    for l in &args.labels {
+    let env_labels = env.setting("--label");
+    let env_labels = env_labels.iter().flat_map(|s| {
+        s.value
+            .split(',')
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| (l.to_string(), format!("{}: {l}", s.location)))
+    });
+    let flag_labels = args
+        .labels
+        .iter()
+        .map(|l| (l.clone(), format!("--label {l}")));
+    for (l, location) in env_labels.chain(flag_labels) {
         let Some((k, v)) = l.split_once('=') else {
-            c.push(
-                format!("--label {l}"),
-                "expected KEY=VALUE, e.g. --label region=eu",
-            );
+            c.push(location, "expected KEY=VALUE, e.g. --label region=eu");
             continue;
         };
         match check_label_key(k).and_then(|()| check_label_value(v)) {
             Ok(()) => {
                 labels.insert(k.to_string(), v.to_string());
             }
-            Err(problem) => c.push(format!("--label {l}"), problem),
+            Err(problem) => c.push(location, problem),
         }
     }
 
     let name = pick(
-        args.name.clone(),
-        "--name",
+        given(args.name.clone(), "--name", env, same),
         file.name.as_ref(),
         "name",
         src,
@@ -748,8 +874,7 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
     });
 
     let runtime = match pick(
-        args.runtime.clone(),
-        "--runtime",
+        given(args.runtime.clone(), "--runtime", env, same),
         file.runtime.as_ref(),
         "runtime",
         src,
@@ -763,8 +888,7 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
     };
 
     let docker_host = pick(
-        args.docker_host.clone(),
-        "--docker-host",
+        given(args.docker_host.clone(), "--docker-host", env, same),
         file.docker_host.as_ref(),
         "docker_host",
         src,
@@ -790,8 +914,7 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
     });
 
     let log_format = match pick(
-        args.log_format.clone(),
-        "--log-format",
+        given(args.log_format.clone(), "--log-format", env, same),
         file.log_format.as_ref(),
         "log_format",
         src,
@@ -812,7 +935,7 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
     };
 
     let dur = |flag: &Option<String>, name: &str, f: Option<&Spanned<String>>, key: &str| {
-        pick(flag.clone(), name, f, key, src, string)
+        pick(given(flag.clone(), name, env, same), f, key, src, string)
     };
     let report_interval = {
         let s = dur(
@@ -880,7 +1003,9 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
             (Duration::from_millis(200), Duration::from_secs(600)),
         )
     };
-    let timeout_given = args.probe_timeout.is_some() || file.probe.timeout.is_some();
+    let timeout_given = args.probe_timeout.is_some()
+        || env.setting("--probe-timeout").is_some()
+        || file.probe.timeout.is_some();
     let probe_timeout = {
         let s = dur(
             &args.probe_timeout,
@@ -909,9 +1034,29 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
             (Duration::ZERO, Duration::from_secs(3600)),
         )
     };
+    let threshold_given = match args.probe_failure_threshold {
+        Some(value) => Some(Setting {
+            value,
+            location: "--probe-failure-threshold".to_string(),
+        }),
+        None => env.setting("--probe-failure-threshold").and_then(|s| {
+            match s.value.trim().parse::<u32>() {
+                Ok(value) => Some(Setting {
+                    value,
+                    location: s.location,
+                }),
+                Err(_) => {
+                    c.push(
+                        s.location,
+                        format!("{:?} is not a whole number from 1 to 100", s.value),
+                    );
+                    None
+                }
+            }
+        }),
+    };
     let failure_threshold = match pick(
-        args.probe_failure_threshold,
-        "--probe-failure-threshold",
+        threshold_given,
         file.probe.failure_threshold.as_ref(),
         "probe.failure_threshold",
         src,
@@ -958,6 +1103,7 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
         ca_pem,
         ca_cert: ca_path,
         join_token,
+        join_token_file,
         data_dir,
         labels,
         name,
@@ -988,6 +1134,7 @@ mod tests {
             root: false,
             home: Some(home.to_path_buf()),
             xdg_data_home: None,
+            vars: BTreeMap::new(),
         }
     }
 
@@ -1033,6 +1180,7 @@ mod tests {
             root: false,
             home: Some("/home/u".into()),
             xdg_data_home: None,
+            vars: BTreeMap::new(),
         };
         assert_eq!(
             user.default_data_dir(),
@@ -1198,5 +1346,199 @@ mod tests {
         assert!(check_server_url("cp:7443").is_err());
         assert!(check_server_url("https://cp:7443/api").is_err());
         assert!(check_server_url("https://").is_err());
+    }
+
+    fn with_vars(home: &Path, vars: &[(&str, &str)]) -> Environment {
+        Environment {
+            vars: vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..env(home)
+        }
+    }
+
+    fn enrolled_data_dir(dir: &Path) -> PathBuf {
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let files = IdentityFiles::in_dir(&data);
+        for p in [&files.key, &files.cert, &files.ca, &files.host] {
+            std::fs::write(p, "x").unwrap();
+        }
+        data
+    }
+
+    #[test]
+    fn precedence_is_file_then_environment_then_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "server = \"https://file.example:7443\"\nreport_interval = \"3s\"\npoll_wait = \"1m\"\nname = \"from-file\"\n[labels]\nregion = \"eu\"\ndisk = \"ssd\"\n[probe]\nfailure_threshold = 4\ninterval = \"20s\"\n",
+        )
+        .unwrap();
+        let mut args = enrolling(dir.path());
+        args.server = None;
+        args.config = Some(file);
+        let cfg = load_with(&args, &env(dir.path())).unwrap();
+        assert_eq!(cfg.server.as_deref(), Some("https://file.example:7443"));
+        assert_eq!(cfg.name.as_deref(), Some("from-file"));
+
+        let vars = with_vars(
+            dir.path(),
+            &[
+                ("CLUSTERCLAW_AGENT_SERVER", "https://env.example:7443"),
+                ("CLUSTERCLAW_AGENT_REPORT_INTERVAL", "4s"),
+                ("CLUSTERCLAW_AGENT_LABELS", "region=us, zone=a"),
+                ("CLUSTERCLAW_AGENT_PROBE_FAILURE_THRESHOLD", "7"),
+                ("CLUSTERCLAW_AGENT_PROBE_TIMEOUT", "15s"),
+                ("CLUSTERCLAW_AGENT_RUNTIME", "podman"),
+            ],
+        );
+        let cfg = load_with(&args, &vars).unwrap();
+        assert_eq!(cfg.server.as_deref(), Some("https://env.example:7443"));
+        assert_eq!(cfg.report_interval, Duration::from_secs(4));
+        assert_eq!(cfg.poll_wait, Duration::from_secs(60), "from the file");
+        assert_eq!(cfg.probe.failure_threshold, 7);
+        assert_eq!(cfg.probe.timeout, Duration::from_secs(15));
+        assert_eq!(cfg.runtime, RuntimeKind::Podman);
+        assert_eq!(cfg.labels["region"], "us");
+        assert_eq!(cfg.labels["zone"], "a");
+        assert_eq!(cfg.labels["disk"], "ssd");
+
+        args.server = Some("https://flag.example:7443".into());
+        args.report_interval = Some("5s".into());
+        args.labels = vec!["zone=b".into()];
+        args.probe_failure_threshold = Some(2);
+        args.runtime = Some("docker".into());
+        let cfg = load_with(&args, &vars).unwrap();
+        assert_eq!(cfg.server.as_deref(), Some("https://flag.example:7443"));
+        assert_eq!(cfg.report_interval, Duration::from_secs(5));
+        assert_eq!(cfg.probe.failure_threshold, 2);
+        assert_eq!(cfg.runtime, RuntimeKind::Docker);
+        assert_eq!(cfg.labels["region"], "us", "from the environment");
+        assert_eq!(cfg.labels["zone"], "b");
+    }
+
+    #[test]
+    fn bad_environment_values_name_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let vars = with_vars(
+            dir.path(),
+            &[
+                ("CLUSTERCLAW_AGENT_POLL_WAIT", "forever"),
+                ("CLUSTERCLAW_AGENT_PROBE_FAILURE_THRESHOLD", "many"),
+                ("CLUSTERCLAW_AGENT_LABELS", "region=eu,nolabel"),
+                ("CLUSTERCLAW_AGENT_SERVR", "https://x:1"),
+            ],
+        );
+        let err = load_with(&enrolling(dir.path()), &vars).unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "CLUSTERCLAW_AGENT_POLL_WAIT (environment): \"forever\" is not a duration",
+            "CLUSTERCLAW_AGENT_PROBE_FAILURE_THRESHOLD (environment): \"many\" is not a whole number",
+            "CLUSTERCLAW_AGENT_LABELS (environment): nolabel: expected KEY=VALUE",
+            "CLUSTERCLAW_AGENT_SERVR (environment): is not a setting of clusterclaw-agent; the variables are CLUSTERCLAW_AGENT_CONFIG,",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert_eq!(err.problems.len(), 4, "{text}");
+    }
+
+    #[test]
+    fn unattended_enrollment_from_a_token_file_named_in_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, CA).unwrap();
+        let token = dir.path().join("join-token");
+        std::fs::write(&token, "ccj_provisioned\n").unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "ca_cert = \"ca.crt\"\njoin_token_file = \"join-token\"\ndata_dir = \"data\"\n",
+        )
+        .unwrap();
+        let vars = with_vars(
+            dir.path(),
+            &[("CLUSTERCLAW_AGENT_SERVER", "https://cp.example:7443")],
+        );
+        let args = AgentArgs {
+            config: Some(file.clone()),
+            ..AgentArgs::default()
+        };
+        let cfg = load_with(&args, &vars).unwrap();
+        assert_eq!(cfg.join_token.unwrap().expose(), "ccj_provisioned");
+        assert_eq!(cfg.join_token_file.as_deref(), Some(token.as_path()));
+        assert_eq!(cfg.data_dir, dir.path().join("data"));
+
+        // A token given directly beats the file's token file.
+        let direct = AgentArgs {
+            config: Some(file.clone()),
+            join_token: Some("ccj_direct".into()),
+            ..AgentArgs::default()
+        };
+        let cfg = load_with(&direct, &vars).unwrap();
+        assert_eq!(cfg.join_token.unwrap().expose(), "ccj_direct");
+        assert_eq!(cfg.join_token_file, None, "not deleted: it was not used");
+
+        // Not enrolled and the token file is missing: the problem names the file and the key.
+        std::fs::remove_file(&token).unwrap();
+        let err = load_with(&args, &vars).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert!(
+            err.problems[0]
+                .location
+                .ends_with("agent.toml, line 2, column 19 (join_token_file)"),
+            "{err}"
+        );
+        assert!(
+            err.problems[0]
+                .problem
+                .contains("cannot read the join token file"),
+            "{err}"
+        );
+
+        // Once enrolled, the deleted token file and a missing CA file are fine.
+        enrolled_data_dir(dir.path());
+        std::fs::remove_file(&ca).unwrap();
+        let cfg = load_with(&args, &vars).unwrap();
+        assert_eq!(cfg.join_token, None);
+        assert_eq!(cfg.join_token_file, None);
+        assert_eq!(cfg.ca_pem, None);
+    }
+
+    #[test]
+    fn the_config_file_can_come_from_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "poll_wait = \"2m\"\n").unwrap();
+        let vars = with_vars(
+            dir.path(),
+            &[("CLUSTERCLAW_AGENT_CONFIG", file.to_str().unwrap())],
+        );
+        let cfg = load_with(&enrolling(dir.path()), &vars).unwrap();
+        assert_eq!(cfg.poll_wait, Duration::from_secs(120));
+        assert_eq!(cfg.config_file.as_deref(), Some(file.as_path()));
+    }
+
+    #[test]
+    fn every_flag_has_an_environment_variable_named_in_its_help() {
+        use clap::{Args, Command};
+        let cmd = AgentArgs::augment_args(Command::new("clusterclaw-agent"));
+        let mut flags = 0;
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let flag = format!("--{long}");
+            let var = env_var(&flag);
+            assert!(!var.is_empty(), "{flag} has no environment variable");
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            let clap_env = arg.get_env().and_then(|e| e.to_str());
+            assert!(
+                help.contains(&format!("[env: {var}")) || clap_env == Some(var),
+                "the help of {flag} does not name {var}: {help}"
+            );
+            flags += 1;
+        }
+        assert_eq!(flags, ENV_VARS.len(), "a variable without its flag");
     }
 }

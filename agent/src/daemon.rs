@@ -130,6 +130,7 @@ pub async fn run(
         () = shutdown => {}
     }
     tracing::info!("stopping; the replicas keep running");
+    crate::notify::stopping();
     let _ = stop_tx.send(true);
     match tokio::time::timeout(STOP_GRACE, agent).await {
         Ok(r) => r,
@@ -147,6 +148,7 @@ pub async fn run_until(
 ) -> Result<(), AgentError> {
     let data_dir = config.data_dir.clone();
     let _lock = lock_data_dir(&data_dir)?;
+    let _watchdog = crate::notify::spawn_watchdog(data_dir.clone(), stop.clone());
     let files = IdentityFiles::in_dir(&data_dir);
     let identity = if files.exist() {
         let mut id = enroll::load(&files)?;
@@ -157,13 +159,21 @@ pub async fn run_until(
         tracing::info!(host = %id.record.host_id, server = %id.record.server, "loaded the host identity");
         id
     } else {
+        crate::notify::ready("enrolling this host");
         let enrolled = tokio::select! {
             r = enroll_host(&config, &files) => r?,
             () = stopped(&mut stop) => return Ok(()),
         };
         tracing::info!(host = %enrolled.record.host_id, server = %enrolled.record.server, "host enrolled");
+        if let Some(token_file) = &config.join_token_file {
+            enroll::remove_used_token_file(token_file);
+        }
         enrolled
     };
+    crate::notify::ready(&format!(
+        "host {} of {}",
+        identity.record.host_id, identity.record.server
+    ));
 
     let host_id = identity.record.host_id.clone();
     let engine = Arc::new(LazyEngine::new(config.runtime, config.docker_host.clone()));

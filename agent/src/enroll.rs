@@ -157,6 +157,23 @@ pub fn load(files: &IdentityFiles) -> Result<HostIdentity, EnrollError> {
     })
 }
 
+/// Deletes the join token file an enrollment used, so the secret does not outlive its use and
+/// a provisioning system can tell the host has joined. A file already gone is fine; a failure
+/// is logged, not fatal (the host is enrolled either way).
+pub fn remove_used_token_file(path: &Path) -> bool {
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "deleted the used join token file");
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot delete the used join token file; delete it by hand");
+            false
+        }
+    }
+}
+
 /// Saves a renewed certificate and its new key.
 pub fn save_renewal(
     files: &IdentityFiles,
@@ -229,6 +246,20 @@ mod tests {
             !format!("{loaded:?}").contains("PRIVATE"),
             "the key never reaches Debug output"
         );
+    }
+
+    #[test]
+    fn the_used_token_file_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("join-token");
+        std::fs::write(&token, "ccj_x\n").unwrap();
+        assert!(remove_used_token_file(&token));
+        assert!(!token.exists());
+        assert!(remove_used_token_file(&token), "already gone is fine");
+        // A path that cannot be deleted (a non-empty directory) is reported, not fatal.
+        std::fs::create_dir(&token).unwrap();
+        std::fs::write(token.join("f"), "x").unwrap();
+        assert!(!remove_used_token_file(&token));
     }
 
     #[test]

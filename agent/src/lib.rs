@@ -14,6 +14,7 @@ pub mod engine;
 pub mod enroll;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod ports;
 pub mod probe;
 pub mod reconcile;

@@ -2,10 +2,11 @@
 //! problems), sets up logging, and runs until SIGTERM/SIGINT (exit 0) or a failure (exit 1).
 
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use clusterclaw_agent::config::{AgentArgs, AgentConfig, EX_USAGE, LogFormat};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
@@ -24,6 +25,33 @@ use tracing_subscriber::filter::LevelFilter;
 struct Cli {
     #[command(flatten)]
     args: AgentArgs,
+    /// Write the man page (section 8) and shell completions into DIR and exit (for packaging).
+    #[arg(long, value_name = "DIR", hide = true)]
+    generate_docs: Option<PathBuf>,
+}
+
+/// Writes `man/clusterclaw-agent.8` and `completions/` (bash, zsh, fish) into `out`.
+fn generate_docs(out: &Path) -> std::io::Result<()> {
+    let man = out.join("man");
+    let completions = out.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    clap_mangen::Man::new(Cli::command())
+        .section("8")
+        .generate_to(&man)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(
+            shell,
+            &mut Cli::command(),
+            "clusterclaw-agent",
+            &completions,
+        )?;
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) -> anyhow::Result<()> {
@@ -60,6 +88,18 @@ async fn termination_signal() -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(out) = &cli.generate_docs {
+        return match generate_docs(out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "clusterclaw-agent: cannot write into {}: {e}",
+                    out.display()
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match AgentConfig::load(&cli.args) {
         Ok(c) => c,
         Err(e) => {
@@ -100,6 +140,34 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("clusterclaw-agent: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn man_page_and_completions() {
+        let dir = tempfile::tempdir().unwrap();
+        generate_docs(dir.path()).unwrap();
+        let page = std::fs::read_to_string(dir.path().join("man/clusterclaw-agent.8")).unwrap();
+        assert!(page.contains(".TH clusterclaw-agent 8"), "{page}");
+        assert!(page.contains("CLUSTERCLAW_AGENT_JOIN_TOKEN_FILE"), "{page}");
+        assert!(!page.contains("generate"), "the hidden flag has no entry");
+        for f in [
+            "clusterclaw-agent.bash",
+            "_clusterclaw-agent",
+            "clusterclaw-agent.fish",
+        ] {
+            let script = std::fs::read_to_string(dir.path().join("completions").join(f)).unwrap();
+            assert!(script.contains("join-token-file"), "{f}");
         }
     }
 }

@@ -1,6 +1,7 @@
-//! Configuration of `clusterclaw server`: flags over a TOML file over defaults, validated whole
-//! before anything binds.
+//! Configuration of `clusterclaw server`: flags over environment variables over a TOML file over
+//! defaults, validated whole before anything binds.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Range;
@@ -20,36 +21,82 @@ pub const DEFAULT_AGENT_LISTEN: SocketAddr =
 pub const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 /// Data directory of a server running as root.
 pub const SYSTEM_DATA_DIR: &str = "/var/lib/clusterclaw";
+/// Every environment variable of `clusterclaw server` starts with this.
+pub const ENV_PREFIX: &str = "CLUSTERCLAW_SERVER_";
 
-/// Flags of `clusterclaw server`. Each one overrides the same setting of the config file.
+/// Each flag of `clusterclaw server` and the environment variable that gives the same setting
+/// (used when the flag is absent; the flag wins). `CLUSTERCLAW_SERVER_NAMES` takes a
+/// comma-separated list.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("--config", "CLUSTERCLAW_SERVER_CONFIG"),
+    ("--data-dir", "CLUSTERCLAW_SERVER_DATA_DIR"),
+    ("--api-listen", "CLUSTERCLAW_SERVER_API_LISTEN"),
+    ("--agent-listen", "CLUSTERCLAW_SERVER_AGENT_LISTEN"),
+    ("--log-format", "CLUSTERCLAW_SERVER_LOG_FORMAT"),
+    ("--api-tls-cert", "CLUSTERCLAW_SERVER_API_TLS_CERT"),
+    ("--api-tls-key", "CLUSTERCLAW_SERVER_API_TLS_KEY"),
+    ("--server-name", "CLUSTERCLAW_SERVER_NAMES"),
+    ("--pki-dir", "CLUSTERCLAW_SERVER_PKI_DIR"),
+    ("--resync-interval", "CLUSTERCLAW_SERVER_RESYNC_INTERVAL"),
+];
+
+/// The environment variable of a flag in [`ENV_VARS`].
+fn env_var(flag: &str) -> &'static str {
+    ENV_VARS
+        .iter()
+        .find(|(f, _)| *f == flag)
+        .map_or("", |(_, v)| v)
+}
+
+/// Flags of `clusterclaw server`. Each one overrides its environment variable, which overrides
+/// the same setting of the config file.
 #[derive(clap::Args, Clone, Debug, Default)]
+#[command(
+    after_help = "Precedence: a flag beats its environment variable, which beats the config file, which beats the default. An empty variable counts as unset."
+)]
 pub struct ServerArgs {
-    /// TOML configuration file; flags given on the command line override its settings.
+    /// TOML configuration file; flags and environment variables override its settings
+    /// [env: CLUSTERCLAW_SERVER_CONFIG].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Directory of the database, the admin token and the PKI [default: /var/lib/clusterclaw
-    /// as root, else $XDG_DATA_HOME/clusterclaw or ~/.local/share/clusterclaw].
+    /// as root, else $XDG_DATA_HOME/clusterclaw or ~/.local/share/clusterclaw]
+    /// [env: CLUSTERCLAW_SERVER_DATA_DIR].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Address of the REST API, IP:PORT [default: 127.0.0.1:7080].
+    /// Address of the REST API, IP:PORT [default: 127.0.0.1:7080]
+    /// [env: CLUSTERCLAW_SERVER_API_LISTEN].
     #[arg(long, value_name = "ADDR")]
     pub api_listen: Option<String>,
-    /// Address of the agent port (gRPC over mutual TLS), IP:PORT [default: 0.0.0.0:7443].
+    /// Address of the agent port (gRPC over mutual TLS), IP:PORT [default: 0.0.0.0:7443]
+    /// [env: CLUSTERCLAW_SERVER_AGENT_LISTEN].
     #[arg(long, value_name = "ADDR")]
     pub agent_listen: Option<String>,
-    /// Log format: text or json [default: text]. The filter comes from RUST_LOG (default info).
+    /// Log format: text or json [default: text]. The filter comes from RUST_LOG (default info)
+    /// [env: CLUSTERCLAW_SERVER_LOG_FORMAT].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
-    /// PEM certificate chain for HTTPS on the API port (needs --api-tls-key).
+    /// PEM certificate chain for HTTPS on the API port (needs --api-tls-key)
+    /// [env: CLUSTERCLAW_SERVER_API_TLS_CERT].
     #[arg(long, value_name = "FILE")]
     pub api_tls_cert: Option<PathBuf>,
-    /// PEM private key for HTTPS on the API port (needs --api-tls-cert).
+    /// PEM private key for HTTPS on the API port (needs --api-tls-cert)
+    /// [env: CLUSTERCLAW_SERVER_API_TLS_KEY].
     #[arg(long, value_name = "FILE")]
     pub api_tls_key: Option<PathBuf>,
     /// A DNS name or IP address agents use to reach this server, put in the agent-port server
-    /// certificate (repeatable; localhost, 127.0.0.1 and the hostname are always included).
+    /// certificate (repeatable; localhost, 127.0.0.1 and the hostname are always included)
+    /// [env: CLUSTERCLAW_SERVER_NAMES, comma-separated].
     #[arg(long = "server-name", value_name = "DNS")]
     pub server_names: Vec<String>,
+    /// Directory of the certificate authority and the agent-port certificate [default:
+    /// <data dir>/pki] [env: CLUSTERCLAW_SERVER_PKI_DIR].
+    #[arg(long, value_name = "DIR")]
+    pub pki_dir: Option<PathBuf>,
+    /// How often the scheduler looks at every instance when nothing else wakes it, at least 1s
+    /// [default: 30s] [env: CLUSTERCLAW_SERVER_RESYNC_INTERVAL].
+    #[arg(long, value_name = "DURATION")]
+    pub resync_interval: Option<String>,
 }
 
 /// Certificate and key of the API port.
@@ -77,6 +124,12 @@ pub struct ServerConfig {
     /// when the certificate is made).
     pub server_names: Vec<String>,
     pub resync_interval: Duration,
+    /// Single sign-on issuers (`[oidc]`); `None` when none are configured.
+    pub oidc: Option<crate::auth::oidc::OidcSettings>,
+    /// `[rate_limit]`.
+    pub rate_limits: crate::ratelimit::RateLimits,
+    /// `[audit]`.
+    pub audit: crate::audit::AuditConfig,
 }
 
 impl ServerConfig {
@@ -94,11 +147,14 @@ impl ServerConfig {
             agent_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             server_names: Vec::new(),
             resync_interval: DEFAULT_RESYNC_INTERVAL,
+            oidc: None,
+            rate_limits: crate::ratelimit::RateLimits::default(),
+            audit: crate::audit::AuditConfig::default(),
         }
     }
 
-    /// Loads the file named by `--config` (if any), applies the flags and the defaults, and
-    /// checks everything, reporting every problem at once.
+    /// Loads the file named by `--config` (if any), applies the environment variables, the
+    /// flags and the defaults, and checks everything, reporting every problem at once.
     pub fn load(args: &ServerArgs) -> Result<ServerConfig, ConfigError> {
         load_with(args, &Environment::current())
     }
@@ -140,12 +196,14 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// What the defaults depend on.
+/// What the defaults depend on, and the settings given as environment variables.
 #[derive(Clone, Debug, Default)]
 pub struct Environment {
     pub root: bool,
     pub home: Option<PathBuf>,
     pub xdg_data_home: Option<PathBuf>,
+    /// The `CLUSTERCLAW_SERVER_*` variables that are set and not empty.
+    pub vars: BTreeMap<String, String>,
 }
 
 impl Environment {
@@ -159,7 +217,23 @@ impl Environment {
             root: running_as_root(),
             home: var("HOME"),
             xdg_data_home: var("XDG_DATA_HOME"),
+            vars: std::env::vars_os()
+                .filter_map(|(k, v)| {
+                    let k = k.into_string().ok()?;
+                    let v = v.to_string_lossy().into_owned();
+                    (k.starts_with(ENV_PREFIX) && !v.is_empty()).then_some((k, v))
+                })
+                .collect(),
         }
+    }
+
+    /// The value of a variable of [`ENV_VARS`], with where it came from.
+    fn setting(&self, flag: &str) -> Option<Setting<String>> {
+        let var = env_var(flag);
+        self.vars.get(var).map(|v| Setting {
+            value: v.clone(),
+            location: format!("{var} (environment)"),
+        })
     }
 
     /// `/var/lib/clusterclaw` for root, else `$XDG_DATA_HOME/clusterclaw` or
@@ -203,6 +277,12 @@ struct FileConfig {
     pki: PkiSection,
     #[serde(default)]
     scheduler: SchedulerSection,
+    #[serde(default)]
+    oidc: crate::auth::oidc::OidcConfig,
+    #[serde(default)]
+    rate_limit: crate::ratelimit::RateLimitConfig,
+    #[serde(default)]
+    audit: crate::audit::AuditConfig,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -279,10 +359,29 @@ impl Collector {
     }
 }
 
-/// Picks the flag if given, else the file's value (with its location), else nothing.
-fn pick<F, T>(
+/// The flag if given, else its environment variable, each with where it came from.
+fn given<T>(
     flag: Option<T>,
     flag_name: &str,
+    env: &Environment,
+    from_env: impl FnOnce(String) -> T,
+) -> Option<Setting<T>> {
+    match flag {
+        Some(value) => Some(Setting {
+            value,
+            location: flag_name.to_string(),
+        }),
+        None => env.setting(flag_name).map(|s| Setting {
+            value: from_env(s.value),
+            location: s.location,
+        }),
+    }
+}
+
+/// Picks the flag or environment setting if given, else the file's value (with its location),
+/// else nothing.
+fn pick<F, T>(
+    given: Option<Setting<T>>,
     file: Option<&Spanned<String>>,
     key: &str,
     source: Option<&Source>,
@@ -291,11 +390,8 @@ fn pick<F, T>(
 where
     F: Fn(&Source, &str) -> T,
 {
-    if let Some(value) = flag {
-        return Some(Setting {
-            value,
-            location: flag_name.to_string(),
-        });
+    if given.is_some() {
+        return given;
     }
     let (file, source) = (file?, source?);
     Some(Setting {
@@ -327,12 +423,25 @@ pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, C
     let mut c = Collector {
         problems: Vec::new(),
     };
+    for var in env.vars.keys() {
+        if !ENV_VARS.iter().any(|(_, v)| v == var) {
+            let known: Vec<&str> = ENV_VARS.iter().map(|(_, v)| *v).collect();
+            c.push(
+                format!("{var} (environment)"),
+                format!(
+                    "is not a setting of clusterclaw server; the variables are {}",
+                    known.join(", ")
+                ),
+            );
+        }
+    }
     let mut file = FileConfig::default();
     let mut source = None;
-    if let Some(path) = &args.config {
+    if let Some(config) = given(args.config.clone(), "--config", env, PathBuf::from) {
+        let path = &config.value;
         match std::fs::read_to_string(path) {
             Err(e) => c.push(
-                format!("--config {}", path.display()),
+                format!("{} {}", config.location, path.display()),
                 format!("cannot read the file: {e}"),
             ),
             Ok(text) => {
@@ -356,10 +465,10 @@ pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, C
         }
     }
     let src = source.as_ref();
+    let string = |v: String| v;
 
     let data_dir = pick(
-        args.data_dir.clone(),
-        "--data-dir",
+        given(args.data_dir.clone(), "--data-dir", env, PathBuf::from),
         file.data_dir.as_ref(),
         "data_dir",
         src,
@@ -390,8 +499,7 @@ pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, C
     };
 
     let log_format = match pick(
-        args.log_format.clone(),
-        "--log-format",
+        given(args.log_format.clone(), "--log-format", env, string),
         file.log_format.as_ref(),
         "log_format",
         src,
@@ -416,9 +524,13 @@ pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, C
                       file: Option<&Spanned<String>>,
                       key: &str,
                       default: SocketAddr| {
-        match pick(flag.clone(), flag_name, file, key, src, |_, v| {
-            v.to_string()
-        }) {
+        match pick(
+            given(flag.clone(), flag_name, env, string),
+            file,
+            key,
+            src,
+            |_, v| v.to_string(),
+        ) {
             None => default,
             Some(s) => parse_listen(&s.value).unwrap_or_else(|e| {
                 c.push(s.location, e);
@@ -448,16 +560,24 @@ pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, C
     }
 
     let tls_cert = pick(
-        args.api_tls_cert.clone(),
-        "--api-tls-cert",
+        given(
+            args.api_tls_cert.clone(),
+            "--api-tls-cert",
+            env,
+            PathBuf::from,
+        ),
         file.api.tls_cert.as_ref(),
         "api.tls_cert",
         src,
         |s, v| s.path_value(v),
     );
     let tls_key = pick(
-        args.api_tls_key.clone(),
-        "--api-tls-key",
+        given(
+            args.api_tls_key.clone(),
+            "--api-tls-key",
+            env,
+            PathBuf::from,
+        ),
         file.api.tls_key.as_ref(),
         "api.tls_key",
         src,
@@ -492,44 +612,68 @@ pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, C
     };
 
     let pki_dir = match pick(
-        None::<PathBuf>,
-        "",
+        given(args.pki_dir.clone(), "--pki-dir", env, PathBuf::from),
         file.pki.dir.as_ref(),
         "pki.dir",
         src,
         |s, v| s.path_value(v),
     ) {
-        Some(s) => absolute(&s.value),
+        Some(Setting { value, location }) => {
+            if value.as_os_str().is_empty() {
+                c.push(
+                    location,
+                    "must not be empty; give the directory of the CA, or leave it out for <data dir>/pki",
+                );
+            } else if value.exists() && !value.is_dir() {
+                c.push(
+                    location,
+                    format!("{} exists and is not a directory", value.display()),
+                );
+            }
+            absolute(&value)
+        }
         None => data_dir.join("pki"),
     };
 
     let mut server_names = Vec::new();
+    let mut check_name = |n: &str, location: String, names: &mut Vec<String>| {
+        if let Err(e) = crate::pki::check_server_name(n) {
+            c.push(location, e.to_string());
+        }
+        names.push(n.to_string());
+    };
     if !args.server_names.is_empty() {
         for n in &args.server_names {
-            if let Err(e) = crate::pki::check_server_name(n) {
-                c.push("--server-name", e.to_string());
-            }
-            server_names.push(n.clone());
+            check_name(n, "--server-name".into(), &mut server_names);
+        }
+    } else if let Some(s) = env.setting("--server-name") {
+        for n in s.value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            check_name(n, s.location.clone(), &mut server_names);
         }
     } else if let (Some(names), Some(s)) = (&file.pki.server_names, src) {
         for n in names {
-            if let Err(e) = crate::pki::check_server_name(n.get_ref()) {
-                c.push(s.location(n.span(), "pki.server_names"), e.to_string());
-            }
-            server_names.push(n.get_ref().clone());
+            check_name(
+                n.get_ref(),
+                s.location(n.span(), "pki.server_names"),
+                &mut server_names,
+            );
         }
     }
 
     let resync_interval = match pick(
-        None::<String>,
-        "",
+        given(
+            args.resync_interval.clone(),
+            "--resync-interval",
+            env,
+            string,
+        ),
         file.scheduler.resync_interval.as_ref(),
         "scheduler.resync_interval",
         src,
         |_, v| v.to_string(),
     ) {
         None => DEFAULT_RESYNC_INTERVAL,
-        Some(s) => match humantime::parse_duration(&s.value) {
+        Some(s) => match humantime::parse_duration(s.value.trim()) {
             Ok(d) if d >= Duration::from_secs(1) => d,
             Ok(_) => {
                 c.push(
@@ -551,12 +695,45 @@ pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, C
         },
     };
 
+    let base_dir = src
+        .and_then(|s| s.path.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let oidc = match file.oidc.validate(&base_dir) {
+        Ok(settings) if settings.issuers.is_empty() => None,
+        Ok(settings) => Some(settings),
+        Err(problems) => {
+            for p in problems {
+                let loc = match src {
+                    Some(s) => p.location(&s.path, &s.text),
+                    None => p.key.clone(),
+                };
+                c.push(loc, p.problem);
+            }
+            None
+        }
+    };
+    let rate_limits = match file.rate_limit.validate() {
+        Ok(l) => l,
+        Err(problems) => {
+            for p in problems {
+                let loc = match (src, &p.span) {
+                    (Some(s), Some(span)) => s.location(span.clone(), &p.key),
+                    _ => p.key.clone(),
+                };
+                c.push(loc, p.problem);
+            }
+            crate::ratelimit::RateLimits::default()
+        }
+    };
     if !c.problems.is_empty() {
         return Err(ConfigError {
             problems: c.problems,
         });
     }
     Ok(ServerConfig {
+        oidc,
+        rate_limits,
+        audit: file.audit,
         config_file: source.map(|s| s.path),
         data_dir,
         log_format,
@@ -578,6 +755,7 @@ mod tests {
             root: false,
             home: Some("/home/ada".into()),
             xdg_data_home: None,
+            vars: BTreeMap::new(),
         }
     }
 
@@ -807,5 +985,138 @@ resync_interval = "1m"
         };
         let e = load_with(&args, &env()).unwrap_err();
         assert!(e.to_string().contains("cannot both be 0.0.0.0:7443"), "{e}");
+    }
+
+    fn with_vars(vars: &[(&str, &str)]) -> Environment {
+        Environment {
+            vars: vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..env()
+        }
+    }
+
+    #[test]
+    fn precedence_is_file_then_environment_then_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "data_dir = \"from-file\"\nlog_format = \"json\"\n[api]\nlisten = \"127.0.0.1:9001\"\n[agent]\nlisten = \"127.0.0.1:9002\"\n[pki]\ndir = \"pki-file\"\nserver_names = [\"file.example\"]\n[scheduler]\nresync_interval = \"10s\"\n",
+        );
+        let file_only = ServerArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        // The file alone.
+        let c = load_with(&file_only, &env()).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("from-file"));
+        assert_eq!(c.api_listen.to_string(), "127.0.0.1:9001");
+        assert_eq!(c.pki_dir, dir.path().join("pki-file"));
+        assert_eq!(c.resync_interval, Duration::from_secs(10));
+
+        // The environment beats the file, setting by setting; the file keeps the rest.
+        let vars = with_vars(&[
+            ("CLUSTERCLAW_SERVER_API_LISTEN", "127.0.0.1:9101"),
+            ("CLUSTERCLAW_SERVER_LOG_FORMAT", "text"),
+            ("CLUSTERCLAW_SERVER_NAMES", "env-a.example, env-b.example"),
+            ("CLUSTERCLAW_SERVER_PKI_DIR", "/srv/pki"),
+            ("CLUSTERCLAW_SERVER_RESYNC_INTERVAL", "2m"),
+            ("CLUSTERCLAW_SERVER_DATA_DIR", "/srv/clusterclaw"),
+        ]);
+        let c = load_with(&file_only, &vars).unwrap();
+        assert_eq!(c.api_listen.to_string(), "127.0.0.1:9101");
+        assert_eq!(
+            c.agent_listen.to_string(),
+            "127.0.0.1:9002",
+            "from the file"
+        );
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.server_names, ["env-a.example", "env-b.example"]);
+        assert_eq!(c.pki_dir, PathBuf::from("/srv/pki"));
+        assert_eq!(c.resync_interval, Duration::from_secs(120));
+        assert_eq!(c.data_dir, PathBuf::from("/srv/clusterclaw"));
+
+        // A flag beats both.
+        let flags = ServerArgs {
+            config: Some(p),
+            api_listen: Some("127.0.0.1:9201".into()),
+            server_names: vec!["flag.example".into()],
+            pki_dir: Some("/opt/pki".into()),
+            resync_interval: Some("5s".into()),
+            ..Default::default()
+        };
+        let c = load_with(&flags, &vars).unwrap();
+        assert_eq!(c.api_listen.to_string(), "127.0.0.1:9201");
+        assert_eq!(c.server_names, ["flag.example"]);
+        assert_eq!(c.pki_dir, PathBuf::from("/opt/pki"));
+        assert_eq!(c.resync_interval, Duration::from_secs(5));
+        assert_eq!(c.log_format, LogFormat::Text, "still from the environment");
+    }
+
+    #[test]
+    fn the_config_file_can_come_from_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "[api]\nlisten = \"127.0.0.1:9301\"\n");
+        let vars = with_vars(&[("CLUSTERCLAW_SERVER_CONFIG", p.to_str().unwrap())]);
+        let c = load_with(&ServerArgs::default(), &vars).unwrap();
+        assert_eq!(c.api_listen.to_string(), "127.0.0.1:9301");
+        assert_eq!(c.config_file.as_deref(), Some(p.as_path()));
+
+        let vars = with_vars(&[("CLUSTERCLAW_SERVER_CONFIG", "/nonexistent/server.toml")]);
+        let e = load_with(&ServerArgs::default(), &vars).unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "CLUSTERCLAW_SERVER_CONFIG (environment) /nonexistent/server.toml: cannot read the file"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_environment_values_name_the_variable() {
+        let vars = with_vars(&[
+            ("CLUSTERCLAW_SERVER_API_LISTEN", "nowhere"),
+            ("CLUSTERCLAW_SERVER_RESYNC_INTERVAL", "100ms"),
+            ("CLUSTERCLAW_SERVER_NAMES", "ok.example,bad name"),
+            ("CLUSTERCLAW_SERVER_APILISTEN", "127.0.0.1:1"),
+        ]);
+        let e = load_with(&ServerArgs::default(), &vars).unwrap_err();
+        let text = e.to_string();
+        assert_eq!(e.problems.len(), 4, "{text}");
+        for needle in [
+            "CLUSTERCLAW_SERVER_API_LISTEN (environment): \"nowhere\" is not an address",
+            "CLUSTERCLAW_SERVER_RESYNC_INTERVAL (environment): \"100ms\" is too short",
+            "CLUSTERCLAW_SERVER_NAMES (environment): \"bad name\"",
+            "CLUSTERCLAW_SERVER_APILISTEN (environment): is not a setting of clusterclaw server; the variables are CLUSTERCLAW_SERVER_CONFIG,",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        // A flag given on the command line hides a bad variable of the same setting.
+        let args = ServerArgs {
+            api_listen: Some("127.0.0.1:9401".into()),
+            resync_interval: Some("1s".into()),
+            server_names: vec!["ok.example".into()],
+            ..Default::default()
+        };
+        let e = load_with(&args, &vars).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+    }
+
+    #[test]
+    fn every_flag_has_an_environment_variable_named_in_its_help() {
+        use clap::{Args, Command};
+        let cmd = ServerArgs::augment_args(Command::new("server"));
+        let mut flags = 0;
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let flag = format!("--{long}");
+            let var = env_var(&flag);
+            assert!(!var.is_empty(), "{flag} has no environment variable");
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            assert!(help.contains(&format!("[env: {var}")), "{flag}: {help}");
+            flags += 1;
+        }
+        assert_eq!(flags, ENV_VARS.len(), "a variable without its flag");
     }
 }

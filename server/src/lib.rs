@@ -2,13 +2,16 @@
 
 pub mod agent_rpc;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod controllers;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod pki;
+pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -241,6 +241,11 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         Arc::new(blocking("loading the CA", move || pki::Ca::load(&dir)).await??)
     };
     let rpc = AgentRpc {
+        limiter: config.rate_limits.enabled.then(|| {
+            let limiter = Arc::new(crate::ratelimit::AgentRateLimiter::new(&config.rate_limits));
+            crate::ratelimit::spawn_cleanup(&limiter, crate::ratelimit::CLEANUP_INTERVAL);
+            limiter
+        }),
         store: Arc::clone(&store),
         ca,
         book: Arc::default(),
@@ -286,19 +291,26 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         data_dir = %data_dir.display(),
         "clusterclaw server started"
     );
+    crate::notify::ready(&mut tasks, &store, &tasks_stop, &endpoints);
 
-    let state = ApiState::with_agent_state(
+    let options = api_options(&config, &store).await?;
+    let audit = options.audit.clone();
+    let state = ApiState::with_options(
         Arc::clone(&store),
         admin_token_path,
         Arc::clone(&rpc.reports),
         Arc::clone(&rpc.metrics),
+        options,
     );
     let app = api::router(state.clone());
     let (abort_tx, abort_rx) = oneshot::channel::<()>();
     let serve_state = state.clone();
     let stop_serving = async move {
         tokio::select! {
-            () = shutdown => tracing::info!("shutting down: draining requests"),
+            () = shutdown => {
+                tracing::info!("shutting down: draining requests");
+                crate::notify::stopping();
+            }
             _ = abort_rx => {}
         }
         serve_state.begin_shutdown();
@@ -322,6 +334,15 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         }
     };
 
+    // Every request answered has its audit record on disk before the server stops.
+    if let Some(audit) = &audit
+        && let Err(e) = tokio::time::timeout(TASK_STOP_GRACE, audit.flush())
+            .await
+            .map_err(|_| "timed out".to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+    {
+        tracing::error!(error = %e, "the audit log could not be flushed at shutdown");
+    }
     let _ = stop_tasks.send(true);
     let stopped = tokio::time::timeout(TASK_STOP_GRACE, async {
         while tasks.join_next().await.is_some() {}
@@ -352,6 +373,36 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
 }
 
 /// Completes on the first SIGTERM or SIGINT.
+/// Single sign-on, rate limits and the audit log, from the configuration.
+async fn api_options(
+    config: &ServerConfig,
+    store: &Arc<dyn crate::store::Store>,
+) -> anyhow::Result<api::ApiOptions> {
+    let oidc = match &config.oidc {
+        None => None,
+        Some(settings) => {
+            let verifier = crate::auth::oidc::OidcVerifier::new(settings, Default::default())
+                .map_err(|e| anyhow!("single sign-on: {e}"))?;
+            for (issuer, why) in verifier.warm_up().await {
+                tracing::warn!(%issuer, reason = %why, "cannot fetch the issuer's signing keys yet; tokens from it are refused until they can be fetched");
+            }
+            Some(Arc::new(verifier))
+        }
+    };
+    let limiter = config.rate_limits.enabled.then(|| {
+        let limiter = Arc::new(crate::ratelimit::RateLimiter::new(&config.rate_limits));
+        crate::ratelimit::spawn_cleanup(&limiter, crate::ratelimit::CLEANUP_INTERVAL);
+        limiter
+    });
+    let audit = crate::audit::AuditWriter::start(Arc::clone(store), &config.audit)
+        .map_err(|e| anyhow!("the audit log: {e}"))?;
+    Ok(api::ApiOptions {
+        oidc,
+        limiter,
+        audit: Some(audit),
+    })
+}
+
 fn termination_signal() -> io::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;

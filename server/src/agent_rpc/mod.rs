@@ -53,6 +53,8 @@ pub struct AgentRpc {
     pub book: Arc<AssignmentBook>,
     pub reports: Arc<Reports>,
     pub metrics: Arc<Metrics>,
+    /// Calls per host, kept apart from the API's limits so that API load never starves agents.
+    pub limiter: Option<Arc<crate::ratelimit::AgentRateLimiter>>,
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -106,11 +108,15 @@ impl AgentRpc {
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<HostIdentity, Status> {
         let id = identity::peer_identity(request)?;
         let store = self.store.clone();
-        try_blocking("checking the host identity", move || {
+        let id = try_blocking("checking the host identity", move || {
             identity::check_current(&id, store.as_ref())?;
-            Ok(id)
+            Ok::<_, Status>(id)
         })
-        .await
+        .await?;
+        if let Some(limiter) = &self.limiter {
+            limiter.check(&id.name).map_err(|d| d.to_status())?;
+        }
+        Ok(id)
     }
 
     fn observe<T>(&self, method: &'static str, started: Instant, r: &Result<T, Status>) {

@@ -32,6 +32,7 @@ async fn start() -> Harness {
     let files = PkiFiles::in_dir(&pki);
     let ca = Arc::new(Ca::load(&pki).unwrap());
     let rpc = AgentRpc {
+        limiter: None,
         store: store.clone(),
         ca: ca.clone(),
         book: Arc::default(),

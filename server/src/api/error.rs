@@ -36,6 +36,8 @@ pub enum ErrorCode {
     Internal,
     /// 503: the server is shutting down.
     Unavailable,
+    /// 429: over a rate limit; retry after the `Retry-After` seconds.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -52,6 +54,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -148,6 +151,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.code.status();
         let unauthorized = self.code == ErrorCode::Unauthorized;
+        let summary = ErrorSummary(self.message.chars().take(300).collect());
         let body = ErrorBody {
             code: self.code,
             message: self.message,
@@ -165,9 +169,14 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        resp.extensions_mut().insert(summary);
         resp
     }
 }
+
+/// The start of an error's message, kept on the response for the audit log.
+#[derive(Clone, Debug)]
+pub struct ErrorSummary(pub String);
 
 /// The field of a child's manifest that names a missing parent.
 fn parent_field(kind: Kind) -> &'static str {
@@ -201,6 +210,14 @@ impl From<StoreError> for ApiError {
                     .with_details(vec![FieldProblem::new(field, message)])
             }
             e @ StoreError::HasChildren { .. } => ApiError::new(ErrorCode::Conflict, e.to_string()),
+            e @ StoreError::QuotaExceeded { .. } => {
+                let message = e.to_string();
+                ApiError::new(ErrorCode::Forbidden, message.clone())
+                    .with_details(vec![FieldProblem::new("spec", message)])
+            }
+            StoreError::QuotaAboveParent(message) => {
+                ApiError::invalid(vec![FieldProblem::new("spec.quota", message)])
+            }
             StoreError::InBatch { index, source } => ApiError::from(*source).in_item(index),
             StoreError::Invalid(problems) => ApiError::invalid(problems),
             e @ StoreError::JoinRefused(_) => ApiError::new(ErrorCode::Unauthorized, e.to_string()),
@@ -224,6 +241,17 @@ impl ApiError {
                 ApiError::new(ErrorCode::Unauthorized, e.user_message(admin_token))
             }
             AuthError::Store(e) => ApiError::from(*e),
+            AuthError::OidcNotConfigured => {
+                ApiError::new(ErrorCode::Unauthorized, e.user_message(admin_token))
+            }
+            AuthError::Oidc(ref o) => {
+                let code = match o {
+                    crate::auth::oidc::OidcError::KeysUnavailable { .. } => ErrorCode::Unavailable,
+                    crate::auth::oidc::OidcError::NoRole { .. } => ErrorCode::Forbidden,
+                    _ => ErrorCode::Unauthorized,
+                };
+                ApiError::new(code, e.user_message(admin_token))
+            }
         }
     }
 }

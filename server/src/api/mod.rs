@@ -1,5 +1,6 @@
 //! The REST API (`/api/v1`, docs/api.md): router, authentication, handlers, OpenAPI, serving.
 
+pub mod audit;
 mod body;
 mod error;
 mod objects;
@@ -26,11 +27,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::agent_rpc::Reports;
+use crate::audit::{AuditEntry, AuditObject, AuditPrincipal, AuditResult, AuditWriter};
+use crate::auth::oidc::OidcVerifier;
+use crate::auth::rbac::{self, Role};
 use crate::auth::{Authenticator, Principal};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::ratelimit::RateLimiter;
+use crate::store::{Scope, Scoped, Store};
 
 pub use body::{APPLY_BODY_LIMIT, BODY_LIMIT};
 pub use error::{ApiError, ErrorBody, ErrorCode};
@@ -53,8 +59,21 @@ struct Inner {
     metrics: Arc<Metrics>,
     store_slots: Arc<tokio::sync::Semaphore>,
     auth: Authenticator,
+    limiter: Option<Arc<RateLimiter>>,
+    audit: Option<AuditWriter>,
     index: watch::Receiver<u64>,
     shutting_down: AtomicBool,
+}
+
+/// What the API adds around authentication; everything off by default.
+#[derive(Default)]
+pub struct ApiOptions {
+    /// Verifies single sign-on JWTs.
+    pub oidc: Option<Arc<OidcVerifier>>,
+    /// Per-token and per-tenant request limits.
+    pub limiter: Option<Arc<RateLimiter>>,
+    /// Records every mutating and every denied request.
+    pub audit: Option<AuditWriter>,
 }
 
 /// What every handler shares: the store, the authenticator, the shutdown flag.
@@ -77,8 +96,25 @@ impl ApiState {
         reports: Arc<Reports>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        Self::with_options(
+            store,
+            admin_token_path,
+            reports,
+            metrics,
+            ApiOptions::default(),
+        )
+    }
+
+    /// Like [`ApiState::with_agent_state`], with single sign-on, rate limits and the audit log.
+    pub fn with_options(
+        store: Arc<dyn Store>,
+        admin_token_path: PathBuf,
+        reports: Arc<Reports>,
+        metrics: Arc<Metrics>,
+        options: ApiOptions,
+    ) -> Self {
         let index = store.subscribe();
-        let auth = Authenticator::new(Arc::clone(&store), admin_token_path);
+        let auth = Authenticator::new(Arc::clone(&store), admin_token_path).with_oidc(options.oidc);
         ApiState {
             inner: Arc::new(Inner {
                 store,
@@ -86,6 +122,8 @@ impl ApiState {
                 metrics,
                 store_slots: Arc::new(tokio::sync::Semaphore::new(STORE_CONCURRENCY)),
                 auth,
+                limiter: options.limiter,
+                audit: options.audit,
                 index,
                 shutting_down: AtomicBool::new(false),
             }),
@@ -99,10 +137,6 @@ impl ApiState {
 
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutting_down.load(Ordering::SeqCst)
-    }
-
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.store
     }
 
     /// The latest status report of every host.
@@ -128,8 +162,9 @@ impl ApiState {
             })
     }
 
-    /// Runs store work on the blocking pool.
-    async fn run<T, F>(&self, f: F) -> Result<T, ApiError>
+    /// Runs store work on the blocking pool, unscoped: only for what is not tenant data
+    /// (metrics); handlers go through [`Ctx::run`].
+    async fn run_unscoped<T, F>(&self, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, ApiError> + Send + 'static,
@@ -141,15 +176,171 @@ impl ApiState {
             Err(e) => Err(ApiError::internal(format!("a store task failed: {e}"))),
         }
     }
+}
+
+/// The authenticated, authorized caller of one request, put in the request's extensions by
+/// the authentication middleware.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub principal: Arc<Principal>,
+    pub role: Role,
+    /// The tenant data this caller sees; every store call of its request goes through it.
+    pub scope: Scope,
+    /// For a mutating request: makes its audit record, stored with its change.
+    pub audit: Option<Arc<AuditDraft>>,
+}
+
+/// The audit record of a mutating request, made inside the transaction of its change so that
+/// an acknowledged change always has its record.
+#[derive(Debug)]
+pub struct AuditDraft {
+    principal: AuditPrincipal,
+    tenant: Option<String>,
+    request_id: String,
+    source: String,
+    action: &'static str,
+    /// `POST` of one object: answered 201.
+    creates: bool,
+    records: std::sync::Mutex<Vec<crate::audit::AuditRecord>>,
+}
+
+impl AuditDraft {
+    fn entry(&self, status: u16, object: AuditObject) -> AuditEntry {
+        let mut e = AuditEntry::now(self.principal.clone(), self.action, AuditResult::ok(status))
+            .with_request(self.request_id.clone(), self.source.clone())
+            .with_object(object);
+        if e.tenant.is_none() {
+            e = e.with_tenant(self.tenant.clone());
+        }
+        e
+    }
+
+    fn take_records(&self) -> Vec<crate::audit::AuditRecord> {
+        std::mem::take(&mut *self.records.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl crate::store::AuditHook for AuditDraft {
+    fn write_entries(&self, results: &[crate::store::WriteResult]) -> Vec<AuditEntry> {
+        let status = if self.creates { 201 } else { 200 };
+        match results {
+            [one] => vec![
+                self.entry(status, AuditObject::from(&one.key))
+                    .with_generations(one.previous_generation, Some(one.object.generation)),
+            ],
+            many => {
+                let count =
+                    |o: crate::store::Outcome| many.iter().filter(|r| r.outcome == o).count();
+                vec![self.entry(
+                    status,
+                    AuditObject {
+                        kind: "Batch".into(),
+                        tenant: None,
+                        project: None,
+                        name: format!(
+                            "{} documents: {} created, {} configured, {} unchanged",
+                            many.len(),
+                            count(crate::store::Outcome::Created),
+                            count(crate::store::Outcome::Configured),
+                            count(crate::store::Outcome::Unchanged)
+                        ),
+                    },
+                )]
+            }
+        }
+    }
+
+    fn delete_entries(
+        &self,
+        key: &crate::model::ObjectKey,
+        generation: Option<i64>,
+    ) -> Vec<AuditEntry> {
+        vec![
+            self.entry(200, AuditObject::from(key))
+                .with_generations(generation, None),
+        ]
+    }
+
+    fn recorded(&self, records: Vec<crate::audit::AuditRecord>) {
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(records);
+    }
+}
+
+/// What a handler works with: the shared state and the caller. Store work through it sees only
+/// the caller's scope ([`Scoped`]); there is no way from here to the unscoped store.
+#[derive(Clone)]
+pub struct Ctx {
+    state: ApiState,
+    caller: Arc<Caller>,
+}
+
+impl std::ops::Deref for Ctx {
+    type Target = ApiState;
+    fn deref(&self) -> &ApiState {
+        &self.state
+    }
+}
+
+impl FromRequestParts<ApiState> for Ctx {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+        let caller = parts
+            .extensions
+            .get::<Arc<Caller>>()
+            .cloned()
+            .ok_or_else(|| ApiError::internal("a handler ran without an authenticated caller"))?;
+        Ok(Ctx {
+            state: state.clone(),
+            caller,
+        })
+    }
+}
+
+impl Ctx {
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    /// Runs store work on the blocking pool, within the caller's scope.
+    async fn run<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Scoped<'_>) -> Result<T, ApiError> + Send + 'static,
+    {
+        let scope = self.caller.scope.clone();
+        let hook = self
+            .caller
+            .audit
+            .clone()
+            .map(|d| d as Arc<dyn crate::store::AuditHook>);
+        self.state
+            .run_unscoped(move |store| f(&Scoped::new(store, scope).with_audit(hook)))
+            .await
+    }
 
     /// Runs a point read (one row by its key, tens of microseconds) on the calling task: a hop
     /// to the blocking pool and back would cost more than the read. Readers in WAL mode never
     /// wait for the writer, so this does not stall the runtime.
     fn read_point<T>(
         &self,
-        f: impl FnOnce(&dyn Store) -> Result<T, ApiError>,
+        f: impl FnOnce(&Scoped<'_>) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        f(self.inner.store.as_ref())
+        f(&Scoped::new(
+            self.state.inner.store.as_ref(),
+            self.caller.scope.clone(),
+        ))
+    }
+
+    /// The store and the caller's scope, for work that runs on its own blocking task.
+    fn scoped_parts(&self) -> (Arc<dyn Store>, Scope) {
+        (
+            Arc::clone(&self.state.inner.store),
+            self.caller.scope.clone(),
+        )
     }
 }
 
@@ -180,23 +371,45 @@ fn json_response(status: StatusCode, body: impl Into<Body>, index: u64) -> Respo
     resp
 }
 
-/// What a principal may do. Today only `platform-admin` tokens exist with API access; finer
-/// roles are decided here.
-fn authorize(p: &Principal) -> Result<(), ApiError> {
-    if p.is_platform_admin() {
-        return Ok(());
+/// Decides whether `principal` may use the route axum matched (one row of the permission
+/// table in [`rbac`]) and the scope it acts in.
+fn authorize(principal: Arc<Principal>, req: &Request) -> Result<Caller, ApiError> {
+    let forbidden = |d: rbac::Denied| ApiError::new(ErrorCode::Forbidden, d.0);
+    let role = rbac::role_of(&principal).map_err(forbidden)?;
+    let scope = rbac::scope_of(&principal, role).map_err(forbidden)?;
+    let template = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string());
+    // A method the route does not answer gets its 405 from the router, whoever asks.
+    let answers = |t: &str| {
+        let full = if t.starts_with("/api/v1") || t == "/metrics" {
+            t.to_string()
+        } else {
+            format!("/api/v1{t}")
+        };
+        ROUTE_METHODS
+            .iter()
+            .find(|(route, _)| *route == full)
+            .is_some_and(|(_, methods)| methods.split(", ").any(|m| m == req.method().as_str()))
+    };
+    if let Some((res, verb)) = template
+        .as_deref()
+        .filter(|t| answers(t))
+        .and_then(|t| rbac::route_permission(req.method(), t))
+    {
+        rbac::check(&principal, res, verb).map_err(forbidden)?;
     }
-    Err(ApiError::new(
-        ErrorCode::Forbidden,
-        format!(
-            "the token {} has role {:?}, which may not use this endpoint; use a platform-admin token",
-            p.token_id, p.role
-        ),
-    ))
+    Ok(Caller {
+        principal,
+        role,
+        scope,
+        audit: None,
+    })
 }
 
 /// Authenticates every `/api/v1` request and stamps the index header on responses that lack it.
-async fn require_token(State(state): State<ApiState>, mut req: Request, next: Next) -> Response {
+async fn require_token(State(state): State<ApiState>, req: Request, next: Next) -> Response {
     let index = state.index();
     let mut resp = if state.is_shutting_down() {
         let mut r = ApiError::new(
@@ -208,36 +421,304 @@ async fn require_token(State(state): State<ApiState>, mut req: Request, next: Ne
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         r
     } else {
-        let header = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(HeaderValue::as_bytes);
-        match state.inner.auth.authenticate(header).await {
-            Err(e) => {
-                tracing::debug!(reason = %e, path = %req.uri().path(), "request not authenticated");
-                ApiError::from_auth(e, state.inner.auth.admin_token_path()).into_response()
-            }
-            Ok(principal) => match authorize(&principal) {
-                Err(e) => e.into_response(),
-                Ok(()) => {
-                    // Access log at debug level; nothing is copied unless it is enabled.
-                    let logged = tracing::enabled!(tracing::Level::DEBUG)
-                        .then(|| (req.method().clone(), req.uri().clone(), Instant::now()));
-                    let token_id = logged.as_ref().map(|_| principal.token_id.clone());
-                    req.extensions_mut().insert(principal);
-                    let resp = next.run(req).await;
-                    if let (Some((method, uri, started)), Some(token)) = (logged, token_id) {
-                        tracing::debug!(%method, %uri, status = resp.status().as_u16(), token = %token,
-                            elapsed_us = started.elapsed().as_micros() as u64, "request served");
-                    }
-                    resp
-                }
-            },
-        }
+        authenticated(&state, req, next).await
     };
     if !resp.headers().contains_key(INDEX_HEADER) {
         resp.headers_mut()
             .insert(INDEX_HEADER, HeaderValue::from(index));
+    }
+    resp
+}
+
+/// What a handler tells the audit log about the object it changed.
+#[derive(Clone, Debug)]
+pub struct AuditNote {
+    pub action: &'static str,
+    pub object: Option<AuditObject>,
+    pub generation_before: Option<i64>,
+    pub generation_after: Option<i64>,
+}
+
+impl AuditNote {
+    pub fn object(action: &'static str, key: &crate::model::ObjectKey) -> Self {
+        AuditNote {
+            action,
+            object: Some(AuditObject::from(key)),
+            generation_before: None,
+            generation_after: None,
+        }
+    }
+
+    pub fn generations(mut self, before: Option<i64>, after: Option<i64>) -> Self {
+        self.generation_before = before;
+        self.generation_after = after;
+        self
+    }
+}
+
+/// What the audit log needs of a request, taken before the request is handed on.
+struct Attempt {
+    method: axum::http::Method,
+    path: String,
+    request_id: String,
+    source: String,
+}
+
+impl Attempt {
+    fn of(req: &Request) -> Self {
+        Attempt {
+            method: req.method().clone(),
+            path: client_path(req),
+            request_id: req
+                .extensions()
+                .get::<RequestId>()
+                .map(|r| r.0.to_string())
+                .unwrap_or_default(),
+            source: req
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.to_string())
+                .unwrap_or_else(|| "local".into()),
+        }
+    }
+
+    /// What a request does when no handler says: its method.
+    fn action(&self) -> &'static str {
+        match self.method.as_str() {
+            "GET" | "HEAD" => "read",
+            "DELETE" => "delete",
+            "POST" if self.path.ends_with("/apply") => "apply",
+            "POST" => "create",
+            "PUT" if self.path.ends_with("/scale") => "scale",
+            _ => "update",
+        }
+    }
+
+    fn mutating(&self) -> bool {
+        !matches!(self.method.as_str(), "GET" | "HEAD" | "OPTIONS")
+    }
+}
+
+/// Records one request in the audit log: every mutating request, and every request refused
+/// for want of authentication or permission. A full audit queue waits (backpressure); the
+/// log never drops a record silently.
+async fn audit(
+    state: &ApiState,
+    attempt: &Attempt,
+    who: Option<(&Principal, Option<&str>)>,
+    resp: &mut Response,
+) {
+    let Some(writer) = &state.inner.audit else {
+        return;
+    };
+    if let Some(entry) = audit_entry(attempt, who, resp)
+        && let Err(e) = writer.record(entry).await
+    {
+        tracing::error!(error = %e, "an audit record could not be written");
+    }
+}
+
+/// The record of a request that was not stored with a change: a refusal, a failure, or a
+/// change that changed nothing. `None` for reads that were allowed.
+fn audit_entry(
+    attempt: &Attempt,
+    who: Option<(&Principal, Option<&str>)>,
+    resp: &mut Response,
+) -> Option<AuditEntry> {
+    let status = resp.status();
+    let denied = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
+    if !attempt.mutating() && !denied {
+        return None;
+    }
+    let reason = resp
+        .extensions()
+        .get::<error::ErrorSummary>()
+        .map(|e| e.0.clone());
+    let result = if denied {
+        AuditResult::denied(status.as_u16(), reason.unwrap_or_default())
+    } else if status.is_success() {
+        AuditResult::ok(status.as_u16())
+    } else {
+        AuditResult::error(status.as_u16(), reason.unwrap_or_default())
+    };
+    let principal = who.map_or_else(AuditPrincipal::anonymous, |(p, _)| AuditPrincipal::from(p));
+    let note = resp.extensions_mut().remove::<AuditNote>();
+    let action = match (&note, denied) {
+        (_, true) if !attempt.mutating() => "deny",
+        (Some(n), _) => n.action,
+        (None, _) => attempt.action(),
+    };
+    let mut entry = AuditEntry::now(principal, action, result)
+        .with_request(attempt.request_id.clone(), attempt.source.clone());
+    match note {
+        Some(n) => {
+            if let Some(o) = n.object {
+                entry = entry.with_object(o);
+            }
+            entry = entry.with_generations(n.generation_before, n.generation_after);
+        }
+        None => {
+            entry = entry.with_object(AuditObject {
+                kind: "Request".into(),
+                tenant: None,
+                project: None,
+                name: format!("{} {}", attempt.method, attempt.path),
+            });
+        }
+    }
+    if entry.tenant.is_none() {
+        entry =
+            entry.with_tenant(who.and_then(|(p, t)| t.or(p.tenant.as_deref()).map(str::to_string)));
+    }
+    Some(entry)
+}
+
+async fn authenticated(state: &ApiState, mut req: Request, next: Next) -> Response {
+    let attempt = Attempt::of(&req);
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    let principal = match state.inner.auth.authenticate(header).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(reason = %e, path = %attempt.path, "request not authenticated");
+            let mut resp =
+                ApiError::from_auth(e, state.inner.auth.admin_token_path()).into_response();
+            audit(state, &attempt, None, &mut resp).await;
+            return resp;
+        }
+    };
+    let caller = match authorize(Arc::clone(&principal), &req) {
+        Ok(c) => c,
+        Err(e) => {
+            let mut resp = e.into_response();
+            audit(state, &attempt, Some((&principal, None)), &mut resp).await;
+            return resp;
+        }
+    };
+    if let Some(limiter) = &state.inner.limiter
+        && let Err(denied) = limiter.check(&caller.principal.token_id, caller.scope.tenant())
+    {
+        // Not audited: a flood would flood the log; the limiter's refusals are counted in
+        // the debug log instead.
+        tracing::debug!(principal = %caller.principal.token_id, scope = %denied.scope, "request over its rate limit");
+        return denied.into_response();
+    }
+    // A mutating request takes its place in the audit queue first: when the log cannot keep
+    // up, the request waits or is refused, and a change is never left without its record.
+    let mut caller = caller;
+    let slot = match (&state.inner.audit, attempt.mutating()) {
+        (Some(writer), true) => match writer.reserve().await {
+            Ok(slot) => {
+                caller.audit = Some(Arc::new(AuditDraft {
+                    principal: AuditPrincipal::from(caller.principal.as_ref()),
+                    tenant: caller.scope.tenant().map(str::to_string),
+                    request_id: attempt.request_id.clone(),
+                    source: attempt.source.clone(),
+                    action: attempt.action(),
+                    creates: attempt.method == axum::http::Method::POST
+                        && attempt.action() == "create",
+                    records: std::sync::Mutex::default(),
+                }));
+                Some(slot)
+            }
+            Err(e) => {
+                return ApiError::new(ErrorCode::Unavailable, e.to_string()).into_response();
+            }
+        },
+        _ => None,
+    };
+    let caller = Arc::new(caller);
+    let span = tracing::Span::current();
+    span.record("principal", caller.principal.token_id.as_str());
+    if let Some(t) = caller.scope.tenant() {
+        span.record("tenant", t);
+    }
+    // Access log at debug level; nothing is copied unless it is enabled.
+    let logged = tracing::enabled!(tracing::Level::DEBUG).then(Instant::now);
+    req.extensions_mut().insert(Arc::clone(&caller));
+    let mut resp = next.run(req).await;
+    if let Some(started) = logged {
+        tracing::debug!(method = %attempt.method, path = %attempt.path, status = resp.status().as_u16(),
+            elapsed_us = started.elapsed().as_micros() as u64, "request served");
+    }
+    let stored = caller
+        .audit
+        .as_ref()
+        .map(|d| d.take_records())
+        .unwrap_or_default();
+    match slot {
+        // Stored with the change: only the sink is left to write.
+        Some(slot) if !stored.is_empty() => slot.publish(stored),
+        Some(slot) => {
+            if let Some(entry) = audit_entry(
+                &attempt,
+                Some((&caller.principal, caller.scope.tenant())),
+                &mut resp,
+            ) && let Err(e) = slot.record(entry)
+            {
+                tracing::error!(error = %e, "an audit record could not be written");
+            }
+        }
+        None => {
+            audit(
+                state,
+                &attempt,
+                Some((&caller.principal, caller.scope.tenant())),
+                &mut resp,
+            )
+            .await
+        }
+    }
+    resp
+}
+
+/// Header carrying the request id: taken from the client when it sends a sensible one, made
+/// up otherwise, and sent back on every response.
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The id of one request, in the request's extensions.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub Arc<str>);
+
+/// A client's id is kept when it is 1 to 128 characters of letters, digits and `-_.:`.
+fn usable_request_id(v: &HeaderValue) -> Option<&str> {
+    let s = v.to_str().ok()?;
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    ok.then_some(s)
+}
+
+fn new_request_id() -> String {
+    let n: u128 = rand::random();
+    format!("{:032x}", n)
+}
+
+/// Gives every request an id and a tracing span (`request_id`, and once authenticated
+/// `principal` and `tenant`), so every log line of the request carries them, and returns the id
+/// in `X-Request-Id`.
+async fn request_context(mut req: Request, next: Next) -> Response {
+    let id: Arc<str> = match req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(usable_request_id)
+    {
+        Some(s) => Arc::from(s),
+        None => Arc::from(new_request_id()),
+    };
+    req.extensions_mut().insert(RequestId(Arc::clone(&id)));
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        principal = tracing::field::Empty,
+        tenant = tracing::field::Empty
+    );
+    let mut resp = next.run(req).instrument(span).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     resp
 }
@@ -294,6 +775,8 @@ const ROUTE_METHODS: &[(&str, &str)] = &[
     ("/api/v1/hosts/{host}", "GET, PUT, DELETE"),
     ("/api/v1/tokens", "GET, POST"),
     ("/api/v1/tokens/{id}", "DELETE"),
+    ("/api/v1/audit", "GET"),
+    ("/api/v1/audit/verify", "GET"),
 ];
 
 async fn method_not_allowed(matched: Option<MatchedPath>, req: Request) -> Response {
@@ -324,7 +807,7 @@ async fn method_not_allowed(matched: Option<MatchedPath>, req: Request) -> Respo
 async fn metrics_handler(State(state): State<ApiState>) -> Result<Response, ApiError> {
     let (metrics, reports) = (state.inner.metrics.clone(), state.inner.reports.clone());
     let text = state
-        .run(move |store| Ok(metrics.render(store, &reports)?))
+        .run_unscoped(move |store| Ok(metrics.render(store, &reports)?))
         .await?;
     Ok((
         [(
@@ -389,6 +872,8 @@ pub fn router(state: ApiState) -> Router {
             get(tokens::list_tokens).post(tokens::create_token),
         )
         .route("/tokens/{id}", delete(tokens::revoke_token))
+        .route("/audit", get(audit::list_audit))
+        .route("/audit/verify", get(audit::verify_audit))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -403,5 +888,6 @@ pub fn router(state: ApiState) -> Router {
         .nest("/api/v1", v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(request_context))
         .with_state(state)
 }

@@ -2,7 +2,6 @@
 
 use std::cell::Cell;
 use std::fmt::Write as _;
-use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
@@ -17,12 +16,17 @@ use utoipa::ToSchema;
 use super::body::{self, APPLY_BODY_LIMIT, BODY_LIMIT};
 use super::error::{ApiError, ErrorBody, ErrorCode, single};
 use super::openapi::{HostList, InstanceList, ProjectList, TenantList};
-use super::{ApiState, OUTCOME_HEADER, P, json_response, query};
+use super::{ApiState, AuditNote, Ctx, OUTCOME_HEADER, P, json_response, query};
+use crate::auth::rbac;
 use crate::model::{
     API_VERSION, FieldProblem, HOST_READ_ONLY, Host, Kind, MAX_REPLICAS, ObjectKey,
-    OpenClawInstance, Project, Resource, Tenant, decode_typed, validate_dns_label, validate_object,
+    OpenClawInstance, Project, Resource, Tenant, decode_typed, format_cpu, format_memory,
+    validate_dns_label, validate_object,
 };
-use crate::store::{ListFilter, Outcome, Store, StoreError, StoredObject, WriteMode, WriteSummary};
+use crate::store::{
+    ListFilter, Outcome, Scoped, StoreError, StoredObject, Usage, UsageByTenant, WriteMode,
+    WriteSummary,
+};
 /// Attempts of a scale before giving up on concurrent writers.
 const SCALE_ATTEMPTS: usize = 5;
 
@@ -128,7 +132,7 @@ fn check_path_names(names: &[(&str, &str)]) -> Result<(), ApiError> {
 
 /// Lists `filter.kind`, narrowed by the query; `parent` must exist when given.
 async fn list(
-    state: ApiState,
+    state: Ctx,
     raw: Option<String>,
     allowed: &[&str],
     mut filter: ListFilter,
@@ -142,7 +146,69 @@ async fn list(
     if let Some(p) = params.get("project") {
         filter.project = Some(p.to_string());
     }
+    if matches!(filter.kind, Kind::Tenant | Kind::Project) {
+        return list_with_usage(state, filter, parent).await;
+    }
     stream_list(state, filter, parent).await
+}
+
+/// `status.usage` of a tenant or project: what its instances consume, as quotas count it.
+fn usage_value(u: &Usage) -> Value {
+    serde_json::json!({
+        "instances": u.instances,
+        "replicas": u.replicas,
+        "cpu": format_cpu(u.cpu_millis.max(0) as u64),
+        "memory": format_memory(u.memory_bytes.max(0) as u64),
+    })
+}
+
+/// The stored JSON of a tenant or project with its current usage in `status.usage`.
+fn with_usage(o: &StoredObject, usage: &UsageByTenant) -> Result<Value, ApiError> {
+    let mut v: Value = serde_json::from_str(&o.json).map_err(ApiError::internal)?;
+    let u = match o.key.kind {
+        Kind::Tenant => usage.get(&o.key.name).map(|(t, _)| *t),
+        Kind::Project => usage
+            .get(&o.key.tenant)
+            .and_then(|(_, projects)| projects.get(&o.key.name).copied()),
+        _ => return Ok(v),
+    }
+    .unwrap_or_default();
+    if let Value::Object(map) = &mut v {
+        let status = map
+            .entry("status")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(status) = status {
+            status.insert("usage".into(), usage_value(&u));
+        }
+    }
+    Ok(v)
+}
+
+/// Lists tenants or projects (few, small) with their usage against their quotas.
+async fn list_with_usage(
+    state: Ctx,
+    filter: ListFilter,
+    parent: Option<ObjectKey>,
+) -> Result<Response, ApiError> {
+    let (index, items) = state
+        .run(move |store| {
+            if let Some(parent) = parent
+                && store.get(&parent)?.is_none()
+            {
+                return Err(StoreError::NotFound(parent).into());
+            }
+            let (index, items) = store.list_at(&filter)?;
+            let usage = store.usage()?;
+            let items = items
+                .iter()
+                .map(|o| with_usage(o, &usage))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((index, items))
+        })
+        .await?;
+    let text = serde_json::to_string(&serde_json::json!({"index": index, "items": items}))
+        .map_err(ApiError::internal)?;
+    Ok(json_response(StatusCode::OK, text, index))
 }
 
 /// Bytes of list body gathered before they are handed to the connection.
@@ -152,16 +218,17 @@ const LIST_CHUNK: usize = 64 * 1024;
 /// a list of 10,000 objects never holds more than a few chunks in memory. Errors found before
 /// the first byte (a missing parent, a store failure) are answered as usual.
 async fn stream_list(
-    state: ApiState,
+    state: Ctx,
     filter: ListFilter,
     parent: Option<ObjectKey>,
 ) -> Result<Response, ApiError> {
     let slot = state.store_slot().await?;
-    let store = Arc::clone(state.store());
+    let (store, scope) = state.scoped_parts();
     let (started_tx, started_rx) = oneshot::channel::<Result<u64, ApiError>>();
     let (chunks_tx, chunks_rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
         let _slot = slot;
+        let store = Scoped::new(store.as_ref(), scope);
         // Shared by the two scan callbacks.
         let started_tx = Cell::new(Some(started_tx));
         let at = Cell::new(0u64);
@@ -226,10 +293,7 @@ impl ChunkWriter {
     }
 
     fn head(&mut self, index: u64) {
-        let _ = write!(
-            ByteText(&mut self.buf),
-            "{{\"index\":{index},\"items\":["
-        );
+        let _ = write!(ByteText(&mut self.buf), "{{\"index\":{index},\"items\":[");
     }
 
     /// Adds one object's JSON; false once the client is gone.
@@ -278,13 +342,19 @@ impl std::fmt::Write for ByteText<'_> {
     }
 }
 
-async fn get_one(
-    state: ApiState,
-    raw: Option<String>,
-    key: ObjectKey,
-) -> Result<Response, ApiError> {
+async fn get_one(state: Ctx, raw: Option<String>, key: ObjectKey) -> Result<Response, ApiError> {
     if raw.is_some() {
         query::parse(raw.as_deref(), &[])?;
+    }
+    if matches!(key.kind, Kind::Tenant | Kind::Project) {
+        let (index, value) = state
+            .run(move |store| match store.get_at(&key)? {
+                (index, Some(o)) => Ok((index, with_usage(&o, &store.usage()?)?)),
+                (_, None) => Err(StoreError::NotFound(key).into()),
+            })
+            .await?;
+        let text = serde_json::to_string(&value).map_err(ApiError::internal)?;
+        return Ok(json_response(StatusCode::OK, text, index));
     }
     let (index, object) = state.read_point(move |store| match store.get_at(&key)? {
         (index, Some(o)) => Ok((index, o)),
@@ -378,10 +448,13 @@ async fn object_from_body(
     Ok(resource)
 }
 
-fn written(summary: WriteSummary) -> Result<(u64, Outcome, StoredObject), ApiError> {
+/// One object's write: the index, what happened, the object, its generation before.
+type Written = (u64, Outcome, StoredObject, Option<i64>);
+
+fn written(summary: WriteSummary) -> Result<Written, ApiError> {
     let index = summary.index;
     match summary.results.into_iter().next() {
-        Some(r) => Ok((index, r.outcome, r.object)),
+        Some(r) => Ok((index, r.outcome, r.object, r.previous_generation)),
         None => Err(ApiError::internal(
             "the store answered a write of one object with no result",
         )),
@@ -389,7 +462,7 @@ fn written(summary: WriteSummary) -> Result<(u64, Outcome, StoredObject), ApiErr
 }
 
 async fn create(
-    state: ApiState,
+    state: Ctx,
     raw: Option<String>,
     headers: HeaderMap,
     body: Body,
@@ -397,7 +470,7 @@ async fn create(
 ) -> Result<Response, ApiError> {
     query::parse(raw.as_deref(), &[])?;
     let resource = object_from_body(&headers, body, &target).await?;
-    let (index, _, object) = state
+    let (index, _, object, before) = state
         .run(move |store| {
             written(
                 store
@@ -406,7 +479,17 @@ async fn create(
             )
         })
         .await?;
-    Ok(json_response(StatusCode::CREATED, object.json, index))
+    let note =
+        AuditNote::object("create", &object.key).generations(before, Some(object.generation));
+    Ok(noted(
+        json_response(StatusCode::CREATED, object.json, index),
+        note,
+    ))
+}
+
+fn noted(mut resp: Response, note: AuditNote) -> Response {
+    resp.extensions_mut().insert(note);
+    resp
 }
 
 fn with_outcome(mut resp: Response, outcome: Outcome) -> Response {
@@ -416,7 +499,7 @@ fn with_outcome(mut resp: Response, outcome: Outcome) -> Response {
 }
 
 async fn put_one(
-    state: ApiState,
+    state: Ctx,
     raw: Option<String>,
     headers: HeaderMap,
     body: Body,
@@ -424,7 +507,7 @@ async fn put_one(
 ) -> Result<Response, ApiError> {
     query::parse(raw.as_deref(), &[])?;
     let resource = object_from_body(&headers, body, &target).await?;
-    let (index, outcome, object) = state
+    let (index, outcome, object, before) = state
         .run(move |store| {
             written(
                 store
@@ -437,25 +520,30 @@ async fn put_one(
         Outcome::Created => StatusCode::CREATED,
         Outcome::Configured | Outcome::Unchanged => StatusCode::OK,
     };
-    Ok(with_outcome(
-        json_response(status, object.json, index),
-        outcome,
+    let note =
+        AuditNote::object("update", &object.key).generations(before, Some(object.generation));
+    Ok(noted(
+        with_outcome(json_response(status, object.json, index), outcome),
+        note,
     ))
 }
 
-async fn delete_one(
-    state: ApiState,
-    raw: Option<String>,
-    key: ObjectKey,
-) -> Result<Response, ApiError> {
+async fn delete_one(state: Ctx, raw: Option<String>, key: ObjectKey) -> Result<Response, ApiError> {
     let params = query::parse(raw.as_deref(), &["resourceVersion"])?;
     let expected = params.u64("resourceVersion")?;
     let deleted = key.to_string();
-    let index = state
-        .run(move |store| Ok(store.delete(&key, expected)?))
+    let note = AuditNote::object("delete", &key);
+    let (index, before) = state
+        .run(move |store| {
+            let before = store.get(&key)?.map(|o| o.generation);
+            Ok((store.delete(&key, expected)?, before))
+        })
         .await?;
     let text = serde_json::to_string(&Deleted { deleted, index }).map_err(ApiError::internal)?;
-    Ok(json_response(StatusCode::OK, text, index))
+    Ok(noted(
+        json_response(StatusCode::OK, text, index),
+        note.generations(before, None),
+    ))
 }
 
 // ---- health and info -------------------------------------------------------------------
@@ -498,10 +586,7 @@ pub async fn readyz(State(state): State<ApiState>) -> Response {
         (status = 200, description = "Server information", body = Info),
         (status = 401, description = "No valid API token", body = ErrorBody),
     ))]
-pub async fn info(
-    State(state): State<ApiState>,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+pub async fn info(state: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     query::parse(raw.as_deref(), &[])?;
     let index = state.index();
     let info = Info {
@@ -532,7 +617,7 @@ pub async fn info(
         (status = 422, description = "Objects break rules; details name items[i].field", body = ErrorBody),
     ))]
 pub async fn apply(
-    State(state): State<ApiState>,
+    state: Ctx,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
@@ -543,6 +628,7 @@ pub async fn apply(
     let docs = body::apply_documents(&bytes, format)?;
     drop(bytes);
     let (mut too_large, mut forbidden, mut invalid) = (Vec::new(), Vec::new(), Vec::new());
+    let mut denials = Vec::new();
     let mut batch = Vec::with_capacity(docs.len());
     for (i, doc) in docs.into_iter().enumerate() {
         let item = format!("items[{i}]");
@@ -558,9 +644,23 @@ pub async fn apply(
             Ok(r) if !r.kind().user_writable() => {
                 forbidden.push(FieldProblem::new(format!("{item}.kind"), HOST_READ_ONLY))
             }
-            Ok(r) => batch.push((r, WriteMode::Apply)),
+            Ok(r) => match rbac::check(
+                &state.caller().principal,
+                rbac::Res::of_kind(r.kind()),
+                rbac::Verb::Write,
+            ) {
+                Ok(_) => batch.push((r, WriteMode::Apply)),
+                Err(denied) => denials.push(FieldProblem::new(format!("{item}.kind"), denied.0)),
+            },
             Err(problems) => invalid.extend(problems.into_iter().map(|p| p.under(&item))),
         }
+    }
+    if !denials.is_empty() {
+        let msg = format!(
+            "{} document(s) are not yours to write, listed in details; nothing was written",
+            denials.len()
+        );
+        return Err(ApiError::new(ErrorCode::Forbidden, msg).with_details(denials));
     }
     if !too_large.is_empty() {
         let msg = format!(
@@ -598,7 +698,38 @@ pub async fn apply(
         items,
     };
     let text = serde_json::to_string(&response).map_err(ApiError::internal)?;
-    Ok(json_response(StatusCode::OK, text, summary.index))
+    let count = |o: Outcome| response.items.iter().filter(|i| i.outcome == o).count();
+    let tenants: std::collections::BTreeSet<&str> = response
+        .items
+        .iter()
+        .filter_map(|i| match i.kind {
+            Kind::Tenant => Some(i.name.as_str()),
+            _ => i.tenant.as_deref(),
+        })
+        .collect();
+    let note = AuditNote {
+        action: if dry_run { "apply.dry-run" } else { "apply" },
+        object: Some(crate::audit::AuditObject {
+            kind: "Batch".into(),
+            tenant: (tenants.len() == 1)
+                .then(|| tenants.iter().next().map(|t| t.to_string()))
+                .flatten(),
+            project: None,
+            name: format!(
+                "{} documents: {} created, {} configured, {} unchanged",
+                response.items.len(),
+                count(Outcome::Created),
+                count(Outcome::Configured),
+                count(Outcome::Unchanged)
+            ),
+        }),
+        generation_before: None,
+        generation_after: None,
+    };
+    Ok(noted(
+        json_response(StatusCode::OK, text, summary.index),
+        note,
+    ))
 }
 
 // ---- tenants ---------------------------------------------------------------------------
@@ -635,10 +766,7 @@ fn instance(tenant: String, project: String, name: Option<String>) -> Target {
     params(("labelSelector" = Option<String>, Query, description = "k=v,k!=v,k,!k")),
     responses((status = 200, description = "Tenants by name", body = TenantList,
         headers(("X-Clusterclaw-Index" = u64, description = "Store index the list was read at")))))]
-pub async fn list_tenants(
-    State(state): State<ApiState>,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+pub async fn list_tenants(state: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     list(
         state,
         raw,
@@ -657,7 +785,7 @@ pub async fn list_tenants(
         (status = 422, description = "Invalid", body = ErrorBody),
     ))]
 pub async fn create_tenant(
-    State(state): State<ApiState>,
+    state: Ctx,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
@@ -670,7 +798,7 @@ pub async fn create_tenant(
     params(("tenant" = String, Path)),
     responses((status = 200, description = "The tenant", body = Tenant), (status = 404, description = "NotFound", body = ErrorBody)))]
 pub async fn get_tenant(
-    State(state): State<ApiState>,
+    state: Ctx,
     P(name): P<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -690,7 +818,7 @@ pub async fn get_tenant(
         (status = 422, description = "Invalid", body = ErrorBody),
     ))]
 pub async fn put_tenant(
-    State(state): State<ApiState>,
+    state: Ctx,
     P(name): P<String>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
@@ -708,7 +836,7 @@ pub async fn put_tenant(
         (status = 409, description = "The tenant still has projects, or a stale resourceVersion", body = ErrorBody),
     ))]
 pub async fn delete_tenant(
-    State(state): State<ApiState>,
+    state: Ctx,
     P(name): P<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -722,10 +850,7 @@ pub async fn delete_tenant(
 #[utoipa::path(get, path = "/api/v1/projects", tag = "projects",
     params(("tenant" = Option<String>, Query), ("labelSelector" = Option<String>, Query, description = "k=v,k!=v,k,!k")),
     responses((status = 200, description = "Projects by tenant and name", body = ProjectList)))]
-pub async fn list_projects(
-    State(state): State<ApiState>,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+pub async fn list_projects(state: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     list(
         state,
         raw,
@@ -742,7 +867,7 @@ pub async fn list_projects(
     responses((status = 200, description = "Projects by name", body = ProjectList),
         (status = 404, description = "No such tenant", body = ErrorBody)))]
 pub async fn list_tenant_projects(
-    State(state): State<ApiState>,
+    state: Ctx,
     P(tenant): P<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -771,7 +896,7 @@ pub async fn list_tenant_projects(
         (status = 422, description = "Invalid", body = ErrorBody),
     ))]
 pub async fn create_project(
-    State(state): State<ApiState>,
+    state: Ctx,
     P(tenant): P<String>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
@@ -785,7 +910,7 @@ pub async fn create_project(
     params(("tenant" = String, Path), ("project" = String, Path)),
     responses((status = 200, description = "The project", body = Project), (status = 404, description = "NotFound", body = ErrorBody)))]
 pub async fn get_project(
-    State(state): State<ApiState>,
+    state: Ctx,
     P((tenant, name)): P<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -806,7 +931,7 @@ pub async fn get_project(
         (status = 422, description = "Invalid", body = ErrorBody),
     ))]
 pub async fn put_project(
-    State(state): State<ApiState>,
+    state: Ctx,
     P((tenant, name)): P<(String, String)>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
@@ -824,7 +949,7 @@ pub async fn put_project(
         (status = 409, description = "The project still has instances, or a stale resourceVersion", body = ErrorBody),
     ))]
 pub async fn delete_project(
-    State(state): State<ApiState>,
+    state: Ctx,
     P((tenant, name)): P<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -839,10 +964,7 @@ pub async fn delete_project(
     params(("tenant" = Option<String>, Query), ("project" = Option<String>, Query),
         ("labelSelector" = Option<String>, Query, description = "k=v,k!=v,k,!k")),
     responses((status = 200, description = "Instances by tenant, project and name", body = InstanceList)))]
-pub async fn list_instances(
-    State(state): State<ApiState>,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+pub async fn list_instances(state: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     list(
         state,
         raw,
@@ -859,7 +981,7 @@ pub async fn list_instances(
     responses((status = 200, description = "Instances by name", body = InstanceList),
         (status = 404, description = "No such project", body = ErrorBody)))]
 pub async fn list_project_instances(
-    State(state): State<ApiState>,
+    state: Ctx,
     P((tenant, project)): P<(String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -889,7 +1011,7 @@ pub async fn list_project_instances(
         (status = 422, description = "Invalid", body = ErrorBody),
     ))]
 pub async fn create_instance(
-    State(state): State<ApiState>,
+    state: Ctx,
     P((tenant, project)): P<(String, String)>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
@@ -903,7 +1025,7 @@ pub async fn create_instance(
     params(("tenant" = String, Path), ("project" = String, Path), ("name" = String, Path)),
     responses((status = 200, description = "The instance", body = OpenClawInstance), (status = 404, description = "NotFound", body = ErrorBody)))]
 pub async fn get_instance(
-    State(state): State<ApiState>,
+    state: Ctx,
     P((tenant, project, name)): P<(String, String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -924,7 +1046,7 @@ pub async fn get_instance(
         (status = 422, description = "Invalid", body = ErrorBody),
     ))]
 pub async fn put_instance(
-    State(state): State<ApiState>,
+    state: Ctx,
     P((tenant, project, name)): P<(String, String, String)>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
@@ -950,7 +1072,7 @@ pub async fn put_instance(
         (status = 409, description = "Stale resourceVersion", body = ErrorBody),
     ))]
 pub async fn delete_instance(
-    State(state): State<ApiState>,
+    state: Ctx,
     P((tenant, project, name)): P<(String, String, String)>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -968,7 +1090,7 @@ pub async fn delete_instance(
         (status = 422, description = "Replicas out of range", body = ErrorBody),
     ))]
 pub async fn scale_instance(
-    State(state): State<ApiState>,
+    state: Ctx,
     P((tenant, project, name)): P<(String, String, String)>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
@@ -988,22 +1110,19 @@ pub async fn scale_instance(
         )]));
     }
     let key = ObjectKey::instance(tenant, project, name);
-    let (index, outcome, object) = state
+    let (index, outcome, object, before) = state
         .run(move |store| scale(store, &key, request.replicas))
         .await?;
-    Ok(with_outcome(
-        json_response(StatusCode::OK, object.json, index),
-        outcome,
+    let note = AuditNote::object("scale", &object.key).generations(before, Some(object.generation));
+    Ok(noted(
+        with_outcome(json_response(StatusCode::OK, object.json, index), outcome),
+        note,
     ))
 }
 
 /// Read, change, write with the read resourceVersion as precondition; retried when another
 /// writer got in between.
-fn scale(
-    store: &dyn Store,
-    key: &ObjectKey,
-    replicas: i64,
-) -> Result<(u64, Outcome, StoredObject), ApiError> {
+fn scale(store: &Scoped<'_>, key: &ObjectKey, replicas: i64) -> Result<Written, ApiError> {
     for _ in 0..SCALE_ATTEMPTS {
         let Some(current) = store.get(key)? else {
             return Err(StoreError::NotFound(key.clone()).into());
@@ -1052,10 +1171,7 @@ fn scale(
 #[utoipa::path(get, path = "/api/v1/hosts", tag = "hosts",
     params(("labelSelector" = Option<String>, Query, description = "k=v,k!=v,k,!k")),
     responses((status = 200, description = "Hosts by name", body = HostList)))]
-pub async fn list_hosts(
-    State(state): State<ApiState>,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+pub async fn list_hosts(state: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     list(
         state,
         raw,
@@ -1071,7 +1187,7 @@ pub async fn list_hosts(
     params(("host" = String, Path)),
     responses((status = 200, description = "The host", body = Host), (status = 404, description = "NotFound", body = ErrorBody)))]
 pub async fn get_host(
-    State(state): State<ApiState>,
+    state: Ctx,
     P(name): P<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -1092,7 +1208,7 @@ pub async fn put_host() -> ApiError {
     params(("host" = String, Path), ("resourceVersion" = Option<u64>, Query, description = "Precondition")),
     responses((status = 200, description = "Deleted", body = Deleted), (status = 404, description = "NotFound", body = ErrorBody)))]
 pub async fn delete_host(
-    State(state): State<ApiState>,
+    state: Ctx,
     P(name): P<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -1133,12 +1249,17 @@ mod tests {
         );
         assert_eq!(body(&[], 0).1, json!({"index": 0, "items": []}));
         // Big enough to need several chunks: still one valid document, every item once.
-        let many: Vec<String> = (0..3000).map(|i| o(&format!("bot-{i}-{}", "x".repeat(40)))).collect();
+        let many: Vec<String> = (0..3000)
+            .map(|i| o(&format!("bot-{i}-{}", "x".repeat(40))))
+            .collect();
         let (chunks, v) = body(&many, 9);
         assert!(chunks > 2, "{chunks} chunks");
         let items = v["items"].as_array().unwrap();
         assert_eq!(items.len(), 3000);
-        assert_eq!(items[2999]["metadata"]["name"], json!(format!("bot-2999-{}", "x".repeat(40))));
+        assert_eq!(
+            items[2999]["metadata"]["name"],
+            json!(format!("bot-2999-{}", "x".repeat(40)))
+        );
     }
 
     #[test]

@@ -8,12 +8,16 @@ use serde::Serialize;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
+use super::audit::{self, AuditList, AuditVerifyReport};
 use super::error::{ErrorBody, ErrorCode};
 use super::objects::{
     self, AppliedItem, ApplyRequest, ApplyResponse, Deleted, Health, Info, Ready, ScaleRequest,
 };
 use super::tokens::{self, CreateToken, CreatedToken, Revoked};
 use super::{ApiState, json_response};
+use crate::audit::{
+    AuditEntry, AuditObject, AuditOutcome, AuditPrincipal, AuditRecord, AuditResult,
+};
 use crate::model::{FieldProblem, Host, OpenClawInstance, Project, Tenant};
 use crate::store::{Outcome, TokenKind, TokenRecord};
 
@@ -108,11 +112,14 @@ impl Modify for BearerAuth {
         tokens::create_token,
         tokens::list_tokens,
         tokens::revoke_token,
+        audit::list_audit,
+        audit::verify_audit,
     ),
     components(schemas(
         ErrorBody, ErrorCode, FieldProblem, Health, Ready, Info, ApplyRequest, ApplyResponse, AppliedItem, Outcome,
         Deleted, ScaleRequest, TenantList, ProjectList, InstanceList, HostList, TokenList, TokenRecord, TokenKind,
-        CreateToken, CreatedToken, Revoked,
+        CreateToken, CreatedToken, Revoked, AuditList, AuditVerifyReport, AuditRecord, AuditEntry,
+        AuditPrincipal, AuditObject, AuditResult, AuditOutcome,
     )),
     tags(
         (name = "health", description = "Liveness and readiness, without authentication"),
@@ -121,6 +128,7 @@ impl Modify for BearerAuth {
         (name = "tenants"), (name = "projects"), (name = "instances"),
         (name = "hosts", description = "Read-only to users: written by clusterclaw-agent"),
         (name = "tokens", description = "API and join tokens"),
+        (name = "audit", description = "The hash-chained audit log"),
     ),
 )]
 pub struct ApiDoc;

@@ -150,6 +150,12 @@ where
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
+    // Handlers and the audit log see the client's address.
+    let app = tower::ServiceExt::map_request(app, move |mut req: axum::http::Request<_>| {
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        req
+    });
     let conn = builder.serve_connection(io, TowerToHyperService::new(app));
     tokio::pin!(conn);
     let result = tokio::select! {

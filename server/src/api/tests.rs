@@ -10,6 +10,8 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use super::{ApiState, router};
+
+mod tenancy;
 use crate::auth::{
     self, PLATFORM_ADMIN, generate_api_token, generate_join_token, generate_token_id, hash_token,
 };

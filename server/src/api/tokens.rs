@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{RawQuery, State};
+use axum::extract::RawQuery;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
@@ -12,12 +12,11 @@ use utoipa::ToSchema;
 use super::body::{self, BODY_LIMIT};
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::openapi::TokenList;
-use super::{ApiState, P, json_response, query};
-use crate::auth::{
-    PLATFORM_ADMIN, ROLES, Secret, generate_api_token, generate_join_token, generate_token_id,
-    hash_token,
-};
-use crate::model::{FieldProblem, decode_typed};
+use super::{AuditNote, Caller, Ctx, P, json_response, query};
+use crate::audit::AuditObject;
+use crate::auth::rbac::{self, Role};
+use crate::auth::{Secret, generate_api_token, generate_join_token, generate_token_id, hash_token};
+use crate::model::{FieldProblem, Kind, ObjectKey, decode_typed, validate_dns_label};
 use crate::store::{TokenKind, TokenRecord};
 use crate::util::{is_format_char, unix_now};
 
@@ -43,9 +42,17 @@ pub struct CreateToken {
     /// A label for people.
     #[serde(default)]
     pub name: Option<String>,
-    /// Role of an API token; `platform-admin` (the default) is the only one so far.
+    /// Role of an API token: `platform-admin`, `tenant-admin`, `project-editor` or `viewer`.
+    /// Defaults to the caller's own role. A caller grants only its own role or a lesser one.
     #[serde(default)]
     pub role: Option<String>,
+    /// Tenant an API token is limited to (required for `tenant-admin` and `project-editor`;
+    /// a tenant-admin's tokens are always for its own tenant).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Project (in `tenant`) an API token is limited to (required for `project-editor`).
+    #[serde(default)]
+    pub project: Option<String>,
 }
 
 /// `POST /api/v1/tokens` answer: the only time the secret is shown.
@@ -77,8 +84,101 @@ fn parse_request(value: serde_json::Value) -> Result<CreateToken, ApiError> {
     decode_typed(value).map_err(|p| ApiError::invalid(vec![p]))
 }
 
+/// Checks what `caller` may grant: the role (its own or a lesser one), the tenant (its own,
+/// when it is limited to one) and that the token's scope fits its role.
+fn check_grant(
+    req: &CreateToken,
+    caller: &Caller,
+    record: &mut TokenRecord,
+) -> Result<(), ApiError> {
+    let forbidden = |m: String| ApiError::new(ErrorCode::Forbidden, m);
+    if record.kind == TokenKind::Join {
+        if caller.role != Role::PlatformAdmin {
+            return Err(forbidden(format!(
+                "only platform-admin may create join tokens (they enroll hosts); the caller is {}",
+                caller.role
+            )));
+        }
+        if req.tenant.is_some() || req.project.is_some() {
+            return Err(ApiError::invalid(vec![FieldProblem::new(
+                "tenant",
+                "join tokens belong to no tenant; hosts serve the whole cluster",
+            )]));
+        }
+        return Ok(());
+    }
+    let role = Role::parse(&record.role).unwrap_or(Role::Viewer);
+    if !caller.role.may_grant(role) {
+        let grantable: Vec<&str> = Role::ALL
+            .into_iter()
+            .filter(|r| caller.role.may_grant(*r))
+            .map(Role::as_str)
+            .collect();
+        return Err(forbidden(format!(
+            "a {} may not create a {role} token; it may create {}",
+            caller.role,
+            grantable.join(", ")
+        )));
+    }
+    let mut problems = Vec::new();
+    for (field, value) in [("tenant", &req.tenant), ("project", &req.project)] {
+        if let Some(v) = value
+            && let Err(e) = validate_dns_label(v)
+        {
+            problems.push(FieldProblem::new(field, e));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::invalid(problems));
+    }
+    record.tenant = req.tenant.clone();
+    record.project = req.project.clone();
+    if let Some(own) = caller.scope.tenant() {
+        match &record.tenant {
+            None => record.tenant = Some(own.to_string()),
+            Some(t) if t == own => {}
+            Some(_) => {
+                return Err(forbidden(format!(
+                    "a {} of tenant {own} may only create tokens for tenant {own}",
+                    caller.role
+                )));
+            }
+        }
+    }
+    if let Some(own) = caller.scope.project()
+        && record.project.as_deref() != Some(own)
+    {
+        return Err(forbidden(format!(
+            "a {} of project {own} may only create tokens for project {own}",
+            caller.role
+        )));
+    }
+    if role == Role::PlatformAdmin && (record.tenant.is_some() || record.project.is_some()) {
+        return Err(ApiError::invalid(vec![FieldProblem::new(
+            "tenant",
+            "a platform-admin token is cluster-wide; leave tenant and project out",
+        )]));
+    }
+    let principal = crate::auth::Principal {
+        token_id: record.id.clone(),
+        token_name: record.name.clone(),
+        role: record.role.clone(),
+        tenant: record.tenant.clone(),
+        project: record.project.clone(),
+    };
+    rbac::scope_of(&principal, role).map_err(|_| {
+        let need = match role {
+            Role::TenantAdmin => "a tenant-admin token needs a tenant and no project",
+            Role::ProjectEditor => "a project-editor token needs a tenant and a project",
+            _ => "a viewer token names a tenant before a project",
+        };
+        ApiError::invalid(vec![FieldProblem::new("tenant", need)])
+    })?;
+    Ok(())
+}
+
 /// Checks a request and turns it into a record (without the hash).
-fn plan(req: &CreateToken, now: i64) -> Result<TokenRecord, ApiError> {
+fn plan(req: &CreateToken, now: i64, caller_role: Role) -> Result<TokenRecord, ApiError> {
     let mut problems = Vec::new();
     let ttl = match req.ttl.as_deref() {
         None => None,
@@ -139,11 +239,14 @@ fn plan(req: &CreateToken, now: i64) -> Result<TokenRecord, ApiError> {
             let role = req
                 .role
                 .clone()
-                .unwrap_or_else(|| PLATFORM_ADMIN.to_string());
-            if !ROLES.contains(&role.as_str()) {
+                .unwrap_or_else(|| caller_role.as_str().to_string());
+            if Role::parse(&role).is_none() {
                 problems.push(FieldProblem::new(
                     "role",
-                    format!("{role:?} is not a role; the roles are {}", ROLES.join(", ")),
+                    format!(
+                        "{role:?} is not a role; the roles are {}",
+                        rbac::role_names()
+                    ),
                 ));
             }
             role
@@ -189,7 +292,7 @@ fn plan(req: &CreateToken, now: i64) -> Result<TokenRecord, ApiError> {
         (status = 422, description = "Invalid", body = ErrorBody),
     ))]
 pub async fn create_token(
-    State(state): State<ApiState>,
+    state: Ctx,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
@@ -197,7 +300,8 @@ pub async fn create_token(
     query::parse(raw.as_deref(), &[])?;
     let (bytes, format) = body::read(&headers, body, BODY_LIMIT).await?;
     let request = parse_request(body::one_document(&bytes, format)?)?;
-    let mut record = plan(&request, unix_now())?;
+    let mut record = plan(&request, unix_now(), state.caller().role)?;
+    check_grant(&request, state.caller(), &mut record)?;
     let secret = match record.kind {
         TokenKind::Join => generate_join_token(),
         TokenKind::Api => generate_api_token(),
@@ -212,24 +316,52 @@ pub async fn create_token(
         expires_at: record.expires_at,
         uses_remaining: record.uses_remaining,
     };
+    let tenant_of_token = record.tenant.clone();
     let index = state
         .run(move |store| {
+            // The tenant and project a token is limited to must exist (and be visible).
+            if let Some(t) = &record.tenant {
+                let key = ObjectKey::cluster(Kind::Tenant, t);
+                if store.get(&key)?.is_none() {
+                    return Err(missing("tenant", &key));
+                }
+                if let Some(p) = &record.project {
+                    let key = ObjectKey::project(t, p);
+                    if store.get(&key)?.is_none() {
+                        return Err(missing("project", &key));
+                    }
+                }
+            }
             store.insert_token(&record)?;
             Ok(store.index())
         })
         .await?;
     tracing::info!(id = %created.id, kind = created.kind.as_str(), "token created");
+    let note = AuditNote {
+        action: "token.create",
+        object: Some(AuditObject {
+            tenant: tenant_of_token,
+            ..AuditObject::token(created.id.clone())
+        }),
+        generation_before: None,
+        generation_after: None,
+    };
     let text = serde_json::to_string(&created).map_err(ApiError::internal)?;
-    Ok(json_response(StatusCode::CREATED, text, index))
+    let mut resp = json_response(StatusCode::CREATED, text, index);
+    resp.extensions_mut().insert(note);
+    Ok(resp)
+}
+
+fn missing(field: &str, key: &ObjectKey) -> ApiError {
+    let message = format!("{key} does not exist");
+    ApiError::new(ErrorCode::NotFound, message.clone())
+        .with_details(vec![FieldProblem::new(field, message)])
 }
 
 /// Lists token records (never secrets).
 #[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens",
     responses((status = 200, description = "Token records", body = TokenList)))]
-pub async fn list_tokens(
-    State(state): State<ApiState>,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, ApiError> {
+pub async fn list_tokens(state: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     query::parse(raw.as_deref(), &[])?;
     let (index, items) = state
         .run(|store| Ok((store.index(), store.list_tokens()?)))
@@ -246,7 +378,7 @@ pub async fn list_tokens(
         (status = 404, description = "No such token", body = ErrorBody),
     ))]
 pub async fn revoke_token(
-    State(state): State<ApiState>,
+    state: Ctx,
     P(id): P<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -263,8 +395,16 @@ pub async fn revoke_token(
     }
     state.inner.auth.forget_token(&id);
     tracing::info!(id = %id, "token revoked");
+    let note = AuditNote {
+        action: "token.revoke",
+        object: Some(AuditObject::token(id.clone())),
+        generation_before: None,
+        generation_after: None,
+    };
     let text = serde_json::to_string(&Revoked { revoked: id }).map_err(ApiError::internal)?;
-    Ok(json_response(StatusCode::OK, text, index))
+    let mut resp = json_response(StatusCode::OK, text, index);
+    resp.extensions_mut().insert(note);
+    Ok(resp)
 }
 
 #[cfg(test)]
@@ -278,12 +418,14 @@ mod tests {
             uses: None,
             name: None,
             role: None,
+            tenant: None,
+            project: None,
         }
     }
 
     #[test]
     fn join_tokens_expire_by_default() {
-        let r = plan(&req(TokenKind::Join), 1000).unwrap();
+        let r = plan(&req(TokenKind::Join), 1000, Role::PlatformAdmin).unwrap();
         assert_eq!(r.expires_at, Some(1000 + 86400));
         assert_eq!(r.role, "");
         let r = plan(
@@ -293,11 +435,14 @@ mod tests {
                 ..req(TokenKind::Join)
             },
             0,
+            Role::PlatformAdmin,
         )
         .unwrap();
         assert_eq!((r.expires_at, r.uses_remaining), (Some(3600), Some(3)));
-        let r = plan(&req(TokenKind::Api), 0).unwrap();
-        assert_eq!((r.expires_at, r.role.as_str()), (None, PLATFORM_ADMIN));
+        let r = plan(&req(TokenKind::Api), 0, Role::PlatformAdmin).unwrap();
+        assert_eq!((r.expires_at, r.role.as_str()), (None, "platform-admin"));
+        let r = plan(&req(TokenKind::Api), 0, Role::TenantAdmin).unwrap();
+        assert_eq!(r.role, "tenant-admin", "the caller's own role by default");
     }
 
     #[test]
@@ -329,6 +474,7 @@ mod tests {
                     ..req(TokenKind::Join)
                 },
                 0,
+                Role::PlatformAdmin,
             )
         };
         assert_eq!(ttl("10y").unwrap().expires_at, Some(315_576_000));
@@ -345,8 +491,10 @@ mod tests {
             uses: Some(0),
             name: Some("x".repeat(200)),
             role: Some("root".into()),
+            tenant: None,
+            project: None,
         };
-        let e = plan(&bad, 0).unwrap_err();
+        let e = plan(&bad, 0, Role::PlatformAdmin).unwrap_err();
         let fields: Vec<_> = e.details.iter().map(|d| d.field.as_str()).collect();
         assert_eq!(fields, ["ttl", "name", "uses", "role", "uses"]);
         let e = parse_request(serde_json::json!({"kind": "join", "ttll": "1h"})).unwrap_err();

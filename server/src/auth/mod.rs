@@ -1,5 +1,7 @@
 //! Who is calling: API token authentication, the principal, and the first-start admin token.
 
+pub mod oidc;
+pub mod rbac;
 mod token;
 
 use std::collections::HashMap;
@@ -21,8 +23,6 @@ pub use token::{
 
 /// The role that may do everything.
 pub const PLATFORM_ADMIN: &str = "platform-admin";
-/// Roles an API token may carry.
-pub const ROLES: &[&str] = &[PLATFORM_ADMIN];
 /// File name of the admin token inside the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// How long an authenticated token is trusted before the store is asked again. A token
@@ -78,6 +78,13 @@ pub enum AuthError {
     Revoked { id: String },
     #[error("a join token was used on the API")]
     JoinToken,
+    /// A JWT from single sign-on that did not verify (or no issuer is configured).
+    #[error(transparent)]
+    Oidc(#[from] oidc::OidcError),
+    #[error(
+        "the token looks like a single sign-on JWT, but this server has no [oidc] issuers configured"
+    )]
+    OidcNotConfigured,
     #[error(transparent)]
     Store(Box<StoreError>),
 }
@@ -117,6 +124,10 @@ impl AuthError {
                 "this is a join token (ccj_...): it only enrolls hosts with clusterclaw-agent; use an API token (cca_...) here; the admin token is in {admin}"
             ),
             AuthError::Store(e) => format!("the token could not be checked: {e}"),
+            AuthError::Oidc(e) => format!("the single sign-on token was refused: {e}"),
+            AuthError::OidcNotConfigured => format!(
+                "the token looks like a single sign-on JWT, but this server has no [oidc] issuers configured; use an API token (cca_...); the admin token is in {admin}"
+            ),
         }
     }
 }
@@ -137,9 +148,17 @@ pub struct Authenticator {
     /// not cache what it read.
     generation: AtomicU64,
     admin_token_path: PathBuf,
+    /// Verifies single sign-on JWTs, when issuers are configured.
+    oidc: Option<Arc<oidc::OidcVerifier>>,
 }
 
 impl Authenticator {
+    /// Accepts JWTs from the issuers `verifier` trusts, besides API tokens.
+    pub fn with_oidc(mut self, verifier: Option<Arc<oidc::OidcVerifier>>) -> Self {
+        self.oidc = verifier;
+        self
+    }
+
     /// `admin_token_path` is named in error messages so a caller knows where to look.
     pub fn new(store: Arc<dyn Store>, admin_token_path: PathBuf) -> Self {
         Authenticator {
@@ -147,6 +166,7 @@ impl Authenticator {
             cache: RwLock::new(HashMap::new()),
             generation: AtomicU64::new(0),
             admin_token_path,
+            oidc: None,
         }
     }
 
@@ -159,6 +179,10 @@ impl Authenticator {
         let token = bearer_token(header)?;
         if token.starts_with(JOIN_TOKEN_PREFIX) {
             return Err(AuthError::JoinToken);
+        }
+        if !token.starts_with(API_TOKEN_PREFIX) && oidc::looks_like_jwt(token) {
+            let verifier = self.oidc.as_ref().ok_or(AuthError::OidcNotConfigured)?;
+            return Ok(Arc::new(verifier.verify(token).await?));
         }
         if !has_token_shape(token, API_TOKEN_PREFIX) {
             return Err(AuthError::Malformed(

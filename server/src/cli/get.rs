@@ -94,6 +94,8 @@ struct BriefStatus {
     allocated: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_heartbeat: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    usage: Option<Value>,
 }
 
 #[derive(Deserialize, Serialize)]
@@ -160,6 +162,22 @@ fn hosts_of(o: &Value) -> String {
     }
 }
 
+/// `used/quota` for instances, replicas, cpu and memory (`used` where the quota sets no
+/// limit), from the server's `status.usage`.
+fn usage_columns(o: &Value) -> [String; 4] {
+    ["instances", "replicas", "cpu", "memory"].map(|k| {
+        let shown = |v: Option<&Value>| {
+            v.filter(|v| !v.is_null())
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+        };
+        let used = shown(o.pointer(&format!("/status/usage/{k}"))).unwrap_or_else(|| "0".into());
+        match shown(o.pointer(&format!("/spec/quota/{k}"))) {
+            Some(limit) => format!("{used}/{limit}"),
+            None => used,
+        }
+    })
+}
+
 fn quota(o: &Value) -> String {
     let Some(q) = o.pointer("/spec/quota").and_then(Value::as_object) else {
         return "<none>".into();
@@ -207,14 +225,24 @@ pub fn rows(
     let name = |o: &Value| str_at(o, "/metadata/name").to_string();
     match kind {
         Kind::Tenant => {
-            let mut header = vec!["NAME", "DISPLAY NAME", "AGE"];
+            let mut header = vec![
+                "NAME",
+                "DISPLAY NAME",
+                "INSTANCES",
+                "REPLICAS",
+                "CPU",
+                "MEMORY",
+                "AGE",
+            ];
             if wide {
                 header.extend(["QUOTA", "LABELS"]);
             }
             let rows = items
                 .iter()
                 .map(|o| {
-                    let mut r = vec![name(o), text_at(o, "/spec/displayName"), created(o)];
+                    let mut r = vec![name(o), text_at(o, "/spec/displayName")];
+                    r.extend(usage_columns(o));
+                    r.push(created(o));
                     if wide {
                         r.extend([quota(o), labels(o.pointer("/metadata/labels"))]);
                     }
@@ -224,7 +252,16 @@ pub fn rows(
             (header, rows)
         }
         Kind::Project => {
-            let mut header = vec!["NAME", "TENANT", "DISPLAY NAME", "AGE"];
+            let mut header = vec![
+                "NAME",
+                "TENANT",
+                "DISPLAY NAME",
+                "INSTANCES",
+                "REPLICAS",
+                "CPU",
+                "MEMORY",
+                "AGE",
+            ];
             if wide {
                 header.extend(["QUOTA", "LABELS"]);
             }
@@ -235,8 +272,9 @@ pub fn rows(
                         name(o),
                         text_at(o, "/metadata/tenant"),
                         text_at(o, "/spec/displayName"),
-                        created(o),
                     ];
+                    r.extend(usage_columns(o));
+                    r.push(created(o));
                     if wide {
                         r.extend([quota(o), labels(o.pointer("/metadata/labels"))]);
                     }
@@ -522,13 +560,18 @@ mod tests {
 
     #[test]
     fn tenant_and_project_rows() {
-        let t = json!({"metadata": {"name": "acme", "createdAt": "2026-07-10T10:00:00Z"}, "spec": {"displayName": "ACME Corp", "quota": {"instances": 10, "memory": "64Gi"}}});
+        let t = json!({"metadata": {"name": "acme", "createdAt": "2026-07-10T10:00:00Z"}, "spec": {"displayName": "ACME Corp", "quota": {"instances": 10, "memory": "64Gi"}},
+            "status": {"usage": {"instances": 3, "replicas": 5, "cpu": "2500m", "memory": "12Gi"}}});
         let (_, r) = rows(Kind::Tenant, std::slice::from_ref(&t), true, now());
         assert_eq!(
             r[0],
             [
                 "acme",
                 "ACME Corp",
+                "3/10",
+                "5",
+                "2500m",
+                "12Gi/64Gi",
                 "2h",
                 "instances=10,memory=64Gi",
                 "<none>"
@@ -536,7 +579,10 @@ mod tests {
         );
         let p = json!({"metadata": {"name": "helpdesk", "tenant": "acme"}, "spec": {}});
         let (_, r) = rows(Kind::Project, &[p], false, now());
-        assert_eq!(r[0], ["helpdesk", "acme", "-", "<unknown>"]);
+        assert_eq!(
+            r[0],
+            ["helpdesk", "acme", "-", "0", "0", "0", "0", "<unknown>"]
+        );
     }
 
     #[test]

@@ -2,12 +2,14 @@
 //! module per subcommand.
 
 mod apply;
+mod audit;
 mod client;
 mod completion;
 mod config;
 mod delete;
 mod describe;
 mod dev;
+mod docs;
 mod get;
 mod login;
 mod manifest;
@@ -92,6 +94,9 @@ pub enum Command {
     Pki(pki::PkiArgs),
     /// Create, list and revoke tokens.
     Token(token::TokenArgs),
+    /// List audit records and verify the audit log's hash chain.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Audit(audit::AuditArgs),
     /// Print a shell completion script.
     Completion(completion::CompletionArgs),
     /// Check a server URL and token, and save them in the CLI config file.
@@ -101,6 +106,9 @@ pub enum Command {
     Config(config::ConfigArgs),
     /// Run a whole local cluster (server and an agent on the local Docker) in the foreground.
     Dev(dev::DevArgs),
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenerateDocs(docs::DocsArgs),
 }
 
 /// Why a command failed; each kind has its own exit code (see [`EXIT_CODES_HELP`]).
@@ -168,12 +176,14 @@ pub fn run(command: Command) -> CliResult {
         Command::Pki(args) => pki::run(args),
         Command::Config(args) => config::run(args),
         Command::Dev(args) => dev::run(args),
+        Command::GenerateDocs(args) => docs::run(args),
         Command::Apply(args) => block_on(apply::run(args)),
         Command::Get(args) => block_on(get::run(args)),
         Command::Describe(args) => block_on(describe::run(args)),
         Command::Delete(args) => block_on(delete::run(args)),
         Command::Scale(args) => block_on(scale::run(args)),
         Command::Token(args) => block_on(token::run(args)),
+        Command::Audit(args) => block_on(audit::run(args)),
         Command::Login(args) => block_on(login::run(args)),
     };
     match result {

@@ -37,7 +37,7 @@ pub enum TokenCommand {
 pub enum NewTokenKind {
     /// A token with which clusterclaw-agent enrolls a host (ccj_...)
     Join,
-    /// A token that calls the REST API as platform-admin (cca_...)
+    /// A token that calls the REST API with a role (cca_...)
     Api,
 }
 
@@ -65,6 +65,10 @@ pub struct CreateArgs {
     /// A note to recognise the token by in `token list`
     #[arg(long)]
     pub name: Option<String>,
+    /// Role of an API token: platform-admin, tenant-admin, project-editor or viewer
+    /// [default: the caller's own role]; limit it with -t TENANT and -p PROJECT
+    #[arg(long, value_parser = ["platform-admin", "tenant-admin", "project-editor", "viewer"])]
+    pub role: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -118,6 +122,15 @@ pub fn token_rows(items: &[Value], now: SystemTime) -> Vec<Vec<String>> {
                 text_at(t, "/name"),
                 text_at(t, "/kind"),
                 text_at(t, "/role"),
+                match (
+                    t.get("tenant").and_then(Value::as_str),
+                    t.get("project").and_then(Value::as_str),
+                ) {
+                    (Some(tn), Some(p)) => format!("{tn}/{p}"),
+                    (Some(tn), None) => tn.to_string(),
+                    _ if t.get("kind").and_then(Value::as_str) == Some("api") => "cluster".into(),
+                    _ => "-".into(),
+                },
                 when(t.get("expiresAt")).unwrap_or_else(|| "never".into()),
                 t.get("usesRemaining")
                     .and_then(Value::as_i64)
@@ -160,8 +173,15 @@ pub async fn run(args: TokenArgs) -> CliResult {
             if let Some(uses) = c.uses {
                 body["uses"] = json!(uses);
             }
-            if let Some(name) = &c.name {
-                body["name"] = json!(name);
+            for (field, value) in [
+                ("name", &c.name),
+                ("role", &c.role),
+                ("tenant", &args.client.tenant),
+                ("project", &args.client.project),
+            ] {
+                if let Some(v) = value {
+                    body[field] = json!(v);
+                }
             }
             let answer: Value = client
                 .json(Method::POST, "/api/v1/tokens", Some(&body))
@@ -208,6 +228,7 @@ pub async fn run(args: TokenArgs) -> CliResult {
                         "NAME",
                         "KIND",
                         "ROLE",
+                        "SCOPE",
                         "EXPIRES",
                         "USES LEFT",
                         "STATUS",
@@ -256,15 +277,18 @@ mod tests {
                 "admin",
                 "api",
                 "platform-admin",
+                "cluster",
                 "never",
                 "unlimited",
                 "active",
                 "2026-07-10T12:00:00Z"
             ]
         );
-        assert_eq!(rows[1][4..7], ["2026-07-10T13:00:00Z", "2", "active"]);
-        assert_eq!(rows[2][6], "expired");
-        assert_eq!(rows[3][6], "revoked");
+        assert_eq!(rows[1][5..8], ["2026-07-10T13:00:00Z", "2", "active"]);
+        assert_eq!(rows[2][7], "expired");
+        assert_eq!(rows[3][7], "revoked");
+        let scoped = json!({"id": "t5", "kind": "api", "role": "project-editor", "tenant": "acme", "project": "helpdesk"});
+        assert_eq!(token_rows(&[scoped], now)[0][4], "acme/helpdesk");
     }
 
     #[test]
@@ -282,7 +306,7 @@ mod tests {
             &[json!({"id": "t", "kind": "join", "expiresAt": far, "revoked": false})],
             SystemTime::now(),
         );
-        assert_eq!(rows[0][6], "active");
+        assert_eq!(rows[0][7], "active");
     }
 
     #[test]

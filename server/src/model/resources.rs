@@ -166,6 +166,14 @@ impl ObjectKey {
         }
     }
 
+    /// The tenant this object belongs to: its own name for a tenant.
+    pub fn tenant_name(&self) -> &str {
+        match self.kind {
+            Kind::Tenant => &self.name,
+            _ => &self.tenant,
+        }
+    }
+
     /// The key of the object this one lives in, if any (a project's tenant, an instance's project).
     pub fn parent(&self) -> Option<ObjectKey> {
         match self.kind {

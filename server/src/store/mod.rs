@@ -1,6 +1,7 @@
 //! Persistence of objects and tokens behind the [`Store`] trait; SQLite is the embedded default.
 
 mod admission;
+mod scope;
 pub mod sqlite;
 #[cfg(test)]
 pub mod testing;
@@ -10,9 +11,11 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::audit::{AuditEntry, AuditFilter, AuditRecord, AuditVerification};
 use crate::model::{FieldProblem, Kind, ObjectKey, Resource};
 
 pub use admission::{Admitted, admit};
+pub use scope::{AuditHook, Scope, Scoped, UsageByTenant};
 
 /// One object as stored: its identity, concurrency fields and the whole object as JSON text
 /// (metadata, spec and status), ready to be served without re-encoding.
@@ -69,6 +72,8 @@ pub struct WriteResult {
     pub key: ObjectKey,
     pub outcome: Outcome,
     pub object: StoredObject,
+    /// The object's generation before the write; `None` when it was created.
+    pub previous_generation: Option<i64>,
 }
 
 /// The result of one all-or-nothing write.
@@ -131,6 +136,8 @@ pub struct ListFilter {
     pub kind: Kind,
     pub tenant: Option<String>,
     pub project: Option<String>,
+    /// One object by name (how a tenant-scoped caller lists tenants).
+    pub name: Option<String>,
     pub labels: Vec<LabelRequirement>,
 }
 
@@ -140,8 +147,42 @@ impl ListFilter {
             kind,
             tenant: None,
             project: None,
+            name: None,
             labels: Vec::new(),
         }
+    }
+}
+
+/// What instances consume, counted against quotas: cpu and memory are per replica times
+/// replicas.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub instances: i64,
+    pub replicas: i64,
+    pub cpu_millis: i64,
+    pub memory_bytes: i64,
+}
+
+impl Usage {
+    /// One instance's demand.
+    pub fn of(r: &Resource) -> Usage {
+        match r {
+            Resource::OpenClawInstance(i) => Usage {
+                instances: 1,
+                replicas: i.spec.replicas,
+                cpu_millis: i.spec.replicas * i.spec.cpu_millis() as i64,
+                memory_bytes: i.spec.replicas * i.spec.memory_bytes() as i64,
+            },
+            _ => Usage::default(),
+        }
+    }
+
+    pub fn add(&mut self, o: Usage) {
+        self.instances += o.instances;
+        self.replicas += o.replicas;
+        self.cpu_millis += o.cpu_millis;
+        self.memory_bytes += o.memory_bytes;
     }
 }
 
@@ -222,6 +263,20 @@ pub enum JoinRefusal {
 pub enum StoreError {
     #[error("{0} not found")]
     NotFound(ObjectKey),
+    /// A write would take a tenant or project over its quota.
+    #[error("quota exceeded for {scope}: {resource} {requested} requested, {free} of {limit} free")]
+    QuotaExceeded {
+        /// `tenant enterprise-a`, `project enterprise-a/helpdesk`.
+        scope: String,
+        /// `instances`, `replicas`, `cpu`, `memory`.
+        resource: &'static str,
+        requested: String,
+        free: String,
+        limit: String,
+    },
+    /// A project's quota above its tenant's.
+    #[error("{0}")]
+    QuotaAboveParent(String),
     #[error("{0} already exists")]
     AlreadyExists(ObjectKey),
     #[error(
@@ -334,6 +389,19 @@ pub trait Store: Send + Sync + 'static {
         }
         Ok(())
     }
+    /// Instance usage of each tenant (or only `tenant`), in total and per project.
+    fn usage(&self, tenant: Option<&str>) -> Result<UsageByTenant, StoreError> {
+        let mut filter = ListFilter::all(Kind::OpenClawInstance);
+        filter.tenant = tenant.map(str::to_string);
+        let mut out = UsageByTenant::new();
+        for o in self.list(&filter)? {
+            let u = Usage::of(&o.resource()?);
+            let entry = out.entry(o.key.tenant.clone()).or_default();
+            entry.0.add(u);
+            entry.1.entry(o.key.project.clone()).or_default().add(u);
+        }
+        Ok(out)
+    }
     /// Writes a batch in one transaction, parents before children, all or nothing. Objects must
     /// already be validated ([`crate::model::validate_object`]); references to tenants and
     /// projects are checked here, against the batch and the store. With `dry_run` nothing is
@@ -359,6 +427,39 @@ pub trait Store: Send + Sync + 'static {
         keys: &[ObjectKey],
         change: &mut dyn FnMut(&mut Resource) -> bool,
     ) -> Result<Option<u64>, StoreError>;
+    /// [`Store::write`] that also appends the audit entries `audit` makes of the results, in
+    /// the same transaction when the store can (an acknowledged change is never without its
+    /// record). Nothing is appended for a dry run or a write that changed nothing.
+    fn write_audited(
+        &self,
+        batch: &[(Resource, WriteMode)],
+        dry_run: bool,
+        audit: &mut dyn FnMut(&[WriteResult]) -> Vec<AuditEntry>,
+    ) -> Result<(WriteSummary, Vec<AuditRecord>), StoreError> {
+        let summary = self.write(batch, dry_run)?;
+        let changed = summary
+            .results
+            .iter()
+            .any(|r| r.outcome != Outcome::Unchanged);
+        if dry_run || !changed {
+            return Ok((summary, Vec::new()));
+        }
+        let records = self.append_audit(&audit(&summary.results))?;
+        Ok((summary, records))
+    }
+    /// [`Store::delete`] that also appends the audit entries `audit` makes of the deleted
+    /// generation, in the same transaction when the store can.
+    fn delete_audited(
+        &self,
+        key: &ObjectKey,
+        expected: Option<u64>,
+        audit: &mut dyn FnMut(Option<i64>) -> Vec<AuditEntry>,
+    ) -> Result<(u64, Vec<AuditRecord>), StoreError> {
+        let before = self.get(key)?.map(|o| o.generation);
+        let index = self.delete(key, expected)?;
+        let records = self.append_audit(&audit(before))?;
+        Ok((index, records))
+    }
     /// Deletes one object; refuses while it has children. `expected` is an optional
     /// resourceVersion precondition. Returns the new index.
     fn delete(&self, key: &ObjectKey, expected: Option<u64>) -> Result<u64, StoreError>;
@@ -382,6 +483,15 @@ pub trait Store: Send + Sync + 'static {
     fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     /// Returns false if there is no such token.
     fn revoke_token(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Appends entries to the audit log ([`crate::audit`]), in order, in one transaction (one
+    /// sync to disk for the batch). An invalid entry is [`StoreError::Invalid`] and nothing is
+    /// written. The log has no update or delete.
+    fn append_audit(&self, entries: &[AuditEntry]) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Audit records matching the filter, oldest first.
+    fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Checks the audit log's hash chain from its first record, in one read snapshot.
+    fn verify_audit(&self) -> Result<AuditVerification, StoreError>;
 }
 
 #[cfg(test)]

@@ -16,10 +16,14 @@ use rusqlite::{
 use tokio::sync::watch;
 
 use super::{
-    JoinRefusal, ListFilter, Store, StoreError, StoredObject, TokenKind, TokenRecord, WriteMode,
-    WriteResult, WriteSummary, admit,
+    JoinRefusal, ListFilter, Store, StoreError, StoredObject, TokenKind, TokenRecord, Usage,
+    WriteMode, WriteResult, WriteSummary, admit,
 };
-use crate::model::{FieldProblem, Kind, ObjectKey, Resource};
+use crate::audit::{AuditEntry, AuditFilter, AuditRecord, AuditVerification};
+use crate::model::{
+    FieldProblem, Kind, ObjectKey, Quota, Resource, format_cpu, format_memory, parse_cpu,
+    parse_memory,
+};
 use crate::util::now_rfc3339;
 
 /// Schema migrations; migration `i` takes the database from version `i` to `i + 1`
@@ -53,7 +57,17 @@ const MIGRATIONS: &[&str] = &[
         uses_remaining INTEGER,
         revoked INTEGER NOT NULL DEFAULT 0
      );",
+    // 2: the audit log.
+    crate::audit::MIGRATION,
+    // 3: what each instance consumes, for quota checks by aggregate queries (filled in from
+    // the stored bodies by `backfill_usage`).
+    "ALTER TABLE objects ADD COLUMN use_replicas INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE objects ADD COLUMN use_cpu_millis INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE objects ADD COLUMN use_memory_bytes INTEGER NOT NULL DEFAULT 0;",
 ];
+
+/// The schema version whose migration added the usage columns.
+const USAGE_COLUMNS_VERSION: usize = 3;
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -62,6 +76,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 const OBJECT_COLUMNS: &str =
     "kind, tenant, project, name, uid, generation, resource_version, labels, body";
+
+/// Makes the audit entries of a write from its results.
+type WriteAudit<'a> = dyn FnMut(&[WriteResult]) -> Vec<AuditEntry> + 'a;
 
 /// The embedded store.
 pub struct SqliteStore {
@@ -152,6 +169,172 @@ impl SqliteStore {
             pool.push(conn);
         }
         out
+    }
+
+    /// [`Store::write`], with the audit entries `audit` makes of the results appended in the
+    /// same transaction (only when something changed).
+    fn write_inner(
+        &self,
+        batch: &[(Resource, WriteMode)],
+        dry_run: bool,
+        audit: Option<&mut WriteAudit<'_>>,
+    ) -> Result<(WriteSummary, Vec<AuditRecord>), StoreError> {
+        let keys: Vec<ObjectKey> = batch.iter().map(|(r, _)| r.key()).collect();
+        let mut seen: HashMap<&ObjectKey, usize> = HashMap::new();
+        let mut dupes = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            if let Some(first) = seen.insert(k, i) {
+                dupes.push(FieldProblem::new(
+                    format!("items[{i}]"),
+                    format!("names {k} again (as items[{first}] does)"),
+                ));
+            }
+        }
+        if !dupes.is_empty() {
+            return Err(StoreError::Invalid(dupes));
+        }
+        // Parents before children, otherwise in request order.
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by_key(|&i| batch[i].0.kind().apply_order());
+        let now = now_rfc3339();
+        // The tenants and projects whose usage the batch may change, for the quota check.
+        let mut owners: Vec<ObjectKey> = Vec::new();
+        for k in keys.iter().filter(|k| k.kind == Kind::OpenClawInstance) {
+            for owner in [
+                ObjectKey::cluster(Kind::Tenant, &k.tenant),
+                ObjectKey::project(&k.tenant, &k.project),
+            ] {
+                if !owners.contains(&owner) {
+                    owners.push(owner);
+                }
+            }
+        }
+        let mut records = Vec::new();
+        let (results, index) = self.write_tx(dry_run, |tx, next| {
+            let mut before = Vec::with_capacity(owners.len());
+            for owner in &owners {
+                let u = match owner.kind {
+                    Kind::Project => usage_in(tx, &owner.tenant, Some(&owner.name))?,
+                    _ => usage_in(tx, &owner.name, None)?,
+                };
+                before.push(u);
+            }
+            let mut results: Vec<Option<WriteResult>> = vec![None; batch.len()];
+            let mut changed = false;
+            for &i in &order {
+                let (res, mode) = &batch[i];
+                let key = &keys[i];
+                if let Some(parent) = key.parent()
+                    && !exists_in(tx, &parent)?
+                {
+                    return Err(in_batch(
+                        i,
+                        StoreError::ParentMissing {
+                            key: key.clone(),
+                            parent: Box::new(parent),
+                        },
+                    ));
+                }
+                let existing = get_in(tx, key)?;
+                let previous_generation = existing.as_ref().map(|e| e.generation);
+                let admitted = admit(existing.as_ref(), res, *mode, next, &now, || {
+                    uuid::Uuid::new_v4().to_string()
+                })
+                .map_err(|e| in_batch(i, e))?;
+                let object = match (admitted.outcome, existing) {
+                    (super::Outcome::Unchanged, Some(existing)) => existing,
+                    _ => {
+                        check_project_quota(tx, &admitted.resource).map_err(|e| in_batch(i, e))?;
+                        let o = to_stored(&admitted.resource)?;
+                        upsert_in(tx, &o, Usage::of(&admitted.resource))?;
+                        changed = true;
+                        o
+                    }
+                };
+                results[i] = Some(WriteResult {
+                    key: key.clone(),
+                    outcome: admitted.outcome,
+                    object,
+                    previous_generation,
+                });
+            }
+            if changed
+                && !dry_run
+                && let Some(audit) = audit
+            {
+                let written: Vec<WriteResult> = results.iter().flatten().cloned().collect();
+                records = crate::audit::append_audit_tx(tx, &audit(&written))?;
+            }
+            if changed {
+                for (owner, before) in owners.iter().zip(&before) {
+                    check_quota(tx, owner, *before).map_err(|e| {
+                        // Name the first document that adds to this owner's usage.
+                        let item = keys.iter().position(|k| {
+                            k.kind == Kind::OpenClawInstance
+                                && k.tenant == owner.tenant_name()
+                                && (owner.kind == Kind::Tenant || k.project == owner.name)
+                        });
+                        match item {
+                            Some(i) if batch.len() > 1 => in_batch(i, e),
+                            _ => e,
+                        }
+                    })?;
+                }
+            }
+            Ok((results, changed))
+        })?;
+        let results = results.into_iter().flatten().collect();
+        Ok((WriteSummary { index, results }, records))
+    }
+
+    /// [`Store::delete`], with the audit entries `audit` makes (from the generation deleted)
+    /// appended in the same transaction.
+    fn delete_inner(
+        &self,
+        key: &ObjectKey,
+        expected: Option<u64>,
+        audit: Option<&mut dyn FnMut(Option<i64>) -> Vec<AuditEntry>>,
+    ) -> Result<(u64, Vec<AuditRecord>), StoreError> {
+        let mut records = Vec::new();
+        let ((), index) = self.write_tx(false, |tx, _next| {
+            let existing = get_in(tx, key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
+            let generation = existing.generation;
+            if let Some(given) = expected.filter(|rv| *rv != 0)
+                && given != existing.resource_version {
+                    return Err(StoreError::Conflict { key: key.clone(), given, current: existing.resource_version });
+                }
+            let children = match key.kind {
+                Kind::Tenant => Some((
+                    "projects",
+                    tx.query_row(
+                        "SELECT COUNT(*) FROM objects WHERE kind = 'Project' AND tenant = ?1",
+                        [&key.name],
+                        |r| r.get::<_, i64>(0),
+                    )?,
+                )),
+                Kind::Project => Some((
+                    "instances",
+                    tx.query_row(
+                        "SELECT COUNT(*) FROM objects WHERE kind = 'OpenClawInstance' AND tenant = ?1 AND project = ?2",
+                        [&key.tenant, &key.name],
+                        |r| r.get::<_, i64>(0),
+                    )?,
+                )),
+                Kind::OpenClawInstance | Kind::Host => None,
+            };
+            if let Some((child, count)) = children.filter(|(_, n)| *n > 0) {
+                return Err(StoreError::HasChildren { key: key.clone(), count: count as usize, child });
+            }
+            tx.execute(
+                "DELETE FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4",
+                params![key.kind.as_str(), key.tenant, key.project, key.name],
+            )?;
+            if let Some(audit) = audit {
+                records = crate::audit::append_audit_tx(tx, &audit(Some(generation)))?;
+            }
+            Ok(((), true))
+        })?;
+        Ok((index, records))
     }
 
     /// Runs `f` in an immediate write transaction with the next index. `f` returns whether it
@@ -251,9 +434,157 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
         tx.execute_batch(sql)?;
+        if i + 1 == USAGE_COLUMNS_VERSION {
+            backfill_usage(&tx)?;
+        }
         tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
         tx.commit()?;
         tracing::info!(path = %path.display(), version = i + 1, "applied store schema migration");
+    }
+    Ok(())
+}
+
+/// Fills the usage columns of instances written before they existed.
+fn backfill_usage(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    let rows: Vec<(i64, String)> = {
+        let mut stmt =
+            tx.prepare("SELECT rowid, body FROM objects WHERE kind = 'OpenClawInstance'")?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?
+    };
+    for (rowid, body) in rows {
+        let r: Resource = serde_json::from_str(&body)
+            .map_err(|e| StoreError::Corrupt(format!("instance row {rowid}: {e}")))?;
+        let u = Usage::of(&r);
+        tx.execute(
+            "UPDATE objects SET use_replicas = ?1, use_cpu_millis = ?2, use_memory_bytes = ?3 WHERE rowid = ?4",
+            params![u.replicas, u.cpu_millis, u.memory_bytes, rowid],
+        )?;
+    }
+    Ok(())
+}
+
+/// Usage of one tenant, or of one project in it, read inside the caller's transaction.
+fn usage_in(conn: &Connection, tenant: &str, project: Option<&str>) -> Result<Usage, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT COUNT(*), COALESCE(SUM(use_replicas), 0), COALESCE(SUM(use_cpu_millis), 0),
+                COALESCE(SUM(use_memory_bytes), 0)
+         FROM objects WHERE kind = 'OpenClawInstance' AND tenant = ?1 AND (?2 IS NULL OR project = ?2)",
+    )?;
+    Ok(stmt.query_row(params![tenant, project], |r| {
+        Ok(Usage {
+            instances: r.get(0)?,
+            replicas: r.get(1)?,
+            cpu_millis: r.get(2)?,
+            memory_bytes: r.get(3)?,
+        })
+    })?)
+}
+
+/// The quota set on a tenant or project object, if any.
+fn quota_in(conn: &Connection, key: &ObjectKey) -> Result<Option<Quota>, StoreError> {
+    let Some(o) = get_in(conn, key)? else {
+        return Ok(None);
+    };
+    Ok(match o.resource()? {
+        Resource::Tenant(t) => t.spec.quota,
+        Resource::Project(p) => p.spec.quota,
+        _ => None,
+    })
+}
+
+/// A quota as numbers: `None` where a dimension is unlimited.
+fn quota_limits(q: &Quota) -> [(&'static str, Option<i64>); 4] {
+    let cpu = q
+        .cpu
+        .as_ref()
+        .and_then(|c| parse_cpu(c.as_str()).ok())
+        .map(|v| v as i64);
+    let mem = q
+        .memory
+        .as_ref()
+        .and_then(|m| parse_memory(m.as_str()).ok())
+        .map(|v| v as i64);
+    [
+        ("instances", q.instances),
+        ("replicas", q.replicas),
+        ("cpu", cpu),
+        ("memory", mem),
+    ]
+}
+
+fn usage_values(u: &Usage) -> [i64; 4] {
+    [u.instances, u.replicas, u.cpu_millis, u.memory_bytes]
+}
+
+fn format_amount(resource: &str, v: i64) -> String {
+    let v = v.max(0) as u64;
+    match resource {
+        "cpu" => format_cpu(v),
+        "memory" => format_memory(v),
+        _ => v.to_string(),
+    }
+}
+
+/// Refuses a write that grows a tenant's or project's usage past its quota. `before` is the
+/// usage read in the same transaction before the write; shrinking, or staying put, is always
+/// allowed, so lowering a quota below what runs blocks only growth.
+fn check_quota(tx: &Transaction<'_>, owner: &ObjectKey, before: Usage) -> Result<(), StoreError> {
+    let Some(quota) = quota_in(tx, owner)? else {
+        return Ok(());
+    };
+    let project = (owner.kind == Kind::Project).then_some(owner.name.as_str());
+    let tenant = if owner.kind == Kind::Project {
+        &owner.tenant
+    } else {
+        &owner.name
+    };
+    let after = usage_in(tx, tenant, project)?;
+    let (b, a) = (usage_values(&before), usage_values(&after));
+    for (i, (resource, limit)) in quota_limits(&quota).into_iter().enumerate() {
+        let Some(limit) = limit else { continue };
+        if a[i] > limit && a[i] > b[i] {
+            let scope = match project {
+                Some(p) => format!("project {tenant}/{p}"),
+                None => format!("tenant {tenant}"),
+            };
+            return Err(StoreError::QuotaExceeded {
+                scope,
+                resource,
+                requested: format_amount(resource, a[i] - b[i]),
+                free: format_amount(resource, limit - b[i]),
+                limit: format_amount(resource, limit),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a project quota larger than its tenant's in any dimension the tenant limits.
+fn check_project_quota(tx: &Transaction<'_>, project: &Resource) -> Result<(), StoreError> {
+    let Resource::Project(p) = project else {
+        return Ok(());
+    };
+    let Some(own) = &p.spec.quota else {
+        return Ok(());
+    };
+    let tenant_key =
+        ObjectKey::cluster(Kind::Tenant, p.metadata.tenant.clone().unwrap_or_default());
+    let Some(parent) = quota_in(tx, &tenant_key)? else {
+        return Ok(());
+    };
+    for ((resource, mine), (_, theirs)) in quota_limits(own).into_iter().zip(quota_limits(&parent))
+    {
+        if let (Some(mine), Some(theirs)) = (mine, theirs)
+            && mine > theirs
+        {
+            return Err(StoreError::QuotaAboveParent(format!(
+                "{resource} {} is more than the {} of tenant {}'s quota",
+                format_amount(resource, mine),
+                format_amount(resource, theirs),
+                tenant_key.name
+            )));
+        }
     }
     Ok(())
 }
@@ -340,6 +671,10 @@ fn scan_in(
         sql.push_str(&format!(" AND project = ?{}", args.len() + 1));
         args.push(p);
     }
+    if let Some(n) = &filter.name {
+        sql.push_str(&format!(" AND name = ?{}", args.len() + 1));
+        args.push(n);
+    }
     sql.push_str(" ORDER BY tenant, project, name");
     let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt.query_map(args.as_slice(), row_to_object)?;
@@ -416,15 +751,19 @@ fn to_stored(r: &Resource) -> Result<StoredObject, StoreError> {
     })
 }
 
-fn upsert_in(conn: &Connection, o: &StoredObject) -> Result<(), StoreError> {
+/// Writes one object; `usage` is what it consumes (nothing, but for instances).
+fn upsert_in(conn: &Connection, o: &StoredObject, usage: Usage) -> Result<(), StoreError> {
     let labels =
         serde_json::to_string(&o.labels).map_err(|e| StoreError::Backend(e.to_string()))?;
     let mut stmt = conn.prepare_cached(
-        "INSERT INTO objects (kind, tenant, project, name, uid, generation, resource_version, labels, body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+        "INSERT INTO objects (kind, tenant, project, name, uid, generation, resource_version, labels, body,
+                              use_replicas, use_cpu_millis, use_memory_bytes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
          ON CONFLICT (kind, tenant, project, name) DO UPDATE SET
             uid = excluded.uid, generation = excluded.generation,
-            resource_version = excluded.resource_version, labels = excluded.labels, body = excluded.body",
+            resource_version = excluded.resource_version, labels = excluded.labels, body = excluded.body,
+            use_replicas = excluded.use_replicas, use_cpu_millis = excluded.use_cpu_millis,
+            use_memory_bytes = excluded.use_memory_bytes",
     )?;
     stmt.execute(params![
         o.key.kind.as_str(),
@@ -435,7 +774,10 @@ fn upsert_in(conn: &Connection, o: &StoredObject) -> Result<(), StoreError> {
         o.generation,
         o.resource_version as i64,
         labels,
-        o.json
+        o.json,
+        usage.replicas,
+        usage.cpu_millis,
+        usage.memory_bytes
     ])?;
     Ok(())
 }
@@ -466,7 +808,7 @@ fn update_in(
     m.uid.clone_from(&bm.uid);
     m.generation = bm.generation;
     m.created_at.clone_from(&bm.created_at);
-    upsert_in(tx, &to_stored(&after)?)?;
+    upsert_in(tx, &to_stored(&after)?, Usage::of(&after))?;
     Ok(true)
 }
 
@@ -551,6 +893,36 @@ impl Store for SqliteStore {
         })
     }
 
+    fn usage(&self, tenant: Option<&str>) -> Result<super::UsageByTenant, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT tenant, project, COUNT(*), SUM(use_replicas), SUM(use_cpu_millis), SUM(use_memory_bytes)
+                 FROM objects WHERE kind = 'OpenClawInstance' AND (?1 IS NULL OR tenant = ?1)
+                 GROUP BY tenant, project",
+            )?;
+            let mut out = super::UsageByTenant::new();
+            let rows = stmt.query_map([tenant], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    Usage {
+                        instances: r.get(2)?,
+                        replicas: r.get(3)?,
+                        cpu_millis: r.get(4)?,
+                        memory_bytes: r.get(5)?,
+                    },
+                ))
+            })?;
+            for row in rows {
+                let (t, p, u) = row?;
+                let entry = out.entry(t).or_default();
+                entry.0.add(u);
+                entry.1.insert(p, u);
+            }
+            Ok(out)
+        })
+    }
+
     fn scan(
         &self,
         filter: &ListFilter,
@@ -572,65 +944,29 @@ impl Store for SqliteStore {
         batch: &[(Resource, WriteMode)],
         dry_run: bool,
     ) -> Result<WriteSummary, StoreError> {
-        let keys: Vec<ObjectKey> = batch.iter().map(|(r, _)| r.key()).collect();
-        let mut seen: HashMap<&ObjectKey, usize> = HashMap::new();
-        let mut dupes = Vec::new();
-        for (i, k) in keys.iter().enumerate() {
-            if let Some(first) = seen.insert(k, i) {
-                dupes.push(FieldProblem::new(
-                    format!("items[{i}]"),
-                    format!("names {k} again (as items[{first}] does)"),
-                ));
-            }
-        }
-        if !dupes.is_empty() {
-            return Err(StoreError::Invalid(dupes));
-        }
-        // Parents before children, otherwise in request order.
-        let mut order: Vec<usize> = (0..batch.len()).collect();
-        order.sort_by_key(|&i| batch[i].0.kind().apply_order());
-        let now = now_rfc3339();
-        let (results, index) = self.write_tx(dry_run, |tx, next| {
-            let mut results: Vec<Option<WriteResult>> = vec![None; batch.len()];
-            let mut changed = false;
-            for &i in &order {
-                let (res, mode) = &batch[i];
-                let key = &keys[i];
-                if let Some(parent) = key.parent()
-                    && !exists_in(tx, &parent)?
-                {
-                    return Err(in_batch(
-                        i,
-                        StoreError::ParentMissing {
-                            key: key.clone(),
-                            parent: Box::new(parent),
-                        },
-                    ));
-                }
-                let existing = get_in(tx, key)?;
-                let admitted = admit(existing.as_ref(), res, *mode, next, &now, || {
-                    uuid::Uuid::new_v4().to_string()
-                })
-                .map_err(|e| in_batch(i, e))?;
-                let object = match (admitted.outcome, existing) {
-                    (super::Outcome::Unchanged, Some(existing)) => existing,
-                    _ => {
-                        let o = to_stored(&admitted.resource)?;
-                        upsert_in(tx, &o)?;
-                        changed = true;
-                        o
-                    }
-                };
-                results[i] = Some(WriteResult {
-                    key: key.clone(),
-                    outcome: admitted.outcome,
-                    object,
-                });
-            }
-            Ok((results, changed))
-        })?;
-        let results = results.into_iter().flatten().collect();
-        Ok(WriteSummary { index, results })
+        Ok(self.write_inner(batch, dry_run, None)?.0)
+    }
+
+    fn write_audited(
+        &self,
+        batch: &[(Resource, WriteMode)],
+        dry_run: bool,
+        audit: &mut dyn FnMut(&[WriteResult]) -> Vec<AuditEntry>,
+    ) -> Result<(WriteSummary, Vec<AuditRecord>), StoreError> {
+        self.write_inner(batch, dry_run, Some(audit))
+    }
+
+    fn delete(&self, key: &ObjectKey, expected: Option<u64>) -> Result<u64, StoreError> {
+        Ok(self.delete_inner(key, expected, None)?.0)
+    }
+
+    fn delete_audited(
+        &self,
+        key: &ObjectKey,
+        expected: Option<u64>,
+        audit: &mut dyn FnMut(Option<i64>) -> Vec<AuditEntry>,
+    ) -> Result<(u64, Vec<AuditRecord>), StoreError> {
+        self.delete_inner(key, expected, Some(audit))
     }
 
     fn update(
@@ -661,44 +997,6 @@ impl Store for SqliteStore {
             Ok((changed, changed))
         })?;
         Ok(changed.then_some(index))
-    }
-
-    fn delete(&self, key: &ObjectKey, expected: Option<u64>) -> Result<u64, StoreError> {
-        let ((), index) = self.write_tx(false, |tx, _next| {
-            let existing = get_in(tx, key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
-            if let Some(given) = expected.filter(|rv| *rv != 0)
-                && given != existing.resource_version {
-                    return Err(StoreError::Conflict { key: key.clone(), given, current: existing.resource_version });
-                }
-            let children = match key.kind {
-                Kind::Tenant => Some((
-                    "projects",
-                    tx.query_row(
-                        "SELECT COUNT(*) FROM objects WHERE kind = 'Project' AND tenant = ?1",
-                        [&key.name],
-                        |r| r.get::<_, i64>(0),
-                    )?,
-                )),
-                Kind::Project => Some((
-                    "instances",
-                    tx.query_row(
-                        "SELECT COUNT(*) FROM objects WHERE kind = 'OpenClawInstance' AND tenant = ?1 AND project = ?2",
-                        [&key.tenant, &key.name],
-                        |r| r.get::<_, i64>(0),
-                    )?,
-                )),
-                Kind::OpenClawInstance | Kind::Host => None,
-            };
-            if let Some((child, count)) = children.filter(|(_, n)| *n > 0) {
-                return Err(StoreError::HasChildren { key: key.clone(), count: count as usize, child });
-            }
-            tx.execute(
-                "DELETE FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4",
-                params![key.kind.as_str(), key.tenant, key.project, key.name],
-            )?;
-            Ok(((), true))
-        })?;
-        Ok(index)
     }
 
     fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
@@ -767,7 +1065,7 @@ impl Store for SqliteStore {
                 || uuid::Uuid::new_v4().to_string(),
             )?;
             let object = to_stored(&admitted.resource)?;
-            upsert_in(tx, &object)?;
+            upsert_in(tx, &object, Usage::default())?;
             Ok((object, true))
         })?;
         Ok(object)
@@ -786,6 +1084,25 @@ impl Store for SqliteStore {
     fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
         let conn = lock(&self.writer);
         Ok(conn.execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", [id])? > 0)
+    }
+
+    fn append_audit(&self, entries: &[AuditEntry]) -> Result<Vec<AuditRecord>, StoreError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let records = crate::audit::append_audit_tx(&tx, entries)?;
+        tx.commit()?;
+        Ok(records)
+    }
+
+    fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        self.read(|c| crate::audit::list_audit_in(c, filter))
+    }
+
+    fn verify_audit(&self) -> Result<AuditVerification, StoreError> {
+        self.read(crate::audit::verify_audit_in)
     }
 }
 

@@ -2,11 +2,13 @@
 //! index read before a write committed, another request acting while a token is looked up).
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use tokio::sync::watch;
 
 use super::sqlite::SqliteStore;
 use super::{ListFilter, Store, StoreError, StoredObject, TokenRecord, WriteMode, WriteSummary};
+use crate::audit::{AuditEntry, AuditFilter, AuditRecord, AuditVerification};
 use crate::model::{ObjectKey, Resource};
 
 /// Work run by a hook.
@@ -20,6 +22,10 @@ pub struct HookStore {
     pub stale_index: Mutex<Option<u64>>,
     /// Runs once, after the next token lookup has read its record and before it returns.
     pub after_token_lookup: Mutex<Option<Hook>>,
+    /// Calls of [`Store::append_audit`] so far.
+    pub audit_appends: AtomicU32,
+    /// The next this many calls of [`Store::append_audit`] fail, as a full disk would.
+    pub audit_failures: AtomicU32,
 }
 
 impl HookStore {
@@ -28,6 +34,8 @@ impl HookStore {
             inner,
             stale_index: Mutex::new(None),
             after_token_lookup: Mutex::new(None),
+            audit_appends: AtomicU32::new(0),
+            audit_failures: AtomicU32::new(0),
         }
     }
 }
@@ -101,5 +109,22 @@ impl Store for HookStore {
     }
     fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
         self.inner.revoke_token(id)
+    }
+    fn append_audit(&self, entries: &[AuditEntry]) -> Result<Vec<AuditRecord>, StoreError> {
+        self.audit_appends.fetch_add(1, Ordering::SeqCst);
+        let failing = self
+            .audit_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(StoreError::Backend("disk I/O error (injected)".into()));
+        }
+        self.inner.append_audit(entries)
+    }
+    fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        self.inner.list_audit(filter)
+    }
+    fn verify_audit(&self) -> Result<AuditVerification, StoreError> {
+        self.inner.verify_audit()
     }
 }

@@ -1289,6 +1289,21 @@ impl Store for ClockStore {
     fn revoke_token(&self, _id: &str) -> Result<bool, StoreError> {
         Err(unsupported())
     }
+    fn append_audit(
+        &self,
+        _entries: &[crate::audit::AuditEntry],
+    ) -> Result<Vec<crate::audit::AuditRecord>, StoreError> {
+        Err(unsupported())
+    }
+    fn list_audit(
+        &self,
+        _filter: &crate::audit::AuditFilter,
+    ) -> Result<Vec<crate::audit::AuditRecord>, StoreError> {
+        Err(unsupported())
+    }
+    fn verify_audit(&self) -> Result<crate::audit::AuditVerification, StoreError> {
+        Err(unsupported())
+    }
 }
 
 fn start_clocked(

@@ -1,0 +1,413 @@
+//! Role-based access control: the one permission table of the API, and the scope of tenant
+//! data a principal sees.
+//!
+//! | resource  | read                        | write                         | delete                        |
+//! |-----------|-----------------------------|-------------------------------|-------------------------------|
+//! | info      | every role                  |                               |                               |
+//! | tenants   | every role (its own tenant) | platform-admin                | platform-admin                |
+//! | projects  | every role (in scope)       | platform-admin, tenant-admin  | platform-admin, tenant-admin  |
+//! | instances | every role (in scope)       | platform-admin, tenant-admin, project-editor | same as write |
+//! | hosts     | platform-admin, cluster-wide viewer | (agents only)         | platform-admin                |
+//! | tokens    | platform-admin, tenant-admin | platform-admin, tenant-admin | platform-admin, tenant-admin  |
+//! | audit     | platform-admin, tenant-admin |                              |                               |
+//! | metrics   | platform-admin, cluster-wide viewer |                       |                               |
+//!
+//! The table is [`PERMISSIONS`]; every `/api/v1` route is mapped to a row by
+//! [`route_permission`] and checked in the authentication middleware, and every document of a
+//! batch `apply` by [`check`]. What a role may see inside its rows is its [`Scope`]: a
+//! tenant-admin's tenant, a project-editor's project; the store answers out-of-scope objects as
+//! if they did not exist.
+
+use std::fmt;
+
+use axum::http::Method;
+
+use super::Principal;
+use crate::model::Kind;
+use crate::store::Scope;
+
+/// The roles, from most to least privileged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    PlatformAdmin,
+    TenantAdmin,
+    ProjectEditor,
+    Viewer,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [
+        Role::PlatformAdmin,
+        Role::TenantAdmin,
+        Role::ProjectEditor,
+        Role::Viewer,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::PlatformAdmin => "platform-admin",
+            Role::TenantAdmin => "tenant-admin",
+            Role::ProjectEditor => "project-editor",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
+    /// Whether a holder of `self` may hand out `other` (the same or a less privileged role).
+    pub fn may_grant(self, other: Role) -> bool {
+        self <= other
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a route or document touches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Res {
+    Info,
+    Tenants,
+    Projects,
+    Instances,
+    Hosts,
+    Tokens,
+    Audit,
+    Metrics,
+}
+
+impl Res {
+    pub fn of_kind(kind: Kind) -> Res {
+        match kind {
+            Kind::Tenant => Res::Tenants,
+            Kind::Project => Res::Projects,
+            Kind::OpenClawInstance => Res::Instances,
+            Kind::Host => Res::Hosts,
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            Res::Info => "server information",
+            Res::Tenants => "tenants",
+            Res::Projects => "projects",
+            Res::Instances => "instances",
+            Res::Hosts => "hosts",
+            Res::Tokens => "tokens",
+            Res::Audit => "the audit log",
+            Res::Metrics => "metrics",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verb {
+    Read,
+    Write,
+    Delete,
+}
+
+impl Verb {
+    pub fn of_method(m: &Method) -> Verb {
+        match *m {
+            Method::GET | Method::HEAD | Method::OPTIONS => Verb::Read,
+            Method::DELETE => Verb::Delete,
+            _ => Verb::Write,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Verb::Read => "read",
+            Verb::Write => "write",
+            Verb::Delete => "delete",
+        }
+    }
+}
+
+/// Who may do what. `cluster_only`: the role must also be cluster-wide (a viewer without a
+/// tenant), for infrastructure no tenant owns.
+struct Permission {
+    res: Res,
+    verb: Verb,
+    roles: &'static [Role],
+    cluster_only: bool,
+}
+
+const EVERY_ROLE: &[Role] = &Role::ALL;
+const PA: &[Role] = &[Role::PlatformAdmin];
+const PA_TA: &[Role] = &[Role::PlatformAdmin, Role::TenantAdmin];
+const EDITORS: &[Role] = &[Role::PlatformAdmin, Role::TenantAdmin, Role::ProjectEditor];
+const PA_VIEWER: &[Role] = &[Role::PlatformAdmin, Role::Viewer];
+
+const fn p(res: Res, verb: Verb, roles: &'static [Role], cluster_only: bool) -> Permission {
+    Permission {
+        res,
+        verb,
+        roles,
+        cluster_only,
+    }
+}
+
+/// The permission table. A (resource, verb) pair that is not here is allowed to nobody.
+const PERMISSIONS: &[Permission] = &[
+    p(Res::Info, Verb::Read, EVERY_ROLE, false),
+    p(Res::Tenants, Verb::Read, EVERY_ROLE, false),
+    p(Res::Tenants, Verb::Write, PA, false),
+    p(Res::Tenants, Verb::Delete, PA, false),
+    p(Res::Projects, Verb::Read, EVERY_ROLE, false),
+    p(Res::Projects, Verb::Write, PA_TA, false),
+    p(Res::Projects, Verb::Delete, PA_TA, false),
+    p(Res::Instances, Verb::Read, EVERY_ROLE, false),
+    p(Res::Instances, Verb::Write, EDITORS, false),
+    p(Res::Instances, Verb::Delete, EDITORS, false),
+    p(Res::Hosts, Verb::Read, PA_VIEWER, true),
+    // Hosts are written by agents only; the handler tells a platform-admin so.
+    p(Res::Hosts, Verb::Write, PA, false),
+    p(Res::Hosts, Verb::Delete, PA, false),
+    p(Res::Tokens, Verb::Read, PA_TA, false),
+    p(Res::Tokens, Verb::Write, PA_TA, false),
+    p(Res::Tokens, Verb::Delete, PA_TA, false),
+    p(Res::Audit, Verb::Read, PA_TA, false),
+    p(Res::Metrics, Verb::Read, PA_VIEWER, true),
+];
+
+/// Why a principal may not do something; the text names the role and what it may do instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied(pub String);
+
+impl fmt::Display for Denied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The role a principal acts with; a token whose role or scope does not fit is refused.
+pub fn role_of(p: &Principal) -> Result<Role, Denied> {
+    let role = Role::parse(&p.role).ok_or_else(|| {
+        Denied(format!(
+            "{} has the unknown role {:?}; roles are {}",
+            p.token_id,
+            p.role,
+            role_names()
+        ))
+    })?;
+    scope_of(p, role)?;
+    Ok(role)
+}
+
+/// The tenant data a principal sees.
+pub fn scope_of(p: &Principal, role: Role) -> Result<Scope, Denied> {
+    let bad = |what: &str| Denied(format!("{} ({role}) {what}", p.token_id));
+    match (role, &p.tenant, &p.project) {
+        (Role::PlatformAdmin, _, _) => Ok(Scope::Cluster),
+        (Role::TenantAdmin, Some(t), None) => Ok(Scope::Tenant(t.clone())),
+        (Role::TenantAdmin, _, _) => Err(bad("must name exactly one tenant and no project")),
+        (Role::ProjectEditor, Some(t), Some(pr)) => Ok(Scope::Project {
+            tenant: t.clone(),
+            project: pr.clone(),
+        }),
+        (Role::ProjectEditor, _, _) => Err(bad("must name a tenant and a project")),
+        (Role::Viewer, None, None) => Ok(Scope::Cluster),
+        (Role::Viewer, Some(t), None) => Ok(Scope::Tenant(t.clone())),
+        (Role::Viewer, Some(t), Some(pr)) => Ok(Scope::Project {
+            tenant: t.clone(),
+            project: pr.clone(),
+        }),
+        (Role::Viewer, None, Some(_)) => Err(bad("names a project without its tenant")),
+    }
+}
+
+/// Whether `role` in `scope` may `verb` `res`.
+pub fn allowed(role: Role, scope: &Scope, res: Res, verb: Verb) -> bool {
+    PERMISSIONS.iter().any(|perm| {
+        perm.res == res
+            && perm.verb == verb
+            && perm.roles.contains(&role)
+            && (!perm.cluster_only || matches!(scope, Scope::Cluster))
+    })
+}
+
+/// [`allowed`], as an error that says what the role may do.
+pub fn check(p: &Principal, res: Res, verb: Verb) -> Result<(Role, Scope), Denied> {
+    let role = role_of(p)?;
+    let scope = scope_of(p, role)?;
+    if allowed(role, &scope, res, verb) {
+        return Ok((role, scope));
+    }
+    let who: Vec<&str> = PERMISSIONS
+        .iter()
+        .filter(|perm| perm.res == res && perm.verb == verb)
+        .flat_map(|perm| perm.roles.iter().map(|r| r.as_str()))
+        .collect();
+    let hint = if who.is_empty() {
+        "no role may".to_string()
+    } else {
+        format!("only {} may", who.join(", "))
+    };
+    Err(Denied(format!(
+        "the role {role} of {} may not {} {}; {hint}",
+        p.token_id,
+        verb.as_str(),
+        res.noun()
+    )))
+}
+
+/// The row of the table an `/api/v1` route belongs to, from its route template (as axum
+/// matched it, with or without the `/api/v1` prefix). `None` for routes outside the table
+/// (the OpenAPI document, unknown paths), which any authenticated caller may reach.
+pub fn route_permission(method: &Method, template: &str) -> Option<(Res, Verb)> {
+    let path = template.strip_prefix("/api/v1").unwrap_or(template);
+    let verb = Verb::of_method(method);
+    let mut res = None;
+    for segment in path.split('/').filter(|s| !s.is_empty()) {
+        res = match segment {
+            "info" => Some(Res::Info),
+            "tenants" => Some(Res::Tenants),
+            "projects" => Some(Res::Projects),
+            "instances" | "scale" => Some(Res::Instances),
+            "hosts" => Some(Res::Hosts),
+            "tokens" => Some(Res::Tokens),
+            "audit" => Some(Res::Audit),
+            "metrics" => Some(Res::Metrics),
+            // The batch endpoint: every document is checked on its own.
+            "apply" => return None,
+            "openapi.json" => return None,
+            _ => continue,
+        };
+    }
+    res.map(|r| (r, verb))
+}
+
+pub fn role_names() -> String {
+    Role::ALL
+        .iter()
+        .map(|r| r.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(role: &str, tenant: Option<&str>, project: Option<&str>) -> Principal {
+        Principal {
+            token_id: "tok".into(),
+            token_name: "t".into(),
+            role: role.into(),
+            tenant: tenant.map(Into::into),
+            project: project.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn routes_map_to_their_rows() {
+        let g = Method::GET;
+        assert_eq!(
+            route_permission(
+                &g,
+                "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}"
+            ),
+            Some((Res::Instances, Verb::Read))
+        );
+        assert_eq!(
+            route_permission(
+                &Method::PUT,
+                "/tenants/{tenant}/projects/{project}/instances/{name}/scale"
+            ),
+            Some((Res::Instances, Verb::Write))
+        );
+        assert_eq!(
+            route_permission(
+                &Method::DELETE,
+                "/api/v1/tenants/{tenant}/projects/{project}"
+            ),
+            Some((Res::Projects, Verb::Delete))
+        );
+        assert_eq!(
+            route_permission(&Method::POST, "/api/v1/tokens"),
+            Some((Res::Tokens, Verb::Write))
+        );
+        assert_eq!(
+            route_permission(&g, "/api/v1/audit/verify"),
+            Some((Res::Audit, Verb::Read))
+        );
+        assert_eq!(route_permission(&Method::POST, "/api/v1/apply"), None);
+        assert_eq!(
+            route_permission(&g, "/metrics"),
+            Some((Res::Metrics, Verb::Read))
+        );
+    }
+
+    #[test]
+    fn the_table_holds_per_role() {
+        let t = Scope::Tenant("a".into());
+        let pr = Scope::Project {
+            tenant: "a".into(),
+            project: "p".into(),
+        };
+        use Res::*;
+        use Role::*;
+        use Verb::*;
+        assert!(allowed(PlatformAdmin, &Scope::Cluster, Tenants, Write));
+        assert!(!allowed(TenantAdmin, &t, Tenants, Write));
+        assert!(allowed(TenantAdmin, &t, Projects, Write));
+        assert!(allowed(TenantAdmin, &t, Tokens, Write));
+        assert!(!allowed(TenantAdmin, &t, Hosts, Read));
+        assert!(!allowed(ProjectEditor, &pr, Projects, Write));
+        assert!(allowed(ProjectEditor, &pr, Instances, Delete));
+        assert!(!allowed(ProjectEditor, &pr, Tokens, Read));
+        for res in [Tenants, Projects, Instances] {
+            assert!(allowed(Viewer, &t, res, Read));
+            assert!(!allowed(Viewer, &t, res, Write));
+            assert!(!allowed(Viewer, &t, res, Delete));
+        }
+        assert!(allowed(Viewer, &Scope::Cluster, Hosts, Read));
+        assert!(!allowed(Viewer, &t, Hosts, Read));
+        assert!(!allowed(Viewer, &Scope::Cluster, Audit, Read));
+    }
+
+    #[test]
+    fn scopes_follow_role_and_token_fields() {
+        let s = |r, t, p| scope_of(&principal(r, t, p), Role::parse(r).unwrap());
+        assert_eq!(s("platform-admin", None, None), Ok(Scope::Cluster));
+        assert_eq!(
+            s("tenant-admin", Some("a"), None),
+            Ok(Scope::Tenant("a".into()))
+        );
+        assert!(s("tenant-admin", None, None).is_err());
+        assert!(s("tenant-admin", Some("a"), Some("p")).is_err());
+        assert!(s("project-editor", Some("a"), None).is_err());
+        assert_eq!(s("viewer", None, None), Ok(Scope::Cluster));
+        assert!(s("viewer", None, Some("p")).is_err());
+        assert!(role_of(&principal("root", None, None)).is_err());
+    }
+
+    #[test]
+    fn denials_say_who_may() {
+        let e = check(
+            &principal("viewer", Some("a"), None),
+            Res::Instances,
+            Verb::Write,
+        )
+        .unwrap_err();
+        assert!(
+            e.0.contains("viewer") && e.0.contains("project-editor"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn roles_grant_only_down() {
+        assert!(Role::TenantAdmin.may_grant(Role::Viewer));
+        assert!(Role::TenantAdmin.may_grant(Role::TenantAdmin));
+        assert!(!Role::TenantAdmin.may_grant(Role::PlatformAdmin));
+        assert!(!Role::Viewer.may_grant(Role::ProjectEditor));
+    }
+}
