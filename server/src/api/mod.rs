@@ -380,23 +380,19 @@ fn authorize(principal: Arc<Principal>, req: &Request) -> Result<Caller, ApiErro
     let template = req
         .extensions()
         .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string());
+        .map(MatchedPath::as_str);
     // A method the route does not answer gets its 405 from the router, whoever asks.
     let answers = |t: &str| {
-        let full = if t.starts_with("/api/v1") || t == "/metrics" {
-            t.to_string()
-        } else {
-            format!("/api/v1{t}")
-        };
+        let full = |route: &str| route == t || route.strip_prefix("/api/v1") == Some(t);
         ROUTE_METHODS
             .iter()
-            .find(|(route, _)| *route == full)
+            .find(|(route, _)| full(route))
             .is_some_and(|(_, methods)| methods.split(", ").any(|m| m == req.method().as_str()))
     };
     if let Some((res, verb)) = template
-        .as_deref()
         .filter(|t| answers(t))
         .and_then(|t| rbac::route_permission(req.method(), t))
+        && !rbac::allowed(role, &scope, res, verb)
     {
         rbac::check(&principal, res, verb).map_err(forbidden)?;
     }
@@ -459,27 +455,40 @@ impl AuditNote {
 /// What the audit log needs of a request, taken before the request is handed on.
 struct Attempt {
     method: axum::http::Method,
-    path: String,
-    request_id: String,
-    source: String,
+    /// The URI as the client sent it (cheap to clone; formatted only for a record).
+    uri: axum::http::Uri,
+    request_id: Option<Arc<str>>,
+    source: Option<std::net::SocketAddr>,
 }
 
 impl Attempt {
+    /// Copies nothing but reference counts: most requests (allowed reads) never need it.
     fn of(req: &Request) -> Self {
         Attempt {
             method: req.method().clone(),
-            path: client_path(req),
-            request_id: req
+            uri: req
                 .extensions()
-                .get::<RequestId>()
-                .map(|r| r.0.to_string())
-                .unwrap_or_default(),
+                .get::<OriginalUri>()
+                .map_or_else(|| req.uri().clone(), |u| u.0.clone()),
+            request_id: req.extensions().get::<RequestId>().map(|r| Arc::clone(&r.0)),
             source: req
                 .extensions()
                 .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                .map(|c| c.0.to_string())
-                .unwrap_or_else(|| "local".into()),
+                .map(|c| c.0),
         }
+    }
+
+    fn path(&self) -> &str {
+        self.uri.path()
+    }
+
+    fn request_id(&self) -> String {
+        self.request_id.as_deref().unwrap_or_default().to_string()
+    }
+
+    fn source(&self) -> String {
+        self.source
+            .map_or_else(|| "local".to_string(), |a| a.to_string())
     }
 
     /// What a request does when no handler says: its method.
@@ -487,9 +496,9 @@ impl Attempt {
         match self.method.as_str() {
             "GET" | "HEAD" => "read",
             "DELETE" => "delete",
-            "POST" if self.path.ends_with("/apply") => "apply",
+            "POST" if self.path().ends_with("/apply") => "apply",
             "POST" => "create",
-            "PUT" if self.path.ends_with("/scale") => "scale",
+            "PUT" if self.path().ends_with("/scale") => "scale",
             _ => "update",
         }
     }
@@ -549,7 +558,7 @@ fn audit_entry(
         (None, _) => attempt.action(),
     };
     let mut entry = AuditEntry::now(principal, action, result)
-        .with_request(attempt.request_id.clone(), attempt.source.clone());
+        .with_request(attempt.request_id(), attempt.source());
     match note {
         Some(n) => {
             if let Some(o) = n.object {
@@ -562,7 +571,7 @@ fn audit_entry(
                 kind: "Request".into(),
                 tenant: None,
                 project: None,
-                name: format!("{} {}", attempt.method, attempt.path),
+                name: format!("{} {}", attempt.method, attempt.path()),
             });
         }
     }
@@ -582,7 +591,7 @@ async fn authenticated(state: &ApiState, mut req: Request, next: Next) -> Respon
     let principal = match state.inner.auth.authenticate(header).await {
         Ok(p) => p,
         Err(e) => {
-            tracing::debug!(reason = %e, path = %attempt.path, "request not authenticated");
+            tracing::debug!(reason = %e, path = %attempt.path(), "request not authenticated");
             let mut resp =
                 ApiError::from_auth(e, state.inner.auth.admin_token_path()).into_response();
             audit(state, &attempt, None, &mut resp).await;
@@ -614,8 +623,8 @@ async fn authenticated(state: &ApiState, mut req: Request, next: Next) -> Respon
                 caller.audit = Some(Arc::new(AuditDraft {
                     principal: AuditPrincipal::from(caller.principal.as_ref()),
                     tenant: caller.scope.tenant().map(str::to_string),
-                    request_id: attempt.request_id.clone(),
-                    source: attempt.source.clone(),
+                    request_id: attempt.request_id(),
+                    source: attempt.source(),
                     action: attempt.action(),
                     creates: attempt.method == axum::http::Method::POST
                         && attempt.action() == "create",
@@ -640,7 +649,7 @@ async fn authenticated(state: &ApiState, mut req: Request, next: Next) -> Respon
     req.extensions_mut().insert(Arc::clone(&caller));
     let mut resp = next.run(req).await;
     if let Some(started) = logged {
-        tracing::debug!(method = %attempt.method, path = %attempt.path, status = resp.status().as_u16(),
+        tracing::debug!(method = %attempt.method, path = %attempt.path(), status = resp.status().as_u16(),
             elapsed_us = started.elapsed().as_micros() as u64, "request served");
     }
     let stored = caller
@@ -649,8 +658,12 @@ async fn authenticated(state: &ApiState, mut req: Request, next: Next) -> Respon
         .map(|d| d.take_records())
         .unwrap_or_default();
     match slot {
-        // Stored with the change: only the sink is left to write.
-        Some(slot) if !stored.is_empty() => slot.publish(stored),
+        // Stored with the change: only the sink is left to write, if there is one.
+        Some(slot) if !stored.is_empty() => {
+            if state.inner.audit.as_ref().is_some_and(AuditWriter::has_sink) {
+                slot.publish(stored);
+            }
+        }
         Some(slot) => {
             if let Some(entry) = audit_entry(
                 &attempt,

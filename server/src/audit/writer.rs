@@ -107,6 +107,8 @@ enum Msg {
 #[derive(Clone, Debug)]
 pub struct AuditWriter {
     tx: mpsc::Sender<Msg>,
+    /// Whether stored records are also copied to a sink.
+    sink: bool,
 }
 
 impl std::fmt::Debug for Msg {
@@ -153,9 +155,15 @@ impl AuditWriter {
         capacity: usize,
     ) -> Result<AuditWriter, AuditError> {
         let sink = SinkWriter::open(&config.sink)?;
+        let has_sink = !matches!(sink, SinkWriter::None);
         let (tx, rx) = mpsc::channel(capacity);
         tokio::spawn(run(store, rx, Arc::new(Mutex::new(sink))));
-        Ok(AuditWriter { tx })
+        Ok(AuditWriter { tx, sink: has_sink })
+    }
+
+    /// Whether stored records are also copied to a sink (`[audit] sink`).
+    pub fn has_sink(&self) -> bool {
+        self.sink
     }
 
     /// Room for one entry: at once when there is some, else after waiting up to

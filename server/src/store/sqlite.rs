@@ -211,11 +211,15 @@ impl SqliteStore {
         }
         let mut records = Vec::new();
         let (results, index) = self.write_tx(dry_run, |tx, next| {
+            // Usage before the write, of the owners that have a quota (or may get one in
+            // this batch): only those are checked.
             let mut before = Vec::with_capacity(owners.len());
             for owner in &owners {
+                let limited = keys.contains(owner) || quota_in(tx, owner)?.is_some();
                 let u = match owner.kind {
-                    Kind::Project => usage_in(tx, &owner.tenant, Some(&owner.name))?,
-                    _ => usage_in(tx, &owner.name, None)?,
+                    _ if !limited => None,
+                    Kind::Project => Some(usage_in(tx, &owner.tenant, Some(&owner.name))?),
+                    _ => Some(usage_in(tx, &owner.name, None)?),
                 };
                 before.push(u);
             }
@@ -267,6 +271,7 @@ impl SqliteStore {
             }
             if changed {
                 for (owner, before) in owners.iter().zip(&before) {
+                    let Some(before) = before else { continue };
                     check_quota(tx, owner, *before).map_err(|e| {
                         // Name the first document that adds to this owner's usage.
                         let item = keys.iter().position(|k| {
