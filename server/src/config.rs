@@ -759,6 +759,38 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_packaged_config_loads_with_limits_on() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/server.toml");
+        let args = ServerArgs {
+            config: Some(path),
+            ..Default::default()
+        };
+        let c = load_with(&args, &env()).unwrap();
+        assert!(c.rate_limits.enabled);
+        assert_eq!(c.oidc, None);
+        assert_eq!(c.data_dir, Path::new("/var/lib/clusterclaw"));
+    }
+
+    #[test]
+    fn bad_tenancy_sections_name_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "[rate_limit]\nper_token = { rate = -5 }\n\n[[oidc.issuers]]\nissuer = \"http://idp.example.com\"\naudience = \"x\"\n",
+        );
+        let args = ServerArgs {
+            config: Some(p),
+            ..Default::default()
+        };
+        let e = load_with(&args, &env()).unwrap_err().to_string();
+        assert!(
+            e.contains("line 2") && e.contains("rate_limit.per_token.rate"),
+            "{e}"
+        );
+        assert!(e.contains("oidc.issuers[0]"), "{e}");
+    }
+
     fn write(dir: &Path, text: &str) -> PathBuf {
         let p = dir.join("server.toml");
         std::fs::write(&p, text).unwrap();

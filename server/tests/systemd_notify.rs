@@ -70,8 +70,8 @@ fn ready_after_binding_watchdog_pings_and_stopping() {
         start.elapsed()
     );
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
+    let killed = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", server.id())])
         .status()
         .unwrap();
     assert!(killed.success());

@@ -470,7 +470,10 @@ impl Attempt {
                 .extensions()
                 .get::<OriginalUri>()
                 .map_or_else(|| req.uri().clone(), |u| u.0.clone()),
-            request_id: req.extensions().get::<RequestId>().map(|r| Arc::clone(&r.0)),
+            request_id: req
+                .extensions()
+                .get::<RequestId>()
+                .map(|r| Arc::clone(&r.0)),
             source: req
                 .extensions()
                 .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -660,7 +663,12 @@ async fn authenticated(state: &ApiState, mut req: Request, next: Next) -> Respon
     match slot {
         // Stored with the change: only the sink is left to write, if there is one.
         Some(slot) if !stored.is_empty() => {
-            if state.inner.audit.as_ref().is_some_and(AuditWriter::has_sink) {
+            if state
+                .inner
+                .audit
+                .as_ref()
+                .is_some_and(AuditWriter::has_sink)
+            {
                 slot.publish(stored);
             }
         }
