@@ -320,13 +320,7 @@ struct Source {
 
 impl Source {
     fn location(&self, span: Range<usize>, key: &str) -> String {
-        let upto = &self.text[..span.start.min(self.text.len())];
-        let line = upto.matches('\n').count() + 1;
-        let column = upto.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        format!(
-            "{}, line {line}, column {column} ({key})",
-            self.path.display()
-        )
+        crate::util::file_location(&self.path, &self.text, Some(span.start), key)
     }
 
     /// A path from the file, relative to the file's directory.

@@ -102,20 +102,9 @@ impl RateLimitProblem {
     /// `<file>, line N, column M (<key>): <problem>`, the form of the server's other
     /// configuration errors; `text` is the whole file.
     pub fn describe(&self, path: &Path, text: &str) -> String {
-        match &self.span {
-            Some(span) => {
-                let upto = text.get(..span.start).unwrap_or(text);
-                let line = upto.matches('\n').count() + 1;
-                let column = upto.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-                format!(
-                    "{}, line {line}, column {column} ({}): {}",
-                    path.display(),
-                    self.key,
-                    self.problem
-                )
-            }
-            None => format!("{} ({}): {}", path.display(), self.key, self.problem),
-        }
+        let place =
+            crate::util::file_location(path, text, self.span.as_ref().map(|s| s.start), &self.key);
+        format!("{place}: {}", self.problem)
     }
 }
 

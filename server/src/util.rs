@@ -168,3 +168,45 @@ mod tests {
         assert_eq!(failed.unwrap_err().code(), tonic::Code::NotFound);
     }
 }
+
+/// Where a setting is in a configuration file: `<file>, line L, column C (<key>)` for a byte
+/// offset into `text` (lines and columns counted from 1, columns in characters), or
+/// `<file> (<key>)` when the place is not known.
+pub fn file_location(
+    file: &std::path::Path,
+    text: &str,
+    offset: Option<usize>,
+    key: &str,
+) -> String {
+    let Some(offset) = offset else {
+        return format!("{} ({key})", file.display());
+    };
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let upto = &text[..end];
+    let line = upto.matches('\n').count() + 1;
+    let column = upto.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("{}, line {line}, column {column} ({key})", file.display())
+}
+
+#[cfg(test)]
+mod location_tests {
+    #[test]
+    fn lines_and_columns_count_from_one_in_characters() {
+        let f = std::path::Path::new("/etc/x.toml");
+        let text = "a = 1\nbé = 2\n";
+        assert_eq!(
+            super::file_location(f, text, Some(0), "a"),
+            "/etc/x.toml, line 1, column 1 (a)"
+        );
+        let at = text.find("= 2").unwrap();
+        assert_eq!(
+            super::file_location(f, text, Some(at), "bé"),
+            "/etc/x.toml, line 2, column 4 (bé)"
+        );
+        assert_eq!(super::file_location(f, text, None, "k"), "/etc/x.toml (k)");
+        assert!(super::file_location(f, text, Some(999), "k").contains("line 3"));
+    }
+}

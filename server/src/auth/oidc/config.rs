@@ -234,19 +234,7 @@ impl OidcConfigProblem {
     /// `<file>, line L, column C (<key>)`, the way the rest of the configuration reports
     /// places; `text` is the file's content.
     pub fn location(&self, file: &Path, text: &str) -> String {
-        match &self.span {
-            Some(span) => {
-                let upto = &text[..span.start.min(text.len())];
-                let line = upto.matches('\n').count() + 1;
-                let column = upto.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-                format!(
-                    "{}, line {line}, column {column} ({})",
-                    file.display(),
-                    self.key
-                )
-            }
-            None => format!("{} ({})", file.display(), self.key),
-        }
+        crate::util::file_location(file, text, self.span.as_ref().map(|s| s.start), &self.key)
     }
 }
 
