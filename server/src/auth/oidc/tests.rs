@@ -1052,3 +1052,109 @@ async fn no_issuer_configured() {
         }
     );
 }
+
+/// A single sign-on user through the whole API: authenticated by its JWT, acting with the role
+/// and scope its groups map to, refused with 401 for a forged token.
+#[tokio::test]
+async fn a_single_sign_on_user_acts_in_its_mapped_scope_through_the_api() {
+    use crate::store::{Store, WriteMode};
+    use tower::ServiceExt;
+
+    let key = TestKey::es256("k1");
+    let idp = Idp::start(&[&key]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(crate::store::sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
+    let doc = |v: Value| {
+        (
+            crate::model::Resource::from_value(v).unwrap(),
+            WriteMode::Apply,
+        )
+    };
+    let inst = |t: &str, p: &str, n: &str| {
+        doc(
+            json!({"apiVersion": "clusterclaw.io/v1", "kind": "OpenClawInstance",
+            "metadata": {"name": n, "tenant": t, "project": p}, "spec": {"version": "2026.7.1"}}),
+        )
+    };
+    store
+        .write(
+            &[
+                doc(json!({"apiVersion": "clusterclaw.io/v1", "kind": "Tenant", "metadata": {"name": "acme"}})),
+                doc(json!({"apiVersion": "clusterclaw.io/v1", "kind": "Tenant", "metadata": {"name": "other"}})),
+                doc(json!({"apiVersion": "clusterclaw.io/v1", "kind": "Project", "metadata": {"name": "helpdesk", "tenant": "acme"}})),
+                doc(json!({"apiVersion": "clusterclaw.io/v1", "kind": "Project", "metadata": {"name": "p", "tenant": "other"}})),
+                inst("acme", "helpdesk", "bot"),
+                inst("other", "p", "theirs"),
+            ],
+            false,
+        )
+        .unwrap();
+    let state = crate::api::ApiState::with_options(
+        store.clone() as Arc<dyn Store>,
+        dir.path().join("admin.token"),
+        Arc::default(),
+        Arc::default(),
+        crate::api::ApiOptions {
+            oidc: Some(Arc::new(verifier(idp.settings(), fast()))),
+            ..Default::default()
+        },
+    );
+    let app = crate::api::router(state);
+    let call = |method: &str, path: &str, token: String| {
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(
+                json!({"apiVersion": "clusterclaw.io/v1", "kind": "Project",
+                    "metadata": {"name": "helpdesk", "tenant": "acme"}})
+                .to_string(),
+            ))
+            .unwrap();
+        let app = app.clone();
+        async move {
+            let resp = app.oneshot(req).await.unwrap();
+            let status = resp.status();
+            let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            (
+                status,
+                serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null),
+            )
+        }
+    };
+    // The claims' groups make this user a project-editor of acme/helpdesk.
+    let jwt = key.token(&idp.claims());
+    let (status, body) = call("GET", "/api/v1/instances", jwt.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let names: Vec<&str> = body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["bot"], "only its project's instances");
+    let (status, _) = call(
+        "GET",
+        "/api/v1/tenants/other/projects/p/instances/theirs",
+        jwt.clone(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = call("PUT", "/api/v1/tenants/acme/projects/helpdesk", jwt).await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "a project-editor may not write projects: {body}"
+    );
+    // A token signed by a key the issuer never published, and an unsigned one.
+    let forged = TestKey::es256("k1").token(&idp.claims());
+    let (status, body) = call("GET", "/api/v1/instances", forged).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let header = b64(br#"{"alg":"none","typ":"JWT"}"#);
+    let claims = b64(idp.claims().to_string().as_bytes());
+    let (status, _) = call("GET", "/api/v1/instances", format!("{header}.{claims}.")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
