@@ -53,11 +53,8 @@ const COLUMNS: &str = "seq, chain_version, time, principal_id, principal_name, t
 /// are noticed).
 fn written_in(conn: &Connection) -> Result<u64, StoreError> {
     let n: Option<i64> = conn
-        .query_row(
-            "SELECT value FROM meta WHERE key = 'audit_written'",
-            [],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT value FROM meta WHERE key = 'audit_written'")?
+        .query_row([], |r| r.get(0))
         .optional()?;
     Ok(n.and_then(|n| u64::try_from(n).ok()).unwrap_or(0))
 }
@@ -85,11 +82,8 @@ pub(crate) fn append_audit_tx(
         return Ok(Vec::new());
     }
     let last: Option<(i64, String)> = tx
-        .query_row(
-            "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
+        .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     let (last_seq, mut prev) = match last {
         Some((seq, hash)) => (u64::try_from(seq).unwrap_or(0), hash),
@@ -138,11 +132,11 @@ pub(crate) fn append_audit_tx(
             hash,
         });
     }
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO meta (key, value) VALUES ('audit_written', ?1)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [seq as i64],
-    )?;
+    )?
+    .execute([seq as i64])?;
     Ok(out)
 }
 
