@@ -220,6 +220,31 @@ impl AuditDraft {
     }
 }
 
+/// The audit object of a batch write: how many documents it had and what each did.
+fn batch_object(
+    outcomes: impl Iterator<Item = crate::store::Outcome>,
+    tenant: Option<String>,
+) -> AuditObject {
+    use crate::store::Outcome;
+    let (mut created, mut configured, mut unchanged) = (0, 0, 0);
+    for o in outcomes {
+        match o {
+            Outcome::Created => created += 1,
+            Outcome::Configured => configured += 1,
+            Outcome::Unchanged => unchanged += 1,
+        }
+    }
+    AuditObject {
+        kind: "Batch".into(),
+        tenant,
+        project: None,
+        name: format!(
+            "{} documents: {created} created, {configured} configured, {unchanged} unchanged",
+            created + configured + unchanged
+        ),
+    }
+}
+
 impl crate::store::AuditHook for AuditDraft {
     fn write_entries(&self, results: &[crate::store::WriteResult]) -> Vec<AuditEntry> {
         let status = if self.creates { 201 } else { 200 };
@@ -228,25 +253,7 @@ impl crate::store::AuditHook for AuditDraft {
                 self.entry(status, AuditObject::from(&one.key))
                     .with_generations(one.previous_generation, Some(one.object.generation)),
             ],
-            many => {
-                let count =
-                    |o: crate::store::Outcome| many.iter().filter(|r| r.outcome == o).count();
-                vec![self.entry(
-                    status,
-                    AuditObject {
-                        kind: "Batch".into(),
-                        tenant: None,
-                        project: None,
-                        name: format!(
-                            "{} documents: {} created, {} configured, {} unchanged",
-                            many.len(),
-                            count(crate::store::Outcome::Created),
-                            count(crate::store::Outcome::Configured),
-                            count(crate::store::Outcome::Unchanged)
-                        ),
-                    },
-                )]
-            }
+            many => vec![self.entry(status, batch_object(many.iter().map(|r| r.outcome), None))],
         }
     }
 

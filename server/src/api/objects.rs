@@ -349,7 +349,10 @@ async fn get_one(state: Ctx, raw: Option<String>, key: ObjectKey) -> Result<Resp
     if matches!(key.kind, Kind::Tenant | Kind::Project) {
         let (index, value) = state
             .run(move |store| match store.get_at(&key)? {
-                (index, Some(o)) => Ok((index, with_usage(&o, &store.usage()?)?)),
+                (index, Some(o)) => {
+                    let usage = store.usage_of(Some(o.key.tenant_name()))?;
+                    Ok((index, with_usage(&o, &usage)?))
+                }
                 (_, None) => Err(StoreError::NotFound(key).into()),
             })
             .await?;
@@ -698,7 +701,6 @@ pub async fn apply(
         items,
     };
     let text = serde_json::to_string(&response).map_err(ApiError::internal)?;
-    let count = |o: Outcome| response.items.iter().filter(|i| i.outcome == o).count();
     let tenants: std::collections::BTreeSet<&str> = response
         .items
         .iter()
@@ -707,22 +709,16 @@ pub async fn apply(
             _ => i.tenant.as_deref(),
         })
         .collect();
+    let tenant = match tenants.len() {
+        1 => tenants.into_iter().next().map(str::to_string),
+        _ => None,
+    };
     let note = AuditNote {
         action: if dry_run { "apply.dry-run" } else { "apply" },
-        object: Some(crate::audit::AuditObject {
-            kind: "Batch".into(),
-            tenant: (tenants.len() == 1)
-                .then(|| tenants.iter().next().map(|t| t.to_string()))
-                .flatten(),
-            project: None,
-            name: format!(
-                "{} documents: {} created, {} configured, {} unchanged",
-                response.items.len(),
-                count(Outcome::Created),
-                count(Outcome::Configured),
-                count(Outcome::Unchanged)
-            ),
-        }),
+        object: Some(super::batch_object(
+            response.items.iter().map(|i| i.outcome),
+            tenant,
+        )),
         generation_before: None,
         generation_after: None,
     };

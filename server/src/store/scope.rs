@@ -232,7 +232,17 @@ impl<'a> Scoped<'a> {
 
     /// Instance usage per tenant, and per project inside it, for the tenants in scope.
     pub fn usage(&self) -> Result<UsageByTenant, StoreError> {
-        let mut out = self.store.usage(self.scope.tenant())?;
+        self.usage_of(None)
+    }
+
+    /// [`Scoped::usage`] of one tenant only (when `tenant` is given).
+    pub fn usage_of(&self, tenant: Option<&str>) -> Result<UsageByTenant, StoreError> {
+        let tenant = match (self.scope.tenant(), tenant) {
+            (Some(own), Some(asked)) if own != asked => return Ok(UsageByTenant::new()),
+            (Some(own), _) => Some(own),
+            (None, asked) => asked,
+        };
+        let mut out = self.store.usage(tenant)?;
         if let Some(p) = self.scope.project() {
             for (_, projects) in out.values_mut() {
                 projects.retain(|name, _| name == p);
