@@ -282,6 +282,7 @@ impl ReplicaStatus {
             host_port: self.host_port.map(u32::from).unwrap_or_default(),
             config_hash: self.config_hash.clone(),
             stats: self.stats.as_ref().map(ContainerStats::to_proto),
+            ..Default::default()
         }
     }
 }
@@ -363,6 +364,7 @@ mod tests {
                 pids: 256,
             }),
             instance_uid: "u-1".into(),
+            ..Default::default()
         }
     }
 

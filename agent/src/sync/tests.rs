@@ -114,6 +114,7 @@ fn wire(a: &Assignment) -> pb::Assignment {
             pids: a.resources.pids,
         }),
         instance_uid: a.instance_uid.clone(),
+        ..Default::default()
     }
 }
 

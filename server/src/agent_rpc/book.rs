@@ -124,6 +124,7 @@ pub fn assignments_of(instance: &OpenClawInstance) -> Vec<(String, pb::Assignmen
                     config_hash: config_hash.clone(),
                     resources: Some(resources),
                     instance_uid: m.uid.clone().unwrap_or_default(),
+                    ..Default::default()
                 },
             ))
         })
