@@ -684,6 +684,7 @@ impl HostLoops {
             replicas,
             applied_index: index,
             agent_version: AGENT_VERSION.to_string(),
+            events: Vec::new(),
         };
         if remember {
             reporter.last_sent = Some(signature(&report));
