@@ -1,6 +1,8 @@
 //! The control plane as the sync loop sees it: a small [`ControlPlane`] trait (long poll and status stream) and its gRPC implementation over mutual TLS.
 
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -11,6 +13,7 @@ use tonic::transport::Channel;
 
 use crate::client::{self, ClientError};
 use crate::enroll::HostIdentity;
+use crate::events::EventQueue;
 
 /// Extra time a long poll may take beyond the wait the server was asked for, before the agent
 /// gives up on the call and asks again.
@@ -85,6 +88,49 @@ pub fn describe_status(status: &tonic::Status) -> String {
     }
 }
 
+/// The reports of one `ReportStatus` call, as the stream takes them.
+///
+/// Taking a report attaches every queued [`crate::events::AgentEvent`] to it and removes them
+/// from the queue. `ReportStatus` answers only when the stream ends, so being taken by the
+/// stream (handed to the connection) is the acknowledgement the protocol allows: a report
+/// that waits in the channel when the call fails is dropped with the channel, and its events
+/// ride on the next report. A report the connection had already taken when it broke can be
+/// lost with its events.
+pub struct ReportStream {
+    reports: mpsc::Receiver<pb::StatusReport>,
+    events: EventQueue,
+}
+
+impl ReportStream {
+    pub fn new(reports: mpsc::Receiver<pb::StatusReport>, events: EventQueue) -> Self {
+        ReportStream { reports, events }
+    }
+
+    /// The next report, with the queued events attached; `None` when the sender is gone.
+    pub async fn recv(&mut self) -> Option<pb::StatusReport> {
+        std::future::poll_fn(|cx| self.poll_report(cx)).await
+    }
+
+    fn poll_report(&mut self, cx: &mut Context<'_>) -> Poll<Option<pb::StatusReport>> {
+        match self.reports.poll_recv(cx) {
+            Poll::Ready(Some(mut report)) => {
+                let events = self.events.take();
+                report.events.extend(events.iter().map(|e| e.to_proto()));
+                Poll::Ready(Some(report))
+            }
+            other => other,
+        }
+    }
+}
+
+impl futures::Stream for ReportStream {
+    type Item = pb::StatusReport;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_report(cx)
+    }
+}
+
 /// What the sync loop needs from the control plane; the real one is [`GrpcControlPlane`],
 /// unit tests script a fake.
 #[async_trait]
@@ -97,12 +143,9 @@ pub trait ControlPlane: Send + Sync + 'static {
         wait: Duration,
     ) -> Result<WatchAnswer, CallError>;
 
-    /// `ReportStatus`: streams what arrives on `reports` until the channel closes (then `Ok`)
-    /// or the call fails.
-    async fn report_status(
-        &self,
-        reports: mpsc::Receiver<pb::StatusReport>,
-    ) -> Result<(), CallError>;
+    /// `ReportStatus`: streams what `reports` yields until its channel closes (then `Ok`) or
+    /// the call fails. Only what the call takes from `reports` counts as sent.
+    async fn report_status(&self, reports: ReportStream) -> Result<(), CallError>;
 }
 
 /// The control plane over gRPC, authenticated as the enrolled host. The identity can be
@@ -170,14 +213,10 @@ impl ControlPlane for GrpcControlPlane {
         })
     }
 
-    async fn report_status(
-        &self,
-        reports: mpsc::Receiver<pb::StatusReport>,
-    ) -> Result<(), CallError> {
+    async fn report_status(&self, reports: ReportStream) -> Result<(), CallError> {
         let mut client = self.client();
-        let stream = tokio_stream::wrappers::ReceiverStream::new(reports);
         client
-            .report_status(stream)
+            .report_status(reports)
             .await
             .map(drop)
             .map_err(|s| CallError::from_status(&s))
@@ -190,6 +229,40 @@ pub type SharedControlPlane = Arc<dyn ControlPlane>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::events::AgentEvent;
+    use crate::model::Assignment;
+
+    fn event(message: &str) -> AgentEvent {
+        AgentEvent::about(&Assignment::test("bot-0"), "Test", message.into())
+    }
+
+    #[tokio::test]
+    async fn events_go_with_the_report_the_stream_takes() {
+        let events = EventQueue::default();
+        let (tx, rx) = mpsc::channel(4);
+        events.push(event("one"));
+        tx.try_send(pb::StatusReport::default()).unwrap();
+        tx.try_send(pb::StatusReport::default()).unwrap();
+        // The stream fails before taking anything: the reports go, the event stays.
+        drop(ReportStream::new(rx, events.clone()));
+        assert_eq!(events.pending().len(), 1);
+
+        let (tx, rx) = mpsc::channel(4);
+        let mut stream = ReportStream::new(rx, events.clone());
+        tx.try_send(pb::StatusReport::default()).unwrap();
+        tx.try_send(pb::StatusReport::default()).unwrap();
+        let first = stream.recv().await.unwrap();
+        assert_eq!(first.events.len(), 1);
+        assert_eq!(first.events[0].message, "one");
+        assert!(events.pending().is_empty());
+        // Taken once: the report queued behind it does not carry it again.
+        events.push(event("two"));
+        let second = stream.recv().await.unwrap();
+        let messages: Vec<&str> = second.events.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(messages, ["two"]);
+        drop(tx);
+        assert!(stream.recv().await.is_none());
+    }
 
     #[test]
     fn classifies_statuses() {

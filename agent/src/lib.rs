@@ -3,15 +3,19 @@
 //! [`daemon::run`] is the whole agent; [`config`] loads its settings. [`enroll`] and [`client`]
 //! join the cluster and talk to it, [`control`] is the control plane as the host loops in
 //! [`sync`] see it, [`runtime`] talks to the container engine, [`reconcile`] decides and
-//! executes what to change, [`probe`] checks the Gateways' health, [`metrics`] samples host
-//! figures and [`state`] keeps the last known assignments on disk.
+//! executes what to change, [`drift`] measures whether containers still have what their
+//! assignments say, [`events`] queues what the agent did on its own for the next report,
+//! [`probe`] checks the Gateways' health, [`metrics`] samples host figures and [`state`] keeps
+//! the last known assignments on disk.
 
 pub mod client;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod drift;
 pub mod engine;
 pub mod enroll;
+pub mod events;
 pub mod metrics;
 pub mod model;
 pub mod notify;

@@ -66,6 +66,13 @@ pub struct Assignment {
     pub config_hash: String,
     pub resources: Resources,
     pub instance_uid: String,
+    /// The instance's config revision `config_json` is (0 from servers without revisions).
+    #[serde(default)]
+    pub config_revision: u64,
+    /// What the container must really have: lowercase hex [`crate::drift::content_hash`] of
+    /// `config_json` and `env`; empty from servers without it (then drift is not checked).
+    #[serde(default)]
+    pub content_hash: String,
 }
 
 impl Assignment {
@@ -92,6 +99,8 @@ impl fmt::Debug for Assignment {
             .field("config_hash", &self.config_hash)
             .field("resources", &self.resources)
             .field("instance_uid", &self.instance_uid)
+            .field("config_revision", &self.config_revision)
+            .field("content_hash", &self.content_hash)
             .finish()
     }
 }
@@ -144,6 +153,15 @@ impl TryFrom<proto::Assignment> for Assignment {
         if a.config_hash.is_empty() || !a.config_hash.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(fail("config_hash", "must be a hex digest"));
         }
+        if !(a.content_hash.is_empty()
+            || (a.content_hash.len() == 64
+                && a.content_hash.bytes().all(|b| b.is_ascii_hexdigit())))
+        {
+            return Err(fail(
+                "content_hash",
+                "must be empty or a SHA-256 digest (64 hex digits)",
+            ));
+        }
         if let Err(err) = serde_json::from_str::<serde_json::Value>(&a.config_json) {
             return Err(fail("config_json", &format!("is not valid JSON: {err}")));
         }
@@ -171,6 +189,8 @@ impl TryFrom<proto::Assignment> for Assignment {
             config_json: a.config_json,
             config_hash: a.config_hash,
             instance_uid: a.instance_uid,
+            config_revision: a.config_revision,
+            content_hash: a.content_hash.to_ascii_lowercase(),
         })
     }
 }
@@ -260,6 +280,10 @@ pub struct ReplicaStatus {
     /// The config hash of the container that runs (empty when none does).
     pub config_hash: String,
     pub stats: Option<ContainerStats>,
+    /// The config revision of the container that runs, from its label (0 when none does).
+    pub config_revision: u64,
+    /// The content hash last measured on the running container (empty when not known).
+    pub observed_content_hash: String,
 }
 
 impl ReplicaStatus {
@@ -282,7 +306,8 @@ impl ReplicaStatus {
             host_port: self.host_port.map(u32::from).unwrap_or_default(),
             config_hash: self.config_hash.clone(),
             stats: self.stats.as_ref().map(ContainerStats::to_proto),
-            ..Default::default()
+            config_revision: self.config_revision,
+            observed_content_hash: self.observed_content_hash.clone(),
         }
     }
 }
@@ -294,7 +319,8 @@ pub(crate) mod fixtures {
     use super::*;
 
     impl Assignment {
-        /// A valid assignment of `tenant-a/project-a/<replica>` with a fixed config.
+        /// A valid assignment of `tenant-a/project-a/<replica>` with a fixed config, at config
+        /// revision 1 with its content hash.
         pub fn test(replica: &str) -> Assignment {
             let (instance, ordinal) = replica
                 .rsplit_once('-')
@@ -317,7 +343,24 @@ pub(crate) mod fixtures {
                     pids: 0,
                 },
                 instance_uid: format!("uid-{replica}"),
+                config_revision: 1,
+                content_hash: crate::drift::content_hash(b"{}", &BTreeMap::new()),
             }
+        }
+
+        /// A new config at `revision`, with its content hash (the config hash is left alone).
+        pub fn config(mut self, json: &str, revision: u64) -> Self {
+            self.config_json = json.into();
+            self.config_revision = revision;
+            self.content_hash = crate::drift::content_hash(json.as_bytes(), &self.env);
+            self
+        }
+
+        /// Sets an environment variable, keeping the content hash right.
+        pub fn env(mut self, name: &str, value: &str) -> Self {
+            self.env.insert(name.into(), value.into());
+            self.content_hash = crate::drift::content_hash(self.config_json.as_bytes(), &self.env);
+            self
         }
 
         pub fn tenant(mut self, tenant: &str) -> Self {
@@ -364,7 +407,8 @@ mod tests {
                 pids: 256,
             }),
             instance_uid: "u-1".into(),
-            ..Default::default()
+            config_revision: 3,
+            content_hash: "AB".repeat(32),
         }
     }
 
@@ -378,13 +422,26 @@ mod tests {
         assert_eq!(a.resources.cpu_millis, 2000);
         assert_eq!(a.resources.pids, 256);
         assert_eq!(a.env["OPENCLAW_GATEWAY_TOKEN"], "s3cret");
+        assert_eq!(a.config_revision, 3);
+        assert_eq!(a.content_hash, "ab".repeat(32), "normalised to lowercase");
+
+        // An older server sends no content hash: accepted, drift is not checked.
+        let old = proto::Assignment {
+            content_hash: String::new(),
+            config_revision: 0,
+            ..wire()
+        };
+        assert_eq!(Assignment::try_from(old).expect("valid").content_hash, "");
     }
 
     #[test]
     fn rejects_bad_fields_naming_the_field() {
         type Breaker = fn(&mut proto::Assignment);
-        let cases: [(&str, Breaker); 5] = [
+        let cases: [(&str, Breaker); 8] = [
             ("tenant", |a| a.tenant = "Acme".into()),
+            ("content_hash", |a| a.content_hash = "ab12".into()),
+            ("content_hash", |a| a.content_hash = "zz".repeat(32)),
+            ("content_hash", |a| a.content_hash = "a".repeat(65)),
             ("replica", |a| a.replica = "bot-0-".into()),
             ("image", |a| a.image = " ".into()),
             ("config_json", |a| a.config_json = "{".into()),
@@ -407,6 +464,32 @@ mod tests {
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(!shown.contains("lan"), "{shown}");
         assert!(shown.contains("OPENCLAW_GATEWAY_TOKEN"));
+        assert!(shown.contains("config_revision: 3"), "{shown}");
+    }
+
+    #[test]
+    fn replica_status_sends_revision_and_observed_hash() {
+        let a = Assignment::try_from(wire()).expect("valid");
+        let status = ReplicaStatus {
+            tenant: a.tenant.clone(),
+            project: a.project.clone(),
+            instance: a.instance.clone(),
+            replica: a.replica.clone(),
+            ordinal: 0,
+            generation: 4,
+            state: ReplicaState::Ready,
+            message: String::new(),
+            container_id: Some("c1".into()),
+            restarts: 0,
+            host_port: Some(19100),
+            config_hash: "ab12".into(),
+            stats: None,
+            config_revision: 3,
+            observed_content_hash: "cd".repeat(32),
+        };
+        let wire = status.to_proto();
+        assert_eq!(wire.config_revision, 3);
+        assert_eq!(wire.observed_content_hash, "cd".repeat(32));
     }
 
     #[test]

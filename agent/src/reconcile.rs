@@ -8,8 +8,15 @@
 //!
 //! A change of generation alone does not replace a container: the config hash covers
 //! everything that requires a new container.
+//!
+//! Every pass also measures each current, running container against its assignment's content
+//! hash ([`crate::drift`]): the config file on the host is read (a few KB) and the container's
+//! environment, which cannot change while the container exists, is taken once per container.
+//! A container that drifted is replaced with a freshly written config file
+//! ([`Step::RepairDrift`]) and a `ConfigDriftRepaired` event is queued. Repairs back off like
+//! restarts, so that something rewriting the file in a loop cannot make the agent churn.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,6 +24,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::drift::{self, Drift, EnvPart, Measurement};
+use crate::events::{AgentEvent, EventQueue};
 use crate::model::{Assignment, ReplicaKey, ReplicaState, ReplicaStatus};
 use crate::ports::{self, PortRange};
 use crate::probe::{Liveness, ProbeStatus, ProbeTarget};
@@ -35,6 +44,9 @@ pub struct Observed {
     pub containers: Vec<ObservedContainer>,
     pub volumes: Vec<ObservedVolume>,
     pub networks: Vec<ObservedNetwork>,
+    /// Content measurements of current, running containers, by container id (empty when the
+    /// pass did not measure, e.g. a plain [`Reconciler::observe`]).
+    pub content: BTreeMap<String, Measurement>,
 }
 
 /// Delays between restarts (and between failed attempts to create) of one replica.
@@ -88,6 +100,10 @@ pub struct ReplicaRecord {
     /// Why the last attempt to create or start failed.
     pub last_error: Option<String>,
     pub activity: Option<Activity>,
+    /// The last content measurement of its current container (`None` when none was made).
+    pub measured: Option<Measurement>,
+    /// A drift being repaired: its event is queued once a new container runs.
+    pub repairing: Option<Drift>,
 }
 
 /// Per-replica records, shared between the reconciler and the status reporter.
@@ -151,6 +167,35 @@ impl ReplicaBook {
         r.last_attempt = Some(now);
         r.last_error = None;
         r.activity = None;
+    }
+
+    /// Keeps the last content measurement of the replica's current container.
+    pub fn set_measured(&self, key: &ReplicaKey, measured: Option<Measurement>) {
+        let mut records = self.lock();
+        if measured.is_none() && !records.contains_key(key) {
+            return;
+        }
+        records.entry(key.clone()).or_default().measured = measured;
+    }
+
+    /// A drift repair starts.
+    pub fn begin_repair(&self, key: &ReplicaKey, drift: Drift) {
+        self.lock().entry(key.clone()).or_default().repairing = Some(drift);
+    }
+
+    /// Ends a drift repair, returning it.
+    pub fn take_repair(&self, key: &ReplicaKey) -> Option<Drift> {
+        self.lock().get_mut(key).and_then(|r| r.repairing.take())
+    }
+
+    /// A drift was repaired: the next repair of this replica waits for the back-off, as a
+    /// restart would.
+    pub fn record_repaired(&self, key: &ReplicaKey, now: Instant) {
+        let mut records = self.lock();
+        let r = records.entry(key.clone()).or_default();
+        r.consecutive_failures += 1;
+        r.not_before = Some(now + self.policy.delay(r.consecutive_failures));
+        r.last_attempt = Some(now);
     }
 
     pub fn set_activity(&self, key: &ReplicaKey, activity: Option<Activity>) {
@@ -238,6 +283,15 @@ pub enum Step {
         preferred_port: Option<u16>,
         reason: ReplaceReason,
     },
+    /// The current container does not have what the assignment says (config file or
+    /// environment): stop and remove it, rewrite the config file, create the container again
+    /// (same volume, its host port when free), then queue a `ConfigDriftRepaired` event.
+    RepairDrift {
+        container_id: String,
+        assignment: Box<Assignment>,
+        preferred_port: Option<u16>,
+        drift: Drift,
+    },
     /// Stop (when running) and start the same container again.
     Restart {
         key: ReplicaKey,
@@ -260,9 +314,9 @@ impl Step {
             Step::RemoveVolume { key, .. } | Step::Restart { key, .. } | Step::Wait { key, .. } => {
                 Some(key.clone())
             }
-            Step::Create { assignment, .. } | Step::Replace { assignment, .. } => {
-                Some(assignment.key())
-            }
+            Step::Create { assignment, .. }
+            | Step::Replace { assignment, .. }
+            | Step::RepairDrift { assignment, .. } => Some(assignment.key()),
             Step::RemoveNetwork { .. } => None,
         }
     }
@@ -454,6 +508,29 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Step> {
             continue;
         };
 
+        // A running container that drifted is replaced (which also ends a failed liveness).
+        let drift = input
+            .observed
+            .content
+            .get(&c.id)
+            .filter(|m| c.status.is_running() && m.container_id == c.id)
+            .and_then(|m| m.drift(a));
+        if let Some(drift) = drift {
+            match held_until {
+                Some(until) => actions.push(Step::Wait {
+                    key: key.clone(),
+                    until,
+                }),
+                None => actions.push(Step::RepairDrift {
+                    container_id: c.id.clone(),
+                    assignment: Box::new(a.clone()),
+                    preferred_port: c.host_port,
+                    drift,
+                }),
+            }
+            continue;
+        }
+
         let restart = match &c.status {
             ContainerStatus::Running => liveness_failure(c, input.probes.get(key))
                 .map(|m| (true, RestartReason::LivenessFailed(m.to_owned()))),
@@ -562,11 +639,55 @@ pub fn replica_status(
             }
         }
     } else if let Some(error) = &record.last_error {
-        (ReplicaState::Failed, error.clone())
+        match (&record.repairing, held) {
+            (Some(drift), Some(until)) => (
+                ReplicaState::Failed,
+                format!(
+                    "repairing config drift ({}): {error}; retrying in {}s",
+                    drift.kind.what(),
+                    until.saturating_duration_since(now).as_secs()
+                ),
+            ),
+            (Some(drift), None) => (
+                ReplicaState::Failed,
+                format!(
+                    "repairing config drift ({}): {error}; retrying",
+                    drift.kind.what()
+                ),
+            ),
+            (None, _) => (ReplicaState::Failed, error.clone()),
+        }
     } else if record.activity == Some(Activity::Creating) {
         (ReplicaState::Pending, "creating the container".into())
     } else {
         (ReplicaState::Pending, String::new())
+    };
+    let measured = record
+        .measured
+        .as_ref()
+        .filter(|m| container.is_some_and(|c| c.id == m.container_id && c.status.is_running()));
+    let drift_note = measured.and_then(|m| match m.drift(a) {
+        Some(drift) => {
+            let next = match (&record.last_error, held) {
+                (Some(error), Some(until)) => format!(
+                    "the repair failed: {error}; retrying in {}s",
+                    until.saturating_duration_since(now).as_secs()
+                ),
+                (Some(error), None) => format!("the repair failed: {error}; retrying"),
+                (None, Some(until)) => format!(
+                    "repairing in {}s",
+                    until.saturating_duration_since(now).as_secs()
+                ),
+                (None, None) => "repairing".to_owned(),
+            };
+            Some(format!("config drift: {}; {next}", drift.describe()))
+        }
+        None => m.disagreement(a),
+    });
+    let message = match drift_note {
+        Some(note) if message.is_empty() => note,
+        Some(note) => format!("{note}; {message}"),
+        None => message,
     };
     let applied = container.filter(|c| c.config_hash() == Some(a.config_hash.as_str()));
     ReplicaStatus {
@@ -589,6 +710,12 @@ pub fn replica_status(
             .unwrap_or_default()
             .to_owned(),
         stats: None,
+        config_revision: container
+            .and_then(ObservedContainer::config_revision)
+            .unwrap_or_default(),
+        observed_content_hash: measured
+            .and_then(|m| m.content_hash.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -649,11 +776,22 @@ impl Pass {
     }
 }
 
+/// The environment part of a container's content hash, computed once per container.
+#[derive(Debug, Clone)]
+struct CachedEnv {
+    /// The assignment's config hash it was computed for.
+    config_hash: String,
+    part: EnvPart,
+}
+
 /// Runs plans against a [`ContainerRuntime`].
 pub struct Reconciler {
     runtime: Arc<dyn ContainerRuntime>,
     settings: ReconcilerSettings,
     book: ReplicaBook,
+    events: EventQueue,
+    /// By container id; entries of containers that are gone are dropped every pass.
+    env_parts: Mutex<HashMap<String, CachedEnv>>,
     port_is_free: fn(u16) -> bool,
 }
 
@@ -664,6 +802,8 @@ impl Reconciler {
             runtime,
             settings,
             book,
+            events: EventQueue::default(),
+            env_parts: Mutex::default(),
             port_is_free: ports::port_is_free,
         }
     }
@@ -685,6 +825,11 @@ impl Reconciler {
     /// The per-replica records (clone it to share with a reporter).
     pub fn book(&self) -> &ReplicaBook {
         &self.book
+    }
+
+    /// The events it queued (clone it to share with a reporter).
+    pub fn events(&self) -> &EventQueue {
+        &self.events
     }
 
     /// Where the rendered config of `key` lives on the host.
@@ -712,7 +857,70 @@ impl Reconciler {
             containers,
             volumes,
             networks,
+            content: BTreeMap::new(),
         })
+    }
+
+    /// Measures the current, running container of every desired replica that has a content
+    /// hash: its config file is read, its environment part comes from the cache (or from the
+    /// observation, or an inspection, the first time the container is seen). By container id.
+    pub async fn measure(
+        &self,
+        desired: &[Assignment],
+        observed: &Observed,
+    ) -> BTreeMap<String, Measurement> {
+        let host = self.settings.host_id.as_str();
+        let mut out = BTreeMap::new();
+        for a in desired.iter().filter(|a| !a.content_hash.is_empty()) {
+            let key = a.key();
+            let containers = replica_containers(host, observed, &key);
+            let Some(c) = current_container(a, &containers).filter(|c| c.status.is_running())
+            else {
+                continue;
+            };
+            let Some(part) = self.env_part(a, c).await else {
+                continue;
+            };
+            let file = drift::read_config_file(&self.config_file(&key), a.config_json.len());
+            out.insert(c.id.clone(), Measurement::new(a, &c.id, file, &part));
+        }
+        let live: BTreeSet<&str> = observed.containers.iter().map(|c| c.id.as_str()).collect();
+        self.env_parts_lock()
+            .retain(|id, _| live.contains(id.as_str()));
+        out
+    }
+
+    fn env_parts_lock(&self) -> MutexGuard<'_, HashMap<String, CachedEnv>> {
+        self.env_parts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The environment part of `c`'s content hash; `None` when its environment cannot be read.
+    async fn env_part(&self, a: &Assignment, c: &ObservedContainer) -> Option<EnvPart> {
+        if let Some(cached) = self.env_parts_lock().get(&c.id)
+            && cached.config_hash == a.config_hash
+        {
+            return Some(cached.part.clone());
+        }
+        let env = match &c.env {
+            Some(env) => env.clone(),
+            None => match self.runtime.inspect_container(&c.id).await {
+                Ok(Some(inspected)) => inspected.env?,
+                Ok(None) => return None,
+                Err(err) => {
+                    tracing::debug!(container = %c.id, error = %err, "cannot read the container's environment; drift not checked this pass");
+                    return None;
+                }
+            },
+        };
+        let part = EnvPart::measured(a, &env);
+        self.env_parts_lock().insert(
+            c.id.clone(),
+            CachedEnv {
+                config_hash: a.config_hash.clone(),
+                part: part.clone(),
+            },
+        );
+        Some(part)
     }
 
     /// Where to probe each desired replica's running container.
@@ -769,9 +977,23 @@ impl Reconciler {
         probes: &BTreeMap<ReplicaKey, ProbeStatus>,
         now: Instant,
     ) -> Result<Pass, RuntimeError> {
-        let observed = self.observe().await?;
+        let mut observed = self.observe().await?;
+        observed.content = self.measure(desired, &observed).await;
         let wanted: BTreeSet<ReplicaKey> = desired.iter().map(Assignment::key).collect();
         self.book.retain(|k| wanted.contains(k));
+        let host = self.settings.host_id.as_str();
+        for a in desired {
+            let key = a.key();
+            let containers = replica_containers(host, &observed, &key);
+            let measured = current_container(a, &containers)
+                .and_then(|c| observed.content.get(&c.id))
+                .cloned();
+            if measured.as_ref().is_some_and(|m| m.drift(a).is_none()) {
+                // In sync again without the agent's repair (someone fixed it): nothing to report.
+                self.book.take_repair(&key);
+            }
+            self.book.set_measured(&key, measured);
+        }
         for a in desired {
             let key = a.key();
             let containers = replica_containers(&self.settings.host_id, &observed, &key);
@@ -958,6 +1180,40 @@ impl Reconciler {
                 }
                 self.create(assignment, *preferred_port, taken, now).await
             }
+            Step::RepairDrift {
+                container_id,
+                assignment,
+                preferred_port,
+                drift,
+            } => {
+                let key = assignment.key();
+                tracing::warn!(
+                    replica = %key,
+                    container = %container_id,
+                    revision = drift.revision,
+                    what = drift.kind.what(),
+                    "config drift: {}; rewriting the config file and replacing the container",
+                    drift.describe()
+                );
+                self.book.begin_repair(&key, drift.clone());
+                let removed = async {
+                    self.runtime.stop_container(container_id, grace).await?;
+                    self.runtime.remove_container(container_id).await
+                }
+                .await;
+                if let Err(err) = removed {
+                    self.book.record_failure(&key, now, err.to_string());
+                    return Err(err.into());
+                }
+                if let Some(port) = port_of(observed, container_id) {
+                    taken.remove(&port);
+                }
+                let created = self.create(assignment, *preferred_port, taken, now).await;
+                if created.is_ok() {
+                    self.book.record_repaired(&key, now);
+                }
+                created
+            }
             Step::Restart {
                 key,
                 container_id,
@@ -1002,7 +1258,16 @@ impl Reconciler {
         let key = a.key();
         let result = self.try_create(a, preferred_port, taken).await;
         match &result {
-            Ok(()) => self.book.record_created(&key, now),
+            Ok(()) => {
+                self.book.record_created(&key, now);
+                if let Some(drift) = self.book.take_repair(&key) {
+                    if drift.expected == a.content_hash {
+                        self.events.push(AgentEvent::drift_repaired(a, &drift));
+                    } else {
+                        tracing::info!(replica = %key, "a drift repair ended with a new config revision; no event");
+                    }
+                }
+            }
             Err(err) => self.book.record_failure(&key, now, err.to_string()),
         }
         result

@@ -11,7 +11,8 @@
 //! - **probe**: liveness and readiness of every running replica; a starting replica is probed
 //!   every [`STARTUP_PROBE_INTERVAL`] until it is ready, so Ready is seen quickly.
 //! - **report**: one `ReportStatus` stream; a report every report interval with host figures
-//!   and container stats, and at once after any change of a replica's state.
+//!   and container stats, and at once after any change of a replica's state or a new event.
+//!   Queued events ride on the next report the stream takes (see [`ReportStream`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -23,7 +24,7 @@ use clusterclaw_proto::agent as pb;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
-use crate::control::{CallError, ControlPlane};
+use crate::control::{CallError, ControlPlane, ReportStream};
 use crate::metrics::{HostFigures, HostMetrics};
 use crate::model::{Assignment, ContainerStats, ReplicaKey, ReplicaStatus};
 use crate::probe::{self, Liveness, ProbeKind, ProbeSettings, ProbeStatus, ProbeTarget, Prober};
@@ -541,11 +542,14 @@ impl HostLoops {
         let mut observed_rx = self.hub.observed.subscribe();
         let mut probes_rx = self.hub.probes.subscribe();
         let mut engine_rx = self.hub.engine.subscribe();
+        let mut events_rx = self.reconciler.events().subscribe();
         let mut failing = false;
         reporter.figures = sample(&mut metrics).await;
         loop {
             let (tx, rx) = mpsc::channel(REPORT_QUEUE);
-            let call = self.control.report_status(rx);
+            let call = self
+                .control
+                .report_status(ReportStream::new(rx, self.reconciler.events().clone()));
             tokio::pin!(call);
             // A fresh report opens every stream.
             reporter.last_sent = None;
@@ -572,16 +576,17 @@ impl HostLoops {
                             tracing::debug!("status stream is backed up; a report was dropped");
                         }
                     }
-                    _ = changed(&mut desired_rx, &mut observed_rx, &mut probes_rx, &mut engine_rx) => {
+                    _ = changed(&mut desired_rx, &mut observed_rx, &mut probes_rx, &mut engine_rx, &mut events_rx) => {
                         tokio::time::sleep(REPORT_COALESCE).await;
                         desired_rx.borrow_and_update();
                         observed_rx.borrow_and_update();
                         probes_rx.borrow_and_update();
                         engine_rx.borrow_and_update();
+                        events_rx.borrow_and_update();
                         let report = self.build_report(&mut reporter, false);
-                        if reporter.last_sent.as_ref() != Some(&signature(&report)) {
-                            reporter.last_sent = Some(signature(&report));
-                            let _ = tx.try_send(report);
+                        let sig = self.signature(&report);
+                        if reporter.last_sent.as_ref() != Some(&sig) && tx.try_send(report).is_ok() {
+                            reporter.last_sent = Some(sig);
                         }
                     }
                 }
@@ -684,12 +689,19 @@ impl HostLoops {
             replicas,
             applied_index: index,
             agent_version: AGENT_VERSION.to_string(),
+            // Attached by the stream as it takes the report.
             events: Vec::new(),
         };
         if remember {
-            reporter.last_sent = Some(signature(&report));
+            reporter.last_sent = Some(self.signature(&report));
         }
         report
+    }
+
+    /// What `report` says that warrants an immediate report, with the count of events queued
+    /// so far: a new event is always worth a report (the stream attaches it).
+    fn signature(&self, report: &pb::StatusReport) -> Signature {
+        signature(report, self.reconciler.events().queued_total())
     }
 }
 
@@ -727,27 +739,49 @@ struct Reporter {
 }
 
 /// The parts of a report whose change warrants an immediate report.
-type Signature = (bool, u64, Vec<(String, i32, String, u32, u32, String, i64)>);
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Signature {
+    engine_ready: bool,
+    applied_index: u64,
+    replicas: Vec<ReplicaSignature>,
+    /// Events queued since the agent started.
+    events_queued: u64,
+}
 
-fn signature(r: &pb::StatusReport) -> Signature {
-    (
-        r.runtime.as_ref().is_some_and(|c| c.ready),
-        r.applied_index,
-        r.replicas
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ReplicaSignature {
+    replica: String,
+    state: i32,
+    container_id: String,
+    restarts: u32,
+    host_port: u32,
+    config_hash: String,
+    generation: i64,
+    config_revision: u64,
+    observed_content_hash: String,
+}
+
+fn signature(r: &pb::StatusReport, events_queued: u64) -> Signature {
+    Signature {
+        engine_ready: r.runtime.as_ref().is_some_and(|c| c.ready),
+        applied_index: r.applied_index,
+        replicas: r
+            .replicas
             .iter()
-            .map(|s| {
-                (
-                    format!("{}/{}/{}", s.tenant, s.project, s.replica),
-                    s.state,
-                    s.container_id.clone(),
-                    s.restarts,
-                    s.host_port,
-                    s.config_hash.clone(),
-                    s.generation,
-                )
+            .map(|s| ReplicaSignature {
+                replica: format!("{}/{}/{}", s.tenant, s.project, s.replica),
+                state: s.state,
+                container_id: s.container_id.clone(),
+                restarts: s.restarts,
+                host_port: s.host_port,
+                config_hash: s.config_hash.clone(),
+                generation: s.generation,
+                config_revision: s.config_revision,
+                observed_content_hash: s.observed_content_hash.clone(),
             })
             .collect(),
-    )
+        events_queued,
+    }
 }
 
 async fn changed(
@@ -755,6 +789,7 @@ async fn changed(
     b: &mut watch::Receiver<Option<Arc<Observed>>>,
     c: &mut watch::Receiver<Probes>,
     d: &mut watch::Receiver<EngineCondition>,
+    e: &mut watch::Receiver<u64>,
 ) {
     // A closed channel means the loops are stopping; wait for the stop signal instead.
     tokio::select! {
@@ -762,6 +797,7 @@ async fn changed(
         Ok(()) = b.changed() => {}
         Ok(()) = c.changed() => {}
         Ok(()) = d.changed() => {}
+        Ok(()) = e.changed() => {}
         else => std::future::pending::<()>().await,
     }
 }

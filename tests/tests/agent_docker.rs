@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
+use clusterclaw_agent::drift::{self, DriftKind};
 use clusterclaw_agent::model::{Assignment, ReplicaState, Resources};
 use clusterclaw_agent::ports::PortRange;
 use clusterclaw_agent::probe::{self, ProbeKind, ProbeOutcome, ProbeSettings, Prober};
@@ -173,6 +174,8 @@ fn assignment(image: &str, replica: &str, tenant: &str) -> Assignment {
             pids: 128,
         },
         instance_uid: "uid-1".into(),
+        config_revision: 0,
+        content_hash: String::new(),
     }
 }
 
@@ -569,5 +572,157 @@ async fn containers_of_other_hosts_and_unmanaged_ones_are_left_alone() -> anyhow
         .map(|c| c.id)
         .collect();
     assert!(ids.is_empty(), "{ids:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_hand_edited_config_file_is_rewritten_and_the_container_replaced() -> anyhow::Result<()> {
+    if !docker_available()? {
+        return Ok(());
+    }
+    let image = ensure_standin_image()?;
+    let cleanup = Cleanup::new("drift");
+    let data = tempfile::tempdir()?;
+    let runtime = runtime().await?;
+    let r = Reconciler::new(runtime.clone(), settings(&cleanup, data.path(), 30100));
+    // Its NODE_OPTIONS gets the heap flag appended in the container: still in sync.
+    let mut a = assignment(&image, "bot-0", "tenant-drift");
+    a.config_revision = 3;
+    a.content_hash = drift::content_hash(a.config_json.as_bytes(), &a.env);
+    let desired = std::slice::from_ref(&a);
+    pass(&r, desired).await?;
+    let observed = r.observe().await?;
+    let old_id = the_container(&observed.containers)?;
+    let port = observed.containers[0].host_port.context("published port")?;
+
+    // Measured in sync: nothing to do, and the status says so.
+    let in_sync = pass(&r, desired).await?;
+    assert!(in_sync.outcomes.is_empty(), "{:?}", in_sync.outcomes);
+    let measured = in_sync
+        .observed
+        .content
+        .get(&old_id)
+        .context("the running container was measured")?;
+    assert_eq!(
+        measured.content_hash.as_deref(),
+        Some(a.content_hash.as_str())
+    );
+    let status = &r.statuses(desired, &in_sync.observed, &BTreeMap::new(), Instant::now())[0];
+    assert_eq!(status.observed_content_hash, a.content_hash);
+    assert_eq!(status.config_revision, 3);
+
+    // Someone edits the config file on the host.
+    let config = r.config_file(&a.key());
+    std::fs::write(&config, r#"{"gateway":{"bind":"loopback"}}"#)?;
+    let repaired = pass(&r, desired).await?;
+    assert!(
+        matches!(
+            repaired.outcomes.as_slice(),
+            [o] if matches!(&o.step, Step::RepairDrift { drift, .. } if drift.kind == DriftKind::ConfigFile)
+        ),
+        "{:?}",
+        repaired.outcomes
+    );
+    assert_eq!(std::fs::read(&config)?, a.config_json.as_bytes());
+
+    let observed = r.observe().await?;
+    let new_id = the_container(&observed.containers)?;
+    assert_ne!(new_id, old_id);
+    assert!(!exists("container", &old_id), "old container still there");
+    assert_eq!(observed.containers[0].status, ContainerStatus::Running);
+    assert_eq!(observed.containers[0].host_port, Some(port));
+    let json = inspect("container", &new_id)?;
+    let label = |name: &str| json["Config"]["Labels"][name].as_str().map(str::to_owned);
+    assert_eq!(label(labels::CONFIG_REVISION).as_deref(), Some("3"));
+    assert_eq!(label(labels::CONTENT_HASH), Some(a.content_hash.clone()));
+
+    let events = r.events().pending();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].reason, "ConfigDriftRepaired");
+    assert_eq!(events[0].replica, "bot-0");
+    assert!(
+        events[0]
+            .message
+            .contains("config file on the host did not match revision 3"),
+        "{events:?}"
+    );
+    assert!(!events[0].message.contains("loopback"), "{events:?}");
+
+    // The new container reads the assigned config, and the next pass finds it in sync.
+    let (_, standin) = wait_for("the new container", Duration::from_secs(15), || async {
+        Ok(get_json(port, "/standin/info").await.ok())
+    })
+    .await?;
+    assert_eq!(standin["config"]["gateway"]["bind"], "lan", "{standin}");
+    let after = pass(&r, desired).await?;
+    assert!(after.outcomes.is_empty(), "{:?}", after.outcomes);
+    assert_eq!(
+        after
+            .observed
+            .content
+            .get(&new_id)
+            .and_then(|m| m.content_hash.clone()),
+        Some(a.content_hash.clone())
+    );
+    assert_eq!(r.events().pending().len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn zz_pass_cost() -> anyhow::Result<()> {
+    let image = ensure_standin_image()?;
+    let cleanup = Cleanup::new("perf");
+    let data = tempfile::tempdir()?;
+    let runtime = runtime().await?;
+    let mut s = settings(&cleanup, data.path(), 30300);
+    s.ports.count = 12;
+    let r = Reconciler::new(runtime.clone(), s);
+    let with: Vec<Assignment> = (0..10)
+        .map(|i| {
+            let mut a = assignment(&image, &format!("bot-{i}"), "tenant-perf");
+            a.config_json = format!(
+                r#"{{"gateway":{{"bind":"lan"}},"pad":"{}"}}"#,
+                "x".repeat(4000)
+            );
+            a.config_revision = 1;
+            a.content_hash = drift::content_hash(a.config_json.as_bytes(), &a.env);
+            a
+        })
+        .collect();
+    let without: Vec<Assignment> = with
+        .iter()
+        .cloned()
+        .map(|mut a| {
+            a.content_hash.clear();
+            a
+        })
+        .collect();
+    pass(&r, &with).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut tw = Vec::new();
+    let mut to = Vec::new();
+    let mut tm = Vec::new();
+    for _ in 0..41 {
+        let t = std::time::Instant::now();
+        let p = pass(&r, &with).await?;
+        tw.push(t.elapsed());
+        ensure!(p.outcomes.is_empty() && p.observed.content.len() == 10);
+        let t = std::time::Instant::now();
+        let p = pass(&r, &without).await?;
+        to.push(t.elapsed());
+        ensure!(p.outcomes.is_empty() && p.observed.content.is_empty());
+        let o = r.observe().await?;
+        let t = std::time::Instant::now();
+        let m = r.measure(&with, &o).await;
+        tm.push(t.elapsed());
+        ensure!(m.len() == 10);
+    }
+    for v in [&mut tw, &mut to, &mut tm] {
+        v.sort();
+    }
+    println!(
+        "PERF pass with check: median {:?} (p10 {:?}, p90 {:?}); without: median {:?} (p10 {:?}, p90 {:?}); measure() alone: median {:?} (p90 {:?})",
+        tw[20], tw[4], tw[36], to[20], to[4], to[36], tm[20], tm[36]
+    );
     Ok(())
 }

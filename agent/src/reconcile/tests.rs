@@ -1,7 +1,7 @@
 //! Unit tests of the reconcile plan (plain values) and of the executor against the fake runtime.
 
 use super::*;
-use crate::runtime::{FakeCall, FakeRuntime};
+use crate::runtime::{ContainerEnv, FakeCall, FakeRuntime};
 
 const HOST: &str = "host-1";
 
@@ -20,6 +20,7 @@ fn container(id: &str, a: &Assignment) -> ObservedContainer {
         started_at: Some("2026-01-01T00:00:00Z".into()),
         host_port: Some(19100),
         engine_restarts: 0,
+        env: Some(ContainerEnv::from_map(&spec::container_env(a))),
     }
 }
 
@@ -786,4 +787,525 @@ async fn probe_targets_point_at_running_containers() {
     fake.set_status(&targets[1].container_id, exited(0));
     let observed = r.observe().await.unwrap();
     assert_eq!(r.probe_targets(&desired, &observed).len(), 1);
+}
+
+// --- config drift ----------------------------------------------------------------------------------
+
+/// A measurement of `c` finding `file` on the host and the assignment's environment.
+fn measured(a: &Assignment, c: &ObservedContainer, file: &[u8]) -> Measurement {
+    Measurement::new(
+        a,
+        &c.id,
+        drift::FileRead::Bytes(file.to_vec()),
+        &EnvPart::assigned(&a.env),
+    )
+}
+
+fn revision3() -> Assignment {
+    Assignment::test("bot-0")
+        .env("ANTHROPIC_API_KEY", "sk-secret")
+        .config(r#"{"gateway":{"bind":"lan"}}"#, 3)
+}
+
+#[test]
+fn plans_a_drift_repair_only_when_the_measured_hash_differs() {
+    let a = revision3();
+    let c = container("c1", &a);
+    let mut world = World::new(vec![a.clone()], vec![c.clone()]);
+    world
+        .observed
+        .content
+        .insert("c1".into(), measured(&a, &c, a.config_json.as_bytes()));
+    assert_eq!(world.plan(), vec![], "in sync");
+
+    let edited = measured(&a, &c, br#"{"gateway":{"bind":"loopback"}}"#);
+    let drift = edited.drift(&a).expect("drift");
+    world.observed.content.insert("c1".into(), edited);
+    assert_eq!(
+        world.plan(),
+        vec![Step::RepairDrift {
+            container_id: "c1".into(),
+            assignment: Box::new(a.clone()),
+            preferred_port: Some(19100),
+            drift,
+        }]
+    );
+
+    // A failed liveness changes nothing: the repair replaces the container anyway.
+    world.probes.insert(
+        a.key(),
+        probe(
+            &c,
+            Liveness::Failed {
+                message: "down".into(),
+            },
+            false,
+        ),
+    );
+    assert!(matches!(
+        world.plan().as_slice(),
+        [Step::RepairDrift { .. }]
+    ));
+
+    // Within the back-off of an earlier repair: wait.
+    let until = world.now + secs(10);
+    world.records.insert(
+        a.key(),
+        ReplicaRecord {
+            consecutive_failures: 1,
+            not_before: Some(until),
+            ..ReplicaRecord::default()
+        },
+    );
+    assert_eq!(
+        world.plan(),
+        vec![Step::Wait {
+            key: a.key(),
+            until
+        }]
+    );
+    world.records.clear();
+    world.probes.clear();
+
+    // No content hash (an older control plane): no drift check at all.
+    let mut old = a.clone();
+    old.content_hash.clear();
+    world.desired = vec![old];
+    assert_eq!(world.plan(), vec![]);
+}
+
+#[test]
+fn no_drift_repair_while_the_container_is_replaced_for_a_config_change() {
+    let old = revision3();
+    let new = old
+        .clone()
+        .config(r#"{"gateway":{"bind":"lan"},"x":1}"#, 4)
+        .config_hash(&"bb".repeat(32));
+    let c = container("c1", &old);
+    let mut world = World::new(vec![new.clone()], vec![c.clone()]);
+    // The old container's file is not the new revision's.
+    world
+        .observed
+        .content
+        .insert("c1".into(), measured(&new, &c, old.config_json.as_bytes()));
+    assert!(
+        matches!(
+            world.plan().as_slice(),
+            [Step::Replace {
+                reason: ReplaceReason::ConfigChanged { .. },
+                ..
+            }]
+        ),
+        "{:?}",
+        world.plan()
+    );
+}
+
+#[test]
+fn a_stopped_container_is_restarted_not_repaired() {
+    let a = revision3();
+    let c = with_status(container("c1", &a), exited(1));
+    let mut world = World::new(vec![a.clone()], vec![c.clone()]);
+    world
+        .observed
+        .content
+        .insert("c1".into(), measured(&a, &c, b"{}"));
+    assert!(matches!(world.plan().as_slice(), [Step::Restart { .. }]));
+}
+
+#[test]
+fn status_reports_revision_observed_hash_and_drift() {
+    let a = revision3();
+    let c = container("c1", &a);
+    let now = Instant::now();
+
+    let in_sync = ReplicaRecord {
+        measured: Some(measured(&a, &c, a.config_json.as_bytes())),
+        ..ReplicaRecord::default()
+    };
+    let s = replica_status(&a, Some(&c), None, &in_sync, now);
+    assert_eq!(s.config_revision, 3);
+    assert_eq!(s.observed_content_hash, a.content_hash);
+    assert_eq!(s.message, "waiting for the first probe");
+
+    // The revision is the running container's, from its label (right after an agent restart).
+    let mut older = container("c1", &Assignment::test("bot-0").config("{}", 2));
+    older.labels = c.labels.clone();
+    older
+        .labels
+        .insert(labels::CONFIG_REVISION.into(), "2".into());
+    assert_eq!(
+        replica_status(&a, Some(&older), None, &ReplicaRecord::default(), now).config_revision,
+        2
+    );
+    assert_eq!(
+        replica_status(&a, None, None, &ReplicaRecord::default(), now).config_revision,
+        0
+    );
+
+    // A measurement of another container says nothing about this one.
+    let other = ReplicaRecord {
+        measured: Some(measured(&a, &container("c0", &a), b"{}")),
+        ..ReplicaRecord::default()
+    };
+    let s = replica_status(&a, Some(&c), None, &other, now);
+    assert_eq!(s.observed_content_hash, "");
+    assert_eq!(s.message, "waiting for the first probe");
+
+    // Drift whose repair failed while the container still runs.
+    let edited = measured(&a, &c, b"{}");
+    let found = edited.content_hash.clone().unwrap();
+    let failed = ReplicaRecord {
+        measured: Some(edited.clone()),
+        last_error: Some("conflict: container is busy".into()),
+        not_before: Some(now + secs(10)),
+        ..ReplicaRecord::default()
+    };
+    let s = replica_status(&a, Some(&c), None, &failed, now);
+    assert_eq!(s.observed_content_hash, found);
+    assert_eq!(
+        s.message,
+        format!(
+            "config drift: config file on the host did not match revision 3 (expected sha256 {}…, found {}…); the repair failed: conflict: container is busy; retrying in 10s; waiting for the first probe",
+            &a.content_hash[..8],
+            &found[..8]
+        )
+    );
+
+    // The repair removed the container and could not create the new one.
+    let gone = ReplicaRecord {
+        repairing: edited.drift(&a),
+        last_error: Some("ImagePullFailed: registry down".into()),
+        not_before: Some(now + secs(10)),
+        ..ReplicaRecord::default()
+    };
+    let s = replica_status(&a, None, None, &gone, now);
+    assert_eq!(
+        (s.state, s.message),
+        (
+            ReplicaState::Failed,
+            "repairing config drift (config file): ImagePullFailed: registry down; retrying in 10s"
+                .into()
+        )
+    );
+}
+
+#[test]
+fn debug_output_shows_no_config_or_env_values() {
+    let a = revision3();
+    let c = container("c1", &a);
+    let edited = measured(&a, &c, br#"{"gateway":{"bind":"loopback"}}"#);
+    let step = Step::RepairDrift {
+        container_id: c.id.clone(),
+        assignment: Box::new(a.clone()),
+        preferred_port: c.host_port,
+        drift: edited.drift(&a).unwrap(),
+    };
+    let mut observed = Observed {
+        containers: vec![c],
+        ..Observed::default()
+    };
+    observed.content.insert("c1".into(), edited);
+    for shown in [format!("{step:?}"), format!("{observed:?}")] {
+        assert!(!shown.contains("sk-secret"), "{shown}");
+        assert!(
+            !shown.contains("loopback") && !shown.contains("lan\""),
+            "{shown}"
+        );
+        assert!(shown.contains("ANTHROPIC_API_KEY"), "{shown}");
+    }
+}
+
+#[tokio::test]
+async fn a_hand_edited_config_file_is_rewritten_and_the_container_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = revision3();
+    let desired = std::slice::from_ref(&a);
+    let key = a.key();
+    let t0 = Instant::now();
+    pass(&r, desired, t0).await;
+    let old = fake.containers()[0].clone();
+
+    // In sync: nothing to do, and the status says what was measured.
+    let p = pass(&r, desired, t0 + secs(5)).await;
+    assert!(p.outcomes.is_empty(), "{:?}", p.outcomes);
+    let status = &r.statuses(desired, &p.observed, &BTreeMap::new(), t0 + secs(5))[0];
+    assert_eq!(status.observed_content_hash, a.content_hash);
+    assert_eq!(status.config_revision, 3);
+
+    let config = r.config_file(&key);
+    std::fs::write(&config, r#"{"gateway":{"bind":"loopback"}}"#).unwrap();
+    fake.clear_calls();
+    let p = pass(&r, desired, t0 + secs(10)).await;
+    assert!(
+        matches!(
+            p.outcomes.as_slice(),
+            [StepOutcome { step: Step::RepairDrift { drift, .. }, result: Ok(()) }]
+                if drift.kind == drift::DriftKind::ConfigFile && drift.revision == 3
+        ),
+        "{:?}",
+        p.outcomes
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), a.config_json);
+    let mutations = fake.mutations();
+    assert_eq!(mutations[0], FakeCall::StopContainer(old.id.clone()));
+    assert_eq!(mutations[1], FakeCall::RemoveContainer(old.id.clone()));
+    assert_eq!(
+        mutations.last(),
+        Some(&FakeCall::CreateAndStart(old.name.clone(), old.host_port))
+    );
+    let now_running = fake.containers();
+    assert_eq!(now_running.len(), 1);
+    assert_ne!(now_running[0].id, old.id);
+    assert_eq!(now_running[0].config_revision(), Some(3));
+    assert_eq!(
+        now_running[0].label(labels::CONTENT_HASH),
+        Some(a.content_hash.as_str())
+    );
+
+    let events = r.events().pending();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(e.reason, "ConfigDriftRepaired");
+    assert_eq!(
+        (e.tenant.as_str(), e.instance.as_str(), e.replica.as_str()),
+        ("tenant-a", "bot", "bot-0")
+    );
+    assert!(
+        e.message.starts_with(
+            "replica bot-0: config file on the host did not match revision 3 (expected sha256 "
+        ) && e
+            .message
+            .ends_with("; rewrote it and replaced the container"),
+        "{}",
+        e.message
+    );
+    assert!(!e.message.contains("loopback") && !e.message.contains("sk-secret"));
+
+    // Repaired: the next pass measures the new container in sync and does nothing.
+    let p = pass(&r, desired, t0 + secs(15)).await;
+    assert!(p.outcomes.is_empty(), "{:?}", p.outcomes);
+    let status = &r.statuses(desired, &p.observed, &BTreeMap::new(), t0 + secs(15))[0];
+    assert_eq!(status.observed_content_hash, a.content_hash);
+    assert_eq!(status.container_id.as_ref(), Some(&now_running[0].id));
+    assert_eq!(r.events().pending().len(), 1, "one event per repair");
+}
+
+#[tokio::test]
+async fn a_container_whose_environment_differs_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = revision3();
+    let desired = std::slice::from_ref(&a);
+    let t0 = Instant::now();
+    pass(&r, desired, t0).await;
+    let old = fake.containers()[0].clone();
+    fake.set_env(&old.id, "ANTHROPIC_API_KEY", Some("sk-other"));
+
+    let p = pass(&r, desired, t0 + secs(5)).await;
+    assert!(
+        matches!(
+            p.outcomes.as_slice(),
+            [StepOutcome { step: Step::RepairDrift { drift, .. }, result: Ok(()) }]
+                if drift.kind == drift::DriftKind::Environment
+        ),
+        "{:?}",
+        p.outcomes
+    );
+    let now_running = fake.containers();
+    assert_ne!(now_running[0].id, old.id);
+    let env = now_running[0].env.clone().unwrap();
+    assert_eq!(env.get("ANTHROPIC_API_KEY"), Some("sk-secret"));
+    let events = r.events().pending();
+    assert!(
+        events[0]
+            .message
+            .contains("container environment did not match revision 3"),
+        "{events:?}"
+    );
+    assert!(!events[0].message.contains("sk-"));
+
+    // A variable the container lacks is drift too (after the back-off of the first repair).
+    fake.set_env(&now_running[0].id, "ANTHROPIC_API_KEY", None);
+    let p = pass(&r, desired, t0 + secs(10)).await;
+    assert!(
+        matches!(
+            p.outcomes.as_slice(),
+            [StepOutcome {
+                step: Step::Wait { .. },
+                ..
+            }]
+        ),
+        "{:?}",
+        p.outcomes
+    );
+    let p = pass(&r, desired, t0 + secs(30)).await;
+    assert!(
+        matches!(
+            p.outcomes.as_slice(),
+            [StepOutcome {
+                step: Step::RepairDrift { .. },
+                result: Ok(())
+            }]
+        ),
+        "{:?}",
+        p.outcomes
+    );
+    let p = pass(&r, desired, t0 + secs(35)).await;
+    assert!(p.outcomes.is_empty(), "{:?}", p.outcomes);
+    assert_eq!(r.events().pending().len(), 2);
+}
+
+#[tokio::test]
+async fn a_missing_config_file_is_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = revision3();
+    let desired = std::slice::from_ref(&a);
+    let t0 = Instant::now();
+    pass(&r, desired, t0).await;
+    let config = r.config_file(&a.key());
+    std::fs::remove_file(&config).unwrap();
+
+    let p = pass(&r, desired, t0 + secs(5)).await;
+    assert!(
+        matches!(
+            p.outcomes.as_slice(),
+            [StepOutcome { step: Step::RepairDrift { drift, .. }, result: Ok(()) }]
+                if drift.kind == drift::DriftKind::FileUnreadable("missing".into())
+        ),
+        "{:?}",
+        p.outcomes
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), a.config_json);
+    assert!(
+        r.events().pending()[0]
+            .message
+            .contains("config file on the host was missing")
+    );
+}
+
+#[tokio::test]
+async fn a_failed_repair_is_retried_after_the_back_off_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = revision3();
+    let desired = std::slice::from_ref(&a);
+    let t0 = Instant::now();
+    pass(&r, desired, t0).await;
+    std::fs::write(r.config_file(&a.key()), "{}").unwrap();
+    fake.fail_pull(&a.image, "registry down");
+
+    let p = pass(&r, desired, t0 + secs(5)).await;
+    assert!(
+        matches!(
+            p.outcomes.as_slice(),
+            [StepOutcome {
+                step: Step::RepairDrift { .. },
+                result: Err(_)
+            }]
+        ),
+        "{:?}",
+        p.outcomes
+    );
+    let status = &r.statuses(
+        desired,
+        &r.observe().await.unwrap(),
+        &BTreeMap::new(),
+        t0 + secs(5),
+    )[0];
+    assert_eq!(status.state, ReplicaState::Failed);
+    assert_eq!(
+        status.message,
+        "repairing config drift (config file): ImagePullFailed: registry down; retrying in 10s"
+    );
+    assert!(r.events().pending().is_empty(), "not repaired yet");
+
+    // Within the back-off nothing is tried; after it, the replica is created again.
+    let p = pass(&r, desired, t0 + secs(10)).await;
+    assert!(
+        matches!(
+            p.outcomes.as_slice(),
+            [StepOutcome {
+                step: Step::Wait { .. },
+                ..
+            }]
+        ),
+        "{:?}",
+        p.outcomes
+    );
+    fake.heal_pull(&a.image);
+    let p = pass(&r, desired, t0 + secs(15)).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    assert_eq!(
+        std::fs::read_to_string(r.config_file(&a.key())).unwrap(),
+        a.config_json
+    );
+    let events = r.events().pending();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].reason, "ConfigDriftRepaired");
+}
+
+#[tokio::test]
+async fn the_environment_is_read_once_per_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    fake.hide_env_in_lists(true);
+    let r = reconciler(&fake, dir.path());
+    let a = revision3();
+    let t0 = Instant::now();
+    pass(&r, std::slice::from_ref(&a), t0).await;
+    let id = fake.containers()[0].id.clone();
+    for n in 1..=3 {
+        let p = pass(&r, std::slice::from_ref(&a), t0 + secs(n)).await;
+        assert!(p.outcomes.is_empty(), "{:?}", p.outcomes);
+        assert!(p.observed.content.contains_key(&id));
+    }
+    let inspections = fake
+        .calls()
+        .iter()
+        .filter(|c| **c == FakeCall::InspectContainer(id.clone()))
+        .count();
+    assert_eq!(inspections, 1);
+
+    // A replaced container's entry goes with it.
+    let b = a
+        .clone()
+        .config(r#"{"gateway":{"bind":"lan"},"x":1}"#, 4)
+        .config_hash(&"bb".repeat(32));
+    pass(&r, std::slice::from_ref(&b), t0 + secs(5)).await;
+    pass(&r, std::slice::from_ref(&b), t0 + secs(6)).await;
+    let cached: Vec<String> = r.env_parts_lock().keys().cloned().collect();
+    assert_eq!(cached.len(), 1);
+    assert_ne!(cached[0], id);
+}
+
+#[tokio::test]
+async fn no_drift_check_without_a_content_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    fake.hide_env_in_lists(true);
+    let r = reconciler(&fake, dir.path());
+    let mut a = revision3();
+    a.content_hash.clear();
+    let t0 = Instant::now();
+    pass(&r, std::slice::from_ref(&a), t0).await;
+    std::fs::write(r.config_file(&a.key()), "{}").unwrap();
+    fake.clear_calls();
+    let p = pass(&r, std::slice::from_ref(&a), t0 + secs(5)).await;
+    assert!(p.outcomes.is_empty(), "{:?}", p.outcomes);
+    assert!(p.observed.content.is_empty());
+    assert!(
+        !fake
+            .calls()
+            .iter()
+            .any(|c| matches!(c, FakeCall::InspectContainer(_)))
+    );
+    let status = &r.statuses(std::slice::from_ref(&a), &p.observed, &BTreeMap::new(), t0)[0];
+    assert_eq!(status.observed_content_hash, "");
 }

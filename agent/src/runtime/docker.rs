@@ -20,7 +20,7 @@ use bollard::query_parameters::{
 use futures::StreamExt;
 
 use super::{
-    ContainerRuntime, ContainerSpec, ContainerStatus, NetworkSpec, ObservedContainer,
+    ContainerEnv, ContainerRuntime, ContainerSpec, ContainerStatus, NetworkSpec, ObservedContainer,
     ObservedNetwork, ObservedVolume, RuntimeError, RuntimeInfo, VolumeSpec, labels,
     spec::GATEWAY_PORT,
 };
@@ -213,6 +213,7 @@ fn observed_from_inspect(c: ContainerInspectResponse) -> ObservedContainer {
             .restart_count
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or_default(),
+        env: Some(ContainerEnv::new(config.env.unwrap_or_default())),
     }
 }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    ContainerRuntime, ContainerSpec, ContainerStatus, Labelled, NetworkSpec, ObservedContainer,
-    ObservedNetwork, ObservedVolume, RuntimeError, RuntimeInfo, VolumeSpec,
+    ContainerEnv, ContainerRuntime, ContainerSpec, ContainerStatus, Labelled, NetworkSpec,
+    ObservedContainer, ObservedNetwork, ObservedVolume, RuntimeError, RuntimeInfo, VolumeSpec,
 };
 use crate::model::ContainerStats;
 
@@ -45,6 +45,8 @@ struct State {
     pull_failures: BTreeMap<String, String>,
     busy_ports: BTreeSet<u16>,
     unavailable: bool,
+    /// Lists leave the environment out (inspections still give it).
+    env_hidden_in_lists: bool,
     counter: u64,
 }
 
@@ -104,6 +106,11 @@ impl FakeRuntime {
             .insert(image.to_owned(), reason.to_owned());
     }
 
+    /// Makes `image` pullable again after [`FakeRuntime::fail_pull`].
+    pub fn heal_pull(&self, image: &str) {
+        self.lock().pull_failures.remove(image);
+    }
+
     /// Makes every call fail as if the engine were gone (or back, with `false`).
     pub fn set_unavailable(&self, unavailable: bool) {
         self.lock().unavailable = unavailable;
@@ -130,6 +137,23 @@ impl FakeRuntime {
         if let Some(c) = self.lock().containers.get_mut(id) {
             c.status = status;
         }
+    }
+
+    /// Sets (`Some`) or removes (`None`) a variable in a container's environment, as a
+    /// container made by hand would differ.
+    pub fn set_env(&self, id: &str, name: &str, value: Option<&str>) {
+        if let Some(c) = self.lock().containers.get_mut(id) {
+            let env = c.env.get_or_insert_with(ContainerEnv::default);
+            match value {
+                Some(v) => env.set(name, v),
+                None => env.remove(name),
+            }
+        }
+    }
+
+    /// Makes lists leave the environment out, as an engine whose list does not inspect would.
+    pub fn hide_env_in_lists(&self, hidden: bool) {
+        self.lock().env_hidden_in_lists = hidden;
     }
 
     pub fn containers(&self) -> Vec<ObservedContainer> {
@@ -179,11 +203,18 @@ impl ContainerRuntime for FakeRuntime {
     ) -> Result<Vec<ObservedContainer>, RuntimeError> {
         let state = self.record(FakeCall::ListContainers);
         Self::check(&state)?;
+        let hide_env = state.env_hidden_in_lists;
         Ok(state
             .containers
             .values()
             .filter(|c| c.managed_by(host_id))
             .cloned()
+            .map(|mut c| {
+                if hide_env {
+                    c.env = None;
+                }
+                c
+            })
             .collect())
     }
 
@@ -250,6 +281,7 @@ impl ContainerRuntime for FakeRuntime {
                 started_at: Some(started_at),
                 host_port,
                 engine_restarts: 0,
+                env: Some(ContainerEnv::from_map(&spec.env)),
             },
         );
         state.specs.insert(spec.name.clone(), spec.clone());

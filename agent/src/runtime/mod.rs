@@ -31,6 +31,10 @@ pub mod labels {
     pub const REPLICA: &str = "io.clusterclaw.replica";
     pub const GENERATION: &str = "io.clusterclaw.generation";
     pub const CONFIG_HASH: &str = "io.clusterclaw.config-hash";
+    /// The instance's config revision the container runs.
+    pub const CONFIG_REVISION: &str = "io.clusterclaw.config-revision";
+    /// The content hash the container must have (see [`crate::drift`]); empty from older servers.
+    pub const CONTENT_HASH: &str = "io.clusterclaw.content-hash";
 }
 
 /// Reads the managed labels of a container, volume or network.
@@ -109,6 +113,8 @@ pub struct ObservedContainer {
     pub host_port: Option<u16>,
     /// How many times the engine itself restarted it (the agent does not use restart policies).
     pub engine_restarts: u32,
+    /// Its environment (`Config.Env`), when the engine reported it; `None` when not read.
+    pub env: Option<ContainerEnv>,
 }
 
 impl Labelled for ObservedContainer {
@@ -124,6 +130,63 @@ impl ObservedContainer {
 
     pub fn config_hash(&self) -> Option<&str> {
         self.label(labels::CONFIG_HASH)
+    }
+
+    /// The config revision it runs, from its label (`None` when the label is absent or bad).
+    pub fn config_revision(&self) -> Option<u64> {
+        self.label(labels::CONFIG_REVISION)?.parse().ok()
+    }
+}
+
+/// A container's environment as the engine reports it: `NAME=value` entries.
+///
+/// It holds secrets: `Debug` shows the names only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ContainerEnv(Vec<String>);
+
+impl ContainerEnv {
+    pub fn new(entries: Vec<String>) -> Self {
+        ContainerEnv(entries)
+    }
+
+    /// From a name → value map, as a container spec holds it.
+    pub fn from_map(env: &BTreeMap<String, String>) -> Self {
+        ContainerEnv(env.iter().map(|(k, v)| format!("{k}={v}")).collect())
+    }
+
+    /// The value of `name`; `None` when the container does not have it (an entry without `=`
+    /// sets nothing).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find_map(|entry| {
+            let (k, v) = entry.split_once('=')?;
+            (k == name).then_some(v)
+        })
+    }
+
+    /// Sets `name` to `value` (replacing an earlier value).
+    pub fn set(&mut self, name: &str, value: &str) {
+        self.0
+            .retain(|entry| entry.split_once('=').map_or(entry.as_str(), |(k, _)| k) != name);
+        self.0.push(format!("{name}={value}"));
+    }
+
+    /// Removes `name`.
+    pub fn remove(&mut self, name: &str) {
+        self.0
+            .retain(|entry| entry.split_once('=').map_or(entry.as_str(), |(k, _)| k) != name);
+    }
+
+    /// The variable names, in the engine's order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.0
+            .iter()
+            .map(|entry| entry.split_once('=').map_or(entry.as_str(), |(k, _)| k))
+    }
+}
+
+impl fmt::Debug for ContainerEnv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.names()).finish()
     }
 }
 

@@ -78,6 +78,11 @@ pub fn container_labels(host_id: &str, a: &Assignment) -> BTreeMap<String, Strin
     out.insert(labels::INSTANCE.into(), a.instance.clone());
     out.insert(labels::GENERATION.into(), a.generation.to_string());
     out.insert(labels::CONFIG_HASH.into(), a.config_hash.clone());
+    out.insert(
+        labels::CONFIG_REVISION.into(),
+        a.config_revision.to_string(),
+    );
+    out.insert(labels::CONTENT_HASH.into(), a.content_hash.clone());
     out
 }
 
@@ -132,16 +137,11 @@ pub fn node_options(user_value: Option<&str>, memory_bytes: u64) -> Option<Strin
     })
 }
 
-/// The container that runs `a` on this host, publishing the Gateway on `127.0.0.1:host_port`,
-/// with the rendered config read from `config_file` on the host.
-pub fn container_spec(
-    host_id: &str,
-    a: &Assignment,
-    config_file: &Path,
-    host_port: u16,
-    stop_grace: Duration,
-) -> ContainerSpec {
-    let key = a.key();
+/// The environment the container of `a` gets: the assignment's variables, `NODE_OPTIONS` sized
+/// for the memory limit (see [`node_options`]; removed when that leaves it empty), and the
+/// agent's own `OPENCLAW_CONFIG_PATH`, `OPENCLAW_CONFIG_READONLY` and `HOME`, which win over the
+/// assignment's.
+pub fn container_env(a: &Assignment) -> BTreeMap<String, String> {
     let mut env = a.env.clone();
     match node_options(
         a.env.get("NODE_OPTIONS").map(String::as_str),
@@ -153,7 +153,19 @@ pub fn container_spec(
     env.insert("OPENCLAW_CONFIG_PATH".into(), CONFIG_PATH.into());
     env.insert("OPENCLAW_CONFIG_READONLY".into(), "1".into());
     env.insert("HOME".into(), "/home/node".into());
+    env
+}
 
+/// The container that runs `a` on this host, publishing the Gateway on `127.0.0.1:host_port`,
+/// with the rendered config read from `config_file` on the host.
+pub fn container_spec(
+    host_id: &str,
+    a: &Assignment,
+    config_file: &Path,
+    host_port: u16,
+    stop_grace: Duration,
+) -> ContainerSpec {
+    let key = a.key();
     let pids = match a.resources.pids {
         0 => DEFAULT_PIDS_LIMIT,
         n => n,
@@ -162,7 +174,7 @@ pub fn container_spec(
         name: container_name(host_id, &key),
         image: a.image.clone(),
         labels: container_labels(host_id, a),
-        env,
+        env: container_env(a),
         user: CONTAINER_USER.into(),
         read_only_rootfs: true,
         cap_drop: vec!["ALL".into()],
@@ -246,6 +258,8 @@ mod tests {
         assert_eq!(spec.labels[labels::INSTANCE], "bot");
         assert_eq!(spec.labels[labels::GENERATION], "1");
         assert_eq!(spec.labels[labels::CONFIG_HASH], a.config_hash);
+        assert_eq!(spec.labels[labels::CONFIG_REVISION], "1");
+        assert_eq!(spec.labels[labels::CONTENT_HASH], a.content_hash);
         assert!(!format!("{spec:?}").contains("sk-secret"));
     }
 

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 
 use super::*;
 use crate::control::WatchAnswer;
+use crate::events::AgentEvent;
 use crate::reconcile::ReconcilerSettings;
 use crate::runtime::{ContainerStatus, FakeCall, FakeRuntime, ObservedContainer, spec};
 
@@ -72,10 +73,7 @@ impl ControlPlane for ScriptedControl {
         }
     }
 
-    async fn report_status(
-        &self,
-        mut reports: mpsc::Receiver<pb::StatusReport>,
-    ) -> Result<(), CallError> {
+    async fn report_status(&self, mut reports: ReportStream) -> Result<(), CallError> {
         if self.down.load(Ordering::SeqCst) {
             return Err(CallError::Unreachable("connection refused".into()));
         }
@@ -114,7 +112,8 @@ fn wire(a: &Assignment) -> pb::Assignment {
             pids: a.resources.pids,
         }),
         instance_uid: a.instance_uid.clone(),
-        ..Default::default()
+        config_revision: a.config_revision,
+        content_hash: a.content_hash.clone(),
     }
 }
 
@@ -124,6 +123,7 @@ struct Harness {
     dir: tempfile::TempDir,
     stop: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
+    reconciler: Option<Arc<Reconciler>>,
 }
 
 impl Harness {
@@ -135,6 +135,7 @@ impl Harness {
             dir: tempfile::tempdir().unwrap(),
             stop,
             task: None,
+            reconciler: None,
         }
     }
 
@@ -156,10 +157,17 @@ impl Harness {
     }
 
     fn start(&mut self) {
+        self.start_with(self.settings());
+    }
+
+    fn start_with(&mut self, settings: SyncSettings) {
         let engine: Arc<dyn ContainerRuntime> = self.engine.clone();
-        let reconciler = Reconciler::new(engine, ReconcilerSettings::new(HOST, self.dir.path()))
-            .with_port_check(|_| true);
-        let loops = HostLoops::new(self.settings(), Arc::new(reconciler), self.control.clone());
+        let reconciler = Arc::new(
+            Reconciler::new(engine, ReconcilerSettings::new(HOST, self.dir.path()))
+                .with_port_check(|_| true),
+        );
+        self.reconciler = Some(reconciler.clone());
+        let loops = HostLoops::new(settings, reconciler, self.control.clone());
         let stop = self.stop.subscribe();
         self.task = Some(tokio::spawn(loops.run(stop)));
     }
@@ -172,6 +180,19 @@ impl Harness {
                 .expect("the loops stop promptly")
                 .expect("no loop panicked");
         }
+    }
+
+    fn reconciler(&self) -> &Reconciler {
+        self.reconciler.as_deref().expect("started")
+    }
+
+    /// Every event the control plane received, in order.
+    fn events_received(&self) -> Vec<pb::AgentEvent> {
+        self.control
+            .reports()
+            .into_iter()
+            .flat_map(|r| r.events)
+            .collect()
     }
 
     fn running(&self) -> Vec<ObservedContainer> {
@@ -313,6 +334,7 @@ async fn nothing_is_touched_before_assignments_are_known() {
         started_at: Some("t0".into()),
         host_port: Some(19100),
         engine_restarts: 0,
+        env: None,
     });
     h.control.set_down(true);
     h.start();
@@ -381,6 +403,136 @@ async fn an_invalid_assignment_set_is_not_acted_on() {
     let saved = StateStore::new(h.dir.path()).load().unwrap().unwrap();
     assert_eq!(saved.index, 4, "an invalid set is not saved");
     h.stop().await;
+}
+
+#[tokio::test]
+async fn a_drifted_replica_is_repaired_and_the_event_reported() {
+    let mut h = Harness::new();
+    let a = Assignment::test("bot-0")
+        .env("OPENCLAW_GATEWAY_TOKEN", "t0ken")
+        .config(r#"{"gateway":{"bind":"lan"}}"#, 3);
+    h.control.answer(1, std::slice::from_ref(&a));
+    h.start();
+    wait_until("a report of the measured content", || {
+        h.control.reports().iter().any(|r| {
+            r.replicas.iter().any(|s| {
+                s.observed_content_hash == a.content_hash
+                    && s.config_revision == 3
+                    && !s.container_id.is_empty()
+            })
+        })
+    })
+    .await;
+    let old = h.running()[0].id.clone();
+
+    let config = h.reconciler().config_file(&a.key());
+    std::fs::write(&config, r#"{"gateway":{"bind":"loopback"}}"#).unwrap();
+    wait_until("the event reaches the control plane", || {
+        !h.events_received().is_empty()
+    })
+    .await;
+    let events = h.events_received();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].reason, "ConfigDriftRepaired");
+    assert_eq!(events[0].replica, "bot-0");
+    assert!(events[0].message.contains("revision 3"), "{events:?}");
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), a.config_json);
+    let now_running = h.running();
+    assert_eq!(now_running.len(), 1);
+    assert_ne!(now_running[0].id, old);
+    assert!(h.reconciler().events().pending().is_empty());
+
+    // The report names the new container, measured in sync; the event is not sent again.
+    let new_id = now_running[0].id.clone();
+    wait_until("a report of the new container in sync", || {
+        h.control.reports().iter().any(|r| {
+            r.replicas
+                .iter()
+                .any(|s| s.container_id == new_id && s.observed_content_hash == a.content_hash)
+        })
+    })
+    .await;
+    assert_eq!(h.events_received().len(), 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn events_wait_for_a_report_that_is_sent() {
+    let mut h = Harness::new();
+    h.save(1, replicas(1));
+    h.control.set_down(true);
+    h.start();
+    wait_until("the replica runs", || h.running().len() == 1).await;
+    let a = Assignment::test("bot-0");
+    h.reconciler().events().push(AgentEvent::about(
+        &a,
+        "Test",
+        "while the server is away".into(),
+    ));
+    // Reports fail to go out: the event stays queued.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(h.control.reports().is_empty());
+    assert_eq!(h.reconciler().events().pending().len(), 1);
+
+    h.control.set_down(false);
+    wait_until("the event reaches the control plane", || {
+        !h.events_received().is_empty()
+    })
+    .await;
+    assert!(h.reconciler().events().pending().is_empty());
+    // Later reports do not carry it again.
+    let sent = h.control.reports().len();
+    wait_until("more reports", || h.control.reports().len() >= sent + 2).await;
+    let events = h.events_received();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].message, "while the server is away");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_event_alone_is_reported_at_once() {
+    let mut h = Harness::new();
+    h.control.answer(1, &[]);
+    let mut settings = h.settings();
+    // No periodic report within the test: only a change can send one.
+    settings.report_interval = Duration::from_secs(3600);
+    h.start_with(settings);
+    wait_until("a report at index 1 with the engine ready", || {
+        h.control
+            .reports()
+            .iter()
+            .any(|r| r.applied_index == 1 && r.runtime.as_ref().is_some_and(|c| c.ready))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = h.control.reports().len();
+    let a = Assignment::test("bot-0");
+    h.reconciler()
+        .events()
+        .push(AgentEvent::about(&a, "Test", "nothing else changed".into()));
+    wait_until("a report carrying the event", || {
+        h.events_received()
+            .iter()
+            .any(|e| e.message == "nothing else changed")
+    })
+    .await;
+    assert_eq!(h.control.reports().len(), before + 1);
+    h.stop().await;
+}
+
+#[test]
+fn a_new_event_changes_the_signature() {
+    let report = pb::StatusReport::default();
+    assert_eq!(signature(&report, 3), signature(&report, 3));
+    assert_ne!(signature(&report, 3), signature(&report, 4));
+    let mut drifted = report.clone();
+    drifted.replicas.push(pb::ReplicaStatus {
+        observed_content_hash: "ab".repeat(32),
+        ..Default::default()
+    });
+    let mut in_sync = drifted.clone();
+    in_sync.replicas[0].observed_content_hash = "cd".repeat(32);
+    assert_ne!(signature(&drifted, 0), signature(&in_sync, 0));
 }
 
 #[test]
