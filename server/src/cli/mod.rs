@@ -17,6 +17,7 @@ mod output;
 mod pki;
 mod resolve;
 mod scale;
+mod secret;
 mod settings;
 mod token;
 
@@ -104,6 +105,9 @@ pub enum Command {
     Login(login::LoginArgs),
     /// Show the CLI settings in effect.
     Config(config::ConfigArgs),
+    /// Store secret values (encrypted at rest, never shown again) and rotate the data key.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Secret(secret::SecretArgs),
     /// Run a whole local cluster (server and an agent on the local Docker) in the foreground.
     Dev(dev::DevArgs),
     /// Write the man pages and shell completions (for packaging).
@@ -185,6 +189,7 @@ pub fn run(command: Command) -> CliResult {
         Command::Token(args) => block_on(token::run(args)),
         Command::Audit(args) => block_on(audit::run(args)),
         Command::Login(args) => block_on(login::run(args)),
+        Command::Secret(args) => block_on(secret::run(args)),
     };
     match result {
         Err(CliError::OutputClosed) => Ok(()),
