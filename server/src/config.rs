@@ -37,6 +37,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("--api-tls-key", "CLUSTERCLAW_SERVER_API_TLS_KEY"),
     ("--server-name", "CLUSTERCLAW_SERVER_NAMES"),
     ("--pki-dir", "CLUSTERCLAW_SERVER_PKI_DIR"),
+    ("--openclaw-schema", "CLUSTERCLAW_SERVER_OPENCLAW_SCHEMA"),
     ("--resync-interval", "CLUSTERCLAW_SERVER_RESYNC_INTERVAL"),
 ];
 
@@ -97,6 +98,10 @@ pub struct ServerArgs {
     /// [default: 30s] [env: CLUSTERCLAW_SERVER_RESYNC_INTERVAL].
     #[arg(long, value_name = "DURATION")]
     pub resync_interval: Option<String>,
+    /// JSON Schema every effective openclaw.json is checked against before it is stored
+    /// [default: the schema built in] [env: CLUSTERCLAW_SERVER_OPENCLAW_SCHEMA].
+    #[arg(long, value_name = "FILE")]
+    pub openclaw_schema: Option<PathBuf>,
 }
 
 /// Certificate and key of the API port.
@@ -120,6 +125,8 @@ pub struct ServerConfig {
     pub agent_listen: SocketAddr,
     /// Directory of the CA and the agent-port certificate; `<data_dir>/pki` by default.
     pub pki_dir: PathBuf,
+    /// The openclaw.json schema file; the built-in schema when `None`.
+    pub openclaw_schema: Option<PathBuf>,
     /// Names for the agent-port server certificate, as configured (the defaults are added
     /// when the certificate is made).
     pub server_names: Vec<String>,
@@ -147,6 +154,7 @@ impl ServerConfig {
             agent_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             server_names: Vec::new(),
             resync_interval: DEFAULT_RESYNC_INTERVAL,
+            openclaw_schema: None,
             oidc: None,
             rate_limits: crate::ratelimit::RateLimits::default(),
             audit: crate::audit::AuditConfig::default(),
@@ -283,6 +291,15 @@ struct FileConfig {
     rate_limit: crate::ratelimit::RateLimitConfig,
     #[serde(default)]
     audit: crate::audit::AuditConfig,
+    #[serde(default)]
+    config: ConfigSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigSection {
+    /// The openclaw.json schema file.
+    schema: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -654,6 +671,28 @@ pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, C
         }
     }
 
+    let openclaw_schema = match pick(
+        given(
+            args.openclaw_schema.clone(),
+            "--openclaw-schema",
+            env,
+            PathBuf::from,
+        ),
+        file.config.schema.as_ref(),
+        "config.schema",
+        src,
+        |s, v| s.path_value(v),
+    ) {
+        Some(Setting { value, location }) => match crate::openclaw::schema::Schema::load(&value) {
+            Ok(_) => Some(absolute(&value)),
+            Err(e) => {
+                c.push(location, e.to_string());
+                None
+            }
+        },
+        None => None,
+    };
+
     let resync_interval = match pick(
         given(
             args.resync_interval.clone(),
@@ -737,6 +776,7 @@ pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, C
         pki_dir,
         server_names,
         resync_interval,
+        openclaw_schema,
     })
 }
 

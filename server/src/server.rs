@@ -29,6 +29,8 @@ use crate::util::blocking;
 
 /// The database inside the data directory.
 pub const DB_FILE: &str = "clusterclaw.db";
+/// The key file secrets are sealed with, beside the database (mode 0600).
+pub const SECRETS_KEY_FILE: &str = "secrets.key";
 /// Held locked (flock) by the running server; holds its pid.
 pub const LOCK_FILE: &str = "server.lock";
 /// Where a running server says how to reach it (removed when it stops).
@@ -143,13 +145,31 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
 
     let db = data_dir.join(DB_FILE);
     let db_path = db.clone();
+    let schema_path = config.openclaw_schema.clone();
     let store: Arc<dyn Store> = Arc::new(
         blocking("opening the store", move || {
-            SqliteStore::open(&db_path)
-                .with_context(|| format!("cannot open the store {}", db_path.display()))
+            let store = SqliteStore::open(&db_path)
+                .with_context(|| format!("cannot open the store {}", db_path.display()))?;
+            if let Some(path) = schema_path {
+                let schema = crate::openclaw::schema::Schema::load(&path)
+                    .map_err(|e| anyhow!("the openclaw.json schema: {e}"))?;
+                store.set_schema(Arc::new(schema));
+            }
+            anyhow::Ok(store)
         })
         .await??,
     );
+    // The key the values of secrets are sealed with, beside the database.
+    let keyring_path = data_dir.join(SECRETS_KEY_FILE);
+    let keyring: crate::configcenter::SharedKeyring = {
+        let path = keyring_path.clone();
+        let k = blocking("loading the secrets key", move || {
+            crate::secrets::Keyring::load_or_create(&path)
+                .map_err(|e| anyhow!("the secrets key file: {e}"))
+        })
+        .await??;
+        Arc::new(std::sync::RwLock::new(Some(Arc::new(k))))
+    };
     tracing::info!(path = %db.display(), index = store.index(), "store opened");
 
     let token_store = Arc::clone(&store);
@@ -248,7 +268,9 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         }),
         store: Arc::clone(&store),
         ca,
-        book: Arc::default(),
+        book: Arc::new(crate::agent_rpc::AssignmentBook::with_keyring(
+            keyring.clone(),
+        )),
         reports: Arc::default(),
         metrics: Arc::default(),
     };
@@ -293,7 +315,9 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
     );
     crate::notify::ready(&mut tasks, &store, &tasks_stop, &endpoints);
 
-    let options = api_options(&config, &store).await?;
+    let mut options = api_options(&config, &store).await?;
+    options.keyring = keyring;
+    options.keyring_path = Some(keyring_path);
     let audit = options.audit.clone();
     let state = ApiState::with_options(
         Arc::clone(&store),
@@ -400,6 +424,7 @@ async fn api_options(
         oidc,
         limiter,
         audit: Some(audit),
+        ..Default::default()
     })
 }
 

@@ -1,17 +1,20 @@
 //! The assignment book: each host's replicas, rebuilt on store changes, waited on by long polls.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use clusterclaw_proto::agent as pb;
 use prost::Message;
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::model::{Kind, OpenClawInstance, Resource};
-use crate::store::{ListFilter, Store};
+use crate::configcenter;
+use crate::model::{EnvValue, Kind, OpenClawInstance, Resource};
+use crate::openclaw::secretref::{self, SecretRef};
+use crate::secrets::{Keyring, SecretValue};
+use crate::store::{ListFilter, SealedValue, Store};
 use crate::util::hex;
 
 /// How long a burst of store changes is coalesced before the book is rebuilt.
@@ -37,6 +40,11 @@ pub enum Wait {
 /// Every host's assignments, kept in memory so that waiting polls read no database.
 pub struct AssignmentBook {
     hosts: RwLock<HashMap<String, Arc<HostAssignments>>>,
+    /// Opens secret values; none when the server has no key file (then no instance may use
+    /// secrets).
+    keyring: crate::configcenter::SharedKeyring,
+    /// Secret values opened by earlier rebuilds, by envelope.
+    opened: Mutex<HashMap<String, (Arc<SecretValue>, String)>>,
     /// Bumped whenever any host's assignments change; 0 until the first build.
     version: watch::Sender<u64>,
     built_at: RwLock<u64>,
@@ -46,60 +54,171 @@ impl Default for AssignmentBook {
     fn default() -> Self {
         AssignmentBook {
             hosts: RwLock::default(),
+            keyring: Arc::default(),
+            opened: Mutex::default(),
             version: watch::channel(0).0,
             built_at: RwLock::new(0),
         }
     }
 }
 
-/// The `openclaw.json` an instance's replicas run: the Gateway's container settings, with the
-/// instance's `spec.config` merged over them.
-pub fn render_config(config: &Map<String, Value>) -> Value {
-    let mut base = json!({"gateway": {"port": 18789, "bind": "lan"}});
-    merge(&mut base, &Value::Object(config.clone()));
-    base
+/// What assignments are made of besides the instances: each instance's current config
+/// revision and the secrets' sealed values.
+#[derive(Debug, Default)]
+pub struct ConfigInputs {
+    /// Instance uid → (revision, effective config text with secret references in place).
+    pub configs: HashMap<String, (u64, String)>,
+    /// (tenant, project, name, key) → sealed value.
+    pub sealed: HashMap<(String, String, String, String), String>,
 }
 
-fn merge(base: &mut Value, over: &Value) {
-    match (base, over) {
-        (Value::Object(b), Value::Object(o)) => {
-            for (k, v) in o {
-                merge(b.entry(k.clone()).or_insert(Value::Null), v);
-            }
+impl ConfigInputs {
+    pub fn from_sealed(configs: HashMap<String, (u64, String)>, sealed: Vec<SealedValue>) -> Self {
+        ConfigInputs {
+            configs,
+            sealed: sealed
+                .into_iter()
+                .map(|v| ((v.tenant, v.project, v.name, v.key), v.sealed))
+                .collect(),
         }
-        (b, o) => *b = o.clone(),
     }
 }
 
-/// The replicas of `instance` placed on each host, as the agent receives them.
-pub fn assignments_of(instance: &OpenClawInstance) -> Vec<(String, pb::Assignment)> {
+/// Opens secret values for assignments, remembering what it opened (by envelope).
+struct Opener<'a> {
+    keyring: Option<&'a Keyring>,
+    inputs: &'a ConfigInputs,
+    memo: &'a mut HashMap<String, (Arc<SecretValue>, String)>,
+    used: HashSet<String>,
+}
+
+impl Opener<'_> {
+    /// The value and fingerprint of `r` for an instance in `tenant`/`project`.
+    fn open(
+        &mut self,
+        tenant: &str,
+        project: &str,
+        r: &SecretRef,
+    ) -> Result<(Arc<SecretValue>, String), String> {
+        for key in configcenter::secret_keys(tenant, project, r) {
+            let k = (
+                key.tenant.clone(),
+                key.project.clone(),
+                key.name.clone(),
+                r.key.clone(),
+            );
+            let Some(sealed) = self.inputs.sealed.get(&k) else {
+                continue;
+            };
+            self.used.insert(sealed.clone());
+            if let Some(v) = self.memo.get(sealed) {
+                return Ok(v.clone());
+            }
+            let keyring = self
+                .keyring
+                .ok_or_else(|| "the server has no secrets key file".to_string())?;
+            let aad = crate::store::revisions::aad(&k.0, &k.1, &k.2, &k.3);
+            let value = keyring
+                .open(&aad, sealed)
+                .map_err(|e| format!("secret {:?} key {:?}: {e}", r.name, r.key))?;
+            let fingerprint = keyring.fingerprint(&value);
+            let v = (Arc::new(value), fingerprint);
+            self.memo.insert(sealed.clone(), v.clone());
+            return Ok(v);
+        }
+        Err(format!("secret {:?} key {:?} not found", r.name, r.key))
+    }
+}
+
+/// The config every instance gets when it has no revision yet (written before revisions
+/// existed and not valid since): the built-in layer with the instance's own.
+fn fallback_config(instance: &OpenClawInstance) -> String {
+    let layers = configcenter::layers_of(instance, None, None, None);
+    configcenter::render(&layers).to_string()
+}
+
+/// The replicas of `instance` placed on each host, as the agent receives them; an error when
+/// a secret it references cannot be opened.
+fn assignments_with(
+    instance: &OpenClawInstance,
+    inputs: &ConfigInputs,
+    opener: &mut Opener<'_>,
+) -> Result<Vec<(String, pb::Assignment)>, String> {
     let Some(status) = &instance.status else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
     let spec = &instance.spec;
     let m = &instance.metadata;
-    let config_json = render_config(&spec.config).to_string();
+    let tenant = m.tenant.clone().unwrap_or_default();
+    let project = m.project.clone().unwrap_or_default();
+    let uid = m.uid.clone().unwrap_or_default();
+    let (revision, text) = match inputs.configs.get(&uid) {
+        Some((rev, text)) => (*rev, text.clone()),
+        None => (0, fallback_config(instance)),
+    };
+    let config: Value =
+        serde_json::from_str(&text).map_err(|e| format!("config revision {revision}: {e}"))?;
+    // Everything that, when it changes, needs a new container; secrets by fingerprint only,
+    // so that the hash (shown to every reader of the instance) tells nothing of their values.
+    let mut h = Sha256::new();
+    let image = spec.image_ref();
+    h.update(image.as_bytes());
+    h.update([0]);
+    h.update(text.as_bytes());
+    h.update([0]);
+    let mut fingerprints = BTreeMap::new();
+    let mut failure = None;
+    let resolved =
+        secretref::substitute(&config, &mut |r| match opener.open(&tenant, &project, r) {
+            Ok((v, fp)) => {
+                fingerprints.insert(format!("{}/{}", r.name, r.key), fp);
+                Some(v.expose().to_string())
+            }
+            Err(e) => {
+                failure = Some(e);
+                None
+            }
+        });
+    let resolved = match (resolved, failure) {
+        (_, Some(e)) => return Err(e),
+        (Err(p), None) => return Err(format!("{}: {}", p.path, p.reason)),
+        (Ok(v), None) => v,
+    };
+    let mut env = BTreeMap::new();
+    for (k, v) in &spec.env {
+        h.update(k.as_bytes());
+        h.update([b'=']);
+        let value = match v {
+            EnvValue::Plain(v) => {
+                h.update(v.as_bytes());
+                v.clone()
+            }
+            EnvValue::SecretRef(r) => {
+                let (value, fp) = opener.open(&tenant, &project, r)?;
+                h.update(format!("secretRef:{}/{}", r.name, r.key).as_bytes());
+                fingerprints.insert(format!("{}/{}", r.name, r.key), fp);
+                value.expose().to_string()
+            }
+        };
+        h.update([0]);
+        env.insert(k.clone(), value);
+    }
+    for (k, fp) in &fingerprints {
+        h.update(k.as_bytes());
+        h.update([b'=']);
+        h.update(fp.as_bytes());
+        h.update([0]);
+    }
     let resources = pb::Resources {
         cpu_millis: spec.cpu_millis(),
         memory_bytes: spec.memory_bytes(),
         pids: spec.resources.pids.unwrap_or(crate::model::DEFAULT_PIDS) as u32,
     };
-    let image = spec.image_ref();
-    // Everything that, when it changes, needs a new container.
-    let mut h = Sha256::new();
-    h.update(image.as_bytes());
-    h.update([0]);
-    h.update(config_json.as_bytes());
-    h.update([0]);
-    for (k, v) in &spec.env {
-        h.update(k.as_bytes());
-        h.update([b'=']);
-        h.update(v.as_bytes());
-        h.update([0]);
-    }
     h.update(resources.encode_to_vec());
     let config_hash = hex(&h.finalize());
-    status
+    let config_json = resolved.to_string();
+    let content_hash = configcenter::content_hash(config_json.as_bytes(), &env);
+    Ok(status
         .replica_status
         .iter()
         .filter(|r| r.ordinal < spec.replicas as u32)
@@ -108,37 +227,97 @@ pub fn assignments_of(instance: &OpenClawInstance) -> Vec<(String, pb::Assignmen
             Some((
                 host,
                 pb::Assignment {
-                    tenant: m.tenant.clone().unwrap_or_default(),
-                    project: m.project.clone().unwrap_or_default(),
+                    tenant: tenant.clone(),
+                    project: project.clone(),
                     instance: m.name.clone(),
                     replica: r.name.clone(),
                     ordinal: r.ordinal,
                     generation: m.generation.unwrap_or(1),
                     image: image.clone(),
-                    env: spec
-                        .env
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
+                    env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
                     config_json: config_json.clone(),
                     config_hash: config_hash.clone(),
                     resources: Some(resources),
-                    instance_uid: m.uid.clone().unwrap_or_default(),
-                    ..Default::default()
+                    instance_uid: uid.clone(),
+                    config_revision: revision,
+                    content_hash: content_hash.clone(),
                 },
             ))
         })
-        .collect()
+        .collect())
+}
+
+/// [`assignments_with`] for an instance that references no secrets (tests, tools).
+pub fn assignments_of(instance: &OpenClawInstance) -> Vec<(String, pb::Assignment)> {
+    let inputs = ConfigInputs::default();
+    let mut memo = HashMap::new();
+    let mut opener = Opener {
+        keyring: None,
+        inputs: &inputs,
+        memo: &mut memo,
+        used: HashSet::new(),
+    };
+    assignments_with(instance, &inputs, &mut opener).unwrap_or_default()
 }
 
 impl AssignmentBook {
+    /// A book that opens secrets with `keyring`.
+    pub fn with_keyring(keyring: crate::configcenter::SharedKeyring) -> Self {
+        AssignmentBook {
+            keyring,
+            ..Default::default()
+        }
+    }
+
     /// Recomputes every host's assignments from `instances`, read at store index `index`;
     /// a host whose set differs from before gets `index` as its change index.
     pub fn rebuild(&self, instances: &[OpenClawInstance], index: u64) {
+        self.rebuild_with(instances, &ConfigInputs::default(), index);
+    }
+
+    /// [`AssignmentBook::rebuild`] with configs and secrets. An instance whose secrets cannot
+    /// be opened keeps the assignments it had (its replicas keep running) and is logged.
+    pub fn rebuild_with(&self, instances: &[OpenClawInstance], inputs: &ConfigInputs, index: u64) {
         let mut per_host: HashMap<String, Vec<pb::Assignment>> = HashMap::new();
-        for inst in instances {
-            for (host, a) in assignments_of(inst) {
-                per_host.entry(host).or_default().push(a);
+        let mut stuck: HashSet<(String, String, String)> = HashSet::new();
+        {
+            let keyring = crate::configcenter::current_keyring(&self.keyring);
+            let mut memo = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+            let mut opener = Opener {
+                keyring: keyring.as_deref(),
+                inputs,
+                memo: &mut memo,
+                used: HashSet::new(),
+            };
+            for inst in instances {
+                match assignments_with(inst, inputs, &mut opener) {
+                    Ok(list) => {
+                        for (host, a) in list {
+                            per_host.entry(host).or_default().push(a);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(instance = %inst.key(), error = %e, "cannot make this instance's assignments; its replicas keep what they run");
+                        let m = &inst.metadata;
+                        stuck.insert((
+                            m.tenant.clone().unwrap_or_default(),
+                            m.project.clone().unwrap_or_default(),
+                            m.name.clone(),
+                        ));
+                    }
+                }
+            }
+            let used = std::mem::take(&mut opener.used);
+            memo.retain(|sealed, _| used.contains(sealed));
+        }
+        if !stuck.is_empty() {
+            let hosts = self.hosts.read().unwrap_or_else(|e| e.into_inner());
+            for (name, cur) in hosts.iter() {
+                for a in &cur.assignments {
+                    if stuck.contains(&(a.tenant.clone(), a.project.clone(), a.instance.clone())) {
+                        per_host.entry(name.clone()).or_default().push(a.clone());
+                    }
+                }
             }
         }
         let mut changed = false;
@@ -249,7 +428,8 @@ pub async fn run(
                     }
                 })
                 .collect();
-            b.rebuild(&instances, index);
+            let inputs = ConfigInputs::from_sealed(s.current_configs()?, s.sealed_values()?);
+            b.rebuild_with(&instances, &inputs, index);
             Ok::<(), crate::store::StoreError>(())
         })
         .await;
@@ -313,14 +493,17 @@ mod tests {
     }
 
     #[test]
-    fn config_is_merged_over_gateway_defaults() {
-        let mut c = Map::new();
-        c.insert("gateway".into(), json!({"auth": {"mode": "token"}}));
-        c.insert("agents".into(), json!({"x": 1}));
-        let v = render_config(&c);
+    fn an_instance_without_a_revision_runs_its_own_layer_over_the_gateway_defaults() {
+        let mut i = inst("bot", 1, &[Some("h1")], "1Gi");
+        i.spec.config =
+            serde_json::from_value(serde_json::json!({"gateway": {"auth": {"mode": "token"}}}))
+                .unwrap();
+        let a = assignments_of(&i);
+        let v: Value = serde_json::from_str(&a[0].1.config_json).unwrap();
         assert_eq!(v["gateway"]["port"], 18789);
         assert_eq!(v["gateway"]["auth"]["mode"], "token");
-        assert_eq!(v["agents"]["x"], 1);
+        assert_eq!(a[0].1.config_revision, 0);
+        assert_eq!(a[0].1.content_hash.len(), 64);
     }
 
     #[test]

@@ -340,10 +340,17 @@ impl AgentService for AgentRpc {
                 }
             };
             let (store, reports, id2) = (self.store.clone(), self.reports.clone(), id.clone());
+            let assigned = self.book.current(&id.name);
             let r = try_blocking("ReportStatus", move || {
+                let events = agent_events(&id2, &report.events);
                 reports
-                    .apply(store.as_ref(), &id2, report)
-                    .map_err(store_status)
+                    .apply_with(store.as_ref(), &id2, report, &assigned.assignments)
+                    .map_err(store_status)?;
+                if !events.is_empty() {
+                    // What an agent repaired on its own is part of the record of changes.
+                    store.append_audit(&events).map_err(store_status)?;
+                }
+                Ok::<(), Status>(())
             })
             .await;
             self.metrics.observe_rpc(
@@ -363,6 +370,30 @@ impl AgentService for AgentRpc {
         }
         Ok(Response::new(pb::ReportStatusResponse {}))
     }
+}
+
+/// Audit entries of what an agent did on its own (a repaired config drift), as the host.
+fn agent_events(host: &HostIdentity, events: &[pb::AgentEvent]) -> Vec<crate::audit::AuditEntry> {
+    use crate::audit::{AuditEntry, AuditObject, AuditPrincipal, AuditResult};
+    events
+        .iter()
+        .map(|e| {
+            tracing::warn!(host = %host.name, replica = %e.replica, reason = %e.reason, message = %e.message, "agent event");
+            let reason: String = format!("{}: {}", e.reason, e.message).chars().take(500).collect();
+            AuditEntry::now(
+                AuditPrincipal::new(format!("host:{}", host.name), host.name.clone()),
+                &format!("agent.{}", e.reason),
+                AuditResult::ok(200),
+            )
+            .with_object(AuditObject {
+                kind: "OpenClawInstance".into(),
+                tenant: Some(e.tenant.clone()),
+                project: Some(e.project.clone()),
+                name: e.instance.clone(),
+            })
+            .with_result_reason(reason)
+        })
+        .collect()
 }
 
 /// TLS material of the agent port.

@@ -9,8 +9,8 @@ use clusterclaw_proto::agent as pb;
 use serde_json::json;
 
 use crate::model::{
-    Condition, Host, HostCapacity, HostPhase, Kind, ObjectKey, Quantity, ReplicaState, Resource,
-    format_cpu, format_memory, summarize,
+    Condition, ConfigSync, Host, HostCapacity, HostPhase, Kind, ObjectKey, Quantity, ReplicaState,
+    Resource, format_cpu, format_memory, summarize,
 };
 use crate::store::{Store, StoreError};
 use crate::util::now_rfc3339;
@@ -88,8 +88,29 @@ impl Reports {
         &self,
         store: &dyn Store,
         host: &HostIdentity,
-        mut report: pb::StatusReport,
+        report: pb::StatusReport,
     ) -> Result<(), StoreError> {
+        self.apply_with(store, host, report, &[])
+    }
+
+    /// [`Reports::apply`], comparing what each replica's container really has with what the
+    /// host was assigned (`assigned`: the host's current assignments), for `configSync`.
+    pub fn apply_with(
+        &self,
+        store: &dyn Store,
+        host: &HostIdentity,
+        mut report: pb::StatusReport,
+        assigned: &[pb::Assignment],
+    ) -> Result<(), StoreError> {
+        let expected_content: HashMap<(&str, &str, &str), (&str, &str)> = assigned
+            .iter()
+            .map(|a| {
+                (
+                    (a.tenant.as_str(), a.project.as_str(), a.replica.as_str()),
+                    (a.config_hash.as_str(), a.content_hash.as_str()),
+                )
+            })
+            .collect();
         let now = Instant::now();
         let refresh_host = {
             let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
@@ -158,11 +179,17 @@ impl Reports {
                     entry.host_port = u16::try_from(rep.host_port).ok().filter(|p| *p != 0);
                     entry.config_hash = non_empty(&rep.config_hash);
                     entry.generation = (rep.generation > 0).then_some(rep.generation);
+                    entry.config_revision =
+                        (rep.config_revision > 0).then_some(rep.config_revision);
+                    entry.config_sync = config_sync(&expected_content, rep);
                 }
                 summarize(inst);
                 true
             }
-            Resource::Tenant(_) | Resource::Project(_) => false,
+            Resource::Tenant(_)
+            | Resource::Project(_)
+            | Resource::ConfigTemplate(_)
+            | Resource::Secret(_) => false,
         })?;
         if !host_is_current {
             return Err(StoreError::NotFound(host_key));
@@ -249,6 +276,30 @@ fn write_host_status(h: &mut Host, report: &pb::StatusReport) {
 }
 
 /// Marks hosts NotReady when their reports stop (blocking; run periodically). A host that has
+/// Whether a replica's container really has what it was given: the agent's measured content
+/// hash against the one of the assignment it runs (unknown while it runs another one).
+fn config_sync(
+    expected: &HashMap<(&str, &str, &str), (&str, &str)>,
+    rep: &pb::ReplicaStatus,
+) -> Option<ConfigSync> {
+    if rep.observed_content_hash.is_empty() {
+        return None;
+    }
+    let (config_hash, content_hash) = expected.get(&(
+        rep.tenant.as_str(),
+        rep.project.as_str(),
+        rep.replica.as_str(),
+    ))?;
+    if *config_hash != rep.config_hash || content_hash.is_empty() {
+        return None;
+    }
+    Some(if *content_hash == rep.observed_content_hash {
+        ConfigSync::InSync
+    } else {
+        ConfigSync::Drift
+    })
+}
+
 /// not reported since this server started is given `HEARTBEAT_TIMEOUT` from `started`.
 pub fn check_heartbeats(
     store: &dyn Store,

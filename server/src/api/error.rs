@@ -183,7 +183,7 @@ fn parent_field(kind: Kind) -> &'static str {
     match kind {
         Kind::Tenant => "metadata.tenant",
         Kind::Project => "metadata.project",
-        Kind::OpenClawInstance | Kind::Host => "metadata",
+        Kind::OpenClawInstance | Kind::Host | Kind::ConfigTemplate | Kind::Secret => "metadata",
     }
 }
 
@@ -210,6 +210,7 @@ impl From<StoreError> for ApiError {
                     .with_details(vec![FieldProblem::new(field, message)])
             }
             e @ StoreError::HasChildren { .. } => ApiError::new(ErrorCode::Conflict, e.to_string()),
+            StoreError::InUse { message, .. } => ApiError::new(ErrorCode::Conflict, message),
             e @ StoreError::QuotaExceeded { .. } => {
                 let message = e.to_string();
                 ApiError::new(ErrorCode::Forbidden, message.clone())

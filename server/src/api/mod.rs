@@ -2,6 +2,7 @@
 
 pub mod audit;
 mod body;
+mod configs;
 mod error;
 mod objects;
 mod openapi;
@@ -63,7 +64,16 @@ struct Inner {
     audit: Option<AuditWriter>,
     index: watch::Receiver<u64>,
     shutting_down: AtomicBool,
+    /// The data key of secrets (swapped by a rotation).
+    keyring: crate::configcenter::SharedKeyring,
+    keyring_path: Option<PathBuf>,
+    /// One rotation at a time.
+    rotating: tokio::sync::Mutex<()>,
 }
+
+/// Request header with the reason of a change, recorded on the config revisions it makes.
+pub const CHANGE_MESSAGE_HEADER: &str = "x-clusterclaw-change-message";
+const MAX_CHANGE_MESSAGE: usize = 500;
 
 /// What the API adds around authentication; everything off by default.
 #[derive(Default)]
@@ -74,6 +84,10 @@ pub struct ApiOptions {
     pub limiter: Option<Arc<RateLimiter>>,
     /// Records every mutating and every denied request.
     pub audit: Option<AuditWriter>,
+    /// Seals secret values; without one, secrets cannot be written.
+    pub keyring: crate::configcenter::SharedKeyring,
+    /// Where the keyring lives (for rotation).
+    pub keyring_path: Option<PathBuf>,
 }
 
 /// What every handler shares: the store, the authenticator, the shutdown flag.
@@ -126,8 +140,34 @@ impl ApiState {
                 audit: options.audit,
                 index,
                 shutting_down: AtomicBool::new(false),
+                keyring: options.keyring,
+                keyring_path: options.keyring_path,
+                rotating: tokio::sync::Mutex::new(()),
             }),
         }
+    }
+
+    /// The secrets' keyring, if the server has one.
+    pub fn keyring(&self) -> Option<Arc<crate::secrets::Keyring>> {
+        crate::configcenter::current_keyring(&self.inner.keyring)
+    }
+
+    pub(crate) fn shared_keyring(
+        &self,
+    ) -> (
+        &crate::configcenter::SharedKeyring,
+        Option<&std::path::Path>,
+        &tokio::sync::Mutex<()>,
+    ) {
+        (
+            &self.inner.keyring,
+            self.inner.keyring_path.as_deref(),
+            &self.inner.rotating,
+        )
+    }
+
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
     }
 
     /// From now on `/readyz` answers 503 and API requests get 503 `Unavailable`.
@@ -282,6 +322,8 @@ impl crate::store::AuditHook for AuditDraft {
 pub struct Ctx {
     state: ApiState,
     caller: Arc<Caller>,
+    /// Author and message of the changes of this request, for config revisions.
+    note: crate::store::ChangeNote,
 }
 
 impl std::ops::Deref for Ctx {
@@ -300,9 +342,35 @@ impl FromRequestParts<ApiState> for Ctx {
             .get::<Arc<Caller>>()
             .cloned()
             .ok_or_else(|| ApiError::internal("a handler ran without an authenticated caller"))?;
+        let message = parts
+            .headers
+            .get(CHANGE_MESSAGE_HEADER)
+            .map(|v| {
+                std::str::from_utf8(v.as_bytes())
+                    .map(|s| s.trim().to_string())
+                    .map_err(|_| {
+                        ApiError::bad_request(format!(
+                            "header {CHANGE_MESSAGE_HEADER} must be printable text"
+                        ))
+                    })
+            })
+            .transpose()?
+            .filter(|m| !m.is_empty());
+        if let Some(m) = &message
+            && (m.chars().count() > MAX_CHANGE_MESSAGE || m.chars().any(char::is_control))
+        {
+            return Err(ApiError::bad_request(format!(
+                "header {CHANGE_MESSAGE_HEADER}: at most {MAX_CHANGE_MESSAGE} characters of text without control characters"
+            )));
+        }
+        let note = crate::store::ChangeNote {
+            author: caller.principal.token_name.clone(),
+            message,
+        };
         Ok(Ctx {
             state: state.clone(),
             caller,
+            note,
         })
     }
 }
@@ -324,8 +392,11 @@ impl Ctx {
             .audit
             .clone()
             .map(|d| d as Arc<dyn crate::store::AuditHook>);
+        let note = self.note.clone();
         self.state
-            .run_unscoped(move |store| f(&Scoped::new(store, scope).with_audit(hook)))
+            .run_unscoped(move |store| {
+                f(&Scoped::new(store, scope).with_audit(hook).with_note(note))
+            })
             .await
     }
 
@@ -888,6 +959,52 @@ pub fn router(state: ApiState) -> Router {
                 .delete(objects::delete_instance),
         )
         .route(&format!("{instance}/scale"), put(objects::scale_instance))
+        .route(&format!("{instance}/config"), get(configs::effective))
+        .route(
+            &format!("{instance}/config/revisions"),
+            get(configs::history),
+        )
+        .route(
+            &format!("{instance}/config/revisions/{{revision}}"),
+            get(configs::revision),
+        )
+        .route(&format!("{instance}/config/diff"), get(configs::diff))
+        .route(
+            &format!("{instance}/config/rollback"),
+            post(configs::rollback),
+        )
+        .route(
+            "/configtemplates",
+            get(configs::list_templates).post(configs::create_template),
+        )
+        .route(
+            "/configtemplates/{name}",
+            get(configs::get_template)
+                .put(configs::put_template)
+                .delete(configs::delete_template),
+        )
+        .route("/secrets", get(configs::list_secrets))
+        .route("/secrets/rotate-key", post(configs::rotate_key))
+        .route(
+            "/tenants/{tenant}/secrets",
+            get(configs::list_tenant_secrets),
+        )
+        .route(
+            "/tenants/{tenant}/secrets/{name}",
+            get(configs::get_tenant_secret)
+                .put(configs::put_tenant_secret)
+                .delete(configs::delete_tenant_secret),
+        )
+        .route(
+            "/tenants/{tenant}/projects/{project}/secrets",
+            get(configs::list_project_secrets),
+        )
+        .route(
+            "/tenants/{tenant}/projects/{project}/secrets/{name}",
+            get(configs::get_project_secret)
+                .put(configs::put_project_secret)
+                .delete(configs::delete_project_secret),
+        )
         .route("/hosts", get(objects::list_hosts))
         .route(
             "/hosts/{host}",

@@ -105,16 +105,16 @@ pub struct Deleted {
 // ---- shared implementation -------------------------------------------------------------
 
 /// The object a request path names (or, for a `POST`, the scope it creates in).
-struct Target {
-    kind: Kind,
-    tenant: Option<String>,
-    project: Option<String>,
-    name: Option<String>,
+pub(super) struct Target {
+    pub(super) kind: Kind,
+    pub(super) tenant: Option<String>,
+    pub(super) project: Option<String>,
+    pub(super) name: Option<String>,
 }
 
 /// Checks the names a request path gives (`("tenant", "acme")`): each is a DNS-1123 label, or
 /// the request is malformed (400), whatever the store holds.
-fn check_path_names(names: &[(&str, &str)]) -> Result<(), ApiError> {
+pub(super) fn check_path_names(names: &[(&str, &str)]) -> Result<(), ApiError> {
     for (param, value) in names {
         if let Err(e) = validate_dns_label(value) {
             let rule = if e.contains("DNS-1123") {
@@ -131,7 +131,7 @@ fn check_path_names(names: &[(&str, &str)]) -> Result<(), ApiError> {
 }
 
 /// Lists `filter.kind`, narrowed by the query; `parent` must exist when given.
-async fn list(
+pub(super) async fn list(
     state: Ctx,
     raw: Option<String>,
     allowed: &[&str],
@@ -342,7 +342,11 @@ impl std::fmt::Write for ByteText<'_> {
     }
 }
 
-async fn get_one(state: Ctx, raw: Option<String>, key: ObjectKey) -> Result<Response, ApiError> {
+pub(super) async fn get_one(
+    state: Ctx,
+    raw: Option<String>,
+    key: ObjectKey,
+) -> Result<Response, ApiError> {
     if raw.is_some() {
         query::parse(raw.as_deref(), &[])?;
     }
@@ -451,6 +455,32 @@ async fn object_from_body(
     Ok(resource)
 }
 
+/// Seals the values of a secret before anything else sees them: each becomes an envelope
+/// bound to its place, and `spec.keys` gets its fingerprint.
+pub(super) fn seal_secret(state: &Ctx, r: &mut Resource) -> Result<(), ApiError> {
+    let Resource::Secret(s) = r else {
+        return Ok(());
+    };
+    let keyring = state.keyring().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::Unavailable,
+            "secrets cannot be stored: this server has no secrets key file (see the README's configuration)",
+        )
+    })?;
+    let key = s.key();
+    let mut keys = std::collections::BTreeMap::new();
+    for (k, v) in s.spec.data.iter_mut() {
+        let value = crate::secrets::SecretValue::new(std::mem::take(&mut v.0));
+        keys.insert(k.clone(), keyring.fingerprint(&value));
+        let aad = crate::store::revisions::aad(&key.tenant, &key.project, &key.name, k);
+        v.0 = keyring
+            .seal(&aad, &value)
+            .map_err(|e| ApiError::internal(format!("sealing a secret value: {e}")))?;
+    }
+    s.spec.keys = keys;
+    Ok(())
+}
+
 /// One object's write: the index, what happened, the object, its generation before.
 type Written = (u64, Outcome, StoredObject, Option<i64>);
 
@@ -464,7 +494,7 @@ fn written(summary: WriteSummary) -> Result<Written, ApiError> {
     }
 }
 
-async fn create(
+pub(super) async fn create(
     state: Ctx,
     raw: Option<String>,
     headers: HeaderMap,
@@ -472,7 +502,8 @@ async fn create(
     target: Target,
 ) -> Result<Response, ApiError> {
     query::parse(raw.as_deref(), &[])?;
-    let resource = object_from_body(&headers, body, &target).await?;
+    let mut resource = object_from_body(&headers, body, &target).await?;
+    seal_secret(&state, &mut resource)?;
     let (index, _, object, before) = state
         .run(move |store| {
             written(
@@ -501,7 +532,7 @@ fn with_outcome(mut resp: Response, outcome: Outcome) -> Response {
     resp
 }
 
-async fn put_one(
+pub(super) async fn put_one(
     state: Ctx,
     raw: Option<String>,
     headers: HeaderMap,
@@ -509,7 +540,8 @@ async fn put_one(
     target: Target,
 ) -> Result<Response, ApiError> {
     query::parse(raw.as_deref(), &[])?;
-    let resource = object_from_body(&headers, body, &target).await?;
+    let mut resource = object_from_body(&headers, body, &target).await?;
+    seal_secret(&state, &mut resource)?;
     let (index, outcome, object, before) = state
         .run(move |store| {
             written(
@@ -531,7 +563,11 @@ async fn put_one(
     ))
 }
 
-async fn delete_one(state: Ctx, raw: Option<String>, key: ObjectKey) -> Result<Response, ApiError> {
+pub(super) async fn delete_one(
+    state: Ctx,
+    raw: Option<String>,
+    key: ObjectKey,
+) -> Result<Response, ApiError> {
     let params = query::parse(raw.as_deref(), &["resourceVersion"])?;
     let expected = params.u64("resourceVersion")?;
     let deleted = key.to_string();
@@ -647,12 +683,15 @@ pub async fn apply(
             Ok(r) if !r.kind().user_writable() => {
                 forbidden.push(FieldProblem::new(format!("{item}.kind"), HOST_READ_ONLY))
             }
-            Ok(r) => match rbac::check(
+            Ok(mut r) => match rbac::check(
                 &state.caller().principal,
                 rbac::Res::of_kind(r.kind()),
                 rbac::Verb::Write,
             ) {
-                Ok(_) => batch.push((r, WriteMode::Apply)),
+                Ok(_) => {
+                    seal_secret(&state, &mut r)?;
+                    batch.push((r, WriteMode::Apply))
+                }
                 Err(denied) => denials.push(FieldProblem::new(format!("{item}.kind"), denied.0)),
             },
             Err(problems) => invalid.extend(problems.into_iter().map(|p| p.under(&item))),
@@ -1126,7 +1165,7 @@ fn scale(store: &Scoped<'_>, key: &ObjectKey, replicas: i64) -> Result<Written, 
         let mut resource = current.resource()?;
         match &mut resource {
             Resource::OpenClawInstance(i) => i.spec.replicas = replicas,
-            Resource::Tenant(_) | Resource::Project(_) | Resource::Host(_) => {
+            _ => {
                 return Err(ApiError::internal(format!("{key} decoded as another kind")));
             }
         }

@@ -11,6 +11,7 @@ use tower::ServiceExt;
 
 use super::{ApiState, router};
 
+mod config_center;
 mod tenancy;
 use crate::auth::{
     self, PLATFORM_ADMIN, generate_api_token, generate_join_token, generate_token_id, hash_token,

@@ -291,6 +291,12 @@ impl AuditEntry {
         self
     }
 
+    /// Sets the reason of the result (what an agent event says).
+    pub fn with_result_reason(mut self, reason: String) -> Self {
+        self.result.reason = Some(reason);
+        self
+    }
+
     pub fn with_generations(mut self, before: Option<i64>, after: Option<i64>) -> Self {
         self.generation_before = before;
         self.generation_after = after;

@@ -11,6 +11,9 @@
 //! | tokens    | platform-admin, tenant-admin | platform-admin, tenant-admin | platform-admin, tenant-admin  |
 //! | audit     | platform-admin, tenant-admin |                              |                               |
 //! | metrics   | platform-admin, cluster-wide viewer |                       |                               |
+//! | configtemplates | every role            | platform-admin                | platform-admin                |
+//! | secrets   | every role (in scope; keys and fingerprints only) | platform-admin, tenant-admin, project-editor | same as write |
+//! | secrets' data key |                     | platform-admin (rotate)       |                               |
 //!
 //! The table is [`PERMISSIONS`]; every `/api/v1` route is mapped to a row by
 //! [`route_permission`] and checked in the authentication middleware, and every document of a
@@ -79,6 +82,10 @@ pub enum Res {
     Tokens,
     Audit,
     Metrics,
+    Templates,
+    Secrets,
+    /// The data key secrets are encrypted with.
+    SecretKey,
 }
 
 impl Res {
@@ -88,6 +95,8 @@ impl Res {
             Kind::Project => Res::Projects,
             Kind::OpenClawInstance => Res::Instances,
             Kind::Host => Res::Hosts,
+            Kind::ConfigTemplate => Res::Templates,
+            Kind::Secret => Res::Secrets,
         }
     }
 
@@ -98,6 +107,9 @@ impl Res {
             Res::Projects => "projects",
             Res::Instances => "instances",
             Res::Hosts => "hosts",
+            Res::Templates => "config templates",
+            Res::Secrets => "secrets",
+            Res::SecretKey => "the secrets' data key",
             Res::Tokens => "tokens",
             Res::Audit => "the audit log",
             Res::Metrics => "metrics",
@@ -175,6 +187,13 @@ const PERMISSIONS: &[Permission] = &[
     p(Res::Tokens, Verb::Delete, PA_TA, false),
     p(Res::Audit, Verb::Read, PA_TA, false),
     p(Res::Metrics, Verb::Read, PA_VIEWER, true),
+    p(Res::Templates, Verb::Read, EVERY_ROLE, false),
+    p(Res::Templates, Verb::Write, PA, false),
+    p(Res::Templates, Verb::Delete, PA, false),
+    p(Res::Secrets, Verb::Read, EVERY_ROLE, false),
+    p(Res::Secrets, Verb::Write, EDITORS, false),
+    p(Res::Secrets, Verb::Delete, EDITORS, false),
+    p(Res::SecretKey, Verb::Write, PA, false),
 ];
 
 /// Why a principal may not do something; the text names the role and what it may do instead.
@@ -275,6 +294,9 @@ pub fn route_permission(method: &Method, template: &str) -> Option<(Res, Verb)> 
             "tokens" => Some(Res::Tokens),
             "audit" => Some(Res::Audit),
             "metrics" => Some(Res::Metrics),
+            "configtemplates" => Some(Res::Templates),
+            "secrets" => Some(Res::Secrets),
+            "rotate-key" => Some(Res::SecretKey),
             // The batch endpoint: every document is checked on its own.
             "apply" => return None,
             "openapi.json" => return None,

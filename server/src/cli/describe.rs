@@ -133,6 +133,32 @@ fn scope_object(out: &mut Out, v: &Value) {
     out.field(2, "Usage", map_pairs(v.pointer("/status/usage"), ", "));
 }
 
+fn template(out: &mut Out, v: &Value) {
+    out.heading(0, "Spec");
+    out.field(2, "Description", text_at(v, "/spec/description"));
+    let keys = v
+        .pointer("/spec/config")
+        .and_then(Value::as_object)
+        .map_or_else(
+            || "-".to_string(),
+            |m| m.keys().cloned().collect::<Vec<_>>().join(", "),
+        );
+    out.field(2, "Config keys", keys);
+}
+
+fn secret(out: &mut Out, v: &Value) {
+    out.heading(0, "Keys (values are never shown)");
+    let keys = v.pointer("/spec/keys").and_then(Value::as_object);
+    match keys {
+        Some(keys) if !keys.is_empty() => {
+            for (k, fp) in keys {
+                out.field(2, k, fp.as_str().unwrap_or("-"));
+            }
+        }
+        _ => out.field(2, "Keys", "-"),
+    }
+}
+
 fn instance(out: &mut Out, v: &Value, now: SystemTime) {
     out.heading(0, "Spec");
     out.field(2, "Version", text_at(v, "/spec/version"));
@@ -316,6 +342,8 @@ pub fn render(kind: Kind, v: &Value, host_replicas: &[Vec<String>], now: SystemT
     header(&mut out, v, now);
     match kind {
         Kind::Tenant | Kind::Project => scope_object(&mut out, v),
+        Kind::ConfigTemplate => template(&mut out, v),
+        Kind::Secret => secret(&mut out, v),
         Kind::OpenClawInstance => instance(&mut out, v, now),
         Kind::Host => host(&mut out, v, now, host_replicas),
     }

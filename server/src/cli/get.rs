@@ -111,6 +111,34 @@ impl Brief {
 }
 
 /// The image tag, for the VERSION column of instances that name an image.
+/// `rev 7 in-sync`: the instance's config revision and whether its replicas run it as given
+/// (`drift` when one was changed on its host, `updating` while one still runs another
+/// revision).
+fn config_state(o: &Value) -> String {
+    let Some(rev) = o.pointer("/status/configRevision").and_then(Value::as_u64) else {
+        return "-".into();
+    };
+    let replicas: Vec<&Value> = o
+        .pointer("/status/replicaStatus")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter(|r| r.get("host").is_some()).collect())
+        .unwrap_or_default();
+    let state = if replicas
+        .iter()
+        .any(|r| r.get("configSync").and_then(Value::as_str) == Some("Drift"))
+    {
+        "drift"
+    } else if replicas
+        .iter()
+        .any(|r| r.get("configRevision").and_then(Value::as_u64) != Some(rev))
+    {
+        "updating"
+    } else {
+        "in-sync"
+    };
+    format!("rev {rev} {state}")
+}
+
 fn image_tag(image: &str) -> &str {
     let last = image.rsplit('/').next().unwrap_or(image);
     let last = last.split('@').next().unwrap_or(last);
@@ -285,7 +313,7 @@ pub fn rows(
         }
         Kind::OpenClawInstance => {
             let mut header = vec![
-                "NAME", "TENANT", "PROJECT", "VERSION", "REPLICAS", "PHASE", "AGE",
+                "NAME", "TENANT", "PROJECT", "VERSION", "REPLICAS", "PHASE", "CONFIG", "AGE",
             ];
             if wide {
                 header.extend(["IMAGE", "CPU", "MEMORY", "HOSTS"]);
@@ -305,6 +333,7 @@ pub fn rows(
                         version(o),
                         replicas,
                         phase(o, "Pending"),
+                        config_state(o),
                         created(o),
                     ];
                     if wide {
@@ -316,6 +345,46 @@ pub fn rows(
                         ]);
                     }
                     r
+                })
+                .collect();
+            (header, rows)
+        }
+        Kind::ConfigTemplate => {
+            let header = vec!["NAME", "DESCRIPTION", "KEYS", "AGE"];
+            let rows = items
+                .iter()
+                .map(|o| {
+                    let keys = o
+                        .pointer("/spec/config")
+                        .and_then(Value::as_object)
+                        .map_or_else(
+                            || "-".to_string(),
+                            |m| m.keys().cloned().collect::<Vec<_>>().join(","),
+                        );
+                    vec![name(o), text_at(o, "/spec/description"), keys, created(o)]
+                })
+                .collect();
+            (header, rows)
+        }
+        Kind::Secret => {
+            let header = vec!["NAME", "TENANT", "PROJECT", "KEYS", "AGE"];
+            let rows = items
+                .iter()
+                .map(|o| {
+                    let keys = o
+                        .pointer("/spec/keys")
+                        .and_then(Value::as_object)
+                        .map_or_else(
+                            || "-".to_string(),
+                            |m| m.keys().cloned().collect::<Vec<_>>().join(","),
+                        );
+                    vec![
+                        name(o),
+                        text_at(o, "/metadata/tenant"),
+                        text_at(o, "/metadata/project"),
+                        keys,
+                        created(o),
+                    ]
                 })
                 .collect();
             (header, rows)
@@ -493,13 +562,13 @@ mod tests {
         let t = output::table(&h, &r);
         assert_eq!(
             t,
-            "NAME          TENANT   PROJECT    VERSION    REPLICAS   PHASE     AGE\n\
-             support-bot   acme     helpdesk   2026.7.1   2/3        Running   5m\n"
+            "NAME          TENANT   PROJECT    VERSION    REPLICAS   PHASE     CONFIG   AGE\n\
+             support-bot   acme     helpdesk   2026.7.1   2/3        Running   -        5m\n"
         );
         let (h, r) = rows(Kind::OpenClawInstance, &[instance()], true, now());
-        assert_eq!(&h[7..], ["IMAGE", "CPU", "MEMORY", "HOSTS"]);
+        assert_eq!(&h[8..], ["IMAGE", "CPU", "MEMORY", "HOSTS"]);
         assert_eq!(
-            &r[0][7..],
+            &r[0][8..],
             ["ghcr.io/openclaw/openclaw:2026.7.1", "2", "4Gi", "h1,h2"]
         );
     }
@@ -511,7 +580,7 @@ mod tests {
         o["spec"]["image"] = json!("registry.example.com:5000/openclaw:2026.7.2");
         let (_, r) = rows(Kind::OpenClawInstance, &[o], true, now());
         assert_eq!(r[0][3..6], ["2026.7.2", "0/3", "Pending"]);
-        assert_eq!(r[0][10], "<none>");
+        assert_eq!(r[0][11], "<none>");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::model::{Kind, ObjectKey, Scope, validate_dns_label};
 /// Parses a kind as typed on the command line (`instances`, `inst`, `tn`, ...).
 pub fn parse_kind(s: &str) -> Result<Kind, String> {
     Kind::from_user(s).ok_or_else(|| {
-        format!("unknown kind {s:?}; the kinds are tenants (tn), projects (pj), instances (inst) and hosts (ho)")
+        format!("unknown kind {s:?}; the kinds are tenants (tn), projects (pj), instances (inst), hosts (ho), configtemplates (ct) and secrets (sec)")
     })
 }
 
@@ -19,6 +19,14 @@ pub fn object_path(key: &ObjectKey) -> String {
     match key.kind {
         Kind::Tenant => format!("/api/v1/tenants/{}", key.name),
         Kind::Host => format!("/api/v1/hosts/{}", key.name),
+        Kind::ConfigTemplate => format!("/api/v1/configtemplates/{}", key.name),
+        Kind::Secret if key.project.is_empty() => {
+            format!("/api/v1/tenants/{}/secrets/{}", key.tenant, key.name)
+        }
+        Kind::Secret => format!(
+            "/api/v1/tenants/{}/projects/{}/secrets/{}",
+            key.tenant, key.project, key.name
+        ),
         Kind::Project => format!("/api/v1/tenants/{}/projects/{}", key.tenant, key.name),
         Kind::OpenClawInstance => {
             format!(

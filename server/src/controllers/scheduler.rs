@@ -684,7 +684,10 @@ pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
                 Some(allocated) => apply_host_allocation(host, allocated),
                 None => false,
             },
-            Resource::Tenant(_) | Resource::Project(_) => false,
+            Resource::Tenant(_)
+            | Resource::Project(_)
+            | Resource::ConfigTemplate(_)
+            | Resource::Secret(_) => false,
         }
     };
     for chunk in keys.chunks(WRITE_BATCH) {

@@ -1,11 +1,13 @@
 //! Resource types of the `clusterclaw.io/v1` API and their validation (pure, no I/O).
 
+mod config;
 mod names;
 mod quantity;
 mod resources;
 mod status;
 mod validate;
 
+pub use config::*;
 pub use names::{validate_dns_label, validate_label_key, validate_label_value};
 pub use quantity::{format_cpu, format_memory, parse_cpu, parse_memory};
 pub use resources::*;

@@ -1,13 +1,15 @@
-//! The four kinds (`Tenant`, `Project`, `OpenClawInstance`, `Host`) and their envelope.
+//! The kinds (`Tenant`, `Project`, `OpenClawInstance`, `Host`, `ConfigTemplate`, `Secret`) and
+//! their envelope.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use utoipa::ToSchema;
 
 use super::FieldProblem;
+use super::config::{ConfigFragment, ConfigTemplateSpec, EnvValue, SecretSpec};
 
 /// The only API version this server speaks.
 pub const API_VERSION: &str = "clusterclaw.io/v1";
@@ -31,6 +33,8 @@ pub enum Kind {
     Project,
     OpenClawInstance,
     Host,
+    ConfigTemplate,
+    Secret,
 }
 
 /// Where objects of a kind live: their names are unique within that scope.
@@ -42,11 +46,13 @@ pub enum Scope {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Tenant,
         Kind::Project,
         Kind::OpenClawInstance,
         Kind::Host,
+        Kind::ConfigTemplate,
+        Kind::Secret,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +61,8 @@ impl Kind {
             Kind::Project => "Project",
             Kind::OpenClawInstance => "OpenClawInstance",
             Kind::Host => "Host",
+            Kind::ConfigTemplate => "ConfigTemplate",
+            Kind::Secret => "Secret",
         }
     }
 
@@ -65,6 +73,8 @@ impl Kind {
             Kind::Project => "project",
             Kind::OpenClawInstance => "openclawinstance",
             Kind::Host => "host",
+            Kind::ConfigTemplate => "configtemplate",
+            Kind::Secret => "secret",
         }
     }
 
@@ -75,13 +85,16 @@ impl Kind {
             Kind::Project => "projects",
             Kind::OpenClawInstance => "instances",
             Kind::Host => "hosts",
+            Kind::ConfigTemplate => "configtemplates",
+            Kind::Secret => "secrets",
         }
     }
 
     pub fn scope(self) -> Scope {
         match self {
-            Kind::Tenant | Kind::Host => Scope::Cluster,
-            Kind::Project => Scope::Tenant,
+            Kind::Tenant | Kind::Host | Kind::ConfigTemplate => Scope::Cluster,
+            // A secret belongs to a tenant, and optionally to one of its projects.
+            Kind::Project | Kind::Secret => Scope::Tenant,
             Kind::OpenClawInstance => Scope::Project,
         }
     }
@@ -94,10 +107,12 @@ impl Kind {
     /// Order in which a batch is written: parents before children.
     pub fn apply_order(self) -> u8 {
         match self {
-            Kind::Tenant => 0,
-            Kind::Project => 1,
-            Kind::OpenClawInstance => 2,
-            Kind::Host => 3,
+            Kind::ConfigTemplate => 0,
+            Kind::Tenant => 1,
+            Kind::Project => 2,
+            Kind::Secret => 3,
+            Kind::OpenClawInstance => 4,
+            Kind::Host => 5,
         }
     }
 
@@ -109,6 +124,10 @@ impl Kind {
             "openclawinstance" | "openclawinstances" | "instance" | "instances" | "inst"
             | "oci" => Some(Kind::OpenClawInstance),
             "host" | "hosts" | "ho" => Some(Kind::Host),
+            "configtemplate" | "configtemplates" | "template" | "templates" | "ct" => {
+                Some(Kind::ConfigTemplate)
+            }
+            "secret" | "secrets" | "sec" => Some(Kind::Secret),
             _ => None,
         }
     }
@@ -177,9 +196,14 @@ impl ObjectKey {
     /// The key of the object this one lives in, if any (a project's tenant, an instance's project).
     pub fn parent(&self) -> Option<ObjectKey> {
         match self.kind {
-            Kind::Tenant | Kind::Host => None,
+            Kind::Tenant | Kind::Host | Kind::ConfigTemplate => None,
             Kind::Project => Some(ObjectKey::cluster(Kind::Tenant, &self.tenant)),
-            Kind::OpenClawInstance => Some(ObjectKey::project(&self.tenant, &self.project)),
+            Kind::Secret if self.project.is_empty() => {
+                Some(ObjectKey::cluster(Kind::Tenant, &self.tenant))
+            }
+            Kind::OpenClawInstance | Kind::Secret => {
+                Some(ObjectKey::project(&self.tenant, &self.project))
+            }
         }
     }
 }
@@ -291,6 +315,9 @@ pub struct TenantSpec {
     pub description: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<Quota>,
+    /// The tenant's layer of `openclaw.json`, merged over the template of each of its instances.
+    #[serde(default, skip_serializing_if = "ConfigFragment::is_empty")]
+    pub config: ConfigFragment,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -302,6 +329,9 @@ pub struct ProjectSpec {
     pub description: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<Quota>,
+    /// The project's layer of `openclaw.json`, merged over its tenant's.
+    #[serde(default, skip_serializing_if = "ConfigFragment::is_empty")]
+    pub config: ConfigFragment,
 }
 
 /// Compute limits of each replica's container.
@@ -345,13 +375,17 @@ pub struct InstanceSpec {
     pub replicas: i64,
     #[serde(default)]
     pub resources: ResourceRequirements,
-    /// This instance's part of `openclaw.json`.
-    #[serde(default, skip_serializing_if = "Map::is_empty")]
-    #[schema(value_type = Object)]
-    pub config: Map<String, Value>,
-    /// Environment variables of the Gateway container.
+    /// The `ConfigTemplate` under this instance's layers; `default` when not given (and no
+    /// template layer when no template of that name exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_template: Option<String>,
+    /// This instance's layer of `openclaw.json`, the top one.
+    #[serde(default, skip_serializing_if = "ConfigFragment::is_empty")]
+    pub config: ConfigFragment,
+    /// Environment variables of the Gateway container: text, or `{secretRef: {name, key}}`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
+    #[schema(value_type = BTreeMap<String, Object>)]
+    pub env: BTreeMap<String, EnvValue>,
     #[serde(default, skip_serializing_if = "is_default_placement")]
     pub placement: Placement,
 }
@@ -537,6 +571,20 @@ pub struct ReplicaStatus {
     /// The spec generation the replica's container runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
+    /// The config revision the replica's container runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_revision: Option<u64>,
+    /// Whether the config file and environment the container really has are the ones it was
+    /// given (`InSync`), or were changed on the host (`Drift`, repaired by the agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_sync: Option<ConfigSync>,
+}
+
+/// How a replica's real config compares with what it was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum ConfigSync {
+    InSync,
+    Drift,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -556,6 +604,10 @@ pub struct InstanceStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replica_status: Vec<ReplicaStatus>,
+    /// The newest revision of the instance's effective config (see
+    /// `GET .../instances/{name}/config/revisions`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_revision: Option<u64>,
 }
 
 /// Status of a tenant or project: what it consumes.
@@ -604,6 +656,14 @@ object!(
     /// A machine running clusterclaw-agent; written by enrollment and heartbeats.
     Host, Host, HostSpec, HostStatus
 );
+object!(
+    /// A named, platform-wide bottom layer of `openclaw.json`.
+    ConfigTemplate, ConfigTemplate, ConfigTemplateSpec, ScopeStatus
+);
+object!(
+    /// Values (API keys, tokens) kept encrypted, referenced from instances' env and config.
+    Secret, Secret, SecretSpec, ScopeStatus
+);
 
 impl Tenant {
     pub fn key(&self) -> ObjectKey {
@@ -637,6 +697,24 @@ impl Host {
     }
 }
 
+impl ConfigTemplate {
+    pub fn key(&self) -> ObjectKey {
+        ObjectKey::cluster(Kind::ConfigTemplate, &self.metadata.name)
+    }
+}
+
+impl Secret {
+    pub fn key(&self) -> ObjectKey {
+        let m = &self.metadata;
+        ObjectKey {
+            kind: Kind::Secret,
+            tenant: m.tenant.clone().unwrap_or_default(),
+            project: m.project.clone().unwrap_or_default(),
+            name: m.name.clone(),
+        }
+    }
+}
+
 impl Default for InstanceSpec {
     fn default() -> Self {
         InstanceSpec {
@@ -644,7 +722,8 @@ impl Default for InstanceSpec {
             image: None,
             replicas: 1,
             resources: ResourceRequirements::default(),
-            config: Map::new(),
+            config_template: None,
+            config: ConfigFragment::default(),
             env: BTreeMap::new(),
             placement: Placement::default(),
         }
@@ -659,6 +738,8 @@ pub enum Resource {
     Project(Project),
     OpenClawInstance(OpenClawInstance),
     Host(Host),
+    ConfigTemplate(ConfigTemplate),
+    Secret(Secret),
 }
 
 impl Resource {
@@ -668,6 +749,8 @@ impl Resource {
             Resource::Project(_) => Kind::Project,
             Resource::OpenClawInstance(_) => Kind::OpenClawInstance,
             Resource::Host(_) => Kind::Host,
+            Resource::ConfigTemplate(_) => Kind::ConfigTemplate,
+            Resource::Secret(_) => Kind::Secret,
         }
     }
 
@@ -677,6 +760,8 @@ impl Resource {
             Resource::Project(o) => &o.metadata,
             Resource::OpenClawInstance(o) => &o.metadata,
             Resource::Host(o) => &o.metadata,
+            Resource::ConfigTemplate(o) => &o.metadata,
+            Resource::Secret(o) => &o.metadata,
         }
     }
 
@@ -686,6 +771,8 @@ impl Resource {
             Resource::Project(o) => &mut o.metadata,
             Resource::OpenClawInstance(o) => &mut o.metadata,
             Resource::Host(o) => &mut o.metadata,
+            Resource::ConfigTemplate(o) => &mut o.metadata,
+            Resource::Secret(o) => &mut o.metadata,
         }
     }
 
@@ -696,6 +783,8 @@ impl Resource {
             Resource::Project(o) => o.key(),
             Resource::OpenClawInstance(o) => o.key(),
             Resource::Host(o) => o.key(),
+            Resource::ConfigTemplate(o) => o.key(),
+            Resource::Secret(o) => o.key(),
         }
     }
 
@@ -706,6 +795,8 @@ impl Resource {
             Resource::Project(o) => serde_json::to_value(&o.spec),
             Resource::OpenClawInstance(o) => serde_json::to_value(&o.spec),
             Resource::Host(o) => serde_json::to_value(&o.spec),
+            Resource::ConfigTemplate(o) => serde_json::to_value(&o.spec),
+            Resource::Secret(o) => serde_json::to_value(&o.spec),
         };
         v.unwrap_or(Value::Null)
     }
@@ -717,6 +808,8 @@ impl Resource {
             Resource::Project(o) => serde_json::to_value(&o.status),
             Resource::OpenClawInstance(o) => serde_json::to_value(&o.status),
             Resource::Host(o) => serde_json::to_value(&o.status),
+            Resource::ConfigTemplate(o) => serde_json::to_value(&o.status),
+            Resource::Secret(o) => serde_json::to_value(&o.status),
         };
         v.unwrap_or(Value::Null)
     }
@@ -728,6 +821,8 @@ impl Resource {
             Resource::Project(o) => o.status = None,
             Resource::OpenClawInstance(o) => o.status = None,
             Resource::Host(o) => o.status = None,
+            Resource::ConfigTemplate(o) => o.status = None,
+            Resource::Secret(o) => o.status = None,
         }
     }
 
@@ -815,6 +910,8 @@ impl Resource {
             Kind::Project => Resource::Project(typed(value)?),
             Kind::OpenClawInstance => Resource::OpenClawInstance(typed(value)?),
             Kind::Host => Resource::Host(typed(value)?),
+            Kind::ConfigTemplate => Resource::ConfigTemplate(typed(value)?),
+            Kind::Secret => Resource::Secret(typed(value)?),
         })
     }
 }

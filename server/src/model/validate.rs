@@ -306,7 +306,15 @@ fn check_metadata(kind: Kind, m: &Metadata, out: &mut Vec<FieldProblem>) {
     }
     };
     scope_field("tenant", &m.tenant, scope != Scope::Cluster);
-    scope_field("project", &m.project, scope == Scope::Project);
+    match (kind, &m.project) {
+        // A secret belongs to a tenant, or to one of its projects.
+        (Kind::Secret, Some(p)) => {
+            if let Err(e) = validate_dns_label(p) {
+                out.push(FieldProblem::new("metadata.project", e));
+            }
+        }
+        _ => scope_field("project", &m.project, scope == Scope::Project),
+    }
     check_labels(&m.labels, "metadata.labels", out);
 }
 
@@ -412,15 +420,65 @@ pub fn validate_object(r: &Resource) -> Vec<FieldProblem> {
                 ));
             }
             for (name, value) in &s.env {
-                if let Err(e) = validate_env_name(name).and_then(|()| validate_env_value(value)) {
+                let checked = validate_env_name(name).and_then(|()| match value {
+                    super::EnvValue::Plain(v) => validate_env_value(v),
+                    super::EnvValue::SecretRef(r) => validate_dns_label(&r.name)
+                        .and_then(|()| super::validate_secret_key(&r.key)),
+                });
+                if let Err(e) = checked {
                     out.push(FieldProblem::new(format!("spec.env.{name}"), e));
                 }
+            }
+            if let Some(t) = &s.config_template
+                && let Err(e) = validate_dns_label(t)
+            {
+                out.push(FieldProblem::new("spec.configTemplate", e));
             }
             check_labels(
                 &s.placement.host_selector,
                 "spec.placement.hostSelector",
                 &mut out,
             );
+        }
+        Resource::ConfigTemplate(t) => {
+            if t.spec.description.as_ref().is_some_and(|d| d.len() > 1024) {
+                out.push(FieldProblem::new(
+                    "spec.description",
+                    "at most 1024 characters",
+                ));
+            }
+        }
+        Resource::Secret(s) => {
+            if s.spec.data.is_empty() {
+                out.push(FieldProblem::new(
+                    "spec.data",
+                    "is required: the secret's keys and their values (every key, each time: the set replaces the stored one)",
+                ));
+            }
+            if s.spec.data.len() > super::MAX_SECRET_KEYS {
+                out.push(FieldProblem::new(
+                    "spec.data",
+                    format!(
+                        "{} keys; at most {} are allowed",
+                        s.spec.data.len(),
+                        super::MAX_SECRET_KEYS
+                    ),
+                ));
+            }
+            for (k, v) in &s.spec.data {
+                if let Err(e) = super::validate_secret_key(k) {
+                    out.push(FieldProblem::new(format!("spec.data.{k}"), e));
+                } else if v.0.len() > super::MAX_SECRET_VALUE_BYTES {
+                    out.push(FieldProblem::new(
+                        format!("spec.data.{k}"),
+                        format!(
+                            "the value is {} bytes; at most {} are allowed",
+                            v.0.len(),
+                            super::MAX_SECRET_VALUE_BYTES
+                        ),
+                    ));
+                }
+            }
         }
         Resource::Host(h) => {
             let s = &h.spec;

@@ -1,6 +1,7 @@
 //! Persistence of objects and tokens behind the [`Store`] trait; SQLite is the embedded default.
 
 mod admission;
+pub mod revisions;
 mod scope;
 pub mod sqlite;
 #[cfg(test)]
@@ -15,6 +16,7 @@ use crate::audit::{AuditEntry, AuditFilter, AuditRecord, AuditVerification};
 use crate::model::{FieldProblem, Kind, ObjectKey, Resource};
 
 pub use admission::{Admitted, admit};
+pub use revisions::{ChangeNote, RevisionRecord, SealedValue};
 pub use scope::{AuditHook, Scope, Scoped, UsageByTenant};
 
 /// One object as stored: its identity, concurrency fields and the whole object as JSON text
@@ -296,6 +298,9 @@ pub enum StoreError {
         key: ObjectKey,
         parent: Box<ObjectKey>,
     },
+    /// A template or secret that instances still use.
+    #[error("{message}")]
+    InUse { key: ObjectKey, message: String },
     #[error("{key} still has {count} {}; delete {} first", noun(*.count, .child), if *.count == 1 { "it" } else { "them" })]
     HasChildren {
         key: ObjectKey,
@@ -324,6 +329,10 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database error: {0}")]
     Backend(String),
+}
+
+fn no_config_center() -> StoreError {
+    StoreError::Backend("this store keeps no config revisions or secrets".into())
 }
 
 /// `1 project`, `2 projects`: `plural` is the plural noun.
@@ -411,6 +420,16 @@ pub trait Store: Send + Sync + 'static {
         batch: &[(Resource, WriteMode)],
         dry_run: bool,
     ) -> Result<WriteSummary, StoreError>;
+    /// [`Store::write`], recording `note` (author, message) on the config revisions it makes.
+    fn write_noted(
+        &self,
+        batch: &[(Resource, WriteMode)],
+        dry_run: bool,
+        note: &ChangeNote,
+    ) -> Result<WriteSummary, StoreError> {
+        let _ = note;
+        self.write(batch, dry_run)
+    }
     /// Reads, changes and writes one object in one transaction. `change` edits the object in
     /// place (status, or a host's spec) and returns whether it changed anything; `generation`
     /// is not bumped. Returns the new resourceVersion, or `None` when nothing changed.
@@ -434,9 +453,10 @@ pub trait Store: Send + Sync + 'static {
         &self,
         batch: &[(Resource, WriteMode)],
         dry_run: bool,
+        note: &ChangeNote,
         audit: &mut dyn FnMut(&[WriteResult]) -> Vec<AuditEntry>,
     ) -> Result<(WriteSummary, Vec<AuditRecord>), StoreError> {
-        let summary = self.write(batch, dry_run)?;
+        let summary = self.write_noted(batch, dry_run, note)?;
         let changed = summary
             .results
             .iter()
@@ -459,6 +479,38 @@ pub trait Store: Send + Sync + 'static {
         let index = self.delete(key, expected)?;
         let records = self.append_audit(&audit(before))?;
         Ok((index, records))
+    }
+    /// An instance's config revisions (by instance uid), newest first, without their configs.
+    fn config_revisions(&self, uid: &str) -> Result<Vec<RevisionRecord>, StoreError> {
+        let _ = uid;
+        Err(no_config_center())
+    }
+    /// One config revision of an instance, with its config.
+    fn config_revision(
+        &self,
+        uid: &str,
+        revision: u64,
+    ) -> Result<Option<RevisionRecord>, StoreError> {
+        let _ = (uid, revision);
+        Err(no_config_center())
+    }
+    /// The newest config revision of every instance: uid → (revision, effective config text).
+    fn current_configs(
+        &self,
+    ) -> Result<std::collections::HashMap<String, (u64, String)>, StoreError> {
+        Err(no_config_center())
+    }
+    /// Every sealed secret value.
+    fn sealed_values(&self) -> Result<Vec<SealedValue>, StoreError> {
+        Err(no_config_center())
+    }
+    /// Replaces every sealed value by what `reseal` makes of it, in one transaction.
+    fn reseal(
+        &self,
+        reseal: &mut dyn FnMut(&SealedValue) -> Result<String, StoreError>,
+    ) -> Result<usize, StoreError> {
+        let _ = reseal;
+        Err(no_config_center())
     }
     /// Deletes one object; refuses while it has children. `expected` is an optional
     /// resourceVersion precondition. Returns the new index.

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{
-    ListFilter, Store, StoreError, StoredObject, TokenRecord, Usage, WriteMode, WriteResult,
-    WriteSummary,
+    ChangeNote, ListFilter, Store, StoreError, StoredObject, TokenRecord, Usage, WriteMode,
+    WriteResult, WriteSummary,
 };
 use crate::audit::{AuditEntry, AuditRecord};
 use crate::model::{Kind, ObjectKey, Resource};
@@ -51,9 +51,13 @@ impl Scope {
         };
         match key.kind {
             Kind::Host => false,
+            // Templates are platform-wide: every role reads them (RBAC keeps writes to
+            // platform-admin).
+            Kind::ConfigTemplate => true,
             Kind::Tenant => key.name == *tenant,
             Kind::Project => key.tenant == *tenant && project.is_none_or(|p| key.name == *p),
-            Kind::OpenClawInstance => {
+            // A project's member sees its project's secrets only, not the tenant-level ones.
+            Kind::OpenClawInstance | Kind::Secret => {
                 key.tenant == *tenant && project.is_none_or(|p| key.project == *p)
             }
         }
@@ -89,11 +93,12 @@ impl Scope {
         }
         match filter.kind {
             Kind::Host => false,
+            Kind::ConfigTemplate => true,
             Kind::Tenant => pin(&mut filter.name, tenant),
             Kind::Project => {
                 pin(&mut filter.tenant, tenant) && project.is_none_or(|p| pin(&mut filter.name, p))
             }
-            Kind::OpenClawInstance => {
+            Kind::OpenClawInstance | Kind::Secret => {
                 pin(&mut filter.tenant, tenant)
                     && project.is_none_or(|p| pin(&mut filter.project, p))
             }
@@ -117,6 +122,8 @@ pub struct Scoped<'a> {
     store: &'a dyn Store,
     scope: Scope,
     audit: Option<Arc<dyn AuditHook>>,
+    /// Who writes through this view and why, for config revisions.
+    note: ChangeNote,
 }
 
 impl<'a> Scoped<'a> {
@@ -125,7 +132,37 @@ impl<'a> Scoped<'a> {
             store,
             scope,
             audit: None,
+            note: ChangeNote::default(),
         }
+    }
+
+    /// Changes through this view are recorded on config revisions as made by `note.author`.
+    pub fn with_note(mut self, note: ChangeNote) -> Self {
+        self.note = note;
+        self
+    }
+
+    /// An instance's config revisions (the instance must be in scope: pass its stored uid).
+    pub fn config_revisions(
+        &self,
+        key: &ObjectKey,
+    ) -> Result<(String, Vec<super::RevisionRecord>), StoreError> {
+        let o = self
+            .get(key)?
+            .ok_or_else(|| StoreError::NotFound(key.clone()))?;
+        Ok((o.uid.clone(), self.store.config_revisions(&o.uid)?))
+    }
+
+    /// One config revision of an instance in scope.
+    pub fn config_revision(
+        &self,
+        key: &ObjectKey,
+        revision: u64,
+    ) -> Result<Option<super::RevisionRecord>, StoreError> {
+        let o = self
+            .get(key)?
+            .ok_or_else(|| StoreError::NotFound(key.clone()))?;
+        self.store.config_revision(&o.uid, revision)
     }
 
     /// Changes through this view store their audit records with them.
@@ -203,15 +240,35 @@ impl<'a> Scoped<'a> {
             }
         }
         match &self.audit {
-            None => self.store.write(batch, dry_run),
+            None => self.store.write_noted(batch, dry_run, &self.note),
             Some(hook) => {
-                let (summary, records) = self
-                    .store
-                    .write_audited(batch, dry_run, &mut |r| hook.write_entries(r))?;
+                let (summary, records) =
+                    self.store
+                        .write_audited(batch, dry_run, &self.note, &mut |r| {
+                            hook.write_entries(r)
+                        })?;
                 hook.recorded(records);
                 Ok(summary)
             }
         }
+    }
+
+    /// [`Scoped::write`] with `message` on the config revisions it makes.
+    pub fn write_with_message(
+        &self,
+        batch: &[(Resource, WriteMode)],
+        message: Option<&str>,
+    ) -> Result<WriteSummary, StoreError> {
+        let mut noted = Scoped {
+            store: self.store,
+            scope: self.scope.clone(),
+            audit: self.audit.clone(),
+            note: self.note.clone(),
+        };
+        if let Some(m) = message {
+            noted.note.message = Some(m.to_string());
+        }
+        noted.write(batch, false)
     }
 
     pub fn delete(&self, key: &ObjectKey, expected: Option<u64>) -> Result<u64, StoreError> {

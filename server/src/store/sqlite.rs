@@ -15,6 +15,7 @@ use rusqlite::{
 };
 use tokio::sync::watch;
 
+use super::revisions::{self, ChangeNote, RevisionRecord, SealedValue};
 use super::{
     JoinRefusal, ListFilter, Store, StoreError, StoredObject, TokenKind, TokenRecord, Usage,
     WriteMode, WriteResult, WriteSummary, admit,
@@ -24,6 +25,7 @@ use crate::model::{
     FieldProblem, Kind, ObjectKey, Quota, Resource, format_cpu, format_memory, parse_cpu,
     parse_memory,
 };
+use crate::openclaw::schema::Schema;
 use crate::util::now_rfc3339;
 
 /// Schema migrations; migration `i` takes the database from version `i` to `i + 1`
@@ -64,10 +66,15 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE objects ADD COLUMN use_replicas INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE objects ADD COLUMN use_cpu_millis INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE objects ADD COLUMN use_memory_bytes INTEGER NOT NULL DEFAULT 0;",
+    // 4: config revisions and sealed secret values (revisions of existing instances are
+    // filled in by `revisions::backfill`).
+    super::revisions::MIGRATION,
 ];
 
 /// The schema version whose migration added the usage columns.
 const USAGE_COLUMNS_VERSION: usize = 3;
+/// The schema version whose migration added config revisions.
+const REVISIONS_VERSION: usize = 4;
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -90,6 +97,8 @@ pub struct SqliteStore {
     readers: Mutex<Vec<Connection>>,
     index: AtomicU64,
     notify: watch::Sender<u64>,
+    /// The schema every effective `openclaw.json` is checked against before it is stored.
+    schema: std::sync::RwLock<std::sync::Arc<Schema>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -139,11 +148,24 @@ impl SqliteStore {
             readers: Mutex::new(Vec::new()),
             index: AtomicU64::new(index),
             notify,
+            schema: std::sync::RwLock::new(std::sync::Arc::new(Schema::builtin())),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The schema effective configs are checked against from now on.
+    pub fn set_schema(&self, schema: std::sync::Arc<Schema>) {
+        *self.schema.write().unwrap_or_else(|e| e.into_inner()) = schema;
+    }
+
+    fn schema(&self) -> std::sync::Arc<Schema> {
+        self.schema
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn open_reader(&self) -> Result<Connection, StoreError> {
@@ -182,8 +204,10 @@ impl SqliteStore {
         &self,
         batch: &[(Resource, WriteMode)],
         dry_run: bool,
+        note: &ChangeNote,
         audit: Option<&mut WriteAudit<'_>>,
     ) -> Result<(WriteSummary, Vec<AuditRecord>), StoreError> {
+        let schema = self.schema();
         let keys: Vec<ObjectKey> = batch.iter().map(|(r, _)| r.key()).collect();
         let mut seen: HashMap<&ObjectKey, usize> = HashMap::new();
         let mut dupes = Vec::new();
@@ -246,13 +270,31 @@ impl SqliteStore {
                 }
                 let existing = get_in(tx, key)?;
                 let previous_generation = existing.as_ref().map(|e| e.generation);
-                let admitted = admit(existing.as_ref(), res, *mode, next, &now, || {
+                // A secret's sealed values go to their own table; the object keeps the
+                // fingerprints, which decide whether anything changed.
+                let mut incoming_secret = None;
+                let res = match res {
+                    Resource::Secret(s) => {
+                        let mut s = s.clone();
+                        let data = std::mem::take(&mut s.spec.data);
+                        incoming_secret = Some(data);
+                        std::borrow::Cow::Owned(Resource::Secret(s))
+                    }
+                    other => std::borrow::Cow::Borrowed(other),
+                };
+                let mut admitted = admit(existing.as_ref(), &res, *mode, next, &now, || {
                     uuid::Uuid::new_v4().to_string()
                 })
                 .map_err(|e| in_batch(i, e))?;
                 let object = match (admitted.outcome, existing) {
                     (super::Outcome::Unchanged, Some(existing)) => existing,
                     _ => {
+                        if let (Resource::Secret(s), Some(data)) =
+                            (&mut admitted.resource, incoming_secret.take())
+                        {
+                            s.spec.data = data;
+                            revisions::store_secret_values(tx, s).map_err(|e| in_batch(i, e))?;
+                        }
                         check_project_quota(tx, &admitted.resource).map_err(|e| in_batch(i, e))?;
                         let o = to_stored(&admitted.resource)?;
                         upsert_in(tx, &o, Usage::of(&admitted.resource))?;
@@ -266,6 +308,35 @@ impl SqliteStore {
                     object,
                     previous_generation,
                 });
+            }
+            if changed {
+                let changed_keys: Vec<ObjectKey> = results
+                    .iter()
+                    .flatten()
+                    .filter(|r| r.outcome != super::Outcome::Unchanged)
+                    .map(|r| r.key.clone())
+                    .collect();
+                revisions::revise(tx, &changed_keys, note, &schema, next, &now).map_err(|e| {
+                    // Name the document whose change the problem comes from.
+                    match (&e, batch.len()) {
+                        (StoreError::Invalid(_), n) if n > 1 => {
+                            let at = changed_keys
+                                .first()
+                                .and_then(|k| keys.iter().position(|b| b == k))
+                                .unwrap_or(0);
+                            in_batch(at, e)
+                        }
+                        _ => e,
+                    }
+                })?;
+                // The objects as stored (revisions write the instances' status).
+                for r in results.iter_mut().flatten() {
+                    if r.key.kind == Kind::OpenClawInstance
+                        && let Some(o) = get_in(tx, &r.key)?
+                    {
+                        r.object = o;
+                    }
+                }
             }
             if changed
                 && !dry_run
@@ -330,11 +401,12 @@ impl SqliteStore {
                         |r| r.get::<_, i64>(0),
                     )?,
                 )),
-                Kind::OpenClawInstance | Kind::Host => None,
+                Kind::OpenClawInstance | Kind::Host | Kind::ConfigTemplate | Kind::Secret => None,
             };
             if let Some((child, count)) = children.filter(|(_, n)| *n > 0) {
                 return Err(StoreError::HasChildren { key: key.clone(), count: count as usize, child });
             }
+            revisions::before_delete(tx, key)?;
             tx.execute(
                 "DELETE FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4",
                 params![key.kind.as_str(), key.tenant, key.project, key.name],
@@ -444,6 +516,9 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         tx.execute_batch(sql)?;
         if i + 1 == USAGE_COLUMNS_VERSION {
             backfill_usage(&tx)?;
+        }
+        if i + 1 == REVISIONS_VERSION {
+            super::revisions::backfill(&tx, &Schema::builtin(), &now_rfc3339())?;
         }
         tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
         tx.commit()?;
@@ -602,7 +677,9 @@ fn kind_from_db(s: &str) -> Result<Kind, StoreError> {
         .ok_or_else(|| StoreError::Corrupt(format!("unknown kind {s:?} in the objects table")))
 }
 
-fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, ObjectKeyParts, StoredParts)> {
+pub(super) fn row_to_object(
+    r: &rusqlite::Row<'_>,
+) -> rusqlite::Result<(String, ObjectKeyParts, StoredParts)> {
     Ok((
         r.get(0)?,
         (r.get(1)?, r.get(2)?, r.get(3)?),
@@ -613,7 +690,11 @@ fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, ObjectKeyPa
 type ObjectKeyParts = (String, String, String);
 type StoredParts = (String, i64, i64, String, String);
 
-fn assemble(kind: String, k: ObjectKeyParts, s: StoredParts) -> Result<StoredObject, StoreError> {
+pub(super) fn assemble(
+    kind: String,
+    k: ObjectKeyParts,
+    s: StoredParts,
+) -> Result<StoredObject, StoreError> {
     let key = ObjectKey {
         kind: kind_from_db(&kind)?,
         tenant: k.0,
@@ -632,7 +713,10 @@ fn assemble(kind: String, k: ObjectKeyParts, s: StoredParts) -> Result<StoredObj
     })
 }
 
-fn get_in(conn: &Connection, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError> {
+pub(super) fn get_in(
+    conn: &Connection,
+    key: &ObjectKey,
+) -> Result<Option<StoredObject>, StoreError> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {OBJECT_COLUMNS} FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4"
     ))?;
@@ -645,7 +729,7 @@ fn get_in(conn: &Connection, key: &ObjectKey) -> Result<Option<StoredObject>, St
     row.map(|(kind, k, s)| assemble(kind, k, s)).transpose()
 }
 
-fn index_in(conn: &Connection) -> Result<u64, StoreError> {
+pub(super) fn index_in(conn: &Connection) -> Result<u64, StoreError> {
     // Cached: it runs on every read that reports its index and on every write.
     let index: i64 = conn
         .prepare_cached("SELECT value FROM meta WHERE key = 'index'")?
@@ -758,6 +842,11 @@ fn to_stored(r: &Resource) -> Result<StoredObject, StoreError> {
         labels: m.labels.clone(),
         json,
     })
+}
+
+/// Writes a whole object as it is (server-owned metadata already set).
+pub(super) fn put_in(conn: &Connection, r: &Resource) -> Result<(), StoreError> {
+    upsert_in(conn, &to_stored(r)?, Usage::of(r))
 }
 
 /// Writes one object; `usage` is what it consumes (nothing, but for instances).
@@ -953,20 +1042,68 @@ impl Store for SqliteStore {
         batch: &[(Resource, WriteMode)],
         dry_run: bool,
     ) -> Result<WriteSummary, StoreError> {
-        Ok(self.write_inner(batch, dry_run, None)?.0)
+        Ok(self
+            .write_inner(batch, dry_run, &ChangeNote::default(), None)?
+            .0)
     }
 
     fn write_audited(
         &self,
         batch: &[(Resource, WriteMode)],
         dry_run: bool,
+        note: &ChangeNote,
         audit: &mut dyn FnMut(&[WriteResult]) -> Vec<AuditEntry>,
     ) -> Result<(WriteSummary, Vec<AuditRecord>), StoreError> {
-        self.write_inner(batch, dry_run, Some(audit))
+        self.write_inner(batch, dry_run, note, Some(audit))
     }
 
     fn delete(&self, key: &ObjectKey, expected: Option<u64>) -> Result<u64, StoreError> {
         Ok(self.delete_inner(key, expected, None)?.0)
+    }
+
+    fn write_noted(
+        &self,
+        batch: &[(Resource, WriteMode)],
+        dry_run: bool,
+        note: &ChangeNote,
+    ) -> Result<WriteSummary, StoreError> {
+        Ok(self.write_inner(batch, dry_run, note, None)?.0)
+    }
+
+    fn config_revisions(&self, uid: &str) -> Result<Vec<RevisionRecord>, StoreError> {
+        self.read(|c| revisions::revisions_of(c, uid))
+    }
+
+    fn config_revision(
+        &self,
+        uid: &str,
+        revision: u64,
+    ) -> Result<Option<RevisionRecord>, StoreError> {
+        self.read(|c| revisions::revision_of(c, uid, revision))
+    }
+
+    fn current_configs(&self) -> Result<HashMap<String, (u64, String)>, StoreError> {
+        self.read(revisions::current_configs)
+    }
+
+    fn sealed_values(&self) -> Result<Vec<SealedValue>, StoreError> {
+        self.read(revisions::sealed_values)
+    }
+
+    fn reseal(
+        &self,
+        reseal: &mut dyn FnMut(&SealedValue) -> Result<String, StoreError>,
+    ) -> Result<usize, StoreError> {
+        let (count, _) = self.write_tx(false, |tx, _next| {
+            let mut values = revisions::sealed_values(tx)?;
+            for v in &mut values {
+                v.sealed = reseal(v)?;
+            }
+            revisions::replace_sealed(tx, &values)?;
+            // The index moves, so that the assignment book reads the new envelopes.
+            Ok((values.len(), true))
+        })?;
+        Ok(count)
     }
 
     fn delete_audited(

@@ -61,6 +61,38 @@ impl Store for HookStore {
     ) -> Result<WriteSummary, StoreError> {
         self.inner.write(batch, dry_run)
     }
+    fn write_noted(
+        &self,
+        batch: &[(Resource, WriteMode)],
+        dry_run: bool,
+        note: &super::ChangeNote,
+    ) -> Result<WriteSummary, StoreError> {
+        self.inner.write_noted(batch, dry_run, note)
+    }
+    fn config_revisions(&self, uid: &str) -> Result<Vec<super::RevisionRecord>, StoreError> {
+        self.inner.config_revisions(uid)
+    }
+    fn config_revision(
+        &self,
+        uid: &str,
+        revision: u64,
+    ) -> Result<Option<super::RevisionRecord>, StoreError> {
+        self.inner.config_revision(uid, revision)
+    }
+    fn current_configs(
+        &self,
+    ) -> Result<std::collections::HashMap<String, (u64, String)>, StoreError> {
+        self.inner.current_configs()
+    }
+    fn sealed_values(&self) -> Result<Vec<super::SealedValue>, StoreError> {
+        self.inner.sealed_values()
+    }
+    fn reseal(
+        &self,
+        reseal: &mut dyn FnMut(&super::SealedValue) -> Result<String, StoreError>,
+    ) -> Result<usize, StoreError> {
+        self.inner.reseal(reseal)
+    }
     fn update(
         &self,
         key: &ObjectKey,

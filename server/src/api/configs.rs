@@ -1,0 +1,574 @@
+//! Config center endpoints: config templates, secrets, and an instance's effective config,
+//! revisions, diff and rollback.
+
+use axum::body::Body;
+use axum::extract::RawQuery;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::error::{ApiError, ErrorCode};
+use super::objects::{Target, check_path_names, create, delete_one, get_one, list, put_one};
+use super::{AuditNote, Ctx, P, json_response, query};
+use crate::configcenter::{self, LayerRef};
+use crate::model::{ConfigFragment, Kind, ObjectKey, Resource, decode_typed};
+use crate::openclaw::{diff, layers, merge};
+use crate::store::{ListFilter, Scoped, StoreError, WriteMode};
+
+fn template(name: Option<String>) -> Target {
+    Target {
+        kind: Kind::ConfigTemplate,
+        tenant: None,
+        project: None,
+        name,
+    }
+}
+
+fn secret(tenant: String, project: Option<String>, name: Option<String>) -> Target {
+    Target {
+        kind: Kind::Secret,
+        tenant: Some(tenant),
+        project,
+        name,
+    }
+}
+
+fn secret_key(tenant: String, project: Option<String>, name: String) -> ObjectKey {
+    ObjectKey {
+        kind: Kind::Secret,
+        tenant,
+        project: project.unwrap_or_default(),
+        name,
+    }
+}
+
+// ---- templates ------------------------------------------------------------------------
+
+pub async fn list_templates(state: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    list(
+        state,
+        raw,
+        &["labelSelector"],
+        ListFilter::all(Kind::ConfigTemplate),
+        None,
+    )
+    .await
+}
+
+pub async fn create_template(
+    state: Ctx,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    create(state, raw, headers, body, template(None)).await
+}
+
+pub async fn get_template(
+    state: Ctx,
+    P(name): P<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    check_path_names(&[("name", &name)])?;
+    get_one(state, raw, ObjectKey::cluster(Kind::ConfigTemplate, name)).await
+}
+
+pub async fn put_template(
+    state: Ctx,
+    P(name): P<String>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    put_one(state, raw, headers, body, template(Some(name))).await
+}
+
+pub async fn delete_template(
+    state: Ctx,
+    P(name): P<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    check_path_names(&[("name", &name)])?;
+    delete_one(state, raw, ObjectKey::cluster(Kind::ConfigTemplate, name)).await
+}
+
+// ---- secrets --------------------------------------------------------------------------
+
+pub async fn list_secrets(state: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    list(
+        state,
+        raw,
+        &["labelSelector", "tenant", "project"],
+        ListFilter::all(Kind::Secret),
+        None,
+    )
+    .await
+}
+
+pub async fn list_tenant_secrets(
+    state: Ctx,
+    P(tenant): P<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    check_path_names(&[("tenant", &tenant)])?;
+    let mut filter = ListFilter::all(Kind::Secret);
+    filter.tenant = Some(tenant.clone());
+    filter.project = Some(String::new());
+    list(
+        state,
+        raw,
+        &["labelSelector"],
+        filter,
+        Some(ObjectKey::cluster(Kind::Tenant, tenant)),
+    )
+    .await
+}
+
+pub async fn list_project_secrets(
+    state: Ctx,
+    P((tenant, project)): P<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    check_path_names(&[("tenant", &tenant), ("project", &project)])?;
+    let mut filter = ListFilter::all(Kind::Secret);
+    filter.tenant = Some(tenant.clone());
+    filter.project = Some(project.clone());
+    list(
+        state,
+        raw,
+        &["labelSelector"],
+        filter,
+        Some(ObjectKey::project(tenant, project)),
+    )
+    .await
+}
+
+pub async fn get_tenant_secret(
+    state: Ctx,
+    P((tenant, name)): P<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    check_path_names(&[("tenant", &tenant), ("name", &name)])?;
+    get_one(state, raw, secret_key(tenant, None, name)).await
+}
+
+pub async fn get_project_secret(
+    state: Ctx,
+    P((tenant, project, name)): P<(String, String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    check_path_names(&[("tenant", &tenant), ("project", &project), ("name", &name)])?;
+    get_one(state, raw, secret_key(tenant, Some(project), name)).await
+}
+
+pub async fn put_tenant_secret(
+    state: Ctx,
+    P((tenant, name)): P<(String, String)>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    put_one(state, raw, headers, body, secret(tenant, None, Some(name))).await
+}
+
+pub async fn put_project_secret(
+    state: Ctx,
+    P((tenant, project, name)): P<(String, String, String)>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    put_one(
+        state,
+        raw,
+        headers,
+        body,
+        secret(tenant, Some(project), Some(name)),
+    )
+    .await
+}
+
+pub async fn delete_tenant_secret(
+    state: Ctx,
+    P((tenant, name)): P<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    check_path_names(&[("tenant", &tenant), ("name", &name)])?;
+    delete_one(state, raw, secret_key(tenant, None, name)).await
+}
+
+pub async fn delete_project_secret(
+    state: Ctx,
+    P((tenant, project, name)): P<(String, String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    check_path_names(&[("tenant", &tenant), ("project", &project), ("name", &name)])?;
+    delete_one(state, raw, secret_key(tenant, Some(project), name)).await
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Rotated {
+    key_id: String,
+    resealed: usize,
+}
+
+/// Makes a new data key, re-seals every secret value with it in one transaction and retires
+/// the old key. At every step the key file opens every value in the database.
+pub async fn rotate_key(state: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
+    query::parse(raw.as_deref(), &[])?;
+    let (shared, path, lock) = state.shared_keyring();
+    let Some(path) = path.map(std::path::Path::to_path_buf) else {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "this server has no secrets key file to rotate",
+        ));
+    };
+    let _one_at_a_time = lock.lock().await;
+    let shared = shared.clone();
+    let store = state.store().clone();
+    let (key_id, resealed) = state
+        .run_unscoped(move |_| {
+            let fail = |e: &dyn std::fmt::Display| {
+                ApiError::internal(format!("rotating the secrets key {}: {e}", path.display()))
+            };
+            let both =
+                std::sync::Arc::new(crate::secrets::Keyring::add_key(&path).map_err(|e| fail(&e))?);
+            *shared.write().unwrap_or_else(|e| e.into_inner()) = Some(both.clone());
+            let resealed = store.reseal(&mut |v| {
+                let value = both
+                    .open(&v.aad(), &v.sealed)
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                both.seal(&v.aad(), &value)
+                    .map_err(|e| StoreError::Backend(e.to_string()))
+            })?;
+            let retired =
+                crate::secrets::Keyring::retire_inactive(&path, &both).map_err(|e| fail(&e))?;
+            let id = retired.active_id().to_string();
+            *shared.write().unwrap_or_else(|e| e.into_inner()) = Some(std::sync::Arc::new(retired));
+            tracing::info!(key = %id, resealed, "secrets data key rotated");
+            Ok((id, resealed))
+        })
+        .await?;
+    let text = serde_json::to_string(&Rotated { key_id, resealed }).map_err(ApiError::internal)?;
+    let index = state.store().index();
+    let note = AuditNote {
+        action: "secrets.rotate-key",
+        object: None,
+        generation_before: None,
+        generation_after: None,
+    };
+    let mut resp = json_response(StatusCode::OK, text, index);
+    resp.extensions_mut().insert(note);
+    Ok(resp)
+}
+
+// ---- an instance's config ----------------------------------------------------------------
+
+type InstancePath = P<(String, String, String)>;
+
+fn instance_key((tenant, project, name): (String, String, String)) -> Result<ObjectKey, ApiError> {
+    check_path_names(&[("tenant", &tenant), ("project", &project), ("name", &name)])?;
+    Ok(ObjectKey::instance(tenant, project, name))
+}
+
+/// An instance in scope and the layers under it, read in the caller's scope.
+fn layers_for(
+    store: &Scoped<'_>,
+    key: &ObjectKey,
+) -> Result<
+    (
+        crate::model::OpenClawInstance,
+        Vec<configcenter::OwnedLayer>,
+    ),
+    ApiError,
+> {
+    let read = |k: ObjectKey| -> Result<Option<Resource>, ApiError> {
+        Ok(store.get(&k)?.map(|o| o.resource()).transpose()?)
+    };
+    let Some(Resource::OpenClawInstance(i)) = read(key.clone())? else {
+        return Err(StoreError::NotFound(key.clone()).into());
+    };
+    let template = match read(ObjectKey::cluster(
+        Kind::ConfigTemplate,
+        configcenter::template_name(&i),
+    ))? {
+        Some(Resource::ConfigTemplate(t)) => Some(t),
+        _ => None,
+    };
+    let tenant = match read(ObjectKey::cluster(Kind::Tenant, &key.tenant))? {
+        Some(Resource::Tenant(t)) => Some(t),
+        _ => None,
+    };
+    let project = match read(ObjectKey::project(&key.tenant, &key.project))? {
+        Some(Resource::Project(p)) => Some(p),
+        _ => None,
+    };
+    let layers = configcenter::layers_of(&i, template.as_ref(), tenant.as_ref(), project.as_ref());
+    Ok((i, layers))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Effective {
+    instance: String,
+    revision: Option<u64>,
+    hash: String,
+    config: Value,
+    layers: Vec<LayerRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    origins: Option<Vec<layers::Origin>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+}
+
+/// `GET .../config[?explain=true]`: the effective `openclaw.json` (secret references in
+/// place), and with `explain` which layer set each key.
+pub async fn effective(
+    state: Ctx,
+    P(path): InstancePath,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = query::parse(raw.as_deref(), &["explain"])?;
+    let explain = params.bool("explain")?;
+    let key = instance_key(path)?;
+    let (index, body) = state.read_point(move |store| {
+        let index = store.index();
+        let (i, owned) = layers_for(store, &key)?;
+        let borrowed = configcenter::borrowed(&owned);
+        let (config, origins) = if explain {
+            let (v, o) = layers::explain(&borrowed);
+            (v, Some(o))
+        } else {
+            (layers::render(&borrowed), None)
+        };
+        let text = origins.as_ref().map(|o| layers::explain_text(&config, o));
+        let hash = configcenter::config_text_hash(
+            &serde_json::to_string(&config).map_err(ApiError::internal)?,
+        );
+        let body = Effective {
+            instance: format!("{}/{}/{}", key.tenant, key.project, key.name),
+            revision: i.status.as_ref().and_then(|s| s.config_revision),
+            hash,
+            config,
+            layers: configcenter::layer_refs(&owned),
+            origins,
+            text,
+        };
+        Ok((
+            index,
+            serde_json::to_string(&body).map_err(ApiError::internal)?,
+        ))
+    })?;
+    Ok(json_response(StatusCode::OK, body, index))
+}
+
+#[derive(Serialize)]
+struct History {
+    items: Vec<crate::store::RevisionRecord>,
+}
+
+/// `GET .../config/revisions`: newest first.
+pub async fn history(
+    state: Ctx,
+    P(path): InstancePath,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    query::parse(raw.as_deref(), &[])?;
+    let key = instance_key(path)?;
+    let (index, text) = state
+        .run(move |store| {
+            let index = store.index();
+            let (_, items) = store.config_revisions(&key)?;
+            Ok((
+                index,
+                serde_json::to_string(&History { items }).map_err(ApiError::internal)?,
+            ))
+        })
+        .await?;
+    Ok(json_response(StatusCode::OK, text, index))
+}
+
+fn one_revision(
+    store: &Scoped<'_>,
+    key: &ObjectKey,
+    revision: u64,
+) -> Result<crate::store::RevisionRecord, ApiError> {
+    store.config_revision(key, revision)?.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NotFound,
+            format!(
+                "{key} has no config revision {revision}; `clusterclaw config history instance {}` lists its revisions",
+                key.name
+            ),
+        )
+    })
+}
+
+fn parse_revision(field: &str, s: &str) -> Result<u64, ApiError> {
+    s.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "{field} must be a revision number (1, 2, ...), not {s:?}"
+        ))
+    })
+}
+
+/// `GET .../config/revisions/{revision}`: one revision, with its config.
+pub async fn revision(
+    state: Ctx,
+    P((tenant, project, name, rev)): P<(String, String, String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    query::parse(raw.as_deref(), &[])?;
+    let key = instance_key((tenant, project, name))?;
+    let rev = parse_revision("the revision in the path", &rev)?;
+    let (index, text) = state
+        .run(move |store| {
+            let r = one_revision(store, &key, rev)?;
+            Ok((
+                store.index(),
+                serde_json::to_string(&r).map_err(ApiError::internal)?,
+            ))
+        })
+        .await?;
+    Ok(json_response(StatusCode::OK, text, index))
+}
+
+#[derive(Serialize)]
+struct Diff {
+    from: u64,
+    to: u64,
+    changes: Vec<diff::Change>,
+    unified: String,
+}
+
+/// `GET .../config/diff?from=A&to=B`.
+pub async fn diff(
+    state: Ctx,
+    P(path): InstancePath,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let params = query::parse(raw.as_deref(), &["from", "to"])?;
+    let from = parse_revision("from", params.get("from").unwrap_or_default())?;
+    let to = parse_revision("to", params.get("to").unwrap_or_default())?;
+    let key = instance_key(path)?;
+    let (index, text) = state
+        .run(move |store| {
+            let a = one_revision(store, &key, from)?.config.unwrap_or_default();
+            let b = one_revision(store, &key, to)?.config.unwrap_or_default();
+            let body = Diff {
+                from,
+                to,
+                changes: diff::key_diff(&a, &b),
+                unified: diff::unified(
+                    &a,
+                    &b,
+                    &format!("revision {from}"),
+                    &format!("revision {to}"),
+                    3,
+                ),
+            };
+            Ok((
+                store.index(),
+                serde_json::to_string(&body).map_err(ApiError::internal)?,
+            ))
+        })
+        .await?;
+    Ok(json_response(StatusCode::OK, text, index))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackRequest {
+    revision: u64,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RolledBack {
+    revision: Option<u64>,
+    rolled_back_to: u64,
+}
+
+/// `POST .../config/rollback {"revision": N}`: makes the instance's own layer the merge patch
+/// that turns the layers below it into revision N, so the effective config is N again (as a
+/// new revision). Later changes of lower layers reach only the keys this layer leaves alone.
+pub async fn rollback(
+    state: Ctx,
+    P(path): InstancePath,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    query::parse(raw.as_deref(), &[])?;
+    let key = instance_key(path)?;
+    let (bytes, format) = super::body::read(&headers, body, 64 * 1024).await?;
+    let value = super::body::one_document(&bytes, format)?;
+    let req: RollbackRequest = decode_typed(value).map_err(|p| ApiError::invalid(vec![p]))?;
+    if req.revision == 0 {
+        return Err(ApiError::invalid(vec![crate::model::FieldProblem::new(
+            "revision",
+            "must be a revision number (1, 2, ...)",
+        )]));
+    }
+    let target_rev = req.revision;
+    let message = req
+        .message
+        .unwrap_or_else(|| format!("rollback to revision {target_rev}"));
+    let (index, revision, object) = state
+        .run(move |store| {
+            let target = one_revision(store, &key, target_rev)?.config.unwrap_or_default();
+            let current = store.get(&key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
+            let (mut i, owned) = layers_for(store, &key)?;
+            let below: Vec<_> = owned
+                .into_iter()
+                .filter(|l| l.kind != layers::LayerKind::Instance)
+                .collect();
+            let lower = configcenter::render(&below);
+            let patch = merge::diff_patch(&lower, &target).map_err(|e| {
+                ApiError::invalid(vec![crate::model::FieldProblem::new(
+                    "revision",
+                    format!(
+                        "revision {target_rev} sets {} to null, which the instance's layer cannot express (null deletes a key in a merge patch)",
+                        e.path
+                    ),
+                )])
+            })?;
+            let Value::Object(map) = patch else {
+                return Err(ApiError::internal("the rollback patch is not an object"));
+            };
+            i.spec.config = ConfigFragment(map);
+            i.metadata.resource_version = Some(current.resource_version);
+            let note = crate::store::ChangeNote {
+                author: String::new(),
+                message: Some(message),
+            };
+            let summary = store.write_with_message(
+                &[(Resource::OpenClawInstance(i), WriteMode::Update)],
+                note.message.as_deref(),
+            )?;
+            let result = summary
+                .results
+                .into_iter()
+                .next()
+                .ok_or_else(|| ApiError::internal("a write of one object gave no result"))?;
+            let revision = match result.object.resource()? {
+                Resource::OpenClawInstance(i) => i.status.and_then(|s| s.config_revision),
+                _ => None,
+            };
+            Ok((summary.index, revision, result.object))
+        })
+        .await?;
+    let text = serde_json::to_string(&RolledBack {
+        revision,
+        rolled_back_to: target_rev,
+    })
+    .map_err(ApiError::internal)?;
+    let note = AuditNote::object("config.rollback", &object.key);
+    let mut resp = json_response(StatusCode::OK, text, index);
+    resp.extensions_mut().insert(note);
+    Ok(resp)
+}
