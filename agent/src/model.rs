@@ -280,7 +280,8 @@ pub struct ReplicaStatus {
     /// The config hash of the container that runs (empty when none does).
     pub config_hash: String,
     pub stats: Option<ContainerStats>,
-    /// The config revision of the container that runs, from its label (0 when none does).
+    /// The config revision of the container that runs, from its label (0 when none does); a
+    /// container with exactly the assignment's content runs the assignment's revision.
     pub config_revision: u64,
     /// The content hash last measured on the running container (empty when not known).
     pub observed_content_hash: String,

@@ -710,12 +710,33 @@ pub fn replica_status(
             .unwrap_or_default()
             .to_owned(),
         stats: None,
-        config_revision: container
-            .and_then(ObservedContainer::config_revision)
-            .unwrap_or_default(),
+        config_revision: running_revision(a, container, measured),
         observed_content_hash: measured
             .and_then(|m| m.content_hash.clone())
             .unwrap_or_default(),
+    }
+}
+
+/// The config revision `container` runs: its label, unless it is the current container of `a`
+/// and provably has `a`'s exact content (its content-hash label or an in-sync measurement),
+/// in which case it runs `a`'s revision whatever its label says (a new revision with the same
+/// content does not replace the container). 0 without a container.
+fn running_revision(
+    a: &Assignment,
+    container: Option<&ObservedContainer>,
+    measured: Option<&Measurement>,
+) -> u64 {
+    let Some(c) = container else {
+        return 0;
+    };
+    let current = c.config_hash() == Some(a.config_hash.as_str()) && c.image == a.image;
+    let same_content = !a.content_hash.is_empty()
+        && (c.label(labels::CONTENT_HASH) == Some(a.content_hash.as_str())
+            || measured.and_then(|m| m.content_hash.as_deref()) == Some(a.content_hash.as_str()));
+    if current && same_content {
+        a.config_revision
+    } else {
+        c.config_revision().unwrap_or_default()
     }
 }
 

@@ -929,14 +929,44 @@ fn status_reports_revision_observed_hash_and_drift() {
     assert_eq!(s.message, "waiting for the first probe");
 
     // The revision is the running container's, from its label (right after an agent restart).
-    let mut older = container("c1", &Assignment::test("bot-0").config("{}", 2));
-    older.labels = c.labels.clone();
-    older
-        .labels
-        .insert(labels::CONFIG_REVISION.into(), "2".into());
+    let older = container("c1", &Assignment::test("bot-0").config("{}", 2));
     assert_eq!(
         replica_status(&a, Some(&older), None, &ReplicaRecord::default(), now).config_revision,
         2
+    );
+    // Unless it provably has this revision's content: a new revision with the same content
+    // (or a container made before revisions were labelled, measured in sync).
+    let mut same_content = c.clone();
+    same_content
+        .labels
+        .insert(labels::CONFIG_REVISION.into(), "2".into());
+    assert_eq!(
+        replica_status(
+            &a,
+            Some(&same_content),
+            None,
+            &ReplicaRecord::default(),
+            now
+        )
+        .config_revision,
+        3
+    );
+    same_content.labels.remove(labels::CONFIG_REVISION);
+    same_content.labels.remove(labels::CONTENT_HASH);
+    assert_eq!(
+        replica_status(
+            &a,
+            Some(&same_content),
+            None,
+            &ReplicaRecord::default(),
+            now
+        )
+        .config_revision,
+        0
+    );
+    assert_eq!(
+        replica_status(&a, Some(&same_content), None, &in_sync, now).config_revision,
+        3
     );
     assert_eq!(
         replica_status(&a, None, None, &ReplicaRecord::default(), now).config_revision,
