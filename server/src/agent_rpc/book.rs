@@ -555,4 +555,93 @@ mod tests {
         assert_eq!(book.current("h2").index, 5);
         assert_eq!(book.current("nobody").assignments.len(), 0);
     }
+
+    /// A book whose keyring is in `dir`, with `value` sealed as tenant `t`'s secret
+    /// `llm/anthropic`.
+    fn sealed_inputs(dir: &std::path::Path, value: &str) -> (Arc<Keyring>, ConfigInputs) {
+        let keyring = Arc::new(Keyring::load_or_create(&dir.join("secrets.key")).unwrap());
+        let aad = crate::store::revisions::aad("t", "", "llm", "anthropic");
+        let sealed = keyring
+            .seal(&aad, &SecretValue::new(value.to_string()))
+            .unwrap();
+        let inputs = ConfigInputs::from_sealed(
+            HashMap::new(),
+            vec![SealedValue {
+                tenant: "t".into(),
+                project: String::new(),
+                name: "llm".into(),
+                key: "anthropic".into(),
+                sealed,
+            }],
+        );
+        (keyring, inputs)
+    }
+
+    #[test]
+    fn secrets_reach_only_the_hosts_of_replicas_that_use_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (keyring, inputs) = sealed_inputs(dir.path(), "sk-one");
+        let book = AssignmentBook::with_keyring(Arc::new(RwLock::new(Some(keyring))));
+        let mut user = inst("bot", 1, &[Some("h1")], "1Gi");
+        user.spec.env.insert(
+            "ANTHROPIC_API_KEY".into(),
+            EnvValue::SecretRef(SecretRef {
+                name: "llm".into(),
+                key: "anthropic".into(),
+            }),
+        );
+        user.spec.config = serde_json::from_value(serde_json::json!({
+            "models": {"providers": {"anthropic": {"apiKey": {"secretRef": {"name": "llm", "key": "anthropic"}}}}}
+        }))
+        .unwrap();
+        let other = inst("plain", 1, &[Some("h2")], "1Gi");
+        book.rebuild_with(&[user.clone(), other.clone()], &inputs, 2);
+        let h1 = book.current("h1");
+        let a = &h1.assignments[0];
+        assert_eq!(a.env["ANTHROPIC_API_KEY"], "sk-one");
+        let config: Value = serde_json::from_str(&a.config_json).unwrap();
+        assert_eq!(
+            config["models"]["providers"]["anthropic"]["apiKey"],
+            "sk-one"
+        );
+        assert!(!a.config_hash.contains("sk-one"));
+        let h2 = book.current("h2");
+        assert!(
+            !format!("{:?}", h2.assignments).contains("sk-one"),
+            "a host without a user of the secret never receives it"
+        );
+        // A new value replaces the replicas that use it, and only those.
+        let before = (a.config_hash.clone(), h2.assignments[0].config_hash.clone());
+        let (keyring2, inputs2) = sealed_inputs(dir.path(), "sk-two");
+        let book2 = AssignmentBook::with_keyring(Arc::new(RwLock::new(Some(keyring2))));
+        book2.rebuild_with(&[user, other], &inputs2, 3);
+        assert_ne!(book2.current("h1").assignments[0].config_hash, before.0);
+        assert_eq!(book2.current("h2").assignments[0].config_hash, before.1);
+    }
+
+    #[test]
+    fn an_instance_whose_secret_cannot_be_opened_keeps_its_assignments() {
+        let dir = tempfile::tempdir().unwrap();
+        let (keyring, inputs) = sealed_inputs(dir.path(), "sk-one");
+        let shared = Arc::new(RwLock::new(Some(keyring)));
+        let book = AssignmentBook::with_keyring(shared.clone());
+        let mut user = inst("bot", 1, &[Some("h1")], "1Gi");
+        user.spec.env.insert(
+            "K".into(),
+            EnvValue::SecretRef(SecretRef {
+                name: "llm".into(),
+                key: "anthropic".into(),
+            }),
+        );
+        book.rebuild_with(std::slice::from_ref(&user), &inputs, 2);
+        assert_eq!(book.current("h1").assignments.len(), 1);
+        // The key file is lost: the replica keeps what it was given instead of being removed.
+        *shared.write().unwrap() = None;
+        let book_without = &book;
+        book_without.opened.lock().unwrap().clear();
+        book_without.rebuild_with(&[user], &inputs, 3);
+        let h1 = book.current("h1");
+        assert_eq!(h1.assignments.len(), 1);
+        assert_eq!(h1.assignments[0].env["K"], "sk-one");
+    }
 }

@@ -382,7 +382,7 @@ fn agent_events(host: &HostIdentity, events: &[pb::AgentEvent]) -> Vec<crate::au
             let reason: String = format!("{}: {}", e.reason, e.message).chars().take(500).collect();
             AuditEntry::now(
                 AuditPrincipal::new(format!("host:{}", host.name), host.name.clone()),
-                &format!("agent.{}", e.reason),
+                &format!("agent.{}", kebab(&e.reason)),
                 AuditResult::ok(200),
             )
             .with_object(AuditObject {
@@ -394,6 +394,22 @@ fn agent_events(host: &HostIdentity, events: &[pb::AgentEvent]) -> Vec<crate::au
             .with_result_reason(reason)
         })
         .collect()
+}
+
+/// `ConfigDriftRepaired` → `config-drift-repaired` (audit actions are lower-case); anything
+/// but letters and digits is dropped.
+fn kebab(reason: &str) -> String {
+    let mut out = String::new();
+    for c in reason.chars().filter(char::is_ascii_alphanumeric).take(48) {
+        if c.is_ascii_uppercase() && !out.is_empty() {
+            out.push('-');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    if out.is_empty() || !out.starts_with(|c: char| c.is_ascii_lowercase()) {
+        out.insert_str(0, "event");
+    }
+    out
 }
 
 /// TLS material of the agent port.

@@ -414,3 +414,17 @@ async fn a_refused_enrollment_does_not_use_the_token() {
     assert_eq!(uses_left(), Some(0));
     let _ = h.stop.send(true);
 }
+
+#[test]
+fn agent_event_reasons_become_audit_actions() {
+    assert_eq!(super::kebab("ConfigDriftRepaired"), "config-drift-repaired");
+    assert_eq!(super::kebab("x!Y"), "x-y");
+    assert_eq!(super::kebab("9lives"), "event9lives");
+    assert_eq!(super::kebab(""), "event");
+    let entry = crate::audit::AuditEntry::now(
+        crate::audit::AuditPrincipal::new("host:h", "h"),
+        &format!("agent.{}", super::kebab("ConfigDriftRepaired")),
+        crate::audit::AuditResult::ok(200),
+    );
+    assert!(entry.normalize().is_ok(), "the action is a valid audit action");
+}

@@ -7,14 +7,33 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
-use super::error::{ApiError, ErrorCode};
+use super::error::{ApiError, ErrorBody, ErrorCode};
+use super::objects::Deleted;
 use super::objects::{Target, check_path_names, create, delete_one, get_one, list, put_one};
 use super::{AuditNote, Ctx, P, json_response, query};
 use crate::configcenter::{self, LayerRef};
-use crate::model::{ConfigFragment, Kind, ObjectKey, Resource, decode_typed};
+use crate::model::{
+    ConfigFragment, ConfigTemplate, Kind, ObjectKey, Resource, Secret, decode_typed,
+};
 use crate::openclaw::{diff, layers, merge};
+use crate::store::RevisionRecord;
 use crate::store::{ListFilter, Scoped, StoreError, WriteMode};
+
+/// A list of config templates.
+#[derive(Serialize, ToSchema)]
+pub struct TemplateList {
+    pub index: u64,
+    pub items: Vec<ConfigTemplate>,
+}
+
+/// A list of secrets (keys and fingerprints only).
+#[derive(Serialize, ToSchema)]
+pub struct SecretList {
+    pub index: u64,
+    pub items: Vec<Secret>,
+}
 
 fn template(name: Option<String>) -> Target {
     Target {
@@ -45,6 +64,9 @@ fn secret_key(tenant: String, project: Option<String>, name: String) -> ObjectKe
 
 // ---- templates ------------------------------------------------------------------------
 
+/// Lists config templates.
+#[utoipa::path(get, path = "/api/v1/configtemplates", tag = "configtemplates",
+    responses((status = 200, description = "Templates by name", body = TemplateList)))]
 pub async fn list_templates(state: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     list(
         state,
@@ -56,6 +78,10 @@ pub async fn list_templates(state: Ctx, RawQuery(raw): RawQuery) -> Result<Respo
     .await
 }
 
+/// Creates a config template.
+#[utoipa::path(post, path = "/api/v1/configtemplates", tag = "configtemplates", request_body = ConfigTemplate,
+    params(("X-Clusterclaw-Change-Message" = Option<String>, Header, description = "Recorded on the revisions the change makes")),
+    responses((status = 201, description = "Created", body = ConfigTemplate), (status = 422, description = "Invalid, or an instance's effective config would be", body = ErrorBody)))]
 pub async fn create_template(
     state: Ctx,
     RawQuery(raw): RawQuery,
@@ -65,6 +91,9 @@ pub async fn create_template(
     create(state, raw, headers, body, template(None)).await
 }
 
+/// Reads a config template.
+#[utoipa::path(get, path = "/api/v1/configtemplates/{name}", tag = "configtemplates", params(("name" = String, Path)),
+    responses((status = 200, description = "The template", body = ConfigTemplate), (status = 404, description = "NotFound", body = ErrorBody)))]
 pub async fn get_template(
     state: Ctx,
     P(name): P<String>,
@@ -74,6 +103,12 @@ pub async fn get_template(
     get_one(state, raw, ObjectKey::cluster(Kind::ConfigTemplate, name)).await
 }
 
+/// Creates or updates a config template; every instance using it gets a new revision.
+#[utoipa::path(put, path = "/api/v1/configtemplates/{name}", tag = "configtemplates", params(("name" = String, Path),
+    ("X-Clusterclaw-Change-Message" = Option<String>, Header, description = "Recorded on the revisions the change makes")),
+    request_body = ConfigTemplate,
+    responses((status = 200, description = "Configured or unchanged", body = ConfigTemplate), (status = 201, description = "Created", body = ConfigTemplate),
+        (status = 422, description = "Invalid, or an instance's effective config would be", body = ErrorBody)))]
 pub async fn put_template(
     state: Ctx,
     P(name): P<String>,
@@ -84,6 +119,9 @@ pub async fn put_template(
     put_one(state, raw, headers, body, template(Some(name))).await
 }
 
+/// Deletes a config template that no instance uses.
+#[utoipa::path(delete, path = "/api/v1/configtemplates/{name}", tag = "configtemplates", params(("name" = String, Path)),
+    responses((status = 200, description = "Deleted", body = Deleted), (status = 409, description = "In use: the message names the instances", body = ErrorBody)))]
 pub async fn delete_template(
     state: Ctx,
     P(name): P<String>,
@@ -95,6 +133,10 @@ pub async fn delete_template(
 
 // ---- secrets --------------------------------------------------------------------------
 
+/// Lists secrets in the caller's scope (keys and fingerprints, never values).
+#[utoipa::path(get, path = "/api/v1/secrets", tag = "secrets",
+    params(("tenant" = Option<String>, Query), ("project" = Option<String>, Query)),
+    responses((status = 200, description = "Secrets", body = SecretList)))]
 pub async fn list_secrets(state: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     list(
         state,
@@ -106,6 +148,9 @@ pub async fn list_secrets(state: Ctx, RawQuery(raw): RawQuery) -> Result<Respons
     .await
 }
 
+/// Lists a tenant's own secrets.
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/secrets", tag = "secrets", params(("tenant" = String, Path)),
+    responses((status = 200, description = "Secrets", body = SecretList)))]
 pub async fn list_tenant_secrets(
     state: Ctx,
     P(tenant): P<String>,
@@ -125,6 +170,9 @@ pub async fn list_tenant_secrets(
     .await
 }
 
+/// Lists a project's secrets.
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/projects/{project}/secrets", tag = "secrets", params(("tenant" = String, Path), ("project" = String, Path)),
+    responses((status = 200, description = "Secrets", body = SecretList)))]
 pub async fn list_project_secrets(
     state: Ctx,
     P((tenant, project)): P<(String, String)>,
@@ -144,6 +192,9 @@ pub async fn list_project_secrets(
     .await
 }
 
+/// Reads a tenant-level secret: its keys and their fingerprints.
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/secrets/{name}", tag = "secrets", params(("tenant" = String, Path), ("name" = String, Path)),
+    responses((status = 200, description = "The secret, without values", body = Secret), (status = 404, description = "NotFound", body = ErrorBody)))]
 pub async fn get_tenant_secret(
     state: Ctx,
     P((tenant, name)): P<(String, String)>,
@@ -153,6 +204,9 @@ pub async fn get_tenant_secret(
     get_one(state, raw, secret_key(tenant, None, name)).await
 }
 
+/// Reads a project-level secret: its keys and their fingerprints.
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/projects/{project}/secrets/{name}", tag = "secrets", params(("tenant" = String, Path), ("project" = String, Path), ("name" = String, Path)),
+    responses((status = 200, description = "The secret, without values", body = Secret), (status = 404, description = "NotFound", body = ErrorBody)))]
 pub async fn get_project_secret(
     state: Ctx,
     P((tenant, project, name)): P<(String, String, String)>,
@@ -162,6 +216,9 @@ pub async fn get_project_secret(
     get_one(state, raw, secret_key(tenant, Some(project), name)).await
 }
 
+/// Stores a tenant-level secret (`spec.data`: every key with its value; the set replaces the stored one).
+#[utoipa::path(put, path = "/api/v1/tenants/{tenant}/secrets/{name}", tag = "secrets", params(("tenant" = String, Path), ("name" = String, Path)), request_body = Secret,
+    responses((status = 200, description = "Configured or unchanged", body = Secret), (status = 201, description = "Created", body = Secret), (status = 422, description = "Invalid", body = ErrorBody)))]
 pub async fn put_tenant_secret(
     state: Ctx,
     P((tenant, name)): P<(String, String)>,
@@ -172,6 +229,9 @@ pub async fn put_tenant_secret(
     put_one(state, raw, headers, body, secret(tenant, None, Some(name))).await
 }
 
+/// Stores a project-level secret.
+#[utoipa::path(put, path = "/api/v1/tenants/{tenant}/projects/{project}/secrets/{name}", tag = "secrets", params(("tenant" = String, Path), ("project" = String, Path), ("name" = String, Path)), request_body = Secret,
+    responses((status = 200, description = "Configured or unchanged", body = Secret), (status = 201, description = "Created", body = Secret), (status = 422, description = "Invalid", body = ErrorBody)))]
 pub async fn put_project_secret(
     state: Ctx,
     P((tenant, project, name)): P<(String, String, String)>,
@@ -189,6 +249,9 @@ pub async fn put_project_secret(
     .await
 }
 
+/// Deletes a tenant-level secret that no instance references.
+#[utoipa::path(delete, path = "/api/v1/tenants/{tenant}/secrets/{name}", tag = "secrets", params(("tenant" = String, Path), ("name" = String, Path)),
+    responses((status = 200, description = "Deleted", body = Deleted), (status = 409, description = "In use", body = ErrorBody)))]
 pub async fn delete_tenant_secret(
     state: Ctx,
     P((tenant, name)): P<(String, String)>,
@@ -198,6 +261,9 @@ pub async fn delete_tenant_secret(
     delete_one(state, raw, secret_key(tenant, None, name)).await
 }
 
+/// Deletes a project-level secret that no instance references.
+#[utoipa::path(delete, path = "/api/v1/tenants/{tenant}/projects/{project}/secrets/{name}", tag = "secrets", params(("tenant" = String, Path), ("project" = String, Path), ("name" = String, Path)),
+    responses((status = 200, description = "Deleted", body = Deleted), (status = 409, description = "In use", body = ErrorBody)))]
 pub async fn delete_project_secret(
     state: Ctx,
     P((tenant, project, name)): P<(String, String, String)>,
@@ -207,15 +273,17 @@ pub async fn delete_project_secret(
     delete_one(state, raw, secret_key(tenant, Some(project), name)).await
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Rotated {
+pub struct Rotated {
     key_id: String,
     resealed: usize,
 }
 
 /// Makes a new data key, re-seals every secret value with it in one transaction and retires
 /// the old key. At every step the key file opens every value in the database.
+#[utoipa::path(post, path = "/api/v1/secrets/rotate-key", tag = "secrets",
+    responses((status = 200, description = "Rotated", body = Rotated), (status = 403, description = "Not platform-admin", body = ErrorBody)))]
 pub async fn rotate_key(state: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     query::parse(raw.as_deref(), &[])?;
     let (shared, path, lock) = state.shared_keyring();
@@ -309,15 +377,18 @@ fn layers_for(
     Ok((i, layers))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Effective {
+pub struct Effective {
     instance: String,
     revision: Option<u64>,
     hash: String,
+    #[schema(value_type = Object)]
     config: Value,
+    #[schema(value_type = Vec<Object>)]
     layers: Vec<LayerRef>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
     origins: Option<Vec<layers::Origin>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     text: Option<String>,
@@ -325,6 +396,9 @@ struct Effective {
 
 /// `GET .../config[?explain=true]`: the effective `openclaw.json` (secret references in
 /// place), and with `explain` which layer set each key.
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}/config", tag = "config",
+    params(("tenant" = String, Path), ("project" = String, Path), ("name" = String, Path), ("explain" = Option<bool>, Query, description = "Also say which layer set each key")),
+    responses((status = 200, description = "The effective openclaw.json", body = Effective), (status = 404, description = "NotFound", body = ErrorBody)))]
 pub async fn effective(
     state: Ctx,
     P(path): InstancePath,
@@ -364,12 +438,14 @@ pub async fn effective(
     Ok(json_response(StatusCode::OK, body, index))
 }
 
-#[derive(Serialize)]
-struct History {
+#[derive(Serialize, ToSchema)]
+pub struct History {
     items: Vec<crate::store::RevisionRecord>,
 }
 
 /// `GET .../config/revisions`: newest first.
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}/config/revisions", tag = "config", params(("tenant" = String, Path), ("project" = String, Path), ("name" = String, Path)),
+    responses((status = 200, description = "Revisions, newest first", body = History), (status = 404, description = "NotFound", body = ErrorBody)))]
 pub async fn history(
     state: Ctx,
     P(path): InstancePath,
@@ -415,6 +491,8 @@ fn parse_revision(field: &str, s: &str) -> Result<u64, ApiError> {
 }
 
 /// `GET .../config/revisions/{revision}`: one revision, with its config.
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}/config/revisions/{revision}", tag = "config", params(("tenant" = String, Path), ("project" = String, Path), ("name" = String, Path), ("revision" = u64, Path)),
+    responses((status = 200, description = "The revision with its config", body = RevisionRecord), (status = 404, description = "NotFound", body = ErrorBody)))]
 pub async fn revision(
     state: Ctx,
     P((tenant, project, name, rev)): P<(String, String, String, String)>,
@@ -435,15 +513,18 @@ pub async fn revision(
     Ok(json_response(StatusCode::OK, text, index))
 }
 
-#[derive(Serialize)]
-struct Diff {
+#[derive(Serialize, ToSchema)]
+pub struct Diff {
     from: u64,
     to: u64,
+    #[schema(value_type = Vec<Object>)]
     changes: Vec<diff::Change>,
     unified: String,
 }
 
 /// `GET .../config/diff?from=A&to=B`.
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}/config/diff", tag = "config", params(("tenant" = String, Path), ("project" = String, Path), ("name" = String, Path), ("from" = u64, Query), ("to" = u64, Query)),
+    responses((status = 200, description = "Key-level and unified diff", body = Diff), (status = 404, description = "NotFound", body = ErrorBody)))]
 pub async fn diff(
     state: Ctx,
     P(path): InstancePath,
@@ -478,17 +559,17 @@ pub async fn diff(
     Ok(json_response(StatusCode::OK, text, index))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RollbackRequest {
+pub struct RollbackRequest {
     revision: u64,
     #[serde(default)]
     message: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct RolledBack {
+pub struct RolledBack {
     revision: Option<u64>,
     rolled_back_to: u64,
 }
@@ -496,6 +577,8 @@ struct RolledBack {
 /// `POST .../config/rollback {"revision": N}`: makes the instance's own layer the merge patch
 /// that turns the layers below it into revision N, so the effective config is N again (as a
 /// new revision). Later changes of lower layers reach only the keys this layer leaves alone.
+#[utoipa::path(post, path = "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}/config/rollback", tag = "config", params(("tenant" = String, Path), ("project" = String, Path), ("name" = String, Path)), request_body = RollbackRequest,
+    responses((status = 200, description = "Rolled back, as a new revision", body = RolledBack), (status = 404, description = "NotFound", body = ErrorBody)))]
 pub async fn rollback(
     state: Ctx,
     P(path): InstancePath,

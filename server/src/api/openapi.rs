@@ -9,6 +9,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use super::audit::{self, AuditList, AuditVerifyReport};
+use super::configs;
 use super::error::{ErrorBody, ErrorCode};
 use super::objects::{
     self, AppliedItem, ApplyRequest, ApplyResponse, Deleted, Health, Info, Ready, ScaleRequest,
@@ -114,12 +115,34 @@ impl Modify for BearerAuth {
         tokens::revoke_token,
         audit::list_audit,
         audit::verify_audit,
+        configs::list_templates,
+        configs::create_template,
+        configs::get_template,
+        configs::put_template,
+        configs::delete_template,
+        configs::list_secrets,
+        configs::list_tenant_secrets,
+        configs::list_project_secrets,
+        configs::get_tenant_secret,
+        configs::get_project_secret,
+        configs::put_tenant_secret,
+        configs::put_project_secret,
+        configs::delete_tenant_secret,
+        configs::delete_project_secret,
+        configs::rotate_key,
+        configs::effective,
+        configs::history,
+        configs::revision,
+        configs::diff,
+        configs::rollback,
     ),
     components(schemas(
         ErrorBody, ErrorCode, FieldProblem, Health, Ready, Info, ApplyRequest, ApplyResponse, AppliedItem, Outcome,
         Deleted, ScaleRequest, TenantList, ProjectList, InstanceList, HostList, TokenList, TokenRecord, TokenKind,
         CreateToken, CreatedToken, Revoked, AuditList, AuditVerifyReport, AuditRecord, AuditEntry,
         AuditPrincipal, AuditObject, AuditResult, AuditOutcome,
+        configs::TemplateList, configs::SecretList, configs::Effective, configs::History, configs::Diff,
+        configs::RollbackRequest, configs::RolledBack, configs::Rotated, crate::store::RevisionRecord,
     )),
     tags(
         (name = "health", description = "Liveness and readiness, without authentication"),
@@ -129,6 +152,9 @@ impl Modify for BearerAuth {
         (name = "hosts", description = "Read-only to users: written by clusterclaw-agent"),
         (name = "tokens", description = "API and join tokens"),
         (name = "audit", description = "The hash-chained audit log"),
+        (name = "configtemplates", description = "Platform-wide bottom layers of openclaw.json"),
+        (name = "secrets", description = "Encrypted values, referenced from instances; values are write-only"),
+        (name = "config", description = "An instance's effective openclaw.json, its revisions, diff and rollback"),
     ),
 )]
 pub struct ApiDoc;
@@ -186,6 +212,10 @@ mod tests {
             "/api/v1/hosts/{host}",
             "/api/v1/tokens",
             "/api/v1/tokens/{id}",
+            "/api/v1/configtemplates/{name}",
+            "/api/v1/tenants/{tenant}/secrets/{name}",
+            "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}/config",
+            "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}/config/rollback",
         ] {
             assert!(paths.contains_key(p), "{p} is missing from the document");
         }

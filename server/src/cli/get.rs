@@ -79,6 +79,13 @@ struct BriefSpec {
     os: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     arch: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    description: Option<Value>,
+    /// Only a template's keys are shown; an instance's layer is read and dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    config: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    keys: Option<Value>,
 }
 
 #[derive(Default, Deserialize, Serialize)]
@@ -96,12 +103,19 @@ struct BriefStatus {
     last_heartbeat: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     usage: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    config_revision: Option<Value>,
 }
 
 #[derive(Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct BriefReplica {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     host: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    config_revision: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    config_sync: Option<Value>,
 }
 
 impl Brief {
@@ -554,6 +568,29 @@ mod tests {
                 {"name": "support-bot-2", "ordinal": 2, "host": "h2", "state": "Starting"}
             ]}
         })
+    }
+
+    #[test]
+    fn the_config_column_survives_the_brief_parse() {
+        let mut o = instance();
+        o["status"]["configRevision"] = json!(4);
+        for r in o["status"]["replicaStatus"].as_array_mut().unwrap() {
+            r["configRevision"] = json!(4);
+            r["configSync"] = json!("InSync");
+        }
+        let brief = |o: &Value| -> Value {
+            let list: BriefList = serde_json::from_value(json!({"items": [o]})).unwrap();
+            list.items.into_iter().next().unwrap().into_value()
+        };
+        let (_, r) = rows(Kind::OpenClawInstance, &[brief(&o)], false, now());
+        assert_eq!(r[0][6], "rev 4 in-sync");
+        o["status"]["replicaStatus"][1]["configSync"] = json!("Drift");
+        let (_, r) = rows(Kind::OpenClawInstance, &[brief(&o)], false, now());
+        assert_eq!(r[0][6], "rev 4 drift");
+        o["status"]["replicaStatus"][1]["configSync"] = json!("InSync");
+        o["status"]["replicaStatus"][2]["configRevision"] = json!(3);
+        let (_, r) = rows(Kind::OpenClawInstance, &[brief(&o)], false, now());
+        assert_eq!(r[0][6], "rev 4 updating");
     }
 
     #[test]

@@ -61,7 +61,7 @@ impl ChangeNote {
 }
 
 /// One immutable revision of an instance's effective config.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RevisionRecord {
     pub revision: u64,
@@ -70,9 +70,11 @@ pub struct RevisionRecord {
     pub created_at: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub message: String,
+    #[schema(value_type = Vec<Object>)]
     pub layers: Vec<LayerRef>,
     /// The effective config (secret references in place); left out of history lists.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub config: Option<serde_json::Value>,
 }
 
