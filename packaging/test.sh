@@ -243,7 +243,8 @@ expect_eq "clusterclaw --version" "$(cx clusterclaw --version)" "clusterclaw $ve
 for f in /usr/bin/clusterclaw /etc/clusterclaw/server.toml /lib/systemd/system/clusterclaw-server.service \
 	/usr/share/man/man1/clusterclaw.1.gz /usr/share/man/man1/clusterclaw-server.1.gz \
 	/usr/share/bash-completion/completions/clusterclaw /usr/share/zsh/vendor-completions/_clusterclaw \
-	/usr/share/fish/vendor_completions.d/clusterclaw.fish /usr/lib/sysusers.d/clusterclaw-server.conf; do
+	/usr/share/fish/vendor_completions.d/clusterclaw.fish /usr/lib/sysusers.d/clusterclaw-server.conf \
+	/usr/share/clusterclaw/openclaw.schema.json; do
 	cx test -f "$f" || fail "the server package did not install $f"
 done
 expect_eq "conffiles" "$(cx dpkg-query -W -f='${Conffiles}' clusterclaw-server | awk 'NF { print $1 }')" /etc/clusterclaw/server.toml
@@ -260,6 +261,7 @@ status=$(unit_prop clusterclaw-server StatusText)
 case "$status" in "API http://127.0.0.1:7080, agent port 0.0.0.0:7443") ;; *) fail "server status: $status" ;; esac
 pings_after clusterclaw-server "$(unit_prop clusterclaw-server ActiveEnterTimestampMonotonic)"
 expect_eq "the server's user" "$(cx stat -c %U "/proc/$(unit_prop clusterclaw-server MainPID)")" clusterclaw
+expect_eq "the secrets key file" "$(cx stat -c '%a %U' /var/lib/clusterclaw/secrets.key)" "600 clusterclaw"
 admin_token=$(cx cat /var/lib/clusterclaw/admin.token)
 cli() { docker exec -e CLUSTERCLAW_TOKEN="$admin_token" "$container" clusterclaw "$@"; }
 cli get hosts >/dev/null 2>&1 || fail "clusterclaw get hosts against the packaged server"

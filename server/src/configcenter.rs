@@ -157,8 +157,10 @@ pub fn check(
 ) -> Vec<FieldProblem> {
     let mut out = Vec::new();
     let key = instance.key();
-    let (_, origins) = layers::explain(&borrowed(layers));
+    // Which layer set a key: worked out only when there is a problem to name.
+    let explained = std::cell::OnceCell::new();
     let source_of = |path: &str| -> Option<String> {
+        let origins = explained.get_or_init(|| layers::explain(&borrowed(layers)).1);
         origins
             .iter()
             .filter(|o| path == o.path || path.starts_with(&format!("{}.", o.path)))

@@ -18,12 +18,11 @@ fn config_file(agent_dir: &Path, scope: &Scope, replica: &str) -> PathBuf {
         .join("openclaw.json")
 }
 
-/// The instance's config revision, and each replica's (revision, sync state).
-fn revisions(
-    server: &TestServer,
-    scope: &Scope,
-    name: &str,
-) -> (Option<u64>, Vec<(Option<u64>, Option<String>)>) {
+/// A replica's config revision and sync state.
+type ReplicaConfig = (Option<u64>, Option<String>);
+
+/// The instance's config revision, and each replica's.
+fn revisions(server: &TestServer, scope: &Scope, name: &str) -> (Option<u64>, Vec<ReplicaConfig>) {
     let v = scope.instance(server, name);
     let replicas = v
         .pointer("/status/replicaStatus")
@@ -122,19 +121,23 @@ fn layers_secrets_revisions_rollback_and_drift() -> anyhow::Result<()> {
         ])
         .ok();
     let key_file = server.write_file("anthropic.key", "sk-ant-e2e-first\n");
-    let out = server
-        .cli(&[
-            "secret",
-            "set",
-            "llm-keys",
-            "-t",
-            t,
-            "-p",
-            "",
-            "--from-file",
-            &format!("anthropic={}", key_file.display()),
-        ])
-        .ok();
+    let set_secret = || {
+        let from = format!("anthropic={}", key_file.display());
+        server
+            .cli(&[
+                "secret",
+                "set",
+                "llm-keys",
+                "-t",
+                t,
+                "-p",
+                "",
+                "--from-file",
+                &from,
+            ])
+            .ok()
+    };
+    let out = set_secret();
     assert!(!out.stdout.contains("sk-ant-e2e-first"), "{}", out.stdout);
 
     let name = "bot";
@@ -233,19 +236,7 @@ fn layers_secrets_revisions_rollback_and_drift() -> anyhow::Result<()> {
 
     // A new secret value replaces the replica; the value never shows in the API or the log.
     fs::write(&key_file, "sk-ant-e2e-second\n")?;
-    server
-        .cli(&[
-            "secret",
-            "set",
-            "llm-keys",
-            "-t",
-            t,
-            "-p",
-            "",
-            "--from-file",
-            &format!("anthropic={}", key_file.display()),
-        ])
-        .ok();
+    set_secret();
     let (c3, info) = replaced(&server, &scope, name, &replica, &c2.id)?;
     assert_eq!(info["env"]["OPENCLAW_GATEWAY_TOKEN"], "sk-ant-e2e-second");
     let secret = server.get_json(&format!("/api/v1/tenants/{t}/secrets/llm-keys"));

@@ -426,5 +426,8 @@ fn agent_event_reasons_become_audit_actions() {
         &format!("agent.{}", super::kebab("ConfigDriftRepaired")),
         crate::audit::AuditResult::ok(200),
     );
-    assert!(entry.normalize().is_ok(), "the action is a valid audit action");
+    assert!(
+        entry.normalize().is_ok(),
+        "the action is a valid audit action"
+    );
 }

@@ -61,14 +61,22 @@ impl Reply {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(|_| super::ApiOptions::default())
+}
+
+/// A fixture whose API has the options `options` makes (given the data directory).
+fn fixture_with(options: impl FnOnce(&std::path::Path) -> super::ApiOptions) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("clusterclaw.db")).unwrap());
     let admin = auth::ensure_admin_token(store.as_ref(), dir.path())
         .unwrap()
         .unwrap();
-    let state = ApiState::new(
+    let state = ApiState::with_options(
         store.clone() as Arc<dyn Store>,
         dir.path().join("admin.token"),
+        Arc::default(),
+        Arc::default(),
+        options(dir.path()),
     );
     Fixture {
         app: router(state),

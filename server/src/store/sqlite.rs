@@ -1615,6 +1615,42 @@ mod tests {
     }
 
     #[test]
+    fn upgrading_to_revisions_gives_every_instance_its_first_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            apply(
+                &store,
+                vec![
+                    tenant("acme"),
+                    project("acme", "helpdesk"),
+                    instance("acme", "helpdesk", "bot", 1, "eu"),
+                ],
+            )
+            .unwrap();
+        }
+        {
+            // The database as schema version 3 left it.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "DROP TABLE config_revisions; DROP TABLE secret_values; PRAGMA user_version = 3;",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let bot = store
+            .get(&ObjectKey::instance("acme", "helpdesk", "bot"))
+            .unwrap()
+            .unwrap();
+        let revisions = store.config_revisions(&bot.uid).unwrap();
+        assert_eq!(revisions.len(), 1, "{revisions:?}");
+        assert_eq!(revisions[0].author, "system");
+        let configs = store.current_configs().unwrap();
+        assert!(configs[&bot.uid].1.contains("18789"), "{configs:?}");
+    }
+
+    #[test]
     fn newer_schema_is_refused_and_garbage_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");

@@ -5,30 +5,15 @@ use super::*;
 use crate::api::ApiOptions;
 
 fn fixture_with_keyring() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("clusterclaw.db")).unwrap());
-    let admin = auth::ensure_admin_token(store.as_ref(), dir.path())
-        .unwrap()
-        .unwrap();
-    let key_path = dir.path().join("secrets.key");
-    let keyring = crate::secrets::Keyring::load_or_create(&key_path).unwrap();
-    let state = ApiState::with_options(
-        store.clone() as Arc<dyn Store>,
-        dir.path().join("admin.token"),
-        Arc::default(),
-        Arc::default(),
+    fixture_with(|dir| {
+        let key_path = dir.join("secrets.key");
+        let keyring = crate::secrets::Keyring::load_or_create(&key_path).unwrap();
         ApiOptions {
             keyring: Arc::new(std::sync::RwLock::new(Some(Arc::new(keyring)))),
             keyring_path: Some(key_path),
             ..Default::default()
-        },
-    );
-    Fixture {
-        app: router(state),
-        token: admin.token.expose().to_string(),
-        store,
-        dir,
-    }
+        }
+    })
 }
 
 async fn seeded_with_keyring() -> Fixture {
@@ -227,6 +212,14 @@ async fn bad_config_input_is_refused_and_changes_nothing() {
         text.contains("openclawinstance/acme/helpdesk/bot"),
         "{text}"
     );
+
+    // A template that does not exist.
+    let mut i = bot(json!({}));
+    i["spec"]["configTemplate"] = json!("regulated");
+    let r = f.json(Method::PUT, BOT, i).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert_eq!(r.fields(), ["spec.configTemplate"], "{}", r.body);
+    assert!(r.message().contains("\"regulated\""), "{}", r.body);
 
     // A missing secret and a missing key.
     let mut i = bot(json!({}));
