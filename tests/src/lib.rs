@@ -1,6 +1,7 @@
 //! Test support.
 
 pub mod agent;
+pub mod fleet;
 pub mod server;
 pub mod standin;
 

@@ -1,0 +1,599 @@
+//! An in-process fleet for benchmarks: hosts that run the real agent code (the host loops, the
+//! reconciler, real mutual TLS to a real server) over the agent library's in-memory engine.
+//!
+//! Each [`FleetHost`] has its own data directory and its own two-worker tokio runtime, as the
+//! `clusterclaw-agent` process has, so that one host's blocking file writes never hold up
+//! another's. Its engine is a [`TimedEngine`]: the agent library's `FakeRuntime` that also
+//! remembers when each replica's container was last created, and with which config revision;
+//! its control plane is the agent's gRPC one, timing the long polls that bring a change.
+//! A [`HealthStub`] answers the agents' health probes, so that replicas become Ready.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clusterclaw_agent::config::AgentConfig;
+use clusterclaw_agent::control::{
+    CallError, ControlPlane, GrpcControlPlane, ReportStream, WatchAnswer,
+};
+use clusterclaw_agent::enroll::{self, IdentityFiles};
+use clusterclaw_agent::model::ContainerStats;
+use clusterclaw_agent::ports::PortRange;
+use clusterclaw_agent::reconcile::{BackoffPolicy, Reconciler, ReconcilerSettings};
+use clusterclaw_agent::runtime::{
+    ContainerRuntime, ContainerSpec, FakeRuntime, NetworkSpec, ObservedContainer, ObservedNetwork,
+    ObservedVolume, RuntimeError, RuntimeInfo, VolumeSpec, labels,
+};
+use clusterclaw_agent::sync::{HostLoops, SyncSettings};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+/// How long a host's loops get to stop before its runtime is torn down.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// What the health stub answers on every path: both probes' fields set.
+const HEALTHY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 24\r\nConnection: close\r\n\r\n{\"ok\":true,\"ready\":true}";
+/// Where the health stub starts looking for a block of free ports.
+const STUB_FIRST_BASE: u16 = 42_000;
+/// How many blocks it tries before giving up.
+const STUB_ATTEMPTS: u16 = 40;
+
+/// The future type of the engine trait's methods.
+type EngineFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, RuntimeError>> + Send + 'a>>;
+/// The future type of the control plane trait's methods.
+type CallFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, CallError>> + Send + 'a>>;
+/// Store indexes with the instant something happened at them.
+type Stamps = Arc<Mutex<Vec<(u64, Instant)>>>;
+
+fn stamp(stamps: &Stamps, index: u64) {
+    stamps
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((index, Instant::now()));
+}
+
+/// The last container created for one replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Created {
+    /// Its `io.clusterclaw.config-revision` label (0 when it has none).
+    pub revision: u64,
+    /// Its `io.clusterclaw.config-hash` label.
+    pub config_hash: String,
+    /// When the create call returned.
+    pub at: Instant,
+}
+
+/// The agent library's `FakeRuntime`, which also records, per replica
+/// (`tenant/project/replica`), the container it last created.
+#[derive(Default)]
+pub struct TimedEngine {
+    inner: FakeRuntime,
+    created: Mutex<HashMap<String, Created>>,
+}
+
+impl TimedEngine {
+    pub fn new() -> Self {
+        TimedEngine::default()
+    }
+
+    /// The engine underneath (its containers and recorded calls).
+    pub fn fake(&self) -> &FakeRuntime {
+        &self.inner
+    }
+
+    fn created_lock(&self) -> MutexGuard<'_, HashMap<String, Created>> {
+        self.created.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The last creation of every replica created so far, by `tenant/project/replica`.
+    pub fn created(&self) -> HashMap<String, Created> {
+        self.created_lock().clone()
+    }
+
+    /// Runs `f` over the last creation of every replica, without copying them (the engine
+    /// waits meanwhile).
+    pub fn with_created<R>(&self, f: impl FnOnce(&HashMap<String, Created>) -> R) -> R {
+        f(&self.created_lock())
+    }
+
+    /// How many containers the engine holds that are running.
+    pub fn running(&self) -> usize {
+        self.inner
+            .containers()
+            .iter()
+            .filter(|c| c.status.is_running())
+            .count()
+    }
+
+    fn record(&self, spec: &ContainerSpec) {
+        let label = |name: &str| spec.labels.get(name).map(String::as_str).unwrap_or("");
+        let key = format!(
+            "{}/{}/{}",
+            label(labels::TENANT),
+            label(labels::PROJECT),
+            label(labels::REPLICA)
+        );
+        let created = Created {
+            revision: label(labels::CONFIG_REVISION).parse().unwrap_or(0),
+            config_hash: label(labels::CONFIG_HASH).to_string(),
+            at: Instant::now(),
+        };
+        self.created_lock().insert(key, created);
+    }
+}
+
+// The trait is declared with `async_trait`; these are the signatures it expands to.
+impl ContainerRuntime for TimedEngine {
+    fn ping<'life0, 'async_trait>(&'life0 self) -> EngineFuture<'async_trait, ()>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.inner.ping()
+    }
+
+    fn info<'life0, 'async_trait>(&'life0 self) -> EngineFuture<'async_trait, RuntimeInfo>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.inner.info()
+    }
+
+    fn list_managed_containers<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        host_id: &'life1 str,
+    ) -> EngineFuture<'async_trait, Vec<ObservedContainer>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.inner.list_managed_containers(host_id)
+    }
+
+    fn inspect_container<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        id: &'life1 str,
+    ) -> EngineFuture<'async_trait, Option<ObservedContainer>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.inner.inspect_container(id)
+    }
+
+    fn ensure_image<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        image: &'life1 str,
+    ) -> EngineFuture<'async_trait, ()>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.inner.ensure_image(image)
+    }
+
+    fn create_and_start<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        spec: &'life1 ContainerSpec,
+    ) -> EngineFuture<'async_trait, String>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let id = self.inner.create_and_start(spec).await?;
+            self.record(spec);
+            Ok(id)
+        })
+    }
+
+    fn start_container<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        id: &'life1 str,
+    ) -> EngineFuture<'async_trait, ()>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.inner.start_container(id)
+    }
+
+    fn stop_container<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        id: &'life1 str,
+        grace: Duration,
+    ) -> EngineFuture<'async_trait, ()>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.inner.stop_container(id, grace)
+    }
+
+    fn remove_container<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        id: &'life1 str,
+    ) -> EngineFuture<'async_trait, ()>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.inner.remove_container(id)
+    }
+
+    fn ensure_volume<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        spec: &'life1 VolumeSpec,
+    ) -> EngineFuture<'async_trait, ()>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.inner.ensure_volume(spec)
+    }
+
+    fn list_managed_volumes<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        host_id: &'life1 str,
+    ) -> EngineFuture<'async_trait, Vec<ObservedVolume>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.inner.list_managed_volumes(host_id)
+    }
+
+    fn remove_volume<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        name: &'life1 str,
+    ) -> EngineFuture<'async_trait, ()>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.inner.remove_volume(name)
+    }
+
+    fn ensure_network<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        spec: &'life1 NetworkSpec,
+    ) -> EngineFuture<'async_trait, ()>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.inner.ensure_network(spec)
+    }
+
+    fn list_managed_networks<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        host_id: &'life1 str,
+    ) -> EngineFuture<'async_trait, Vec<ObservedNetwork>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.inner.list_managed_networks(host_id)
+    }
+
+    fn remove_network<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        name: &'life1 str,
+    ) -> EngineFuture<'async_trait, ()>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.inner.remove_network(name)
+    }
+
+    fn container_stats<'life0, 'life1, 'async_trait>(
+        &'life0 self,
+        id: &'life1 str,
+    ) -> EngineFuture<'async_trait, ContainerStats>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.inner.container_stats(id)
+    }
+}
+
+/// The agent's gRPC control plane, recording when each long poll that brought a change
+/// returned.
+struct TimedControl {
+    inner: GrpcControlPlane,
+    answered: Stamps,
+}
+
+// The trait is declared with `async_trait`; these are the signatures it expands to.
+impl ControlPlane for TimedControl {
+    fn watch_assignments<'life0, 'async_trait>(
+        &'life0 self,
+        known_index: u64,
+        wait: Duration,
+    ) -> CallFuture<'async_trait, WatchAnswer>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let answer = self.inner.watch_assignments(known_index, wait).await?;
+            if answer.changed {
+                stamp(&self.answered, answer.index);
+            }
+            Ok(answer)
+        })
+    }
+
+    fn report_status<'life0, 'async_trait>(
+        &'life0 self,
+        reports: ReportStream,
+    ) -> CallFuture<'async_trait, ()>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        self.inner.report_status(reports)
+    }
+}
+
+/// Answers every connection on a block of consecutive ports of 127.0.0.1 with a healthy,
+/// ready Gateway's JSON (`{"ok":true,"ready":true}`), on its own one-worker runtime. Hosts
+/// given its [`HealthStub::ports`] publish their replicas there, so their probes pass.
+pub struct HealthStub {
+    ports: PortRange,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl HealthStub {
+    /// Listens on `count` consecutive free ports.
+    pub fn start(count: u16) -> anyhow::Result<HealthStub> {
+        let (first, listeners) = free_block(count)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("health-stub")
+            .enable_all()
+            .build()?;
+        for listener in listeners {
+            listener.set_nonblocking(true)?;
+            let listener = {
+                let _guard = runtime.enter();
+                tokio::net::TcpListener::from_std(listener)?
+            };
+            runtime.spawn(async move {
+                loop {
+                    let Ok((mut conn, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 1024];
+                        let mut seen = Vec::new();
+                        // Reads the request head, then answers and closes.
+                        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match conn.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                            }
+                            if seen.len() > 16 * 1024 {
+                                return;
+                            }
+                        }
+                        let _ = conn.write_all(HEALTHY).await;
+                        let _ = conn.shutdown().await;
+                    });
+                }
+            });
+        }
+        Ok(HealthStub {
+            ports: PortRange {
+                first,
+                step: 1,
+                count,
+            },
+            runtime: Some(runtime),
+        })
+    }
+
+    /// The ports it answers on, as a host's port range.
+    pub fn ports(&self) -> PortRange {
+        self.ports
+    }
+}
+
+impl Drop for HealthStub {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// `count` consecutive ports of 127.0.0.1, all bound.
+fn free_block(count: u16) -> anyhow::Result<(u16, Vec<TcpListener>)> {
+    for attempt in 0..STUB_ATTEMPTS {
+        let Some(first) = attempt
+            .checked_mul(count.saturating_add(7))
+            .and_then(|o| STUB_FIRST_BASE.checked_add(o))
+            .filter(|f| f.checked_add(count).is_some())
+        else {
+            break;
+        };
+        let bound: Result<Vec<TcpListener>, _> = (0..count)
+            .map(|i| TcpListener::bind((Ipv4Addr::LOCALHOST, first + i)))
+            .collect();
+        if let Ok(listeners) = bound {
+            return Ok((first, listeners));
+        }
+    }
+    bail!("no block of {count} free consecutive ports from {STUB_FIRST_BASE} up")
+}
+
+/// One simulated host: a data directory, a two-worker runtime and a [`TimedEngine`]; after
+/// [`FleetHost::start`] the real host loops of the agent run on it until it is dropped.
+pub struct FleetHost {
+    name: String,
+    engine: Arc<TimedEngine>,
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: watch::Sender<bool>,
+    answered: Stamps,
+    received: Stamps,
+    host_id: Option<String>,
+    // Dropped last, after the runtime.
+    data: tempfile::TempDir,
+}
+
+impl FleetHost {
+    /// A host named `name` (its enrollment host name) with an empty data directory.
+    pub fn new(name: &str) -> anyhow::Result<FleetHost> {
+        let data = tempfile::Builder::new()
+            .prefix("clusterclaw-fleet-")
+            .tempdir()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(format!("host-{name}"))
+            .enable_all()
+            .build()?;
+        Ok(FleetHost {
+            name: name.to_string(),
+            engine: Arc::new(TimedEngine::new()),
+            runtime: Some(runtime),
+            stop: watch::Sender::new(false),
+            answered: Stamps::default(),
+            received: Stamps::default(),
+            host_id: None,
+            data,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// Where the host's identity is saved (what an enrollment writes).
+    pub fn identity_files(&self) -> IdentityFiles {
+        IdentityFiles::in_dir(self.data.path())
+    }
+
+    /// The host id, once started.
+    pub fn host_id(&self) -> Option<&str> {
+        self.host_id.as_deref()
+    }
+
+    pub fn engine(&self) -> &Arc<TimedEngine> {
+        &self.engine
+    }
+
+    /// Runs `f` to completion on the host's runtime.
+    pub fn block_on<F: Future>(&self, f: F) -> anyhow::Result<F::Output> {
+        let rt = self.runtime.as_ref().context("the host is stopped")?;
+        Ok(rt.block_on(f))
+    }
+
+    /// Starts the agent's host loops from the identity saved in the data directory, with the
+    /// agent's default intervals, replicas published on `ports` (no port is checked on the
+    /// machine: the engine is in memory).
+    pub fn start(&mut self, ports: PortRange) -> anyhow::Result<()> {
+        let rt = self.runtime.as_ref().context("the host is stopped")?;
+        let identity = enroll::load(&self.identity_files())
+            .with_context(|| format!("host {}: no saved identity", self.name))?;
+        let host_id = identity.record.host_id.clone();
+        let dir: PathBuf = self.data.path().to_path_buf();
+        let defaults = AgentConfig::new(&dir, Some(identity.record.server.clone()));
+        let mut settings = ReconcilerSettings::new(&host_id, &dir);
+        settings.ports = ports;
+        settings.backoff = BackoffPolicy {
+            initial: defaults.restart_backoff,
+            ..BackoffPolicy::default()
+        };
+        let engine: Arc<dyn ContainerRuntime> = self.engine.clone();
+        let reconciler = Arc::new(Reconciler::new(engine, settings).with_port_check(|_| true));
+        let control = {
+            let _guard = rt.enter();
+            Arc::new(TimedControl {
+                inner: GrpcControlPlane::new(&identity)?,
+                answered: self.answered.clone(),
+            })
+        };
+        let loops = HostLoops::new(
+            SyncSettings {
+                host_id: host_id.clone(),
+                data_dir: dir,
+                poll_wait: defaults.poll_wait,
+                report_interval: defaults.report_interval,
+                resync_interval: defaults.resync_interval,
+                probe: defaults.probe,
+                runtime_name: "fake".into(),
+            },
+            reconciler,
+            control,
+        );
+        let mut desired = loops.desired();
+        let received = self.received.clone();
+        let mut stop = self.stop.subscribe();
+        rt.spawn(async move {
+            loop {
+                tokio::select! {
+                    r = desired.changed() => if r.is_err() { return },
+                    _ = stop.changed() => return,
+                }
+                let index = desired.borrow_and_update().as_ref().map(|s| s.index);
+                if let Some(index) = index {
+                    stamp(&received, index);
+                }
+            }
+        });
+        rt.spawn(loops.run(self.stop.subscribe()));
+        self.host_id = Some(host_id);
+        Ok(())
+    }
+
+    /// Every long poll that brought new assignments: their index and when the call returned.
+    pub fn answered(&self) -> Vec<(u64, Instant)> {
+        self.answered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Every assignment set the host's loops took up: its index and when it was published to
+    /// the reconciler (after it was saved to disk).
+    pub fn received(&self) -> Vec<(u64, Instant)> {
+        self.received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for FleetHost {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(STOP_GRACE);
+        }
+    }
+}
