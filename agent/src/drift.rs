@@ -15,7 +15,8 @@
 //!   [`spec::container_env`]), the assignment's value is written, since that is what the
 //!   container was made from.
 //!
-//! Nothing here ever shows a config or environment value: messages carry short hashes only.
+//! Nothing here ever shows a config or environment value, nor a hash of one (the content hash
+//! covers secret values): messages name the revision and what differed.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -34,8 +35,6 @@ const MISSING_MARK: u8 = 0x01;
 /// A config file is read up to this size, or twice the assigned config's size when larger;
 /// anything longer is drift without reading further.
 pub const CONFIG_READ_LIMIT: u64 = 1 << 20;
-/// Hex digits of a hash shown in messages.
-const SHORT_HASH: usize = 8;
 
 /// The content hash of a config file's bytes and an assignment's environment.
 ///
@@ -52,14 +51,6 @@ fn hash_parts(config: &[u8], env: &EnvPart) -> String {
     h.update(b"\0");
     h.update(&env.0);
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The first hex digits of a hash, with an ellipsis, for messages.
-pub fn short(hash: &str) -> String {
-    match hash.get(..SHORT_HASH) {
-        Some(prefix) if hash.len() > SHORT_HASH => format!("{prefix}…"),
-        _ => hash.to_owned(),
-    }
 }
 
 /// The environment part of a content hash. It holds values: `Debug` shows its size only.
@@ -216,11 +207,7 @@ impl Measurement {
         let found = self.content_hash.as_deref()?;
         let agrees = self.file == FileCheck::Matches && self.env_matches;
         (agrees && !a.content_hash.is_empty() && found != a.content_hash).then(|| {
-            format!(
-                "the assignment's content hash (sha256 {}) is not that of its own config and environment (sha256 {}); drift is not repaired",
-                short(&a.content_hash),
-                short(found)
-            )
+            "the assignment's content hash is not that of its own config and environment; drift is not repaired".to_string()
         })
     }
 }
@@ -259,27 +246,23 @@ pub struct Drift {
 }
 
 impl Drift {
-    /// What was wrong, without any value: `config file on the host did not match revision 3
-    /// (expected sha256 ab12cd34…, found 9f8e7d6c…)`.
+    /// What was wrong, without any value or hash: `config file on the host did not match
+    /// revision 3`. (The content hash covers secret values, so not even a prefix of it is
+    /// told: with the rest of the config known, it would let a reader test guesses.)
     pub fn describe(&self) -> String {
-        let expected = short(&self.expected);
-        let found = self
-            .found
-            .as_deref()
-            .map_or_else(|| "no readable file".to_owned(), short);
         let rev = self.revision;
         match &self.kind {
-            DriftKind::FileUnreadable(reason) => format!(
-                "config file on the host was {reason} (revision {rev}, expected sha256 {expected})"
-            ),
-            DriftKind::ConfigFile => format!(
-                "config file on the host did not match revision {rev} (expected sha256 {expected}, found {found})"
-            ),
-            DriftKind::Environment => format!(
-                "container environment did not match revision {rev} (expected sha256 {expected}, found {found})"
-            ),
+            DriftKind::FileUnreadable(reason) => {
+                format!("config file on the host was {reason} (revision {rev})")
+            }
+            DriftKind::ConfigFile => {
+                format!("config file on the host did not match revision {rev}")
+            }
+            DriftKind::Environment => {
+                format!("container environment did not match revision {rev}")
+            }
             DriftKind::ConfigFileAndEnvironment => format!(
-                "config file on the host and container environment did not match revision {rev} (expected sha256 {expected}, found {found})"
+                "config file on the host and container environment did not match revision {rev}"
             ),
         }
     }
@@ -384,12 +367,9 @@ mod tests {
         let message = d.repaired_message("bot-0");
         assert_eq!(
             message,
-            format!(
-                "replica bot-0: config file on the host did not match revision 3 (expected sha256 {}…, found {}…); rewrote it and replaced the container",
-                &a.content_hash[..8],
-                &found[..8]
-            )
+            "replica bot-0: config file on the host did not match revision 3; rewrote it and replaced the container"
         );
+        assert!(!message.contains(&found[..8]) && !message.contains(&a.content_hash[..8]));
         assert!(!message.contains("loopback") && !message.contains("lan"));
 
         let m = Measurement::new(
@@ -432,7 +412,11 @@ mod tests {
             &EnvPart::assigned(&a.env),
         );
         assert_eq!(m.drift(&a), None);
-        assert!(m.disagreement(&a).unwrap().contains("eeeeeeee…"));
+        let why = m.disagreement(&a).unwrap();
+        assert!(
+            why.contains("drift is not repaired") && !why.contains("eeee"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -69,12 +69,27 @@ fn replaced(
     replica: &str,
     old: &str,
 ) -> anyhow::Result<(Container, Value)> {
-    let c = wait_for(&format!("{replica} replaced"), WAIT, || {
-        let (_, now) = wait_ready(server, scope, name, 1)?;
-        Ok(now.get(replica).filter(|c| c.id != old).cloned())
-    })?;
-    let info = gateway_get(c.port.unwrap(), "/standin/info")?;
-    Ok((c, info))
+    wait_for(&format!("{replica} replaced"), WAIT, || {
+        let (status, now) = wait_ready(server, scope, name, 1)?;
+        let Some(c) = now.get(replica).filter(|c| c.id != old) else {
+            return Ok(None);
+        };
+        // The status must speak of the new container (not still of the old one), and the
+        // Gateway in it must answer.
+        let reported = status["status"]["replicaStatus"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| {
+                r["name"] == replica && r["containerId"] == c.id.as_str() && r["state"] == "Ready"
+            });
+        let Some(port) = c.port.filter(|_| reported) else {
+            return Ok(None);
+        };
+        Ok(gateway_get(port, "/standin/info")
+            .ok()
+            .map(|info| (c.clone(), info)))
+    })
 }
 
 #[test]

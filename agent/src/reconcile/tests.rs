@@ -995,11 +995,7 @@ fn status_reports_revision_observed_hash_and_drift() {
     assert_eq!(s.observed_content_hash, found);
     assert_eq!(
         s.message,
-        format!(
-            "config drift: config file on the host did not match revision 3 (expected sha256 {}…, found {}…); the repair failed: conflict: container is busy; retrying in 10s; waiting for the first probe",
-            &a.content_hash[..8],
-            &found[..8]
-        )
+        "config drift: config file on the host did not match revision 3; the repair failed: conflict: container is busy; retrying in 10s; waiting for the first probe"
     );
 
     // The repair removed the container and could not create the new one.
@@ -1103,14 +1099,9 @@ async fn a_hand_edited_config_file_is_rewritten_and_the_container_replaced() {
         (e.tenant.as_str(), e.instance.as_str(), e.replica.as_str()),
         ("tenant-a", "bot", "bot-0")
     );
-    assert!(
-        e.message.starts_with(
-            "replica bot-0: config file on the host did not match revision 3 (expected sha256 "
-        ) && e
-            .message
-            .ends_with("; rewrote it and replaced the container"),
-        "{}",
-        e.message
+    assert_eq!(
+        e.message,
+        "replica bot-0: config file on the host did not match revision 3; rewrote it and replaced the container"
     );
     assert!(!e.message.contains("loopback") && !e.message.contains("sk-secret"));
 

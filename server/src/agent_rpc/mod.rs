@@ -342,7 +342,7 @@ impl AgentService for AgentRpc {
             let (store, reports, id2) = (self.store.clone(), self.reports.clone(), id.clone());
             let assigned = self.book.current(&id.name);
             let r = try_blocking("ReportStatus", move || {
-                let events = agent_events(&id2, &report.events);
+                let events = agent_events(&id2, &report.events, &assigned.assignments);
                 reports
                     .apply_with(store.as_ref(), &id2, report, &assigned.assignments)
                     .map_err(store_status)?;
@@ -372,11 +372,32 @@ impl AgentService for AgentRpc {
     }
 }
 
-/// Audit entries of what an agent did on its own (a repaired config drift), as the host.
-fn agent_events(host: &HostIdentity, events: &[pb::AgentEvent]) -> Vec<crate::audit::AuditEntry> {
+/// Most agent events recorded from one report; more are dropped (and logged).
+const MAX_EVENTS_PER_REPORT: usize = 32;
+
+/// Audit entries of what an agent did on its own (a repaired config drift), as the host. Only
+/// events about replicas the host is assigned count: a host cannot write into the audit log of
+/// a tenant it runs nothing for.
+fn agent_events(
+    host: &HostIdentity,
+    events: &[pb::AgentEvent],
+    assigned: &[pb::Assignment],
+) -> Vec<crate::audit::AuditEntry> {
     use crate::audit::{AuditEntry, AuditObject, AuditPrincipal, AuditResult};
-    events
-        .iter()
+    let ours = |e: &&pb::AgentEvent| {
+        assigned.iter().any(|a| {
+            a.tenant == e.tenant
+                && a.project == e.project
+                && a.instance == e.instance
+                && a.replica == e.replica
+        })
+    };
+    let kept: Vec<&pb::AgentEvent> = events.iter().filter(ours).collect();
+    if kept.len() < events.len() || kept.len() > MAX_EVENTS_PER_REPORT {
+        tracing::warn!(host = %host.name, events = events.len(), about_assigned_replicas = kept.len(), recorded = kept.len().min(MAX_EVENTS_PER_REPORT), "agent events about other replicas, or too many, were dropped");
+    }
+    kept.into_iter()
+        .take(MAX_EVENTS_PER_REPORT)
         .map(|e| {
             tracing::warn!(host = %host.name, replica = %e.replica, reason = %e.reason, message = %e.message, "agent event");
             let reason: String = format!("{}: {}", e.reason, e.message).chars().take(500).collect();

@@ -293,7 +293,7 @@ pub async fn rotate_key(state: Ctx, RawQuery(raw): RawQuery) -> Result<Response,
             "this server has no secrets key file to rotate",
         ));
     };
-    let _one_at_a_time = lock.lock().await;
+    let _no_secret_writes = lock.write().await;
     let shared = shared.clone();
     let store = state.store().clone();
     let (key_id, resealed) = state
@@ -341,7 +341,8 @@ fn instance_key((tenant, project, name): (String, String, String)) -> Result<Obj
     Ok(ObjectKey::instance(tenant, project, name))
 }
 
-/// An instance in scope and the layers under it, read in the caller's scope.
+/// An instance in scope, the layers under it, and the objects those layers come from (as
+/// stored, with their resourceVersion), read in the caller's scope.
 fn layers_for(
     store: &Scoped<'_>,
     key: &ObjectKey,
@@ -349,6 +350,7 @@ fn layers_for(
     (
         crate::model::OpenClawInstance,
         Vec<configcenter::OwnedLayer>,
+        Vec<Resource>,
     ),
     ApiError,
 > {
@@ -374,7 +376,13 @@ fn layers_for(
         _ => None,
     };
     let layers = configcenter::layers_of(&i, template.as_ref(), tenant.as_ref(), project.as_ref());
-    Ok((i, layers))
+    let sources = template
+        .map(Resource::ConfigTemplate)
+        .into_iter()
+        .chain(tenant.map(Resource::Tenant))
+        .chain(project.map(Resource::Project))
+        .collect();
+    Ok((i, layers, sources))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -409,7 +417,7 @@ pub async fn effective(
     let key = instance_key(path)?;
     let (index, body) = state.read_point(move |store| {
         let index = store.index();
-        let (i, owned) = layers_for(store, &key)?;
+        let (i, owned, _) = layers_for(store, &key)?;
         let borrowed = configcenter::borrowed(&owned);
         let (config, origins) = if explain {
             let (v, o) = layers::explain(&borrowed);
@@ -605,7 +613,7 @@ pub async fn rollback(
         .run(move |store| {
             let target = one_revision(store, &key, target_rev)?.config.unwrap_or_default();
             let current = store.get(&key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
-            let (mut i, owned) = layers_for(store, &key)?;
+            let (mut i, owned, sources) = layers_for(store, &key)?;
             let below: Vec<_> = owned
                 .into_iter()
                 .filter(|l| l.kind != layers::LayerKind::Instance)
@@ -629,15 +637,22 @@ pub async fn rollback(
                 author: String::new(),
                 message: Some(message),
             };
-            let summary = store.write_with_message(
-                &[(Resource::OpenClawInstance(i), WriteMode::Update)],
-                note.message.as_deref(),
-            )?;
+            // The layers below are written back unchanged with their resourceVersion as a
+            // precondition: if one changed since it was read, the patch was worked out against
+            // an old state and the whole rollback is refused with 409, nothing written.
+            let mut batch = vec![(Resource::OpenClawInstance(i), WriteMode::Update)];
+            batch.extend(sources.into_iter().map(|r| (r, WriteMode::Update)));
+            let summary = store
+                .write_with_message(&batch, note.message.as_deref())
+                .map_err(|e| match e {
+                    StoreError::InBatch { source, .. } => *source,
+                    e => e,
+                })?;
             let result = summary
                 .results
                 .into_iter()
-                .next()
-                .ok_or_else(|| ApiError::internal("a write of one object gave no result"))?;
+                .find(|r| r.key == key)
+                .ok_or_else(|| ApiError::internal("the rollback's write gave no result for the instance"))?;
             let revision = match result.object.resource()? {
                 Resource::OpenClawInstance(i) => i.status.and_then(|s| s.config_revision),
                 _ => None,

@@ -67,8 +67,9 @@ struct Inner {
     /// The data key of secrets (swapped by a rotation).
     keyring: crate::configcenter::SharedKeyring,
     keyring_path: Option<PathBuf>,
-    /// One rotation at a time.
-    rotating: tokio::sync::Mutex<()>,
+    /// A rotation holds it for writing; a secret write, from sealing to commit, for reading,
+    /// so that no value is sealed with a key a rotation is about to retire.
+    rotating: tokio::sync::RwLock<()>,
 }
 
 /// Request header with the reason of a change, recorded on the config revisions it makes.
@@ -142,7 +143,7 @@ impl ApiState {
                 shutting_down: AtomicBool::new(false),
                 keyring: options.keyring,
                 keyring_path: options.keyring_path,
-                rotating: tokio::sync::Mutex::new(()),
+                rotating: tokio::sync::RwLock::new(()),
             }),
         }
     }
@@ -152,12 +153,17 @@ impl ApiState {
         crate::configcenter::current_keyring(&self.inner.keyring)
     }
 
+    /// Held by a secret write from sealing to commit: no key rotation runs meanwhile.
+    pub(crate) async fn secret_write_guard(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.inner.rotating.read().await
+    }
+
     pub(crate) fn shared_keyring(
         &self,
     ) -> (
         &crate::configcenter::SharedKeyring,
         Option<&std::path::Path>,
-        &tokio::sync::Mutex<()>,
+        &tokio::sync::RwLock<()>,
     ) {
         (
             &self.inner.keyring,
@@ -288,12 +294,26 @@ fn batch_object(
 impl crate::store::AuditHook for AuditDraft {
     fn write_entries(&self, results: &[crate::store::WriteResult]) -> Vec<AuditEntry> {
         let status = if self.creates { 201 } else { 200 };
-        match results {
-            [one] => vec![
+        // A batch that changed one object (a rollback checks its layers by writing them
+        // unchanged) is recorded as that object.
+        let changed: Vec<&crate::store::WriteResult> = results
+            .iter()
+            .filter(|r| r.outcome != crate::store::Outcome::Unchanged)
+            .collect();
+        let one = match (results, changed.as_slice()) {
+            ([one], _) => Some(one),
+            (_, [one]) => Some(*one),
+            _ => None,
+        };
+        match one {
+            Some(one) => vec![
                 self.entry(status, AuditObject::from(&one.key))
                     .with_generations(one.previous_generation, Some(one.object.generation)),
             ],
-            many => vec![self.entry(status, batch_object(many.iter().map(|r| r.outcome), None))],
+            None => vec![self.entry(
+                status,
+                batch_object(results.iter().map(|r| r.outcome), None),
+            )],
         }
     }
 

@@ -400,6 +400,16 @@ fn bind_to_path(value: &mut Value, target: &Target) -> Result<(), ApiError> {
         .entry("metadata")
         .or_insert_with(|| Value::Object(Map::new()));
     if let Value::Object(meta) = meta {
+        // A tenant-level secret's path names no project: the body may not name one either.
+        if target.kind == Kind::Secret
+            && target.project.is_none()
+            && meta.get("project").is_some_and(|p| !p.is_null())
+        {
+            problems.push(FieldProblem::new(
+                "metadata.project",
+                "this path takes tenant-level secrets; send a project's secret to /api/v1/tenants/{tenant}/projects/{project}/secrets/{name}",
+            ));
+        }
         for (field, expected) in [
             ("name", &target.name),
             ("tenant", &target.tenant),
@@ -503,6 +513,10 @@ pub(super) async fn create(
 ) -> Result<Response, ApiError> {
     query::parse(raw.as_deref(), &[])?;
     let mut resource = object_from_body(&headers, body, &target).await?;
+    let _sealing = match resource.kind() {
+        Kind::Secret => Some(state.secret_write_guard().await),
+        _ => None,
+    };
     seal_secret(&state, &mut resource)?;
     let (index, _, object, before) = state
         .run(move |store| {
@@ -541,6 +555,10 @@ pub(super) async fn put_one(
 ) -> Result<Response, ApiError> {
     query::parse(raw.as_deref(), &[])?;
     let mut resource = object_from_body(&headers, body, &target).await?;
+    let _sealing = match resource.kind() {
+        Kind::Secret => Some(state.secret_write_guard().await),
+        _ => None,
+    };
     seal_secret(&state, &mut resource)?;
     let (index, outcome, object, before) = state
         .run(move |store| {
@@ -669,6 +687,14 @@ pub async fn apply(
     let (mut too_large, mut forbidden, mut invalid) = (Vec::new(), Vec::new(), Vec::new());
     let mut denials = Vec::new();
     let mut batch = Vec::with_capacity(docs.len());
+    // Secrets are sealed below: no key rotation from here to the commit.
+    let sealing = docs
+        .iter()
+        .any(|d| d.get("kind").and_then(Value::as_str) == Some(Kind::Secret.as_str()));
+    let _sealing = match sealing {
+        true => Some(state.secret_write_guard().await),
+        false => None,
+    };
     for (i, doc) in docs.into_iter().enumerate() {
         let item = format!("items[{i}]");
         if let Some(problem) = body::object_too_large(&doc) {

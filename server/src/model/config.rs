@@ -176,8 +176,8 @@ impl<'de> Deserialize<'de> for SecretText {
 /// `spec` of a `Secret`. `data` is write-only: a write gives every key with its value (the
 /// set replaces the stored one), the server encrypts the values and keeps only `keys`, a
 /// keyed fingerprint per key, readable.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct SecretSpec {
     /// Key → value; accepted on input only, never returned.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -185,6 +185,65 @@ pub struct SecretSpec {
     /// Key → fingerprint of its value (`hmac-sha256:…`), set by the server.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub keys: BTreeMap<String, String>,
+}
+
+impl<'de> Deserialize<'de> for SecretSpec {
+    /// Read by hand so that no error, whatever the shape of the input, quotes a value: a
+    /// generic decoding error would say `found the string "sk-..."`.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let shape = |what: &str, v: &Value| {
+            D::Error::custom(format!(
+                "{what}, found {} (the value is not shown)",
+                super::json_type(v)
+            ))
+        };
+        let v = Value::deserialize(d)?;
+        let Value::Object(map) = v else {
+            return Err(shape(
+                "a Secret's spec must be a mapping with data: {KEY: VALUE, ...}",
+                &v,
+            ));
+        };
+        let mut spec = SecretSpec::default();
+        for (field, v) in map {
+            match (field.as_str(), v) {
+                ("data" | "keys", Value::Null) => {}
+                ("data", Value::Object(m)) => {
+                    for (key, value) in m {
+                        match value {
+                            Value::String(s) => {
+                                spec.data.insert(key, SecretText(s));
+                            }
+                            other => {
+                                return Err(shape(
+                                    &format!("data.{key}: a secret value must be a string"),
+                                    &other,
+                                ));
+                            }
+                        }
+                    }
+                }
+                ("keys", Value::Object(m)) => {
+                    for (key, value) in m {
+                        if let Value::String(s) = value {
+                            spec.keys.insert(key, s);
+                        }
+                    }
+                }
+                ("data", other) => {
+                    return Err(shape("data must be a mapping of keys to values", &other));
+                }
+                ("keys", _) => {}
+                (other, _) => {
+                    return Err(D::Error::custom(format!(
+                        "unknown field {other:?}; a Secret's spec has data (keys and their values)"
+                    )));
+                }
+            }
+        }
+        Ok(spec)
+    }
 }
 
 /// Checks a key of a secret: 1 to 253 characters of letters, digits, `.`, `_` and `-`.

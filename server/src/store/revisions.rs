@@ -341,6 +341,7 @@ pub fn revise(
     schema: &Schema,
     index: u64,
     now: &str,
+    blame: &dyn Fn(&ObjectKey, StoreError) -> StoreError,
 ) -> Result<Vec<(ObjectKey, u64)>, StoreError> {
     let mut cache = LayerCache::new(tx);
     let mut seen = HashSet::new();
@@ -352,11 +353,14 @@ pub fn revise(
             let i = instance_of(&o)?;
             let name = configcenter::template_name(&i);
             if i.spec.config_template.is_some() && cache.template(name)?.is_none() {
-                return Err(problem(
-                    "spec.configTemplate",
-                    format!(
-                        "no ConfigTemplate named {name:?} exists; create it first, or leave spec.configTemplate out to use {:?}",
-                        configcenter::DEFAULT_TEMPLATE
+                return Err(blame(
+                    key,
+                    problem(
+                        "spec.configTemplate",
+                        format!(
+                            "no ConfigTemplate named {name:?} exists; create it first, or leave spec.configTemplate out to use {:?}",
+                            configcenter::DEFAULT_TEMPLATE
+                        ),
                     ),
                 ));
             }
@@ -402,7 +406,7 @@ pub fn revise(
                         p
                     })
                     .collect();
-                return Err(StoreError::Invalid(problems));
+                return Err(blame(key, StoreError::Invalid(problems)));
             }
             let text = serde_json::to_string(&effective)
                 .map_err(|e| StoreError::Backend(e.to_string()))?;
@@ -611,7 +615,15 @@ pub fn backfill(tx: &Transaction<'_>, schema: &Schema, now: &str) -> Result<(), 
     let index = super::sqlite::index_in(tx)?;
     let note = ChangeNote::system("revision of the config in effect when revisions began");
     for k in keys {
-        if let Err(e) = revise(tx, std::slice::from_ref(&k), &note, schema, index, now) {
+        if let Err(e) = revise(
+            tx,
+            std::slice::from_ref(&k),
+            &note,
+            schema,
+            index,
+            now,
+            &|_, e| e,
+        ) {
             tracing::warn!(instance = %k, error = %e, "no first config revision: its effective config does not pass the checks");
         }
     }

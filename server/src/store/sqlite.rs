@@ -316,16 +316,10 @@ impl SqliteStore {
                     .filter(|r| r.outcome != super::Outcome::Unchanged)
                     .map(|r| r.key.clone())
                     .collect();
-                revisions::revise(tx, &changed_keys, note, &schema, next, &now).map_err(|e| {
+                revisions::revise(tx, &changed_keys, note, &schema, next, &now, &|k, e| {
                     // Name the document whose change the problem comes from.
-                    match (&e, batch.len()) {
-                        (StoreError::Invalid(_), n) if n > 1 => {
-                            let at = changed_keys
-                                .first()
-                                .and_then(|k| keys.iter().position(|b| b == k))
-                                .unwrap_or(0);
-                            in_batch(at, e)
-                        }
+                    match keys.iter().position(|b| b == k) {
+                        Some(at) if batch.len() > 1 => in_batch(at, e),
                         _ => e,
                     }
                 })?;
@@ -402,6 +396,21 @@ impl SqliteStore {
                     )?,
                 )),
                 Kind::OpenClawInstance | Kind::Host | Kind::ConfigTemplate | Kind::Secret => None,
+            };
+            // Secrets live in a tenant or project as well: they go first too.
+            let children = match (children, key.kind) {
+                (Some((_, 0)), Kind::Tenant | Kind::Project) => Some((
+                    "secrets",
+                    tx.query_row(
+                        "SELECT COUNT(*) FROM objects WHERE kind = 'Secret' AND tenant = ?1 AND project = ?2",
+                        match key.kind {
+                            Kind::Tenant => [key.name.as_str(), ""],
+                            _ => [key.tenant.as_str(), key.name.as_str()],
+                        },
+                        |r| r.get::<_, i64>(0),
+                    )?,
+                )),
+                (c, _) => c,
             };
             if let Some((child, count)) = children.filter(|(_, n)| *n > 0) {
                 return Err(StoreError::HasChildren { key: key.clone(), count: count as usize, child });

@@ -300,6 +300,36 @@ async fn secrets_are_write_only_sealed_at_rest_and_tenant_private() {
         .as_str()
         .unwrap()
         .to_string();
+    // A malformed secret is refused without its value in the answer.
+    for spec in [
+        json!(value),
+        json!({"data": value}),
+        json!({"data": {"k": [value]}}),
+        json!({"data": {"k": 7}}),
+    ] {
+        let bad = json!({"apiVersion": "clusterclaw.io/v1", "kind": "Secret",
+            "metadata": {"name": "bad", "tenant": "acme"}, "spec": spec});
+        for (method, path, body) in [
+            (Method::PUT, "/api/v1/tenants/acme/secrets/bad", bad.clone()),
+            (
+                Method::POST,
+                "/api/v1/apply",
+                json!({"items": [bad.clone()]}),
+            ),
+        ] {
+            let r = f.json(method, path, body).await;
+            assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+            assert!(!r.body.to_string().contains(value), "{}", r.body);
+        }
+    }
+    // A tenant-level path does not take a project-level secret.
+    let wrong = json!({"apiVersion": "clusterclaw.io/v1", "kind": "Secret",
+        "metadata": {"name": "x", "tenant": "acme", "project": "helpdesk"}, "spec": {"data": {"k": "v"}}});
+    let r = f
+        .json(Method::PUT, "/api/v1/tenants/acme/secrets/x", wrong)
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert_eq!(r.fields(), ["metadata.project"], "{}", r.body);
     assert!(fp.starts_with("hmac-sha256:"), "{fp}");
     for path in [
         "/api/v1/tenants/acme/secrets/llm-keys",
@@ -371,6 +401,29 @@ async fn secrets_are_write_only_sealed_at_rest_and_tenant_private() {
         Some(0),
         "{}",
         r.body
+    );
+
+    // A tenant with a secret left is not deleted (the secret would outlive it).
+    let r = f
+        .json(
+            Method::POST,
+            "/api/v1/apply",
+            json!({"items": [tenant("solo"), {
+            "apiVersion": "clusterclaw.io/v1", "kind": "Secret",
+            "metadata": {"name": "s", "tenant": "solo"}, "spec": {"data": {"k": "v"}}}]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = f.delete("/api/v1/tenants/solo").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(r.message().contains("secret"), "{}", r.body);
+    assert_eq!(
+        f.delete("/api/v1/tenants/solo/secrets/s").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        f.delete("/api/v1/tenants/solo").await.status,
+        StatusCode::OK
     );
 
     // Rotation: every value re-sealed with the new key; the fingerprint does not change.
