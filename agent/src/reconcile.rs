@@ -1186,19 +1186,8 @@ impl Reconciler {
                 preferred_port,
                 ..
             } => {
-                let key = assignment.key();
-                let removed = async {
-                    self.runtime.stop_container(container_id, grace).await?;
-                    self.runtime.remove_container(container_id).await
-                }
-                .await;
-                if let Err(err) = removed {
-                    self.book.record_failure(&key, now, err.to_string());
-                    return Err(err.into());
-                }
-                if let Some(port) = port_of(observed, container_id) {
-                    taken.remove(&port);
-                }
+                self.take_down(&assignment.key(), container_id, observed, taken, now)
+                    .await?;
                 self.create(assignment, *preferred_port, taken, now).await
             }
             Step::RepairDrift {
@@ -1217,18 +1206,8 @@ impl Reconciler {
                     drift.describe()
                 );
                 self.book.begin_repair(&key, drift.clone());
-                let removed = async {
-                    self.runtime.stop_container(container_id, grace).await?;
-                    self.runtime.remove_container(container_id).await
-                }
-                .await;
-                if let Err(err) = removed {
-                    self.book.record_failure(&key, now, err.to_string());
-                    return Err(err.into());
-                }
-                if let Some(port) = port_of(observed, container_id) {
-                    taken.remove(&port);
-                }
+                self.take_down(&key, container_id, observed, taken, now)
+                    .await?;
                 let created = self.create(assignment, *preferred_port, taken, now).await;
                 if created.is_ok() {
                     self.book.record_repaired(&key, now);
@@ -1267,6 +1246,33 @@ impl Reconciler {
             }
             Step::Wait { .. } => Ok(()),
         }
+    }
+
+    /// Stops and removes a replica's container before it is created again, freeing its
+    /// host port for the new one; a failure is recorded against the replica.
+    async fn take_down(
+        &self,
+        key: &ReplicaKey,
+        container_id: &str,
+        observed: &Observed,
+        taken: &mut BTreeSet<u16>,
+        now: Instant,
+    ) -> Result<(), StepError> {
+        let removed = async {
+            self.runtime
+                .stop_container(container_id, self.settings.stop_grace)
+                .await?;
+            self.runtime.remove_container(container_id).await
+        }
+        .await;
+        if let Err(err) = removed {
+            self.book.record_failure(key, now, err.to_string());
+            return Err(err.into());
+        }
+        if let Some(port) = port_of(observed, container_id) {
+            taken.remove(&port);
+        }
+        Ok(())
     }
 
     async fn create(

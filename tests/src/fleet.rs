@@ -12,11 +12,11 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use async_trait::async_trait;
 use clusterclaw_agent::config::AgentConfig;
 use clusterclaw_agent::control::{
     CallError, ControlPlane, GrpcControlPlane, ReportStream, WatchAnswer,
@@ -42,10 +42,6 @@ const STUB_FIRST_BASE: u16 = 42_000;
 /// How many blocks it tries before giving up.
 const STUB_ATTEMPTS: u16 = 40;
 
-/// The future type of the engine trait's methods.
-type EngineFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, RuntimeError>> + Send + 'a>>;
-/// The future type of the control plane trait's methods.
-type CallFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, CallError>> + Send + 'a>>;
 /// Store indexes with the instant something happened at them.
 type Stamps = Arc<Mutex<Vec<(u64, Instant)>>>;
 
@@ -126,195 +122,67 @@ impl TimedEngine {
     }
 }
 
-// The trait is declared with `async_trait`; these are the signatures it expands to.
+#[async_trait]
 impl ContainerRuntime for TimedEngine {
-    fn ping<'life0, 'async_trait>(&'life0 self) -> EngineFuture<'async_trait, ()>
-    where
-        'life0: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.inner.ping()
+    async fn ping(&self) -> Result<(), RuntimeError> {
+        self.inner.ping().await
     }
-
-    fn info<'life0, 'async_trait>(&'life0 self) -> EngineFuture<'async_trait, RuntimeInfo>
-    where
-        'life0: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.inner.info()
+    async fn info(&self) -> Result<RuntimeInfo, RuntimeError> {
+        self.inner.info().await
     }
-
-    fn list_managed_containers<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        host_id: &'life1 str,
-    ) -> EngineFuture<'async_trait, Vec<ObservedContainer>>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.inner.list_managed_containers(host_id)
+    async fn list_managed_containers(
+        &self,
+        host_id: &str,
+    ) -> Result<Vec<ObservedContainer>, RuntimeError> {
+        self.inner.list_managed_containers(host_id).await
     }
-
-    fn inspect_container<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        id: &'life1 str,
-    ) -> EngineFuture<'async_trait, Option<ObservedContainer>>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.inner.inspect_container(id)
+    async fn inspect_container(&self, id: &str) -> Result<Option<ObservedContainer>, RuntimeError> {
+        self.inner.inspect_container(id).await
     }
-
-    fn ensure_image<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        image: &'life1 str,
-    ) -> EngineFuture<'async_trait, ()>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.inner.ensure_image(image)
+    async fn ensure_image(&self, image: &str) -> Result<(), RuntimeError> {
+        self.inner.ensure_image(image).await
     }
-
-    fn create_and_start<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        spec: &'life1 ContainerSpec,
-    ) -> EngineFuture<'async_trait, String>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        Box::pin(async move {
-            let id = self.inner.create_and_start(spec).await?;
-            self.record(spec);
-            Ok(id)
-        })
+    /// The one call that is timed: what the bench waits for.
+    async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        let id = self.inner.create_and_start(spec).await?;
+        self.record(spec);
+        Ok(id)
     }
-
-    fn start_container<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        id: &'life1 str,
-    ) -> EngineFuture<'async_trait, ()>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.inner.start_container(id)
+    async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {
+        self.inner.start_container(id).await
     }
-
-    fn stop_container<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        id: &'life1 str,
-        grace: Duration,
-    ) -> EngineFuture<'async_trait, ()>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.inner.stop_container(id, grace)
+    async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        self.inner.stop_container(id, grace).await
     }
-
-    fn remove_container<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        id: &'life1 str,
-    ) -> EngineFuture<'async_trait, ()>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.inner.remove_container(id)
+    async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
+        self.inner.remove_container(id).await
     }
-
-    fn ensure_volume<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        spec: &'life1 VolumeSpec,
-    ) -> EngineFuture<'async_trait, ()>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.inner.ensure_volume(spec)
+    async fn ensure_volume(&self, spec: &VolumeSpec) -> Result<(), RuntimeError> {
+        self.inner.ensure_volume(spec).await
     }
-
-    fn list_managed_volumes<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        host_id: &'life1 str,
-    ) -> EngineFuture<'async_trait, Vec<ObservedVolume>>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.inner.list_managed_volumes(host_id)
+    async fn list_managed_volumes(
+        &self,
+        host_id: &str,
+    ) -> Result<Vec<ObservedVolume>, RuntimeError> {
+        self.inner.list_managed_volumes(host_id).await
     }
-
-    fn remove_volume<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        name: &'life1 str,
-    ) -> EngineFuture<'async_trait, ()>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.inner.remove_volume(name)
+    async fn remove_volume(&self, name: &str) -> Result<(), RuntimeError> {
+        self.inner.remove_volume(name).await
     }
-
-    fn ensure_network<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        spec: &'life1 NetworkSpec,
-    ) -> EngineFuture<'async_trait, ()>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.inner.ensure_network(spec)
+    async fn ensure_network(&self, spec: &NetworkSpec) -> Result<(), RuntimeError> {
+        self.inner.ensure_network(spec).await
     }
-
-    fn list_managed_networks<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        host_id: &'life1 str,
-    ) -> EngineFuture<'async_trait, Vec<ObservedNetwork>>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.inner.list_managed_networks(host_id)
+    async fn list_managed_networks(
+        &self,
+        host_id: &str,
+    ) -> Result<Vec<ObservedNetwork>, RuntimeError> {
+        self.inner.list_managed_networks(host_id).await
     }
-
-    fn remove_network<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        name: &'life1 str,
-    ) -> EngineFuture<'async_trait, ()>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.inner.remove_network(name)
+    async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
+        self.inner.remove_network(name).await
     }
-
-    fn container_stats<'life0, 'life1, 'async_trait>(
-        &'life0 self,
-        id: &'life1 str,
-    ) -> EngineFuture<'async_trait, ContainerStats>
-    where
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.inner.container_stats(id)
+    async fn container_stats(&self, id: &str) -> Result<ContainerStats, RuntimeError> {
+        self.inner.container_stats(id).await
     }
 }
 
@@ -325,35 +193,22 @@ struct TimedControl {
     answered: Stamps,
 }
 
-// The trait is declared with `async_trait`; these are the signatures it expands to.
+#[async_trait]
 impl ControlPlane for TimedControl {
-    fn watch_assignments<'life0, 'async_trait>(
-        &'life0 self,
+    async fn watch_assignments(
+        &self,
         known_index: u64,
         wait: Duration,
-    ) -> CallFuture<'async_trait, WatchAnswer>
-    where
-        'life0: 'async_trait,
-        Self: 'async_trait,
-    {
-        Box::pin(async move {
-            let answer = self.inner.watch_assignments(known_index, wait).await?;
-            if answer.changed {
-                stamp(&self.answered, answer.index);
-            }
-            Ok(answer)
-        })
+    ) -> Result<WatchAnswer, CallError> {
+        let answer = self.inner.watch_assignments(known_index, wait).await?;
+        if answer.changed {
+            stamp(&self.answered, answer.index);
+        }
+        Ok(answer)
     }
 
-    fn report_status<'life0, 'async_trait>(
-        &'life0 self,
-        reports: ReportStream,
-    ) -> CallFuture<'async_trait, ()>
-    where
-        'life0: 'async_trait,
-        Self: 'async_trait,
-    {
-        self.inner.report_status(reports)
+    async fn report_status(&self, reports: ReportStream) -> Result<(), CallError> {
+        self.inner.report_status(reports).await
     }
 }
 
