@@ -20,7 +20,9 @@ const PINGS_PER_PERIOD: u32 = 3;
 /// The shortest interval between pings, whatever the period.
 const MIN_PING_INTERVAL: Duration = Duration::from_millis(100);
 
-fn send(state: &[NotifyState<'_>]) {
+/// Sends `state` to the service manager; a failure is logged, never fatal. (The server sends
+/// through this too.)
+pub fn send(state: &[NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(state) {
         tracing::warn!(error = %e, "cannot notify the service manager");
     }

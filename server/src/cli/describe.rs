@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::Value;
 
 use super::client::Client;
-use super::output::{age, labels, str_at, table, text_at};
+use super::output::{age, keys_at, labels, str_at, table, text_at};
 use super::resolve::{self, list_path, parse_kind};
 use super::settings::{ClientOpts, Settings};
 use super::{CliResult, print_out};
@@ -136,14 +136,7 @@ fn scope_object(out: &mut Out, v: &Value) {
 fn template(out: &mut Out, v: &Value) {
     out.heading(0, "Spec");
     out.field(2, "Description", text_at(v, "/spec/description"));
-    let keys = v
-        .pointer("/spec/config")
-        .and_then(Value::as_object)
-        .map_or_else(
-            || "-".to_string(),
-            |m| m.keys().cloned().collect::<Vec<_>>().join(", "),
-        );
-    out.field(2, "Config keys", keys);
+    out.field(2, "Config keys", keys_at(v, "/spec/config", ", "));
 }
 
 fn secret(out: &mut Out, v: &Value) {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use super::client::Client;
-use super::output::{self, Format, age, labels, str_at, text_at};
+use super::output::{self, Format, age, keys_at, labels, str_at, text_at};
 use super::resolve::{self, list_path, parse_kind};
 use super::settings::{ClientOpts, Settings};
 use super::{CliResult, print_out, stdout_error};
@@ -368,14 +368,12 @@ pub fn rows(
             let rows = items
                 .iter()
                 .map(|o| {
-                    let keys = o
-                        .pointer("/spec/config")
-                        .and_then(Value::as_object)
-                        .map_or_else(
-                            || "-".to_string(),
-                            |m| m.keys().cloned().collect::<Vec<_>>().join(","),
-                        );
-                    vec![name(o), text_at(o, "/spec/description"), keys, created(o)]
+                    vec![
+                        name(o),
+                        text_at(o, "/spec/description"),
+                        keys_at(o, "/spec/config", ","),
+                        created(o),
+                    ]
                 })
                 .collect();
             (header, rows)
@@ -385,18 +383,11 @@ pub fn rows(
             let rows = items
                 .iter()
                 .map(|o| {
-                    let keys = o
-                        .pointer("/spec/keys")
-                        .and_then(Value::as_object)
-                        .map_or_else(
-                            || "-".to_string(),
-                            |m| m.keys().cloned().collect::<Vec<_>>().join(","),
-                        );
                     vec![
                         name(o),
                         text_at(o, "/metadata/tenant"),
                         text_at(o, "/metadata/project"),
-                        keys,
+                        keys_at(o, "/spec/keys", ","),
                         created(o),
                     ]
                 })

@@ -89,6 +89,14 @@ pub fn text_at(v: &Value, pointer: &str) -> String {
 }
 
 /// `k=v,k2=v2`, or `<none>`.
+/// The keys of the mapping at `pointer`, joined by `sep`; `-` when there is none.
+pub fn keys_at(v: &Value, pointer: &str, sep: &str) -> String {
+    v.pointer(pointer).and_then(Value::as_object).map_or_else(
+        || "-".to_string(),
+        |m| m.keys().cloned().collect::<Vec<_>>().join(sep),
+    )
+}
+
 pub fn labels(v: Option<&Value>) -> String {
     match v.and_then(Value::as_object) {
         Some(m) if !m.is_empty() => m
