@@ -7,6 +7,7 @@ mod error;
 mod objects;
 mod openapi;
 mod query;
+pub mod routes;
 mod serve;
 mod tokens;
 
@@ -25,7 +26,6 @@ use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -34,6 +34,7 @@ use crate::agent_rpc::Reports;
 use crate::audit::{AuditEntry, AuditObject, AuditPrincipal, AuditResult, AuditWriter};
 use crate::auth::oidc::OidcVerifier;
 use crate::auth::rbac::{self, Role};
+use routes::Need;
 use crate::auth::{Authenticator, Principal};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
@@ -469,30 +470,20 @@ fn json_response(status: StatusCode, body: impl Into<Body>, index: u64) -> Respo
     resp
 }
 
-/// Decides whether `principal` may use the route axum matched (one row of the permission
-/// table in [`rbac`]) and the scope it acts in.
-fn authorize(principal: Arc<Principal>, req: &Request) -> Result<Caller, ApiError> {
+/// Decides whether `principal` may do what the route needs (one cell of the permission table
+/// in [`rbac`]) and the scope it acts in.
+fn authorize(principal: Arc<Principal>, need: Option<Need>) -> Result<Caller, ApiError> {
     let forbidden = |d: rbac::Denied| ApiError::new(ErrorCode::Forbidden, d.0);
     let role = rbac::role_of(&principal).map_err(forbidden)?;
     let scope = rbac::scope_of(&principal, role).map_err(forbidden)?;
-    let template = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str);
-    // A method the route does not answer gets its 405 from the router, whoever asks.
-    let answers = |t: &str| {
-        let full = |route: &str| route == t || route.strip_prefix("/api/v1") == Some(t);
-        ROUTE_METHODS
-            .iter()
-            .find(|(route, _)| full(route))
-            .is_some_and(|(_, methods)| methods.split(", ").any(|m| m == req.method().as_str()))
-    };
-    if let Some((res, verb)) = template
-        .filter(|t| answers(t))
-        .and_then(|t| rbac::route_permission(req.method(), t))
-        && !rbac::allowed(role, &scope, res, verb)
-    {
-        rbac::check(&principal, res, verb).map_err(forbidden)?;
+    match need {
+        // No route matched: the fallback answers 404, whoever asks.
+        None | Some(Need::Open) => {}
+        Some(Need::Perm(res, verb)) => {
+            if !rbac::allowed(role, &scope, res, verb) {
+                rbac::check(&principal, res, verb).map_err(forbidden)?;
+            }
+        }
     }
     Ok(Caller {
         principal,
@@ -502,20 +493,57 @@ fn authorize(principal: Arc<Principal>, req: &Request) -> Result<Caller, ApiErro
     })
 }
 
-/// Authenticates every `/api/v1` request and stamps the index header on responses that lack it.
-async fn require_token(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+/// The state of the authorization middleware: the API's and the route table.
+#[derive(Clone)]
+struct Guard {
+    api: ApiState,
+    table: Arc<routes::RouteTable>,
+}
+
+/// Puts every request through the route table: open routes pass, undeclared methods get 405,
+/// routes without a declared permission are refused, everything else (unknown `/api/`
+/// paths too) is authenticated and authorized before its handler runs or its body is read.
+/// Stamps the index header on responses that lack it.
+async fn require_token(State(guard): State<Guard>, req: Request, next: Next) -> Response {
+    let need = match req.extensions().get::<MatchedPath>() {
+        Some(matched) => match guard.table.lookup(matched.as_str(), req.method()) {
+            routes::Lookup::Declared(Need::Open) => return next.run(req).await,
+            routes::Lookup::Declared(need) => Ok(Some(need)),
+            routes::Lookup::MethodNotAllowed(allow) => {
+                Err(method_not_allowed_response(&req, Some(allow.clone())))
+            }
+            routes::Lookup::Undeclared => {
+                tracing::error!(route = matched.as_str(), method = %req.method(),
+                    "a route without a declared permission was called; refused");
+                Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "{} {} declares no permission, so nobody may call it",
+                        req.method(),
+                        matched.as_str()
+                    ),
+                )
+                .into_response())
+            }
+        },
+        None if !client_path(&req).starts_with("/api/") => return next.run(req).await,
+        None => Ok(None),
+    };
+    let state = &guard.api;
     let index = state.index();
-    let mut resp = if state.is_shutting_down() {
-        let mut r = ApiError::new(
-            ErrorCode::Unavailable,
-            "the server is shutting down; retry in a moment",
-        )
-        .into_response();
-        r.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        r
-    } else {
-        authenticated(&state, req, next).await
+    let mut resp = match need {
+        Err(refused) => refused,
+        Ok(_) if state.is_shutting_down() => {
+            let mut r = ApiError::new(
+                ErrorCode::Unavailable,
+                "the server is shutting down; retry in a moment",
+            )
+            .into_response();
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+        Ok(need) => authenticated(state, req, next, need).await,
     };
     if !resp.headers().contains_key(INDEX_HEADER) {
         resp.headers_mut()
@@ -683,7 +711,12 @@ fn audit_entry(
     Some(entry)
 }
 
-async fn authenticated(state: &ApiState, mut req: Request, next: Next) -> Response {
+async fn authenticated(
+    state: &ApiState,
+    mut req: Request,
+    next: Next,
+    need: Option<Need>,
+) -> Response {
     let attempt = Attempt::of(&req);
     let header = req
         .headers()
@@ -699,7 +732,7 @@ async fn authenticated(state: &ApiState, mut req: Request, next: Next) -> Respon
             return resp;
         }
     };
-    let caller = match authorize(Arc::clone(&principal), &req) {
+    let caller = match authorize(Arc::clone(&principal), need) {
         Ok(c) => c,
         Err(e) => {
             let mut resp = e.into_response();
@@ -860,53 +893,10 @@ async fn not_found(req: Request) -> ApiError {
     )
 }
 
-/// The methods each route of the API answers, for `Allow` (checked against the router by a
-/// test).
-const ROUTE_METHODS: &[(&str, &str)] = &[
-    ("/metrics", "GET"),
-    ("/healthz", "GET"),
-    ("/readyz", "GET"),
-    ("/api/v1/openapi.json", "GET"),
-    ("/api/v1/info", "GET"),
-    ("/api/v1/apply", "POST"),
-    ("/api/v1/tenants", "GET, POST"),
-    ("/api/v1/tenants/{tenant}", "GET, PUT, DELETE"),
-    ("/api/v1/projects", "GET"),
-    ("/api/v1/tenants/{tenant}/projects", "GET, POST"),
-    (
-        "/api/v1/tenants/{tenant}/projects/{project}",
-        "GET, PUT, DELETE",
-    ),
-    ("/api/v1/instances", "GET"),
-    (
-        "/api/v1/tenants/{tenant}/projects/{project}/instances",
-        "GET, POST",
-    ),
-    (
-        "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}",
-        "GET, PUT, DELETE",
-    ),
-    (
-        "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}/scale",
-        "PUT",
-    ),
-    ("/api/v1/hosts", "GET"),
-    ("/api/v1/hosts/{host}", "GET, PUT, DELETE"),
-    ("/api/v1/tokens", "GET, POST"),
-    ("/api/v1/tokens/{id}", "DELETE"),
-    ("/api/v1/audit", "GET"),
-    ("/api/v1/audit/verify", "GET"),
-];
-
-async fn method_not_allowed(matched: Option<MatchedPath>, req: Request) -> Response {
-    let path = client_path(&req);
-    let allowed = matched.and_then(|m| {
-        ROUTE_METHODS
-            .iter()
-            .find(|(route, _)| *route == m.as_str())
-            .map(|(_, methods)| *methods)
-    });
-    let hint = match allowed {
+/// The 405 of a method a route does not answer, with its `Allow` when known.
+fn method_not_allowed_response(req: &Request, allow: Option<HeaderValue>) -> Response {
+    let path = client_path(req);
+    let hint = match allow.as_ref().and_then(|a| a.to_str().ok()) {
         Some(methods) => format!("this path answers {methods}"),
         None => "see /api/v1/openapi.json".to_string(),
     };
@@ -915,11 +905,15 @@ async fn method_not_allowed(matched: Option<MatchedPath>, req: Request) -> Respo
         format!("{} is not allowed on {path}; {hint}", req.method()),
     )
     .into_response();
-    if let Some(methods) = allowed {
-        resp.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static(methods));
+    if let Some(methods) = allow {
+        resp.headers_mut().insert(header::ALLOW, methods);
     }
     resp
+}
+
+/// The router's own 405 (the route table answers first, so this is a last resort).
+async fn method_not_allowed(req: Request) -> Response {
+    method_not_allowed_response(&req, None)
 }
 
 /// Prometheus text exposition (bearer token, like the API).
@@ -938,121 +932,165 @@ async fn metrics_handler(State(state): State<ApiState>) -> Result<Response, ApiE
         .into_response())
 }
 
-/// The whole HTTP surface: `/healthz`, `/readyz` (open) and `/api/v1` (bearer token).
-/// More top-level routes (such as `/metrics`) can be merged into the returned router.
+/// The whole HTTP surface: `/healthz`, `/readyz` (open), `/metrics` and `/api/v1` (bearer
+/// token), every route with the permission it needs ([`routes`]).
 pub fn router(state: ApiState) -> Router {
-    let instance = "/tenants/{tenant}/projects/{project}/instances/{name}";
-    let v1 = Router::new()
-        .route("/openapi.json", get(openapi::openapi_handler))
-        .route("/info", get(objects::info))
-        .route("/apply", post(objects::apply))
+    let (routes, table) = api_routes().into_parts();
+    let guard = Guard {
+        api: state.clone(),
+        table: Arc::new(table),
+    };
+    routes
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(guard, require_token))
+        .layer(middleware::from_fn(request_context))
+        .with_state(state)
+}
+
+/// Every route the API serves and what each needs.
+pub fn route_table() -> routes::RouteTable {
+    api_routes().into_parts().1
+}
+
+fn api_routes() -> routes::Routes {
+    use crate::auth::rbac::Res::*;
+    use routes::{Need, delete, get, post, put};
+    let v1 = |path: &str| format!("/api/v1{path}");
+    let instance = v1("/tenants/{tenant}/projects/{project}/instances/{name}");
+    routes::Routes::default()
+        .route("/healthz", get(Need::Open, objects::healthz))
+        .route("/readyz", get(Need::Open, objects::readyz))
+        .route("/metrics", get(Need::read(Metrics), metrics_handler))
         .route(
-            "/tenants",
-            get(objects::list_tenants).post(objects::create_tenant),
+            &v1("/openapi.json"),
+            get(Need::read(Info), openapi::openapi_handler),
+        )
+        .route(&v1("/info"), get(Need::read(Info), objects::info))
+        .route(&v1("/apply"), post(Need::write(Apply), objects::apply))
+        .route(
+            &v1("/tenants"),
+            get(Need::read(Tenants), objects::list_tenants)
+                .post(Need::write(Tenants), objects::create_tenant),
         )
         .route(
-            "/tenants/{tenant}",
-            get(objects::get_tenant)
-                .put(objects::put_tenant)
-                .delete(objects::delete_tenant),
-        )
-        .route("/projects", get(objects::list_projects))
-        .route(
-            "/tenants/{tenant}/projects",
-            get(objects::list_tenant_projects).post(objects::create_project),
+            &v1("/tenants/{tenant}"),
+            get(Need::read(Tenants), objects::get_tenant)
+                .put(Need::write(Tenants), objects::put_tenant)
+                .delete(Need::delete(Tenants), objects::delete_tenant),
         )
         .route(
-            "/tenants/{tenant}/projects/{project}",
-            get(objects::get_project)
-                .put(objects::put_project)
-                .delete(objects::delete_project),
-        )
-        .route("/instances", get(objects::list_instances))
-        .route(
-            "/tenants/{tenant}/projects/{project}/instances",
-            get(objects::list_project_instances).post(objects::create_instance),
+            &v1("/projects"),
+            get(Need::read(Projects), objects::list_projects),
         )
         .route(
-            instance,
-            get(objects::get_instance)
-                .put(objects::put_instance)
-                .delete(objects::delete_instance),
+            &v1("/tenants/{tenant}/projects"),
+            get(Need::read(Projects), objects::list_tenant_projects)
+                .post(Need::write(Projects), objects::create_project),
         )
-        .route(&format!("{instance}/scale"), put(objects::scale_instance))
-        .route(&format!("{instance}/config"), get(configs::effective))
+        .route(
+            &v1("/tenants/{tenant}/projects/{project}"),
+            get(Need::read(Projects), objects::get_project)
+                .put(Need::write(Projects), objects::put_project)
+                .delete(Need::delete(Projects), objects::delete_project),
+        )
+        .route(
+            &v1("/instances"),
+            get(Need::read(Instances), objects::list_instances),
+        )
+        .route(
+            &v1("/tenants/{tenant}/projects/{project}/instances"),
+            get(Need::read(Instances), objects::list_project_instances)
+                .post(Need::write(Instances), objects::create_instance),
+        )
+        .route(
+            &instance,
+            get(Need::read(Instances), objects::get_instance)
+                .put(Need::write(Instances), objects::put_instance)
+                .delete(Need::delete(Instances), objects::delete_instance),
+        )
+        .route(
+            &format!("{instance}/scale"),
+            put(Need::write(Instances), objects::scale_instance),
+        )
+        .route(
+            &format!("{instance}/config"),
+            get(Need::read(Instances), configs::effective),
+        )
         .route(
             &format!("{instance}/config/revisions"),
-            get(configs::history),
+            get(Need::read(Instances), configs::history),
         )
         .route(
             &format!("{instance}/config/revisions/{{revision}}"),
-            get(configs::revision),
+            get(Need::read(Instances), configs::revision),
         )
-        .route(&format!("{instance}/config/diff"), get(configs::diff))
+        .route(
+            &format!("{instance}/config/diff"),
+            get(Need::read(Instances), configs::diff),
+        )
         .route(
             &format!("{instance}/config/rollback"),
-            post(configs::rollback),
+            post(Need::write(Instances), configs::rollback),
         )
         .route(
-            "/configtemplates",
-            get(configs::list_templates).post(configs::create_template),
+            &v1("/configtemplates"),
+            get(Need::read(Templates), configs::list_templates)
+                .post(Need::write(Templates), configs::create_template),
         )
         .route(
-            "/configtemplates/{name}",
-            get(configs::get_template)
-                .put(configs::put_template)
-                .delete(configs::delete_template),
-        )
-        .route("/secrets", get(configs::list_secrets))
-        .route("/secrets/rotate-key", post(configs::rotate_key))
-        .route(
-            "/tenants/{tenant}/secrets",
-            get(configs::list_tenant_secrets),
+            &v1("/configtemplates/{name}"),
+            get(Need::read(Templates), configs::get_template)
+                .put(Need::write(Templates), configs::put_template)
+                .delete(Need::delete(Templates), configs::delete_template),
         )
         .route(
-            "/tenants/{tenant}/secrets/{name}",
-            get(configs::get_tenant_secret)
-                .put(configs::put_tenant_secret)
-                .delete(configs::delete_tenant_secret),
+            &v1("/secrets"),
+            get(Need::read(Secrets), configs::list_secrets),
         )
         .route(
-            "/tenants/{tenant}/projects/{project}/secrets",
-            get(configs::list_project_secrets),
+            &v1("/secrets/rotate-key"),
+            post(Need::write(SecretKey), configs::rotate_key),
         )
         .route(
-            "/tenants/{tenant}/projects/{project}/secrets/{name}",
-            get(configs::get_project_secret)
-                .put(configs::put_project_secret)
-                .delete(configs::delete_project_secret),
-        )
-        .route("/hosts", get(objects::list_hosts))
-        .route(
-            "/hosts/{host}",
-            get(objects::get_host)
-                .put(objects::put_host)
-                .delete(objects::delete_host),
+            &v1("/tenants/{tenant}/secrets"),
+            get(Need::read(Secrets), configs::list_tenant_secrets),
         )
         .route(
-            "/tokens",
-            get(tokens::list_tokens).post(tokens::create_token),
+            &v1("/tenants/{tenant}/secrets/{name}"),
+            get(Need::read(Secrets), configs::get_tenant_secret)
+                .put(Need::write(TenantSecrets), configs::put_tenant_secret)
+                .delete(Need::delete(TenantSecrets), configs::delete_tenant_secret),
         )
-        .route("/tokens/{id}", delete(tokens::revoke_token))
-        .route("/audit", get(audit::list_audit))
-        .route("/audit/verify", get(audit::verify_audit))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
         .route(
-            "/metrics",
-            get(metrics_handler)
-                .layer(middleware::from_fn_with_state(state.clone(), require_token)),
+            &v1("/tenants/{tenant}/projects/{project}/secrets"),
+            get(Need::read(Secrets), configs::list_project_secrets),
         )
-        .route("/healthz", get(objects::healthz))
-        .route("/readyz", get(objects::readyz))
-        .nest("/api/v1", v1)
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(request_context))
-        .with_state(state)
+        .route(
+            &v1("/tenants/{tenant}/projects/{project}/secrets/{name}"),
+            get(Need::read(Secrets), configs::get_project_secret)
+                .put(Need::write(ProjectSecrets), configs::put_project_secret)
+                .delete(Need::delete(ProjectSecrets), configs::delete_project_secret),
+        )
+        .route(&v1("/hosts"), get(Need::read(Hosts), objects::list_hosts))
+        .route(
+            &v1("/hosts/{host}"),
+            get(Need::read(Hosts), objects::get_host)
+                .put(Need::write(Hosts), objects::put_host)
+                .delete(Need::delete(Hosts), objects::delete_host),
+        )
+        .route(
+            &v1("/tokens"),
+            get(Need::read(Tokens), tokens::list_tokens)
+                .post(Need::write(Tokens), tokens::create_token),
+        )
+        .route(
+            &v1("/tokens/{id}"),
+            delete(Need::delete(Tokens), tokens::revoke_token),
+        )
+        .route(&v1("/audit"), get(Need::read(Audit), audit::list_audit))
+        .route(
+            &v1("/audit/verify"),
+            get(Need::read(Audit), audit::verify_audit),
+        )
 }

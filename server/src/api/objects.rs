@@ -711,7 +711,7 @@ pub async fn apply(
             }
             Ok(mut r) => match rbac::check(
                 &state.caller().principal,
-                rbac::Res::of_kind(r.kind()),
+                rbac::Res::of_resource(&r),
                 rbac::Verb::Write,
             ) {
                 Ok(_) => {

@@ -1,32 +1,20 @@
 //! Role-based access control: the one permission table of the API, and the scope of tenant
 //! data a principal sees.
 //!
-//! | resource  | read                        | write                         | delete                        |
-//! |-----------|-----------------------------|-------------------------------|-------------------------------|
-//! | info      | every role                  |                               |                               |
-//! | tenants   | every role (its own tenant) | platform-admin                | platform-admin                |
-//! | projects  | every role (in scope)       | platform-admin, tenant-admin  | platform-admin, tenant-admin  |
-//! | instances | every role (in scope)       | platform-admin, tenant-admin, project-editor | same as write |
-//! | hosts     | platform-admin, cluster-wide viewer | (agents only)         | platform-admin                |
-//! | tokens    | platform-admin, tenant-admin | platform-admin, tenant-admin | platform-admin, tenant-admin  |
-//! | audit     | platform-admin, tenant-admin |                              |                               |
-//! | metrics   | platform-admin, cluster-wide viewer |                       |                               |
-//! | configtemplates | every role            | platform-admin                | platform-admin                |
-//! | secrets   | every role (in scope; keys and fingerprints only) | platform-admin, tenant-admin, project-editor | same as write |
-//! | secrets' data key |                     | platform-admin (rotate)       |                               |
-//!
-//! The table is [`PERMISSIONS`]; every `/api/v1` route is mapped to a row by
-//! [`route_permission`] and checked in the authentication middleware, and every document of a
-//! batch `apply` by [`check`]. What a role may see inside its rows is its [`Scope`]: a
-//! tenant-admin's tenant, a project-editor's project; the store answers out-of-scope objects as
-//! if they did not exist.
+//! [`PERMISSIONS`] says which roles may read, write or delete each resource; README.md shows
+//! the same table to people, and a test holds the two equal. Every route of the API declares
+//! the row it needs where it is mounted (`api::routes`), so a route without a declaration
+//! cannot be mounted, and the authentication middleware checks it before any handler runs or
+//! any body is read. A batch `apply` is checked document by document with [`check`]. What a
+//! role may see inside its rows is its [`Scope`]: a tenant-admin's tenant, a project-editor's
+//! project; the store answers out-of-scope objects as if they did not exist.
 
 use std::fmt;
 
 use axum::http::Method;
 
 use super::Principal;
-use crate::model::Kind;
+use crate::model::{Kind, Resource};
 use crate::store::Scope;
 
 /// The roles, from most to least privileged.
@@ -83,20 +71,67 @@ pub enum Res {
     Audit,
     Metrics,
     Templates,
+    /// Secrets of every level, read: keys and fingerprints, never values.
     Secrets,
+    /// A tenant's own secrets (any of its projects may reference them).
+    TenantSecrets,
+    /// A project's secrets.
+    ProjectSecrets,
     /// The data key secrets are encrypted with.
     SecretKey,
+    /// A batch of objects (`/apply`): the caller must be able to write something; every
+    /// document is then checked as what it is.
+    Apply,
 }
 
 impl Res {
-    pub fn of_kind(kind: Kind) -> Res {
-        match kind {
+    pub const ALL: [Res; 14] = [
+        Res::Info,
+        Res::Tenants,
+        Res::Projects,
+        Res::Instances,
+        Res::Hosts,
+        Res::Tokens,
+        Res::Audit,
+        Res::Metrics,
+        Res::Templates,
+        Res::Secrets,
+        Res::TenantSecrets,
+        Res::ProjectSecrets,
+        Res::SecretKey,
+        Res::Apply,
+    ];
+
+    /// What writing `resource` touches: a secret is its tenant's or its project's.
+    pub fn of_resource(resource: &Resource) -> Res {
+        match resource.kind() {
             Kind::Tenant => Res::Tenants,
             Kind::Project => Res::Projects,
             Kind::OpenClawInstance => Res::Instances,
             Kind::Host => Res::Hosts,
             Kind::ConfigTemplate => Res::Templates,
-            Kind::Secret => Res::Secrets,
+            Kind::Secret if resource.metadata().project.is_some() => Res::ProjectSecrets,
+            Kind::Secret => Res::TenantSecrets,
+        }
+    }
+
+    /// The resource's row in README.md's permission table.
+    pub fn row_name(self) -> &'static str {
+        match self {
+            Res::Info => "server info, API description",
+            Res::Tenants => "tenants",
+            Res::Projects => "projects",
+            Res::Instances => "instances, their config revisions, diff and rollback",
+            Res::Hosts => "hosts",
+            Res::Tokens => "tokens",
+            Res::Audit => "audit log",
+            Res::Metrics => "`/metrics`",
+            Res::Templates => "config templates",
+            Res::Secrets => "secrets (keys and fingerprints, never values)",
+            Res::TenantSecrets => "a tenant's secrets",
+            Res::ProjectSecrets => "a project's secrets",
+            Res::SecretKey => "the secrets' data key (`secret rotate-key`)",
+            Res::Apply => "`apply` (a batch; each document is checked as its kind)",
         }
     }
 
@@ -109,7 +144,10 @@ impl Res {
             Res::Hosts => "hosts",
             Res::Templates => "config templates",
             Res::Secrets => "secrets",
+            Res::TenantSecrets => "a tenant's secrets",
+            Res::ProjectSecrets => "a project's secrets",
             Res::SecretKey => "the secrets' data key",
+            Res::Apply => "a batch of objects",
             Res::Tokens => "tokens",
             Res::Audit => "the audit log",
             Res::Metrics => "metrics",
@@ -133,7 +171,9 @@ impl Verb {
         }
     }
 
-    fn as_str(self) -> &'static str {
+    pub const ALL: [Verb; 3] = [Verb::Read, Verb::Write, Verb::Delete];
+
+    pub fn as_str(self) -> &'static str {
         match self {
             Verb::Read => "read",
             Verb::Write => "write",
@@ -144,11 +184,11 @@ impl Verb {
 
 /// Who may do what. `cluster_only`: the role must also be cluster-wide (a viewer without a
 /// tenant), for infrastructure no tenant owns.
-struct Permission {
-    res: Res,
-    verb: Verb,
-    roles: &'static [Role],
-    cluster_only: bool,
+pub struct Permission {
+    pub res: Res,
+    pub verb: Verb,
+    pub roles: &'static [Role],
+    pub cluster_only: bool,
 }
 
 const EVERY_ROLE: &[Role] = &Role::ALL;
@@ -167,7 +207,7 @@ const fn p(res: Res, verb: Verb, roles: &'static [Role], cluster_only: bool) -> 
 }
 
 /// The permission table. A (resource, verb) pair that is not here is allowed to nobody.
-const PERMISSIONS: &[Permission] = &[
+pub const PERMISSIONS: &[Permission] = &[
     p(Res::Info, Verb::Read, EVERY_ROLE, false),
     p(Res::Tenants, Verb::Read, EVERY_ROLE, false),
     p(Res::Tenants, Verb::Write, PA, false),
@@ -179,8 +219,7 @@ const PERMISSIONS: &[Permission] = &[
     p(Res::Instances, Verb::Write, EDITORS, false),
     p(Res::Instances, Verb::Delete, EDITORS, false),
     p(Res::Hosts, Verb::Read, PA_VIEWER, true),
-    // Hosts are written by agents only; the handler tells a platform-admin so.
-    p(Res::Hosts, Verb::Write, PA, false),
+    // Hosts are written by their agents only: no role writes them.
     p(Res::Hosts, Verb::Delete, PA, false),
     p(Res::Tokens, Verb::Read, PA_TA, false),
     p(Res::Tokens, Verb::Write, PA_TA, false),
@@ -191,9 +230,12 @@ const PERMISSIONS: &[Permission] = &[
     p(Res::Templates, Verb::Write, PA, false),
     p(Res::Templates, Verb::Delete, PA, false),
     p(Res::Secrets, Verb::Read, EVERY_ROLE, false),
-    p(Res::Secrets, Verb::Write, EDITORS, false),
-    p(Res::Secrets, Verb::Delete, EDITORS, false),
+    p(Res::TenantSecrets, Verb::Write, PA_TA, false),
+    p(Res::TenantSecrets, Verb::Delete, PA_TA, false),
+    p(Res::ProjectSecrets, Verb::Write, EDITORS, false),
+    p(Res::ProjectSecrets, Verb::Delete, EDITORS, false),
     p(Res::SecretKey, Verb::Write, PA, false),
+    p(Res::Apply, Verb::Write, EDITORS, false),
 ];
 
 /// Why a principal may not do something; the text names the role and what it may do instead.
@@ -264,7 +306,9 @@ pub fn check(p: &Principal, res: Res, verb: Verb) -> Result<(Role, Scope), Denie
         .filter(|perm| perm.res == res && perm.verb == verb)
         .flat_map(|perm| perm.roles.iter().map(|r| r.as_str()))
         .collect();
-    let hint = if who.is_empty() {
+    let hint = if res == Res::Hosts && verb == Verb::Write {
+        crate::model::HOST_READ_ONLY.to_string()
+    } else if who.is_empty() {
         "no role may".to_string()
     } else {
         format!("only {} may", who.join(", "))
@@ -275,35 +319,6 @@ pub fn check(p: &Principal, res: Res, verb: Verb) -> Result<(Role, Scope), Denie
         verb.as_str(),
         res.noun()
     )))
-}
-
-/// The row of the table an `/api/v1` route belongs to, from its route template (as axum
-/// matched it, with or without the `/api/v1` prefix). `None` for routes outside the table
-/// (the OpenAPI document, unknown paths), which any authenticated caller may reach.
-pub fn route_permission(method: &Method, template: &str) -> Option<(Res, Verb)> {
-    let path = template.strip_prefix("/api/v1").unwrap_or(template);
-    let verb = Verb::of_method(method);
-    let mut res = None;
-    for segment in path.split('/').filter(|s| !s.is_empty()) {
-        res = match segment {
-            "info" => Some(Res::Info),
-            "tenants" => Some(Res::Tenants),
-            "projects" => Some(Res::Projects),
-            "instances" | "scale" => Some(Res::Instances),
-            "hosts" => Some(Res::Hosts),
-            "tokens" => Some(Res::Tokens),
-            "audit" => Some(Res::Audit),
-            "metrics" => Some(Res::Metrics),
-            "configtemplates" => Some(Res::Templates),
-            "secrets" => Some(Res::Secrets),
-            "rotate-key" => Some(Res::SecretKey),
-            // The batch endpoint: every document is checked on its own.
-            "apply" => return None,
-            "openapi.json" => return None,
-            _ => continue,
-        };
-    }
-    res.map(|r| (r, verb))
 }
 
 pub fn role_names() -> String {
@@ -326,45 +341,6 @@ mod tests {
             tenant: tenant.map(Into::into),
             project: project.map(Into::into),
         }
-    }
-
-    #[test]
-    fn routes_map_to_their_rows() {
-        let g = Method::GET;
-        assert_eq!(
-            route_permission(
-                &g,
-                "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}"
-            ),
-            Some((Res::Instances, Verb::Read))
-        );
-        assert_eq!(
-            route_permission(
-                &Method::PUT,
-                "/tenants/{tenant}/projects/{project}/instances/{name}/scale"
-            ),
-            Some((Res::Instances, Verb::Write))
-        );
-        assert_eq!(
-            route_permission(
-                &Method::DELETE,
-                "/api/v1/tenants/{tenant}/projects/{project}"
-            ),
-            Some((Res::Projects, Verb::Delete))
-        );
-        assert_eq!(
-            route_permission(&Method::POST, "/api/v1/tokens"),
-            Some((Res::Tokens, Verb::Write))
-        );
-        assert_eq!(
-            route_permission(&g, "/api/v1/audit/verify"),
-            Some((Res::Audit, Verb::Read))
-        );
-        assert_eq!(route_permission(&Method::POST, "/api/v1/apply"), None);
-        assert_eq!(
-            route_permission(&g, "/metrics"),
-            Some((Res::Metrics, Verb::Read))
-        );
     }
 
     #[test]
