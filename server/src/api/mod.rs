@@ -34,11 +34,11 @@ use crate::agent_rpc::Reports;
 use crate::audit::{AuditEntry, AuditObject, AuditPrincipal, AuditResult, AuditWriter};
 use crate::auth::oidc::OidcVerifier;
 use crate::auth::rbac::{self, Role};
-use routes::Need;
 use crate::auth::{Authenticator, Principal};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::store::{Scope, Scoped, Store};
+use routes::Need;
 
 pub use body::{APPLY_BODY_LIMIT, BODY_LIMIT};
 pub use error::{ApiError, ErrorBody, ErrorCode};
@@ -917,7 +917,9 @@ async fn method_not_allowed(req: Request) -> Response {
 }
 
 /// Prometheus text exposition (bearer token, like the API).
-async fn metrics_handler(State(state): State<ApiState>) -> Result<Response, ApiError> {
+#[utoipa::path(get, path = "/metrics", tag = "metrics",
+    responses((status = 200, description = "Prometheus text exposition: hosts and instances by phase, replica CPU and memory, agent RPC counts and latencies", content_type = "text/plain")))]
+pub(crate) async fn metrics_handler(State(state): State<ApiState>) -> Result<Response, ApiError> {
     let (metrics, reports) = (state.inner.metrics.clone(), state.inner.reports.clone());
     let text = state
         .run_unscoped(move |store| Ok(metrics.render(store, &reports)?))
@@ -955,142 +957,120 @@ pub fn route_table() -> routes::RouteTable {
 
 fn api_routes() -> routes::Routes {
     use crate::auth::rbac::Res::*;
-    use routes::{Need, delete, get, post, put};
+    use routes::{delete, get, open, post, put};
     let v1 = |path: &str| format!("/api/v1{path}");
     let instance = v1("/tenants/{tenant}/projects/{project}/instances/{name}");
     routes::Routes::default()
-        .route("/healthz", get(Need::Open, objects::healthz))
-        .route("/readyz", get(Need::Open, objects::readyz))
-        .route("/metrics", get(Need::read(Metrics), metrics_handler))
-        .route(
-            &v1("/openapi.json"),
-            get(Need::read(Info), openapi::openapi_handler),
-        )
-        .route(&v1("/info"), get(Need::read(Info), objects::info))
-        .route(&v1("/apply"), post(Need::write(Apply), objects::apply))
+        .route("/healthz", open(objects::healthz))
+        .route("/readyz", open(objects::readyz))
+        .route("/metrics", get(Metrics, metrics_handler))
+        .route(&v1("/openapi.json"), get(Info, openapi::openapi_handler))
+        .route(&v1("/info"), get(Info, objects::info))
+        .route(&v1("/apply"), post(Apply, objects::apply))
         .route(
             &v1("/tenants"),
-            get(Need::read(Tenants), objects::list_tenants)
-                .post(Need::write(Tenants), objects::create_tenant),
+            get(Tenants, objects::list_tenants).post(Tenants, objects::create_tenant),
         )
         .route(
             &v1("/tenants/{tenant}"),
-            get(Need::read(Tenants), objects::get_tenant)
-                .put(Need::write(Tenants), objects::put_tenant)
-                .delete(Need::delete(Tenants), objects::delete_tenant),
+            get(Tenants, objects::get_tenant)
+                .put(Tenants, objects::put_tenant)
+                .delete(Tenants, objects::delete_tenant),
         )
-        .route(
-            &v1("/projects"),
-            get(Need::read(Projects), objects::list_projects),
-        )
+        .route(&v1("/projects"), get(Projects, objects::list_projects))
         .route(
             &v1("/tenants/{tenant}/projects"),
-            get(Need::read(Projects), objects::list_tenant_projects)
-                .post(Need::write(Projects), objects::create_project),
+            get(Projects, objects::list_tenant_projects).post(Projects, objects::create_project),
         )
         .route(
             &v1("/tenants/{tenant}/projects/{project}"),
-            get(Need::read(Projects), objects::get_project)
-                .put(Need::write(Projects), objects::put_project)
-                .delete(Need::delete(Projects), objects::delete_project),
+            get(Projects, objects::get_project)
+                .put(Projects, objects::put_project)
+                .delete(Projects, objects::delete_project),
         )
-        .route(
-            &v1("/instances"),
-            get(Need::read(Instances), objects::list_instances),
-        )
+        .route(&v1("/instances"), get(Instances, objects::list_instances))
         .route(
             &v1("/tenants/{tenant}/projects/{project}/instances"),
-            get(Need::read(Instances), objects::list_project_instances)
-                .post(Need::write(Instances), objects::create_instance),
+            get(Instances, objects::list_project_instances)
+                .post(Instances, objects::create_instance),
         )
         .route(
             &instance,
-            get(Need::read(Instances), objects::get_instance)
-                .put(Need::write(Instances), objects::put_instance)
-                .delete(Need::delete(Instances), objects::delete_instance),
+            get(Instances, objects::get_instance)
+                .put(Instances, objects::put_instance)
+                .delete(Instances, objects::delete_instance),
         )
         .route(
             &format!("{instance}/scale"),
-            put(Need::write(Instances), objects::scale_instance),
+            put(Instances, objects::scale_instance),
         )
         .route(
             &format!("{instance}/config"),
-            get(Need::read(Instances), configs::effective),
+            get(Instances, configs::effective),
         )
         .route(
             &format!("{instance}/config/revisions"),
-            get(Need::read(Instances), configs::history),
+            get(Instances, configs::history),
         )
         .route(
             &format!("{instance}/config/revisions/{{revision}}"),
-            get(Need::read(Instances), configs::revision),
+            get(Instances, configs::revision),
         )
         .route(
             &format!("{instance}/config/diff"),
-            get(Need::read(Instances), configs::diff),
+            get(Instances, configs::diff),
         )
         .route(
             &format!("{instance}/config/rollback"),
-            post(Need::write(Instances), configs::rollback),
+            post(Instances, configs::rollback),
         )
         .route(
             &v1("/configtemplates"),
-            get(Need::read(Templates), configs::list_templates)
-                .post(Need::write(Templates), configs::create_template),
+            get(Templates, configs::list_templates).post(Templates, configs::create_template),
         )
         .route(
             &v1("/configtemplates/{name}"),
-            get(Need::read(Templates), configs::get_template)
-                .put(Need::write(Templates), configs::put_template)
-                .delete(Need::delete(Templates), configs::delete_template),
+            get(Templates, configs::get_template)
+                .put(Templates, configs::put_template)
+                .delete(Templates, configs::delete_template),
         )
-        .route(
-            &v1("/secrets"),
-            get(Need::read(Secrets), configs::list_secrets),
-        )
+        .route(&v1("/secrets"), get(Secrets, configs::list_secrets))
         .route(
             &v1("/secrets/rotate-key"),
-            post(Need::write(SecretKey), configs::rotate_key),
+            post(SecretKey, configs::rotate_key),
         )
         .route(
             &v1("/tenants/{tenant}/secrets"),
-            get(Need::read(Secrets), configs::list_tenant_secrets),
+            get(Secrets, configs::list_tenant_secrets),
         )
         .route(
             &v1("/tenants/{tenant}/secrets/{name}"),
-            get(Need::read(Secrets), configs::get_tenant_secret)
-                .put(Need::write(TenantSecrets), configs::put_tenant_secret)
-                .delete(Need::delete(TenantSecrets), configs::delete_tenant_secret),
+            get(Secrets, configs::get_tenant_secret)
+                .put(TenantSecrets, configs::put_tenant_secret)
+                .delete(TenantSecrets, configs::delete_tenant_secret),
         )
         .route(
             &v1("/tenants/{tenant}/projects/{project}/secrets"),
-            get(Need::read(Secrets), configs::list_project_secrets),
+            get(Secrets, configs::list_project_secrets),
         )
         .route(
             &v1("/tenants/{tenant}/projects/{project}/secrets/{name}"),
-            get(Need::read(Secrets), configs::get_project_secret)
-                .put(Need::write(ProjectSecrets), configs::put_project_secret)
-                .delete(Need::delete(ProjectSecrets), configs::delete_project_secret),
+            get(Secrets, configs::get_project_secret)
+                .put(ProjectSecrets, configs::put_project_secret)
+                .delete(ProjectSecrets, configs::delete_project_secret),
         )
-        .route(&v1("/hosts"), get(Need::read(Hosts), objects::list_hosts))
+        .route(&v1("/hosts"), get(Hosts, objects::list_hosts))
         .route(
             &v1("/hosts/{host}"),
-            get(Need::read(Hosts), objects::get_host)
-                .put(Need::write(Hosts), objects::put_host)
-                .delete(Need::delete(Hosts), objects::delete_host),
+            get(Hosts, objects::get_host)
+                .put(Hosts, objects::put_host)
+                .delete(Hosts, objects::delete_host),
         )
         .route(
             &v1("/tokens"),
-            get(Need::read(Tokens), tokens::list_tokens)
-                .post(Need::write(Tokens), tokens::create_token),
+            get(Tokens, tokens::list_tokens).post(Tokens, tokens::create_token),
         )
-        .route(
-            &v1("/tokens/{id}"),
-            delete(Need::delete(Tokens), tokens::revoke_token),
-        )
-        .route(&v1("/audit"), get(Need::read(Audit), audit::list_audit))
-        .route(
-            &v1("/audit/verify"),
-            get(Need::read(Audit), audit::verify_audit),
-        )
+        .route(&v1("/tokens/{id}"), delete(Tokens, tokens::revoke_token))
+        .route(&v1("/audit"), get(Audit, audit::list_audit))
+        .route(&v1("/audit/verify"), get(AuditChain, audit::verify_audit))
 }

@@ -724,10 +724,14 @@ pub async fn apply(
         }
     }
     if !denials.is_empty() {
-        let msg = format!(
-            "{} document(s) are not yours to write, listed in details; nothing was written",
-            denials.len()
-        );
+        let first = &denials[0];
+        let msg = match denials.len() {
+            1 => format!("{}: {}; nothing was written", first.field, first.problem),
+            n => format!(
+                "{n} documents are not yours to write, listed in details (the first, {}: {}); nothing was written",
+                first.field, first.problem
+            ),
+        };
         return Err(ApiError::new(ErrorCode::Forbidden, msg).with_details(denials));
     }
     if !too_large.is_empty() {

@@ -19,6 +19,7 @@ use super::{ApiState, json_response};
 use crate::audit::{
     AuditEntry, AuditObject, AuditOutcome, AuditPrincipal, AuditRecord, AuditResult,
 };
+use crate::auth::rbac;
 use crate::model::{FieldProblem, Host, OpenClawInstance, Project, Tenant};
 use crate::store::{Outcome, TokenKind, TokenRecord};
 
@@ -86,6 +87,7 @@ impl Modify for BearerAuth {
         objects::healthz,
         objects::readyz,
         openapi_handler,
+        super::metrics_handler,
         objects::info,
         objects::apply,
         objects::list_tenants,
@@ -147,6 +149,7 @@ impl Modify for BearerAuth {
     tags(
         (name = "health", description = "Liveness and readiness, without authentication"),
         (name = "info", description = "About this server"),
+        (name = "metrics", description = "Prometheus figures for platform-admins and cluster-wide viewers"),
         (name = "objects", description = "Batches of objects of any kind"),
         (name = "tenants"), (name = "projects"), (name = "instances"),
         (name = "hosts", description = "Read-only to users: written by clusterclaw-agent"),
@@ -163,10 +166,43 @@ pub struct ApiDoc;
 pub fn openapi_json() -> &'static str {
     static DOC: OnceLock<String> = OnceLock::new();
     DOC.get_or_init(|| {
-        ApiDoc::openapi()
-            .to_pretty_json()
+        let mut doc = ApiDoc::openapi();
+        with_permissions(&mut doc, &super::route_table());
+        doc.to_pretty_json()
             .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     })
+}
+
+/// Marks every operation with who may call it (`x-clusterclaw-permission`), from the route
+/// table the server authorizes with.
+fn with_permissions(doc: &mut utoipa::openapi::OpenApi, table: &super::routes::RouteTable) {
+    use super::routes::{Lookup, Need};
+    use axum::http::Method;
+    for (path, item) in doc.paths.paths.iter_mut() {
+        for (method, op) in [
+            (Method::GET, &mut item.get),
+            (Method::PUT, &mut item.put),
+            (Method::POST, &mut item.post),
+            (Method::DELETE, &mut item.delete),
+        ] {
+            let Some(op) = op else { continue };
+            let text = match table.lookup(path, &method) {
+                Lookup::Declared(Need::Open) => "open: no token needed".to_string(),
+                Lookup::Declared(Need::Perm(res, verb)) => format!(
+                    "{} {}: {}",
+                    verb.as_str(),
+                    res.noun(),
+                    rbac::who_may(res, verb).unwrap_or_else(|| "nobody".into())
+                ),
+                Lookup::MethodNotAllowed(_) | Lookup::Undeclared => "undeclared: refused".into(),
+            };
+            op.extensions = Some(
+                utoipa::openapi::extensions::ExtensionsBuilder::new()
+                    .add("x-clusterclaw-permission", text)
+                    .build(),
+            );
+        }
+    }
 }
 
 /// This document.

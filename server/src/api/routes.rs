@@ -2,8 +2,9 @@
 //! router, answers `Allow` and authorizes every request before its handler runs.
 //!
 //! A route can only be mounted through [`Routes::route`], whose method builders ([`get`],
-//! [`Ops::post`], ...) each take a [`Need`]: a route without a declared permission does not
-//! compile. At request time the middleware looks the matched route and method up in the
+//! [`Ops::post`], ...) each take the resource of the permission table the method acts on (the
+//! verb follows from the method: `GET` reads, `DELETE` deletes, `POST` and `PUT` write), or are
+//! [`open`]: a route without a declared permission does not compile. At request time the middleware looks the matched route and method up in the
 //! [`RouteTable`]; whatever is not in it (a route mounted around this builder, a method the
 //! route does not declare) is refused, never let through.
 
@@ -27,14 +28,9 @@ pub enum Need {
 }
 
 impl Need {
-    pub const fn read(res: Res) -> Need {
-        Need::Perm(res, Verb::Read)
-    }
-    pub const fn write(res: Res) -> Need {
-        Need::Perm(res, Verb::Write)
-    }
-    pub const fn delete(res: Res) -> Need {
-        Need::Perm(res, Verb::Delete)
+    /// What `method` on `res` needs.
+    fn of(method: &Method, res: Res) -> Need {
+        Need::Perm(res, Verb::of_method(method))
     }
 }
 
@@ -44,82 +40,97 @@ pub struct Ops {
     declared: Vec<(Method, Need)>,
 }
 
-/// A `GET` route (which also answers `HEAD`) that needs `need`.
-pub fn get<H, T>(need: Need, handler: H) -> Ops
+/// A `GET` route (which also answers `HEAD`) open to everyone, without a token.
+pub fn open<H, T>(handler: H) -> Ops
 where
     H: Handler<T, ApiState>,
     T: 'static,
 {
     Ops {
         router: axum::routing::get(handler),
-        declared: vec![(Method::GET, need)],
+        declared: vec![(Method::GET, Need::Open)],
     }
 }
 
-/// A `POST` route that needs `need`.
-pub fn post<H, T>(need: Need, handler: H) -> Ops
+/// A `GET` route (which also answers `HEAD`) that reads `res`.
+pub fn get<H, T>(res: Res, handler: H) -> Ops
+where
+    H: Handler<T, ApiState>,
+    T: 'static,
+{
+    Ops {
+        router: axum::routing::get(handler),
+        declared: vec![(Method::GET, Need::of(&Method::GET, res))],
+    }
+}
+
+/// A `POST` route that writes `res`.
+pub fn post<H, T>(res: Res, handler: H) -> Ops
 where
     H: Handler<T, ApiState>,
     T: 'static,
 {
     Ops {
         router: axum::routing::post(handler),
-        declared: vec![(Method::POST, need)],
+        declared: vec![(Method::POST, Need::of(&Method::POST, res))],
     }
 }
 
-/// A `PUT` route that needs `need`.
-pub fn put<H, T>(need: Need, handler: H) -> Ops
+/// A `PUT` route that writes `res`.
+pub fn put<H, T>(res: Res, handler: H) -> Ops
 where
     H: Handler<T, ApiState>,
     T: 'static,
 {
     Ops {
         router: axum::routing::put(handler),
-        declared: vec![(Method::PUT, need)],
+        declared: vec![(Method::PUT, Need::of(&Method::PUT, res))],
     }
 }
 
-/// A `DELETE` route that needs `need`.
-pub fn delete<H, T>(need: Need, handler: H) -> Ops
+/// A `DELETE` route that deletes `res`.
+pub fn delete<H, T>(res: Res, handler: H) -> Ops
 where
     H: Handler<T, ApiState>,
     T: 'static,
 {
     Ops {
         router: axum::routing::delete(handler),
-        declared: vec![(Method::DELETE, need)],
+        declared: vec![(Method::DELETE, Need::of(&Method::DELETE, res))],
     }
 }
 
 impl Ops {
-    pub fn post<H, T>(mut self, need: Need, handler: H) -> Ops
+    pub fn post<H, T>(mut self, res: Res, handler: H) -> Ops
     where
         H: Handler<T, ApiState>,
         T: 'static,
     {
         self.router = self.router.post(handler);
-        self.declared.push((Method::POST, need));
+        self.declared
+            .push((Method::POST, Need::of(&Method::POST, res)));
         self
     }
 
-    pub fn put<H, T>(mut self, need: Need, handler: H) -> Ops
+    pub fn put<H, T>(mut self, res: Res, handler: H) -> Ops
     where
         H: Handler<T, ApiState>,
         T: 'static,
     {
         self.router = self.router.put(handler);
-        self.declared.push((Method::PUT, need));
+        self.declared
+            .push((Method::PUT, Need::of(&Method::PUT, res)));
         self
     }
 
-    pub fn delete<H, T>(mut self, need: Need, handler: H) -> Ops
+    pub fn delete<H, T>(mut self, res: Res, handler: H) -> Ops
     where
         H: Handler<T, ApiState>,
         T: 'static,
     {
         self.router = self.router.delete(handler);
-        self.declared.push((Method::DELETE, need));
+        self.declared
+            .push((Method::DELETE, Need::of(&Method::DELETE, res)));
         self
     }
 }
@@ -238,21 +249,21 @@ mod tests {
         let (_, table) = Routes::default()
             .route(
                 "/api/v1/things/{name}",
-                get(Need::read(Res::Tenants), ok).delete(Need::delete(Res::Tenants), ok),
+                get(Res::Tenants, ok).delete(Res::Tenants, ok),
             )
             .into_parts();
         let path = "/api/v1/things/{name}";
         assert_eq!(
             table.lookup(path, &Method::GET),
-            Lookup::Declared(Need::read(Res::Tenants))
+            Lookup::Declared(Need::Perm(Res::Tenants, Verb::Read))
         );
         assert_eq!(
             table.lookup(path, &Method::HEAD),
-            Lookup::Declared(Need::read(Res::Tenants))
+            Lookup::Declared(Need::Perm(Res::Tenants, Verb::Read))
         );
         assert_eq!(
             table.lookup(path, &Method::DELETE),
-            Lookup::Declared(Need::delete(Res::Tenants))
+            Lookup::Declared(Need::Perm(Res::Tenants, Verb::Delete))
         );
         assert_eq!(
             table.lookup(path, &Method::PUT),

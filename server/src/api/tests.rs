@@ -12,6 +12,7 @@ use tower::ServiceExt;
 use super::{ApiState, router};
 
 mod config_center;
+mod permissions;
 mod tenancy;
 use crate::auth::{
     self, PLATFORM_ADMIN, generate_api_token, generate_join_token, generate_token_id, hash_token,
@@ -113,8 +114,13 @@ impl Fixture {
         let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
             .await
             .unwrap();
+        let text_plain = headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/plain"));
         let body = if bytes.is_empty() {
             Value::Null
+        } else if text_plain {
+            Value::String(String::from_utf8_lossy(&bytes).into_owned())
         } else {
             serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 panic!(

@@ -69,6 +69,8 @@ pub enum Res {
     Hosts,
     Tokens,
     Audit,
+    /// The whole audit chain, every tenant's records (`audit verify`).
+    AuditChain,
     Metrics,
     Templates,
     /// Secrets of every level, read: keys and fingerprints, never values.
@@ -85,7 +87,7 @@ pub enum Res {
 }
 
 impl Res {
-    pub const ALL: [Res; 14] = [
+    pub const ALL: [Res; 15] = [
         Res::Info,
         Res::Tenants,
         Res::Projects,
@@ -93,6 +95,7 @@ impl Res {
         Res::Hosts,
         Res::Tokens,
         Res::Audit,
+        Res::AuditChain,
         Res::Metrics,
         Res::Templates,
         Res::Secrets,
@@ -125,6 +128,7 @@ impl Res {
             Res::Hosts => "hosts",
             Res::Tokens => "tokens",
             Res::Audit => "audit log",
+            Res::AuditChain => "the audit chain (`audit verify`)",
             Res::Metrics => "`/metrics`",
             Res::Templates => "config templates",
             Res::Secrets => "secrets (keys and fingerprints, never values)",
@@ -135,7 +139,7 @@ impl Res {
         }
     }
 
-    fn noun(self) -> &'static str {
+    pub fn noun(self) -> &'static str {
         match self {
             Res::Info => "server information",
             Res::Tenants => "tenants",
@@ -150,6 +154,7 @@ impl Res {
             Res::Apply => "a batch of objects",
             Res::Tokens => "tokens",
             Res::Audit => "the audit log",
+            Res::AuditChain => "the whole audit chain",
             Res::Metrics => "metrics",
         }
     }
@@ -225,6 +230,7 @@ pub const PERMISSIONS: &[Permission] = &[
     p(Res::Tokens, Verb::Write, PA_TA, false),
     p(Res::Tokens, Verb::Delete, PA_TA, false),
     p(Res::Audit, Verb::Read, PA_TA, false),
+    p(Res::AuditChain, Verb::Read, PA, false),
     p(Res::Metrics, Verb::Read, PA_VIEWER, true),
     p(Res::Templates, Verb::Read, EVERY_ROLE, false),
     p(Res::Templates, Verb::Write, PA, false),
@@ -294,6 +300,26 @@ pub fn allowed(role: Role, scope: &Scope, res: Res, verb: Verb) -> bool {
     })
 }
 
+/// The roles that may `verb` `res`, as text (`None`: nobody), with "without a tenant" where
+/// only cluster-wide holders may.
+pub fn who_may(res: Res, verb: Verb) -> Option<String> {
+    let who: Vec<String> = PERMISSIONS
+        .iter()
+        .filter(|perm| perm.res == res && perm.verb == verb)
+        .flat_map(|perm| {
+            perm.roles
+                .iter()
+                .map(move |r| match (perm.cluster_only, r) {
+                    (true, Role::Viewer | Role::TenantAdmin | Role::ProjectEditor) => {
+                        format!("{r} without a tenant")
+                    }
+                    _ => r.as_str().to_string(),
+                })
+        })
+        .collect();
+    (!who.is_empty()).then(|| who.join(", "))
+}
+
 /// [`allowed`], as an error that says what the role may do.
 pub fn check(p: &Principal, res: Res, verb: Verb) -> Result<(Role, Scope), Denied> {
     let role = role_of(p)?;
@@ -301,17 +327,13 @@ pub fn check(p: &Principal, res: Res, verb: Verb) -> Result<(Role, Scope), Denie
     if allowed(role, &scope, res, verb) {
         return Ok((role, scope));
     }
-    let who: Vec<&str> = PERMISSIONS
-        .iter()
-        .filter(|perm| perm.res == res && perm.verb == verb)
-        .flat_map(|perm| perm.roles.iter().map(|r| r.as_str()))
-        .collect();
     let hint = if res == Res::Hosts && verb == Verb::Write {
         crate::model::HOST_READ_ONLY.to_string()
-    } else if who.is_empty() {
-        "no role may".to_string()
     } else {
-        format!("only {} may", who.join(", "))
+        match who_may(res, verb) {
+            Some(who) => format!("only {who} may"),
+            None => "no role may".to_string(),
+        }
     };
     Err(Denied(format!(
         "the role {role} of {} may not {} {}; {hint}",

@@ -4,7 +4,7 @@
 use super::*;
 use crate::api::ApiOptions;
 
-fn fixture_with_keyring() -> Fixture {
+pub(super) fn fixture_with_keyring() -> Fixture {
     fixture_with(|dir| {
         let key_path = dir.join("secrets.key");
         let keyring = crate::secrets::Keyring::load_or_create(&key_path).unwrap();

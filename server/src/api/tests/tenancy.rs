@@ -13,26 +13,54 @@ use crate::store::{Store, StoreError, TokenKind, TokenRecord, WriteMode};
 
 impl Fixture {
     /// Stores an API token with a role and scope, as `token create` would, and returns it.
-    fn scoped_token(&self, role: &str, tenant: Option<&str>, project: Option<&str>) -> String {
-        let secret = generate_api_token();
-        let record = TokenRecord {
+    pub(super) fn scoped_token(
+        &self,
+        role: &str,
+        tenant: Option<&str>,
+        project: Option<&str>,
+    ) -> String {
+        self.token_record(TokenKind::Api, role, |r| {
+            r.tenant = tenant.map(Into::into);
+            r.project = project.map(Into::into);
+        })
+    }
+
+    /// Stores a token of `kind` with `role`, as `edit` changes it, and returns its secret.
+    pub(super) fn token_record(
+        &self,
+        kind: TokenKind,
+        role: &str,
+        edit: impl FnOnce(&mut TokenRecord),
+    ) -> String {
+        let secret = match kind {
+            TokenKind::Join => crate::auth::generate_join_token(),
+            TokenKind::Api => generate_api_token(),
+        };
+        let mut record = TokenRecord {
             id: generate_token_id(),
             name: format!("{role} test token"),
-            kind: TokenKind::Api,
+            kind,
             role: role.into(),
-            tenant: tenant.map(Into::into),
-            project: project.map(Into::into),
+            tenant: None,
+            project: None,
             created_at: 0,
             expires_at: None,
             uses_remaining: None,
             revoked: false,
             hash: hash_token(secret.expose()),
         };
+        edit(&mut record);
         self.store.insert_token(&record).unwrap();
         secret.expose().to_string()
     }
 
-    async fn as_(&self, token: &str, method: Method, path: &str, body: Option<Value>) -> Reply {
+    pub(super) async fn as_(
+        &self,
+        token: &str,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Reply {
         let (ct, body) = match body {
             Some(v) => (Some("application/json"), Body::from(v.to_string())),
             None => (None, Body::empty()),
