@@ -222,3 +222,125 @@ fn a_tenant_admin_works_inside_its_tenant_and_its_quota() {
         ])
         .ok();
 }
+
+/// What a viewer and a tenant-admin could once do through the config center, each refused by
+/// the real server with the role that would be needed, recorded as a refusal, nothing written.
+#[test]
+fn config_center_writes_need_their_roles() {
+    let server = TestServer::start().expect("server");
+    let setup = server.write_file("tenants.yaml", TENANTS);
+    server.cli(&["apply", "-f", setup.to_str().unwrap()]).ok();
+    server
+        .cli(&[
+            "apply",
+            "-f",
+            server
+                .write_file("a.yaml", &instance("bot-a", 1, "1Gi"))
+                .to_str()
+                .unwrap(),
+        ])
+        .ok();
+    let token = |role: &str| {
+        let out = server
+            .cli(&[
+                "token",
+                "create",
+                "api",
+                "--role",
+                role,
+                "-t",
+                "enterprise-a",
+            ])
+            .ok();
+        out.stdout.trim().to_string()
+    };
+    let (viewer, tenant_admin) = (token("viewer"), token("tenant-admin"));
+    let template = server.write_file("t.json5", "{ gateway: { port: 18789 } }\n");
+    let template = template.to_str().unwrap();
+    server
+        .cli(&["config", "set", "template", "default", "-f", template])
+        .ok();
+    let before = server
+        .cli(&["get", "configtemplates", "-o", "json"])
+        .ok()
+        .stdout;
+    let attempts: [(&str, Vec<&str>, &str); 6] = [
+        (
+            &viewer,
+            vec!["config", "set", "template", "default", "-f", template],
+            "only platform-admin may",
+        ),
+        (
+            &viewer,
+            vec![
+                "secret",
+                "set",
+                "k",
+                "-t",
+                "enterprise-a",
+                "--from-literal",
+                "a=b",
+            ],
+            "only platform-admin, tenant-admin may",
+        ),
+        (
+            &viewer,
+            vec!["secret", "rotate-key"],
+            "only platform-admin may",
+        ),
+        (
+            &viewer,
+            vec![
+                "config",
+                "rollback",
+                "instance",
+                "bot-a",
+                "--to",
+                "1",
+                "-t",
+                "enterprise-a",
+                "-p",
+                "helpdesk",
+            ],
+            "only platform-admin, tenant-admin, project-editor may",
+        ),
+        (
+            &tenant_admin,
+            vec!["config", "set", "template", "default", "-f", template],
+            "only platform-admin may",
+        ),
+        (
+            &tenant_admin,
+            vec!["delete", "configtemplate", "default"],
+            "only platform-admin may",
+        ),
+    ];
+    for (token, args, needed) in &attempts {
+        let out = as_token(&server, token, args);
+        assert_eq!(out.code, 1, "{args:?}: {}{}", out.stdout, out.stderr);
+        assert!(out.stderr.contains(needed), "{args:?}: {}", out.stderr);
+    }
+    assert_eq!(
+        server
+            .cli(&["get", "configtemplates", "-o", "json"])
+            .ok()
+            .stdout,
+        before,
+        "a refused write changed the templates"
+    );
+    let out = server.cli(&["audit", "list", "-A", "-o", "json"]).ok();
+    let records = out.json();
+    let refusals = records["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}", out.stdout))
+        .iter()
+        .filter(|r| {
+            r["entry"]["result"]["outcome"] == "denied" || r["result"]["outcome"] == "denied"
+        })
+        .count();
+    assert!(
+        refusals >= attempts.len(),
+        "{refusals} refusals in {}",
+        out.stdout
+    );
+}
