@@ -334,9 +334,7 @@ fn config_center_writes_need_their_roles() {
         .as_array()
         .unwrap_or_else(|| panic!("{}", out.stdout))
         .iter()
-        .filter(|r| {
-            r["entry"]["result"]["outcome"] == "denied" || r["result"]["outcome"] == "denied"
-        })
+        .filter(|r| r["result"]["outcome"] == "denied")
         .count();
     assert!(
         refusals >= attempts.len(),
