@@ -938,6 +938,11 @@ pub(crate) async fn metrics_handler(State(state): State<ApiState>) -> Result<Res
 /// token), every route with the permission it needs ([`routes`]).
 pub fn router(state: ApiState) -> Router {
     let (routes, table) = api_routes().into_parts();
+    guarded(routes, table, state)
+}
+
+/// `routes` behind the authorization middleware that checks every request against `table`.
+fn guarded(routes: Router<ApiState>, table: routes::RouteTable, state: ApiState) -> Router {
     let guard = Guard {
         api: state.clone(),
         table: Arc::new(table),

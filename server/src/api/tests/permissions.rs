@@ -576,3 +576,36 @@ async fn config_center_writes_are_refused_and_audited_as_refusals() {
         .await;
     assert_ne!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
 }
+
+/// A route mounted around the route table (with axum's own `route`) has no declared
+/// permission: it is refused to everyone, a platform-admin included, and its handler never runs.
+#[tokio::test]
+async fn a_route_without_a_declared_permission_is_refused() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let f = fixture();
+    let ran = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&ran);
+    let (routes, table) = crate::api::api_routes().into_parts();
+    let routes = routes.route(
+        "/api/v1/sneaky",
+        axum::routing::get(move || async move {
+            seen.store(true, Ordering::SeqCst);
+            "ran"
+        }),
+    );
+    let state = crate::api::ApiState::new(
+        f.store.clone() as std::sync::Arc<dyn Store>,
+        f.dir.path().join("admin.token"),
+    );
+    let app = crate::api::guarded(routes, table, state);
+    let f = Fixture { app, ..f };
+    let r = f.get("/api/v1/sneaky").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert!(
+        r.message().contains("declares no permission"),
+        "{}",
+        r.message()
+    );
+    assert!(!ran.load(Ordering::SeqCst), "the handler ran");
+}
