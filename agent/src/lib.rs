@@ -6,7 +6,8 @@
 //! executes what to change, [`drift`] measures whether containers still have what their
 //! assignments say, [`events`] queues what the agent did on its own for the next report,
 //! [`probe`] checks the Gateways' health, [`metrics`] samples host figures and [`state`] keeps
-//! the last known assignments on disk.
+//! the last known assignments on disk. [`rlimit`] raises the open-files limit at start (the
+//! server uses it too).
 
 pub mod client;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod notify;
 pub mod ports;
 pub mod probe;
 pub mod reconcile;
+pub mod rlimit;
 pub mod runtime;
 pub mod state;
 pub mod sync;

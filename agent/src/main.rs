@@ -111,6 +111,7 @@ fn main() -> ExitCode {
         eprintln!("clusterclaw-agent: {e:#}");
         return ExitCode::from(EX_USAGE);
     }
+    clusterclaw_agent::rlimit::raise_nofile_and_log();
     // Two workers are plenty for a handful of probes, one long poll and one stream.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

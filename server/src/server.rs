@@ -454,6 +454,7 @@ pub fn main(args: ServerArgs) -> ExitCode {
         eprintln!("clusterclaw server: {e}");
         return ExitCode::from(EX_USAGE);
     }
+    clusterclaw_agent::rlimit::raise_nofile_and_log();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("clusterclaw")

@@ -190,6 +190,7 @@ pub struct TestServer {
     scratch: tempfile::TempDir,
     extra_args: Vec<String>,
     agent_listen: String,
+    soft_nofile: Option<u64>,
     child: Option<Child>,
     endpoints: Endpoints,
     admin_token: String,
@@ -211,6 +212,21 @@ impl TestServer {
     /// Like [`TestServer::start_with`], with the agent port on `agent_listen` (kept across
     /// [`TestServer::restart`], so that agents find the server again).
     pub fn start_on(agent_listen: &str, extra_args: &[&str]) -> anyhow::Result<TestServer> {
+        TestServer::start_full(agent_listen, extra_args, None)
+    }
+
+    /// Like [`TestServer::start`], with the server's soft limit on open files set to
+    /// `soft_nofile` when it starts (as a service manager's default would), through
+    /// `sh -c 'ulimit -Sn N; exec clusterclaw ...'`.
+    pub fn start_with_soft_nofile(soft_nofile: u64) -> anyhow::Result<TestServer> {
+        TestServer::start_full("127.0.0.1:0", &[], Some(soft_nofile))
+    }
+
+    fn start_full(
+        agent_listen: &str,
+        extra_args: &[&str],
+        soft_nofile: Option<u64>,
+    ) -> anyhow::Result<TestServer> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let bin = clusterclaw_bin()?;
         let data_dir = tempfile::Builder::new()
@@ -223,11 +239,11 @@ impl TestServer {
             .enable_all()
             .build()?;
         // Idle pooled connections are dropped well before the server closes idle keep-alive
-        // connections (it waits 30 s for the next request's headers), so a request is never
+        // connections (it waits 10 s for the next request's headers), so a request is never
         // sent on a connection the server is closing.
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(120))
-            .pool_idle_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(4))
             .build()?;
         let mut server = TestServer {
             bin,
@@ -235,6 +251,7 @@ impl TestServer {
             scratch,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             agent_listen: agent_listen.to_string(),
+            soft_nofile,
             child: None,
             endpoints: Endpoints {
                 api: String::new(),
@@ -261,7 +278,17 @@ impl TestServer {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match self.soft_nofile {
+            None => Command::new(&self.bin),
+            Some(n) => {
+                // `exec` keeps the process id, so the server is still this child.
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("ulimit -Sn {n} && exec \"$0\" \"$@\""))
+                    .arg(&self.bin);
+                sh
+            }
+        };
         cmd.arg("server")
             .arg("--data-dir")
             .arg(self.data_dir.path())

@@ -40,8 +40,10 @@ const MIN_WAIT: Duration = Duration::from_secs(1);
 pub const HOST_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 /// How often heartbeats are checked.
 const HEARTBEAT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// How long an agent's TLS handshake may take on the agent port.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most labels a host may enroll with.
-const MAX_HOST_LABELS: usize = 64;
+const MAX_HOST_LABELS: usize = crate::model::MAX_LABELS;
 /// Names tried after the first when another host already has it.
 const NAME_ATTEMPTS: usize = 8;
 
@@ -452,7 +454,10 @@ pub async fn serve(
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(tls.cert_pem, tls.key_pem))
         .client_ca_root(Certificate::from_pem(tls.ca_pem))
-        .client_auth_optional(true);
+        .client_auth_optional(true)
+        // A connection that never finishes its handshake is closed instead of holding a file
+        // descriptor (and a handshake task) forever.
+        .timeout(TLS_HANDSHAKE_TIMEOUT);
     // Small frames (a long poll's answer, its trailers) go out at once: with Nagle's
     // algorithm they would wait for the peer's delayed ACK, tens of milliseconds on loopback.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -4,6 +4,7 @@ use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, header};
 use futures::StreamExt;
 use serde_json::Value;
+use std::time::Duration;
 
 use super::error::{ApiError, ErrorCode};
 use crate::model::MAX_OBJECT_BYTES;
@@ -12,9 +13,10 @@ use crate::model::MAX_OBJECT_BYTES;
 pub const APPLY_BODY_LIMIT: usize = 64 << 20;
 /// Largest body of any other request.
 pub const BODY_LIMIT: usize = 1 << 20;
-/// Most memory set aside up front for a body, whatever its `Content-Length` says; a larger
-/// body grows the buffer as it arrives.
-const INITIAL_CAPACITY_LIMIT: usize = 1 << 20;
+/// Longest pause between two pieces of a request body.
+pub const BODY_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest time a whole request body may take to arrive.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 // The YAML parser's budget must let through every body the limit lets through.
 const _: () = assert!(APPLY_BODY_LIMIT <= crate::yaml::MAX_STREAM_BYTES);
@@ -74,6 +76,10 @@ fn declared_format(headers: &HeaderMap) -> Result<Option<Format>, ApiError> {
 }
 
 /// Reads a whole body of at most `limit` bytes, checking its content type first.
+///
+/// Memory grows with the bytes that arrive, never with what `Content-Length` announces; a
+/// chunked body is refused (413) as soon as it passes the limit; a body that stalls for
+/// [`BODY_STALL_TIMEOUT`] or takes longer than [`BODY_READ_TIMEOUT`] in all is answered 408.
 pub async fn read(
     headers: &HeaderMap,
     body: Body,
@@ -87,9 +93,16 @@ pub async fn read(
     if announced.is_some_and(|n| n > limit as u64) {
         return Err(too_large(limit));
     }
+    let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
     let mut stream = body.into_data_stream();
-    let mut buf = Vec::with_capacity(initial_capacity(announced));
-    while let Some(chunk) = stream.next().await {
+    let mut buf = Vec::new();
+    loop {
+        let stall = tokio::time::Instant::now() + BODY_STALL_TIMEOUT;
+        let next = match tokio::time::timeout_at(stall.min(deadline), stream.next()).await {
+            Ok(next) => next,
+            Err(_) => return Err(too_slow(buf.len(), announced, stall <= deadline)),
+        };
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| {
             ApiError::bad_request(format!("the request body could not be read: {e}"))
         })?;
@@ -102,11 +115,23 @@ pub async fn read(
     Ok((Bytes::from(buf), format))
 }
 
-/// Buffer size to start with for a body of `announced` bytes.
-fn initial_capacity(announced: Option<u64>) -> usize {
-    announced.map_or(0, |n| {
-        usize::try_from(n).map_or(INITIAL_CAPACITY_LIMIT, |n| n.min(INITIAL_CAPACITY_LIMIT))
-    })
+/// The 408 of a body that stalled (`stalled`) or did not finish within [`BODY_READ_TIMEOUT`].
+fn too_slow(received: usize, announced: Option<u64>, stalled: bool) -> ApiError {
+    let of = announced.map_or(String::new(), |n| format!(" of the {n} announced"));
+    let why = if stalled {
+        format!("then nothing for {} s", BODY_STALL_TIMEOUT.as_secs())
+    } else {
+        format!(
+            "and the whole body must arrive within {} s",
+            BODY_READ_TIMEOUT.as_secs()
+        )
+    };
+    ApiError::new(
+        ErrorCode::RequestTimeout,
+        format!(
+            "the request body came too slowly: {received} bytes{of} arrived, {why}; send the body without pausing"
+        ),
+    )
 }
 
 /// Without a content type: JSON when the body starts like a JSON object or array, else YAML.
@@ -126,8 +151,16 @@ fn yaml_text(body: &[u8]) -> Result<&str, ApiError> {
     })
 }
 
-/// YAML documents read as the CLI reads them ([`crate::yaml::options`]).
+/// YAML documents read as the CLI reads them ([`crate::yaml::from_multiple`], with its alias
+/// check answered as a 413): a stream whose aliases would expand past
+/// [`crate::yaml::MAX_ALIAS_EXPANSION_BYTES`] is refused before anything is expanded.
 fn yaml_documents(text: &str) -> Result<Vec<Value>, ApiError> {
+    crate::yaml::check_alias_expansion(text).map_err(|e| {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the YAML body is refused: {e}"),
+        )
+    })?;
     serde_saphyr::from_multiple_with_options(text, crate::yaml::options())
         .map_err(|e| yaml_error(&e))
 }
@@ -289,15 +322,112 @@ mod tests {
         assert_eq!(sniff(b"kind: x"), Format::Yaml);
     }
 
-    #[test]
-    fn a_large_content_length_does_not_reserve_its_size() {
-        assert_eq!(initial_capacity(None), 0);
-        assert_eq!(initial_capacity(Some(512)), 512);
+    fn headers(content_length: Option<u64>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        if let Some(n) = content_length {
+            h.insert(header::CONTENT_LENGTH, n.into());
+        }
+        h
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_is_answered_408() {
+        // 3 bytes of an announced million, then nothing.
+        let stream = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"{\"a"))])
+            .chain(futures::stream::pending());
+        let start = tokio::time::Instant::now();
+        let e = read(
+            &headers(Some(1_000_000)),
+            Body::from_stream(stream),
+            BODY_LIMIT,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(start.elapsed(), BODY_STALL_TIMEOUT);
+        assert_eq!(e.code, ErrorCode::RequestTimeout);
+        assert_eq!(e.code.status().as_u16(), 408);
         assert_eq!(
-            initial_capacity(Some(APPLY_BODY_LIMIT as u64)),
-            INITIAL_CAPACITY_LIMIT
+            e.message,
+            "the request body came too slowly: 3 bytes of the 1000000 announced arrived, then nothing for 10 s; send the body without pausing"
         );
-        assert_eq!(initial_capacity(Some(u64::MAX)), INITIAL_CAPACITY_LIMIT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickling_body_is_cut_off_at_the_read_timeout() {
+        // A byte every 5 s never stalls for long, but the whole body has a deadline.
+        let stream = futures::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Some((Ok::<_, std::io::Error>(Bytes::from_static(b" ")), ()))
+        });
+        let start = tokio::time::Instant::now();
+        let e = read(&headers(None), Body::from_stream(stream), BODY_LIMIT)
+            .await
+            .unwrap_err();
+        assert_eq!(start.elapsed(), BODY_READ_TIMEOUT);
+        assert_eq!(e.code, ErrorCode::RequestTimeout);
+        assert!(e.message.contains("within 60 s"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn an_endless_chunked_body_is_refused_once_past_the_limit() {
+        // No Content-Length (chunked): the limit is enforced as the bytes arrive, and reading
+        // stops there instead of buffering the rest.
+        let pulled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = pulled.clone();
+        let chunk = Bytes::from(vec![b' '; 64 << 10]);
+        let stream = futures::stream::repeat(chunk).map(move |c| {
+            counter.fetch_add(c.len(), std::sync::atomic::Ordering::Relaxed);
+            Ok::<_, std::io::Error>(c)
+        });
+        let e = read(&headers(None), Body::from_stream(stream), BODY_LIMIT)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::PayloadTooLarge);
+        assert_eq!(
+            e.message,
+            "the request body is larger than the limit of 1 MiB; split it into several requests"
+        );
+        let pulled = pulled.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(pulled <= BODY_LIMIT + (64 << 10), "read {pulled} bytes");
+        // An announced length over the limit is refused before any byte is read.
+        let e = read(
+            &headers(Some(APPLY_BODY_LIMIT as u64 + 1)),
+            Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>()),
+            APPLY_BODY_LIMIT,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::PayloadTooLarge);
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_before_it_is_expanded() {
+        let mut bomb = String::from(
+            "kind: Tenant\na: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
+        for (p, n) in ('a'..='h').zip('b'..='i') {
+            bomb.push_str(&format!(
+                "{n}: &{n} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
+            ));
+        }
+        assert!(bomb.len() < 1400, "{}", bomb.len());
+        let e = apply_documents(bomb.as_bytes(), Format::Yaml).unwrap_err();
+        assert_eq!(e.code, ErrorCode::PayloadTooLarge);
+        assert_eq!(
+            e.message,
+            "the YAML body is refused: its aliases (*name) would expand it to more than 4 MiB; write the values out instead"
+        );
+        // Aliases used as intended still work.
+        let docs = apply_documents(
+            b"kind: Tenant\nlabels: &l {team: a}\nselector: *l\n",
+            Format::Yaml,
+        )
+        .unwrap();
+        assert_eq!(
+            docs,
+            vec![json!({"kind": "Tenant", "labels": {"team": "a"}, "selector": {"team": "a"}})]
+        );
     }
 
     #[test]

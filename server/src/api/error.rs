@@ -26,6 +26,8 @@ pub enum ErrorCode {
     AlreadyExists,
     /// 409: stale `resourceVersion`, or delete of an object that still has children.
     Conflict,
+    /// 408: the request body did not arrive in time (it stalled, or came too slowly).
+    RequestTimeout,
     /// 413: a body or an object over its size limit.
     PayloadTooLarge,
     /// 415: a body that is neither JSON nor YAML.
@@ -50,6 +52,7 @@ impl ErrorCode {
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::AlreadyExists | ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::Invalid => StatusCode::UNPROCESSABLE_ENTITY,

@@ -603,26 +603,25 @@ pub fn load(
                 ));
                 continue;
             }
-            let node: Spanned<Node> =
-                match serde_saphyr::from_str_with_options(&chunk.text, crate::yaml::options()) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        let (line, column) = match e.location().filter(|l| l.line() > 0) {
-                            Some(l) => (
-                                chunk.first_line + l.line() as usize - 1,
-                                Some(l.column() as usize),
-                            ),
-                            None => (content_line, None),
-                        };
-                        problems.push(at(
-                            line,
-                            column,
-                            "",
-                            format!("invalid YAML: {}", crate::yaml::error_text(&e)),
-                        ));
-                        continue;
-                    }
-                };
+            let node: Spanned<Node> = match crate::yaml::from_str(&chunk.text) {
+                Ok(n) => n,
+                Err(e) => {
+                    let (line, column) = match e.location().filter(|l| l.line() > 0) {
+                        Some(l) => (
+                            chunk.first_line + l.line() as usize - 1,
+                            Some(l.column() as usize),
+                        ),
+                        None => (content_line, None),
+                    };
+                    problems.push(at(
+                        line,
+                        column,
+                        "",
+                        format!("invalid YAML: {}", crate::yaml::error_text(&e)),
+                    ));
+                    continue;
+                }
+            };
             let mut bad_numbers = Vec::new();
             let value = Node::to_json(&node, "", &mut bad_numbers);
             if !bad_numbers.is_empty() {

@@ -13,6 +13,6 @@ pub use quantity::{format_cpu, format_memory, parse_cpu, parse_memory};
 pub use resources::*;
 pub use status::summarize;
 pub use validate::{
-    FieldProblem, MAX_ENV_VALUE_BYTES, MAX_HOSTNAME_BYTES, MAX_OBJECT_BYTES, MAX_REPLICAS,
-    decode_typed, serde_problem, validate_object, validate_version,
+    FieldProblem, MAX_ENV_VALUE_BYTES, MAX_HOSTNAME_BYTES, MAX_LABELS, MAX_OBJECT_BYTES,
+    MAX_REPLICAS, decode_typed, serde_problem, validate_object, validate_version,
 };

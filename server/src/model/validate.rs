@@ -20,6 +20,9 @@ const MAX_PIDS: i64 = 65_536;
 const MIN_PIDS: i64 = 16;
 /// Largest value of one environment variable.
 pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
+/// Most labels in one map (`metadata.labels`, a host selector, a host's labels). Each key is at
+/// most 253 + 1 + 63 characters and each value at most 63, so a full map stays under 25 KiB.
+pub const MAX_LABELS: usize = 64;
 /// Longest host name (a DNS name is at most 253 characters).
 pub const MAX_HOSTNAME_BYTES: usize = 253;
 /// Longest agent version, operating system or architecture a host reports.
@@ -272,6 +275,16 @@ fn check_labels(
     path: &str,
     out: &mut Vec<FieldProblem>,
 ) {
+    if labels.len() > MAX_LABELS {
+        out.push(FieldProblem::new(
+            path,
+            format!(
+                "has {} labels; at most {MAX_LABELS} are allowed",
+                labels.len()
+            ),
+        ));
+        return;
+    }
     for (k, v) in labels {
         if let Err(e) = validate_label_key(k) {
             out.push(FieldProblem::new(format!("{path}.{k}"), e));
@@ -701,6 +714,31 @@ mod tests {
         assert_eq!(fields(v), ["metadata.project"]);
         let t = json!({"apiVersion": "clusterclaw.io/v1", "kind": "Tenant", "metadata": {"name": "acme", "tenant": "x"}});
         assert_eq!(fields(t), ["metadata.tenant"]);
+    }
+
+    #[test]
+    fn label_counts_are_bounded() {
+        let labels: serde_json::Map<String, serde_json::Value> = (0..=MAX_LABELS)
+            .map(|i| (format!("k{i}"), json!("v")))
+            .collect();
+        let mut v = instance(json!({"version": "2026.7.1"}));
+        v["metadata"]["labels"] = serde_json::Value::Object(labels.clone());
+        v["spec"]["placement"] = json!({"hostSelector": labels});
+        let found = problems(v);
+        let found: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            found,
+            [
+                "metadata.labels: has 65 labels; at most 64 are allowed",
+                "spec.placement.hostSelector: has 65 labels; at most 64 are allowed"
+            ]
+        );
+        let fits: serde_json::Map<String, serde_json::Value> = (0..MAX_LABELS)
+            .map(|i| (format!("example.com/k{i}"), json!("v".repeat(63))))
+            .collect();
+        let mut v = instance(json!({"version": "2026.7.1"}));
+        v["metadata"]["labels"] = serde_json::Value::Object(fits);
+        assert_eq!(problems(v), vec![]);
     }
 
     #[test]
