@@ -211,7 +211,7 @@ impl TestServer {
     /// Like [`TestServer::start_with`], with the agent port on `agent_listen` (kept across
     /// [`TestServer::restart`], so that agents find the server again).
     pub fn start_on(agent_listen: &str, extra_args: &[&str]) -> anyhow::Result<TestServer> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        clusterclaw_agent::crypto::install_provider();
         let bin = clusterclaw_bin()?;
         let data_dir = tempfile::Builder::new()
             .prefix("clusterclaw-data-")
