@@ -693,8 +693,7 @@ async fn authenticated(state: &ApiState, mut req: Request, next: Next) -> Respon
         Ok(p) => p,
         Err(e) => {
             tracing::debug!(reason = %e, path = %attempt.path(), "request not authenticated");
-            let mut resp =
-                ApiError::from_auth(e, state.inner.auth.admin_token_path()).into_response();
+            let mut resp = ApiError::from_auth(e).into_response();
             audit(state, &attempt, None, &mut resp).await;
             return resp;
         }
