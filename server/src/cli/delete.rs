@@ -5,15 +5,14 @@ use reqwest::Method;
 
 use super::client::{ApiError, Client};
 use super::manifest::{self, Check, Defaults, Manifest};
-use super::resolve::{self, object_path, parse_kind};
+use super::resolve::{self, kind_arg_help, object_path, parse_kind};
 use super::settings::{ClientOpts, Settings};
 use super::{CliError, CliResult, print_out};
 use crate::model::{Kind, ObjectKey};
 
 #[derive(Args, Debug)]
 pub struct DeleteArgs {
-    /// tenant, project, instance or host (also plural, or short: tn, pj, inst, ho)
-    #[arg(value_parser = parse_kind, value_name = "KIND", required_unless_present = "files", requires = "name")]
+    #[arg(value_parser = parse_kind, help = kind_arg_help(), value_name = "KIND", required_unless_present = "files", requires = "name")]
     pub kind: Option<Kind>,
     pub name: Option<String>,
     /// Delete the objects these manifests name (file, directory or -); repeatable
