@@ -867,7 +867,7 @@ const ROUTE_METHODS: &[(&str, &str)] = &[
     ("/readyz", "GET"),
     ("/api/v1/openapi.json", "GET"),
     ("/api/v1/info", "GET"),
-    ("/api/v1/apply", "POST"),
+    ("/api/v1/apply", "POST, DELETE"),
     ("/api/v1/tenants", "GET, POST"),
     ("/api/v1/tenants/{tenant}", "GET, PUT, DELETE"),
     ("/api/v1/projects", "GET"),
@@ -944,7 +944,7 @@ pub fn router(state: ApiState) -> Router {
     let v1 = Router::new()
         .route("/openapi.json", get(openapi::openapi_handler))
         .route("/info", get(objects::info))
-        .route("/apply", post(objects::apply))
+        .route("/apply", post(objects::apply).delete(objects::delete_batch))
         .route(
             "/tenants",
             get(objects::list_tenants).post(objects::create_tenant),
