@@ -762,3 +762,81 @@ async fn changes_and_refusals_are_audited_with_the_change() {
         r.body
     );
 }
+
+#[tokio::test]
+async fn a_batch_delete_checks_every_object_and_deletes_all_or_nothing() {
+    use crate::model::ObjectKey;
+    let f = two_tenants().await;
+    let named = |kind: &str, t: &str, p: Option<&str>, name: &str| {
+        let mut metadata = json!({"name": name, "tenant": t});
+        if let Some(p) = p {
+            metadata["project"] = json!(p);
+        }
+        json!({"kind": kind, "metadata": metadata})
+    };
+    let x = named("OpenClawInstance", "a", Some("p"), "x");
+    let z = named("OpenClawInstance", "b", Some("p"), "z");
+    let ap = named("Project", "a", None, "p");
+    let aq = named("Project", "a", None, "q");
+    let (xk, zk, pk) = (
+        ObjectKey::instance("a", "p", "x"),
+        ObjectKey::instance("b", "p", "z"),
+        ObjectKey::project("a", "p"),
+    );
+    let index = f.get("/api/v1/tenants").await.index();
+    let delete = |token: String, items: Vec<Value>| {
+        let f = &f;
+        async move {
+            f.as_(
+                &token,
+                Method::DELETE,
+                "/api/v1/apply",
+                Some(json!({ "items": items })),
+            )
+            .await
+        }
+    };
+
+    // A viewer deletes nothing; a project editor may delete the instance but not the
+    // project, so the batch is refused whole, naming the project's document.
+    let r = delete(f.scoped_token("viewer", Some("a"), None), vec![x.clone()]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let editor = f.scoped_token("project-editor", Some("a"), Some("p"));
+    let r = delete(editor, vec![x.clone(), ap.clone()]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert_eq!(r.fields(), ["items[1].kind"]);
+    assert!(r.message().contains("nothing was deleted"), "{}", r.body);
+    // Another tenant's object is as missing, and stops the batch.
+    let admin = f.scoped_token("tenant-admin", Some("a"), None);
+    let r = delete(admin.clone(), vec![x.clone(), z.clone()]).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    assert!(r.message().starts_with("items[1]: "), "{}", r.body);
+    // A project with an instance the batch does not delete: 409 on that document.
+    let r = delete(admin.clone(), vec![x.clone(), aq.clone()]).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(
+        r.message()
+            .starts_with("items[1]: project/a/q still has 1 instance"),
+        "{}",
+        r.body
+    );
+    assert!(exists(&f, &xk) && exists(&f, &zk) && exists(&f, &pk));
+    assert_eq!(
+        f.get("/api/v1/tenants").await.index(),
+        index,
+        "nothing was written"
+    );
+
+    // Children first whatever the order given, once each, in one transaction.
+    let r = delete(admin, vec![ap.clone(), x.clone(), ap]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body["items"],
+        json!([
+            {"kind": "OpenClawInstance", "name": "x", "tenant": "a", "project": "p", "outcome": "deleted"},
+            {"kind": "Project", "name": "p", "tenant": "a", "outcome": "deleted"},
+        ])
+    );
+    assert_eq!(r.index(), index + 1);
+    assert!(!exists(&f, &xk) && !exists(&f, &pk) && exists(&f, &zk));
+}
