@@ -87,6 +87,9 @@ pub struct WriteSummary {
     pub results: Vec<WriteResult>,
 }
 
+/// Makes the audit entries of one object a batch delete removes, from its key and generation.
+pub type DeleteAudit<'a> = &'a mut dyn FnMut(&ObjectKey, Option<i64>) -> Vec<AuditEntry>;
+
 /// The result of one all-or-nothing batch delete.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeleteSummary {
@@ -536,7 +539,7 @@ pub trait Store: Send + Sync + 'static {
         keys: &[ObjectKey],
         skip_missing: bool,
         dry_run: bool,
-        audit: Option<&mut dyn FnMut(&ObjectKey, Option<i64>) -> Vec<AuditEntry>>,
+        audit: Option<DeleteAudit<'_>>,
     ) -> Result<(DeleteSummary, Vec<AuditRecord>), StoreError> {
         let _ = (keys, skip_missing, dry_run, audit);
         Err(StoreError::Backend(

@@ -17,8 +17,8 @@ use tokio::sync::watch;
 
 use super::revisions::{self, ChangeNote, RevisionRecord, SealedValue};
 use super::{
-    DeleteSummary, JoinRefusal, ListFilter, Store, StoreError, StoredObject, TokenKind,
-    TokenRecord, Usage, WriteMode, WriteResult, WriteSummary, admit,
+    DeleteAudit, DeleteSummary, JoinRefusal, ListFilter, Store, StoreError, StoredObject,
+    TokenKind, TokenRecord, Usage, WriteMode, WriteResult, WriteSummary, admit,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord, AuditVerification};
 use crate::model::{
@@ -1095,7 +1095,7 @@ impl Store for SqliteStore {
         keys: &[ObjectKey],
         skip_missing: bool,
         dry_run: bool,
-        mut audit: Option<&mut dyn FnMut(&ObjectKey, Option<i64>) -> Vec<AuditEntry>>,
+        mut audit: Option<DeleteAudit<'_>>,
     ) -> Result<(DeleteSummary, Vec<AuditRecord>), StoreError> {
         let mut records = Vec::new();
         let (deleted, index) = self.write_tx(dry_run, |tx, _next| {

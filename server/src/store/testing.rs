@@ -115,7 +115,7 @@ impl Store for HookStore {
         keys: &[ObjectKey],
         skip_missing: bool,
         dry_run: bool,
-        audit: Option<&mut dyn FnMut(&ObjectKey, Option<i64>) -> Vec<crate::audit::AuditEntry>>,
+        audit: Option<super::DeleteAudit<'_>>,
     ) -> Result<(super::DeleteSummary, Vec<crate::audit::AuditRecord>), StoreError> {
         self.inner.delete_batch(keys, skip_missing, dry_run, audit)
     }
