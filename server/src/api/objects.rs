@@ -820,6 +820,9 @@ pub struct DeleteBatchResponse {
     pub items: Vec<DeletedItem>,
 }
 
+/// Why a batch delete refuses a Host document.
+const HOST_NOT_IN_BATCH: &str = "a host is removed on its own, with DELETE /api/v1/hosts/{host} (clusterclaw delete host NAME), which also stops accepting its agent; a batch deletes tenants, projects, instances, config templates and secrets";
+
 /// The identity of document `i` of a batch delete: its kind and `metadata` names; nothing else
 /// of the document is read.
 fn delete_key(i: usize, doc: &Value) -> Result<ObjectKey, Vec<FieldProblem>> {
@@ -832,6 +835,12 @@ fn delete_key(i: usize, doc: &Value) -> Result<ObjectKey, Vec<FieldProblem>> {
             format!("expected one of {}", kinds.join(", ")),
         )]);
     };
+    if kind == Kind::Host {
+        return Err(vec![FieldProblem::new(
+            format!("{item}.kind"),
+            HOST_NOT_IN_BATCH,
+        )]);
+    }
     let mut problems = Vec::new();
     let mut name_at = |field: &str, required: bool| -> String {
         match text(&format!("/metadata/{field}")) {
@@ -876,15 +885,6 @@ fn delete_key(i: usize, doc: &Value) -> Result<ObjectKey, Vec<FieldProblem>> {
     }
 }
 
-/// Where a kind goes in a batch delete: children before parents (hosts, which have none,
-/// with the instances).
-fn deletion_rank(kind: Kind) -> std::cmp::Reverse<u8> {
-    std::cmp::Reverse(match kind {
-        Kind::Host => Kind::OpenClawInstance.apply_order(),
-        k => k.apply_order(),
-    })
-}
-
 /// Deletes the objects a batch names, all or nothing, children before parents.
 #[utoipa::path(delete, path = "/api/v1/apply", tag = "objects",
     params(("dryRun" = Option<bool>, Query, description = "Check and report without deleting"),
@@ -898,7 +898,7 @@ fn deletion_rank(kind: Kind) -> std::cmp::Reverse<u8> {
         (status = 403, description = "A document names an object the caller may not delete; details name them", body = ErrorBody),
         (status = 404, description = "An object does not exist (without ignoreNotFound)", body = ErrorBody),
         (status = 409, description = "An object still has children the batch does not delete, or is in use", body = ErrorBody),
-        (status = 422, description = "A document names no valid object; details name items[i].field", body = ErrorBody),
+        (status = 422, description = "A document names no valid object, or a host (removed on its own); details name items[i].field", body = ErrorBody),
     ))]
 pub async fn delete_batch(
     state: Ctx,
@@ -945,9 +945,9 @@ pub async fn delete_batch(
         e.message.push_str("; nothing was deleted");
         return Err(e);
     }
-    batch.sort_by_key(|(_, key)| deletion_rank(key.kind));
+    // Children before parents.
+    batch.sort_by_key(|(_, key)| std::cmp::Reverse(key.kind.apply_order()));
     let (positions, keys): (Vec<usize>, Vec<ObjectKey>) = batch.into_iter().unzip();
-    let reports = state.reports().clone();
     let (summary, keys) = state
         .run(move |store| {
             match store.delete_batch(&keys, ignore_not_found, dry_run) {
@@ -964,9 +964,6 @@ pub async fn delete_batch(
         .await?;
     let mut items = Vec::with_capacity(keys.len());
     for (key, deleted) in keys.into_iter().zip(summary.deleted) {
-        if deleted && !dry_run && key.kind == Kind::Host {
-            reports.forget(&key.name);
-        }
         items.push(DeletedItem {
             kind: key.kind,
             name: key.name,

@@ -820,6 +820,16 @@ async fn a_batch_delete_checks_every_object_and_deletes_all_or_nothing() {
         "{}",
         r.body
     );
+    // A host is removed on its own (its agent is refused from then on), not in a batch.
+    let r = f
+        .json(
+            Method::DELETE,
+            "/api/v1/apply",
+            json!({"items": [x.clone(), {"kind": "Host", "metadata": {"name": "h1"}}]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert_eq!(r.fields(), ["items[1].kind"]);
     assert!(exists(&f, &xk) && exists(&f, &zk) && exists(&f, &pk));
     assert_eq!(
         f.get("/api/v1/tenants").await.index(),
