@@ -850,3 +850,82 @@ async fn a_batch_delete_checks_every_object_and_deletes_all_or_nothing() {
     assert_eq!(r.index(), index + 1);
     assert!(!exists(&f, &xk) && !exists(&f, &pk) && exists(&f, &zk));
 }
+
+#[tokio::test]
+async fn a_batch_delete_is_audited_per_object_and_a_refused_one_as_a_refusal() {
+    use crate::audit::{AuditConfig, AuditFilter, AuditWriter};
+    let f = two_tenants().await;
+    let writer =
+        AuditWriter::start(f.store.clone() as Arc<dyn Store>, &AuditConfig::default()).unwrap();
+    let state = super::super::ApiState::with_options(
+        f.store.clone() as Arc<dyn Store>,
+        f.dir.path().join("admin.token"),
+        Arc::default(),
+        Arc::default(),
+        super::super::ApiOptions {
+            audit: Some(writer.clone()),
+            ..Default::default()
+        },
+    );
+    let audited = Fixture {
+        app: super::super::router(state),
+        dir: tempfile::tempdir().unwrap(),
+        store: f.store.clone(),
+        token: f.token.clone(),
+    };
+    let batch = json!({"items": [
+        {"kind": "OpenClawInstance", "metadata": {"name": "x", "tenant": "a", "project": "p"}},
+        {"kind": "Project", "metadata": {"name": "p", "tenant": "a"}},
+    ]});
+    let v = audited.scoped_token("viewer", Some("a"), None);
+    let r = audited
+        .as_(&v, Method::DELETE, "/api/v1/apply", Some(batch.clone()))
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let refused = r.headers["x-request-id"].to_str().unwrap().to_string();
+    let ta = audited.scoped_token("tenant-admin", Some("a"), None);
+    let r = audited
+        .as_(&ta, Method::DELETE, "/api/v1/apply", Some(batch))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let done = r.headers["x-request-id"].to_str().unwrap().to_string();
+    writer.flush().await.unwrap();
+    let records = f
+        .store
+        .list_audit(&AuditFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .unwrap();
+    let of = |id: &str| -> Vec<(String, String, String)> {
+        records
+            .iter()
+            .filter(|r| r.entry.request_id == id)
+            .map(|r| {
+                let object = r
+                    .entry
+                    .object
+                    .as_ref()
+                    .map_or(String::new(), |o| format!("{}/{}", o.kind, o.name));
+                (
+                    r.entry.action.clone(),
+                    r.entry.result.outcome.as_str().to_string(),
+                    object,
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        of(&done),
+        [
+            ("delete".into(), "ok".into(), "OpenClawInstance/x".into()),
+            ("delete".into(), "ok".into(), "Project/p".into()),
+        ]
+    );
+    let refusal = of(&refused);
+    assert_eq!(refusal.len(), 1, "{refusal:?}");
+    assert_eq!(
+        (refusal[0].0.as_str(), refusal[0].1.as_str()),
+        ("delete", "denied")
+    );
+}
