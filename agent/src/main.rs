@@ -87,6 +87,7 @@ async fn termination_signal() -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    clusterclaw_agent::crypto::install_provider();
     let cli = Cli::parse();
     if let Some(out) = &cli.generate_docs {
         return match generate_docs(out) {

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod configcenter;
 pub mod controllers;
+pub mod crypto;
 pub mod metrics;
 pub mod model;
 pub mod notify;

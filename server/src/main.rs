@@ -11,6 +11,7 @@ use clusterclaw_server::cli::{self, Cli, Command};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    clusterclaw_server::crypto::install();
     // Usage errors exit with 2, `--help` and `--version` with 0.
     let cli = Cli::parse();
     match cli.command {

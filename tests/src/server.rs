@@ -227,7 +227,7 @@ impl TestServer {
         extra_args: &[&str],
         soft_nofile: Option<u64>,
     ) -> anyhow::Result<TestServer> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        clusterclaw_agent::crypto::install_provider();
         let bin = clusterclaw_bin()?;
         let data_dir = tempfile::Builder::new()
             .prefix("clusterclaw-data-")

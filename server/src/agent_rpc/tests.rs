@@ -24,7 +24,7 @@ struct Harness {
 }
 
 async fn start() -> Harness {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::crypto::install();
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap());
     let pki = dir.path().join("pki");

@@ -233,20 +233,19 @@ impl From<StoreError> for ApiError {
 }
 
 impl ApiError {
-    /// An authentication failure, with a message saying what to do.
-    pub fn from_auth(e: AuthError, admin_token: &std::path::Path) -> Self {
+    /// An authentication failure, with a message saying what to do (and no path of the
+    /// server's host).
+    pub fn from_auth(e: AuthError) -> Self {
         match e {
             AuthError::MissingHeader
             | AuthError::Malformed(_)
             | AuthError::Unknown
             | AuthError::Expired { .. }
             | AuthError::Revoked { .. }
-            | AuthError::JoinToken => {
-                ApiError::new(ErrorCode::Unauthorized, e.user_message(admin_token))
-            }
+            | AuthError::JoinToken => ApiError::new(ErrorCode::Unauthorized, e.user_message()),
             AuthError::Store(e) => ApiError::from(*e),
             AuthError::OidcNotConfigured => {
-                ApiError::new(ErrorCode::Unauthorized, e.user_message(admin_token))
+                ApiError::new(ErrorCode::Unauthorized, e.user_message())
             }
             AuthError::Oidc(ref o) => {
                 let code = match o {
@@ -254,7 +253,7 @@ impl ApiError {
                     crate::auth::oidc::OidcError::NoRole { .. } => ErrorCode::Forbidden,
                     _ => ErrorCode::Unauthorized,
                 };
-                ApiError::new(code, e.user_message(admin_token))
+                ApiError::new(code, e.user_message())
             }
         }
     }

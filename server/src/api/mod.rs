@@ -726,8 +726,7 @@ async fn authenticated(
         Ok(p) => p,
         Err(e) => {
             tracing::debug!(reason = %e, path = %attempt.path(), "request not authenticated");
-            let mut resp =
-                ApiError::from_auth(e, state.inner.auth.admin_token_path()).into_response();
+            let mut resp = ApiError::from_auth(e).into_response();
             audit(state, &attempt, None, &mut resp).await;
             return resp;
         }
@@ -971,7 +970,10 @@ fn api_routes() -> routes::Routes {
         .route("/metrics", get(Metrics, metrics_handler))
         .route(&v1("/openapi.json"), get(Info, openapi::openapi_handler))
         .route(&v1("/info"), get(Info, objects::info))
-        .route(&v1("/apply"), post(Apply, objects::apply))
+        .route(
+            &v1("/apply"),
+            post(Apply, objects::apply).delete(Apply, objects::delete_batch),
+        )
         .route(
             &v1("/tenants"),
             get(Tenants, objects::list_tenants).post(Tenants, objects::create_tenant),

@@ -797,6 +797,223 @@ pub async fn apply(
     ))
 }
 
+// ---- batch delete ----------------------------------------------------------------------
+
+/// What `DELETE /api/v1/apply` did to one object.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeletedItem {
+    #[schema(value_type = String, example = "Project")]
+    pub kind: Kind,
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    /// `deleted`, or `notFound` (with `ignoreNotFound`: it did not exist).
+    #[schema(example = "deleted")]
+    pub outcome: &'static str,
+}
+
+/// `DELETE /api/v1/apply` answer.
+#[derive(Serialize, ToSchema)]
+pub struct DeleteBatchResponse {
+    /// Store index after the delete.
+    pub index: u64,
+    /// One entry per object, in the order they were deleted (children before parents).
+    pub items: Vec<DeletedItem>,
+}
+
+/// Why a batch delete refuses a Host document.
+const HOST_NOT_IN_BATCH: &str = "a host is removed on its own, with DELETE /api/v1/hosts/{host} (clusterclaw delete host NAME), which also stops accepting its agent; a batch deletes tenants, projects, instances, config templates and secrets";
+
+/// The identity of document `i` of a batch delete: its kind and `metadata` names; nothing else
+/// of the document is read.
+fn delete_key(i: usize, doc: &Value) -> Result<ObjectKey, Vec<FieldProblem>> {
+    let item = format!("items[{i}]");
+    let text = |pointer: &str| doc.pointer(pointer).and_then(Value::as_str);
+    let Some(kind) = text("/kind").and_then(Kind::from_manifest) else {
+        let kinds: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        return Err(vec![FieldProblem::new(
+            format!("{item}.kind"),
+            format!("expected one of {}", kinds.join(", ")),
+        )]);
+    };
+    if kind == Kind::Host {
+        return Err(vec![FieldProblem::new(
+            format!("{item}.kind"),
+            HOST_NOT_IN_BATCH,
+        )]);
+    }
+    let mut problems = Vec::new();
+    let mut name_at = |field: &str, required: bool| -> String {
+        match text(&format!("/metadata/{field}")) {
+            Some(v) => {
+                if let Err(e) = validate_dns_label(v) {
+                    problems.push(FieldProblem::new(format!("{item}.metadata.{field}"), e));
+                }
+                v.to_string()
+            }
+            None if required => {
+                problems.push(FieldProblem::new(
+                    format!("{item}.metadata.{field}"),
+                    format!("required for a {kind}"),
+                ));
+                String::new()
+            }
+            None => String::new(),
+        }
+    };
+    let name = name_at("name", true);
+    let key = match kind {
+        Kind::Tenant | Kind::Host | Kind::ConfigTemplate => ObjectKey::cluster(kind, name),
+        Kind::Project => ObjectKey::project(name_at("tenant", true), name),
+        Kind::Secret => {
+            let tenant = name_at("tenant", true);
+            ObjectKey {
+                kind,
+                tenant,
+                project: name_at("project", false),
+                name,
+            }
+        }
+        Kind::OpenClawInstance => {
+            let tenant = name_at("tenant", true);
+            ObjectKey::instance(tenant, name_at("project", true), name)
+        }
+    };
+    if problems.is_empty() {
+        Ok(key)
+    } else {
+        Err(problems)
+    }
+}
+
+/// Deletes the objects a batch names, all or nothing, children before parents.
+#[utoipa::path(delete, path = "/api/v1/apply", tag = "objects",
+    params(("dryRun" = Option<bool>, Query, description = "Check and report without deleting"),
+        ("ignoreNotFound" = Option<bool>, Query, description = "An object that does not exist is reported as notFound instead of refusing the batch")),
+    request_body(description = "The documents `POST /api/v1/apply` takes (`{\"items\":[...]}` as JSON, or YAML documents); only `kind` and `metadata` name, tenant and project are read",
+        content((ApplyRequest = "application/json"), (String = "application/yaml"))),
+    responses(
+        (status = 200, description = "What happened to each object, in the order they were deleted", body = DeleteBatchResponse,
+            headers(("X-Clusterclaw-Index" = u64, description = "Store index after the delete"))),
+        (status = 400, description = "The body is not JSON/YAML", body = ErrorBody),
+        (status = 403, description = "A document names an object the caller may not delete; details name them", body = ErrorBody),
+        (status = 404, description = "An object does not exist (without ignoreNotFound)", body = ErrorBody),
+        (status = 409, description = "An object still has children the batch does not delete, or is in use", body = ErrorBody),
+        (status = 422, description = "A document names no valid object, or a host (removed on its own); details name items[i].field", body = ErrorBody),
+    ))]
+pub async fn delete_batch(
+    state: Ctx,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let params = query::parse(raw.as_deref(), &["dryRun", "ignoreNotFound"])?;
+    let dry_run = params.bool("dryRun")?;
+    let ignore_not_found = params.bool("ignoreNotFound")?;
+    let (bytes, format) = body::read(&headers, body, APPLY_BODY_LIMIT).await?;
+    let docs = body::apply_documents(&bytes, format)?;
+    drop(bytes);
+    let (mut invalid, mut denials) = (Vec::new(), Vec::new());
+    // (request position, key), each object once.
+    let mut batch: Vec<(usize, ObjectKey)> = Vec::with_capacity(docs.len());
+    let mut seen = std::collections::HashSet::new();
+    for (i, doc) in docs.iter().enumerate() {
+        match delete_key(i, doc) {
+            Ok(key) => match rbac::check(
+                &state.caller().principal,
+                rbac::Res::of_object(key.kind, Some(&key.project)),
+                rbac::Verb::Delete,
+            ) {
+                Ok(_) if seen.insert(key.clone()) => batch.push((i, key)),
+                Ok(_) => {}
+                Err(denied) => {
+                    denials.push(FieldProblem::new(format!("items[{i}].kind"), denied.0))
+                }
+            },
+            Err(problems) => invalid.extend(problems),
+        }
+    }
+    drop(docs);
+    if !denials.is_empty() {
+        let msg = format!(
+            "{} document(s) name objects that are not yours to delete, listed in details; nothing was deleted",
+            denials.len()
+        );
+        return Err(ApiError::new(ErrorCode::Forbidden, msg).with_details(denials));
+    }
+    if !invalid.is_empty() {
+        let mut e = ApiError::invalid(invalid);
+        e.message.push_str("; nothing was deleted");
+        return Err(e);
+    }
+    // Children before parents.
+    batch.sort_by_key(|(_, key)| std::cmp::Reverse(key.kind.apply_order()));
+    let (positions, keys): (Vec<usize>, Vec<ObjectKey>) = batch.into_iter().unzip();
+    let (summary, keys) = state
+        .run(move |store| {
+            match store.delete_batch(&keys, ignore_not_found, dry_run) {
+                Ok(summary) => Ok((summary, keys)),
+                // Name the document as the request ordered it.
+                Err(StoreError::InBatch { index, source }) => {
+                    let mut e = ApiError::from(*source);
+                    e.message = format!("{}; nothing was deleted", e.message.trim_end_matches('.'));
+                    Err(e.in_item(positions[index]))
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await?;
+    let mut items = Vec::with_capacity(keys.len());
+    for (key, deleted) in keys.into_iter().zip(summary.deleted) {
+        items.push(DeletedItem {
+            kind: key.kind,
+            name: key.name,
+            tenant: Some(key.tenant).filter(|t| !t.is_empty()),
+            project: Some(key.project).filter(|p| !p.is_empty()),
+            outcome: if deleted { "deleted" } else { "notFound" },
+        });
+    }
+    let deleted = items.iter().filter(|i| i.outcome == "deleted").count();
+    let tenants: std::collections::BTreeSet<&str> = items
+        .iter()
+        .filter_map(|i| match i.kind {
+            Kind::Tenant => Some(i.name.as_str()),
+            _ => i.tenant.as_deref(),
+        })
+        .collect();
+    let tenant = match tenants.len() {
+        1 => tenants.into_iter().next().map(str::to_string),
+        _ => None,
+    };
+    let note = AuditNote {
+        action: if dry_run { "delete.dry-run" } else { "delete" },
+        object: Some(crate::audit::AuditObject {
+            kind: "Batch".into(),
+            tenant,
+            project: None,
+            name: format!(
+                "{} documents: {deleted} deleted, {} not found",
+                items.len(),
+                items.len() - deleted
+            ),
+        }),
+        generation_before: None,
+        generation_after: None,
+    };
+    let response = DeleteBatchResponse {
+        index: summary.index,
+        items,
+    };
+    let text = serde_json::to_string(&response).map_err(ApiError::internal)?;
+    Ok(noted(
+        json_response(StatusCode::OK, text, summary.index),
+        note,
+    ))
+}
+
 // ---- tenants ---------------------------------------------------------------------------
 
 fn tenant(name: Option<String>) -> Target {

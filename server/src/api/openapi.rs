@@ -12,7 +12,8 @@ use super::audit::{self, AuditList, AuditVerifyReport};
 use super::configs;
 use super::error::{ErrorBody, ErrorCode};
 use super::objects::{
-    self, AppliedItem, ApplyRequest, ApplyResponse, Deleted, Health, Info, Ready, ScaleRequest,
+    self, AppliedItem, ApplyRequest, ApplyResponse, DeleteBatchResponse, Deleted, DeletedItem,
+    Health, Info, Ready, ScaleRequest,
 };
 use super::tokens::{self, CreateToken, CreatedToken, Revoked};
 use super::{ApiState, json_response};
@@ -90,6 +91,7 @@ impl Modify for BearerAuth {
         super::metrics_handler,
         objects::info,
         objects::apply,
+        objects::delete_batch,
         objects::list_tenants,
         objects::create_tenant,
         objects::get_tenant,
@@ -139,7 +141,7 @@ impl Modify for BearerAuth {
         configs::rollback,
     ),
     components(schemas(
-        ErrorBody, ErrorCode, FieldProblem, Health, Ready, Info, ApplyRequest, ApplyResponse, AppliedItem, Outcome,
+        ErrorBody, ErrorCode, FieldProblem, Health, Ready, Info, ApplyRequest, ApplyResponse, AppliedItem, DeleteBatchResponse, DeletedItem, Outcome,
         Deleted, ScaleRequest, TenantList, ProjectList, InstanceList, HostList, TokenList, TokenRecord, TokenKind,
         CreateToken, CreatedToken, Revoked, AuditList, AuditVerifyReport, AuditRecord, AuditEntry,
         AuditPrincipal, AuditObject, AuditResult, AuditOutcome,

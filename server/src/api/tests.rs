@@ -254,12 +254,18 @@ async fn health_is_open_and_the_api_is_not() {
     let r = f
         .send(Method::GET, "/api/v1/info", None, None, Body::empty())
         .await;
-    let admin = f.dir.path().join("admin.token").display().to_string();
     assert!(
-        r.message().contains("Authorization: Bearer") && r.message().contains(&admin),
+        r.message().contains("Authorization: Bearer")
+            && r.message().contains("admin.token")
+            && r.message().contains("clusterclaw token create"),
         "{}",
         r.message()
     );
+    // An anonymous caller learns no path of the server's host.
+    let data_dir = f.dir.path().display().to_string();
+    let body = r.body.to_string();
+    assert!(!body.contains(&data_dir), "{body}");
+    assert!(!r.message().contains('/'), "{}", r.message());
 }
 
 #[tokio::test]

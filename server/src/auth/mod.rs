@@ -95,38 +95,37 @@ impl From<StoreError> for AuthError {
     }
 }
 
+/// Where a caller gets a token, named in every authentication error. No filesystem path: an
+/// anonymous caller learns nothing about the server's host (the server logs the admin token's
+/// path itself when it creates it).
+const GET_A_TOKEN: &str = "a platform admin's token is in the file admin.token in the server's data directory on the server host, and `clusterclaw token create` makes more (see the README, \"Tenancy and access\")";
+
 impl AuthError {
-    /// The whole message for the caller: what was wrong and what to do, pointing at the admin
-    /// token file.
-    pub fn user_message(&self, admin_token: &Path) -> String {
-        let admin = admin_token.display();
+    /// The whole message for the caller: what was wrong and what to do. It names no path.
+    pub fn user_message(&self) -> String {
         match self {
             AuthError::MissingHeader => format!(
-                "this endpoint needs an API token: send the header 'Authorization: Bearer cca_...'; the admin token is in {admin}"
+                "this endpoint needs an API token: send the header 'Authorization: Bearer cca_...'; {GET_A_TOKEN}"
             ),
             AuthError::Malformed(why) => format!(
-                "the Authorization header is malformed ({why}); send 'Authorization: Bearer cca_...'; the admin token is in {admin}"
+                "the Authorization header is malformed ({why}); send 'Authorization: Bearer cca_...'; {GET_A_TOKEN}"
             ),
             AuthError::Unknown => format!(
-                "the token is not known to this server: check that it was copied whole, or ask an administrator for a new API token; the admin token is in {admin}"
+                "the token is not known to this server: check that it was copied whole, or ask an administrator for a new API token; {GET_A_TOKEN}"
             ),
             AuthError::Expired { id, at } => {
-                format!(
-                    "the token {id} expired at {at}; use another API token; the admin token is in {admin}"
-                )
+                format!("the token {id} expired at {at}; use another API token; {GET_A_TOKEN}")
             }
             AuthError::Revoked { id } => {
-                format!(
-                    "the token {id} has been revoked; use another API token; the admin token is in {admin}"
-                )
+                format!("the token {id} has been revoked; use another API token; {GET_A_TOKEN}")
             }
             AuthError::JoinToken => format!(
-                "this is a join token (ccj_...): it only enrolls hosts with clusterclaw-agent; use an API token (cca_...) here; the admin token is in {admin}"
+                "this is a join token (ccj_...): it only enrolls hosts with clusterclaw-agent; use an API token (cca_...) here; {GET_A_TOKEN}"
             ),
             AuthError::Store(e) => format!("the token could not be checked: {e}"),
             AuthError::Oidc(e) => format!("the single sign-on token was refused: {e}"),
             AuthError::OidcNotConfigured => format!(
-                "the token looks like a single sign-on JWT, but this server has no [oidc] issuers configured; use an API token (cca_...); the admin token is in {admin}"
+                "the token looks like a single sign-on JWT, but this server has no [oidc] issuers configured; use an API token (cca_...); {GET_A_TOKEN}"
             ),
         }
     }
@@ -483,18 +482,23 @@ mod tests {
 
     #[test]
     fn messages_say_what_to_do() {
-        let p = Path::new("/var/lib/clusterclaw/admin.token");
-        let m = AuthError::JoinToken.user_message(p);
+        let m = AuthError::JoinToken.user_message();
         assert!(
             m.contains("only enrolls hosts with clusterclaw-agent"),
             "{m}"
         );
-        assert!(m.contains("/var/lib/clusterclaw/admin.token"), "{m}");
-        assert!(
-            AuthError::MissingHeader
-                .user_message(p)
-                .contains("Authorization: Bearer")
-        );
+        let m = AuthError::MissingHeader.user_message();
+        assert!(m.contains("Authorization: Bearer"), "{m}");
+        assert!(m.contains("clusterclaw token create"), "{m}");
+        // No path: an anonymous caller learns nothing about the server's filesystem.
+        for e in [
+            AuthError::MissingHeader,
+            AuthError::Unknown,
+            AuthError::JoinToken,
+            AuthError::OidcNotConfigured,
+        ] {
+            assert!(!e.user_message().contains('/'), "{}", e.user_message());
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,6 +39,11 @@ use super::Principal;
 use crate::util::rfc3339_u64;
 use jwks::{B64URL, KeySet, KeySource, Refresh, VerifyKey};
 
+/// Makes ring the process-wide crypto of `jsonwebtoken`; see [`crate::crypto::install`].
+pub(crate) fn install_crypto() {
+    crypto::install();
+}
+
 pub use config::{
     DEFAULT_ALGORITHMS, DEFAULT_CLOCK_SKEW, DEFAULT_GROUPS_CLAIM, DEFAULT_USERNAME_CLAIM,
     IssuerConfig, IssuerSettings, MAX_CLOCK_SKEW, MappingConfig, OidcConfig, OidcConfigProblem,
@@ -198,11 +203,9 @@ pub struct OidcVerifier {
 }
 
 impl OidcVerifier {
-    /// Builds the verifier; fetches nothing yet (see [`OidcVerifier::warm_up`]). Installs the
-    /// ring crypto for TLS and for JWT signatures when not yet installed.
+    /// Builds the verifier; fetches nothing yet (see [`OidcVerifier::warm_up`]). The process's
+    /// crypto providers must be installed first ([`crate::crypto::install`], done by `main`).
     pub fn new(settings: &OidcSettings, options: VerifierOptions) -> Result<Self, OidcSetupError> {
-        crypto::install();
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut issuers = Vec::new();
         for s in &settings.issuers {
             let mut builder = reqwest::Client::builder()

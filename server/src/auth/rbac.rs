@@ -105,17 +105,23 @@ impl Res {
         Res::Apply,
     ];
 
-    /// What writing `resource` touches: a secret is its tenant's or its project's.
-    pub fn of_resource(resource: &Resource) -> Res {
-        match resource.kind() {
+    /// What writing or deleting an object of `kind` touches: a secret is its tenant's or, when
+    /// it names a project, its project's.
+    pub fn of_object(kind: Kind, project: Option<&str>) -> Res {
+        match kind {
             Kind::Tenant => Res::Tenants,
             Kind::Project => Res::Projects,
             Kind::OpenClawInstance => Res::Instances,
             Kind::Host => Res::Hosts,
             Kind::ConfigTemplate => Res::Templates,
-            Kind::Secret if resource.metadata().project.is_some() => Res::ProjectSecrets,
+            Kind::Secret if project.is_some_and(|p| !p.is_empty()) => Res::ProjectSecrets,
             Kind::Secret => Res::TenantSecrets,
         }
+    }
+
+    /// [`Res::of_object`] of a resource.
+    pub fn of_resource(resource: &Resource) -> Res {
+        Res::of_object(resource.kind(), resource.metadata().project.as_deref())
     }
 
     /// The resource's row in README.md's permission table.
@@ -135,7 +141,7 @@ impl Res {
             Res::TenantSecrets => "a tenant's secrets",
             Res::ProjectSecrets => "a project's secrets",
             Res::SecretKey => "the secrets' data key (`secret rotate-key`)",
-            Res::Apply => "`apply` (a batch; each document is checked as its kind)",
+            Res::Apply => "`apply` and `delete -f` (a batch; each document is checked as its kind)",
         }
     }
 
@@ -242,6 +248,7 @@ pub const PERMISSIONS: &[Permission] = &[
     p(Res::ProjectSecrets, Verb::Delete, EDITORS, false),
     p(Res::SecretKey, Verb::Write, PA, false),
     p(Res::Apply, Verb::Write, EDITORS, false),
+    p(Res::Apply, Verb::Delete, EDITORS, false),
 ];
 
 /// Why a principal may not do something; the text names the role and what it may do instead.

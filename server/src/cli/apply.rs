@@ -72,8 +72,9 @@ fn check_batch(manifests: &[Manifest]) -> Vec<Located> {
     problems
 }
 
-/// Rewrites a refusal of the server so that every problem names its file, document and line.
-fn locate_refusal(mut err: ApiError, manifests: &[Manifest]) -> ApiError {
+/// Rewrites a refusal of the server so that every problem names its file, document and line;
+/// the message ends with "nothing was {done}" (applied, deleted).
+pub(super) fn locate_refusal(mut err: ApiError, manifests: &[Manifest], done: &str) -> ApiError {
     let located: Vec<(Option<Located>, FieldProblem)> = std::mem::take(&mut err.details)
         .into_iter()
         .map(|d| (manifest::locate_item(manifests, &d.field, &d.problem), d))
@@ -108,7 +109,7 @@ fn locate_refusal(mut err: ApiError, manifests: &[Manifest]) -> ApiError {
         }
     }
     if !err.message.contains("nothing was") {
-        err.message = format!("{}; nothing was applied", err.message.trim_end_matches('.'));
+        err.message = format!("{}; nothing was {done}", err.message.trim_end_matches('.'));
     }
     err
 }
@@ -130,7 +131,9 @@ pub async fn run(args: ApplyArgs) -> CliResult {
     let path = format!("/api/v1/apply?dryRun={}", args.dry_run);
     let answer: ApplyAnswer = match client.json(Method::POST, &path, Some(&body)).await {
         Ok(a) => a,
-        Err(CliError::Api(e)) => return Err(CliError::Api(locate_refusal(e, &manifests))),
+        Err(CliError::Api(e)) => {
+            return Err(CliError::Api(locate_refusal(e, &manifests, "applied")));
+        }
         Err(e) => return Err(e),
     };
     let suffix = if args.dry_run { " (dry run)" } else { "" };
@@ -185,7 +188,7 @@ mod tests {
             message: format!("items[1]: {problem}"),
             details: vec![FieldProblem::new("items[1].metadata.tenant", problem)],
         };
-        let text = locate_refusal(err, &m).to_string();
+        let text = locate_refusal(err, &m, "applied").to_string();
         assert_eq!(
             text,
             format!(
@@ -202,7 +205,7 @@ mod tests {
                 FieldProblem::new("items[1].metadata.name", "bad"),
             ],
         };
-        let text = locate_refusal(err, &m).to_string();
+        let text = locate_refusal(err, &m, "applied").to_string();
         assert_eq!(
             text,
             "the request is invalid: 2 problems, listed in details; nothing was written (Invalid)\n  \

@@ -72,17 +72,12 @@ pub struct Client {
     token: Secret,
 }
 
-/// Installs the process-wide TLS provider (ring); harmless when already installed.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// Builds the HTTP client for `server`, trusting only `ca_cert` when one is given.
+/// Builds the HTTP client for `server`, trusting only `ca_cert` when one is given. The TLS
+/// provider was installed by `main` ([`crate::crypto::install`]).
 pub fn http_client(
     server: &str,
     ca_cert: Option<&std::path::Path>,
 ) -> Result<reqwest::Client, CliError> {
-    install_crypto_provider();
     let mut builder = reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT)

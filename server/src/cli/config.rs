@@ -1011,8 +1011,10 @@ pub(super) mod fake {
         resp.body(Body::from(body)).unwrap()
     }
 
-    /// Starts the server on a free local port.
+    /// Starts the server on a free local port (and installs the crypto providers, as `main`
+    /// does before a client is built).
     pub async fn start(routes: Vec<Route>) -> Fake {
+        crate::crypto::install();
         let shared = Arc::new(Shared {
             routes,
             seen: Mutex::new(Vec::new()),

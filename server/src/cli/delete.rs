@@ -1,22 +1,26 @@
-//! `clusterclaw delete KIND NAME` and `delete -f FILE`: children before parents.
+//! `clusterclaw delete KIND NAME` and `delete -f FILE`: a batch deleted all or nothing by the server, children before parents.
 
 use clap::Args;
 use reqwest::Method;
+use serde::Deserialize;
+use serde_json::{Value, json};
 
-use super::client::{ApiError, Client};
+use super::apply::locate_refusal;
+use super::client::Client;
 use super::manifest::{self, Check, Defaults, Manifest};
-use super::resolve::{self, object_path, parse_kind};
+use super::resolve::{self, kind_arg_help, object_path, parse_kind};
 use super::settings::{ClientOpts, Settings};
 use super::{CliError, CliResult, print_out};
 use crate::model::{Kind, ObjectKey};
 
 #[derive(Args, Debug)]
 pub struct DeleteArgs {
-    /// tenant, project, instance or host (also plural, or short: tn, pj, inst, ho)
-    #[arg(value_parser = parse_kind, value_name = "KIND", required_unless_present = "files", requires = "name")]
+    #[arg(value_parser = parse_kind, help = kind_arg_help(), value_name = "KIND", required_unless_present = "files", requires = "name")]
     pub kind: Option<Kind>,
     pub name: Option<String>,
-    /// Delete the objects these manifests name (file, directory or -); repeatable
+    /// Delete the objects these manifests name (file, directory or -); repeatable. All or
+    /// nothing: one object that cannot be deleted (missing, still has children the files do
+    /// not delete, in use, not yours) stops the whole batch, and the error names its document
     #[arg(short = 'f', long = "filename", value_name = "FILE|DIR|-", conflicts_with_all = ["kind", "name"])]
     pub files: Vec<String>,
     /// Read directories given with -f recursively
@@ -25,6 +29,9 @@ pub struct DeleteArgs {
     /// Treat an object that does not exist as deleted
     #[arg(long)]
     pub ignore_not_found: bool,
+    /// With -f: check that the whole batch could be deleted, and delete nothing
+    #[arg(long, requires = "files")]
+    pub dry_run: bool,
     #[command(flatten)]
     pub client: ClientOpts,
 }
@@ -46,24 +53,37 @@ async fn delete_one(
     }
 }
 
-/// The objects the manifests name, each once, children before parents (input order otherwise).
-fn deletion_order(manifests: &[Manifest]) -> Vec<(&Manifest, ObjectKey)> {
-    let mut seen = std::collections::HashSet::new();
-    let mut keyed: Vec<(&Manifest, ObjectKey)> = manifests
+/// The body of `DELETE /api/v1/apply`: each document's kind and names, in file order (the
+/// server deletes children before parents, each object once).
+fn batch_body(manifests: &[Manifest]) -> Value {
+    let items: Vec<Value> = manifests
         .iter()
-        .map(|m| (m, m.resource.key()))
-        .filter(|(_, k)| seen.insert(k.clone()))
+        .map(|m| {
+            let key = m.resource.key();
+            let mut metadata = json!({ "name": key.name });
+            if !key.tenant.is_empty() {
+                metadata["tenant"] = json!(key.tenant);
+            }
+            if !key.project.is_empty() {
+                metadata["project"] = json!(key.project);
+            }
+            json!({ "kind": key.kind.as_str(), "metadata": metadata })
+        })
         .collect();
-    keyed.sort_by_key(|(_, k)| std::cmp::Reverse(deletion_rank(k.kind)));
-    keyed
+    json!({ "items": items })
 }
 
-fn deletion_rank(kind: Kind) -> u8 {
-    match kind {
-        // Hosts have no children; delete them with the instances.
-        Kind::Host => Kind::OpenClawInstance.apply_order(),
-        k => k.apply_order(),
-    }
+/// What the server did to one object of the batch.
+#[derive(Debug, Deserialize)]
+struct DeletedItem {
+    kind: String,
+    name: String,
+    outcome: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct DeleteAnswer {
+    items: Vec<DeletedItem>,
 }
 
 pub async fn run(args: DeleteArgs) -> CliResult {
@@ -88,45 +108,51 @@ pub async fn run(args: DeleteArgs) -> CliResult {
     let manifests =
         manifest::load(&sources, defaults, Check::Structure).map_err(CliError::Input)?;
     let client = Client::new(&settings)?;
-    let order = deletion_order(&manifests);
-    if !args.ignore_not_found {
-        let mut missing = Vec::new();
-        for (m, key) in &order {
-            if client.get_opt(&object_path(key)).await?.is_none() {
-                missing.push(
-                    m.problem("metadata.name", format!("{key} not found"))
-                        .to_string(),
-                );
-            }
+    let path = format!(
+        "/api/v1/apply?ignoreNotFound={}&dryRun={}",
+        args.ignore_not_found, args.dry_run
+    );
+    let answer: DeleteAnswer = match client
+        .json(Method::DELETE, &path, Some(&batch_body(&manifests)))
+        .await
+    {
+        Ok(a) => a,
+        Err(CliError::Api(e)) => {
+            return Err(CliError::Api(locate_refusal(e, &manifests, "deleted")));
         }
-        if !missing.is_empty() {
-            return Err(CliError::Api(ApiError {
-                status: 404,
-                code: "NotFound".into(),
-                message: format!(
-                    "{}; nothing was deleted (use --ignore-not-found to delete the others)",
-                    missing.join("; ")
-                ),
-                details: Vec::new(),
-            }));
-        }
+        Err(e) => return Err(e),
+    };
+    let suffix = if args.dry_run { " (dry run)" } else { "" };
+    let mut out = String::new();
+    for item in answer.items.iter().filter(|i| i.outcome == "deleted") {
+        let kind = Kind::from_manifest(&item.kind)
+            .map_or_else(|| item.kind.to_ascii_lowercase(), |k| k.lower().to_string());
+        out.push_str(&format!("{kind}/{} deleted{suffix}\n", item.name));
     }
-    for (_, key) in order {
-        if delete_one(&client, &key, args.ignore_not_found).await? {
-            print_out(&format!("{} deleted\n", display(&key)))?;
-        }
-    }
-    Ok(())
+    print_out(&out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::client::ApiError;
     use crate::cli::manifest::Source;
+    use crate::model::FieldProblem;
 
-    #[test]
-    fn children_go_first_and_each_object_once() {
-        let text = "\
+    fn load(text: &str, defaults: Defaults<'_>) -> Vec<Manifest> {
+        // Structure only: a value out of range does not stop a delete.
+        manifest::load(
+            &[Source {
+                name: "m.yaml".into(),
+                text: text.into(),
+            }],
+            defaults,
+            Check::Structure,
+        )
+        .unwrap()
+    }
+
+    const FILE: &str = "\
 apiVersion: clusterclaw.io/v1
 kind: Tenant
 metadata: {name: acme}
@@ -137,40 +163,50 @@ metadata: {name: helpdesk, tenant: acme}
 ---
 apiVersion: clusterclaw.io/v1
 kind: OpenClawInstance
-metadata: {name: a, tenant: acme, project: helpdesk}
-spec: {version: 2026.7.1}
----
-apiVersion: clusterclaw.io/v1
-kind: OpenClawInstance
-metadata: {name: b, tenant: acme, project: helpdesk}
+metadata: {name: b}
 spec: {version: 2026.7.1, replicas: 5000}
 ---
 apiVersion: clusterclaw.io/v1
-kind: Tenant
-metadata: {name: acme}
+kind: Secret
+metadata: {name: llm-keys, tenant: acme}
 ";
-        // Structure only: a value out of range does not stop a delete.
-        let m = manifest::load(
-            &[Source {
-                name: "m.yaml".into(),
-                text: text.into(),
-            }],
-            Defaults::default(),
-            Check::Structure,
-        )
-        .unwrap();
-        let order: Vec<String> = deletion_order(&m)
-            .iter()
-            .map(|(_, k)| k.to_string())
-            .collect();
+
+    #[test]
+    fn the_batch_names_each_document_by_kind_and_names_only() {
+        let m = load(
+            FILE,
+            Defaults {
+                tenant: Some("acme"),
+                project: Some("helpdesk"),
+            },
+        );
         assert_eq!(
-            order,
-            [
-                "openclawinstance/acme/helpdesk/a",
-                "openclawinstance/acme/helpdesk/b",
-                "project/acme/helpdesk",
-                "tenant/acme"
-            ]
+            batch_body(&m),
+            json!({"items": [
+                {"kind": "Tenant", "metadata": {"name": "acme"}},
+                {"kind": "Project", "metadata": {"name": "helpdesk", "tenant": "acme"}},
+                {"kind": "OpenClawInstance", "metadata": {"name": "b", "tenant": "acme", "project": "helpdesk"}},
+                {"kind": "Secret", "metadata": {"name": "llm-keys", "tenant": "acme"}},
+            ]})
+        );
+    }
+
+    #[test]
+    fn a_refused_batch_names_the_blocking_document() {
+        let m = load(FILE, Defaults::default());
+        let problem = "project/acme/helpdesk has 1 instance; delete it first";
+        let err = ApiError {
+            status: 409,
+            code: "Conflict".into(),
+            message: format!("items[1]: {problem}; nothing was deleted"),
+            details: vec![FieldProblem::new(
+                "items[1]",
+                format!("{problem}; nothing was deleted"),
+            )],
+        };
+        assert_eq!(
+            locate_refusal(err, &m, "deleted").to_string(),
+            format!("m.yaml:5: document 2: {problem}; nothing was deleted (Conflict)")
         );
     }
 }

@@ -8,15 +8,14 @@ use serde_json::Value;
 
 use super::client::Client;
 use super::output::{age, keys_at, labels, str_at, table, text_at};
-use super::resolve::{self, list_path, parse_kind};
+use super::resolve::{self, kind_arg_help, list_path, parse_kind};
 use super::settings::{ClientOpts, Settings};
 use super::{CliResult, print_out};
 use crate::model::{DEFAULT_IMAGE_REPOSITORY, Kind, format_cpu, format_memory};
 
 #[derive(Args, Debug)]
 pub struct DescribeArgs {
-    /// tenant, project, instance or host (also plural, or short: tn, pj, inst, ho)
-    #[arg(value_parser = parse_kind, value_name = "KIND")]
+    #[arg(value_parser = parse_kind, help = kind_arg_help(), value_name = "KIND")]
     pub kind: Kind,
     pub name: String,
     #[command(flatten)]

@@ -118,6 +118,9 @@ async fn dev(
 ) -> CliResult {
     let server_dir = dir.join("server");
     let agent_dir = dir.join("agent");
+    // Ctrl-C is listened to from here on: at any moment after this, it stops the agent and the
+    // server in order (the banner invites it as soon as it is printed).
+    let mut stop = Termination::listen();
 
     // The server.
     let mut server_config = ServerConfig::with_data_dir(&server_dir);
@@ -192,6 +195,7 @@ async fn dev(
     // Wait for the host to be Ready.
     let ready = tokio::select! {
         r = wait_for_ready_host(&http, &endpoints.api, &admin_token, &agent_dir) => r,
+        () = stop.recv() => Err("interrupted before the host was Ready".to_string()),
         r = &mut agent => Err(match r {
             Ok(Err(e)) => format!("the agent stopped: {e}"),
             Ok(Ok(())) => "the agent stopped".into(),
@@ -222,9 +226,8 @@ async fn dev(
         }
     }
 
-    let signal = termination_signal();
     let failure = tokio::select! {
-        () = signal => None,
+        () = stop.recv() => None,
         r = &mut agent => Some(format!("the agent stopped unexpectedly: {}", match r {
             Ok(Err(e)) => e.to_string(),
             Ok(Ok(())) => "no error".into(),
@@ -373,20 +376,34 @@ async fn wait_for_ready_host(
     }
 }
 
-async fn termination_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+/// SIGTERM and SIGINT, each listened to from the moment this is made (a signal that arrives
+/// before [`Termination::recv`] is awaited is kept, not lost to the default action).
+struct Termination(Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>);
+
+impl Termination {
+    fn listen() -> Termination {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Termination(Some((term, int))),
+            _ => Termination(None),
         }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+    }
+
+    /// Waits for SIGTERM or SIGINT.
+    async fn recv(&mut self) {
+        match &mut self.0 {
+            Some((term, int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

@@ -10,15 +10,14 @@ use serde_json::{Map, Value, json};
 
 use super::client::Client;
 use super::output::{self, Format, age, keys_at, labels, str_at, text_at};
-use super::resolve::{self, list_path, parse_kind};
+use super::resolve::{self, kind_arg_help, list_path, parse_kind};
 use super::settings::{ClientOpts, Settings};
 use super::{CliResult, print_out, stdout_error};
 use crate::model::{DEFAULT_IMAGE_REPOSITORY, Kind, Scope, format_cpu};
 
 #[derive(Args, Debug)]
 pub struct GetArgs {
-    /// tenants, projects, instances or hosts (also singular, or short: tn, pj, inst, ho)
-    #[arg(value_parser = parse_kind, value_name = "KIND")]
+    #[arg(value_parser = parse_kind, help = kind_arg_help(), value_name = "KIND")]
     pub kind: Kind,
     /// Show only this object
     pub name: Option<String>,

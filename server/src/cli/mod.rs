@@ -71,6 +71,12 @@ fn top_level_help() -> String {
     format!("{SETTINGS_HELP}\n{EXIT_CODES_HELP}")
 }
 
+/// The end of the help of commands that take a KIND: the kinds and their aliases (from the
+/// model, see [`crate::model::Kind::user_names`]), then the exit codes.
+fn kinds_and_exit_codes_help() -> String {
+    format!("{}\n{EXIT_CODES_HELP}", resolve::kinds_help())
+}
+
 /// Every subcommand.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -80,13 +86,13 @@ pub enum Command {
     #[command(after_help = EXIT_CODES_HELP)]
     Apply(apply::ApplyArgs),
     /// List objects, or show one.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = kinds_and_exit_codes_help())]
     Get(get::GetArgs),
     /// Show one object in detail: spec, status, replicas and conditions.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = kinds_and_exit_codes_help())]
     Describe(describe::DescribeArgs),
     /// Delete objects by kind and name, or those named in manifests.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = kinds_and_exit_codes_help())]
     Delete(delete::DeleteArgs),
     /// Change the number of replicas of an instance.
     #[command(after_help = EXIT_CODES_HELP)]

@@ -116,20 +116,39 @@ impl Kind {
         }
     }
 
+    /// The names people may type for this kind on the command line, any case: the plural
+    /// first (as help lists it), then the singular and the short forms. The one list that
+    /// [`Kind::from_user`], the CLI's help and its suggestions read.
+    pub fn user_names(self) -> &'static [&'static str] {
+        match self {
+            Kind::Tenant => &["tenants", "tenant", "tn"],
+            Kind::Project => &["projects", "project", "proj", "pj"],
+            Kind::OpenClawInstance => &[
+                "instances",
+                "instance",
+                "inst",
+                "openclawinstances",
+                "openclawinstance",
+                "oci",
+            ],
+            Kind::Host => &["hosts", "host", "ho"],
+            Kind::ConfigTemplate => &[
+                "configtemplates",
+                "configtemplate",
+                "templates",
+                "template",
+                "ct",
+            ],
+            Kind::Secret => &["secrets", "secret", "sec"],
+        }
+    }
+
     /// Parses a kind as typed by people: singular, plural, short alias, any case.
     pub fn from_user(s: &str) -> Option<Kind> {
-        match s.to_ascii_lowercase().as_str() {
-            "tenant" | "tenants" | "tn" => Some(Kind::Tenant),
-            "project" | "projects" | "proj" | "pj" => Some(Kind::Project),
-            "openclawinstance" | "openclawinstances" | "instance" | "instances" | "inst"
-            | "oci" => Some(Kind::OpenClawInstance),
-            "host" | "hosts" | "ho" => Some(Kind::Host),
-            "configtemplate" | "configtemplates" | "template" | "templates" | "ct" => {
-                Some(Kind::ConfigTemplate)
-            }
-            "secret" | "secrets" | "sec" => Some(Kind::Secret),
-            _ => None,
-        }
+        let s = s.to_ascii_lowercase();
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.user_names().contains(&s.as_str()))
     }
 
     /// Parses the exact `kind:` field of a manifest.

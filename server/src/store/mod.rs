@@ -87,6 +87,19 @@ pub struct WriteSummary {
     pub results: Vec<WriteResult>,
 }
 
+/// Makes the audit entries of one object a batch delete removes, from its key and generation.
+pub type DeleteAudit<'a> = &'a mut dyn FnMut(&ObjectKey, Option<i64>) -> Vec<AuditEntry>;
+
+/// The result of one all-or-nothing batch delete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeleteSummary {
+    /// The store index after the delete (unchanged when nothing was deleted).
+    pub index: u64,
+    /// Per key, in the order given: whether it was deleted (`false`: it did not exist and
+    /// missing keys were allowed).
+    pub deleted: Vec<bool>,
+}
+
 /// A label requirement of a list: `key=value`, `key!=value`, `key` (exists), `!key`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LabelRequirement {
@@ -515,6 +528,24 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes one object; refuses while it has children. `expected` is an optional
     /// resourceVersion precondition. Returns the new index.
     fn delete(&self, key: &ObjectKey, expected: Option<u64>) -> Result<u64, StoreError>;
+    /// Deletes `keys` in one transaction, in the order given (children before parents, or a
+    /// parent is refused for them): all or nothing, with one index bump. A key that does not
+    /// exist fails the batch ([`StoreError::InBatch`] with its position, as every refusal),
+    /// unless `skip_missing`. `audit` makes the entries of each deleted object (from its key
+    /// and generation), appended in the same transaction. A dry run checks everything and
+    /// changes nothing.
+    fn delete_batch(
+        &self,
+        keys: &[ObjectKey],
+        skip_missing: bool,
+        dry_run: bool,
+        audit: Option<DeleteAudit<'_>>,
+    ) -> Result<(DeleteSummary, Vec<AuditRecord>), StoreError> {
+        let _ = (keys, skip_missing, dry_run, audit);
+        Err(StoreError::Backend(
+            "this store cannot delete a batch in one transaction".into(),
+        ))
+    }
 
     fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
     fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;

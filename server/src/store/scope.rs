@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{
-    ChangeNote, ListFilter, Store, StoreError, StoredObject, TokenRecord, Usage, WriteMode,
-    WriteResult, WriteSummary,
+    ChangeNote, DeleteSummary, ListFilter, Store, StoreError, StoredObject, TokenRecord, Usage,
+    WriteMode, WriteResult, WriteSummary,
 };
 use crate::audit::{AuditEntry, AuditRecord};
 use crate::model::{Kind, ObjectKey, Resource};
@@ -285,6 +285,56 @@ impl<'a> Scoped<'a> {
                 Ok(index)
             }
         }
+    }
+
+    /// [`Store::delete_batch`] of objects in this scope; an object outside it is as missing.
+    pub fn delete_batch(
+        &self,
+        keys: &[ObjectKey],
+        skip_missing: bool,
+        dry_run: bool,
+    ) -> Result<DeleteSummary, StoreError> {
+        let visible: Vec<usize> = (0..keys.len())
+            .filter(|i| self.scope.sees(&keys[*i]))
+            .collect();
+        if !skip_missing && let Some(i) = (0..keys.len()).find(|i| !visible.contains(i)) {
+            return Err(StoreError::InBatch {
+                index: i,
+                source: Box::new(StoreError::NotFound(keys[i].clone())),
+            });
+        }
+        let in_scope: Vec<ObjectKey> = visible.iter().map(|i| keys[*i].clone()).collect();
+        let result = match &self.audit {
+            None => self
+                .store
+                .delete_batch(&in_scope, skip_missing, dry_run, None),
+            Some(hook) => self.store.delete_batch(
+                &in_scope,
+                skip_missing,
+                dry_run,
+                Some(&mut |key, generation| hook.delete_entries(key, generation)),
+            ),
+        };
+        // Positions in errors are those of `keys`.
+        let (summary, records) = result.map_err(|e| match e {
+            StoreError::InBatch { index, source } => StoreError::InBatch {
+                index: visible.get(index).copied().unwrap_or(index),
+                source,
+            },
+            other => other,
+        })?;
+        if let Some(hook) = &self.audit {
+            hook.recorded(records);
+        }
+        // Back to one answer per key given.
+        let mut deleted = vec![false; keys.len()];
+        for (i, d) in visible.iter().zip(summary.deleted) {
+            deleted[*i] = d;
+        }
+        Ok(DeleteSummary {
+            index: summary.index,
+            deleted,
+        })
     }
 
     /// Instance usage per tenant, and per project inside it, for the tenants in scope.

@@ -17,8 +17,8 @@ use tokio::sync::watch;
 
 use super::revisions::{self, ChangeNote, RevisionRecord, SealedValue};
 use super::{
-    JoinRefusal, ListFilter, Store, StoreError, StoredObject, TokenKind, TokenRecord, Usage,
-    WriteMode, WriteResult, WriteSummary, admit,
+    DeleteAudit, DeleteSummary, JoinRefusal, ListFilter, Store, StoreError, StoredObject,
+    TokenKind, TokenRecord, Usage, WriteMode, WriteResult, WriteSummary, admit,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord, AuditVerification};
 use crate::model::{
@@ -372,54 +372,7 @@ impl SqliteStore {
     ) -> Result<(u64, Vec<AuditRecord>), StoreError> {
         let mut records = Vec::new();
         let ((), index) = self.write_tx(false, |tx, _next| {
-            let existing = get_in(tx, key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
-            let generation = existing.generation;
-            if let Some(given) = expected.filter(|rv| *rv != 0)
-                && given != existing.resource_version {
-                    return Err(StoreError::Conflict { key: key.clone(), given, current: existing.resource_version });
-                }
-            let children = match key.kind {
-                Kind::Tenant => Some((
-                    "projects",
-                    tx.query_row(
-                        "SELECT COUNT(*) FROM objects WHERE kind = 'Project' AND tenant = ?1",
-                        [&key.name],
-                        |r| r.get::<_, i64>(0),
-                    )?,
-                )),
-                Kind::Project => Some((
-                    "instances",
-                    tx.query_row(
-                        "SELECT COUNT(*) FROM objects WHERE kind = 'OpenClawInstance' AND tenant = ?1 AND project = ?2",
-                        [&key.tenant, &key.name],
-                        |r| r.get::<_, i64>(0),
-                    )?,
-                )),
-                Kind::OpenClawInstance | Kind::Host | Kind::ConfigTemplate | Kind::Secret => None,
-            };
-            // Secrets live in a tenant or project as well: they go first too.
-            let children = match (children, key.kind) {
-                (Some((_, 0)), Kind::Tenant | Kind::Project) => Some((
-                    "secrets",
-                    tx.query_row(
-                        "SELECT COUNT(*) FROM objects WHERE kind = 'Secret' AND tenant = ?1 AND project = ?2",
-                        match key.kind {
-                            Kind::Tenant => [key.name.as_str(), ""],
-                            _ => [key.tenant.as_str(), key.name.as_str()],
-                        },
-                        |r| r.get::<_, i64>(0),
-                    )?,
-                )),
-                (c, _) => c,
-            };
-            if let Some((child, count)) = children.filter(|(_, n)| *n > 0) {
-                return Err(StoreError::HasChildren { key: key.clone(), count: count as usize, child });
-            }
-            revisions::before_delete(tx, key)?;
-            tx.execute(
-                "DELETE FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4",
-                params![key.kind.as_str(), key.tenant, key.project, key.name],
-            )?;
+            let generation = delete_in(tx, key, expected)?;
             if let Some(audit) = audit {
                 records = crate::audit::append_audit_tx(tx, &audit(Some(generation)))?;
             }
@@ -451,6 +404,73 @@ impl SqliteStore {
         self.notify.send_replace(next);
         Ok((out, next))
     }
+}
+
+/// Deletes one object inside `tx`; refuses while it has children (deletes earlier in the same
+/// transaction count as done) or while it is in use. Returns the generation deleted.
+fn delete_in(
+    tx: &Transaction<'_>,
+    key: &ObjectKey,
+    expected: Option<u64>,
+) -> Result<i64, StoreError> {
+    let existing = get_in(tx, key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
+    let generation = existing.generation;
+    if let Some(given) = expected.filter(|rv| *rv != 0)
+        && given != existing.resource_version
+    {
+        return Err(StoreError::Conflict {
+            key: key.clone(),
+            given,
+            current: existing.resource_version,
+        });
+    }
+    let children = match key.kind {
+        Kind::Tenant => Some((
+            "projects",
+            tx.query_row(
+                "SELECT COUNT(*) FROM objects WHERE kind = 'Project' AND tenant = ?1",
+                [&key.name],
+                |r| r.get::<_, i64>(0),
+            )?,
+        )),
+        Kind::Project => Some((
+            "instances",
+            tx.query_row(
+                "SELECT COUNT(*) FROM objects WHERE kind = 'OpenClawInstance' AND tenant = ?1 AND project = ?2",
+                [&key.tenant, &key.name],
+                |r| r.get::<_, i64>(0),
+            )?,
+        )),
+        Kind::OpenClawInstance | Kind::Host | Kind::ConfigTemplate | Kind::Secret => None,
+    };
+    // Secrets live in a tenant or project as well: they go first too.
+    let children = match (children, key.kind) {
+        (Some((_, 0)), Kind::Tenant | Kind::Project) => Some((
+            "secrets",
+            tx.query_row(
+                "SELECT COUNT(*) FROM objects WHERE kind = 'Secret' AND tenant = ?1 AND project = ?2",
+                match key.kind {
+                    Kind::Tenant => [key.name.as_str(), ""],
+                    _ => [key.tenant.as_str(), key.name.as_str()],
+                },
+                |r| r.get::<_, i64>(0),
+            )?,
+        )),
+        (c, _) => c,
+    };
+    if let Some((child, count)) = children.filter(|(_, n)| *n > 0) {
+        return Err(StoreError::HasChildren {
+            key: key.clone(),
+            count: count as usize,
+            child,
+        });
+    }
+    revisions::before_delete(tx, key)?;
+    tx.execute(
+        "DELETE FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4",
+        params![key.kind.as_str(), key.tenant, key.project, key.name],
+    )?;
+    Ok(generation)
 }
 
 /// Files SQLite keeps beside a database in WAL mode (and the rollback journal of older ones).
@@ -1070,6 +1090,40 @@ impl Store for SqliteStore {
         Ok(self.delete_inner(key, expected, None)?.0)
     }
 
+    fn delete_batch(
+        &self,
+        keys: &[ObjectKey],
+        skip_missing: bool,
+        dry_run: bool,
+        mut audit: Option<DeleteAudit<'_>>,
+    ) -> Result<(DeleteSummary, Vec<AuditRecord>), StoreError> {
+        let mut records = Vec::new();
+        let (deleted, index) = self.write_tx(dry_run, |tx, _next| {
+            let mut deleted = Vec::with_capacity(keys.len());
+            let mut entries = Vec::new();
+            for (index, key) in keys.iter().enumerate() {
+                if skip_missing && get_in(tx, key)?.is_none() {
+                    deleted.push(false);
+                    continue;
+                }
+                let generation = delete_in(tx, key, None).map_err(|e| StoreError::InBatch {
+                    index,
+                    source: Box::new(e),
+                })?;
+                if let Some(audit) = audit.as_mut() {
+                    entries.extend(audit(key, Some(generation)));
+                }
+                deleted.push(true);
+            }
+            let changed = deleted.iter().any(|d| *d);
+            if changed && !dry_run && !entries.is_empty() {
+                records = crate::audit::append_audit_tx(tx, &entries)?;
+            }
+            Ok((deleted, changed))
+        })?;
+        Ok((DeleteSummary { index, deleted }, records))
+    }
+
     fn write_noted(
         &self,
         batch: &[(Resource, WriteMode)],
@@ -1431,6 +1485,84 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_batch_delete_is_all_or_nothing_children_first() {
+        let (_d, store) = open();
+        apply(
+            &store,
+            vec![
+                tenant("acme"),
+                project("acme", "web"),
+                project("acme", "ops"),
+                instance("acme", "web", "a", 1, "eu"),
+                instance("acme", "web", "b", 1, "eu"),
+                instance("acme", "ops", "c", 1, "eu"),
+            ],
+        )
+        .unwrap();
+        let exists = |k: &ObjectKey| store.get(k).unwrap().is_some();
+        let (a, b, c) = (
+            ObjectKey::instance("acme", "web", "a"),
+            ObjectKey::instance("acme", "web", "b"),
+            ObjectKey::instance("acme", "ops", "c"),
+        );
+        let (web, ops) = (
+            ObjectKey::project("acme", "web"),
+            ObjectKey::project("acme", "ops"),
+        );
+        let acme = ObjectKey::cluster(Kind::Tenant, "acme");
+        let before = store.index();
+        // The tenant still has project ops: nothing is deleted, the refusal names position 4.
+        let refused = store.delete_batch(
+            &[a.clone(), b.clone(), web.clone(), acme.clone()],
+            false,
+            false,
+            None,
+        );
+        match refused {
+            Err(StoreError::InBatch { index: 3, source }) => assert!(
+                matches!(
+                    *source,
+                    StoreError::HasChildren {
+                        child: "projects",
+                        count: 1,
+                        ..
+                    }
+                ),
+                "{source}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(exists(&a) && exists(&b) && exists(&web));
+        assert_eq!(store.index(), before);
+        // A missing object refuses the batch unless missing ones are skipped.
+        let ghost = ObjectKey::instance("acme", "web", "ghost");
+        assert!(matches!(
+            store.delete_batch(&[a.clone(), ghost.clone()], false, false, None),
+            Err(StoreError::InBatch { index: 1, .. })
+        ));
+        assert!(exists(&a));
+        // A dry run checks and changes nothing.
+        let all = [
+            a.clone(),
+            b.clone(),
+            c.clone(),
+            ghost,
+            web.clone(),
+            ops.clone(),
+            acme.clone(),
+        ];
+        let (dry, _) = store.delete_batch(&all, true, true, None).unwrap();
+        assert_eq!(dry.index, before);
+        assert_eq!(dry.deleted, [true, true, true, false, true, true, true]);
+        assert!(exists(&a) && exists(&acme));
+        // The whole family at once, children first: one index bump.
+        let (done, _) = store.delete_batch(&all, true, false, None).unwrap();
+        assert_eq!(done.index, before + 1);
+        assert_eq!(done.deleted, [true, true, true, false, true, true, true]);
+        assert!(all.iter().all(|k| !exists(k)));
     }
 
     #[test]

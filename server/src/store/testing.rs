@@ -110,6 +110,15 @@ impl Store for HookStore {
     fn delete(&self, key: &ObjectKey, expected: Option<u64>) -> Result<u64, StoreError> {
         self.inner.delete(key, expected)
     }
+    fn delete_batch(
+        &self,
+        keys: &[ObjectKey],
+        skip_missing: bool,
+        dry_run: bool,
+        audit: Option<super::DeleteAudit<'_>>,
+    ) -> Result<(super::DeleteSummary, Vec<crate::audit::AuditRecord>), StoreError> {
+        self.inner.delete_batch(keys, skip_missing, dry_run, audit)
+    }
     fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
         self.inner.insert_token(token)
     }

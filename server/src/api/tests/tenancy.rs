@@ -790,3 +790,170 @@ async fn changes_and_refusals_are_audited_with_the_change() {
         r.body
     );
 }
+
+#[tokio::test]
+async fn a_batch_delete_checks_every_object_and_deletes_all_or_nothing() {
+    use crate::model::ObjectKey;
+    let f = two_tenants().await;
+    let named = |kind: &str, t: &str, p: Option<&str>, name: &str| {
+        let mut metadata = json!({"name": name, "tenant": t});
+        if let Some(p) = p {
+            metadata["project"] = json!(p);
+        }
+        json!({"kind": kind, "metadata": metadata})
+    };
+    let x = named("OpenClawInstance", "a", Some("p"), "x");
+    let z = named("OpenClawInstance", "b", Some("p"), "z");
+    let ap = named("Project", "a", None, "p");
+    let aq = named("Project", "a", None, "q");
+    let (xk, zk, pk) = (
+        ObjectKey::instance("a", "p", "x"),
+        ObjectKey::instance("b", "p", "z"),
+        ObjectKey::project("a", "p"),
+    );
+    let index = f.get("/api/v1/tenants").await.index();
+    let delete = |token: String, items: Vec<Value>| {
+        let f = &f;
+        async move {
+            f.as_(
+                &token,
+                Method::DELETE,
+                "/api/v1/apply",
+                Some(json!({ "items": items })),
+            )
+            .await
+        }
+    };
+
+    // A viewer deletes nothing; a project editor may delete the instance but not the
+    // project, so the batch is refused whole, naming the project's document.
+    let r = delete(f.scoped_token("viewer", Some("a"), None), vec![x.clone()]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let editor = f.scoped_token("project-editor", Some("a"), Some("p"));
+    let r = delete(editor, vec![x.clone(), ap.clone()]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert_eq!(r.fields(), ["items[1].kind"]);
+    assert!(r.message().contains("nothing was deleted"), "{}", r.body);
+    // Another tenant's object is as missing, and stops the batch.
+    let admin = f.scoped_token("tenant-admin", Some("a"), None);
+    let r = delete(admin.clone(), vec![x.clone(), z.clone()]).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    assert!(r.message().starts_with("items[1]: "), "{}", r.body);
+    // A project with an instance the batch does not delete: 409 on that document.
+    let r = delete(admin.clone(), vec![x.clone(), aq.clone()]).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(
+        r.message()
+            .starts_with("items[1]: project/a/q still has 1 instance"),
+        "{}",
+        r.body
+    );
+    // A host is removed on its own (its agent is refused from then on), not in a batch.
+    let r = f
+        .json(
+            Method::DELETE,
+            "/api/v1/apply",
+            json!({"items": [x.clone(), {"kind": "Host", "metadata": {"name": "h1"}}]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    assert_eq!(r.fields(), ["items[1].kind"]);
+    assert!(exists(&f, &xk) && exists(&f, &zk) && exists(&f, &pk));
+    assert_eq!(
+        f.get("/api/v1/tenants").await.index(),
+        index,
+        "nothing was written"
+    );
+
+    // Children first whatever the order given, once each, in one transaction.
+    let r = delete(admin, vec![ap.clone(), x.clone(), ap]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body["items"],
+        json!([
+            {"kind": "OpenClawInstance", "name": "x", "tenant": "a", "project": "p", "outcome": "deleted"},
+            {"kind": "Project", "name": "p", "tenant": "a", "outcome": "deleted"},
+        ])
+    );
+    assert_eq!(r.index(), index + 1);
+    assert!(!exists(&f, &xk) && !exists(&f, &pk) && exists(&f, &zk));
+}
+
+#[tokio::test]
+async fn a_batch_delete_is_audited_per_object_and_a_refused_one_as_a_refusal() {
+    use crate::audit::{AuditConfig, AuditFilter, AuditWriter};
+    let f = two_tenants().await;
+    let writer =
+        AuditWriter::start(f.store.clone() as Arc<dyn Store>, &AuditConfig::default()).unwrap();
+    let state = super::super::ApiState::with_options(
+        f.store.clone() as Arc<dyn Store>,
+        f.dir.path().join("admin.token"),
+        Arc::default(),
+        Arc::default(),
+        super::super::ApiOptions {
+            audit: Some(writer.clone()),
+            ..Default::default()
+        },
+    );
+    let audited = Fixture {
+        app: super::super::router(state),
+        dir: tempfile::tempdir().unwrap(),
+        store: f.store.clone(),
+        token: f.token.clone(),
+    };
+    let batch = json!({"items": [
+        {"kind": "OpenClawInstance", "metadata": {"name": "x", "tenant": "a", "project": "p"}},
+        {"kind": "Project", "metadata": {"name": "p", "tenant": "a"}},
+    ]});
+    let v = audited.scoped_token("viewer", Some("a"), None);
+    let r = audited
+        .as_(&v, Method::DELETE, "/api/v1/apply", Some(batch.clone()))
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let refused = r.headers["x-request-id"].to_str().unwrap().to_string();
+    let ta = audited.scoped_token("tenant-admin", Some("a"), None);
+    let r = audited
+        .as_(&ta, Method::DELETE, "/api/v1/apply", Some(batch))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let done = r.headers["x-request-id"].to_str().unwrap().to_string();
+    writer.flush().await.unwrap();
+    let records = f
+        .store
+        .list_audit(&AuditFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .unwrap();
+    let of = |id: &str| -> Vec<(String, String, String)> {
+        records
+            .iter()
+            .filter(|r| r.entry.request_id == id)
+            .map(|r| {
+                let object = r
+                    .entry
+                    .object
+                    .as_ref()
+                    .map_or(String::new(), |o| format!("{}/{}", o.kind, o.name));
+                (
+                    r.entry.action.clone(),
+                    r.entry.result.outcome.as_str().to_string(),
+                    object,
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        of(&done),
+        [
+            ("delete".into(), "ok".into(), "OpenClawInstance/x".into()),
+            ("delete".into(), "ok".into(), "Project/p".into()),
+        ]
+    );
+    let refusal = of(&refused);
+    assert_eq!(refusal.len(), 1, "{refusal:?}");
+    assert_eq!(
+        (refusal[0].0.as_str(), refusal[0].1.as_str()),
+        ("delete", "denied")
+    );
+}

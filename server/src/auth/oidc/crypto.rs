@@ -23,8 +23,8 @@ static RING_PROVIDER: CryptoProvider = CryptoProvider {
 };
 
 /// Makes ring the process-wide crypto of `jsonwebtoken`. Harmless when already done. It must
-/// run before the first use of `jsonwebtoken` in the process: this module is its only user, and
-/// every [`super::OidcVerifier`] calls it when it is built.
+/// run before the first use of `jsonwebtoken` in the process: [`crate::crypto::install`] calls
+/// it at start-up.
 pub(super) fn install() {
     let _ = RING_PROVIDER.install_default();
 }

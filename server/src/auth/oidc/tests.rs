@@ -322,8 +322,17 @@ fn fast() -> VerifierOptions {
     }
 }
 
+/// [`OidcVerifier::new`] after the start-up crypto installation `main` does.
+fn new_verifier(
+    settings: &OidcSettings,
+    options: VerifierOptions,
+) -> Result<OidcVerifier, OidcSetupError> {
+    crate::crypto::install();
+    OidcVerifier::new(settings, options)
+}
+
 fn verifier(settings: IssuerSettings, options: VerifierOptions) -> OidcVerifier {
-    OidcVerifier::new(
+    new_verifier(
         &OidcSettings {
             issuers: vec![settings],
         },
@@ -995,7 +1004,7 @@ async fn https_issuer_trusted_through_its_ca_file() {
         .oidc
         .validate(dir.path())
         .unwrap();
-    let v = OidcVerifier::new(&settings, fast()).unwrap();
+    let v = new_verifier(&settings, fast()).unwrap();
     let p = v.verify(&key.token(&idp.claims())).await.unwrap();
     assert_eq!(p.role, VIEWER);
 
@@ -1014,7 +1023,7 @@ async fn tokens_of_several_issuers() {
     let b_key = TestKey::es256("b");
     let a = Idp::start(&[&a_key]).await;
     let b = Idp::start(&[&b_key]).await;
-    let v = OidcVerifier::new(
+    let v = new_verifier(
         &OidcSettings {
             issuers: vec![a.settings(), b.settings()],
         },
@@ -1039,7 +1048,7 @@ async fn tokens_of_several_issuers() {
 
 #[tokio::test]
 async fn no_issuer_configured() {
-    let v = OidcVerifier::new(&OidcSettings::default(), fast()).unwrap();
+    let v = new_verifier(&OidcSettings::default(), fast()).unwrap();
     assert!(v.is_empty());
     let key = TestKey::es256("k");
     let claims =
