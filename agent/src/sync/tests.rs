@@ -10,7 +10,7 @@ use super::*;
 use crate::control::WatchAnswer;
 use crate::events::AgentEvent;
 use crate::reconcile::ReconcilerSettings;
-use crate::runtime::{ContainerStatus, FakeCall, FakeRuntime, ObservedContainer, spec};
+use crate::runtime::{ContainerStatus, FakeCall, FakeRuntime, ObservedContainer, Owner, spec};
 
 const HOST: &str = "host-1";
 const WAIT_LIMIT: Duration = Duration::from_secs(10);
@@ -122,7 +122,7 @@ struct Harness {
     control: Arc<ScriptedControl>,
     dir: tempfile::TempDir,
     stop: watch::Sender<bool>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    task: Option<tokio::task::JoinHandle<LoopsEnd>>,
     reconciler: Option<Arc<Reconciler>>,
 }
 
@@ -327,9 +327,9 @@ async fn nothing_is_touched_before_assignments_are_known() {
     let a = Assignment::test("bot-0");
     h.engine.insert_container(ObservedContainer {
         id: "old".into(),
-        name: spec::container_name(HOST, &a.key()),
+        name: spec::container_name(&Owner::from(HOST), &a.key()),
         image: a.image.clone(),
-        labels: spec::container_labels(HOST, &a),
+        labels: spec::container_labels(&Owner::from(HOST), &a),
         status: ContainerStatus::Running,
         started_at: Some("t0".into()),
         host_port: Some(19100),
