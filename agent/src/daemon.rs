@@ -254,7 +254,7 @@ async fn stay_down(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
     let status = removed_status(&identity.record.host_id);
-    tracing::error!(host = %identity.record.host_id, reason = %reason, "{status}");
+    tracing::error!(host = %identity.record.host_id, reason = %reason, "this host was removed from the cluster earlier; staying down: {status}");
     crate::notify::ready(&status);
     let reconciler = reconciler_for(config, identity)?;
     stop_replicas(&reconciler, &mut stop).await;

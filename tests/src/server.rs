@@ -189,6 +189,8 @@ pub struct TestServer {
     data_dir: tempfile::TempDir,
     scratch: tempfile::TempDir,
     extra_args: Vec<String>,
+    /// Extra environment of the server process.
+    env: Vec<(String, String)>,
     agent_listen: String,
     child: Option<Child>,
     endpoints: Endpoints,
@@ -211,6 +213,15 @@ impl TestServer {
     /// Like [`TestServer::start_with`], with the agent port on `agent_listen` (kept across
     /// [`TestServer::restart`], so that agents find the server again).
     pub fn start_on(agent_listen: &str, extra_args: &[&str]) -> anyhow::Result<TestServer> {
+        TestServer::start_with_env(agent_listen, extra_args, &[])
+    }
+
+    /// [`TestServer::start_on`] with extra environment variables for the server process.
+    pub fn start_with_env(
+        agent_listen: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<TestServer> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let bin = clusterclaw_bin()?;
         let data_dir = tempfile::Builder::new()
@@ -234,6 +245,10 @@ impl TestServer {
             data_dir,
             scratch,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             agent_listen: agent_listen.to_string(),
             child: None,
             endpoints: Endpoints {
@@ -274,6 +289,7 @@ impl TestServer {
         for var in CLEARED_ENV {
             cmd.env_remove(var);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd
             .spawn()
             .with_context(|| format!("start {}", self.bin.display()))?;
