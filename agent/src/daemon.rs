@@ -152,7 +152,7 @@ pub async fn run(
 
 /// [`run`] with a stop flag instead of a future (for embedding).
 pub async fn run_until(
-    config: AgentConfig,
+    mut config: AgentConfig,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
     let data_dir = config.data_dir.clone();
@@ -166,6 +166,11 @@ pub async fn run_until(
         if config.join_token.is_none() {
             return stay_down(&config, &old, &removed.reason, stop).await;
         }
+        // The new enrollment goes to the same cluster unless told otherwise.
+        config
+            .server
+            .get_or_insert_with(|| old.record.server.clone());
+        config.ca_pem.get_or_insert_with(|| old.ca_pem.clone());
         let aside = state::set_aside_identity(&data_dir, &old.record.host_id).map_err(|e| {
             AgentError::DataDir(format!(
                 "cannot set the removed identity aside in {}: {e}",

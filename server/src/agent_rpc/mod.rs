@@ -375,7 +375,13 @@ impl AgentService for AgentRpc {
             if let Err(e) = r {
                 tracing::warn!(host = %id.name, error = %e, "could not apply a status report");
                 if e.code() == tonic::Code::NotFound {
-                    return Err(identity::removed(&id.name));
+                    // Only a host that is really gone is told so (its agent then stops its
+                    // replicas); anything else is an error of this report.
+                    let (store, current) = (self.store.clone(), id.clone());
+                    try_blocking("checking the host identity", move || {
+                        identity::check_current(&current, store.as_ref())
+                    })
+                    .await?;
                 }
             }
         }
