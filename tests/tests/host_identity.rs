@@ -564,6 +564,5 @@ fn no_secret_value_in_debug_logs() -> anyhow::Result<()> {
             bail!("the {who} log holds the secret value: {line}");
         }
     }
-    drop(cleanup);
     Ok(())
 }
