@@ -4,7 +4,7 @@
 //! engine and run the same tenant, project and instance names without disturbing each other;
 //! a container made before cluster labels is adopted without a restart; a host deleted with
 //! the CLI stops its replicas, keeps their volumes, stays down, and enrolls again as a new
-//! host with a new join token; and no secret value reaches a debug-level log.
+//! host with a new join token; and no secret value reaches a debug- or trace-level log.
 
 use std::collections::BTreeMap;
 
@@ -505,8 +505,9 @@ fn a_removed_host_stops_its_replicas_and_enrolls_again_with_a_new_token() -> any
     Ok(())
 }
 
-/// No secret value in any log line of an agent and a server at `RUST_LOG=debug`, while a
-/// replica with a secret in its environment is created, inspected and reported on.
+/// No secret value in any log line of an agent at `RUST_LOG=trace` and a server at
+/// `RUST_LOG=debug`, while a replica with a secret in its environment is created, inspected and
+/// reported on.
 #[test]
 fn no_secret_value_in_debug_logs() -> anyhow::Result<()> {
     let Some(image) = require_docker()? else {
@@ -522,7 +523,7 @@ fn no_secret_value_in_debug_logs() -> anyhow::Result<()> {
     cleanup.host(&host);
     let mut agent = TestAgent::enroll(&server, port, &token, &["--name", &host])?;
     agent.kill9();
-    agent.env = vec![("RUST_LOG".into(), "debug".into())];
+    agent.env = vec![("RUST_LOG".into(), "trace".into())];
     agent.spawn()?;
     assert_eq!(agent.wait_enrolled()?, host);
     wait_host_ready(&server, &host)?;
