@@ -131,7 +131,8 @@ pub struct AgentArgs {
     /// [env: CLUSTERCLAW_AGENT_CA_CERT].
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<PathBuf>,
-    /// Join token for the first start (`clusterclaw token create join`); later starts need none.
+    /// Join token for the first start (`clusterclaw token create join`), or to enroll again as a
+    /// new host after the control plane removed this one; other starts need none.
     #[arg(
         long,
         env = JOIN_TOKEN_ENV,

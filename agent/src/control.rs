@@ -33,10 +33,14 @@ pub enum CallError {
     /// The server could not be reached, or it did not answer in time: try again later.
     #[error("control plane unreachable: {0}")]
     Unreachable(String),
-    /// The server refused this host (revoked, unknown certificate): retrying will not help
+    /// The server refused this host (unknown certificate, rate limit): retrying will not help
     /// until an operator acts, but the host keeps running its replicas.
     #[error("the control plane refused this host: {0}")]
     Refused(String),
+    /// The server says this host has been removed from the cluster and its certificate
+    /// revoked: the host stops its replicas and waits to be enrolled again.
+    #[error("this host has been removed from the cluster: {0}")]
+    Removed(String),
     /// The server answered with another error.
     #[error("the control plane failed the call: {0}")]
     Failed(String),
@@ -47,7 +51,14 @@ impl CallError {
     pub fn from_status(status: &tonic::Status) -> CallError {
         use tonic::Code;
         let text = describe_status(status);
+        let removed = status
+            .metadata()
+            .get(clusterclaw_proto::metadata::REFUSAL)
+            .is_some_and(|v| {
+                v.as_bytes() == clusterclaw_proto::metadata::REFUSAL_HOST_REMOVED.as_bytes()
+            });
         match status.code() {
+            Code::Unauthenticated if removed => CallError::Removed(text),
             Code::Unauthenticated | Code::PermissionDenied => CallError::Refused(text),
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
                 CallError::Unreachable(text)
@@ -270,6 +281,28 @@ mod tests {
             CallError::from_status(&tonic::Status::unauthenticated("host removed")),
             CallError::Refused(m) if m == "host removed"
         ));
+        let mut removed = tonic::Status::unauthenticated("host x has been removed");
+        removed.metadata_mut().insert(
+            clusterclaw_proto::metadata::REFUSAL,
+            clusterclaw_proto::metadata::REFUSAL_HOST_REMOVED
+                .parse()
+                .unwrap(),
+        );
+        assert!(matches!(
+            CallError::from_status(&removed),
+            CallError::Removed(m) if m.contains("removed")
+        ));
+        let mut other = tonic::Status::unavailable("down");
+        other.metadata_mut().insert(
+            clusterclaw_proto::metadata::REFUSAL,
+            clusterclaw_proto::metadata::REFUSAL_HOST_REMOVED
+                .parse()
+                .unwrap(),
+        );
+        assert!(
+            !matches!(CallError::from_status(&other), CallError::Removed(_)),
+            "only a refusal of the identity means removed"
+        );
         assert!(matches!(
             CallError::from_status(&tonic::Status::unavailable("down")),
             CallError::Unreachable(_)

@@ -1,4 +1,8 @@
 //! The agent process as a library: lock the data directory, enroll (or load the saved identity), run the host loops, renew the certificate in time, stop on the shutdown signal.
+//!
+//! A host the control plane removed (`removed.json` in the data directory, see [`crate::sync`])
+//! stays down: its replicas are stopped and nothing is started again. Started with a join
+//! token, it sets the old identity aside (`removed-<host>-<time>/`) and enrolls as a new host.
 
 use std::fs::{File, TryLockError};
 use std::future::Future;
@@ -20,7 +24,10 @@ use crate::enroll::{self, HostIdentity, IdentityFiles};
 use crate::metrics::HostMetrics;
 use crate::reconcile::{BackoffPolicy, Reconciler, ReconcilerSettings};
 use crate::state;
-use crate::sync::{HostLoops, RECONNECT_MAX_DELAY, RECONNECT_MIN_DELAY, SyncSettings, stopped};
+use crate::sync::{
+    HostLoops, LoopsEnd, RECONNECT_MAX_DELAY, RECONNECT_MIN_DELAY, SyncSettings, removed_status,
+    stop_replicas, stopped,
+};
 
 /// Held locked (flock) by the running agent; holds its pid.
 pub const LOCK_FILE: &str = "agent.lock";
@@ -56,6 +63,8 @@ pub enum AgentError {
     Client(#[from] client::ClientError),
     #[error("{0}")]
     Config(String),
+    #[error("the saved host identity is unusable: {0}")]
+    Owner(String),
 }
 
 /// The data directory, locked against a second agent for as long as this value lives.
@@ -143,13 +152,37 @@ pub async fn run(
 
 /// [`run`] with a stop flag instead of a future (for embedding).
 pub async fn run_until(
-    config: AgentConfig,
+    mut config: AgentConfig,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
     let data_dir = config.data_dir.clone();
     let _lock = lock_data_dir(&data_dir)?;
     let _watchdog = crate::notify::spawn_watchdog(data_dir.clone(), stop.clone());
     let files = IdentityFiles::in_dir(&data_dir);
+    if files.exist()
+        && let Some(removed) = state::load_removed(&data_dir)
+    {
+        let old = enroll::load(&files)?;
+        if config.join_token.is_none() {
+            return stay_down(&config, &old, &removed.reason, stop).await;
+        }
+        // The new enrollment goes to the same cluster unless told otherwise.
+        config
+            .server
+            .get_or_insert_with(|| old.record.server.clone());
+        config.ca_pem.get_or_insert_with(|| old.ca_pem.clone());
+        let aside = state::set_aside_identity(&data_dir, &old.record.host_id).map_err(|e| {
+            AgentError::DataDir(format!(
+                "cannot set the removed identity aside in {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        tracing::warn!(removed_host = %old.record.host_id, kept_in = %aside.display(), "this host was removed from the cluster; enrolling again with the join token given (the old identity is kept aside, its stopped containers and volumes are left alone)");
+    } else if files.exist() && config.join_token.is_some() {
+        tracing::info!(
+            "this host is already enrolled; the join token given is not used (it is, once the control plane has removed this host)"
+        );
+    }
     let identity = if files.exist() {
         let mut id = enroll::load(&files)?;
         if let Some(server) = config.server.as_ref().filter(|s| **s != id.record.server) {
@@ -176,18 +209,11 @@ pub async fn run_until(
     ));
 
     let host_id = identity.record.host_id.clone();
-    let engine = Arc::new(LazyEngine::new(config.runtime, config.docker_host.clone()));
-    tracing::info!(runtime = config.runtime.as_str(), address = %engine.address(), "container engine");
-    let mut reconciler_settings = ReconcilerSettings::new(&host_id, &data_dir);
-    reconciler_settings.backoff = BackoffPolicy {
-        initial: config.restart_backoff,
-        ..BackoffPolicy::default()
-    };
-    let reconciler = Arc::new(Reconciler::new(engine, reconciler_settings));
+    let reconciler = Arc::new(reconciler_for(&config, &identity)?);
     let control = Arc::new(GrpcControlPlane::new(&identity)?);
     let loops = HostLoops::new(
         SyncSettings {
-            host_id,
+            host_id: host_id.clone(),
             data_dir: data_dir.clone(),
             poll_wait: config.poll_wait,
             report_interval: config.report_interval,
@@ -198,8 +224,46 @@ pub async fn run_until(
         reconciler,
         control.clone(),
     );
-    let renewal = renew_loop(files, identity, control, stop.clone());
-    tokio::join!(loops.run(stop), renewal);
+    let renewal = tokio::spawn(renew_loop(files, identity, control, stop.clone()));
+    let end = loops.run(stop.clone()).await;
+    renewal.abort();
+    match end {
+        LoopsEnd::Stopped => Ok(()),
+        LoopsEnd::Removed(_) => {
+            tracing::error!("{}", removed_status(&host_id));
+            stopped(&mut stop).await;
+            Ok(())
+        }
+    }
+}
+
+/// The reconciler of an identity, with the agent's settings.
+fn reconciler_for(config: &AgentConfig, identity: &HostIdentity) -> Result<Reconciler, AgentError> {
+    let owner = identity.owner().map_err(AgentError::Owner)?;
+    let engine = Arc::new(LazyEngine::new(config.runtime, config.docker_host.clone()));
+    tracing::info!(runtime = config.runtime.as_str(), address = %engine.address(), cluster = %owner.cluster_id(), host_uid = %owner.host_uid(), "container engine");
+    let mut settings = ReconcilerSettings::new(owner, &config.data_dir);
+    settings.backoff = BackoffPolicy {
+        initial: config.restart_backoff,
+        ..BackoffPolicy::default()
+    };
+    Ok(Reconciler::new(engine, settings))
+}
+
+/// A removed host without a new join token: stops what still runs, says why, and waits for
+/// the shutdown signal without starting anything.
+async fn stay_down(
+    config: &AgentConfig,
+    identity: &HostIdentity,
+    reason: &str,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let status = removed_status(&identity.record.host_id);
+    tracing::error!(host = %identity.record.host_id, reason = %reason, "this host was removed from the cluster earlier; staying down: {status}");
+    crate::notify::ready(&status);
+    let reconciler = reconciler_for(config, identity)?;
+    stop_replicas(&reconciler, &mut stop).await;
+    stopped(&mut stop).await;
     Ok(())
 }
 

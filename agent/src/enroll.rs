@@ -191,6 +191,57 @@ pub fn save_renewal(
     Ok(())
 }
 
+/// Prefix of the URI SAN that carries the host's uid in its certificate.
+pub const HOST_URI_PREFIX: &str = "urn:clusterclaw:host:";
+
+/// The cluster's id: the first 16 hex digits of the SHA-256 of the cluster CA certificate's DER.
+/// Every agent of one cluster computes the same; clusters with their own CA differ.
+pub fn cluster_id(ca_pem: &str) -> Result<String, String> {
+    use sha2::{Digest, Sha256};
+    let (_, pem) = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes())
+        .map_err(|e| format!("the cluster CA certificate: {e}"))?;
+    Ok(Sha256::digest(&pem.contents)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// The host's uid, from the `urn:clusterclaw:host:` URI in its certificate.
+pub fn host_uid(cert_pem: &str) -> Result<String, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .map_err(|e| format!("the host certificate: {e}"))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| format!("the host certificate: {e}"))?;
+    cert.subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|n| match n {
+                GeneralName::URI(u) => u.strip_prefix(HOST_URI_PREFIX).map(str::to_owned),
+                _ => None,
+            })
+        })
+        .filter(|uid| !uid.is_empty())
+        .ok_or_else(|| {
+            "the host certificate carries no host uid (not a clusterclaw host certificate)"
+                .to_owned()
+        })
+}
+
+impl HostIdentity {
+    /// What this identity labels its engine objects with (see [`crate::runtime::Owner`]).
+    pub fn owner(&self) -> Result<crate::runtime::Owner, String> {
+        Ok(crate::runtime::Owner::new(
+            &self.record.host_id,
+            cluster_id(&self.ca_pem)?,
+            host_uid(&self.cert_pem)?,
+        ))
+    }
+}
+
 /// Validity window of a PEM certificate.
 pub fn validity(cert_pem: &str) -> Result<(SystemTime, SystemTime), String> {
     let (_, pem) =

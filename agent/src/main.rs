@@ -54,8 +54,13 @@ fn generate_docs(out: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Crates whose debug and trace output carries request and response bodies, which hold the
+/// replicas' secret environment values (`docker inspect`, container create): capped at info
+/// whatever `RUST_LOG` says.
+const BODY_LOGGING_CRATES: [&str; 2] = ["bollard", "hyperlocal"];
+
 fn init_logging(format: LogFormat) -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
+    let mut filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.trim().is_empty() => EnvFilter::builder()
             .parse(&v)
             .with_context(|| format!("RUST_LOG={v:?} is not a valid filter; use e.g. info"))?,
@@ -63,6 +68,13 @@ fn init_logging(format: LogFormat) -> anyhow::Result<()> {
             .with_default_directive(LevelFilter::INFO.into())
             .parse_lossy(""),
     };
+    for krate in BODY_LOGGING_CRATES {
+        filter = filter.add_directive(
+            format!("{krate}=info")
+                .parse()
+                .context("a built-in log directive")?,
+        );
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -1,6 +1,7 @@
 //! Desired assignments against the containers found by label: a pure [`plan`] and a thin [`Reconciler`] that executes it.
 //!
-//! The plan never touches anything without the managed label or with another host's id. It
+//! The plan never touches anything its [`Owner`] does not own (see [`crate::runtime::Owner`]:
+//! the cluster id and host uid labels, or a pre-upgrade object adopted once). It
 //! creates missing replicas, replaces a container whose config hash or image changed (the
 //! state volume stays), removes containers of replicas no longer assigned and then their
 //! volumes, restarts exited or dead-by-liveness containers with exponential back-off counted
@@ -30,8 +31,8 @@ use crate::model::{Assignment, ReplicaKey, ReplicaState, ReplicaStatus};
 use crate::ports::{self, PortRange};
 use crate::probe::{Liveness, ProbeStatus, ProbeTarget};
 use crate::runtime::{
-    ContainerRuntime, ContainerStatus, Labelled, ObservedContainer, ObservedNetwork,
-    ObservedVolume, RuntimeError, labels, spec,
+    ContainerRuntime, ContainerStatus, Labelled, LegacyObjects, ObservedContainer, ObservedNetwork,
+    ObservedVolume, Owner, RuntimeError, labels, spec,
 };
 use crate::state;
 
@@ -325,7 +326,8 @@ impl Step {
 /// Everything [`plan`] decides from; plain values only.
 #[derive(Debug, Clone, Copy)]
 pub struct PlanInput<'a> {
-    pub host_id: &'a str,
+    /// Whose objects may be acted on.
+    pub owner: &'a Owner,
     pub desired: &'a [Assignment],
     pub observed: &'a Observed,
     /// The prober's view, per replica.
@@ -364,7 +366,7 @@ fn liveness_failure<'p>(c: &ObservedContainer, probe: Option<&'p ProbeStatus>) -
 
 /// Decides what to do; performs no I/O.
 pub fn plan(input: &PlanInput<'_>) -> Vec<Step> {
-    let host = input.host_id;
+    let owner = input.owner;
     let mut removals = Vec::new();
     let mut volume_removals = Vec::new();
     let mut network_removals = Vec::new();
@@ -382,12 +384,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Step> {
 
     // This host's managed containers by replica; anything else is not ours to touch.
     let mut by_key: BTreeMap<ReplicaKey, Vec<&ObservedContainer>> = BTreeMap::new();
-    for c in input
-        .observed
-        .containers
-        .iter()
-        .filter(|c| c.managed_by(host))
-    {
+    for c in input.observed.containers.iter().filter(|c| owner.owns(*c)) {
         match c.replica_key() {
             Some(key) => by_key.entry(key).or_default().push(c),
             None => removals.push(Step::RemoveContainer {
@@ -413,7 +410,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Step> {
         }
     }
 
-    for v in input.observed.volumes.iter().filter(|v| v.managed_by(host)) {
+    for v in input.observed.volumes.iter().filter(|v| owner.owns(*v)) {
         if let Some(key) = v.replica_key()
             && !desired.contains_key(&key)
         {
@@ -425,12 +422,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Step> {
     }
 
     let tenants_in_use: BTreeSet<&str> = desired.keys().map(|k| k.tenant.as_str()).collect();
-    for n in input
-        .observed
-        .networks
-        .iter()
-        .filter(|n| n.managed_by(host))
-    {
+    for n in input.observed.networks.iter().filter(|n| owner.owns(*n)) {
         if let Some(tenant) = n.label(labels::TENANT)
             && !tenants_in_use.contains(tenant)
         {
@@ -743,7 +735,9 @@ fn running_revision(
 /// Settings of a [`Reconciler`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReconcilerSettings {
-    pub host_id: String,
+    /// This agent's identity on the engine (its adopted legacy objects are decided on the first
+    /// pass, see [`Reconciler::observe`]).
+    pub owner: Owner,
     /// Where rendered configs are written (`<data_dir>/replicas/...`).
     pub data_dir: PathBuf,
     pub ports: PortRange,
@@ -752,9 +746,9 @@ pub struct ReconcilerSettings {
 }
 
 impl ReconcilerSettings {
-    pub fn new(host_id: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+    pub fn new(owner: impl Into<Owner>, data_dir: impl Into<PathBuf>) -> Self {
         ReconcilerSettings {
-            host_id: host_id.into(),
+            owner: owner.into(),
             data_dir: data_dir.into(),
             ports: PortRange::DEFAULT,
             stop_grace: spec::DEFAULT_STOP_GRACE,
@@ -814,6 +808,8 @@ pub struct Reconciler {
     /// By container id; entries of containers that are gone are dropped every pass.
     env_parts: Mutex<HashMap<String, CachedEnv>>,
     port_is_free: fn(u16) -> bool,
+    /// The owner with its adopted legacy objects, once they are decided.
+    owner: Mutex<Option<Owner>>,
 }
 
 impl Reconciler {
@@ -826,6 +822,7 @@ impl Reconciler {
             events: EventQueue::default(),
             env_parts: Mutex::default(),
             port_is_free: ports::port_is_free,
+            owner: Mutex::new(None),
         }
     }
 
@@ -866,20 +863,120 @@ impl Reconciler {
             .join(format!("{}.{}.{}", key.tenant, key.project, key.replica))
     }
 
-    /// Reads this host's managed containers, volumes and networks.
+    /// The owner as it acts now: with its adopted legacy objects once the first observation
+    /// decided them, before that with none.
+    pub fn owner(&self) -> Owner {
+        self.owner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| self.settings.owner.clone())
+    }
+
+    /// Reads the containers, volumes and networks this agent owns. The first call decides the
+    /// adopted legacy objects (see [`crate::runtime::Owner`]): read from `ownership.json`, or,
+    /// at the first start after an upgrade, from what runs and the saved assignments, and then
+    /// written there.
     pub async fn observe(&self) -> Result<Observed, RuntimeError> {
-        let host = self.settings.host_id.as_str();
-        let (containers, volumes, networks) = tokio::try_join!(
+        let host = self.settings.owner.host_name();
+        let (mut containers, mut volumes, mut networks) = tokio::try_join!(
             self.runtime.list_managed_containers(host),
             self.runtime.list_managed_volumes(host),
             self.runtime.list_managed_networks(host),
         )?;
+        let owner = {
+            let mut current = self.owner.lock().unwrap_or_else(|e| e.into_inner());
+            current
+                .get_or_insert_with(|| {
+                    let legacy = self.decide_legacy(&containers, &volumes, &networks);
+                    self.settings.owner.clone().with_legacy(legacy)
+                })
+                .clone()
+        };
+        containers.retain(|c| owner.owns(c));
+        volumes.retain(|v| owner.owns(v));
+        networks.retain(|n| owner.owns(n));
         Ok(Observed {
             containers,
             volumes,
             networks,
             content: BTreeMap::new(),
         })
+    }
+
+    /// The adopted legacy objects: as recorded for this identity, or decided now and recorded.
+    fn decide_legacy(
+        &self,
+        containers: &[ObservedContainer],
+        volumes: &[ObservedVolume],
+        networks: &[ObservedNetwork],
+    ) -> LegacyObjects {
+        let owner = &self.settings.owner;
+        let dir = &self.settings.data_dir;
+        match state::load_ownership(dir) {
+            Ok(Some(record)) if record.is_for(owner) => return record.legacy,
+            Ok(Some(_)) => {
+                tracing::info!(path = %dir.join(state::OWNERSHIP_FILE).display(), "the ownership record is of an earlier identity of this host; adopting no pre-upgrade objects");
+                let record = state::OwnershipRecord::new(owner, LegacyObjects::default());
+                if let Err(err) = state::save_ownership(dir, &record) {
+                    tracing::error!(error = %err, "cannot record which objects this agent owns");
+                }
+                return LegacyObjects::default();
+            }
+            Ok(None) => {}
+            Err(err) => {
+                // Fail closed: adopt nothing rather than guess, and leave the file for a person.
+                tracing::error!(error = %err, "cannot read the ownership record; adopting no pre-upgrade objects");
+                return LegacyObjects::default();
+            }
+        }
+        let saved = match state::StateStore::new(dir).load() {
+            Ok(saved) => saved,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the saved assignments; adopting no pre-upgrade objects");
+                None
+            }
+        };
+        let legacy = LegacyObjects::decide(
+            owner.host_name(),
+            saved.as_ref(),
+            containers,
+            volumes,
+            networks,
+        );
+        if !legacy.is_empty() {
+            tracing::info!(
+                containers = legacy.containers.len(),
+                volumes = legacy.volumes.len(),
+                networks = legacy.networks.len(),
+                "adopting the objects this host ran before cluster labels; they keep running"
+            );
+        }
+        let record = state::OwnershipRecord::new(owner, legacy.clone());
+        if let Err(err) = state::save_ownership(dir, &record) {
+            tracing::error!(error = %err, "cannot record which objects this agent owns; deciding again at the next start");
+        }
+        legacy
+    }
+
+    /// Stops every running container this agent owns (volumes, networks and the stopped
+    /// containers stay). Used when the control plane has removed this host.
+    pub async fn stop_all(&self) -> Result<usize, RuntimeError> {
+        let observed = self.observe().await?;
+        let mut stopped = 0;
+        for c in observed.containers.iter().filter(|c| {
+            matches!(
+                c.status,
+                ContainerStatus::Running | ContainerStatus::Restarting | ContainerStatus::Paused
+            )
+        }) {
+            self.runtime
+                .stop_container(&c.id, self.settings.stop_grace)
+                .await?;
+            tracing::info!(container = %c.id, name = %c.name, "replica container stopped");
+            stopped += 1;
+        }
+        Ok(stopped)
     }
 
     /// Measures the current, running container of every desired replica that has a content
@@ -890,11 +987,11 @@ impl Reconciler {
         desired: &[Assignment],
         observed: &Observed,
     ) -> BTreeMap<String, Measurement> {
-        let host = self.settings.host_id.as_str();
+        let owner = self.owner();
         let mut out = BTreeMap::new();
         for a in desired.iter().filter(|a| !a.content_hash.is_empty()) {
             let key = a.key();
-            let containers = replica_containers(host, observed, &key);
+            let containers = replica_containers(&owner, observed, &key);
             let Some(c) = current_container(a, &containers).filter(|c| c.status.is_running())
             else {
                 continue;
@@ -946,11 +1043,11 @@ impl Reconciler {
 
     /// Where to probe each desired replica's running container.
     pub fn probe_targets(&self, desired: &[Assignment], observed: &Observed) -> Vec<ProbeTarget> {
-        let host = self.settings.host_id.as_str();
+        let owner = self.owner();
         desired
             .iter()
             .filter_map(|a| {
-                let containers = replica_containers(host, observed, &a.key());
+                let containers = replica_containers(&owner, observed, &a.key());
                 let c = current_container(a, &containers)?;
                 let port = c.host_port.filter(|_| c.status.is_running())?;
                 Some(ProbeTarget {
@@ -971,13 +1068,13 @@ impl Reconciler {
         probes: &BTreeMap<ReplicaKey, ProbeStatus>,
         now: Instant,
     ) -> Vec<ReplicaStatus> {
-        let host = self.settings.host_id.as_str();
+        let owner = self.owner();
         let records = self.book.snapshot();
         desired
             .iter()
             .map(|a| {
                 let key = a.key();
-                let containers = replica_containers(host, observed, &key);
+                let containers = replica_containers(&owner, observed, &key);
                 let container =
                     current_container(a, &containers).or_else(|| containers.first().copied());
                 replica_status(
@@ -1002,10 +1099,10 @@ impl Reconciler {
         observed.content = self.measure(desired, &observed).await;
         let wanted: BTreeSet<ReplicaKey> = desired.iter().map(Assignment::key).collect();
         self.book.retain(|k| wanted.contains(k));
-        let host = self.settings.host_id.as_str();
+        let owner = self.owner();
         for a in desired {
             let key = a.key();
-            let containers = replica_containers(host, &observed, &key);
+            let containers = replica_containers(&owner, &observed, &key);
             let measured = current_container(a, &containers)
                 .and_then(|c| observed.content.get(&c.id))
                 .cloned();
@@ -1017,7 +1114,7 @@ impl Reconciler {
         }
         for a in desired {
             let key = a.key();
-            let containers = replica_containers(&self.settings.host_id, &observed, &key);
+            let containers = replica_containers(&owner, &observed, &key);
             if let Some(c) = current_container(a, &containers)
                 && c.status.is_running()
                 && liveness_failure(c, probes.get(&key)).is_none()
@@ -1027,7 +1124,7 @@ impl Reconciler {
         }
         let records = self.book.snapshot();
         let steps = plan(&PlanInput {
-            host_id: &self.settings.host_id,
+            owner: &owner,
             desired,
             observed: &observed,
             probes,
@@ -1079,11 +1176,11 @@ impl Reconciler {
             slots.push(Some(StepOutcome { step, result }));
         }
 
-        let host = self.settings.host_id.as_str();
+        let owner = self.owner();
         let networks: BTreeSet<&str> = observed
             .networks
             .iter()
-            .filter(|n| n.managed_by(host))
+            .filter(|n| owner.owns(*n))
             .filter_map(|n| n.label(labels::TENANT))
             .collect();
         let mut first_of_tenant = BTreeSet::new();
@@ -1129,7 +1226,8 @@ impl Reconciler {
                 async move {
                     match step {
                         Step::Create { assignment, .. } => {
-                            self.create(assignment, *port, &mut own, now).await
+                            self.create(assignment, *port, observed, &mut own, now)
+                                .await
                         }
                         other => self.execute_one(other, observed, &mut own, now).await,
                     }
@@ -1179,7 +1277,10 @@ impl Reconciler {
             Step::Create {
                 assignment,
                 preferred_port,
-            } => self.create(assignment, *preferred_port, taken, now).await,
+            } => {
+                self.create(assignment, *preferred_port, observed, taken, now)
+                    .await
+            }
             Step::Replace {
                 container_id,
                 assignment,
@@ -1188,7 +1289,8 @@ impl Reconciler {
             } => {
                 self.take_down(&assignment.key(), container_id, observed, taken, now)
                     .await?;
-                self.create(assignment, *preferred_port, taken, now).await
+                self.create(assignment, *preferred_port, observed, taken, now)
+                    .await
             }
             Step::RepairDrift {
                 container_id,
@@ -1208,7 +1310,9 @@ impl Reconciler {
                 self.book.begin_repair(&key, drift.clone());
                 self.take_down(&key, container_id, observed, taken, now)
                     .await?;
-                let created = self.create(assignment, *preferred_port, taken, now).await;
+                let created = self
+                    .create(assignment, *preferred_port, observed, taken, now)
+                    .await;
                 if created.is_ok() {
                     self.book.record_repaired(&key, now);
                 }
@@ -1279,11 +1383,12 @@ impl Reconciler {
         &self,
         a: &Assignment,
         preferred_port: Option<u16>,
+        observed: &Observed,
         taken: &mut BTreeSet<u16>,
         now: Instant,
     ) -> Result<(), StepError> {
         let key = a.key();
-        let result = self.try_create(a, preferred_port, taken).await;
+        let result = self.try_create(a, preferred_port, observed, taken).await;
         match &result {
             Ok(()) => {
                 self.book.record_created(&key, now);
@@ -1304,19 +1409,32 @@ impl Reconciler {
         &self,
         a: &Assignment,
         preferred_port: Option<u16>,
+        observed: &Observed,
         taken: &mut BTreeSet<u16>,
     ) -> Result<(), StepError> {
-        let host = self.settings.host_id.as_str();
+        let owner = self.owner();
         let key = a.key();
         self.book.set_activity(&key, Some(Activity::Pulling));
         self.runtime.ensure_image(&a.image).await?;
         self.book.set_activity(&key, Some(Activity::Creating));
-        self.runtime
-            .ensure_network(&spec::network_spec(host, &a.tenant))
-            .await?;
-        self.runtime
-            .ensure_volume(&spec::volume_spec(host, a))
-            .await?;
+        // A replica keeps the volume and network it has (an adopted pre-upgrade one included);
+        // new ones get this owner's names.
+        let network = match tenant_network(&owner, observed, &a.tenant) {
+            Some(n) => n.name.clone(),
+            None => {
+                let spec = spec::network_spec(&owner, &a.tenant);
+                self.runtime.ensure_network(&spec).await?;
+                spec.name
+            }
+        };
+        let volume = match replica_volume(&owner, observed, &key) {
+            Some(v) => v.name.clone(),
+            None => {
+                let spec = spec::volume_spec(&owner, a);
+                self.runtime.ensure_volume(&spec).await?;
+                spec.name
+            }
+        };
         let config_file = self.config_file(&key);
         write_config(&config_file, a.config_json.as_bytes())?;
 
@@ -1326,8 +1444,13 @@ impl Reconciler {
             .or_else(|| ports::allocate(self.settings.ports, taken, port_is_free));
         for _ in 0..PORT_ATTEMPTS {
             let Some(host_port) = port else { break };
+            let placement = spec::Placement {
+                config_file: &config_file,
+                volume: &volume,
+                network: &network,
+            };
             let spec =
-                spec::container_spec(host, a, &config_file, host_port, self.settings.stop_grace);
+                spec::container_spec(&owner, a, &placement, host_port, self.settings.stop_grace);
             match self.runtime.create_and_start(&spec).await {
                 Ok(id) => {
                     taken.insert(host_port);
@@ -1358,15 +1481,45 @@ fn log_outcome(step: &Step, result: &Result<(), StepError>) {
 }
 
 fn replica_containers<'o>(
-    host: &str,
+    owner: &Owner,
     observed: &'o Observed,
     key: &ReplicaKey,
 ) -> Vec<&'o ObservedContainer> {
     observed
         .containers
         .iter()
-        .filter(|c| c.managed_by(host) && c.replica_key().as_ref() == Some(key))
+        .filter(|c| owner.owns(*c) && c.replica_key().as_ref() == Some(key))
         .collect()
+}
+
+/// The replica's own state volume, if it has one (an adopted pre-upgrade one first).
+fn replica_volume<'o>(
+    owner: &Owner,
+    observed: &'o Observed,
+    key: &ReplicaKey,
+) -> Option<&'o ObservedVolume> {
+    let mut found: Vec<&ObservedVolume> = observed
+        .volumes
+        .iter()
+        .filter(|v| owner.owns(*v) && v.replica_key().as_ref() == Some(key))
+        .collect();
+    found.sort_by_key(|v| (v.label(labels::CLUSTER).is_some(), v.name.clone()));
+    found.first().copied()
+}
+
+/// The tenant's network on this host, if there is one (an adopted pre-upgrade one first).
+fn tenant_network<'o>(
+    owner: &Owner,
+    observed: &'o Observed,
+    tenant: &str,
+) -> Option<&'o ObservedNetwork> {
+    let mut found: Vec<&ObservedNetwork> = observed
+        .networks
+        .iter()
+        .filter(|n| owner.owns(*n) && n.label(labels::TENANT) == Some(tenant))
+        .collect();
+    found.sort_by_key(|n| (n.label(labels::CLUSTER).is_some(), n.name.clone()));
+    found.first().copied()
 }
 
 fn port_of(observed: &Observed, container_id: &str) -> Option<u16> {

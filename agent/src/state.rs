@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::model::Assignment;
+use crate::runtime::{LegacyObjects, Owner};
 
 /// Name of the state file inside the data directory.
 pub const STATE_FILE: &str = "state.json";
@@ -127,6 +128,180 @@ impl StateStore {
     }
 }
 
+/// Name of the file recording which pre-upgrade objects the agent adopted.
+pub const OWNERSHIP_FILE: &str = "ownership.json";
+
+/// The adopted pre-upgrade objects of one identity (see [`crate::runtime::Owner`]). Written
+/// once, at the first pass after an upgrade; never widened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnershipRecord {
+    pub version: u32,
+    pub host_name: String,
+    pub cluster_id: String,
+    pub host_uid: String,
+    pub legacy: LegacyObjects,
+}
+
+impl OwnershipRecord {
+    pub fn new(owner: &Owner, legacy: LegacyObjects) -> Self {
+        OwnershipRecord {
+            version: STATE_VERSION,
+            host_name: owner.host_name().to_owned(),
+            cluster_id: owner.cluster_id().to_owned(),
+            host_uid: owner.host_uid().to_owned(),
+            legacy,
+        }
+    }
+
+    /// Whether it was written for this identity.
+    pub fn is_for(&self, owner: &Owner) -> bool {
+        self.host_name == owner.host_name()
+            && self.cluster_id == owner.cluster_id()
+            && self.host_uid == owner.host_uid()
+    }
+}
+
+/// The ownership record in `data_dir`; `None` when there is none yet.
+pub fn load_ownership(data_dir: &Path) -> Result<Option<OwnershipRecord>, StateError> {
+    let path = data_dir.join(OWNERSHIP_FILE);
+    let text = match fs::read(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StateError::Io { path, source }),
+    };
+    let record: OwnershipRecord =
+        serde_json::from_slice(&text).map_err(|err| StateError::Corrupt {
+            path: path.clone(),
+            message: err.to_string(),
+        })?;
+    if record.version != STATE_VERSION {
+        return Err(StateError::Version {
+            path,
+            found: record.version,
+        });
+    }
+    Ok(Some(record))
+}
+
+/// Writes the ownership record into `data_dir` atomically with mode 0600.
+pub fn save_ownership(data_dir: &Path, record: &OwnershipRecord) -> Result<(), StateError> {
+    let path = data_dir.join(OWNERSHIP_FILE);
+    let io_err = |source| StateError::Io {
+        path: path.clone(),
+        source,
+    };
+    create_private_dir(data_dir).map_err(io_err)?;
+    let mut bytes = serde_json::to_vec_pretty(record).map_err(|err| StateError::Corrupt {
+        path: path.clone(),
+        message: err.to_string(),
+    })?;
+    bytes.push(b'\n');
+    write_file_atomic(&path, &bytes, 0o600).map_err(io_err)
+}
+
+/// Name of the file saying the control plane removed this host (the agent stays down while it
+/// exists; a new enrollment sets it aside).
+pub const REMOVED_FILE: &str = "removed.json";
+
+/// Why and when the control plane removed this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemovedRecord {
+    pub host_id: String,
+    pub reason: String,
+    /// Seconds since the Unix epoch.
+    pub removed_at_unix: u64,
+}
+
+impl RemovedRecord {
+    pub fn new(host_id: &str, reason: &str) -> Self {
+        RemovedRecord {
+            host_id: host_id.to_owned(),
+            reason: reason.to_owned(),
+            removed_at_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Writes `removed.json` into `data_dir`.
+pub fn save_removed(data_dir: &Path, record: &RemovedRecord) -> Result<(), StateError> {
+    let path = data_dir.join(REMOVED_FILE);
+    let io_err = |source| StateError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut bytes = serde_json::to_vec_pretty(record).map_err(|err| StateError::Corrupt {
+        path: path.clone(),
+        message: err.to_string(),
+    })?;
+    bytes.push(b'\n');
+    write_file_atomic(&path, &bytes, 0o600).map_err(io_err)
+}
+
+/// The removal record in `data_dir`, if any. An unreadable one counts as a removal (fail
+/// closed), with its problem as the reason.
+pub fn load_removed(data_dir: &Path) -> Option<RemovedRecord> {
+    let path = data_dir.join(REMOVED_FILE);
+    match fs::read(&path) {
+        Ok(text) => Some(
+            serde_json::from_slice(&text).unwrap_or_else(|err| RemovedRecord {
+                host_id: String::new(),
+                reason: format!("{} is unreadable: {err}", path.display()),
+                removed_at_unix: 0,
+            }),
+        ),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+        Err(err) => Some(RemovedRecord {
+            host_id: String::new(),
+            reason: format!("{}: {err}", path.display()),
+            removed_at_unix: 0,
+        }),
+    }
+}
+
+/// Moves the files of a removed identity (key, certificate, CA, host record, saved
+/// assignments, ownership and removal records) into `<data_dir>/removed-<host>-<time>/`, so that
+/// a new enrollment starts clean while nothing is deleted. Returns the directory.
+pub fn set_aside_identity(data_dir: &Path, host_id: &str) -> io::Result<PathBuf> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let safe: String = host_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let aside = data_dir.join(format!("removed-{safe}-{now}"));
+    create_private_dir(&aside)?;
+    for name in [
+        "host.key",
+        "host.crt",
+        "ca.crt",
+        "host.json",
+        STATE_FILE,
+        OWNERSHIP_FILE,
+        REMOVED_FILE,
+    ] {
+        match fs::rename(data_dir.join(name), aside.join(name)) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err),
+        }
+    }
+    File::open(data_dir)?.sync_all()?;
+    Ok(aside)
+}
+
 /// Creates `dir` (and missing parents) with mode 0700; an existing directory keeps its mode.
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     fs::DirBuilder::new()
@@ -210,6 +385,55 @@ mod tests {
         let err = store.load().unwrap_err();
         assert!(matches!(err, StateError::Version { found: 99, .. }));
         assert!(err.to_string().contains("version 99"));
+    }
+
+    #[test]
+    fn a_removed_identity_is_set_aside_not_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "host.key",
+            "host.crt",
+            "ca.crt",
+            "host.json",
+            STATE_FILE,
+            "agent.lock",
+        ] {
+            fs::write(dir.path().join(f), f).unwrap();
+        }
+        assert_eq!(load_removed(dir.path()), None);
+        save_removed(dir.path(), &RemovedRecord::new("node-1", "revoked")).unwrap();
+        assert_eq!(load_removed(dir.path()).unwrap().reason, "revoked");
+        let aside = set_aside_identity(dir.path(), "node-1").unwrap();
+        assert!(
+            aside
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("removed-node-1-")
+        );
+        for f in [
+            "host.key",
+            "host.crt",
+            "ca.crt",
+            "host.json",
+            STATE_FILE,
+            REMOVED_FILE,
+        ] {
+            assert!(!dir.path().join(f).exists(), "{f} moved");
+            assert!(aside.join(f).exists(), "{f} kept");
+        }
+        assert_eq!(
+            fs::read_to_string(aside.join("host.key")).unwrap(),
+            "host.key"
+        );
+        assert!(dir.path().join("agent.lock").exists(), "the lock stays");
+        assert_eq!(load_removed(dir.path()), None);
+        fs::write(dir.path().join(REMOVED_FILE), b"{not json").unwrap();
+        assert!(
+            load_removed(dir.path()).is_some(),
+            "unreadable counts as removed"
+        );
     }
 
     #[test]

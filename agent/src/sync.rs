@@ -13,6 +13,13 @@
 //! - **report**: one `ReportStatus` stream; a report every report interval with host figures
 //!   and container stats, and at once after any change of a replica's state or a new event.
 //!   Queued events ride on the next report the stream takes (see [`ReportStream`]).
+//!
+//! The saved set is acted on once the first long poll has answered or failed, or after
+//! [`START_GATE`] at the latest: a control plane that can be reached gets to say that this host
+//! was removed before a saved replica is started again. When the control plane says the host
+//! has been removed (at start or later), the loops stop, `removed.json` is written into the data
+//! directory, every replica container is stopped (volumes kept) and [`HostLoops::run`] returns
+//! [`LoopsEnd::Removed`]; the agent then stays down until it is enrolled again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -47,6 +54,9 @@ const REPORT_COALESCE: Duration = Duration::from_millis(5);
 const STATS_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many reports may wait for the stream before the oldest are dropped.
 const REPORT_QUEUE: usize = 4;
+
+/// The longest the saved assignments wait for the first answer of the control plane.
+pub const START_GATE: Duration = Duration::from_secs(3);
 
 /// The agent's version, as reported.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -105,6 +115,19 @@ struct Hub {
     reconcile_now: Notify,
     /// The watch loop reached the server again: the reporter need not wait out its back-off.
     server_back: Notify,
+    /// The first long poll has answered or failed.
+    first_contact: watch::Sender<bool>,
+    /// Why the control plane removed this host, once it said so.
+    removed: watch::Sender<Option<String>>,
+}
+
+/// Why [`HostLoops::run`] returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoopsEnd {
+    /// The stop signal.
+    Stopped,
+    /// The control plane removed this host: its replicas are stopped (see the module docs).
+    Removed(String),
 }
 
 /// The backoff of reconnection attempts: jittered, never longer than `cap` (jitter adds up to
@@ -158,6 +181,8 @@ impl HostLoops {
             engine: watch::Sender::new(engine),
             reconcile_now: Notify::new(),
             server_back: Notify::new(),
+            first_contact: watch::Sender::new(false),
+            removed: watch::Sender::new(None),
         };
         HostLoops {
             settings,
@@ -212,23 +237,55 @@ impl HostLoops {
         }
     }
 
-    /// Runs every loop until `stop` turns true. Containers keep running afterwards.
-    pub async fn run(self, stop: watch::Receiver<bool>) {
+    /// Runs every loop until `stop` turns true (containers keep running afterwards) or the
+    /// control plane removes this host (containers are stopped).
+    pub async fn run(self, mut stop: watch::Receiver<bool>) -> LoopsEnd {
         let known = self.load_saved().unwrap_or(0);
         let this = Arc::new(self);
+        let mut removed = this.hub.removed.subscribe();
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(Arc::clone(&this).watch_loop(known, stop.clone()));
         tasks.spawn(Arc::clone(&this).reconcile_loop(stop.clone()));
         tasks.spawn(Arc::clone(&this).probe_loop(stop.clone()));
         tasks.spawn(Arc::clone(&this).report_loop(stop.clone()));
-        while let Some(joined) = tasks.join_next().await {
-            if let Err(err) = joined
-                && err.is_panic()
-            {
-                tracing::error!(error = %err, "an agent loop panicked; stopping");
-                tasks.abort_all();
+        let reason = loop {
+            tokio::select! {
+                joined = tasks.join_next() => match joined {
+                    None => return LoopsEnd::Stopped,
+                    Some(Err(err)) if err.is_panic() => {
+                        tracing::error!(error = %err, "an agent loop panicked; stopping");
+                        tasks.abort_all();
+                    }
+                    Some(_) => {}
+                },
+                r = removed.wait_for(Option::is_some) => match r {
+                    Ok(reason) => break reason.clone().unwrap_or_default(),
+                    Err(_) => return LoopsEnd::Stopped,
+                },
             }
+        };
+        // No loop may start, restart or replace anything from here on.
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        this.stand_down(&reason, &mut stop).await;
+        LoopsEnd::Removed(reason)
+    }
+
+    /// Records the removal (so that a restarted agent stays down), then stops every replica
+    /// container, retrying while the engine is unavailable.
+    async fn stand_down(&self, reason: &str, stop: &mut watch::Receiver<bool>) {
+        tracing::error!(reason = %reason, "the control plane has removed this host; stopping its replicas (their state volumes are kept) until it is enrolled again");
+        let record = crate::state::RemovedRecord::new(&self.settings.host_id, reason);
+        let dir = self.settings.data_dir.clone();
+        match tokio::task::spawn_blocking(move || crate::state::save_removed(&dir, &record)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "cannot record the removal; a restarted agent will ask the control plane again")
+            }
+            Err(err) => tracing::error!(error = %err, "recording the removal failed"),
         }
+        crate::notify::status(&removed_status(&self.settings.host_id));
+        stop_replicas(&self.reconciler, stop).await;
     }
 
     // ---------------------------------------------------------------- watch
@@ -245,6 +302,7 @@ impl HostLoops {
             };
             match answer {
                 Ok(answer) => {
+                    self.hub.first_contact.send_replace(true);
                     if failing {
                         tracing::info!("control plane reachable again");
                         failing = false;
@@ -256,10 +314,15 @@ impl HostLoops {
                         self.accept(answer.index, answer.assignments).await;
                     }
                 }
+                Err(CallError::Removed(reason)) => {
+                    self.hub.removed.send_replace(Some(reason));
+                    return;
+                }
                 Err(err) => {
+                    self.hub.first_contact.send_replace(true);
                     let delay = backoff.next().unwrap_or(cap);
                     match &err {
-                        CallError::Refused(_) => {
+                        CallError::Removed(_) | CallError::Refused(_) => {
                             tracing::error!(error = %err, retry_in = ?delay, "assignments refused; the replicas keep running from the saved assignments")
                         }
                         _ => {
@@ -305,6 +368,14 @@ impl HostLoops {
     // ------------------------------------------------------------ reconcile
 
     async fn reconcile_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut first_contact = self.hub.first_contact.subscribe();
+        tokio::select! {
+            () = stopped(&mut stop) => return,
+            _ = first_contact.wait_for(|c| *c) => {}
+            () = tokio::time::sleep(START_GATE) => {
+                tracing::info!("no answer from the control plane yet; acting on the saved assignments");
+            }
+        }
         let mut desired_rx = self.hub.desired.subscribe();
         let mut engine_backoff: Option<ExponentialBackoff> = None;
         loop {
@@ -592,6 +663,10 @@ impl HostLoops {
                 }
             };
             let delay = match outcome {
+                Err(CallError::Removed(reason)) => {
+                    self.hub.removed.send_replace(Some(reason));
+                    return;
+                }
                 Ok(()) => {
                     backoff = reconnect_backoff(cap);
                     RECONNECT_MIN_DELAY
@@ -818,6 +893,43 @@ async fn sample(metrics: &mut Option<HostMetrics>) -> HostFigures {
             f
         }
         Err(_) => HostFigures::default(),
+    }
+}
+
+/// The status line of a removed host (systemd `STATUS=`, and the log).
+pub fn removed_status(host: &str) -> String {
+    format!(
+        "removed from the cluster: host {host}'s certificate is revoked and its replicas are stopped (state volumes kept); start the agent with a new --join-token to enroll again"
+    )
+}
+
+/// Stops every replica container this agent owns; retries while the engine is unavailable,
+/// until `stop`.
+pub async fn stop_replicas(reconciler: &Reconciler, stop: &mut watch::Receiver<bool>) {
+    let mut backoff: Option<ExponentialBackoff> = None;
+    loop {
+        match reconciler.stop_all().await {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::warn!(
+                        stopped = n,
+                        "replica containers stopped; their state volumes are kept"
+                    );
+                }
+                return;
+            }
+            Err(err) => {
+                let delay = backoff
+                    .get_or_insert_with(|| reconnect_backoff(RECONNECT_MAX_DELAY))
+                    .next()
+                    .unwrap_or(RECONNECT_MAX_DELAY);
+                tracing::error!(error = %err, retry_in = ?delay, "cannot stop the replicas of this removed host; retrying");
+                tokio::select! {
+                    () = stopped(stop) => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
     }
 }
 

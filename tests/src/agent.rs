@@ -154,6 +154,8 @@ pub struct TestAgent {
     pub log: PathBuf,
     pub args: Vec<String>,
     pub child: Option<Child>,
+    /// Environment variables set on every start (after the defaults, so `RUST_LOG` here wins).
+    pub env: Vec<(String, String)>,
 }
 
 impl TestAgent {
@@ -168,6 +170,7 @@ impl TestAgent {
             log,
             args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
+            env: Vec::new(),
         };
         agent.spawn()?;
         Ok(agent)
@@ -224,6 +227,7 @@ impl TestAgent {
             .arg(self.data.path())
             .env_remove("CLUSTERCLAW_JOIN_TOKEN")
             .env("RUST_LOG", "info,clusterclaw_agent=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -189,6 +189,8 @@ pub struct TestServer {
     data_dir: tempfile::TempDir,
     scratch: tempfile::TempDir,
     extra_args: Vec<String>,
+    /// Extra environment of the server process.
+    env: Vec<(String, String)>,
     agent_listen: String,
     soft_nofile: Option<u64>,
     child: Option<Child>,
@@ -212,19 +214,29 @@ impl TestServer {
     /// Like [`TestServer::start_with`], with the agent port on `agent_listen` (kept across
     /// [`TestServer::restart`], so that agents find the server again).
     pub fn start_on(agent_listen: &str, extra_args: &[&str]) -> anyhow::Result<TestServer> {
-        TestServer::start_full(agent_listen, extra_args, None)
+        TestServer::start_full(agent_listen, extra_args, &[], None)
+    }
+
+    /// [`TestServer::start_on`] with extra environment variables for the server process.
+    pub fn start_with_env(
+        agent_listen: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<TestServer> {
+        TestServer::start_full(agent_listen, extra_args, env, None)
     }
 
     /// Like [`TestServer::start`], with the server's soft limit on open files set to
     /// `soft_nofile` when it starts (as a service manager's default would), through
     /// `sh -c 'ulimit -Sn N; exec clusterclaw ...'`.
     pub fn start_with_soft_nofile(soft_nofile: u64) -> anyhow::Result<TestServer> {
-        TestServer::start_full("127.0.0.1:0", &[], Some(soft_nofile))
+        TestServer::start_full("127.0.0.1:0", &[], &[], Some(soft_nofile))
     }
 
     fn start_full(
         agent_listen: &str,
         extra_args: &[&str],
+        env: &[(&str, &str)],
         soft_nofile: Option<u64>,
     ) -> anyhow::Result<TestServer> {
         clusterclaw_agent::crypto::install_provider();
@@ -250,6 +262,10 @@ impl TestServer {
             data_dir,
             scratch,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             agent_listen: agent_listen.to_string(),
             soft_nofile,
             child: None,
@@ -301,6 +317,7 @@ impl TestServer {
         for var in CLEARED_ENV {
             cmd.env_remove(var);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd
             .spawn()
             .with_context(|| format!("start {}", self.bin.display()))?;

@@ -18,8 +18,8 @@ use clusterclaw_agent::reconcile::{
     BackoffPolicy, Pass, Reconciler, ReconcilerSettings, ReplaceReason, Step,
 };
 use clusterclaw_agent::runtime::{
-    ContainerRuntime, ContainerStatus, DockerRuntime, Labelled, RuntimeError, RuntimeKind, labels,
-    spec,
+    ContainerRuntime, ContainerStatus, DockerRuntime, Labelled, Owner, RuntimeError, RuntimeKind,
+    labels, spec,
 };
 use clusterclaw_tests::{docker_available, ensure_standin_image};
 use serde_json::Value;
@@ -255,7 +255,7 @@ async fn a_replica_is_created_adopted_replaced_and_removed() -> anyhow::Result<(
     assert_eq!(hc["RestartPolicy"]["Name"], "no");
     assert_eq!(
         hc["NetworkMode"],
-        spec::network_name(&cleanup.host_id, "tenant-life")
+        spec::network_name(&Owner::from(&cleanup.host_id), "tenant-life")
     );
     let binding = &hc["PortBindings"]["18789/tcp"][0];
     assert_eq!(binding["HostIp"], "127.0.0.1");
@@ -269,7 +269,7 @@ async fn a_replica_is_created_adopted_replaced_and_removed() -> anyhow::Result<(
     assert_eq!(state_mount["Type"], "volume");
     assert_eq!(
         state_mount["Name"],
-        spec::volume_name(&cleanup.host_id, &key)
+        spec::volume_name(&Owner::from(&cleanup.host_id), &key)
     );
     let config_mount = mounts
         .iter()
@@ -366,8 +366,8 @@ async fn a_replica_is_created_adopted_replaced_and_removed() -> anyhow::Result<(
     assert_eq!(standin["config"]["gateway"]["mode"], "changed");
 
     // Unassigned: container, volume, network and config go.
-    let volume = spec::volume_name(&cleanup.host_id, &key);
-    let network = spec::network_name(&cleanup.host_id, "tenant-life");
+    let volume = spec::volume_name(&Owner::from(&cleanup.host_id), &key);
+    let network = spec::network_name(&Owner::from(&cleanup.host_id), "tenant-life");
     assert!(exists("volume", &volume) && exists("network", &network));
     pass(&restarted, &[]).await?;
     assert!(restarted.observe().await?.containers.is_empty());

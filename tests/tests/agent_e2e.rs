@@ -431,9 +431,13 @@ fn refusals() -> anyhow::Result<()> {
     let refused = watch_with(|| clusterclaw_agent::client::authenticated(&identity))?
         .expect_err("a revoked host is refused");
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
-    wait_for("the agent to log the refusal", WAIT, || {
-        Ok(first.log().contains("refused").then_some(()))
+    wait_for("the agent to stand down as removed", WAIT, || {
+        Ok(first
+            .log()
+            .contains("the control plane has removed this host")
+            .then_some(()))
     })?;
+    assert!(first.data_dir().join("removed.json").exists());
 
     // An expired token.
     let left = Duration::from_secs(62).saturating_sub(expiring_since.elapsed());

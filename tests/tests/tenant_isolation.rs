@@ -181,8 +181,9 @@ fn tenants_share_no_network_and_cannot_reach_each_other() -> anyhow::Result<()> 
     // What the engine says: one tenant network per tenant, each container on its tenant's
     // network only, the Gateway published on loopback only.
     let mut tenant_networks = Vec::new();
+    let owner = agent.identity()?.owner().map_err(anyhow::Error::msg)?;
     for (scope, containers) in tenants.iter().zip(&by_tenant) {
-        let expected = spec::network_name(&host, &scope.tenant);
+        let expected = spec::network_name(&owner, &scope.tenant);
         for c in containers {
             let (network, ip, _) = only_network(c)?;
             ensure!(

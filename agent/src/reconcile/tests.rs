@@ -5,6 +5,11 @@ use crate::runtime::{ContainerEnv, FakeCall, FakeRuntime};
 
 const HOST: &str = "host-1";
 
+/// This agent's owner in the tests (cluster and host uid labels included).
+fn me() -> Owner {
+    Owner::new(HOST, "cluster-1", "uid-1")
+}
+
 fn secs(n: u64) -> Duration {
     Duration::from_secs(n)
 }
@@ -13,9 +18,9 @@ fn secs(n: u64) -> Duration {
 fn container(id: &str, a: &Assignment) -> ObservedContainer {
     ObservedContainer {
         id: id.into(),
-        name: format!("{}-{id}", spec::container_name(HOST, &a.key())),
+        name: format!("{}-{id}", spec::container_name(&me(), &a.key())),
         image: a.image.clone(),
-        labels: spec::container_labels(HOST, a),
+        labels: spec::container_labels(&me(), a),
         status: ContainerStatus::Running,
         started_at: Some("2026-01-01T00:00:00Z".into()),
         host_port: Some(19100),
@@ -36,16 +41,16 @@ fn exited(code: i64) -> ContainerStatus {
     }
 }
 
-fn volume(a: &Assignment, host: &str) -> ObservedVolume {
-    let v = spec::volume_spec(host, a);
+fn volume(a: &Assignment, owner: &Owner) -> ObservedVolume {
+    let v = spec::volume_spec(owner, a);
     ObservedVolume {
         name: v.name,
         labels: v.labels,
     }
 }
 
-fn network(host: &str, tenant: &str) -> ObservedNetwork {
-    let n = spec::network_spec(host, tenant);
+fn network(owner: &Owner, tenant: &str) -> ObservedNetwork {
+    let n = spec::network_spec(owner, tenant);
     ObservedNetwork {
         id: format!("id-{}", n.name),
         name: n.name,
@@ -77,7 +82,7 @@ impl World {
 
     fn plan(&self) -> Vec<Step> {
         plan(&PlanInput {
-            host_id: HOST,
+            owner: &me(),
             desired: &self.desired,
             observed: &self.observed,
             probes: &self.probes,
@@ -150,7 +155,7 @@ fn replaces_on_config_change_reusing_the_port_and_keeping_the_volume() {
     let old = Assignment::test("bot-0");
     let new = old.clone().config_hash(&"bb".repeat(32)).generation(2);
     let mut world = World::new(vec![new.clone()], vec![container("c1", &old)]);
-    world.observed.volumes = vec![volume(&old, HOST)];
+    world.observed.volumes = vec![volume(&old, &me())];
     assert_eq!(
         world.plan(),
         vec![Step::Replace {
@@ -198,11 +203,11 @@ fn removes_unassigned_containers_then_their_volume_and_network() {
         ],
     );
     world.observed.volumes = vec![
-        volume(&kept, HOST),
-        volume(&gone, HOST),
-        volume(&other_tenant, HOST),
+        volume(&kept, &me()),
+        volume(&gone, &me()),
+        volume(&other_tenant, &me()),
     ];
-    world.observed.networks = vec![network(HOST, "tenant-a"), network(HOST, "tenant-b")];
+    world.observed.networks = vec![network(&me(), "tenant-a"), network(&me(), "tenant-b")];
     let steps = world.plan();
     let gone_container = |id: &str| Step::RemoveContainer {
         key: Some(
@@ -233,15 +238,15 @@ fn removes_unassigned_containers_then_their_volume_and_network() {
             gone_container("c2"),
             Step::RemoveVolume {
                 key: gone.key(),
-                volume: spec::volume_name(HOST, &gone.key())
+                volume: spec::volume_name(&me(), &gone.key())
             },
             Step::RemoveVolume {
                 key: other_tenant.key(),
-                volume: spec::volume_name(HOST, &other_tenant.key())
+                volume: spec::volume_name(&me(), &other_tenant.key())
             },
             Step::RemoveNetwork {
                 tenant: "tenant-b".into(),
-                network: spec::network_name(HOST, "tenant-b")
+                network: spec::network_name(&me(), "tenant-b")
             },
         ]
     );
@@ -262,8 +267,11 @@ fn never_touches_unmanaged_or_other_hosts_things() {
         .labels
         .insert(labels::MANAGED.into(), "false".into());
     let mut world = World::new(vec![], vec![foreign_host, unmanaged, managed_false]);
-    world.observed.volumes = vec![volume(&a, "host-2")];
-    world.observed.networks = vec![network("host-2", "tenant-a")];
+    world.observed.volumes = vec![volume(&a, &Owner::new("host-2", "cluster-1", "uid-2"))];
+    world.observed.networks = vec![network(
+        &Owner::new("host-2", "cluster-1", "uid-2"),
+        "tenant-a",
+    )];
     assert_eq!(world.plan(), vec![]);
 
     // With the replica assigned here, the other host's container does not count as ours.
@@ -553,7 +561,7 @@ fn status_follows_container_probe_and_record() {
 
 fn reconciler(fake: &Arc<FakeRuntime>, data_dir: &Path) -> Reconciler {
     let runtime: Arc<dyn ContainerRuntime> = fake.clone();
-    Reconciler::new(runtime, ReconcilerSettings::new(HOST, data_dir)).with_port_check(|_| true)
+    Reconciler::new(runtime, ReconcilerSettings::new(me(), data_dir)).with_port_check(|_| true)
 }
 
 async fn pass(r: &Reconciler, desired: &[Assignment], now: Instant) -> Pass {
@@ -573,13 +581,13 @@ async fn creates_a_replica_with_its_network_volume_and_config() {
 
     let p = pass(&r, std::slice::from_ref(&a), now).await;
     assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
-    let name = spec::container_name(HOST, &key);
+    let name = spec::container_name(&me(), &key);
     assert_eq!(
         fake.mutations(),
         vec![
             FakeCall::EnsureImage(a.image.clone()),
-            FakeCall::EnsureNetwork(spec::network_name(HOST, "tenant-a")),
-            FakeCall::EnsureVolume(spec::volume_name(HOST, &key)),
+            FakeCall::EnsureNetwork(spec::network_name(&me(), "tenant-a")),
+            FakeCall::EnsureVolume(spec::volume_name(&me(), &key)),
             FakeCall::CreateAndStart(name.clone(), Some(19100)),
         ]
     );
@@ -661,7 +669,7 @@ async fn replaces_on_config_change_keeping_volume_and_port() {
     fake.clear_calls();
     let p = pass(&r, std::slice::from_ref(&b), now).await;
     assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
-    let name = spec::container_name(HOST, &a.key());
+    let name = spec::container_name(&me(), &a.key());
     let mutations = fake.mutations();
     assert_eq!(mutations[0], FakeCall::StopContainer(old.id.clone()));
     assert_eq!(mutations[1], FakeCall::RemoveContainer(old.id.clone()));
@@ -1329,4 +1337,202 @@ async fn no_drift_check_without_a_content_hash() {
     );
     let status = &r.statuses(std::slice::from_ref(&a), &p.observed, &BTreeMap::new(), t0)[0];
     assert_eq!(status.observed_content_hash, "");
+}
+
+// --- ownership: cluster labels and pre-upgrade adoption ---------------------------------------------
+
+/// What an agent before cluster labels made for `a` on host `host`: container, volume, network.
+fn legacy_objects(
+    host: &str,
+    a: &Assignment,
+    id: &str,
+) -> (ObservedContainer, ObservedVolume, ObservedNetwork) {
+    let strip = |mut l: BTreeMap<String, String>| {
+        l.remove(labels::CLUSTER);
+        l.remove(labels::HOST_UID);
+        l
+    };
+    let old = Owner::from(host);
+    let mut c = container(id, a);
+    c.name = spec::legacy_container_name(host, &a.key());
+    c.labels = strip(spec::container_labels(&old, a));
+    let v = ObservedVolume {
+        name: spec::legacy_volume_name(host, &a.key()),
+        labels: strip(spec::volume_spec(&old, a).labels),
+    };
+    let n = ObservedNetwork {
+        id: "legacy-net".into(),
+        name: spec::legacy_network_name(host, &a.tenant),
+        labels: strip(spec::network_spec(&old, &a.tenant).labels),
+    };
+    (c, v, n)
+}
+
+#[tokio::test]
+async fn pre_upgrade_objects_the_saved_state_knows_are_adopted_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let a = Assignment::test("bot-0");
+    let (c, v, n) = legacy_objects(HOST, &a, "legacy-1");
+    fake.insert_container(c.clone());
+    fake.insert_volume(v.clone());
+    fake.insert_network(n.clone());
+    state::StateStore::new(dir.path())
+        .save(&state::SavedState::new(HOST, 7, vec![a.clone()]))
+        .unwrap();
+    let r = reconciler(&fake, dir.path());
+    // The old agent wrote the rendered config into the same data directory.
+    write_config(&r.config_file(&a.key()), a.config_json.as_bytes()).unwrap();
+    let now = Instant::now();
+
+    let p = pass(&r, std::slice::from_ref(&a), now).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    assert!(fake.mutations().is_empty(), "{:?}", fake.mutations());
+    assert_eq!(p.observed.containers, vec![c.clone()]);
+    let statuses = r.statuses(std::slice::from_ref(&a), &p.observed, &BTreeMap::new(), now);
+    assert_eq!(statuses[0].container_id.as_deref(), Some("legacy-1"));
+    let record = state::load_ownership(dir.path())
+        .unwrap()
+        .expect("recorded");
+    assert!(record.is_for(&me()));
+    assert_eq!(
+        record.legacy.containers,
+        BTreeSet::from(["legacy-1".to_owned()])
+    );
+
+    // A new revision replaces the adopted container under this owner's name, on the adopted
+    // state volume and network.
+    let mut next = a.clone();
+    next.config_hash = "h2".into();
+    fake.clear_calls();
+    let p = pass(&r, std::slice::from_ref(&next), now).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    let name = spec::container_name(&me(), &a.key());
+    let created = fake.spec(&name).expect("replaced under the new name");
+    assert_eq!(
+        created.volumes[0].volume, v.name,
+        "the state volume is kept"
+    );
+    assert_eq!(created.network.as_deref(), Some(n.name.as_str()));
+    assert_eq!(created.labels[labels::CLUSTER], "cluster-1");
+    assert!(
+        !fake
+            .mutations()
+            .iter()
+            .any(|m| matches!(m, FakeCall::EnsureVolume(_) | FakeCall::RemoveVolume(_))),
+        "{:?}",
+        fake.mutations()
+    );
+
+    // The decision is not widened later: a legacy container that appears afterwards is not
+    // adopted, even for a replica this host runs.
+    let b = Assignment::test("bot-1");
+    let (late, _, _) = legacy_objects(HOST, &b, "late");
+    fake.insert_container(late);
+    let r2 = reconciler(&fake, dir.path());
+    let p = pass(&r2, &[next.clone(), b.clone()], now).await;
+    assert!(p.observed.containers.iter().all(|c| c.id != "late"));
+    assert!(fake.containers().iter().any(|c| c.id == "late"));
+}
+
+#[tokio::test]
+async fn another_cluster_with_the_same_host_name_leaves_everything_alone() {
+    let fake = Arc::new(FakeRuntime::new());
+    let a = Assignment::test("bot-0");
+    // This cluster's agent runs the replica (and a pre-upgrade one it adopted).
+    let mine_dir = tempfile::tempdir().unwrap();
+    let mine = reconciler(&fake, mine_dir.path());
+    let legacy_a = Assignment::test("old-0");
+    let (c, v, n) = legacy_objects(HOST, &legacy_a, "legacy-1");
+    fake.insert_container(c);
+    fake.insert_volume(v);
+    fake.insert_network(n);
+    state::StateStore::new(mine_dir.path())
+        .save(&state::SavedState::new(HOST, 7, vec![legacy_a.clone()]))
+        .unwrap();
+    let now = Instant::now();
+    let p = pass(&mine, &[a.clone(), legacy_a.clone()], now).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    let before = fake.containers();
+
+    // A second cluster's agent, same host name, same tenant/project/replica names, no state.
+    let theirs_dir = tempfile::tempdir().unwrap();
+    let them = Owner::new(HOST, "cluster-2", "uid-9");
+    let theirs = Reconciler::new(
+        fake.clone(),
+        ReconcilerSettings::new(them.clone(), theirs_dir.path()),
+    )
+    .with_port_check(|_| true);
+    fake.clear_calls();
+    let p = pass(&theirs, std::slice::from_ref(&a), now).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    assert!(p.observed.containers.is_empty(), "sees nothing of ours");
+    let name = spec::container_name(&them, &a.key());
+    assert_ne!(name, spec::container_name(&me(), &a.key()));
+    let made = fake.mutations();
+    assert!(
+        made.iter().all(|m| match m {
+            FakeCall::EnsureImage(_) => true,
+            FakeCall::EnsureNetwork(n) => *n == spec::network_name(&them, &a.tenant),
+            FakeCall::EnsureVolume(v) => *v == spec::volume_name(&them, &a.key()),
+            // The engine refuses the host ports our containers hold; it moves on.
+            FakeCall::CreateAndStart(n, _) => *n == name,
+            _ => false,
+        }),
+        "only its own, new objects: {made:?}"
+    );
+    assert!(
+        fake.containers()
+            .iter()
+            .any(|c| c.name == name && them.owns(c))
+    );
+    // Nothing of ours changed; and when its instance goes, ours stay.
+    for c in &before {
+        assert!(fake.containers().contains(c), "{c:?}");
+    }
+    fake.clear_calls();
+    pass(&theirs, &[], now).await;
+    let removed: Vec<FakeCall> = fake.mutations();
+    assert!(
+        removed.iter().all(|m| match m {
+            FakeCall::StopContainer(_) | FakeCall::RemoveContainer(_) => true,
+            FakeCall::RemoveVolume(v) => *v == spec::volume_name(&them, &a.key()),
+            FakeCall::RemoveNetwork(n) => *n == spec::network_name(&them, &a.tenant),
+            _ => false,
+        }),
+        "{removed:?}"
+    );
+    for c in &before {
+        assert!(fake.containers().contains(c), "{c:?}");
+    }
+    assert!(fake.volumes().contains(&spec::volume_name(&me(), &a.key())));
+    assert!(
+        fake.volumes()
+            .contains(&spec::legacy_volume_name(HOST, &legacy_a.key()))
+    );
+}
+
+#[tokio::test]
+async fn a_removed_host_stops_its_containers_and_keeps_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0");
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    let mut foreign = container("foreign", &a);
+    foreign
+        .labels
+        .insert(labels::CLUSTER.into(), "cluster-2".into());
+    fake.insert_container(foreign);
+    fake.clear_calls();
+    assert_eq!(r.stop_all().await.unwrap(), 1);
+    let stops: Vec<FakeCall> = fake.mutations();
+    assert_eq!(stops.len(), 1, "{stops:?}");
+    assert!(matches!(&stops[0], FakeCall::StopContainer(id) if id != "foreign"));
+    assert_eq!(fake.volumes().len(), 1, "the state volume stays");
+    assert_eq!(
+        r.stop_all().await.unwrap(),
+        0,
+        "stopped ones are not stopped again"
+    );
 }

@@ -132,6 +132,10 @@ impl FakeRuntime {
         self.lock().volumes.insert(volume.name.clone(), volume);
     }
 
+    pub fn insert_network(&self, network: ObservedNetwork) {
+        self.lock().networks.insert(network.name.clone(), network);
+    }
+
     /// Changes a container's status, as a crash or an exit would.
     pub fn set_status(&self, id: &str, status: ContainerStatus) {
         if let Some(c) = self.lock().containers.get_mut(id) {

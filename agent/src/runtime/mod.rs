@@ -1,8 +1,8 @@
 //! The container engine behind a small trait: Docker (and Podman through its Docker-compatible API) or a fake.
 //!
-//! Everything the agent creates carries the labels in [`labels`]; the agent finds its
-//! containers, volumes and networks by them, filtered by its host id, and never touches anything
-//! without them.
+//! Everything the agent creates carries the labels in [`labels`]; the agent lists containers,
+//! volumes and networks by the managed label and its host name, and acts only on what
+//! [`Owner::owns`] accepts: its cluster's id and its host uid, or a pre-upgrade object it adopted.
 
 mod docker;
 mod fake;
@@ -17,6 +17,9 @@ use async_trait::async_trait;
 
 pub use docker::{DockerRuntime, RuntimeKind};
 pub use fake::{FakeCall, FakeRuntime};
+pub use owner::{LegacyObjects, ObjectRef, Owner};
+
+mod owner;
 
 use crate::model::{ContainerStats, ReplicaKey};
 
@@ -25,6 +28,10 @@ pub mod labels {
     pub const MANAGED: &str = "io.clusterclaw.managed";
     pub const MANAGED_VALUE: &str = "true";
     pub const HOST: &str = "io.clusterclaw.host";
+    /// The cluster's id: a short hash of the cluster CA's certificate.
+    pub const CLUSTER: &str = "io.clusterclaw.cluster";
+    /// The uid the control plane gave the host at enrollment (in its certificate).
+    pub const HOST_UID: &str = "io.clusterclaw.host-uid";
     pub const TENANT: &str = "io.clusterclaw.tenant";
     pub const PROJECT: &str = "io.clusterclaw.project";
     pub const INSTANCE: &str = "io.clusterclaw.instance";
@@ -45,10 +52,14 @@ pub trait Labelled {
         self.labels().get(name).map(String::as_str)
     }
 
-    /// Whether it carries `io.clusterclaw.managed=true` and this host's id.
-    fn managed_by(&self, host_id: &str) -> bool {
+    /// How the engine identifies it: a container by id, a volume or network by name.
+    fn object_ref(&self) -> ObjectRef<'_>;
+
+    /// Whether it carries `io.clusterclaw.managed=true` and this host name (what the engine is
+    /// asked to list; not enough to act on it, see [`Owner::owns`]).
+    fn managed_by(&self, host_name: &str) -> bool {
         self.label(labels::MANAGED) == Some(labels::MANAGED_VALUE)
-            && self.label(labels::HOST) == Some(host_id)
+            && self.label(labels::HOST) == Some(host_name)
     }
 
     /// The replica it belongs to, when all three naming labels are present.
@@ -120,6 +131,10 @@ pub struct ObservedContainer {
 impl Labelled for ObservedContainer {
     fn labels(&self) -> &BTreeMap<String, String> {
         &self.labels
+    }
+
+    fn object_ref(&self) -> ObjectRef<'_> {
+        ObjectRef::Container(&self.id)
     }
 }
 
@@ -201,6 +216,10 @@ impl Labelled for ObservedVolume {
     fn labels(&self) -> &BTreeMap<String, String> {
         &self.labels
     }
+
+    fn object_ref(&self) -> ObjectRef<'_> {
+        ObjectRef::Volume(&self.name)
+    }
 }
 
 /// A network as the engine reports it.
@@ -214,6 +233,10 @@ pub struct ObservedNetwork {
 impl Labelled for ObservedNetwork {
     fn labels(&self) -> &BTreeMap<String, String> {
         &self.labels
+    }
+
+    fn object_ref(&self) -> ObjectRef<'_> {
+        ObjectRef::Network(&self.name)
     }
 }
 
@@ -348,7 +371,7 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     /// Engine name and version.
     async fn info(&self) -> Result<RuntimeInfo, RuntimeError>;
 
-    /// All containers (running or not) labelled managed and with this host id.
+    /// All containers (running or not) labelled managed and with this host name.
     async fn list_managed_containers(
         &self,
         host_id: &str,

@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::{BindMount, ContainerSpec, NetworkSpec, PortPublish, VolumeMount, VolumeSpec, labels};
+use super::{
+    BindMount, ContainerSpec, NetworkSpec, Owner, PortPublish, VolumeMount, VolumeSpec, labels,
+};
 use crate::model::{Assignment, ReplicaKey};
 
 /// The port the Gateway listens on inside its container.
@@ -41,40 +43,53 @@ pub const NODE_HEAP_PERCENT: u64 = 75;
 /// Prefix of every name the agent gives to containers, volumes and networks.
 pub const NAME_PREFIX: &str = "clusterclaw";
 
-/// Eight hex digits identifying a host id in engine object names, so agents with different ids
-/// sharing one engine never collide.
-pub fn host_tag(host_id: &str) -> String {
-    Sha256::digest(host_id.as_bytes())
-        .iter()
-        .take(4)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// Eight hex digits of a host name: the tag of names given before objects carried the cluster's
+/// id (see [`legacy_container_name`]).
+pub fn legacy_host_tag(host_name: &str) -> String {
+    super::owner::hex8(&Sha256::digest(host_name.as_bytes()))
 }
 
-/// `clusterclaw-<tenant>-<project>-<replica>-<host tag>`.
-pub fn container_name(host_id: &str, key: &ReplicaKey) -> String {
+/// `clusterclaw-<tenant>-<project>-<replica>-<owner tag>` (see [`Owner::name_tag`]).
+pub fn container_name(owner: &Owner, key: &ReplicaKey) -> String {
+    replica_object_name(key, &owner.name_tag())
+}
+
+fn replica_object_name(key: &ReplicaKey, tag: &str) -> String {
     format!(
-        "{NAME_PREFIX}-{}-{}-{}-{}",
-        key.tenant,
-        key.project,
-        key.replica,
-        host_tag(host_id)
+        "{NAME_PREFIX}-{}-{}-{}-{tag}",
+        key.tenant, key.project, key.replica
     )
 }
 
 /// The replica's state volume; same shape as [`container_name`], with a `-state` suffix.
-pub fn volume_name(host_id: &str, key: &ReplicaKey) -> String {
-    format!("{}-state", container_name(host_id, key))
+pub fn volume_name(owner: &Owner, key: &ReplicaKey) -> String {
+    format!("{}-state", container_name(owner, key))
 }
 
-/// `clusterclaw-<tenant>-<host tag>`: one bridge network per tenant.
-pub fn network_name(host_id: &str, tenant: &str) -> String {
-    format!("{NAME_PREFIX}-{tenant}-{}", host_tag(host_id))
+/// `clusterclaw-<tenant>-<owner tag>`: one bridge network per tenant.
+pub fn network_name(owner: &Owner, tenant: &str) -> String {
+    format!("{NAME_PREFIX}-{tenant}-{}", owner.name_tag())
+}
+
+/// The name agents gave a replica's container before objects carried the cluster's id: the
+/// tag was a hash of the host name alone, so two clusters' agents with one host name collided.
+pub fn legacy_container_name(host_name: &str, key: &ReplicaKey) -> String {
+    replica_object_name(key, &legacy_host_tag(host_name))
+}
+
+/// The pre-upgrade name of a replica's state volume.
+pub fn legacy_volume_name(host_name: &str, key: &ReplicaKey) -> String {
+    format!("{}-state", legacy_container_name(host_name, key))
+}
+
+/// The pre-upgrade name of a tenant's network.
+pub fn legacy_network_name(host_name: &str, tenant: &str) -> String {
+    format!("{NAME_PREFIX}-{tenant}-{}", legacy_host_tag(host_name))
 }
 
 /// Labels of the container running `a` on this host.
-pub fn container_labels(host_id: &str, a: &Assignment) -> BTreeMap<String, String> {
-    let mut out = replica_labels(host_id, &a.key());
+pub fn container_labels(owner: &Owner, a: &Assignment) -> BTreeMap<String, String> {
+    let mut out = replica_labels(owner, &a.key());
     out.insert(labels::INSTANCE.into(), a.instance.clone());
     out.insert(labels::GENERATION.into(), a.generation.to_string());
     out.insert(labels::CONFIG_HASH.into(), a.config_hash.clone());
@@ -87,36 +102,41 @@ pub fn container_labels(host_id: &str, a: &Assignment) -> BTreeMap<String, Strin
 }
 
 /// Labels of everything belonging to one replica (its container and its volume).
-pub fn replica_labels(host_id: &str, key: &ReplicaKey) -> BTreeMap<String, String> {
-    let mut out = base_labels(host_id);
+pub fn replica_labels(owner: &Owner, key: &ReplicaKey) -> BTreeMap<String, String> {
+    let mut out = base_labels(owner);
     out.insert(labels::TENANT.into(), key.tenant.clone());
     out.insert(labels::PROJECT.into(), key.project.clone());
     out.insert(labels::REPLICA.into(), key.replica.clone());
     out
 }
 
-fn base_labels(host_id: &str) -> BTreeMap<String, String> {
+/// The managed label, the host name, the cluster id and the host uid.
+fn base_labels(owner: &Owner) -> BTreeMap<String, String> {
     BTreeMap::from([
         (labels::MANAGED.into(), labels::MANAGED_VALUE.into()),
-        (labels::HOST.into(), host_id.into()),
+        (labels::HOST.into(), owner.host_name().into()),
+        (labels::CLUSTER.into(), owner.cluster_id().into()),
+        (labels::HOST_UID.into(), owner.host_uid().into()),
     ])
 }
 
-pub fn volume_spec(host_id: &str, a: &Assignment) -> VolumeSpec {
+/// A new state volume for `a` (an existing one of the replica is used instead: see
+/// [`crate::reconcile`]).
+pub fn volume_spec(owner: &Owner, a: &Assignment) -> VolumeSpec {
     let key = a.key();
-    let mut labels = replica_labels(host_id, &key);
+    let mut labels = replica_labels(owner, &key);
     labels.insert(labels::INSTANCE.into(), a.instance.clone());
     VolumeSpec {
-        name: volume_name(host_id, &key),
+        name: volume_name(owner, &key),
         labels,
     }
 }
 
-pub fn network_spec(host_id: &str, tenant: &str) -> NetworkSpec {
-    let mut labels = base_labels(host_id);
+pub fn network_spec(owner: &Owner, tenant: &str) -> NetworkSpec {
+    let mut labels = base_labels(owner);
     labels.insert(labels::TENANT.into(), tenant.into());
     NetworkSpec {
-        name: network_name(host_id, tenant),
+        name: network_name(owner, tenant),
         labels,
     }
 }
@@ -156,12 +176,22 @@ pub fn container_env(a: &Assignment) -> BTreeMap<String, String> {
     env
 }
 
+/// Where a new container's state, network and config come from.
+#[derive(Debug, Clone, Copy)]
+pub struct Placement<'a> {
+    pub config_file: &'a Path,
+    /// The replica's state volume.
+    pub volume: &'a str,
+    /// Its tenant's network.
+    pub network: &'a str,
+}
+
 /// The container that runs `a` on this host, publishing the Gateway on `127.0.0.1:host_port`,
-/// with the rendered config read from `config_file` on the host.
+/// with the rendered config, state volume and network of `placement`.
 pub fn container_spec(
-    host_id: &str,
+    owner: &Owner,
     a: &Assignment,
-    config_file: &Path,
+    placement: &Placement<'_>,
     host_port: u16,
     stop_grace: Duration,
 ) -> ContainerSpec {
@@ -171,9 +201,9 @@ pub fn container_spec(
         n => n,
     };
     ContainerSpec {
-        name: container_name(host_id, &key),
+        name: container_name(owner, &key),
         image: a.image.clone(),
-        labels: container_labels(host_id, a),
+        labels: container_labels(owner, a),
         env: container_env(a),
         user: CONTAINER_USER.into(),
         read_only_rootfs: true,
@@ -183,14 +213,14 @@ pub fn container_spec(
         memory_bytes: (a.resources.memory_bytes > 0).then_some(a.resources.memory_bytes),
         nano_cpus: (a.resources.cpu_millis > 0).then_some(a.resources.cpu_millis * 1_000_000),
         pids_limit: Some(i64::from(pids)),
-        network: Some(network_name(host_id, &a.tenant)),
+        network: Some(placement.network.to_owned()),
         volumes: vec![VolumeMount {
-            volume: volume_name(host_id, &key),
+            volume: placement.volume.to_owned(),
             target: STATE_DIR.into(),
             read_only: false,
         }],
         binds: vec![BindMount {
-            source: config_file.to_path_buf(),
+            source: placement.config_file.to_path_buf(),
             target: CONFIG_PATH.into(),
             read_only: true,
         }],
@@ -229,10 +259,15 @@ mod tests {
     fn spec_has_the_hardened_defaults() {
         let mut a = Assignment::test("bot-0");
         a.env.insert("ANTHROPIC_API_KEY".into(), "sk-secret".into());
+        let owner = Owner::new("host-1", "c0ffee", "uid-1");
         let spec = container_spec(
-            "host-1",
+            &owner,
             &a,
-            Path::new("/var/lib/x/openclaw.json"),
+            &Placement {
+                config_file: Path::new("/var/lib/x/openclaw.json"),
+                volume: "vol",
+                network: "net",
+            },
             19100,
             DEFAULT_STOP_GRACE,
         );
@@ -254,6 +289,13 @@ mod tests {
         assert_eq!((publish.container_port, publish.host_port), (18789, 19100));
         assert_eq!(spec.labels[labels::MANAGED], "true");
         assert_eq!(spec.labels[labels::HOST], "host-1");
+        assert_eq!(spec.labels[labels::CLUSTER], "c0ffee");
+        assert_eq!(spec.labels[labels::HOST_UID], "uid-1");
+        assert_eq!(spec.name, container_name(&owner, &a.key()));
+        assert_eq!(
+            (spec.volumes[0].volume.as_str(), spec.network.as_deref()),
+            ("vol", Some("net"))
+        );
         assert_eq!(spec.labels[labels::REPLICA], "bot-0");
         assert_eq!(spec.labels[labels::INSTANCE], "bot");
         assert_eq!(spec.labels[labels::GENERATION], "1");
@@ -266,10 +308,19 @@ mod tests {
     #[test]
     fn names_are_per_host_and_valid_for_the_engine() {
         let key = ReplicaKey::new("acme", "helpdesk", "bot-0");
-        let a = container_name("host-a", &key);
+        let host_a = Owner::from("host-a");
+        let a = container_name(&host_a, &key);
         assert!(a.starts_with("clusterclaw-acme-helpdesk-bot-0-"));
-        assert_ne!(a, container_name("host-b", &key));
-        assert_eq!(volume_name("host-a", &key), format!("{a}-state"));
+        assert_ne!(a, container_name(&Owner::from("host-b"), &key));
+        assert_eq!(volume_name(&host_a, &key), format!("{a}-state"));
+        // The names agents gave before the cluster labels, which adoption recognises.
+        assert_eq!(
+            legacy_container_name("host-a", &key),
+            format!(
+                "clusterclaw-acme-helpdesk-bot-0-{}",
+                legacy_host_tag("host-a")
+            )
+        );
         assert!(
             a.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')

@@ -10,7 +10,7 @@ use super::*;
 use crate::control::WatchAnswer;
 use crate::events::AgentEvent;
 use crate::reconcile::ReconcilerSettings;
-use crate::runtime::{ContainerStatus, FakeCall, FakeRuntime, ObservedContainer, spec};
+use crate::runtime::{ContainerStatus, FakeCall, FakeRuntime, ObservedContainer, Owner, spec};
 
 const HOST: &str = "host-1";
 const WAIT_LIMIT: Duration = Duration::from_secs(10);
@@ -23,6 +23,8 @@ struct ScriptedControl {
     reports: Mutex<Vec<pb::StatusReport>>,
     down: AtomicBool,
     streams: Mutex<u32>,
+    /// Refuse every call as the server refuses a removed host.
+    removed: AtomicBool,
 }
 
 impl ScriptedControl {
@@ -55,6 +57,9 @@ impl ControlPlane for ScriptedControl {
         wait: Duration,
     ) -> Result<WatchAnswer, CallError> {
         self.known.lock().unwrap().push(known_index);
+        if self.removed.load(Ordering::SeqCst) {
+            return Err(CallError::Removed("host host-1 has been removed".into()));
+        }
         if self.down.load(Ordering::SeqCst) {
             return Err(CallError::Unreachable("connection refused".into()));
         }
@@ -85,6 +90,9 @@ impl ControlPlane for ScriptedControl {
                     None => return Ok(()),
                 },
                 () = tokio::time::sleep(Duration::from_millis(10)) => {
+                    if self.removed.load(Ordering::SeqCst) {
+                        return Err(CallError::Removed("host host-1 has been removed".into()));
+                    }
                     if self.down.load(Ordering::SeqCst) {
                         return Err(CallError::Unreachable("stream reset".into()));
                     }
@@ -122,7 +130,7 @@ struct Harness {
     control: Arc<ScriptedControl>,
     dir: tempfile::TempDir,
     stop: watch::Sender<bool>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    task: Option<tokio::task::JoinHandle<LoopsEnd>>,
     reconciler: Option<Arc<Reconciler>>,
 }
 
@@ -327,9 +335,9 @@ async fn nothing_is_touched_before_assignments_are_known() {
     let a = Assignment::test("bot-0");
     h.engine.insert_container(ObservedContainer {
         id: "old".into(),
-        name: spec::container_name(HOST, &a.key()),
+        name: spec::container_name(&Owner::from(HOST), &a.key()),
         image: a.image.clone(),
-        labels: spec::container_labels(HOST, &a),
+        labels: spec::container_labels(&Owner::from(HOST), &a),
         status: ContainerStatus::Running,
         started_at: Some("t0".into()),
         host_port: Some(19100),
@@ -585,4 +593,62 @@ fn reconnect_delays_grow_and_stay_capped() {
     assert!(delays[0] <= RECONNECT_MIN_DELAY * 2);
     assert!(delays.iter().all(|d| *d <= cap), "{delays:?}");
     assert!(delays[11] >= cap / 2, "{delays:?}");
+}
+
+#[tokio::test]
+async fn a_removed_host_stops_its_replicas_keeps_volumes_and_stays_down() {
+    let mut h = Harness::new();
+    h.control.answer(7, &replicas(2));
+    h.start();
+    wait_until("two containers run", || h.running().len() == 2).await;
+    h.control.removed.store(true, Ordering::SeqCst);
+    let task = h.task.take().expect("started");
+    let end = tokio::time::timeout(WAIT_LIMIT, task)
+        .await
+        .expect("the loops end")
+        .expect("no panic");
+    assert!(
+        matches!(&end, LoopsEnd::Removed(r) if r.contains("removed")),
+        "{end:?}"
+    );
+    assert!(h.running().is_empty(), "every replica stopped");
+    assert_eq!(h.engine.containers().len(), 2, "stopped, not removed");
+    assert_eq!(h.engine.volumes().len(), 2, "the state volumes are kept");
+    let record = crate::state::load_removed(h.dir.path()).expect("recorded");
+    assert_eq!(record.host_id, HOST);
+    // The stops came after every loop had ended: nothing was started after them.
+    let calls = h.engine.calls();
+    let last_stop = calls
+        .iter()
+        .rposition(|c| matches!(c, FakeCall::StopContainer(_)))
+        .expect("stops");
+    assert!(
+        !calls[last_stop..].iter().any(|c| matches!(
+            c,
+            FakeCall::StartContainer(_) | FakeCall::CreateAndStart(..)
+        )),
+        "{calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn saved_replicas_are_not_started_when_the_control_plane_says_removed_at_start() {
+    let mut h = Harness::new();
+    h.save(5, replicas(1));
+    h.control.removed.store(true, Ordering::SeqCst);
+    h.start();
+    let task = h.task.take().expect("started");
+    let end = tokio::time::timeout(WAIT_LIMIT, task)
+        .await
+        .expect("the loops end")
+        .expect("no panic");
+    assert!(matches!(end, LoopsEnd::Removed(_)), "{end:?}");
+    assert!(
+        !h.engine.calls().iter().any(|c| matches!(
+            c,
+            FakeCall::CreateAndStart(..) | FakeCall::StartContainer(_)
+        )),
+        "{:?}",
+        h.engine.calls()
+    );
 }

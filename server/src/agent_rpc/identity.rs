@@ -75,9 +75,20 @@ pub fn check_current(id: &HostIdentity, store: &dyn Store) -> Result<(), Status>
     });
     match current_uid {
         Some(uid) if uid == id.uid => Ok(()),
-        _ => Err(Status::unauthenticated(format!(
-            "host {} has been removed from the cluster and its certificate is revoked; enroll again with a new join token",
-            id.name
-        ))),
+        _ => Err(removed(&id.name)),
     }
+}
+
+/// The refusal of a removed host's certificate, marked so that its agent stops its replicas.
+pub fn removed(name: &str) -> Status {
+    let mut status = Status::unauthenticated(format!(
+        "host {name} has been removed from the cluster and its certificate is revoked; enroll again with a new join token"
+    ));
+    status.metadata_mut().insert(
+        clusterclaw_proto::metadata::REFUSAL,
+        tonic::metadata::MetadataValue::from_static(
+            clusterclaw_proto::metadata::REFUSAL_HOST_REMOVED,
+        ),
+    );
+    status
 }

@@ -300,7 +300,21 @@ impl AgentService for AgentRpc {
             }
         };
         let wait = Duration::from_secs(u64::from(request.wait_seconds)).clamp(MIN_WAIT, MAX_WAIT);
-        let answer = match self.book.wait(&id.name, request.known_index, wait).await {
+        let waited = self.book.wait(&id.name, request.known_index, wait).await;
+        // The host may have been removed while the poll was held: its (now empty) set must
+        // not reach it as "run nothing", which would delete its replicas' state volumes.
+        let store = self.store.clone();
+        let current = id.clone();
+        if let Err(e) = try_blocking("checking the host identity", move || {
+            identity::check_current(&current, store.as_ref())
+        })
+        .await
+        {
+            self.metrics
+                .observe_rpc("WatchAssignments", e.code(), started.elapsed());
+            return Err(e);
+        }
+        let answer = match waited {
             book::Wait::Changed(a) => pb::WatchAssignmentsResponse {
                 index: a.index,
                 changed: true,
@@ -363,10 +377,13 @@ impl AgentService for AgentRpc {
             if let Err(e) = r {
                 tracing::warn!(host = %id.name, error = %e, "could not apply a status report");
                 if e.code() == tonic::Code::NotFound {
-                    return Err(Status::unauthenticated(format!(
-                        "host {} has been removed from the cluster",
-                        id.name
-                    )));
+                    // Only a host that is really gone is told so (its agent then stops its
+                    // replicas); anything else is an error of this report.
+                    let (store, current) = (self.store.clone(), id.clone());
+                    try_blocking("checking the host identity", move || {
+                        identity::check_current(&current, store.as_ref())
+                    })
+                    .await?;
                 }
             }
         }

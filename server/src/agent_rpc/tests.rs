@@ -431,3 +431,86 @@ fn agent_event_reasons_become_audit_actions() {
         "the action is a valid audit action"
     );
 }
+
+/// Whether a refusal carries the "host removed" mark agents act on.
+fn is_removed(s: &Status) -> bool {
+    s.code() == tonic::Code::Unauthenticated
+        && s.metadata()
+            .get(clusterclaw_proto::metadata::REFUSAL)
+            .is_some_and(|v| v == clusterclaw_proto::metadata::REFUSAL_HOST_REMOVED)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_hosts_certificate_gets_nothing_more() {
+    let h = start().await;
+    let token = join_token(h.store.as_ref(), Some(2), None);
+    let (resp, key) = enroll(&h, &token, "gone").await.unwrap();
+    let mut old = client(&h.url, &h.ca_pem, Some((&resp.certificate_pem, &key)));
+    let first = old
+        .watch_assignments(pb::WatchAssignmentsRequest {
+            known_index: 0,
+            wait_seconds: 5,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // A long poll held while the host is removed is answered with the refusal, never with an
+    // empty set (which would tell the agent to delete its replicas' volumes).
+    let held = {
+        let mut old = old.clone();
+        tokio::spawn(async move {
+            old.watch_assignments(pb::WatchAssignmentsRequest {
+                known_index: first.index,
+                wait_seconds: 3,
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let host_key = ObjectKey::cluster(Kind::Host, &resp.host_id);
+    h.store.delete(&host_key, None).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .unwrap()
+        .unwrap();
+    let refused = answer.expect_err("a removed host gets no assignments");
+    assert!(is_removed(&refused), "{refused:?}");
+
+    // A new host enrolls under the same name: the old certificate stays refused everywhere.
+    let (again, new_key) = enroll(&h, &token, "gone").await.unwrap();
+    assert_eq!(again.host_id, resp.host_id, "the name is free again");
+    let watch = old
+        .watch_assignments(pb::WatchAssignmentsRequest {
+            known_index: 0,
+            wait_seconds: 1,
+        })
+        .await
+        .unwrap_err();
+    assert!(is_removed(&watch), "{watch:?}");
+    let report = old
+        .report_status(tokio_stream::iter(vec![pb::StatusReport::default()]))
+        .await
+        .unwrap_err();
+    assert!(is_removed(&report), "{report:?}");
+    let renew = old
+        .renew_certificate(pb::RenewCertificateRequest { csr_pem: csr().0 })
+        .await
+        .unwrap_err();
+    assert!(is_removed(&renew), "{renew:?}");
+    // Nothing the old certificate sent reached the new host's status.
+    let Resource::Host(stored) = h.store.get(&host_key).unwrap().unwrap().resource().unwrap()
+    else {
+        panic!()
+    };
+    assert!(stored.status.is_none(), "{:?}", stored.status);
+
+    let mut new = client(&h.url, &h.ca_pem, Some((&again.certificate_pem, &new_key)));
+    new.watch_assignments(pb::WatchAssignmentsRequest {
+        known_index: 0,
+        wait_seconds: 1,
+    })
+    .await
+    .expect("the new identity is accepted");
+    let _ = h.stop.send(true);
+}
