@@ -43,7 +43,7 @@ use routes::Need;
 pub use body::{APPLY_BODY_LIMIT, BODY_LIMIT};
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use openapi::{ApiDoc, openapi_json};
-pub use serve::{SHUTDOWN_GRACE, serve, tls_server_config};
+pub use serve::{HEADER_READ_TIMEOUT, SHUTDOWN_GRACE, serve, tls_server_config};
 
 /// Header carrying the store index a response was served at.
 pub const INDEX_HEADER: HeaderName = HeaderName::from_static("x-clusterclaw-index");

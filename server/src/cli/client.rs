@@ -81,6 +81,9 @@ pub fn http_client(
     let mut builder = reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(REQUEST_TIMEOUT)
+        // Well inside the server's keep-alive timeout, so a request never goes out on a
+        // connection the server is closing as idle.
+        .pool_idle_timeout(crate::api::HEADER_READ_TIMEOUT / 2)
         .user_agent(concat!("clusterclaw/", env!("CARGO_PKG_VERSION")))
         .tls_backend_rustls();
     if let Some(path) = ca_cert {
