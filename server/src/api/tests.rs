@@ -88,6 +88,33 @@ fn fixture_with(options: impl FnOnce(&std::path::Path) -> super::ApiOptions) -> 
 }
 
 impl Fixture {
+    /// The same store and admin token behind an API that writes the audit log, and its writer.
+    fn audited(&self) -> (Fixture, crate::audit::AuditWriter) {
+        use crate::audit::{AuditConfig, AuditWriter};
+        let writer = AuditWriter::start(
+            self.store.clone() as Arc<dyn Store>,
+            &AuditConfig::default(),
+        )
+        .unwrap();
+        let state = ApiState::with_options(
+            self.store.clone() as Arc<dyn Store>,
+            self.dir.path().join("admin.token"),
+            Arc::default(),
+            Arc::default(),
+            super::ApiOptions {
+                audit: Some(writer.clone()),
+                ..Default::default()
+            },
+        );
+        let audited = Fixture {
+            app: router(state),
+            dir: tempfile::tempdir().unwrap(),
+            store: self.store.clone(),
+            token: self.token.clone(),
+        };
+        (audited, writer)
+    }
+
     async fn send(
         &self,
         method: Method,

@@ -401,27 +401,9 @@ async fn every_operation_answers_every_caller_as_the_table_says() {
 /// audit log as a refusal, and changes nothing.
 #[tokio::test]
 async fn config_center_writes_are_refused_and_audited_as_refusals() {
-    use crate::audit::{AuditConfig, AuditFilter, AuditWriter};
-    use std::sync::Arc;
+    use crate::audit::AuditFilter;
     let f = fixture();
-    let writer =
-        AuditWriter::start(f.store.clone() as Arc<dyn Store>, &AuditConfig::default()).unwrap();
-    let state = crate::api::ApiState::with_options(
-        f.store.clone() as Arc<dyn Store>,
-        f.dir.path().join("admin.token"),
-        Default::default(),
-        Default::default(),
-        crate::api::ApiOptions {
-            audit: Some(writer.clone()),
-            ..Default::default()
-        },
-    );
-    let audited = Fixture {
-        app: crate::api::router(state),
-        dir: tempfile::tempdir().unwrap(),
-        store: f.store.clone(),
-        token: f.token.clone(),
-    };
+    let (audited, writer) = f.audited();
     let r = audited
         .json(
             Method::POST,

@@ -683,26 +683,9 @@ async fn a_flooding_token_gets_429_and_others_do_not() {
 
 #[tokio::test]
 async fn changes_and_refusals_are_audited_with_the_change() {
-    use crate::audit::{AuditConfig, AuditFilter, AuditWriter};
+    use crate::audit::AuditFilter;
     let f = two_tenants().await;
-    let writer =
-        AuditWriter::start(f.store.clone() as Arc<dyn Store>, &AuditConfig::default()).unwrap();
-    let state = super::super::ApiState::with_options(
-        f.store.clone() as Arc<dyn Store>,
-        f.dir.path().join("admin.token"),
-        Arc::default(),
-        Arc::default(),
-        super::super::ApiOptions {
-            audit: Some(writer.clone()),
-            ..Default::default()
-        },
-    );
-    let audited = Fixture {
-        app: super::super::router(state),
-        dir: tempfile::tempdir().unwrap(),
-        store: f.store.clone(),
-        token: f.token.clone(),
-    };
+    let (audited, writer) = f.audited();
     let ta = audited.scoped_token("tenant-admin", Some("a"), None);
     let v = audited.scoped_token("viewer", Some("a"), None);
     let path = "/api/v1/tenants/a/projects/p/instances/x";
@@ -881,26 +864,9 @@ async fn a_batch_delete_checks_every_object_and_deletes_all_or_nothing() {
 
 #[tokio::test]
 async fn a_batch_delete_is_audited_per_object_and_a_refused_one_as_a_refusal() {
-    use crate::audit::{AuditConfig, AuditFilter, AuditWriter};
+    use crate::audit::AuditFilter;
     let f = two_tenants().await;
-    let writer =
-        AuditWriter::start(f.store.clone() as Arc<dyn Store>, &AuditConfig::default()).unwrap();
-    let state = super::super::ApiState::with_options(
-        f.store.clone() as Arc<dyn Store>,
-        f.dir.path().join("admin.token"),
-        Arc::default(),
-        Arc::default(),
-        super::super::ApiOptions {
-            audit: Some(writer.clone()),
-            ..Default::default()
-        },
-    );
-    let audited = Fixture {
-        app: super::super::router(state),
-        dir: tempfile::tempdir().unwrap(),
-        store: f.store.clone(),
-        token: f.token.clone(),
-    };
+    let (audited, writer) = f.audited();
     let batch = json!({"items": [
         {"kind": "OpenClawInstance", "metadata": {"name": "x", "tenant": "a", "project": "p"}},
         {"kind": "Project", "metadata": {"name": "p", "tenant": "a"}},
