@@ -657,6 +657,20 @@ pub async fn info(state: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiEr
 
 // ---- apply -----------------------------------------------------------------------------
 
+/// The 403 of a batch with documents the caller may not `verb`: the first refusal in the
+/// message (with the role that would be needed), all of them in details.
+fn documents_refused(denials: Vec<FieldProblem>, verb: &str, done: &str) -> ApiError {
+    let first = &denials[0];
+    let msg = match denials.len() {
+        1 => format!("{}: {}; nothing was {done}", first.field, first.problem),
+        n => format!(
+            "{n} documents are not yours to {verb}, listed in details (the first, {}: {}); nothing was {done}",
+            first.field, first.problem
+        ),
+    };
+    ApiError::new(ErrorCode::Forbidden, msg).with_details(denials)
+}
+
 /// Creates or updates a batch of objects, all or nothing, parents before children.
 #[utoipa::path(post, path = "/api/v1/apply", tag = "objects",
     params(("dryRun" = Option<bool>, Query, description = "Check and report without writing")),
@@ -724,15 +738,7 @@ pub async fn apply(
         }
     }
     if !denials.is_empty() {
-        let first = &denials[0];
-        let msg = match denials.len() {
-            1 => format!("{}: {}; nothing was written", first.field, first.problem),
-            n => format!(
-                "{n} documents are not yours to write, listed in details (the first, {}: {}); nothing was written",
-                first.field, first.problem
-            ),
-        };
-        return Err(ApiError::new(ErrorCode::Forbidden, msg).with_details(denials));
+        return Err(documents_refused(denials, "write", "written"));
     }
     if !too_large.is_empty() {
         let msg = format!(
@@ -938,11 +944,7 @@ pub async fn delete_batch(
     }
     drop(docs);
     if !denials.is_empty() {
-        let msg = format!(
-            "{} document(s) name objects that are not yours to delete, listed in details; nothing was deleted",
-            denials.len()
-        );
-        return Err(ApiError::new(ErrorCode::Forbidden, msg).with_details(denials));
+        return Err(documents_refused(denials, "delete", "deleted"));
     }
     if !invalid.is_empty() {
         let mut e = ApiError::invalid(invalid);
