@@ -115,6 +115,16 @@ impl Fixture {
         (audited, writer)
     }
 
+    /// Every record of the audit log, oldest first.
+    fn audit_records(&self) -> Vec<crate::audit::AuditRecord> {
+        self.store
+            .list_audit(&crate::audit::AuditFilter {
+                limit: 1000,
+                ..Default::default()
+            })
+            .unwrap()
+    }
+
     async fn send(
         &self,
         method: Method,

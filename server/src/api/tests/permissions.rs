@@ -401,7 +401,6 @@ async fn every_operation_answers_every_caller_as_the_table_says() {
 /// audit log as a refusal, and changes nothing.
 #[tokio::test]
 async fn config_center_writes_are_refused_and_audited_as_refusals() {
-    use crate::audit::AuditFilter;
     let f = fixture();
     let (audited, writer) = f.audited();
     let r = audited
@@ -523,13 +522,7 @@ async fn config_center_writes_are_refused_and_audited_as_refusals() {
         "a refused request changed the store"
     );
     writer.flush().await.unwrap();
-    let records = f
-        .store
-        .list_audit(&AuditFilter {
-            limit: 1000,
-            ..Default::default()
-        })
-        .unwrap();
+    let records = f.audit_records();
     let refusals: Vec<_> = records
         .iter()
         .filter(|r| r.entry.result.outcome.as_str() == "denied")

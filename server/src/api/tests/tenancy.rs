@@ -683,7 +683,6 @@ async fn a_flooding_token_gets_429_and_others_do_not() {
 
 #[tokio::test]
 async fn changes_and_refusals_are_audited_with_the_change() {
-    use crate::audit::AuditFilter;
     let f = two_tenants().await;
     let (audited, writer) = f.audited();
     let ta = audited.scoped_token("tenant-admin", Some("a"), None);
@@ -695,13 +694,7 @@ async fn changes_and_refusals_are_audited_with_the_change() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let request_id = r.headers["x-request-id"].to_str().unwrap().to_string();
     // The change's record is in the store as soon as the change is acknowledged.
-    let records = f
-        .store
-        .list_audit(&AuditFilter {
-            limit: 1000,
-            ..Default::default()
-        })
-        .unwrap();
+    let records = f.audit_records();
     let rec = records
         .iter()
         .find(|r| r.entry.request_id == request_id)
@@ -728,13 +721,7 @@ async fn changes_and_refusals_are_audited_with_the_change() {
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     writer.flush().await.unwrap();
-    let records = f
-        .store
-        .list_audit(&AuditFilter {
-            limit: 1000,
-            ..Default::default()
-        })
-        .unwrap();
+    let records = f.audit_records();
     let outcomes: Vec<(&str, &str)> = records
         .iter()
         .map(|r| (r.entry.action.as_str(), r.entry.result.outcome.as_str()))
@@ -864,7 +851,6 @@ async fn a_batch_delete_checks_every_object_and_deletes_all_or_nothing() {
 
 #[tokio::test]
 async fn a_batch_delete_is_audited_per_object_and_a_refused_one_as_a_refusal() {
-    use crate::audit::AuditFilter;
     let f = two_tenants().await;
     let (audited, writer) = f.audited();
     let batch = json!({"items": [
@@ -884,13 +870,7 @@ async fn a_batch_delete_is_audited_per_object_and_a_refused_one_as_a_refusal() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let done = r.headers["x-request-id"].to_str().unwrap().to_string();
     writer.flush().await.unwrap();
-    let records = f
-        .store
-        .list_audit(&AuditFilter {
-            limit: 1000,
-            ..Default::default()
-        })
-        .unwrap();
+    let records = f.audit_records();
     let of = |id: &str| -> Vec<(String, String, String)> {
         records
             .iter()
