@@ -309,6 +309,7 @@ impl ReplicaStatus {
             stats: self.stats.as_ref().map(ContainerStats::to_proto),
             config_revision: self.config_revision,
             observed_content_hash: self.observed_content_hash.clone(),
+            snapshots: Vec::new(),
         }
     }
 }
@@ -410,6 +411,7 @@ mod tests {
             instance_uid: "u-1".into(),
             config_revision: 3,
             content_hash: "AB".repeat(32),
+            termination_grace_seconds: 0,
         }
     }
 

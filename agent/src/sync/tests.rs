@@ -122,6 +122,7 @@ fn wire(a: &Assignment) -> pb::Assignment {
         instance_uid: a.instance_uid.clone(),
         config_revision: a.config_revision,
         content_hash: a.content_hash.clone(),
+        termination_grace_seconds: 0,
     }
 }
 

@@ -28,6 +28,8 @@ pub struct HostAssignments {
     pub index: u64,
     digest: [u8; 32],
     pub assignments: Vec<pb::Assignment>,
+    /// Volumes of replicas no longer assigned here that the agent must keep.
+    pub retained_volumes: Vec<pb::RetainedVolume>,
 }
 
 /// What a long poll ends with.
@@ -241,6 +243,7 @@ fn assignments_with(
                     instance_uid: uid.clone(),
                     config_revision: revision,
                     content_hash: content_hash.clone(),
+                    termination_grace_seconds: spec.termination_grace().as_secs() as u32,
                 },
             ))
         })
@@ -354,6 +357,7 @@ impl AssignmentBook {
                                 index,
                                 digest,
                                 assignments: list,
+                                retained_volumes: Vec::new(),
                             }),
                         );
                     }

@@ -319,11 +319,13 @@ impl AgentService for AgentRpc {
                 index: a.index,
                 changed: true,
                 assignments: a.assignments.clone(),
+                retained_volumes: a.retained_volumes.clone(),
             },
             book::Wait::NoChange => pb::WatchAssignmentsResponse {
                 index: request.known_index,
                 changed: false,
                 assignments: Vec::new(),
+                retained_volumes: Vec::new(),
             },
         };
         self.metrics

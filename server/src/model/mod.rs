@@ -4,6 +4,7 @@ mod config;
 mod names;
 mod quantity;
 mod resources;
+mod rollout;
 mod status;
 mod validate;
 
@@ -11,6 +12,7 @@ pub use config::*;
 pub use names::{validate_dns_label, validate_label_key, validate_label_value};
 pub use quantity::{format_cpu, format_memory, parse_cpu, parse_memory};
 pub use resources::*;
+pub use rollout::*;
 pub use status::summarize;
 pub use validate::{
     FieldProblem, MAX_ENV_VALUE_BYTES, MAX_HOSTNAME_BYTES, MAX_LABELS, MAX_OBJECT_BYTES,

@@ -10,6 +10,9 @@ use utoipa::ToSchema;
 
 use super::FieldProblem;
 use super::config::{ConfigFragment, ConfigTemplateSpec, EnvValue, SecretSpec};
+use super::rollout::{
+    RetainedVolume, RolloutStatus, SnapshotInfo, UpdateStrategy, VolumeRetention,
+};
 
 /// The only API version this server speaks.
 pub const API_VERSION: &str = "clusterclaw.io/v1";
@@ -407,6 +410,23 @@ pub struct InstanceSpec {
     pub env: BTreeMap<String, EnvValue>,
     #[serde(default, skip_serializing_if = "is_default_placement")]
     pub placement: Placement,
+    /// How replicas move to a new revision: `Rolling` (default) or `Canary`.
+    #[serde(default, skip_serializing_if = "is_default_strategy")]
+    pub update_strategy: UpdateStrategy,
+    /// How long a Gateway gets to stop after SIGTERM before it is killed (`20s`, the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub termination_grace_period: Option<String>,
+    /// What happens to replicas' state volumes on scale-down and on deletion.
+    #[serde(default, skip_serializing_if = "is_default_retention")]
+    pub volume_retention: VolumeRetention,
+}
+
+fn is_default_strategy(s: &UpdateStrategy) -> bool {
+    *s == UpdateStrategy::default()
+}
+
+fn is_default_retention(r: &VolumeRetention) -> bool {
+    *r == VolumeRetention::default()
 }
 
 fn is_default_placement(p: &Placement) -> bool {
@@ -440,6 +460,14 @@ impl InstanceSpec {
             .as_ref()
             .map_or(DEFAULT_CPU, |q| q.as_str());
         super::parse_cpu(q).unwrap_or(0)
+    }
+
+    /// The stop grace period (after validation this cannot fail; the default if it does).
+    pub fn termination_grace(&self) -> std::time::Duration {
+        self.termination_grace_period
+            .as_deref()
+            .and_then(|g| super::parse_duration(g).ok())
+            .unwrap_or(super::DEFAULT_TERMINATION_GRACE)
     }
 
     /// Memory per replica in bytes (after validation this cannot fail; 0 if it does).
@@ -597,6 +625,17 @@ pub struct ReplicaStatus {
     /// given (`InSync`), or were changed on the host (`Drift`, repaired by the agent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_sync: Option<ConfigSync>,
+    /// The instance revision this replica should run (set by the rollout controller; the
+    /// assignment book renders the replica from it). None until the controller first runs:
+    /// then the newest revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_revision: Option<u64>,
+    /// Since when the replica has been Ready without a restart (server clock, RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_since: Option<String>,
+    /// Snapshots of the replica's state volume kept on its host, newest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotInfo>,
 }
 
 /// How a replica's real config compares with what it was given.
@@ -623,10 +662,22 @@ pub struct InstanceStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replica_status: Vec<ReplicaStatus>,
-    /// The newest revision of the instance's effective config (see
+    /// The newest revision of the instance: what its spec, layers and secrets make now (see
     /// `GET .../instances/{name}/config/revisions`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_revision: Option<u64>,
+    /// Replicas whose target is the newest revision.
+    #[serde(default)]
+    pub updated_replicas: i64,
+    /// Replicas Ready for at least `minReadySeconds`, whatever revision they run.
+    #[serde(default)]
+    pub available_replicas: i64,
+    /// The update in progress or the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+    /// State volumes kept on hosts after scale-down; scaling up reuses them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retained_volumes: Vec<RetainedVolume>,
 }
 
 /// Status of a tenant or project: what it consumes.
@@ -745,6 +796,9 @@ impl Default for InstanceSpec {
             config: ConfigFragment::default(),
             env: BTreeMap::new(),
             placement: Placement::default(),
+            update_strategy: UpdateStrategy::default(),
+            termination_grace_period: None,
+            volume_retention: VolumeRetention::default(),
         }
     }
 }

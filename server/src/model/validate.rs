@@ -395,6 +395,11 @@ pub fn validate_object(r: &Resource) -> Vec<FieldProblem> {
                     }
                 }
             }
+            super::rollout::check_update_strategy(
+                &s.update_strategy,
+                s.termination_grace_period.as_deref(),
+                &mut out,
+            );
             if !(0..=MAX_REPLICAS).contains(&s.replicas) {
                 out.push(FieldProblem::new(
                     "spec.replicas",
