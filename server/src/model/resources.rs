@@ -804,6 +804,9 @@ impl Default for InstanceSpec {
 }
 
 /// Any object of the API.
+// Instances are most of what is stored and decoded: boxing them would add an allocation to
+// nearly every value for the sake of the smaller kinds.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum Resource {
