@@ -76,6 +76,14 @@ pub struct RevisionRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub config: Option<serde_json::Value>,
+    /// The image the revision runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The instance's own spec fields at this revision (`version`, `image`, `env`, `resources`,
+    /// `config`, `configTemplate`): what `rollout undo` writes back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub spec: Option<serde_json::Value>,
 }
 
 /// A sealed value of a secret key, as stored.
@@ -542,6 +550,8 @@ fn record_from_row(
             message: r.get(4)?,
             layers: Vec::new(),
             config: None,
+            image: None,
+            spec: None,
         },
         r.get(5)?,
         if with_config {
