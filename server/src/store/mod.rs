@@ -513,6 +513,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<std::collections::HashMap<String, (u64, String)>, StoreError> {
         Err(no_config_center())
     }
+    /// The newest revision number of every instance (by uid).
+    fn newest_revisions(&self) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+        Err(no_config_center())
+    }
+    /// What replicas of the given `(instance uid, revision)` pairs run (image, config, env,
+    /// resources, secret values sealed as they were); pairs without a revision are left out.
+    fn revision_contents(
+        &self,
+        wanted: &[(String, u64)],
+    ) -> Result<Vec<revisions::RevisionContent>, StoreError> {
+        let _ = wanted;
+        Err(no_config_center())
+    }
+    /// Volumes kept of deleted instances (`volumeRetention.whenDeleted: Retain`).
+    fn deleted_volumes(&self) -> Result<Vec<revisions::DeletedVolume>, StoreError> {
+        Err(no_config_center())
+    }
     /// Every sealed secret value.
     fn sealed_values(&self) -> Result<Vec<SealedValue>, StoreError> {
         Err(no_config_center())

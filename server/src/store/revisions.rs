@@ -2,7 +2,7 @@
 //! that causes them: a change to any layer validates and revises every instance it reaches,
 //! or nothing is written.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::{StoreError, StoredObject};
 use crate::configcenter::{self, LayerRef, SecretLookup};
 use crate::model::{
-    ConfigTemplate, FieldProblem, Kind, ObjectKey, OpenClawInstance, Project, Resource,
+    ConfigTemplate, EnvValue, FieldProblem, Kind, ObjectKey, OpenClawInstance, Project, Resource,
     SEALED_PREFIX, Secret, Tenant,
 };
 use crate::openclaw::schema::Schema;
@@ -41,7 +41,30 @@ CREATE TABLE secret_values (
     PRIMARY KEY (tenant, project, name, key)
 );";
 
-/// Revisions kept per instance; older ones are pruned.
+/// Migration 5: config revisions become instance revisions (image, env, resources, the secret
+/// values by fingerprint and sealed, the instance's own spec fields; filled in for existing
+/// rows by [`backfill_instance_revisions`]), and the volumes kept of deleted instances.
+pub const INSTANCE_REVISIONS_MIGRATION: &str = "
+ALTER TABLE config_revisions ADD COLUMN image TEXT;
+ALTER TABLE config_revisions ADD COLUMN env TEXT;
+ALTER TABLE config_revisions ADD COLUMN resources TEXT;
+ALTER TABLE config_revisions ADD COLUMN secrets TEXT;
+ALTER TABLE config_revisions ADD COLUMN spec TEXT;
+ALTER TABLE config_revisions ADD COLUMN content_hash TEXT NOT NULL DEFAULT '';
+CREATE TABLE retained_volumes (
+    instance_uid TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    project TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    replica TEXT NOT NULL,
+    ordinal INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    since TEXT NOT NULL,
+    PRIMARY KEY (instance_uid, ordinal, host)
+);";
+
+/// Revisions kept per instance; older ones are pruned (except those a replica or the
+/// rollout still needs).
 pub const KEEP_REVISIONS: i64 = 100;
 
 /// Who made a change and why, recorded on the revisions it creates.
@@ -84,6 +107,55 @@ pub struct RevisionRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub spec: Option<serde_json::Value>,
+}
+
+/// The resource limits a revision runs with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionResources {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub pids: u32,
+}
+
+/// A secret value a revision runs with: where it comes from, its fingerprint, and the value
+/// sealed as it was (ciphertext bound to `tenant/project/name/key`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionSecret {
+    pub tenant: String,
+    pub project: String,
+    pub name: String,
+    pub key: String,
+    pub fingerprint: String,
+    pub sealed: String,
+}
+
+/// Everything a replica of one revision runs, as the assignment book renders it. Fields
+/// that are `None` were not recorded (revisions made before instance revisions existed):
+/// the instance's current spec stands in for them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RevisionContent {
+    pub uid: String,
+    pub revision: u64,
+    pub image: Option<String>,
+    /// The effective config text, secret references in place.
+    pub config: String,
+    pub env: Option<BTreeMap<String, EnvValue>>,
+    pub resources: Option<RevisionResources>,
+    pub secrets: Vec<RevisionSecret>,
+}
+
+/// A state volume kept after its instance was deleted (`volumeRetention.whenDeleted: Retain`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeletedVolume {
+    pub instance_uid: String,
+    pub tenant: String,
+    pub project: String,
+    pub instance: String,
+    pub replica: String,
+    pub ordinal: u32,
+    pub host: String,
+    pub since: String,
 }
 
 /// A sealed value of a secret key, as stored.
@@ -231,7 +303,7 @@ struct LayerCache<'c> {
     templates: HashMap<String, Option<ConfigTemplate>>,
     tenants: HashMap<String, Option<Tenant>>,
     projects: HashMap<(String, String), Option<Project>>,
-    secrets: HashMap<ObjectKey, Option<Vec<String>>>,
+    secrets: HashMap<ObjectKey, Option<BTreeMap<String, String>>>,
 }
 
 impl<'c> LayerCache<'c> {
@@ -285,15 +357,25 @@ impl<'c> LayerCache<'c> {
         Ok(self.projects[&k].clone())
     }
 
-    fn secret_keys(&mut self, key: &ObjectKey) -> Result<Option<Vec<String>>, StoreError> {
+    /// The keys of a secret with the fingerprints of their values.
+    fn secret_fingerprints(
+        &mut self,
+        key: &ObjectKey,
+    ) -> Result<Option<BTreeMap<String, String>>, StoreError> {
         if !self.secrets.contains_key(key) {
             let keys = match self.read(key)? {
-                Some(Resource::Secret(s)) => Some(s.spec.keys.keys().cloned().collect()),
+                Some(Resource::Secret(s)) => Some(s.spec.keys),
                 _ => None,
             };
             self.secrets.insert(key.clone(), keys);
         }
         Ok(self.secrets[key].clone())
+    }
+
+    fn secret_keys(&mut self, key: &ObjectKey) -> Result<Option<Vec<String>>, StoreError> {
+        Ok(self
+            .secret_fingerprints(key)?
+            .map(|m| m.into_keys().collect()))
     }
 
     fn lookup(
@@ -328,14 +410,269 @@ fn layers_in(
     ))
 }
 
-/// The newest revision of an instance: number and hash.
-fn latest(conn: &Connection, uid: &str) -> Result<Option<(u64, String)>, StoreError> {
+/// The newest revision of an instance, as far as deciding on (and describing) the next one
+/// needs it.
+struct Previous {
+    revision: u64,
+    content_hash: String,
+    config_hash: String,
+    image: Option<String>,
+    env: Option<String>,
+    resources: Option<String>,
+    secrets: Option<String>,
+}
+
+fn latest(conn: &Connection, uid: &str) -> Result<Option<Previous>, StoreError> {
     Ok(conn
         .prepare_cached(
-            "SELECT revision, hash FROM config_revisions WHERE instance_uid = ?1 ORDER BY revision DESC LIMIT 1",
+            "SELECT revision, content_hash, hash, image, env, resources, secrets FROM config_revisions
+             WHERE instance_uid = ?1 ORDER BY revision DESC LIMIT 1",
         )?
-        .query_row([uid], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+        .query_row([uid], |r| {
+            Ok(Previous {
+                revision: r.get::<_, i64>(0)? as u64,
+                content_hash: r.get(1)?,
+                config_hash: r.get(2)?,
+                image: r.get(3)?,
+                env: r.get(4)?,
+                resources: r.get(5)?,
+                secrets: r.get(6)?,
+            })
+        })
         .optional()?)
+}
+
+/// What one revision of an instance captures, worked out from its current layers.
+struct Content {
+    image: String,
+    config_text: String,
+    config_hash: String,
+    env: String,
+    resources: String,
+    secrets: Vec<RevisionSecret>,
+    spec: String,
+    content_hash: String,
+}
+
+fn json_text<T: Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Backend(e.to_string()))
+}
+
+/// The instance's own spec fields that make a revision (what `rollout undo` writes back).
+pub const OWN_SPEC_FIELDS: [&str; 6] = [
+    "version",
+    "image",
+    "env",
+    "resources",
+    "config",
+    "configTemplate",
+];
+
+fn own_spec(i: &OpenClawInstance) -> Result<serde_json::Value, StoreError> {
+    let full = serde_json::to_value(&i.spec).map_err(|e| StoreError::Backend(e.to_string()))?;
+    let mut out = serde_json::Map::new();
+    if let serde_json::Value::Object(map) = full {
+        for (k, v) in map {
+            if OWN_SPEC_FIELDS.contains(&k.as_str()) {
+                out.insert(k, v);
+            }
+        }
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
+fn sealed_of(
+    conn: &Connection,
+    secret: &ObjectKey,
+    key: &str,
+) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT sealed FROM secret_values WHERE tenant = ?1 AND project = ?2 AND name = ?3 AND key = ?4",
+        )?
+        .query_row(
+            params![secret.tenant, secret.project, secret.name, key],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+/// The hash that decides whether a new revision is made: image, config, env (references,
+/// not values), resources and the fingerprint of every secret value used.
+fn content_hash_of(
+    image: &str,
+    config_hash: &str,
+    env: &str,
+    resources: &str,
+    secrets: &[RevisionSecret],
+) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [image, config_hash, env, resources] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    for s in secrets {
+        h.update(aad(&s.tenant, &s.project, &s.name, &s.key).as_bytes());
+        h.update([b'=']);
+        h.update(s.fingerprint.as_bytes());
+        h.update([0]);
+    }
+    crate::util::hex(&h.finalize())
+}
+
+fn content_of(
+    cache: &mut LayerCache<'_>,
+    i: &OpenClawInstance,
+    effective: &serde_json::Value,
+) -> Result<Content, StoreError> {
+    let k = i.key();
+    let config_text = json_text(effective)?;
+    let config_hash = configcenter::config_text_hash(&config_text);
+    let image = i.spec.image_ref();
+    let env = json_text(&i.spec.env)?;
+    let resources = json_text(&RevisionResources {
+        cpu_millis: i.spec.cpu_millis(),
+        memory_bytes: i.spec.memory_bytes(),
+        pids: i.spec.resources.pids.unwrap_or(crate::model::DEFAULT_PIDS) as u32,
+    })?;
+    let mut secrets: Vec<RevisionSecret> = Vec::new();
+    for r in configcenter::references(i, effective) {
+        for sk in configcenter::secret_keys(&k.tenant, &k.project, &r) {
+            if let Some(fps) = cache.secret_fingerprints(&sk)? {
+                secrets.push(RevisionSecret {
+                    fingerprint: fps.get(&r.key).cloned().unwrap_or_default(),
+                    sealed: sealed_of(cache.conn, &sk, &r.key)?.unwrap_or_default(),
+                    tenant: sk.tenant,
+                    project: sk.project,
+                    name: sk.name,
+                    key: r.key.clone(),
+                });
+                break;
+            }
+        }
+    }
+    secrets.sort_by(|a, b| {
+        (&a.tenant, &a.project, &a.name, &a.key).cmp(&(&b.tenant, &b.project, &b.name, &b.key))
+    });
+    secrets.dedup_by(|a, b| {
+        (&a.tenant, &a.project, &a.name, &a.key) == (&b.tenant, &b.project, &b.name, &b.key)
+    });
+    let content_hash = content_hash_of(&image, &config_hash, &env, &resources, &secrets);
+    Ok(Content {
+        image,
+        config_text,
+        config_hash,
+        env,
+        resources,
+        secrets,
+        spec: json_text(&own_spec(i)?)?,
+        content_hash,
+    })
+}
+
+/// `Kind/path changed` (`secret acme/llm changed` for a secret's value or keys).
+fn layer_changed(key: &ObjectKey) -> String {
+    let path: Vec<&str> = [&key.tenant, &key.project, &key.name]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .map(String::as_str)
+        .collect();
+    match key.kind {
+        Kind::Secret => format!("secret {} changed", path.join("/")),
+        _ => format!("{}/{} changed", key.kind.as_str(), path.join("/")),
+    }
+}
+
+/// What an instance's own change altered since `prev`, in words.
+fn own_change(key: &ObjectKey, prev: &Previous, new: &Content) -> String {
+    let mut parts = Vec::new();
+    if prev.image.as_deref() != Some(new.image.as_str()) {
+        parts.push(format!("image changed to {}", new.image));
+    }
+    if prev.config_hash != new.config_hash {
+        parts.push("config changed".to_string());
+    }
+    if prev.env.as_deref() != Some(new.env.as_str()) {
+        parts.push("env changed".to_string());
+    }
+    if prev.resources.as_deref() != Some(new.resources.as_str()) {
+        parts.push("resources changed".to_string());
+    }
+    let fps = |list: &[RevisionSecret]| -> Vec<(String, String)> {
+        list.iter()
+            .map(|s| {
+                (
+                    aad(&s.tenant, &s.project, &s.name, &s.key),
+                    s.fingerprint.clone(),
+                )
+            })
+            .collect()
+    };
+    let before: Vec<RevisionSecret> = prev
+        .secrets
+        .as_deref()
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or_default();
+    if parts.is_empty() && fps(&before) != fps(&new.secrets) {
+        parts.push("secret values changed".to_string());
+    }
+    if parts.is_empty() {
+        format!("{key} changed")
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// The revisions an instance still needs: those its replicas target and the rollout's.
+fn protected_revisions(i: &OpenClawInstance) -> BTreeSet<u64> {
+    let mut keep = BTreeSet::new();
+    if let Some(status) = &i.status {
+        keep.extend(
+            status
+                .replica_status
+                .iter()
+                .filter_map(|r| r.target_revision),
+        );
+        keep.extend(
+            status
+                .replica_status
+                .iter()
+                .filter_map(|r| r.config_revision),
+        );
+        if let Some(r) = &status.rollout {
+            keep.extend(r.stable_revision);
+            keep.insert(r.revision);
+        }
+    }
+    keep
+}
+
+/// Drops revisions beyond the newest `KEEP_REVISIONS`, except those in `keep`.
+fn prune(
+    tx: &Transaction<'_>,
+    uid: &str,
+    newest: u64,
+    keep: &BTreeSet<u64>,
+) -> Result<(), StoreError> {
+    let limit = newest as i64 - KEEP_REVISIONS;
+    if limit < 1 {
+        return Ok(());
+    }
+    let old: Vec<i64> = tx
+        .prepare_cached(
+            "SELECT revision FROM config_revisions WHERE instance_uid = ?1 AND revision <= ?2",
+        )?
+        .query_map(params![uid, limit], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut delete = tx
+        .prepare_cached("DELETE FROM config_revisions WHERE instance_uid = ?1 AND revision = ?2")?;
+    for n in old {
+        if !keep.contains(&(n as u64)) {
+            delete.execute(params![uid, n])?;
+        }
+    }
+    Ok(())
 }
 
 /// After the objects of a write are stored (inside its transaction): checks and revises the
@@ -416,28 +753,24 @@ pub fn revise(
                     .collect();
                 return Err(blame(key, StoreError::Invalid(problems)));
             }
-            let text = serde_json::to_string(&effective)
-                .map_err(|e| StoreError::Backend(e.to_string()))?;
-            let hash = configcenter::config_text_hash(&text);
+            let content = content_of(&mut cache, &i, &effective)?;
             let last = latest(tx, &o.uid)?;
-            if last.as_ref().is_some_and(|(_, h)| *h == hash) {
+            if last
+                .as_ref()
+                .is_some_and(|p| p.content_hash == content.content_hash)
+            {
                 continue;
             }
-            let revision = last.map_or(1, |(n, _)| n + 1);
-            let layer_refs = serde_json::to_string(&configcenter::layer_refs(&layers))
-                .map_err(|e| StoreError::Backend(e.to_string()))?;
-            let message = note.message.clone().unwrap_or_else(|| {
-                if revision == 1 {
-                    "created".into()
-                } else if *key == o.key {
-                    format!("{} changed", o.key)
-                } else {
-                    format!("{key} changed")
-                }
+            let revision = last.as_ref().map_or(1, |p| p.revision + 1);
+            let layer_refs = json_text(&configcenter::layer_refs(&layers))?;
+            let message = note.message.clone().unwrap_or_else(|| match &last {
+                None => "created".into(),
+                Some(prev) if *key == o.key => own_change(&o.key, prev, &content),
+                Some(_) => layer_changed(key),
             });
             tx.prepare_cached(
-                "INSERT INTO config_revisions (instance_uid, revision, tenant, project, instance, config, hash, layers, author, message, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                "INSERT INTO config_revisions (instance_uid, revision, tenant, project, instance, config, hash, layers, author, message, created_at, image, env, resources, secrets, spec, content_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             )?
             .execute(params![
                 o.uid,
@@ -445,17 +778,20 @@ pub fn revise(
                 o.key.tenant,
                 o.key.project,
                 o.key.name,
-                text,
-                hash,
+                content.config_text,
+                content.config_hash,
                 layer_refs,
                 if note.author.is_empty() { "system" } else { note.author.as_str() },
                 message,
-                now
+                now,
+                content.image,
+                content.env,
+                content.resources,
+                json_text(&content.secrets)?,
+                content.spec,
+                content.content_hash,
             ])?;
-            tx.prepare_cached(
-                "DELETE FROM config_revisions WHERE instance_uid = ?1 AND revision <= ?2",
-            )?
-            .execute(params![o.uid, revision as i64 - KEEP_REVISIONS])?;
+            prune(tx, &o.uid, revision, &protected_revisions(&i))?;
             i.status
                 .get_or_insert_with(Default::default)
                 .config_revision = Some(revision);
@@ -503,6 +839,7 @@ pub fn before_delete(tx: &Transaction<'_>, key: &ObjectKey) -> Result<(), StoreE
             if let Some(o) = super::sqlite::get_in(tx, key)? {
                 tx.prepare_cached("DELETE FROM config_revisions WHERE instance_uid = ?1")?
                     .execute([&o.uid])?;
+                keep_volumes_of(tx, &o, &crate::util::now_rfc3339())?;
             }
             Vec::new()
         }
@@ -537,12 +874,9 @@ pub fn before_delete(tx: &Transaction<'_>, key: &ObjectKey) -> Result<(), StoreE
     Ok(())
 }
 
-fn record_from_row(
-    r: &rusqlite::Row<'_>,
-    with_config: bool,
-) -> rusqlite::Result<(RevisionRecord, String, String)> {
-    Ok((
-        RevisionRecord {
+fn record_from_row(r: &rusqlite::Row<'_>, full: bool) -> rusqlite::Result<RawRecord> {
+    Ok(RawRecord {
+        rec: RevisionRecord {
             revision: r.get::<_, i64>(0)? as u64,
             hash: r.get(1)?,
             author: r.get(2)?,
@@ -550,43 +884,51 @@ fn record_from_row(
             message: r.get(4)?,
             layers: Vec::new(),
             config: None,
-            image: None,
+            image: r.get(6)?,
             spec: None,
         },
-        r.get(5)?,
-        if with_config {
-            r.get(6)?
-        } else {
-            String::new()
-        },
-    ))
+        layers: r.get(5)?,
+        config: if full { r.get(7)? } else { String::new() },
+        spec: if full { r.get(8)? } else { None },
+    })
 }
 
-fn finish(
-    (mut rec, layers, config): (RevisionRecord, String, String),
-    with_config: bool,
-) -> Result<RevisionRecord, StoreError> {
-    rec.layers = serde_json::from_str(&layers)
+struct RawRecord {
+    rec: RevisionRecord,
+    layers: String,
+    config: String,
+    spec: Option<String>,
+}
+
+fn finish(raw: RawRecord, full: bool) -> Result<RevisionRecord, StoreError> {
+    let mut rec = raw.rec;
+    rec.layers = serde_json::from_str(&raw.layers)
         .map_err(|e| StoreError::Corrupt(format!("layers of revision {}: {e}", rec.revision)))?;
-    if with_config {
-        rec.config = Some(serde_json::from_str(&config).map_err(|e| {
+    if full {
+        rec.config = Some(serde_json::from_str(&raw.config).map_err(|e| {
             StoreError::Corrupt(format!("config of revision {}: {e}", rec.revision))
         })?);
+        rec.spec = raw
+            .spec
+            .map(|t| serde_json::from_str(&t))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("spec of revision {}: {e}", rec.revision)))?;
     }
     Ok(rec)
 }
 
-/// An instance's revisions, newest first (without their configs).
+/// An instance's revisions, newest first (without their configs and specs).
 pub fn revisions_of(conn: &Connection, uid: &str) -> Result<Vec<RevisionRecord>, StoreError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT revision, hash, author, created_at, message, layers FROM config_revisions
+        "SELECT revision, hash, author, created_at, message, layers, image FROM config_revisions
          WHERE instance_uid = ?1 ORDER BY revision DESC",
     )?;
     let rows = stmt.query_map([uid], |r| record_from_row(r, false))?;
     rows.map(|r| finish(r?, false)).collect()
 }
 
-/// One revision of an instance, with its config.
+/// One revision of an instance, in full: config, image and the instance's own spec fields
+/// (`spec` is absent for revisions made before instance revisions existed).
 pub fn revision_of(
     conn: &Connection,
     uid: &str,
@@ -594,12 +936,175 @@ pub fn revision_of(
 ) -> Result<Option<RevisionRecord>, StoreError> {
     let row = conn
         .prepare_cached(
-            "SELECT revision, hash, author, created_at, message, layers, config FROM config_revisions
+            "SELECT revision, hash, author, created_at, message, layers, image, config, spec FROM config_revisions
              WHERE instance_uid = ?1 AND revision = ?2",
         )?
         .query_row(params![uid, revision as i64], |r| record_from_row(r, true))
         .optional()?;
     row.map(|r| finish(r, true)).transpose()
+}
+
+/// What the replicas of the given `(instance uid, revision)` pairs run; pairs that have no
+/// revision are left out.
+pub fn revision_contents(
+    conn: &Connection,
+    wanted: &[(String, u64)],
+) -> Result<Vec<RevisionContent>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT config, image, env, resources, secrets FROM config_revisions
+         WHERE instance_uid = ?1 AND revision = ?2",
+    )?;
+    let mut out = Vec::with_capacity(wanted.len());
+    for (uid, revision) in wanted {
+        let row = stmt
+            .query_row(params![uid, *revision as i64], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                ))
+            })
+            .optional()?;
+        let Some((config, image, env, resources, secrets)) = row else {
+            continue;
+        };
+        let corrupt = |what: &str, e: serde_json::Error| {
+            StoreError::Corrupt(format!(
+                "{what} of revision {revision} of instance {uid}: {e}"
+            ))
+        };
+        out.push(RevisionContent {
+            uid: uid.clone(),
+            revision: *revision,
+            image,
+            config,
+            env: env
+                .map(|t| serde_json::from_str(&t))
+                .transpose()
+                .map_err(|e| corrupt("env", e))?,
+            resources: resources
+                .map(|t| serde_json::from_str(&t))
+                .transpose()
+                .map_err(|e| corrupt("resources", e))?,
+            secrets: secrets
+                .map(|t| serde_json::from_str(&t))
+                .transpose()
+                .map_err(|e| corrupt("secrets", e))?
+                .unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
+
+/// The newest revision number of every instance.
+pub fn newest_revisions(conn: &Connection) -> Result<HashMap<String, u64>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT instance_uid, MAX(revision) FROM config_revisions GROUP BY instance_uid",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Re-seals the secret values held by revisions (key rotation); returns how many.
+pub fn reseal_revisions(
+    tx: &Transaction<'_>,
+    reseal: &mut dyn FnMut(&SealedValue) -> Result<String, StoreError>,
+) -> Result<usize, StoreError> {
+    let rows: Vec<(String, i64, String)> = tx
+        .prepare_cached(
+            "SELECT instance_uid, revision, secrets FROM config_revisions
+             WHERE secrets IS NOT NULL AND secrets != '[]'",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut count = 0;
+    let mut update = tx.prepare_cached(
+        "UPDATE config_revisions SET secrets = ?3 WHERE instance_uid = ?1 AND revision = ?2",
+    )?;
+    for (uid, revision, text) in rows {
+        let mut secrets: Vec<RevisionSecret> = serde_json::from_str(&text).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "secrets of revision {revision} of instance {uid}: {e}"
+            ))
+        })?;
+        for s in &mut secrets {
+            if s.sealed.is_empty() {
+                continue;
+            }
+            s.sealed = reseal(&SealedValue {
+                tenant: s.tenant.clone(),
+                project: s.project.clone(),
+                name: s.name.clone(),
+                key: s.key.clone(),
+                sealed: s.sealed.clone(),
+            })?;
+            count += 1;
+        }
+        update.execute(params![uid, revision, json_text(&secrets)?])?;
+    }
+    Ok(count)
+}
+
+/// Volumes kept of deleted instances.
+pub fn deleted_volumes(conn: &Connection) -> Result<Vec<DeletedVolume>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT instance_uid, tenant, project, instance, replica, ordinal, host, since
+         FROM retained_volumes ORDER BY host, tenant, project, instance, ordinal",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(DeletedVolume {
+            instance_uid: r.get(0)?,
+            tenant: r.get(1)?,
+            project: r.get(2)?,
+            instance: r.get(3)?,
+            replica: r.get(4)?,
+            ordinal: r.get::<_, i64>(5)? as u32,
+            host: r.get(6)?,
+            since: r.get(7)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Records the volumes of an instance being deleted with `whenDeleted: Retain`: every
+/// placed replica's and every volume already retained from a scale-down.
+fn keep_volumes_of(tx: &Transaction<'_>, o: &StoredObject, now: &str) -> Result<(), StoreError> {
+    let i = instance_of(o)?;
+    if i.spec.volume_retention.when_deleted != crate::model::RetentionPolicy::Retain {
+        return Ok(());
+    }
+    let Some(status) = &i.status else {
+        return Ok(());
+    };
+    let mut insert = tx.prepare_cached(
+        "INSERT OR REPLACE INTO retained_volumes (instance_uid, tenant, project, instance, replica, ordinal, host, since)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    let placed = status
+        .replica_status
+        .iter()
+        .filter_map(|r| Some((r.name.as_str(), r.ordinal, r.host.as_deref()?)));
+    let kept = status
+        .retained_volumes
+        .iter()
+        .map(|v| (v.replica.as_str(), v.ordinal, v.host.as_str()));
+    for (replica, ordinal, host) in placed.chain(kept) {
+        insert.execute(params![
+            o.uid,
+            o.key.tenant,
+            o.key.project,
+            o.key.name,
+            replica,
+            ordinal as i64,
+            host,
+            now
+        ])?;
+    }
+    Ok(())
 }
 
 /// The newest revision of every instance: uid → (revision, config text).
@@ -636,6 +1141,49 @@ pub fn backfill(tx: &Transaction<'_>, schema: &Schema, now: &str) -> Result<(), 
         ) {
             tracing::warn!(instance = %k, error = %e, "no first config revision: its effective config does not pass the checks");
         }
+    }
+    Ok(())
+}
+
+/// Fills in the instance-revision columns of revisions made before them (migration 5): the
+/// newest revision of each instance gets everything it runs now (so that an unchanged
+/// instance gets no new revision), older ones keep only their config (the book renders
+/// them with the instance's current image, env and resources).
+pub fn backfill_instance_revisions(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    let newest = newest_revisions(tx)?;
+    let mut cache = LayerCache::new(tx);
+    for o in instances_where(tx, "1 = 1", &[])? {
+        let Some(&revision) = newest.get(&o.uid) else {
+            continue;
+        };
+        let i = instance_of(&o)?;
+        let layers = layers_in(&mut cache, &i)?;
+        let effective = configcenter::render(&layers);
+        let content = content_of(&mut cache, &i, &effective)?;
+        if content.config_hash
+            != latest(tx, &o.uid)?
+                .map(|p| p.config_hash)
+                .unwrap_or_default()
+        {
+            // The layers changed without a revision (the write was refused since): the
+            // newest revision keeps its config and gets a content hash of its own.
+            tracing::warn!(instance = %o.key, "the newest config revision is not the config in effect; the next write makes a new revision");
+            continue;
+        }
+        tx.prepare_cached(
+            "UPDATE config_revisions SET image = ?3, env = ?4, resources = ?5, secrets = ?6, spec = ?7, content_hash = ?8
+             WHERE instance_uid = ?1 AND revision = ?2",
+        )?
+        .execute(params![
+            o.uid,
+            revision as i64,
+            content.image,
+            content.env,
+            content.resources,
+            json_text(&content.secrets)?,
+            content.spec,
+            content.content_hash,
+        ])?;
     }
     Ok(())
 }

@@ -69,12 +69,16 @@ const MIGRATIONS: &[&str] = &[
     // 4: config revisions and sealed secret values (revisions of existing instances are
     // filled in by `revisions::backfill`).
     super::revisions::MIGRATION,
+    // 5: config revisions become instance revisions (image, env, resources, secret values,
+    // own spec fields; filled in by `revisions::backfill_instance_revisions`), and the
+    // volumes kept of deleted instances.
+    super::revisions::INSTANCE_REVISIONS_MIGRATION,
 ];
 
 /// The schema version whose migration added the usage columns.
 const USAGE_COLUMNS_VERSION: usize = 3;
-/// The schema version whose migration added config revisions.
-const REVISIONS_VERSION: usize = 4;
+/// The schema version whose migration made config revisions instance revisions.
+const INSTANCE_REVISIONS_VERSION: usize = 5;
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -546,7 +550,10 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         if i + 1 == USAGE_COLUMNS_VERSION {
             backfill_usage(&tx)?;
         }
-        if i + 1 == REVISIONS_VERSION {
+        // The first revisions of existing instances (the tables of version 4) are written in
+        // this build's row format, so they are made once the columns of version 5 exist.
+        if i + 1 == INSTANCE_REVISIONS_VERSION {
+            super::revisions::backfill_instance_revisions(&tx)?;
             super::revisions::backfill(&tx, &Schema::builtin(), &now_rfc3339())?;
         }
         tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
@@ -1149,6 +1156,21 @@ impl Store for SqliteStore {
         self.read(revisions::current_configs)
     }
 
+    fn newest_revisions(&self) -> Result<HashMap<String, u64>, StoreError> {
+        self.read(revisions::newest_revisions)
+    }
+
+    fn revision_contents(
+        &self,
+        wanted: &[(String, u64)],
+    ) -> Result<Vec<revisions::RevisionContent>, StoreError> {
+        self.read(|c| revisions::revision_contents(c, wanted))
+    }
+
+    fn deleted_volumes(&self) -> Result<Vec<revisions::DeletedVolume>, StoreError> {
+        self.read(revisions::deleted_volumes)
+    }
+
     fn sealed_values(&self) -> Result<Vec<SealedValue>, StoreError> {
         self.read(revisions::sealed_values)
     }
@@ -1163,6 +1185,13 @@ impl Store for SqliteStore {
                 v.sealed = reseal(v)?;
             }
             revisions::replace_sealed(tx, &values)?;
+            // Revisions keep the values their replicas run with, sealed: those too.
+            let held = revisions::reseal_revisions(tx, reseal)?;
+            tracing::info!(
+                values = values.len(),
+                held_by_revisions = held,
+                "secret values re-sealed"
+            );
             // The index moves, so that the assignment book reads the new envelopes.
             Ok((values.len(), true))
         })?;
@@ -1775,7 +1804,7 @@ mod tests {
             // The database as schema version 3 left it.
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(
-                "DROP TABLE config_revisions; DROP TABLE secret_values; PRAGMA user_version = 3;",
+                "DROP TABLE config_revisions; DROP TABLE secret_values; DROP TABLE retained_volumes; PRAGMA user_version = 3;",
             )
             .unwrap();
         }

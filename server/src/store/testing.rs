@@ -84,6 +84,18 @@ impl Store for HookStore {
     ) -> Result<std::collections::HashMap<String, (u64, String)>, StoreError> {
         self.inner.current_configs()
     }
+    fn newest_revisions(&self) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+        self.inner.newest_revisions()
+    }
+    fn revision_contents(
+        &self,
+        wanted: &[(String, u64)],
+    ) -> Result<Vec<super::revisions::RevisionContent>, StoreError> {
+        self.inner.revision_contents(wanted)
+    }
+    fn deleted_volumes(&self) -> Result<Vec<super::revisions::DeletedVolume>, StoreError> {
+        self.inner.deleted_volumes()
+    }
     fn sealed_values(&self) -> Result<Vec<super::SealedValue>, StoreError> {
         self.inner.sealed_values()
     }
