@@ -11,9 +11,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::configcenter;
-use crate::model::{EnvValue, Kind, OpenClawInstance, Resource};
+use crate::model::{EnvValue, Kind, OpenClawInstance, Resource, RetentionPolicy};
 use crate::openclaw::secretref::{self, SecretRef};
 use crate::secrets::{Keyring, SecretValue};
+use crate::store::revisions::{DeletedVolume, RevisionContent, RevisionSecret};
 use crate::store::{ListFilter, SealedValue, Store};
 use crate::util::hex;
 
@@ -64,14 +65,22 @@ impl Default for AssignmentBook {
     }
 }
 
-/// What assignments are made of besides the instances: each instance's current config
-/// revision and the secrets' sealed values.
+/// What assignments are made of besides the instances: the revisions replicas run, the
+/// secrets' sealed values, and the volumes kept of deleted instances.
 #[derive(Debug, Default)]
 pub struct ConfigInputs {
-    /// Instance uid → (revision, effective config text with secret references in place).
+    /// Instance uid → (revision, effective config text with secret references in place):
+    /// the newest config of instances whose revisions are not loaded in full.
     pub configs: HashMap<String, (u64, String)>,
-    /// (tenant, project, name, key) → sealed value.
+    /// (tenant, project, name, key) → sealed value, as the secret holds it now.
     pub sealed: HashMap<(String, String, String, String), String>,
+    /// Instance uid → its newest revision.
+    pub newest: HashMap<String, u64>,
+    /// (instance uid, revision) → what its replicas run: the newest revision of each
+    /// instance and every revision a replica targets.
+    pub revisions: HashMap<(String, u64), RevisionContent>,
+    /// Volumes kept of deleted instances.
+    pub deleted_volumes: Vec<DeletedVolume>,
 }
 
 impl ConfigInputs {
@@ -82,7 +91,40 @@ impl ConfigInputs {
                 .into_iter()
                 .map(|v| ((v.tenant, v.project, v.name, v.key), v.sealed))
                 .collect(),
+            ..Default::default()
         }
+    }
+
+    /// Adds revisions (and takes the newest of each instance among them as its newest, unless
+    /// a newer one is known).
+    pub fn with_revisions(mut self, revisions: Vec<RevisionContent>) -> Self {
+        for r in revisions {
+            let newest = self.newest.entry(r.uid.clone()).or_insert(r.revision);
+            *newest = (*newest).max(r.revision);
+            self.revisions.insert((r.uid.clone(), r.revision), r);
+        }
+        self
+    }
+
+    /// The `(instance uid, revision)` pairs the replicas of `instances` run: each instance's
+    /// newest revision and every replica's target.
+    pub fn wanted(
+        instances: &[OpenClawInstance],
+        newest: &HashMap<String, u64>,
+    ) -> Vec<(String, u64)> {
+        let mut wanted: std::collections::BTreeSet<(String, u64)> =
+            newest.iter().map(|(u, n)| (u.clone(), *n)).collect();
+        for i in instances {
+            let (Some(uid), Some(status)) = (&i.metadata.uid, &i.status) else {
+                continue;
+            };
+            for r in &status.replica_status {
+                if let Some(t) = r.target_revision {
+                    wanted.insert((uid.clone(), t));
+                }
+            }
+        }
+        wanted.into_iter().collect()
     }
 }
 
@@ -95,12 +137,14 @@ struct Opener<'a> {
 }
 
 impl Opener<'_> {
-    /// The value and fingerprint of `r` for an instance in `tenant`/`project`.
+    /// The value and fingerprint of `r` for an instance in `tenant`/`project`: the value
+    /// the revision holds (`held`), else the secret's current one.
     fn open(
         &mut self,
         tenant: &str,
         project: &str,
         r: &SecretRef,
+        held: &[RevisionSecret],
     ) -> Result<(Arc<SecretValue>, String), String> {
         for key in configcenter::secret_keys(tenant, project, r) {
             let k = (
@@ -109,7 +153,14 @@ impl Opener<'_> {
                 key.name.clone(),
                 r.key.clone(),
             );
-            let Some(sealed) = self.inputs.sealed.get(&k) else {
+            let kept = held.iter().find(|s| {
+                !s.sealed.is_empty()
+                    && (&s.tenant, &s.project, &s.name, &s.key) == (&k.0, &k.1, &k.2, &k.3)
+            });
+            let Some(sealed) = kept
+                .map(|s| &s.sealed)
+                .or_else(|| self.inputs.sealed.get(&k))
+            else {
                 continue;
             };
             self.used.insert(sealed.clone());
@@ -139,55 +190,82 @@ fn fallback_config(instance: &OpenClawInstance) -> String {
     configcenter::render(&layers).to_string()
 }
 
-/// The replicas of `instance` placed on each host, as the agent receives them; an error when
-/// a secret it references cannot be opened.
-fn assignments_with(
+/// What the replicas of one revision get, rendered once for all of them.
+struct Rendered {
+    revision: u64,
+    image: String,
+    env: BTreeMap<String, String>,
+    config_json: String,
+    config_hash: String,
+    resources: pb::Resources,
+    content_hash: String,
+}
+
+/// Renders revision `revision` of `instance` (0: none recorded, the instance's own layer
+/// over the defaults). Whatever the revision did not record comes from the current spec.
+fn render_revision(
     instance: &OpenClawInstance,
-    inputs: &ConfigInputs,
+    revision: u64,
+    content: Option<&RevisionContent>,
+    config_text: Option<&str>,
     opener: &mut Opener<'_>,
-) -> Result<Vec<(String, pb::Assignment)>, String> {
-    let Some(status) = &instance.status else {
-        return Ok(Vec::new());
-    };
+) -> Result<Rendered, String> {
     let spec = &instance.spec;
     let m = &instance.metadata;
     let tenant = m.tenant.clone().unwrap_or_default();
     let project = m.project.clone().unwrap_or_default();
-    let uid = m.uid.clone().unwrap_or_default();
-    let (revision, text) = match inputs.configs.get(&uid) {
-        Some((rev, text)) => (*rev, text.clone()),
-        None => (0, fallback_config(instance)),
+    let text = match (content, config_text) {
+        (Some(c), _) => c.config.clone(),
+        (None, Some(t)) => t.to_string(),
+        (None, None) => fallback_config(instance),
+    };
+    let held: &[RevisionSecret] = content.map_or(&[], |c| &c.secrets);
+    let image = content
+        .and_then(|c| c.image.clone())
+        .unwrap_or_else(|| spec.image_ref());
+    let env_spec = content.and_then(|c| c.env.as_ref()).unwrap_or(&spec.env);
+    let resources = match content.and_then(|c| c.resources) {
+        Some(r) => pb::Resources {
+            cpu_millis: r.cpu_millis,
+            memory_bytes: r.memory_bytes,
+            pids: r.pids,
+        },
+        None => pb::Resources {
+            cpu_millis: spec.cpu_millis(),
+            memory_bytes: spec.memory_bytes(),
+            pids: spec.resources.pids.unwrap_or(crate::model::DEFAULT_PIDS) as u32,
+        },
     };
     let config: Value =
         serde_json::from_str(&text).map_err(|e| format!("config revision {revision}: {e}"))?;
     // Everything that, when it changes, needs a new container; secrets by fingerprint only,
     // so that the hash (shown to every reader of the instance) tells nothing of their values.
     let mut h = Sha256::new();
-    let image = spec.image_ref();
     h.update(image.as_bytes());
     h.update([0]);
     h.update(text.as_bytes());
     h.update([0]);
     let mut fingerprints = BTreeMap::new();
     let mut failure = None;
-    let resolved =
-        secretref::substitute(&config, &mut |r| match opener.open(&tenant, &project, r) {
-            Ok((v, fp)) => {
-                fingerprints.insert(format!("{}/{}", r.name, r.key), fp);
-                Some(v.expose().to_string())
-            }
-            Err(e) => {
-                failure = Some(e);
-                None
-            }
-        });
+    let resolved = secretref::substitute(&config, &mut |r| match opener
+        .open(&tenant, &project, r, held)
+    {
+        Ok((v, fp)) => {
+            fingerprints.insert(format!("{}/{}", r.name, r.key), fp);
+            Some(v.expose().to_string())
+        }
+        Err(e) => {
+            failure = Some(e);
+            None
+        }
+    });
     let resolved = match (resolved, failure) {
         (_, Some(e)) => return Err(e),
         (Err(p), None) => return Err(format!("{}: {}", p.path, p.reason)),
         (Ok(v), None) => v,
     };
     let mut env = BTreeMap::new();
-    for (k, v) in &spec.env {
+    for (k, v) in env_spec {
         h.update(k.as_bytes());
         h.update([b'=']);
         let value = match v {
@@ -196,7 +274,7 @@ fn assignments_with(
                 v.clone()
             }
             EnvValue::SecretRef(r) => {
-                let (value, fp) = opener.open(&tenant, &project, r)?;
+                let (value, fp) = opener.open(&tenant, &project, r, held)?;
                 h.update(format!("secretRef:{}/{}", r.name, r.key).as_bytes());
                 fingerprints.insert(format!("{}/{}", r.name, r.key), fp);
                 value.expose().to_string()
@@ -211,43 +289,150 @@ fn assignments_with(
         h.update(fp.as_bytes());
         h.update([0]);
     }
-    let resources = pb::Resources {
-        cpu_millis: spec.cpu_millis(),
-        memory_bytes: spec.memory_bytes(),
-        pids: spec.resources.pids.unwrap_or(crate::model::DEFAULT_PIDS) as u32,
-    };
     h.update(resources.encode_to_vec());
     let config_hash = hex(&h.finalize());
     let config_json = resolved.to_string();
     let content_hash = configcenter::content_hash(config_json.as_bytes(), &env);
-    Ok(status
+    Ok(Rendered {
+        revision,
+        image,
+        env,
+        config_json,
+        config_hash,
+        resources,
+        content_hash,
+    })
+}
+
+/// The replicas of `instance` placed on each host, as the agent receives them, each rendered
+/// from the revision it targets (none: the newest); an error when a secret it references
+/// cannot be opened.
+fn assignments_with(
+    instance: &OpenClawInstance,
+    inputs: &ConfigInputs,
+    opener: &mut Opener<'_>,
+) -> Result<Vec<(String, pb::Assignment)>, String> {
+    let Some(status) = &instance.status else {
+        return Ok(Vec::new());
+    };
+    let spec = &instance.spec;
+    let m = &instance.metadata;
+    let tenant = m.tenant.clone().unwrap_or_default();
+    let project = m.project.clone().unwrap_or_default();
+    let uid = m.uid.clone().unwrap_or_default();
+    let newest_text = inputs.configs.get(&uid);
+    let newest = inputs
+        .newest
+        .get(&uid)
+        .copied()
+        .or(newest_text.map(|(n, _)| *n))
+        .unwrap_or(0);
+    let mut rendered: BTreeMap<u64, Rendered> = BTreeMap::new();
+    let mut out = Vec::new();
+    for r in status
         .replica_status
         .iter()
         .filter(|r| r.ordinal < spec.replicas as u32)
-        .filter_map(|r| {
-            let host = r.host.clone()?;
-            Some((
-                host,
-                pb::Assignment {
-                    tenant: tenant.clone(),
-                    project: project.clone(),
+    {
+        let Some(host) = r.host.clone() else {
+            continue;
+        };
+        let mut revision = r.target_revision.unwrap_or(newest);
+        if revision != newest && !inputs.revisions.contains_key(&(uid.clone(), revision)) {
+            tracing::warn!(instance = %instance.key(), replica = %r.name, revision, "the revision this replica targets is not stored; it gets the newest");
+            revision = newest;
+        }
+        let v = match rendered.entry(revision) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let content = inputs.revisions.get(&(uid.clone(), revision));
+                let text = newest_text
+                    .filter(|(n, _)| *n == revision)
+                    .map(|(_, t)| t.as_str());
+                e.insert(render_revision(instance, revision, content, text, opener)?)
+            }
+        };
+        out.push((
+            host,
+            pb::Assignment {
+                tenant: tenant.clone(),
+                project: project.clone(),
+                instance: m.name.clone(),
+                replica: r.name.clone(),
+                ordinal: r.ordinal,
+                generation: m.generation.unwrap_or(1),
+                image: v.image.clone(),
+                env: v.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                config_json: v.config_json.clone(),
+                config_hash: v.config_hash.clone(),
+                resources: Some(v.resources),
+                instance_uid: uid.clone(),
+                config_revision: v.revision,
+                content_hash: v.content_hash.clone(),
+                termination_grace_seconds: spec.termination_grace().as_secs() as u32,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// The volumes each host must keep although no replica of theirs is assigned: those of
+/// scale-downs with `whenScaled: Retain` and those of instances deleted with
+/// `whenDeleted: Retain`.
+fn retained_by_host(
+    instances: &[OpenClawInstance],
+    deleted: &[DeletedVolume],
+) -> HashMap<String, Vec<pb::RetainedVolume>> {
+    let mut out: HashMap<String, Vec<pb::RetainedVolume>> = HashMap::new();
+    for i in instances {
+        if i.spec.volume_retention.when_scaled != RetentionPolicy::Retain {
+            continue;
+        }
+        let Some(status) = &i.status else { continue };
+        let m = &i.metadata;
+        for v in &status.retained_volumes {
+            out.entry(v.host.clone())
+                .or_default()
+                .push(pb::RetainedVolume {
+                    tenant: m.tenant.clone().unwrap_or_default(),
+                    project: m.project.clone().unwrap_or_default(),
                     instance: m.name.clone(),
-                    replica: r.name.clone(),
-                    ordinal: r.ordinal,
-                    generation: m.generation.unwrap_or(1),
-                    image: image.clone(),
-                    env: env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                    config_json: config_json.clone(),
-                    config_hash: config_hash.clone(),
-                    resources: Some(resources),
-                    instance_uid: uid.clone(),
-                    config_revision: revision,
-                    content_hash: content_hash.clone(),
-                    termination_grace_seconds: spec.termination_grace().as_secs() as u32,
-                },
-            ))
-        })
-        .collect())
+                    replica: v.replica.clone(),
+                    instance_uid: m.uid.clone().unwrap_or_default(),
+                });
+        }
+    }
+    for v in deleted {
+        out.entry(v.host.clone())
+            .or_default()
+            .push(pb::RetainedVolume {
+                tenant: v.tenant.clone(),
+                project: v.project.clone(),
+                instance: v.instance.clone(),
+                replica: v.replica.clone(),
+                instance_uid: v.instance_uid.clone(),
+            });
+    }
+    for list in out.values_mut() {
+        list.sort_by(|a, b| {
+            (
+                &a.tenant,
+                &a.project,
+                &a.instance,
+                &a.replica,
+                &a.instance_uid,
+            )
+                .cmp(&(
+                    &b.tenant,
+                    &b.project,
+                    &b.instance,
+                    &b.replica,
+                    &b.instance_uid,
+                ))
+        });
+        list.dedup();
+    }
+    out
 }
 
 /// [`assignments_with`] for an instance that references no secrets (tests, tools).
@@ -323,11 +508,12 @@ impl AssignmentBook {
                 }
             }
         }
+        let mut retained = retained_by_host(instances, &inputs.deleted_volumes);
         let mut changed = false;
         {
             let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
             let previous: Vec<String> = hosts.keys().cloned().collect();
-            for name in previous {
+            for name in previous.into_iter().chain(retained.keys().cloned()) {
                 per_host.entry(name).or_default();
             }
             for (name, mut list) in per_host {
@@ -339,16 +525,23 @@ impl AssignmentBook {
                         b.ordinal,
                     ))
                 });
+                let kept = retained.remove(&name).unwrap_or_default();
                 let mut h = Sha256::new();
                 for a in &list {
                     h.update(a.encode_to_vec());
+                }
+                // The retained volumes are part of what the host is told: a change to them
+                // moves its index too.
+                h.update(b"retained\0");
+                for v in &kept {
+                    h.update(v.encode_to_vec());
                 }
                 let digest: [u8; 32] = h.finalize().into();
                 match hosts.get(&name) {
                     Some(cur) if cur.digest == digest => {}
                     _ => {
                         changed = true;
-                        if list.is_empty() && !hosts.contains_key(&name) {
+                        if list.is_empty() && kept.is_empty() && !hosts.contains_key(&name) {
                             continue;
                         }
                         hosts.insert(
@@ -357,7 +550,7 @@ impl AssignmentBook {
                                 index,
                                 digest,
                                 assignments: list,
-                                retained_volumes: Vec::new(),
+                                retained_volumes: kept,
                             }),
                         );
                     }
@@ -432,7 +625,14 @@ pub async fn run(
                     }
                 })
                 .collect();
-            let inputs = ConfigInputs::from_sealed(s.current_configs()?, s.sealed_values()?);
+            // The revisions in use: each instance's newest and every replica's target, read
+            // by (uid, revision).
+            let newest = s.newest_revisions()?;
+            let wanted = ConfigInputs::wanted(&instances, &newest);
+            let mut inputs = ConfigInputs::from_sealed(HashMap::new(), s.sealed_values()?)
+                .with_revisions(s.revision_contents(&wanted)?);
+            inputs.newest = newest;
+            inputs.deleted_volumes = s.deleted_volumes()?;
             b.rebuild_with(&instances, &inputs, index);
             Ok::<(), crate::store::StoreError>(())
         })
@@ -647,5 +847,168 @@ mod tests {
         let h1 = book.current("h1");
         assert_eq!(h1.assignments.len(), 1);
         assert_eq!(h1.assignments[0].env["K"], "sk-one");
+    }
+
+    fn revision(
+        uid: &str,
+        n: u64,
+        image: &str,
+        config: Value,
+        secrets: Vec<RevisionSecret>,
+    ) -> RevisionContent {
+        RevisionContent {
+            uid: uid.into(),
+            revision: n,
+            image: Some(image.into()),
+            config: config.to_string(),
+            env: Some(
+                [(
+                    "K".to_string(),
+                    EnvValue::SecretRef(SecretRef {
+                        name: "llm".into(),
+                        key: "anthropic".into(),
+                    }),
+                )]
+                .into(),
+            ),
+            resources: Some(crate::store::revisions::RevisionResources {
+                cpu_millis: 500,
+                memory_bytes: 1 << 30,
+                pids: 256,
+            }),
+            secrets,
+        }
+    }
+
+    fn held(keyring: &Keyring, value: &str) -> RevisionSecret {
+        let aad = crate::store::revisions::aad("t", "", "llm", "anthropic");
+        RevisionSecret {
+            tenant: "t".into(),
+            project: String::new(),
+            name: "llm".into(),
+            key: "anthropic".into(),
+            fingerprint: keyring.fingerprint(&SecretValue::new(value.to_string())),
+            sealed: keyring
+                .seal(&aad, &SecretValue::new(value.to_string()))
+                .unwrap(),
+        }
+    }
+
+    #[test]
+    fn each_replica_runs_the_revision_it_targets() {
+        let dir = tempfile::tempdir().unwrap();
+        let (keyring, inputs) = sealed_inputs(dir.path(), "sk-new");
+        let book = AssignmentBook::with_keyring(Arc::new(RwLock::new(Some(keyring.clone()))));
+        let mut i = inst("bot", 3, &[Some("h1"), Some("h1"), Some("h2")], "1Gi");
+        i.metadata.uid = Some("u1".into());
+        let st = i.status.as_mut().unwrap();
+        st.replica_status[0].target_revision = Some(3);
+        st.replica_status[1].target_revision = Some(4);
+        st.replica_status[2].target_revision = None;
+        let inputs = inputs.with_revisions(vec![
+            revision(
+                "u1",
+                3,
+                "img:old",
+                serde_json::json!({"a": 1}),
+                vec![held(&keyring, "sk-old")],
+            ),
+            revision(
+                "u1",
+                4,
+                "img:new",
+                serde_json::json!({"a": 2}),
+                vec![held(&keyring, "sk-new")],
+            ),
+        ]);
+        assert_eq!(
+            ConfigInputs::wanted(std::slice::from_ref(&i), &inputs.newest).len(),
+            2
+        );
+        book.rebuild_with(std::slice::from_ref(&i), &inputs, 2);
+        let h1 = book.current("h1");
+        let (old, new) = (&h1.assignments[0], &h1.assignments[1]);
+        assert_eq!((old.config_revision, new.config_revision), (3, 4));
+        assert_eq!(
+            (old.image.as_str(), new.image.as_str()),
+            ("img:old", "img:new")
+        );
+        assert_eq!(
+            (old.env["K"].as_str(), new.env["K"].as_str()),
+            ("sk-old", "sk-new")
+        );
+        assert!(old.config_json.contains("\"a\":1") && new.config_json.contains("\"a\":2"));
+        assert_ne!(old.config_hash, new.config_hash);
+        assert_eq!(old.resources.unwrap().cpu_millis, 500);
+        // No target: the newest revision, with the same hash as a replica targeting it.
+        let none = &book.current("h2").assignments[0];
+        assert_eq!(none.config_revision, 4);
+        assert_eq!(none.image, "img:new");
+        assert_eq!(none.config_hash, new.config_hash);
+    }
+
+    #[test]
+    fn the_same_content_gives_the_same_hash_and_a_revision_without_held_values_uses_the_current_ones()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let (keyring, inputs) = sealed_inputs(dir.path(), "sk-now");
+        let book = AssignmentBook::with_keyring(Arc::new(RwLock::new(Some(keyring))));
+        let mut i = inst("bot", 2, &[Some("h1"), Some("h1")], "1Gi");
+        i.metadata.uid = Some("u1".into());
+        i.status.as_mut().unwrap().replica_status[0].target_revision = Some(1);
+        let inputs = inputs.with_revisions(vec![
+            revision("u1", 1, "img:a", serde_json::json!({"a": 1}), vec![]),
+            revision("u1", 2, "img:a", serde_json::json!({"a": 1}), vec![]),
+        ]);
+        book.rebuild_with(&[i], &inputs, 2);
+        let h1 = book.current("h1");
+        assert_eq!(h1.assignments[0].config_revision, 1);
+        assert_eq!(h1.assignments[1].config_revision, 2);
+        assert_eq!(h1.assignments[0].config_hash, h1.assignments[1].config_hash);
+        assert_eq!(h1.assignments[0].env["K"], "sk-now");
+    }
+
+    #[test]
+    fn retained_volumes_are_listed_per_host_and_move_its_index() {
+        let book = AssignmentBook::default();
+        let mut i = inst("bot", 1, &[Some("h1")], "1Gi");
+        i.metadata.uid = Some("u1".into());
+        book.rebuild(std::slice::from_ref(&i), 2);
+        assert_eq!(book.current("h2").index, 1, "h2 has nothing yet");
+        i.status.as_mut().unwrap().retained_volumes = vec![crate::model::RetainedVolume {
+            replica: "bot-1".into(),
+            ordinal: 1,
+            host: "h2".into(),
+            since: None,
+        }];
+        book.rebuild(std::slice::from_ref(&i), 3);
+        let h2 = book.current("h2");
+        assert_eq!(h2.index, 3);
+        assert_eq!(h2.retained_volumes.len(), 1);
+        assert_eq!(h2.retained_volumes[0].replica, "bot-1");
+        assert_eq!(h2.retained_volumes[0].instance_uid, "u1");
+        assert_eq!(book.current("h1").index, 2, "h1's list did not change");
+        // A deleted instance's volume kept on h1.
+        let inputs = ConfigInputs {
+            deleted_volumes: vec![DeletedVolume {
+                instance_uid: "u0".into(),
+                tenant: "t".into(),
+                project: "p".into(),
+                instance: "gone".into(),
+                replica: "gone-0".into(),
+                ordinal: 0,
+                host: "h1".into(),
+                since: "2026-01-01T00:00:00Z".into(),
+            }],
+            ..Default::default()
+        };
+        book.rebuild_with(std::slice::from_ref(&i), &inputs, 4);
+        assert_eq!(book.current("h1").index, 4);
+        assert_eq!(book.current("h1").retained_volumes[0].instance, "gone");
+        // whenScaled: Delete lists nothing.
+        i.spec.volume_retention.when_scaled = RetentionPolicy::Delete;
+        book.rebuild(std::slice::from_ref(&i), 5);
+        assert!(book.current("h2").retained_volumes.is_empty());
+        assert_eq!(book.current("h2").index, 5);
     }
 }
