@@ -1,6 +1,8 @@
 //! Persistence of objects and tokens behind the [`Store`] trait; SQLite is the embedded default.
 
 mod admission;
+#[cfg(test)]
+mod revision_tests;
 pub mod revisions;
 mod scope;
 pub mod sqlite;
