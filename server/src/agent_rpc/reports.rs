@@ -172,7 +172,12 @@ impl Reports {
                         continue;
                     };
                     accepted[i] = true;
-                    entry.state = replica_state(rep.state);
+                    let state = replica_state(rep.state);
+                    let revision = (rep.config_revision > 0).then_some(rep.config_revision);
+                    entry.ready_since =
+                        ready_since(entry, state, revision, rep.restarts, &now_rfc3339());
+                    entry.snapshots = snapshots(&rep.snapshots);
+                    entry.state = state;
                     entry.message = non_empty(&rep.message);
                     entry.container_id = non_empty(&rep.container_id);
                     entry.restarts = rep.restarts;
@@ -215,6 +220,50 @@ impl Reports {
 
 /// Writes what a report says about its host: Ready, the heartbeat, usage figures, the runtime
 /// condition, and the capacity and agent version it reports.
+/// Most snapshots shown per replica.
+pub const MAX_SNAPSHOTS_SHOWN: usize = 10;
+
+/// `readySince` after a report: kept while the replica stays Ready on the same revision
+/// without a restart, `now` when it turns Ready (or its revision or restart count changed
+/// while Ready), none while it is not Ready.
+pub fn ready_since(
+    before: &crate::model::ReplicaStatus,
+    state: ReplicaState,
+    revision: Option<u64>,
+    restarts: u32,
+    now: &str,
+) -> Option<String> {
+    if state != ReplicaState::Ready {
+        return None;
+    }
+    let same = before.state == ReplicaState::Ready
+        && before.config_revision == revision
+        && before.restarts == restarts;
+    match &before.ready_since {
+        Some(since) if same => Some(since.clone()),
+        _ => Some(now.to_string()),
+    }
+}
+
+/// The snapshots a replica reports, newest first, at most [`MAX_SNAPSHOTS_SHOWN`].
+pub fn snapshots(reported: &[pb::VolumeSnapshot]) -> Vec<crate::model::SnapshotInfo> {
+    let mut list: Vec<&pb::VolumeSnapshot> = reported.iter().collect();
+    list.sort_by(|a, b| {
+        b.taken_unix_ms
+            .cmp(&a.taken_unix_ms)
+            .then_with(|| a.id.cmp(&b.id))
+    });
+    list.into_iter()
+        .take(MAX_SNAPSHOTS_SHOWN)
+        .map(|s| crate::model::SnapshotInfo {
+            id: s.id.clone(),
+            image: s.image.clone(),
+            taken_at: crate::util::rfc3339(s.taken_unix_ms.div_euclid(1000)),
+            bytes: s.bytes,
+        })
+        .collect()
+}
+
 fn write_host_status(h: &mut Host, report: &pb::StatusReport) {
     let runtime = report.runtime.clone().unwrap_or_default();
     let figures = report.host.unwrap_or_default();
@@ -491,5 +540,82 @@ mod tests {
             state_of(&store, &ObjectKey::instance("t", "p", "bot")),
             ReplicaState::Pending
         );
+    }
+
+    #[test]
+    fn ready_since_starts_when_ready_and_restarts_on_a_new_revision_or_restart() {
+        let t1 = "2026-01-01T00:00:01Z";
+        let t2 = "2026-01-01T00:00:02Z";
+        let mut r = ReplicaStatus::default();
+        assert_eq!(ready_since(&r, ReplicaState::Running, Some(1), 0, t1), None);
+        assert_eq!(
+            ready_since(&r, ReplicaState::Ready, Some(1), 0, t1).as_deref(),
+            Some(t1)
+        );
+        r.state = ReplicaState::Ready;
+        r.config_revision = Some(1);
+        r.ready_since = Some(t1.into());
+        assert_eq!(
+            ready_since(&r, ReplicaState::Ready, Some(1), 0, t2).as_deref(),
+            Some(t1)
+        );
+        assert_eq!(
+            ready_since(&r, ReplicaState::Ready, Some(2), 0, t2).as_deref(),
+            Some(t2)
+        );
+        assert_eq!(
+            ready_since(&r, ReplicaState::Ready, Some(1), 1, t2).as_deref(),
+            Some(t2)
+        );
+        assert_eq!(
+            ready_since(&r, ReplicaState::Unhealthy, Some(1), 0, t2),
+            None
+        );
+    }
+
+    #[test]
+    fn reports_set_ready_since_and_copy_snapshots() {
+        let (_dir, store, id) = setup();
+        let reports = Reports::default();
+        let key = ObjectKey::instance("t", "p", "bot");
+        let mut rep = replica("t", "p", "bot", "bot-0");
+        rep.config_revision = 1;
+        rep.snapshots = (0..12)
+            .map(|n| pb::VolumeSnapshot {
+                id: format!("s{n}"),
+                image: "img:1".into(),
+                taken_unix_ms: 1_700_000_000_000 + n * 1000,
+                bytes: 10,
+            })
+            .collect();
+        let report = pb::StatusReport {
+            replicas: vec![rep.clone()],
+            ..Default::default()
+        };
+        reports.apply(&store, &id, report.clone()).unwrap();
+        let read = |store: &SqliteStore| {
+            let Resource::OpenClawInstance(i) =
+                store.get(&key).unwrap().unwrap().resource().unwrap()
+            else {
+                panic!()
+            };
+            i.status.unwrap().replica_status[0].clone()
+        };
+        let r = read(&store);
+        let since = r.ready_since.clone().expect("ready since");
+        assert_eq!(r.snapshots.len(), MAX_SNAPSHOTS_SHOWN);
+        assert_eq!(r.snapshots[0].id, "s11", "newest first");
+        assert_eq!(r.snapshots[0].taken_at, "2023-11-14T22:13:31Z");
+        // Still Ready: kept.
+        reports.apply(&store, &id, report).unwrap();
+        assert_eq!(read(&store).ready_since, Some(since));
+        // Not Ready: cleared.
+        rep.state = pb::ReplicaState::Unhealthy as i32;
+        let report = pb::StatusReport {
+            replicas: vec![rep],
+            ..Default::default()
+        };
+        reports.apply(&store, &id, report).unwrap();
+        assert_eq!(read(&store).ready_since, None);
     }
 }
