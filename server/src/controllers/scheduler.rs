@@ -12,7 +12,9 @@
 //! ties go to the host whose name sorts first. Placements are sticky: a placed replica stays on
 //! its host (its state volume lives there) until that host is deleted, even if the host goes
 //! NotReady, is cordoned, stops matching the selector or is overcommitted. Scaling down removes
-//! the highest ordinals.
+//! the highest ordinals; with `spec.volumeRetention.whenScaled: Retain` (the default) their
+//! volumes are listed in `status.retainedVolumes`, and scaling back up places each such ordinal
+//! on the host holding its volume when that host fits.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -22,8 +24,8 @@ use tokio::sync::watch;
 
 use crate::model::{
     Condition, Host, HostPhase, HostResources, HostStatus, InstanceStatus, Kind, MAX_REPLICAS,
-    ObjectKey, OpenClawInstance, ReplicaState, ReplicaStatus, Resource, parse_cpu, parse_memory,
-    summarize,
+    ObjectKey, OpenClawInstance, ReplicaState, ReplicaStatus, Resource, RetainedVolume,
+    RetentionPolicy, parse_cpu, parse_memory, summarize,
 };
 use crate::store::{ListFilter, Store, StoreError, StoredObject};
 
@@ -343,8 +345,30 @@ pub fn plan(instances: &[OpenClawInstance], hosts: &[Host]) -> Plan {
                 None => eligible.push(i),
             }
         }
+        // Ordinals whose state volume was kept on a host (scale-down with whenScaled: Retain)
+        // go back there when it fits.
+        let retained: Vec<(u32, usize)> = match &w.instance.status {
+            Some(st) if w.instance.spec.volume_retention.when_scaled == RetentionPolicy::Retain => {
+                st.retained_volumes
+                    .iter()
+                    .filter_map(|v| Some((v.ordinal, *by_name.get(v.host.as_str())?)))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
         for ordinal in 0..w.slots.len() {
             if w.slots[ordinal].is_some() {
+                continue;
+            }
+            let back = retained.iter().find(|(o, i)| {
+                *o as usize == ordinal
+                    && eligible.contains(i)
+                    && nodes[*i].resource_misfit(w.cpu, w.memory).is_none()
+            });
+            if let Some(&(_, i)) = back {
+                w.slots[ordinal] = Some(i);
+                nodes[i].charge(w.cpu, w.memory);
+                spread[i] += 1;
                 continue;
             }
             let mut misfits = static_misfits;
@@ -470,6 +494,10 @@ pub fn apply_instance_plan(
         .map(|r| (r.ordinal, r.host.clone()))
         .collect();
     let placement_changed = before.is_none() || old_hosts != new_hosts;
+    let retain = instance_retains(&instance.spec);
+    let status = instance.status.get_or_insert_with(InstanceStatus::default);
+    status.retained_volumes =
+        retained_after(&status.retained_volumes, retain, &previous, &replicas, now);
     status.replica_status = replicas;
     status.replicas = plan.replicas.len() as i64;
 
@@ -509,6 +537,48 @@ pub fn apply_instance_plan(
         summarize(instance);
     }
     instance.status != before
+}
+
+fn instance_retains(spec: &crate::model::InstanceSpec) -> bool {
+    spec.volume_retention.when_scaled == RetentionPolicy::Retain
+}
+
+/// `status.retainedVolumes` after a placement: with `retain`, every replica removed by a
+/// scale-down (`removed`, those that had a host) keeps its volume listed (replica, ordinal,
+/// host, since `now`), and an entry is dropped once its ordinal is placed on its host again;
+/// an ordinal placed elsewhere keeps its old volume listed. Without `retain`, nothing is.
+pub fn retained_after(
+    before: &[RetainedVolume],
+    retain: bool,
+    removed: &BTreeMap<u32, ReplicaStatus>,
+    placed: &[ReplicaStatus],
+    now: &str,
+) -> Vec<RetainedVolume> {
+    if !retain {
+        return Vec::new();
+    }
+    let mut out: Vec<RetainedVolume> = before.to_vec();
+    for r in removed.values() {
+        let Some(host) = &r.host else { continue };
+        if !out
+            .iter()
+            .any(|v| v.ordinal == r.ordinal && v.host == *host)
+        {
+            out.push(RetainedVolume {
+                replica: r.name.clone(),
+                ordinal: r.ordinal,
+                host: host.clone(),
+                since: Some(now.to_string()),
+            });
+        }
+    }
+    out.retain(|v| {
+        !placed
+            .iter()
+            .any(|r| r.ordinal == v.ordinal && r.host.as_deref() == Some(v.host.as_str()))
+    });
+    out.sort_by(|a, b| (a.ordinal, &a.host).cmp(&(b.ordinal, &b.host)));
+    out
 }
 
 /// Sets a condition, stamping `now` only when it is new or its status flips.

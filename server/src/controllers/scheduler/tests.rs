@@ -1401,3 +1401,92 @@ fn plan_keys_match_resource_keys() {
     by_key.insert(bot.key(), 1);
     assert!(by_key.contains_key(&ObjectKey::instance("t", "p", "bot")));
 }
+
+// ---------------------------------------------------------------------------------------------
+// retained volumes
+
+fn retained(ordinal: u32, host: &str) -> crate::model::RetainedVolume {
+    crate::model::RetainedVolume {
+        replica: format!("bot-{ordinal}"),
+        ordinal,
+        host: host.into(),
+        since: Some(NOW.into()),
+    }
+}
+
+#[test]
+fn scaling_down_lists_the_removed_volumes_unless_they_are_deleted() {
+    let build = || {
+        InstanceBuilder::new("bot")
+            .replicas(1)
+            .placed(0, "h1")
+            .placed(1, "h2")
+            .placed(2, "h3")
+            .build()
+    };
+    let mut bot = build();
+    assert!(apply_instance_plan(&mut bot, &placed(&["h1"]), NOW));
+    let status = bot.status.clone().expect("status");
+    assert_eq!(
+        status.retained_volumes,
+        [retained(1, "h2"), retained(2, "h3")]
+    );
+    // Nothing moves on the next pass.
+    assert!(!apply_instance_plan(&mut bot, &placed(&["h1"]), LATER));
+
+    let mut deleting = build();
+    deleting.spec.volume_retention.when_scaled = crate::model::RetentionPolicy::Delete;
+    apply_instance_plan(&mut deleting, &placed(&["h1"]), NOW);
+    assert!(deleting.status.expect("status").retained_volumes.is_empty());
+}
+
+#[test]
+fn scaling_up_returns_to_the_host_holding_the_volume() {
+    let hosts = [
+        HostBuilder::new("h1").build(),
+        HostBuilder::new("h2").build(),
+        HostBuilder::new("h3").build(),
+    ];
+    // A fresh plan would put ordinal 1 on h2; its volume is on h3.
+    let mut bot = InstanceBuilder::new("bot")
+        .replicas(2)
+        .memory("1Gi")
+        .placed(0, "h1")
+        .build();
+    bot.status.as_mut().expect("status").retained_volumes = vec![retained(1, "h3")];
+    let p = plan(std::slice::from_ref(&bot), &hosts);
+    assert_eq!(hosts_of(&p, "bot"), [Some("h1"), Some("h3")]);
+    // Placed there: the entry goes.
+    assert!(apply_instance_plan(
+        &mut bot,
+        &p.instances[&key("bot")],
+        NOW
+    ));
+    assert!(
+        bot.status
+            .as_ref()
+            .expect("status")
+            .retained_volumes
+            .is_empty()
+    );
+
+    // The host cannot take it: placed elsewhere, and the old volume stays listed.
+    let small = [
+        HostBuilder::new("h1").build(),
+        HostBuilder::new("h2").build(),
+        HostBuilder::new("h3").memory("512Mi").build(),
+    ];
+    let mut bot = InstanceBuilder::new("bot")
+        .replicas(2)
+        .memory("1Gi")
+        .placed(0, "h1")
+        .build();
+    bot.status.as_mut().expect("status").retained_volumes = vec![retained(1, "h3")];
+    let p = plan(std::slice::from_ref(&bot), &small);
+    assert_eq!(hosts_of(&p, "bot"), [Some("h1"), Some("h2")]);
+    apply_instance_plan(&mut bot, &p.instances[&key("bot")], NOW);
+    assert_eq!(
+        bot.status.expect("status").retained_volumes,
+        [retained(1, "h3")]
+    );
+}
