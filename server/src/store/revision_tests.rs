@@ -259,4 +259,27 @@ fn deleting_with_when_deleted_retain_keeps_the_volumes_listed() {
         .collect();
     assert_eq!(names, [("keep-0", "h1"), ("keep-1", "h2")]);
     assert_eq!(kept[0].instance, "keep");
+
+    // A new instance of the name takes them over as its own retained volumes.
+    let mut again = bot("keep", "img:1", false);
+    again["spec"]["replicas"] = json!(1);
+    apply(&store, vec![again]);
+    assert!(store.deleted_volumes().unwrap().is_empty());
+    let Resource::OpenClawInstance(i) = store
+        .get(&ObjectKey::instance("acme", "web", "keep"))
+        .unwrap()
+        .unwrap()
+        .resource()
+        .unwrap()
+    else {
+        panic!()
+    };
+    let hosts: Vec<String> = i
+        .status
+        .unwrap()
+        .retained_volumes
+        .into_iter()
+        .map(|v| v.host)
+        .collect();
+    assert_eq!(hosts, ["h1", "h2"]);
 }

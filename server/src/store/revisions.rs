@@ -795,6 +795,9 @@ pub fn revise(
             i.status
                 .get_or_insert_with(Default::default)
                 .config_revision = Some(revision);
+            if revision == 1 {
+                adopt_volumes(tx, &mut i)?;
+            }
             i.metadata.resource_version = Some(index);
             let r = Resource::OpenClawInstance(i);
             super::sqlite::put_in(tx, &r)?;
@@ -1068,6 +1071,47 @@ pub fn deleted_volumes(conn: &Connection) -> Result<Vec<DeletedVolume>, StoreErr
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A new instance takes over the volumes kept of a deleted instance of its name (the agent
+/// names volumes by tenant, project and replica): they become its own retained volumes, so
+/// its replicas return to them (with `whenScaled: Delete` they are let go).
+fn adopt_volumes(tx: &Transaction<'_>, i: &mut OpenClawInstance) -> Result<(), StoreError> {
+    let k = i.key();
+    let kept: Vec<crate::model::RetainedVolume> = tx
+        .prepare_cached(
+            "SELECT replica, ordinal, host, since FROM retained_volumes
+             WHERE tenant = ?1 AND project = ?2 AND instance = ?3 ORDER BY ordinal, host",
+        )?
+        .query_map(params![k.tenant, k.project, k.name], |r| {
+            Ok(crate::model::RetainedVolume {
+                replica: r.get(0)?,
+                ordinal: r.get::<_, i64>(1)? as u32,
+                host: r.get(2)?,
+                since: r.get(3)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    if kept.is_empty() {
+        return Ok(());
+    }
+    tx.prepare_cached(
+        "DELETE FROM retained_volumes WHERE tenant = ?1 AND project = ?2 AND instance = ?3",
+    )?
+    .execute(params![k.tenant, k.project, k.name])?;
+    if i.spec.volume_retention.when_scaled == crate::model::RetentionPolicy::Retain {
+        let status = i.status.get_or_insert_with(Default::default);
+        for v in kept {
+            if !status
+                .retained_volumes
+                .iter()
+                .any(|o| o.ordinal == v.ordinal && o.host == v.host)
+            {
+                status.retained_volumes.push(v);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Records the volumes of an instance being deleted with `whenDeleted: Retain`: every
