@@ -283,3 +283,26 @@ fn deleting_with_when_deleted_retain_keeps_the_volumes_listed() {
         .collect();
     assert_eq!(hosts, ["h1", "h2"]);
 }
+
+#[test]
+fn rotation_reseals_the_values_revisions_hold() {
+    let (_d, store) = open();
+    let mut items = base();
+    items.push(secret("v1", "hmac-sha256:one"));
+    items.push(bot("user", "img:1", true));
+    apply(&store, items);
+    apply(&store, vec![secret("v2", "hmac-sha256:two")]);
+    let count = store
+        .reseal(&mut |v| Ok(format!("{}-again", v.sealed)))
+        .unwrap();
+    assert_eq!(count, 1, "counts the secrets' own values");
+    let u = uid(&store, "user");
+    let held: Vec<String> = store
+        .revision_contents(&[(u.clone(), 1), (u, 2)])
+        .unwrap()
+        .into_iter()
+        .map(|c| c.secrets[0].sealed.clone())
+        .collect();
+    assert_eq!(held, ["ccs1:v1-again", "ccs1:v2-again"]);
+    assert_eq!(store.sealed_values().unwrap()[0].sealed, "ccs1:v2-again");
+}
