@@ -306,6 +306,14 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         });
     }
 
+    {
+        let (store, stop) = (Arc::clone(&store), tasks_stop.clone());
+        tasks.spawn(async move {
+            crate::controllers::rollout::run(store, stop).await;
+            "rollout controller"
+        });
+    }
+
     tracing::info!(
         api = %endpoints.api,
         agent = %endpoints.agent,

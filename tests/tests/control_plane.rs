@@ -162,7 +162,7 @@ fn get_in_every_output_format() {
     let rows = lines(&table);
     assert_eq!(rows.len(), 4, "{}", table.stdout);
     for column in [
-        "NAME", "TENANT", "PROJECT", "VERSION", "REPLICAS", "PHASE", "AGE",
+        "NAME", "TENANT", "PROJECT", "VERSION", "READY", "PHASE", "AGE",
     ] {
         assert!(rows[0].contains(column), "{}", rows[0]);
     }

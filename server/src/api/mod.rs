@@ -7,6 +7,7 @@ mod error;
 mod objects;
 mod openapi;
 mod query;
+mod rollout;
 pub mod routes;
 mod serve;
 mod tokens;
@@ -626,6 +627,9 @@ impl Attempt {
             "GET" | "HEAD" => "read",
             "DELETE" => "delete",
             "POST" if self.path().ends_with("/apply") => "apply",
+            "POST" if self.path().contains("/rollout/") => {
+                rollout::audit_action(self.path().rsplit('/').next().unwrap_or_default())
+            }
             "POST" => "create",
             "PUT" if self.path().ends_with("/scale") => "scale",
             _ => "update",
@@ -1010,6 +1014,10 @@ fn api_routes() -> routes::Routes {
         .route(
             &format!("{instance}/scale"),
             put(Instances, objects::scale_instance),
+        )
+        .route(
+            &format!("{instance}/rollout/{{action}}"),
+            post(Instances, rollout::rollout_action),
         )
         .route(
             &format!("{instance}/config"),

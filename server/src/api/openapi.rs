@@ -139,6 +139,7 @@ impl Modify for BearerAuth {
         configs::revision,
         configs::diff,
         configs::rollback,
+        super::rollout::rollout_action,
     ),
     components(schemas(
         ErrorBody, ErrorCode, FieldProblem, Health, Ready, Info, ApplyRequest, ApplyResponse, AppliedItem, DeleteBatchResponse, DeletedItem, Outcome,
@@ -147,6 +148,7 @@ impl Modify for BearerAuth {
         AuditPrincipal, AuditObject, AuditResult, AuditOutcome,
         configs::TemplateList, configs::SecretList, configs::Effective, configs::History, configs::Diff,
         configs::RollbackRequest, configs::RolledBack, configs::Rotated, crate::store::RevisionRecord,
+        super::rollout::RolloutRequest, super::rollout::RolloutAnswer,
     )),
     tags(
         (name = "health", description = "Liveness and readiness, without authentication"),
@@ -160,6 +162,7 @@ impl Modify for BearerAuth {
         (name = "configtemplates", description = "Platform-wide bottom layers of openclaw.json"),
         (name = "secrets", description = "Encrypted values, referenced from instances; values are write-only"),
         (name = "config", description = "An instance's effective openclaw.json, its revisions, diff and rollback"),
+        (name = "rollout", description = "Pause, resume, promote, abort or undo an instance's update"),
     ),
 )]
 pub struct ApiDoc;

@@ -13,6 +13,7 @@ use super::{ApiState, router};
 
 mod config_center;
 mod permissions;
+mod rollout;
 mod tenancy;
 use crate::auth::{
     self, PLATFORM_ADMIN, generate_api_token, generate_join_token, generate_token_id, hash_token,

@@ -130,7 +130,7 @@ impl Res {
             Res::Info => "server info, API description",
             Res::Tenants => "tenants",
             Res::Projects => "projects",
-            Res::Instances => "instances, their config revisions, diff and rollback",
+            Res::Instances => "instances, their config revisions, diff, rollback and rollouts",
             Res::Hosts => "hosts",
             Res::Tokens => "tokens",
             Res::Audit => "audit log",

@@ -185,6 +185,20 @@ fn instance(out: &mut Out, v: &Value, now: SystemTime) {
         },
     );
     out.field(2, "Env", map_pairs(v.pointer("/spec/env"), ", "));
+    out.field(2, "Update strategy", strategy(v));
+    out.field(
+        2,
+        "Volume retention",
+        format!(
+            "whenScaled {}, whenDeleted {}",
+            v.pointer("/spec/volumeRetention/whenScaled")
+                .and_then(Value::as_str)
+                .unwrap_or("Retain"),
+            v.pointer("/spec/volumeRetention/whenDeleted")
+                .and_then(Value::as_str)
+                .unwrap_or("Delete")
+        ),
+    );
     match v
         .pointer("/spec/config")
         .filter(|c| c.as_object().is_some_and(|m| !m.is_empty()))
@@ -210,6 +224,9 @@ fn instance(out: &mut Out, v: &Value, now: SystemTime) {
             text_at(v, "/spec/replicas")
         ),
     );
+    out.field(2, "Up-to-date", text_at(status, "/updatedReplicas"));
+    out.field(2, "Available", text_at(status, "/availableReplicas"));
+    out.field(2, "Revision", text_at(status, "/configRevision"));
     out.field(
         2,
         "Observed generation",
@@ -218,6 +235,7 @@ fn instance(out: &mut Out, v: &Value, now: SystemTime) {
     if let Some(m) = status.get("message").and_then(Value::as_str) {
         out.field(2, "Message", m);
     }
+    rollout(out, status);
     match status
         .get("replicaStatus")
         .and_then(Value::as_array)
@@ -237,7 +255,8 @@ fn instance(out: &mut Out, v: &Value, now: SystemTime) {
                         text_at(r, "/state"),
                         text_at(r, "/restarts"),
                         text_at(r, "/hostPort"),
-                        text_at(r, "/generation"),
+                        text_at(r, "/targetRevision"),
+                        text_at(r, "/configRevision"),
                         text_at(r, "/message"),
                     ]
                 })
@@ -246,13 +265,7 @@ fn instance(out: &mut Out, v: &Value, now: SystemTime) {
                 2,
                 &table(
                     &[
-                        "NAME",
-                        "HOST",
-                        "STATE",
-                        "RESTARTS",
-                        "PORT",
-                        "GENERATION",
-                        "MESSAGE",
+                        "NAME", "HOST", "STATE", "RESTARTS", "PORT", "TARGET", "RUNNING", "MESSAGE",
                     ],
                     &rows,
                 ),
@@ -260,7 +273,152 @@ fn instance(out: &mut Out, v: &Value, now: SystemTime) {
         }
         None => out.field(0, "Replicas", "<none>"),
     }
+    snapshots(out, status);
+    retained(out, status);
     conditions(out, v, now);
+}
+
+/// `Rolling, maxUnavailable 1, minReadySeconds 0, progressDeadline 10m, autoRollback true`,
+/// or a Canary's steps.
+fn strategy(v: &Value) -> String {
+    let s = v.pointer("/spec/updateStrategy");
+    let get = |k: &str| s.and_then(|s| s.get(k)).filter(|x| !x.is_null());
+    let shown = |x: Option<&Value>, default: &str| {
+        x.map_or_else(
+            || default.to_string(),
+            |x| x.as_str().map_or_else(|| x.to_string(), str::to_string),
+        )
+    };
+    let type_ = get("type").and_then(Value::as_str).unwrap_or("Rolling");
+    let mut parts = vec![type_.to_string()];
+    if type_ == "Canary" {
+        let steps: Vec<String> = get("steps")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|st| {
+                if let Some(n) = st.get("replicas") {
+                    format!("{n} replica(s)")
+                } else if let Some(p) = st.get("percent") {
+                    format!("{p}%")
+                } else if let Some(d) = st.pointer("/pause/duration").and_then(Value::as_str) {
+                    format!("pause {d}")
+                } else {
+                    "pause until promoted".into()
+                }
+            })
+            .collect();
+        parts.push(format!("steps [{}]", steps.join(", ")));
+    } else {
+        parts.push(format!(
+            "maxUnavailable {}",
+            shown(get("maxUnavailable"), "1")
+        ));
+    }
+    parts.push(format!(
+        "minReadySeconds {}",
+        shown(get("minReadySeconds"), "0")
+    ));
+    parts.push(format!(
+        "progressDeadline {}",
+        shown(get("progressDeadline"), "10m")
+    ));
+    parts.push(format!(
+        "autoRollback {}",
+        shown(get("autoRollback"), "true")
+    ));
+    parts.join(", ")
+}
+
+/// The `Rollout` section: the update in progress or the last one.
+fn rollout(out: &mut Out, status: &Value) {
+    let Some(ro) = status.get("rollout").filter(|r| r.is_object()) else {
+        out.field(0, "Rollout", "<none>");
+        return;
+    };
+    out.heading(0, "Rollout");
+    out.field(2, "Revision", text_at(ro, "/revision"));
+    let mut phase = text_at(ro, "/phase");
+    if ro.get("paused").and_then(Value::as_bool) == Some(true) {
+        phase.push_str(" (paused by `rollout pause`)");
+    }
+    out.field(2, "Phase", phase);
+    out.field(2, "Stable revision", text_at(ro, "/stableRevision"));
+    out.field(2, "Updated", text_at(ro, "/updatedReplicas"));
+    if let Some(step) = ro.get("step").and_then(Value::as_u64) {
+        out.field(2, "Step", (step + 1).to_string());
+    }
+    for (key, ptr) in [
+        ("Started", "/startedAt"),
+        ("Step started", "/stepStartedAt"),
+        ("Finished", "/finishedAt"),
+        ("Held by", "/heldBy"),
+        ("Message", "/message"),
+    ] {
+        if let Some(x) = ro.pointer(ptr).and_then(Value::as_str) {
+            out.field(2, key, x);
+        }
+    }
+}
+
+/// Every replica's state-volume snapshots.
+fn snapshots(out: &mut Out, status: &Value) {
+    let rows: Vec<Vec<String>> = status
+        .get("replicaStatus")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .flat_map(|r| {
+            let name = text_at(r, "/name");
+            r.get("snapshots")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(move |snap| {
+                    vec![
+                        name.clone(),
+                        text_at(snap, "/id"),
+                        text_at(snap, "/image"),
+                        text_at(snap, "/takenAt"),
+                        snap.get("bytes")
+                            .and_then(Value::as_u64)
+                            .map_or("-".into(), format_memory),
+                    ]
+                })
+        })
+        .collect();
+    if rows.is_empty() {
+        out.field(0, "Snapshots", "<none>");
+        return;
+    }
+    out.heading(0, "Snapshots");
+    out.block(
+        2,
+        &table(&["REPLICA", "ID", "IMAGE", "TAKEN", "SIZE"], &rows),
+    );
+}
+
+/// State volumes kept after scale-down.
+fn retained(out: &mut Out, status: &Value) {
+    let rows: Vec<Vec<String>> = status
+        .get("retainedVolumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            vec![
+                text_at(r, "/replica"),
+                text_at(r, "/host"),
+                text_at(r, "/since"),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        out.field(0, "Retained volumes", "<none>");
+        return;
+    }
+    out.heading(0, "Retained volumes");
+    out.block(2, &table(&["REPLICA", "HOST", "SINCE"], &rows));
 }
 
 fn host(out: &mut Out, v: &Value, now: SystemTime, replicas: &[Vec<String>]) {
@@ -424,9 +582,9 @@ mod tests {
             "      \"bind\": \"lan\"\n",
             "  Phase:                Degraded\n",
             "  Ready:                1/2\n",
-            "  bot-0   h1              Ready     0          19100   -            -\n",
+            "  bot-0   h1              Ready     0          19100   -        -         -\n",
             "  Observed generation:  2\n",
-            "  bot-1   <unscheduled>   Pending   0          -       -            no host has 2Gi free\n",
+            "  bot-1   <unscheduled>   Pending   0          -       -        -         no host has 2Gi free\n",
             "  Available   False    NotEnoughReplicas   2m    -\n",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
@@ -457,5 +615,40 @@ mod tests {
         let bare = json!({"kind": "Tenant", "metadata": {"name": "acme"}});
         let text = render(Kind::Tenant, &bare, &[], now());
         assert!(text.contains("  Quota:                <none>"), "{text}");
+    }
+
+    #[test]
+    fn instance_description_shows_the_rollout_revisions_snapshots_and_retained_volumes() {
+        let v = json!({
+            "kind": "OpenClawInstance",
+            "metadata": {"name": "bot"},
+            "spec": {"version": "2026.8.1", "replicas": 2,
+                "updateStrategy": {"type": "Canary", "steps": [{"replicas": 1}, {"pause": {"duration": "10m"}}, {"pause": {}}]}},
+            "status": {"phase": "Progressing", "readyReplicas": 2, "updatedReplicas": 1, "availableReplicas": 2, "configRevision": 5,
+                "rollout": {"revision": 5, "phase": "Paused", "stableRevision": 4, "updatedReplicas": 1, "step": 1,
+                    "message": "step 2/3: paused until 2026-07-10T12:10:00Z"},
+                "replicaStatus": [
+                    {"name": "bot-0", "ordinal": 0, "host": "h1", "state": "Ready", "restarts": 0, "targetRevision": 4, "configRevision": 4},
+                    {"name": "bot-1", "ordinal": 1, "host": "h2", "state": "Ready", "restarts": 0, "targetRevision": 5, "configRevision": 5,
+                     "snapshots": [{"id": "s1", "image": "ghcr.io/openclaw/openclaw:2026.7.1", "takenAt": "2026-07-10T11:59:00Z", "bytes": 1048576}]}
+                ],
+                "retainedVolumes": [{"replica": "bot-2", "ordinal": 2, "host": "h3", "since": "2026-07-09T10:00:00Z"}]}
+        });
+        let text = render(Kind::OpenClawInstance, &v, &[], now());
+        for needle in [
+            "  Update strategy:      Canary, steps [1 replica(s), pause 10m, pause until promoted], minReadySeconds 0, progressDeadline 10m, autoRollback true\n",
+            "  Volume retention:     whenScaled Retain, whenDeleted Delete\n",
+            "  Up-to-date:           1\n",
+            "  Available:            2\n",
+            "Rollout:\n  Revision:             5\n  Phase:                Paused\n  Stable revision:      4\n",
+            "  Step:                 2\n",
+            "  Message:              step 2/3: paused until 2026-07-10T12:10:00Z\n",
+            "  NAME    HOST   STATE   RESTARTS   PORT   TARGET   RUNNING   MESSAGE\n",
+            "  bot-0   h1     Ready   0          -      4        4         -\n",
+            "  bot-1     s1   ghcr.io/openclaw/openclaw:2026.7.1   2026-07-10T11:59:00Z   1Mi\n",
+            "Retained volumes:\n  REPLICA   HOST   SINCE\n  bot-2     h3     2026-07-09T10:00:00Z\n",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
     }
 }

@@ -94,6 +94,12 @@ struct BriefStatus {
     phase: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ready_replicas: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    updated_replicas: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    available_replicas: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rollout: Option<Value>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     replica_status: Vec<BriefReplica>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -150,6 +156,19 @@ fn config_state(o: &Value) -> String {
         "in-sync"
     };
     format!("rev {rev} {state}")
+}
+
+/// The ROLLOUT column: the phase of the update to the newest revision (`Waiting` while a
+/// newer revision has not started, `-` before any update).
+fn rollout_state(o: &Value) -> String {
+    let Some(ro) = o.pointer("/status/rollout").filter(|r| r.is_object()) else {
+        return "-".into();
+    };
+    let newest = o.pointer("/status/configRevision").and_then(Value::as_u64);
+    if newest.is_some() && newest != ro.get("revision").and_then(Value::as_u64) {
+        return "Waiting".into();
+    }
+    text_at(ro, "/phase")
 }
 
 fn image_tag(image: &str) -> &str {
@@ -326,7 +345,17 @@ pub fn rows(
         }
         Kind::OpenClawInstance => {
             let mut header = vec![
-                "NAME", "TENANT", "PROJECT", "VERSION", "REPLICAS", "PHASE", "CONFIG", "AGE",
+                "NAME",
+                "TENANT",
+                "PROJECT",
+                "VERSION",
+                "READY",
+                "UP-TO-DATE",
+                "AVAILABLE",
+                "PHASE",
+                "ROLLOUT",
+                "CONFIG",
+                "AGE",
             ];
             if wide {
                 header.extend(["IMAGE", "CPU", "MEMORY", "HOSTS"]);
@@ -345,7 +374,10 @@ pub fn rows(
                         text_at(o, "/metadata/project"),
                         version(o),
                         replicas,
+                        num(o, "/status/updatedReplicas").to_string(),
+                        num(o, "/status/availableReplicas").to_string(),
                         phase(o, "Pending"),
+                        rollout_state(o),
                         config_state(o),
                         created(o),
                     ];
@@ -573,14 +605,14 @@ mod tests {
             list.items.into_iter().next().unwrap().into_value()
         };
         let (_, r) = rows(Kind::OpenClawInstance, &[brief(&o)], false, now());
-        assert_eq!(r[0][6], "rev 4 in-sync");
+        assert_eq!(r[0][9], "rev 4 in-sync");
         o["status"]["replicaStatus"][1]["configSync"] = json!("Drift");
         let (_, r) = rows(Kind::OpenClawInstance, &[brief(&o)], false, now());
-        assert_eq!(r[0][6], "rev 4 drift");
+        assert_eq!(r[0][9], "rev 4 drift");
         o["status"]["replicaStatus"][1]["configSync"] = json!("InSync");
         o["status"]["replicaStatus"][2]["configRevision"] = json!(3);
         let (_, r) = rows(Kind::OpenClawInstance, &[brief(&o)], false, now());
-        assert_eq!(r[0][6], "rev 4 updating");
+        assert_eq!(r[0][9], "rev 4 updating");
     }
 
     #[test]
@@ -589,13 +621,13 @@ mod tests {
         let t = output::table(&h, &r);
         assert_eq!(
             t,
-            "NAME          TENANT   PROJECT    VERSION    REPLICAS   PHASE     CONFIG   AGE\n\
-             support-bot   acme     helpdesk   2026.7.1   2/3        Running   -        5m\n"
+            "NAME          TENANT   PROJECT    VERSION    READY   UP-TO-DATE   AVAILABLE   PHASE     ROLLOUT   CONFIG   AGE\n\
+             support-bot   acme     helpdesk   2026.7.1   2/3     0            0           Running   -         -        5m\n"
         );
         let (h, r) = rows(Kind::OpenClawInstance, &[instance()], true, now());
-        assert_eq!(&h[8..], ["IMAGE", "CPU", "MEMORY", "HOSTS"]);
+        assert_eq!(&h[11..], ["IMAGE", "CPU", "MEMORY", "HOSTS"]);
         assert_eq!(
-            &r[0][8..],
+            &r[0][11..],
             ["ghcr.io/openclaw/openclaw:2026.7.1", "2", "4Gi", "h1,h2"]
         );
     }
@@ -606,8 +638,28 @@ mod tests {
         o.as_object_mut().unwrap().remove("status");
         o["spec"]["image"] = json!("registry.example.com:5000/openclaw:2026.7.2");
         let (_, r) = rows(Kind::OpenClawInstance, &[o], true, now());
-        assert_eq!(r[0][3..6], ["2026.7.2", "0/3", "Pending"]);
-        assert_eq!(r[0][11], "<none>");
+        assert_eq!(r[0][3..5], ["2026.7.2", "0/3"]);
+        assert_eq!(r[0][7..9], ["Pending", "-"]);
+        assert_eq!(r[0][14], "<none>");
+    }
+
+    #[test]
+    fn rollout_columns_show_the_update_at_a_glance() {
+        let mut o = instance();
+        o["status"]["configRevision"] = json!(5);
+        o["status"]["updatedReplicas"] = json!(1);
+        o["status"]["availableReplicas"] = json!(2);
+        o["status"]["phase"] = json!("Progressing");
+        o["status"]["rollout"] =
+            json!({"revision": 5, "phase": "Progressing", "updatedReplicas": 1});
+        let brief: BriefList = serde_json::from_value(json!({"items": [o]})).unwrap();
+        let items: Vec<Value> = brief.items.into_iter().map(Brief::into_value).collect();
+        let (_, r) = rows(Kind::OpenClawInstance, &items, false, now());
+        assert_eq!(r[0][4..9], ["2/3", "1", "2", "Progressing", "Progressing"]);
+        let mut o = items[0].clone();
+        o["status"]["configRevision"] = json!(6);
+        let (_, r) = rows(Kind::OpenClawInstance, &[o], false, now());
+        assert_eq!(r[0][8], "Waiting");
     }
 
     #[test]

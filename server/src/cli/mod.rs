@@ -16,6 +16,7 @@ mod manifest;
 mod output;
 mod pki;
 mod resolve;
+mod rollout;
 mod scale;
 mod secret;
 mod settings;
@@ -97,6 +98,10 @@ pub enum Command {
     /// Change the number of replicas of an instance.
     #[command(after_help = EXIT_CODES_HELP)]
     Scale(scale::ScaleArgs),
+    /// Show and steer an instance's update: status (-w waits), history, pause, resume,
+    /// promote, abort, undo.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Rollout(rollout::RolloutArgs),
     /// Manage the certificate authority of the agent port.
     Pki(pki::PkiArgs),
     /// Create, list and revoke tokens.
@@ -192,6 +197,7 @@ pub fn run(command: Command) -> CliResult {
         Command::Describe(args) => block_on(describe::run(args)),
         Command::Delete(args) => block_on(delete::run(args)),
         Command::Scale(args) => block_on(scale::run(args)),
+        Command::Rollout(args) => block_on(rollout::run(args)),
         Command::Token(args) => block_on(token::run(args)),
         Command::Audit(args) => block_on(audit::run(args)),
         Command::Login(args) => block_on(login::run(args)),

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use crate::model::{
     API_VERSION, Host, HostCapacity, HostPhase, HostSpec, HostStatus, InstanceSpec, InstanceStatus,
-    Kind, Metadata, OpenClawInstance, Project, Quantity, ReplicaState, ReplicaStatus, Tenant,
+    Kind, Metadata, OpenClawInstance, Project, Quantity, ReplicaState, ReplicaStatus,
+    RolloutStatus, Tenant, UpdateStrategy,
 };
 
 /// Tenant of instances built without [`InstanceBuilder::tenant`].
@@ -101,6 +102,47 @@ impl InstanceBuilder {
             ..ReplicaStatus::default()
         });
         status.replica_status.sort_by_key(|r| r.ordinal);
+        self
+    }
+
+    /// Sets `status.configRevision`, the newest revision.
+    pub fn revision(mut self, u: u64) -> Self {
+        self.instance
+            .status
+            .get_or_insert_with(InstanceStatus::default)
+            .config_revision = Some(u);
+        self
+    }
+
+    /// Sets `spec.updateStrategy`.
+    pub fn strategy(mut self, s: UpdateStrategy) -> Self {
+        self.instance.spec.update_strategy = s;
+        self
+    }
+
+    /// Sets `status.rollout`.
+    pub fn rollout(mut self, r: RolloutStatus) -> Self {
+        self.instance
+            .status
+            .get_or_insert_with(InstanceStatus::default)
+            .rollout = Some(r);
+        self
+    }
+
+    /// Records replica `ordinal` as placed on `host`, Ready, targeting and running `revision`.
+    pub fn on_revision(mut self, ordinal: u32, host: &str, revision: u64) -> Self {
+        self = self.placed(ordinal, host);
+        if let Some(r) = self
+            .instance
+            .status
+            .as_mut()
+            .and_then(|s| s.replica_status.iter_mut().find(|r| r.ordinal == ordinal))
+        {
+            r.target_revision = Some(revision);
+            r.config_revision = Some(revision);
+            r.ready_since = Some("2026-07-10T00:00:00Z".into());
+            r.restarts_at_update = Some(r.restarts);
+        }
         self
     }
 

@@ -1,5 +1,6 @@
 //! Reconcile loops: each one a pure plan function plus a thin loop that re-reads the store.
 
+pub mod rollout;
 pub mod scheduler;
 
 #[cfg(test)]

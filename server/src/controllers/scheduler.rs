@@ -454,6 +454,7 @@ pub fn apply_instance_plan(
 ) -> bool {
     let before = instance.status.clone();
     let name = instance.metadata.name.clone();
+    let initial_target = super::rollout::initial_target(instance);
     let status = instance.status.get_or_insert_with(InstanceStatus::default);
 
     let mut previous: BTreeMap<u32, ReplicaStatus> = BTreeMap::new();
@@ -477,6 +478,7 @@ pub fn apply_instance_plan(
                 name: replica_name,
                 ordinal,
                 host: Some(host.clone()),
+                target_revision: initial_target,
                 ..ReplicaStatus::default()
             },
             (ReplicaPlacement::Unplaced { reason }, _) => ReplicaStatus {

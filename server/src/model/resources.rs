@@ -636,6 +636,11 @@ pub struct ReplicaStatus {
     /// Snapshots of the replica's state volume kept on its host, newest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotInfo>,
+    /// The replica's restart count when the rollout controller first saw it run its target
+    /// revision (cleared whenever the target moves): a restart after that fails the update's
+    /// gate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarts_at_update: Option<u32>,
 }
 
 /// How a replica's real config compares with what it was given.

@@ -1,22 +1,79 @@
-//! Derives an instance's summary (phase, ready replicas, observed generation) from its replicas.
+//! Derives an instance's summary (phase, ready, updated and available replicas, observed
+//! generation) from its replicas.
 
-use super::{InstancePhase, OpenClawInstance, ReplicaState};
+use super::{InstancePhase, OpenClawInstance, ReplicaState, RolloutPhase};
 
-/// Recomputes `status.phase`, `readyReplicas`, `replicas` and `observedGeneration` of an
-/// instance from `status.replicaStatus` (written by the scheduler and by agent reports).
-/// Keeps `status.message` when replicas are unplaced (the scheduler's reason).
+/// Milliseconds since the Unix epoch of an RFC 3339 time; `None` when it does not parse.
+pub fn unix_millis(t: &str) -> Option<i64> {
+    let at = humantime::parse_rfc3339_weak(t).ok()?;
+    let d = at.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(d.as_millis()).ok()
+}
+
+/// [`summarize_at`] now.
 pub fn summarize(instance: &mut OpenClawInstance) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    summarize_at(instance, now);
+}
+
+/// Recomputes `status.phase`, `readyReplicas`, `updatedReplicas`, `availableReplicas`,
+/// `replicas`, `rollout.updatedReplicas` and `observedGeneration` of an instance from
+/// `status.replicaStatus` (written by the scheduler, the rollout controller and agent reports),
+/// at `now_ms` (Unix milliseconds). Keeps `status.message` when replicas are unplaced (the
+/// scheduler's reason).
+///
+/// - ready: placed replicas that are Ready, whatever revision they run (old and new replicas
+///   both serve during an update);
+/// - updated: replicas whose target is the newest revision (no target means the newest);
+/// - available: ready replicas that have been Ready for `minReadySeconds`;
+/// - phase: `Progressing` while an update runs (`status.rollout` Progressing or Paused),
+///   `Running` once every replica is Ready on one revision, `Degraded` when a replica is broken
+///   or unplaced.
+pub fn summarize_at(instance: &mut OpenClawInstance, now_ms: i64) {
     let generation = instance.metadata.generation.unwrap_or(1);
     let desired = instance.spec.replicas;
+    let min_ready_ms = instance
+        .spec
+        .update_strategy
+        .min_ready_seconds
+        .unwrap_or(0)
+        .saturating_mul(1000) as i64;
     let status = instance.status.get_or_insert_with(Default::default);
     status.replicas = desired;
     let current = |g: Option<i64>| g == Some(generation);
-    let ready = status
+    let serving = |r: &&super::ReplicaStatus| r.host.is_some() && r.state == ReplicaState::Ready;
+    let ready = status.replica_status.iter().filter(serving).count() as i64;
+    status.ready_replicas = ready;
+    let available = status
         .replica_status
         .iter()
-        .filter(|r| r.host.is_some() && r.state == ReplicaState::Ready && current(r.generation))
+        .filter(serving)
+        .filter(|r| {
+            min_ready_ms == 0
+                || r.ready_since
+                    .as_deref()
+                    .and_then(unix_millis)
+                    .is_some_and(|t| t.saturating_add(min_ready_ms) <= now_ms)
+        })
         .count() as i64;
-    status.ready_replicas = ready;
+    status.available_replicas = available;
+    let newest = status.config_revision;
+    let updated = status
+        .replica_status
+        .iter()
+        .filter(|r| r.target_revision.is_none() || r.target_revision == newest)
+        .count() as i64;
+    status.updated_replicas = updated;
+    let updating = match &mut status.rollout {
+        Some(ro) => {
+            ro.updated_replicas = updated;
+            Some(ro.revision) == newest
+                && matches!(ro.phase, RolloutPhase::Progressing | RolloutPhase::Paused)
+        }
+        None => false,
+    };
     let placed = status
         .replica_status
         .iter()
@@ -34,6 +91,15 @@ pub fn summarize(instance: &mut OpenClawInstance) {
         .filter(|r| r.state == ReplicaState::Failed)
         .count() as i64;
     let any_broken = status.replica_status.iter().any(|r| broken(r.state));
+    let mut running: Vec<Option<u64>> = status
+        .replica_status
+        .iter()
+        .filter(|r| r.host.is_some())
+        .map(|r| r.config_revision)
+        .collect();
+    running.sort_unstable();
+    running.dedup();
+    let one_revision = running.len() <= 1;
     if status
         .replica_status
         .iter()
@@ -43,10 +109,12 @@ pub fn summarize(instance: &mut OpenClawInstance) {
     }
     status.phase = if desired > 0 && placed < desired && ready == 0 && !any_broken {
         InstancePhase::Pending
-    } else if ready >= desired {
-        InstancePhase::Running
     } else if desired > 0 && failed >= desired {
         InstancePhase::Failed
+    } else if updating {
+        InstancePhase::Progressing
+    } else if ready >= desired && one_revision {
+        InstancePhase::Running
     } else if any_broken || placed < desired {
         InstancePhase::Degraded
     } else {
@@ -127,13 +195,14 @@ mod tests {
             )),
             (InstancePhase::Progressing, 1)
         );
+        let mut mixed = inst(2, &[(Some("h"), Ready, 1), (Some("h"), Ready, 2)]);
+        let st = mixed.status.as_mut().unwrap();
+        st.replica_status[0].config_revision = Some(1);
+        st.replica_status[1].config_revision = Some(2);
         assert_eq!(
-            phase(&mut inst(
-                2,
-                &[(Some("h"), Ready, 1), (Some("h"), Ready, 2)]
-            )),
-            (InstancePhase::Progressing, 1),
-            "a replica on an old generation is not ready"
+            phase(&mut mixed),
+            (InstancePhase::Progressing, 2),
+            "a replica on an old revision serves, but the instance is not on one revision yet"
         );
         let mut d = inst(
             2,
@@ -149,5 +218,63 @@ mod tests {
         let mut o = inst(1, &[(Some("h"), Ready, 1)]);
         summarize(&mut o);
         assert_eq!(o.status.unwrap().observed_generation, 0);
+    }
+
+    #[test]
+    fn ready_updated_and_available_during_an_update() {
+        use crate::model::{RolloutPhase, RolloutStatus};
+        use ReplicaState::*;
+        let mut i = inst(
+            3,
+            &[
+                (Some("h"), Ready, 2),
+                (Some("h"), Ready, 2),
+                (Some("h"), Starting, 2),
+            ],
+        );
+        i.spec.update_strategy.min_ready_seconds = Some(10);
+        let st = i.status.as_mut().unwrap();
+        st.config_revision = Some(5);
+        st.rollout = Some(RolloutStatus {
+            revision: 5,
+            phase: RolloutPhase::Progressing,
+            stable_revision: Some(4),
+            ..Default::default()
+        });
+        for (r, (target, since)) in st.replica_status.iter_mut().zip([
+            (4, Some("2026-07-10T11:00:00Z")),
+            (4, Some("2026-07-10T11:59:55Z")),
+            (5, None),
+        ]) {
+            r.target_revision = Some(target);
+            r.config_revision = Some(target);
+            r.ready_since = since.map(Into::into);
+        }
+        let now = unix_millis("2026-07-10T12:00:00Z").unwrap();
+        summarize_at(&mut i, now);
+        let s = i.status.as_ref().unwrap();
+        assert_eq!(s.phase, InstancePhase::Progressing);
+        assert_eq!(
+            (s.ready_replicas, s.updated_replicas, s.available_replicas),
+            (2, 1, 1),
+            "two old replicas serve; one is Ready for less than minReadySeconds"
+        );
+        assert_eq!(s.rollout.as_ref().unwrap().updated_replicas, 1);
+        summarize_at(&mut i, now + 5_000);
+        assert_eq!(i.status.as_ref().unwrap().available_replicas, 2);
+        // The update ended: every replica Ready on one revision is Running.
+        let st = i.status.as_mut().unwrap();
+        st.rollout.as_mut().unwrap().phase = RolloutPhase::Succeeded;
+        for r in &mut st.replica_status {
+            r.state = Ready;
+            r.config_revision = Some(5);
+            r.target_revision = Some(5);
+        }
+        summarize_at(&mut i, now);
+        let s = i.status.as_ref().unwrap();
+        assert_eq!(
+            (s.phase, s.ready_replicas, s.updated_replicas),
+            (InstancePhase::Running, 3, 3)
+        );
     }
 }

@@ -116,7 +116,7 @@ fn expected_need(tag: &str, path: &str, method: &Method) -> Need {
         "objects" => Res::Apply,
         "tenants" => Res::Tenants,
         "projects" => Res::Projects,
-        "instances" | "config" => Res::Instances,
+        "instances" | "config" | "rollout" => Res::Instances,
         "hosts" => Res::Hosts,
         "tokens" => Res::Tokens,
         "audit" if path.ends_with("/verify") => Res::AuditChain,
@@ -222,6 +222,7 @@ fn concrete(template: &str, inside: bool) -> String {
         .replace("{host}", "no-such-host")
         .replace("{id}", "no-such-token")
         .replace("{revision}", "1")
+        .replace("{action}", "pause")
         + if template.ends_with("/config/diff") {
             "?from=1&to=1"
         } else {

@@ -1,0 +1,954 @@
+//! The rollout controller: moves each replica's target revision to an instance's newest
+//! revision, step by step, behind health gates, and back when a gate fails.
+//!
+//! [`plan`] decides (pure, no I/O); [`apply`] writes a decision into the instance's status;
+//! [`command`] carries out `rollout pause|resume|promote|abort`; [`reconcile_once`] reads the
+//! store, plans and writes what changed; [`run`] repeats that on store changes, on a timer for
+//! `minReadySeconds`, pauses and deadlines, and after errors with backoff.
+//!
+//! Rules (U is `status.configRevision`, the newest revision):
+//! - A new revision (U differs from `status.rollout.revision`) starts an update. Its stable
+//!   revision is the last one whose replicas all passed: the previous update's revision if it
+//!   Succeeded, else that update's stable revision. With no stable revision (the instance's
+//!   first revision) every replica moves to U at once, and the update Succeeds once all pass.
+//! - Gate: a replica passes when its target is U, it runs U (`configRevision`), is Ready, and
+//!   has been Ready (`readySince`) for `minReadySeconds` without a restart. It fails when, running
+//!   U, it is Unhealthy, CrashLoopBackOff or Failed, or restarted since it first ran U; the
+//!   update fails when replicas moved in a step have not passed within `progressDeadline`
+//!   (10m) of the step's start.
+//! - Rolling: targets move to U highest ordinal first, only while the placed replicas that are
+//!   not serving, or not yet past their gate, stay within `maxUnavailable` (default 1).
+//! - Canary: `{replicas: N}` / `{percent: P}` move the highest ordinals until N are on U and
+//!   wait until they pass; `{pause: {}}` waits for `rollout promote`; `{pause: {duration}}`
+//!   waits that long. After the last step the rest move as Rolling with `maxUnavailable: 1`.
+//! - A failed gate or a missed deadline halts the update: with `autoRollback` (default true)
+//!   every replica on U returns to the stable revision (RolledBack), otherwise nothing moves
+//!   (Failed). Replicas not yet updated are never touched. Nothing restarts the update until
+//!   a new revision or `rollout resume`.
+//! - Replicas without a target (new ones) get [`initial_target`]: U during a healthy or
+//!   successful update, the stable revision while it is paused, held or halted.
+//! - `status.rollout.heldBy` (a fleet-wide change waiting for this instance's wave): no target
+//!   moves toward U while it is set.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::model::{
+    CanaryAction, DEFAULT_PROGRESS_DEADLINE, IntOrPercent, Kind, ObjectKey, OpenClawInstance,
+    ReplicaState, ReplicaStatus, Resource, RolloutPhase, RolloutStatus, UpdateType, parse_duration,
+    summarize_at,
+};
+use crate::store::{ListFilter, Store, StoreError};
+
+/// After a wake-up by a store change, further changes are coalesced for this long.
+pub const DEBOUNCE: Duration = Duration::from_millis(20);
+/// First retry delay after a failed pass; doubles on every further failure.
+pub const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// Upper bound of the retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Objects written per store transaction.
+pub const WRITE_BATCH: usize = 256;
+/// A pass runs at least this often, even when nothing changes and no timer is due.
+pub const RESYNC: Duration = Duration::from_secs(30);
+
+/// What [`plan`] decided for one instance.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Decision {
+    /// New target revisions: (ordinal, revision).
+    pub targets: Vec<(u32, u64)>,
+    /// Restart counts to record as the gate's baseline: (ordinal, restarts).
+    pub baselines: Vec<(u32, u32)>,
+    /// The new `status.rollout`; `None` leaves it as it is.
+    pub rollout: Option<RolloutStatus>,
+    /// When something is due without any change (a gate's `minReadySeconds`, a pause, a
+    /// deadline, a replica becoming available), in milliseconds from now.
+    pub wake_after_ms: Option<i64>,
+}
+
+impl Decision {
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty() && self.baselines.is_empty() && self.rollout.is_none()
+    }
+}
+
+/// The strategy of an instance, resolved for its replica count.
+struct Strategy {
+    type_: UpdateType,
+    max_unavailable: i64,
+    min_ready_ms: i64,
+    deadline_ms: i64,
+    auto_rollback: bool,
+    steps: Vec<CanaryAction>,
+}
+
+impl Strategy {
+    fn of(instance: &OpenClawInstance) -> Strategy {
+        let s = &instance.spec.update_strategy;
+        let total = instance.spec.replicas.max(0);
+        let deadline = s
+            .progress_deadline
+            .as_deref()
+            .and_then(|d| parse_duration(d).ok())
+            .unwrap_or(DEFAULT_PROGRESS_DEADLINE);
+        Strategy {
+            type_: s.type_,
+            max_unavailable: s
+                .max_unavailable
+                .as_ref()
+                .unwrap_or(&IntOrPercent::Int(1))
+                .resolve(total)
+                .unwrap_or(1)
+                .max(1),
+            min_ready_ms: (s.min_ready_seconds.unwrap_or(0).min(u64::MAX / 1000) * 1000) as i64,
+            deadline_ms: i64::try_from(deadline.as_millis()).unwrap_or(i64::MAX),
+            auto_rollback: s.auto_rollback.unwrap_or(true),
+            steps: s.steps.iter().filter_map(|st| st.resolve(total)).collect(),
+        }
+    }
+}
+
+fn millis(t: Option<&str>) -> Option<i64> {
+    t.and_then(crate::model::unix_millis)
+}
+
+fn stamp(now_ms: i64) -> String {
+    crate::util::rfc3339(now_ms.div_euclid(1000))
+}
+
+fn broken(s: ReplicaState) -> bool {
+    matches!(
+        s,
+        ReplicaState::Unhealthy | ReplicaState::CrashLoopBackOff | ReplicaState::Failed
+    )
+}
+
+/// Where one replica on U stands with its gate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Gate {
+    Passed,
+    /// Not yet; passes at this time if nothing changes.
+    Waiting(Option<i64>),
+    Failed(String),
+}
+
+fn gate(r: &ReplicaStatus, u: u64, min_ready_ms: i64, now_ms: i64) -> Gate {
+    let running_u = r.config_revision == Some(u);
+    if !running_u {
+        return Gate::Waiting(None);
+    }
+    let why = |what: String| match &r.message {
+        Some(m) if !m.is_empty() => format!("{} {what} ({m})", r.name),
+        _ => format!("{} {what}", r.name),
+    };
+    if broken(r.state) {
+        return Gate::Failed(why(format!("is {:?} on revision {u}", r.state)));
+    }
+    let baseline = r.restarts_at_update.unwrap_or(r.restarts);
+    if r.restarts > baseline {
+        return Gate::Failed(why(format!(
+            "restarted {} time(s) on revision {u}",
+            r.restarts - baseline
+        )));
+    }
+    if r.state != ReplicaState::Ready {
+        return Gate::Waiting(None);
+    }
+    if min_ready_ms == 0 {
+        return Gate::Passed;
+    }
+    match millis(r.ready_since.as_deref()) {
+        Some(since) if since.saturating_add(min_ready_ms) <= now_ms => Gate::Passed,
+        Some(since) => Gate::Waiting(Some(since.saturating_add(min_ready_ms))),
+        None => Gate::Waiting(None),
+    }
+}
+
+/// The revision a replica without a target gets: U during a healthy or successful update
+/// (and on the first revision), the stable revision while the update is paused, held by a
+/// fleet-wide change, halted, or not yet started.
+pub fn initial_target(instance: &OpenClawInstance) -> Option<u64> {
+    let status = instance.status.as_ref()?;
+    let u = status.config_revision?;
+    let Some(ro) = &status.rollout else {
+        return Some(u);
+    };
+    if ro.revision != u {
+        // The update to U has not started: new replicas join the revision the others run.
+        let stable = if ro.phase == RolloutPhase::Succeeded {
+            Some(ro.revision)
+        } else {
+            ro.stable_revision
+        };
+        return Some(stable.unwrap_or(u));
+    }
+    Some(initial_for(ro, u))
+}
+
+fn initial_for(ro: &RolloutStatus, u: u64) -> u64 {
+    let Some(stable) = ro.stable_revision else {
+        return u;
+    };
+    let held = ro.paused || ro.held_by.is_some();
+    match ro.phase {
+        RolloutPhase::Succeeded => u,
+        RolloutPhase::Progressing if !held => u,
+        RolloutPhase::Progressing
+        | RolloutPhase::Paused
+        | RolloutPhase::Failed
+        | RolloutPhase::RolledBack => stable,
+    }
+}
+
+/// The revision most replicas target (ties to the lower one): the stable revision of an
+/// instance whose update history was lost.
+fn most_targeted(replicas: &[&ReplicaStatus]) -> Option<u64> {
+    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    for r in replicas {
+        if let Some(t) = r.target_revision {
+            *counts.entry(t).or_default() += 1;
+        }
+    }
+    let mut best: Option<(usize, u64)> = None;
+    for (rev, n) in counts {
+        if best.is_none_or(|(bn, _)| n > bn) {
+            best = Some((n, rev));
+        }
+    }
+    best.map(|(_, rev)| rev)
+}
+
+/// Halts an update: with `rollback` and a stable revision, every replica on U returns to it.
+fn halt(
+    ro: &mut RolloutStatus,
+    targets: &mut BTreeMap<u32, Option<u64>>,
+    why: &str,
+    rollback: bool,
+    now_ms: i64,
+) {
+    let u = ro.revision;
+    match (rollback, ro.stable_revision) {
+        (true, Some(stable)) => {
+            for t in targets.values_mut() {
+                if *t == Some(u) {
+                    *t = Some(stable);
+                }
+            }
+            ro.phase = RolloutPhase::RolledBack;
+            ro.message = Some(format!("{why}; rolled back to revision {stable}"));
+        }
+        (true, None) => {
+            ro.phase = RolloutPhase::Failed;
+            ro.message = Some(format!(
+                "{why}; halted (revision {u} is the first, there is no earlier one to return to)"
+            ));
+        }
+        (false, _) => {
+            ro.phase = RolloutPhase::Failed;
+            ro.message = Some(format!("{why}; halted (autoRollback is off)"));
+        }
+    }
+    ro.finished_at = Some(stamp(now_ms));
+}
+
+/// Decides the targets and `status.rollout` of one instance at `now_ms` (Unix milliseconds).
+/// Pure and deterministic.
+pub fn plan(instance: &OpenClawInstance, now_ms: i64) -> Decision {
+    let mut d = Decision::default();
+    let Some(status) = &instance.status else {
+        return d;
+    };
+    let s = Strategy::of(instance);
+    d.wake_after_ms = availability_wake(instance, &s, now_ms);
+    let Some(u) = status.config_revision else {
+        return d;
+    };
+    let desired = instance.spec.replicas.max(0);
+    let mut replicas: Vec<&ReplicaStatus> = status
+        .replica_status
+        .iter()
+        .filter(|r| i64::from(r.ordinal) < desired)
+        .collect();
+    replicas.sort_by_key(|r| r.ordinal);
+    replicas.dedup_by_key(|r| r.ordinal);
+    let original: BTreeMap<u32, Option<u64>> = replicas
+        .iter()
+        .map(|r| (r.ordinal, r.target_revision))
+        .collect();
+    let mut targets = original.clone();
+    let by_ordinal: BTreeMap<u32, &ReplicaStatus> =
+        replicas.iter().map(|r| (r.ordinal, *r)).collect();
+    let now = stamp(now_ms);
+
+    let mut ro = match &status.rollout {
+        Some(r) if r.revision == u => r.clone(),
+        previous => {
+            if let Some(p) = previous
+                && p.held_by.is_some()
+            {
+                // Waiting for its wave: nothing moves toward U; new replicas join the others.
+                let initial = initial_target(instance).unwrap_or(u);
+                for t in targets.values_mut() {
+                    t.get_or_insert(initial);
+                }
+                d.targets = changed(&original, &targets);
+                return d;
+            }
+            let stable = match previous {
+                Some(p) if p.phase == RolloutPhase::Succeeded => Some(p.revision),
+                Some(p) => p.stable_revision,
+                None => most_targeted(&replicas),
+            }
+            .filter(|s| *s != u);
+            RolloutStatus {
+                revision: u,
+                phase: RolloutPhase::Progressing,
+                stable_revision: stable,
+                step: (s.type_ == UpdateType::Canary && stable.is_some()).then_some(0),
+                step_started_at: Some(now.clone()),
+                started_at: Some(now.clone()),
+                paused: previous.as_ref().is_some_and(|p| p.paused),
+                message: Some(match stable {
+                    Some(st) => format!("updating from revision {st} to {u}"),
+                    None => format!("starting every replica on revision {u}"),
+                }),
+                ..RolloutStatus::default()
+            }
+        }
+    };
+    let before = status.rollout.as_ref().filter(|r| r.revision == u);
+
+    // Replicas without a target join as the update stands.
+    let initial = initial_for(&ro, u);
+    for t in targets.values_mut() {
+        t.get_or_insert(initial);
+    }
+
+    if !ro.phase.is_final() {
+        progress(
+            &mut ro,
+            &mut targets,
+            &by_ordinal,
+            &s,
+            desired,
+            now_ms,
+            &mut d,
+        );
+    }
+
+    // Gate baselines: the restart count when a replica is first seen on its target.
+    for r in &replicas {
+        let target = targets.get(&r.ordinal).copied().flatten();
+        if target == r.target_revision
+            && target.is_some()
+            && r.config_revision == target
+            && r.restarts_at_update.is_none()
+        {
+            d.baselines.push((r.ordinal, r.restarts));
+        }
+    }
+    d.targets = changed(&original, &targets);
+    if before != Some(&ro) {
+        d.rollout = Some(ro);
+    }
+    d
+}
+
+fn changed(
+    original: &BTreeMap<u32, Option<u64>>,
+    targets: &BTreeMap<u32, Option<u64>>,
+) -> Vec<(u32, u64)> {
+    targets
+        .iter()
+        .filter_map(|(o, t)| match (*t, original.get(o).copied().flatten()) {
+            (Some(t), before) if before != Some(t) => Some((*o, t)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn earliest(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+/// When the next Ready replica becomes available (Ready for `minReadySeconds`).
+fn availability_wake(instance: &OpenClawInstance, s: &Strategy, now_ms: i64) -> Option<i64> {
+    if s.min_ready_ms == 0 {
+        return None;
+    }
+    instance
+        .status
+        .as_ref()?
+        .replica_status
+        .iter()
+        .filter(|r| r.state == ReplicaState::Ready)
+        .filter_map(|r| millis(r.ready_since.as_deref()))
+        .map(|since| since.saturating_add(s.min_ready_ms))
+        .filter(|at| *at > now_ms)
+        .min()
+        .map(|at| at - now_ms)
+}
+
+/// Moves an update on by one pass: gates, deadline, steps, completion.
+fn progress(
+    ro: &mut RolloutStatus,
+    targets: &mut BTreeMap<u32, Option<u64>>,
+    replicas: &BTreeMap<u32, &ReplicaStatus>,
+    s: &Strategy,
+    desired: i64,
+    now_ms: i64,
+    d: &mut Decision,
+) {
+    let u = ro.revision;
+    let now = stamp(now_ms);
+    let mut wake: Option<i64> = None;
+    // Gates of the replicas on U.
+    let mut passed: Vec<u32> = Vec::new();
+    let mut pending: Vec<u32> = Vec::new();
+    let mut failure: Option<String> = None;
+    for (o, r) in replicas {
+        if targets.get(o).copied().flatten() != Some(u) || r.host.is_none() {
+            continue;
+        }
+        if r.target_revision != Some(u) {
+            // Moved in this pass (it had no target): not yet on its way.
+            pending.push(*o);
+            continue;
+        }
+        match gate(r, u, s.min_ready_ms, now_ms) {
+            Gate::Passed => passed.push(*o),
+            Gate::Waiting(at) => {
+                pending.push(*o);
+                wake = earliest(wake, at);
+            }
+            Gate::Failed(why) => {
+                failure.get_or_insert(why);
+            }
+        }
+    }
+    if let Some(why) = failure {
+        halt(ro, targets, &why, s.auto_rollback, now_ms);
+        return;
+    }
+    if ro.paused {
+        ro.phase = RolloutPhase::Paused;
+        ro.message
+            .get_or_insert_with(|| "paused; `clusterclaw rollout resume` continues".into());
+        return;
+    }
+    let step_started = millis(ro.step_started_at.as_deref()).unwrap_or(now_ms);
+    if !pending.is_empty() {
+        let due = step_started.saturating_add(s.deadline_ms);
+        if due <= now_ms {
+            let who = pending
+                .iter()
+                .filter_map(|o| replicas.get(o))
+                .map(|r| format!("{} ({:?})", r.name, r.state))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let why = format!(
+                "{who} did not pass the gate within the progress deadline ({}s)",
+                s.deadline_ms / 1000
+            );
+            halt(ro, targets, &why, s.auto_rollback, now_ms);
+            return;
+        }
+        wake = earliest(wake, Some(due));
+    }
+    if ro.held_by.is_some() {
+        ro.message = Some(format!(
+            "held by {}: waiting for its wave",
+            ro.held_by.as_deref().unwrap_or_default()
+        ));
+        d.wake_after_ms = earliest(d.wake_after_ms, wake.map(|w| w - now_ms));
+        return;
+    }
+    ro.phase = RolloutPhase::Progressing;
+    let placed_not_passed = |targets: &BTreeMap<u32, Option<u64>>, passed: &[u32]| {
+        replicas
+            .values()
+            .filter(|r| r.host.is_some())
+            .filter(|r| {
+                r.state != ReplicaState::Ready
+                    || (targets.get(&r.ordinal).copied().flatten() == Some(u)
+                        && !passed.contains(&r.ordinal))
+            })
+            .count() as i64
+    };
+    // Moves the highest ordinals not on U, keeping the unavailable within `max`.
+    let rolling = |targets: &mut BTreeMap<u32, Option<u64>>, max: i64| -> bool {
+        let mut unavailable = placed_not_passed(targets, &passed);
+        let mut moved = false;
+        for (o, r) in replicas.iter().rev() {
+            if targets.get(o).copied().flatten() == Some(u) {
+                continue;
+            }
+            let costs = r.host.is_some() && r.state == ReplicaState::Ready;
+            if costs && unavailable >= max {
+                break;
+            }
+            if costs {
+                unavailable += 1;
+            }
+            targets.insert(*o, Some(u));
+            moved = true;
+        }
+        moved
+    };
+    let mut moved = false;
+    let mut finished_steps = true;
+    if ro.stable_revision.is_none() {
+        for t in targets.values_mut() {
+            if *t != Some(u) {
+                *t = Some(u);
+                moved = true;
+            }
+        }
+    } else if s.type_ == UpdateType::Canary {
+        let mut i = ro.step.unwrap_or(0) as usize;
+        let mut started = step_started;
+        finished_steps = false;
+        loop {
+            let Some(step) = s.steps.get(i) else {
+                finished_steps = true;
+                moved |= rolling(targets, 1);
+                break;
+            };
+            match step {
+                CanaryAction::Replicas(n) => {
+                    let want = (*n).min(desired);
+                    let mut on_u = targets.values().filter(|t| **t == Some(u)).count() as i64;
+                    for t in targets.values_mut().rev() {
+                        if on_u >= want {
+                            break;
+                        }
+                        if *t != Some(u) {
+                            *t = Some(u);
+                            on_u += 1;
+                            moved = true;
+                        }
+                    }
+                    if moved || !pending.is_empty() {
+                        ro.message = Some(format!(
+                            "step {}/{}: {want} replica(s) on revision {u}, waiting for their gate",
+                            i + 1,
+                            s.steps.len()
+                        ));
+                        break;
+                    }
+                    i += 1;
+                    started = now_ms;
+                }
+                CanaryAction::PauseUntilPromoted => {
+                    if ro.promoted_step == Some(i as u32) {
+                        i += 1;
+                        started = now_ms;
+                        continue;
+                    }
+                    ro.phase = RolloutPhase::Paused;
+                    ro.message = Some(format!(
+                        "step {}/{}: paused until `clusterclaw rollout promote`",
+                        i + 1,
+                        s.steps.len()
+                    ));
+                    break;
+                }
+                CanaryAction::PauseFor(pause) => {
+                    let end = started
+                        .saturating_add(i64::try_from(pause.as_millis()).unwrap_or(i64::MAX));
+                    if end <= now_ms || ro.promoted_step == Some(i as u32) {
+                        i += 1;
+                        started = now_ms;
+                        continue;
+                    }
+                    ro.phase = RolloutPhase::Paused;
+                    ro.message = Some(format!(
+                        "step {}/{}: paused until {}",
+                        i + 1,
+                        s.steps.len(),
+                        stamp(end)
+                    ));
+                    wake = earliest(wake, Some(end));
+                    break;
+                }
+            }
+        }
+        if ro.step != Some(i as u32) {
+            ro.step = Some(i as u32);
+            ro.step_started_at = Some(stamp(started));
+        }
+    } else {
+        moved = rolling(targets, s.max_unavailable);
+    }
+    if moved {
+        ro.step_started_at = Some(now.clone());
+        wake = earliest(wake, Some(now_ms.saturating_add(s.deadline_ms)));
+    }
+    let all_passed = finished_steps
+        && !moved
+        && pending.is_empty()
+        && replicas
+            .iter()
+            .filter(|(_, r)| r.host.is_some())
+            .all(|(o, _)| passed.contains(o))
+        && targets.values().all(|t| *t == Some(u));
+    if all_passed && ro.phase == RolloutPhase::Progressing {
+        ro.phase = RolloutPhase::Succeeded;
+        ro.stable_revision = Some(u);
+        ro.finished_at = Some(now);
+        ro.message = Some(format!(
+            "{} replica(s) passed on revision {u}",
+            passed.len()
+        ));
+    } else if ro.phase == RolloutPhase::Progressing
+        && (s.type_ == UpdateType::Rolling || finished_steps)
+    {
+        let on_u = targets.values().filter(|t| **t == Some(u)).count();
+        ro.message = Some(format!(
+            "{on_u}/{desired} replica(s) moved to revision {u}, {} passed",
+            passed.len()
+        ));
+    }
+    d.wake_after_ms = earliest(d.wake_after_ms, wake.map(|w| (w - now_ms).max(0)));
+}
+
+/// Writes a decision into the instance's status (targets, gate baselines, `status.rollout`)
+/// and recomputes the summary at `now_ms`; returns whether anything changed.
+pub fn apply(instance: &mut OpenClawInstance, d: &Decision, now_ms: i64) -> bool {
+    let before = instance.status.clone();
+    if let Some(status) = instance.status.as_mut() {
+        for r in &mut status.replica_status {
+            if let Some((_, t)) = d.targets.iter().find(|(o, _)| *o == r.ordinal) {
+                r.target_revision = Some(*t);
+                r.restarts_at_update = None;
+            }
+            if let Some((_, n)) = d.baselines.iter().find(|(o, _)| *o == r.ordinal) {
+                r.restarts_at_update = Some(*n);
+            }
+        }
+        if let Some(ro) = &d.rollout {
+            status.rollout = Some(ro.clone());
+        }
+    }
+    if instance.status.is_some() {
+        summarize_at(instance, now_ms);
+    }
+    instance.status != before
+}
+
+/// A `rollout` command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Pause,
+    Resume,
+    Promote,
+    Abort,
+}
+
+impl Command {
+    pub fn parse(s: &str) -> Option<Command> {
+        match s {
+            "pause" => Some(Command::Pause),
+            "resume" => Some(Command::Resume),
+            "promote" => Some(Command::Promote),
+            "abort" => Some(Command::Abort),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Command::Pause => "pause",
+            Command::Resume => "resume",
+            Command::Promote => "promote",
+            Command::Abort => "abort",
+        }
+    }
+}
+
+/// Carries out a `rollout` command by `who` on an instance at `now_ms`; returns what was done,
+/// or why the command does not apply (nothing changed then).
+pub fn command(
+    instance: &mut OpenClawInstance,
+    cmd: Command,
+    who: &str,
+    now_ms: i64,
+) -> Result<String, String> {
+    let name = instance.metadata.name.clone();
+    let desired = instance.spec.replicas.max(0);
+    let type_ = instance.spec.update_strategy.type_;
+    let Some(status) = instance.status.as_mut() else {
+        return Err(format!("{name} has no update yet: it has no status"));
+    };
+    let Some(ro) = status.rollout.as_mut() else {
+        return Err(format!(
+            "{name} has no update to {}; an update starts with a new revision",
+            cmd.as_str()
+        ));
+    };
+    let u = ro.revision;
+    let phase = ro.phase;
+    let done = match cmd {
+        Command::Pause => {
+            if phase.is_final() {
+                return Err(format!(
+                    "the update of {name} to revision {u} has ended ({phase:?}); nothing to pause"
+                ));
+            }
+            if ro.paused {
+                return Ok(format!("the update to revision {u} was already paused"));
+            }
+            ro.paused = true;
+            ro.phase = RolloutPhase::Paused;
+            ro.message = Some(format!("paused by {who}"));
+            format!("update to revision {u} paused")
+        }
+        Command::Resume => {
+            if ro.paused {
+                ro.paused = false;
+                ro.phase = RolloutPhase::Progressing;
+                ro.step_started_at = Some(stamp(now_ms));
+                ro.message = Some(format!("resumed by {who}"));
+                format!("update to revision {u} resumed")
+            } else if matches!(phase, RolloutPhase::Failed | RolloutPhase::RolledBack) {
+                ro.phase = RolloutPhase::Progressing;
+                ro.step =
+                    (type_ == UpdateType::Canary && ro.stable_revision.is_some()).then_some(0);
+                ro.promoted_step = None;
+                ro.started_at = Some(stamp(now_ms));
+                ro.step_started_at = Some(stamp(now_ms));
+                ro.finished_at = None;
+                ro.message = Some(format!("restarted by {who} after it was {phase:?}"));
+                format!("update to revision {u} restarted")
+            } else {
+                return Err(format!(
+                    "the update of {name} to revision {u} is {phase:?}, not paused; nothing to resume"
+                ));
+            }
+        }
+        Command::Promote => {
+            if ro.paused {
+                return Err(format!(
+                    "the update of {name} was paused by `rollout pause`; `rollout resume` continues it"
+                ));
+            }
+            if phase != RolloutPhase::Paused {
+                return Err(format!(
+                    "the update of {name} to revision {u} is {phase:?}; promote ends a Canary's pause step"
+                ));
+            }
+            let step = ro.step.unwrap_or(0);
+            ro.promoted_step = Some(step);
+            ro.phase = RolloutPhase::Progressing;
+            ro.message = Some(format!("promoted by {who} at step {}", step + 1));
+            format!("update to revision {u} promoted past step {}", step + 1)
+        }
+        Command::Abort => {
+            if phase.is_final() {
+                return Err(format!(
+                    "the update of {name} to revision {u} has ended ({phase:?}); nothing to abort"
+                ));
+            }
+            let Some(stable) = ro.stable_revision else {
+                return Err(format!(
+                    "revision {u} is the first of {name}; there is no earlier revision to return to"
+                ));
+            };
+            let mut targets: BTreeMap<u32, Option<u64>> = status
+                .replica_status
+                .iter()
+                .filter(|r| i64::from(r.ordinal) < desired)
+                .map(|r| (r.ordinal, r.target_revision))
+                .collect();
+            halt(ro, &mut targets, &format!("aborted by {who}"), true, now_ms);
+            ro.paused = false;
+            for r in &mut status.replica_status {
+                if let Some(t) = targets.get(&r.ordinal).copied().flatten()
+                    && r.target_revision != Some(t)
+                {
+                    r.target_revision = Some(t);
+                    r.restarts_at_update = None;
+                }
+            }
+            format!("update to revision {u} aborted; replicas return to revision {stable}")
+        }
+    };
+    summarize_at(instance, now_ms);
+    Ok(done)
+}
+
+/// Why a pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("listing instances: {0}")]
+    List(#[source] Box<StoreError>),
+    #[error("writing the rollout of {objects} instances: {source}")]
+    Write {
+        objects: usize,
+        #[source]
+        source: Box<StoreError>,
+    },
+    #[error("the rollout pass stopped unexpectedly: {0}")]
+    Task(String),
+}
+
+/// What one pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PassReport {
+    pub instances: usize,
+    pub skipped: usize,
+    pub written: usize,
+    /// When the next pass is due without any change, from now.
+    pub wake_after: Option<Duration>,
+}
+
+/// One pass at `now_ms`: plans every instance and writes those whose status changes (each one
+/// planned again on the object as the write transaction reads it). Blocking.
+pub fn reconcile_once(store: &dyn Store, now_ms: i64) -> Result<PassReport, RolloutError> {
+    let objects = store
+        .list(&ListFilter::all(Kind::OpenClawInstance))
+        .map_err(|e| RolloutError::List(Box::new(e)))?;
+    let mut report = PassReport::default();
+    let mut keys: Vec<ObjectKey> = Vec::new();
+    let mut wake: Option<i64> = None;
+    for o in objects {
+        let mut instance = match o.resource() {
+            Ok(Resource::OpenClawInstance(i)) => i,
+            _ => {
+                report.skipped += 1;
+                continue;
+            }
+        };
+        report.instances += 1;
+        let d = plan(&instance, now_ms);
+        wake = earliest(wake, d.wake_after_ms);
+        if apply(&mut instance, &d, now_ms) {
+            keys.push(o.key.clone());
+        }
+    }
+    let mut change = |r: &mut Resource| -> bool {
+        match r {
+            Resource::OpenClawInstance(instance) => {
+                let d = plan(instance, now_ms);
+                apply(instance, &d, now_ms)
+            }
+            Resource::Tenant(_)
+            | Resource::Project(_)
+            | Resource::ConfigTemplate(_)
+            | Resource::Secret(_)
+            | Resource::Host(_) => false,
+        }
+    };
+    for chunk in keys.chunks(WRITE_BATCH) {
+        store
+            .update_many(chunk, &mut change)
+            .map_err(|e| RolloutError::Write {
+                objects: chunk.len(),
+                source: Box::new(e),
+            })?;
+        report.written += chunk.len();
+    }
+    report.wake_after = wake.map(|ms| Duration::from_millis(ms.max(0) as u64));
+    Ok(report)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The delay before retrying after `failures` failed passes in a row (at least one).
+pub fn backoff(failures: u32) -> Duration {
+    let factor = 1u32
+        .checked_shl(failures.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    BACKOFF_INITIAL.saturating_mul(factor).min(BACKOFF_MAX)
+}
+
+async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs the rollout controller until `shutdown` turns true: a pass at start, then one after
+/// every burst of store changes (coalesced for [`DEBOUNCE`]), one when a gate, pause or
+/// deadline is due, at least one every [`RESYNC`], and retries after failures with
+/// [`backoff`].
+pub async fn run(store: Arc<dyn Store>, mut shutdown: watch::Receiver<bool>) {
+    let mut changes = store.subscribe();
+    let mut changes_open = true;
+    let mut failures: u32 = 0;
+    tracing::info!("rollout controller started");
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        changes.borrow_and_update();
+        let pass_store = Arc::clone(&store);
+        let pass =
+            tokio::task::spawn_blocking(move || reconcile_once(pass_store.as_ref(), now_ms()));
+        let outcome = tokio::select! {
+            joined = pass => joined.unwrap_or_else(|e| Err(RolloutError::Task(e.to_string()))),
+            () = shutdown_requested(&mut shutdown) => break,
+        };
+        let sleep_for = match outcome {
+            Ok(report) => {
+                failures = 0;
+                if report.written > 0 {
+                    tracing::info!(
+                        instances = report.written,
+                        "rollout controller moved targets or status"
+                    );
+                }
+                // A timer a little after the due time, so the pass sees it passed.
+                report
+                    .wake_after
+                    .map_or(RESYNC, |w| (w + Duration::from_millis(5)).min(RESYNC))
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let delay = backoff(failures);
+                tracing::warn!(error = %e, failures, retry_in = ?delay, "rollout pass failed");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown_requested(&mut shutdown) => break,
+                }
+                continue;
+            }
+        };
+        let woken_by_change = tokio::select! {
+            changed = changes.changed(), if changes_open => {
+                if changed.is_err() {
+                    tracing::warn!("the store stopped announcing changes; the rollout controller falls back to its timer");
+                    changes_open = false;
+                }
+                changed.is_ok()
+            }
+            () = tokio::time::sleep(sleep_for) => false,
+            () = shutdown_requested(&mut shutdown) => break,
+        };
+        if woken_by_change {
+            tokio::select! {
+                () = tokio::time::sleep(DEBOUNCE) => {}
+                () = shutdown_requested(&mut shutdown) => break,
+            }
+        }
+    }
+    tracing::info!("rollout controller stopped");
+}
+
+#[cfg(test)]
+mod tests;
