@@ -246,8 +246,9 @@ impl Cluster {
             let sampler = s.spawn(|| {
                 let mut samples = Samples::default();
                 while !stop.load(Ordering::Relaxed) {
+                    let took = Instant::now();
                     samples.take(self, instances);
-                    std::thread::sleep(SAMPLE_EVERY);
+                    std::thread::sleep(SAMPLE_EVERY.saturating_sub(took.elapsed()));
                 }
                 samples.take(self, instances);
                 samples
