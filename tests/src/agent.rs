@@ -581,6 +581,57 @@ pub fn gateway_get(port: u16, path: &str) -> anyhow::Result<Value> {
     Ok(serde_json::from_slice(&body)?)
 }
 
+/// One plain HTTP/1.1 request to 127.0.0.1:`port`: the status and the body.
+pub fn gateway_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let body = body.unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    clusterclaw_agent::probe::parse_response(&raw).map_err(anyhow::Error::msg)
+}
+
+/// The content of the file `name` in the stand-in's state directory (`GET /standin/file`),
+/// `None` when there is no such file.
+pub fn standin_file(port: u16, name: &str) -> anyhow::Result<Option<String>> {
+    let (status, body) = gateway_request(port, "GET", &format!("/standin/file?name={name}"), None)?;
+    match status {
+        200 => Ok(Some(String::from_utf8_lossy(&body).into_owned())),
+        404 => Ok(None),
+        other => bail!(
+            "GET /standin/file?name={name}: HTTP {other}: {}",
+            String::from_utf8_lossy(&body)
+        ),
+    }
+}
+
+/// Writes the file `name` in the stand-in's state directory (`PUT /standin/file`).
+pub fn standin_put_file(port: u16, name: &str, content: &str) -> anyhow::Result<()> {
+    let (status, body) = gateway_request(
+        port,
+        "PUT",
+        &format!("/standin/file?name={name}"),
+        Some(content.as_bytes()),
+    )?;
+    ensure!(
+        status == 200,
+        "PUT /standin/file?name={name}: HTTP {status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    Ok(())
+}
+
 /// Waits until the instance has `n` Ready replicas (status and running containers agree).
 pub fn wait_ready(
     server: &TestServer,

@@ -24,6 +24,7 @@ use clusterclaw_agent::control::{
 use clusterclaw_agent::enroll::{self, IdentityFiles};
 use clusterclaw_agent::model::ContainerStats;
 use clusterclaw_agent::ports::PortRange;
+use clusterclaw_agent::probe::ProbeSettings;
 use clusterclaw_agent::reconcile::{BackoffPolicy, Reconciler, ReconcilerSettings};
 use clusterclaw_agent::runtime::{
     ContainerRuntime, ContainerSpec, FakeRuntime, NetworkSpec, ObservedContainer, ObservedNetwork,
@@ -37,6 +38,8 @@ use tokio::sync::watch;
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// What the health stub answers on every path: both probes' fields set.
 const HEALTHY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 24\r\nConnection: close\r\n\r\n{\"ok\":true,\"ready\":true}";
+/// What a gated health stub answers on `/readyz` before the replica's time-to-ready has passed.
+const NOT_YET_READY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 25\r\nConnection: close\r\n\r\n{\"ok\":true,\"ready\":false}";
 /// Where the health stub starts looking for a block of free ports.
 const STUB_FIRST_BASE: u16 = 42_000;
 /// How many blocks it tries before giving up.
@@ -50,6 +53,45 @@ fn stamp(stamps: &Stamps, index: u64) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push((index, Instant::now()));
+}
+
+/// The fake's time-to-ready: a replica published on a port answers `/readyz` with ready only
+/// `delay` after its container was (last) created there. Shared by one host's [`TimedEngine`]
+/// (which notes the creations) and that host's own [`HealthStub`] (ports are per host).
+#[derive(Debug)]
+pub struct ReadyGate {
+    delay: Duration,
+    created: Mutex<HashMap<u16, Instant>>,
+}
+
+impl ReadyGate {
+    pub fn new(delay: Duration) -> Arc<ReadyGate> {
+        Arc::new(ReadyGate {
+            delay,
+            created: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The time-to-ready.
+    pub fn delay(&self) -> Duration {
+        self.delay
+    }
+
+    fn created(&self, port: u16) {
+        self.created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(port, Instant::now());
+    }
+
+    /// Whether the replica on `port` is ready (a port nothing was created on is).
+    pub fn ready(&self, port: u16) -> bool {
+        self.created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&port)
+            .is_none_or(|at| at.elapsed() >= self.delay)
+    }
 }
 
 /// The last container created for one replica.
@@ -69,11 +111,20 @@ pub struct Created {
 pub struct TimedEngine {
     inner: FakeRuntime,
     created: Mutex<HashMap<String, Created>>,
+    gate: Option<Arc<ReadyGate>>,
 }
 
 impl TimedEngine {
     pub fn new() -> Self {
         TimedEngine::default()
+    }
+
+    /// An engine whose creations start `gate`'s time-to-ready on the published port.
+    pub fn gated(gate: Arc<ReadyGate>) -> Self {
+        TimedEngine {
+            gate: Some(gate),
+            ..TimedEngine::default()
+        }
     }
 
     /// The engine underneath (its containers and recorded calls).
@@ -144,6 +195,9 @@ impl ContainerRuntime for TimedEngine {
     }
     /// The one call that is timed: what the bench waits for.
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        if let (Some(gate), Some(publish)) = (&self.gate, &spec.publish) {
+            gate.created(publish.host_port);
+        }
         let id = self.inner.create_and_start(spec).await?;
         self.record(spec);
         Ok(id)
@@ -223,6 +277,12 @@ pub struct HealthStub {
 impl HealthStub {
     /// Listens on `count` consecutive free ports.
     pub fn start(count: u16) -> anyhow::Result<HealthStub> {
+        HealthStub::start_gated(count, None)
+    }
+
+    /// Listens on `count` consecutive free ports; with a `gate`, `/readyz` on a port answers
+    /// not ready until the gate's time-to-ready has passed since a container was created there.
+    pub fn start_gated(count: u16, gate: Option<Arc<ReadyGate>>) -> anyhow::Result<HealthStub> {
         let (first, listeners) = free_block(count)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -230,6 +290,8 @@ impl HealthStub {
             .enable_all()
             .build()?;
         for listener in listeners {
+            let port = listener.local_addr()?.port();
+            let gate = gate.clone();
             listener.set_nonblocking(true)?;
             let listener = {
                 let _guard = runtime.enter();
@@ -240,6 +302,7 @@ impl HealthStub {
                     let Ok((mut conn, _)) = listener.accept().await else {
                         continue;
                     };
+                    let gate = gate.clone();
                     tokio::spawn(async move {
                         let mut buf = [0u8; 1024];
                         let mut seen = Vec::new();
@@ -253,7 +316,12 @@ impl HealthStub {
                                 return;
                             }
                         }
-                        let _ = conn.write_all(HEALTHY).await;
+                        let readiness = seen.starts_with(b"GET /readyz");
+                        let answer = match &gate {
+                            Some(gate) if readiness && !gate.ready(port) => NOT_YET_READY,
+                            _ => HEALTHY,
+                        };
+                        let _ = conn.write_all(answer).await;
                         let _ = conn.shutdown().await;
                     });
                 }
@@ -303,6 +371,15 @@ fn free_block(count: u16) -> anyhow::Result<(u16, Vec<TcpListener>)> {
     bail!("no block of {count} free consecutive ports from {STUB_FIRST_BASE} up")
 }
 
+/// Agent intervals a [`FleetHost`] runs with instead of the agent's defaults (`None` keeps the
+/// default).
+#[derive(Clone, Debug, Default)]
+pub struct Intervals {
+    pub report: Option<Duration>,
+    pub resync: Option<Duration>,
+    pub probe: Option<ProbeSettings>,
+}
+
 /// One simulated host: a data directory, a two-worker runtime and a [`TimedEngine`]; after
 /// [`FleetHost::start`] the real host loops of the agent run on it until it is dropped.
 pub struct FleetHost {
@@ -320,6 +397,11 @@ pub struct FleetHost {
 impl FleetHost {
     /// A host named `name` (its enrollment host name) with an empty data directory.
     pub fn new(name: &str) -> anyhow::Result<FleetHost> {
+        FleetHost::with_engine(name, TimedEngine::new())
+    }
+
+    /// As [`FleetHost::new`], with `engine` (e.g. [`TimedEngine::gated`]).
+    pub fn with_engine(name: &str, engine: TimedEngine) -> anyhow::Result<FleetHost> {
         let data = tempfile::Builder::new()
             .prefix("clusterclaw-fleet-")
             .tempdir()?;
@@ -330,7 +412,7 @@ impl FleetHost {
             .build()?;
         Ok(FleetHost {
             name: name.to_string(),
-            engine: Arc::new(TimedEngine::new()),
+            engine: Arc::new(engine),
             runtime: Some(runtime),
             stop: watch::Sender::new(false),
             answered: Stamps::default(),
@@ -372,6 +454,11 @@ impl FleetHost {
     /// agent's default intervals, replicas published on `ports` (no port is checked on the
     /// machine: the engine is in memory).
     pub fn start(&mut self, ports: PortRange) -> anyhow::Result<()> {
+        self.start_with(ports, &Intervals::default())
+    }
+
+    /// As [`FleetHost::start`], with some of the agent's intervals replaced.
+    pub fn start_with(&mut self, ports: PortRange, intervals: &Intervals) -> anyhow::Result<()> {
         let rt = self.runtime.as_ref().context("the host is stopped")?;
         let identity = enroll::load(&self.identity_files())
             .with_context(|| format!("host {}: no saved identity", self.name))?;
@@ -398,9 +485,9 @@ impl FleetHost {
                 host_id: host_id.clone(),
                 data_dir: dir,
                 poll_wait: defaults.poll_wait,
-                report_interval: defaults.report_interval,
-                resync_interval: defaults.resync_interval,
-                probe: defaults.probe,
+                report_interval: intervals.report.unwrap_or(defaults.report_interval),
+                resync_interval: intervals.resync.unwrap_or(defaults.resync_interval),
+                probe: intervals.probe.unwrap_or(defaults.probe),
                 runtime_name: "fake".into(),
             },
             reconciler,

@@ -5,4 +5,4 @@ pub mod fleet;
 pub mod server;
 pub mod standin;
 
-pub use standin::{docker_available, ensure_standin_image};
+pub use standin::{docker_available, ensure_standin_image, ensure_standin_versions};

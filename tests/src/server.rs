@@ -412,6 +412,71 @@ impl TestServer {
         run_cli(&self.bin, self.scratch.path(), args, env, stdin)
     }
 
+    /// Runs the CLI as the admin (as [`TestServer::cli`]) but gives up after `timeout`: the
+    /// process is killed and `None` returned (for commands that wait, such as
+    /// `rollout status -w`).
+    pub fn cli_within(&self, args: &[&str], timeout: Duration) -> Option<CliOutput> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).current_dir(self.scratch.path());
+        for var in CLEARED_ENV {
+            cmd.env_remove(var);
+        }
+        cmd.env(
+            "CLUSTERCLAW_CONFIG",
+            self.scratch.path().join("cli-config.toml"),
+        )
+        .env("CLUSTERCLAW_SERVER", self.api_url())
+        .env("CLUSTERCLAW_TOKEN", self.admin_token())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("run {}: {e}", self.bin.display()));
+        let mut stdout = child.stdout.take().expect("stdout is piped");
+        let mut stderr = child.stderr.take().expect("stderr is piped");
+        let out_reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+            s
+        });
+        let err_reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+            s
+        });
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+            }
+        };
+        let stdout = out_reader.join().unwrap_or_default();
+        let stderr = err_reader.join().unwrap_or_default();
+        match status {
+            Some(status) => Some(CliOutput {
+                code: status.code().unwrap_or(-1),
+                stdout,
+                stderr,
+            }),
+            None => {
+                eprintln!(
+                    "`clusterclaw {}` still ran after {timeout:?}; killed\nstdout:\n{stdout}\nstderr:\n{stderr}",
+                    args.join(" ")
+                );
+                None
+            }
+        }
+    }
+
     /// Sends an HTTP request to the API; `token` is sent as a bearer token.
     pub fn http(
         &self,

@@ -11,6 +11,12 @@
 //! the engine copies that ownership into a new, empty named volume mounted there (volume
 //! copy-up): the container runs as uid 1000 on a read-only root filesystem and could not fix the
 //! ownership itself.
+//!
+//! [`ensure_standin_versions`] also tags three images derived from it, which differ only in
+//! environment variables baked in, for tests of updates between OpenClaw versions: two "versions"
+//! with a state schema each ([`STANDIN_V1`], schema 1, and [`STANDIN_V2`], schema 2: the
+//! stand-in's one-way migration, see its `main.rs`), and a newer "version" that never turns
+//! ready ([`STANDIN_BROKEN`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -22,6 +28,121 @@ use sha2::{Digest, Sha256};
 
 /// Repository and tag of the stand-in image.
 pub const STANDIN_IMAGE: &str = "clusterclaw-test/openclaw-standin:dev";
+/// Repository of the stand-in images.
+pub const STANDIN_REPO: &str = "clusterclaw-test/openclaw-standin";
+/// The "version" 2026.1.1 of the stand-in: state schema 1.
+pub const STANDIN_V1: &str = "clusterclaw-test/openclaw-standin:2026.1.1";
+/// The "version" 2026.2.1 of the stand-in: state schema 2 (an upgrade from [`STANDIN_V1`]
+/// migrates the state; [`STANDIN_V1`] then refuses to start on it).
+pub const STANDIN_V2: &str = "clusterclaw-test/openclaw-standin:2026.2.1";
+/// The "version" 2026.3.1 of the stand-in: its `/readyz` never turns ready
+/// (`STANDIN_NOT_READY=1`); it leaves the state's schema alone.
+pub const STANDIN_BROKEN: &str = "clusterclaw-test/openclaw-standin:2026.3.1";
+
+/// The derived tags: reference and the environment baked into it.
+const VERSIONS: [(&str, &[(&str, &str)]); 3] = [
+    (STANDIN_V1, &[("STANDIN_SCHEMA", "1")]),
+    (STANDIN_V2, &[("STANDIN_SCHEMA", "2")]),
+    (STANDIN_BROKEN, &[("STANDIN_NOT_READY", "1")]),
+];
+
+/// The stand-in images for update tests, all built and tagged.
+#[derive(Clone, Debug)]
+pub struct StandinVersions {
+    /// The default tag ([`STANDIN_IMAGE`]): no schema, always ready.
+    pub default: String,
+    /// [`STANDIN_V1`].
+    pub v1: String,
+    /// [`STANDIN_V2`].
+    pub v2: String,
+    /// [`STANDIN_BROKEN`].
+    pub broken: String,
+}
+
+/// Builds the stand-in image and its "version" tags when missing or stale.
+pub fn ensure_standin_versions() -> anyhow::Result<StandinVersions> {
+    static BUILT: OnceLock<Result<StandinVersions, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| build_versions().map_err(|err| format!("{err:#}")))
+        .clone()
+        .map_err(|err| anyhow::anyhow!("stand-in version images: {err}"))
+}
+
+fn build_versions() -> anyhow::Result<StandinVersions> {
+    let default = ensure_standin_image()?;
+    let base_hash = standin_source_hash()?;
+    let dir = build_dir();
+    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let lock_path = dir.join("versions.lock");
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("open {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("lock {}", lock_path.display()))?;
+    for (reference, env) in VERSIONS {
+        let mut dockerfile = format!("FROM {default}\n");
+        for (key, value) in env {
+            dockerfile.push_str(&format!("ENV {key}={value}\n"));
+        }
+        let mut hasher = Sha256::new();
+        hasher.update(base_hash.as_bytes());
+        hasher.update([0]);
+        hasher.update(dockerfile.as_bytes());
+        let hash: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if label_of(reference).as_deref() == Some(hash.as_str()) {
+            continue;
+        }
+        let context = dir.join(format!(
+            "context-{}",
+            reference.rsplit(':').next().unwrap_or("version")
+        ));
+        if context.exists() {
+            fs::remove_dir_all(&context).with_context(|| format!("clear {}", context.display()))?;
+        }
+        fs::create_dir_all(&context).with_context(|| format!("create {}", context.display()))?;
+        fs::write(context.join("Dockerfile"), &dockerfile)
+            .with_context(|| format!("write {}/Dockerfile", context.display()))?;
+        let status = Command::new("docker")
+            .env("DOCKER_BUILDKIT", "0")
+            .args(["build", "--quiet", "--tag", reference, "--label"])
+            .arg(format!("{STANDIN_HASH_LABEL}={hash}"))
+            .arg(&context)
+            .status()
+            .context("run `docker build`")?;
+        if !status.success() {
+            bail!("`docker build` of {reference} failed: {status}");
+        }
+        if label_of(reference).as_deref() != Some(hash.as_str()) {
+            bail!("`docker build` succeeded but {reference} does not carry the expected hash");
+        }
+    }
+    Ok(StandinVersions {
+        default,
+        v1: STANDIN_V1.to_owned(),
+        v2: STANDIN_V2.to_owned(),
+        broken: STANDIN_BROKEN.to_owned(),
+    })
+}
+
+/// The hash label of an image, when it exists.
+fn label_of(reference: &str) -> Option<String> {
+    let format = format!("{{{{ index .Config.Labels \"{STANDIN_HASH_LABEL}\" }}}}");
+    let out = Command::new("docker")
+        .args(["image", "inspect", "--format", &format, reference])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 /// Image label holding the hash of the sources the image was built from.
 pub const STANDIN_HASH_LABEL: &str = "io.clusterclaw.test.standin-hash";
 
@@ -103,14 +224,7 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
 }
 
 fn image_hash() -> Option<String> {
-    let format = format!("{{{{ index .Config.Labels \"{STANDIN_HASH_LABEL}\" }}}}");
-    let out = Command::new("docker")
-        .args(["image", "inspect", "--format", &format, STANDIN_IMAGE])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    label_of(STANDIN_IMAGE)
 }
 
 fn build_if_stale() -> anyhow::Result<String> {

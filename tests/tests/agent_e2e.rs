@@ -55,11 +55,12 @@ fn one_host_lifecycle() -> anyhow::Result<()> {
     // Three replicas.
     let name = "bot";
     scope.apply(&server, "base", &scope.base_manifest());
-    scope.apply(
-        &server,
-        name,
-        &scope.instance_manifest(name, &image, 3, &BTreeMap::new()),
-    );
+    // Scale-down here removes the state volumes (the default keeps them).
+    let manifest = |replicas: u32, env: &BTreeMap<&str, &str>| {
+        scope.instance_manifest(name, &image, replicas, env)
+            + "  volumeRetention:\n    whenScaled: Delete\n"
+    };
+    scope.apply(&server, name, &manifest(3, &BTreeMap::new()));
     let (status, three) = wait_ready(&server, &scope, name, 3)?;
     assert_eq!(
         status.pointer("/status/phase"),
@@ -100,11 +101,7 @@ fn one_host_lifecycle() -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<_>>()?;
     let env = BTreeMap::from([("OPENCLAW_E2E_COLOUR", "blue")]);
-    scope.apply(
-        &server,
-        name,
-        &scope.instance_manifest(name, &image, 2, &env),
-    );
+    scope.apply(&server, name, &manifest(2, &env));
     let replaced = wait_for("both containers replaced", WAIT, || {
         let (_, now) = wait_ready(&server, &scope, name, 2)?;
         Ok(now.iter().all(|(r, c)| two[r].id != c.id).then_some(now))

@@ -1,0 +1,560 @@
+//! Rollout figures against the real release server binary, driven through its REST API:
+//!
+//! 1. `fleet`: a Rolling update of 1,000 replicas (10 instances × 100 replicas, spread over 10
+//!    hosts) with `maxUnavailable: 10%` and `minReadySeconds: 1`. Every replica needs
+//!    [`TIME_TO_READY`] after its container is created before its `/readyz` says ready, so one
+//!    wave of 10 replicas per instance passes its gate no sooner than the gate time
+//!    (`TIME_TO_READY + minReadySeconds`), and the update of an instance no sooner than
+//!    10 waves × the gate time: the minimum its strategy allows (the 10 instances roll at the
+//!    same time). Per run: the total time from just before the change is applied until the API
+//!    shows every replica Ready on the new revision and the update `Succeeded`, its ratio to
+//!    the minimum (target within 1.5x), and the control plane's own overhead per wave: from the
+//!    moment the last replica of a wave could pass its gate (its container's creation + the gate
+//!    time) to the first creation of the next wave's replicas on the hosts (target under 50 ms;
+//!    this includes the agents' probe interval and report interval, set short here). The
+//!    figures are medians over [`RUNS`] runs (`CLUSTERCLAW_BENCH_RUNS` overrides).
+//! 2. `gate`: gate decision latency. One instance of 10 replicas with `maxUnavailable: 1`: from
+//!    the moment the API shows a replica Ready on the new revision to the creation of the next
+//!    replica's new container on its host (target under 1 s + `minReadySeconds`), median and
+//!    maximum over the 9 decisions of each run.
+//!
+//! The 10 agents run in this process as real agent code (as in the config-center bench): each
+//! host enrolls with a join token over the server's real agent port (real mutual TLS), runs the
+//! agent's own host loops and the real reconciler on its own two-worker runtime, and only the
+//! engine is the agent library's in-memory `FakeRuntime`. Each host has its own health stub,
+//! gated by a [`ReadyGate`]: a replica's `/readyz` answers ready [`TIME_TO_READY`] after the
+//! fake created its container.
+//!
+//! Run with `cargo bench -p clusterclaw-tests --bench rollout`; `CLUSTERCLAW_BENCH_PART=fleet`
+//! or `gate` runs one part.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use clusterclaw_agent::enroll;
+use clusterclaw_agent::metrics::HostMetrics;
+use clusterclaw_agent::probe::ProbeSettings;
+use clusterclaw_proto::agent as pb;
+use clusterclaw_tests::agent::{join_token, percentile, wait_for};
+use clusterclaw_tests::fleet::{FleetHost, HealthStub, Intervals, ReadyGate, TimedEngine};
+use clusterclaw_tests::server::TestServer;
+use serde_json::{Value, json};
+
+const HOSTS: usize = 10;
+const INSTANCES: usize = 10;
+const REPLICAS: usize = 100;
+const MAX_UNAVAILABLE: &str = "10%";
+/// Replicas per wave of one instance (10% of 100).
+const PER_WAVE: usize = 10;
+const WAVES: usize = REPLICAS.div_ceil(PER_WAVE);
+const MIN_READY_SECONDS: u64 = 1;
+/// The fake's time-to-ready: from a container's creation to its `/readyz` saying ready.
+const TIME_TO_READY: Duration = Duration::from_millis(500);
+const RUNS: usize = 3;
+const RATIO_TARGET: f64 = 1.5;
+const OVERHEAD_TARGET: Duration = Duration::from_millis(50);
+/// The agents' probe and report intervals (short, so that they add little to a gate).
+const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+const REPORT_INTERVAL: Duration = Duration::from_millis(200);
+/// Ports each host's stub answers on: a host's replicas, with room to spare.
+const STUB_PORTS: u16 = (INSTANCES * REPLICAS / HOSTS) as u16 + 40;
+const SETUP_TIMEOUT: Duration = Duration::from_secs(180);
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+/// How often a run looks at the API.
+const POLL: Duration = Duration::from_millis(100);
+/// How often the gate part looks at the API.
+const GATE_POLL: Duration = Duration::from_millis(10);
+const GATE_REPLICAS: usize = 10;
+const GATE_RUNS: usize = 2;
+
+const TENANT: &str = "acme";
+const PROJECT: &str = "rollout";
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn signed_ms(later: Instant, earlier: Instant) -> f64 {
+    if later >= earlier {
+        ms(later - earlier)
+    } else {
+        -ms(earlier - later)
+    }
+}
+
+fn median_f(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn runs() -> usize {
+    std::env::var("CLUSTERCLAW_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(RUNS)
+}
+
+// ------------------------------------------------------------------------------ cluster
+
+fn instance_doc(name: &str, replicas: usize, max_unavailable: Value, run: usize) -> Value {
+    json!({"apiVersion": "clusterclaw.io/v1", "kind": "OpenClawInstance",
+        "metadata": {"name": name, "tenant": TENANT, "project": PROJECT},
+        "spec": {"version": "2026.7.1", "replicas": replicas,
+            "resources": {"cpu": "10m", "memory": "32Mi"},
+            "env": {"BENCH_RUN": run.to_string()},
+            "updateStrategy": {"type": "Rolling", "maxUnavailable": max_unavailable,
+                "minReadySeconds": MIN_READY_SECONDS, "progressDeadline": "10m"}}})
+}
+
+fn base_docs() -> Vec<Value> {
+    vec![
+        json!({"apiVersion": "clusterclaw.io/v1", "kind": "Tenant", "metadata": {"name": TENANT}}),
+        json!({"apiVersion": "clusterclaw.io/v1", "kind": "Project",
+            "metadata": {"name": PROJECT, "tenant": TENANT}}),
+    ]
+}
+
+fn fleet_names() -> Vec<String> {
+    (0..INSTANCES).map(|i| format!("bot-{i:02}")).collect()
+}
+
+fn apply(server: &TestServer, docs: Vec<Value>) -> anyhow::Result<()> {
+    let body = json!({ "items": docs }).to_string();
+    let r = server.http(
+        "POST",
+        "/api/v1/apply",
+        Some(&body),
+        Some(server.admin_token()),
+    );
+    ensure!(r.status == 200, "apply: {} {}", r.status, r.body);
+    Ok(())
+}
+
+/// Enrolls `host` as the agent does: a fresh key and CSR, the host's capacity, the join token
+/// over the agent port (TLS, trusting the cluster CA), then the identity saved in its data dir.
+fn enroll_host(host: &FleetHost, url: &str, ca_pem: &str, token: &str) -> anyhow::Result<()> {
+    let (key, csr) = enroll::new_key_and_csr(host.name())?;
+    let capacity = HostMetrics::new(host.data_dir())
+        .map(|mut m| m.sample().capacity)
+        .map_err(|e| anyhow::anyhow!("host figures: {e}"))?;
+    let request = pb::EnrollRequest {
+        join_token: token.to_string(),
+        csr_pem: csr,
+        hostname: host.name().to_string(),
+        labels: HashMap::new(),
+        capacity: Some(capacity.to_proto()),
+        agent_version: clusterclaw_agent::sync::AGENT_VERSION.to_string(),
+        os: std::env::consts::OS.to_string(),
+        arch: std::env::consts::ARCH.to_string(),
+    };
+    let response = host.block_on(async {
+        let mut client = clusterclaw_agent::client::anonymous(url, ca_pem)?;
+        let answer = client
+            .enroll(request)
+            .await
+            .map_err(|s| anyhow::anyhow!("enroll {}: {}", host.name(), s.message()))?;
+        Ok::<_, anyhow::Error>(answer.into_inner())
+    })??;
+    enroll::save(&host.identity_files(), &key, &response, url)?;
+    Ok(())
+}
+
+/// The server, and 10 hosts each with its gated engine and health stub.
+struct Fleet {
+    hosts: Vec<FleetHost>,
+    _stubs: Vec<HealthStub>,
+    server: TestServer,
+}
+
+fn start_fleet() -> anyhow::Result<Fleet> {
+    let server = TestServer::start()?;
+    let ca_path = server
+        .endpoints()
+        .ca_cert
+        .clone()
+        .context("endpoints.json names no CA certificate")?;
+    let ca_pem =
+        std::fs::read_to_string(&ca_path).with_context(|| format!("read {}", ca_path.display()))?;
+    let url = format!("https://{}", server.endpoints().agent);
+    let token = join_token(&server, HOSTS as u32, "10m");
+    let intervals = Intervals {
+        report: Some(REPORT_INTERVAL),
+        resync: None,
+        probe: Some(ProbeSettings {
+            interval: PROBE_INTERVAL,
+            timeout: Duration::from_millis(500),
+            ..ProbeSettings::default()
+        }),
+    };
+    let mut hosts = Vec::with_capacity(HOSTS);
+    let mut stubs = Vec::with_capacity(HOSTS);
+    for i in 0..HOSTS {
+        let gate = ReadyGate::new(TIME_TO_READY);
+        let stub = HealthStub::start_gated(STUB_PORTS, Some(Arc::clone(&gate)))?;
+        let mut host = FleetHost::with_engine(&format!("roll-{i:02}"), TimedEngine::gated(gate))?;
+        enroll_host(&host, &url, &ca_pem, &token)?;
+        host.start_with(stub.ports(), &intervals)?;
+        hosts.push(host);
+        stubs.push(stub);
+    }
+    wait_for("10 hosts Ready", SETUP_TIMEOUT, || {
+        let list = server.get_json("/api/v1/hosts");
+        let ready = list["items"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|h| h.pointer("/status/phase") == Some(&json!("Ready")))
+                    .count()
+            })
+            .unwrap_or(0);
+        Ok((ready == HOSTS).then_some(()))
+    })?;
+    apply(&server, base_docs())?;
+    Ok(Fleet {
+        hosts,
+        _stubs: stubs,
+        server,
+    })
+}
+
+fn instance(server: &TestServer, name: &str) -> anyhow::Result<Value> {
+    let path = format!("/api/v1/tenants/{TENANT}/projects/{PROJECT}/instances/{name}");
+    let r = server.http("GET", &path, None, Some(server.admin_token()));
+    ensure!(r.status == 200, "GET {path}: {} {}", r.status, r.body);
+    Ok(serde_json::from_str(&r.body)?)
+}
+
+/// The revision an instance's update has finished on: `status.rollout.phase` Succeeded and
+/// every replica Ready with target and running revision both equal to `status.rollout.revision`.
+fn finished_revision(v: &Value, replicas: usize) -> Option<u64> {
+    let revision = v.pointer("/status/rollout/revision")?.as_u64()?;
+    let rs = v.pointer("/status/replicaStatus")?.as_array()?;
+    let done = v.pointer("/status/rollout/phase") == Some(&json!("Succeeded"))
+        && v.pointer("/status/readyReplicas") == Some(&json!(replicas))
+        && rs.len() == replicas
+        && rs.iter().all(|r| {
+            r["state"] == "Ready"
+                && r["targetRevision"].as_u64() == Some(revision)
+                && r["configRevision"].as_u64() == Some(revision)
+        });
+    done.then_some(revision)
+}
+
+/// A new instance is up: every replica Ready; its revision (that of its update when it shows
+/// one, else the replicas' target revision, else 0).
+fn created_revision(v: &Value, replicas: usize) -> Option<u64> {
+    let rs = v.pointer("/status/replicaStatus")?.as_array()?;
+    let up = v.pointer("/status/readyReplicas") == Some(&json!(replicas))
+        && rs.len() == replicas
+        && rs.iter().all(|r| r["state"] == "Ready");
+    let revision = v
+        .pointer("/status/rollout/revision")
+        .and_then(Value::as_u64)
+        .or_else(|| rs.iter().filter_map(|r| r["targetRevision"].as_u64()).max())
+        .unwrap_or(0);
+    up.then_some(revision)
+}
+
+/// Waits until every instance of `names` has finished an update to a revision above `above`
+/// (all of them when `above` is empty); their revisions.
+fn wait_finished(
+    server: &TestServer,
+    names: &[String],
+    replicas: usize,
+    above: &BTreeMap<String, u64>,
+    timeout: Duration,
+    poll: Duration,
+) -> anyhow::Result<BTreeMap<String, u64>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut done = BTreeMap::new();
+        for name in names {
+            let v = instance(server, name)?;
+            let finished = if above.is_empty() {
+                created_revision(&v, replicas)
+            } else {
+                finished_revision(&v, replicas)
+            };
+            match finished {
+                Some(r) if above.get(name).is_none_or(|old| r > *old) => {
+                    done.insert(name.clone(), r);
+                }
+                _ => break,
+            }
+        }
+        if done.len() == names.len() {
+            return Ok(done);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "after {timeout:?}, {} of {} instances had finished their update",
+                done.len(),
+                names.len()
+            );
+        }
+        std::thread::sleep(poll);
+    }
+}
+
+/// The creations since `since` of the replicas of `instance` (by replica name, in time order).
+fn creations(fleet: &Fleet, instance: &str, since: Instant) -> Vec<(String, Instant)> {
+    let prefix = format!("{TENANT}/{PROJECT}/{instance}-");
+    let mut out: Vec<(String, Instant)> = fleet
+        .hosts
+        .iter()
+        .flat_map(|h| {
+            h.engine().with_created(|created| {
+                created
+                    .iter()
+                    .filter(|(k, c)| k.starts_with(&prefix) && c.at >= since)
+                    .map(|(k, c)| (k.rsplit('/').next().unwrap_or(k).to_owned(), c.at))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    out.sort_by_key(|(_, at)| *at);
+    out
+}
+
+// -------------------------------------------------------------------------------- fleet
+
+fn fleet_part() -> anyhow::Result<()> {
+    let fleet = start_fleet()?;
+    let names = fleet_names();
+    let setup = Instant::now();
+    apply(
+        &fleet.server,
+        names
+            .iter()
+            .map(|n| instance_doc(n, REPLICAS, json!(MAX_UNAVAILABLE), 0))
+            .collect(),
+    )?;
+    let mut revisions = wait_finished(
+        &fleet.server,
+        &names,
+        REPLICAS,
+        &BTreeMap::new(),
+        SETUP_TIMEOUT,
+        POLL,
+    )?;
+    let spread: Vec<usize> = fleet.hosts.iter().map(|h| h.engine().running()).collect();
+    println!(
+        "fleet: 1,000 replicas Ready in {:.1} s, per host {spread:?}",
+        setup.elapsed().as_secs_f64()
+    );
+
+    let gate_time = TIME_TO_READY + Duration::from_secs(MIN_READY_SECONDS);
+    let minimum = gate_time * WAVES as u32;
+    println!(
+        "fleet: {INSTANCES} instances × {REPLICAS} replicas, maxUnavailable {MAX_UNAVAILABLE}: \
+         {WAVES} waves × gate time {:.0} ms (time-to-ready {:.0} ms + minReadySeconds \
+         {MIN_READY_SECONDS}) = minimum {:.1} s; agents probe every {:.0} ms, report every {:.0} ms",
+        ms(gate_time),
+        ms(TIME_TO_READY),
+        minimum.as_secs_f64(),
+        ms(PROBE_INTERVAL),
+        ms(REPORT_INTERVAL)
+    );
+    let mut totals = Vec::new();
+    let mut ratios = Vec::new();
+    let mut overheads = Vec::new();
+    for run in 1..=runs() {
+        let started = Instant::now();
+        apply(
+            &fleet.server,
+            names
+                .iter()
+                .map(|n| instance_doc(n, REPLICAS, json!(MAX_UNAVAILABLE), run))
+                .collect(),
+        )?;
+        let applied = started.elapsed();
+        revisions = wait_finished(
+            &fleet.server,
+            &names,
+            REPLICAS,
+            &revisions,
+            RUN_TIMEOUT,
+            POLL,
+        )?;
+        let total = started.elapsed();
+        let mut run_overheads = Vec::new();
+        let mut created = 0;
+        for name in &names {
+            let made = creations(&fleet, name, started);
+            created += made.len();
+            let waves: Vec<&[(String, Instant)]> = made.chunks(PER_WAVE).collect();
+            for pair in waves.windows(2) {
+                let last = pair[0].iter().map(|(_, at)| *at).max().unwrap_or(started);
+                let next = pair[1].iter().map(|(_, at)| *at).min().unwrap_or(started);
+                run_overheads.push(signed_ms(next, last + gate_time));
+            }
+        }
+        ensure!(
+            created == INSTANCES * REPLICAS,
+            "run {run}: {created} replicas got a new container, not {}",
+            INSTANCES * REPLICAS
+        );
+        let ratio = total.as_secs_f64() / minimum.as_secs_f64();
+        let overhead = median_f(&run_overheads);
+        let mut sorted = run_overheads.clone();
+        sorted.sort_by(f64::total_cmp);
+        println!(
+            "fleet run {run}: total {:.2} s ({ratio:.2}x the minimum; apply {:.0} ms); overhead \
+             per wave median {overhead:.0} ms, p90 {:.0} ms, max {:.0} ms over {} waves",
+            total.as_secs_f64(),
+            ms(applied),
+            sorted
+                .get(sorted.len() * 9 / 10)
+                .copied()
+                .unwrap_or(f64::NAN),
+            sorted.last().copied().unwrap_or(f64::NAN),
+            sorted.len()
+        );
+        totals.push(total.as_secs_f64());
+        ratios.push(ratio);
+        overheads.push(overhead);
+    }
+    let ratio = median_f(&ratios);
+    let overhead = median_f(&overheads);
+    println!(
+        "fleet: median total {:.2} s, {ratio:.2}x the minimum (target within {RATIO_TARGET}x: {}); \
+         overhead per wave median {overhead:.0} ms (target under {:.0} ms: {})",
+        median_f(&totals),
+        if ratio <= RATIO_TARGET {
+            "met"
+        } else {
+            "MISSED"
+        },
+        ms(OVERHEAD_TARGET),
+        if overhead < ms(OVERHEAD_TARGET) {
+            "met"
+        } else {
+            "MISSED"
+        }
+    );
+    Ok(())
+}
+
+// --------------------------------------------------------------------------------- gate
+
+fn gate_part() -> anyhow::Result<()> {
+    let fleet = start_fleet()?;
+    let name = "gate".to_string();
+    let names = vec![name.clone()];
+    apply(
+        &fleet.server,
+        vec![instance_doc(&name, GATE_REPLICAS, json!(1), 0)],
+    )?;
+    let mut revisions = wait_finished(
+        &fleet.server,
+        &names,
+        GATE_REPLICAS,
+        &BTreeMap::new(),
+        SETUP_TIMEOUT,
+        POLL,
+    )?;
+    let target = Duration::from_secs(1 + MIN_READY_SECONDS);
+    let mut all = Vec::new();
+    for run in 1..=GATE_RUNS {
+        let old = revisions[&name];
+        let started = Instant::now();
+        apply(
+            &fleet.server,
+            vec![instance_doc(&name, GATE_REPLICAS, json!(1), run)],
+        )?;
+        // When the API first shows each replica Ready on the new revision.
+        let mut ready_seen: BTreeMap<String, Instant> = BTreeMap::new();
+        let deadline = started + RUN_TIMEOUT;
+        loop {
+            let v = instance(&fleet.server, &name)?;
+            let now = Instant::now();
+            if let Some(rs) = v.pointer("/status/replicaStatus").and_then(Value::as_array) {
+                for r in rs {
+                    let on_new = r["configRevision"].as_u64().is_some_and(|c| c > old)
+                        && r["targetRevision"] == r["configRevision"];
+                    if on_new
+                        && r["state"] == "Ready"
+                        && let Some(replica) = r["name"].as_str()
+                    {
+                        ready_seen.entry(replica.to_owned()).or_insert(now);
+                    }
+                }
+            }
+            if let Some(r) = finished_revision(&v, GATE_REPLICAS).filter(|r| *r > old) {
+                revisions.insert(name.clone(), r);
+                break;
+            }
+            if now > deadline {
+                bail!("gate run {run}: the update did not finish in {RUN_TIMEOUT:?}");
+            }
+            std::thread::sleep(GATE_POLL);
+        }
+        let made = creations(&fleet, &name, started);
+        ensure!(
+            made.len() == GATE_REPLICAS,
+            "gate run {run}: {} replicas got a new container",
+            made.len()
+        );
+        let mut decisions = Vec::new();
+        let mut from_host_ready = Vec::new();
+        for pair in made.windows(2) {
+            let (replica, created) = &pair[0];
+            let next = pair[1].1;
+            if let Some(seen) = ready_seen.get(replica) {
+                decisions.push(signed_ms(next, *seen));
+            }
+            from_host_ready.push(signed_ms(next, *created + TIME_TO_READY));
+        }
+        let mut sorted = decisions.clone();
+        sorted.sort_by(f64::total_cmp);
+        println!(
+            "gate run {run}: Ready shown by the API → next replica created: median {:.0} ms, \
+             max {:.0} ms ({} decisions); ready on its host → next created: median {:.0} ms",
+            median_f(&decisions),
+            sorted.last().copied().unwrap_or(f64::NAN),
+            decisions.len(),
+            median_f(&from_host_ready)
+        );
+        all.extend(decisions);
+    }
+    let mut sorted = all.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = median_f(&all);
+    let max = sorted.last().copied().unwrap_or(f64::NAN);
+    println!(
+        "gate: decision latency median {median:.0} ms, max {max:.0} ms (target under {:.0} ms = \
+         1 s + minReadySeconds {MIN_READY_SECONDS}: {})",
+        ms(target),
+        if max < ms(target) { "met" } else { "MISSED" }
+    );
+    let durations: Vec<Duration> = sorted
+        .iter()
+        .filter(|v| **v >= 0.0)
+        .map(|v| Duration::from_secs_f64(v / 1000.0))
+        .collect();
+    if !durations.is_empty() {
+        println!("gate: p90 {:.0} ms", ms(percentile(&durations, 0.9)));
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let part = std::env::var("CLUSTERCLAW_BENCH_PART").unwrap_or_default();
+    println!(
+        "rollout figures ({} cores)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    if part.is_empty() || part == "gate" {
+        gate_part()?;
+    }
+    if part.is_empty() || part == "fleet" {
+        fleet_part()?;
+    }
+    Ok(())
+}
