@@ -254,6 +254,8 @@ fn layers_secrets_revisions_rollback_and_drift() -> anyhow::Result<()> {
     set_secret();
     let (c3, info) = replaced(&server, &scope, name, &replica, &c2.id)?;
     assert_eq!(info["env"]["OPENCLAW_GATEWAY_TOKEN"], "sk-ant-e2e-second");
+    // The new value is a new revision of the instance.
+    wait_revision(&server, &scope, name, 3)?;
     let secret = server.get_json(&format!("/api/v1/tenants/{t}/secrets/llm-keys"));
     assert!(!secret.to_string().contains("sk-ant-e2e"), "{secret}");
     assert!(
@@ -281,7 +283,7 @@ fn layers_secrets_revisions_rollback_and_drift() -> anyhow::Result<()> {
     })?;
     assert!(audit.to_string().contains(&host), "{audit}");
 
-    // Rollback to revision 1: the effective config of revision 1, as revision 3.
+    // Rollback to revision 1: the effective config of revision 1, as revision 4.
     let (_, now) = wait_ready(&server, &scope, name, 1)?;
     let before = now[&replica].id.clone();
     let out = server
@@ -305,7 +307,7 @@ fn layers_secrets_revisions_rollback_and_drift() -> anyhow::Result<()> {
     );
     let (_, info) = replaced(&server, &scope, name, &replica, &before)?;
     assert_eq!(info["config"]["session"]["scope"], "per-sender", "{info}");
-    wait_revision(&server, &scope, name, 3)?;
+    wait_revision(&server, &scope, name, 4)?;
 
     // Bad input: a malformed file is refused with its line and column; nothing changes.
     let bad = server.write_file(
@@ -316,7 +318,7 @@ fn layers_secrets_revisions_rollback_and_drift() -> anyhow::Result<()> {
         .cli(&["config", "set", "tenant", t, "-f", bad.to_str().unwrap()])
         .code(4);
     assert!(refused.stderr.contains("bad.json5:"), "{}", refused.stderr);
-    assert_eq!(revisions(&server, &scope, name).0, Some(3));
+    assert_eq!(revisions(&server, &scope, name).0, Some(4));
     // The template is in use: not deleted, and the instance is named.
     let in_use = server.cli(&["delete", "configtemplate", "default"]).code(1);
     assert!(in_use.stderr.contains(name), "{}", in_use.stderr);
