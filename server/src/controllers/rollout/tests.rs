@@ -624,3 +624,35 @@ mod with_store {
         task.await.unwrap();
     }
 }
+
+#[test]
+fn the_scheduler_gives_new_replicas_their_initial_target_and_keeps_it() {
+    use crate::controllers::scheduler::{InstancePlan, ReplicaPlacement, apply_instance_plan};
+    let mut i = updated_to(2, 2, UpdateStrategy::default());
+    i.spec.replicas = 3;
+    i.status.as_mut().unwrap().rollout.as_mut().unwrap().phase = RolloutPhase::RolledBack;
+    i.status
+        .as_mut()
+        .unwrap()
+        .rollout
+        .as_mut()
+        .unwrap()
+        .revision = 2;
+    let plan = InstancePlan {
+        generation: i.metadata.generation,
+        replicas: vec![
+            ReplicaPlacement::Placed { host: "h0".into() },
+            ReplicaPlacement::Unplaced {
+                reason: "Unschedulable: 0/1 hosts fit".into(),
+            },
+            ReplicaPlacement::Placed { host: "h2".into() },
+        ],
+    };
+    apply_instance_plan(&mut i, &plan, "2026-07-10T12:00:00Z");
+    // bot-1 lost its host but keeps its target; bot-2 is new and joins the stable revision.
+    assert_eq!(targets(&i), [Some(1), Some(1), Some(1)]);
+    let before = i.clone();
+    let changed = apply_instance_plan(&mut i, &plan, "2026-07-10T12:00:01Z");
+    assert_eq!(before.status, i.status);
+    assert!(!changed, "stable");
+}
