@@ -30,7 +30,7 @@
 //! - `status.rollout.heldBy` (a fleet-wide change waiting for this instance's wave): no target
 //!   moves toward U while it is set.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -409,7 +409,7 @@ fn progress(
     let now = stamp(now_ms);
     let mut wake: Option<i64> = None;
     // Gates of the replicas on U.
-    let mut passed: Vec<u32> = Vec::new();
+    let mut passed: BTreeSet<u32> = BTreeSet::new();
     let mut pending: Vec<u32> = Vec::new();
     let mut failure: Option<String> = None;
     for (o, r) in replicas {
@@ -422,7 +422,9 @@ fn progress(
             continue;
         }
         match gate(r, u, s.min_ready_ms, now_ms) {
-            Gate::Passed => passed.push(*o),
+            Gate::Passed => {
+                passed.insert(*o);
+            }
             Gate::Waiting(at) => {
                 pending.push(*o);
                 wake = earliest(wake, at);
@@ -470,7 +472,7 @@ fn progress(
         return;
     }
     ro.phase = RolloutPhase::Progressing;
-    let placed_not_passed = |targets: &BTreeMap<u32, Option<u64>>, passed: &[u32]| {
+    let placed_not_passed = |targets: &BTreeMap<u32, Option<u64>>, passed: &BTreeSet<u32>| {
         replicas
             .values()
             .filter(|r| r.host.is_some())
@@ -623,12 +625,14 @@ fn progress(
 pub fn apply(instance: &mut OpenClawInstance, d: &Decision, now_ms: i64) -> bool {
     let before = instance.status.clone();
     if let Some(status) = instance.status.as_mut() {
+        let targets: BTreeMap<u32, u64> = d.targets.iter().copied().collect();
+        let baselines: BTreeMap<u32, u32> = d.baselines.iter().copied().collect();
         for r in &mut status.replica_status {
-            if let Some((_, t)) = d.targets.iter().find(|(o, _)| *o == r.ordinal) {
+            if let Some(t) = targets.get(&r.ordinal) {
                 r.target_revision = Some(*t);
                 r.restarts_at_update = None;
             }
-            if let Some((_, n)) = d.baselines.iter().find(|(o, _)| *o == r.ordinal) {
+            if let Some(n) = baselines.get(&r.ordinal) {
                 r.restarts_at_update = Some(*n);
             }
         }

@@ -474,18 +474,19 @@ pub fn apply_instance_plan(
                 r.name = replica_name;
                 r
             }
-            (ReplicaPlacement::Placed { host }, _) => ReplicaStatus {
+            (ReplicaPlacement::Placed { host }, prev) => ReplicaStatus {
                 name: replica_name,
                 ordinal,
                 host: Some(host.clone()),
-                target_revision: initial_target,
+                target_revision: prev.and_then(|p| p.target_revision).or(initial_target),
                 ..ReplicaStatus::default()
             },
-            (ReplicaPlacement::Unplaced { reason }, _) => ReplicaStatus {
+            (ReplicaPlacement::Unplaced { reason }, prev) => ReplicaStatus {
                 name: replica_name,
                 ordinal,
                 state: ReplicaState::Pending,
                 message: Some(reason.clone()),
+                target_revision: prev.and_then(|p| p.target_revision).or(initial_target),
                 ..ReplicaStatus::default()
             },
         };

@@ -487,3 +487,172 @@ fn commands_that_do_not_apply_say_why() {
     let mut bare = InstanceBuilder::new("bot").build();
     assert!(command(&mut bare, Command::Promote, "alice", t0()).is_err());
 }
+
+// ---------------------------------------------------------------------------------------------
+// the loop against SQLite
+
+mod with_store {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::controllers::fixtures::{PROJECT, TENANT, project, tenant};
+    use crate::model::{ConfigFragment, Resource};
+    use crate::store::WriteMode;
+    use crate::store::sqlite::SqliteStore;
+
+    fn key() -> ObjectKey {
+        ObjectKey::instance(TENANT, PROJECT, "bot")
+    }
+
+    fn read(store: &SqliteStore) -> OpenClawInstance {
+        match store.get(&key()).unwrap().unwrap().resource().unwrap() {
+            Resource::OpenClawInstance(i) => i,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// What the agent reports: every replica runs its target and is Ready since now.
+    fn report_ready(store: &SqliteStore) {
+        store
+            .update(&key(), &mut |r| {
+                let Resource::OpenClawInstance(i) = r else {
+                    return false;
+                };
+                let mut changed = false;
+                for r in &mut i.status.as_mut().unwrap().replica_status {
+                    if r.target_revision.is_some() && r.config_revision != r.target_revision {
+                        r.config_revision = r.target_revision;
+                        r.state = ReplicaState::Ready;
+                        r.ready_since = Some(crate::util::now_rfc3339());
+                        changed = true;
+                    }
+                }
+                changed
+            })
+            .unwrap();
+    }
+
+    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_loop_moves_on_store_changes_and_on_its_gate_timer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("state.db")).unwrap());
+        let mut bot = InstanceBuilder::new("bot").replicas(2).build();
+        bot.spec.update_strategy.min_ready_seconds = Some(1);
+        store
+            .write(
+                &[
+                    (Resource::Tenant(tenant(TENANT)), WriteMode::Apply),
+                    (
+                        Resource::Project(project(TENANT, PROJECT)),
+                        WriteMode::Apply,
+                    ),
+                    (Resource::OpenClawInstance(bot.clone()), WriteMode::Apply),
+                ],
+                false,
+            )
+            .unwrap();
+        // Placed as the scheduler would.
+        store
+            .update(&key(), &mut |r| {
+                let Resource::OpenClawInstance(i) = r else {
+                    return false;
+                };
+                let s = i.status.get_or_insert_with(Default::default);
+                s.replica_status = (0..2)
+                    .map(|o| ReplicaStatus {
+                        name: format!("bot-{o}"),
+                        ordinal: o,
+                        host: Some(format!("h{o}")),
+                        ..Default::default()
+                    })
+                    .collect();
+                true
+            })
+            .unwrap();
+        assert_eq!(read(&store).status.unwrap().config_revision, Some(1));
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(run(store.clone() as Arc<dyn Store>, rx));
+        eventually("the first revision's targets", || {
+            targets(&read(&store)) == [Some(1), Some(1)]
+        })
+        .await;
+        report_ready(&store);
+        eventually("the first update to succeed", || {
+            read(&store).status.unwrap().rollout.unwrap().phase == RolloutPhase::Succeeded
+        })
+        .await;
+        // A new revision: bot-1 moves; once it has been Ready for a second (no store change in
+        // between), the timer moves bot-0.
+        let mut changed = read(&store);
+        changed.spec.config = ConfigFragment(
+            serde_json::from_value(serde_json::json!({"logging": {"level": "debug"}})).unwrap(),
+        );
+        changed.metadata.resource_version = None;
+        store
+            .write(
+                &[(Resource::OpenClawInstance(changed), WriteMode::Apply)],
+                false,
+            )
+            .unwrap();
+        eventually("bot-1 to move", || {
+            targets(&read(&store)) == [Some(1), Some(2)]
+        })
+        .await;
+        report_ready(&store);
+        eventually("bot-0 to move after bot-1's gate", || {
+            targets(&read(&store)) == [Some(2), Some(2)]
+        })
+        .await;
+        report_ready(&store);
+        eventually("the update to succeed", || {
+            let s = read(&store).status.unwrap();
+            s.rollout.unwrap().phase == RolloutPhase::Succeeded && s.available_replicas == 2
+        })
+        .await;
+        tx.send(true).unwrap();
+        task.await.unwrap();
+    }
+}
+
+#[test]
+fn the_scheduler_gives_new_replicas_their_initial_target_and_keeps_it() {
+    use crate::controllers::scheduler::{InstancePlan, ReplicaPlacement, apply_instance_plan};
+    let mut i = updated_to(2, 2, UpdateStrategy::default());
+    i.spec.replicas = 3;
+    i.status.as_mut().unwrap().rollout.as_mut().unwrap().phase = RolloutPhase::RolledBack;
+    i.status
+        .as_mut()
+        .unwrap()
+        .rollout
+        .as_mut()
+        .unwrap()
+        .revision = 2;
+    let plan = InstancePlan {
+        generation: i.metadata.generation,
+        replicas: vec![
+            ReplicaPlacement::Placed { host: "h0".into() },
+            ReplicaPlacement::Unplaced {
+                reason: "Unschedulable: 0/1 hosts fit".into(),
+            },
+            ReplicaPlacement::Placed { host: "h2".into() },
+        ],
+    };
+    apply_instance_plan(&mut i, &plan, "2026-07-10T12:00:00Z");
+    // bot-1 lost its host but keeps its target; bot-2 is new and joins the stable revision.
+    assert_eq!(targets(&i), [Some(1), Some(1), Some(1)]);
+    let before = i.clone();
+    let changed = apply_instance_plan(&mut i, &plan, "2026-07-10T12:00:01Z");
+    assert_eq!(before.status, i.status);
+    assert!(!changed, "stable");
+}
