@@ -377,6 +377,7 @@ pub fn rows(
                 .collect();
             (header, rows)
         }
+        Kind::Rollout => super::waves::table(items, now),
         Kind::Secret => {
             let header = vec!["NAME", "TENANT", "PROJECT", "KEYS", "AGE"];
             let rows = items

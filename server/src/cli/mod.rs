@@ -20,6 +20,7 @@ mod scale;
 mod secret;
 mod settings;
 mod token;
+mod waves;
 
 use std::fmt;
 use std::io::{self, Write};

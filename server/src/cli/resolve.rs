@@ -85,6 +85,8 @@ pub fn object_path(key: &ObjectKey) -> String {
             key.tenant, key.project, key.name
         ),
         Kind::Project => format!("/api/v1/tenants/{}/projects/{}", key.tenant, key.name),
+        Kind::Rollout if key.tenant.is_empty() => format!("/api/v1/rollouts/{}", key.name),
+        Kind::Rollout => format!("/api/v1/tenants/{}/rollouts/{}", key.tenant, key.name),
         Kind::OpenClawInstance => {
             format!(
                 "/api/v1/tenants/{}/projects/{}/instances/{}",
@@ -179,6 +181,13 @@ fn exact_key(
             (Some(t), Some(p)) => Some(ObjectKey::instance(t, p, name)),
             _ => None,
         },
+        // Without a tenant: the cluster-wide Rollout of that name.
+        Kind::Rollout => Some(ObjectKey {
+            kind,
+            tenant: tenant.unwrap_or_default().to_string(),
+            project: String::new(),
+            name: name.to_string(),
+        }),
     }
 }
 

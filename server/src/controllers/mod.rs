@@ -4,3 +4,4 @@ pub mod scheduler;
 
 #[cfg(test)]
 pub(crate) mod fixtures;
+pub mod waves;

@@ -221,7 +221,7 @@ fn reached_by(conn: &Connection, key: &ObjectKey) -> Result<Vec<StoredObject>, S
             "tenant = ?1 AND project = ?2",
             &[&key.tenant, &key.project],
         ),
-        Kind::Host => Ok(Vec::new()),
+        Kind::Host | Kind::Rollout => Ok(Vec::new()),
     }
 }
 
@@ -465,6 +465,8 @@ pub fn revise(
             revised.push((o.key.clone(), revision));
         }
     }
+    // A change to a shared layer that reached several instances moves them in waves.
+    super::waves::hold_revised(tx, changed, &revised, index, now)?;
     Ok(revised)
 }
 
@@ -504,6 +506,10 @@ pub fn before_delete(tx: &Transaction<'_>, key: &ObjectKey) -> Result<(), StoreE
                 tx.prepare_cached("DELETE FROM config_revisions WHERE instance_uid = ?1")?
                     .execute([&o.uid])?;
             }
+            Vec::new()
+        }
+        Kind::Rollout => {
+            super::waves::before_delete(tx, key)?;
             Vec::new()
         }
         Kind::Tenant | Kind::Project | Kind::Host => Vec::new(),
