@@ -14,6 +14,7 @@ use super::{ApiState, router};
 mod config_center;
 mod permissions;
 mod tenancy;
+mod waves;
 use crate::auth::{
     self, PLATFORM_ADMIN, generate_api_token, generate_join_token, generate_token_id, hash_token,
 };
