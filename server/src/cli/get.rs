@@ -85,6 +85,9 @@ struct BriefSpec {
     config: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     keys: Option<Value>,
+    /// A Rollout's change (a system Rollout's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    change: Option<Value>,
 }
 
 #[derive(Default, Deserialize, Serialize)]
@@ -104,6 +107,13 @@ struct BriefStatus {
     usage: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     config_revision: Option<Value>,
+    /// A Rollout's wave in progress, how many there are, and its instances per state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    wave: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    waves: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    counts: Option<Value>,
 }
 
 #[derive(Deserialize, Serialize)]

@@ -106,6 +106,11 @@ pub fn list_path(
     let base = format!("/api/v1/{}", kind.plural());
     match kind.scope() {
         Scope::Cluster => with_query(&base, &[("labelSelector", selector)]),
+        // A tenant's Rollouts have their own path, which its tenant-admin may read.
+        Scope::Tenant if kind == Kind::Rollout && tenant.is_some() => with_query(
+            &format!("/api/v1/tenants/{}/rollouts", tenant.unwrap_or_default()),
+            &[("labelSelector", selector)],
+        ),
         Scope::Tenant if kind != Kind::Secret => {
             with_query(&base, &[("tenant", tenant), ("labelSelector", selector)])
         }
@@ -181,10 +186,10 @@ fn exact_key(
             (Some(t), Some(p)) => Some(ObjectKey::instance(t, p, name)),
             _ => None,
         },
-        // Without a tenant: the cluster-wide Rollout of that name.
-        Kind::Rollout => Some(ObjectKey {
+        // Without a tenant: searched among every Rollout (cluster-wide ones have none).
+        Kind::Rollout => tenant.map(|t| ObjectKey {
             kind,
-            tenant: tenant.unwrap_or_default().to_string(),
+            tenant: t.to_string(),
             project: String::new(),
             name: name.to_string(),
         }),

@@ -62,10 +62,10 @@ pub fn table(items: &[Value], now: SystemTime) -> (Vec<&'static str>, Vec<Vec<St
     let rows = items
         .iter()
         .map(|o| {
-            let total = o
-                .pointer("/status/instances")
-                .and_then(Value::as_array)
-                .map_or(0, Vec::len);
+            let total: u64 = o
+                .pointer("/status/counts")
+                .and_then(Value::as_object)
+                .map_or(0, |c| c.values().filter_map(Value::as_u64).sum());
             let phase = o
                 .pointer("/status/phase")
                 .and_then(Value::as_str)

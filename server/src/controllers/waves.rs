@@ -155,12 +155,21 @@ pub fn plan(
             i.state = WaveInstanceState::Gone;
             continue;
         };
-        if o.held_by.as_deref().is_some_and(|h| h != name) {
+        // A system Rollout's held instance no longer held by it, or an instance a Rollout
+        // released that a newer change holds, was taken over. (A user's Rollout ignores holds
+        // on instances it has not changed yet: writing its version takes them over.)
+        let taken = match (&o.held_by, i.state) {
+            (Some(h), _) if h != name => Some(format!("taken over by rollout {h}")),
+            (None, WaveInstanceState::Held) if spec.is_system() => {
+                Some("released by a newer change".to_string())
+            }
+            _ => None,
+        };
+        if let Some(why) = taken
+            && (spec.is_system() || i.state == WaveInstanceState::Progressing)
+        {
             i.state = WaveInstanceState::Superseded;
-            i.message = o
-                .held_by
-                .as_ref()
-                .map(|h| format!("taken over by rollout {h}"));
+            i.message = Some(why);
             continue;
         }
         if i.state != WaveInstanceState::Progressing {
@@ -509,6 +518,22 @@ fn execute(store: &dyn Store, r: &Rollout, steps: &[Step]) -> Result<(), WaveErr
                         false,
                         &note,
                     )
+                    .map_err(|source| WaveError::Write {
+                        key: key.clone(),
+                        source: Box::new(source),
+                    })?;
+                // The version written is the newest change: an older change's hold goes.
+                store
+                    .update(&key, &mut |res| {
+                        if let Resource::OpenClawInstance(x) = res
+                            && let Some(ro) = x.status.as_mut().and_then(|s| s.rollout.as_mut())
+                            && ro.held_by.is_some()
+                        {
+                            ro.held_by = None;
+                            return true;
+                        }
+                        false
+                    })
                     .map_err(|source| WaveError::Write {
                         key,
                         source: Box::new(source),

@@ -299,3 +299,43 @@ fn a_user_rollout_writes_its_version_and_remembers_the_old_one() {
     let after = plan("upgrade", &spec, &next.status, &[], &obs, T0 + 2);
     assert_eq!(after.status.counts.succeeded, 1);
 }
+
+#[test]
+fn a_user_rollout_takes_over_instances_an_older_change_holds() {
+    let members: Vec<InstanceRef> = (0..2).map(inst).collect();
+    let spec = RolloutSpec {
+        selector: Some(RolloutSelector::default()),
+        version: Some("2026.8.1".into()),
+        ..Default::default()
+    };
+    let obs: HashMap<InstanceRef, Observed> = members
+        .iter()
+        .map(|m| {
+            (
+                m.clone(),
+                Observed {
+                    held_by: Some(NAME.into()),
+                    config_revision: Some(2),
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    let p = plan("upgrade", &spec, &WaveStatus::default(), &members, &obs, T0);
+    assert_eq!(released(&p.steps), ["bot-0"]);
+    assert_eq!(
+        p.status.counts.held, 1,
+        "bot-1 waits for its wave, not superseded"
+    );
+    assert_eq!(p.status.counts.superseded, 0);
+
+    // The older system Rollout sees its hold gone: a newer change moved the instance.
+    let (sys, status, mut sys_obs) = system(2);
+    sys_obs.get_mut(&inst(1)).unwrap().held_by = None;
+    let s = plan(NAME, &sys, &status, &[], &sys_obs, T0);
+    assert_eq!(s.status.instances[1].state, WaveInstanceState::Superseded);
+    assert_eq!(
+        s.status.instances[1].message.as_deref(),
+        Some("released by a newer change")
+    );
+}
