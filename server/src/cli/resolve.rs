@@ -316,7 +316,7 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("instances (instance, inst, "), "{e}");
-        assert!(e.ends_with(" and secrets (secret, sec)"), "{e}");
+        assert!(e.ends_with(" and rollouts (rollout, ro)"), "{e}");
     }
 
     #[test]

@@ -512,7 +512,11 @@ pub fn before_delete(tx: &Transaction<'_>, key: &ObjectKey) -> Result<(), StoreE
             super::waves::before_delete(tx, key)?;
             Vec::new()
         }
-        Kind::Tenant | Kind::Project | Kind::Host => Vec::new(),
+        Kind::Tenant => {
+            super::waves::drop_tenant_rollouts(tx, &key.name)?;
+            Vec::new()
+        }
+        Kind::Project | Kind::Host => Vec::new(),
     };
     if !users.is_empty() {
         let mut names: Vec<String> = users.iter().take(SHOWN).map(|k| k.to_string()).collect();
