@@ -129,6 +129,10 @@ pub fn plan(
     });
     st.waves = sizes.len() as u32;
     let mut wave = 0u32;
+    // Decided afresh below (a resumed Rollout is no longer Paused).
+    if st.phase == WavePhase::Paused {
+        st.phase = WavePhase::Progressing;
+    }
     for (at, i) in st.instances.iter_mut().enumerate() {
         while (wave as usize) < sizes.len() && at >= sizes[wave as usize] {
             wave += 1;
@@ -300,11 +304,7 @@ pub fn plan(
         st.wave_done_at = Some(rfc3339(done_at));
         let bake = spec.bake().as_secs() as i64;
         if now - done_at < bake {
-            st.phase = if spec.paused {
-                WavePhase::Paused
-            } else {
-                WavePhase::Progressing
-            };
+            st.phase = WavePhase::Progressing;
             st.message = Some(format!(
                 "wave {} of {} done; the next starts after the bake time, at {}",
                 current + 1,
@@ -315,6 +315,10 @@ pub fn plan(
         }
         st.wave = current + 1;
         st.wave_done_at = None;
+    }
+    if spec.paused && st.phase == WavePhase::Progressing {
+        st.phase = WavePhase::Paused;
+        st.message = st.message.map(|m| format!("paused; {m}"));
     }
     st.counts = counts(&st.instances);
     WavePlan { status: st, steps }

@@ -220,14 +220,22 @@ fn pause_keeps_the_next_wave_from_starting() {
     let (mut spec, status, mut obs) = system(4);
     spec.bake_time = Some("0s".into());
     let p = plan(NAME, &spec, &status, &[], &obs, T0);
-    act(&mut obs, &p.steps, RolloutPhase::Succeeded);
     spec.paused = true;
+    // Paused while its first wave updates: that update goes on, the status says so.
+    let during = plan(NAME, &spec, &p.status, &[], &obs, T0);
+    assert_eq!(during.status.phase, WavePhase::Paused);
+    assert_eq!(
+        during.status.message.as_deref(),
+        Some("paused; wave 1 of 3: 1 instance updating")
+    );
+    act(&mut obs, &p.steps, RolloutPhase::Succeeded);
     let paused = plan(NAME, &spec, &p.status, &[], &obs, T0 + 1);
     assert!(paused.steps.is_empty());
     assert_eq!(paused.status.phase, WavePhase::Paused);
     spec.paused = false;
     let resumed = plan(NAME, &spec, &paused.status, &[], &obs, T0 + 2);
     assert_eq!(released(&resumed.steps), ["bot-1"]);
+    assert_eq!(resumed.status.phase, WavePhase::Progressing);
 }
 
 #[test]
