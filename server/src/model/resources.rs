@@ -1,5 +1,5 @@
-//! The kinds (`Tenant`, `Project`, `OpenClawInstance`, `Host`, `ConfigTemplate`, `Secret`) and
-//! their envelope.
+//! The kinds (`Tenant`, `Project`, `OpenClawInstance`, `Host`, `ConfigTemplate`, `Secret`,
+//! `Rollout`) and their envelope.
 
 use std::collections::BTreeMap;
 use std::fmt;
