@@ -305,6 +305,13 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
             "scheduler"
         });
     }
+    {
+        let (store, stop) = (Arc::clone(&store), tasks_stop.clone());
+        tasks.spawn(async move {
+            crate::controllers::waves::run(store, stop).await;
+            "wave controller"
+        });
+    }
 
     {
         let (store, stop) = (Arc::clone(&store), tasks_stop.clone());

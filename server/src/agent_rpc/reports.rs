@@ -194,7 +194,8 @@ impl Reports {
             Resource::Tenant(_)
             | Resource::Project(_)
             | Resource::ConfigTemplate(_)
-            | Resource::Secret(_) => false,
+            | Resource::Secret(_)
+            | Resource::Rollout(_) => false,
         })?;
         if !host_is_current {
             return Err(StoreError::NotFound(host_key));

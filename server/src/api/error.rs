@@ -186,7 +186,11 @@ fn parent_field(kind: Kind) -> &'static str {
     match kind {
         Kind::Tenant => "metadata.tenant",
         Kind::Project => "metadata.project",
-        Kind::OpenClawInstance | Kind::Host | Kind::ConfigTemplate | Kind::Secret => "metadata",
+        Kind::OpenClawInstance
+        | Kind::Host
+        | Kind::ConfigTemplate
+        | Kind::Secret
+        | Kind::Rollout => "metadata",
     }
 }
 

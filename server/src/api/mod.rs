@@ -11,6 +11,7 @@ mod rollout;
 pub mod routes;
 mod serve;
 mod tokens;
+mod waves;
 
 #[cfg(test)]
 mod tests;
@@ -1073,6 +1074,27 @@ fn api_routes() -> routes::Routes {
             get(Secrets, configs::get_project_secret)
                 .put(ProjectSecrets, configs::put_project_secret)
                 .delete(ProjectSecrets, configs::delete_project_secret),
+        )
+        .route(
+            &v1("/rollouts"),
+            get(Rollouts, waves::list_rollouts).post(Rollouts, waves::create_rollout),
+        )
+        .route(
+            &v1("/rollouts/{name}"),
+            get(Rollouts, waves::get_rollout)
+                .put(Rollouts, waves::put_rollout)
+                .delete(Rollouts, waves::delete_rollout),
+        )
+        .route(
+            &v1("/tenants/{tenant}/rollouts"),
+            get(TenantRollouts, waves::list_tenant_rollouts)
+                .post(TenantRollouts, waves::create_tenant_rollout),
+        )
+        .route(
+            &v1("/tenants/{tenant}/rollouts/{name}"),
+            get(TenantRollouts, waves::get_tenant_rollout)
+                .put(TenantRollouts, waves::put_tenant_rollout)
+                .delete(TenantRollouts, waves::delete_tenant_rollout),
         )
         .route(&v1("/hosts"), get(Hosts, objects::list_hosts))
         .route(

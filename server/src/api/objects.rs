@@ -887,6 +887,12 @@ fn delete_key(i: usize, doc: &Value) -> Result<ObjectKey, Vec<FieldProblem>> {
             let tenant = name_at("tenant", true);
             ObjectKey::instance(tenant, name_at("project", true), name)
         }
+        Kind::Rollout => ObjectKey {
+            kind,
+            tenant: name_at("tenant", false),
+            project: String::new(),
+            name,
+        },
     };
     if problems.is_empty() {
         Ok(key)
@@ -930,7 +936,7 @@ pub async fn delete_batch(
         match delete_key(i, doc) {
             Ok(key) => match rbac::check(
                 &state.caller().principal,
-                rbac::Res::of_object(key.kind, Some(&key.project)),
+                rbac::Res::of_object(key.kind, Some(&key.tenant), Some(&key.project)),
                 rbac::Verb::Delete,
             ) {
                 Ok(_) if seen.insert(key.clone()) => batch.push((i, key)),

@@ -140,6 +140,16 @@ impl Modify for BearerAuth {
         configs::diff,
         configs::rollback,
         super::rollout::rollout_action,
+        super::waves::list_rollouts,
+        super::waves::create_rollout,
+        super::waves::get_rollout,
+        super::waves::put_rollout,
+        super::waves::delete_rollout,
+        super::waves::list_tenant_rollouts,
+        super::waves::create_tenant_rollout,
+        super::waves::get_tenant_rollout,
+        super::waves::put_tenant_rollout,
+        super::waves::delete_tenant_rollout,
     ),
     components(schemas(
         ErrorBody, ErrorCode, FieldProblem, Health, Ready, Info, ApplyRequest, ApplyResponse, AppliedItem, DeleteBatchResponse, DeletedItem, Outcome,
@@ -149,6 +159,7 @@ impl Modify for BearerAuth {
         configs::TemplateList, configs::SecretList, configs::Effective, configs::History, configs::Diff,
         configs::RollbackRequest, configs::RolledBack, configs::Rotated, crate::store::RevisionRecord,
         super::rollout::RolloutRequest, super::rollout::RolloutAnswer,
+        super::waves::RolloutList,
     )),
     tags(
         (name = "health", description = "Liveness and readiness, without authentication"),
@@ -163,6 +174,7 @@ impl Modify for BearerAuth {
         (name = "secrets", description = "Encrypted values, referenced from instances; values are write-only"),
         (name = "config", description = "An instance's effective openclaw.json, its revisions, diff and rollback"),
         (name = "rollout", description = "Pause, resume, promote, abort or undo an instance's update"),
+        (name = "rollouts", description = "Fleet-wide changes moved across instances in waves"),
     ),
 )]
 pub struct ApiDoc;

@@ -15,6 +15,7 @@ mod config_center;
 mod permissions;
 mod rollout;
 mod tenancy;
+mod waves;
 use crate::auth::{
     self, PLATFORM_ADMIN, generate_api_token, generate_join_token, generate_token_id, hash_token,
 };

@@ -84,10 +84,14 @@ pub enum Res {
     /// A batch of objects (`/apply`): the caller must be able to write something; every
     /// document is then checked as what it is.
     Apply,
+    /// Cluster-wide `Rollout`s (no `metadata.tenant`): waves across tenants.
+    Rollouts,
+    /// A tenant's `Rollout`s: waves over that tenant's instances only.
+    TenantRollouts,
 }
 
 impl Res {
-    pub const ALL: [Res; 15] = [
+    pub const ALL: [Res; 17] = [
         Res::Info,
         Res::Tenants,
         Res::Projects,
@@ -103,11 +107,14 @@ impl Res {
         Res::ProjectSecrets,
         Res::SecretKey,
         Res::Apply,
+        Res::Rollouts,
+        Res::TenantRollouts,
     ];
 
     /// What writing or deleting an object of `kind` touches: a secret is its tenant's or, when
-    /// it names a project, its project's.
-    pub fn of_object(kind: Kind, project: Option<&str>) -> Res {
+    /// it names a project, its project's; a Rollout is its tenant's or, without a tenant,
+    /// cluster-wide.
+    pub fn of_object(kind: Kind, tenant: Option<&str>, project: Option<&str>) -> Res {
         match kind {
             Kind::Tenant => Res::Tenants,
             Kind::Project => Res::Projects,
@@ -116,12 +123,15 @@ impl Res {
             Kind::ConfigTemplate => Res::Templates,
             Kind::Secret if project.is_some_and(|p| !p.is_empty()) => Res::ProjectSecrets,
             Kind::Secret => Res::TenantSecrets,
+            Kind::Rollout if tenant.is_some_and(|t| !t.is_empty()) => Res::TenantRollouts,
+            Kind::Rollout => Res::Rollouts,
         }
     }
 
     /// [`Res::of_object`] of a resource.
     pub fn of_resource(resource: &Resource) -> Res {
-        Res::of_object(resource.kind(), resource.metadata().project.as_deref())
+        let m = resource.metadata();
+        Res::of_object(resource.kind(), m.tenant.as_deref(), m.project.as_deref())
     }
 
     /// The resource's row in README.md's permission table.
@@ -142,6 +152,8 @@ impl Res {
             Res::ProjectSecrets => "a project's secrets",
             Res::SecretKey => "the secrets' data key (`secret rotate-key`)",
             Res::Apply => "`apply` and `delete -f` (a batch; each document is checked as its kind)",
+            Res::Rollouts => "cluster-wide rollouts (waves across tenants)",
+            Res::TenantRollouts => "a tenant's rollouts (waves over its own instances)",
         }
     }
 
@@ -162,6 +174,8 @@ impl Res {
             Res::Audit => "the audit log",
             Res::AuditChain => "the whole audit chain",
             Res::Metrics => "metrics",
+            Res::Rollouts => "cluster-wide rollouts",
+            Res::TenantRollouts => "a tenant's rollouts",
         }
     }
 }
@@ -247,6 +261,12 @@ pub const PERMISSIONS: &[Permission] = &[
     p(Res::ProjectSecrets, Verb::Write, EDITORS, false),
     p(Res::ProjectSecrets, Verb::Delete, EDITORS, false),
     p(Res::SecretKey, Verb::Write, PA, false),
+    p(Res::Rollouts, Verb::Read, PA_VIEWER, true),
+    p(Res::Rollouts, Verb::Write, PA, false),
+    p(Res::Rollouts, Verb::Delete, PA, false),
+    p(Res::TenantRollouts, Verb::Read, EVERY_ROLE, false),
+    p(Res::TenantRollouts, Verb::Write, PA_TA, false),
+    p(Res::TenantRollouts, Verb::Delete, PA_TA, false),
     p(Res::Apply, Verb::Write, EDITORS, false),
     p(Res::Apply, Verb::Delete, EDITORS, false),
 ];

@@ -496,6 +496,7 @@ pub fn render(kind: Kind, v: &Value, host_replicas: &[Vec<String>], now: SystemT
         Kind::Secret => secret(&mut out, v),
         Kind::OpenClawInstance => instance(&mut out, v, now),
         Kind::Host => host(&mut out, v, now, host_replicas),
+        Kind::Rollout => super::waves::describe(&mut out.text, v),
     }
     out.text
 }

@@ -85,6 +85,9 @@ struct BriefSpec {
     config: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     keys: Option<Value>,
+    /// A Rollout's change (a system Rollout's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    change: Option<Value>,
 }
 
 #[derive(Default, Deserialize, Serialize)]
@@ -110,6 +113,13 @@ struct BriefStatus {
     usage: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     config_revision: Option<Value>,
+    /// A Rollout's wave in progress, how many there are, and its instances per state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    wave: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    waves: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    counts: Option<Value>,
 }
 
 #[derive(Deserialize, Serialize)]
@@ -409,6 +419,7 @@ pub fn rows(
                 .collect();
             (header, rows)
         }
+        Kind::Rollout => super::waves::table(items, now),
         Kind::Secret => {
             let header = vec!["NAME", "TENANT", "PROJECT", "KEYS", "AGE"];
             let rows = items

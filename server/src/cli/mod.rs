@@ -21,6 +21,7 @@ mod scale;
 mod secret;
 mod settings;
 mod token;
+mod waves;
 
 use std::fmt;
 use std::io::{self, Write};

@@ -85,6 +85,8 @@ pub fn object_path(key: &ObjectKey) -> String {
             key.tenant, key.project, key.name
         ),
         Kind::Project => format!("/api/v1/tenants/{}/projects/{}", key.tenant, key.name),
+        Kind::Rollout if key.tenant.is_empty() => format!("/api/v1/rollouts/{}", key.name),
+        Kind::Rollout => format!("/api/v1/tenants/{}/rollouts/{}", key.tenant, key.name),
         Kind::OpenClawInstance => {
             format!(
                 "/api/v1/tenants/{}/projects/{}/instances/{}",
@@ -104,6 +106,11 @@ pub fn list_path(
     let base = format!("/api/v1/{}", kind.plural());
     match kind.scope() {
         Scope::Cluster => with_query(&base, &[("labelSelector", selector)]),
+        // A tenant's Rollouts have their own path, which its tenant-admin may read.
+        Scope::Tenant if kind == Kind::Rollout && tenant.is_some() => with_query(
+            &format!("/api/v1/tenants/{}/rollouts", tenant.unwrap_or_default()),
+            &[("labelSelector", selector)],
+        ),
         Scope::Tenant if kind != Kind::Secret => {
             with_query(&base, &[("tenant", tenant), ("labelSelector", selector)])
         }
@@ -179,6 +186,13 @@ fn exact_key(
             (Some(t), Some(p)) => Some(ObjectKey::instance(t, p, name)),
             _ => None,
         },
+        // Without a tenant: searched among every Rollout (cluster-wide ones have none).
+        Kind::Rollout => tenant.map(|t| ObjectKey {
+            kind,
+            tenant: t.to_string(),
+            project: String::new(),
+            name: name.to_string(),
+        }),
     }
 }
 
@@ -302,7 +316,7 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("instances (instance, inst, "), "{e}");
-        assert!(e.ends_with(" and secrets (secret, sec)"), "{e}");
+        assert!(e.ends_with(" and rollouts (rollout, ro)"), "{e}");
     }
 
     #[test]

@@ -5,3 +5,4 @@ pub mod scheduler;
 
 #[cfg(test)]
 pub(crate) mod fixtures;
+pub mod waves;

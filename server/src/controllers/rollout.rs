@@ -846,7 +846,8 @@ pub fn reconcile_once(store: &dyn Store, now_ms: i64) -> Result<PassReport, Roll
             | Resource::Project(_)
             | Resource::ConfigTemplate(_)
             | Resource::Secret(_)
-            | Resource::Host(_) => false,
+            | Resource::Host(_)
+            | Resource::Rollout(_) => false,
         }
     };
     for chunk in keys.chunks(WRITE_BATCH) {

@@ -760,7 +760,8 @@ pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
             Resource::Tenant(_)
             | Resource::Project(_)
             | Resource::ConfigTemplate(_)
-            | Resource::Secret(_) => false,
+            | Resource::Secret(_)
+            | Resource::Rollout(_) => false,
         }
     };
     for chunk in keys.chunks(WRITE_BATCH) {

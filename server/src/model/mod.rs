@@ -7,6 +7,7 @@ mod resources;
 mod rollout;
 mod status;
 mod validate;
+mod waves;
 
 pub use config::*;
 pub use names::{validate_dns_label, validate_label_key, validate_label_value};
@@ -18,3 +19,4 @@ pub use validate::{
     FieldProblem, MAX_ENV_VALUE_BYTES, MAX_HOSTNAME_BYTES, MAX_LABELS, MAX_OBJECT_BYTES,
     MAX_REPLICAS, decode_typed, serde_problem, validate_object, validate_version,
 };
+pub use waves::*;

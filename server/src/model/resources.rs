@@ -1,5 +1,5 @@
-//! The kinds (`Tenant`, `Project`, `OpenClawInstance`, `Host`, `ConfigTemplate`, `Secret`) and
-//! their envelope.
+//! The kinds (`Tenant`, `Project`, `OpenClawInstance`, `Host`, `ConfigTemplate`, `Secret`,
+//! `Rollout`) and their envelope.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,6 +13,7 @@ use super::config::{ConfigFragment, ConfigTemplateSpec, EnvValue, SecretSpec};
 use super::rollout::{
     RetainedVolume, RolloutStatus, SnapshotInfo, UpdateStrategy, VolumeRetention,
 };
+use super::waves::{RolloutSpec, WaveStatus};
 
 /// The only API version this server speaks.
 pub const API_VERSION: &str = "clusterclaw.io/v1";
@@ -38,6 +39,8 @@ pub enum Kind {
     Host,
     ConfigTemplate,
     Secret,
+    /// A change moved across many instances in waves (see [`super::waves`]).
+    Rollout,
 }
 
 /// Where objects of a kind live: their names are unique within that scope.
@@ -49,13 +52,14 @@ pub enum Scope {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Tenant,
         Kind::Project,
         Kind::OpenClawInstance,
         Kind::Host,
         Kind::ConfigTemplate,
         Kind::Secret,
+        Kind::Rollout,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +70,7 @@ impl Kind {
             Kind::Host => "Host",
             Kind::ConfigTemplate => "ConfigTemplate",
             Kind::Secret => "Secret",
+            Kind::Rollout => "Rollout",
         }
     }
 
@@ -78,6 +83,7 @@ impl Kind {
             Kind::Host => "host",
             Kind::ConfigTemplate => "configtemplate",
             Kind::Secret => "secret",
+            Kind::Rollout => "rollout",
         }
     }
 
@@ -90,6 +96,7 @@ impl Kind {
             Kind::Host => "hosts",
             Kind::ConfigTemplate => "configtemplates",
             Kind::Secret => "secrets",
+            Kind::Rollout => "rollouts",
         }
     }
 
@@ -98,6 +105,8 @@ impl Kind {
             Kind::Tenant | Kind::Host | Kind::ConfigTemplate => Scope::Cluster,
             // A secret belongs to a tenant, and optionally to one of its projects.
             Kind::Project | Kind::Secret => Scope::Tenant,
+            // A tenant's Rollout, or (without `metadata.tenant`) a cluster-wide one.
+            Kind::Rollout => Scope::Tenant,
             Kind::OpenClawInstance => Scope::Project,
         }
     }
@@ -116,6 +125,7 @@ impl Kind {
             Kind::Secret => 3,
             Kind::OpenClawInstance => 4,
             Kind::Host => 5,
+            Kind::Rollout => 6,
         }
     }
 
@@ -143,6 +153,7 @@ impl Kind {
                 "ct",
             ],
             Kind::Secret => &["secrets", "secret", "sec"],
+            Kind::Rollout => &["rollouts", "rollout", "ro"],
         }
     }
 
@@ -219,6 +230,8 @@ impl ObjectKey {
     pub fn parent(&self) -> Option<ObjectKey> {
         match self.kind {
             Kind::Tenant | Kind::Host | Kind::ConfigTemplate => None,
+            Kind::Rollout if self.tenant.is_empty() => None,
+            Kind::Rollout => Some(ObjectKey::cluster(Kind::Tenant, &self.tenant)),
             Kind::Project => Some(ObjectKey::cluster(Kind::Tenant, &self.tenant)),
             Kind::Secret if self.project.is_empty() => {
                 Some(ObjectKey::cluster(Kind::Tenant, &self.tenant))
@@ -739,6 +752,21 @@ object!(
     /// Values (API keys, tokens) kept encrypted, referenced from instances' env and config.
     Secret, Secret, SecretSpec, ScopeStatus
 );
+object!(
+    /// A change moved across many instances in waves, halted at the first failed gate.
+    Rollout, Rollout, RolloutSpec, WaveStatus
+);
+
+impl Rollout {
+    pub fn key(&self) -> ObjectKey {
+        ObjectKey {
+            kind: Kind::Rollout,
+            tenant: self.metadata.tenant.clone().unwrap_or_default(),
+            project: String::new(),
+            name: self.metadata.name.clone(),
+        }
+    }
+}
 
 impl Tenant {
     pub fn key(&self) -> ObjectKey {
@@ -821,6 +849,7 @@ pub enum Resource {
     Host(Host),
     ConfigTemplate(ConfigTemplate),
     Secret(Secret),
+    Rollout(Rollout),
 }
 
 impl Resource {
@@ -832,6 +861,7 @@ impl Resource {
             Resource::Host(_) => Kind::Host,
             Resource::ConfigTemplate(_) => Kind::ConfigTemplate,
             Resource::Secret(_) => Kind::Secret,
+            Resource::Rollout(_) => Kind::Rollout,
         }
     }
 
@@ -843,6 +873,7 @@ impl Resource {
             Resource::Host(o) => &o.metadata,
             Resource::ConfigTemplate(o) => &o.metadata,
             Resource::Secret(o) => &o.metadata,
+            Resource::Rollout(o) => &o.metadata,
         }
     }
 
@@ -854,6 +885,7 @@ impl Resource {
             Resource::Host(o) => &mut o.metadata,
             Resource::ConfigTemplate(o) => &mut o.metadata,
             Resource::Secret(o) => &mut o.metadata,
+            Resource::Rollout(o) => &mut o.metadata,
         }
     }
 
@@ -866,6 +898,7 @@ impl Resource {
             Resource::Host(o) => o.key(),
             Resource::ConfigTemplate(o) => o.key(),
             Resource::Secret(o) => o.key(),
+            Resource::Rollout(o) => o.key(),
         }
     }
 
@@ -878,6 +911,7 @@ impl Resource {
             Resource::Host(o) => serde_json::to_value(&o.spec),
             Resource::ConfigTemplate(o) => serde_json::to_value(&o.spec),
             Resource::Secret(o) => serde_json::to_value(&o.spec),
+            Resource::Rollout(o) => serde_json::to_value(&o.spec),
         };
         v.unwrap_or(Value::Null)
     }
@@ -891,6 +925,7 @@ impl Resource {
             Resource::Host(o) => serde_json::to_value(&o.status),
             Resource::ConfigTemplate(o) => serde_json::to_value(&o.status),
             Resource::Secret(o) => serde_json::to_value(&o.status),
+            Resource::Rollout(o) => serde_json::to_value(&o.status),
         };
         v.unwrap_or(Value::Null)
     }
@@ -904,6 +939,7 @@ impl Resource {
             Resource::Host(o) => o.status = None,
             Resource::ConfigTemplate(o) => o.status = None,
             Resource::Secret(o) => o.status = None,
+            Resource::Rollout(o) => o.status = None,
         }
     }
 
@@ -993,6 +1029,7 @@ impl Resource {
             Kind::Host => Resource::Host(typed(value)?),
             Kind::ConfigTemplate => Resource::ConfigTemplate(typed(value)?),
             Kind::Secret => Resource::Secret(typed(value)?),
+            Kind::Rollout => Resource::Rollout(typed(value)?),
         })
     }
 }

@@ -318,7 +318,11 @@ fn check_metadata(kind: Kind, m: &Metadata, out: &mut Vec<FieldProblem>) {
         (None, false) => {}
     }
     };
-    scope_field("tenant", &m.tenant, scope != Scope::Cluster);
+    match (kind, &m.tenant) {
+        // A Rollout belongs to a tenant, or (without one) to the whole cluster.
+        (Kind::Rollout, None) => {}
+        _ => scope_field("tenant", &m.tenant, scope != Scope::Cluster),
+    }
     match (kind, &m.project) {
         // A secret belongs to a tenant, or to one of its projects.
         (Kind::Secret, Some(p)) => {
@@ -465,6 +469,9 @@ pub fn validate_object(r: &Resource) -> Vec<FieldProblem> {
                     "at most 1024 characters",
                 ));
             }
+        }
+        Resource::Rollout(r) => {
+            super::waves::check_rollout(&r.spec, r.metadata.tenant.as_deref(), &mut out)
         }
         Resource::Secret(s) => {
             if s.spec.data.is_empty() {

@@ -8,6 +8,7 @@ mod scope;
 pub mod sqlite;
 #[cfg(test)]
 pub mod testing;
+pub mod waves;
 
 use std::collections::BTreeMap;
 

@@ -293,7 +293,7 @@ fn reached_by(conn: &Connection, key: &ObjectKey) -> Result<Vec<StoredObject>, S
             "tenant = ?1 AND project = ?2",
             &[&key.tenant, &key.project],
         ),
-        Kind::Host => Ok(Vec::new()),
+        Kind::Host | Kind::Rollout => Ok(Vec::new()),
     }
 }
 
@@ -804,6 +804,8 @@ pub fn revise(
             revised.push((o.key.clone(), revision));
         }
     }
+    // A change to a shared layer that reached several instances moves them in waves.
+    super::waves::hold_revised(tx, changed, &revised, index, now)?;
     Ok(revised)
 }
 
@@ -846,7 +848,15 @@ pub fn before_delete(tx: &Transaction<'_>, key: &ObjectKey) -> Result<(), StoreE
             }
             Vec::new()
         }
-        Kind::Tenant | Kind::Project | Kind::Host => Vec::new(),
+        Kind::Rollout => {
+            super::waves::before_delete(tx, key)?;
+            Vec::new()
+        }
+        Kind::Tenant => {
+            super::waves::drop_tenant_rollouts(tx, &key.name)?;
+            Vec::new()
+        }
+        Kind::Project | Kind::Host => Vec::new(),
     };
     if !users.is_empty() {
         let mut names: Vec<String> = users.iter().take(SHOWN).map(|k| k.to_string()).collect();

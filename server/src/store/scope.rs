@@ -60,6 +60,8 @@ impl Scope {
             Kind::OpenClawInstance | Kind::Secret => {
                 key.tenant == *tenant && project.is_none_or(|p| key.project == *p)
             }
+            // A tenant's Rollouts; cluster-wide ones (no tenant) only to cluster-wide callers.
+            Kind::Rollout => key.tenant == *tenant,
         }
     }
 
@@ -102,6 +104,7 @@ impl Scope {
                 pin(&mut filter.tenant, tenant)
                     && project.is_none_or(|p| pin(&mut filter.project, p))
             }
+            Kind::Rollout => pin(&mut filter.tenant, tenant),
         }
     }
 }

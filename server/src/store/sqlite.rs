@@ -445,7 +445,11 @@ fn delete_in(
                 |r| r.get::<_, i64>(0),
             )?,
         )),
-        Kind::OpenClawInstance | Kind::Host | Kind::ConfigTemplate | Kind::Secret => None,
+        Kind::OpenClawInstance
+        | Kind::Host
+        | Kind::ConfigTemplate
+        | Kind::Secret
+        | Kind::Rollout => None,
     };
     // Secrets live in a tenant or project as well: they go first too.
     let children = match (children, key.kind) {

@@ -126,6 +126,8 @@ fn expected_need(tag: &str, path: &str, method: &Method) -> Need {
         "secrets" if *method == Method::GET => Res::Secrets,
         "secrets" if path.contains("/projects/{project}/secrets") => Res::ProjectSecrets,
         "secrets" => Res::TenantSecrets,
+        "rollouts" if path.starts_with("/api/v1/tenants/") => Res::TenantRollouts,
+        "rollouts" => Res::Rollouts,
         other => panic!("{method} {path}: no permission row known for the tag {other:?}"),
     };
     Need::Perm(res, Verb::of_method(method))
@@ -251,7 +253,17 @@ fn body_for(template: &str, inside: bool) -> serde_json::Value {
         json!({"apiVersion": "clusterclaw.io/v1", "kind": "ConfigTemplate",
             "metadata": {"name": name}, "spec": {"config": {}}})
     };
+    let rollout_doc = |name: &str| {
+        let mut v = json!({"apiVersion": "clusterclaw.io/v1", "kind": "Rollout",
+            "metadata": {"name": name}, "spec": {"selector": {"labels": {"app": "bot"}}, "version": "2026.8.1"}});
+        if template.starts_with("/api/v1/tenants/") {
+            v["metadata"]["tenant"] = json!(t);
+        }
+        v
+    };
     match last {
+        "rollouts" => rollout_doc("new"),
+        _ if template.ends_with("/rollouts/{name}") => rollout_doc("bot"),
         "scale" => json!({"replicas": 1}),
         "rollback" => json!({"revision": 1}),
         "apply" => json!({"items": [instance(t, p, "applied", 1)]}),
