@@ -39,6 +39,8 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("--pki-dir", "CLUSTERCLAW_SERVER_PKI_DIR"),
     ("--openclaw-schema", "CLUSTERCLAW_SERVER_OPENCLAW_SCHEMA"),
     ("--resync-interval", "CLUSTERCLAW_SERVER_RESYNC_INTERVAL"),
+    ("--fleet-waves", "CLUSTERCLAW_SERVER_FLEET_WAVES"),
+    ("--fleet-bake-time", "CLUSTERCLAW_SERVER_FLEET_BAKE_TIME"),
 ];
 
 /// The environment variable of a flag in [`ENV_VARS`].
@@ -98,6 +100,15 @@ pub struct ServerArgs {
     /// [default: 30s] [env: CLUSTERCLAW_SERVER_RESYNC_INTERVAL].
     #[arg(long, value_name = "DURATION")]
     pub resync_interval: Option<String>,
+    /// Waves in which a change to a shared layer (a config template, a tenant's or project's
+    /// config, a secret's value) moves across the instances it reaches, counts or percents
+    /// [default: 1,10%,50%,100%] [env: CLUSTERCLAW_SERVER_FLEET_WAVES].
+    #[arg(long, value_name = "WAVES")]
+    pub fleet_waves: Option<String>,
+    /// Wait between such waves once a wave's instances all succeeded, at most 24h [default:
+    /// 1m] [env: CLUSTERCLAW_SERVER_FLEET_BAKE_TIME].
+    #[arg(long, value_name = "DURATION")]
+    pub fleet_bake_time: Option<String>,
     /// JSON Schema every effective openclaw.json is checked against before it is stored
     /// [default: the schema built in] [env: CLUSTERCLAW_SERVER_OPENCLAW_SCHEMA].
     #[arg(long, value_name = "FILE")]
@@ -131,6 +142,8 @@ pub struct ServerConfig {
     /// when the certificate is made).
     pub server_names: Vec<String>,
     pub resync_interval: Duration,
+    /// `[rollouts]`: the waves and bake time of changes to shared layers.
+    pub fleet: crate::model::FleetDefaults,
     /// Single sign-on issuers (`[oidc]`); `None` when none are configured.
     pub oidc: Option<crate::auth::oidc::OidcSettings>,
     /// `[rate_limit]`.
@@ -154,6 +167,7 @@ impl ServerConfig {
             agent_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             server_names: Vec::new(),
             resync_interval: DEFAULT_RESYNC_INTERVAL,
+            fleet: crate::model::FleetDefaults::default(),
             openclaw_schema: None,
             oidc: None,
             rate_limits: crate::ratelimit::RateLimits::default(),
@@ -286,6 +300,8 @@ struct FileConfig {
     #[serde(default)]
     scheduler: SchedulerSection,
     #[serde(default)]
+    rollouts: RolloutsSection,
+    #[serde(default)]
     oidc: crate::auth::oidc::OidcConfig,
     #[serde(default)]
     rate_limit: crate::ratelimit::RateLimitConfig,
@@ -321,6 +337,13 @@ struct AgentSection {
 struct PkiSection {
     dir: Option<Spanned<String>>,
     server_names: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutsSection {
+    waves: Option<Spanned<String>>,
+    bake_time: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -745,6 +768,36 @@ pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, C
             None
         }
     };
+    let mut fleet = crate::model::FleetDefaults::default();
+    if let Some(w) = pick(
+        given(args.fleet_waves.clone(), "--fleet-waves", env, string),
+        file.rollouts.waves.as_ref(),
+        "rollouts.waves",
+        src,
+        |_, v| v.to_string(),
+    ) {
+        match crate::model::parse_waves(&w.value) {
+            Ok(waves) => fleet.waves = waves,
+            Err(e) => c.push(w.location, e),
+        }
+    }
+    if let Some(b) = pick(
+        given(
+            args.fleet_bake_time.clone(),
+            "--fleet-bake-time",
+            env,
+            string,
+        ),
+        file.rollouts.bake_time.as_ref(),
+        "rollouts.bake_time",
+        src,
+        |_, v| v.to_string(),
+    ) {
+        match crate::model::parse_bake_time(&b.value) {
+            Ok(_) => fleet.bake_time = b.value.trim().to_string(),
+            Err(e) => c.push(b.location, e),
+        }
+    }
     let rate_limits = match file.rate_limit.validate() {
         Ok(l) => l,
         Err(problems) => {
@@ -776,6 +829,7 @@ pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, C
         pki_dir,
         server_names,
         resync_interval,
+        fleet,
         openclaw_schema,
     })
 }
@@ -925,6 +979,37 @@ resync_interval = "1m"
         assert_eq!(c.server_names, ["other.example.com"]);
         assert_eq!(c.data_dir, dir.path().join("flag"));
         assert_eq!(c.pki_dir, dir.path().join("flag/pki"));
+    }
+
+    #[test]
+    fn fleet_waves_and_bake_time_come_from_the_file_or_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "[rollouts]\nwaves = \"2, 100%\"\nbake_time = \"30s\"\n",
+        );
+        let args = ServerArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let c = load_with(&args, &env()).unwrap();
+        assert_eq!(c.fleet.waves, crate::model::parse_waves("2,100%").unwrap());
+        assert_eq!(c.fleet.bake_time, "30s");
+        let args = ServerArgs {
+            config: Some(p),
+            fleet_waves: Some("100%".into()),
+            fleet_bake_time: Some("2d".into()),
+            ..Default::default()
+        };
+        let e = load_with(&args, &env()).unwrap_err().to_string();
+        assert!(e.contains("--fleet-bake-time"), "{e}");
+        assert!(e.contains("at most 24h"), "{e}");
+        let bad = ServerArgs {
+            fleet_waves: Some("0%".into()),
+            ..Default::default()
+        };
+        let e = load_with(&bad, &env()).unwrap_err().to_string();
+        assert!(e.contains("--fleet-waves"), "{e}");
     }
 
     #[test]

@@ -294,6 +294,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         });
     }
 
+    crate::model::set_fleet_defaults(config.fleet.clone());
     {
         let (store, stop, resync) = (
             Arc::clone(&store),

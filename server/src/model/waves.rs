@@ -36,6 +36,67 @@ pub fn default_waves() -> Vec<IntOrPercent> {
     ]
 }
 
+/// The waves and bake time given to the Rollouts that changes to shared layers make (the
+/// server's `[rollouts]` settings); each such Rollout records them in its spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetDefaults {
+    pub waves: Vec<IntOrPercent>,
+    pub bake_time: String,
+}
+
+impl Default for FleetDefaults {
+    fn default() -> Self {
+        FleetDefaults {
+            waves: default_waves(),
+            bake_time: "1m".into(),
+        }
+    }
+}
+
+static FLEET_DEFAULTS: std::sync::RwLock<Option<FleetDefaults>> = std::sync::RwLock::new(None);
+
+/// Sets the waves and bake time of the Rollouts this server's writes make from now on.
+pub fn set_fleet_defaults(d: FleetDefaults) {
+    *FLEET_DEFAULTS.write().unwrap_or_else(|e| e.into_inner()) = Some(d);
+}
+
+/// What [`set_fleet_defaults`] set, or the built-in defaults.
+pub fn fleet_defaults() -> FleetDefaults {
+    FLEET_DEFAULTS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_default()
+}
+
+/// Parses a list of waves written `1,10%,50%,100%`; the error says what is allowed.
+pub fn parse_waves(s: &str) -> Result<Vec<IntOrPercent>, String> {
+    let waves: Vec<IntOrPercent> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .map(|w| match w.parse::<i64>() {
+            Ok(n) => IntOrPercent::Int(n),
+            Err(_) => IntOrPercent::Percent(w.to_string()),
+        })
+        .collect();
+    if waves.is_empty() || waves.len() > MAX_WAVES || wave_sizes(&waves, 100).is_none() {
+        return Err(format!(
+            "{s:?} is not a list of waves; write between 1 and {MAX_WAVES} counts of at least 1 or percents between 1% and 100%, separated by commas, such as 1,10%,50%,100%"
+        ));
+    }
+    Ok(waves)
+}
+
+/// Parses a bake time (at most 24h).
+pub fn parse_bake_time(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > MAX_BAKE_TIME {
+        return Err(format!("{s:?} is too long; a bake time is at most 24h"));
+    }
+    Ok(d)
+}
+
 /// `spec.bakeTime` when none is given.
 pub const DEFAULT_BAKE_TIME: Duration = Duration::from_secs(60);
 /// Most waves of a Rollout.
@@ -369,6 +430,23 @@ pub fn check_rollout(spec: &RolloutSpec, tenant: Option<&str>, out: &mut Vec<Fie
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fleet_waves_are_parsed_from_text() {
+        assert_eq!(
+            parse_waves("1,10%, 100%").unwrap(),
+            default_waves()[..2]
+                .iter()
+                .cloned()
+                .chain([IntOrPercent::Percent("100%".into())])
+                .collect::<Vec<_>>()
+        );
+        assert!(parse_waves("").is_err());
+        assert!(parse_waves("0").is_err());
+        assert!(parse_waves("soon").unwrap_err().contains("1,10%,50%,100%"));
+        assert!(parse_bake_time("2d").is_err());
+        assert_eq!(parse_bake_time("0s").unwrap(), Duration::ZERO);
+    }
 
     fn p(s: &str) -> IntOrPercent {
         IntOrPercent::Percent(s.into())

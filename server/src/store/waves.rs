@@ -80,10 +80,15 @@ pub fn hold_revised(
             created_at: Some(now.to_string()),
             ..Default::default()
         },
-        spec: RolloutSpec {
-            change: Some(source.to_string()),
-            instances: refs.clone(),
-            ..Default::default()
+        spec: {
+            let defaults = crate::model::fleet_defaults();
+            RolloutSpec {
+                change: Some(source.to_string()),
+                instances: refs.clone(),
+                waves: Some(defaults.waves),
+                bake_time: Some(defaults.bake_time),
+                ..Default::default()
+            }
         },
         status: Some(WaveStatus {
             started_at: Some(now.to_string()),
