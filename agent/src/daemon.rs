@@ -247,6 +247,7 @@ fn reconciler_for(config: &AgentConfig, identity: &HostIdentity) -> Result<Recon
         initial: config.restart_backoff,
         ..BackoffPolicy::default()
     };
+    settings.max_parallel = config.parallel_operations;
     Ok(Reconciler::new(engine, settings))
 }
 

@@ -63,6 +63,7 @@ struct World {
     observed: Observed,
     probes: BTreeMap<ReplicaKey, ProbeStatus>,
     records: BTreeMap<ReplicaKey, ReplicaRecord>,
+    retained: Option<BTreeSet<ReplicaKey>>,
     now: Instant,
 }
 
@@ -76,6 +77,7 @@ impl World {
             },
             probes: BTreeMap::new(),
             records: BTreeMap::new(),
+            retained: Some(BTreeSet::new()),
             now: Instant::now(),
         }
     }
@@ -87,6 +89,7 @@ impl World {
             observed: &self.observed,
             probes: &self.probes,
             records: &self.records,
+            retained: self.retained.as_ref(),
             now: self.now,
         })
     }
@@ -671,7 +674,10 @@ async fn replaces_on_config_change_keeping_volume_and_port() {
     assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
     let name = spec::container_name(&me(), &a.key());
     let mutations = fake.mutations();
-    assert_eq!(mutations[0], FakeCall::StopContainer(old.id.clone()));
+    assert_eq!(
+        mutations[0],
+        FakeCall::StopContainer(old.id.clone(), spec::DEFAULT_STOP_GRACE)
+    );
     assert_eq!(mutations[1], FakeCall::RemoveContainer(old.id.clone()));
     assert_eq!(
         mutations.last(),
@@ -1084,7 +1090,10 @@ async fn a_hand_edited_config_file_is_rewritten_and_the_container_replaced() {
     );
     assert_eq!(std::fs::read_to_string(&config).unwrap(), a.config_json);
     let mutations = fake.mutations();
-    assert_eq!(mutations[0], FakeCall::StopContainer(old.id.clone()));
+    assert_eq!(
+        mutations[0],
+        FakeCall::StopContainer(old.id.clone(), spec::DEFAULT_STOP_GRACE)
+    );
     assert_eq!(mutations[1], FakeCall::RemoveContainer(old.id.clone()));
     assert_eq!(
         mutations.last(),
@@ -1495,7 +1504,7 @@ async fn another_cluster_with_the_same_host_name_leaves_everything_alone() {
     let removed: Vec<FakeCall> = fake.mutations();
     assert!(
         removed.iter().all(|m| match m {
-            FakeCall::StopContainer(_) | FakeCall::RemoveContainer(_) => true,
+            FakeCall::StopContainer(..) | FakeCall::RemoveContainer(_) => true,
             FakeCall::RemoveVolume(v) => *v == spec::volume_name(&them, &a.key()),
             FakeCall::RemoveNetwork(n) => *n == spec::network_name(&them, &a.tenant),
             _ => false,
@@ -1528,11 +1537,261 @@ async fn a_removed_host_stops_its_containers_and_keeps_volumes() {
     assert_eq!(r.stop_all().await.unwrap(), 1);
     let stops: Vec<FakeCall> = fake.mutations();
     assert_eq!(stops.len(), 1, "{stops:?}");
-    assert!(matches!(&stops[0], FakeCall::StopContainer(id) if id != "foreign"));
+    assert!(matches!(&stops[0], FakeCall::StopContainer(id, _) if id != "foreign"));
     assert_eq!(fake.volumes().len(), 1, "the state volume stays");
     assert_eq!(
         r.stop_all().await.unwrap(),
         0,
         "stopped ones are not stopped again"
+    );
+}
+
+// --- parallel work, grace periods, retained volumes -------------------------------------------
+
+fn reconciler_with(
+    fake: &Arc<FakeRuntime>,
+    data_dir: &Path,
+    change: impl FnOnce(&mut ReconcilerSettings),
+) -> Reconciler {
+    let runtime: Arc<dyn ContainerRuntime> = fake.clone();
+    let mut settings = ReconcilerSettings::new(me(), data_dir);
+    change(&mut settings);
+    Reconciler::new(runtime, settings).with_port_check(|_| true)
+}
+
+fn stops(fake: &FakeRuntime) -> Vec<(String, Duration)> {
+    fake.calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            FakeCall::StopContainer(id, grace) => Some((id, grace)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_stop_holds_up_neither_the_pass_nor_other_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    fake.set_stop_delay(secs(20));
+    let gone = Assignment::test("old-0");
+    fake.insert_container(container("gone", &gone));
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0");
+    let started = Instant::now();
+
+    let p = pass(&r, std::slice::from_ref(&a), started).await;
+    assert!(
+        started.elapsed() < secs(5),
+        "the pass waited {:?}",
+        started.elapsed()
+    );
+    // The new replica was created while the stop is still pending.
+    assert!(
+        p.outcomes
+            .iter()
+            .any(|o| matches!(o.step, Step::Create { .. }) && o.result.is_ok()),
+        "{:?}",
+        p.outcomes
+    );
+    assert!(
+        !p.outcomes
+            .iter()
+            .any(|o| matches!(o.step, Step::RemoveContainer { .. })),
+        "{:?}",
+        p.outcomes
+    );
+    assert_eq!(r.in_flight(), 1);
+    assert!(fake.containers().iter().any(|c| c.id == "gone"));
+
+    // The next pass does not start the removal again.
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    assert_eq!(stops(&fake).len(), 1, "{:?}", fake.calls());
+
+    r.wait_idle().await;
+    assert!(started.elapsed() >= secs(20));
+    assert!(!fake.containers().iter().any(|c| c.id == "gone"));
+    assert_eq!(r.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn work_runs_at_once_up_to_the_host_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    fake.set_stop_delay(secs(20));
+    for i in 0..5 {
+        let a = Assignment::test(&format!("old-{i}"));
+        fake.insert_container(container(&format!("c{i}"), &a));
+    }
+    let r = reconciler_with(&fake, dir.path(), |s| s.max_parallel = 2);
+    let started = Instant::now();
+    pass(&r, &[], started).await;
+    r.wait_idle().await;
+    assert_eq!(fake.max_concurrent(), 2);
+    assert!(fake.containers().is_empty());
+    // 5 stops of 20 s, two at a time: three rounds, not five.
+    assert!(started.elapsed() >= secs(60) && started.elapsed() < secs(70));
+
+    // Without a tight limit the three stops of a scale-down take one grace period.
+    let fake = Arc::new(FakeRuntime::new());
+    fake.set_stop_delay(secs(20));
+    for i in 0..3 {
+        let a = Assignment::test(&format!("old-{i}"));
+        fake.insert_container(container(&format!("c{i}"), &a));
+    }
+    let r = reconciler(&fake, dir.path());
+    let started = Instant::now();
+    pass(&r, &[], started).await;
+    r.wait_idle().await;
+    assert_eq!(fake.max_concurrent(), 3);
+    assert!(started.elapsed() < secs(25), "{:?}", started.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn creations_running_at_once_never_share_a_host_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    fake.set_stop_delay(secs(20));
+    // bot-0 is replaced slowly and keeps its port 19100 for the new container.
+    let old = Assignment::test("bot-0").image("example/openclaw:2026.6.1");
+    fake.insert_container(container("old", &old));
+    let r = reconciler(&fake, dir.path());
+    let desired: Vec<Assignment> = (0..4)
+        .map(|i| Assignment::test(&format!("bot-{i}")))
+        .collect();
+    pass(&r, &desired, Instant::now()).await;
+    // A second pass while the replacement is in flight creates nothing more.
+    pass(&r, &desired, Instant::now()).await;
+    r.wait_idle().await;
+    let ports: Vec<u16> = fake
+        .containers()
+        .iter()
+        .filter_map(|c| c.host_port)
+        .collect();
+    let unique: BTreeSet<u16> = ports.iter().copied().collect();
+    assert_eq!(ports.len(), 4, "{:?}", fake.containers());
+    assert_eq!(unique.len(), 4, "{ports:?}");
+    let bot0 = fake
+        .containers()
+        .into_iter()
+        .find(|c| c.replica_key() == Some(desired[0].key()))
+        .expect("bot-0 runs");
+    assert_eq!(
+        bot0.host_port,
+        Some(19100),
+        "the replaced replica keeps its port"
+    );
+}
+
+#[tokio::test]
+async fn each_replica_is_stopped_with_its_own_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0").grace(45);
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    let name = spec::container_name(&me(), &a.key());
+    let created = fake.spec(&name).expect("created");
+    assert_eq!(created.stop_grace, secs(45));
+    assert!(created.init, "runs an init process as PID 1");
+    assert_eq!(created.labels[labels::STOP_GRACE], "45");
+
+    // A new image: the old container gets its replica's grace period.
+    let b = a.clone().image("example/openclaw:2026.8.1");
+    pass(&r, std::slice::from_ref(&b), Instant::now()).await;
+    assert_eq!(stops(&fake).last().map(|s| s.1), Some(secs(45)));
+
+    // Unassigned: the grace period comes from the container's label.
+    fake.clear_calls();
+    pass(&r, &[], Instant::now()).await;
+    r.wait_idle().await;
+    assert_eq!(stops(&fake).len(), 1);
+    assert_eq!(stops(&fake)[0].1, secs(45));
+
+    // Without one of its own, the agent's default.
+    let c = Assignment::test("bot-1");
+    pass(&r, std::slice::from_ref(&c), Instant::now()).await;
+    fake.clear_calls();
+    pass(&r, &[], Instant::now()).await;
+    r.wait_idle().await;
+    assert_eq!(
+        stops(&fake),
+        vec![(stops(&fake)[0].0.clone(), spec::DEFAULT_STOP_GRACE)]
+    );
+}
+
+#[test]
+fn retained_volumes_are_kept_and_others_removed() {
+    let gone = Assignment::test("bot-1");
+    let kept = Assignment::test("bot-2");
+    let mut w = World::new(vec![], vec![]);
+    w.observed.volumes = vec![volume(&gone, &me()), volume(&kept, &me())];
+    w.retained = Some(BTreeSet::from([kept.key()]));
+    let removed: Vec<ReplicaKey> = w
+        .plan()
+        .into_iter()
+        .filter_map(|s| match s {
+            Step::RemoveVolume { key, .. } => Some(key),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(removed, vec![gone.key()]);
+
+    // Not known which to keep (saved state from before retention): keep all.
+    w.retained = None;
+    assert!(
+        !w.plan()
+            .iter()
+            .any(|s| matches!(s, Step::RemoveVolume { .. }))
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_agent_keeps_the_retained_volumes_it_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let gone = Assignment::test("bot-1");
+    let kept = Assignment::test("bot-2");
+    fake.insert_volume(volume(&gone, &me()));
+    fake.insert_volume(volume(&kept, &me()));
+    let retained = vec![crate::model::RetainedVolume {
+        tenant: kept.tenant.clone(),
+        project: kept.project.clone(),
+        instance: kept.instance.clone(),
+        replica: kept.replica.clone(),
+        instance_uid: kept.instance_uid.clone(),
+    }];
+    state::StateStore::new(dir.path())
+        .save(&state::SavedState::new(HOST, 7, vec![]).with_retained(retained))
+        .unwrap();
+
+    // A new agent reads the saved state (as the sync loop does) and acts on it.
+    let saved = state::StateStore::new(dir.path()).load().unwrap().unwrap();
+    let r = reconciler(&fake, dir.path());
+    r.set_retained(saved.retained.as_deref());
+    pass(&r, &[], Instant::now()).await;
+    r.wait_idle().await;
+    assert_eq!(fake.volumes(), vec![spec::volume_name(&me(), &kept.key())]);
+
+    // A saved state from before retention says nothing: every volume stays.
+    let fake = Arc::new(FakeRuntime::new());
+    fake.insert_volume(volume(&gone, &me()));
+    let r = reconciler(&fake, dir.path());
+    r.set_retained(None);
+    pass(&r, &[], Instant::now()).await;
+    r.wait_idle().await;
+    assert_eq!(fake.volumes().len(), 1);
+
+    // Assigned again: the kept volume is used, not a new one.
+    let fake = Arc::new(FakeRuntime::new());
+    fake.insert_volume(volume(&kept, &me()));
+    let r = reconciler(&fake, dir.path());
+    pass(&r, std::slice::from_ref(&kept), Instant::now()).await;
+    let created = fake
+        .spec(&spec::container_name(&me(), &kept.key()))
+        .expect("created");
+    assert_eq!(
+        created.volumes[0].volume,
+        spec::volume_name(&me(), &kept.key())
     );
 }

@@ -269,6 +269,8 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
                 }]),
             )])
         }),
+        // An init process as PID 1 forwards SIGTERM to the Gateway.
+        init: Some(spec.init),
         // Restarts are the agent's decision (counted, with back-off), never the engine's.
         restart_policy: Some(RestartPolicy {
             name: Some(RestartPolicyNameEnum::NO),

@@ -23,7 +23,8 @@ pub enum FakeCall {
     /// Container name and published host port.
     CreateAndStart(String, Option<u16>),
     StartContainer(String),
-    StopContainer(String),
+    /// Container id and the grace period it was given.
+    StopContainer(String, Duration),
     RemoveContainer(String),
     EnsureVolume(String),
     ListVolumes,
@@ -48,6 +49,11 @@ struct State {
     /// Lists leave the environment out (inspections still give it).
     env_hidden_in_lists: bool,
     counter: u64,
+    /// How long a stop takes (a Gateway using its whole grace period).
+    stop_delay: Duration,
+    /// Operations (stops, creations) running right now, and the most at once so far.
+    busy: usize,
+    max_busy: usize,
 }
 
 /// A container engine in memory. Images are pullable unless [`FakeRuntime::fail_pull`] says not.
@@ -93,6 +99,26 @@ impl FakeRuntime {
                 )
             })
             .collect()
+    }
+
+    /// Makes every stop take `delay` (in tokio time) before the container exits.
+    pub fn set_stop_delay(&self, delay: Duration) {
+        self.lock().stop_delay = delay;
+    }
+
+    /// The most stops and creations that ran at once so far.
+    pub fn max_concurrent(&self) -> usize {
+        self.lock().max_busy
+    }
+
+    fn enter(&self) {
+        let mut state = self.lock();
+        state.busy += 1;
+        state.max_busy = state.max_busy.max(state.busy);
+    }
+
+    fn leave(&self) {
+        self.lock().busy -= 1;
     }
 
     pub fn clear_calls(&self) {
@@ -246,6 +272,9 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        self.enter();
+        tokio::task::yield_now().await;
+        self.leave();
         let host_port = spec.publish.map(|p| p.host_port);
         let mut state = self.record(FakeCall::CreateAndStart(spec.name.clone(), host_port));
         Self::check(&state)?;
@@ -307,9 +336,18 @@ impl ContainerRuntime for FakeRuntime {
         }
     }
 
-    async fn stop_container(&self, id: &str, _grace: Duration) -> Result<(), RuntimeError> {
-        let mut state = self.record(FakeCall::StopContainer(id.into()));
-        Self::check(&state)?;
+    async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        let delay = {
+            let state = self.record(FakeCall::StopContainer(id.into(), grace));
+            Self::check(&state)?;
+            state.stop_delay
+        };
+        if !delay.is_zero() {
+            self.enter();
+            tokio::time::sleep(delay).await;
+            self.leave();
+        }
+        let mut state = self.lock();
         if let Some(c) = state.containers.get_mut(id)
             && c.status.is_running()
         {

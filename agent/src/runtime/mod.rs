@@ -42,6 +42,9 @@ pub mod labels {
     pub const CONFIG_REVISION: &str = "io.clusterclaw.config-revision";
     /// The content hash the container must have (see [`crate::drift`]); empty from older servers.
     pub const CONTENT_HASH: &str = "io.clusterclaw.content-hash";
+    /// Seconds a stop of the container waits after SIGTERM (its replica's grace period when it
+    /// was created); read to stop it once its replica is no longer assigned.
+    pub const STOP_GRACE: &str = "io.clusterclaw.stop-grace";
 }
 
 /// Reads the managed labels of a container, volume or network.
@@ -150,6 +153,12 @@ impl ObservedContainer {
     /// The config revision it runs, from its label (`None` when the label is absent or bad).
     pub fn config_revision(&self) -> Option<u64> {
         self.label(labels::CONFIG_REVISION)?.parse().ok()
+    }
+
+    /// The grace period it was created with (its label), `None` when absent or bad.
+    pub fn stop_grace(&self) -> Option<Duration> {
+        let secs: u64 = self.label(labels::STOP_GRACE)?.parse().ok()?;
+        (secs > 0).then(|| Duration::from_secs(secs))
     }
 }
 
@@ -266,6 +275,8 @@ pub struct ContainerSpec {
     pub publish: Option<PortPublish>,
     /// How long `docker stop` waits after SIGTERM before killing.
     pub stop_grace: Duration,
+    /// Runs an init process as PID 1 that forwards signals (`HostConfig.Init`).
+    pub init: bool,
 }
 
 impl fmt::Debug for ContainerSpec {
@@ -288,6 +299,7 @@ impl fmt::Debug for ContainerSpec {
             .field("binds", &self.binds)
             .field("publish", &self.publish)
             .field("stop_grace", &self.stop_grace)
+            .field("init", &self.init)
             .finish()
     }
 }

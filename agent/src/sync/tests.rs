@@ -33,6 +33,7 @@ impl ScriptedControl {
             index,
             changed: true,
             assignments: assignments.iter().map(wire).collect(),
+            retained_volumes: Vec::new(),
         });
     }
 
@@ -73,6 +74,7 @@ impl ControlPlane for ScriptedControl {
                     index: known_index,
                     changed: false,
                     assignments: Vec::new(),
+                    retained_volumes: Vec::new(),
                 })
             }
         }
@@ -122,7 +124,7 @@ fn wire(a: &Assignment) -> pb::Assignment {
         instance_uid: a.instance_uid.clone(),
         config_revision: a.config_revision,
         content_hash: a.content_hash.clone(),
-        termination_grace_seconds: 0,
+        termination_grace_seconds: a.termination_grace_seconds,
     }
 }
 
@@ -621,7 +623,7 @@ async fn a_removed_host_stops_its_replicas_keeps_volumes_and_stays_down() {
     let calls = h.engine.calls();
     let last_stop = calls
         .iter()
-        .rposition(|c| matches!(c, FakeCall::StopContainer(_)))
+        .rposition(|c| matches!(c, FakeCall::StopContainer(..)))
         .expect("stops");
     assert!(
         !calls[last_stop..].iter().any(|c| matches!(
