@@ -58,6 +58,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "--parallel-operations",
         "CLUSTERCLAW_AGENT_PARALLEL_OPERATIONS",
     ),
+    ("--snapshots-keep", "CLUSTERCLAW_AGENT_SNAPSHOTS_KEEP"),
 ];
 
 /// The environment variable of a flag in [`ENV_VARS`].
@@ -210,6 +211,10 @@ pub struct AgentArgs {
     /// [env: CLUSTERCLAW_AGENT_PARALLEL_OPERATIONS].
     #[arg(long, value_name = "N")]
     pub parallel_operations: Option<u32>,
+    /// Snapshots of a replica's state volume kept on the host (one is taken before every
+    /// change of image) [default: 3] [env: CLUSTERCLAW_AGENT_SNAPSHOTS_KEEP].
+    #[arg(long, value_name = "N")]
+    pub snapshots_keep: Option<u32>,
 }
 
 /// The whole, validated configuration of an agent.
@@ -239,6 +244,8 @@ pub struct AgentConfig {
     pub restart_backoff: Duration,
     /// Replicas worked on at once.
     pub parallel_operations: usize,
+    /// Snapshots kept per replica.
+    pub snapshots_keep: usize,
 }
 
 impl AgentConfig {
@@ -263,6 +270,7 @@ impl AgentConfig {
             probe: ProbeSettings::default(),
             restart_backoff: crate::reconcile::BackoffPolicy::default().initial,
             parallel_operations: crate::reconcile::DEFAULT_MAX_PARALLEL,
+            snapshots_keep: crate::snapshot::DEFAULT_KEEP,
         }
     }
 
@@ -395,6 +403,7 @@ struct FileConfig {
     resync_interval: Option<Spanned<String>>,
     restart_backoff: Option<Spanned<String>>,
     parallel_operations: Option<Spanned<u32>>,
+    snapshots_keep: Option<Spanned<u32>>,
     #[serde(default)]
     probe: ProbeSection,
 }
@@ -492,6 +501,49 @@ fn pick<T, V>(
         value: from_file(source, file.get_ref()),
         location: source.location(file.span(), key),
     })
+}
+
+/// A whole number from a flag, its environment variable or the file, within `range`.
+fn count_setting(
+    c: &mut Collector,
+    env: &Environment,
+    (flag_value, flag): (Option<u32>, &str),
+    (file_value, key, src): (Option<&Spanned<u32>>, &str, Option<&Source>),
+    (min, max): (u32, u32),
+    default: usize,
+) -> usize {
+    let given = match flag_value {
+        Some(value) => Some(Setting {
+            value,
+            location: flag.to_string(),
+        }),
+        None => env
+            .setting(flag)
+            .and_then(|s| match s.value.trim().parse::<u32>() {
+                Ok(value) => Some(Setting {
+                    value,
+                    location: s.location,
+                }),
+                Err(_) => {
+                    c.push(
+                        s.location,
+                        format!("{:?} is not a whole number from {min} to {max}", s.value),
+                    );
+                    None
+                }
+            }),
+    };
+    match pick(given, file_value, key, src, |_, v| *v) {
+        None => default,
+        Some(Setting { value, .. }) if (min..=max).contains(&value) => value as usize,
+        Some(Setting { value, location }) => {
+            c.push(
+                location,
+                format!("{value} is out of range; allowed is {min} to {max}"),
+            );
+            default
+        }
+    }
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -643,7 +695,7 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
                         c.push(
                             loc,
                             format!(
-                                "{} (the keys are server, ca_cert, join_token_file, data_dir, labels, name, runtime, docker_host, log_format, report_interval, poll_wait, resync_interval, restart_backoff, parallel_operations and [probe] interval, timeout, failure_threshold, initial_delay)",
+                                "{} (the keys are server, ca_cert, join_token_file, data_dir, labels, name, runtime, docker_host, log_format, report_interval, poll_wait, resync_interval, restart_backoff, parallel_operations, snapshots_keep and [probe] interval, timeout, failure_threshold, initial_delay)",
                                 e.message().trim().replace('`', "'")
                             ),
                         );
@@ -1131,6 +1183,14 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
             }
         }
     };
+    let snapshots_keep = count_setting(
+        &mut c,
+        env,
+        (args.snapshots_keep, "--snapshots-keep"),
+        (file.snapshots_keep.as_ref(), "snapshots_keep", src),
+        (1, 100),
+        crate::snapshot::DEFAULT_KEEP,
+    );
     // The default timeout shrinks to a shorter interval; a given one must fit in it.
     let probe_timeout = if timeout_given {
         probe_timeout
@@ -1177,6 +1237,7 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
         },
         restart_backoff,
         parallel_operations,
+        snapshots_keep,
     })
 }
 

@@ -248,6 +248,7 @@ fn reconciler_for(config: &AgentConfig, identity: &HostIdentity) -> Result<Recon
         ..BackoffPolicy::default()
     };
     settings.max_parallel = config.parallel_operations;
+    settings.snapshots_keep = config.snapshots_keep;
     Ok(Reconciler::new(engine, settings))
 }
 

@@ -328,6 +328,8 @@ pub struct ReplicaStatus {
     pub config_revision: u64,
     /// The content hash last measured on the running container (empty when not known).
     pub observed_content_hash: String,
+    /// Snapshots of its state volume on this host, newest first.
+    pub snapshots: Vec<crate::snapshot::SnapshotMeta>,
 }
 
 impl ReplicaStatus {
@@ -352,7 +354,11 @@ impl ReplicaStatus {
             stats: self.stats.as_ref().map(ContainerStats::to_proto),
             config_revision: self.config_revision,
             observed_content_hash: self.observed_content_hash.clone(),
-            snapshots: Vec::new(),
+            snapshots: self
+                .snapshots
+                .iter()
+                .map(crate::snapshot::SnapshotMeta::to_proto)
+                .collect(),
         }
     }
 }
@@ -538,6 +544,7 @@ mod tests {
             stats: None,
             config_revision: 3,
             observed_content_hash: "cd".repeat(32),
+            snapshots: Vec::new(),
         };
         let wire = status.to_proto();
         assert_eq!(wire.config_revision, 3);

@@ -31,9 +31,10 @@ use crate::model::{Assignment, ReplicaKey, ReplicaState, ReplicaStatus, Retained
 use crate::ports::{self, PortRange};
 use crate::probe::{Liveness, ProbeStatus, ProbeTarget};
 use crate::runtime::{
-    ContainerRuntime, ContainerStatus, Labelled, LegacyObjects, ObservedContainer, ObservedNetwork,
-    ObservedVolume, Owner, RuntimeError, labels, spec,
+    ContainerRuntime, ContainerSpec, ContainerStatus, Labelled, LegacyObjects, ObservedContainer,
+    ObservedNetwork, ObservedVolume, Owner, RuntimeError, VolumeSpec, labels, spec,
 };
+use crate::snapshot::{self, SnapshotDir, SnapshotMeta};
 use crate::state;
 
 /// How many ports a create tries when the engine reports the chosen one as taken.
@@ -101,6 +102,10 @@ pub enum Activity {
     Stopping,
     /// Its container is being stopped and started again.
     Restarting,
+    /// Its state volume is being saved before its image changes.
+    Snapshotting,
+    /// Its state volume is being restored from a snapshot.
+    Restoring,
 }
 
 /// The agent's memory of one replica across passes.
@@ -485,6 +490,16 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Step> {
         }
 
         if let Some(old) = replaced {
+            if old.image != a.image
+                && let Some(until) = held_until
+            {
+                // A failed snapshot kept the old container: try again after the back-off.
+                actions.push(Step::Wait {
+                    key: key.clone(),
+                    until,
+                });
+                continue;
+            }
             let reason = if old.image != a.image {
                 ReplaceReason::ImageChanged {
                     from: old.image.clone(),
@@ -612,6 +627,19 @@ pub fn replica_status(
             ReplicaState::Pending,
             "stopping the old container to replace it".to_owned(),
         )
+    } else if record.activity == Some(Activity::Snapshotting) {
+        (
+            ReplicaState::Pending,
+            format!(
+                "saving a snapshot of the state volume before switching to {}",
+                a.image
+            ),
+        )
+    } else if record.activity == Some(Activity::Restoring) {
+        (
+            ReplicaState::Pending,
+            "restoring the state volume from a snapshot".to_owned(),
+        )
     } else if record.activity == Some(Activity::Restarting) {
         (
             ReplicaState::Starting,
@@ -710,6 +738,16 @@ pub fn replica_status(
         Some(note) => format!("{note}; {message}"),
         None => message,
     };
+    // An old container that runs on because the switch to the new image failed (its
+    // snapshot, say): the failure is what matters.
+    let switch_failed = container
+        .filter(|c| c.image != a.image)
+        .and(record.last_error.as_ref());
+    let message = match switch_failed {
+        Some(error) if message.is_empty() => error.clone(),
+        Some(error) => format!("{error}; {message}"),
+        None => message,
+    };
     let applied = container.filter(|c| c.config_hash() == Some(a.config_hash.as_str()));
     ReplicaStatus {
         tenant: a.tenant.clone(),
@@ -735,6 +773,7 @@ pub fn replica_status(
         observed_content_hash: measured
             .and_then(|m| m.content_hash.clone())
             .unwrap_or_default(),
+        snapshots: Vec::new(),
     }
 }
 
@@ -777,6 +816,8 @@ pub struct ReconcilerSettings {
     pub max_parallel: usize,
     /// How long a pass waits for the work it started before it returns (the rest goes on).
     pub pass_wait: Duration,
+    /// Snapshots of its state volume kept per replica.
+    pub snapshots_keep: usize,
 }
 
 /// Replicas worked on at once by default.
@@ -792,6 +833,7 @@ impl ReconcilerSettings {
             backoff: BackoffPolicy::default(),
             max_parallel: DEFAULT_MAX_PARALLEL,
             pass_wait: Duration::from_secs(1),
+            snapshots_keep: snapshot::DEFAULT_KEEP,
         }
     }
 }
@@ -805,6 +847,14 @@ pub enum StepError {
     Io { path: PathBuf, message: String },
     #[error("no free host port in {first}..={last} (step {step})")]
     NoFreePort { first: u16, last: u16, step: u16 },
+    #[error(
+        "snapshot of the state volume before switching from {from} to {to} failed: {message}; the old container runs again"
+    )]
+    Snapshot {
+        from: String,
+        to: String,
+        message: String,
+    },
 }
 
 /// The result of one executed step.
@@ -1144,13 +1194,16 @@ impl Reconciler {
                 let containers = replica_containers(&owner, observed, &key);
                 let container =
                     current_container(a, &containers).or_else(|| containers.first().copied());
-                replica_status(
+                let mut status = replica_status(
                     a,
                     container,
                     probes.get(&key),
                     &records.get(&key).cloned().unwrap_or_default(),
                     now,
-                )
+                );
+                status.snapshots =
+                    SnapshotDir::new(&replica_dir(&self.settings.data_dir, &key)).list();
+                status
             })
             .collect()
     }
@@ -1496,15 +1549,42 @@ impl Worker {
                 container_id,
                 assignment,
                 preferred_port,
-                ..
+                reason,
             } => {
                 let own = self.hold_own(*preferred_port);
                 let mut ports = observed_ports.clone();
                 let result = async {
+                    let restore = match reason {
+                        ReplaceReason::ImageChanged { from, to } => {
+                            self.snapshot_before_switch(
+                                assignment,
+                                container_id,
+                                from,
+                                to,
+                                observed,
+                                now,
+                            )
+                            .await?
+                        }
+                        _ => None,
+                    };
                     self.take_down(assignment, container_id, observed, &mut ports, now)
                         .await?;
-                    self.create(assignment, *preferred_port, own, observed, &mut ports, now)
-                        .await
+                    let Some(snap) = restore else {
+                        return self
+                            .create(assignment, *preferred_port, own, observed, &mut ports, now)
+                            .await;
+                    };
+                    self.restore(
+                        assignment,
+                        &snap,
+                        *preferred_port,
+                        own,
+                        observed,
+                        &mut ports,
+                        now,
+                    )
+                    .await
                 }
                 .await;
                 self.release_own(own);
@@ -1637,9 +1717,24 @@ impl Worker {
         ports: &mut BTreeSet<u16>,
         now: Instant,
     ) -> Result<(), StepError> {
+        self.create_with(a, preferred_port, own, observed, ports, now, None)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_with(
+        &self,
+        a: &Assignment,
+        preferred_port: Option<u16>,
+        own: Option<u16>,
+        observed: &Observed,
+        ports: &mut BTreeSet<u16>,
+        now: Instant,
+        restore: Option<&Path>,
+    ) -> Result<(), StepError> {
         let key = a.key();
         let result = self
-            .try_create(a, preferred_port, own, observed, ports)
+            .try_create(a, preferred_port, own, observed, ports, restore)
             .await;
         match &result {
             Ok(()) => {
@@ -1655,6 +1750,165 @@ impl Worker {
             Err(err) => self.book.record_failure(&key, now, err.to_string()),
         }
         result
+    }
+
+    /// Creates the container without starting it, extracts the snapshot `tar` into its (empty)
+    /// state volume, then starts it; a container that fails is removed.
+    async fn create_restored(
+        &self,
+        spec: &ContainerSpec,
+        tar: &Path,
+    ) -> Result<String, RuntimeError> {
+        let id = self.runtime.create_container(spec).await?;
+        let parent = Path::new(spec::STATE_DIR)
+            .parent()
+            .and_then(Path::to_str)
+            .unwrap_or("/");
+        let started = async {
+            self.runtime.upload_archive(&id, parent, tar).await?;
+            self.runtime.start_container(&id).await
+        }
+        .await;
+        match started {
+            Ok(()) => Ok(id),
+            Err(err) => {
+                let _ = self.runtime.remove_container(&id).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Before a replica changes image: stops the old container, streams its state directory
+    /// into a new snapshot, prunes old ones, and says which snapshot (if any) the new image
+    /// starts from. When the snapshot fails the old container is started again and the switch
+    /// does not happen.
+    async fn snapshot_before_switch(
+        &self,
+        a: &Assignment,
+        container_id: &str,
+        from: &str,
+        to: &str,
+        observed: &Observed,
+        now: Instant,
+    ) -> Result<Option<SnapshotMeta>, StepError> {
+        let key = a.key();
+        let snaps = SnapshotDir::new(&self.replica_dir(&key));
+        let earlier = snaps.list();
+        let grace = self.grace(observed, container_id, Some(a));
+        self.book.set_activity(&key, Some(Activity::Stopping));
+        if let Err(err) = self.runtime.stop_container(container_id, grace).await {
+            self.book.record_failure(&key, now, err.to_string());
+            return Err(err.into());
+        }
+        self.book.set_activity(&key, Some(Activity::Snapshotting));
+        match self.take_snapshot(&snaps, container_id, from).await {
+            Ok(meta) => {
+                let pruned = snaps.prune(self.settings.snapshots_keep.max(1));
+                tracing::info!(replica = %key, snapshot = %meta.id, image = %from, bytes = meta.bytes, pruned, "state volume snapshot taken");
+                self.events.push(AgentEvent::about(
+                    a,
+                    snapshot::SNAPSHOT_TAKEN,
+                    format!(
+                        "snapshot {} of the state volume of {} taken before switching from {from} to {to} ({} bytes)",
+                        meta.id, a.replica, meta.bytes
+                    ),
+                ));
+            }
+            Err(message) => {
+                let err = StepError::Snapshot {
+                    from: from.to_owned(),
+                    to: to.to_owned(),
+                    message,
+                };
+                if let Err(start) = self.runtime.start_container(container_id).await {
+                    tracing::error!(replica = %key, error = %start, "cannot start the old container again after a failed snapshot");
+                }
+                self.book.record_failure(&key, now, err.to_string());
+                return Err(err);
+            }
+        }
+        Ok(snapshot::restore_choice(from, to, &earlier).cloned())
+    }
+
+    async fn take_snapshot(
+        &self,
+        snaps: &SnapshotDir,
+        container_id: &str,
+        image: &str,
+    ) -> Result<SnapshotMeta, String> {
+        let (id, part) = snaps
+            .begin()
+            .map_err(|err| format!("{}: {err}", snaps.path().display()))?;
+        let downloaded = self
+            .runtime
+            .download_archive(container_id, spec::STATE_DIR, &part)
+            .await;
+        let bytes = match downloaded {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                let _ = std::fs::remove_file(&part);
+                return Err(err.to_string());
+            }
+        };
+        let meta = SnapshotMeta {
+            id,
+            image: image.to_owned(),
+            taken_unix_ms: snapshot::now_unix_ms(),
+            bytes,
+        };
+        if let Err(err) = snaps.commit(&part, &meta) {
+            let _ = std::fs::remove_file(&part);
+            return Err(format!("{}: {err}", snaps.path().display()));
+        }
+        Ok(meta)
+    }
+
+    /// Empties the replica's state volume and creates its container from the snapshot `snap`.
+    #[allow(clippy::too_many_arguments)]
+    async fn restore(
+        &self,
+        a: &Assignment,
+        snap: &SnapshotMeta,
+        preferred_port: Option<u16>,
+        own: Option<u16>,
+        observed: &Observed,
+        ports: &mut BTreeSet<u16>,
+        now: Instant,
+    ) -> Result<(), StepError> {
+        let key = a.key();
+        self.book.set_activity(&key, Some(Activity::Restoring));
+        let volume = match replica_volume(&self.owner, observed, &key) {
+            Some(v) => VolumeSpec {
+                name: v.name.clone(),
+                labels: v.labels.clone(),
+            },
+            None => spec::volume_spec(&self.owner, a),
+        };
+        let emptied = async {
+            self.runtime.remove_volume(&volume.name).await?;
+            self.runtime.ensure_volume(&volume).await
+        }
+        .await;
+        if let Err(err) = emptied {
+            self.book.record_failure(&key, now, err.to_string());
+            return Err(err.into());
+        }
+        let tar = SnapshotDir::new(&self.replica_dir(&key)).tar(&snap.id);
+        let created = self
+            .create_with(a, preferred_port, own, observed, ports, now, Some(&tar))
+            .await;
+        if created.is_ok() {
+            tracing::info!(replica = %key, snapshot = %snap.id, image = %snap.image, "state volume restored from a snapshot");
+            self.events.push(AgentEvent::about(
+                a,
+                snapshot::SNAPSHOT_RESTORED,
+                format!(
+                    "state volume of {} restored from snapshot {} taken from {}",
+                    a.replica, snap.id, snap.image
+                ),
+            ));
+        }
+        created
     }
 
     /// Picks a host port and holds it: `preferred` when nobody has it, else the first free
@@ -1685,6 +1939,7 @@ impl Worker {
         own: Option<u16>,
         observed: &Observed,
         ports: &mut BTreeSet<u16>,
+        restore: Option<&Path>,
     ) -> Result<(), StepError> {
         let owner = &self.owner;
         let key = a.key();
@@ -1730,7 +1985,10 @@ impl Worker {
                 network: &network,
             };
             let spec = spec::container_spec(owner, a, &placement, host_port, grace);
-            let created = self.runtime.create_and_start(&spec).await;
+            let created = match restore {
+                None => self.runtime.create_and_start(&spec).await,
+                Some(tar) => self.create_restored(&spec, tar).await,
+            };
             let mut holds = self.holds();
             match created {
                 Ok(id) => {

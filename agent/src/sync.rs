@@ -855,6 +855,7 @@ struct ReplicaSignature {
     generation: i64,
     config_revision: u64,
     observed_content_hash: String,
+    snapshots: Vec<String>,
 }
 
 fn signature(r: &pb::StatusReport, events_queued: u64) -> Signature {
@@ -873,6 +874,7 @@ fn signature(r: &pb::StatusReport, events_queued: u64) -> Signature {
                 config_hash: s.config_hash.clone(),
                 generation: s.generation,
                 config_revision: s.config_revision,
+                snapshots: s.snapshots.iter().map(|v| v.id.clone()).collect(),
                 observed_content_hash: s.observed_content_hash.clone(),
             })
             .collect(),

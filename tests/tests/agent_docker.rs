@@ -149,6 +149,8 @@ fn settings(cleanup: &Cleanup, data: &std::path::Path, first_port: u16) -> Recon
             count: 10,
         },
         stop_grace: Duration::from_secs(5),
+        // These tests look at what one pass did: it waits for all its work.
+        pass_wait: Duration::from_secs(120),
         ..ReconcilerSettings::new(&cleanup.host_id, data)
     }
 }
@@ -176,6 +178,7 @@ fn assignment(image: &str, replica: &str, tenant: &str) -> Assignment {
         instance_uid: "uid-1".into(),
         config_revision: 0,
         content_hash: String::new(),
+        termination_grace_seconds: 0,
     }
 }
 

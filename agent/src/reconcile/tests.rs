@@ -1795,3 +1795,235 @@ async fn a_restarted_agent_keeps_the_retained_volumes_it_saved() {
         spec::volume_name(&me(), &kept.key())
     );
 }
+
+// --- snapshots before a change of image ----------------------------------------------------------
+
+fn downloads(fake: &FakeRuntime) -> usize {
+    fake.calls()
+        .iter()
+        .filter(|c| matches!(c, FakeCall::DownloadArchive(..)))
+        .count()
+}
+
+fn reasons(r: &Reconciler) -> Vec<String> {
+    r.events().pending().into_iter().map(|e| e.reason).collect()
+}
+
+const V1: &str = "example/openclaw:2026.7.1";
+const V2: &str = "example/openclaw:2026.8.1";
+
+#[tokio::test]
+async fn a_snapshot_is_taken_before_a_new_image_and_not_before_a_new_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0").image(V1);
+    let volume = spec::volume_name(&me(), &a.key());
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    fake.set_volume_data(&volume, b"state of v1");
+
+    // A config-only change: replaced without a snapshot.
+    let b = a.clone().config_hash(&"bb".repeat(32));
+    let p = pass(&r, std::slice::from_ref(&b), Instant::now()).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    assert_eq!(downloads(&fake), 0);
+
+    // A new image: the old container is stopped, its state saved, then replaced.
+    fake.clear_calls();
+    let c = b.clone().image(V2);
+    let p = pass(&r, std::slice::from_ref(&c), Instant::now()).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    let calls = fake.mutations();
+    let stop = calls
+        .iter()
+        .position(|c| matches!(c, FakeCall::StopContainer(..)))
+        .expect("stopped");
+    let download = calls
+        .iter()
+        .position(|c| matches!(c, FakeCall::DownloadArchive(_, path) if path == spec::STATE_DIR))
+        .expect("archived");
+    let remove = calls
+        .iter()
+        .position(|c| matches!(c, FakeCall::RemoveContainer(_)))
+        .expect("removed");
+    assert!(stop < download && download < remove, "{calls:?}");
+    // An upgrade restores nothing: the volume is used as it is.
+    assert!(
+        !calls
+            .iter()
+            .any(|c| matches!(c, FakeCall::UploadArchive(..) | FakeCall::RemoveVolume(_))),
+        "{calls:?}"
+    );
+    assert_eq!(fake.volume_data(&volume), b"state of v1");
+    assert_eq!(reasons(&r), vec![snapshot::SNAPSHOT_TAKEN]);
+
+    // Reported with the replica, newest first.
+    let observed = r.observe().await.unwrap();
+    let status = &r.statuses(
+        std::slice::from_ref(&c),
+        &observed,
+        &BTreeMap::new(),
+        Instant::now(),
+    )[0];
+    assert_eq!(status.snapshots.len(), 1);
+    assert_eq!(status.snapshots[0].image, V1);
+    assert_eq!(status.snapshots[0].bytes, b"state of v1".len() as u64);
+    let snaps = SnapshotDir::new(r.config_file(&a.key()).parent().unwrap());
+    assert_eq!(
+        std::fs::read(snaps.tar(&status.snapshots[0].id)).unwrap(),
+        b"state of v1"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_snapshot_keeps_the_old_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0").image(V1);
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    let old = fake.containers()[0].id.clone();
+
+    fake.fail_download(Some("disk full"));
+    fake.clear_calls();
+    let b = a.clone().image(V2);
+    let now = Instant::now();
+    let p = pass(&r, std::slice::from_ref(&b), now).await;
+    let failed: Vec<_> = p.failures().collect();
+    assert_eq!(failed.len(), 1, "{:?}", p.outcomes);
+    assert!(matches!(failed[0].result, Err(StepError::Snapshot { .. })));
+    let containers = fake.containers();
+    assert_eq!(containers.len(), 1);
+    assert_eq!(containers[0].id, old);
+    assert_eq!(containers[0].image, V1);
+    assert!(containers[0].status.is_running(), "started again");
+    assert!(!fake.mutations().iter().any(|c| matches!(
+        c,
+        FakeCall::CreateAndStart(..) | FakeCall::RemoveContainer(_)
+    )));
+
+    // The replica says why, and the next pass waits for the back-off instead of stopping
+    // the old container again.
+    let observed = r.observe().await.unwrap();
+    let status = &r.statuses(std::slice::from_ref(&b), &observed, &BTreeMap::new(), now)[0];
+    assert!(status.message.contains("disk full"), "{}", status.message);
+    fake.clear_calls();
+    let p = pass(&r, std::slice::from_ref(&b), now + secs(1)).await;
+    assert!(
+        matches!(
+            p.outcomes.as_slice(),
+            [StepOutcome {
+                step: Step::Wait { .. },
+                ..
+            }]
+        ),
+        "{:?}",
+        p.outcomes
+    );
+    assert!(stops(&fake).is_empty());
+
+    // After the back-off, with the disk fixed, the switch happens.
+    fake.fail_download(None);
+    let p = pass(&r, std::slice::from_ref(&b), now + secs(60)).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    assert_eq!(fake.containers()[0].image, V2);
+}
+
+#[tokio::test]
+async fn a_downgrade_restores_the_snapshot_of_the_older_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0").image(V1);
+    let volume = spec::volume_name(&me(), &a.key());
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    fake.set_volume_data(&volume, b"state of v1");
+
+    let b = a.clone().image(V2);
+    pass(&r, std::slice::from_ref(&b), Instant::now()).await;
+    // v2 migrates the state.
+    fake.set_volume_data(&volume, b"state migrated by v2");
+
+    fake.clear_calls();
+    let p = pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    assert_eq!(fake.volume_data(&volume), b"state of v1");
+    let calls = fake.mutations();
+    let at = |f: &dyn Fn(&FakeCall) -> bool| {
+        calls
+            .iter()
+            .position(f)
+            .unwrap_or_else(|| panic!("{calls:?}"))
+    };
+    let emptied = at(&|c| matches!(c, FakeCall::RemoveVolume(_)));
+    let created = at(&|c| matches!(c, FakeCall::CreateContainer(..)));
+    let uploaded = at(&|c| matches!(c, FakeCall::UploadArchive(_, d) if d == "/home/node"));
+    let started = at(&|c| matches!(c, FakeCall::StartContainer(_)));
+    assert!(
+        emptied < created && created < uploaded && uploaded < started,
+        "{calls:?}"
+    );
+    assert!(fake.containers()[0].status.is_running());
+    assert_eq!(fake.containers()[0].image, V1);
+    assert_eq!(
+        reasons(&r),
+        vec![
+            snapshot::SNAPSHOT_TAKEN,
+            snapshot::SNAPSHOT_TAKEN,
+            snapshot::SNAPSHOT_RESTORED
+        ]
+    );
+    // Both snapshots are kept: v2's state can come back with v2.
+    let snaps = SnapshotDir::new(r.config_file(&a.key()).parent().unwrap()).list();
+    let images: Vec<&str> = snaps.iter().map(|s| s.image.as_str()).collect();
+    assert_eq!(images, vec![V2, V1]);
+}
+
+#[tokio::test]
+async fn a_rollback_between_tags_that_are_not_versions_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0").image("example/openclaw:stable");
+    let volume = spec::volume_name(&me(), &a.key());
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    fake.set_volume_data(&volume, b"stable state");
+    let b = a.clone().image("example/openclaw:next");
+    pass(&r, std::slice::from_ref(&b), Instant::now()).await;
+    fake.set_volume_data(&volume, b"next state");
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    assert_eq!(fake.volume_data(&volume), b"stable state");
+    // Forward again to next: its newest snapshot (of next) restores next's state.
+    pass(&r, std::slice::from_ref(&b), Instant::now()).await;
+    assert_eq!(fake.volume_data(&volume), b"next state");
+}
+
+#[tokio::test]
+async fn snapshots_are_pruned_to_the_setting_and_go_with_the_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler_with(&fake, dir.path(), |s| s.snapshots_keep = 2);
+    let images = [
+        "example/openclaw:2026.1.1",
+        "example/openclaw:2026.2.1",
+        "example/openclaw:2026.3.1",
+        "example/openclaw:2026.4.1",
+    ];
+    let a = Assignment::test("bot-0");
+    for image in images {
+        let p = pass(&r, &[a.clone().image(image)], Instant::now()).await;
+        assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    }
+    let snaps = SnapshotDir::new(r.config_file(&a.key()).parent().unwrap());
+    let kept: Vec<String> = snaps.list().into_iter().map(|s| s.image).collect();
+    assert_eq!(kept, vec![images[2], images[1]]);
+
+    // Unassigned and not retained: the volume and its snapshots go.
+    pass(&r, &[], Instant::now()).await;
+    r.wait_idle().await;
+    pass(&r, &[], Instant::now()).await;
+    r.wait_idle().await;
+    assert!(fake.volumes().is_empty());
+    assert!(snaps.list().is_empty());
+    assert!(!snaps.path().exists());
+}

@@ -394,8 +394,26 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn ensure_image(&self, image: &str) -> Result<(), RuntimeError>;
     /// Creates and starts a container; returns its id. A container that fails to start is removed.
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
+    /// Creates a container without starting it; returns its id.
+    async fn create_container(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
     /// Starts an existing, stopped container.
     async fn start_container(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Streams a tar of `path` inside a (stopped) container to the file `dest`, through the
+    /// engine's archive API (nothing is needed inside the image); returns the bytes written.
+    async fn download_archive(
+        &self,
+        id: &str,
+        path: &str,
+        dest: &std::path::Path,
+    ) -> Result<u64, RuntimeError>;
+    /// Extracts the tar file `src` into `dir` inside a (created, not started) container,
+    /// its files owned by the container's user.
+    async fn upload_archive(
+        &self,
+        id: &str,
+        dir: &str,
+        src: &std::path::Path,
+    ) -> Result<(), RuntimeError>;
     /// SIGTERM, then SIGKILL after `grace`.
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError>;
     /// Removes a container (killing it if it still runs); its named volumes stay.
