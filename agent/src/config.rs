@@ -1476,6 +1476,51 @@ mod tests {
         }
     }
 
+    #[test]
+    fn parallel_operations_and_snapshots_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "parallel_operations = 4\nsnapshots_keep = 5\n").unwrap();
+        let mut args = enrolling(dir.path());
+        let cfg = load_with(&args, &env(dir.path())).unwrap();
+        assert_eq!(cfg.parallel_operations, 8);
+        assert_eq!(cfg.snapshots_keep, 3);
+        args.config = Some(file);
+        let cfg = load_with(&args, &env(dir.path())).unwrap();
+        assert_eq!((cfg.parallel_operations, cfg.snapshots_keep), (4, 5));
+        let vars = with_vars(
+            dir.path(),
+            &[
+                ("CLUSTERCLAW_AGENT_PARALLEL_OPERATIONS", "16"),
+                ("CLUSTERCLAW_AGENT_SNAPSHOTS_KEEP", "1"),
+            ],
+        );
+        let cfg = load_with(&args, &vars).unwrap();
+        assert_eq!((cfg.parallel_operations, cfg.snapshots_keep), (16, 1));
+        args.parallel_operations = Some(2);
+        let cfg = load_with(&args, &vars).unwrap();
+        assert_eq!(cfg.parallel_operations, 2, "the flag wins");
+
+        let bad = with_vars(
+            dir.path(),
+            &[
+                ("CLUSTERCLAW_AGENT_PARALLEL_OPERATIONS", "many"),
+                ("CLUSTERCLAW_AGENT_SNAPSHOTS_KEEP", "0"),
+            ],
+        );
+        args.parallel_operations = None;
+        let err = load_with(&args, &bad).unwrap_err().to_string();
+        assert!(
+            err.contains("CLUSTERCLAW_AGENT_PARALLEL_OPERATIONS"),
+            "{err}"
+        );
+        assert!(err.contains("not a whole number from 1 to 64"), "{err}");
+        assert!(
+            err.contains("0 is out of range; allowed is 1 to 100"),
+            "{err}"
+        );
+    }
+
     fn enrolled_data_dir(dir: &Path) -> PathBuf {
         let data = dir.join("data");
         std::fs::create_dir_all(&data).unwrap();

@@ -125,6 +125,9 @@ pub struct ReplicaRecord {
     pub measured: Option<Measurement>,
     /// A drift being repaired: its event is queued once a new container runs.
     pub repairing: Option<Drift>,
+    /// A snapshot whose restore failed after the volume was emptied: the next creation of the
+    /// replica restores it (never starts on the empty volume).
+    pub pending_restore: Option<SnapshotMeta>,
 }
 
 /// Per-replica records, shared between the reconciler and the status reporter.
@@ -217,6 +220,11 @@ impl ReplicaBook {
         r.consecutive_failures += 1;
         r.not_before = Some(now + self.policy.delay(r.consecutive_failures));
         r.last_attempt = Some(now);
+    }
+
+    /// Sets (or clears) the snapshot the next creation of the replica must restore.
+    pub fn set_pending_restore(&self, key: &ReplicaKey, snapshot: Option<SnapshotMeta>) {
+        self.lock().entry(key.clone()).or_default().pending_restore = snapshot;
     }
 
     pub fn set_activity(&self, key: &ReplicaKey, activity: Option<Activity>) {
@@ -1542,8 +1550,24 @@ impl Worker {
                 preferred_port,
             } => {
                 let mut ports = observed_ports.clone();
-                self.create(assignment, *preferred_port, None, observed, &mut ports, now)
-                    .await
+                match self.book.get(&assignment.key()).pending_restore {
+                    Some(snap) => {
+                        self.restore(
+                            assignment,
+                            &snap,
+                            *preferred_port,
+                            None,
+                            observed,
+                            &mut ports,
+                            now,
+                        )
+                        .await
+                    }
+                    None => {
+                        self.create(assignment, *preferred_port, None, observed, &mut ports, now)
+                            .await
+                    }
+                }
             }
             Step::Replace {
                 container_id,
@@ -1890,6 +1914,7 @@ impl Worker {
         }
         .await;
         if let Err(err) = emptied {
+            self.book.set_pending_restore(&key, Some(snap.clone()));
             self.book.record_failure(&key, now, err.to_string());
             return Err(err.into());
         }
@@ -1897,7 +1922,10 @@ impl Worker {
         let created = self
             .create_with(a, preferred_port, own, observed, ports, now, Some(&tar))
             .await;
-        if created.is_ok() {
+        if created.is_err() {
+            self.book.set_pending_restore(&key, Some(snap.clone()));
+        } else {
+            self.book.set_pending_restore(&key, None);
             tracing::info!(replica = %key, snapshot = %snap.id, image = %snap.image, "state volume restored from a snapshot");
             self.events.push(AgentEvent::about(
                 a,

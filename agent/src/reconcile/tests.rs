@@ -2027,3 +2027,30 @@ async fn snapshots_are_pruned_to_the_setting_and_go_with_the_volume() {
     assert!(snaps.list().is_empty());
     assert!(!snaps.path().exists());
 }
+
+#[tokio::test]
+async fn a_failed_restore_is_tried_again_and_never_starts_on_the_empty_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0").image(V1);
+    let volume = spec::volume_name(&me(), &a.key());
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    fake.set_volume_data(&volume, b"state of v1");
+    pass(&r, &[a.clone().image(V2)], Instant::now()).await;
+
+    // The downgrade's new image cannot be pulled: the volume was emptied, nothing runs.
+    fake.fail_pull(V1, "registry down");
+    let now = Instant::now();
+    let p = pass(&r, std::slice::from_ref(&a), now).await;
+    assert_eq!(p.failures().count(), 1, "{:?}", p.outcomes);
+    assert!(fake.containers().is_empty());
+
+    // Once the image comes, the creation restores the snapshot.
+    fake.heal_pull(V1);
+    let p = pass(&r, std::slice::from_ref(&a), now + secs(60)).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    assert_eq!(fake.volume_data(&volume), b"state of v1");
+    assert!(fake.containers()[0].status.is_running());
+    assert!(r.book().get(&a.key()).pending_restore.is_none());
+}
