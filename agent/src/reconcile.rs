@@ -1784,12 +1784,12 @@ impl Worker {
         tar: &Path,
     ) -> Result<String, RuntimeError> {
         let id = self.runtime.create_container(spec).await?;
-        let parent = Path::new(spec::STATE_DIR)
-            .parent()
-            .and_then(Path::to_str)
-            .unwrap_or("/");
+        // Into the volume itself: the engine refuses to extract anywhere else into a
+        // container with a read-only root filesystem.
         let started = async {
-            self.runtime.upload_archive(&id, parent, tar).await?;
+            self.runtime
+                .upload_archive(&id, spec::STATE_DIR, tar)
+                .await?;
             self.runtime.start_container(&id).await
         }
         .await;
@@ -1865,7 +1865,7 @@ impl Worker {
             .map_err(|err| format!("{}: {err}", snaps.path().display()))?;
         let downloaded = self
             .runtime
-            .download_archive(container_id, spec::STATE_DIR, &part)
+            .download_archive(container_id, &snapshot::archive_path(), &part)
             .await;
         let bytes = match downloaded {
             Ok(bytes) => bytes,

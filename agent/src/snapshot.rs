@@ -1,6 +1,6 @@
 //! Snapshots of a replica's state volume, taken before its container changes image, and the rule that decides when one is restored.
 //!
-//! A snapshot is a tar of [`crate::runtime::spec::STATE_DIR`] read out of the stopped old
+//! A snapshot is a tar of the contents of [`crate::runtime::spec::STATE_DIR`] read out of the stopped old
 //! container through the engine's archive API, streamed to
 //! `<data_dir>/replicas/<replica>/snapshots/<id>.tar`, with its metadata in `<id>.json`. The
 //! newest [`DEFAULT_KEEP`] (a setting) are kept per replica; they go with the replica's
@@ -19,6 +19,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clusterclaw_proto::agent as proto;
 use serde::{Deserialize, Serialize};
+
+/// What is archived: the contents of the state directory (entries `./...`), so that they
+/// extract straight into the state volume.
+pub fn archive_path() -> String {
+    format!("{}/.", crate::runtime::spec::STATE_DIR)
+}
 
 /// Snapshots kept per replica by default.
 pub const DEFAULT_KEEP: usize = 3;

@@ -1840,7 +1840,7 @@ async fn a_snapshot_is_taken_before_a_new_image_and_not_before_a_new_config() {
         .expect("stopped");
     let download = calls
         .iter()
-        .position(|c| matches!(c, FakeCall::DownloadArchive(_, path) if path == spec::STATE_DIR))
+        .position(|c| matches!(c, FakeCall::DownloadArchive(_, path) if *path == snapshot::archive_path()))
         .expect("archived");
     let remove = calls
         .iter()
@@ -1957,7 +1957,7 @@ async fn a_downgrade_restores_the_snapshot_of_the_older_version() {
     };
     let emptied = at(&|c| matches!(c, FakeCall::RemoveVolume(_)));
     let created = at(&|c| matches!(c, FakeCall::CreateContainer(..)));
-    let uploaded = at(&|c| matches!(c, FakeCall::UploadArchive(_, d) if d == "/home/node"));
+    let uploaded = at(&|c| matches!(c, FakeCall::UploadArchive(_, d) if d == spec::STATE_DIR));
     let started = at(&|c| matches!(c, FakeCall::StartContainer(_)));
     assert!(
         emptied < created && created < uploaded && uploaded < started,

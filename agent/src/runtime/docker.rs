@@ -532,7 +532,6 @@ impl ContainerRuntime for DockerRuntime {
             })?;
         let options = bollard::query_parameters::UploadToContainerOptionsBuilder::default()
             .path(dir)
-            .copy_uidgid("true")
             .build();
         // Read in 64 KiB chunks: the tar is never held in memory.
         let body = futures::stream::unfold(Some(file), |file| async move {

@@ -422,7 +422,7 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         Err(unsupported("download archive", id))
     }
     /// Extracts the tar file `src` into `dir` inside a (created, not started) container,
-    /// its files owned by the container's user.
+    /// keeping the owners recorded in the tar.
     async fn upload_archive(
         &self,
         id: &str,
