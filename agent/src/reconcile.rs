@@ -10,6 +10,14 @@
 //! A change of generation alone does not replace a container: the config hash covers
 //! everything that requires a new container.
 //!
+//! The executor works on replicas at once (up to [`ReconcilerSettings::max_parallel`]), each
+//! replica's steps in order in its own task; a pass does not wait for a slow stop, and a
+//! replica whose work is still in flight is left alone by later passes (see
+//! [`Reconciler::execute`]). Every stop uses the replica's own grace period. Before a replica
+//! changes image its state volume is snapshotted, and restored on a downgrade or rollback
+//! (see [`crate::snapshot`]). The volume of a replica no longer assigned is removed only when
+//! the control plane did not list it as retained.
+//!
 //! Every pass also measures each current, running container against its assignment's content
 //! hash ([`crate::drift`]): the config file on the host is read (a few KB) and the container's
 //! environment, which cannot change while the container exists, is taken once per container.
