@@ -133,9 +133,6 @@ pub struct ReplicaRecord {
     pub measured: Option<Measurement>,
     /// A drift being repaired: its event is queued once a new container runs.
     pub repairing: Option<Drift>,
-    /// A snapshot whose restore failed after the volume was emptied: the next creation of the
-    /// replica restores it (never starts on the empty volume).
-    pub pending_restore: Option<SnapshotMeta>,
 }
 
 /// Per-replica records, shared between the reconciler and the status reporter.
@@ -228,11 +225,6 @@ impl ReplicaBook {
         r.consecutive_failures += 1;
         r.not_before = Some(now + self.policy.delay(r.consecutive_failures));
         r.last_attempt = Some(now);
-    }
-
-    /// Sets (or clears) the snapshot the next creation of the replica must restore.
-    pub fn set_pending_restore(&self, key: &ReplicaKey, snapshot: Option<SnapshotMeta>) {
-        self.lock().entry(key.clone()).or_default().pending_restore = snapshot;
     }
 
     pub fn set_activity(&self, key: &ReplicaKey, activity: Option<Activity>) {
@@ -1558,7 +1550,10 @@ impl Worker {
                 preferred_port,
             } => {
                 let mut ports = observed_ports.clone();
-                match self.book.get(&assignment.key()).pending_restore {
+                // A restore that did not finish (the volume may be empty) is done first.
+                let pending =
+                    SnapshotDir::new(&self.replica_dir(&assignment.key())).pending_restore();
+                match pending {
                     Some(snap) => {
                         self.restore(
                             assignment,
@@ -1916,24 +1911,30 @@ impl Worker {
             },
             None => spec::volume_spec(&self.owner, a),
         };
+        let snaps = SnapshotDir::new(&self.replica_dir(&key));
+        if let Err(err) = snaps.set_pending_restore(&snap.id) {
+            let err = StepError::Io {
+                path: snaps.path().to_path_buf(),
+                message: err.to_string(),
+            };
+            self.book.record_failure(&key, now, err.to_string());
+            return Err(err);
+        }
         let emptied = async {
             self.runtime.remove_volume(&volume.name).await?;
             self.runtime.ensure_volume(&volume).await
         }
         .await;
         if let Err(err) = emptied {
-            self.book.set_pending_restore(&key, Some(snap.clone()));
             self.book.record_failure(&key, now, err.to_string());
             return Err(err.into());
         }
-        let tar = SnapshotDir::new(&self.replica_dir(&key)).tar(&snap.id);
+        let tar = snaps.tar(&snap.id);
         let created = self
             .create_with(a, preferred_port, own, observed, ports, now, Some(&tar))
             .await;
-        if created.is_err() {
-            self.book.set_pending_restore(&key, Some(snap.clone()));
-        } else {
-            self.book.set_pending_restore(&key, None);
+        if created.is_ok() {
+            snaps.clear_pending_restore();
             tracing::info!(replica = %key, snapshot = %snap.id, image = %snap.image, "state volume restored from a snapshot");
             self.events.push(AgentEvent::about(
                 a,

@@ -26,6 +26,9 @@ pub fn archive_path() -> String {
     format!("{}/.", crate::runtime::spec::STATE_DIR)
 }
 
+/// Names the snapshot whose restore is under way.
+const PENDING_FILE: &str = "restore-pending";
+
 /// Snapshots kept per replica by default.
 pub const DEFAULT_KEEP: usize = 3;
 
@@ -201,10 +204,33 @@ impl SnapshotDir {
         crate::state::write_file_atomic(&self.meta(&meta.id), &json, 0o600)
     }
 
+    /// Records that `id` must be restored before the replica starts again (written before its
+    /// volume is emptied, so that a failure or an agent restart never starts it empty).
+    pub fn set_pending_restore(&self, id: &str) -> io::Result<()> {
+        crate::state::create_private_dir(&self.dir)?;
+        crate::state::write_file_atomic(&self.dir.join(PENDING_FILE), id.as_bytes(), 0o600)
+    }
+
+    pub fn clear_pending_restore(&self) {
+        let _ = std::fs::remove_file(self.dir.join(PENDING_FILE));
+    }
+
+    /// The snapshot a restore of which was started and did not finish.
+    pub fn pending_restore(&self) -> Option<SnapshotMeta> {
+        let id = std::fs::read_to_string(self.dir.join(PENDING_FILE)).ok()?;
+        self.list().into_iter().find(|s| s.id == id.trim())
+    }
+
     /// Keeps the newest `keep`, deleting the rest; returns how many were deleted.
     pub fn prune(&self, keep: usize) -> usize {
         let mut deleted = 0;
-        for old in self.list().into_iter().skip(keep) {
+        let pending = self.pending_restore().map(|s| s.id);
+        for old in self
+            .list()
+            .into_iter()
+            .skip(keep)
+            .filter(|s| Some(&s.id) != pending.as_ref())
+        {
             let _ = std::fs::remove_file(self.tar(&old.id));
             let _ = std::fs::remove_file(self.meta(&old.id));
             deleted += 1;

@@ -2046,11 +2046,15 @@ async fn a_failed_restore_is_tried_again_and_never_starts_on_the_empty_volume() 
     assert_eq!(p.failures().count(), 1, "{:?}", p.outcomes);
     assert!(fake.containers().is_empty());
 
+    // A restarted agent (no memory of it) restores too: the pending restore is on disk.
+    let r = reconciler(&fake, dir.path());
+
     // Once the image comes, the creation restores the snapshot.
     fake.heal_pull(V1);
     let p = pass(&r, std::slice::from_ref(&a), now + secs(60)).await;
     assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
     assert_eq!(fake.volume_data(&volume), b"state of v1");
     assert!(fake.containers()[0].status.is_running());
-    assert!(r.book().get(&a.key()).pending_restore.is_none());
+    let snaps = SnapshotDir::new(r.config_file(&a.key()).parent().unwrap());
+    assert!(snaps.pending_restore().is_none());
 }
