@@ -54,6 +54,11 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "CLUSTERCLAW_AGENT_PROBE_INITIAL_DELAY",
     ),
     ("--restart-backoff", "CLUSTERCLAW_AGENT_RESTART_BACKOFF"),
+    (
+        "--parallel-operations",
+        "CLUSTERCLAW_AGENT_PARALLEL_OPERATIONS",
+    ),
+    ("--snapshots-keep", "CLUSTERCLAW_AGENT_SNAPSHOTS_KEEP"),
 ];
 
 /// The environment variable of a flag in [`ENV_VARS`].
@@ -201,6 +206,15 @@ pub struct AgentArgs {
     /// [default: 10s] [env: CLUSTERCLAW_AGENT_RESTART_BACKOFF].
     #[arg(long, value_name = "DURATION")]
     pub restart_backoff: Option<String>,
+    /// How many replicas the agent works on at once (creating, stopping, replacing,
+    /// restarting, removing); a slow stop never holds up the others [default: 8]
+    /// [env: CLUSTERCLAW_AGENT_PARALLEL_OPERATIONS].
+    #[arg(long, value_name = "N")]
+    pub parallel_operations: Option<u32>,
+    /// Snapshots of a replica's state volume kept on the host (one is taken before every
+    /// change of image) [default: 3] [env: CLUSTERCLAW_AGENT_SNAPSHOTS_KEEP].
+    #[arg(long, value_name = "N")]
+    pub snapshots_keep: Option<u32>,
 }
 
 /// The whole, validated configuration of an agent.
@@ -228,6 +242,10 @@ pub struct AgentConfig {
     pub resync_interval: Duration,
     pub probe: ProbeSettings,
     pub restart_backoff: Duration,
+    /// Replicas worked on at once.
+    pub parallel_operations: usize,
+    /// Snapshots kept per replica.
+    pub snapshots_keep: usize,
 }
 
 impl AgentConfig {
@@ -251,6 +269,8 @@ impl AgentConfig {
             resync_interval: DEFAULT_RESYNC_INTERVAL,
             probe: ProbeSettings::default(),
             restart_backoff: crate::reconcile::BackoffPolicy::default().initial,
+            parallel_operations: crate::reconcile::DEFAULT_MAX_PARALLEL,
+            snapshots_keep: crate::snapshot::DEFAULT_KEEP,
         }
     }
 
@@ -382,6 +402,8 @@ struct FileConfig {
     poll_wait: Option<Spanned<String>>,
     resync_interval: Option<Spanned<String>>,
     restart_backoff: Option<Spanned<String>>,
+    parallel_operations: Option<Spanned<u32>>,
+    snapshots_keep: Option<Spanned<u32>>,
     #[serde(default)]
     probe: ProbeSection,
 }
@@ -479,6 +501,49 @@ fn pick<T, V>(
         value: from_file(source, file.get_ref()),
         location: source.location(file.span(), key),
     })
+}
+
+/// A whole number from a flag, its environment variable or the file, within `range`.
+fn count_setting(
+    c: &mut Collector,
+    env: &Environment,
+    (flag_value, flag): (Option<u32>, &str),
+    (file_value, key, src): (Option<&Spanned<u32>>, &str, Option<&Source>),
+    (min, max): (u32, u32),
+    default: usize,
+) -> usize {
+    let given = match flag_value {
+        Some(value) => Some(Setting {
+            value,
+            location: flag.to_string(),
+        }),
+        None => env
+            .setting(flag)
+            .and_then(|s| match s.value.trim().parse::<u32>() {
+                Ok(value) => Some(Setting {
+                    value,
+                    location: s.location,
+                }),
+                Err(_) => {
+                    c.push(
+                        s.location,
+                        format!("{:?} is not a whole number from {min} to {max}", s.value),
+                    );
+                    None
+                }
+            }),
+    };
+    match pick(given, file_value, key, src, |_, v| *v) {
+        None => default,
+        Some(Setting { value, .. }) if (min..=max).contains(&value) => value as usize,
+        Some(Setting { value, location }) => {
+            c.push(
+                location,
+                format!("{value} is out of range; allowed is {min} to {max}"),
+            );
+            default
+        }
+    }
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -630,7 +695,7 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
                         c.push(
                             loc,
                             format!(
-                                "{} (the keys are server, ca_cert, join_token_file, data_dir, labels, name, runtime, docker_host, log_format, report_interval, poll_wait, resync_interval, restart_backoff and [probe] interval, timeout, failure_threshold, initial_delay)",
+                                "{} (the keys are server, ca_cert, join_token_file, data_dir, labels, name, runtime, docker_host, log_format, report_interval, poll_wait, resync_interval, restart_backoff, parallel_operations, snapshots_keep and [probe] interval, timeout, failure_threshold, initial_delay)",
                                 e.message().trim().replace('`', "'")
                             ),
                         );
@@ -1076,6 +1141,56 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
             }
         }
     };
+    let parallel_given = match args.parallel_operations {
+        Some(value) => Some(Setting {
+            value,
+            location: "--parallel-operations".to_string(),
+        }),
+        None => {
+            env.setting("--parallel-operations")
+                .and_then(|s| match s.value.trim().parse::<u32>() {
+                    Ok(value) => Some(Setting {
+                        value,
+                        location: s.location,
+                    }),
+                    Err(_) => {
+                        c.push(
+                            s.location,
+                            format!("{:?} is not a whole number from 1 to 64", s.value),
+                        );
+                        None
+                    }
+                })
+        }
+    };
+    let parallel_operations = match pick(
+        parallel_given,
+        file.parallel_operations.as_ref(),
+        "parallel_operations",
+        src,
+        |_, v| *v,
+    ) {
+        None => crate::reconcile::DEFAULT_MAX_PARALLEL,
+        Some(Setting { value, location }) => {
+            if (1..=64).contains(&value) {
+                value as usize
+            } else {
+                c.push(
+                    location,
+                    format!("{value} is out of range; allowed is 1 to 64"),
+                );
+                crate::reconcile::DEFAULT_MAX_PARALLEL
+            }
+        }
+    };
+    let snapshots_keep = count_setting(
+        &mut c,
+        env,
+        (args.snapshots_keep, "--snapshots-keep"),
+        (file.snapshots_keep.as_ref(), "snapshots_keep", src),
+        (1, 100),
+        crate::snapshot::DEFAULT_KEEP,
+    );
     // The default timeout shrinks to a shorter interval; a given one must fit in it.
     let probe_timeout = if timeout_given {
         probe_timeout
@@ -1121,6 +1236,8 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
             initial_delay,
         },
         restart_backoff,
+        parallel_operations,
+        snapshots_keep,
     })
 }
 
@@ -1357,6 +1474,51 @@ mod tests {
                 .collect(),
             ..env(home)
         }
+    }
+
+    #[test]
+    fn parallel_operations_and_snapshots_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(&file, "parallel_operations = 4\nsnapshots_keep = 5\n").unwrap();
+        let mut args = enrolling(dir.path());
+        let cfg = load_with(&args, &env(dir.path())).unwrap();
+        assert_eq!(cfg.parallel_operations, 8);
+        assert_eq!(cfg.snapshots_keep, 3);
+        args.config = Some(file);
+        let cfg = load_with(&args, &env(dir.path())).unwrap();
+        assert_eq!((cfg.parallel_operations, cfg.snapshots_keep), (4, 5));
+        let vars = with_vars(
+            dir.path(),
+            &[
+                ("CLUSTERCLAW_AGENT_PARALLEL_OPERATIONS", "16"),
+                ("CLUSTERCLAW_AGENT_SNAPSHOTS_KEEP", "1"),
+            ],
+        );
+        let cfg = load_with(&args, &vars).unwrap();
+        assert_eq!((cfg.parallel_operations, cfg.snapshots_keep), (16, 1));
+        args.parallel_operations = Some(2);
+        let cfg = load_with(&args, &vars).unwrap();
+        assert_eq!(cfg.parallel_operations, 2, "the flag wins");
+
+        let bad = with_vars(
+            dir.path(),
+            &[
+                ("CLUSTERCLAW_AGENT_PARALLEL_OPERATIONS", "many"),
+                ("CLUSTERCLAW_AGENT_SNAPSHOTS_KEEP", "0"),
+            ],
+        );
+        args.parallel_operations = None;
+        let err = load_with(&args, &bad).unwrap_err().to_string();
+        assert!(
+            err.contains("CLUSTERCLAW_AGENT_PARALLEL_OPERATIONS"),
+            "{err}"
+        );
+        assert!(err.contains("not a whole number from 1 to 64"), "{err}");
+        assert!(
+            err.contains("0 is out of range; allowed is 1 to 100"),
+            "{err}"
+        );
     }
 
     fn enrolled_data_dir(dir: &Path) -> PathBuf {

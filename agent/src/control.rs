@@ -25,6 +25,8 @@ pub struct WatchAnswer {
     pub index: u64,
     pub changed: bool,
     pub assignments: Vec<pb::Assignment>,
+    /// Volumes to keep although unassigned (meaningful only when `changed`).
+    pub retained_volumes: Vec<pb::RetainedVolume>,
 }
 
 /// Why a call to the control plane failed.
@@ -221,6 +223,7 @@ impl ControlPlane for GrpcControlPlane {
             index: answer.index,
             changed: answer.changed,
             assignments: answer.assignments,
+            retained_volumes: answer.retained_volumes,
         })
     }
 

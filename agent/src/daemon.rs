@@ -247,6 +247,8 @@ fn reconciler_for(config: &AgentConfig, identity: &HostIdentity) -> Result<Recon
         initial: config.restart_backoff,
         ..BackoffPolicy::default()
     };
+    settings.max_parallel = config.parallel_operations;
+    settings.snapshots_keep = config.snapshots_keep;
     Ok(Reconciler::new(engine, settings))
 }
 

@@ -79,6 +79,28 @@ impl ContainerRuntime for LazyEngine {
         self.get().await?.start_container(id).await
     }
 
+    async fn create_container(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        self.get().await?.create_container(spec).await
+    }
+
+    async fn download_archive(
+        &self,
+        id: &str,
+        path: &str,
+        dest: &std::path::Path,
+    ) -> Result<u64, RuntimeError> {
+        self.get().await?.download_archive(id, path, dest).await
+    }
+
+    async fn upload_archive(
+        &self,
+        id: &str,
+        dir: &str,
+        src: &std::path::Path,
+    ) -> Result<(), RuntimeError> {
+        self.get().await?.upload_archive(id, dir, src).await
+    }
+
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
         self.get().await?.stop_container(id, grace).await
     }

@@ -26,5 +26,6 @@ pub mod probe;
 pub mod reconcile;
 pub mod rlimit;
 pub mod runtime;
+pub mod snapshot;
 pub mod state;
 pub mod sync;

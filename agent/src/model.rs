@@ -73,11 +73,52 @@ pub struct Assignment {
     /// `config_json` and `env`; empty from servers without it (then drift is not checked).
     #[serde(default)]
     pub content_hash: String,
+    /// Seconds the Gateway gets between SIGTERM and SIGKILL (0: the agent's default).
+    #[serde(default)]
+    pub termination_grace_seconds: u32,
 }
 
 impl Assignment {
     pub fn key(&self) -> ReplicaKey {
         ReplicaKey::new(&self.tenant, &self.project, &self.replica)
+    }
+
+    /// How long a stop of its container waits after SIGTERM: its own grace period, or
+    /// `default` when the control plane sent none.
+    pub fn stop_grace(&self, default: std::time::Duration) -> std::time::Duration {
+        match self.termination_grace_seconds {
+            0 => default,
+            n => std::time::Duration::from_secs(u64::from(n)),
+        }
+    }
+}
+
+/// A state volume the control plane wants kept although no assignment of this host uses it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RetainedVolume {
+    pub tenant: String,
+    pub project: String,
+    pub instance: String,
+    pub replica: String,
+    #[serde(default)]
+    pub instance_uid: String,
+}
+
+impl RetainedVolume {
+    pub fn key(&self) -> ReplicaKey {
+        ReplicaKey::new(&self.tenant, &self.project, &self.replica)
+    }
+}
+
+impl From<proto::RetainedVolume> for RetainedVolume {
+    fn from(v: proto::RetainedVolume) -> Self {
+        RetainedVolume {
+            tenant: v.tenant,
+            project: v.project,
+            instance: v.instance,
+            replica: v.replica,
+            instance_uid: v.instance_uid,
+        }
     }
 }
 
@@ -101,6 +142,7 @@ impl fmt::Debug for Assignment {
             .field("instance_uid", &self.instance_uid)
             .field("config_revision", &self.config_revision)
             .field("content_hash", &self.content_hash)
+            .field("termination_grace_seconds", &self.termination_grace_seconds)
             .finish()
     }
 }
@@ -191,6 +233,7 @@ impl TryFrom<proto::Assignment> for Assignment {
             instance_uid: a.instance_uid,
             config_revision: a.config_revision,
             content_hash: a.content_hash.to_ascii_lowercase(),
+            termination_grace_seconds: a.termination_grace_seconds,
         })
     }
 }
@@ -285,6 +328,8 @@ pub struct ReplicaStatus {
     pub config_revision: u64,
     /// The content hash last measured on the running container (empty when not known).
     pub observed_content_hash: String,
+    /// Snapshots of its state volume on this host, newest first.
+    pub snapshots: Vec<crate::snapshot::SnapshotMeta>,
 }
 
 impl ReplicaStatus {
@@ -309,7 +354,11 @@ impl ReplicaStatus {
             stats: self.stats.as_ref().map(ContainerStats::to_proto),
             config_revision: self.config_revision,
             observed_content_hash: self.observed_content_hash.clone(),
-            snapshots: Vec::new(),
+            snapshots: self
+                .snapshots
+                .iter()
+                .map(crate::snapshot::SnapshotMeta::to_proto)
+                .collect(),
         }
     }
 }
@@ -347,6 +396,7 @@ pub(crate) mod fixtures {
                 instance_uid: format!("uid-{replica}"),
                 config_revision: 1,
                 content_hash: crate::drift::content_hash(b"{}", &BTreeMap::new()),
+                termination_grace_seconds: 0,
             }
         }
 
@@ -382,6 +432,11 @@ pub(crate) mod fixtures {
 
         pub fn image(mut self, image: &str) -> Self {
             self.image = image.into();
+            self
+        }
+
+        pub fn grace(mut self, seconds: u32) -> Self {
+            self.termination_grace_seconds = seconds;
             self
         }
     }
@@ -489,6 +544,7 @@ mod tests {
             stats: None,
             config_revision: 3,
             observed_content_hash: "cd".repeat(32),
+            snapshots: Vec::new(),
         };
         let wire = status.to_proto();
         assert_eq!(wire.config_revision, 3);

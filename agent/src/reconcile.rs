@@ -10,6 +10,14 @@
 //! A change of generation alone does not replace a container: the config hash covers
 //! everything that requires a new container.
 //!
+//! The executor works on replicas at once (up to [`ReconcilerSettings::max_parallel`]), each
+//! replica's steps in order in its own task; a pass does not wait for a slow stop, and a
+//! replica whose work is still in flight is left alone by later passes (see
+//! [`Reconciler::execute`]). Every stop uses the replica's own grace period. Before a replica
+//! changes image its state volume is snapshotted, and restored on a downgrade or rollback
+//! (see [`crate::snapshot`]). The volume of a replica no longer assigned is removed only when
+//! the control plane did not list it as retained.
+//!
 //! Every pass also measures each current, running container against its assignment's content
 //! hash ([`crate::drift`]): the config file on the host is read (a few KB) and the container's
 //! environment, which cannot change while the container exists, is taken once per container.
@@ -27,17 +35,29 @@ use tokio::time::Instant;
 
 use crate::drift::{self, Drift, EnvPart, Measurement};
 use crate::events::{AgentEvent, EventQueue};
-use crate::model::{Assignment, ReplicaKey, ReplicaState, ReplicaStatus};
+use crate::model::{Assignment, ReplicaKey, ReplicaState, ReplicaStatus, RetainedVolume};
 use crate::ports::{self, PortRange};
 use crate::probe::{Liveness, ProbeStatus, ProbeTarget};
 use crate::runtime::{
-    ContainerRuntime, ContainerStatus, Labelled, LegacyObjects, ObservedContainer, ObservedNetwork,
-    ObservedVolume, Owner, RuntimeError, labels, spec,
+    ContainerRuntime, ContainerSpec, ContainerStatus, Labelled, LegacyObjects, ObservedContainer,
+    ObservedNetwork, ObservedVolume, Owner, RuntimeError, VolumeSpec, labels, spec,
 };
+use crate::snapshot::{self, SnapshotDir, SnapshotMeta};
 use crate::state;
 
 /// How many ports a create tries when the engine reports the chosen one as taken.
 const PORT_ATTEMPTS: usize = 8;
+
+/// The rendered config's file name in a replica's directory.
+const CONFIG_FILE: &str = "openclaw.json";
+
+/// A replica's directory under the data dir (its rendered config, its snapshots).
+fn replica_dir(data_dir: &Path, key: &ReplicaKey) -> PathBuf {
+    // Names are DNS labels, so a dot separates them unambiguously.
+    data_dir
+        .join("replicas")
+        .join(format!("{}.{}.{}", key.tenant, key.project, key.replica))
+}
 
 /// What the engine holds for this host, as read at the start of a pass.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -86,6 +106,14 @@ impl BackoffPolicy {
 pub enum Activity {
     Pulling,
     Creating,
+    /// Its old container is being stopped (its grace period) to be replaced.
+    Stopping,
+    /// Its container is being stopped and started again.
+    Restarting,
+    /// Its state volume is being saved before its image changes.
+    Snapshotting,
+    /// Its state volume is being restored from a snapshot.
+    Restoring,
 }
 
 /// The agent's memory of one replica across passes.
@@ -334,6 +362,9 @@ pub struct PlanInput<'a> {
     pub probes: &'a BTreeMap<ReplicaKey, ProbeStatus>,
     /// The back-off records, per replica.
     pub records: &'a BTreeMap<ReplicaKey, ReplicaRecord>,
+    /// Replicas whose state volume is kept although unassigned; `None` when not known, and
+    /// then no volume is removed.
+    pub retained: Option<&'a BTreeSet<ReplicaKey>>,
     pub now: Instant,
 }
 
@@ -413,6 +444,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Step> {
     for v in input.observed.volumes.iter().filter(|v| owner.owns(*v)) {
         if let Some(key) = v.replica_key()
             && !desired.contains_key(&key)
+            && input.retained.is_some_and(|r| !r.contains(&key))
         {
             volume_removals.push(Step::RemoveVolume {
                 key,
@@ -466,6 +498,16 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Step> {
         }
 
         if let Some(old) = replaced {
+            if old.image != a.image
+                && let Some(until) = held_until
+            {
+                // A failed snapshot kept the old container: try again after the back-off.
+                actions.push(Step::Wait {
+                    key: key.clone(),
+                    until,
+                });
+                continue;
+            }
             let reason = if old.image != a.image {
                 ReplaceReason::ImageChanged {
                     from: old.image.clone(),
@@ -588,6 +630,29 @@ pub fn replica_status(
     let held = record.not_before.filter(|until| *until > now);
     let (state, message) = if record.activity == Some(Activity::Pulling) {
         (ReplicaState::Pulling, format!("pulling {}", a.image))
+    } else if record.activity == Some(Activity::Stopping) {
+        (
+            ReplicaState::Pending,
+            "stopping the old container to replace it".to_owned(),
+        )
+    } else if record.activity == Some(Activity::Snapshotting) {
+        (
+            ReplicaState::Pending,
+            format!(
+                "saving a snapshot of the state volume before switching to {}",
+                a.image
+            ),
+        )
+    } else if record.activity == Some(Activity::Restoring) {
+        (
+            ReplicaState::Pending,
+            "restoring the state volume from a snapshot".to_owned(),
+        )
+    } else if record.activity == Some(Activity::Restarting) {
+        (
+            ReplicaState::Starting,
+            "restarting the container".to_owned(),
+        )
     } else if let Some(c) = container {
         match &c.status {
             ContainerStatus::Running => match probe.map(|p| (&p.liveness, p.ever_alive, p)) {
@@ -681,6 +746,16 @@ pub fn replica_status(
         Some(note) => format!("{note}; {message}"),
         None => message,
     };
+    // An old container that runs on because the switch to the new image failed (its
+    // snapshot, say): the failure is what matters.
+    let switch_failed = container
+        .filter(|c| c.image != a.image)
+        .and(record.last_error.as_ref());
+    let message = match switch_failed {
+        Some(error) if message.is_empty() => error.clone(),
+        Some(error) => format!("{error}; {message}"),
+        None => message,
+    };
     let applied = container.filter(|c| c.config_hash() == Some(a.config_hash.as_str()));
     ReplicaStatus {
         tenant: a.tenant.clone(),
@@ -706,6 +781,7 @@ pub fn replica_status(
         observed_content_hash: measured
             .and_then(|m| m.content_hash.clone())
             .unwrap_or_default(),
+        snapshots: Vec::new(),
     }
 }
 
@@ -741,9 +817,19 @@ pub struct ReconcilerSettings {
     /// Where rendered configs are written (`<data_dir>/replicas/...`).
     pub data_dir: PathBuf,
     pub ports: PortRange,
+    /// The default grace period of a stop (a replica's own one wins).
     pub stop_grace: Duration,
     pub backoff: BackoffPolicy,
+    /// How many replicas are worked on at once.
+    pub max_parallel: usize,
+    /// How long a pass waits for the work it started before it returns (the rest goes on).
+    pub pass_wait: Duration,
+    /// Snapshots of its state volume kept per replica.
+    pub snapshots_keep: usize,
 }
+
+/// Replicas worked on at once by default.
+pub const DEFAULT_MAX_PARALLEL: usize = 8;
 
 impl ReconcilerSettings {
     pub fn new(owner: impl Into<Owner>, data_dir: impl Into<PathBuf>) -> Self {
@@ -753,6 +839,9 @@ impl ReconcilerSettings {
             ports: PortRange::DEFAULT,
             stop_grace: spec::DEFAULT_STOP_GRACE,
             backoff: BackoffPolicy::default(),
+            max_parallel: DEFAULT_MAX_PARALLEL,
+            pass_wait: Duration::from_secs(1),
+            snapshots_keep: snapshot::DEFAULT_KEEP,
         }
     }
 }
@@ -766,6 +855,14 @@ pub enum StepError {
     Io { path: PathBuf, message: String },
     #[error("no free host port in {first}..={last} (step {step})")]
     NoFreePort { first: u16, last: u16, step: u16 },
+    #[error(
+        "snapshot of the state volume before switching from {from} to {to} failed: {message}; the old container runs again"
+    )]
+    Snapshot {
+        from: String,
+        to: String,
+        message: String,
+    },
 }
 
 /// The result of one executed step.
@@ -802,7 +899,7 @@ struct CachedEnv {
 /// Runs plans against a [`ContainerRuntime`].
 pub struct Reconciler {
     runtime: Arc<dyn ContainerRuntime>,
-    settings: ReconcilerSettings,
+    settings: Arc<ReconcilerSettings>,
     book: ReplicaBook,
     events: EventQueue,
     /// By container id; entries of containers that are gone are dropped every pass.
@@ -810,19 +907,34 @@ pub struct Reconciler {
     port_is_free: fn(u16) -> bool,
     /// The owner with its adopted legacy objects, once they are decided.
     owner: Mutex<Option<Owner>>,
+    /// See [`Reconciler::set_retained`].
+    retained: Mutex<Option<BTreeSet<ReplicaKey>>>,
+    /// Replicas (and unidentified containers) with work in flight.
+    inflight: Arc<Mutex<BTreeSet<WorkKey>>>,
+    limit: Arc<tokio::sync::Semaphore>,
+    finished: Arc<tokio::sync::Notify>,
+    holds: Arc<Mutex<PortHolds>>,
+    network_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Reconciler {
     pub fn new(runtime: Arc<dyn ContainerRuntime>, settings: ReconcilerSettings) -> Self {
         let book = ReplicaBook::new(settings.backoff);
+        let limit = Arc::new(tokio::sync::Semaphore::new(settings.max_parallel.max(1)));
         Reconciler {
             runtime,
-            settings,
+            settings: Arc::new(settings),
             book,
             events: EventQueue::default(),
             env_parts: Mutex::default(),
             port_is_free: ports::port_is_free,
             owner: Mutex::new(None),
+            retained: Mutex::new(Some(BTreeSet::new())),
+            inflight: Arc::default(),
+            limit,
+            finished: Arc::default(),
+            holds: Arc::default(),
+            network_lock: Arc::default(),
         }
     }
 
@@ -852,15 +964,20 @@ impl Reconciler {
 
     /// Where the rendered config of `key` lives on the host.
     pub fn config_file(&self, key: &ReplicaKey) -> PathBuf {
-        self.replica_dir(key).join("openclaw.json")
+        replica_dir(&self.settings.data_dir, key).join(CONFIG_FILE)
     }
 
-    fn replica_dir(&self, key: &ReplicaKey) -> PathBuf {
-        // Names are DNS labels, so a dot separates them unambiguously.
-        self.settings
-            .data_dir
-            .join("replicas")
-            .join(format!("{}.{}.{}", key.tenant, key.project, key.replica))
+    /// Sets the state volumes to keep although unassigned (`None`: not known, keep every one).
+    pub fn set_retained(&self, retained: Option<&[RetainedVolume]>) {
+        *self.retained.lock().unwrap_or_else(|e| e.into_inner()) =
+            retained.map(|r| r.iter().map(RetainedVolume::key).collect());
+    }
+
+    fn retained(&self) -> Option<BTreeSet<ReplicaKey>> {
+        self.retained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The owner as it acts now: with its adopted legacy objects once the first observation
@@ -879,11 +996,19 @@ impl Reconciler {
     /// written there.
     pub async fn observe(&self) -> Result<Observed, RuntimeError> {
         let host = self.settings.owner.host_name();
+        self.holds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .begin_observation();
         let (mut containers, mut volumes, mut networks) = tokio::try_join!(
             self.runtime.list_managed_containers(host),
             self.runtime.list_managed_volumes(host),
             self.runtime.list_managed_networks(host),
         )?;
+        self.holds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .end_observation();
         let owner = {
             let mut current = self.owner.lock().unwrap_or_else(|e| e.into_inner());
             current
@@ -971,7 +1096,7 @@ impl Reconciler {
             )
         }) {
             self.runtime
-                .stop_container(&c.id, self.settings.stop_grace)
+                .stop_container(&c.id, c.stop_grace().unwrap_or(self.settings.stop_grace))
                 .await?;
             tracing::info!(container = %c.id, name = %c.name, "replica container stopped");
             stopped += 1;
@@ -1077,13 +1202,16 @@ impl Reconciler {
                 let containers = replica_containers(&owner, observed, &key);
                 let container =
                     current_container(a, &containers).or_else(|| containers.first().copied());
-                replica_status(
+                let mut status = replica_status(
                     a,
                     container,
                     probes.get(&key),
                     &records.get(&key).cloned().unwrap_or_default(),
                     now,
-                )
+                );
+                status.snapshots =
+                    SnapshotDir::new(&replica_dir(&self.settings.data_dir, &key)).list();
+                status
             })
             .collect()
     }
@@ -1123,12 +1251,14 @@ impl Reconciler {
             }
         }
         let records = self.book.snapshot();
+        let retained = self.retained();
         let steps = plan(&PlanInput {
             owner: &owner,
             desired,
             observed: &observed,
             probes,
             records: &records,
+            retained: retained.as_ref(),
             now,
         });
         let outcomes = self.execute(steps, &observed, now).await;
@@ -1146,120 +1276,261 @@ impl Reconciler {
         })
     }
 
-    /// Runs `steps` in order; a failed step does not stop the others.
+    /// Starts `steps` and collects the outcomes of those that end within
+    /// [`ReconcilerSettings::pass_wait`]; the rest go on in the background.
     ///
-    /// Creations of new replicas touch nothing that runs, so they go last and concurrently, each
-    /// on a host port reserved up front: scaling up takes about as long as one creation. The
-    /// first creation for a tenant without its network yet runs alone, so that two creations
-    /// never race to make the network.
+    /// The steps of one replica (or of one unidentified container) run in plan order in one
+    /// task; tasks of different replicas run at once, at most
+    /// [`ReconcilerSettings::max_parallel`] of them. A replica whose work from an earlier pass
+    /// is still in flight is left alone this pass. A network is removed only once no work of
+    /// its tenant is in flight. Whenever a task ends, [`Reconciler::work_done`] is notified so
+    /// that the next pass looks at the result.
     pub async fn execute(
         &self,
         steps: Vec<Step>,
         observed: &Observed,
         now: Instant,
     ) -> Vec<StepOutcome> {
-        let mut taken: BTreeSet<u16> = observed
-            .containers
-            .iter()
-            .filter_map(|c| c.host_port)
-            .collect();
-        let mut slots: Vec<Option<StepOutcome>> = Vec::with_capacity(steps.len());
-        let mut creates = Vec::new();
+        let observed_ports: Arc<BTreeSet<u16>> = Arc::new(
+            observed
+                .containers
+                .iter()
+                .filter_map(|c| c.host_port)
+                .collect(),
+        );
+        let shared = Arc::new(observed.clone());
+        let mut done: Vec<(usize, StepOutcome)> = Vec::new();
+        let mut groups: Vec<(WorkKey, Vec<(usize, Step)>)> = Vec::new();
+        let mut networks = Vec::new();
         for (i, step) in steps.into_iter().enumerate() {
-            if matches!(step, Step::Create { .. }) {
-                slots.push(None);
-                creates.push((i, step));
+            let key = match &step {
+                Step::Wait { .. } => {
+                    done.push((
+                        i,
+                        StepOutcome {
+                            step,
+                            result: Ok(()),
+                        },
+                    ));
+                    continue;
+                }
+                Step::RemoveNetwork { .. } => {
+                    networks.push((i, step));
+                    continue;
+                }
+                Step::RemoveContainer {
+                    key: None,
+                    container_id,
+                    ..
+                } => WorkKey::Container(container_id.clone()),
+                other => match other.key() {
+                    Some(k) => WorkKey::Replica(k),
+                    None => continue,
+                },
+            };
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, g)) => g.push((i, step)),
+                None => groups.push((key, vec![(i, step)])),
+            }
+        }
+
+        let worker = self.worker();
+        let mut handles = Vec::new();
+        for (key, group) in groups {
+            if !self.inflight_lock().insert(key.clone()) {
+                tracing::debug!(
+                    ?key,
+                    "work of an earlier pass is still in flight; not started again"
+                );
                 continue;
             }
-            let result = self.execute_one(&step, observed, &mut taken, now).await;
-            log_outcome(&step, &result);
-            slots.push(Some(StepOutcome { step, result }));
+            let worker = worker.clone();
+            let observed = Arc::clone(&shared);
+            let ports = Arc::clone(&observed_ports);
+            let limit = Arc::clone(&self.limit);
+            let inflight = Arc::clone(&self.inflight);
+            let finished = Arc::clone(&self.finished);
+            handles.push(tokio::spawn(async move {
+                let permit = limit.acquire_owned().await;
+                let mut out = Vec::with_capacity(group.len());
+                for (i, step) in group {
+                    let result = worker.execute_one(&step, &observed, &ports, now).await;
+                    log_outcome(&step, &result);
+                    out.push((i, StepOutcome { step, result }));
+                }
+                drop(permit);
+                inflight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
+                finished.notify_one();
+                out
+            }));
         }
 
-        let owner = self.owner();
-        let networks: BTreeSet<&str> = observed
-            .networks
-            .iter()
-            .filter(|n| owner.owns(*n))
-            .filter_map(|n| n.label(labels::TENANT))
-            .collect();
-        let mut first_of_tenant = BTreeSet::new();
-        let mut batch = Vec::new();
-        for (i, step) in creates {
-            let new_network = match &step {
-                Step::Create { assignment, .. } => {
-                    !networks.contains(assignment.tenant.as_str())
-                        && first_of_tenant.insert(assignment.tenant.clone())
-                }
+        let deadline = Instant::now() + self.settings.pass_wait;
+        for mut handle in handles {
+            match tokio::time::timeout_at(deadline, &mut handle).await {
+                Ok(Ok(out)) => done.extend(out),
+                Ok(Err(err)) => tracing::error!(error = %err, "a reconcile task failed"),
+                // Still running: it goes on, and notifies when it ends.
+                Err(_) => {}
+            }
+        }
+
+        for (i, step) in networks {
+            let busy = match &step {
+                Step::RemoveNetwork { tenant, .. } => self
+                    .inflight_lock()
+                    .iter()
+                    .any(|k| matches!(k, WorkKey::Replica(r) if r.tenant == *tenant)),
                 _ => false,
             };
-            if new_network {
-                let result = self.execute_one(&step, observed, &mut taken, now).await;
-                log_outcome(&step, &result);
-                slots[i] = Some(StepOutcome { step, result });
-            } else {
-                batch.push((i, step));
+            if busy {
+                continue;
             }
-        }
-
-        let port_is_free = self.port_is_free;
-        let mut reserved = Vec::with_capacity(batch.len());
-        for (_, step) in &batch {
-            let preferred = match step {
-                Step::Create { preferred_port, .. } => *preferred_port,
-                _ => None,
-            };
-            let port = preferred
-                .filter(|p| !taken.contains(p) && port_is_free(*p))
-                .or_else(|| ports::allocate(self.settings.ports, &taken, port_is_free));
-            if let Some(p) = port {
-                taken.insert(p);
-            }
-            reserved.push(port);
-        }
-        let results =
-            futures::future::join_all(batch.iter().zip(&reserved).map(|((_, step), port)| {
-                let mut own = taken.clone();
-                if let Some(p) = port {
-                    own.remove(p);
-                }
-                async move {
-                    match step {
-                        Step::Create { assignment, .. } => {
-                            self.create(assignment, *port, observed, &mut own, now)
-                                .await
-                        }
-                        other => self.execute_one(other, observed, &mut own, now).await,
-                    }
-                }
-            }))
-            .await;
-        for ((i, step), result) in batch.into_iter().zip(results) {
+            let result = worker
+                .execute_one(&step, &shared, &observed_ports, now)
+                .await;
             log_outcome(&step, &result);
-            slots[i] = Some(StepOutcome { step, result });
+            done.push((i, StepOutcome { step, result }));
         }
-        slots.into_iter().flatten().collect()
+        done.sort_by_key(|(i, _)| *i);
+        done.into_iter().map(|(_, o)| o).collect()
+    }
+
+    /// Waits until no work is in flight (tests, and a clean shutdown).
+    pub async fn wait_idle(&self) {
+        loop {
+            if self.inflight_lock().is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// How many replicas have work in flight.
+    pub fn in_flight(&self) -> usize {
+        self.inflight_lock().len()
+    }
+
+    /// Notified whenever a replica's work ends (a new pass should look at the result).
+    pub fn work_done(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.finished)
+    }
+
+    fn inflight_lock(&self) -> MutexGuard<'_, BTreeSet<WorkKey>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn worker(&self) -> Worker {
+        Worker {
+            runtime: Arc::clone(&self.runtime),
+            settings: Arc::clone(&self.settings),
+            book: self.book.clone(),
+            events: self.events.clone(),
+            port_is_free: self.port_is_free,
+            owner: self.owner(),
+            holds: Arc::clone(&self.holds),
+            network_lock: Arc::clone(&self.network_lock),
+        }
+    }
+}
+
+/// What one task of the executor works on: a replica, or a container no replica claims.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum WorkKey {
+    Replica(ReplicaKey),
+    Container(String),
+}
+
+/// Host ports handed to creations that have not shown up in an observation yet.
+#[derive(Debug, Default)]
+struct PortHolds {
+    held: BTreeMap<u16, Hold>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// A creation is using it.
+    Active,
+    /// A container was created on it; kept until an observation that began later.
+    Done,
+    /// Done before the observation now running began: dropped when it ends.
+    Seen,
+}
+
+impl PortHolds {
+    fn begin_observation(&mut self) {
+        for h in self.held.values_mut() {
+            if *h == Hold::Done {
+                *h = Hold::Seen;
+            }
+        }
+    }
+
+    fn end_observation(&mut self) {
+        self.held.retain(|_, h| *h != Hold::Seen);
+    }
+}
+
+/// The executor's view of the reconciler, cloned into every task.
+#[derive(Clone)]
+struct Worker {
+    runtime: Arc<dyn ContainerRuntime>,
+    settings: Arc<ReconcilerSettings>,
+    book: ReplicaBook,
+    events: EventQueue,
+    port_is_free: fn(u16) -> bool,
+    owner: Owner,
+    holds: Arc<Mutex<PortHolds>>,
+    /// Creating networks one at a time: two creations never race to make a tenant's network.
+    network_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Worker {
+    fn holds(&self) -> MutexGuard<'_, PortHolds> {
+        self.holds.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The grace period of a stop of `container_id`: the assignment's when known, else the
+    /// container's label, else the agent's default.
+    fn grace(&self, observed: &Observed, container_id: &str, a: Option<&Assignment>) -> Duration {
+        let default = self.settings.stop_grace;
+        if let Some(a) = a
+            && a.termination_grace_seconds > 0
+        {
+            return a.stop_grace(default);
+        }
+        observed
+            .containers
+            .iter()
+            .find(|c| c.id == container_id)
+            .and_then(ObservedContainer::stop_grace)
+            .unwrap_or(default)
+    }
+
+    fn replica_dir(&self, key: &ReplicaKey) -> PathBuf {
+        replica_dir(&self.settings.data_dir, key)
     }
 
     async fn execute_one(
         &self,
         step: &Step,
         observed: &Observed,
-        taken: &mut BTreeSet<u16>,
+        observed_ports: &BTreeSet<u16>,
         now: Instant,
     ) -> Result<(), StepError> {
-        let grace = self.settings.stop_grace;
         match step {
             Step::RemoveContainer { container_id, .. } => {
+                let grace = self.grace(observed, container_id, None);
                 self.runtime.stop_container(container_id, grace).await?;
                 self.runtime.remove_container(container_id).await?;
-                if let Some(port) = port_of(observed, container_id) {
-                    taken.remove(&port);
-                }
                 Ok(())
             }
             Step::RemoveVolume { key, volume } => {
                 self.runtime.remove_volume(volume).await?;
+                // The replica's config and its snapshots go with its volume.
                 let dir = self.replica_dir(key);
                 match std::fs::remove_dir_all(&dir) {
                     Ok(()) => Ok(()),
@@ -1278,19 +1549,73 @@ impl Reconciler {
                 assignment,
                 preferred_port,
             } => {
-                self.create(assignment, *preferred_port, observed, taken, now)
-                    .await
+                let mut ports = observed_ports.clone();
+                // A restore that did not finish (the volume may be empty) is done first.
+                let pending =
+                    SnapshotDir::new(&self.replica_dir(&assignment.key())).pending_restore();
+                match pending {
+                    Some(snap) => {
+                        self.restore(
+                            assignment,
+                            &snap,
+                            *preferred_port,
+                            None,
+                            observed,
+                            &mut ports,
+                            now,
+                        )
+                        .await
+                    }
+                    None => {
+                        self.create(assignment, *preferred_port, None, observed, &mut ports, now)
+                            .await
+                    }
+                }
             }
             Step::Replace {
                 container_id,
                 assignment,
                 preferred_port,
-                ..
+                reason,
             } => {
-                self.take_down(&assignment.key(), container_id, observed, taken, now)
-                    .await?;
-                self.create(assignment, *preferred_port, observed, taken, now)
+                let own = self.hold_own(*preferred_port);
+                let mut ports = observed_ports.clone();
+                let result = async {
+                    let restore = match reason {
+                        ReplaceReason::ImageChanged { from, to } => {
+                            self.snapshot_before_switch(
+                                assignment,
+                                container_id,
+                                from,
+                                to,
+                                observed,
+                                now,
+                            )
+                            .await?
+                        }
+                        _ => None,
+                    };
+                    self.take_down(assignment, container_id, observed, &mut ports, now)
+                        .await?;
+                    let Some(snap) = restore else {
+                        return self
+                            .create(assignment, *preferred_port, own, observed, &mut ports, now)
+                            .await;
+                    };
+                    self.restore(
+                        assignment,
+                        &snap,
+                        *preferred_port,
+                        own,
+                        observed,
+                        &mut ports,
+                        now,
+                    )
                     .await
+                }
+                .await;
+                self.release_own(own);
+                result
             }
             Step::RepairDrift {
                 container_id,
@@ -1308,15 +1633,22 @@ impl Reconciler {
                     drift.describe()
                 );
                 self.book.begin_repair(&key, drift.clone());
-                self.take_down(&key, container_id, observed, taken, now)
-                    .await?;
-                let created = self
-                    .create(assignment, *preferred_port, observed, taken, now)
-                    .await;
-                if created.is_ok() {
-                    self.book.record_repaired(&key, now);
+                let own = self.hold_own(*preferred_port);
+                let mut ports = observed_ports.clone();
+                let result = async {
+                    self.take_down(assignment, container_id, observed, &mut ports, now)
+                        .await?;
+                    let created = self
+                        .create(assignment, *preferred_port, own, observed, &mut ports, now)
+                        .await;
+                    if created.is_ok() {
+                        self.book.record_repaired(&key, now);
+                    }
+                    created
                 }
-                created
+                .await;
+                self.release_own(own);
+                result
             }
             Step::Restart {
                 key,
@@ -1325,6 +1657,8 @@ impl Reconciler {
                 reason,
             } => {
                 tracing::info!(replica = %key, ?reason, "restarting replica");
+                self.book.set_activity(key, Some(Activity::Restarting));
+                let grace = self.grace(observed, container_id, None);
                 let restarted = async {
                     if *running {
                         self.runtime.stop_container(container_id, grace).await?;
@@ -1352,29 +1686,51 @@ impl Reconciler {
         }
     }
 
+    /// Holds the replica's own host port while its old container goes, so that no other
+    /// creation takes it meanwhile; `None` when someone else holds it already.
+    fn hold_own(&self, port: Option<u16>) -> Option<u16> {
+        let port = port?;
+        let mut holds = self.holds();
+        if holds.held.contains_key(&port) {
+            return None;
+        }
+        holds.held.insert(port, Hold::Active);
+        Some(port)
+    }
+
+    fn release_own(&self, own: Option<u16>) {
+        if let Some(port) = own {
+            let mut holds = self.holds();
+            if holds.held.get(&port) == Some(&Hold::Active) {
+                holds.held.remove(&port);
+            }
+        }
+    }
+
     /// Stops and removes a replica's container before it is created again, freeing its
     /// host port for the new one; a failure is recorded against the replica.
     async fn take_down(
         &self,
-        key: &ReplicaKey,
+        a: &Assignment,
         container_id: &str,
         observed: &Observed,
-        taken: &mut BTreeSet<u16>,
+        ports: &mut BTreeSet<u16>,
         now: Instant,
     ) -> Result<(), StepError> {
+        let key = a.key();
+        let grace = self.grace(observed, container_id, Some(a));
+        self.book.set_activity(&key, Some(Activity::Stopping));
         let removed = async {
-            self.runtime
-                .stop_container(container_id, self.settings.stop_grace)
-                .await?;
+            self.runtime.stop_container(container_id, grace).await?;
             self.runtime.remove_container(container_id).await
         }
         .await;
         if let Err(err) = removed {
-            self.book.record_failure(key, now, err.to_string());
+            self.book.record_failure(&key, now, err.to_string());
             return Err(err.into());
         }
         if let Some(port) = port_of(observed, container_id) {
-            taken.remove(&port);
+            ports.remove(&port);
         }
         Ok(())
     }
@@ -1383,12 +1739,30 @@ impl Reconciler {
         &self,
         a: &Assignment,
         preferred_port: Option<u16>,
+        own: Option<u16>,
         observed: &Observed,
-        taken: &mut BTreeSet<u16>,
+        ports: &mut BTreeSet<u16>,
         now: Instant,
     ) -> Result<(), StepError> {
+        self.create_with(a, preferred_port, own, observed, ports, now, None)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_with(
+        &self,
+        a: &Assignment,
+        preferred_port: Option<u16>,
+        own: Option<u16>,
+        observed: &Observed,
+        ports: &mut BTreeSet<u16>,
+        now: Instant,
+        restore: Option<&Path>,
+    ) -> Result<(), StepError> {
         let key = a.key();
-        let result = self.try_create(a, preferred_port, observed, taken).await;
+        let result = self
+            .try_create(a, preferred_port, own, observed, ports, restore)
+            .await;
         match &result {
             Ok(()) => {
                 self.book.record_created(&key, now);
@@ -1405,63 +1779,270 @@ impl Reconciler {
         result
     }
 
+    /// Creates the container without starting it, extracts the snapshot `tar` into its (empty)
+    /// state volume, then starts it; a container that fails is removed.
+    async fn create_restored(
+        &self,
+        spec: &ContainerSpec,
+        tar: &Path,
+    ) -> Result<String, RuntimeError> {
+        let id = self.runtime.create_container(spec).await?;
+        // Into the volume itself: the engine refuses to extract anywhere else into a
+        // container with a read-only root filesystem.
+        let started = async {
+            self.runtime
+                .upload_archive(&id, spec::STATE_DIR, tar)
+                .await?;
+            self.runtime.start_container(&id).await
+        }
+        .await;
+        match started {
+            Ok(()) => Ok(id),
+            Err(err) => {
+                let _ = self.runtime.remove_container(&id).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Before a replica changes image: stops the old container, streams its state directory
+    /// into a new snapshot, prunes old ones, and says which snapshot (if any) the new image
+    /// starts from. When the snapshot fails the old container is started again and the switch
+    /// does not happen.
+    async fn snapshot_before_switch(
+        &self,
+        a: &Assignment,
+        container_id: &str,
+        from: &str,
+        to: &str,
+        observed: &Observed,
+        now: Instant,
+    ) -> Result<Option<SnapshotMeta>, StepError> {
+        let key = a.key();
+        let snaps = SnapshotDir::new(&self.replica_dir(&key));
+        let earlier = snaps.list();
+        let grace = self.grace(observed, container_id, Some(a));
+        self.book.set_activity(&key, Some(Activity::Stopping));
+        if let Err(err) = self.runtime.stop_container(container_id, grace).await {
+            self.book.record_failure(&key, now, err.to_string());
+            return Err(err.into());
+        }
+        self.book.set_activity(&key, Some(Activity::Snapshotting));
+        match self.take_snapshot(&snaps, container_id, from).await {
+            Ok(meta) => {
+                let pruned = snaps.prune(self.settings.snapshots_keep.max(1));
+                tracing::info!(replica = %key, snapshot = %meta.id, image = %from, bytes = meta.bytes, pruned, "state volume snapshot taken");
+                self.events.push(AgentEvent::about(
+                    a,
+                    snapshot::SNAPSHOT_TAKEN,
+                    format!(
+                        "snapshot {} of the state volume of {} taken before switching from {from} to {to} ({} bytes)",
+                        meta.id, a.replica, meta.bytes
+                    ),
+                ));
+            }
+            Err(message) => {
+                let err = StepError::Snapshot {
+                    from: from.to_owned(),
+                    to: to.to_owned(),
+                    message,
+                };
+                if let Err(start) = self.runtime.start_container(container_id).await {
+                    tracing::error!(replica = %key, error = %start, "cannot start the old container again after a failed snapshot");
+                }
+                self.book.record_failure(&key, now, err.to_string());
+                return Err(err);
+            }
+        }
+        Ok(snapshot::restore_choice(from, to, &earlier).cloned())
+    }
+
+    async fn take_snapshot(
+        &self,
+        snaps: &SnapshotDir,
+        container_id: &str,
+        image: &str,
+    ) -> Result<SnapshotMeta, String> {
+        let (id, part) = snaps
+            .begin()
+            .map_err(|err| format!("{}: {err}", snaps.path().display()))?;
+        let downloaded = self
+            .runtime
+            .download_archive(container_id, &snapshot::archive_path(), &part)
+            .await;
+        let bytes = match downloaded {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                let _ = std::fs::remove_file(&part);
+                return Err(err.to_string());
+            }
+        };
+        let meta = SnapshotMeta {
+            id,
+            image: image.to_owned(),
+            taken_unix_ms: snapshot::now_unix_ms(),
+            bytes,
+        };
+        if let Err(err) = snaps.commit(&part, &meta) {
+            let _ = std::fs::remove_file(&part);
+            return Err(format!("{}: {err}", snaps.path().display()));
+        }
+        Ok(meta)
+    }
+
+    /// Empties the replica's state volume and creates its container from the snapshot `snap`.
+    #[allow(clippy::too_many_arguments)]
+    async fn restore(
+        &self,
+        a: &Assignment,
+        snap: &SnapshotMeta,
+        preferred_port: Option<u16>,
+        own: Option<u16>,
+        observed: &Observed,
+        ports: &mut BTreeSet<u16>,
+        now: Instant,
+    ) -> Result<(), StepError> {
+        let key = a.key();
+        self.book.set_activity(&key, Some(Activity::Restoring));
+        let volume = match replica_volume(&self.owner, observed, &key) {
+            Some(v) => VolumeSpec {
+                name: v.name.clone(),
+                labels: v.labels.clone(),
+            },
+            None => spec::volume_spec(&self.owner, a),
+        };
+        let snaps = SnapshotDir::new(&self.replica_dir(&key));
+        if let Err(err) = snaps.set_pending_restore(&snap.id) {
+            let err = StepError::Io {
+                path: snaps.path().to_path_buf(),
+                message: err.to_string(),
+            };
+            self.book.record_failure(&key, now, err.to_string());
+            return Err(err);
+        }
+        let emptied = async {
+            self.runtime.remove_volume(&volume.name).await?;
+            self.runtime.ensure_volume(&volume).await
+        }
+        .await;
+        if let Err(err) = emptied {
+            self.book.record_failure(&key, now, err.to_string());
+            return Err(err.into());
+        }
+        let tar = snaps.tar(&snap.id);
+        let created = self
+            .create_with(a, preferred_port, own, observed, ports, now, Some(&tar))
+            .await;
+        if created.is_ok() {
+            snaps.clear_pending_restore();
+            tracing::info!(replica = %key, snapshot = %snap.id, image = %snap.image, "state volume restored from a snapshot");
+            self.events.push(AgentEvent::about(
+                a,
+                snapshot::SNAPSHOT_RESTORED,
+                format!(
+                    "state volume of {} restored from snapshot {} taken from {}",
+                    a.replica, snap.id, snap.image
+                ),
+            ));
+        }
+        created
+    }
+
+    /// Picks a host port and holds it: `preferred` when nobody has it, else the first free
+    /// one of the range. Ports of the observation, ports held by other creations and ports
+    /// this creation already found taken are skipped; `own` is this replica's own hold.
+    fn reserve(
+        &self,
+        preferred: Option<u16>,
+        own: Option<u16>,
+        ports: &BTreeSet<u16>,
+        tried: &BTreeSet<u16>,
+    ) -> Option<u16> {
+        let mut holds = self.holds();
+        let mut taken: BTreeSet<u16> = ports.union(tried).copied().collect();
+        taken.extend(holds.held.keys().copied().filter(|p| Some(*p) != own));
+        let port_is_free = self.port_is_free;
+        let port = preferred
+            .filter(|p| !taken.contains(p) && port_is_free(*p))
+            .or_else(|| ports::allocate(self.settings.ports, &taken, port_is_free))?;
+        holds.held.insert(port, Hold::Active);
+        Some(port)
+    }
+
     async fn try_create(
         &self,
         a: &Assignment,
         preferred_port: Option<u16>,
+        own: Option<u16>,
         observed: &Observed,
-        taken: &mut BTreeSet<u16>,
+        ports: &mut BTreeSet<u16>,
+        restore: Option<&Path>,
     ) -> Result<(), StepError> {
-        let owner = self.owner();
+        let owner = &self.owner;
         let key = a.key();
         self.book.set_activity(&key, Some(Activity::Pulling));
         self.runtime.ensure_image(&a.image).await?;
         self.book.set_activity(&key, Some(Activity::Creating));
         // A replica keeps the volume and network it has (an adopted pre-upgrade one included);
         // new ones get this owner's names.
-        let network = match tenant_network(&owner, observed, &a.tenant) {
+        let network = match tenant_network(owner, observed, &a.tenant) {
             Some(n) => n.name.clone(),
             None => {
-                let spec = spec::network_spec(&owner, &a.tenant);
+                let spec = spec::network_spec(owner, &a.tenant);
+                let _one_at_a_time = self.network_lock.lock().await;
                 self.runtime.ensure_network(&spec).await?;
                 spec.name
             }
         };
-        let volume = match replica_volume(&owner, observed, &key) {
+        let volume = match replica_volume(owner, observed, &key) {
             Some(v) => v.name.clone(),
             None => {
-                let spec = spec::volume_spec(&owner, a);
+                let spec = spec::volume_spec(owner, a);
                 self.runtime.ensure_volume(&spec).await?;
                 spec.name
             }
         };
-        let config_file = self.config_file(&key);
+        let config_file = replica_dir(&self.settings.data_dir, &key).join(CONFIG_FILE);
         write_config(&config_file, a.config_json.as_bytes())?;
 
-        let port_is_free = self.port_is_free;
-        let mut port = preferred_port
-            .filter(|p| !taken.contains(p) && port_is_free(*p))
-            .or_else(|| ports::allocate(self.settings.ports, taken, port_is_free));
+        let grace = a.stop_grace(self.settings.stop_grace);
+        let mut tried = BTreeSet::new();
         for _ in 0..PORT_ATTEMPTS {
-            let Some(host_port) = port else { break };
+            let Some(host_port) = self.reserve(
+                preferred_port.filter(|p| !tried.contains(p)),
+                own,
+                ports,
+                &tried,
+            ) else {
+                break;
+            };
             let placement = spec::Placement {
                 config_file: &config_file,
                 volume: &volume,
                 network: &network,
             };
-            let spec =
-                spec::container_spec(&owner, a, &placement, host_port, self.settings.stop_grace);
-            match self.runtime.create_and_start(&spec).await {
+            let spec = spec::container_spec(owner, a, &placement, host_port, grace);
+            let created = match restore {
+                None => self.runtime.create_and_start(&spec).await,
+                Some(tar) => self.create_restored(&spec, tar).await,
+            };
+            let mut holds = self.holds();
+            match created {
                 Ok(id) => {
-                    taken.insert(host_port);
+                    holds.held.insert(host_port, Hold::Done);
+                    drop(holds);
+                    ports.insert(host_port);
                     tracing::info!(replica = %key, container = %id, host_port, "replica container started");
                     return Ok(());
                 }
                 Err(RuntimeError::PortInUse { .. }) => {
-                    taken.insert(host_port);
-                    port = ports::allocate(self.settings.ports, taken, port_is_free);
+                    holds.held.remove(&host_port);
+                    tried.insert(host_port);
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => {
+                    holds.held.remove(&host_port);
+                    return Err(err.into());
+                }
             }
         }
         let range = self.settings.ports;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::Assignment;
+use crate::model::{Assignment, RetainedVolume};
 use crate::runtime::{LegacyObjects, Owner};
 
 /// Name of the state file inside the data directory.
@@ -31,6 +31,10 @@ pub struct SavedState {
     pub assignments: Vec<Assignment>,
     /// Seconds since the Unix epoch when they were received.
     pub received_at_unix: u64,
+    /// The state volumes to keep although unassigned, as the control plane last said; `None`
+    /// in a file written before the agent knew of them (then no volume is deleted).
+    #[serde(default)]
+    pub retained: Option<Vec<RetainedVolume>>,
 }
 
 impl SavedState {
@@ -44,7 +48,14 @@ impl SavedState {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or_default(),
+            retained: Some(Vec::new()),
         }
+    }
+
+    /// With the volumes the control plane wants kept.
+    pub fn with_retained(mut self, retained: Vec<RetainedVolume>) -> Self {
+        self.retained = Some(retained);
+        self
     }
 }
 

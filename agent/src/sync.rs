@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 use crate::control::{CallError, ControlPlane, ReportStream};
 use crate::metrics::{HostFigures, HostMetrics};
-use crate::model::{Assignment, ContainerStats, ReplicaKey, ReplicaStatus};
+use crate::model::{Assignment, ContainerStats, ReplicaKey, ReplicaStatus, RetainedVolume};
 use crate::probe::{self, Liveness, ProbeKind, ProbeSettings, ProbeStatus, ProbeTarget, Prober};
 use crate::reconcile::{Observed, Reconciler, Step};
 use crate::runtime::ContainerRuntime;
@@ -80,6 +80,8 @@ pub struct SyncSettings {
 pub struct DesiredSet {
     pub index: u64,
     pub assignments: Vec<Assignment>,
+    /// State volumes to keep although unassigned; `None` when not known (then none is deleted).
+    pub retained: Option<Vec<RetainedVolume>>,
 }
 
 /// Whether the container engine answers.
@@ -217,6 +219,7 @@ impl HostLoops {
                 self.hub.desired.send_replace(Some(Arc::new(DesiredSet {
                     index,
                     assignments: saved.assignments,
+                    retained: saved.retained,
                 })));
                 Some(index)
             }
@@ -311,7 +314,8 @@ impl HostLoops {
                     self.hub.server_back.notify_one();
                     if answer.changed {
                         known = answer.index;
-                        self.accept(answer.index, answer.assignments).await;
+                        self.accept(answer.index, answer.assignments, answer.retained_volumes)
+                            .await;
                     }
                 }
                 Err(CallError::Removed(reason)) => {
@@ -340,7 +344,13 @@ impl HostLoops {
     }
 
     /// Converts, saves, then publishes a new assignment set.
-    async fn accept(&self, index: u64, wire: Vec<pb::Assignment>) {
+    async fn accept(
+        &self,
+        index: u64,
+        wire: Vec<pb::Assignment>,
+        retained: Vec<pb::RetainedVolume>,
+    ) {
+        let retained: Vec<RetainedVolume> = retained.into_iter().map(Into::into).collect();
         let converted: Result<Vec<Assignment>, _> =
             wire.into_iter().map(Assignment::try_from).collect();
         let assignments = match converted {
@@ -350,7 +360,8 @@ impl HostLoops {
                 return;
             }
         };
-        let saved = SavedState::new(&self.settings.host_id, index, assignments.clone());
+        let saved = SavedState::new(&self.settings.host_id, index, assignments.clone())
+            .with_retained(retained.clone());
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || store.save(&saved)).await {
             Ok(Ok(())) => {}
@@ -359,10 +370,17 @@ impl HostLoops {
             }
             Err(err) => tracing::error!(error = %err, "saving the assignments failed"),
         }
-        tracing::info!(index, replicas = assignments.len(), "new assignments");
-        self.hub
-            .desired
-            .send_replace(Some(Arc::new(DesiredSet { index, assignments })));
+        tracing::info!(
+            index,
+            replicas = assignments.len(),
+            retained_volumes = retained.len(),
+            "new assignments"
+        );
+        self.hub.desired.send_replace(Some(Arc::new(DesiredSet {
+            index,
+            assignments,
+            retained: Some(retained),
+        })));
     }
 
     // ------------------------------------------------------------ reconcile
@@ -377,6 +395,7 @@ impl HostLoops {
             }
         }
         let mut desired_rx = self.hub.desired.subscribe();
+        let work_done = self.reconciler.work_done();
         let mut engine_backoff: Option<ExponentialBackoff> = None;
         loop {
             let desired = desired_rx.borrow_and_update().clone();
@@ -391,6 +410,7 @@ impl HostLoops {
                 }
                 Some(set) => {
                     let probes = self.hub.probes.borrow().clone();
+                    self.reconciler.set_retained(set.retained.as_deref());
                     let pass = self
                         .reconciler
                         .reconcile(&set.assignments, &probes, Instant::now())
@@ -453,6 +473,7 @@ impl HostLoops {
                 () = stopped(&mut stop) => return,
                 r = desired_rx.changed() => if r.is_err() { return },
                 () = self.hub.reconcile_now.notified() => {}
+                () = work_done.notified() => {}
                 () = tokio::time::sleep_until(next) => {}
             }
         }
@@ -834,6 +855,7 @@ struct ReplicaSignature {
     generation: i64,
     config_revision: u64,
     observed_content_hash: String,
+    snapshots: Vec<String>,
 }
 
 fn signature(r: &pb::StatusReport, events_queued: u64) -> Signature {
@@ -852,6 +874,7 @@ fn signature(r: &pb::StatusReport, events_queued: u64) -> Signature {
                 config_hash: s.config_hash.clone(),
                 generation: s.generation,
                 config_revision: s.config_revision,
+                snapshots: s.snapshots.iter().map(|v| v.id.clone()).collect(),
                 observed_content_hash: s.observed_content_hash.clone(),
             })
             .collect(),

@@ -149,6 +149,8 @@ fn settings(cleanup: &Cleanup, data: &std::path::Path, first_port: u16) -> Recon
             count: 10,
         },
         stop_grace: Duration::from_secs(5),
+        // These tests look at what one pass did: it waits for all its work.
+        pass_wait: Duration::from_secs(120),
         ..ReconcilerSettings::new(&cleanup.host_id, data)
     }
 }
@@ -176,6 +178,7 @@ fn assignment(image: &str, replica: &str, tenant: &str) -> Assignment {
         instance_uid: "uid-1".into(),
         config_revision: 0,
         content_hash: String::new(),
+        termination_grace_seconds: 0,
     }
 }
 
@@ -665,5 +668,148 @@ async fn a_hand_edited_config_file_is_rewritten_and_the_container_replaced() -> 
         Some(a.content_hash.clone())
     );
     assert_eq!(r.events().pending().len(), 1);
+    Ok(())
+}
+
+/// A tar of `.openclaw/marker` holding `text`, built with the host's `tar`.
+fn marker_tar(dir: &std::path::Path, text: &str) -> anyhow::Result<std::path::PathBuf> {
+    let src = dir.join(format!("src-{text}"));
+    std::fs::create_dir_all(src.join(".openclaw"))?;
+    std::fs::write(src.join(".openclaw/marker"), text)?;
+    let tar = dir.join(format!("{text}.tar"));
+    let out = Command::new("tar")
+        .args(["--owner=1000", "--group=1000", "--numeric-owner", "-cf"])
+        .arg(&tar)
+        .arg("-C")
+        .arg(src.join(".openclaw"))
+        .arg(".")
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "tar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(tar)
+}
+
+/// The marker inside a downloaded archive of the state directory, and its owner (`uid/gid`).
+fn read_marker(tar: &std::path::Path) -> anyhow::Result<(String, String)> {
+    let mut text = None;
+    for name in ["./marker", "marker", ".openclaw/marker"] {
+        let o = Command::new("tar")
+            .arg("-xOf")
+            .arg(tar)
+            .arg(name)
+            .output()?;
+        if o.status.success() {
+            text = Some(String::from_utf8_lossy(&o.stdout).into_owned());
+            break;
+        }
+    }
+    let text = text.context("no marker in the archive")?;
+    let list = Command::new("tar")
+        .args(["--numeric-owner", "-tvf"])
+        .arg(tar)
+        .output()?;
+    let listing = String::from_utf8_lossy(&list.stdout).into_owned();
+    let owner = listing
+        .lines()
+        .find(|l| l.contains("marker"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or_default()
+        .to_owned();
+    Ok((text, owner))
+}
+
+#[tokio::test]
+async fn state_round_trips_through_a_stopped_container_and_a_downgrade_restores_it()
+-> anyhow::Result<()> {
+    if !docker_available()? {
+        return Ok(());
+    }
+    let image = ensure_standin_image()?;
+    // Two versions of the same image.
+    let repo = "clusterclaw-test/openclaw-standin-snapshots";
+    let (v1, v2) = (format!("{repo}:2026.1.1"), format!("{repo}:2026.2.1"));
+    docker(&["tag", &image, &v1])?;
+    docker(&["tag", &image, &v2])?;
+    let cleanup = Cleanup::new("snapshots");
+    let data = tempfile::tempdir()?;
+    let scratch = tempfile::tempdir()?;
+    let runtime = runtime().await?;
+    let r = Reconciler::new(runtime.clone(), settings(&cleanup, data.path(), 29900));
+    let a = assignment(&v1, "bot-0", "tenant-snap");
+
+    pass(&r, std::slice::from_ref(&a)).await?;
+    let id = the_container(&r.observe().await?.containers)?;
+    // init: true
+    assert_eq!(inspect("container", &id)?["HostConfig"]["Init"], true);
+    // v1's state, put into the running container's volume.
+    runtime
+        .upload_archive(&id, spec::STATE_DIR, &marker_tar(scratch.path(), "v1")?)
+        .await?;
+
+    // Upgrade: a snapshot of v1's state is taken from the stopped container.
+    let b = a.clone();
+    let b = Assignment {
+        image: v2.clone(),
+        ..b
+    };
+    pass(&r, std::slice::from_ref(&b)).await?;
+    let observed = r.observe().await?;
+    let id2 = the_container(&observed.containers)?;
+    assert_eq!(observed.containers[0].image, v2);
+    let statuses = r.statuses(
+        std::slice::from_ref(&b),
+        &observed,
+        &BTreeMap::new(),
+        Instant::now(),
+    );
+    let snaps = &statuses[0].snapshots;
+    ensure!(snaps.len() == 1, "snapshots: {snaps:?}");
+    assert_eq!(snaps[0].image, v1);
+    assert!(snaps[0].bytes > 0);
+    // The upgrade keeps the volume as it is.
+    let now = scratch.path().join("now.tar");
+    runtime
+        .download_archive(&id2, &format!("{}/.", spec::STATE_DIR), &now)
+        .await?;
+    assert_eq!(read_marker(&now)?.0, "v1");
+
+    // v2 changes the state; a downgrade brings v1's back, owned by the container user.
+    runtime
+        .upload_archive(&id2, spec::STATE_DIR, &marker_tar(scratch.path(), "v2")?)
+        .await?;
+    pass(&r, std::slice::from_ref(&a)).await?;
+    let observed = r.observe().await?;
+    let id3 = the_container(&observed.containers)?;
+    assert_eq!(observed.containers[0].image, v1);
+    assert_eq!(observed.containers[0].status, ContainerStatus::Running);
+    runtime.stop_container(&id3, Duration::from_secs(5)).await?;
+    let restored = scratch.path().join("restored.tar");
+    runtime
+        .download_archive(&id3, &format!("{}/.", spec::STATE_DIR), &restored)
+        .await?;
+    let (text, owner) = read_marker(&restored)?;
+    assert_eq!(text, "v1");
+    assert_eq!(owner, "1000/1000");
+    let statuses = r.statuses(
+        std::slice::from_ref(&a),
+        &observed,
+        &BTreeMap::new(),
+        Instant::now(),
+    );
+    let images: Vec<&str> = statuses[0]
+        .snapshots
+        .iter()
+        .map(|s| s.image.as_str())
+        .collect();
+    assert_eq!(images, vec![v2.as_str(), v1.as_str()]);
+    let reasons: Vec<String> = r.events().pending().into_iter().map(|e| e.reason).collect();
+    assert_eq!(
+        reasons,
+        vec!["SnapshotTaken", "SnapshotTaken", "SnapshotRestored"]
+    );
+    let _ = docker(&["rmi", &v1, &v2]);
     Ok(())
 }

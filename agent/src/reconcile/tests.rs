@@ -63,6 +63,7 @@ struct World {
     observed: Observed,
     probes: BTreeMap<ReplicaKey, ProbeStatus>,
     records: BTreeMap<ReplicaKey, ReplicaRecord>,
+    retained: Option<BTreeSet<ReplicaKey>>,
     now: Instant,
 }
 
@@ -76,6 +77,7 @@ impl World {
             },
             probes: BTreeMap::new(),
             records: BTreeMap::new(),
+            retained: Some(BTreeSet::new()),
             now: Instant::now(),
         }
     }
@@ -87,6 +89,7 @@ impl World {
             observed: &self.observed,
             probes: &self.probes,
             records: &self.records,
+            retained: self.retained.as_ref(),
             now: self.now,
         })
     }
@@ -671,7 +674,10 @@ async fn replaces_on_config_change_keeping_volume_and_port() {
     assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
     let name = spec::container_name(&me(), &a.key());
     let mutations = fake.mutations();
-    assert_eq!(mutations[0], FakeCall::StopContainer(old.id.clone()));
+    assert_eq!(
+        mutations[0],
+        FakeCall::StopContainer(old.id.clone(), spec::DEFAULT_STOP_GRACE)
+    );
     assert_eq!(mutations[1], FakeCall::RemoveContainer(old.id.clone()));
     assert_eq!(
         mutations.last(),
@@ -1084,7 +1090,10 @@ async fn a_hand_edited_config_file_is_rewritten_and_the_container_replaced() {
     );
     assert_eq!(std::fs::read_to_string(&config).unwrap(), a.config_json);
     let mutations = fake.mutations();
-    assert_eq!(mutations[0], FakeCall::StopContainer(old.id.clone()));
+    assert_eq!(
+        mutations[0],
+        FakeCall::StopContainer(old.id.clone(), spec::DEFAULT_STOP_GRACE)
+    );
     assert_eq!(mutations[1], FakeCall::RemoveContainer(old.id.clone()));
     assert_eq!(
         mutations.last(),
@@ -1495,7 +1504,7 @@ async fn another_cluster_with_the_same_host_name_leaves_everything_alone() {
     let removed: Vec<FakeCall> = fake.mutations();
     assert!(
         removed.iter().all(|m| match m {
-            FakeCall::StopContainer(_) | FakeCall::RemoveContainer(_) => true,
+            FakeCall::StopContainer(..) | FakeCall::RemoveContainer(_) => true,
             FakeCall::RemoveVolume(v) => *v == spec::volume_name(&them, &a.key()),
             FakeCall::RemoveNetwork(n) => *n == spec::network_name(&them, &a.tenant),
             _ => false,
@@ -1528,11 +1537,524 @@ async fn a_removed_host_stops_its_containers_and_keeps_volumes() {
     assert_eq!(r.stop_all().await.unwrap(), 1);
     let stops: Vec<FakeCall> = fake.mutations();
     assert_eq!(stops.len(), 1, "{stops:?}");
-    assert!(matches!(&stops[0], FakeCall::StopContainer(id) if id != "foreign"));
+    assert!(matches!(&stops[0], FakeCall::StopContainer(id, _) if id != "foreign"));
     assert_eq!(fake.volumes().len(), 1, "the state volume stays");
     assert_eq!(
         r.stop_all().await.unwrap(),
         0,
         "stopped ones are not stopped again"
     );
+}
+
+// --- parallel work, grace periods, retained volumes -------------------------------------------
+
+fn reconciler_with(
+    fake: &Arc<FakeRuntime>,
+    data_dir: &Path,
+    change: impl FnOnce(&mut ReconcilerSettings),
+) -> Reconciler {
+    let runtime: Arc<dyn ContainerRuntime> = fake.clone();
+    let mut settings = ReconcilerSettings::new(me(), data_dir);
+    change(&mut settings);
+    Reconciler::new(runtime, settings).with_port_check(|_| true)
+}
+
+fn stops(fake: &FakeRuntime) -> Vec<(String, Duration)> {
+    fake.calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            FakeCall::StopContainer(id, grace) => Some((id, grace)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_stop_holds_up_neither_the_pass_nor_other_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    fake.set_stop_delay(secs(20));
+    let gone = Assignment::test("old-0");
+    fake.insert_container(container("gone", &gone));
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0");
+    let started = Instant::now();
+
+    let p = pass(&r, std::slice::from_ref(&a), started).await;
+    assert!(
+        started.elapsed() < secs(5),
+        "the pass waited {:?}",
+        started.elapsed()
+    );
+    // The new replica was created while the stop is still pending.
+    assert!(
+        p.outcomes
+            .iter()
+            .any(|o| matches!(o.step, Step::Create { .. }) && o.result.is_ok()),
+        "{:?}",
+        p.outcomes
+    );
+    assert!(
+        !p.outcomes
+            .iter()
+            .any(|o| matches!(o.step, Step::RemoveContainer { .. })),
+        "{:?}",
+        p.outcomes
+    );
+    assert_eq!(r.in_flight(), 1);
+    assert!(fake.containers().iter().any(|c| c.id == "gone"));
+
+    // The next pass does not start the removal again.
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    assert_eq!(stops(&fake).len(), 1, "{:?}", fake.calls());
+
+    r.wait_idle().await;
+    assert!(started.elapsed() >= secs(20));
+    assert!(!fake.containers().iter().any(|c| c.id == "gone"));
+    assert_eq!(r.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn work_runs_at_once_up_to_the_host_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    fake.set_stop_delay(secs(20));
+    for i in 0..5 {
+        let a = Assignment::test(&format!("old-{i}"));
+        fake.insert_container(container(&format!("c{i}"), &a));
+    }
+    let r = reconciler_with(&fake, dir.path(), |s| s.max_parallel = 2);
+    let started = Instant::now();
+    pass(&r, &[], started).await;
+    r.wait_idle().await;
+    assert_eq!(fake.max_concurrent(), 2);
+    assert!(fake.containers().is_empty());
+    // 5 stops of 20 s, two at a time: three rounds, not five.
+    assert!(started.elapsed() >= secs(60) && started.elapsed() < secs(70));
+
+    // Without a tight limit the three stops of a scale-down take one grace period.
+    let fake = Arc::new(FakeRuntime::new());
+    fake.set_stop_delay(secs(20));
+    for i in 0..3 {
+        let a = Assignment::test(&format!("old-{i}"));
+        fake.insert_container(container(&format!("c{i}"), &a));
+    }
+    let r = reconciler(&fake, dir.path());
+    let started = Instant::now();
+    pass(&r, &[], started).await;
+    r.wait_idle().await;
+    assert_eq!(fake.max_concurrent(), 3);
+    assert!(started.elapsed() < secs(25), "{:?}", started.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn creations_running_at_once_never_share_a_host_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    fake.set_stop_delay(secs(20));
+    // bot-0 is replaced slowly and keeps its port 19100 for the new container.
+    let old = Assignment::test("bot-0").image("example/openclaw:2026.6.1");
+    fake.insert_container(container("old", &old));
+    let r = reconciler(&fake, dir.path());
+    let desired: Vec<Assignment> = (0..4)
+        .map(|i| Assignment::test(&format!("bot-{i}")))
+        .collect();
+    pass(&r, &desired, Instant::now()).await;
+    // A second pass while the replacement is in flight creates nothing more.
+    pass(&r, &desired, Instant::now()).await;
+    r.wait_idle().await;
+    let ports: Vec<u16> = fake
+        .containers()
+        .iter()
+        .filter_map(|c| c.host_port)
+        .collect();
+    let unique: BTreeSet<u16> = ports.iter().copied().collect();
+    assert_eq!(ports.len(), 4, "{:?}", fake.containers());
+    assert_eq!(unique.len(), 4, "{ports:?}");
+    let bot0 = fake
+        .containers()
+        .into_iter()
+        .find(|c| c.replica_key() == Some(desired[0].key()))
+        .expect("bot-0 runs");
+    assert_eq!(
+        bot0.host_port,
+        Some(19100),
+        "the replaced replica keeps its port"
+    );
+}
+
+#[tokio::test]
+async fn each_replica_is_stopped_with_its_own_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0").grace(45);
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    let name = spec::container_name(&me(), &a.key());
+    let created = fake.spec(&name).expect("created");
+    assert_eq!(created.stop_grace, secs(45));
+    assert!(created.init, "runs an init process as PID 1");
+    assert_eq!(created.labels[labels::STOP_GRACE], "45");
+
+    // A new image: the old container gets its replica's grace period.
+    let b = a.clone().image("example/openclaw:2026.8.1");
+    pass(&r, std::slice::from_ref(&b), Instant::now()).await;
+    assert_eq!(stops(&fake).last().map(|s| s.1), Some(secs(45)));
+
+    // Unassigned: the grace period comes from the container's label.
+    fake.clear_calls();
+    pass(&r, &[], Instant::now()).await;
+    r.wait_idle().await;
+    assert_eq!(stops(&fake).len(), 1);
+    assert_eq!(stops(&fake)[0].1, secs(45));
+
+    // Without one of its own, the agent's default.
+    let c = Assignment::test("bot-1");
+    pass(&r, std::slice::from_ref(&c), Instant::now()).await;
+    fake.clear_calls();
+    pass(&r, &[], Instant::now()).await;
+    r.wait_idle().await;
+    assert_eq!(
+        stops(&fake),
+        vec![(stops(&fake)[0].0.clone(), spec::DEFAULT_STOP_GRACE)]
+    );
+}
+
+#[test]
+fn retained_volumes_are_kept_and_others_removed() {
+    let gone = Assignment::test("bot-1");
+    let kept = Assignment::test("bot-2");
+    let mut w = World::new(vec![], vec![]);
+    w.observed.volumes = vec![volume(&gone, &me()), volume(&kept, &me())];
+    w.retained = Some(BTreeSet::from([kept.key()]));
+    let removed: Vec<ReplicaKey> = w
+        .plan()
+        .into_iter()
+        .filter_map(|s| match s {
+            Step::RemoveVolume { key, .. } => Some(key),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(removed, vec![gone.key()]);
+
+    // Not known which to keep (saved state from before retention): keep all.
+    w.retained = None;
+    assert!(
+        !w.plan()
+            .iter()
+            .any(|s| matches!(s, Step::RemoveVolume { .. }))
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_agent_keeps_the_retained_volumes_it_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let gone = Assignment::test("bot-1");
+    let kept = Assignment::test("bot-2");
+    fake.insert_volume(volume(&gone, &me()));
+    fake.insert_volume(volume(&kept, &me()));
+    let retained = vec![crate::model::RetainedVolume {
+        tenant: kept.tenant.clone(),
+        project: kept.project.clone(),
+        instance: kept.instance.clone(),
+        replica: kept.replica.clone(),
+        instance_uid: kept.instance_uid.clone(),
+    }];
+    state::StateStore::new(dir.path())
+        .save(&state::SavedState::new(HOST, 7, vec![]).with_retained(retained))
+        .unwrap();
+
+    // A new agent reads the saved state (as the sync loop does) and acts on it.
+    let saved = state::StateStore::new(dir.path()).load().unwrap().unwrap();
+    let r = reconciler(&fake, dir.path());
+    r.set_retained(saved.retained.as_deref());
+    pass(&r, &[], Instant::now()).await;
+    r.wait_idle().await;
+    assert_eq!(fake.volumes(), vec![spec::volume_name(&me(), &kept.key())]);
+
+    // A saved state from before retention says nothing: every volume stays.
+    let fake = Arc::new(FakeRuntime::new());
+    fake.insert_volume(volume(&gone, &me()));
+    let r = reconciler(&fake, dir.path());
+    r.set_retained(None);
+    pass(&r, &[], Instant::now()).await;
+    r.wait_idle().await;
+    assert_eq!(fake.volumes().len(), 1);
+
+    // Assigned again: the kept volume is used, not a new one.
+    let fake = Arc::new(FakeRuntime::new());
+    fake.insert_volume(volume(&kept, &me()));
+    let r = reconciler(&fake, dir.path());
+    pass(&r, std::slice::from_ref(&kept), Instant::now()).await;
+    let created = fake
+        .spec(&spec::container_name(&me(), &kept.key()))
+        .expect("created");
+    assert_eq!(
+        created.volumes[0].volume,
+        spec::volume_name(&me(), &kept.key())
+    );
+}
+
+// --- snapshots before a change of image ----------------------------------------------------------
+
+fn downloads(fake: &FakeRuntime) -> usize {
+    fake.calls()
+        .iter()
+        .filter(|c| matches!(c, FakeCall::DownloadArchive(..)))
+        .count()
+}
+
+fn reasons(r: &Reconciler) -> Vec<String> {
+    r.events().pending().into_iter().map(|e| e.reason).collect()
+}
+
+const V1: &str = "example/openclaw:2026.7.1";
+const V2: &str = "example/openclaw:2026.8.1";
+
+#[tokio::test]
+async fn a_snapshot_is_taken_before_a_new_image_and_not_before_a_new_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0").image(V1);
+    let volume = spec::volume_name(&me(), &a.key());
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    fake.set_volume_data(&volume, b"state of v1");
+
+    // A config-only change: replaced without a snapshot.
+    let b = a.clone().config_hash(&"bb".repeat(32));
+    let p = pass(&r, std::slice::from_ref(&b), Instant::now()).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    assert_eq!(downloads(&fake), 0);
+
+    // A new image: the old container is stopped, its state saved, then replaced.
+    fake.clear_calls();
+    let c = b.clone().image(V2);
+    let p = pass(&r, std::slice::from_ref(&c), Instant::now()).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    let calls = fake.mutations();
+    let stop = calls
+        .iter()
+        .position(|c| matches!(c, FakeCall::StopContainer(..)))
+        .expect("stopped");
+    let download = calls
+        .iter()
+        .position(|c| matches!(c, FakeCall::DownloadArchive(_, path) if *path == snapshot::archive_path()))
+        .expect("archived");
+    let remove = calls
+        .iter()
+        .position(|c| matches!(c, FakeCall::RemoveContainer(_)))
+        .expect("removed");
+    assert!(stop < download && download < remove, "{calls:?}");
+    // An upgrade restores nothing: the volume is used as it is.
+    assert!(
+        !calls
+            .iter()
+            .any(|c| matches!(c, FakeCall::UploadArchive(..) | FakeCall::RemoveVolume(_))),
+        "{calls:?}"
+    );
+    assert_eq!(fake.volume_data(&volume), b"state of v1");
+    assert_eq!(reasons(&r), vec![snapshot::SNAPSHOT_TAKEN]);
+
+    // Reported with the replica, newest first.
+    let observed = r.observe().await.unwrap();
+    let status = &r.statuses(
+        std::slice::from_ref(&c),
+        &observed,
+        &BTreeMap::new(),
+        Instant::now(),
+    )[0];
+    assert_eq!(status.snapshots.len(), 1);
+    assert_eq!(status.snapshots[0].image, V1);
+    assert_eq!(status.snapshots[0].bytes, b"state of v1".len() as u64);
+    let snaps = SnapshotDir::new(r.config_file(&a.key()).parent().unwrap());
+    assert_eq!(
+        std::fs::read(snaps.tar(&status.snapshots[0].id)).unwrap(),
+        b"state of v1"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_snapshot_keeps_the_old_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0").image(V1);
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    let old = fake.containers()[0].id.clone();
+
+    fake.fail_download(Some("disk full"));
+    fake.clear_calls();
+    let b = a.clone().image(V2);
+    let now = Instant::now();
+    let p = pass(&r, std::slice::from_ref(&b), now).await;
+    let failed: Vec<_> = p.failures().collect();
+    assert_eq!(failed.len(), 1, "{:?}", p.outcomes);
+    assert!(matches!(failed[0].result, Err(StepError::Snapshot { .. })));
+    let containers = fake.containers();
+    assert_eq!(containers.len(), 1);
+    assert_eq!(containers[0].id, old);
+    assert_eq!(containers[0].image, V1);
+    assert!(containers[0].status.is_running(), "started again");
+    assert!(!fake.mutations().iter().any(|c| matches!(
+        c,
+        FakeCall::CreateAndStart(..) | FakeCall::RemoveContainer(_)
+    )));
+
+    // The replica says why, and the next pass waits for the back-off instead of stopping
+    // the old container again.
+    let observed = r.observe().await.unwrap();
+    let status = &r.statuses(std::slice::from_ref(&b), &observed, &BTreeMap::new(), now)[0];
+    assert!(status.message.contains("disk full"), "{}", status.message);
+    fake.clear_calls();
+    let p = pass(&r, std::slice::from_ref(&b), now + secs(1)).await;
+    assert!(
+        matches!(
+            p.outcomes.as_slice(),
+            [StepOutcome {
+                step: Step::Wait { .. },
+                ..
+            }]
+        ),
+        "{:?}",
+        p.outcomes
+    );
+    assert!(stops(&fake).is_empty());
+
+    // After the back-off, with the disk fixed, the switch happens.
+    fake.fail_download(None);
+    let p = pass(&r, std::slice::from_ref(&b), now + secs(60)).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    assert_eq!(fake.containers()[0].image, V2);
+}
+
+#[tokio::test]
+async fn a_downgrade_restores_the_snapshot_of_the_older_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0").image(V1);
+    let volume = spec::volume_name(&me(), &a.key());
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    fake.set_volume_data(&volume, b"state of v1");
+
+    let b = a.clone().image(V2);
+    pass(&r, std::slice::from_ref(&b), Instant::now()).await;
+    // v2 migrates the state.
+    fake.set_volume_data(&volume, b"state migrated by v2");
+
+    fake.clear_calls();
+    let p = pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    assert_eq!(fake.volume_data(&volume), b"state of v1");
+    let calls = fake.mutations();
+    let at = |f: &dyn Fn(&FakeCall) -> bool| {
+        calls
+            .iter()
+            .position(f)
+            .unwrap_or_else(|| panic!("{calls:?}"))
+    };
+    let emptied = at(&|c| matches!(c, FakeCall::RemoveVolume(_)));
+    let created = at(&|c| matches!(c, FakeCall::CreateContainer(..)));
+    let uploaded = at(&|c| matches!(c, FakeCall::UploadArchive(_, d) if d == spec::STATE_DIR));
+    let started = at(&|c| matches!(c, FakeCall::StartContainer(_)));
+    assert!(
+        emptied < created && created < uploaded && uploaded < started,
+        "{calls:?}"
+    );
+    assert!(fake.containers()[0].status.is_running());
+    assert_eq!(fake.containers()[0].image, V1);
+    assert_eq!(
+        reasons(&r),
+        vec![
+            snapshot::SNAPSHOT_TAKEN,
+            snapshot::SNAPSHOT_TAKEN,
+            snapshot::SNAPSHOT_RESTORED
+        ]
+    );
+    // Both snapshots are kept: v2's state can come back with v2.
+    let snaps = SnapshotDir::new(r.config_file(&a.key()).parent().unwrap()).list();
+    let images: Vec<&str> = snaps.iter().map(|s| s.image.as_str()).collect();
+    assert_eq!(images, vec![V2, V1]);
+}
+
+#[tokio::test]
+async fn a_rollback_between_tags_that_are_not_versions_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0").image("example/openclaw:stable");
+    let volume = spec::volume_name(&me(), &a.key());
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    fake.set_volume_data(&volume, b"stable state");
+    let b = a.clone().image("example/openclaw:next");
+    pass(&r, std::slice::from_ref(&b), Instant::now()).await;
+    fake.set_volume_data(&volume, b"next state");
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    assert_eq!(fake.volume_data(&volume), b"stable state");
+    // Forward again to next: its newest snapshot (of next) restores next's state.
+    pass(&r, std::slice::from_ref(&b), Instant::now()).await;
+    assert_eq!(fake.volume_data(&volume), b"next state");
+}
+
+#[tokio::test]
+async fn snapshots_are_pruned_to_the_setting_and_go_with_the_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler_with(&fake, dir.path(), |s| s.snapshots_keep = 2);
+    let images = [
+        "example/openclaw:2026.1.1",
+        "example/openclaw:2026.2.1",
+        "example/openclaw:2026.3.1",
+        "example/openclaw:2026.4.1",
+    ];
+    let a = Assignment::test("bot-0");
+    for image in images {
+        let p = pass(&r, &[a.clone().image(image)], Instant::now()).await;
+        assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    }
+    let snaps = SnapshotDir::new(r.config_file(&a.key()).parent().unwrap());
+    let kept: Vec<String> = snaps.list().into_iter().map(|s| s.image).collect();
+    assert_eq!(kept, vec![images[2], images[1]]);
+
+    // Unassigned and not retained: the volume and its snapshots go.
+    pass(&r, &[], Instant::now()).await;
+    r.wait_idle().await;
+    pass(&r, &[], Instant::now()).await;
+    r.wait_idle().await;
+    assert!(fake.volumes().is_empty());
+    assert!(snaps.list().is_empty());
+    assert!(!snaps.path().exists());
+}
+
+#[tokio::test]
+async fn a_failed_restore_is_tried_again_and_never_starts_on_the_empty_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0").image(V1);
+    let volume = spec::volume_name(&me(), &a.key());
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    fake.set_volume_data(&volume, b"state of v1");
+    pass(&r, &[a.clone().image(V2)], Instant::now()).await;
+
+    // The downgrade's new image cannot be pulled: the volume was emptied, nothing runs.
+    fake.fail_pull(V1, "registry down");
+    let now = Instant::now();
+    let p = pass(&r, std::slice::from_ref(&a), now).await;
+    assert_eq!(p.failures().count(), 1, "{:?}", p.outcomes);
+    assert!(fake.containers().is_empty());
+
+    // A restarted agent (no memory of it) restores too: the pending restore is on disk.
+    let r = reconciler(&fake, dir.path());
+
+    // Once the image comes, the creation restores the snapshot.
+    fake.heal_pull(V1);
+    let p = pass(&r, std::slice::from_ref(&a), now + secs(60)).await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    assert_eq!(fake.volume_data(&volume), b"state of v1");
+    assert!(fake.containers()[0].status.is_running());
+    let snaps = SnapshotDir::new(r.config_file(&a.key()).parent().unwrap());
+    assert!(snaps.pending_restore().is_none());
 }

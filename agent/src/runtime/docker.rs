@@ -269,6 +269,8 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
                 }]),
             )])
         }),
+        // An init process as PID 1 forwards SIGTERM to the Gateway.
+        init: Some(spec.init),
         // Restarts are the agent's decision (counted, with back-off), never the engine's.
         restart_policy: Some(RestartPolicy {
             name: Some(RestartPolicyNameEnum::NO),
@@ -481,6 +483,74 @@ impl ContainerRuntime for DockerRuntime {
             });
         }
         Ok(created.id)
+    }
+
+    async fn create_container(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        let options = CreateContainerOptionsBuilder::default()
+            .name(&spec.name)
+            .build();
+        self.docker
+            .create_container(Some(options), create_body(spec))
+            .await
+            .map(|c| c.id)
+            .map_err(|err| map_error("create container", err))
+    }
+
+    async fn download_archive(
+        &self,
+        id: &str,
+        path: &str,
+        dest: &Path,
+    ) -> Result<u64, RuntimeError> {
+        use tokio::io::AsyncWriteExt;
+        let io = |err: std::io::Error| RuntimeError::Engine {
+            operation: "write archive",
+            message: format!("{}: {err}", dest.display()),
+        };
+        let options = bollard::query_parameters::DownloadFromContainerOptionsBuilder::default()
+            .path(path)
+            .build();
+        let mut stream = self.docker.download_from_container(id, Some(options));
+        let mut file = tokio::fs::File::create(dest).await.map_err(io)?;
+        let mut bytes = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|err| map_error("download archive", err))?;
+            bytes += chunk.len() as u64;
+            file.write_all(&chunk).await.map_err(io)?;
+        }
+        file.flush().await.map_err(io)?;
+        file.sync_all().await.map_err(io)?;
+        Ok(bytes)
+    }
+
+    async fn upload_archive(&self, id: &str, dir: &str, src: &Path) -> Result<(), RuntimeError> {
+        let file = tokio::fs::File::open(src)
+            .await
+            .map_err(|err| RuntimeError::Engine {
+                operation: "read archive",
+                message: format!("{}: {err}", src.display()),
+            })?;
+        let options = bollard::query_parameters::UploadToContainerOptionsBuilder::default()
+            .path(dir)
+            .build();
+        // Read in 64 KiB chunks: the tar is never held in memory.
+        let body = futures::stream::unfold(Some(file), |file| async move {
+            use tokio::io::AsyncReadExt;
+            let mut file = file?;
+            let mut buf = vec![0u8; 64 * 1024];
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(buf.into()), Some(file)))
+                }
+                Err(err) => Some((Err(err), None)),
+            }
+        });
+        self.docker
+            .upload_to_container(id, Some(options), bollard::body_try_stream(body))
+            .await
+            .map_err(|err| map_error("upload archive", err))
     }
 
     async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {

@@ -23,7 +23,14 @@ pub enum FakeCall {
     /// Container name and published host port.
     CreateAndStart(String, Option<u16>),
     StartContainer(String),
-    StopContainer(String),
+    /// Container name and published host port (created, not started).
+    CreateContainer(String, Option<u16>),
+    /// Container id and the path archived.
+    DownloadArchive(String, String),
+    /// Container id and the directory extracted into.
+    UploadArchive(String, String),
+    /// Container id and the grace period it was given.
+    StopContainer(String, Duration),
     RemoveContainer(String),
     EnsureVolume(String),
     ListVolumes,
@@ -48,6 +55,14 @@ struct State {
     /// Lists leave the environment out (inspections still give it).
     env_hidden_in_lists: bool,
     counter: u64,
+    /// How long a stop takes (a Gateway using its whole grace period).
+    stop_delay: Duration,
+    /// Operations (stops, creations) running right now, and the most at once so far.
+    busy: usize,
+    max_busy: usize,
+    /// What each volume holds (a tar stands for its files).
+    volume_data: BTreeMap<String, Vec<u8>>,
+    download_failure: Option<String>,
 }
 
 /// A container engine in memory. Images are pullable unless [`FakeRuntime::fail_pull`] says not.
@@ -93,6 +108,47 @@ impl FakeRuntime {
                 )
             })
             .collect()
+    }
+
+    /// Sets what a volume holds.
+    pub fn set_volume_data(&self, volume: &str, data: &[u8]) {
+        self.lock()
+            .volume_data
+            .insert(volume.to_owned(), data.to_vec());
+    }
+
+    /// What a volume holds (empty when nothing was written to it).
+    pub fn volume_data(&self, volume: &str) -> Vec<u8> {
+        self.lock()
+            .volume_data
+            .get(volume)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Makes archive downloads fail with `reason` (or work again with `None`).
+    pub fn fail_download(&self, reason: Option<&str>) {
+        self.lock().download_failure = reason.map(str::to_owned);
+    }
+
+    /// Makes every stop take `delay` (in tokio time) before the container exits.
+    pub fn set_stop_delay(&self, delay: Duration) {
+        self.lock().stop_delay = delay;
+    }
+
+    /// The most stops and creations that ran at once so far.
+    pub fn max_concurrent(&self) -> usize {
+        self.lock().max_busy
+    }
+
+    fn enter(&self) {
+        let mut state = self.lock();
+        state.busy += 1;
+        state.max_busy = state.max_busy.max(state.busy);
+    }
+
+    fn leave(&self) {
+        self.lock().busy -= 1;
     }
 
     pub fn clear_calls(&self) {
@@ -177,6 +233,60 @@ impl FakeRuntime {
         self.lock().networks.keys().cloned().collect()
     }
 
+    fn insert_from_spec(
+        state: &mut State,
+        spec: &ContainerSpec,
+        start: bool,
+    ) -> Result<String, RuntimeError> {
+        Self::check(state)?;
+        if !state.images.contains(&spec.image) {
+            return Err(RuntimeError::NotFound(format!("image {}", spec.image)));
+        }
+        if state.containers.values().any(|c| c.name == spec.name) {
+            return Err(RuntimeError::Conflict(format!(
+                "container name {} is in use",
+                spec.name
+            )));
+        }
+        let host_port = spec.publish.map(|p| p.host_port);
+        if let Some(port) = host_port.filter(|_| start) {
+            let taken = state.busy_ports.contains(&port)
+                || state
+                    .containers
+                    .values()
+                    .any(|c| c.status.is_running() && c.host_port == Some(port));
+            if taken {
+                return Err(RuntimeError::PortInUse {
+                    port,
+                    message: "port is already allocated".into(),
+                });
+            }
+        }
+        state.counter += 1;
+        let id = format!("fake-{:04}", state.counter);
+        let started_at = format!("start-{}", state.counter);
+        state.containers.insert(
+            id.clone(),
+            ObservedContainer {
+                id: id.clone(),
+                name: spec.name.clone(),
+                image: spec.image.clone(),
+                labels: spec.labels.clone(),
+                status: if start {
+                    ContainerStatus::Running
+                } else {
+                    ContainerStatus::Created
+                },
+                started_at: start.then_some(started_at),
+                host_port,
+                engine_restarts: 0,
+                env: Some(ContainerEnv::from_map(&spec.env)),
+            },
+        );
+        state.specs.insert(spec.name.clone(), spec.clone());
+        Ok(id)
+    }
+
     fn check(state: &State) -> Result<(), RuntimeError> {
         if state.unavailable {
             Err(RuntimeError::Unavailable("fake engine is down".into()))
@@ -246,24 +356,93 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        self.enter();
+        tokio::task::yield_now().await;
+        self.leave();
         let host_port = spec.publish.map(|p| p.host_port);
         let mut state = self.record(FakeCall::CreateAndStart(spec.name.clone(), host_port));
+        Self::insert_from_spec(&mut state, spec, true)
+    }
+
+    async fn create_container(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        let host_port = spec.publish.map(|p| p.host_port);
+        let mut state = self.record(FakeCall::CreateContainer(spec.name.clone(), host_port));
+        Self::insert_from_spec(&mut state, spec, false)
+    }
+
+    async fn download_archive(
+        &self,
+        id: &str,
+        path: &str,
+        dest: &std::path::Path,
+    ) -> Result<u64, RuntimeError> {
+        let data = {
+            let state = self.record(FakeCall::DownloadArchive(id.into(), path.into()));
+            Self::check(&state)?;
+            if let Some(reason) = &state.download_failure {
+                return Err(RuntimeError::Engine {
+                    operation: "download archive",
+                    message: reason.clone(),
+                });
+            }
+            let name = &state
+                .containers
+                .get(id)
+                .ok_or_else(|| RuntimeError::NotFound(format!("container {id}")))?
+                .name;
+            let volume = state
+                .specs
+                .get(name)
+                .and_then(|s| s.volumes.first())
+                .map(|v| v.volume.clone())
+                .unwrap_or_default();
+            state.volume_data.get(&volume).cloned().unwrap_or_default()
+        };
+        std::fs::write(dest, &data).map_err(|err| RuntimeError::Engine {
+            operation: "write archive",
+            message: err.to_string(),
+        })?;
+        Ok(data.len() as u64)
+    }
+
+    async fn upload_archive(
+        &self,
+        id: &str,
+        dir: &str,
+        src: &std::path::Path,
+    ) -> Result<(), RuntimeError> {
+        let data = std::fs::read(src).map_err(|err| RuntimeError::Engine {
+            operation: "read archive",
+            message: err.to_string(),
+        })?;
+        let mut state = self.record(FakeCall::UploadArchive(id.into(), dir.into()));
         Self::check(&state)?;
-        if !state.images.contains(&spec.image) {
-            return Err(RuntimeError::NotFound(format!("image {}", spec.image)));
-        }
-        if state.containers.values().any(|c| c.name == spec.name) {
-            return Err(RuntimeError::Conflict(format!(
-                "container name {} is in use",
-                spec.name
-            )));
-        }
-        if let Some(port) = host_port {
+        let name = state
+            .containers
+            .get(id)
+            .ok_or_else(|| RuntimeError::NotFound(format!("container {id}")))?
+            .name
+            .clone();
+        let volume = state
+            .specs
+            .get(&name)
+            .and_then(|s| s.volumes.first())
+            .map(|v| v.volume.clone())
+            .unwrap_or_default();
+        state.volume_data.insert(volume, data);
+        Ok(())
+    }
+
+    async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut state = self.record(FakeCall::StartContainer(id.into()));
+        Self::check(&state)?;
+        let port = state.containers.get(id).and_then(|c| c.host_port);
+        if let Some(port) = port {
             let taken = state.busy_ports.contains(&port)
                 || state
                     .containers
                     .values()
-                    .any(|c| c.status.is_running() && c.host_port == Some(port));
+                    .any(|c| c.id != id && c.status.is_running() && c.host_port == Some(port));
             if taken {
                 return Err(RuntimeError::PortInUse {
                     port,
@@ -271,30 +450,6 @@ impl ContainerRuntime for FakeRuntime {
                 });
             }
         }
-        state.counter += 1;
-        let id = format!("fake-{:04}", state.counter);
-        let started_at = format!("start-{}", state.counter);
-        state.containers.insert(
-            id.clone(),
-            ObservedContainer {
-                id: id.clone(),
-                name: spec.name.clone(),
-                image: spec.image.clone(),
-                labels: spec.labels.clone(),
-                status: ContainerStatus::Running,
-                started_at: Some(started_at),
-                host_port,
-                engine_restarts: 0,
-                env: Some(ContainerEnv::from_map(&spec.env)),
-            },
-        );
-        state.specs.insert(spec.name.clone(), spec.clone());
-        Ok(id)
-    }
-
-    async fn start_container(&self, id: &str) -> Result<(), RuntimeError> {
-        let mut state = self.record(FakeCall::StartContainer(id.into()));
-        Self::check(&state)?;
         state.counter += 1;
         let started_at = format!("start-{}", state.counter);
         match state.containers.get_mut(id) {
@@ -307,9 +462,18 @@ impl ContainerRuntime for FakeRuntime {
         }
     }
 
-    async fn stop_container(&self, id: &str, _grace: Duration) -> Result<(), RuntimeError> {
-        let mut state = self.record(FakeCall::StopContainer(id.into()));
-        Self::check(&state)?;
+    async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError> {
+        let delay = {
+            let state = self.record(FakeCall::StopContainer(id.into(), grace));
+            Self::check(&state)?;
+            state.stop_delay
+        };
+        if !delay.is_zero() {
+            self.enter();
+            tokio::time::sleep(delay).await;
+            self.leave();
+        }
+        let mut state = self.lock();
         if let Some(c) = state.containers.get_mut(id)
             && c.status.is_running()
         {
@@ -368,6 +532,7 @@ impl ContainerRuntime for FakeRuntime {
             return Err(RuntimeError::Conflict(format!("volume {name} is in use")));
         }
         state.volumes.remove(name);
+        state.volume_data.remove(name);
         Ok(())
     }
 

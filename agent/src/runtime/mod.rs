@@ -42,6 +42,9 @@ pub mod labels {
     pub const CONFIG_REVISION: &str = "io.clusterclaw.config-revision";
     /// The content hash the container must have (see [`crate::drift`]); empty from older servers.
     pub const CONTENT_HASH: &str = "io.clusterclaw.content-hash";
+    /// Seconds a stop of the container waits after SIGTERM (its replica's grace period when it
+    /// was created); read to stop it once its replica is no longer assigned.
+    pub const STOP_GRACE: &str = "io.clusterclaw.stop-grace";
 }
 
 /// Reads the managed labels of a container, volume or network.
@@ -150,6 +153,12 @@ impl ObservedContainer {
     /// The config revision it runs, from its label (`None` when the label is absent or bad).
     pub fn config_revision(&self) -> Option<u64> {
         self.label(labels::CONFIG_REVISION)?.parse().ok()
+    }
+
+    /// The grace period it was created with (its label), `None` when absent or bad.
+    pub fn stop_grace(&self) -> Option<Duration> {
+        let secs: u64 = self.label(labels::STOP_GRACE)?.parse().ok()?;
+        (secs > 0).then(|| Duration::from_secs(secs))
     }
 }
 
@@ -266,6 +275,8 @@ pub struct ContainerSpec {
     pub publish: Option<PortPublish>,
     /// How long `docker stop` waits after SIGTERM before killing.
     pub stop_grace: Duration,
+    /// Runs an init process as PID 1 that forwards signals (`HostConfig.Init`).
+    pub init: bool,
 }
 
 impl fmt::Debug for ContainerSpec {
@@ -288,6 +299,7 @@ impl fmt::Debug for ContainerSpec {
             .field("binds", &self.binds)
             .field("publish", &self.publish)
             .field("stop_grace", &self.stop_grace)
+            .field("init", &self.init)
             .finish()
     }
 }
@@ -360,6 +372,13 @@ pub enum RuntimeError {
     },
 }
 
+fn unsupported(operation: &'static str, what: &str) -> RuntimeError {
+    RuntimeError::Engine {
+        operation,
+        message: format!("{what}: not supported by this engine"),
+    }
+}
+
 /// The container engine, as reconcile needs it. Object-safe: use `Arc<dyn ContainerRuntime>`.
 ///
 /// Every operation is idempotent where the engine allows: removing what is gone, stopping what
@@ -382,8 +401,37 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn ensure_image(&self, image: &str) -> Result<(), RuntimeError>;
     /// Creates and starts a container; returns its id. A container that fails to start is removed.
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
+    /// Creates a container without starting it; returns its id. (The default refuses: an
+    /// engine without it cannot restore snapshots.)
+    async fn create_container(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        Err(unsupported("create container", &spec.name))
+    }
     /// Starts an existing, stopped container.
     async fn start_container(&self, id: &str) -> Result<(), RuntimeError>;
+    /// Streams a tar of `path` inside a (stopped) container to the file `dest`, through the
+    /// engine's archive API (nothing is needed inside the image); returns the bytes written.
+    /// (The default refuses: an engine without it cannot take snapshots, so images do not
+    /// change.)
+    async fn download_archive(
+        &self,
+        id: &str,
+        path: &str,
+        dest: &std::path::Path,
+    ) -> Result<u64, RuntimeError> {
+        let _ = (path, dest);
+        Err(unsupported("download archive", id))
+    }
+    /// Extracts the tar file `src` into `dir` inside a (created, not started) container,
+    /// keeping the owners recorded in the tar.
+    async fn upload_archive(
+        &self,
+        id: &str,
+        dir: &str,
+        src: &std::path::Path,
+    ) -> Result<(), RuntimeError> {
+        let _ = (dir, src);
+        Err(unsupported("upload archive", id))
+    }
     /// SIGTERM, then SIGKILL after `grace`.
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError>;
     /// Removes a container (killing it if it still runs); its named volumes stay.

@@ -203,7 +203,11 @@ pub fn container_spec(
     ContainerSpec {
         name: container_name(owner, &key),
         image: a.image.clone(),
-        labels: container_labels(owner, a),
+        labels: {
+            let mut labels = container_labels(owner, a);
+            labels.insert(labels::STOP_GRACE.into(), stop_grace.as_secs().to_string());
+            labels
+        },
         env: container_env(a),
         user: CONTAINER_USER.into(),
         read_only_rootfs: true,
@@ -230,6 +234,7 @@ pub fn container_spec(
             host_port,
         }),
         stop_grace,
+        init: true,
     }
 }
 

@@ -33,6 +33,7 @@ impl ScriptedControl {
             index,
             changed: true,
             assignments: assignments.iter().map(wire).collect(),
+            retained_volumes: Vec::new(),
         });
     }
 
@@ -73,6 +74,7 @@ impl ControlPlane for ScriptedControl {
                     index: known_index,
                     changed: false,
                     assignments: Vec::new(),
+                    retained_volumes: Vec::new(),
                 })
             }
         }
@@ -122,7 +124,7 @@ fn wire(a: &Assignment) -> pb::Assignment {
         instance_uid: a.instance_uid.clone(),
         config_revision: a.config_revision,
         content_hash: a.content_hash.clone(),
-        termination_grace_seconds: 0,
+        termination_grace_seconds: a.termination_grace_seconds,
     }
 }
 
@@ -621,7 +623,7 @@ async fn a_removed_host_stops_its_replicas_keeps_volumes_and_stays_down() {
     let calls = h.engine.calls();
     let last_stop = calls
         .iter()
-        .rposition(|c| matches!(c, FakeCall::StopContainer(_)))
+        .rposition(|c| matches!(c, FakeCall::StopContainer(..)))
         .expect("stops");
     assert!(
         !calls[last_stop..].iter().any(|c| matches!(
@@ -652,4 +654,50 @@ async fn saved_replicas_are_not_started_when_the_control_plane_says_removed_at_s
         "{:?}",
         h.engine.calls()
     );
+}
+
+#[tokio::test]
+async fn retained_volumes_from_the_server_are_kept_and_saved() {
+    let mut h = Harness::new();
+    let owner = Owner::from(HOST);
+    let kept = Assignment::test("bot-7");
+    let gone = Assignment::test("bot-8");
+    for a in [&kept, &gone] {
+        let v = spec::volume_spec(&owner, a);
+        h.engine.insert_volume(crate::runtime::ObservedVolume {
+            name: v.name,
+            labels: v.labels,
+        });
+    }
+    h.control.answers.lock().unwrap().push_back(WatchAnswer {
+        index: 5,
+        changed: true,
+        assignments: replicas(1).iter().map(wire).collect(),
+        retained_volumes: vec![pb::RetainedVolume {
+            tenant: kept.tenant.clone(),
+            project: kept.project.clone(),
+            instance: kept.instance.clone(),
+            replica: kept.replica.clone(),
+            instance_uid: kept.instance_uid.clone(),
+        }],
+    });
+    h.start();
+    let gone_name = spec::volume_name(&owner, &gone.key());
+    wait_until("the volume not retained is removed", || {
+        !h.engine.volumes().contains(&gone_name)
+    })
+    .await;
+    assert!(
+        h.engine
+            .volumes()
+            .contains(&spec::volume_name(&owner, &kept.key()))
+    );
+    let saved = StateStore::new(h.dir.path())
+        .load()
+        .unwrap()
+        .expect("saved");
+    let retained = saved.retained.expect("the list is saved");
+    assert_eq!(retained.len(), 1);
+    assert_eq!(retained[0].key(), kept.key());
+    h.stop().await;
 }
