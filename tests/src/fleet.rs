@@ -178,6 +178,25 @@ impl ContainerRuntime for TimedEngine {
     async fn ping(&self) -> Result<(), RuntimeError> {
         self.inner.ping().await
     }
+    async fn create_container(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        self.inner.create_container(spec).await
+    }
+    async fn download_archive(
+        &self,
+        id: &str,
+        path: &str,
+        dest: &std::path::Path,
+    ) -> Result<u64, RuntimeError> {
+        self.inner.download_archive(id, path, dest).await
+    }
+    async fn upload_archive(
+        &self,
+        id: &str,
+        dir: &str,
+        src: &std::path::Path,
+    ) -> Result<(), RuntimeError> {
+        self.inner.upload_archive(id, dir, src).await
+    }
     async fn info(&self) -> Result<RuntimeInfo, RuntimeError> {
         self.inner.info().await
     }

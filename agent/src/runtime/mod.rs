@@ -372,13 +372,6 @@ pub enum RuntimeError {
     },
 }
 
-fn unsupported(operation: &'static str, what: &str) -> RuntimeError {
-    RuntimeError::Engine {
-        operation,
-        message: format!("{what}: not supported by this engine"),
-    }
-}
-
 /// The container engine, as reconcile needs it. Object-safe: use `Arc<dyn ContainerRuntime>`.
 ///
 /// Every operation is idempotent where the engine allows: removing what is gone, stopping what
@@ -401,26 +394,18 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn ensure_image(&self, image: &str) -> Result<(), RuntimeError>;
     /// Creates and starts a container; returns its id. A container that fails to start is removed.
     async fn create_and_start(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
-    /// Creates a container without starting it; returns its id. (The default refuses: an
-    /// engine without it cannot restore snapshots.)
-    async fn create_container(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
-        Err(unsupported("create container", &spec.name))
-    }
+    /// Creates a container without starting it; returns its id.
+    async fn create_container(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
     /// Starts an existing, stopped container.
     async fn start_container(&self, id: &str) -> Result<(), RuntimeError>;
     /// Streams a tar of `path` inside a (stopped) container to the file `dest`, through the
     /// engine's archive API (nothing is needed inside the image); returns the bytes written.
-    /// (The default refuses: an engine without it cannot take snapshots, so images do not
-    /// change.)
     async fn download_archive(
         &self,
         id: &str,
         path: &str,
         dest: &std::path::Path,
-    ) -> Result<u64, RuntimeError> {
-        let _ = (path, dest);
-        Err(unsupported("download archive", id))
-    }
+    ) -> Result<u64, RuntimeError>;
     /// Extracts the tar file `src` into `dir` inside a (created, not started) container,
     /// keeping the owners recorded in the tar.
     async fn upload_archive(
@@ -428,10 +413,7 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         id: &str,
         dir: &str,
         src: &std::path::Path,
-    ) -> Result<(), RuntimeError> {
-        let _ = (dir, src);
-        Err(unsupported("upload archive", id))
-    }
+    ) -> Result<(), RuntimeError>;
     /// SIGTERM, then SIGKILL after `grace`.
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<(), RuntimeError>;
     /// Removes a container (killing it if it still runs); its named volumes stay.
