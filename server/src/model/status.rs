@@ -66,13 +66,12 @@ pub fn summarize_at(instance: &mut OpenClawInstance, now_ms: i64) {
         .filter(|r| r.target_revision.is_none() || r.target_revision == newest)
         .count() as i64;
     status.updated_replicas = updated;
-    let updating = match &mut status.rollout {
+    let rollout_phase = match &mut status.rollout {
         Some(ro) => {
             ro.updated_replicas = updated;
-            Some(ro.revision) == newest
-                && matches!(ro.phase, RolloutPhase::Progressing | RolloutPhase::Paused)
+            (Some(ro.revision) == newest).then_some(ro.phase)
         }
-        None => false,
+        None => None,
     };
     let placed = status
         .replica_status
@@ -100,6 +99,18 @@ pub fn summarize_at(instance: &mut OpenClawInstance, now_ms: i64) {
     running.sort_unstable();
     running.dedup();
     let one_revision = running.len() <= 1;
+    // An update whose replicas all run its revision and are available has passed every gate:
+    // the instance is Running from that report on, even before the rollout controller records
+    // the update as Succeeded.
+    let done = ready >= desired
+        && available >= desired
+        && updated >= desired
+        && running.as_slice() == [newest];
+    let updating = match rollout_phase {
+        Some(RolloutPhase::Paused) => true,
+        Some(RolloutPhase::Progressing) => !done,
+        _ => false,
+    };
     if status
         .replica_status
         .iter()
@@ -262,6 +273,20 @@ mod tests {
         assert_eq!(s.rollout.as_ref().unwrap().updated_replicas, 1);
         summarize_at(&mut i, now + 5_000);
         assert_eq!(i.status.as_ref().unwrap().available_replicas, 2);
+        // Every replica on the new revision and available: Running at once, before the
+        // controller records the update as Succeeded; not while one is still inside
+        // minReadySeconds.
+        let st = i.status.as_mut().unwrap();
+        for r in &mut st.replica_status {
+            r.state = Ready;
+            r.config_revision = Some(5);
+            r.target_revision = Some(5);
+            r.ready_since = Some("2026-07-10T11:59:55Z".into());
+        }
+        summarize_at(&mut i, now);
+        assert_eq!(i.status.as_ref().unwrap().phase, InstancePhase::Progressing);
+        summarize_at(&mut i, now + 5_000);
+        assert_eq!(i.status.as_ref().unwrap().phase, InstancePhase::Running);
         // The update ended: every replica Ready on one revision is Running.
         let st = i.status.as_mut().unwrap();
         st.rollout.as_mut().unwrap().phase = RolloutPhase::Succeeded;
