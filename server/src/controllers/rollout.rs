@@ -43,12 +43,6 @@ use crate::model::{
 };
 use crate::store::{ListFilter, Store, StoreError};
 
-/// After a wake-up by a store change, further changes are coalesced for this long.
-pub const DEBOUNCE: Duration = Duration::from_millis(20);
-/// First retry delay after a failed pass; doubles on every further failure.
-pub const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-/// Upper bound of the retry delay.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Objects written per store transaction.
 pub const WRITE_BATCH: usize = 256;
 /// A pass runs at least this often, even when nothing changes and no timer is due.
@@ -869,90 +863,21 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// The delay before retrying after `failures` failed passes in a row (at least one).
-pub fn backoff(failures: u32) -> Duration {
-    let factor = 1u32
-        .checked_shl(failures.saturating_sub(1))
-        .unwrap_or(u32::MAX);
-    BACKOFF_INITIAL.saturating_mul(factor).min(BACKOFF_MAX)
-}
-
-async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
-    loop {
-        if *shutdown.borrow_and_update() {
-            return;
-        }
-        if shutdown.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
 /// Runs the rollout controller until `shutdown` turns true: a pass at start, then one after
-/// every burst of store changes (coalesced for [`DEBOUNCE`]), one when a gate, pause or
-/// deadline is due, at least one every [`RESYNC`], and retries after failures with
-/// [`backoff`].
-pub async fn run(store: Arc<dyn Store>, mut shutdown: watch::Receiver<bool>) {
-    let mut changes = store.subscribe();
-    let mut changes_open = true;
-    let mut failures: u32 = 0;
-    tracing::info!("rollout controller started");
-    loop {
-        if *shutdown.borrow() {
-            break;
+/// every burst of store changes, one when a gate, pause or deadline is due, at least one every
+/// [`RESYNC`], and retries after failures (see [`super::runtime`]).
+pub async fn run(store: Arc<dyn Store>, shutdown: watch::Receiver<bool>) {
+    super::runtime::run("rollout", store, shutdown, RESYNC, |store: &dyn Store| {
+        let report = reconcile_once(store, now_ms())?;
+        if report.written > 0 {
+            tracing::info!(
+                instances = report.written,
+                "rollout controller moved targets or status"
+            );
         }
-        changes.borrow_and_update();
-        let pass_store = Arc::clone(&store);
-        let pass =
-            tokio::task::spawn_blocking(move || reconcile_once(pass_store.as_ref(), now_ms()));
-        let outcome = tokio::select! {
-            joined = pass => joined.unwrap_or_else(|e| Err(RolloutError::Task(e.to_string()))),
-            () = shutdown_requested(&mut shutdown) => break,
-        };
-        let sleep_for = match outcome {
-            Ok(report) => {
-                failures = 0;
-                if report.written > 0 {
-                    tracing::info!(
-                        instances = report.written,
-                        "rollout controller moved targets or status"
-                    );
-                }
-                // A timer a little after the due time, so the pass sees it passed.
-                report
-                    .wake_after
-                    .map_or(RESYNC, |w| (w + Duration::from_millis(5)).min(RESYNC))
-            }
-            Err(e) => {
-                failures = failures.saturating_add(1);
-                let delay = backoff(failures);
-                tracing::warn!(error = %e, failures, retry_in = ?delay, "rollout pass failed");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = shutdown_requested(&mut shutdown) => break,
-                }
-                continue;
-            }
-        };
-        let woken_by_change = tokio::select! {
-            changed = changes.changed(), if changes_open => {
-                if changed.is_err() {
-                    tracing::warn!("the store stopped announcing changes; the rollout controller falls back to its timer");
-                    changes_open = false;
-                }
-                changed.is_ok()
-            }
-            () = tokio::time::sleep(sleep_for) => false,
-            () = shutdown_requested(&mut shutdown) => break,
-        };
-        if woken_by_change {
-            tokio::select! {
-                () = tokio::time::sleep(DEBOUNCE) => {}
-                () = shutdown_requested(&mut shutdown) => break,
-            }
-        }
-    }
-    tracing::info!("rollout controller stopped");
+        Ok::<_, RolloutError>(report.wake_after)
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -39,12 +39,7 @@ pub const REASON_UNSCHEDULABLE: &str = "Unschedulable";
 /// Condition reason once every replica has a host.
 pub const REASON_SCHEDULED: &str = "Scheduled";
 
-/// After a wake-up by a store change, further changes are coalesced for this long.
-pub const DEBOUNCE: Duration = Duration::from_millis(20);
-/// First retry delay after a failed pass; doubles on every further failure.
-pub const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-/// Upper bound of the retry delay.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+pub use super::runtime::{BACKOFF_INITIAL, BACKOFF_MAX, DEBOUNCE, backoff};
 /// Objects written per store transaction.
 pub const WRITE_BATCH: usize = 256;
 
@@ -793,98 +788,28 @@ fn placeholder_host(name: &str) -> Host {
     }
 }
 
-/// The delay before retrying after `failures` failed passes in a row (at least one).
-pub fn backoff(failures: u32) -> Duration {
-    let factor = 1u32
-        .checked_shl(failures.saturating_sub(1))
-        .unwrap_or(u32::MAX);
-    BACKOFF_INITIAL.saturating_mul(factor).min(BACKOFF_MAX)
-}
-
-/// Resolves once shutdown is requested (or whoever could request it is gone).
-async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
-    loop {
-        if *shutdown.borrow_and_update() {
-            return;
-        }
-        if shutdown.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
 /// Runs the scheduler until `shutdown` turns true (or its sender is dropped): a pass at start,
 /// then one after every burst of store changes (coalesced for [`DEBOUNCE`]), one every `resync`,
-/// and retries after failures with [`backoff`].
-pub async fn run(store: Arc<dyn Store>, mut shutdown: watch::Receiver<bool>, resync: Duration) {
-    let mut changes = store.subscribe();
-    let mut changes_open = true;
-    let mut failures: u32 = 0;
-    tracing::info!(resync = ?resync, "scheduler started");
-    loop {
-        if *shutdown.borrow() {
-            break;
+/// and retries after failures with [`backoff`] (see [`super::runtime`]).
+pub async fn run(store: Arc<dyn Store>, shutdown: watch::Receiver<bool>, resync: Duration) {
+    super::runtime::run("scheduler", store, shutdown, resync, |store: &dyn Store| {
+        let report = reconcile_once(store)?;
+        if report.instances_written + report.hosts_written > 0 {
+            tracing::info!(
+                instances = report.instances_written,
+                hosts = report.hosts_written,
+                unplaced_replicas = report.unplaced_replicas,
+                index = report.index,
+                "scheduler updated placements"
+            );
+        } else {
+            tracing::debug!(
+                instances = report.instances,
+                hosts = report.hosts,
+                "scheduler pass changed nothing"
+            );
         }
-        // Mark what this pass will see, so any later change wakes the loop again.
-        changes.borrow_and_update();
-        let pass_store = Arc::clone(&store);
-        let pass = tokio::task::spawn_blocking(move || reconcile_once(pass_store.as_ref()));
-        let outcome = tokio::select! {
-            joined = pass => joined.unwrap_or_else(|e| Err(SchedulerError::Task(e.to_string()))),
-            () = shutdown_requested(&mut shutdown) => break,
-        };
-        let retry_after = match outcome {
-            Ok(report) => {
-                failures = 0;
-                if report.instances_written + report.hosts_written > 0 {
-                    tracing::info!(
-                        instances = report.instances_written,
-                        hosts = report.hosts_written,
-                        unplaced_replicas = report.unplaced_replicas,
-                        index = report.index,
-                        "scheduler updated placements"
-                    );
-                } else {
-                    tracing::debug!(
-                        instances = report.instances,
-                        hosts = report.hosts,
-                        "scheduler pass changed nothing"
-                    );
-                }
-                None
-            }
-            Err(e) => {
-                failures = failures.saturating_add(1);
-                let delay = backoff(failures);
-                tracing::warn!(error = %e, failures, retry_in = ?delay, "scheduler pass failed");
-                Some(delay)
-            }
-        };
-        match retry_after {
-            Some(delay) => tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = shutdown_requested(&mut shutdown) => break,
-            },
-            None => {
-                let woken_by_change = tokio::select! {
-                    changed = changes.changed(), if changes_open => {
-                        if changed.is_err() {
-                            tracing::warn!("the store stopped announcing changes; the scheduler falls back to its resync timer");
-                            changes_open = false;
-                        }
-                        changed.is_ok()
-                    }
-                    () = tokio::time::sleep(resync) => false,
-                    () = shutdown_requested(&mut shutdown) => break,
-                };
-                if woken_by_change {
-                    tokio::select! {
-                        () = tokio::time::sleep(DEBOUNCE) => {}
-                        () = shutdown_requested(&mut shutdown) => break,
-                    }
-                }
-            }
-        }
-    }
-    tracing::info!("scheduler stopped");
+        Ok::<_, SchedulerError>(None)
+    })
+    .await;
 }

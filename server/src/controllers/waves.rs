@@ -549,31 +549,15 @@ fn execute(store: &dyn Store, r: &Rollout, steps: &[Step]) -> Result<(), WaveErr
 }
 
 /// Runs [`reconcile_once`] on every store change and every [`RESYNC`] until `shutdown`.
-pub async fn run(store: Arc<dyn Store>, mut shutdown: watch::Receiver<bool>) {
-    let mut changes = store.subscribe();
-    loop {
-        if *shutdown.borrow() {
-            break;
+pub async fn run(store: Arc<dyn Store>, shutdown: watch::Receiver<bool>) {
+    super::runtime::run("waves", store, shutdown, RESYNC, |store: &dyn Store| {
+        let n = reconcile_once(store, crate::util::unix_now())?;
+        if n > 0 {
+            tracing::info!(rollouts = n, "wave controller updated rollouts");
         }
-        changes.borrow_and_update();
-        let pass_store = Arc::clone(&store);
-        let pass = tokio::task::spawn_blocking(move || {
-            reconcile_once(pass_store.as_ref(), crate::util::unix_now())
-        });
-        match pass.await {
-            Ok(Ok(n)) if n > 0 => tracing::info!(rollouts = n, "wave controller updated rollouts"),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "wave controller pass failed"),
-            Err(e) => {
-                tracing::warn!(error = %WaveError::Task(e.to_string()), "wave controller pass failed")
-            }
-        }
-        tokio::select! {
-            _ = changes.changed() => tokio::time::sleep(super::scheduler::DEBOUNCE).await,
-            () = tokio::time::sleep(RESYNC) => {}
-            _ = shutdown.changed() => {}
-        }
-    }
+        Ok::<_, WaveError>(None)
+    })
+    .await;
 }
 
 #[cfg(test)]

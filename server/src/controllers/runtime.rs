@@ -1,0 +1,106 @@
+//! One loop for every controller: a pass at start, after every burst of store changes
+//! (coalesced for [`DEBOUNCE`]), when the pass asks to look again, and every `resync`; retries
+//! with [`backoff`] after a failed pass; stops when `shutdown` turns true (or its sender goes).
+
+use std::fmt::Display;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::store::Store;
+
+/// After a wake-up by a store change, further changes are coalesced for this long.
+pub const DEBOUNCE: Duration = Duration::from_millis(20);
+/// First retry delay after a failed pass; doubles on every further failure.
+pub const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// Upper bound of the retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How much later than asked a timed pass runs, so that it sees the due time passed.
+const TIMER_SLACK: Duration = Duration::from_millis(5);
+
+/// The retry delay after `failures` failed passes in a row.
+pub fn backoff(failures: u32) -> Duration {
+    let factor = 1u32
+        .checked_shl(failures.saturating_sub(1))
+        .unwrap_or(u32::MAX);
+    BACKOFF_INITIAL.saturating_mul(factor).min(BACKOFF_MAX)
+}
+
+async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs `pass` (blocking work: it runs on the blocking pool) until shutdown. A pass returns
+/// `Some(after)` to be run again that soon even when nothing changes (a timer of the
+/// controller's: a gate, a pause, a bake time), `None` to wait for a change or the resync.
+pub async fn run<E, F>(
+    name: &'static str,
+    store: Arc<dyn Store>,
+    mut shutdown: watch::Receiver<bool>,
+    resync: Duration,
+    pass: F,
+) where
+    E: Display + Send + 'static,
+    F: Fn(&dyn Store) -> Result<Option<Duration>, E> + Send + Sync + 'static,
+{
+    let pass = Arc::new(pass);
+    let mut changes = store.subscribe();
+    let mut changes_open = true;
+    let mut failures: u32 = 0;
+    tracing::info!(controller = name, resync = ?resync, "controller started");
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        // Mark what this pass will see, so any later change wakes the loop again.
+        changes.borrow_and_update();
+        let (s, p) = (Arc::clone(&store), Arc::clone(&pass));
+        let joined = tokio::task::spawn_blocking(move || p(s.as_ref()).map_err(|e| e.to_string()));
+        let outcome = tokio::select! {
+            joined = joined => joined.unwrap_or_else(|e| Err(format!("the pass panicked: {e}"))),
+            () = shutdown_requested(&mut shutdown) => break,
+        };
+        let sleep_for = match outcome {
+            Ok(after) => {
+                failures = 0;
+                after.map_or(resync, |a| (a + TIMER_SLACK).min(resync))
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let delay = backoff(failures);
+                tracing::warn!(controller = name, error = %e, failures, retry_in = ?delay, "controller pass failed");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown_requested(&mut shutdown) => break,
+                }
+                continue;
+            }
+        };
+        let woken_by_change = tokio::select! {
+            changed = changes.changed(), if changes_open => {
+                if changed.is_err() {
+                    tracing::warn!(controller = name, "the store stopped announcing changes; falling back to the timer");
+                    changes_open = false;
+                }
+                changed.is_ok()
+            }
+            () = tokio::time::sleep(sleep_for) => false,
+            () = shutdown_requested(&mut shutdown) => break,
+        };
+        if woken_by_change {
+            tokio::select! {
+                () = tokio::time::sleep(DEBOUNCE) => {}
+                () = shutdown_requested(&mut shutdown) => break,
+            }
+        }
+    }
+    tracing::info!(controller = name, "controller stopped");
+}
