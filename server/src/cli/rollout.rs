@@ -58,6 +58,13 @@ pub struct StatusArgs {
     /// Wait until the update ends; exit 1 if it Failed or was RolledBack
     #[arg(short = 'w', long = "watch")]
     pub watch: bool,
+    /// With -w: give up after this long (30s, 10m), exit 1 [default: wait until the end]
+    #[arg(long, value_name = "DURATION", requires = "watch", value_parser = parse_timeout)]
+    pub timeout: Option<std::time::Duration>,
+}
+
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    crate::model::parse_duration(s)
 }
 
 #[derive(Args, Debug)]
@@ -220,6 +227,7 @@ async fn status(args: StatusArgs) -> CliResult {
         return Ok(());
     }
     let path = object_path(&key);
+    let deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
     loop {
         if let Some(phase) = ended(&obj) {
             return match phase {
@@ -236,6 +244,16 @@ async fn status(args: StatusArgs) -> CliResult {
                     text_at(&obj, "/status/rollout/message")
                 ))),
             };
+        }
+        if let (Some(deadline), Some(t)) = (deadline, args.timeout)
+            && tokio::time::Instant::now() >= deadline
+        {
+            return Err(CliError::Failed(format!(
+                "the update of instance/{} to revision {} had not ended after {}; it goes on",
+                key.name,
+                text_at(&obj, "/status/rollout/revision"),
+                humantime::format_duration(t)
+            )));
         }
         tokio::time::sleep(WATCH_INTERVAL).await;
         obj = client.get(&path).await?;
