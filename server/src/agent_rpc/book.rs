@@ -390,16 +390,26 @@ fn retained_by_host(
         }
         let Some(status) = &i.status else { continue };
         let m = &i.metadata;
-        for v in &status.retained_volumes {
-            out.entry(v.host.clone())
-                .or_default()
-                .push(pb::RetainedVolume {
-                    tenant: m.tenant.clone().unwrap_or_default(),
-                    project: m.project.clone().unwrap_or_default(),
-                    instance: m.name.clone(),
-                    replica: v.replica.clone(),
-                    instance_uid: m.uid.clone().unwrap_or_default(),
-                });
+        // Replicas a scale-down just removed, which the scheduler has not yet moved into
+        // `retainedVolumes`: their assignments go with this very spec change, so their volumes
+        // must be kept from the same answer on.
+        let removed = status
+            .replica_status
+            .iter()
+            .filter(|r| i64::from(r.ordinal) >= i.spec.replicas)
+            .filter_map(|r| Some((r.host.clone()?, r.name.clone())));
+        let listed = status
+            .retained_volumes
+            .iter()
+            .map(|v| (v.host.clone(), v.replica.clone()));
+        for (host, replica) in listed.chain(removed) {
+            out.entry(host).or_default().push(pb::RetainedVolume {
+                tenant: m.tenant.clone().unwrap_or_default(),
+                project: m.project.clone().unwrap_or_default(),
+                instance: m.name.clone(),
+                replica,
+                instance_uid: m.uid.clone().unwrap_or_default(),
+            });
         }
     }
     for v in deleted {
@@ -1010,5 +1020,40 @@ mod tests {
         book.rebuild(std::slice::from_ref(&i), 5);
         assert!(book.current("h2").retained_volumes.is_empty());
         assert_eq!(book.current("h2").index, 5);
+    }
+
+    #[test]
+    fn a_scale_down_keeps_volumes_in_the_same_answer_that_drops_the_replicas() {
+        // The spec went from 3 replicas to 1; the scheduler has not yet moved the removed
+        // replicas into retainedVolumes. The answer that takes their assignments away must
+        // already tell the agent to keep their volumes.
+        let book = AssignmentBook::default();
+        let mut i = inst("bot", 3, &[Some("h1"), Some("h1"), Some("h2")], "1Gi");
+        i.metadata.uid = Some("u1".into());
+        book.rebuild(std::slice::from_ref(&i), 2);
+        assert!(book.current("h1").retained_volumes.is_empty());
+        i.spec.replicas = 1;
+        book.rebuild(std::slice::from_ref(&i), 3);
+        let h1 = book.current("h1");
+        assert_eq!(h1.assignments.len(), 1);
+        let kept: Vec<&str> = h1
+            .retained_volumes
+            .iter()
+            .map(|v| v.replica.as_str())
+            .collect();
+        assert_eq!(kept, ["bot-1"]);
+        let h2 = book.current("h2");
+        assert!(h2.assignments.is_empty());
+        assert_eq!(h2.retained_volumes[0].replica, "bot-2");
+        // The same once the scheduler has recorded them: listed once.
+        i.status.as_mut().unwrap().retained_volumes = vec![crate::model::RetainedVolume {
+            replica: "bot-2".into(),
+            ordinal: 2,
+            host: "h2".into(),
+            since: None,
+        }];
+        book.rebuild(std::slice::from_ref(&i), 4);
+        assert_eq!(book.current("h2").retained_volumes.len(), 1);
+        assert_eq!(book.current("h2").index, 3, "nothing changed for h2");
     }
 }
