@@ -196,6 +196,19 @@ fn initial_for(ro: &RolloutStatus, u: u64) -> u64 {
     }
 }
 
+/// `revision`, when every placed replica targets it, runs it and is Ready.
+fn all_ready_on(replicas: &[&ReplicaStatus], revision: u64) -> Option<u64> {
+    let placed: Vec<&&ReplicaStatus> = replicas.iter().filter(|r| r.host.is_some()).collect();
+    (revision != 0
+        && !placed.is_empty()
+        && placed.iter().all(|r| {
+            r.target_revision == Some(revision)
+                && r.config_revision == Some(revision)
+                && r.state == ReplicaState::Ready
+        }))
+    .then_some(revision)
+}
+
 /// The revision most replicas target (ties to the lower one): the stable revision of an
 /// instance whose update history was lost.
 fn most_targeted(replicas: &[&ReplicaStatus]) -> Option<u64> {
@@ -291,8 +304,21 @@ pub fn plan(instance: &OpenClawInstance, now_ms: i64) -> Decision {
                 return d;
             }
             let stable = match previous {
-                Some(p) if p.phase == RolloutPhase::Succeeded => Some(p.revision),
-                Some(p) => p.stable_revision,
+                Some(p) if p.phase == RolloutPhase::Succeeded && p.revision != 0 => {
+                    Some(p.revision)
+                }
+                // An update not yet recorded as ended: its revision is stable when every
+                // replica runs it Ready (the controller had not yet said so); a placeholder
+                // (revision 0, written while a wave held an instance that had no update yet)
+                // knows nothing, so the replicas say.
+                Some(p) => p
+                    .stable_revision
+                    .or_else(|| all_ready_on(&replicas, p.revision))
+                    .or_else(|| {
+                        (p.revision == 0)
+                            .then(|| most_targeted(&replicas))
+                            .flatten()
+                    }),
                 None => most_targeted(&replicas),
             }
             .filter(|s| *s != u);

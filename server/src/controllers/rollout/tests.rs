@@ -656,3 +656,46 @@ fn the_scheduler_gives_new_replicas_their_initial_target_and_keeps_it() {
     assert_eq!(before.status, i.status);
     assert!(!changed, "stable");
 }
+
+#[test]
+fn a_new_revision_before_the_first_update_was_recorded_still_moves_one_replica_at_a_time() {
+    // Every replica runs revision 1 Ready, but the controller had not yet recorded the first
+    // update as Succeeded when revision 2 arrived: revision 1 is still the stable one.
+    let first = RolloutStatus {
+        revision: 1,
+        phase: RolloutPhase::Progressing,
+        ..Default::default()
+    };
+    let mut b = InstanceBuilder::new("bot")
+        .replicas(3)
+        .strategy(UpdateStrategy::default())
+        .rollout(first);
+    for o in 0..3 {
+        b = b.on_revision(o, &format!("h{o}"), 1);
+    }
+    let mut i = b.revision(2).build();
+    pass(&mut i, t0());
+    assert_eq!(ro(&i).stable_revision, Some(1));
+    assert_eq!(targets(&i), [Some(1), Some(1), Some(2)]);
+}
+
+#[test]
+fn an_instance_released_from_a_placeholder_hold_moves_one_replica_at_a_time() {
+    // A wave held the instance before it had any update recorded (revision 0 placeholder).
+    let placeholder = RolloutStatus {
+        revision: 0,
+        phase: RolloutPhase::Progressing,
+        ..Default::default()
+    };
+    let mut b = InstanceBuilder::new("bot")
+        .replicas(3)
+        .strategy(UpdateStrategy::default())
+        .rollout(placeholder);
+    for o in 0..3 {
+        b = b.on_revision(o, &format!("h{o}"), 1);
+    }
+    let mut i = b.revision(2).build();
+    pass(&mut i, t0());
+    assert_eq!(ro(&i).stable_revision, Some(1));
+    assert_eq!(targets(&i), [Some(1), Some(1), Some(2)]);
+}
