@@ -56,8 +56,8 @@ const RUNS: usize = 3;
 const RATIO_TARGET: f64 = 1.5;
 const OVERHEAD_TARGET: Duration = Duration::from_millis(50);
 /// The agents' probe and report intervals (short, so that they add little to a gate).
-const PROBE_INTERVAL: Duration = Duration::from_millis(100);
-const REPORT_INTERVAL: Duration = Duration::from_millis(200);
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+const REPORT_INTERVAL: Duration = Duration::from_millis(250);
 /// Ports each host's stub answers on: a host's replicas, with room to spare.
 const STUB_PORTS: u16 = (INSTANCES * REPLICAS / HOSTS) as u16 + 40;
 const SETUP_TIMEOUT: Duration = Duration::from_secs(180);
@@ -186,7 +186,8 @@ fn start_fleet() -> anyhow::Result<Fleet> {
         resync: None,
         probe: Some(ProbeSettings {
             interval: PROBE_INTERVAL,
-            timeout: Duration::from_millis(500),
+            // 2,000 probes a second share the two cores with the server and the agents.
+            timeout: Duration::from_secs(2),
             ..ProbeSettings::default()
         }),
     };
@@ -290,10 +291,36 @@ fn wait_finished(
             return Ok(done);
         }
         if Instant::now() > deadline {
+            let first = names
+                .iter()
+                .find(|n| !done.contains_key(*n))
+                .map(|n| instance(server, n))
+                .transpose()?
+                .unwrap_or_default();
+            let replicas: Vec<String> = first
+                .pointer("/status/replicaStatus")
+                .and_then(Value::as_array)
+                .map(|rs| {
+                    rs.iter()
+                        .map(|r| {
+                            format!(
+                                "{} {} target {} runs {}",
+                                r["name"], r["state"], r["targetRevision"], r["configRevision"]
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             bail!(
-                "after {timeout:?}, {} of {} instances had finished their update",
+                "after {timeout:?}, {} of {} instances had finished their update; the first \
+                 not finished: rollout {} phase {}, replicas {replicas:?}",
                 done.len(),
-                names.len()
+                names.len(),
+                first
+                    .pointer("/status/rollout")
+                    .cloned()
+                    .unwrap_or_default(),
+                first.pointer("/status/phase").cloned().unwrap_or_default(),
             );
         }
         std::thread::sleep(poll);

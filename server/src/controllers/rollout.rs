@@ -13,7 +13,8 @@
 //!   first revision) every replica moves to U at once, and the update Succeeds once all pass.
 //! - Gate: a replica passes when its target is U, it runs U (`configRevision`), is Ready, and
 //!   has been Ready (`readySince`) for `minReadySeconds` without a restart. It fails when, running
-//!   U, it is Unhealthy, CrashLoopBackOff or Failed, or restarted since it first ran U; the
+//!   U, it is CrashLoopBackOff or Failed, or restarted since it first ran U (a liveness probe
+//!   that keeps failing ends in a restart; one that failed once does not fail the gate); the
 //!   update fails when replicas moved in a step have not passed within `progressDeadline`
 //!   (10m) of the step's start.
 //! - Rolling: targets move to U highest ordinal first, only while the placed replicas that are
@@ -112,11 +113,12 @@ fn stamp(now_ms: i64) -> String {
     crate::util::rfc3339(now_ms.div_euclid(1000))
 }
 
+/// A replica on the new revision in one of these states fails its gate. `Unhealthy` (liveness
+/// failing, not yet as often as the agent's threshold) does not: it is not Ready, so it cannot
+/// pass either, and if the failures go on the agent restarts it, which fails the gate; a probe
+/// that timed out once under load must not roll back a good update.
 fn broken(s: ReplicaState) -> bool {
-    matches!(
-        s,
-        ReplicaState::Unhealthy | ReplicaState::CrashLoopBackOff | ReplicaState::Failed
-    )
+    matches!(s, ReplicaState::CrashLoopBackOff | ReplicaState::Failed)
 }
 
 /// Where one replica on U stands with its gate.
