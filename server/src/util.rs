@@ -36,6 +36,12 @@ pub fn now_rfc3339() -> String {
     rfc3339(unix_now())
 }
 
+/// The current time in RFC 3339, to the millisecond (for times that gate decisions measure
+/// against, such as a replica's `readySince`).
+pub fn now_rfc3339_millis() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
 /// Lower-case hex of bytes.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

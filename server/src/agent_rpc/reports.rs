@@ -140,6 +140,7 @@ impl Reports {
         let mut host_is_current = false;
         let mut wrote_host = false;
         let mut accepted = vec![false; report.replicas.len()];
+        let now_ready = crate::util::now_rfc3339_millis();
         store.update_many(&keys, &mut |res| match res {
             Resource::Host(h) => {
                 if h.metadata.uid.as_deref() != Some(host.uid.as_str()) {
@@ -175,7 +176,7 @@ impl Reports {
                     let state = replica_state(rep.state);
                     let revision = (rep.config_revision > 0).then_some(rep.config_revision);
                     entry.ready_since =
-                        ready_since(entry, state, revision, rep.restarts, &now_rfc3339());
+                        ready_since(entry, state, revision, rep.restarts, &now_ready);
                     entry.snapshots = snapshots(&rep.snapshots);
                     entry.state = state;
                     entry.message = non_empty(&rep.message);
