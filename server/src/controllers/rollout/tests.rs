@@ -20,10 +20,15 @@ fn succeeded(revision: u64) -> RolloutStatus {
 
 /// `n` replicas Ready on revision 1 after a successful update, and revision `u` just made.
 fn updated_to(n: u32, u: u64, strategy: UpdateStrategy) -> OpenClawInstance {
+    after(succeeded(1), n, u, strategy)
+}
+
+/// `n` replicas Ready on revision 1 with `rollout` recorded, and revision `u` just made.
+fn after(rollout: RolloutStatus, n: u32, u: u64, strategy: UpdateStrategy) -> OpenClawInstance {
     let mut b = InstanceBuilder::new("bot")
         .replicas(i64::from(n))
         .strategy(strategy)
-        .rollout(succeeded(1));
+        .rollout(rollout);
     for o in 0..n {
         b = b.on_revision(o, &format!("h{o}"), 1);
     }
@@ -666,14 +671,7 @@ fn a_new_revision_before_the_first_update_was_recorded_still_moves_one_replica_a
         phase: RolloutPhase::Progressing,
         ..Default::default()
     };
-    let mut b = InstanceBuilder::new("bot")
-        .replicas(3)
-        .strategy(UpdateStrategy::default())
-        .rollout(first);
-    for o in 0..3 {
-        b = b.on_revision(o, &format!("h{o}"), 1);
-    }
-    let mut i = b.revision(2).build();
+    let mut i = after(first, 3, 2, UpdateStrategy::default());
     pass(&mut i, t0());
     assert_eq!(ro(&i).stable_revision, Some(1));
     assert_eq!(targets(&i), [Some(1), Some(1), Some(2)]);
@@ -687,14 +685,7 @@ fn an_instance_released_from_a_placeholder_hold_moves_one_replica_at_a_time() {
         phase: RolloutPhase::Progressing,
         ..Default::default()
     };
-    let mut b = InstanceBuilder::new("bot")
-        .replicas(3)
-        .strategy(UpdateStrategy::default())
-        .rollout(placeholder);
-    for o in 0..3 {
-        b = b.on_revision(o, &format!("h{o}"), 1);
-    }
-    let mut i = b.revision(2).build();
+    let mut i = after(placeholder, 3, 2, UpdateStrategy::default());
     pass(&mut i, t0());
     assert_eq!(ro(&i).stable_revision, Some(1));
     assert_eq!(targets(&i), [Some(1), Some(1), Some(2)]);
