@@ -58,6 +58,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
         "--parallel-operations",
         "CLUSTERCLAW_AGENT_PARALLEL_OPERATIONS",
     ),
+    ("--re-enroll", "CLUSTERCLAW_AGENT_RE_ENROLL"),
     ("--snapshots-keep", "CLUSTERCLAW_AGENT_SNAPSHOTS_KEEP"),
 ];
 
@@ -215,6 +216,12 @@ pub struct AgentArgs {
     /// change of image) [default: 3] [env: CLUSTERCLAW_AGENT_SNAPSHOTS_KEEP].
     #[arg(long, value_name = "N")]
     pub snapshots_keep: Option<u32>,
+    /// Enroll again under a new identity with the join token given, although this host is
+    /// enrolled: the containers of the old identity are stopped and removed, its state volumes
+    /// kept (the old host object stays NotReady until an admin deletes it), the data directory
+    /// kept [env: CLUSTERCLAW_AGENT_RE_ENROLL=true].
+    #[arg(long)]
+    pub re_enroll: bool,
 }
 
 /// The whole, validated configuration of an agent.
@@ -246,6 +253,8 @@ pub struct AgentConfig {
     pub parallel_operations: usize,
     /// Snapshots kept per replica.
     pub snapshots_keep: usize,
+    /// Enroll under a new identity although one is saved (`--re-enroll`).
+    pub re_enroll: bool,
 }
 
 impl AgentConfig {
@@ -271,6 +280,7 @@ impl AgentConfig {
             restart_backoff: crate::reconcile::BackoffPolicy::default().initial,
             parallel_operations: crate::reconcile::DEFAULT_MAX_PARALLEL,
             snapshots_keep: crate::snapshot::DEFAULT_KEEP,
+            re_enroll: false,
         }
     }
 
@@ -1208,6 +1218,18 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
         );
     }
 
+    let re_enroll = match given(args.re_enroll.then_some(true), "--re-enroll", env, |v| {
+        matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes")
+    }) {
+        Some(setting) => setting.value,
+        None => false,
+    };
+    if re_enroll && join_token.is_none() {
+        c.push(
+            "--re-enroll",
+            "needs a join token (--join-token or --join-token-file) for the new identity",
+        );
+    }
     if !c.problems.is_empty() {
         return Err(ConfigError {
             problems: c.problems,
@@ -1238,6 +1260,7 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
         restart_backoff,
         parallel_operations,
         snapshots_keep,
+        re_enroll,
     })
 }
 
@@ -1266,6 +1289,32 @@ mod tests {
             data_dir: Some(dir.join("data")),
             ..AgentArgs::default()
         }
+    }
+
+    #[test]
+    fn re_enroll_needs_a_join_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = enrolling(dir.path());
+        args.re_enroll = true;
+        assert!(load_with(&args, &env(dir.path())).unwrap().re_enroll);
+        args.join_token = None;
+        let err = load_with(&args, &env(dir.path())).unwrap_err();
+        let problem = err
+            .problems
+            .iter()
+            .find(|p| p.location == "--re-enroll")
+            .unwrap_or_else(|| panic!("a --re-enroll problem: {err}"));
+        assert!(problem.problem.contains("join token"), "{err}");
+        let mut vars = env(dir.path());
+        vars.vars
+            .insert("CLUSTERCLAW_AGENT_RE_ENROLL".into(), "true".into());
+        let cfg = load_with(&enrolling(dir.path()), &vars).unwrap();
+        assert!(cfg.re_enroll, "from the environment");
+        assert!(
+            !load_with(&enrolling(dir.path()), &env(dir.path()))
+                .unwrap()
+                .re_enroll
+        );
     }
 
     #[test]

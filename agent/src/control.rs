@@ -27,6 +27,8 @@ pub struct WatchAnswer {
     pub assignments: Vec<pb::Assignment>,
     /// Volumes to keep although unassigned (meaningful only when `changed`).
     pub retained_volumes: Vec<pb::RetainedVolume>,
+    /// State volumes to remove, by name (meaningful only when `changed`).
+    pub delete_volumes: Vec<String>,
 }
 
 /// Why a call to the control plane failed.
@@ -165,13 +167,25 @@ pub trait ControlPlane: Send + Sync + 'static {
 /// swapped after a certificate renewal; the next call uses it.
 pub struct GrpcControlPlane {
     client: RwLock<AgentServiceClient<Channel>>,
+    /// A connection of its own for task streams (logs): a reader that stalls one holds up to
+    /// a flow-control window of it, which must never hold up the long poll or the reports.
+    task_client: RwLock<AgentServiceClient<Channel>>,
 }
 
 impl GrpcControlPlane {
     pub fn new(identity: &HostIdentity) -> Result<Self, ClientError> {
         Ok(GrpcControlPlane {
             client: RwLock::new(client::authenticated(identity)?),
+            task_client: RwLock::new(client::authenticated(identity)?),
         })
+    }
+
+    /// A client on the task connection, with the current identity.
+    pub fn task_client(&self) -> AgentServiceClient<Channel> {
+        self.task_client
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn client(&self) -> AgentServiceClient<Channel> {
@@ -184,7 +198,9 @@ impl GrpcControlPlane {
     /// Uses `identity` (a renewed certificate) from the next call on.
     pub fn set_identity(&self, identity: &HostIdentity) -> Result<(), ClientError> {
         let fresh = client::authenticated(identity)?;
+        let fresh_tasks = client::authenticated(identity)?;
         *self.client.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        *self.task_client.write().unwrap_or_else(|e| e.into_inner()) = fresh_tasks;
         Ok(())
     }
 
@@ -224,6 +240,7 @@ impl ControlPlane for GrpcControlPlane {
             changed: answer.changed,
             assignments: answer.assignments,
             retained_volumes: answer.retained_volumes,
+            delete_volumes: answer.delete_volumes,
         })
     }
 

@@ -3,6 +3,8 @@
 //! A host the control plane removed (`removed.json` in the data directory, see [`crate::sync`])
 //! stays down: its replicas are stopped and nothing is started again. Started with a join
 //! token, it sets the old identity aside (`removed-<host>-<time>/`) and enrolls as a new host.
+//! A host that is still enrolled does the same when started with `--re-enroll` and a join
+//! token, after removing the old identity's containers (their state volumes stay).
 
 use std::fs::{File, TryLockError};
 use std::future::Future;
@@ -157,6 +159,9 @@ pub async fn run_until(
 ) -> Result<(), AgentError> {
     let data_dir = config.data_dir.clone();
     let _lock = lock_data_dir(&data_dir)?;
+    if let Err(e) = crate::gateway::load_host_key(&data_dir) {
+        tracing::warn!(error = %e, "cannot keep the Gateway metrics key in the data directory; tokens change when the agent restarts");
+    }
     let _watchdog = crate::notify::spawn_watchdog(data_dir.clone(), stop.clone());
     let files = IdentityFiles::in_dir(&data_dir);
     if files.exist()
@@ -178,6 +183,26 @@ pub async fn run_until(
             ))
         })?;
         tracing::warn!(removed_host = %old.record.host_id, kept_in = %aside.display(), "this host was removed from the cluster; enrolling again with the join token given (the old identity is kept aside, its stopped containers and volumes are left alone)");
+    } else if files.exist() && config.re_enroll && config.join_token.is_some() {
+        let old = enroll::load(&files)?;
+        config
+            .server
+            .get_or_insert_with(|| old.record.server.clone());
+        config.ca_pem.get_or_insert_with(|| old.ca_pem.clone());
+        // The old identity's containers run placements of the old host: they go before the
+        // new identity exists (its agent would never touch them). Their volumes stay.
+        let reconciler = reconciler_for(&config, &old)?;
+        let removed = tokio::select! {
+            r = retire_replicas(&reconciler) => r,
+            () = stopped(&mut stop) => return Ok(()),
+        };
+        let aside = state::set_aside_identity(&data_dir, &old.record.host_id).map_err(|e| {
+            AgentError::DataDir(format!(
+                "cannot set the old identity aside in {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        tracing::warn!(old_host = %old.record.host_id, kept_in = %aside.display(), containers_removed = removed, "enrolling again under a new identity (--re-enroll): the old identity's containers are removed, its state volumes kept; the old host stays NotReady until an admin deletes it");
     } else if files.exist() && config.join_token.is_some() {
         tracing::info!(
             "this host is already enrolled; the join token given is not used (it is, once the control plane has removed this host)"
@@ -221,18 +246,43 @@ pub async fn run_until(
             probe: config.probe,
             runtime_name: config.runtime.as_str().to_string(),
         },
-        reconciler,
+        reconciler.clone(),
         control.clone(),
     );
+    reconciler.set_state_source(Arc::new(crate::transfer::GrpcStateSource(control.clone())));
+    let task_runner = crate::tasks::TaskRunner::new(
+        control.clone(),
+        reconciler.clone(),
+        host_id.clone(),
+        loops.desired(),
+    );
+    let task_loop = tokio::spawn(task_runner.run(stop.clone()));
     let renewal = tokio::spawn(renew_loop(files, identity, control, stop.clone()));
     let end = loops.run(stop.clone()).await;
     renewal.abort();
+    task_loop.abort();
     match end {
         LoopsEnd::Stopped => Ok(()),
         LoopsEnd::Removed(_) => {
             tracing::error!("{}", removed_status(&host_id));
             stopped(&mut stop).await;
             Ok(())
+        }
+    }
+}
+
+/// Removes the containers of an identity about to be set aside, retrying while the engine
+/// does not answer. The number removed.
+async fn retire_replicas(reconciler: &Reconciler) -> usize {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match reconciler.retire_all().await {
+            Ok(n) => return n,
+            Err(err) => {
+                tracing::error!(error = %err, retry_in = ?delay, "cannot remove the containers of the old identity; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
         }
     }
 }
@@ -249,7 +299,54 @@ fn reconciler_for(config: &AgentConfig, identity: &HostIdentity) -> Result<Recon
     };
     settings.max_parallel = config.parallel_operations;
     settings.snapshots_keep = config.snapshots_keep;
+    settings.predecessors = predecessors(&config.data_dir, &settings.owner);
     Ok(Reconciler::new(engine, settings))
+}
+
+/// At most this many earlier identities of a host have their volumes reported.
+const MAX_PREDECESSORS: usize = 16;
+
+/// Earlier identities of this host in the same cluster, set aside in `data_dir` by a
+/// re-enrollment or after a removal (`removed-*` directories): their state volumes stay on the
+/// engine and are reported, so the control plane lists them as orphans and can have them
+/// removed. Unreadable ones are skipped with a warning.
+pub fn predecessors(
+    data_dir: &Path,
+    current: &crate::runtime::Owner,
+) -> Vec<crate::runtime::Owner> {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<crate::runtime::Owner> = Vec::new();
+    let mut dirs: Vec<std::path::PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("removed-"))
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        match enroll::load(&IdentityFiles::in_dir(&dir))
+            .map_err(|e| e.to_string())
+            .and_then(|id| id.owner())
+        {
+            Ok(o)
+                if o.cluster_id() == current.cluster_id()
+                    && o.host_uid() != current.host_uid()
+                    && !out.iter().any(|x| x.host_uid() == o.host_uid()) =>
+            {
+                out.push(o);
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(dir = %dir.display(), error = %err, "cannot read an earlier identity set aside in the data directory; its state volumes are not reported")
+            }
+        }
+    }
+    if out.len() > MAX_PREDECESSORS {
+        out.drain(..out.len() - MAX_PREDECESSORS);
+    }
+    out
 }
 
 /// A removed host without a new join token: stops what still runs, says why, and waits for

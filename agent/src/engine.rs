@@ -7,8 +7,9 @@ use tokio::sync::OnceCell;
 
 use crate::model::ContainerStats;
 use crate::runtime::{
-    ContainerRuntime, ContainerSpec, DockerRuntime, NetworkSpec, ObservedContainer,
-    ObservedNetwork, ObservedVolume, RuntimeError, RuntimeInfo, RuntimeKind, VolumeSpec,
+    ContainerRuntime, ContainerSpec, DockerRuntime, LogOptions, LogStream, NetworkSpec,
+    ObservedContainer, ObservedNetwork, ObservedVolume, RuntimeError, RuntimeInfo, RuntimeKind,
+    VolumeSpec,
 };
 
 /// A [`DockerRuntime`] connected lazily: until the engine answers, every call fails with
@@ -141,6 +142,14 @@ impl ContainerRuntime for LazyEngine {
 
     async fn container_stats(&self, id: &str) -> Result<ContainerStats, RuntimeError> {
         self.get().await?.container_stats(id).await
+    }
+
+    async fn container_logs(
+        &self,
+        id: &str,
+        options: &LogOptions,
+    ) -> Result<LogStream, RuntimeError> {
+        self.get().await?.container_logs(id, options).await
     }
 }
 

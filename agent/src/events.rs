@@ -32,16 +32,59 @@ pub struct AgentEvent {
     /// CamelCase, e.g. [`CONFIG_DRIFT_REPAIRED`].
     pub reason: String,
     pub message: String,
+    /// A Warning (something went wrong) rather than Normal.
+    pub warning: bool,
+    /// The container's exit code, when it exited.
+    pub exit_code: Option<i64>,
 }
 
+/// `reason` of an event saying a replica's container was started.
+pub const CONTAINER_STARTED: &str = "ContainerStarted";
+/// `reason` of an event saying a replica's container was restarted after it stopped.
+pub const CONTAINER_RESTARTED: &str = "ContainerRestarted";
+/// `reason` of an event saying a replica's container was killed for want of memory.
+pub const OOM_KILLED: &str = "OOMKilled";
+/// `reason` of an event saying a replica failed its liveness probe (and is restarted).
+pub const PROBE_FAILED: &str = "ProbeFailed";
+
 impl AgentEvent {
+    /// An event about the replica `key`, stamped now.
+    pub fn of_replica(key: &crate::model::ReplicaKey, reason: &str, message: String) -> Self {
+        let instance = key
+            .replica
+            .rsplit_once('-')
+            .map_or(key.replica.as_str(), |(i, _)| i);
+        AgentEvent {
+            time_unix_ms: now_ms(),
+            tenant: key.tenant.clone(),
+            project: key.project.clone(),
+            instance: instance.to_string(),
+            replica: key.replica.clone(),
+            reason: reason.to_owned(),
+            message,
+            warning: false,
+            exit_code: None,
+        }
+    }
+
+    /// The same event as a Warning.
+    pub fn warning(mut self) -> Self {
+        self.warning = true;
+        self
+    }
+
+    /// The same event with the container's exit code.
+    pub fn exit_code(mut self, code: i64) -> Self {
+        self.exit_code = Some(code);
+        self
+    }
+
     /// An event about the replica of `a`, stamped now.
     pub fn about(a: &Assignment, reason: &str, message: String) -> Self {
-        let time_unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         AgentEvent {
-            time_unix_ms,
+            time_unix_ms: now_ms(),
+            warning: false,
+            exit_code: None,
             tenant: a.tenant.clone(),
             project: a.project.clone(),
             instance: a.instance.clone(),
@@ -65,8 +108,33 @@ impl AgentEvent {
             replica: self.replica.clone(),
             reason: self.reason.clone(),
             message: self.message.clone(),
+            r#type: if self.warning { "Warning" } else { "Normal" }.to_string(),
+            exit_code: self.exit_code,
         }
     }
+}
+
+/// Events other than a container's starts, restarts, OOM kills and failed probes: what else
+/// happened on the host.
+pub fn notable(events: Vec<AgentEvent>) -> Vec<AgentEvent> {
+    events
+        .into_iter()
+        .filter(|e| {
+            ![
+                CONTAINER_STARTED,
+                CONTAINER_RESTARTED,
+                OOM_KILLED,
+                PROBE_FAILED,
+            ]
+            .contains(&e.reason.as_str())
+        })
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[derive(Debug, Default)]

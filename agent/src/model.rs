@@ -76,6 +76,18 @@ pub struct Assignment {
     /// Seconds the Gateway gets between SIGTERM and SIGKILL (0: the agent's default).
     #[serde(default)]
     pub termination_grace_seconds: u32,
+    /// The placement epoch (0 from servers without epochs): the agent runs the replica only
+    /// under the newest epoch it was given.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Seconds without reaching the control plane after which the replica is stopped; 0 keeps
+    /// it running.
+    #[serde(default)]
+    pub stop_after_seconds: u32,
+    /// Set while a drain moves the replica here with its state: the transfer whose state
+    /// volume is imported before the replica's first container here starts.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub import_transfer: String,
 }
 
 impl Assignment {
@@ -234,6 +246,9 @@ impl TryFrom<proto::Assignment> for Assignment {
             config_revision: a.config_revision,
             content_hash: a.content_hash.to_ascii_lowercase(),
             termination_grace_seconds: a.termination_grace_seconds,
+            epoch: a.epoch,
+            stop_after_seconds: a.stop_after_seconds,
+            import_transfer: a.import_transfer,
         })
     }
 }
@@ -330,6 +345,8 @@ pub struct ReplicaStatus {
     pub observed_content_hash: String,
     /// Snapshots of its state volume on this host, newest first.
     pub snapshots: Vec<crate::snapshot::SnapshotMeta>,
+    /// The placement epoch its container runs under.
+    pub epoch: u64,
 }
 
 impl ReplicaStatus {
@@ -359,6 +376,8 @@ impl ReplicaStatus {
                 .iter()
                 .map(crate::snapshot::SnapshotMeta::to_proto)
                 .collect(),
+            epoch: self.epoch,
+            gateway_metrics: None,
         }
     }
 }
@@ -397,6 +416,9 @@ pub(crate) mod fixtures {
                 config_revision: 1,
                 content_hash: crate::drift::content_hash(b"{}", &BTreeMap::new()),
                 termination_grace_seconds: 0,
+                epoch: 0,
+                stop_after_seconds: 0,
+                import_transfer: String::new(),
             }
         }
 
@@ -467,6 +489,9 @@ mod tests {
             config_revision: 3,
             content_hash: "AB".repeat(32),
             termination_grace_seconds: 0,
+            epoch: 0,
+            stop_after_seconds: 0,
+            import_transfer: String::new(),
         }
     }
 
@@ -545,6 +570,7 @@ mod tests {
             config_revision: 3,
             observed_content_hash: "cd".repeat(32),
             snapshots: Vec::new(),
+            epoch: 0,
         };
         let wire = status.to_proto();
         assert_eq!(wire.config_revision, 3);

@@ -68,6 +68,10 @@ pub struct Observed {
     /// Content measurements of current, running containers, by container id (empty when the
     /// pass did not measure, e.g. a plain [`Reconciler::observe`]).
     pub content: BTreeMap<String, Measurement>,
+    /// State volumes of earlier identities of this host (set aside by a re-enrollment or
+    /// after a removal; see [`ReconcilerSettings::predecessors`]): reported to the control
+    /// plane and removed when it asks, never used or removed by [`plan`].
+    pub inherited_volumes: Vec<ObservedVolume>,
 }
 
 /// Delays between restarts (and between failed attempts to create) of one replica.
@@ -283,6 +287,69 @@ pub enum RestartReason {
     LivenessFailed(String),
 }
 
+/// The events of a restart: why (out of memory, a failed liveness probe) and the restart
+/// itself with the exit code.
+pub fn restart_events(key: &ReplicaKey, reason: &RestartReason) -> Vec<AgentEvent> {
+    use crate::events::{CONTAINER_RESTARTED, OOM_KILLED, PROBE_FAILED};
+    match reason {
+        RestartReason::NotRunning(ContainerStatus::Exited { code, oom_killed }) => {
+            let mut out = Vec::new();
+            if *oom_killed {
+                out.push(
+                    AgentEvent::of_replica(
+                        key,
+                        OOM_KILLED,
+                        format!("the container of {} was killed for want of memory (exit code {code}); raise its memory limit", key.replica),
+                    )
+                    .warning()
+                    .exit_code(*code),
+                );
+            }
+            out.push(
+                AgentEvent::of_replica(
+                    key,
+                    CONTAINER_RESTARTED,
+                    format!(
+                        "restarted the container of {} after it exited with code {code}",
+                        key.replica
+                    ),
+                )
+                .warning()
+                .exit_code(*code),
+            );
+            out
+        }
+        RestartReason::NotRunning(status) => vec![
+            AgentEvent::of_replica(
+                key,
+                CONTAINER_RESTARTED,
+                format!(
+                    "restarted the container of {}, which was {status}",
+                    key.replica
+                ),
+            )
+            .warning(),
+        ],
+        RestartReason::LivenessFailed(why) => vec![
+            AgentEvent::of_replica(
+                key,
+                PROBE_FAILED,
+                format!("liveness probe of {} failed: {why}", key.replica),
+            )
+            .warning(),
+            AgentEvent::of_replica(
+                key,
+                CONTAINER_RESTARTED,
+                format!(
+                    "restarted the container of {} after its liveness probe failed",
+                    key.replica
+                ),
+            )
+            .warning(),
+        ],
+    }
+}
+
 /// One action of a reconcile pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -369,7 +436,8 @@ pub struct PlanInput<'a> {
 }
 
 /// The container that runs (or should run) `a` among the replica's containers: one with the
-/// desired config hash and image, running ones first, then the first by name.
+/// desired config hash and image, and not of another placement epoch (a container without an
+/// epoch label predates epochs and is adopted), running ones first, then the first by name.
 pub fn current_container<'c>(
     a: &Assignment,
     containers: &[&'c ObservedContainer],
@@ -378,6 +446,7 @@ pub fn current_container<'c>(
         .iter()
         .copied()
         .filter(|c| c.config_hash() == Some(a.config_hash.as_str()) && c.image == a.image)
+        .filter(|c| c.epoch().is_none_or(|e| e == a.epoch))
         .collect();
     matching.sort_by_key(|c| (!c.status.is_running(), c.name.clone(), c.id.clone()));
     matching.first().copied()
@@ -393,6 +462,43 @@ fn liveness_failure<'p>(c: &ObservedContainer, probe: Option<&'p ProbeStatus>) -
         Liveness::Failed { message } => Some(message),
         _ => None,
     }
+}
+
+/// What [`volumes_to_delete`] decides: the volumes that go (with their replica), and the
+/// names that stay (with why).
+pub type VolumeDeletions = (Vec<(ReplicaKey, String)>, Vec<(String, &'static str)>);
+
+/// Which of the volumes the control plane asked to remove may go (pure): those among
+/// `observed` (this agent's own) that no replica of `desired` or `retained` claims, with the
+/// replica each belonged to; and the names that stay, with why.
+pub fn volumes_to_delete(
+    asked: &[String],
+    observed: &[ObservedVolume],
+    desired: &[Assignment],
+    retained: &[RetainedVolume],
+) -> VolumeDeletions {
+    let claimed: BTreeSet<ReplicaKey> = desired
+        .iter()
+        .map(Assignment::key)
+        .chain(retained.iter().map(RetainedVolume::key))
+        .collect();
+    let mut go = Vec::new();
+    let mut kept = Vec::new();
+    let asked: BTreeSet<&String> = asked.iter().collect();
+    for name in asked {
+        let Some(v) = observed.iter().find(|v| &v.name == name) else {
+            kept.push((name.clone(), "no such volume of this host"));
+            continue;
+        };
+        match v.replica_key() {
+            None => kept.push((name.clone(), "it names no replica")),
+            Some(key) if claimed.contains(&key) => {
+                kept.push((name.clone(), "a replica of this host still claims it"))
+            }
+            Some(key) => go.push((key, name.clone())),
+        }
+    }
+    (go, kept)
 }
 
 /// Decides what to do; performs no I/O.
@@ -782,6 +888,9 @@ pub fn replica_status(
             .and_then(|m| m.content_hash.clone())
             .unwrap_or_default(),
         snapshots: Vec::new(),
+        epoch: container
+            .and_then(ObservedContainer::epoch)
+            .unwrap_or(a.epoch),
     }
 }
 
@@ -826,6 +935,10 @@ pub struct ReconcilerSettings {
     pub pass_wait: Duration,
     /// Snapshots of its state volume kept per replica.
     pub snapshots_keep: usize,
+    /// Earlier identities of this host in the same cluster, whose state volumes stay on the
+    /// engine: they are reported (so the control plane lists them, orphaned) and removed only
+    /// when it asks.
+    pub predecessors: Vec<Owner>,
 }
 
 /// Replicas worked on at once by default.
@@ -842,6 +955,7 @@ impl ReconcilerSettings {
             max_parallel: DEFAULT_MAX_PARALLEL,
             pass_wait: Duration::from_secs(1),
             snapshots_keep: snapshot::DEFAULT_KEEP,
+            predecessors: Vec::new(),
         }
     }
 }
@@ -863,6 +977,8 @@ pub enum StepError {
         to: String,
         message: String,
     },
+    #[error("state import (transfer {transfer}) failed: {message}")]
+    Import { transfer: String, message: String },
 }
 
 /// The result of one executed step.
@@ -915,7 +1031,13 @@ pub struct Reconciler {
     finished: Arc<tokio::sync::Notify>,
     holds: Arc<Mutex<PortHolds>>,
     network_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Where the state of replicas moved here comes from (see [`Reconciler::set_state_source`]).
+    state_source: StateSourceSlot,
+    /// Transfers whose state was imported (their replica started from it).
+    imported: Arc<Mutex<BTreeSet<String>>>,
 }
+
+type StateSourceSlot = Arc<Mutex<Option<Arc<dyn crate::transfer::StateSource>>>>;
 
 impl Reconciler {
     pub fn new(runtime: Arc<dyn ContainerRuntime>, settings: ReconcilerSettings) -> Self {
@@ -935,7 +1057,14 @@ impl Reconciler {
             finished: Arc::default(),
             holds: Arc::default(),
             network_lock: Arc::default(),
+            state_source: Arc::default(),
+            imported: Arc::default(),
         }
+    }
+
+    /// Sets where the state of replicas moved here is fetched from (the control plane).
+    pub fn set_state_source(&self, source: Arc<dyn crate::transfer::StateSource>) {
+        *self.state_source.lock().unwrap_or_else(|e| e.into_inner()) = Some(source);
     }
 
     /// Replaces the check of whether a host port is free (tests).
@@ -1021,12 +1150,59 @@ impl Reconciler {
         containers.retain(|c| owner.owns(c));
         volumes.retain(|v| owner.owns(v));
         networks.retain(|n| owner.owns(n));
+        let mut inherited_volumes = Vec::new();
+        for earlier in &self.settings.predecessors {
+            let mut theirs = self
+                .runtime
+                .list_managed_volumes(earlier.host_name())
+                .await?;
+            theirs.retain(|v| earlier.owns(v) && !owner.owns(v));
+            inherited_volumes.extend(theirs);
+        }
         Ok(Observed {
             containers,
             volumes,
             networks,
             content: BTreeMap::new(),
+            inherited_volumes,
         })
+    }
+
+    /// Removes the state volumes the control plane asked to remove (`asked`, by name), each
+    /// only if this agent owns it and no replica of `desired` or `retained` claims it; the
+    /// others are left alone and logged. Returns how many were removed. A `VolumeDeleted`
+    /// event is queued for each.
+    pub async fn delete_volumes_on_request(
+        &self,
+        asked: &[String],
+        desired: &[Assignment],
+        retained: &[RetainedVolume],
+    ) -> Result<usize, RuntimeError> {
+        if asked.is_empty() {
+            return Ok(0);
+        }
+        let observed = self.observe().await?;
+        let mine: Vec<ObservedVolume> = observed
+            .volumes
+            .into_iter()
+            .chain(observed.inherited_volumes)
+            .collect();
+        let (go, kept) = volumes_to_delete(asked, &mine, desired, retained);
+        for (name, why) in kept {
+            tracing::warn!(volume = %name, "not removing the state volume the control plane asked to remove: {why}");
+        }
+        let mut removed = 0;
+        for (key, name) in go {
+            self.runtime.remove_volume(&name).await?;
+            removed += 1;
+            tracing::info!(volume = %name, replica = %key, "removed a state volume on the control plane's request");
+            self.events.push(AgentEvent::of_replica(
+                &key,
+                "VolumeDeleted",
+                format!("state volume {name} removed on the control plane's request"),
+            ));
+        }
+        Ok(removed)
     }
 
     /// The adopted legacy objects: as recorded for this identity, or decided now and recorded.
@@ -1102,6 +1278,33 @@ impl Reconciler {
             stopped += 1;
         }
         Ok(stopped)
+    }
+
+    /// Stops and removes every container this agent owns and its tenant networks; the state
+    /// volumes stay on the host. Used before the host enrolls under a new identity: the
+    /// containers belong to placements of the old host. The number of containers removed.
+    pub async fn retire_all(&self) -> Result<usize, RuntimeError> {
+        let observed = self.observe().await?;
+        let mut removed = 0;
+        for c in &observed.containers {
+            if matches!(
+                c.status,
+                ContainerStatus::Running | ContainerStatus::Restarting | ContainerStatus::Paused
+            ) {
+                self.runtime
+                    .stop_container(&c.id, c.stop_grace().unwrap_or(self.settings.stop_grace))
+                    .await?;
+            }
+            self.runtime.remove_container(&c.id).await?;
+            tracing::info!(container = %c.id, name = %c.name, "replica container of the old identity removed");
+            removed += 1;
+        }
+        for n in &observed.networks {
+            if let Err(err) = self.runtime.remove_network(&n.name).await {
+                tracing::warn!(network = %n.name, error = %err, "cannot remove a network of the old identity");
+            }
+        }
+        Ok(removed)
     }
 
     /// Measures the current, running container of every desired replica that has a content
@@ -1433,6 +1636,8 @@ impl Reconciler {
             owner: self.owner(),
             holds: Arc::clone(&self.holds),
             network_lock: Arc::clone(&self.network_lock),
+            state_source: Arc::clone(&self.state_source),
+            imported: Arc::clone(&self.imported),
         }
     }
 }
@@ -1486,9 +1691,75 @@ struct Worker {
     holds: Arc<Mutex<PortHolds>>,
     /// Creating networks one at a time: two creations never race to make a tenant's network.
     network_lock: Arc<tokio::sync::Mutex<()>>,
+    state_source: StateSourceSlot,
+    imported: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl Worker {
+    fn needs_import(&self, a: &Assignment) -> bool {
+        !a.import_transfer.is_empty()
+            && !self
+                .imported
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&a.import_transfer)
+    }
+
+    /// Fetches the state of the transfer `a` was moved here with, then creates its container
+    /// from it (the tar is extracted into the new volume before the container starts).
+    async fn create_imported(
+        &self,
+        a: &Assignment,
+        preferred_port: Option<u16>,
+        observed: &Observed,
+        ports: &mut BTreeSet<u16>,
+        now: Instant,
+    ) -> Result<(), StepError> {
+        let key = a.key();
+        let source = self
+            .state_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let fail = |message: String| {
+            let err = StepError::Import {
+                transfer: a.import_transfer.clone(),
+                message,
+            };
+            self.book.record_failure(&key, now, err.to_string());
+            err
+        };
+        let Some(source) = source else {
+            return Err(fail(
+                "this agent has no control plane to fetch it from".into(),
+            ));
+        };
+        self.book.set_activity(&key, Some(Activity::Restoring));
+        let file =
+            crate::transfer::TempFile(crate::transfer::import_file(&self.settings.data_dir, a));
+        let started = std::time::Instant::now();
+        let bytes = match source.fetch(a, &file.0).await {
+            Ok(b) => b,
+            Err(message) => return Err(fail(message)),
+        };
+        tracing::info!(replica = %key, transfer = %a.import_transfer, bytes, millis = started.elapsed().as_millis() as u64, "state imported; starting the replica from it");
+        self.create_with(a, preferred_port, None, observed, ports, now, Some(&file.0))
+            .await?;
+        self.imported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(a.import_transfer.clone());
+        self.events.push(AgentEvent::about(
+            a,
+            "StateImported",
+            format!(
+                "the state volume of {} arrived through the control plane ({bytes} bytes, SHA-256 checked) and the replica started from it",
+                a.replica
+            ),
+        ));
+        Ok(())
+    }
+
     fn holds(&self) -> MutexGuard<'_, PortHolds> {
         self.holds.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -1565,6 +1836,10 @@ impl Worker {
                             now,
                         )
                         .await
+                    }
+                    None if self.needs_import(assignment) => {
+                        self.create_imported(assignment, *preferred_port, observed, &mut ports, now)
+                            .await
                     }
                     None => {
                         self.create(assignment, *preferred_port, None, observed, &mut ports, now)
@@ -1669,6 +1944,9 @@ impl Worker {
                 match restarted {
                     Ok(()) => {
                         self.book.record_restart(key, now);
+                        for e in restart_events(key, reason) {
+                            self.events.push(e);
+                        }
                         Ok(())
                     }
                     Err(err) => {
@@ -1766,6 +2044,11 @@ impl Worker {
         match &result {
             Ok(()) => {
                 self.book.record_created(&key, now);
+                self.events.push(AgentEvent::about(
+                    a,
+                    crate::events::CONTAINER_STARTED,
+                    format!("started the container of {} ({})", a.replica, a.image),
+                ));
                 if let Some(drift) = self.book.take_repair(&key) {
                     if drift.expected == a.content_hash {
                         self.events.push(AgentEvent::drift_repaired(a, &drift));

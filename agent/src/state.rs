@@ -35,6 +35,10 @@ pub struct SavedState {
     /// in a file written before the agent knew of them (then no volume is deleted).
     #[serde(default)]
     pub retained: Option<Vec<RetainedVolume>>,
+    /// The newest placement epoch given per replica (see [`crate::fencing`]); kept for replicas
+    /// no longer assigned, so an older assignment of theirs is refused.
+    #[serde(default)]
+    pub epochs: crate::fencing::Epochs,
 }
 
 impl SavedState {
@@ -49,7 +53,14 @@ impl SavedState {
                 .map(|d| d.as_secs())
                 .unwrap_or_default(),
             retained: Some(Vec::new()),
+            epochs: crate::fencing::Epochs::new(),
         }
+    }
+
+    /// With the newest epochs seen.
+    pub fn with_epochs(mut self, epochs: crate::fencing::Epochs) -> Self {
+        self.epochs = epochs;
+        self
     }
 
     /// With the volumes the control plane wants kept.

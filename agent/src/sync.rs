@@ -9,7 +9,9 @@
 //!   stability) and never acts before it has a set: an agent that has heard nothing yet leaves
 //!   the engine alone.
 //! - **probe**: liveness and readiness of every running replica; a starting replica is probed
-//!   every [`STARTUP_PROBE_INTERVAL`] until it is ready, so Ready is seen quickly.
+//!   every [`STARTUP_PROBE_INTERVAL`] during its initial delay and, if not ready by then, for
+//!   readiness every tenth of its age (liveness keeps the probe interval), so Ready is seen
+//!   quickly.
 //! - **report**: one `ReportStatus` stream; a report every report interval with host figures
 //!   and container stats, and at once after any change of a replica's state or a new event.
 //!   Queued events ride on the next report the stream takes (see [`ReportStream`]).
@@ -38,6 +40,7 @@ use crate::probe::{self, Liveness, ProbeKind, ProbeSettings, ProbeStatus, ProbeT
 use crate::reconcile::{Observed, Reconciler, Step};
 use crate::runtime::ContainerRuntime;
 use crate::state::{SavedState, StateStore};
+use crate::volumes::VolumeReporter;
 
 /// First delay before reconnecting to the control plane.
 pub const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(250);
@@ -48,12 +51,20 @@ pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
 pub const ENGINE_RETRY_MIN_DELAY: Duration = Duration::from_millis(500);
 /// How often a replica that has not been ready yet is probed, during its initial delay.
 pub const STARTUP_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// Past its initial delay, a replica not ready yet is probed for readiness every this fraction
+/// of its run's age (between [`STARTUP_PROBE_INTERVAL`] and the probe interval), so a slow
+/// start is seen Ready within about a tenth of its time rather than a whole probe interval late.
+const STARTUP_PROBE_AGE_DIVISOR: u32 = 10;
 /// Changes arriving this close together go out in one report.
 const REPORT_COALESCE: Duration = Duration::from_millis(5);
 /// How long one container stats sample may take (the engine samples over about a second).
 const STATS_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many reports may wait for the stream before the oldest are dropped.
 const REPORT_QUEUE: usize = 4;
+
+/// The longest a reconnected report stream waits for the assignments of the control plane's
+/// answer to be applied.
+pub const REPORT_SYNC_WAIT: Duration = Duration::from_secs(30);
 
 /// The longest the saved assignments wait for the first answer of the control plane.
 pub const START_GATE: Duration = Duration::from_secs(3);
@@ -121,6 +132,16 @@ struct Hub {
     first_contact: watch::Sender<bool>,
     /// Why the control plane removed this host, once it said so.
     removed: watch::Sender<Option<String>>,
+    /// When the control plane last answered a long poll (what `stop_after_seconds` counts
+    /// from).
+    last_contact: watch::Sender<Instant>,
+    /// `None` while what the host runs follows the control plane's latest answer; after losing
+    /// it, `Some(u64::MAX)`, then, once it answers with new assignments, `Some(index)` until a
+    /// reconcile pass has applied that index. Reports wait for `None` (up to
+    /// [`REPORT_SYNC_WAIT`]), so a returning host removes its stale copies before it reports.
+    catching_up: watch::Sender<Option<u64>>,
+    /// The newest placement epoch given per replica (saved with the assignments).
+    epochs: std::sync::Mutex<crate::fencing::Epochs>,
 }
 
 /// Why [`HostLoops::run`] returned.
@@ -185,6 +206,9 @@ impl HostLoops {
             server_back: Notify::new(),
             first_contact: watch::Sender::new(false),
             removed: watch::Sender::new(None),
+            last_contact: watch::Sender::new(Instant::now()),
+            catching_up: watch::Sender::new(None),
+            epochs: std::sync::Mutex::new(crate::fencing::Epochs::new()),
         };
         HostLoops {
             settings,
@@ -216,6 +240,7 @@ impl HostLoops {
                     "running the saved assignments until the control plane answers"
                 );
                 let index = saved.index;
+                *self.epochs() = saved.epochs;
                 self.hub.desired.send_replace(Some(Arc::new(DesiredSet {
                     index,
                     assignments: saved.assignments,
@@ -238,6 +263,10 @@ impl HostLoops {
                 None
             }
         }
+    }
+
+    fn epochs(&self) -> std::sync::MutexGuard<'_, crate::fencing::Epochs> {
+        self.hub.epochs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs every loop until `stop` turns true (containers keep running afterwards) or the
@@ -298,7 +327,14 @@ impl HostLoops {
         let mut backoff = reconnect_backoff(cap);
         let mut failing = false;
         loop {
-            let wait = jittered_wait(self.settings.poll_wait);
+            // After a failure, a short poll: whether anything changed is known at once.
+            let wait = if failing {
+                crate::fencing::MIN_FENCED_POLL
+            } else {
+                let desired = self.hub.desired.borrow().clone();
+                let assigned = desired.as_deref().map_or(&[][..], |d| &d.assignments[..]);
+                jittered_wait(crate::fencing::poll_wait(self.settings.poll_wait, assigned))
+            };
             let answer = tokio::select! {
                 () = stopped(&mut stop) => return,
                 a = self.control.watch_assignments(known, wait) => a,
@@ -306,17 +342,29 @@ impl HostLoops {
             match answer {
                 Ok(answer) => {
                     self.hub.first_contact.send_replace(true);
+                    self.hub.last_contact.send_replace(Instant::now());
+                    let returning = failing;
                     if failing {
                         tracing::info!("control plane reachable again");
                         failing = false;
                     }
                     backoff = reconnect_backoff(cap);
-                    self.hub.server_back.notify_one();
                     if answer.changed {
                         known = answer.index;
+                        if returning {
+                            self.hub.catching_up.send_replace(Some(answer.index));
+                        }
                         self.accept(answer.index, answer.assignments, answer.retained_volumes)
                             .await;
+                        self.delete_volumes(answer.delete_volumes);
+                    } else {
+                        self.hub.catching_up.send_replace(None);
                     }
+                    if returning {
+                        // Replicas stopped for want of contact may run again.
+                        self.hub.reconcile_now.notify_one();
+                    }
+                    self.hub.server_back.notify_one();
                 }
                 Err(CallError::Removed(reason)) => {
                     self.hub.removed.send_replace(Some(reason));
@@ -324,6 +372,7 @@ impl HostLoops {
                 }
                 Err(err) => {
                     self.hub.first_contact.send_replace(true);
+                    self.hub.catching_up.send_replace(Some(u64::MAX));
                     let delay = backoff.next().unwrap_or(cap);
                     match &err {
                         CallError::Removed(_) | CallError::Refused(_) => {
@@ -343,6 +392,27 @@ impl HostLoops {
         }
     }
 
+    /// Removes the state volumes the control plane asked to remove, in the background, checked
+    /// against the assignments and retained volumes just accepted.
+    fn delete_volumes(&self, asked: Vec<String>) {
+        if asked.is_empty() {
+            return;
+        }
+        let Some(set) = self.hub.desired.borrow().clone() else {
+            return;
+        };
+        let reconciler = self.reconciler.clone();
+        tokio::spawn(async move {
+            let retained = set.retained.clone().unwrap_or_default();
+            if let Err(err) = reconciler
+                .delete_volumes_on_request(&asked, &set.assignments, &retained)
+                .await
+            {
+                tracing::warn!(error = %err, "cannot remove the state volumes the control plane asked to remove; it asks again");
+            }
+        });
+    }
+
     /// Converts, saves, then publishes a new assignment set.
     async fn accept(
         &self,
@@ -350,7 +420,7 @@ impl HostLoops {
         wire: Vec<pb::Assignment>,
         retained: Vec<pb::RetainedVolume>,
     ) {
-        let retained: Vec<RetainedVolume> = retained.into_iter().map(Into::into).collect();
+        let mut retained: Vec<RetainedVolume> = retained.into_iter().map(Into::into).collect();
         let converted: Result<Vec<Assignment>, _> =
             wire.into_iter().map(Assignment::try_from).collect();
         let assignments = match converted {
@@ -360,8 +430,33 @@ impl HostLoops {
                 return;
             }
         };
+        let (assignments, epochs) = {
+            let mut epochs = self.epochs();
+            let (ok, refused) = crate::fencing::admit(&mut epochs, assignments);
+            for r in &refused {
+                let message = r.message();
+                tracing::error!(replica = %r.assignment.key(), epoch = r.assignment.epoch, newest = r.newest, "{message}");
+                self.reconciler
+                    .events()
+                    .push(crate::events::AgentEvent::about(
+                        &r.assignment,
+                        "StaleEpochRefused",
+                        message,
+                    ));
+            }
+            // A refused replica is not run, but its state volume is never given up for it.
+            retained.extend(refused.iter().map(|r| RetainedVolume {
+                tenant: r.assignment.tenant.clone(),
+                project: r.assignment.project.clone(),
+                instance: r.assignment.instance.clone(),
+                replica: r.assignment.replica.clone(),
+                instance_uid: r.assignment.instance_uid.clone(),
+            }));
+            (ok, epochs.clone())
+        };
         let saved = SavedState::new(&self.settings.host_id, index, assignments.clone())
-            .with_retained(retained.clone());
+            .with_retained(retained.clone())
+            .with_epochs(epochs);
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || store.save(&saved)).await {
             Ok(Ok(())) => {}
@@ -397,6 +492,7 @@ impl HostLoops {
         let mut desired_rx = self.hub.desired.subscribe();
         let work_done = self.reconciler.work_done();
         let mut engine_backoff: Option<ExponentialBackoff> = None;
+        let mut silenced_before = std::collections::BTreeSet::new();
         loop {
             let desired = desired_rx.borrow_and_update().clone();
             let mut next = Instant::now() + self.settings.resync_interval;
@@ -410,11 +506,49 @@ impl HostLoops {
                 }
                 Some(set) => {
                     let probes = self.hub.probes.borrow().clone();
-                    self.reconciler.set_retained(set.retained.as_deref());
-                    let pass = self
-                        .reconciler
-                        .reconcile(&set.assignments, &probes, Instant::now())
-                        .await;
+                    let now = Instant::now();
+                    let last_contact = *self.hub.last_contact.borrow();
+                    let cut = crate::fencing::silenced(last_contact, now, &set.assignments);
+                    if cut != silenced_before {
+                        for key in cut.difference(&silenced_before) {
+                            tracing::warn!(replica = %key, silent_for = ?now.saturating_duration_since(last_contact), "no contact with the control plane for longer than the replica's failover.stopAfter; stopping it (its state volume is kept)");
+                        }
+                        silenced_before = cut.clone();
+                    }
+                    if let Some(at) = crate::fencing::next_stop(last_contact, now, &set.assignments)
+                    {
+                        next = next.min(at);
+                    }
+                    let (assignments, retained) = if cut.is_empty() {
+                        (set.assignments.clone(), set.retained.clone())
+                    } else {
+                        let (stopped, running): (Vec<Assignment>, Vec<Assignment>) = set
+                            .assignments
+                            .iter()
+                            .cloned()
+                            .partition(|a| cut.contains(&a.key()));
+                        // Stopped, not given up: their volumes stay.
+                        let retained = set.retained.clone().map(|mut r| {
+                            r.extend(stopped.iter().map(|a| RetainedVolume {
+                                tenant: a.tenant.clone(),
+                                project: a.project.clone(),
+                                instance: a.instance.clone(),
+                                replica: a.replica.clone(),
+                                instance_uid: a.instance_uid.clone(),
+                            }));
+                            r
+                        });
+                        (running, retained)
+                    };
+                    self.reconciler.set_retained(retained.as_deref());
+                    let pass = self.reconciler.reconcile(&assignments, &probes, now).await;
+                    self.hub.catching_up.send_if_modified(|c| match c {
+                        Some(i) if *i <= set.index => {
+                            *c = None;
+                            true
+                        }
+                        _ => false,
+                    });
                     match pass {
                         Ok(pass) => {
                             engine_backoff = None;
@@ -527,47 +661,48 @@ impl HostLoops {
                 let run = (t.container_id.clone(), t.started_at.clone());
                 let entry = schedule
                     .entry(t.key.clone())
-                    .or_insert_with(|| RunSchedule {
-                        run: run.clone(),
-                        since: now,
-                        last: None,
-                        ready_seen: false,
-                    });
+                    .or_insert_with(|| RunSchedule::new(run.clone(), now));
                 if entry.run != run {
-                    *entry = RunSchedule {
-                        run,
-                        since: now,
-                        last: None,
-                        ready_seen: false,
-                    };
+                    *entry = RunSchedule::new(run, now);
                 }
             }
 
-            let due: Vec<ProbeTarget> = targets
+            let due: Vec<(ProbeTarget, bool)> = targets
                 .iter()
-                .filter(|t| {
-                    schedule
-                        .get(&t.key)
-                        .is_some_and(|s| s.next_due(&settings) <= now)
+                .filter_map(|t| {
+                    let s = schedule.get(&t.key)?;
+                    (s.next_due(&settings) <= now)
+                        .then(|| (t.clone(), s.liveness_due(&settings, now)))
                 })
-                .cloned()
                 .collect();
             if !due.is_empty() {
                 let timeout = settings.timeout;
-                let results = futures::future::join_all(due.iter().map(|t| async move {
-                    let (live, ready) = tokio::join!(
-                        probe::check(ProbeKind::Liveness, t.addr, timeout),
-                        probe::check(ProbeKind::Readiness, t.addr, timeout)
-                    );
-                    (t.key.clone(), live, ready)
-                }))
-                .await;
+                let results =
+                    futures::future::join_all(due.iter().map(|(t, live_due)| async move {
+                        let live = async {
+                            if *live_due {
+                                Some(probe::check(ProbeKind::Liveness, t.addr, timeout).await)
+                            } else {
+                                None
+                            }
+                        };
+                        let (live, ready) =
+                            tokio::join!(live, probe::check(ProbeKind::Readiness, t.addr, timeout));
+                        (t.key.clone(), live, ready)
+                    }))
+                    .await;
                 let at = Instant::now();
                 for (key, live, ready) in results {
-                    prober.record(&key, ProbeKind::Liveness, live, at);
+                    let live_probed = live.is_some();
+                    if let Some(live) = live {
+                        prober.record(&key, ProbeKind::Liveness, live, at);
+                    }
                     prober.record(&key, ProbeKind::Readiness, ready, at);
                     if let Some(s) = schedule.get_mut(&key) {
                         s.last = Some(at);
+                        if live_probed {
+                            s.last_live = Some(at);
+                        }
                         if prober.status(&key).is_some_and(|p| p.ready) {
                             s.ready_seen = true;
                         }
@@ -627,6 +762,8 @@ impl HostLoops {
             stats: HashMap::new(),
             figures: HostFigures::default(),
             last_sent: None,
+            volumes: VolumeReporter::default(),
+            gateway: HashMap::new(),
         };
         let cap = self.settings.report_interval.min(RECONNECT_MAX_DELAY);
         let mut backoff = reconnect_backoff(cap);
@@ -638,6 +775,16 @@ impl HostLoops {
         let mut failing = false;
         reporter.figures = sample(&mut metrics).await;
         loop {
+            // A host back from a cut applies what the control plane now says before it reports
+            // (and so turns Ready): its stale copies are gone first.
+            let mut catching_up = self.hub.catching_up.subscribe();
+            tokio::select! {
+                () = stopped(&mut stop) => return,
+                _ = catching_up.wait_for(Option::is_none) => {}
+                () = tokio::time::sleep(REPORT_SYNC_WAIT) => {
+                    tracing::debug!("reporting before the latest assignments are applied");
+                }
+            }
             let (tx, rx) = mpsc::channel(REPORT_QUEUE);
             let call = self
                 .control
@@ -645,6 +792,7 @@ impl HostLoops {
             tokio::pin!(call);
             // A fresh report opens every stream.
             reporter.last_sent = None;
+            reporter.volumes.forget();
             let first = self.build_report(&mut reporter, true);
             let _ = tx.try_send(first);
             let mut tick = tokio::time::interval_at(
@@ -663,8 +811,10 @@ impl HostLoops {
                     _ = tick.tick() => {
                         reporter.figures = sample(&mut metrics).await;
                         self.refresh_stats(&mut reporter).await;
+                        self.refresh_gateway(&mut reporter).await;
                         let report = self.build_report(&mut reporter, true);
                         if tx.try_send(report).is_err() {
+                            reporter.volumes.forget();
                             tracing::debug!("status stream is backed up; a report was dropped");
                         }
                     }
@@ -745,6 +895,15 @@ impl HostLoops {
         }
     }
 
+    /// Scrapes the Gateway figures of every running replica whose config enables them
+    /// (concurrently, each bounded by [`crate::gateway::SCRAPE_TIMEOUT`]).
+    async fn refresh_gateway(&self, reporter: &mut Reporter) {
+        let desired = self.hub.desired.borrow().clone();
+        let observed = self.hub.observed.borrow().clone();
+        let probes = self.hub.probes.borrow().clone();
+        reporter.gateway = scrape_gateways(&self.reconciler, desired, observed, &probes).await;
+    }
+
     fn build_report(&self, reporter: &mut Reporter, remember: bool) -> pb::StatusReport {
         let desired = self.hub.desired.borrow().clone();
         let observed = self.hub.observed.borrow().clone();
@@ -762,7 +921,9 @@ impl HostLoops {
                             .container_id
                             .as_ref()
                             .and_then(|id| reporter.stats.get(id).copied());
-                        s.to_proto()
+                        let mut p = s.to_proto();
+                        p.gateway_metrics = reporter.gateway.get(&s.key()).cloned();
+                        p
                     })
                     .collect();
                 (set.index, replicas)
@@ -779,7 +940,26 @@ impl HostLoops {
             }
             (None, _) => (0, Vec::new()),
         };
+        // The volume list rides on the reports that are sent whatever changed (the first of a
+        // stream and the periodic ones), and only when it changed or has not been sent lately.
+        let volumes = if remember {
+            let all: Option<Vec<crate::runtime::ObservedVolume>> = observed.as_ref().map(|o| {
+                o.volumes
+                    .iter()
+                    .chain(&o.inherited_volumes)
+                    .cloned()
+                    .collect()
+            });
+            reporter.volumes.next(all.as_deref(), Instant::now())
+        } else {
+            None
+        };
+        let volumes_listed = volumes.is_some();
+        let (volumes, volumes_total) = volumes.unwrap_or_default();
         let report = pb::StatusReport {
+            volumes,
+            volumes_listed,
+            volumes_total,
             host: Some(reporter.figures.to_proto()),
             runtime: Some(engine.to_proto()),
             replicas,
@@ -801,37 +981,115 @@ impl HostLoops {
     }
 }
 
+/// One scrape of the Gateway figures of every running replica of `desired` whose config
+/// enables them, by replica.
+pub async fn scrape_gateways(
+    reconciler: &Reconciler,
+    desired: Option<Arc<DesiredSet>>,
+    observed: Option<Arc<Observed>>,
+    probes: &BTreeMap<ReplicaKey, ProbeStatus>,
+) -> HashMap<ReplicaKey, pb::GatewayMetrics> {
+    let (Some(set), Some(observed)) = (desired, observed) else {
+        return HashMap::new();
+    };
+    let tokens: HashMap<ReplicaKey, String> = set
+        .assignments
+        .iter()
+        .filter_map(|a| Some((a.key(), crate::gateway::scrape_token(a)?)))
+        .collect();
+    if tokens.is_empty() {
+        return HashMap::new();
+    }
+    let statuses = reconciler.statuses(&set.assignments, &observed, probes, Instant::now());
+    let targets: Vec<(ReplicaKey, u16, &String)> = statuses
+        .iter()
+        .filter(|s| {
+            matches!(
+                s.state,
+                crate::model::ReplicaState::Running | crate::model::ReplicaState::Ready
+            )
+        })
+        .filter_map(|s| {
+            let key = s.key();
+            let token = tokens.get(&key)?;
+            Some((key, s.host_port?, token))
+        })
+        .collect();
+    futures::future::join_all(targets.into_iter().map(|(key, port, token)| async move {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let m = crate::gateway::scrape(addr, token, crate::gateway::Caps::default()).await;
+        if !m.error.is_empty() {
+            tracing::debug!(replica = %key.replica, error = %m.error, "Gateway figures not scraped");
+        }
+        (key, m)
+    }))
+    .await
+    .into_iter()
+    .collect()
+}
+
 /// Per replica: when its current container run was first seen and last probed.
 #[derive(Debug, Clone)]
 struct RunSchedule {
     run: (String, Option<String>),
     since: Instant,
+    /// The last probe (readiness, and liveness with it when due).
     last: Option<Instant>,
+    /// The last liveness probe.
+    last_live: Option<Instant>,
     ready_seen: bool,
 }
 
 impl RunSchedule {
+    fn new(run: (String, Option<String>), since: Instant) -> Self {
+        RunSchedule {
+            run,
+            since,
+            last: None,
+            last_live: None,
+            ready_seen: false,
+        }
+    }
+
+    /// When the next probe is due: every [`STARTUP_PROBE_INTERVAL`] during the initial delay
+    /// until the run is first ready; past it, while not yet ready, every tenth of the run's age
+    /// (at least [`STARTUP_PROBE_INTERVAL`], at most the probe interval); once ready, every
+    /// probe interval.
     fn next_due(&self, settings: &ProbeSettings) -> Instant {
         let Some(last) = self.last else {
             return self.since;
         };
-        let starting = !self.ready_seen
-            && last < self.since + settings.initial_delay.max(STARTUP_PROBE_INTERVAL);
-        let interval = if starting {
-            STARTUP_PROBE_INTERVAL.min(settings.interval)
-        } else {
+        let fast = STARTUP_PROBE_INTERVAL.min(settings.interval);
+        let interval = if self.ready_seen {
             settings.interval
+        } else if last < self.since + settings.initial_delay.max(STARTUP_PROBE_INTERVAL) {
+            fast
+        } else {
+            (last.saturating_duration_since(self.since) / STARTUP_PROBE_AGE_DIVISOR)
+                .clamp(fast, settings.interval)
         };
         last + interval
+    }
+
+    /// Whether a probe at `now` also checks liveness: always during the initial delay (its
+    /// failures do not count then), afterwards once a probe interval, whatever the readiness
+    /// cadence, so failures count at the configured pace.
+    fn liveness_due(&self, settings: &ProbeSettings, now: Instant) -> bool {
+        now < self.since + settings.initial_delay
+            || self.last_live.is_none_or(|l| now >= l + settings.interval)
     }
 }
 
 struct Reporter {
     /// Last stats per container id.
     stats: HashMap<String, ContainerStats>,
+    /// Last Gateway figures per replica (see [`crate::gateway`]).
+    gateway: HashMap<ReplicaKey, pb::GatewayMetrics>,
     figures: HostFigures,
     /// What the last report said about the replicas and the engine.
     last_sent: Option<Signature>,
+    /// What the last reports said about the state volumes.
+    volumes: VolumeReporter,
 }
 
 /// The parts of a report whose change warrants an immediate report.

@@ -1108,7 +1108,7 @@ async fn a_hand_edited_config_file_is_rewritten_and_the_container_replaced() {
         Some(a.content_hash.as_str())
     );
 
-    let events = r.events().pending();
+    let events = crate::events::notable(r.events().pending());
     assert_eq!(events.len(), 1, "{events:?}");
     let e = &events[0];
     assert_eq!(e.reason, "ConfigDriftRepaired");
@@ -1128,7 +1128,11 @@ async fn a_hand_edited_config_file_is_rewritten_and_the_container_replaced() {
     let status = &r.statuses(desired, &p.observed, &BTreeMap::new(), t0 + secs(15))[0];
     assert_eq!(status.observed_content_hash, a.content_hash);
     assert_eq!(status.container_id.as_ref(), Some(&now_running[0].id));
-    assert_eq!(r.events().pending().len(), 1, "one event per repair");
+    assert_eq!(
+        crate::events::notable(r.events().pending()).len(),
+        1,
+        "one event per repair"
+    );
 }
 
 #[tokio::test]
@@ -1157,7 +1161,7 @@ async fn a_container_whose_environment_differs_is_replaced() {
     assert_ne!(now_running[0].id, old.id);
     let env = now_running[0].env.clone().unwrap();
     assert_eq!(env.get("ANTHROPIC_API_KEY"), Some("sk-secret"));
-    let events = r.events().pending();
+    let events = crate::events::notable(r.events().pending());
     assert!(
         events[0]
             .message
@@ -1194,7 +1198,7 @@ async fn a_container_whose_environment_differs_is_replaced() {
     );
     let p = pass(&r, desired, t0 + secs(35)).await;
     assert!(p.outcomes.is_empty(), "{:?}", p.outcomes);
-    assert_eq!(r.events().pending().len(), 2);
+    assert_eq!(crate::events::notable(r.events().pending()).len(), 2);
 }
 
 #[tokio::test]
@@ -1221,7 +1225,7 @@ async fn a_missing_config_file_is_rewritten() {
     );
     assert_eq!(std::fs::read_to_string(&config).unwrap(), a.config_json);
     assert!(
-        r.events().pending()[0]
+        crate::events::notable(r.events().pending())[0]
             .message
             .contains("config file on the host was missing")
     );
@@ -1262,7 +1266,10 @@ async fn a_failed_repair_is_retried_after_the_back_off_and_reported() {
         status.message,
         "repairing config drift (config file): ImagePullFailed: registry down; retrying in 10s"
     );
-    assert!(r.events().pending().is_empty(), "not repaired yet");
+    assert!(
+        crate::events::notable(r.events().pending()).is_empty(),
+        "not repaired yet"
+    );
 
     // Within the back-off nothing is tried; after it, the replica is created again.
     let p = pass(&r, desired, t0 + secs(10)).await;
@@ -1284,7 +1291,7 @@ async fn a_failed_repair_is_retried_after_the_back_off_and_reported() {
         std::fs::read_to_string(r.config_file(&a.key())).unwrap(),
         a.config_json
     );
-    let events = r.events().pending();
+    let events = crate::events::notable(r.events().pending());
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0].reason, "ConfigDriftRepaired");
 }
@@ -1806,7 +1813,10 @@ fn downloads(fake: &FakeRuntime) -> usize {
 }
 
 fn reasons(r: &Reconciler) -> Vec<String> {
-    r.events().pending().into_iter().map(|e| e.reason).collect()
+    crate::events::notable(r.events().pending())
+        .into_iter()
+        .map(|e| e.reason)
+        .collect()
 }
 
 const V1: &str = "example/openclaw:2026.7.1";
@@ -2057,4 +2067,67 @@ async fn a_failed_restore_is_tried_again_and_never_starts_on_the_empty_volume() 
     assert!(fake.containers()[0].status.is_running());
     let snaps = SnapshotDir::new(r.config_file(&a.key()).parent().unwrap());
     assert!(snaps.pending_restore().is_none());
+}
+
+#[test]
+fn a_restart_says_why_with_the_exit_code() {
+    let key = ReplicaKey::new("acme", "helpdesk", "bot-0");
+    let oom = restart_events(
+        &key,
+        &RestartReason::NotRunning(ContainerStatus::Exited {
+            code: 137,
+            oom_killed: true,
+        }),
+    );
+    let reasons: Vec<&str> = oom.iter().map(|e| e.reason.as_str()).collect();
+    assert_eq!(reasons, ["OOMKilled", "ContainerRestarted"]);
+    assert!(oom.iter().all(|e| e.warning && e.exit_code == Some(137)));
+    assert_eq!(oom[0].instance, "bot");
+    let probe = restart_events(&key, &RestartReason::LivenessFailed("timeout".into()));
+    assert_eq!(probe[0].reason, "ProbeFailed");
+    assert!(probe[0].message.contains("timeout"));
+    let exited = restart_events(
+        &key,
+        &RestartReason::NotRunning(ContainerStatus::Exited {
+            code: 1,
+            oom_killed: false,
+        }),
+    );
+    assert_eq!(exited.len(), 1);
+    assert_eq!(exited[0].to_proto().exit_code, Some(1));
+    assert_eq!(exited[0].to_proto().r#type, "Warning");
+}
+
+#[test]
+fn only_unclaimed_volumes_of_this_agent_go_on_request() {
+    let running = Assignment::test("bot-0");
+    let kept = Assignment::test("bot-1");
+    let orphan = Assignment::test("bot-2");
+    let observed: Vec<ObservedVolume> = [&running, &kept, &orphan]
+        .iter()
+        .map(|a| volume(a, &me()))
+        .collect();
+    let names: Vec<String> = observed.iter().map(|v| v.name.clone()).collect();
+    let retained = vec![RetainedVolume {
+        tenant: kept.tenant.clone(),
+        project: kept.project.clone(),
+        instance: kept.instance.clone(),
+        replica: kept.replica.clone(),
+        instance_uid: kept.instance_uid.clone(),
+    }];
+    let asked = vec![
+        names[0].clone(),
+        names[1].clone(),
+        names[2].clone(),
+        "someone-elses".to_string(),
+    ];
+    let (go, stay) =
+        volumes_to_delete(&asked, &observed, std::slice::from_ref(&running), &retained);
+    assert_eq!(go, vec![(orphan.key(), names[2].clone())]);
+    let stay: Vec<&str> = stay.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(stay.len(), 3, "{stay:?}");
+    assert!(stay.contains(&names[0].as_str()) && stay.contains(&names[1].as_str()));
+    assert!(stay.contains(&"someone-elses"));
+    // Nothing asked, nothing goes.
+    assert!(volumes_to_delete(&[], &observed, &[], &[]).0.is_empty());
 }

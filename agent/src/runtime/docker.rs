@@ -20,9 +20,9 @@ use bollard::query_parameters::{
 use futures::StreamExt;
 
 use super::{
-    ContainerEnv, ContainerRuntime, ContainerSpec, ContainerStatus, NetworkSpec, ObservedContainer,
-    ObservedNetwork, ObservedVolume, RuntimeError, RuntimeInfo, VolumeSpec, labels,
-    spec::GATEWAY_PORT,
+    ContainerEnv, ContainerRuntime, ContainerSpec, ContainerStatus, LogOptions, LogStream,
+    NetworkSpec, ObservedContainer, ObservedNetwork, ObservedVolume, RuntimeError, RuntimeInfo,
+    VolumeSpec, labels, spec::GATEWAY_PORT,
 };
 use crate::model::ContainerStats;
 
@@ -145,7 +145,10 @@ fn map_error(operation: &'static str, err: BollardError) -> RuntimeError {
         } => match status_code {
             404 => RuntimeError::NotFound(message),
             409 => RuntimeError::Conflict(message),
-            _ => RuntimeError::Engine { operation, message },
+            _ => RuntimeError::Engine {
+                operation,
+                message: with_hint(message),
+            },
         },
         BollardError::SocketNotFoundError(path) => {
             RuntimeError::Unavailable(format!("socket {path} not found"))
@@ -159,6 +162,42 @@ fn map_error(operation: &'static str, err: BollardError) -> RuntimeError {
             message: other.to_string(),
         },
     }
+}
+
+/// Adds what to do to the engine refusals whose cause is the engine's set-up, not the request.
+fn with_hint(message: String) -> String {
+    let hint = if message.contains("container-init binary not found")
+        || message.contains("init binary")
+    {
+        // Replicas run with `HostConfig.Init`; Podman needs catatonit (or `init_path`) for it.
+        Some(
+            "the engine has no init binary for containers run with an init process: install catatonit (Podman looks for /usr/libexec/podman/catatonit) or set `init_path` in the [containers] section of containers.conf",
+        )
+    } else if message.contains("setrlimit") || message.contains("RLIMIT_") {
+        Some(
+            "the engine may not raise resource limits here (no CAP_SYS_RESOURCE): for Podman set `default_ulimits = []` in the [containers] section of /etc/containers/containers.conf",
+        )
+    } else {
+        None
+    };
+    match hint {
+        Some(hint) => format!("{message} ({hint})"),
+        None => message,
+    }
+}
+
+/// How often a container list that names a state the Docker API does not know is asked for
+/// again, and how long apart.
+const LIST_RETRIES: u32 = 10;
+const LIST_RETRY_DELAY: Duration = Duration::from_millis(300);
+
+/// A response the client could not read because it names a state outside the Docker API's
+/// (Podman's transient `stopped`).
+fn is_unknown_state(err: &BollardError) -> bool {
+    matches!(
+        err,
+        BollardError::JsonSerdeError { .. } | BollardError::JsonDataError { .. }
+    ) && err.to_string().contains("unknown variant")
 }
 
 fn is_port_conflict(message: &str) -> bool {
@@ -204,7 +243,10 @@ fn observed_from_inspect(c: ContainerInspectResponse) -> ObservedContainer {
             .unwrap_or_default()
             .trim_start_matches('/')
             .to_owned(),
-        image: config.image.unwrap_or_default(),
+        image: container_image(
+            config.labels.as_ref().and_then(|l| l.get(labels::IMAGE)),
+            config.image.unwrap_or_default(),
+        ),
         labels: config.labels.unwrap_or_default().into_iter().collect(),
         status,
         started_at: state.started_at.filter(|s| !s.starts_with("0001-")),
@@ -214,6 +256,19 @@ fn observed_from_inspect(c: ContainerInspectResponse) -> ObservedContainer {
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or_default(),
         env: Some(ContainerEnv::new(config.env.unwrap_or_default())),
+    }
+}
+
+/// The image a container runs, spelled as it was assigned: the agent's image label when the
+/// container has one, else the engine's reference without the prefixes an engine adds to a
+/// short name (Podman's `localhost/` for a local image).
+fn container_image(label: Option<&String>, reported: String) -> String {
+    if let Some(image) = label.filter(|l| !l.is_empty()) {
+        return image.clone();
+    }
+    match reported.strip_prefix("localhost/") {
+        Some(short) => short.to_owned(),
+        None => reported,
     }
 }
 
@@ -404,11 +459,19 @@ impl ContainerRuntime for DockerRuntime {
             .all(true)
             .filters(&label_filter(host_id, &[]))
             .build();
-        let summaries = self
-            .docker
-            .list_containers(Some(options))
-            .await
-            .map_err(|err| map_error("list containers", err))?;
+        // Podman 4 lists a container it is stopping in the state `stopped`, which the Docker API
+        // does not know (it becomes `exited` a moment later): such a list is asked for again.
+        let mut attempt = 0;
+        let summaries = loop {
+            match self.docker.list_containers(Some(options.clone())).await {
+                Ok(found) => break found,
+                Err(err) if attempt < LIST_RETRIES && is_unknown_state(&err) => {
+                    attempt += 1;
+                    tokio::time::sleep(LIST_RETRY_DELAY).await;
+                }
+                Err(err) => return Err(map_error("list containers", err)),
+            }
+        };
         let ids: Vec<String> = summaries.into_iter().filter_map(|s| s.id).collect();
         let inspected = futures::future::join_all(ids.iter().map(|id| self.inspect(id))).await;
         let mut out = Vec::with_capacity(ids.len());
@@ -716,6 +779,32 @@ impl ContainerRuntime for DockerRuntime {
             }),
         }
     }
+
+    async fn container_logs(
+        &self,
+        id: &str,
+        options: &LogOptions,
+    ) -> Result<LogStream, RuntimeError> {
+        let query = bollard::query_parameters::LogsOptions {
+            follow: options.follow,
+            stdout: true,
+            stderr: true,
+            since: i32::try_from(options.since_unix).unwrap_or(i32::MAX),
+            until: 0,
+            timestamps: options.timestamps,
+            tail: options
+                .tail
+                .map_or_else(|| "all".to_owned(), |n| n.to_string()),
+        };
+        Ok(self
+            .docker
+            .logs(id, Some(query))
+            .map(|item| {
+                item.map(|out| out.into_bytes().to_vec())
+                    .map_err(|e| map_error("container logs", e))
+            })
+            .boxed())
+    }
 }
 
 #[cfg(test)]
@@ -782,6 +871,41 @@ mod tests {
         assert_eq!(stats.memory_limit_bytes, 4000);
         assert_eq!((stats.net_rx_bytes, stats.net_tx_bytes), (5, 7));
         assert_eq!((stats.block_read_bytes, stats.block_write_bytes), (11, 13));
+    }
+
+    #[test]
+    fn images_are_spelled_as_assigned() {
+        let label = "clusterclaw-test/openclaw-standin:2026.1.1".to_owned();
+        assert_eq!(
+            container_image(Some(&label), "localhost/other:1".into()),
+            label
+        );
+        assert_eq!(
+            container_image(
+                None,
+                "localhost/clusterclaw-test/openclaw-standin:2026.1.1".into()
+            ),
+            label
+        );
+        assert_eq!(
+            container_image(None, "docker.io/library/busybox:1".into()),
+            "docker.io/library/busybox:1"
+        );
+        assert_eq!(
+            container_image(None, "ghcr.io/openclaw/openclaw:2026.7.1".into()),
+            "ghcr.io/openclaw/openclaw:2026.7.1"
+        );
+    }
+
+    #[test]
+    fn engine_set_up_errors_say_what_to_do() {
+        let init = with_hint(
+            "container create: container-init binary not found on the host: stat /usr/libexec/podman/catatonit: no such file or directory".into(),
+        );
+        assert!(init.contains("install catatonit"), "{init}");
+        let limits = with_hint("crun: setrlimit `RLIMIT_NOFILE`: Operation not permitted".into());
+        assert!(limits.contains("default_ulimits = []"), "{limits}");
+        assert_eq!(with_hint("no such image".into()), "no such image");
     }
 
     #[test]

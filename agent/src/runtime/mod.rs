@@ -45,6 +45,11 @@ pub mod labels {
     /// Seconds a stop of the container waits after SIGTERM (its replica's grace period when it
     /// was created); read to stop it once its replica is no longer assigned.
     pub const STOP_GRACE: &str = "io.clusterclaw.stop-grace";
+    /// The placement epoch the container was created under (absent for epoch 0).
+    pub const EPOCH: &str = "io.clusterclaw.epoch";
+    /// The image reference the container was created from, as assigned. Engines may report
+    /// another spelling of it (Podman qualifies a local `repo:tag` as `localhost/repo:tag`).
+    pub const IMAGE: &str = "io.clusterclaw.image";
 }
 
 /// Reads the managed labels of a container, volume or network.
@@ -153,6 +158,11 @@ impl ObservedContainer {
     /// The config revision it runs, from its label (`None` when the label is absent or bad).
     pub fn config_revision(&self) -> Option<u64> {
         self.label(labels::CONFIG_REVISION)?.parse().ok()
+    }
+
+    /// The placement epoch it was created under (its label), `None` when absent or bad.
+    pub fn epoch(&self) -> Option<u64> {
+        self.label(labels::EPOCH)?.parse().ok()
     }
 
     /// The grace period it was created with (its label), `None` when absent or bad.
@@ -337,6 +347,23 @@ pub struct NetworkSpec {
     pub labels: BTreeMap<String, String>,
 }
 
+/// What to read of a container's output.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogOptions {
+    /// Keep streaming what it writes next, until the container stops.
+    pub follow: bool,
+    /// Lines from the end to start with; `None` for all of them.
+    pub tail: Option<u64>,
+    /// Only output since this time (Unix seconds); 0 for all of it.
+    pub since_unix: i64,
+    /// Start each line with the engine's RFC 3339 timestamp.
+    pub timestamps: bool,
+}
+
+/// A container's output (stdout and stderr as the engine interleaves them), in pieces that
+/// need not end on line boundaries.
+pub type LogStream = futures::stream::BoxStream<'static, Result<Vec<u8>, RuntimeError>>;
+
 /// What the engine says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeInfo {
@@ -435,4 +462,17 @@ pub trait ContainerRuntime: Send + Sync + 'static {
 
     /// One sample of a running container's resource use.
     async fn container_stats(&self, id: &str) -> Result<ContainerStats, RuntimeError>;
+
+    /// The container's output (stdout and stderr). Engines that cannot read it say so.
+    async fn container_logs(
+        &self,
+        id: &str,
+        options: &LogOptions,
+    ) -> Result<LogStream, RuntimeError> {
+        let _ = (id, options);
+        Err(RuntimeError::Engine {
+            operation: "container logs",
+            message: "this container engine cannot read container output".to_owned(),
+        })
+    }
 }

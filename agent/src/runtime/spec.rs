@@ -98,6 +98,9 @@ pub fn container_labels(owner: &Owner, a: &Assignment) -> BTreeMap<String, Strin
         a.config_revision.to_string(),
     );
     out.insert(labels::CONTENT_HASH.into(), a.content_hash.clone());
+    if a.epoch > 0 {
+        out.insert(labels::EPOCH.into(), a.epoch.to_string());
+    }
     out
 }
 
@@ -206,9 +209,16 @@ pub fn container_spec(
         labels: {
             let mut labels = container_labels(owner, a);
             labels.insert(labels::STOP_GRACE.into(), stop_grace.as_secs().to_string());
+            labels.insert(labels::IMAGE.into(), a.image.clone());
             labels
         },
-        env: container_env(a),
+        env: {
+            let mut env = container_env(a);
+            if let Some(token) = crate::gateway::injected_token(a) {
+                env.insert(crate::gateway::TOKEN_VAR.into(), token);
+            }
+            env
+        },
         user: CONTAINER_USER.into(),
         read_only_rootfs: true,
         cap_drop: vec!["ALL".into()],
@@ -287,6 +297,27 @@ mod tests {
         assert_eq!(spec.env["OPENCLAW_CONFIG_PATH"], CONFIG_PATH);
         assert_eq!(spec.env["OPENCLAW_CONFIG_READONLY"], "1");
         assert_eq!(spec.env["ANTHROPIC_API_KEY"], "sk-secret");
+        assert!(
+            !spec.env.contains_key(crate::gateway::TOKEN_VAR),
+            "no token without the Gateway figures"
+        );
+        a.config_json = r#"{"diagnostics":{"enabled":true},"plugins":{"entries":{"diagnostics-prometheus":{"enabled":true}}}}"#.into();
+        let with = container_spec(
+            &owner,
+            &a,
+            &Placement {
+                config_file: Path::new("/var/lib/x/openclaw.json"),
+                volume: "vol",
+                network: "net",
+            },
+            19100,
+            DEFAULT_STOP_GRACE,
+        );
+        assert_eq!(
+            with.env.get(crate::gateway::TOKEN_VAR),
+            crate::gateway::scrape_token(&a).as_ref(),
+            "the container gets the token the agent scrapes with"
+        );
         assert_eq!(spec.volumes[0].target, STATE_DIR);
         assert!(spec.binds[0].read_only);
         let publish = spec.publish.expect("published");

@@ -34,6 +34,7 @@ impl ScriptedControl {
             changed: true,
             assignments: assignments.iter().map(wire).collect(),
             retained_volumes: Vec::new(),
+            delete_volumes: Vec::new(),
         });
     }
 
@@ -75,6 +76,7 @@ impl ControlPlane for ScriptedControl {
                     changed: false,
                     assignments: Vec::new(),
                     retained_volumes: Vec::new(),
+                    delete_volumes: Vec::new(),
                 })
             }
         }
@@ -125,6 +127,7 @@ fn wire(a: &Assignment) -> pb::Assignment {
         config_revision: a.config_revision,
         content_hash: a.content_hash.clone(),
         termination_grace_seconds: a.termination_grace_seconds,
+        ..Default::default()
     }
 }
 
@@ -203,6 +206,15 @@ impl Harness {
             .reports()
             .into_iter()
             .flat_map(|r| r.events)
+            .filter(|e| {
+                ![
+                    crate::events::CONTAINER_STARTED,
+                    crate::events::CONTAINER_RESTARTED,
+                    crate::events::OOM_KILLED,
+                    crate::events::PROBE_FAILED,
+                ]
+                .contains(&e.reason.as_str())
+            })
             .collect()
     }
 
@@ -451,7 +463,15 @@ async fn a_drifted_replica_is_repaired_and_the_event_reported() {
     let now_running = h.running();
     assert_eq!(now_running.len(), 1);
     assert_ne!(now_running[0].id, old);
-    assert!(h.reconciler().events().pending().is_empty());
+    assert!(
+        h.reconciler()
+            .events()
+            .pending()
+            .into_iter()
+            .filter(|e| !crate::events::notable(vec![e.clone()]).is_empty())
+            .count()
+            == 0
+    );
 
     // The report names the new container, measured in sync; the event is not sent again.
     let new_id = now_running[0].id.clone();
@@ -483,14 +503,30 @@ async fn events_wait_for_a_report_that_is_sent() {
     // Reports fail to go out: the event stays queued.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(h.control.reports().is_empty());
-    assert_eq!(h.reconciler().events().pending().len(), 1);
+    assert_eq!(
+        h.reconciler()
+            .events()
+            .pending()
+            .into_iter()
+            .filter(|e| !crate::events::notable(vec![e.clone()]).is_empty())
+            .count(),
+        1
+    );
 
     h.control.set_down(false);
     wait_until("the event reaches the control plane", || {
         !h.events_received().is_empty()
     })
     .await;
-    assert!(h.reconciler().events().pending().is_empty());
+    assert!(
+        h.reconciler()
+            .events()
+            .pending()
+            .into_iter()
+            .filter(|e| !crate::events::notable(vec![e.clone()]).is_empty())
+            .count()
+            == 0
+    );
     // Later reports do not carry it again.
     let sent = h.control.reports().len();
     wait_until("more reports", || h.control.reports().len() >= sent + 2).await;
@@ -555,12 +591,7 @@ fn startup_probes_are_frequent_until_ready() {
         initial_delay: Duration::from_secs(15),
     };
     let t0 = Instant::now();
-    let mut s = RunSchedule {
-        run: ("c".into(), None),
-        since: t0,
-        last: None,
-        ready_seen: false,
-    };
+    let mut s = RunSchedule::new(("c".into(), None), t0);
     assert_eq!(s.next_due(&settings), t0, "a new run is probed at once");
     s.last = Some(t0 + Duration::from_secs(1));
     assert_eq!(
@@ -569,10 +600,48 @@ fn startup_probes_are_frequent_until_ready() {
     );
     s.ready_seen = true;
     assert_eq!(s.next_due(&settings), t0 + Duration::from_secs(11));
-    // A replica that never turns ready falls back to the normal interval after the initial delay.
+    // Past the initial delay, a replica not ready yet is probed every tenth of its age...
     s.ready_seen = false;
     s.last = Some(t0 + Duration::from_secs(16));
-    assert_eq!(s.next_due(&settings), t0 + Duration::from_secs(26));
+    assert_eq!(
+        s.next_due(&settings),
+        t0 + Duration::from_millis(17_600),
+        "16 s into its run: every 1.6 s"
+    );
+    // ... and never less often than the probe interval.
+    s.last = Some(t0 + Duration::from_secs(300));
+    assert_eq!(s.next_due(&settings), t0 + Duration::from_secs(310));
+    // Short initial delays: right past it, still about every STARTUP_PROBE_INTERVAL.
+    let fast = ProbeSettings {
+        interval: Duration::from_secs(1),
+        initial_delay: Duration::from_secs(1),
+        ..settings
+    };
+    s.last = Some(t0 + Duration::from_millis(1_100));
+    assert_eq!(s.next_due(&fast), t0 + Duration::from_millis(1_210));
+    s.last = Some(t0 + Duration::from_millis(500));
+    assert_eq!(s.next_due(&fast), t0 + Duration::from_millis(600));
+}
+
+#[test]
+fn liveness_keeps_its_interval_while_readiness_is_probed_often() {
+    let settings = ProbeSettings {
+        interval: Duration::from_secs(10),
+        timeout: Duration::from_secs(1),
+        failure_threshold: 3,
+        initial_delay: Duration::from_secs(15),
+    };
+    let t0 = Instant::now();
+    let mut s = RunSchedule::new(("c".into(), None), t0);
+    // During the initial delay every probe checks liveness too (failures do not count then).
+    s.last_live = Some(t0 + Duration::from_secs(14));
+    assert!(s.liveness_due(&settings, t0 + Duration::from_millis(14_100)));
+    // Past it, once a probe interval.
+    s.last_live = Some(t0 + Duration::from_secs(16));
+    assert!(!s.liveness_due(&settings, t0 + Duration::from_secs(18)));
+    assert!(s.liveness_due(&settings, t0 + Duration::from_secs(26)));
+    s.last_live = None;
+    assert!(s.liveness_due(&settings, t0 + Duration::from_secs(20)));
 }
 
 #[test]
@@ -680,6 +749,7 @@ async fn retained_volumes_from_the_server_are_kept_and_saved() {
             replica: kept.replica.clone(),
             instance_uid: kept.instance_uid.clone(),
         }],
+        delete_volumes: Vec::new(),
     });
     h.start();
     let gone_name = spec::volume_name(&owner, &gone.key());
