@@ -45,6 +45,7 @@
 //! with the last line the SIEM received (every JSON line carries `seq` and `hash`).
 
 mod chain;
+pub mod row;
 mod sqlite;
 mod writer;
 
@@ -61,7 +62,7 @@ pub use chain::{
     CHAIN_VERSION, ChainBreak, ChainProblem, ChainVerifier, GENESIS_HASH, record_hash, verify_chain,
 };
 pub use sqlite::{MIGRATION, verify_database};
-pub(crate) use sqlite::{append_audit_tx, list_audit_in, verify_audit_in};
+pub(crate) use sqlite::{head_in, insert_in, list_audit_in, set_written_in, verify_audit_in};
 pub use writer::{AuditConfig, AuditError, AuditSink, AuditSlot, AuditWriter};
 
 /// Well-known actions. Any lower-case word, or words joined by `.`, `-` or `_`, is accepted.

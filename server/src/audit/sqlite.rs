@@ -5,11 +5,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, params};
 
-use super::{
-    AuditEntry, AuditFilter, AuditObject, AuditOutcome, AuditPrincipal, AuditRecord, AuditResult,
-    AuditVerification, CHAIN_VERSION, ChainBreak, ChainProblem, ChainVerifier, GENESIS_HASH,
-    record_hash,
-};
+use super::{AuditFilter, AuditRecord, AuditVerification, ChainBreak, ChainProblem, ChainVerifier};
 use crate::store::StoreError;
 
 /// The schema of the audit log, one migration of the store. Released: never change it; add a
@@ -59,52 +55,33 @@ fn written_in(conn: &Connection) -> Result<u64, StoreError> {
     Ok(n.and_then(|n| u64::try_from(n).ok()).unwrap_or(0))
 }
 
-/// Appends `entries`, in order, inside the caller's transaction (so that an entry can commit
-/// together with the change it records). Every entry is normalised first
-/// ([`AuditEntry::normalize`]); if any is invalid nothing is written and every problem is
-/// returned, by `entries[i].field`.
-pub(crate) fn append_audit_tx(
-    tx: &Transaction<'_>,
-    entries: &[AuditEntry],
-) -> Result<Vec<AuditRecord>, StoreError> {
-    let mut normalized = Vec::with_capacity(entries.len());
-    let mut problems = Vec::new();
-    for (i, e) in entries.iter().enumerate() {
-        match e.normalize() {
-            Ok(e) => normalized.push(e),
-            Err(p) => problems.extend(p.into_iter().map(|p| p.under(&format!("entries[{i}]")))),
-        }
-    }
-    if !problems.is_empty() {
-        return Err(StoreError::Invalid(problems));
-    }
-    if normalized.is_empty() {
-        return Ok(Vec::new());
-    }
+/// The end of the log inside the caller's transaction: the last record's `seq` and hash, and
+/// how many records were written ([`crate::store::backend::Tx::audit_head`]).
+pub(crate) fn head_in(tx: &Transaction<'_>) -> Result<(u64, Option<String>, u64), StoreError> {
     let last: Option<(i64, String)> = tx
         .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
-    let (last_seq, mut prev) = match last {
-        Some((seq, hash)) => (u64::try_from(seq).unwrap_or(0), hash),
-        None => (0, GENESIS_HASH.to_string()),
-    };
-    // After rows were cut off the end, numbering goes on from the count written, so the gap
-    // stays visible.
-    let mut seq = last_seq.max(written_in(tx)?);
+    let written = written_in(tx)?;
+    Ok(match last {
+        Some((seq, hash)) => (u64::try_from(seq).unwrap_or(0), Some(hash), written),
+        None => (0, None, written),
+    })
+}
+
+/// Inserts records chained by [`crate::store::rules::append_audit`], inside the caller's
+/// transaction.
+pub(crate) fn insert_in(tx: &Transaction<'_>, records: &[AuditRecord]) -> Result<(), StoreError> {
     let mut stmt = tx.prepare_cached(&format!(
         "INSERT INTO audit ({COLUMNS}) VALUES \
          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
     ))?;
-    let mut out = Vec::with_capacity(normalized.len());
-    for entry in normalized {
-        seq += 1;
-        let hash = record_hash(CHAIN_VERSION, &prev, seq, &entry)
-            .ok_or_else(|| StoreError::Backend("the audit chain version is unknown".into()))?;
+    for r in records {
+        let entry = &r.entry;
         let o = entry.object.as_ref();
         stmt.execute(params![
-            seq as i64,
-            CHAIN_VERSION,
+            r.seq as i64,
+            r.chain_version,
             entry.time,
             entry.principal.id,
             entry.principal.name,
@@ -121,74 +98,44 @@ pub(crate) fn append_audit_tx(
             entry.source,
             entry.generation_before,
             entry.generation_after,
-            prev,
-            hash,
+            r.prev_hash,
+            r.hash,
         ])?;
-        out.push(AuditRecord {
-            seq,
-            entry,
-            chain_version: CHAIN_VERSION,
-            prev_hash: std::mem::replace(&mut prev, hash.clone()),
-            hash,
-        });
     }
+    Ok(())
+}
+
+/// Records how many records the log has written, inside the caller's transaction.
+pub(crate) fn set_written_in(tx: &Transaction<'_>, written: u64) -> Result<(), StoreError> {
     tx.prepare_cached(
         "INSERT INTO meta (key, value) VALUES ('audit_written', ?1)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     )?
-    .execute([seq as i64])?;
-    Ok(out)
+    .execute([written as i64])?;
+    Ok(())
+}
+
+/// A SQLite audit row, read through the one decoder ([`super::row::decode`]).
+struct SqliteColumns<'a, 'r>(&'a Row<'r>);
+
+impl super::row::AuditColumns for SqliteColumns<'_, '_> {
+    fn int(&self, i: usize, name: &str) -> Result<i64, String> {
+        self.0.get(i).map_err(|e| format!("column {name}: {e}"))
+    }
+    fn opt_int(&self, i: usize, name: &str) -> Result<Option<i64>, String> {
+        self.0.get(i).map_err(|e| format!("column {name}: {e}"))
+    }
+    fn text(&self, i: usize, name: &str) -> Result<String, String> {
+        self.0.get(i).map_err(|e| format!("column {name}: {e}"))
+    }
+    fn opt_text(&self, i: usize, name: &str) -> Result<Option<String>, String> {
+        self.0.get(i).map_err(|e| format!("column {name}: {e}"))
+    }
 }
 
 /// A row as a record, or why it cannot be one.
 fn decode(r: &Row<'_>) -> Result<AuditRecord, String> {
-    fn col<T: rusqlite::types::FromSql>(r: &Row<'_>, i: usize, name: &str) -> Result<T, String> {
-        r.get(i).map_err(|e| format!("column {name}: {e}"))
-    }
-    let seq: i64 = col(r, 0, "seq")?;
-    let version: i64 = col(r, 1, "chain_version")?;
-    let kind: Option<String> = col(r, 7, "object_kind")?;
-    let name: Option<String> = col(r, 10, "object_name")?;
-    let object = match (kind, name) {
-        (Some(kind), Some(name)) => Some(AuditObject {
-            kind,
-            tenant: col(r, 8, "object_tenant")?,
-            project: col(r, 9, "object_project")?,
-            name,
-        }),
-        (None, None) => None,
-        _ => return Err("object_kind and object_name must be both set or both empty".into()),
-    };
-    let outcome: String = col(r, 11, "outcome")?;
-    let status: i64 = col(r, 12, "status")?;
-    Ok(AuditRecord {
-        seq: u64::try_from(seq).map_err(|_| format!("seq {seq} is negative"))?,
-        entry: AuditEntry {
-            time: col(r, 2, "time")?,
-            principal: AuditPrincipal {
-                id: col(r, 3, "principal_id")?,
-                name: col(r, 4, "principal_name")?,
-            },
-            tenant: col(r, 5, "tenant")?,
-            action: col(r, 6, "action")?,
-            object,
-            result: AuditResult {
-                outcome: AuditOutcome::parse(&outcome)
-                    .ok_or_else(|| format!("outcome {outcome:?} is not ok, denied or error"))?,
-                status: u16::try_from(status)
-                    .map_err(|_| format!("status {status} is not an HTTP status"))?,
-                reason: col(r, 13, "reason")?,
-            },
-            request_id: col(r, 14, "request_id")?,
-            source: col(r, 15, "source")?,
-            generation_before: col(r, 16, "generation_before")?,
-            generation_after: col(r, 17, "generation_after")?,
-        },
-        chain_version: u32::try_from(version)
-            .map_err(|_| format!("chain version {version} is out of range"))?,
-        prev_hash: col(r, 18, "prev_hash")?,
-        hash: col(r, 19, "hash")?,
-    })
+    super::row::decode(&SqliteColumns(r))
 }
 
 /// The records `filter` selects, oldest first.
@@ -312,7 +259,7 @@ pub fn verify_database(path: &Path) -> Result<AuditVerification, StoreError> {
 mod tests {
     use super::*;
     use crate::audit::fixtures::entry;
-    use crate::audit::{AuditFilter, verify_chain};
+    use crate::audit::{AuditFilter, AuditResult, GENESIS_HASH, verify_chain};
     use crate::store::Store;
     use crate::store::sqlite::SqliteStore;
 

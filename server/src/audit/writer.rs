@@ -136,7 +136,7 @@ impl AuditSlot {
         Ok(())
     }
 
-    /// Copies records already stored (by [`crate::audit::append_audit_tx`] inside a change's
+    /// Copies records already stored (by [`crate::store::rules::append_audit`] inside a change's
     /// own transaction) to the sink.
     pub fn publish(self, records: Vec<AuditRecord>) {
         self.permit.send(Msg::Publish(records));

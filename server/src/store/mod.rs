@@ -1,13 +1,20 @@
 //! Persistence of objects and tokens behind the [`Store`] trait; SQLite is the embedded default.
 
 mod admission;
+pub mod backend;
+#[cfg(test)]
+mod conformance;
+pub mod feed;
+pub mod postgres;
 #[cfg(test)]
 mod revision_tests;
 pub mod revisions;
+pub mod rules;
 mod scope;
 pub mod sqlite;
 #[cfg(test)]
 pub mod testing;
+pub mod volumes;
 pub mod waves;
 
 use std::collections::BTreeMap;
@@ -19,6 +26,7 @@ use crate::audit::{AuditEntry, AuditFilter, AuditRecord, AuditVerification};
 use crate::model::{FieldProblem, Kind, ObjectKey, Resource};
 
 pub use admission::{Admitted, admit};
+pub use feed::{Change, ChangeType, ChangesSince, Feed};
 pub use revisions::{ChangeNote, RevisionRecord, SealedValue};
 pub use scope::{AuditHook, Scope, Scoped, UsageByTenant};
 
@@ -375,6 +383,23 @@ pub trait Store: Send + Sync + 'static {
     fn index(&self) -> u64;
     /// Receives the index after every committed change.
     fn subscribe(&self) -> watch::Receiver<u64>;
+    /// The index of the last committed write that may change what hosts run: an instance's
+    /// spec, placement, targets or kept volumes, a revision, a secret's value. Writes of
+    /// observed state only (replica and host status) leave it where it was. Never above
+    /// [`Store::index`]; a store that cannot tell answers the index.
+    fn desired_index(&self) -> u64 {
+        self.index()
+    }
+    /// Receives [`Store::desired_index`] after every such write (a store that cannot tell:
+    /// after every write).
+    fn subscribe_desired(&self) -> watch::Receiver<u64> {
+        self.subscribe()
+    }
+    /// Whether the store can be reached now (what `/readyz` reports): an embedded store
+    /// always can.
+    fn check(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     fn get(&self, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError>;
     /// Objects matching the filter, ordered by tenant, project, name.
     fn list(&self, filter: &ListFilter) -> Result<Vec<StoredObject>, StoreError>;
@@ -413,6 +438,15 @@ pub trait Store: Send + Sync + 'static {
             }
         }
         Ok(())
+    }
+    /// Every object of `kind` as (key, uid, resourceVersion), without its body: enough to
+    /// tell which objects changed since an earlier look.
+    fn versions(&self, kind: Kind) -> Result<Vec<(ObjectKey, String, u64)>, StoreError> {
+        Ok(self
+            .list(&ListFilter::all(kind))?
+            .into_iter()
+            .map(|o| (o.key, o.uid, o.resource_version))
+            .collect())
     }
     /// Instance usage of each tenant (or only `tenant`), in total and per project.
     fn usage(&self, tenant: Option<&str>) -> Result<UsageByTenant, StoreError> {
@@ -586,6 +620,123 @@ pub trait Store: Send + Sync + 'static {
     fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     /// Returns false if there is no such token.
     fn revoke_token(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Records when hosts last reported (Unix milliseconds), one upsert each in one
+    /// transaction; an older time never replaces a newer one. Heartbeats live outside the
+    /// objects: they do not move the global index nor wake anything that watches the store.
+    fn record_heartbeats(&self, beats: &[(&str, i64)]) -> Result<(), StoreError> {
+        let _ = beats;
+        Err(StoreError::Backend("this store keeps no heartbeats".into()))
+    }
+    /// When each host last reported (Unix milliseconds), by host name.
+    fn host_heartbeats(&self) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        Ok(std::collections::HashMap::new())
+    }
+    /// Drops a host's heartbeat (when the host is deleted).
+    fn forget_heartbeat(&self, host: &str) -> Result<(), StoreError> {
+        let _ = host;
+        Ok(())
+    }
+    /// Replaces the state volumes `host` reported (the list of a report that carries one;
+    /// `now` is RFC 3339). An unchanged list writes nothing, a changed one moves no index,
+    /// unless a volume whose removal was asked for is gone from it (then the index moves, so
+    /// the assignment book stops asking). Returns whether the list changed.
+    fn record_host_volumes(
+        &self,
+        host: &str,
+        listed: &[volumes::ReportedVolume],
+        now: &str,
+    ) -> Result<bool, StoreError> {
+        let _ = (host, listed, now);
+        Err(StoreError::Backend(
+            "this store keeps no host volumes".into(),
+        ))
+    }
+    /// The state volumes hosts reported (one host's, or every host's), by host and name.
+    fn host_volumes(&self, host: Option<&str>) -> Result<Vec<volumes::HostVolume>, StoreError> {
+        let _ = host;
+        Ok(Vec::new())
+    }
+    /// (host, name) of the volumes whose removal was asked for and that their host still
+    /// reports, by host and name.
+    fn volume_deletions(&self) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(Vec::new())
+    }
+    /// Sets or clears since when volumes are orphaned: (host, name, since). Moves no index.
+    fn mark_orphaned_volumes(
+        &self,
+        marks: &[(String, String, Option<String>)],
+    ) -> Result<(), StoreError> {
+        let _ = marks;
+        Ok(())
+    }
+    /// Records that `host`'s volume `name` is to be removed (the assignment book tells the
+    /// host) and drops what kept it for a deleted instance, moving the index. `reason` says
+    /// who asked. Returns the volume (`None`: the host reports no such volume, nothing
+    /// changed) and the index.
+    fn request_volume_deletion(
+        &self,
+        host: &str,
+        name: &str,
+        reason: &str,
+        now: &str,
+    ) -> Result<(Option<volumes::HostVolume>, u64), StoreError> {
+        let _ = (host, name, reason, now);
+        Err(StoreError::Backend(
+            "this store keeps no host volumes".into(),
+        ))
+    }
+    /// Drops what is kept of a deleted host's volumes.
+    fn forget_host_volumes(&self, host: &str) -> Result<(), StoreError> {
+        let _ = host;
+        Ok(())
+    }
+    /// Queues events to be written by the next [`Store::flush_events`]; never waits for the
+    /// disk. A store that keeps no events drops them.
+    fn record_events(&self, events: Vec<crate::events::Event>) {
+        let _ = events;
+    }
+    /// Writes the queued events in one transaction (folding identical ones into what is
+    /// stored), without touching the global index. Returns how many were written.
+    fn flush_events(&self) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+    /// Deletes events older than the retention allows.
+    fn prune_events(
+        &self,
+        retention: &crate::events::Retention,
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
+        let _ = (retention, now_ms);
+        Ok(0)
+    }
+    /// Stored events matching `filter`, oldest first, with the events' sequence read at.
+    /// Not scoped: callers apply the caller's scope.
+    fn list_events(
+        &self,
+        filter: &crate::events::EventFilter,
+    ) -> Result<(u64, Vec<crate::events::EventRecord>), StoreError> {
+        let _ = filter;
+        Ok((0, Vec::new()))
+    }
+    /// Receives the events' sequence after every flush that wrote some.
+    fn subscribe_events(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
+    /// The changes of `feed` after version `after` (a store index, or an events' sequence
+    /// number), oldest first, at most about `limit`; [`ChangesSince::Gone`] when the log no
+    /// longer reaches back that far. Not scoped.
+    fn changes_since(
+        &self,
+        feed: Feed,
+        after: u64,
+        limit: usize,
+    ) -> Result<ChangesSince, StoreError> {
+        let _ = (feed, after, limit);
+        Err(StoreError::Backend(
+            "this store keeps no change log, so it cannot be watched".into(),
+        ))
+    }
 
     /// Appends entries to the audit log ([`crate::audit`]), in order, in one transaction (one
     /// sync to disk for the batch). An invalid entry is [`StoreError::Invalid`] and nothing is

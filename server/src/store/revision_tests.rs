@@ -241,6 +241,7 @@ fn deleting_with_when_deleted_retain_keeps_the_volumes_listed() {
                         ..Default::default()
                     }];
                     st.retained_volumes = vec![crate::model::RetainedVolume {
+                        reason: None,
                         replica: format!("{name}-1"),
                         ordinal: 1,
                         host: "h2".into(),

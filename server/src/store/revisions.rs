@@ -1098,6 +1098,7 @@ fn adopt_volumes(tx: &Transaction<'_>, i: &mut OpenClawInstance) -> Result<(), S
                 replica: r.get(0)?,
                 ordinal: r.get::<_, i64>(1)? as u32,
                 host: r.get(2)?,
+                reason: None,
                 since: r.get(3)?,
             })
         })?

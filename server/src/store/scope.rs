@@ -392,6 +392,14 @@ impl<'a> Scoped<'a> {
         self.store.revoke_token(id)
     }
 
+    /// When each host last reported; hosts are cluster data, so a tenant's view sees none.
+    pub fn host_heartbeats(&self) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        if self.scope != Scope::Cluster {
+            return Ok(std::collections::HashMap::new());
+        }
+        self.store.host_heartbeats()
+    }
+
     /// The underlying store, for the few reads that are not tenant data (the index, hosts'
     /// reports) and for writes the platform itself makes.
     pub fn cluster_store(&self) -> Option<&'a dyn Store> {

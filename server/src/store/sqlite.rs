@@ -15,16 +15,15 @@ use rusqlite::{
 };
 use tokio::sync::watch;
 
+use super::backend::{Blame, Tx};
 use super::revisions::{self, ChangeNote, RevisionRecord, SealedValue};
+use super::rules::{self, Effect, WriteAudit};
 use super::{
-    DeleteAudit, DeleteSummary, JoinRefusal, ListFilter, Store, StoreError, StoredObject,
-    TokenKind, TokenRecord, Usage, WriteMode, WriteResult, WriteSummary, admit,
+    DeleteAudit, DeleteSummary, ListFilter, Store, StoreError, StoredObject, TokenKind,
+    TokenRecord, Usage, WriteMode, WriteSummary,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord, AuditVerification};
-use crate::model::{
-    FieldProblem, Kind, ObjectKey, Quota, Resource, format_cpu, format_memory, parse_cpu,
-    parse_memory,
-};
+use crate::model::{Kind, ObjectKey, Resource};
 use crate::openclaw::schema::Schema;
 use crate::util::now_rfc3339;
 
@@ -73,6 +72,13 @@ const MIGRATIONS: &[&str] = &[
     // own spec fields; filled in by `revisions::backfill_instance_revisions`), and the
     // volumes kept of deleted instances.
     super::revisions::INSTANCE_REVISIONS_MIGRATION,
+    // 6: when each host last reported (written outside the global index: a heartbeat wakes no
+    // controller). IF NOT EXISTS: a database whose version was set back by hand keeps it.
+    "CREATE TABLE IF NOT EXISTS host_heartbeats (name TEXT PRIMARY KEY, last_seen_ms INTEGER NOT NULL);",
+    // 7: the change log (watches) and events.
+    super::feed::MIGRATION,
+    // 8: the state volumes hosts report (written outside the global index).
+    super::volumes::MIGRATION,
 ];
 
 /// The schema version whose migration added the usage columns.
@@ -91,9 +97,6 @@ const STATEMENT_CACHE: usize = 64;
 const OBJECT_COLUMNS: &str =
     "kind, tenant, project, name, uid, generation, resource_version, labels, body";
 
-/// Makes the audit entries of a write from its results.
-type WriteAudit<'a> = dyn FnMut(&[WriteResult]) -> Vec<AuditEntry> + 'a;
-
 /// The embedded store.
 pub struct SqliteStore {
     path: PathBuf,
@@ -101,6 +104,12 @@ pub struct SqliteStore {
     readers: Mutex<Vec<Connection>>,
     index: AtomicU64,
     notify: watch::Sender<u64>,
+    /// The index of the last write that may change what hosts run ([`Store::desired_index`]).
+    desired: watch::Sender<u64>,
+    /// Events recorded and not yet written.
+    events: Mutex<super::feed::EventQueue>,
+    /// The events' sequence after each flush.
+    events_notify: watch::Sender<u64>,
     /// The schema every effective `openclaw.json` is checked against before it is stored.
     schema: std::sync::RwLock<std::sync::Arc<Schema>>,
 }
@@ -146,12 +155,23 @@ impl SqliteStore {
         migrate(&mut conn, path)?;
         let index = index_in(&conn)?;
         let (notify, _) = watch::channel(index);
+        let (desired, _) = watch::channel(index);
+        let events_seq: i64 = conn
+            .query_row("SELECT value FROM meta WHERE key = 'events_seq'", [], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .unwrap_or(0);
+        let (events_notify, _) = watch::channel(events_seq as u64);
         Ok(SqliteStore {
+            events: Mutex::default(),
+            events_notify,
             path: path.to_path_buf(),
             writer: Mutex::new(conn),
             readers: Mutex::new(Vec::new()),
             index: AtomicU64::new(index),
             notify,
+            desired,
             schema: std::sync::RwLock::new(std::sync::Arc::new(Schema::builtin())),
         })
     }
@@ -212,158 +232,26 @@ impl SqliteStore {
         audit: Option<&mut WriteAudit<'_>>,
     ) -> Result<(WriteSummary, Vec<AuditRecord>), StoreError> {
         let schema = self.schema();
-        let keys: Vec<ObjectKey> = batch.iter().map(|(r, _)| r.key()).collect();
-        let mut seen: HashMap<&ObjectKey, usize> = HashMap::new();
-        let mut dupes = Vec::new();
-        for (i, k) in keys.iter().enumerate() {
-            if let Some(first) = seen.insert(k, i) {
-                dupes.push(FieldProblem::new(
-                    format!("items[{i}]"),
-                    format!("names {k} again (as items[{first}] does)"),
-                ));
-            }
-        }
-        if !dupes.is_empty() {
-            return Err(StoreError::Invalid(dupes));
-        }
-        // Parents before children, otherwise in request order.
-        let mut order: Vec<usize> = (0..batch.len()).collect();
-        order.sort_by_key(|&i| batch[i].0.kind().apply_order());
         let now = now_rfc3339();
-        // The tenants and projects whose usage the batch may change, for the quota check.
-        let mut owners: Vec<ObjectKey> = Vec::new();
-        for k in keys.iter().filter(|k| k.kind == Kind::OpenClawInstance) {
-            for owner in [
-                ObjectKey::cluster(Kind::Tenant, &k.tenant),
-                ObjectKey::project(&k.tenant, &k.project),
-            ] {
-                if !owners.contains(&owner) {
-                    owners.push(owner);
-                }
-            }
-        }
-        let mut records = Vec::new();
-        let (results, index) = self.write_tx(dry_run, |tx, next| {
-            // Usage before the write, of the owners that have a quota (or may get one in
-            // this batch): only those are checked.
-            let mut before = Vec::with_capacity(owners.len());
-            for owner in &owners {
-                let limited = keys.contains(owner) || quota_in(tx, owner)?.is_some();
-                let u = match owner.kind {
-                    _ if !limited => None,
-                    Kind::Project => Some(usage_in(tx, &owner.tenant, Some(&owner.name))?),
-                    _ => Some(usage_in(tx, &owner.name, None)?),
-                };
-                before.push(u);
-            }
-            let mut results: Vec<Option<WriteResult>> = vec![None; batch.len()];
-            let mut changed = false;
-            for &i in &order {
-                let (res, mode) = &batch[i];
-                let key = &keys[i];
-                if let Some(parent) = key.parent()
-                    && !exists_in(tx, &parent)?
-                {
-                    return Err(in_batch(
-                        i,
-                        StoreError::ParentMissing {
-                            key: key.clone(),
-                            parent: Box::new(parent),
-                        },
-                    ));
-                }
-                let existing = get_in(tx, key)?;
-                let previous_generation = existing.as_ref().map(|e| e.generation);
-                // A secret's sealed values go to their own table; the object keeps the
-                // fingerprints, which decide whether anything changed.
-                let mut incoming_secret = None;
-                let res = match res {
-                    Resource::Secret(s) => {
-                        let mut s = s.clone();
-                        let data = std::mem::take(&mut s.spec.data);
-                        incoming_secret = Some(data);
-                        std::borrow::Cow::Owned(Resource::Secret(s))
-                    }
-                    other => std::borrow::Cow::Borrowed(other),
-                };
-                let mut admitted = admit(existing.as_ref(), &res, *mode, next, &now, || {
-                    uuid::Uuid::new_v4().to_string()
-                })
-                .map_err(|e| in_batch(i, e))?;
-                let object = match (admitted.outcome, existing) {
-                    (super::Outcome::Unchanged, Some(existing)) => existing,
-                    _ => {
-                        if let (Resource::Secret(s), Some(data)) =
-                            (&mut admitted.resource, incoming_secret.take())
-                        {
-                            s.spec.data = data;
-                            revisions::store_secret_values(tx, s).map_err(|e| in_batch(i, e))?;
-                        }
-                        check_project_quota(tx, &admitted.resource).map_err(|e| in_batch(i, e))?;
-                        let o = to_stored(&admitted.resource)?;
-                        upsert_in(tx, &o, Usage::of(&admitted.resource))?;
-                        changed = true;
-                        o
-                    }
-                };
-                results[i] = Some(WriteResult {
-                    key: key.clone(),
-                    outcome: admitted.outcome,
-                    object,
-                    previous_generation,
-                });
-            }
-            if changed {
-                let changed_keys: Vec<ObjectKey> = results
-                    .iter()
-                    .flatten()
-                    .filter(|r| r.outcome != super::Outcome::Unchanged)
-                    .map(|r| r.key.clone())
-                    .collect();
-                revisions::revise(tx, &changed_keys, note, &schema, next, &now, &|k, e| {
-                    // Name the document whose change the problem comes from.
-                    match keys.iter().position(|b| b == k) {
-                        Some(at) if batch.len() > 1 => in_batch(at, e),
-                        _ => e,
-                    }
-                })?;
-                // The objects as stored (revisions write the instances' status).
-                for r in results.iter_mut().flatten() {
-                    if r.key.kind == Kind::OpenClawInstance
-                        && let Some(o) = get_in(tx, &r.key)?
-                    {
-                        r.object = o;
-                    }
-                }
-            }
-            if changed
-                && !dry_run
-                && let Some(audit) = audit
-            {
-                let written: Vec<WriteResult> = results.iter().flatten().cloned().collect();
-                records = crate::audit::append_audit_tx(tx, &audit(&written))?;
-            }
-            if changed {
-                for (owner, before) in owners.iter().zip(&before) {
-                    let Some(before) = before else { continue };
-                    check_quota(tx, owner, *before).map_err(|e| {
-                        // Name the first document that adds to this owner's usage.
-                        let item = keys.iter().position(|k| {
-                            k.kind == Kind::OpenClawInstance
-                                && k.tenant == owner.tenant_name()
-                                && (owner.kind == Kind::Tenant || k.project == owner.name)
-                        });
-                        match item {
-                            Some(i) if batch.len() > 1 => in_batch(i, e),
-                            _ => e,
-                        }
-                    })?;
-                }
-            }
-            Ok((results, changed))
+        let (written, index) = self.write_tx(dry_run, |tx, next| {
+            let w = rules::write_batch(
+                &mut SqliteTx(tx),
+                batch,
+                dry_run,
+                note,
+                &schema,
+                next,
+                &now,
+                audit,
+            )?;
+            let effect = w.effect;
+            Ok((w, effect))
         })?;
-        let results = results.into_iter().flatten().collect();
-        Ok((WriteSummary { index, results }, records))
+        let summary = WriteSummary {
+            index,
+            results: written.results,
+        };
+        Ok((summary, written.records))
     }
 
     /// [`Store::delete`], with the audit entries `audit` makes (from the generation deleted)
@@ -374,111 +262,50 @@ impl SqliteStore {
         expected: Option<u64>,
         audit: Option<&mut dyn FnMut(Option<i64>) -> Vec<AuditEntry>>,
     ) -> Result<(u64, Vec<AuditRecord>), StoreError> {
-        let mut records = Vec::new();
-        let ((), index) = self.write_tx(false, |tx, _next| {
-            let generation = delete_in(tx, key, expected)?;
-            if let Some(audit) = audit {
-                records = crate::audit::append_audit_tx(tx, &audit(Some(generation)))?;
-            }
-            Ok(((), true))
+        let (records, index) = self.write_tx(false, |tx, _next| {
+            let mut tx = SqliteTx(tx);
+            let generation = rules::delete_one(&mut tx, key, expected)?;
+            let records = match audit {
+                Some(audit) => rules::append_audit(&mut tx, &audit(Some(generation)))?,
+                None => Vec::new(),
+            };
+            Ok((records, Effect::of_keys([key])))
         })?;
         Ok((index, records))
     }
 
-    /// Runs `f` in an immediate write transaction with the next index. `f` returns whether it
-    /// changed anything; only then is the index bumped and the transaction committed.
+    /// Runs `f` in an immediate write transaction with the next index. `f` returns what it
+    /// changed; only when it changed anything is the index bumped and the transaction
+    /// committed, and the desired index moves too when the change may reach hosts.
     fn write_tx<T>(
         &self,
         dry_run: bool,
-        f: impl FnOnce(&Transaction<'_>, u64) -> Result<(T, bool), StoreError>,
+        f: impl FnOnce(&Transaction<'_>, u64) -> Result<(T, Effect), StoreError>,
     ) -> Result<(T, u64), StoreError> {
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let current = index_in(&tx)?;
         let next = current + 1;
-        let (out, changed) = f(&tx, next)?;
-        if !changed || dry_run {
+        let (out, effect) = f(&tx, next)?;
+        if effect == Effect::Unchanged || dry_run {
             tx.rollback()?;
             return Ok((out, current));
         }
         tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'index'")?
             .execute([next as i64])?;
+        if next % super::feed::TRIM_EVERY == 0 {
+            super::feed::trim(&tx)?;
+        }
         tx.commit()?;
         self.index.store(next, Ordering::SeqCst);
+        // The desired index first: whoever wakes on the global one and then asks for it
+        // already sees this write.
+        if effect == Effect::Desired {
+            self.desired.send_replace(next);
+        }
         self.notify.send_replace(next);
         Ok((out, next))
     }
-}
-
-/// Deletes one object inside `tx`; refuses while it has children (deletes earlier in the same
-/// transaction count as done) or while it is in use. Returns the generation deleted.
-fn delete_in(
-    tx: &Transaction<'_>,
-    key: &ObjectKey,
-    expected: Option<u64>,
-) -> Result<i64, StoreError> {
-    let existing = get_in(tx, key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
-    let generation = existing.generation;
-    if let Some(given) = expected.filter(|rv| *rv != 0)
-        && given != existing.resource_version
-    {
-        return Err(StoreError::Conflict {
-            key: key.clone(),
-            given,
-            current: existing.resource_version,
-        });
-    }
-    let children = match key.kind {
-        Kind::Tenant => Some((
-            "projects",
-            tx.query_row(
-                "SELECT COUNT(*) FROM objects WHERE kind = 'Project' AND tenant = ?1",
-                [&key.name],
-                |r| r.get::<_, i64>(0),
-            )?,
-        )),
-        Kind::Project => Some((
-            "instances",
-            tx.query_row(
-                "SELECT COUNT(*) FROM objects WHERE kind = 'OpenClawInstance' AND tenant = ?1 AND project = ?2",
-                [&key.tenant, &key.name],
-                |r| r.get::<_, i64>(0),
-            )?,
-        )),
-        Kind::OpenClawInstance
-        | Kind::Host
-        | Kind::ConfigTemplate
-        | Kind::Secret
-        | Kind::Rollout => None,
-    };
-    // Secrets live in a tenant or project as well: they go first too.
-    let children = match (children, key.kind) {
-        (Some((_, 0)), Kind::Tenant | Kind::Project) => Some((
-            "secrets",
-            tx.query_row(
-                "SELECT COUNT(*) FROM objects WHERE kind = 'Secret' AND tenant = ?1 AND project = ?2",
-                match key.kind {
-                    Kind::Tenant => [key.name.as_str(), ""],
-                    _ => [key.tenant.as_str(), key.name.as_str()],
-                },
-                |r| r.get::<_, i64>(0),
-            )?,
-        )),
-        (c, _) => c,
-    };
-    if let Some((child, count)) = children.filter(|(_, n)| *n > 0) {
-        return Err(StoreError::HasChildren {
-            key: key.clone(),
-            count: count as usize,
-            child,
-        });
-    }
-    revisions::before_delete(tx, key)?;
-    tx.execute(
-        "DELETE FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4",
-        params![key.kind.as_str(), key.tenant, key.project, key.name],
-    )?;
-    Ok(generation)
 }
 
 /// Files SQLite keeps beside a database in WAL mode (and the rollback journal of older ones).
@@ -604,114 +431,6 @@ fn usage_in(conn: &Connection, tenant: &str, project: Option<&str>) -> Result<Us
     })?)
 }
 
-/// The quota set on a tenant or project object, if any.
-fn quota_in(conn: &Connection, key: &ObjectKey) -> Result<Option<Quota>, StoreError> {
-    let Some(o) = get_in(conn, key)? else {
-        return Ok(None);
-    };
-    Ok(match o.resource()? {
-        Resource::Tenant(t) => t.spec.quota,
-        Resource::Project(p) => p.spec.quota,
-        _ => None,
-    })
-}
-
-/// A quota as numbers: `None` where a dimension is unlimited.
-fn quota_limits(q: &Quota) -> [(&'static str, Option<i64>); 4] {
-    let cpu = q
-        .cpu
-        .as_ref()
-        .and_then(|c| parse_cpu(c.as_str()).ok())
-        .map(|v| v as i64);
-    let mem = q
-        .memory
-        .as_ref()
-        .and_then(|m| parse_memory(m.as_str()).ok())
-        .map(|v| v as i64);
-    [
-        ("instances", q.instances),
-        ("replicas", q.replicas),
-        ("cpu", cpu),
-        ("memory", mem),
-    ]
-}
-
-fn usage_values(u: &Usage) -> [i64; 4] {
-    [u.instances, u.replicas, u.cpu_millis, u.memory_bytes]
-}
-
-fn format_amount(resource: &str, v: i64) -> String {
-    let v = v.max(0) as u64;
-    match resource {
-        "cpu" => format_cpu(v),
-        "memory" => format_memory(v),
-        _ => v.to_string(),
-    }
-}
-
-/// Refuses a write that grows a tenant's or project's usage past its quota. `before` is the
-/// usage read in the same transaction before the write; shrinking, or staying put, is always
-/// allowed, so lowering a quota below what runs blocks only growth.
-fn check_quota(tx: &Transaction<'_>, owner: &ObjectKey, before: Usage) -> Result<(), StoreError> {
-    let Some(quota) = quota_in(tx, owner)? else {
-        return Ok(());
-    };
-    let project = (owner.kind == Kind::Project).then_some(owner.name.as_str());
-    let tenant = if owner.kind == Kind::Project {
-        &owner.tenant
-    } else {
-        &owner.name
-    };
-    let after = usage_in(tx, tenant, project)?;
-    let (b, a) = (usage_values(&before), usage_values(&after));
-    for (i, (resource, limit)) in quota_limits(&quota).into_iter().enumerate() {
-        let Some(limit) = limit else { continue };
-        if a[i] > limit && a[i] > b[i] {
-            let scope = match project {
-                Some(p) => format!("project {tenant}/{p}"),
-                None => format!("tenant {tenant}"),
-            };
-            return Err(StoreError::QuotaExceeded {
-                scope,
-                resource,
-                requested: format_amount(resource, a[i] - b[i]),
-                free: format_amount(resource, limit - b[i]),
-                limit: format_amount(resource, limit),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Refuses a project quota larger than its tenant's in any dimension the tenant limits.
-fn check_project_quota(tx: &Transaction<'_>, project: &Resource) -> Result<(), StoreError> {
-    let Resource::Project(p) = project else {
-        return Ok(());
-    };
-    let Some(own) = &p.spec.quota else {
-        return Ok(());
-    };
-    let tenant_key =
-        ObjectKey::cluster(Kind::Tenant, p.metadata.tenant.clone().unwrap_or_default());
-    let Some(parent) = quota_in(tx, &tenant_key)? else {
-        return Ok(());
-    };
-    for ((resource, mine), (_, theirs)) in quota_limits(own).into_iter().zip(quota_limits(&parent))
-    {
-        if let (Some(mine), Some(theirs)) = (mine, theirs)
-            && mine > theirs
-        {
-            return Err(StoreError::QuotaAboveParent(format!(
-                "{resource} {} is more than the {} of tenant {}'s quota",
-                format_amount(resource, mine),
-                format_amount(resource, theirs),
-                tenant_key.name
-            )));
-        }
-    }
-    Ok(())
-}
-
 fn kind_from_db(s: &str) -> Result<Kind, StoreError> {
     Kind::from_manifest(s)
         .ok_or_else(|| StoreError::Corrupt(format!("unknown kind {s:?} in the objects table")))
@@ -821,43 +540,6 @@ fn scan_in(
     Ok(())
 }
 
-/// Checks a join token and uses it up by one, inside the caller's transaction.
-fn use_join_token(tx: &Transaction<'_>, hash: &str, now: i64) -> Result<TokenRecord, StoreError> {
-    let found = {
-        let mut stmt = tx.prepare_cached(&format!(
-            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"
-        ))?;
-        stmt.query_row([hash], token_from_row)
-            .optional()?
-            .map(finish_token)
-            .transpose()?
-    };
-    let refuse = |r| Err(StoreError::JoinRefused(r));
-    let Some(mut t) = found else {
-        return refuse(JoinRefusal::Unknown);
-    };
-    if t.kind != TokenKind::Join {
-        return refuse(JoinRefusal::NotAJoinToken);
-    }
-    if t.revoked {
-        return refuse(JoinRefusal::Revoked);
-    }
-    if t.expires_at.is_some_and(|exp| exp <= now) {
-        return refuse(JoinRefusal::Expired);
-    }
-    if let Some(uses) = t.uses_remaining {
-        if uses <= 0 {
-            return refuse(JoinRefusal::UsedUp);
-        }
-        t.uses_remaining = Some(uses - 1);
-        tx.execute(
-            "UPDATE tokens SET uses_remaining = ?1 WHERE id = ?2",
-            params![uses - 1, t.id],
-        )?;
-    }
-    Ok(t)
-}
-
 fn exists_in(conn: &Connection, key: &ObjectKey) -> Result<bool, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT 1 FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4",
@@ -870,29 +552,16 @@ fn exists_in(conn: &Connection, key: &ObjectKey) -> Result<bool, StoreError> {
     ])?)
 }
 
-fn to_stored(r: &Resource) -> Result<StoredObject, StoreError> {
-    let m = r.metadata();
-    let json = serde_json::to_string(r)
-        .map_err(|e| StoreError::Backend(format!("encoding {}: {e}", r.key())))?;
-    Ok(StoredObject {
-        key: r.key(),
-        uid: m.uid.clone().unwrap_or_default(),
-        generation: m.generation.unwrap_or(1),
-        resource_version: m.resource_version.unwrap_or(0),
-        labels: m.labels.clone(),
-        json,
-    })
-}
-
 /// Writes a whole object as it is (server-owned metadata already set).
 pub(super) fn put_in(conn: &Connection, r: &Resource) -> Result<(), StoreError> {
-    upsert_in(conn, &to_stored(r)?, Usage::of(r))
+    upsert_in(conn, &rules::to_stored(r)?, Usage::of(r))
 }
 
 /// Writes one object; `usage` is what it consumes (nothing, but for instances).
 fn upsert_in(conn: &Connection, o: &StoredObject, usage: Usage) -> Result<(), StoreError> {
     let labels =
         serde_json::to_string(&o.labels).map_err(|e| StoreError::Backend(e.to_string()))?;
+    super::feed::log_upsert(conn, o, &labels)?;
     let mut stmt = conn.prepare_cached(
         "INSERT INTO objects (kind, tenant, project, name, uid, generation, resource_version, labels, body,
                               use_replicas, use_cpu_millis, use_memory_bytes)
@@ -920,40 +589,100 @@ fn upsert_in(conn: &Connection, o: &StoredObject, usage: Usage) -> Result<(), St
     Ok(())
 }
 
-/// Applies `change` to one stored object and writes it if it changed; server-owned metadata is
-/// kept and `resourceVersion` set to `next`.
-fn update_in(
-    tx: &Transaction<'_>,
-    existing: StoredObject,
-    next: u64,
-    change: &mut dyn FnMut(&mut Resource) -> bool,
-) -> Result<bool, StoreError> {
-    let key = existing.key.clone();
-    let before = existing.resource()?;
-    let mut after = before.clone();
-    if !change(&mut after) || after == before {
-        return Ok(false);
-    }
-    if after.key() != key {
-        return Err(StoreError::Backend(format!(
-            "an update of {key} tried to rename it to {}",
-            after.key()
-        )));
-    }
-    let m = after.metadata_mut();
-    m.resource_version = Some(next);
-    let bm = before.metadata();
-    m.uid.clone_from(&bm.uid);
-    m.generation = bm.generation;
-    m.created_at.clone_from(&bm.created_at);
-    upsert_in(tx, &to_stored(&after)?, Usage::of(&after))?;
-    Ok(true)
-}
+/// A write transaction of the SQLite engine, as the rules of a write see it.
+struct SqliteTx<'a, 'c>(&'a Transaction<'c>);
 
-fn in_batch(index: usize, e: StoreError) -> StoreError {
-    StoreError::InBatch {
-        index,
-        source: Box::new(e),
+impl Tx for SqliteTx<'_, '_> {
+    fn get(&mut self, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError> {
+        get_in(self.0, key)
+    }
+
+    fn exists(&mut self, key: &ObjectKey) -> Result<bool, StoreError> {
+        exists_in(self.0, key)
+    }
+
+    fn put(&mut self, object: &StoredObject, usage: Usage) -> Result<(), StoreError> {
+        upsert_in(self.0, object, usage)
+    }
+
+    fn remove(&mut self, object: &StoredObject) -> Result<(), StoreError> {
+        let key = &object.key;
+        super::feed::log_delete(self.0, object)?;
+        self.0.execute(
+            "DELETE FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4",
+            params![key.kind.as_str(), key.tenant, key.project, key.name],
+        )?;
+        Ok(())
+    }
+
+    fn count(
+        &mut self,
+        kind: Kind,
+        tenant: &str,
+        project: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .0
+            .prepare_cached(
+                "SELECT COUNT(*) FROM objects WHERE kind = ?1 AND tenant = ?2 AND (?3 IS NULL OR project = ?3)",
+            )?
+            .query_row(params![kind.as_str(), tenant, project], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
+    fn usage(&mut self, tenant: &str, project: Option<&str>) -> Result<Usage, StoreError> {
+        usage_in(self.0, tenant, project)
+    }
+
+    fn token_by_hash(&mut self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let mut stmt = self.0.prepare_cached(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"
+        ))?;
+        stmt.query_row([hash], token_from_row)
+            .optional()?
+            .map(finish_token)
+            .transpose()
+    }
+
+    fn set_token_uses(&mut self, id: &str, uses: i64) -> Result<(), StoreError> {
+        self.0.execute(
+            "UPDATE tokens SET uses_remaining = ?1 WHERE id = ?2",
+            params![uses, id],
+        )?;
+        Ok(())
+    }
+
+    fn audit_head(&mut self) -> Result<(u64, Option<String>, u64), StoreError> {
+        crate::audit::head_in(self.0)
+    }
+
+    fn audit_insert(&mut self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        crate::audit::insert_in(self.0, records)
+    }
+
+    fn set_audit_written(&mut self, written: u64) -> Result<(), StoreError> {
+        crate::audit::set_written_in(self.0, written)
+    }
+
+    fn seal_secret(&mut self, secret: &mut crate::model::Secret) -> Result<(), StoreError> {
+        revisions::store_secret_values(self.0, secret)
+    }
+
+    fn revise(
+        &mut self,
+        changed: &[ObjectKey],
+        note: &ChangeNote,
+        schema: &Schema,
+        index: u64,
+        now: &str,
+        blame: Blame<'_>,
+    ) -> Result<(), StoreError> {
+        revisions::revise(self.0, changed, note, schema, index, now, blame)?;
+        Ok(())
+    }
+
+    fn before_delete(&mut self, key: &ObjectKey) -> Result<(), StoreError> {
+        revisions::before_delete(self.0, key)
     }
 }
 
@@ -1003,12 +732,41 @@ impl Store for SqliteStore {
         self.notify.subscribe()
     }
 
+    fn desired_index(&self) -> u64 {
+        *self.desired.borrow()
+    }
+
+    fn subscribe_desired(&self) -> watch::Receiver<u64> {
+        self.desired.subscribe()
+    }
+
     fn get(&self, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError> {
         self.read(|c| get_in(c, key))
     }
 
     fn list(&self, filter: &ListFilter) -> Result<Vec<StoredObject>, StoreError> {
         self.read(|c| list_in(c, filter))
+    }
+
+    fn versions(&self, kind: Kind) -> Result<Vec<(ObjectKey, String, u64)>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT tenant, project, name, uid, resource_version FROM objects WHERE kind = ?1",
+            )?;
+            let rows = stmt.query_map([kind.as_str()], |r| {
+                Ok((
+                    ObjectKey {
+                        kind,
+                        tenant: r.get(0)?,
+                        project: r.get(1)?,
+                        name: r.get(2)?,
+                    },
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)? as u64,
+                ))
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     fn get_at(&self, key: &ObjectKey) -> Result<(u64, Option<StoredObject>), StoreError> {
@@ -1092,7 +850,7 @@ impl Store for SqliteStore {
         batch: &[(Resource, WriteMode)],
         dry_run: bool,
         note: &ChangeNote,
-        audit: &mut dyn FnMut(&[WriteResult]) -> Vec<AuditEntry>,
+        audit: &mut dyn FnMut(&[super::WriteResult]) -> Vec<AuditEntry>,
     ) -> Result<(WriteSummary, Vec<AuditRecord>), StoreError> {
         self.write_inner(batch, dry_run, note, Some(audit))
     }
@@ -1106,31 +864,12 @@ impl Store for SqliteStore {
         keys: &[ObjectKey],
         skip_missing: bool,
         dry_run: bool,
-        mut audit: Option<DeleteAudit<'_>>,
+        audit: Option<DeleteAudit<'_>>,
     ) -> Result<(DeleteSummary, Vec<AuditRecord>), StoreError> {
-        let mut records = Vec::new();
-        let (deleted, index) = self.write_tx(dry_run, |tx, _next| {
-            let mut deleted = Vec::with_capacity(keys.len());
-            let mut entries = Vec::new();
-            for (index, key) in keys.iter().enumerate() {
-                if skip_missing && get_in(tx, key)?.is_none() {
-                    deleted.push(false);
-                    continue;
-                }
-                let generation = delete_in(tx, key, None).map_err(|e| StoreError::InBatch {
-                    index,
-                    source: Box::new(e),
-                })?;
-                if let Some(audit) = audit.as_mut() {
-                    entries.extend(audit(key, Some(generation)));
-                }
-                deleted.push(true);
-            }
-            let changed = deleted.iter().any(|d| *d);
-            if changed && !dry_run && !entries.is_empty() {
-                records = crate::audit::append_audit_tx(tx, &entries)?;
-            }
-            Ok((deleted, changed))
+        let ((deleted, records), index) = self.write_tx(dry_run, |tx, _next| {
+            let (deleted, records, effect) =
+                rules::delete_batch(&mut SqliteTx(tx), keys, skip_missing, dry_run, audit)?;
+            Ok(((deleted, records), effect))
         })?;
         Ok((DeleteSummary { index, deleted }, records))
     }
@@ -1197,7 +936,7 @@ impl Store for SqliteStore {
                 "secret values re-sealed"
             );
             // The index moves, so that the assignment book reads the new envelopes.
-            Ok((values.len(), true))
+            Ok((values.len(), Effect::Desired))
         })?;
         Ok(count)
     }
@@ -1218,8 +957,8 @@ impl Store for SqliteStore {
     ) -> Result<Option<u64>, StoreError> {
         let (changed, index) = self.write_tx(false, |tx, next| {
             let existing = get_in(tx, key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
-            let changed = update_in(tx, existing, next, change)?;
-            Ok((changed, changed))
+            let effect = rules::update_one(&mut SqliteTx(tx), existing, next, change)?;
+            Ok((effect != Effect::Unchanged, effect))
         })?;
         Ok(changed.then_some(index))
     }
@@ -1230,13 +969,8 @@ impl Store for SqliteStore {
         change: &mut dyn FnMut(&mut Resource) -> bool,
     ) -> Result<Option<u64>, StoreError> {
         let (changed, index) = self.write_tx(false, |tx, next| {
-            let mut changed = false;
-            for key in keys {
-                if let Some(existing) = get_in(tx, key)? {
-                    changed |= update_in(tx, existing, next, change)?;
-                }
-            }
-            Ok((changed, changed))
+            let effect = rules::update_many(&mut SqliteTx(tx), keys, next, change)?;
+            Ok((effect != Effect::Unchanged, effect))
         })?;
         Ok(changed.then_some(index))
     }
@@ -1277,7 +1011,7 @@ impl Store for SqliteStore {
     fn consume_join_token(&self, hash: &str, now: i64) -> Result<TokenRecord, StoreError> {
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let t = use_join_token(&tx, hash, now)?;
+        let t = rules::use_join_token(&mut SqliteTx(&tx), hash, now)?;
         tx.commit()?;
         Ok(t)
     }
@@ -1288,27 +1022,17 @@ impl Store for SqliteStore {
         now: i64,
         host: Resource,
     ) -> Result<StoredObject, StoreError> {
-        let key = host.key();
-        if key.kind != Kind::Host {
-            return Err(StoreError::Backend(format!(
-                "enrollment creates hosts, not {key}"
-            )));
-        }
         let created_at = now_rfc3339();
         let (object, _) = self.write_tx(false, |tx, next| {
-            use_join_token(tx, join_token_hash, now)?;
-            let existing = get_in(tx, &key)?;
-            let admitted = admit(
-                existing.as_ref(),
+            let object = rules::enroll_host(
+                &mut SqliteTx(tx),
+                join_token_hash,
+                now,
                 &host,
-                WriteMode::Create,
                 next,
                 &created_at,
-                || uuid::Uuid::new_v4().to_string(),
             )?;
-            let object = to_stored(&admitted.resource)?;
-            upsert_in(tx, &object, Usage::default())?;
-            Ok((object, true))
+            Ok((object, Effect::Observed))
         })?;
         Ok(object)
     }
@@ -1328,13 +1052,198 @@ impl Store for SqliteStore {
         Ok(conn.execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", [id])? > 0)
     }
 
+    fn record_heartbeats(&self, beats: &[(&str, i64)]) -> Result<(), StoreError> {
+        if beats.is_empty() {
+            return Ok(());
+        }
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO host_heartbeats (name, last_seen_ms) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
+            )?;
+            for (name, at) in beats {
+                stmt.execute(params![name, at])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn host_heartbeats(&self) -> Result<HashMap<String, i64>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached("SELECT name, last_seen_ms FROM host_heartbeats")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            Ok(rows.collect::<Result<HashMap<_, _>, _>>()?)
+        })
+    }
+
+    fn forget_heartbeat(&self, host: &str) -> Result<(), StoreError> {
+        let conn = lock(&self.writer);
+        conn.execute("DELETE FROM host_heartbeats WHERE name = ?1", [host])?;
+        Ok(())
+    }
+
+    fn record_host_volumes(
+        &self,
+        host: &str,
+        listed: &[super::volumes::ReportedVolume],
+        now: &str,
+    ) -> Result<bool, StoreError> {
+        // A list that ends an asked-for removal moves the index (and commits here) ...
+        let ((changed, finished), _) = self.write_tx(false, |tx, _next| {
+            let (changed, finished) = super::volumes::replace_list(tx, host, listed, now)?;
+            // The removal's end changes what the host is told: desired state.
+            let effect = if finished {
+                Effect::Desired
+            } else {
+                Effect::Unchanged
+            };
+            Ok(((changed, finished), effect))
+        })?;
+        if finished || !changed {
+            return Ok(changed);
+        }
+        // ... any other change is written without moving it.
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        super::volumes::replace_list(&tx, host, listed, now)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn host_volumes(
+        &self,
+        host: Option<&str>,
+    ) -> Result<Vec<super::volumes::HostVolume>, StoreError> {
+        self.read(|c| super::volumes::list(c, host))
+    }
+
+    fn volume_deletions(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.read(super::volumes::deletions)
+    }
+
+    fn mark_orphaned_volumes(
+        &self,
+        marks: &[(String, String, Option<String>)],
+    ) -> Result<(), StoreError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        super::volumes::mark_orphaned(&tx, marks)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn request_volume_deletion(
+        &self,
+        host: &str,
+        name: &str,
+        reason: &str,
+        now: &str,
+    ) -> Result<(Option<super::volumes::HostVolume>, u64), StoreError> {
+        self.write_tx(false, |tx, _next| {
+            let v = super::volumes::request_deletion(tx, host, name, reason, now)?;
+            // What the host is told changes: desired state.
+            let effect = if v.is_some() {
+                Effect::Desired
+            } else {
+                Effect::Unchanged
+            };
+            Ok((v, effect))
+        })
+    }
+
+    fn forget_host_volumes(&self, host: &str) -> Result<(), StoreError> {
+        let conn = lock(&self.writer);
+        super::volumes::forget_host(&conn, host)
+    }
+
+    fn record_events(&self, events: Vec<crate::events::Event>) {
+        lock(&self.events).push(events);
+    }
+
+    fn flush_events(&self) -> Result<usize, StoreError> {
+        let (queued, dropped) = {
+            let mut q = lock(&self.events);
+            (
+                std::mem::take(&mut q.queued),
+                std::mem::take(&mut q.dropped),
+            )
+        };
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "events came faster than they could be written; the oldest were dropped"
+            );
+        }
+        if queued.is_empty() {
+            return Ok(0);
+        }
+        let folded = crate::events::fold(queued);
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let seq = super::feed::write_events(&tx, &folded)?;
+        tx.commit()?;
+        self.events_notify.send_replace(seq);
+        Ok(folded.len())
+    }
+
+    fn prune_events(
+        &self,
+        retention: &crate::events::Retention,
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let n = super::feed::prune_events(&tx, retention, now_ms)?;
+        tx.commit()?;
+        Ok(n)
+    }
+
+    fn list_events(
+        &self,
+        filter: &crate::events::EventFilter,
+    ) -> Result<(u64, Vec<crate::events::EventRecord>), StoreError> {
+        self.read(|c| {
+            let tx = c.unchecked_transaction()?;
+            let out = super::feed::list_events(&tx, filter)?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    fn subscribe_events(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.events_notify.subscribe())
+    }
+
+    fn changes_since(
+        &self,
+        feed: super::Feed,
+        after: u64,
+        limit: usize,
+    ) -> Result<super::ChangesSince, StoreError> {
+        self.read(|c| {
+            let tx = c.unchecked_transaction()?;
+            let out = match feed {
+                super::Feed::Objects => super::feed::object_changes_since(&tx, after, limit)?,
+                super::Feed::Events => super::feed::event_changes_since(&tx, after, limit)?,
+            };
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
     fn append_audit(&self, entries: &[AuditEntry]) -> Result<Vec<AuditRecord>, StoreError> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let records = crate::audit::append_audit_tx(&tx, entries)?;
+        let records = rules::append_audit(&mut SqliteTx(&tx), entries)?;
         tx.commit()?;
         Ok(records)
     }
@@ -1351,14 +1260,7 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{LabelRequirement, Outcome};
     use serde_json::json;
-
-    fn open() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("clusterclaw.db")).unwrap();
-        (dir, store)
-    }
 
     fn res(v: serde_json::Value) -> Resource {
         Resource::from_value(v).unwrap()
@@ -1387,354 +1289,6 @@ mod tests {
     fn apply(store: &SqliteStore, items: Vec<Resource>) -> Result<WriteSummary, StoreError> {
         let batch: Vec<_> = items.into_iter().map(|r| (r, WriteMode::Apply)).collect();
         store.write(&batch, false)
-    }
-
-    #[test]
-    fn batch_is_ordered_parents_first_and_bumps_the_index_once() {
-        let (_d, store) = open();
-        let mut rx = store.subscribe();
-        let s = apply(
-            &store,
-            vec![
-                instance("acme", "web", "bot", 2, "eu"),
-                project("acme", "web"),
-                tenant("acme"),
-            ],
-        )
-        .unwrap();
-        assert_eq!(s.index, 1);
-        assert_eq!(store.index(), 1);
-        assert!(rx.has_changed().unwrap());
-        assert_eq!(*rx.borrow_and_update(), 1);
-        assert!(s.results.iter().all(|r| r.outcome == Outcome::Created));
-        assert_eq!(
-            s.results[0].key,
-            ObjectKey::instance("acme", "web", "bot"),
-            "results follow request order"
-        );
-        assert!(s.results.iter().all(|r| r.object.resource_version == 1));
-
-        let again = apply(
-            &store,
-            vec![
-                tenant("acme"),
-                project("acme", "web"),
-                instance("acme", "web", "bot", 2, "eu"),
-            ],
-        )
-        .unwrap();
-        assert!(
-            again
-                .results
-                .iter()
-                .all(|r| r.outcome == Outcome::Unchanged)
-        );
-        assert_eq!(again.index, 1, "an unchanged apply does not move the index");
-
-        let changed = apply(&store, vec![instance("acme", "web", "bot", 3, "eu")]).unwrap();
-        assert_eq!(changed.results[0].outcome, Outcome::Configured);
-        assert_eq!(changed.index, 2);
-        let got = store
-            .get(&ObjectKey::instance("acme", "web", "bot"))
-            .unwrap()
-            .unwrap();
-        assert_eq!((got.generation, got.resource_version), (2, 2));
-        assert_eq!(got.resource().unwrap().metadata().resource_version, Some(2));
-    }
-
-    #[test]
-    fn a_failing_item_writes_nothing() {
-        let (_d, store) = open();
-        apply(&store, vec![tenant("acme"), project("acme", "web")]).unwrap();
-        let err = apply(
-            &store,
-            vec![
-                instance("acme", "web", "a", 1, "eu"),
-                instance("acme", "nope", "b", 1, "eu"),
-            ],
-        )
-        .unwrap_err();
-        match err {
-            StoreError::InBatch { index: 1, source } => {
-                assert!(
-                    matches!(*source, StoreError::ParentMissing { .. }),
-                    "{source}"
-                )
-            }
-            other => panic!("{other}"),
-        }
-        assert_eq!(store.index(), 1);
-        assert!(
-            store
-                .get(&ObjectKey::instance("acme", "web", "a"))
-                .unwrap()
-                .is_none()
-        );
-        let dup = apply(&store, vec![tenant("x"), tenant("x")]).unwrap_err();
-        assert!(
-            matches!(dup, StoreError::Invalid(ref p) if p[0].field == "items[1]"),
-            "{dup}"
-        );
-    }
-
-    #[test]
-    fn dry_run_reports_without_writing() {
-        let (_d, store) = open();
-        let s = store
-            .write(&[(tenant("acme"), WriteMode::Apply)], true)
-            .unwrap();
-        assert_eq!(s.results[0].outcome, Outcome::Created);
-        assert_eq!((s.index, store.index()), (0, 0));
-        assert!(
-            store
-                .get(&ObjectKey::cluster(Kind::Tenant, "acme"))
-                .unwrap()
-                .is_none()
-        );
-    }
-
-    #[test]
-    fn stale_resource_version_conflicts() {
-        let (_d, store) = open();
-        apply(&store, vec![tenant("acme")]).unwrap();
-        apply(&store, vec![tenant("other")]).unwrap();
-        let mut stale = tenant("acme");
-        stale.metadata_mut().labels.insert("a".into(), "b".into());
-        stale.metadata_mut().resource_version = Some(7);
-        assert!(matches!(
-            apply(&store, vec![stale.clone()]),
-            Err(StoreError::InBatch { .. })
-        ));
-        stale.metadata_mut().resource_version = Some(1);
-        assert_eq!(
-            apply(&store, vec![stale]).unwrap().results[0].outcome,
-            Outcome::Configured
-        );
-        assert!(matches!(
-            store.delete(&ObjectKey::cluster(Kind::Tenant, "other"), Some(1)),
-            Err(StoreError::Conflict {
-                given: 1,
-                current: 2,
-                ..
-            })
-        ));
-    }
-
-    #[test]
-    fn a_batch_delete_is_all_or_nothing_children_first() {
-        let (_d, store) = open();
-        apply(
-            &store,
-            vec![
-                tenant("acme"),
-                project("acme", "web"),
-                project("acme", "ops"),
-                instance("acme", "web", "a", 1, "eu"),
-                instance("acme", "web", "b", 1, "eu"),
-                instance("acme", "ops", "c", 1, "eu"),
-            ],
-        )
-        .unwrap();
-        let exists = |k: &ObjectKey| store.get(k).unwrap().is_some();
-        let (a, b, c) = (
-            ObjectKey::instance("acme", "web", "a"),
-            ObjectKey::instance("acme", "web", "b"),
-            ObjectKey::instance("acme", "ops", "c"),
-        );
-        let (web, ops) = (
-            ObjectKey::project("acme", "web"),
-            ObjectKey::project("acme", "ops"),
-        );
-        let acme = ObjectKey::cluster(Kind::Tenant, "acme");
-        let before = store.index();
-        // The tenant still has project ops: nothing is deleted, the refusal names position 4.
-        let refused = store.delete_batch(
-            &[a.clone(), b.clone(), web.clone(), acme.clone()],
-            false,
-            false,
-            None,
-        );
-        match refused {
-            Err(StoreError::InBatch { index: 3, source }) => assert!(
-                matches!(
-                    *source,
-                    StoreError::HasChildren {
-                        child: "projects",
-                        count: 1,
-                        ..
-                    }
-                ),
-                "{source}"
-            ),
-            other => panic!("{other:?}"),
-        }
-        assert!(exists(&a) && exists(&b) && exists(&web));
-        assert_eq!(store.index(), before);
-        // A missing object refuses the batch unless missing ones are skipped.
-        let ghost = ObjectKey::instance("acme", "web", "ghost");
-        assert!(matches!(
-            store.delete_batch(&[a.clone(), ghost.clone()], false, false, None),
-            Err(StoreError::InBatch { index: 1, .. })
-        ));
-        assert!(exists(&a));
-        // A dry run checks and changes nothing.
-        let all = [
-            a.clone(),
-            b.clone(),
-            c.clone(),
-            ghost,
-            web.clone(),
-            ops.clone(),
-            acme.clone(),
-        ];
-        let (dry, _) = store.delete_batch(&all, true, true, None).unwrap();
-        assert_eq!(dry.index, before);
-        assert_eq!(dry.deleted, [true, true, true, false, true, true, true]);
-        assert!(exists(&a) && exists(&acme));
-        // The whole family at once, children first: one index bump.
-        let (done, _) = store.delete_batch(&all, true, false, None).unwrap();
-        assert_eq!(done.index, before + 1);
-        assert_eq!(done.deleted, [true, true, true, false, true, true, true]);
-        assert!(all.iter().all(|k| !exists(k)));
-    }
-
-    #[test]
-    fn delete_refuses_parents_with_children() {
-        let (_d, store) = open();
-        apply(
-            &store,
-            vec![
-                tenant("acme"),
-                project("acme", "web"),
-                instance("acme", "web", "bot", 1, "eu"),
-            ],
-        )
-        .unwrap();
-        let t = ObjectKey::cluster(Kind::Tenant, "acme");
-        assert!(matches!(
-            store.delete(&t, None),
-            Err(StoreError::HasChildren {
-                count: 1,
-                child: "projects",
-                ..
-            })
-        ));
-        assert!(matches!(
-            store.delete(&ObjectKey::project("acme", "web"), None),
-            Err(StoreError::HasChildren {
-                child: "instances",
-                ..
-            })
-        ));
-        let before = store.index();
-        assert_eq!(
-            store
-                .delete(&ObjectKey::instance("acme", "web", "bot"), None)
-                .unwrap(),
-            before + 1
-        );
-        store
-            .delete(&ObjectKey::project("acme", "web"), None)
-            .unwrap();
-        store.delete(&t, None).unwrap();
-        assert!(matches!(
-            store.delete(&t, None),
-            Err(StoreError::NotFound(_))
-        ));
-    }
-
-    #[test]
-    fn list_filters_and_orders() {
-        let (_d, store) = open();
-        apply(
-            &store,
-            vec![
-                tenant("b"),
-                tenant("a"),
-                project("a", "p"),
-                project("b", "p"),
-            ],
-        )
-        .unwrap();
-        apply(
-            &store,
-            vec![
-                instance("b", "p", "x", 1, "eu"),
-                instance("a", "p", "z", 1, "us"),
-                instance("a", "p", "y", 1, "eu"),
-            ],
-        )
-        .unwrap();
-        let names = |f: &ListFilter| {
-            store
-                .list(f)
-                .unwrap()
-                .into_iter()
-                .map(|o| o.key.to_string())
-                .collect::<Vec<_>>()
-        };
-        let mut f = ListFilter::all(Kind::OpenClawInstance);
-        assert_eq!(
-            names(&f),
-            [
-                "openclawinstance/a/p/y",
-                "openclawinstance/a/p/z",
-                "openclawinstance/b/p/x"
-            ]
-        );
-        f.labels = vec![LabelRequirement::Equals("region".into(), "eu".into())];
-        assert_eq!(
-            names(&f),
-            ["openclawinstance/a/p/y", "openclawinstance/b/p/x"]
-        );
-        f.tenant = Some("a".into());
-        f.project = Some("p".into());
-        assert_eq!(names(&f), ["openclawinstance/a/p/y"]);
-        assert_eq!(
-            names(&ListFilter::all(Kind::Tenant)),
-            ["tenant/a", "tenant/b"]
-        );
-    }
-
-    #[test]
-    fn update_keeps_generation_and_bumps_the_index() {
-        let (_d, store) = open();
-        apply(
-            &store,
-            vec![
-                tenant("acme"),
-                project("acme", "web"),
-                instance("acme", "web", "bot", 1, "eu"),
-            ],
-        )
-        .unwrap();
-        let key = ObjectKey::instance("acme", "web", "bot");
-        let rv = store
-            .update(&key, &mut |r| {
-                if let Resource::OpenClawInstance(i) = r {
-                    i.status.get_or_insert_with(Default::default).replicas = 1;
-                }
-                true
-            })
-            .unwrap();
-        assert_eq!(rv, Some(2));
-        let noop = store.update(&key, &mut |_| true).unwrap();
-        assert_eq!(noop, None, "an update that changes nothing writes nothing");
-        let o = store.get(&key).unwrap().unwrap();
-        assert_eq!((o.generation, o.resource_version), (1, 2));
-        // A later apply of the same spec keeps the status.
-        let s = apply(&store, vec![instance("acme", "web", "bot", 2, "eu")]).unwrap();
-        let Resource::OpenClawInstance(i) = s.results[0].object.resource().unwrap() else {
-            panic!()
-        };
-        assert_eq!(i.status.map(|s| s.replicas), Some(1));
-        let many = store
-            .update_many(
-                &[key.clone(), ObjectKey::instance("acme", "web", "gone")],
-                &mut |_| false,
-            )
-            .unwrap();
-        assert_eq!(many, None);
     }
 
     #[test]
@@ -1853,138 +1407,5 @@ mod tests {
             err.to_string().contains("not a clusterclaw database"),
             "{err}"
         );
-    }
-
-    fn token(id: &str, kind: TokenKind, expires_at: Option<i64>, uses: Option<i64>) -> TokenRecord {
-        TokenRecord {
-            id: id.into(),
-            name: id.into(),
-            kind,
-            role: String::new(),
-            tenant: None,
-            project: None,
-            created_at: 100,
-            expires_at,
-            uses_remaining: uses,
-            revoked: false,
-            hash: format!("hash-{id}"),
-        }
-    }
-
-    #[test]
-    fn join_tokens_are_checked_and_used_up() {
-        let (_d, store) = open();
-        store
-            .insert_token(&token("once", TokenKind::Join, Some(1000), Some(1)))
-            .unwrap();
-        store
-            .insert_token(&token("api", TokenKind::Api, None, None))
-            .unwrap();
-        store
-            .insert_token(&token("old", TokenKind::Join, Some(50), None))
-            .unwrap();
-        let refused = |h: &str, now| match store.consume_join_token(h, now) {
-            Err(StoreError::JoinRefused(r)) => Some(r),
-            _ => None,
-        };
-        assert_eq!(refused("hash-nope", 200), Some(JoinRefusal::Unknown));
-        assert_eq!(refused("hash-api", 200), Some(JoinRefusal::NotAJoinToken));
-        assert_eq!(refused("hash-old", 200), Some(JoinRefusal::Expired));
-        assert_eq!(
-            store
-                .consume_join_token("hash-once", 200)
-                .unwrap()
-                .uses_remaining,
-            Some(0)
-        );
-        assert_eq!(refused("hash-once", 200), Some(JoinRefusal::UsedUp));
-        assert!(store.revoke_token("api").unwrap());
-        assert!(!store.revoke_token("missing").unwrap());
-        assert!(store.token_by_hash("hash-api").unwrap().unwrap().revoked);
-        assert_eq!(store.list_tokens().unwrap().len(), 3);
-        assert_eq!(
-            store.index(),
-            0,
-            "tokens are not objects and do not move the index"
-        );
-    }
-
-    fn host(name: &str) -> Resource {
-        res(
-            json!({"apiVersion": "clusterclaw.io/v1", "kind": "Host", "metadata": {"name": name},
-                   "spec": {"hostname": name, "capacity": {"cpu": "4", "memory": "8Gi"}}}),
-        )
-    }
-
-    #[test]
-    fn enrolling_uses_the_token_and_creates_the_host_together() {
-        let (_d, store) = open();
-        store
-            .insert_token(&token("twice", TokenKind::Join, Some(1000), Some(2)))
-            .unwrap();
-        let uses = |store: &SqliteStore| {
-            store
-                .token_by_hash("hash-twice")
-                .unwrap()
-                .unwrap()
-                .uses_remaining
-        };
-        let created = store.enroll_host("hash-twice", 200, host("h1")).unwrap();
-        assert_eq!(created.key, ObjectKey::cluster(Kind::Host, "h1"));
-        assert!(!created.uid.is_empty());
-        assert_eq!((created.resource_version, store.index()), (1, 1));
-        assert_eq!(uses(&store), Some(1));
-
-        // The name is taken: nothing is created and the token keeps its use.
-        let err = store
-            .enroll_host("hash-twice", 200, host("h1"))
-            .unwrap_err();
-        assert!(matches!(err, StoreError::AlreadyExists(_)), "{err}");
-        assert_eq!((uses(&store), store.index()), (Some(1), 1));
-
-        // A refused token creates nothing.
-        for (hash, now, refusal) in [
-            ("hash-nope", 200, JoinRefusal::Unknown),
-            ("hash-twice", 5000, JoinRefusal::Expired),
-        ] {
-            let err = store.enroll_host(hash, now, host("h2")).unwrap_err();
-            assert!(
-                matches!(err, StoreError::JoinRefused(r) if r == refusal),
-                "{err}"
-            );
-        }
-        assert!(
-            store
-                .get(&ObjectKey::cluster(Kind::Host, "h2"))
-                .unwrap()
-                .is_none()
-        );
-        store.enroll_host("hash-twice", 200, host("h2")).unwrap();
-        assert_eq!(uses(&store), Some(0));
-        assert!(matches!(
-            store.enroll_host("hash-twice", 200, host("h3")),
-            Err(StoreError::JoinRefused(JoinRefusal::UsedUp))
-        ));
-        assert!(matches!(
-            store.enroll_host("hash-twice", 200, tenant("t")),
-            Err(StoreError::Backend(_))
-        ));
-    }
-
-    #[test]
-    fn reads_report_the_index_of_their_snapshot() {
-        let (_d, store) = open();
-        apply(&store, vec![tenant("a")]).unwrap();
-        apply(&store, vec![tenant("b")]).unwrap();
-        let (index, items) = store.list_at(&ListFilter::all(Kind::Tenant)).unwrap();
-        assert_eq!((index, items.len()), (2, 2));
-        let (index, found) = store
-            .get_at(&ObjectKey::cluster(Kind::Tenant, "a"))
-            .unwrap();
-        assert_eq!((index, found.map(|o| o.resource_version)), (2, Some(1)));
-        let (index, found) = store
-            .get_at(&ObjectKey::cluster(Kind::Tenant, "zz"))
-            .unwrap();
-        assert_eq!((index, found), (2, None));
     }
 }

@@ -41,12 +41,48 @@ impl HookStore {
 }
 
 impl Store for HookStore {
+    fn record_events(&self, events: Vec<crate::events::Event>) {
+        self.inner.record_events(events)
+    }
+    fn flush_events(&self) -> Result<usize, StoreError> {
+        self.inner.flush_events()
+    }
+    fn prune_events(
+        &self,
+        retention: &crate::events::Retention,
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
+        self.inner.prune_events(retention, now_ms)
+    }
+    fn list_events(
+        &self,
+        filter: &crate::events::EventFilter,
+    ) -> Result<(u64, Vec<crate::events::EventRecord>), StoreError> {
+        self.inner.list_events(filter)
+    }
+    fn subscribe_events(&self) -> Option<watch::Receiver<u64>> {
+        self.inner.subscribe_events()
+    }
+    fn changes_since(
+        &self,
+        feed: super::Feed,
+        after: u64,
+        limit: usize,
+    ) -> Result<super::ChangesSince, StoreError> {
+        self.inner.changes_since(feed, after, limit)
+    }
     fn index(&self) -> u64 {
         let stale = *self.stale_index.lock().unwrap_or_else(|e| e.into_inner());
         stale.unwrap_or_else(|| self.inner.index())
     }
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.subscribe()
+    }
+    fn desired_index(&self) -> u64 {
+        self.inner.desired_index()
+    }
+    fn subscribe_desired(&self) -> watch::Receiver<u64> {
+        self.inner.subscribe_desired()
     }
     fn get(&self, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError> {
         self.inner.get(key)
@@ -95,6 +131,41 @@ impl Store for HookStore {
     }
     fn deleted_volumes(&self) -> Result<Vec<super::revisions::DeletedVolume>, StoreError> {
         self.inner.deleted_volumes()
+    }
+    fn record_host_volumes(
+        &self,
+        host: &str,
+        listed: &[super::volumes::ReportedVolume],
+        now: &str,
+    ) -> Result<bool, StoreError> {
+        self.inner.record_host_volumes(host, listed, now)
+    }
+    fn host_volumes(
+        &self,
+        host: Option<&str>,
+    ) -> Result<Vec<super::volumes::HostVolume>, StoreError> {
+        self.inner.host_volumes(host)
+    }
+    fn volume_deletions(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.inner.volume_deletions()
+    }
+    fn mark_orphaned_volumes(
+        &self,
+        marks: &[(String, String, Option<String>)],
+    ) -> Result<(), StoreError> {
+        self.inner.mark_orphaned_volumes(marks)
+    }
+    fn request_volume_deletion(
+        &self,
+        host: &str,
+        name: &str,
+        reason: &str,
+        now: &str,
+    ) -> Result<(Option<super::volumes::HostVolume>, u64), StoreError> {
+        self.inner.request_volume_deletion(host, name, reason, now)
+    }
+    fn forget_host_volumes(&self, host: &str) -> Result<(), StoreError> {
+        self.inner.forget_host_volumes(host)
     }
     fn sealed_values(&self) -> Result<Vec<super::SealedValue>, StoreError> {
         self.inner.sealed_values()
@@ -162,6 +233,15 @@ impl Store for HookStore {
     }
     fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
         self.inner.revoke_token(id)
+    }
+    fn record_heartbeats(&self, beats: &[(&str, i64)]) -> Result<(), StoreError> {
+        self.inner.record_heartbeats(beats)
+    }
+    fn host_heartbeats(&self) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        self.inner.host_heartbeats()
+    }
+    fn forget_heartbeat(&self, host: &str) -> Result<(), StoreError> {
+        self.inner.forget_heartbeat(host)
     }
     fn append_audit(&self, entries: &[AuditEntry]) -> Result<Vec<AuditRecord>, StoreError> {
         self.audit_appends.fetch_add(1, Ordering::SeqCst);

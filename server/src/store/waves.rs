@@ -181,6 +181,7 @@ pub fn before_delete(tx: &Transaction<'_>, key: &ObjectKey) -> Result<(), StoreE
 /// Before a tenant is deleted (it has no projects, so no instances, left): its Rollouts go with
 /// it.
 pub fn drop_tenant_rollouts(tx: &Transaction<'_>, tenant: &str) -> Result<(), StoreError> {
+    super::feed::log_delete_tenant_rollouts(tx, tenant)?;
     tx.prepare_cached("DELETE FROM objects WHERE kind = 'Rollout' AND tenant = ?1")?
         .execute([tenant])?;
     Ok(())

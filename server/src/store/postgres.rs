@@ -1,0 +1,1641 @@
+//! PostgreSQL implementation of the store, for several servers on one database: versioned
+//! migrations of its own, a small pool of connections, and every write serialised on the
+//! locked index row, so that the index moves by one per committed write and no reader ever
+//! sees a later write without the earlier ones.
+//!
+//! Every committed write notifies (`NOTIFY`) the index and desired index; each server listens
+//! and moves its own, and reads them every second as well, for notifications lost while its
+//! listening connection was down: long polls and watches wake on writes made through any server.
+//!
+//! What it keeps: objects, the global index, tokens, the audit log and host heartbeats. Not
+//! yet: instance revisions, sealed secret values, the change log, events and host volumes
+//! (writing a secret with values is refused rather than losing them).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, Config, IsolationLevel, NoTls, Row, Statement, Transaction};
+use rustls_pki_types::pem::PemObject;
+use tokio::sync::watch;
+
+use super::backend::{Blame, Tx};
+use super::revisions::ChangeNote;
+use super::rules::{self, Effect};
+use super::{
+    DeleteAudit, DeleteSummary, ListFilter, Store, StoreError, StoredObject, TokenKind,
+    TokenRecord, Usage, UsageByTenant, WriteMode, WriteSummary,
+};
+use crate::audit::{
+    AuditEntry, AuditFilter, AuditRecord, AuditVerification, ChainBreak, ChainProblem,
+    ChainVerifier,
+};
+use crate::model::{Kind, ObjectKey, Resource, Secret};
+use crate::openclaw::schema::Schema;
+use crate::util::now_rfc3339;
+
+/// Schema migrations; migration `i` takes the database from version `i` to `i + 1` (the one
+/// row of `clusterclaw_schema`). Append only: a released migration never changes.
+const MIGRATIONS: &[&str] = &[
+    // 1: the global index, objects, tokens, the audit log, host heartbeats. Text that is
+    // sorted or compared sorts by bytes (COLLATE "C"), as in SQLite.
+    r#"CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('index', 0), ('desired', 0), ('audit_written', 0);
+    CREATE TABLE objects (
+        kind TEXT COLLATE "C" NOT NULL,
+        tenant TEXT COLLATE "C" NOT NULL,
+        project TEXT COLLATE "C" NOT NULL,
+        name TEXT COLLATE "C" NOT NULL,
+        uid TEXT NOT NULL UNIQUE,
+        generation BIGINT NOT NULL,
+        resource_version BIGINT NOT NULL,
+        labels TEXT NOT NULL,
+        body TEXT NOT NULL,
+        use_replicas BIGINT NOT NULL DEFAULT 0,
+        use_cpu_millis BIGINT NOT NULL DEFAULT 0,
+        use_memory_bytes BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (kind, tenant, project, name)
+    );
+    CREATE TABLE tokens (
+        id TEXT COLLATE "C" PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        role TEXT NOT NULL,
+        tenant TEXT,
+        project TEXT,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT,
+        uses_remaining BIGINT,
+        revoked BOOLEAN NOT NULL DEFAULT FALSE
+    );
+    CREATE TABLE audit (
+        seq BIGINT PRIMARY KEY,
+        chain_version BIGINT NOT NULL,
+        time TEXT COLLATE "C" NOT NULL,
+        principal_id TEXT NOT NULL,
+        principal_name TEXT NOT NULL,
+        tenant TEXT,
+        action TEXT NOT NULL,
+        object_kind TEXT,
+        object_tenant TEXT,
+        object_project TEXT,
+        object_name TEXT,
+        outcome TEXT NOT NULL,
+        status BIGINT NOT NULL,
+        reason TEXT,
+        request_id TEXT NOT NULL,
+        source TEXT NOT NULL,
+        generation_before BIGINT,
+        generation_after BIGINT,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_tenant_time ON audit (tenant, time);
+    CREATE INDEX audit_time ON audit (time);
+    CREATE FUNCTION clusterclaw_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        RAISE EXCEPTION 'the audit log is append-only: its records cannot be changed or deleted';
+    END $$;
+    CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit
+        FOR EACH ROW EXECUTE FUNCTION clusterclaw_audit_append_only();
+    CREATE TABLE host_heartbeats (name TEXT PRIMARY KEY, last_seen_ms BIGINT NOT NULL);"#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+/// Taken (per transaction) while migrating, so that servers starting together migrate once.
+const MIGRATION_LOCK: i64 = 0x0063_6c75_7374_6572;
+const MAX_IDLE_CONNECTIONS: usize = 16;
+/// The channel every committed write notifies, with `"<index> <desired index>"`.
+const CHANNEL: &str = "clusterclaw_index";
+/// How often the listener reads the index itself, for notifications lost while its connection
+/// was down (and as a heartbeat of that connection).
+const CATCH_UP_EVERY: Duration = Duration::from_secs(1);
+/// The wait before the listener connects again after losing its connection.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl From<postgres::Error> for StoreError {
+    fn from(e: postgres::Error) -> Self {
+        StoreError::Backend(describe(&e))
+    }
+}
+
+/// The error with its cause (the driver's own text often leaves the cause out).
+fn describe(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("PostgreSQL: {}", db.message());
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("PostgreSQL: {e}: {cause}"),
+        None => format!("PostgreSQL: {e}"),
+    }
+}
+
+/// How to reach the database: `postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?sslmode=require]`,
+/// a file holding the password (its first line), and the CA that signed the server's
+/// certificate (else the system's roots) for `sslmode=require`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PgTarget {
+    pub url: String,
+    pub password_file: Option<std::path::PathBuf>,
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgTarget")
+            .field("url", &redact(&self.url))
+            .field("password_file", &self.password_file)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+/// The URL without its password.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some(parts) => parts,
+        None => return url.to_string(),
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_string(),
+    }
+}
+
+/// Whether `s` names a PostgreSQL database rather than SQLite.
+pub fn is_postgres_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+#[derive(Clone)]
+enum Tls {
+    None,
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+/// One pooled connection and its prepared statements.
+struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+}
+
+/// The PostgreSQL store.
+pub struct PgStore {
+    shown: String,
+    config: Config,
+    tls: Tls,
+    pool: Mutex<Vec<Conn>>,
+    indexes: Arc<Indexes>,
+    schema: RwLock<Arc<Schema>>,
+    /// Tells the listener thread to stop.
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The indexes this server knows of, moved by its own writes and by every other server's
+/// (through the listener); they only ever grow.
+struct Indexes {
+    index: AtomicU64,
+    notify: watch::Sender<u64>,
+    desired: watch::Sender<u64>,
+}
+
+impl Indexes {
+    /// Moves to `index` (and the desired index to `desired`) unless already past them.
+    fn advance(&self, index: u64, desired: u64) {
+        // The desired index first: whoever wakes on the global one and then asks for it
+        // already sees this write.
+        self.desired.send_if_modified(|d| {
+            let moved = desired > *d;
+            *d = (*d).max(desired);
+            moved
+        });
+        self.index.fetch_max(index, Ordering::SeqCst);
+        self.notify.send_if_modified(|i| {
+            let moved = index > *i;
+            *i = (*i).max(index);
+            moved
+        });
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("database", &self.shown)
+            .field("index", &self.index())
+            .finish()
+    }
+}
+
+/// Connects with `tls`.
+fn connect_with(config: &Config, tls: &Tls) -> Result<Client, postgres::Error> {
+    match tls {
+        Tls::None => config.connect(NoTls),
+        Tls::Rustls(tls) => config.connect(tls.clone()),
+    }
+}
+
+/// The index and desired index stored in the database.
+fn read_indexes(client: &mut Client) -> Result<(u64, u64), StoreError> {
+    let r = client.query_one(
+        "SELECT (SELECT value FROM meta WHERE key = 'index'),
+                (SELECT value FROM meta WHERE key = 'desired')",
+        &[],
+    )?;
+    Ok((
+        r.try_get::<_, i64>(0)? as u64,
+        r.try_get::<_, i64>(1)? as u64,
+    ))
+}
+
+/// Follows the writes of every server: `LISTEN`s on [`CHANNEL`] and moves `indexes` on each
+/// notification, reads the stored indexes every [`CATCH_UP_EVERY`] (a notification sent while
+/// the connection was down is lost), and connects again when the connection drops. Stops soon
+/// after `stop` is set.
+fn listen(
+    config: Config,
+    tls: Tls,
+    shown: String,
+    indexes: Arc<Indexes>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut failing = false;
+    while !stop.load(Ordering::SeqCst) {
+        let outcome = (|| -> Result<(), StoreError> {
+            let mut client = connect_with(&config, &tls)?;
+            client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+            if failing {
+                tracing::info!(database = %shown, "following the writes of other servers again");
+                failing = false;
+            }
+            loop {
+                let (index, desired) = read_indexes(&mut client)?;
+                indexes.advance(index, desired);
+                let mut notes = client.notifications();
+                let mut iter = notes.timeout_iter(CATCH_UP_EVERY);
+                while let Some(note) = iter.next()? {
+                    let mut parts = note.payload().split(' ').map(str::parse::<u64>);
+                    if let (Some(Ok(index)), Some(Ok(desired))) = (parts.next(), parts.next()) {
+                        indexes.advance(index, desired);
+                    }
+                    if stop.load(Ordering::SeqCst) {
+                        return Ok(());
+                    }
+                }
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+            }
+        })();
+        if let Err(e) = outcome {
+            if !failing {
+                tracing::warn!(database = %shown, error = %e, "lost the connection that follows other servers' writes; connecting again");
+            }
+            failing = true;
+            std::thread::sleep(LISTEN_RETRY);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs a call that blocks on the network: on a worker of a multi-threaded runtime it tells
+/// the runtime first (the driver runs a small runtime of its own per connection).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+impl PgStore {
+    /// Connects, brings the schema up to date and reads the index. A database written by a
+    /// newer clusterclaw is refused.
+    pub fn open(target: &PgTarget) -> Result<PgStore, StoreError> {
+        let shown = redact(&target.url);
+        let mut config = Config::from_str(&target.url).map_err(|e| {
+            StoreError::Backend(format!(
+                "{shown} is not a PostgreSQL URL: {e} (expected postgres://USER@HOST[:PORT]/DATABASE[?sslmode=require])"
+            ))
+        })?;
+        if let Some(path) = &target.password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                StoreError::Backend(format!(
+                    "cannot read the PostgreSQL password file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let password = text.lines().next().unwrap_or_default();
+            if password.is_empty() {
+                return Err(StoreError::Backend(format!(
+                    "the PostgreSQL password file {} is empty; its first line is the password",
+                    path.display()
+                )));
+            }
+            config.password(password);
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        // TLS when asked for (`sslmode=require`), and then the server's certificate is always
+        // verified (against `ca_file`, else the system's roots) and must name the host.
+        let tls = match config.get_ssl_mode() {
+            postgres::config::SslMode::Require => {
+                Tls::Rustls(tls_connector(target.ca_file.as_deref())?)
+            }
+            _ => Tls::None,
+        };
+        Self::open_with(shown, config, tls)
+    }
+
+    /// [`PgStore::open`] with a parsed configuration (tests set a schema of their own through
+    /// `options`), without TLS.
+    pub fn open_config(config: Config) -> Result<PgStore, StoreError> {
+        Self::open_with("(test database)".into(), config, Tls::None)
+    }
+
+    fn open_with(shown: String, config: Config, tls: Tls) -> Result<PgStore, StoreError> {
+        let store = PgStore {
+            shown,
+            config,
+            tls,
+            pool: Mutex::new(Vec::new()),
+            indexes: Arc::new(Indexes {
+                index: AtomicU64::new(0),
+                notify: watch::channel(0).0,
+                desired: watch::channel(0).0,
+            }),
+            schema: RwLock::new(Arc::new(Schema::builtin())),
+            stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        let (index, desired) = blocking(|| -> Result<(u64, u64), StoreError> {
+            let mut conn = store.connect()?;
+            migrate(&mut conn.client, &store.shown)?;
+            let indexes = read_indexes(&mut conn.client)?;
+            store.give_back(conn);
+            Ok(indexes)
+        })?;
+        store.indexes.advance(index, desired);
+        let (config, tls, shown, indexes, stop) = (
+            store.config.clone(),
+            store.tls.clone(),
+            store.shown.clone(),
+            Arc::clone(&store.indexes),
+            Arc::clone(&store.stop),
+        );
+        std::thread::Builder::new()
+            .name("store-listen".into())
+            .spawn(move || listen(config, tls, shown, indexes, stop))
+            .map_err(|e| StoreError::Backend(format!("cannot start the store listener: {e}")))?;
+        Ok(store)
+    }
+
+    /// The database, without its password.
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    /// The schema effective configs are checked against from now on.
+    pub fn set_schema(&self, schema: Arc<Schema>) {
+        *self.schema.write().unwrap_or_else(|e| e.into_inner()) = schema;
+    }
+
+    fn schema(&self) -> Arc<Schema> {
+        self.schema
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn connect(&self) -> Result<Conn, StoreError> {
+        let client = connect_with(&self.config, &self.tls).map_err(|e| {
+            StoreError::Backend(format!(
+                "cannot connect to {}: {}",
+                self.shown,
+                describe(&e)
+            ))
+        })?;
+        Ok(Conn {
+            client,
+            statements: HashMap::new(),
+        })
+    }
+
+    fn give_back(&self, conn: Conn) {
+        if conn.client.is_closed() {
+            return;
+        }
+        let mut pool = lock(&self.pool);
+        if pool.len() < MAX_IDLE_CONNECTIONS {
+            pool.push(conn);
+        }
+    }
+
+    /// Runs `f` on a pooled connection.
+    fn with<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        blocking(|| {
+            let pooled = lock(&self.pool).pop();
+            let mut conn = match pooled {
+                Some(c) => c,
+                None => self.connect()?,
+            };
+            let out = f(&mut conn);
+            self.give_back(conn);
+            out
+        })
+    }
+
+    /// Runs `f` in one read-only snapshot.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&mut PgTx<'_, '_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.with(|conn| {
+            let mut tx = conn
+                .client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()?;
+            let out = f(&mut PgTx {
+                tx: &mut tx,
+                statements: &mut conn.statements,
+            })?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    /// Runs `f` in a write transaction holding the index row, with the next index. `f` returns
+    /// what it changed; only when it changed anything is the index bumped and the transaction
+    /// committed, and the desired index moves too when the change may reach hosts.
+    fn write_tx<T>(
+        &self,
+        dry_run: bool,
+        f: impl FnOnce(&mut PgTx<'_, '_>, u64) -> Result<(T, Effect), StoreError>,
+    ) -> Result<(T, u64), StoreError> {
+        let (out, effect, index) = self.with(|conn| {
+            let mut tx = conn.client.transaction()?;
+            let mut ptx = PgTx {
+                tx: &mut tx,
+                statements: &mut conn.statements,
+            };
+            let current: i64 = ptx
+                .query_one("SELECT value FROM meta WHERE key = 'index' FOR UPDATE", &[])?
+                .get(0);
+            let current = current as u64;
+            let next = current + 1;
+            let (out, effect) = f(&mut ptx, next)?;
+            if effect == Effect::Unchanged || dry_run {
+                tx.rollback()?;
+                return Ok((out, Effect::Unchanged, current));
+            }
+            ptx.execute(
+                "UPDATE meta SET value = $1 WHERE key = 'index'",
+                &[&(next as i64)],
+            )?;
+            let desired: i64 = if effect == Effect::Desired {
+                ptx.execute(
+                    "UPDATE meta SET value = $1 WHERE key = 'desired'",
+                    &[&(next as i64)],
+                )?;
+                next as i64
+            } else {
+                ptx.query_one("SELECT value FROM meta WHERE key = 'desired'", &[])?
+                    .get(0)
+            };
+            // Delivered to every listening server when (and only if) this commits.
+            ptx.execute(
+                "SELECT pg_notify('clusterclaw_index', $1)",
+                &[&format!("{next} {desired}")],
+            )?;
+            tx.commit()?;
+            Ok((out, effect, next))
+        })?;
+        match effect {
+            Effect::Unchanged => {}
+            Effect::Observed => self.indexes.advance(index, 0),
+            Effect::Desired => self.indexes.advance(index, index),
+        }
+        Ok((out, index))
+    }
+
+    /// Runs `f` in a write transaction that moves no index (tokens, heartbeats).
+    fn side_tx<T>(
+        &self,
+        f: impl FnOnce(&mut PgTx<'_, '_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.with(|conn| {
+            let mut tx = conn.client.transaction()?;
+            let out = f(&mut PgTx {
+                tx: &mut tx,
+                statements: &mut conn.statements,
+            })?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    fn write_inner(
+        &self,
+        batch: &[(Resource, WriteMode)],
+        dry_run: bool,
+        note: &ChangeNote,
+        audit: Option<&mut rules::WriteAudit<'_>>,
+    ) -> Result<(WriteSummary, Vec<AuditRecord>), StoreError> {
+        let schema = self.schema();
+        let now = now_rfc3339();
+        let (written, index) = self.write_tx(dry_run, |tx, next| {
+            let w = rules::write_batch(tx, batch, dry_run, note, &schema, next, &now, audit)?;
+            let effect = w.effect;
+            Ok((w, effect))
+        })?;
+        Ok((
+            WriteSummary {
+                index,
+                results: written.results,
+            },
+            written.records,
+        ))
+    }
+
+    fn delete_inner(
+        &self,
+        key: &ObjectKey,
+        expected: Option<u64>,
+        audit: Option<&mut dyn FnMut(Option<i64>) -> Vec<AuditEntry>>,
+    ) -> Result<(u64, Vec<AuditRecord>), StoreError> {
+        let (records, index) = self.write_tx(false, |tx, _next| {
+            let generation = rules::delete_one(tx, key, expected)?;
+            let records = match audit {
+                Some(audit) => rules::append_audit(tx, &audit(Some(generation)))?,
+                None => Vec::new(),
+            };
+            Ok((records, Effect::of_keys([key])))
+        })?;
+        Ok((index, records))
+    }
+}
+
+/// A client TLS configuration trusting `ca_file` (PEM), or the system's roots.
+fn tls_connector(
+    ca_file: Option<&Path>,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                StoreError::Backend(format!(
+                    "cannot read the PostgreSQL CA file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    StoreError::Backend(format!(
+                        "the PostgreSQL CA file {} is not PEM certificates: {e}",
+                        path.display()
+                    ))
+                })?;
+            if certs.is_empty() {
+                return Err(StoreError::Backend(format!(
+                    "the PostgreSQL CA file {} holds no certificate",
+                    path.display()
+                )));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| {
+                    StoreError::Backend(format!("the PostgreSQL CA file {}: {e}", path.display()))
+                })?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for cert in found.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(StoreError::Backend(
+                    "TLS to PostgreSQL was asked for (sslmode) but this system has no trusted CA certificates; give the CA that signed the server's certificate (--store-ca-file)".into(),
+                ));
+            }
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StoreError::Backend(format!("TLS to PostgreSQL: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// Creates the version table if missing, refuses a newer schema, applies what is missing; one
+/// server at a time.
+fn migrate(client: &mut Client, shown: &str) -> Result<(), StoreError> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS clusterclaw_schema (version BIGINT NOT NULL);
+         INSERT INTO clusterclaw_schema (version)
+            SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM clusterclaw_schema);",
+    )?;
+    let version: i64 = tx
+        .query_one("SELECT version FROM clusterclaw_schema", &[])?
+        .get(0);
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            path: shown.to_string(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.batch_execute(sql)?;
+        tx.execute(
+            "UPDATE clusterclaw_schema SET version = $1",
+            &[&(i as i64 + 1)],
+        )?;
+        tracing::info!(database = %shown, version = i + 1, "applied store schema migration");
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// One transaction of the PostgreSQL engine, with the connection's prepared statements.
+struct PgTx<'a, 'c> {
+    tx: &'a mut Transaction<'c>,
+    statements: &'a mut HashMap<&'static str, Statement>,
+}
+
+impl PgTx<'_, '_> {
+    fn statement(&mut self, sql: &'static str) -> Result<Statement, StoreError> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.tx.prepare(sql)?;
+        self.statements.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    fn query(
+        &mut self,
+        sql: &'static str,
+        args: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let s = self.statement(sql)?;
+        Ok(self.tx.query(&s, args)?)
+    }
+
+    fn query_one(
+        &mut self,
+        sql: &'static str,
+        args: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Row, StoreError> {
+        let s = self.statement(sql)?;
+        Ok(self.tx.query_one(&s, args)?)
+    }
+
+    fn query_opt(
+        &mut self,
+        sql: &'static str,
+        args: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        let s = self.statement(sql)?;
+        Ok(self.tx.query_opt(&s, args)?)
+    }
+
+    fn execute(
+        &mut self,
+        sql: &'static str,
+        args: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        let s = self.statement(sql)?;
+        Ok(self.tx.execute(&s, args)?)
+    }
+
+    fn index(&mut self) -> Result<u64, StoreError> {
+        let v: i64 = self
+            .query_one("SELECT value FROM meta WHERE key = 'index'", &[])?
+            .get(0);
+        Ok(v as u64)
+    }
+
+    /// Hands every object matching `filter` to `each` in list order until it returns false.
+    fn scan(
+        &mut self,
+        filter: &ListFilter,
+        each: &mut dyn FnMut(StoredObject) -> bool,
+    ) -> Result<(), StoreError> {
+        let rows = self.query(
+            "SELECT kind, tenant, project, name, uid, generation, resource_version, labels, body
+             FROM objects
+             WHERE kind = $1 AND ($2::TEXT IS NULL OR tenant = $2)
+               AND ($3::TEXT IS NULL OR project = $3) AND ($4::TEXT IS NULL OR name = $4)
+             ORDER BY tenant, project, name",
+            &[
+                &filter.kind.as_str(),
+                &filter.tenant,
+                &filter.project,
+                &filter.name,
+            ],
+        )?;
+        for row in rows {
+            let o = object_from_row(&row)?;
+            if filter.labels.iter().all(|req| req.matches(&o.labels)) && !each(o) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn object_from_row(r: &Row) -> Result<StoredObject, StoreError> {
+    let kind: String = r.try_get(0)?;
+    let key = ObjectKey {
+        kind: Kind::from_manifest(&kind).ok_or_else(|| {
+            StoreError::Corrupt(format!("unknown kind {kind:?} in the objects table"))
+        })?,
+        tenant: r.try_get(1)?,
+        project: r.try_get(2)?,
+        name: r.try_get(3)?,
+    };
+    let labels: String = r.try_get(7)?;
+    let labels: BTreeMap<String, String> = serde_json::from_str(&labels)
+        .map_err(|e| StoreError::Corrupt(format!("labels of {key}: {e}")))?;
+    Ok(StoredObject {
+        uid: r.try_get(4)?,
+        generation: r.try_get(5)?,
+        resource_version: r.try_get::<_, i64>(6)? as u64,
+        labels,
+        json: r.try_get(8)?,
+        key,
+    })
+}
+
+fn token_from_row(r: &Row) -> Result<TokenRecord, StoreError> {
+    let id: String = r.try_get(0)?;
+    let kind: String = r.try_get(3)?;
+    let kind = match kind.as_str() {
+        "api" => TokenKind::Api,
+        "join" => TokenKind::Join,
+        other => {
+            return Err(StoreError::Corrupt(format!(
+                "token {id} has unknown kind {other:?}"
+            )));
+        }
+    };
+    Ok(TokenRecord {
+        hash: r.try_get(1)?,
+        name: r.try_get(2)?,
+        kind,
+        role: r.try_get(4)?,
+        tenant: r.try_get(5)?,
+        project: r.try_get(6)?,
+        created_at: r.try_get(7)?,
+        expires_at: r.try_get(8)?,
+        uses_remaining: r.try_get(9)?,
+        revoked: r.try_get(10)?,
+        id,
+    })
+}
+
+/// A PostgreSQL audit row, read through the one decoder ([`crate::audit::row::decode`]).
+struct PgColumns<'a>(&'a Row);
+
+impl crate::audit::row::AuditColumns for PgColumns<'_> {
+    fn int(&self, i: usize, name: &str) -> Result<i64, String> {
+        self.0.try_get(i).map_err(|e| format!("column {name}: {e}"))
+    }
+    fn opt_int(&self, i: usize, name: &str) -> Result<Option<i64>, String> {
+        self.0.try_get(i).map_err(|e| format!("column {name}: {e}"))
+    }
+    fn text(&self, i: usize, name: &str) -> Result<String, String> {
+        self.0.try_get(i).map_err(|e| format!("column {name}: {e}"))
+    }
+    fn opt_text(&self, i: usize, name: &str) -> Result<Option<String>, String> {
+        self.0.try_get(i).map_err(|e| format!("column {name}: {e}"))
+    }
+}
+
+/// A row of the audit table as a record, or why it cannot be one.
+fn audit_from_row(r: &Row) -> Result<AuditRecord, String> {
+    crate::audit::row::decode(&PgColumns(r))
+}
+
+impl Tx for PgTx<'_, '_> {
+    fn get(&mut self, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError> {
+        self.query_opt(
+            "SELECT kind, tenant, project, name, uid, generation, resource_version, labels, body
+             FROM objects WHERE kind = $1 AND tenant = $2 AND project = $3 AND name = $4",
+            &[&key.kind.as_str(), &key.tenant, &key.project, &key.name],
+        )?
+        .map(|r| object_from_row(&r))
+        .transpose()
+    }
+
+    fn exists(&mut self, key: &ObjectKey) -> Result<bool, StoreError> {
+        Ok(self
+            .query_opt(
+                "SELECT 1 FROM objects WHERE kind = $1 AND tenant = $2 AND project = $3 AND name = $4",
+                &[&key.kind.as_str(), &key.tenant, &key.project, &key.name],
+            )?
+            .is_some())
+    }
+
+    fn put(&mut self, o: &StoredObject, usage: Usage) -> Result<(), StoreError> {
+        let labels =
+            serde_json::to_string(&o.labels).map_err(|e| StoreError::Backend(e.to_string()))?;
+        self.execute(
+            "INSERT INTO objects (kind, tenant, project, name, uid, generation, resource_version, labels, body,
+                                  use_replicas, use_cpu_millis, use_memory_bytes)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+             ON CONFLICT (kind, tenant, project, name) DO UPDATE SET
+                uid = excluded.uid, generation = excluded.generation,
+                resource_version = excluded.resource_version, labels = excluded.labels,
+                body = excluded.body, use_replicas = excluded.use_replicas,
+                use_cpu_millis = excluded.use_cpu_millis, use_memory_bytes = excluded.use_memory_bytes",
+            &[
+                &o.key.kind.as_str(),
+                &o.key.tenant,
+                &o.key.project,
+                &o.key.name,
+                &o.uid,
+                &o.generation,
+                &(o.resource_version as i64),
+                &labels,
+                &o.json,
+                &usage.replicas,
+                &usage.cpu_millis,
+                &usage.memory_bytes,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn remove(&mut self, o: &StoredObject) -> Result<(), StoreError> {
+        let key = &o.key;
+        self.execute(
+            "DELETE FROM objects WHERE kind = $1 AND tenant = $2 AND project = $3 AND name = $4",
+            &[&key.kind.as_str(), &key.tenant, &key.project, &key.name],
+        )?;
+        Ok(())
+    }
+
+    fn count(
+        &mut self,
+        kind: Kind,
+        tenant: &str,
+        project: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let n: i64 = self
+            .query_one(
+                "SELECT COUNT(*) FROM objects
+                 WHERE kind = $1 AND tenant = $2 AND ($3::TEXT IS NULL OR project = $3)",
+                &[&kind.as_str(), &tenant, &project],
+            )?
+            .get(0);
+        Ok(n as u64)
+    }
+
+    fn usage(&mut self, tenant: &str, project: Option<&str>) -> Result<Usage, StoreError> {
+        let r = self.query_one(
+            "SELECT COUNT(*), COALESCE(SUM(use_replicas), 0)::BIGINT,
+                    COALESCE(SUM(use_cpu_millis), 0)::BIGINT, COALESCE(SUM(use_memory_bytes), 0)::BIGINT
+             FROM objects WHERE kind = 'OpenClawInstance' AND tenant = $1
+               AND ($2::TEXT IS NULL OR project = $2)",
+            &[&tenant, &project],
+        )?;
+        Ok(Usage {
+            instances: r.try_get(0)?,
+            replicas: r.try_get(1)?,
+            cpu_millis: r.try_get(2)?,
+            memory_bytes: r.try_get(3)?,
+        })
+    }
+
+    fn token_by_hash(&mut self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.query_opt(
+            "SELECT id, hash, name, kind, role, tenant, project, created_at, expires_at,
+                    uses_remaining, revoked
+             FROM tokens WHERE hash = $1 FOR UPDATE",
+            &[&hash],
+        )?
+        .map(|r| token_from_row(&r))
+        .transpose()
+    }
+
+    fn set_token_uses(&mut self, id: &str, uses: i64) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE tokens SET uses_remaining = $1 WHERE id = $2",
+            &[&uses, &id],
+        )?;
+        Ok(())
+    }
+
+    fn audit_head(&mut self) -> Result<(u64, Option<String>, u64), StoreError> {
+        let last = self.query_opt("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])?;
+        let written: i64 = self
+            .query_one("SELECT value FROM meta WHERE key = 'audit_written'", &[])?
+            .get(0);
+        let written = u64::try_from(written).unwrap_or(0);
+        Ok(match last {
+            Some(r) => (
+                u64::try_from(r.try_get::<_, i64>(0)?).unwrap_or(0),
+                Some(r.try_get(1)?),
+                written,
+            ),
+            None => (0, None, written),
+        })
+    }
+
+    fn audit_insert(&mut self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        for r in records {
+            let e = &r.entry;
+            let o = e.object.as_ref();
+            self.execute(
+                "INSERT INTO audit (seq, chain_version, time, principal_id, principal_name, tenant,
+                    action, object_kind, object_tenant, object_project, object_name, outcome,
+                    status, reason, request_id, source, generation_before, generation_after,
+                    prev_hash, hash)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                    $17, $18, $19, $20)",
+                &[
+                    &(r.seq as i64),
+                    &i64::from(r.chain_version),
+                    &e.time,
+                    &e.principal.id,
+                    &e.principal.name,
+                    &e.tenant,
+                    &e.action,
+                    &o.map(|o| o.kind.as_str()),
+                    &o.and_then(|o| o.tenant.as_deref()),
+                    &o.and_then(|o| o.project.as_deref()),
+                    &o.map(|o| o.name.as_str()),
+                    &e.result.outcome.as_str(),
+                    &i64::from(e.result.status),
+                    &e.result.reason,
+                    &e.request_id,
+                    &e.source,
+                    &e.generation_before,
+                    &e.generation_after,
+                    &r.prev_hash,
+                    &r.hash,
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn set_audit_written(&mut self, written: u64) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE meta SET value = $1 WHERE key = 'audit_written'",
+            &[&(written as i64)],
+        )?;
+        Ok(())
+    }
+
+    fn seal_secret(&mut self, secret: &mut Secret) -> Result<(), StoreError> {
+        if secret.spec.data.is_empty() {
+            return Ok(());
+        }
+        Err(StoreError::Backend(format!(
+            "{}: the PostgreSQL store keeps no secret values yet; keep secrets on a server with the SQLite store",
+            secret.key()
+        )))
+    }
+
+    fn revise(
+        &mut self,
+        _changed: &[ObjectKey],
+        _note: &ChangeNote,
+        _schema: &Schema,
+        _index: u64,
+        _now: &str,
+        _blame: Blame<'_>,
+    ) -> Result<(), StoreError> {
+        // Instance revisions are not kept in PostgreSQL yet.
+        Ok(())
+    }
+
+    fn before_delete(&mut self, _key: &ObjectKey) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+impl Store for PgStore {
+    fn index(&self) -> u64 {
+        self.indexes.index.load(Ordering::SeqCst)
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.indexes.notify.subscribe()
+    }
+
+    fn desired_index(&self) -> u64 {
+        *self.indexes.desired.borrow()
+    }
+
+    fn subscribe_desired(&self) -> watch::Receiver<u64> {
+        self.indexes.desired.subscribe()
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        self.with(|conn| {
+            conn.client.simple_query("SELECT 1")?;
+            Ok(())
+        })
+    }
+
+    fn get(&self, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError> {
+        self.read(|tx| tx.get(key))
+    }
+
+    fn list(&self, filter: &ListFilter) -> Result<Vec<StoredObject>, StoreError> {
+        self.read(|tx| {
+            let mut out = Vec::new();
+            tx.scan(filter, &mut |o| {
+                out.push(o);
+                true
+            })?;
+            Ok(out)
+        })
+    }
+
+    fn get_at(&self, key: &ObjectKey) -> Result<(u64, Option<StoredObject>), StoreError> {
+        self.read(|tx| Ok((tx.index()?, tx.get(key)?)))
+    }
+
+    fn list_at(&self, filter: &ListFilter) -> Result<(u64, Vec<StoredObject>), StoreError> {
+        self.read(|tx| {
+            let index = tx.index()?;
+            let mut out = Vec::new();
+            tx.scan(filter, &mut |o| {
+                out.push(o);
+                true
+            })?;
+            Ok((index, out))
+        })
+    }
+
+    fn scan(
+        &self,
+        filter: &ListFilter,
+        start: &mut dyn FnMut(u64) -> bool,
+        each: &mut dyn FnMut(&StoredObject) -> bool,
+    ) -> Result<(), StoreError> {
+        self.read(|tx| {
+            if start(tx.index()?) {
+                tx.scan(filter, &mut |o| each(&o))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn usage(&self, tenant: Option<&str>) -> Result<UsageByTenant, StoreError> {
+        self.read(|tx| {
+            let rows = tx.query(
+                "SELECT tenant, project, COUNT(*), SUM(use_replicas)::BIGINT,
+                        SUM(use_cpu_millis)::BIGINT, SUM(use_memory_bytes)::BIGINT
+                 FROM objects WHERE kind = 'OpenClawInstance' AND ($1::TEXT IS NULL OR tenant = $1)
+                 GROUP BY tenant, project",
+                &[&tenant],
+            )?;
+            let mut out = UsageByTenant::new();
+            for r in rows {
+                let u = Usage {
+                    instances: r.try_get(2)?,
+                    replicas: r.try_get(3)?,
+                    cpu_millis: r.try_get(4)?,
+                    memory_bytes: r.try_get(5)?,
+                };
+                let entry = out.entry(r.try_get(0)?).or_default();
+                entry.0.add(u);
+                entry.1.insert(r.try_get(1)?, u);
+            }
+            Ok(out)
+        })
+    }
+
+    fn write(
+        &self,
+        batch: &[(Resource, WriteMode)],
+        dry_run: bool,
+    ) -> Result<WriteSummary, StoreError> {
+        Ok(self
+            .write_inner(batch, dry_run, &ChangeNote::default(), None)?
+            .0)
+    }
+
+    fn write_noted(
+        &self,
+        batch: &[(Resource, WriteMode)],
+        dry_run: bool,
+        note: &ChangeNote,
+    ) -> Result<WriteSummary, StoreError> {
+        Ok(self.write_inner(batch, dry_run, note, None)?.0)
+    }
+
+    fn write_audited(
+        &self,
+        batch: &[(Resource, WriteMode)],
+        dry_run: bool,
+        note: &ChangeNote,
+        audit: &mut dyn FnMut(&[super::WriteResult]) -> Vec<AuditEntry>,
+    ) -> Result<(WriteSummary, Vec<AuditRecord>), StoreError> {
+        self.write_inner(batch, dry_run, note, Some(audit))
+    }
+
+    fn update(
+        &self,
+        key: &ObjectKey,
+        change: &mut dyn FnMut(&mut Resource) -> bool,
+    ) -> Result<Option<u64>, StoreError> {
+        let (changed, index) = self.write_tx(false, |tx, next| {
+            let existing = tx
+                .get(key)?
+                .ok_or_else(|| StoreError::NotFound(key.clone()))?;
+            let effect = rules::update_one(tx, existing, next, change)?;
+            Ok((effect != Effect::Unchanged, effect))
+        })?;
+        Ok(changed.then_some(index))
+    }
+
+    fn update_many(
+        &self,
+        keys: &[ObjectKey],
+        change: &mut dyn FnMut(&mut Resource) -> bool,
+    ) -> Result<Option<u64>, StoreError> {
+        let (changed, index) = self.write_tx(false, |tx, next| {
+            let effect = rules::update_many(tx, keys, next, change)?;
+            Ok((effect != Effect::Unchanged, effect))
+        })?;
+        Ok(changed.then_some(index))
+    }
+
+    fn delete(&self, key: &ObjectKey, expected: Option<u64>) -> Result<u64, StoreError> {
+        Ok(self.delete_inner(key, expected, None)?.0)
+    }
+
+    fn delete_audited(
+        &self,
+        key: &ObjectKey,
+        expected: Option<u64>,
+        audit: &mut dyn FnMut(Option<i64>) -> Vec<AuditEntry>,
+    ) -> Result<(u64, Vec<AuditRecord>), StoreError> {
+        self.delete_inner(key, expected, Some(audit))
+    }
+
+    fn delete_batch(
+        &self,
+        keys: &[ObjectKey],
+        skip_missing: bool,
+        dry_run: bool,
+        audit: Option<DeleteAudit<'_>>,
+    ) -> Result<(DeleteSummary, Vec<AuditRecord>), StoreError> {
+        let ((deleted, records), index) = self.write_tx(dry_run, |tx, _next| {
+            let (deleted, records, effect) =
+                rules::delete_batch(tx, keys, skip_missing, dry_run, audit)?;
+            Ok(((deleted, records), effect))
+        })?;
+        Ok((DeleteSummary { index, deleted }, records))
+    }
+
+    fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        self.side_tx(|tx| {
+            tx.execute(
+                "INSERT INTO tokens (id, hash, name, kind, role, tenant, project, created_at,
+                                     expires_at, uses_remaining, revoked)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                &[
+                    &t.id,
+                    &t.hash,
+                    &t.name,
+                    &t.kind.as_str(),
+                    &t.role,
+                    &t.tenant,
+                    &t.project,
+                    &t.created_at,
+                    &t.expires_at,
+                    &t.uses_remaining,
+                    &t.revoked,
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.read(|tx| {
+            tx.query_opt(
+                "SELECT id, hash, name, kind, role, tenant, project, created_at, expires_at,
+                        uses_remaining, revoked
+                 FROM tokens WHERE hash = $1",
+                &[&hash],
+            )?
+            .map(|r| token_from_row(&r))
+            .transpose()
+        })
+    }
+
+    fn consume_join_token(&self, hash: &str, now: i64) -> Result<TokenRecord, StoreError> {
+        self.side_tx(|tx| rules::use_join_token(tx, hash, now))
+    }
+
+    fn enroll_host(
+        &self,
+        join_token_hash: &str,
+        now: i64,
+        host: Resource,
+    ) -> Result<StoredObject, StoreError> {
+        let created_at = now_rfc3339();
+        let (object, _) = self.write_tx(false, |tx, next| {
+            let object = rules::enroll_host(tx, join_token_hash, now, &host, next, &created_at)?;
+            Ok((object, Effect::Observed))
+        })?;
+        Ok(object)
+    }
+
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.read(|tx| {
+            tx.query(
+                "SELECT id, hash, name, kind, role, tenant, project, created_at, expires_at,
+                        uses_remaining, revoked
+                 FROM tokens ORDER BY created_at, id",
+                &[],
+            )?
+            .iter()
+            .map(token_from_row)
+            .collect()
+        })
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+        self.side_tx(|tx| {
+            Ok(tx.execute("UPDATE tokens SET revoked = TRUE WHERE id = $1", &[&id])? > 0)
+        })
+    }
+
+    fn record_heartbeats(&self, beats: &[(&str, i64)]) -> Result<(), StoreError> {
+        if beats.is_empty() {
+            return Ok(());
+        }
+        self.side_tx(|tx| {
+            for (name, at) in beats {
+                tx.execute(
+                    "INSERT INTO host_heartbeats (name, last_seen_ms) VALUES ($1, $2)
+                     ON CONFLICT (name) DO UPDATE
+                        SET last_seen_ms = GREATEST(host_heartbeats.last_seen_ms, excluded.last_seen_ms)",
+                    &[name, at],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    fn host_heartbeats(&self) -> Result<HashMap<String, i64>, StoreError> {
+        self.read(|tx| {
+            tx.query("SELECT name, last_seen_ms FROM host_heartbeats", &[])?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect()
+        })
+    }
+
+    fn forget_heartbeat(&self, host: &str) -> Result<(), StoreError> {
+        self.side_tx(|tx| {
+            tx.execute("DELETE FROM host_heartbeats WHERE name = $1", &[&host])?;
+            Ok(())
+        })
+    }
+
+    fn append_audit(&self, entries: &[AuditEntry]) -> Result<Vec<AuditRecord>, StoreError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        // On the index row, as every write: the chain has one writer at a time.
+        self.side_tx(|tx| {
+            tx.query_one("SELECT value FROM meta WHERE key = 'index' FOR UPDATE", &[])?;
+            rules::append_audit(tx, entries)
+        })
+    }
+
+    fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        self.read(|tx| {
+            let after = filter
+                .after_seq
+                .map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+            let limit = i64::try_from(filter.limit).unwrap_or(i64::MAX);
+            let sql = if filter.tail {
+                "SELECT seq, chain_version, time, principal_id, principal_name, tenant, action,
+                        object_kind, object_tenant, object_project, object_name, outcome, status,
+                        reason, request_id, source, generation_before, generation_after, prev_hash, hash
+                 FROM audit WHERE ($1::TEXT IS NULL OR tenant = $1) AND ($2::TEXT IS NULL OR time >= $2)
+                   AND ($3::BIGINT IS NULL OR seq > $3)
+                 ORDER BY seq DESC LIMIT $4"
+            } else {
+                "SELECT seq, chain_version, time, principal_id, principal_name, tenant, action,
+                        object_kind, object_tenant, object_project, object_name, outcome, status,
+                        reason, request_id, source, generation_before, generation_after, prev_hash, hash
+                 FROM audit WHERE ($1::TEXT IS NULL OR tenant = $1) AND ($2::TEXT IS NULL OR time >= $2)
+                   AND ($3::BIGINT IS NULL OR seq > $3)
+                 ORDER BY seq ASC LIMIT $4"
+            };
+            let rows = tx.query(sql, &[&filter.tenant, &filter.since, &after, &limit])?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push(audit_from_row(row).map_err(|why| {
+                    let seq = row.try_get::<_, i64>(0).unwrap_or_default();
+                    StoreError::Corrupt(format!("audit record {seq}: {why}"))
+                })?);
+            }
+            if filter.tail {
+                out.reverse();
+            }
+            Ok(out)
+        })
+    }
+
+    fn verify_audit(&self) -> Result<AuditVerification, StoreError> {
+        self.read(|tx| {
+            let written: i64 = tx
+                .query_one("SELECT value FROM meta WHERE key = 'audit_written'", &[])?
+                .get(0);
+            let mut verifier = ChainVerifier::new();
+            let mut broken = None;
+            let rows = tx.query(
+                "SELECT seq, chain_version, time, principal_id, principal_name, tenant, action,
+                        object_kind, object_tenant, object_project, object_name, outcome, status,
+                        reason, request_id, source, generation_before, generation_after, prev_hash, hash
+                 FROM audit ORDER BY seq",
+                &[],
+            )?;
+            for row in &rows {
+                let pushed = match audit_from_row(row) {
+                    Ok(r) => verifier.push(&r),
+                    Err(why) => Err(ChainBreak {
+                        seq: u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0),
+                        what: ChainProblem::Unreadable(why),
+                    }),
+                };
+                if let Err(b) = pushed {
+                    broken = Some(b);
+                    break;
+                }
+            }
+            if broken.is_none() {
+                broken = verifier.finish(u64::try_from(written).unwrap_or(0)).err();
+            }
+            Ok(AuditVerification {
+                records: verifier.records(),
+                head: verifier.head().to_string(),
+                broken,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::{PgSchema, postgres_url};
+
+    fn tenant(name: &str) -> Resource {
+        Resource::from_value(serde_json::json!({"apiVersion": "clusterclaw.io/v1",
+            "kind": "Tenant", "metadata": {"name": name}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn reopening_keeps_data_and_index_and_a_newer_schema_is_refused() {
+        let Some(schema) = PgSchema::new() else {
+            return;
+        };
+        {
+            let store = PgStore::open_config(schema.config.clone()).unwrap();
+            store
+                .write(&[(tenant("acme"), WriteMode::Apply)], false)
+                .unwrap();
+            store
+                .write(&[(tenant("beta"), WriteMode::Apply)], false)
+                .unwrap();
+        }
+        let store = PgStore::open_config(schema.config.clone()).unwrap();
+        assert_eq!(store.index(), 2);
+        assert!(
+            store
+                .get(&ObjectKey::cluster(Kind::Tenant, "beta"))
+                .unwrap()
+                .is_some()
+        );
+        drop(store);
+        let mut c = schema.config.connect(NoTls).unwrap();
+        c.batch_execute("UPDATE clusterclaw_schema SET version = 99")
+            .unwrap();
+        let err = PgStore::open_config(schema.config.clone()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::SchemaTooNew {
+                    found: 99,
+                    supported: SCHEMA_VERSION,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    /// Waits until `rx` reaches `want`, or fails after `limit`; returns how long it took.
+    fn wait_for(rx: &mut watch::Receiver<u64>, want: u64, limit: Duration) -> Duration {
+        let started = std::time::Instant::now();
+        while *rx.borrow_and_update() < want {
+            assert!(
+                started.elapsed() < limit,
+                "the index stayed at {} below {want}",
+                *rx.borrow()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        started.elapsed()
+    }
+
+    #[test]
+    fn every_server_learns_of_every_write_and_catches_up_on_lost_notifications() {
+        let Some(schema) = PgSchema::new() else {
+            return;
+        };
+        let a = PgStore::open_config(schema.config.clone()).unwrap();
+        let b = PgStore::open_config(schema.config.clone()).unwrap();
+        let mut index = b.subscribe();
+        let mut desired = b.subscribe_desired();
+        // B's listener is connected once it has read the stored indexes; a write through A
+        // then reaches it by notification.
+        std::thread::sleep(Duration::from_millis(200));
+        let mut took = Vec::new();
+        for i in 0..20 {
+            let w = a
+                .write(&[(tenant(&format!("t{i}")), WriteMode::Apply)], false)
+                .unwrap();
+            took.push(wait_for(&mut index, w.index, Duration::from_secs(10)));
+            wait_for(&mut desired, w.index, Duration::from_secs(10));
+        }
+        took.sort();
+        eprintln!(
+            "a write through one server reached another in {:?} (median of {}), {:?} at most",
+            took[took.len() / 2],
+            took.len(),
+            took[took.len() - 1]
+        );
+        // Well under the catch-up period: the notification, not the poll, brought them.
+        assert!(
+            took[took.len() / 2] < CATCH_UP_EVERY / 2,
+            "median {:?}",
+            took[took.len() / 2]
+        );
+        assert_eq!((b.index(), b.desired_index()), (20, 20));
+        // An observed-state write moves the index, not the desired index.
+        let host = Resource::from_value(serde_json::json!({"apiVersion": "clusterclaw.io/v1",
+            "kind": "Host", "metadata": {"name": "h1"}, "spec": {}}))
+        .unwrap();
+        let w = a.write(&[(host, WriteMode::Apply)], false).unwrap();
+        wait_for(&mut index, w.index, Duration::from_secs(10));
+        assert_eq!(b.desired_index(), 20);
+        // A change that notified no one (as when B's connection was down) is caught up by
+        // the periodic read.
+        let mut c = schema.config.connect(NoTls).unwrap();
+        c.batch_execute(
+            "UPDATE meta SET value = value + 1 WHERE key = 'index';
+             UPDATE meta SET value = (SELECT value FROM meta WHERE key = 'index') WHERE key = 'desired';",
+        )
+        .unwrap();
+        wait_for(&mut index, w.index + 1, CATCH_UP_EVERY * 10);
+        wait_for(&mut desired, w.index + 1, CATCH_UP_EVERY * 10);
+    }
+
+    #[test]
+    fn the_audit_log_refuses_changes_in_the_database_itself() {
+        let Some(schema) = PgSchema::new() else {
+            return;
+        };
+        let store = PgStore::open_config(schema.config.clone()).unwrap();
+        let entry = crate::audit::AuditEntry::now(
+            crate::audit::AuditPrincipal::new("u1", "tester"),
+            "login",
+            crate::audit::AuditResult::ok(200),
+        );
+        store.append_audit(&[entry]).unwrap();
+        let mut c = schema.config.connect(NoTls).unwrap();
+        for sql in ["UPDATE audit SET action = 'logout'", "DELETE FROM audit"] {
+            let e = c.batch_execute(sql).unwrap_err();
+            assert!(
+                e.as_db_error().unwrap().message().contains("append-only"),
+                "{e}"
+            );
+        }
+        assert_eq!(store.verify_audit().unwrap().records, 1);
+    }
+
+    #[test]
+    fn tls_with_a_password_file_and_a_private_ca() {
+        let Some(schema) = PgSchema::new() else {
+            return;
+        };
+        let ca = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/postgres-ca.pem");
+        if !ca.exists() {
+            eprintln!(
+                "skipped: {} is missing (run tests/postgres-setup.sh)",
+                ca.display()
+            );
+            return;
+        }
+        let url = postgres_url().unwrap();
+        let config: Config = url.parse().unwrap();
+        let password = String::from_utf8(config.get_password().unwrap().to_vec()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let password_file = dir.path().join("password");
+        std::fs::write(&password_file, format!("{password}\n")).unwrap();
+        let host = match &config.get_hosts()[0] {
+            postgres::config::Host::Tcp(h) => h.clone(),
+            other => panic!("{other:?}"),
+        };
+        let base = format!(
+            "postgres://{}@{host}:{}/{}?options=-c%20search_path%3D{}",
+            config.get_user().unwrap(),
+            config.get_ports()[0],
+            config.get_dbname().unwrap(),
+            schema.name,
+        );
+        let target = |url: String, ca_file: Option<std::path::PathBuf>| PgTarget {
+            url,
+            password_file: Some(password_file.clone()),
+            ca_file,
+        };
+        let store =
+            PgStore::open(&target(format!("{base}&sslmode=require"), Some(ca.clone()))).unwrap();
+        store
+            .write(&[(tenant("acme"), WriteMode::Apply)], false)
+            .unwrap();
+        let ssl: bool = store
+            .with(|c| {
+                Ok(c.client
+                    .query_one(
+                        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                        &[],
+                    )?
+                    .get(0))
+            })
+            .unwrap();
+        assert!(ssl, "the connection is encrypted");
+        // A server whose certificate no trusted CA signed is refused.
+        let other_ca = dir.path().join("other.pem");
+        let other = rcgen::generate_simple_self_signed(vec!["other".to_string()]).unwrap();
+        std::fs::write(&other_ca, other.cert.pem()).unwrap();
+        let err =
+            PgStore::open(&target(format!("{base}&sslmode=require"), Some(other_ca))).unwrap_err();
+        assert!(err.to_string().contains("cannot connect"), "{err}");
+        // A wrong password is refused, and the error shows no password.
+        std::fs::write(&password_file, "wrong\n").unwrap();
+        let err = PgStore::open(&target(format!("{base}&sslmode=require"), Some(ca))).unwrap_err();
+        assert!(err.to_string().contains("password"), "{err}");
+        assert!(!err.to_string().contains("wrong"), "{err}");
+    }
+
+    #[test]
+    fn passwords_are_not_shown() {
+        assert_eq!(
+            redact("postgres://cc:s3cret@db.example.com:5432/cc"),
+            "postgres://cc:***@db.example.com:5432/cc"
+        );
+        assert_eq!(redact("postgres://cc@db/cc"), "postgres://cc@db/cc");
+        let t = PgTarget {
+            url: "postgres://cc:s3cret@db/cc".into(),
+            password_file: None,
+            ca_file: None,
+        };
+        assert!(!format!("{t:?}").contains("s3cret"));
+    }
+}
