@@ -19,6 +19,8 @@ pub const DEFAULT_API_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::
 pub const DEFAULT_AGENT_LISTEN: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 7443);
 pub const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a host may go without a status report before it is NotReady.
+pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Data directory of a server running as root.
 pub const SYSTEM_DATA_DIR: &str = "/var/lib/clusterclaw";
 /// Every environment variable of `clusterclaw server` starts with this.
@@ -30,6 +32,12 @@ pub const ENV_PREFIX: &str = "CLUSTERCLAW_SERVER_";
 pub const ENV_VARS: &[(&str, &str)] = &[
     ("--config", "CLUSTERCLAW_SERVER_CONFIG"),
     ("--data-dir", "CLUSTERCLAW_SERVER_DATA_DIR"),
+    ("--store", "CLUSTERCLAW_SERVER_STORE"),
+    (
+        "--store-password-file",
+        "CLUSTERCLAW_SERVER_STORE_PASSWORD_FILE",
+    ),
+    ("--store-ca-file", "CLUSTERCLAW_SERVER_STORE_CA_FILE"),
     ("--api-listen", "CLUSTERCLAW_SERVER_API_LISTEN"),
     ("--agent-listen", "CLUSTERCLAW_SERVER_AGENT_LISTEN"),
     ("--log-format", "CLUSTERCLAW_SERVER_LOG_FORMAT"),
@@ -41,6 +49,16 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("--resync-interval", "CLUSTERCLAW_SERVER_RESYNC_INTERVAL"),
     ("--fleet-waves", "CLUSTERCLAW_SERVER_FLEET_WAVES"),
     ("--fleet-bake-time", "CLUSTERCLAW_SERVER_FLEET_BAKE_TIME"),
+    (
+        "--heartbeat-timeout",
+        "CLUSTERCLAW_SERVER_HEARTBEAT_TIMEOUT",
+    ),
+    ("--events-ttl", "CLUSTERCLAW_SERVER_EVENTS_TTL"),
+    ("--orphan-retention", "CLUSTERCLAW_SERVER_ORPHAN_RETENTION"),
+    (
+        "--events-max-per-tenant",
+        "CLUSTERCLAW_SERVER_EVENTS_MAX_PER_TENANT",
+    ),
 ];
 
 /// The environment variable of a flag in [`ENV_VARS`].
@@ -67,6 +85,20 @@ pub struct ServerArgs {
     /// [env: CLUSTERCLAW_SERVER_DATA_DIR].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Where objects, tokens and the audit log are kept: `sqlite` (clusterclaw.db in the data
+    /// directory) or a PostgreSQL database, postgres://USER@HOST[:PORT]/DATABASE, with
+    /// `?sslmode=require` for TLS [default: sqlite] [env: CLUSTERCLAW_SERVER_STORE].
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
+    /// File whose first line is the PostgreSQL password (instead of one in the URL)
+    /// [env: CLUSTERCLAW_SERVER_STORE_PASSWORD_FILE].
+    #[arg(long, value_name = "FILE")]
+    pub store_password_file: Option<PathBuf>,
+    /// PEM CA certificate(s) that signed the PostgreSQL server's certificate, for
+    /// `sslmode=require` [default: the system's trusted CAs]
+    /// [env: CLUSTERCLAW_SERVER_STORE_CA_FILE].
+    #[arg(long, value_name = "FILE")]
+    pub store_ca_file: Option<PathBuf>,
     /// Address of the REST API, IP:PORT [default: 127.0.0.1:7080]
     /// [env: CLUSTERCLAW_SERVER_API_LISTEN].
     #[arg(long, value_name = "ADDR")]
@@ -100,6 +132,24 @@ pub struct ServerArgs {
     /// [default: 30s] [env: CLUSTERCLAW_SERVER_RESYNC_INTERVAL].
     #[arg(long, value_name = "DURATION")]
     pub resync_interval: Option<String>,
+    /// How long a host may go without a status report before it turns NotReady and its
+    /// replicas Unknown, from 2s to 1h [default: 30s] [env: CLUSTERCLAW_SERVER_HEARTBEAT_TIMEOUT].
+    #[arg(long, value_name = "DURATION")]
+    pub heartbeat_timeout: Option<String>,
+    /// How long events are kept after they last happened, from 1m to 30d [default: 1h] [env:
+    /// CLUSTERCLAW_SERVER_EVENTS_TTL].
+    #[arg(long, value_name = "DURATION")]
+    pub events_ttl: Option<String>,
+    /// Events kept per tenant (host and cluster-wide events count as one more tenant), the
+    /// oldest go first, from 100 to 1000000 [default: 10000] [env:
+    /// CLUSTERCLAW_SERVER_EVENTS_MAX_PER_TENANT].
+    #[arg(long, value_name = "N")]
+    pub events_max_per_tenant: Option<String>,
+    /// How long a state volume no replica claims is kept before the server asks its host to
+    /// remove it, from 10s to 10y, or `off` to keep orphans until `clusterclaw delete volume`
+    /// [default: off] [env: CLUSTERCLAW_SERVER_ORPHAN_RETENTION].
+    #[arg(long, value_name = "DURATION")]
+    pub orphan_retention: Option<String>,
     /// Waves in which a change to a shared layer (a config template, a tenant's or project's
     /// config, a secret's value) moves across the instances it reaches, counts or percents
     /// [default: 1,10%,50%,100%] [env: CLUSTERCLAW_SERVER_FLEET_WAVES].
@@ -113,6 +163,16 @@ pub struct ServerArgs {
     /// [default: the schema built in] [env: CLUSTERCLAW_SERVER_OPENCLAW_SCHEMA].
     #[arg(long, value_name = "FILE")]
     pub openclaw_schema: Option<PathBuf>,
+}
+
+/// Where the store lives.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// `clusterclaw.db` in the data directory.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database (files absolute).
+    Postgres(crate::store::postgres::PgTarget),
 }
 
 /// Certificate and key of the API port.
@@ -129,6 +189,8 @@ pub struct ServerConfig {
     pub config_file: Option<PathBuf>,
     /// Absolute.
     pub data_dir: PathBuf,
+    /// `[store]`: SQLite in the data directory, or a PostgreSQL database.
+    pub store: StoreChoice,
     pub log_format: LogFormat,
     pub api_listen: SocketAddr,
     /// HTTPS on the API port when set.
@@ -142,6 +204,14 @@ pub struct ServerConfig {
     /// when the certificate is made).
     pub server_names: Vec<String>,
     pub resync_interval: Duration,
+    /// `[hosts] heartbeat_timeout`: a host silent this long is NotReady.
+    pub heartbeat_timeout: Duration,
+    /// `[volumes] orphan_retention`: how long an orphaned state volume is kept before its
+    /// removal is asked of its host; `None` (the default, `off`) keeps orphans until a person
+    /// deletes them.
+    pub orphan_retention: Option<Duration>,
+    /// `[events] ttl, max_per_tenant`: how long and how many events are kept.
+    pub events: crate::events::Retention,
     /// `[rollouts]`: the waves and bake time of changes to shared layers.
     pub fleet: crate::model::FleetDefaults,
     /// Single sign-on issuers (`[oidc]`); `None` when none are configured.
@@ -161,12 +231,16 @@ impl ServerConfig {
             config_file: None,
             pki_dir: data_dir.join("pki"),
             data_dir,
+            store: StoreChoice::Sqlite,
             log_format: LogFormat::Text,
             api_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             api_tls: None,
             agent_listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0),
             server_names: Vec::new(),
             resync_interval: DEFAULT_RESYNC_INTERVAL,
+            heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            orphan_retention: None,
+            events: crate::events::Retention::default(),
             fleet: crate::model::FleetDefaults::default(),
             openclaw_schema: None,
             oidc: None,
@@ -292,6 +366,8 @@ struct FileConfig {
     data_dir: Option<Spanned<String>>,
     log_format: Option<Spanned<String>>,
     #[serde(default)]
+    store: StoreSection,
+    #[serde(default)]
     api: ApiSection,
     #[serde(default)]
     agent: AgentSection,
@@ -300,7 +376,13 @@ struct FileConfig {
     #[serde(default)]
     scheduler: SchedulerSection,
     #[serde(default)]
+    hosts: HostsSection,
+    #[serde(default)]
     rollouts: RolloutsSection,
+    #[serde(default)]
+    events: EventsSection,
+    #[serde(default)]
+    volumes: VolumesSection,
     #[serde(default)]
     oidc: crate::auth::oidc::OidcConfig,
     #[serde(default)]
@@ -316,6 +398,14 @@ struct FileConfig {
 struct ConfigSection {
     /// The openclaw.json schema file.
     schema: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreSection {
+    url: Option<Spanned<String>>,
+    password_file: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -344,6 +434,25 @@ struct PkiSection {
 struct RolloutsSection {
     waves: Option<Spanned<String>>,
     bake_time: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsSection {
+    ttl: Option<Spanned<String>>,
+    max_per_tenant: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumesSection {
+    orphan_retention: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostsSection {
+    heartbeat_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -768,6 +877,125 @@ pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, C
             None
         }
     };
+    let heartbeat_timeout = match pick(
+        given(
+            args.heartbeat_timeout.clone(),
+            "--heartbeat-timeout",
+            env,
+            string,
+        ),
+        file.hosts.heartbeat_timeout.as_ref(),
+        "hosts.heartbeat_timeout",
+        src,
+        |_, v| v.to_string(),
+    ) {
+        None => DEFAULT_HEARTBEAT_TIMEOUT,
+        Some(s) => match humantime::parse_duration(s.value.trim()) {
+            Ok(d) if (Duration::from_secs(2)..=Duration::from_secs(3600)).contains(&d) => d,
+            Ok(_) => {
+                c.push(
+                    s.location,
+                    format!(
+                        "{:?} is out of range; the heartbeat timeout is from 2s to 1h",
+                        s.value
+                    ),
+                );
+                DEFAULT_HEARTBEAT_TIMEOUT
+            }
+            Err(e) => {
+                c.push(s.location, format!("{:?} is not a duration: {e}", s.value));
+                DEFAULT_HEARTBEAT_TIMEOUT
+            }
+        },
+    };
+    let orphan_retention = match pick(
+        given(
+            args.orphan_retention.clone(),
+            "--orphan-retention",
+            env,
+            string,
+        ),
+        file.volumes.orphan_retention.as_ref(),
+        "volumes.orphan_retention",
+        src,
+        |_, v| v.to_string(),
+    ) {
+        None => None,
+        Some(s) if s.value.trim().eq_ignore_ascii_case("off") => None,
+        Some(s) => match humantime::parse_duration(s.value.trim()) {
+            Ok(d)
+                if (Duration::from_secs(10)..=Duration::from_secs(10 * 365 * 86_400))
+                    .contains(&d) =>
+            {
+                Some(d)
+            }
+            Ok(_) => {
+                c.push(
+                    s.location,
+                    format!(
+                        "{:?} is out of range; the orphan retention is from 10s to 10y, or off",
+                        s.value
+                    ),
+                );
+                None
+            }
+            Err(e) => {
+                c.push(
+                    s.location,
+                    format!("{:?} is neither a duration nor off: {e}", s.value),
+                );
+                None
+            }
+        },
+    };
+    let store = store_choice(args, env, &file, src, &mut c);
+    let mut events = crate::events::Retention::default();
+    if let Some(t) = pick(
+        given(args.events_ttl.clone(), "--events-ttl", env, string),
+        file.events.ttl.as_ref(),
+        "events.ttl",
+        src,
+        |_, v| v.to_string(),
+    ) {
+        match humantime::parse_duration(t.value.trim()) {
+            Ok(d) if (Duration::from_secs(60)..=Duration::from_secs(30 * 86_400)).contains(&d) => {
+                events.ttl = d
+            }
+            Ok(_) => c.push(
+                t.location,
+                format!(
+                    "{:?} is out of range; events are kept from 1m to 30d",
+                    t.value
+                ),
+            ),
+            Err(e) => c.push(t.location, format!("{:?} is not a duration: {e}", t.value)),
+        }
+    }
+    let max_events = match given(
+        args.events_max_per_tenant.clone(),
+        "--events-max-per-tenant",
+        env,
+        string,
+    ) {
+        Some(s) => Some((s.value.trim().parse::<i64>().ok(), s.value, s.location)),
+        None => match (&file.events.max_per_tenant, src) {
+            (Some(v), Some(source)) => Some((
+                Some(*v.get_ref()),
+                v.get_ref().to_string(),
+                source.location(v.span(), "events.max_per_tenant"),
+            )),
+            _ => None,
+        },
+    };
+    if let Some((n, text, location)) = max_events {
+        match n {
+            Some(n) if (100..=1_000_000).contains(&n) => events.max_per_tenant = n as usize,
+            _ => c.push(
+                location,
+                format!("{text:?}: events kept per tenant is a number from 100 to 1000000"),
+            ),
+        }
+    }
     let mut fleet = crate::model::FleetDefaults::default();
     if let Some(w) = pick(
         given(args.fleet_waves.clone(), "--fleet-waves", env, string),
@@ -822,6 +1050,7 @@ pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, C
         audit: file.audit,
         config_file: source.map(|s| s.path),
         data_dir,
+        store,
         log_format,
         api_listen,
         api_tls,
@@ -829,14 +1058,192 @@ pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, C
         pki_dir,
         server_names,
         resync_interval,
+        heartbeat_timeout,
+        orphan_retention,
+        events,
         fleet,
         openclaw_schema,
+    })
+}
+
+/// `[store]`: `sqlite`, or a PostgreSQL URL with its optional password and CA files (which
+/// must be readable files).
+fn store_choice(
+    args: &ServerArgs,
+    env: &Environment,
+    file: &FileConfig,
+    src: Option<&Source>,
+    c: &mut Collector,
+) -> StoreChoice {
+    let url = pick(
+        given(args.store.clone(), "--store", env, |v: String| v),
+        file.store.url.as_ref(),
+        "store.url",
+        src,
+        |_, v| v.to_string(),
+    );
+    let password_file = pick(
+        given(
+            args.store_password_file.clone(),
+            "--store-password-file",
+            env,
+            PathBuf::from,
+        ),
+        file.store.password_file.as_ref(),
+        "store.password_file",
+        src,
+        |s, v| s.path_value(v),
+    );
+    let ca_file = pick(
+        given(
+            args.store_ca_file.clone(),
+            "--store-ca-file",
+            env,
+            PathBuf::from,
+        ),
+        file.store.ca_file.as_ref(),
+        "store.ca_file",
+        src,
+        |s, v| s.path_value(v),
+    );
+    let mut readable = |setting: Option<Setting<PathBuf>>, what: &str| {
+        let s = setting?;
+        match std::fs::File::open(&s.value) {
+            Ok(_) => Some(absolute(&s.value)),
+            Err(e) => {
+                c.push(
+                    s.location,
+                    format!("cannot read the {what} {}: {e}", s.value.display()),
+                );
+                None
+            }
+        }
+    };
+    let password_file_given = password_file.as_ref().map(|s| s.location.clone());
+    let ca_file_given = ca_file.as_ref().map(|s| s.location.clone());
+    let password_file = readable(password_file, "PostgreSQL password file");
+    let ca_file = readable(ca_file, "PostgreSQL CA file");
+    let Some(url) = url else {
+        for location in [password_file_given, ca_file_given].into_iter().flatten() {
+            c.push(
+                location,
+                "only a PostgreSQL store takes this; set the store to a postgres:// URL",
+            );
+        }
+        return StoreChoice::Sqlite;
+    };
+    let value = url.value.trim();
+    if value.eq_ignore_ascii_case("sqlite") {
+        for location in [password_file_given, ca_file_given].into_iter().flatten() {
+            c.push(
+                location,
+                "only a PostgreSQL store takes this; the store is sqlite",
+            );
+        }
+        return StoreChoice::Sqlite;
+    }
+    let shown = crate::store::postgres::redact(value);
+    if !crate::store::postgres::is_postgres_url(value) {
+        c.push(
+            url.location,
+            format!(
+                "{shown:?} is neither sqlite nor a PostgreSQL URL (postgres://USER@HOST[:PORT]/DATABASE)"
+            ),
+        );
+        return StoreChoice::Sqlite;
+    }
+    match value.parse::<postgres::Config>() {
+        Ok(config) if config.get_dbname().is_none() => c.push(
+            url.location,
+            format!("{shown:?} names no database (postgres://USER@HOST[:PORT]/DATABASE)"),
+        ),
+        Ok(config) if config.get_user().is_none() => c.push(
+            url.location,
+            format!("{shown:?} names no user (postgres://USER@HOST[:PORT]/DATABASE)"),
+        ),
+        Ok(_) => {}
+        Err(e) => c.push(
+            url.location,
+            format!("{shown:?} is not a valid PostgreSQL URL: {e}"),
+        ),
+    }
+    StoreChoice::Postgres(crate::store::postgres::PgTarget {
+        url: value.to_string(),
+        password_file,
+        ca_file,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_is_sqlite_or_a_postgres_url_with_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            load_with(&ServerArgs::default(), &env()).unwrap().store,
+            StoreChoice::Sqlite
+        );
+        std::fs::write(dir.path().join("pw"), "secret\n").unwrap();
+        let p = write(
+            dir.path(),
+            "[store]\nurl = \"postgres://cc@db.example.com/cc?sslmode=require\"\npassword_file = \"pw\"\n",
+        );
+        let c = load_with(
+            &ServerArgs {
+                config: Some(p.clone()),
+                ..Default::default()
+            },
+            &env(),
+        )
+        .unwrap();
+        let StoreChoice::Postgres(t) = c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(t.url, "postgres://cc@db.example.com/cc?sslmode=require");
+        assert_eq!(t.password_file, Some(dir.path().join("pw")));
+        // The flag beats the environment, which beats the file.
+        let mut e = env();
+        e.vars
+            .insert("CLUSTERCLAW_SERVER_STORE".into(), "sqlite".into());
+        let from_env = load_with(
+            &ServerArgs {
+                config: Some(p.clone()),
+                ..Default::default()
+            },
+            &e,
+        );
+        let err = from_env.unwrap_err().to_string();
+        assert!(err.contains("only a PostgreSQL store takes this"), "{err}");
+        // Every problem at once, with the password hidden.
+        let err = load_with(
+            &ServerArgs {
+                store: Some("mysql://root:hunter2@db/x".into()),
+                store_ca_file: Some(dir.path().join("missing.pem")),
+                ..Default::default()
+            },
+            &env(),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 2, "{text}");
+        assert!(
+            text.contains("neither sqlite nor a PostgreSQL URL"),
+            "{text}"
+        );
+        assert!(text.contains("--store-ca-file"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        let err = load_with(
+            &ServerArgs {
+                store: Some("postgres://db.example.com".into()),
+                ..Default::default()
+            },
+            &env(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("names no database"), "{err}");
+    }
 
     fn env() -> Environment {
         Environment {
@@ -857,6 +1264,10 @@ mod tests {
         let c = load_with(&args, &env()).unwrap();
         assert!(c.rate_limits.enabled);
         assert_eq!(c.oidc, None);
+        assert_eq!(
+            c.orphan_retention, None,
+            "orphans stay unless a person deletes them"
+        );
         assert_eq!(c.data_dir, Path::new("/var/lib/clusterclaw"));
     }
 
@@ -979,6 +1390,68 @@ resync_interval = "1m"
         assert_eq!(c.server_names, ["other.example.com"]);
         assert_eq!(c.data_dir, dir.path().join("flag"));
         assert_eq!(c.pki_dir, dir.path().join("flag/pki"));
+    }
+
+    #[test]
+    fn orphan_retention_is_off_by_default_and_comes_from_the_file_or_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            load_with(&ServerArgs::default(), &env())
+                .unwrap()
+                .orphan_retention,
+            None
+        );
+        let p = write(dir.path(), "[volumes]\norphan_retention = \"7d\"\n");
+        let args = ServerArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let c = load_with(&args, &env()).unwrap();
+        assert_eq!(c.orphan_retention, Some(Duration::from_secs(7 * 86_400)));
+        let args = ServerArgs {
+            config: Some(p.clone()),
+            orphan_retention: Some("off".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            load_with(&args, &env()).unwrap().orphan_retention,
+            None,
+            "the flag wins"
+        );
+        let args = ServerArgs {
+            config: Some(p),
+            orphan_retention: Some("1s".into()),
+            ..Default::default()
+        };
+        let e = load_with(&args, &env()).unwrap_err().to_string();
+        assert!(e.contains("--orphan-retention"), "{e}");
+        assert!(e.contains("from 10s to 10y"), "{e}");
+    }
+
+    #[test]
+    fn heartbeat_timeout_comes_from_the_file_or_the_flag_within_its_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "[hosts]\nheartbeat_timeout = \"10s\"\n");
+        let args = ServerArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let c = load_with(&args, &env()).unwrap();
+        assert_eq!(c.heartbeat_timeout, Duration::from_secs(10));
+        assert_eq!(
+            load_with(&ServerArgs::default(), &env())
+                .unwrap()
+                .heartbeat_timeout,
+            DEFAULT_HEARTBEAT_TIMEOUT
+        );
+        let args = ServerArgs {
+            config: Some(p),
+            heartbeat_timeout: Some("1s".into()),
+            ..Default::default()
+        };
+        let e = load_with(&args, &env()).unwrap_err().to_string();
+        assert!(e.contains("--heartbeat-timeout"), "{e}");
+        assert!(e.contains("from 2s to 1h"), "{e}");
     }
 
     #[test]

@@ -100,7 +100,23 @@ pub fn layers_of(
             patch: instance.spec.config.as_value(),
         });
     }
+    if instance.spec.metrics.gateway {
+        out.push(OwnedLayer {
+            kind: LayerKind::Instance,
+            source: format!("{}#spec.metrics.gateway", instance.key()),
+            patch: gateway_metrics_patch(),
+        });
+    }
     out
+}
+
+/// What `spec.metrics.gateway: true` sets over every other layer: the Gateway's diagnostics
+/// and its Prometheus plugin (the agent scrapes `/api/diagnostics/prometheus`).
+pub fn gateway_metrics_patch() -> Value {
+    serde_json::json!({
+        "diagnostics": { "enabled": true },
+        "plugins": { "entries": { "diagnostics-prometheus": { "enabled": true } } },
+    })
 }
 
 /// Borrowed layers, for the merge functions.
@@ -292,6 +308,36 @@ pub fn content_hash(config_bytes: &[u8], env: &BTreeMap<String, String>) -> Stri
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_gateway_metrics_switch_sets_the_diagnostics_keys_over_every_layer() {
+        let mut instance: OpenClawInstance = serde_json::from_value(serde_json::json!({
+            "apiVersion": "clusterclaw.io/v1", "kind": "OpenClawInstance",
+            "metadata": {"name": "bot", "tenant": "t", "project": "p"},
+            "spec": {"config": {"diagnostics": {"enabled": false}}, "metrics": {"gateway": true}}
+        }))
+        .unwrap();
+        let config = render(&layers_of(&instance, None, None, None));
+        assert_eq!(config["diagnostics"]["enabled"], true);
+        assert_eq!(
+            config["plugins"]["entries"]["diagnostics-prometheus"]["enabled"],
+            true
+        );
+        assert_eq!(
+            crate::openclaw::schema::Schema::builtin().validate(&config),
+            Ok(())
+        );
+        instance.spec.metrics.gateway = false;
+        let config = render(&layers_of(&instance, None, None, None));
+        assert_eq!(config["diagnostics"]["enabled"], false);
+        let bad = serde_json::from_value::<OpenClawInstance>(serde_json::json!({
+            "apiVersion": "clusterclaw.io/v1", "kind": "OpenClawInstance",
+            "metadata": {"name": "bot", "tenant": "t", "project": "p"},
+            "spec": {"metrics": {"gateways": true}}
+        }));
+        assert!(bad.unwrap_err().to_string().contains("gateways"));
+    }
+
     use super::*;
     use serde_json::json;
 

@@ -1,5 +1,6 @@
 //! openClusterClaw control plane: resource model, store, REST API, agent RPC, controllers, CLI.
 
+pub mod accept;
 pub mod agent_rpc;
 pub mod api;
 pub mod audit;
@@ -9,6 +10,7 @@ pub mod config;
 pub mod configcenter;
 pub mod controllers;
 pub mod crypto;
+pub mod events;
 pub mod metrics;
 pub mod model;
 pub mod notify;
@@ -19,5 +21,6 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod ui;
 pub mod util;
 pub mod yaml;

@@ -15,7 +15,7 @@ fn main() -> ExitCode {
     // Usage errors exit with 2, `--help` and `--version` with 0.
     let cli = Cli::parse();
     match cli.command {
-        Command::Server(args) => clusterclaw_server::server::main(args),
+        Command::Server(args) => clusterclaw_server::server::main(*args),
         command => match cli::run(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {

@@ -20,9 +20,11 @@ use tokio::task::JoinSet;
 use crate::agent_rpc::{self, AgentRpc, AgentTls};
 use crate::api::{self, ApiState};
 use crate::auth::{self, ADMIN_TOKEN_FILE};
+use crate::config::StoreChoice;
 use crate::config::{EX_USAGE, ServerArgs, ServerConfig};
 use crate::pki::{self, PkiSetup};
 use crate::store::Store;
+use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::telemetry;
 use crate::util::blocking;
@@ -146,19 +148,46 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
     let db = data_dir.join(DB_FILE);
     let db_path = db.clone();
     let schema_path = config.openclaw_schema.clone();
-    let store: Arc<dyn Store> = Arc::new(
-        blocking("opening the store", move || {
-            let store = SqliteStore::open(&db_path)
-                .with_context(|| format!("cannot open the store {}", db_path.display()))?;
-            if let Some(path) = schema_path {
-                let schema = crate::openclaw::schema::Schema::load(&path)
-                    .map_err(|e| anyhow!("the openclaw.json schema: {e}"))?;
-                store.set_schema(Arc::new(schema));
+    let store_choice = config.store.clone();
+    let (store, shown): (Arc<dyn Store>, String) = blocking("opening the store", move || {
+        let schema = match schema_path {
+            Some(path) => Some(Arc::new(
+                crate::openclaw::schema::Schema::load(&path)
+                    .map_err(|e| anyhow!("the openclaw.json schema: {e}"))?,
+            )),
+            None => None,
+        };
+        anyhow::Ok(match store_choice {
+            StoreChoice::Sqlite => {
+                let store = SqliteStore::open(&db_path)
+                    .with_context(|| format!("cannot open the store {}", db_path.display()))?;
+                if let Some(schema) = schema {
+                    store.set_schema(schema);
+                }
+                let shown = db_path.display().to_string();
+                (Arc::new(store) as Arc<dyn Store>, shown)
             }
-            anyhow::Ok(store)
+            StoreChoice::Postgres(target) => {
+                let store = PgStore::open(&target).with_context(|| {
+                    format!(
+                        "cannot open the store {}",
+                        crate::store::postgres::redact(&target.url)
+                    )
+                })?;
+                if let Some(schema) = schema {
+                    store.set_schema(schema);
+                }
+                tracing::warn!(
+                    "the PostgreSQL store keeps objects, tokens, the audit log and heartbeats; \
+                     instance revisions, secret values, the change log (watches), events and \
+                     host volumes are kept only by the SQLite store so far"
+                );
+                let shown = store.shown().to_string();
+                (Arc::new(store) as Arc<dyn Store>, shown)
+            }
         })
-        .await??,
-    );
+    })
+    .await??;
     // The key the values of secrets are sealed with, beside the database.
     let keyring_path = data_dir.join(SECRETS_KEY_FILE);
     let keyring: crate::configcenter::SharedKeyring = {
@@ -170,7 +199,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         .await??;
         Arc::new(std::sync::RwLock::new(Some(Arc::new(k))))
     };
-    tracing::info!(path = %db.display(), index = store.index(), "store opened");
+    tracing::info!(store = %shown, index = store.index(), "store opened");
 
     let token_store = Arc::clone(&store);
     let token_dir = data_dir.clone();
@@ -273,7 +302,24 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         )),
         reports: Arc::default(),
         metrics: Arc::default(),
+        tasks: Arc::default(),
     };
+    // The expiry of the server's certificates, for `/metrics` (and the alert on it).
+    for (name, pem) in [
+        ("ca", Some(agent_tls.ca_pem.clone())),
+        ("agent-port", Some(agent_tls.cert_pem.clone())),
+        (
+            "api",
+            config
+                .api_tls
+                .as_ref()
+                .and_then(|f| fs::read_to_string(&f.cert).ok()),
+        ),
+    ] {
+        if let Some(at) = pem.as_deref().and_then(pki::pem_not_after) {
+            rpc.metrics.set_certificate_expiry(name, at);
+        }
+    }
     {
         let (rpc, mut stop) = (rpc.clone(), tasks_stop.clone());
         tasks.spawn(async move {
@@ -293,7 +339,38 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
             "assignment book"
         });
     }
+    {
+        let (store, stop, resync, ttl) = (
+            Arc::clone(&store),
+            tasks_stop.clone(),
+            config.resync_interval,
+            config.heartbeat_timeout,
+        );
+        tasks.spawn(async move {
+            crate::controllers::hosts::run(store, stop, resync, ttl).await;
+            "host liveness controller"
+        });
+    }
 
+    {
+        let (store, stop, resync, retention) = (
+            Arc::clone(&store),
+            tasks_stop.clone(),
+            config.resync_interval,
+            config.orphan_retention,
+        );
+        tasks.spawn(async move {
+            crate::controllers::volumes::run(store, stop, resync, retention).await;
+            "volume controller"
+        });
+    }
+    {
+        let (store, stop, retention) = (Arc::clone(&store), tasks_stop.clone(), config.events);
+        tasks.spawn(async move {
+            crate::events::run_flusher(store, retention, stop).await;
+            "events"
+        });
+    }
     crate::model::set_fleet_defaults(config.fleet.clone());
     {
         let (store, stop, resync) = (
@@ -321,6 +398,13 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
             "rollout controller"
         });
     }
+    {
+        let (store, hub, stop) = (Arc::clone(&store), rpc.tasks.clone(), tasks_stop.clone());
+        tasks.spawn(async move {
+            crate::controllers::drain::run(store, hub, stop).await;
+            "drain controller"
+        });
+    }
 
     tracing::info!(
         api = %endpoints.api,
@@ -334,6 +418,8 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
     let mut options = api_options(&config, &store).await?;
     options.keyring = keyring;
     options.keyring_path = Some(keyring_path);
+    options.tasks = Arc::clone(&rpc.tasks);
+    options.secure_cookies = tls.is_some();
     let audit = options.audit.clone();
     let state = ApiState::with_options(
         Arc::clone(&store),

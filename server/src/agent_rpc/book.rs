@@ -31,6 +31,8 @@ pub struct HostAssignments {
     pub assignments: Vec<pb::Assignment>,
     /// Volumes of replicas no longer assigned here that the agent must keep.
     pub retained_volumes: Vec<pb::RetainedVolume>,
+    /// State volumes whose removal was asked for, by name.
+    pub delete_volumes: Vec<String>,
 }
 
 /// What a long poll ends with.
@@ -40,9 +42,15 @@ pub enum Wait {
     NoChange,
 }
 
-/// Every host's assignments, kept in memory so that waiting polls read no database.
+/// Every host's assignments, kept in memory so that waiting polls read no database. Work is
+/// in proportion to what changed: an instance whose assigned view, newest revision and secret
+/// values stayed as they were is not rendered again, a changed one re-renders only its own
+/// replicas (reusing its rendered revisions while its spec stays), and only the hosts its
+/// replicas leave or reach are assembled again.
 pub struct AssignmentBook {
     hosts: RwLock<HashMap<String, Arc<HostAssignments>>>,
+    /// What each instance contributes to its hosts, as last rendered.
+    parts: Mutex<Parts>,
     /// Opens secret values; none when the server has no key file (then no instance may use
     /// secrets).
     keyring: crate::configcenter::SharedKeyring,
@@ -57,6 +65,7 @@ impl Default for AssignmentBook {
     fn default() -> Self {
         AssignmentBook {
             hosts: RwLock::default(),
+            parts: Mutex::default(),
             keyring: Arc::default(),
             opened: Mutex::default(),
             version: watch::channel(0).0,
@@ -81,6 +90,8 @@ pub struct ConfigInputs {
     pub revisions: HashMap<(String, u64), RevisionContent>,
     /// Volumes kept of deleted instances.
     pub deleted_volumes: Vec<DeletedVolume>,
+    /// Host → names of its state volumes whose removal was asked for, sorted.
+    pub volume_deletions: HashMap<String, Vec<String>>,
 }
 
 impl ConfigInputs {
@@ -193,6 +204,8 @@ fn fallback_config(instance: &OpenClawInstance) -> String {
 /// What the replicas of one revision get, rendered once for all of them.
 struct Rendered {
     revision: u64,
+    /// The sealed values it opened.
+    envelopes: Vec<String>,
     image: String,
     env: BTreeMap<String, String>,
     config_json: String,
@@ -295,6 +308,7 @@ fn render_revision(
     let content_hash = configcenter::content_hash(config_json.as_bytes(), &env);
     Ok(Rendered {
         revision,
+        envelopes: Vec::new(),
         image,
         env,
         config_json,
@@ -304,16 +318,40 @@ fn render_revision(
     })
 }
 
+/// Renders revision `revision` of `instance` as [`render_revision`] does, noting which sealed
+/// values it opened.
+fn render_noted(
+    instance: &OpenClawInstance,
+    revision: u64,
+    content: Option<&RevisionContent>,
+    config_text: Option<&str>,
+    opener: &mut Opener<'_>,
+) -> Result<Rendered, String> {
+    let outer = std::mem::take(&mut opener.used);
+    let rendered = render_revision(instance, revision, content, config_text, opener);
+    let used = std::mem::replace(&mut opener.used, outer);
+    opener.used.extend(used.iter().cloned());
+    rendered.map(|mut r| {
+        r.envelopes = used.into_iter().collect();
+        r
+    })
+}
+
+/// The revisions rendered for one instance's replicas, by revision number.
+type Renders = BTreeMap<u64, Arc<Rendered>>;
+
 /// The replicas of `instance` placed on each host, as the agent receives them, each rendered
-/// from the revision it targets (none: the newest); an error when a secret it references
-/// cannot be opened.
+/// from the revision it targets (none: the newest), and the renders they use; a render in
+/// `cache` is taken as it is. An error when a secret it references cannot be opened.
 fn assignments_with(
     instance: &OpenClawInstance,
     inputs: &ConfigInputs,
     opener: &mut Opener<'_>,
-) -> Result<Vec<(String, pb::Assignment)>, String> {
+    cache: &Renders,
+) -> Result<(Vec<(String, pb::Assignment)>, Renders), String> {
+    let mut rendered = Renders::new();
     let Some(status) = &instance.status else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), rendered));
     };
     let spec = &instance.spec;
     let m = &instance.metadata;
@@ -327,7 +365,6 @@ fn assignments_with(
         .copied()
         .or(newest_text.map(|(n, _)| *n))
         .unwrap_or(0);
-    let mut rendered: BTreeMap<u64, Rendered> = BTreeMap::new();
     let mut out = Vec::new();
     for r in status
         .replica_status
@@ -338,19 +375,27 @@ fn assignments_with(
             continue;
         };
         let mut revision = r.target_revision.unwrap_or(newest);
-        if revision != newest && !inputs.revisions.contains_key(&(uid.clone(), revision)) {
+        if revision != newest
+            && !inputs.revisions.contains_key(&(uid.clone(), revision))
+            && !cache.contains_key(&revision)
+        {
             tracing::warn!(instance = %instance.key(), replica = %r.name, revision, "the revision this replica targets is not stored; it gets the newest");
             revision = newest;
         }
         let v = match rendered.entry(revision) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::btree_map::Entry::Vacant(e) => {
-                let content = inputs.revisions.get(&(uid.clone(), revision));
-                let text = newest_text
-                    .filter(|(n, _)| *n == revision)
-                    .map(|(_, t)| t.as_str());
-                e.insert(render_revision(instance, revision, content, text, opener)?)
-            }
+            std::collections::btree_map::Entry::Vacant(e) => match cache.get(&revision) {
+                Some(done) => e.insert(done.clone()),
+                None => {
+                    let content = inputs.revisions.get(&(uid.clone(), revision));
+                    let text = newest_text
+                        .filter(|(n, _)| *n == revision)
+                        .map(|(_, t)| t.as_str());
+                    e.insert(Arc::new(render_noted(
+                        instance, revision, content, text, opener,
+                    )?))
+                }
+            },
         };
         out.push((
             host,
@@ -370,10 +415,17 @@ fn assignments_with(
                 config_revision: v.revision,
                 content_hash: v.content_hash.clone(),
                 termination_grace_seconds: spec.termination_grace().as_secs() as u32,
+                epoch: r.epoch.unwrap_or(0),
+                stop_after_seconds: spec.failover.stop_after_seconds(),
+                import_transfer: r
+                    .state_from
+                    .as_ref()
+                    .map(|f| f.transfer.clone())
+                    .unwrap_or_default(),
             },
         ));
     }
-    Ok(out)
+    Ok((out, rendered))
 }
 
 /// The volumes each host must keep although no replica of theirs is assigned: those of
@@ -385,10 +437,11 @@ fn retained_by_host(
 ) -> HashMap<String, Vec<pb::RetainedVolume>> {
     let mut out: HashMap<String, Vec<pb::RetainedVolume>> = HashMap::new();
     for i in instances {
-        if i.spec.volume_retention.when_scaled != RetentionPolicy::Retain {
+        let Some(status) = &i.status else { continue };
+        let retain_scaled = i.spec.volume_retention.when_scaled == RetentionPolicy::Retain;
+        if !retain_scaled && !status.retained_volumes.iter().any(|v| v.always_kept()) {
             continue;
         }
-        let Some(status) = &i.status else { continue };
         let m = &i.metadata;
         // Replicas a scale-down just removed, which the scheduler has not yet moved into
         // `retainedVolumes`: their assignments go with this very spec change, so their volumes
@@ -396,11 +449,13 @@ fn retained_by_host(
         let removed = status
             .replica_status
             .iter()
+            .filter(|_| retain_scaled)
             .filter(|r| i64::from(r.ordinal) >= i.spec.replicas)
             .filter_map(|r| Some((r.host.clone()?, r.name.clone())));
         let listed = status
             .retained_volumes
             .iter()
+            .filter(|v| retain_scaled || v.always_kept())
             .map(|v| (v.host.clone(), v.replica.clone()));
         for (host, replica) in listed.chain(removed) {
             out.entry(host).or_default().push(pb::RetainedVolume {
@@ -424,23 +479,7 @@ fn retained_by_host(
             });
     }
     for list in out.values_mut() {
-        list.sort_by(|a, b| {
-            (
-                &a.tenant,
-                &a.project,
-                &a.instance,
-                &a.replica,
-                &a.instance_uid,
-            )
-                .cmp(&(
-                    &b.tenant,
-                    &b.project,
-                    &b.instance,
-                    &b.replica,
-                    &b.instance_uid,
-                ))
-        });
-        list.dedup();
+        sort_retained(list);
     }
     out
 }
@@ -455,7 +494,137 @@ pub fn assignments_of(instance: &OpenClawInstance) -> Vec<(String, pb::Assignmen
         memo: &mut memo,
         used: HashSet::new(),
     };
-    assignments_with(instance, &inputs, &mut opener).unwrap_or_default()
+    assignments_with(instance, &inputs, &mut opener, &Renders::new())
+        .map(|(list, _)| list)
+        .unwrap_or_default()
+}
+
+/// What one instance contributes to one host.
+#[derive(Debug, Default)]
+struct Part {
+    /// Its replicas placed there, by ordinal.
+    assignments: Vec<pb::Assignment>,
+    /// Its volumes kept there.
+    retained: Vec<pb::RetainedVolume>,
+    /// Of both, so that a host's digest needs no re-encoding of what did not change.
+    digest: [u8; 32],
+}
+
+/// One instance as the book last rendered it.
+struct Entry {
+    /// The instance rendered: its assigned view decides whether a later one is rendered again.
+    instance: OpenClawInstance,
+    /// Its newest revision then.
+    newest: u64,
+    /// Its renders, by revision: reused while its generation stays, dropped when no replica of
+    /// it targets their revision any more.
+    rendered: Renders,
+    /// By host.
+    parts: BTreeMap<String, Part>,
+}
+
+impl Entry {
+    fn uses_secrets(&self) -> bool {
+        self.rendered.values().any(|r| !r.envelopes.is_empty())
+    }
+}
+
+/// Every instance's contribution, and which instances each host has a part of.
+#[derive(Default)]
+struct Parts {
+    entries: HashMap<crate::model::ObjectKey, Entry>,
+    /// Host → the instances with a part there, in the order their assignments are listed.
+    by_host: HashMap<String, std::collections::BTreeSet<crate::model::ObjectKey>>,
+    /// Volumes kept of deleted instances, by host.
+    deleted: HashMap<String, Vec<pb::RetainedVolume>>,
+    /// The sealed values the renders were made with.
+    sealed: HashMap<(String, String, String, String), String>,
+    /// Host → names of its state volumes whose removal was asked for, sorted.
+    deletions: HashMap<String, Vec<String>>,
+}
+
+impl Parts {
+    fn remove(
+        &mut self,
+        key: &crate::model::ObjectKey,
+        touched: &mut HashSet<String>,
+    ) -> Option<Entry> {
+        let e = self.entries.remove(key)?;
+        for host in e.parts.keys() {
+            touched.insert(host.clone());
+            if let Some(set) = self.by_host.get_mut(host) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.by_host.remove(host);
+                }
+            }
+        }
+        Some(e)
+    }
+
+    fn insert(&mut self, key: crate::model::ObjectKey, e: Entry, touched: &mut HashSet<String>) {
+        for host in e.parts.keys() {
+            touched.insert(host.clone());
+            self.by_host
+                .entry(host.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        self.entries.insert(key, e);
+    }
+}
+
+fn digest_part(assignments: &[pb::Assignment], retained: &[pb::RetainedVolume]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for a in assignments {
+        h.update(a.encode_to_vec());
+    }
+    // The retained volumes are part of what the host is told: a change to them moves its
+    // index too.
+    h.update(b"retained\0");
+    for v in retained {
+        h.update(v.encode_to_vec());
+    }
+    h.finalize().into()
+}
+
+/// The parts of one instance by host, from its assignments and kept volumes.
+fn parts_of(
+    list: Vec<(String, pb::Assignment)>,
+    retained: HashMap<String, Vec<pb::RetainedVolume>>,
+) -> BTreeMap<String, Part> {
+    let mut parts: BTreeMap<String, Part> = BTreeMap::new();
+    for (host, a) in list {
+        parts.entry(host).or_default().assignments.push(a);
+    }
+    for (host, kept) in retained {
+        parts.entry(host).or_default().retained = kept;
+    }
+    for p in parts.values_mut() {
+        p.assignments.sort_by_key(|a| a.ordinal);
+        p.digest = digest_part(&p.assignments, &p.retained);
+    }
+    parts
+}
+
+fn sort_retained(list: &mut Vec<pb::RetainedVolume>) {
+    list.sort_by(|a, b| {
+        (
+            &a.tenant,
+            &a.project,
+            &a.instance,
+            &a.replica,
+            &a.instance_uid,
+        )
+            .cmp(&(
+                &b.tenant,
+                &b.project,
+                &b.instance,
+                &b.replica,
+                &b.instance_uid,
+            ))
+    });
+    list.dedup();
 }
 
 impl AssignmentBook {
@@ -476,8 +645,45 @@ impl AssignmentBook {
     /// [`AssignmentBook::rebuild`] with configs and secrets. An instance whose secrets cannot
     /// be opened keeps the assignments it had (its replicas keep running) and is logged.
     pub fn rebuild_with(&self, instances: &[OpenClawInstance], inputs: &ConfigInputs, index: u64) {
-        let mut per_host: HashMap<String, Vec<pb::Assignment>> = HashMap::new();
-        let mut stuck: HashSet<(String, String, String)> = HashSet::new();
+        let present: HashSet<crate::model::ObjectKey> =
+            instances.iter().map(OpenClawInstance::key).collect();
+        let removed: Vec<crate::model::ObjectKey> = {
+            let parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+            parts
+                .entries
+                .keys()
+                .filter(|k| !present.contains(*k))
+                .cloned()
+                .collect()
+        };
+        self.update(instances, &removed, inputs, index);
+    }
+
+    /// Brings the book up to date with the instances given (changed or new; one whose
+    /// assigned view, newest revision and secret values are as they were costs a comparison)
+    /// and the removal of `removed`, read at store index `index` with `inputs` (which hold at
+    /// least the revisions the given instances use). Hosts whose assignments or kept volumes
+    /// changed get `index` as their change index. Returns the instances that could not be
+    /// rendered (they keep what they had).
+    pub fn update(
+        &self,
+        instances: &[OpenClawInstance],
+        removed: &[crate::model::ObjectKey],
+        inputs: &ConfigInputs,
+        index: u64,
+    ) -> Vec<crate::model::ObjectKey> {
+        let mut parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        let parts = &mut *parts;
+        let mut touched: HashSet<String> = HashSet::new();
+        let mut stuck = Vec::new();
+        for key in removed {
+            parts.remove(key, &mut touched);
+        }
+        let sealed_changed = parts.sealed != inputs.sealed;
+        if sealed_changed {
+            parts.sealed = inputs.sealed.clone();
+        }
+        let mut rendered_any = false;
         {
             let keyring = crate::configcenter::current_keyring(&self.keyring);
             let mut memo = self.opened.lock().unwrap_or_else(|e| e.into_inner());
@@ -488,72 +694,123 @@ impl AssignmentBook {
                 used: HashSet::new(),
             };
             for inst in instances {
-                match assignments_with(inst, inputs, &mut opener) {
-                    Ok(list) => {
-                        for (host, a) in list {
-                            per_host.entry(host).or_default().push(a);
+                let key = inst.key();
+                let uid = inst.metadata.uid.clone().unwrap_or_default();
+                let newest = inputs
+                    .newest
+                    .get(&uid)
+                    .copied()
+                    .or(inputs.configs.get(&uid).map(|(n, _)| *n))
+                    .unwrap_or(0);
+                let cached = parts.entries.get(&key);
+                if let Some(e) = cached
+                    && e.newest == newest
+                    && !(sealed_changed && e.uses_secrets())
+                    && e.instance.assigned_view() == inst.assigned_view()
+                {
+                    continue;
+                }
+                // Renders stay good while the spec (what a revision did not record comes
+                // from) and the secret values are as they were.
+                let reusable = cached
+                    .filter(|e| {
+                        !sealed_changed
+                            && e.instance.metadata.generation == inst.metadata.generation
+                            && e.instance.spec == inst.spec
+                    })
+                    .map(|e| &e.rendered);
+                let empty = Renders::new();
+                match assignments_with(inst, inputs, &mut opener, reusable.unwrap_or(&empty)) {
+                    Ok((list, rendered)) => {
+                        rendered_any = true;
+                        let retained = retained_by_host(std::slice::from_ref(inst), &[]);
+                        let entry = Entry {
+                            instance: inst.clone(),
+                            newest,
+                            rendered,
+                            parts: parts_of(list, retained),
+                        };
+                        // Only hosts whose part of this instance changed are assembled again.
+                        let mut scratch = HashSet::new();
+                        let before = parts.remove(&key, &mut scratch).unwrap_or_else(|| Entry {
+                            instance: inst.clone(),
+                            newest,
+                            rendered: Renders::new(),
+                            parts: BTreeMap::new(),
+                        });
+                        for host in before.parts.keys().chain(entry.parts.keys()) {
+                            let (b, a) = (before.parts.get(host), entry.parts.get(host));
+                            if b.map(|p| p.digest) != a.map(|p| p.digest) {
+                                touched.insert(host.clone());
+                            }
                         }
+                        parts.insert(key, entry, &mut scratch);
                     }
                     Err(e) => {
-                        tracing::error!(instance = %inst.key(), error = %e, "cannot make this instance's assignments; its replicas keep what they run");
-                        let m = &inst.metadata;
-                        stuck.insert((
-                            m.tenant.clone().unwrap_or_default(),
-                            m.project.clone().unwrap_or_default(),
-                            m.name.clone(),
-                        ));
+                        tracing::error!(instance = %key, error = %e, "cannot make this instance's assignments; its replicas keep what they run");
+                        stuck.push(key);
                     }
                 }
             }
-            let used = std::mem::take(&mut opener.used);
-            memo.retain(|sealed, _| used.contains(sealed));
-        }
-        if !stuck.is_empty() {
-            let hosts = self.hosts.read().unwrap_or_else(|e| e.into_inner());
-            for (name, cur) in hosts.iter() {
-                for a in &cur.assignments {
-                    if stuck.contains(&(a.tenant.clone(), a.project.clone(), a.instance.clone())) {
-                        per_host.entry(name.clone()).or_default().push(a.clone());
-                    }
-                }
+            if rendered_any || sealed_changed || !removed.is_empty() {
+                let used: HashSet<&String> = parts
+                    .entries
+                    .values()
+                    .flat_map(|e| e.rendered.values())
+                    .flat_map(|r| r.envelopes.iter())
+                    .collect();
+                memo.retain(|sealed, _| used.contains(sealed));
             }
         }
-        let mut retained = retained_by_host(instances, &inputs.deleted_volumes);
+        let mut deleted: HashMap<String, Vec<pb::RetainedVolume>> =
+            retained_by_host(&[], &inputs.deleted_volumes);
+        if deleted != parts.deleted {
+            touched.extend(deleted.keys().cloned());
+            touched.extend(parts.deleted.keys().cloned());
+            std::mem::swap(&mut parts.deleted, &mut deleted);
+        }
+        let mut deletions = inputs.volume_deletions.clone();
+        for names in deletions.values_mut() {
+            names.sort();
+        }
+        deletions.retain(|_, names| !names.is_empty());
+        if deletions != parts.deletions {
+            touched.extend(deletions.keys().cloned());
+            touched.extend(parts.deletions.keys().cloned());
+            std::mem::swap(&mut parts.deletions, &mut deletions);
+        }
         let mut changed = false;
         {
             let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
-            let previous: Vec<String> = hosts.keys().cloned().collect();
-            for name in previous.into_iter().chain(retained.keys().cloned()) {
-                per_host.entry(name).or_default();
-            }
-            for (name, mut list) in per_host {
-                list.sort_by(|a, b| {
-                    (&a.tenant, &a.project, &a.instance, a.ordinal).cmp(&(
-                        &b.tenant,
-                        &b.project,
-                        &b.instance,
-                        b.ordinal,
-                    ))
-                });
-                let kept = retained.remove(&name).unwrap_or_default();
+            for name in touched {
+                let mut list = Vec::new();
+                let mut kept = Vec::new();
                 let mut h = Sha256::new();
-                for a in &list {
-                    h.update(a.encode_to_vec());
+                for key in parts.by_host.get(&name).into_iter().flatten() {
+                    let Some(p) = parts.entries.get(key).and_then(|e| e.parts.get(&name)) else {
+                        continue;
+                    };
+                    list.extend(p.assignments.iter().cloned());
+                    kept.extend(p.retained.iter().cloned());
+                    h.update(p.digest);
                 }
-                // The retained volumes are part of what the host is told: a change to them
-                // moves its index too.
-                h.update(b"retained\0");
-                for v in &kept {
-                    h.update(v.encode_to_vec());
+                if let Some(d) = parts.deleted.get(&name) {
+                    kept.extend(d.iter().cloned());
+                    h.update(digest_part(&[], d));
                 }
+                let delete = parts.deletions.get(&name).cloned().unwrap_or_default();
+                h.update(b"delete\0");
+                for v in &delete {
+                    h.update(v.as_bytes());
+                    h.update(b"\0");
+                }
+                sort_retained(&mut kept);
                 let digest: [u8; 32] = h.finalize().into();
                 match hosts.get(&name) {
                     Some(cur) if cur.digest == digest => {}
+                    None if list.is_empty() && kept.is_empty() && delete.is_empty() => {}
                     _ => {
                         changed = true;
-                        if list.is_empty() && kept.is_empty() && !hosts.contains_key(&name) {
-                            continue;
-                        }
                         hosts.insert(
                             name,
                             Arc::new(HostAssignments {
@@ -561,6 +818,7 @@ impl AssignmentBook {
                                 digest,
                                 assignments: list,
                                 retained_volumes: kept,
+                                delete_volumes: delete,
                             }),
                         );
                     }
@@ -576,6 +834,7 @@ impl AssignmentBook {
         if changed || first {
             self.version.send_modify(|v| *v += 1);
         }
+        stuck
     }
 
     /// The host's current assignments (empty, at the book's first build index, if it has none).
@@ -610,51 +869,144 @@ impl AssignmentBook {
     }
 }
 
-/// Keeps the book current: rebuilds it after every store change, until `shutdown` flips.
+/// What the book's loop knows of the store: each instance's uid and resourceVersion as last
+/// read, and the inputs shared by many instances.
+#[derive(Default)]
+struct Seen {
+    instances: HashMap<crate::model::ObjectKey, (String, u64)>,
+    newest: HashMap<String, u64>,
+    sealed: Vec<SealedValue>,
+}
+
+/// One pass: reads the instances changed since `seen` (all of them on the first pass or
+/// after a secret's value changed), the revisions they use and the shared inputs, and hands
+/// them to the book.
+fn pass(
+    store: &dyn Store,
+    book: &AssignmentBook,
+    seen: &mut Seen,
+    index: u64,
+) -> Result<(), crate::store::StoreError> {
+    let versions = store.versions(Kind::OpenClawInstance)?;
+    let newest = store.newest_revisions()?;
+    let sealed = store.sealed_values()?;
+    if sealed != seen.sealed {
+        // Renders may hold the old values: every instance is looked at again.
+        seen.instances.clear();
+    }
+    let present: HashSet<&crate::model::ObjectKey> = versions.iter().map(|(k, _, _)| k).collect();
+    let removed: Vec<crate::model::ObjectKey> = seen
+        .instances
+        .keys()
+        .filter(|k| !present.contains(k))
+        .cloned()
+        .collect();
+    let changed: Vec<&crate::model::ObjectKey> = versions
+        .iter()
+        .filter(|(k, uid, rv)| match seen.instances.get(k) {
+            Some((u, v)) => u != uid || v != rv || seen.newest.get(uid) != newest.get(uid),
+            None => true,
+        })
+        .map(|(k, _, _)| k)
+        .collect();
+    let mut read: HashMap<crate::model::ObjectKey, (String, u64)> = HashMap::new();
+    let mut decode = |o: &crate::store::StoredObject| match o.resource() {
+        Ok(Resource::OpenClawInstance(i)) => {
+            read.insert(o.key.clone(), (o.uid.clone(), o.resource_version));
+            Some(i)
+        }
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "skipping an undecodable instance");
+            None
+        }
+    };
+    // Each raw object is dropped as soon as it is decoded.
+    let instances: Vec<OpenClawInstance> = if changed.len() * 2 > versions.len() {
+        let wanted: HashSet<&crate::model::ObjectKey> = changed.iter().copied().collect();
+        store
+            .list(&ListFilter::all(Kind::OpenClawInstance))?
+            .iter()
+            .filter(|o| wanted.contains(&o.key))
+            .filter_map(&mut decode)
+            .collect()
+    } else {
+        let mut out = Vec::with_capacity(changed.len());
+        for key in &changed {
+            if let Some(o) = store.get(key)? {
+                out.extend(decode(&o));
+            }
+        }
+        out
+    };
+    // The revisions in use: each changed instance's newest and every replica's target, read
+    // by (uid, revision).
+    let newest_of_changed: HashMap<String, u64> = instances
+        .iter()
+        .filter_map(|i| {
+            let uid = i.metadata.uid.as_ref()?;
+            Some((uid.clone(), *newest.get(uid)?))
+        })
+        .collect();
+    let wanted = ConfigInputs::wanted(&instances, &newest_of_changed);
+    let mut inputs = ConfigInputs::from_sealed(HashMap::new(), sealed.clone())
+        .with_revisions(store.revision_contents(&wanted)?);
+    inputs.newest = newest.clone();
+    inputs.deleted_volumes = store.deleted_volumes()?;
+    for (host, name) in store.volume_deletions()? {
+        inputs.volume_deletions.entry(host).or_default().push(name);
+    }
+    let stuck: HashSet<crate::model::ObjectKey> = book
+        .update(&instances, &removed, &inputs, index)
+        .into_iter()
+        .collect();
+    for key in &removed {
+        seen.instances.remove(key);
+    }
+    for (key, version) in read {
+        if stuck.contains(&key) {
+            // Tried again on the next pass.
+            seen.instances.remove(&key);
+        } else {
+            seen.instances.insert(key, version);
+        }
+    }
+    seen.newest = newest;
+    seen.sealed = sealed;
+    Ok(())
+}
+
+/// Keeps the book current: brings it up to date after every store change that may reach
+/// hosts ([`Store::subscribe_desired`]; writes of observed state alone wake nothing), until
+/// `shutdown` flips.
 pub async fn run(
     store: Arc<dyn Store>,
     book: Arc<AssignmentBook>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut changes = store.subscribe();
+    let mut changes = store.subscribe_desired();
+    let mut seen = Seen::default();
     loop {
         let index = store.index();
         let (s, b) = (store.clone(), book.clone());
-        // Reading and decoding every instance is CPU work: it runs on the blocking pool, and
-        // each raw object is dropped as soon as it is decoded.
+        // Reading and decoding instances is CPU work: it runs on the blocking pool.
         let rebuilt = tokio::task::spawn_blocking(move || {
-            let objects = s.list(&ListFilter::all(Kind::OpenClawInstance))?;
-            let instances: Vec<OpenClawInstance> = objects
-                .into_iter()
-                .filter_map(|o| match o.resource() {
-                    Ok(Resource::OpenClawInstance(i)) => Some(i),
-                    Ok(_) => None,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "skipping an undecodable instance");
-                        None
-                    }
-                })
-                .collect();
-            // The revisions in use: each instance's newest and every replica's target, read
-            // by (uid, revision).
-            let newest = s.newest_revisions()?;
-            let wanted = ConfigInputs::wanted(&instances, &newest);
-            let mut inputs = ConfigInputs::from_sealed(HashMap::new(), s.sealed_values()?)
-                .with_revisions(s.revision_contents(&wanted)?);
-            inputs.newest = newest;
-            inputs.deleted_volumes = s.deleted_volumes()?;
-            b.rebuild_with(&instances, &inputs, index);
-            Ok::<(), crate::store::StoreError>(())
+            let r = pass(s.as_ref(), &b, &mut seen, index);
+            (r, seen)
         })
         .await;
         match rebuilt {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+            Ok((Ok(()), s)) => seen = s,
+            Ok((Err(e), s)) => {
+                seen = s;
                 tracing::warn!(error = %e, "could not read instances for the assignment book; retrying");
                 tokio::time::sleep(REBUILD_RETRY).await;
                 continue;
             }
-            Err(e) => tracing::error!(error = %e, "assignment book rebuild panicked"),
+            Err(e) => {
+                tracing::error!(error = %e, "assignment book pass panicked; reading everything again");
+                seen = Seen::default();
+            }
         }
         tokio::select! {
             r = changes.changed() => if r.is_err() { return },
@@ -768,6 +1120,100 @@ mod tests {
         assert!(book.current("h2").assignments.is_empty());
         assert_eq!(book.current("h2").index, 5);
         assert_eq!(book.current("nobody").assignments.len(), 0);
+    }
+
+    /// The render of `revision` the book holds for instance `name` of `t/p`.
+    fn render_of(book: &AssignmentBook, name: &str, revision: u64) -> Option<Arc<Rendered>> {
+        let parts = book.parts.lock().unwrap();
+        let e = parts
+            .entries
+            .get(&crate::model::ObjectKey::instance("t", "p", name))?;
+        e.rendered.get(&revision).cloned()
+    }
+
+    #[test]
+    fn only_what_changed_is_rendered_and_only_hosts_it_reaches_move() {
+        let book = AssignmentBook::default();
+        let bot = inst("bot", 1, &[Some("h1")], "1Gi");
+        let x = inst("x", 1, &[Some("h2")], "1Gi");
+        book.rebuild(&[bot.clone(), x.clone()], 2);
+        let (bot_render, x_render) = (
+            render_of(&book, "bot", 0).unwrap(),
+            render_of(&book, "x", 0).unwrap(),
+        );
+        // Observed state only: nothing is rendered, no host moves.
+        let mut ready = bot.clone();
+        let r = &mut ready.status.as_mut().unwrap().replica_status[0];
+        r.state = crate::model::ReplicaState::Ready;
+        r.restarts = 3;
+        book.update(
+            std::slice::from_ref(&ready),
+            &[],
+            &ConfigInputs::default(),
+            3,
+        );
+        assert!(Arc::ptr_eq(
+            &render_of(&book, "bot", 0).unwrap(),
+            &bot_render
+        ));
+        assert_eq!((book.current("h1").index, book.current("h2").index), (2, 2));
+        // Scaling bot places its second replica on h2: only h2 moves, and x is not looked at.
+        let scaled = inst("bot", 2, &[Some("h1"), Some("h2")], "1Gi");
+        book.update(
+            std::slice::from_ref(&scaled),
+            &[],
+            &ConfigInputs::default(),
+            4,
+        );
+        assert_eq!(
+            book.current("h1").index,
+            2,
+            "h1's part of bot did not change"
+        );
+        let h2 = book.current("h2");
+        assert_eq!(h2.index, 4);
+        let names: Vec<&str> = h2.assignments.iter().map(|a| a.instance.as_str()).collect();
+        assert_eq!(names, ["bot", "x"], "listed by tenant, project, instance");
+        assert!(Arc::ptr_eq(&render_of(&book, "x", 0).unwrap(), &x_render));
+        // Removal takes an instance's replicas away from its hosts only.
+        book.update(&[], &[x.key()], &ConfigInputs::default(), 5);
+        assert_eq!(book.current("h2").assignments.len(), 1);
+        assert_eq!((book.current("h1").index, book.current("h2").index), (2, 5));
+        assert!(render_of(&book, "x", 0).is_none());
+    }
+
+    #[test]
+    fn renders_are_kept_while_replicas_target_their_revision() {
+        let mut i = inst("bot", 2, &[Some("h1"), Some("h2")], "1Gi");
+        i.metadata.uid = Some("u1".into());
+        let content = |n: u64| RevisionContent {
+            uid: "u1".into(),
+            revision: n,
+            image: Some(format!("img:{n}")),
+            config: serde_json::json!({"n": n}).to_string(),
+            env: None,
+            resources: None,
+            secrets: vec![],
+        };
+        let inputs = ConfigInputs::default().with_revisions(vec![content(1), content(2)]);
+        let book = AssignmentBook::default();
+        let st = i.status.as_mut().unwrap();
+        st.replica_status[0].target_revision = Some(1);
+        st.replica_status[1].target_revision = Some(2);
+        book.rebuild_with(std::slice::from_ref(&i), &inputs, 2);
+        let two = render_of(&book, "bot", 2).unwrap();
+        assert!(render_of(&book, "bot", 1).is_some());
+        // The first replica moves on: revision 1 is dropped, revision 2 is not rendered again
+        // (the inputs hold no revision any more: the render is the book's own).
+        i.status.as_mut().unwrap().replica_status[0].target_revision = Some(2);
+        let mut later = ConfigInputs::default();
+        later.newest.insert("u1".into(), 2);
+        book.update(std::slice::from_ref(&i), &[], &later, 3);
+        assert!(render_of(&book, "bot", 1).is_none());
+        assert!(Arc::ptr_eq(&render_of(&book, "bot", 2).unwrap(), &two));
+        let h1 = book.current("h1");
+        assert_eq!((h1.index, h1.assignments[0].image.as_str()), (3, "img:2"));
+        assert_eq!(book.current("h2").index, 2);
     }
 
     /// A book whose keyring is in `dir`, with `value` sealed as tenant `t`'s secret
@@ -979,6 +1425,30 @@ mod tests {
     }
 
     #[test]
+    fn volumes_to_delete_reach_their_host_only_and_move_its_index() {
+        let book = AssignmentBook::default();
+        let i = inst("bot", 1, &[Some("h1")], "1Gi");
+        book.rebuild(std::slice::from_ref(&i), 2);
+        let inputs = ConfigInputs {
+            volume_deletions: HashMap::from([("h2".to_string(), vec!["v-old".to_string()])]),
+            ..Default::default()
+        };
+        book.rebuild_with(std::slice::from_ref(&i), &inputs, 3);
+        let h2 = book.current("h2");
+        assert_eq!(
+            (h2.index, h2.delete_volumes.clone()),
+            (3, vec!["v-old".to_string()])
+        );
+        assert_eq!(book.current("h1").index, 2, "h1 is not told");
+        assert!(book.current("h1").delete_volumes.is_empty());
+        // Gone from the host: no longer asked, and the host hears of it.
+        book.rebuild(std::slice::from_ref(&i), 4);
+        let h2 = book.current("h2");
+        assert_eq!(h2.index, 4);
+        assert!(h2.delete_volumes.is_empty());
+    }
+
+    #[test]
     fn retained_volumes_are_listed_per_host_and_move_its_index() {
         let book = AssignmentBook::default();
         let mut i = inst("bot", 1, &[Some("h1")], "1Gi");
@@ -986,6 +1456,7 @@ mod tests {
         book.rebuild(std::slice::from_ref(&i), 2);
         assert_eq!(book.current("h2").index, 1, "h2 has nothing yet");
         i.status.as_mut().unwrap().retained_volumes = vec![crate::model::RetainedVolume {
+            reason: None,
             replica: "bot-1".into(),
             ordinal: 1,
             host: "h2".into(),
@@ -1047,6 +1518,7 @@ mod tests {
         assert_eq!(h2.retained_volumes[0].replica, "bot-2");
         // The same once the scheduler has recorded them: listed once.
         i.status.as_mut().unwrap().retained_volumes = vec![crate::model::RetainedVolume {
+            reason: None,
             replica: "bot-2".into(),
             ordinal: 2,
             host: "h2".into(),

@@ -4,8 +4,10 @@
 pub mod book;
 pub mod identity;
 pub mod reports;
+pub mod tasks;
 #[cfg(test)]
 mod tests;
+pub mod transfer;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,7 +17,6 @@ use clusterclaw_proto::agent as pb;
 use clusterclaw_proto::agent::agent_service_server::{AgentService, AgentServiceServer};
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -38,12 +39,14 @@ pub const MAX_WAIT: Duration = Duration::from_secs(600);
 const MIN_WAIT: Duration = Duration::from_secs(1);
 /// How long a host certificate is valid; agents renew at two thirds of it.
 pub const HOST_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
-/// How often heartbeats are checked.
-const HEARTBEAT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// How long an agent's TLS handshake may take on the agent port.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most labels a host may enroll with.
 const MAX_HOST_LABELS: usize = crate::model::MAX_LABELS;
+/// HTTP/2 receive window of one call on the agent port.
+const TASK_STREAM_WINDOW: u32 = 256 * 1024;
+/// HTTP/2 receive window of one agent connection (all its calls together).
+const AGENT_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 /// Names tried after the first when another host already has it.
 const NAME_ATTEMPTS: usize = 8;
 
@@ -57,6 +60,8 @@ pub struct AgentRpc {
     pub metrics: Arc<Metrics>,
     /// Calls per host, kept apart from the API's limits so that API load never starves agents.
     pub limiter: Option<Arc<crate::ratelimit::AgentRateLimiter>>,
+    /// Connected hosts' task streams and the tasks waiting for an answer (shared with the API).
+    pub tasks: Arc<tasks::TaskHub>,
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -247,6 +252,57 @@ impl AgentRpc {
 
 #[tonic::async_trait]
 impl AgentService for AgentRpc {
+    type TasksStream = tasks::TaskFeed;
+    type VolumeImportStream = transfer::ImportFeed;
+
+    async fn volume_import(
+        &self,
+        request: Request<pb::VolumeImportRequest>,
+    ) -> Result<Response<Self::VolumeImportStream>, Status> {
+        let started = Instant::now();
+        let r = self.authenticate(&request).await;
+        self.observe("VolumeImport", started, &r);
+        let id = r?;
+        let feed = transfer::import(
+            self.store.clone(),
+            self.tasks.clone(),
+            id.name,
+            request.into_inner(),
+        )
+        .await?;
+        Ok(Response::new(feed))
+    }
+
+    async fn tasks(
+        &self,
+        request: Request<pb::TasksRequest>,
+    ) -> Result<Response<Self::TasksStream>, Status> {
+        let started = Instant::now();
+        let r = self.authenticate(&request).await;
+        self.observe("Tasks", started, &r);
+        let id = r?;
+        tracing::debug!(host = %id.name, "task stream opened");
+        Ok(Response::new(tasks::feed(self.tasks.connect(&id.name))))
+    }
+
+    async fn task_output(
+        &self,
+        request: Request<Streaming<pb::TaskChunk>>,
+    ) -> Result<Response<pb::TaskOutputResponse>, Status> {
+        let started = Instant::now();
+        let id = match self.authenticate(&request).await {
+            Ok(id) => id,
+            Err(e) => {
+                self.metrics
+                    .observe_rpc("TaskOutput", e.code(), started.elapsed());
+                return Err(e);
+            }
+        };
+        let r = self.tasks.relay(&id.name, request.into_inner()).await;
+        self.observe("TaskOutput", started, &r);
+        r.map(Response::new)
+    }
+
     async fn enroll(
         &self,
         request: Request<pb::EnrollRequest>,
@@ -320,12 +376,14 @@ impl AgentService for AgentRpc {
                 changed: true,
                 assignments: a.assignments.clone(),
                 retained_volumes: a.retained_volumes.clone(),
+                delete_volumes: a.delete_volumes.clone(),
             },
             book::Wait::NoChange => pb::WatchAssignmentsResponse {
                 index: request.known_index,
                 changed: false,
                 assignments: Vec::new(),
                 retained_volumes: Vec::new(),
+                delete_volumes: Vec::new(),
             },
         };
         self.metrics
@@ -358,9 +416,21 @@ impl AgentService for AgentRpc {
                 }
             };
             let (store, reports, id2) = (self.store.clone(), self.reports.clone(), id.clone());
+            let metrics = self.metrics.clone();
             let assigned = self.book.current(&id.name);
             let r = try_blocking("ReportStatus", move || {
-                let events = agent_events(&id2, &report.events, &assigned.assignments);
+                let (events, recorded) = agent_events(&id2, &report.events, &assigned.assignments);
+                for e in &recorded {
+                    if let Some(kind) = crate::metrics::InstanceEvent::of_reason(&e.reason) {
+                        metrics.count_event(
+                            &e.object.tenant,
+                            &e.object.project,
+                            &e.object.name,
+                            kind,
+                        );
+                    }
+                }
+                crate::events::record_all(store.as_ref(), recorded);
                 reports
                     .apply_with(store.as_ref(), &id2, report, &assigned.assignments)
                     .map_err(store_status)?;
@@ -403,7 +473,7 @@ fn agent_events(
     host: &HostIdentity,
     events: &[pb::AgentEvent],
     assigned: &[pb::Assignment],
-) -> Vec<crate::audit::AuditEntry> {
+) -> (Vec<crate::audit::AuditEntry>, Vec<crate::events::Event>) {
     use crate::audit::{AuditEntry, AuditObject, AuditPrincipal, AuditResult};
     let ours = |e: &&pb::AgentEvent| {
         assigned.iter().any(|a| {
@@ -417,8 +487,11 @@ fn agent_events(
     if kept.len() < events.len() || kept.len() > MAX_EVENTS_PER_REPORT {
         tracing::warn!(host = %host.name, events = events.len(), about_assigned_replicas = kept.len(), recorded = kept.len().min(MAX_EVENTS_PER_REPORT), "agent events about other replicas, or too many, were dropped");
     }
-    kept.into_iter()
-        .take(MAX_EVENTS_PER_REPORT)
+    let kept: Vec<&pb::AgentEvent> = kept.into_iter().take(MAX_EVENTS_PER_REPORT).collect();
+    let recorded = kept.iter().map(|e| event_of(host, e)).collect();
+    let audited = kept
+        .into_iter()
+        .filter(|e| !CONTAINER_LIFECYCLE.contains(&e.reason.as_str()))
         .map(|e| {
             tracing::warn!(host = %host.name, replica = %e.replica, reason = %e.reason, message = %e.message, "agent event");
             let reason: String = format!("{}: {}", e.reason, e.message).chars().take(500).collect();
@@ -435,7 +508,54 @@ fn agent_events(
             })
             .with_result_reason(reason)
         })
-        .collect()
+        .collect();
+    (audited, recorded)
+}
+
+/// Agent events that are events only: what a container did is not a change anyone made, so
+/// it stays out of the audit log.
+const CONTAINER_LIFECYCLE: [&str; 4] = [
+    "ContainerStarted",
+    "ContainerRestarted",
+    "OOMKilled",
+    "ProbeFailed",
+];
+
+/// An agent's event as an event of the instance, from `agent/HOST`.
+fn event_of(host: &HostIdentity, e: &pb::AgentEvent) -> crate::events::Event {
+    let object = crate::model::ObjectKey {
+        kind: crate::model::Kind::OpenClawInstance,
+        tenant: e.tenant.clone(),
+        project: e.project.clone(),
+        name: e.instance.clone(),
+    };
+    let reason: String = e
+        .reason
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(64)
+        .collect();
+    let reason = if reason.is_empty() {
+        "AgentEvent".to_string()
+    } else {
+        reason
+    };
+    let event = if e.r#type == "Warning" {
+        crate::events::Event::warning(object, &reason, e.message.clone())
+    } else {
+        crate::events::Event::normal(object, &reason, e.message.clone())
+    };
+    let now = crate::events::now_ms();
+    // An agent's clock is believed within a minute of the server's, else the server's time.
+    let at = if (e.time_unix_ms - now).abs() <= 60_000 {
+        e.time_unix_ms
+    } else {
+        now
+    };
+    event
+        .replica(e.replica.clone())
+        .source(format!("agent/{}", host.name))
+        .at(at)
 }
 
 /// `ConfigDriftRepaired` → `config-drift-repaired` (audit actions are lower-case); anything
@@ -479,38 +599,23 @@ pub async fn serve(
         .timeout(TLS_HANDSHAKE_TIMEOUT);
     // Small frames (a long poll's answer, its trailers) go out at once: with Nagle's
     // algorithm they would wait for the peer's delayed ACK, tens of milliseconds on loopback.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // Failed accepts (out of file descriptors) pause and back off, logged once per run.
+    let incoming = crate::accept::incoming(listener, "agent");
     Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // A task stream (logs) whose reader stalls holds at most its stream window of the
+        // connection's: many of them fit before the connection itself is held up.
+        .initial_stream_window_size(Some(TASK_STREAM_WINDOW))
+        .initial_connection_window_size(Some(AGENT_CONNECTION_WINDOW))
         .add_service(AgentServiceServer::new(rpc))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 
-/// Background work of the agent port: the assignment book and heartbeat checks.
+/// Background work of the agent port: the assignment book (host liveness is a controller:
+/// [`crate::controllers::hosts`]).
 pub async fn run_background(rpc: AgentRpc, shutdown: tokio::sync::watch::Receiver<bool>) {
-    let book = tokio::spawn(book::run(
-        rpc.store.clone(),
-        rpc.book.clone(),
-        shutdown.clone(),
-    ));
-    let started = Instant::now();
-    let mut shutdown = shutdown;
-    let mut tick = tokio::time::interval(HEARTBEAT_CHECK_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let (store, reports) = (rpc.store.clone(), rpc.reports.clone());
-                let r = crate::util::blocking("the heartbeat check", move || reports::check_heartbeats(store.as_ref(), &reports, started)).await;
-                if let Ok(Err(e)) = r {
-                    tracing::warn!(error = %e, "heartbeat check failed");
-                }
-            }
-            _ = shutdown.changed() => break,
-        }
-    }
-    let _ = book.await;
+    book::run(rpc.store.clone(), rpc.book.clone(), shutdown).await;
 }

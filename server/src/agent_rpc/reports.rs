@@ -1,8 +1,10 @@
 //! Turns agent status reports into `OpenClawInstance.status` and `Host.status`, and keeps the
-//! latest figures in memory for metrics and heartbeat checks.
+//! latest figures in memory for metrics; records when each host last reported in the store
+//! (read by the host liveness controller).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clusterclaw_proto::agent as pb;
@@ -12,16 +14,29 @@ use crate::model::{
     Condition, ConfigSync, Host, HostCapacity, HostPhase, Kind, ObjectKey, Quantity, ReplicaState,
     Resource, format_cpu, format_memory, summarize,
 };
+use crate::store::volumes::ReportedVolume;
 use crate::store::{Store, StoreError};
 use crate::util::now_rfc3339;
 
 use super::identity::HostIdentity;
 
-/// A host whose last report is older than this is marked NotReady.
-pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(30);
-/// `Host.status` is rewritten at least this often while reports arrive, even when its phase
-/// and conditions did not change (to refresh usage and lastHeartbeat).
-pub const HOST_STATUS_REFRESH: Duration = Duration::from_secs(30);
+/// `Host.status` is rewritten at least this often while reports arrive, even when nothing a
+/// person reads in it changed (to refresh its usage figures and `lastHeartbeat`; when a host
+/// last reported is kept apart, in the store's heartbeats, which host liveness reads).
+pub const HOST_STATUS_REFRESH: Duration = Duration::from_secs(300);
+
+/// A report that says what the host's previous one said is applied without touching the
+/// objects only while it follows that one within this time: longer gaps (a host that was
+/// silent, perhaps marked NotReady meanwhile) write everything again. Half the default
+/// heartbeat timeout.
+pub const UNCHANGED_REPORT_GAP: Duration = Duration::from_secs(15);
+
+/// Heartbeats of unchanged reports are kept in memory and written together at most this often.
+pub const HEARTBEAT_FLUSH: Duration = Duration::from_secs(1);
+
+/// At most this many of the state volumes a report lists are kept (the agent sends at most
+/// 256, sorted by name).
+pub const MAX_VOLUMES_KEPT: usize = 1024;
 
 /// The latest report of one host, kept in memory.
 #[derive(Clone, Debug)]
@@ -29,12 +44,54 @@ pub struct HostReport {
     pub received: Instant,
     pub report: pb::StatusReport,
     status_written: Instant,
+    /// What the host part of the report says that `Host.status` shows (see [`host_said`]).
+    host_said: u64,
+    /// What its replica entries say that the instances' status shows, with the host's
+    /// assignments (see [`replicas_said`]).
+    replicas_said: u64,
+    /// Whether it was written in full: the host was current and no replica entry refused.
+    clean: bool,
+}
+
+/// Heartbeats waiting to be written, and when they last were.
+#[derive(Default)]
+struct PendingBeats {
+    beats: HashMap<String, i64>,
+    flushed: Option<Instant>,
 }
 
 /// Latest reports by host name.
 #[derive(Default)]
 pub struct Reports {
     hosts: Mutex<HashMap<String, HostReport>>,
+    pending: Mutex<PendingBeats>,
+    /// Reports applied without a write to the objects (nothing a person reads changed).
+    unchanged: AtomicU64,
+    /// Replica entries refused: from a host the replica is not placed on, or of an epoch older
+    /// than the replica's current one.
+    refused: AtomicU64,
+}
+
+/// Why a replica entry of a report is not taken, if it is not: the reporting host is not the
+/// one the replica is placed on, or the epoch it runs under is older than the placement's.
+/// A placement without an epoch (made before epochs existed) takes any.
+pub fn refuse_replica_report(
+    placed: &crate::model::ReplicaStatus,
+    host: &str,
+    reported_epoch: u64,
+) -> Option<String> {
+    if placed.host.as_deref() != Some(host) {
+        return Some(format!(
+            "the replica is placed on {}, not on this host",
+            placed.host.as_deref().unwrap_or("no host")
+        ));
+    }
+    match placed.epoch {
+        Some(current) if reported_epoch < current => Some(format!(
+            "epoch {reported_epoch} is older than the replica's current epoch {current}"
+        )),
+        _ => None,
+    }
 }
 
 fn replica_state(s: i32) -> ReplicaState {
@@ -60,13 +117,9 @@ impl Reports {
         self.hosts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// When the host last reported, if it has since this server started.
-    pub fn last_seen(&self, host: &str) -> Option<Instant> {
-        self.hosts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(host)
-            .map(|r| r.received)
+    /// Replica entries refused so far (see [`refuse_replica_report`]).
+    pub fn refused_replica_reports(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     pub fn forget(&self, host: &str) {
@@ -74,6 +127,39 @@ impl Reports {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(host);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .beats
+            .remove(host);
+    }
+
+    /// Reports applied so far without a write to the objects.
+    pub fn unchanged_reports(&self) -> u64 {
+        self.unchanged.load(Ordering::Relaxed)
+    }
+
+    /// Notes that `host` reported now; the heartbeats noted are written in one transaction
+    /// once [`HEARTBEAT_FLUSH`] has passed since the last write (by the report that finds it
+    /// so). An older time never replaces a newer one in the store.
+    fn heartbeat_later(&self, store: &dyn Store, host: &str) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let batch = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            pending
+                .beats
+                .insert(host.to_string(), crate::controllers::hosts::now_ms());
+            if pending
+                .flushed
+                .is_some_and(|at| now.duration_since(at) < HEARTBEAT_FLUSH)
+            {
+                return Ok(());
+            }
+            pending.flushed = Some(now);
+            std::mem::take(&mut pending.beats)
+        };
+        let beats: Vec<(&str, i64)> = batch.iter().map(|(h, at)| (h.as_str(), *at)).collect();
+        store.record_heartbeats(&beats)
     }
 
     /// Records one report and writes what it changes (blocking; call from `spawn_blocking`).
@@ -112,17 +198,33 @@ impl Reports {
             })
             .collect();
         let now = Instant::now();
-        let refresh_host = {
+        let host_now = host_said(&report);
+        let replicas_now = replicas_said(&report.replicas, assigned);
+        let (refresh_host, unchanged) = {
             let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
             match hosts.get(&host.name) {
-                None => true,
-                Some(prev) => {
+                None => (true, false),
+                Some(prev) => (
                     now.duration_since(prev.status_written) >= HOST_STATUS_REFRESH
-                        || prev.report.runtime.as_ref().map(|r| r.ready)
-                            != report.runtime.as_ref().map(|r| r.ready)
-                }
+                        || prev.host_said != host_now,
+                    prev.clean
+                        && prev.replicas_said == replicas_now
+                        && now.duration_since(prev.received) < UNCHANGED_REPORT_GAP,
+                ),
             }
         };
+        if unchanged && !refresh_host && !report.volumes_listed {
+            // Nothing a person reads changed: no object is read or written, the heartbeat
+            // waits for the next batch.
+            self.heartbeat_later(store, &host.name)?;
+            self.unchanged.fetch_add(1, Ordering::Relaxed);
+            let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(prev) = hosts.get_mut(&host.name) {
+                prev.received = now;
+                prev.report = report;
+            }
+            return Ok(());
+        }
         let mut by_instance: HashMap<ObjectKey, Vec<usize>> = HashMap::new();
         for (i, r) in report.replicas.iter().enumerate() {
             by_instance
@@ -130,6 +232,14 @@ impl Reports {
                 .or_default()
                 .push(i);
         }
+        // The heartbeat first: a liveness pass that reads it after this sees the host alive,
+        // even before the report's writes commit. One upsert, outside the global index.
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .beats
+            .remove(&host.name);
+        store.record_heartbeats(&[(host.name.as_str(), crate::controllers::hosts::now_ms())])?;
         let host_key = ObjectKey::cluster(Kind::Host, &host.name);
         let mut instance_keys: Vec<ObjectKey> = by_instance.keys().cloned().collect();
         instance_keys.sort();
@@ -139,7 +249,9 @@ impl Reports {
             .collect();
         let mut host_is_current = false;
         let mut wrote_host = false;
+        let mut turned_ready = false;
         let mut accepted = vec![false; report.replicas.len()];
+        let mut refused: Vec<Option<String>> = vec![None; report.replicas.len()];
         let now_ready = crate::util::now_rfc3339_millis();
         store.update_many(&keys, &mut |res| match res {
             Resource::Host(h) => {
@@ -151,6 +263,7 @@ impl Reports {
                 if !(refresh_host || phase_changed) {
                     return false;
                 }
+                turned_ready = phase_changed;
                 wrote_host = true;
                 write_host_status(h, &report);
                 true
@@ -167,11 +280,18 @@ impl Reports {
                 };
                 for &i in reported {
                     let rep = &report.replicas[i];
-                    let Some(entry) = status.replica_status.iter_mut().find(|e| {
-                        e.name == rep.replica && e.host.as_deref() == Some(host.name.as_str())
-                    }) else {
+                    let Some(entry) = status
+                        .replica_status
+                        .iter_mut()
+                        .find(|e| e.name == rep.replica)
+                    else {
                         continue;
                     };
+                    if let Some(why) = refuse_replica_report(entry, &host.name, rep.epoch) {
+                        // Counted once per report, not per store retry of this closure.
+                        refused[i] = Some(why);
+                        continue;
+                    }
                     accepted[i] = true;
                     let state = replica_state(rep.state);
                     let revision = (rep.config_revision > 0).then_some(rep.config_revision);
@@ -201,6 +321,42 @@ impl Reports {
         if !host_is_current {
             return Err(StoreError::NotFound(host_key));
         }
+        if report.volumes_listed {
+            let listed: Vec<ReportedVolume> = report
+                .volumes
+                .iter()
+                .take(MAX_VOLUMES_KEPT)
+                .map(|v| ReportedVolume {
+                    name: v.name.clone(),
+                    tenant: v.tenant.clone(),
+                    project: v.project.clone(),
+                    instance: v.instance.clone(),
+                    replica: v.replica.clone(),
+                })
+                .collect();
+            store.record_host_volumes(&host.name, &listed, &now_rfc3339())?;
+            // The store holds the list; what is kept in memory for metrics does not need it.
+            report.volumes = Vec::new();
+        }
+        for (r, why) in report.replicas.iter().zip(&refused) {
+            if let Some(why) = why {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    host = %host.name,
+                    replica = %r.replica,
+                    epoch = r.epoch,
+                    container = %r.container_id,
+                    "refusing a replica report: {why}"
+                );
+            }
+        }
+        if turned_ready {
+            crate::events::record(
+                store,
+                host_ready_event(&host.name, "the host reports again and is Ready"),
+            );
+        }
+        let clean = refused.iter().all(Option::is_none);
         let mut accepted = accepted.into_iter();
         report.replicas.retain(|_| accepted.next().unwrap_or(false));
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
@@ -214,10 +370,66 @@ impl Reports {
                 received: now,
                 report,
                 status_written,
+                host_said: host_now,
+                replicas_said: replicas_now,
+                clean,
             },
         );
         Ok(())
     }
+}
+
+/// A digest of what a report says about its host that `Host.status` shows and that is not a
+/// figure refreshed at [`HOST_STATUS_REFRESH`]: the runtime condition, capacity and agent
+/// version.
+fn host_said(report: &pb::StatusReport) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    if let Some(r) = &report.runtime {
+        (r.ready, &r.runtime, &r.version, &r.message).hash(&mut h);
+    }
+    if let Some(c) = report.host.as_ref().and_then(|f| f.capacity.as_ref()) {
+        (c.cpu_millis, c.memory_bytes, c.disk_bytes).hash(&mut h);
+    }
+    report.agent_version.hash(&mut h);
+    h.finish()
+}
+
+/// A digest of everything of a report's replica entries that the instances' status shows
+/// (not their figures, which are kept in memory only), with what the host is assigned (which
+/// `configSync` compares them with).
+fn replicas_said(replicas: &[pb::ReplicaStatus], assigned: &[pb::Assignment]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    replicas.len().hash(&mut h);
+    for r in replicas {
+        (&r.tenant, &r.project, &r.instance, &r.replica, r.ordinal).hash(&mut h);
+        (
+            r.generation,
+            r.state,
+            &r.message,
+            &r.container_id,
+            r.restarts,
+        )
+            .hash(&mut h);
+        (r.host_port, &r.config_hash, r.config_revision).hash(&mut h);
+        (&r.observed_content_hash, r.epoch).hash(&mut h);
+        for s in &r.snapshots {
+            (&s.id, &s.image, s.taken_unix_ms, s.bytes).hash(&mut h);
+        }
+    }
+    assigned.len().hash(&mut h);
+    for a in assigned {
+        (
+            &a.tenant,
+            &a.project,
+            &a.replica,
+            &a.config_hash,
+            &a.content_hash,
+        )
+            .hash(&mut h);
+    }
+    h.finish()
 }
 
 /// Writes what a report says about its host: Ready, the heartbeat, usage figures, the runtime
@@ -273,6 +485,7 @@ fn write_host_status(h: &mut Host, report: &pb::StatusReport) {
     let status = h.status.get_or_insert_with(Default::default);
     status.phase = HostPhase::Ready;
     status.message = None;
+    status.not_ready_since = None;
     status.last_heartbeat = Some(now.clone());
     status.usage = Some(json!({
         "cpuPercent": (figures.cpu_percent * 10.0).round() / 10.0,
@@ -326,7 +539,6 @@ fn write_host_status(h: &mut Host, report: &pb::StatusReport) {
     }
 }
 
-/// Marks hosts NotReady when their reports stop (blocking; run periodically). A host that has
 /// Whether a replica's container really has what it was given: the agent's measured content
 /// hash against the one of the assignment it runs (unknown while it runs another one).
 fn config_sync(
@@ -351,41 +563,24 @@ fn config_sync(
     })
 }
 
-/// not reported since this server started is given `HEARTBEAT_TIMEOUT` from `started`.
-pub fn check_heartbeats(
-    store: &dyn Store,
-    reports: &Reports,
-    started: Instant,
-) -> Result<(), StoreError> {
-    let hosts = store.list(&crate::store::ListFilter::all(crate::model::Kind::Host))?;
-    let now = Instant::now();
-    for o in hosts {
-        let Ok(Resource::Host(h)) = o.resource() else {
-            continue;
-        };
-        let phase = h.status.as_ref().map(|s| s.phase).unwrap_or_default();
-        if phase == HostPhase::NotReady {
-            continue;
-        }
-        let last = reports.last_seen(&h.metadata.name).unwrap_or(started);
-        let silent = now.duration_since(last);
-        if silent < HEARTBEAT_TIMEOUT {
-            continue;
-        }
-        let msg = format!(
-            "no status report for {}s (agent stopped or unreachable)",
-            silent.as_secs()
-        );
-        tracing::warn!(host = %h.metadata.name, "{msg}; marking NotReady");
-        store.update(&o.key, &mut |r| {
-            let Resource::Host(h) = r else { return false };
-            let s = h.status.get_or_insert_with(Default::default);
-            s.phase = HostPhase::NotReady;
-            s.message = Some(msg.clone());
-            true
-        })?;
-    }
-    Ok(())
+/// The event of a host turning NotReady (for whichever check decides it).
+pub fn host_not_ready_event(host: &str, message: &str) -> crate::events::Event {
+    crate::events::Event::warning(
+        crate::model::ObjectKey::cluster(crate::model::Kind::Host, host),
+        "HostNotReady",
+        message,
+    )
+    .source("hosts")
+}
+
+/// The event of a host turning Ready (after enrollment or after being NotReady).
+pub fn host_ready_event(host: &str, message: &str) -> crate::events::Event {
+    crate::events::Event::normal(
+        crate::model::ObjectKey::cluster(crate::model::Kind::Host, host),
+        "HostReady",
+        message,
+    )
+    .source("hosts")
 }
 
 #[cfg(test)]
@@ -504,9 +699,148 @@ mod tests {
         assert_eq!(kept, ["bot-0"]);
         let text = Metrics::default().render(&store, &reports).unwrap();
         assert!(text.contains("instance=\"bot\""), "{text}");
+        let replica_series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("clusterclaw_replica_"))
+            .collect();
         assert!(
-            !text.contains("secret") && !text.contains("ghost"),
+            replica_series
+                .iter()
+                .all(|l| !l.contains("secret") && !l.contains("ghost")),
             "a host publishes series only for its own replicas:\n{text}"
+        );
+    }
+
+    #[test]
+    fn reports_keep_the_cordon_and_record_the_heartbeat_outside_the_index() {
+        let (_dir, store, id) = setup();
+        let key = ObjectKey::cluster(Kind::Host, "h1");
+        store
+            .update(&key, &mut |r| {
+                let Resource::Host(h) = r else { return false };
+                h.spec.unschedulable = true;
+                let s = h.status.get_or_insert_with(Default::default);
+                s.phase = HostPhase::NotReady;
+                s.not_ready_since = Some("2026-01-01T00:00:00.000Z".into());
+                true
+            })
+            .unwrap();
+        let reports = Reports::default();
+        let report = pb::StatusReport {
+            replicas: vec![replica("t", "p", "bot", "bot-0")],
+            ..Default::default()
+        };
+        reports.apply(&store, &id, report.clone()).unwrap();
+        let Resource::Host(h) = store.get(&key).unwrap().unwrap().resource().unwrap() else {
+            panic!()
+        };
+        assert!(h.spec.unschedulable, "a report never clears the cordon");
+        let s = h.status.unwrap();
+        assert_eq!(s.phase, HostPhase::Ready);
+        assert_eq!(s.not_ready_since, None);
+        let first = store.host_heartbeats().unwrap()["h1"];
+        // A report that changes nothing else moves no index, but the heartbeat.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let instance = ObjectKey::instance("t", "p", "bot");
+        let before = store.get(&instance).unwrap().unwrap().resource_version;
+        reports.apply(&store, &id, report).unwrap();
+        assert_eq!(
+            store.get(&instance).unwrap().unwrap().resource_version,
+            before
+        );
+        assert!(store.host_heartbeats().unwrap()["h1"] > first);
+    }
+
+    #[test]
+    fn unchanged_reports_write_no_object_and_batch_their_heartbeats() {
+        let (_dir, store, id) = setup();
+        let reports = Reports::default();
+        let report = pb::StatusReport {
+            replicas: vec![replica("t", "p", "bot", "bot-0")],
+            ..Default::default()
+        };
+        reports.apply(&store, &id, report.clone()).unwrap();
+        let index = store.index();
+        // The first unchanged report writes the heartbeats noted so far (none were yet).
+        reports.apply(&store, &id, report.clone()).unwrap();
+        let first = store.host_heartbeats().unwrap()["h1"];
+        std::thread::sleep(Duration::from_millis(5));
+        // Its figures change, nothing a person reads does: no object is written and the
+        // heartbeat waits for the next batch.
+        let mut figures = report.clone();
+        figures.replicas[0].stats.as_mut().unwrap().cpu_percent = 50.0;
+        reports.apply(&store, &id, figures).unwrap();
+        assert_eq!(store.index(), index);
+        assert_eq!(reports.unchanged_reports(), 2);
+        assert_eq!(store.host_heartbeats().unwrap()["h1"], first);
+        let kept = &reports.snapshot()["h1"].report;
+        assert_eq!(
+            kept.replicas[0].stats.unwrap().cpu_percent,
+            50.0,
+            "the figures kept for metrics are the latest"
+        );
+        std::thread::sleep(HEARTBEAT_FLUSH);
+        reports.apply(&store, &id, report.clone()).unwrap();
+        assert!(store.host_heartbeats().unwrap()["h1"] > first);
+        assert_eq!(store.index(), index);
+        // A change of state is written at once.
+        let mut failed = report;
+        failed.replicas[0].state = pb::ReplicaState::Failed as i32;
+        reports.apply(&store, &id, failed).unwrap();
+        assert!(store.index() > index);
+        assert_eq!(
+            state_of(&store, &ObjectKey::instance("t", "p", "bot")),
+            ReplicaState::Failed
+        );
+    }
+
+    #[test]
+    fn listed_volumes_are_stored_without_moving_the_index() {
+        let (_dir, store, id) = setup();
+        let reports = Reports::default();
+        let volume = |name: &str, replica: &str| pb::StateVolume {
+            name: name.into(),
+            tenant: "t".into(),
+            project: "p".into(),
+            instance: "bot".into(),
+            replica: replica.into(),
+        };
+        let listed = pb::StatusReport {
+            volumes: vec![volume("v0", "bot-0"), volume("v9", "bot-9")],
+            volumes_listed: true,
+            volumes_total: 2,
+            ..Default::default()
+        };
+        reports.apply(&store, &id, listed.clone()).unwrap();
+        let index = store.index();
+        let names = |store: &SqliteStore| -> Vec<String> {
+            store
+                .host_volumes(Some("h1"))
+                .unwrap()
+                .into_iter()
+                .map(|v| v.volume.name)
+                .collect()
+        };
+        assert_eq!(names(&store), ["v0", "v9"]);
+        // A report without the list keeps it; a new list replaces it.
+        reports
+            .apply(&store, &id, pb::StatusReport::default())
+            .unwrap();
+        assert_eq!(names(&store), ["v0", "v9"]);
+        let fewer = pb::StatusReport {
+            volumes: vec![volume("v0", "bot-0")],
+            volumes_listed: true,
+            volumes_total: 1,
+            ..Default::default()
+        };
+        reports.apply(&store, &id, fewer).unwrap();
+        assert_eq!(names(&store), ["v0"]);
+        assert_eq!(store.index(), index, "volume lists move no index");
+        let views = crate::controllers::volumes::views(&store, None).unwrap();
+        assert_eq!(
+            views[0].status,
+            crate::controllers::volumes::VolumeStatus::InUse,
+            "bot-0 is placed on h1"
         );
     }
 
@@ -529,7 +863,7 @@ mod tests {
             ReplicaState::Pending
         );
         assert_eq!(store.index(), index, "nothing was written");
-        assert!(reports.last_seen("h1").is_none());
+        assert!(!reports.snapshot().contains_key("h1"));
 
         // A new host enrolled under the same name is not the caller.
         let again = Resource::from_value(serde_json::json!({"apiVersion": "clusterclaw.io/v1", "kind": "Host",
@@ -619,5 +953,34 @@ mod tests {
         };
         reports.apply(&store, &id, report).unwrap();
         assert_eq!(read(&store).ready_since, None);
+    }
+}
+
+#[cfg(test)]
+mod fencing_tests {
+    use super::refuse_replica_report;
+    use crate::model::ReplicaStatus;
+
+    #[test]
+    fn reports_of_stale_epochs_or_other_hosts_are_refused() {
+        let placed = ReplicaStatus {
+            name: "bot-0".into(),
+            host: Some("h2".into()),
+            epoch: Some(12),
+            ..ReplicaStatus::default()
+        };
+        assert_eq!(refuse_replica_report(&placed, "h2", 12), None);
+        assert_eq!(refuse_replica_report(&placed, "h2", 13), None);
+        let why = refuse_replica_report(&placed, "h2", 11).unwrap();
+        assert_eq!(why, "epoch 11 is older than the replica's current epoch 12");
+        assert!(refuse_replica_report(&placed, "h2", 0).is_some());
+        let why = refuse_replica_report(&placed, "h1", 12).unwrap();
+        assert_eq!(why, "the replica is placed on h2, not on this host");
+        // A placement made before epochs takes any.
+        let legacy = ReplicaStatus {
+            epoch: None,
+            ..placed
+        };
+        assert_eq!(refuse_replica_report(&legacy, "h2", 0), None);
     }
 }

@@ -40,6 +40,8 @@ pub enum ErrorCode {
     Unavailable,
     /// 429: over a rate limit; retry after the `Retry-After` seconds.
     RateLimited,
+    /// 410: a watch from a resourceVersion older than the server can replay; list again.
+    Gone,
 }
 
 impl ErrorCode {
@@ -59,6 +61,7 @@ impl ErrorCode {
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Gone => StatusCode::GONE,
         }
     }
 }

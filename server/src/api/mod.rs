@@ -2,15 +2,21 @@
 
 pub mod audit;
 mod body;
-mod configs;
+pub(crate) mod configs;
+pub(crate) mod drain;
 mod error;
-mod objects;
+pub(crate) mod logs;
+
+pub(crate) mod events;
+pub(crate) mod objects;
 mod openapi;
 mod query;
-mod rollout;
+pub(crate) mod rollout;
 pub mod routes;
 mod serve;
 mod tokens;
+mod volumes;
+pub mod watch;
 mod waves;
 
 #[cfg(test)]
@@ -29,7 +35,6 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
-use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::agent_rpc::Reports;
@@ -43,7 +48,7 @@ use crate::store::{Scope, Scoped, Store};
 use routes::Need;
 
 pub use body::{APPLY_BODY_LIMIT, BODY_LIMIT};
-pub use error::{ApiError, ErrorBody, ErrorCode};
+pub use error::{ApiError, ErrorBody, ErrorCode, ErrorSummary};
 pub use openapi::{ApiDoc, openapi_json};
 pub use serve::{HEADER_READ_TIMEOUT, SHUTDOWN_GRACE, serve, tls_server_config};
 
@@ -65,7 +70,7 @@ struct Inner {
     auth: Authenticator,
     limiter: Option<Arc<RateLimiter>>,
     audit: Option<AuditWriter>,
-    index: watch::Receiver<u64>,
+    index: tokio::sync::watch::Receiver<u64>,
     shutting_down: AtomicBool,
     /// The data key of secrets (swapped by a rotation).
     keyring: crate::configcenter::SharedKeyring,
@@ -73,6 +78,14 @@ struct Inner {
     /// A rotation holds it for writing; a secret write, from sealing to commit, for reading,
     /// so that no value is sealed with a key a rotation is about to retire.
     rotating: tokio::sync::RwLock<()>,
+    tasks: Arc<crate::agent_rpc::tasks::TaskHub>,
+
+    /// The feeds of watches.
+    hub: watch::Hub,
+    /// The web console's sessions.
+    sessions: crate::ui::session::Sessions,
+    /// The console's cookies are `Secure` (the API is served over TLS).
+    secure_cookies: bool,
 }
 
 /// Request header with the reason of a change, recorded on the config revisions it makes.
@@ -92,6 +105,10 @@ pub struct ApiOptions {
     pub keyring: crate::configcenter::SharedKeyring,
     /// Where the keyring lives (for rotation).
     pub keyring_path: Option<PathBuf>,
+    /// The agent port's tasks (log streams from hosts).
+    pub tasks: Arc<crate::agent_rpc::tasks::TaskHub>,
+    /// The API is served over TLS: the console's cookies are `Secure`.
+    pub secure_cookies: bool,
 }
 
 /// What every handler shares: the store, the authenticator, the shutdown flag.
@@ -147,6 +164,11 @@ impl ApiState {
                 keyring: options.keyring,
                 keyring_path: options.keyring_path,
                 rotating: tokio::sync::RwLock::new(()),
+                tasks: options.tasks,
+
+                hub: watch::Hub::default(),
+                sessions: crate::ui::session::Sessions::default(),
+                secure_cookies: options.secure_cookies,
             }),
         }
     }
@@ -193,8 +215,31 @@ impl ApiState {
         &self.inner.reports
     }
 
+    /// The agent port's tasks (log streams from hosts).
+    pub fn tasks(&self) -> &Arc<crate::agent_rpc::tasks::TaskHub> {
+        &self.inner.tasks
+    }
+
+    /// The web console's sessions.
+    pub(crate) fn sessions(&self) -> &crate::ui::session::Sessions {
+        &self.inner.sessions
+    }
+
+    /// Whether the console's cookies are `Secure`.
+    pub(crate) fn secure_cookies(&self) -> bool {
+        self.inner.secure_cookies
+    }
+
+    /// Authenticates an `Authorization` header value as the API does.
+    pub(crate) async fn authenticate(
+        &self,
+        header: Option<&[u8]>,
+    ) -> Result<Arc<Principal>, crate::auth::AuthError> {
+        self.inner.auth.authenticate(header).await
+    }
+
     /// The latest committed index, without touching the store.
-    fn index(&self) -> u64 {
+    pub(crate) fn index(&self) -> u64 {
         *self.inner.index.borrow()
     }
 
@@ -347,6 +392,8 @@ pub struct Ctx {
     caller: Arc<Caller>,
     /// Author and message of the changes of this request, for config revisions.
     note: crate::store::ChangeNote,
+    /// The client accepts server-sent events (for a watch).
+    sse: bool,
 }
 
 impl std::ops::Deref for Ctx {
@@ -390,10 +437,16 @@ impl FromRequestParts<ApiState> for Ctx {
             author: caller.principal.token_name.clone(),
             message,
         };
+        let sse = parts
+            .headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/event-stream"));
         Ok(Ctx {
             state: state.clone(),
             caller,
             note,
+            sse,
         })
     }
 }
@@ -404,7 +457,7 @@ impl Ctx {
     }
 
     /// Runs store work on the blocking pool, within the caller's scope.
-    async fn run<T, F>(&self, f: F) -> Result<T, ApiError>
+    pub(crate) async fn run<T, F>(&self, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
         F: FnOnce(&Scoped<'_>) -> Result<T, ApiError> + Send + 'static,
@@ -481,7 +534,7 @@ fn authorize(principal: Arc<Principal>, need: Option<Need>) -> Result<Caller, Ap
     match need {
         // No route matched: the fallback answers 404, whoever asks.
         None | Some(Need::Open) => {}
-        Some(Need::Perm(res, verb)) => {
+        Some(Need::Perm(res, verb) | Need::Page(res, verb)) => {
             if !rbac::allowed(role, &scope, res, verb) {
                 rbac::check(&principal, res, verb).map_err(forbidden)?;
             }
@@ -631,6 +684,10 @@ impl Attempt {
             "POST" if self.path().contains("/rollout/") => {
                 rollout::audit_action(self.path().rsplit('/').next().unwrap_or_default())
             }
+            "POST" if self.path().ends_with("/cordon") => "host.cordon",
+            "POST" if self.path().ends_with("/uncordon") => "host.uncordon",
+            "POST" if self.path().ends_with("/drain") => "host.drain",
+            "POST" if self.path().starts_with("/ui/") => crate::ui::audit_action(self.path()),
             "POST" => "create",
             "PUT" if self.path().ends_with("/scale") => "scale",
             _ => "update",
@@ -723,19 +780,51 @@ async fn authenticated(
     need: Option<Need>,
 ) -> Response {
     let attempt = Attempt::of(&req);
-    let header = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(HeaderValue::as_bytes);
-    let principal = match state.inner.auth.authenticate(header).await {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::debug!(reason = %e, path = %attempt.path(), "request not authenticated");
-            let mut resp = ApiError::from_auth(e).into_response();
-            audit(state, &attempt, None, &mut resp).await;
-            return resp;
+    let page = matches!(need, Some(Need::Page(..)));
+    let principal = if page {
+        // A console page: the session's token, and for a form its CSRF token.
+        match crate::ui::gate::session_principal(state, req).await {
+            Ok((p, r)) => {
+                req = r;
+                p
+            }
+            Err(mut resp) => {
+                audit(state, &attempt, None, &mut resp).await;
+                return resp;
+            }
+        }
+    } else {
+        let header = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        match state.inner.auth.authenticate(header).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(reason = %e, path = %attempt.path(), "request not authenticated");
+                let mut resp = ApiError::from_auth(e).into_response();
+                audit(state, &attempt, None, &mut resp).await;
+                return resp;
+            }
         }
     };
+    let resp = authorized(state, req, next, need, principal, attempt).await;
+    if page {
+        crate::ui::gate::html_errors(resp)
+    } else {
+        resp
+    }
+}
+
+/// The rest of [`authenticated`], once the principal is known.
+async fn authorized(
+    state: &ApiState,
+    mut req: Request,
+    next: Next,
+    need: Option<Need>,
+    principal: Arc<Principal>,
+    attempt: Attempt,
+) -> Response {
     let caller = match authorize(Arc::clone(&principal), need) {
         Ok(c) => c,
         Err(e) => {
@@ -922,7 +1011,7 @@ async fn method_not_allowed(req: Request) -> Response {
 
 /// Prometheus text exposition (bearer token, like the API).
 #[utoipa::path(get, path = "/metrics", tag = "metrics",
-    responses((status = 200, description = "Prometheus text exposition: hosts and instances by phase, replica CPU and memory, agent RPC counts and latencies", content_type = "text/plain")))]
+    responses((status = 200, description = "Prometheus text exposition: hosts and instances by phase; per instance replicas desired, ready, available and updated, restarts, OOM kills, probe failures, drift repairs and rollout progress; per host readiness, heartbeat age, capacity and allocation; replica CPU and memory; the Gateways' relayed figures (instances with spec.metrics.gateway); certificate expiry; agent RPC and API request counts and latencies", content_type = "text/plain")))]
 pub(crate) async fn metrics_handler(State(state): State<ApiState>) -> Result<Response, ApiError> {
     let (metrics, reports) = (state.inner.metrics.clone(), state.inner.reports.clone());
     let text = state
@@ -951,12 +1040,37 @@ fn guarded(routes: Router<ApiState>, table: routes::RouteTable, state: ApiState)
         api: state.clone(),
         table: Arc::new(table),
     };
+    let metrics = Arc::clone(&state.inner.metrics);
     routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(guard, require_token))
         .layer(middleware::from_fn(request_context))
+        .layer(middleware::from_fn_with_state(metrics, observe_request))
         .with_state(state)
+}
+
+/// Counts every API request by the route template that matched (never the raw path), its
+/// method and status code, with its latency (for a stream, until its head).
+async fn observe_request(
+    State(metrics): State<Arc<Metrics>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string());
+    let method = req.method().clone();
+    let resp = next.run(req).await;
+    metrics.observe_http(
+        route.as_deref(),
+        &method,
+        resp.status().as_u16(),
+        started.elapsed(),
+    );
+    resp
 }
 
 /// Every route the API serves and what each needs.
@@ -1015,6 +1129,10 @@ fn api_routes() -> routes::Routes {
         .route(
             &format!("{instance}/scale"),
             put(Instances, objects::scale_instance),
+        )
+        .route(
+            &format!("{instance}/logs"),
+            get(Instances, logs::instance_logs),
         )
         .route(
             &format!("{instance}/rollout/{{action}}"),
@@ -1104,10 +1222,39 @@ fn api_routes() -> routes::Routes {
                 .delete(Hosts, objects::delete_host),
         )
         .route(
+            &v1("/hosts/{host}/cordon"),
+            post(HostScheduling, objects::cordon_host),
+        )
+        .route(
+            &v1("/hosts/{host}/uncordon"),
+            post(HostScheduling, objects::uncordon_host),
+        )
+        .route(&v1("/volumes"), get(Volumes, volumes::list_volumes))
+        .route(
+            &v1("/hosts/{host}/volumes/{name}"),
+            delete(Volumes, volumes::delete_volume),
+        )
+        .route(
+            &v1("/hosts/{host}/drain"),
+            get(HostScheduling, drain::get_drain).post(HostScheduling, drain::start_drain),
+        )
+        .route(
             &v1("/tokens"),
             get(Tokens, tokens::list_tokens).post(Tokens, tokens::create_token),
         )
         .route(&v1("/tokens/{id}"), delete(Tokens, tokens::revoke_token))
+        .route(&v1("/events"), get(Events, events::list_events))
+        .route(
+            &v1("/tenants/{tenant}/events"),
+            get(Events, events::list_tenant_events),
+        )
+        .route(
+            &v1("/tenants/{tenant}/projects/{project}/events"),
+            get(Events, events::list_project_events),
+        )
         .route(&v1("/audit"), get(Audit, audit::list_audit))
         .route(&v1("/audit/verify"), get(AuditChain, audit::verify_audit))
+        // The web console: pages for browsers, in the same table (so they are authorized the
+        // same way) but not in the OpenAPI document.
+        .pipe(crate::ui::mount)
 }

@@ -138,7 +138,9 @@ pub(super) async fn list(
     mut filter: ListFilter,
     parent: Option<ObjectKey>,
 ) -> Result<Response, ApiError> {
-    let params = query::parse(raw.as_deref(), allowed)?;
+    let mut allowed = allowed.to_vec();
+    allowed.extend(["watch", "resourceVersion"]);
+    let params = query::parse(raw.as_deref(), &allowed)?;
     filter.labels = params.selector()?;
     if let Some(t) = params.get("tenant") {
         filter.tenant = Some(t.to_string());
@@ -146,8 +148,34 @@ pub(super) async fn list(
     if let Some(p) = params.get("project") {
         filter.project = Some(p.to_string());
     }
+    if let Some(from) = super::watch::params(&params)? {
+        if let Some(parent) = parent {
+            state
+                .run(move |store| match store.get(&parent)? {
+                    Some(_) => Ok(()),
+                    None => Err(StoreError::NotFound(parent).into()),
+                })
+                .await?;
+        }
+        let scope = state.caller().scope.clone();
+        if !scope.narrow(&mut filter) {
+            // Nothing it could match is visible: a watch that only bookmarks.
+            filter.name = Some(String::new());
+        }
+        return super::watch::watch(
+            &state,
+            scope,
+            super::watch::Want::Objects(filter),
+            from,
+            state.sse,
+        )
+        .await;
+    }
     if matches!(filter.kind, Kind::Tenant | Kind::Project) {
         return list_with_usage(state, filter, parent).await;
+    }
+    if filter.kind == Kind::Host {
+        return list_hosts_aged(state, filter).await;
     }
     stream_list(state, filter, parent).await
 }
@@ -209,6 +237,30 @@ async fn list_with_usage(
     let text = serde_json::to_string(&serde_json::json!({"index": index, "items": items}))
         .map_err(ApiError::internal)?;
     Ok(json_response(StatusCode::OK, text, index))
+}
+
+/// Lists hosts as readers see them now: a NotReady host's message says how long it has been
+/// silent at the time of the read ([`crate::controllers::hosts::aged_json`]).
+async fn list_hosts_aged(state: Ctx, filter: ListFilter) -> Result<Response, ApiError> {
+    let (index, text) = state
+        .run(move |store| {
+            let (index, items) = store.list_at(&filter)?;
+            let seen = store.host_heartbeats()?;
+            let now = crate::controllers::hosts::now_ms();
+            let mut out: Vec<u8> = Vec::new();
+            let _ = write!(ByteText(&mut out), "{{\"index\":{index},\"items\":[");
+            for (i, o) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                let json = crate::controllers::hosts::aged_json(o, &seen, now);
+                out.extend_from_slice(json.as_bytes());
+            }
+            out.extend_from_slice(b"]}");
+            Ok((index, out))
+        })
+        .await?;
+    Ok(json_response(StatusCode::OK, Body::from(text), index))
 }
 
 /// Bytes of list body gathered before they are handed to the connection.
@@ -367,6 +419,15 @@ pub(super) async fn get_one(
         (index, Some(o)) => Ok((index, o)),
         (_, None) => Err(StoreError::NotFound(key).into()),
     })?;
+    if object.key.kind == Kind::Host {
+        let seen = state.read_point(|store| Ok(store.host_heartbeats()?))?;
+        let text = crate::controllers::hosts::aged_json(
+            &object,
+            &seen,
+            crate::controllers::hosts::now_ms(),
+        );
+        return Ok(json_response(StatusCode::OK, text, index));
+    }
     Ok(json_response(StatusCode::OK, object.json, index))
 }
 
@@ -616,7 +677,8 @@ pub async fn healthz() -> Response {
         .into_response()
 }
 
-/// Readiness: the server takes requests (503 while shutting down).
+/// Readiness: the server takes requests (503 while shutting down, or while the store cannot
+/// be reached).
 #[utoipa::path(get, path = "/readyz", tag = "health", security(()),
     responses(
         (status = 200, description = "Ready", body = Ready),
@@ -630,12 +692,34 @@ pub async fn readyz(State(state): State<ApiState>) -> Response {
         };
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
     }
+    // The store must answer (a database server may be away), within a bound.
+    let store = std::sync::Arc::clone(state.store());
+    let check = tokio::task::spawn_blocking(move || store.check());
+    let unreachable = match tokio::time::timeout(READY_CHECK_TIMEOUT, check).await {
+        Ok(Ok(Ok(()))) => None,
+        Ok(Ok(Err(e))) => Some(format!("the store cannot be reached: {e}")),
+        Ok(Err(e)) => Some(format!("the store check failed: {e}")),
+        Err(_) => Some(format!(
+            "the store did not answer within {}s",
+            READY_CHECK_TIMEOUT.as_secs()
+        )),
+    };
+    if let Some(reason) = unreachable {
+        let body = Ready {
+            ready: false,
+            reason: Some(reason),
+        };
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    }
     axum::Json(Ready {
         ready: true,
         reason: None,
     })
     .into_response()
 }
+
+/// How long `/readyz` waits for the store to answer.
+const READY_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Server version, API version and current index.
 #[utoipa::path(get, path = "/api/v1/info", tag = "info",
@@ -1504,9 +1588,96 @@ pub async fn delete_host(
 ) -> Result<Response, ApiError> {
     check_path_names(&[("host", &name)])?;
     let reports = state.reports().clone();
+    let store = state.state.inner.store.clone();
     let response = delete_one(state, raw, ObjectKey::cluster(Kind::Host, name.clone())).await?;
     reports.forget(&name);
+    let forgotten = tokio::task::spawn_blocking(move || {
+        store
+            .forget_heartbeat(&name)
+            .and_then(|()| store.forget_host_volumes(&name))
+    })
+    .await;
+    if let Ok(Err(e)) = forgotten {
+        tracing::warn!(error = %e, "the deleted host's heartbeat or volumes could not be dropped");
+    }
     Ok(response)
+}
+
+/// Cordons a host: the scheduler places no new replicas on it; the replicas it runs stay.
+/// Idempotent. Status reports and enrollment never clear it; only `uncordon` does.
+#[utoipa::path(post, path = "/api/v1/hosts/{host}/cordon", tag = "hosts",
+    params(("host" = String, Path)),
+    responses((status = 200, description = "The host, with spec.unschedulable true", body = Host),
+        (status = 404, description = "No such host", body = ErrorBody)))]
+pub async fn cordon_host(state: Ctx, P(name): P<String>) -> Result<Response, ApiError> {
+    set_unschedulable(state, name, true).await
+}
+
+/// Uncordons a host: the scheduler may place replicas on it again. Idempotent.
+#[utoipa::path(post, path = "/api/v1/hosts/{host}/uncordon", tag = "hosts",
+    params(("host" = String, Path)),
+    responses((status = 200, description = "The host, with spec.unschedulable false", body = Host),
+        (status = 404, description = "No such host", body = ErrorBody)))]
+pub async fn uncordon_host(state: Ctx, P(name): P<String>) -> Result<Response, ApiError> {
+    set_unschedulable(state, name, false).await
+}
+
+async fn set_unschedulable(
+    state: Ctx,
+    name: String,
+    unschedulable: bool,
+) -> Result<Response, ApiError> {
+    check_path_names(&[("host", &name)])?;
+    let key = ObjectKey::cluster(Kind::Host, name.clone());
+    let note = AuditNote::object(
+        if unschedulable {
+            "host.cordon"
+        } else {
+            "host.uncordon"
+        },
+        &key,
+    );
+    let (index, text) = state
+        .run(move |store| {
+            let Some(cluster) = store.cluster_store() else {
+                return Err(not_found_host(&name));
+            };
+            let mut found = false;
+            cluster.update(&key, &mut |r| {
+                let Resource::Host(h) = r else { return false };
+                found = true;
+                if h.spec.unschedulable == unschedulable {
+                    return false;
+                }
+                h.spec.unschedulable = unschedulable;
+                true
+            })?;
+            if !found {
+                return Err(not_found_host(&name));
+            }
+            let (index, object) = match cluster.get_at(&key)? {
+                (index, Some(o)) => (index, o),
+                (_, None) => return Err(not_found_host(&name)),
+            };
+            let seen = cluster.host_heartbeats()?;
+            let text = crate::controllers::hosts::aged_json(
+                &object,
+                &seen,
+                crate::controllers::hosts::now_ms(),
+            );
+            Ok((index, text))
+        })
+        .await?;
+    let mut resp = json_response(StatusCode::OK, text, index);
+    resp.extensions_mut().insert(note);
+    Ok(resp)
+}
+
+pub(super) fn not_found_host(name: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("host {name:?} not found; `clusterclaw get hosts` lists the enrolled hosts"),
+    )
 }
 
 #[cfg(test)]

@@ -114,6 +114,10 @@ impl Modify for BearerAuth {
         objects::get_host,
         objects::put_host,
         objects::delete_host,
+        objects::cordon_host,
+        objects::uncordon_host,
+        super::drain::start_drain,
+        super::drain::get_drain,
         tokens::create_token,
         tokens::list_tokens,
         tokens::revoke_token,
@@ -140,6 +144,7 @@ impl Modify for BearerAuth {
         configs::diff,
         configs::rollback,
         super::rollout::rollout_action,
+        super::logs::instance_logs,
         super::waves::list_rollouts,
         super::waves::create_rollout,
         super::waves::get_rollout,
@@ -150,6 +155,11 @@ impl Modify for BearerAuth {
         super::waves::get_tenant_rollout,
         super::waves::put_tenant_rollout,
         super::waves::delete_tenant_rollout,
+        super::events::list_events,
+        super::events::list_tenant_events,
+        super::events::list_project_events,
+        super::volumes::list_volumes,
+        super::volumes::delete_volume,
     ),
     components(schemas(
         ErrorBody, ErrorCode, FieldProblem, Health, Ready, Info, ApplyRequest, ApplyResponse, AppliedItem, DeleteBatchResponse, DeletedItem, Outcome,
@@ -159,7 +169,9 @@ impl Modify for BearerAuth {
         configs::TemplateList, configs::SecretList, configs::Effective, configs::History, configs::Diff,
         configs::RollbackRequest, configs::RolledBack, configs::Rotated, crate::store::RevisionRecord,
         super::rollout::RolloutRequest, super::rollout::RolloutAnswer,
-        super::waves::RolloutList,
+        super::waves::RolloutList, super::events::EventList,
+        super::volumes::VolumeList, crate::controllers::volumes::VolumeView,
+        crate::controllers::volumes::VolumeStatus, super::drain::DrainRequest,
     )),
     tags(
         (name = "health", description = "Liveness and readiness, without authentication"),
@@ -167,7 +179,7 @@ impl Modify for BearerAuth {
         (name = "metrics", description = "Prometheus figures for platform-admins and cluster-wide viewers"),
         (name = "objects", description = "Batches of objects of any kind"),
         (name = "tenants"), (name = "projects"), (name = "instances"),
-        (name = "hosts", description = "Read-only to users: written by clusterclaw-agent"),
+        (name = "hosts", description = "Written by clusterclaw-agent; users only cordon and uncordon them"),
         (name = "tokens", description = "API and join tokens"),
         (name = "audit", description = "The hash-chained audit log"),
         (name = "configtemplates", description = "Platform-wide bottom layers of openclaw.json"),
@@ -175,6 +187,8 @@ impl Modify for BearerAuth {
         (name = "config", description = "An instance's effective openclaw.json, its revisions, diff and rollback"),
         (name = "rollout", description = "Pause, resume, promote, abort or undo an instance's update"),
         (name = "rollouts", description = "Fleet-wide changes moved across instances in waves"),
+        (name = "events", description = "What happened to instances, hosts and rollouts, kept for a while"),
+        (name = "volumes", description = "Replicas' state volumes on hosts, who claims them, and the removal of unclaimed ones"),
     ),
 )]
 pub struct ApiDoc;
@@ -185,6 +199,7 @@ pub fn openapi_json() -> &'static str {
     DOC.get_or_init(|| {
         let mut doc = ApiDoc::openapi();
         with_permissions(&mut doc, &super::route_table());
+        with_watch(&mut doc);
         doc.to_pretty_json()
             .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     })
@@ -205,7 +220,8 @@ fn with_permissions(doc: &mut utoipa::openapi::OpenApi, table: &super::routes::R
             let Some(op) = op else { continue };
             let text = match table.lookup(path, &method) {
                 Lookup::Declared(Need::Open) => "open: no token needed".to_string(),
-                Lookup::Declared(Need::Perm(res, verb)) => format!(
+                // A console page is never an operation of the document.
+                Lookup::Declared(Need::Perm(res, verb) | Need::Page(res, verb)) => format!(
                     "{} {}: {}",
                     verb.as_str(),
                     res.noun(),
@@ -219,6 +235,48 @@ fn with_permissions(doc: &mut utoipa::openapi::OpenApi, table: &super::routes::R
                     .build(),
             );
         }
+    }
+}
+
+/// The lists that can be watched.
+pub const WATCHABLE_LISTS: &[&str] = &[
+    "/api/v1/tenants",
+    "/api/v1/projects",
+    "/api/v1/tenants/{tenant}/projects",
+    "/api/v1/instances",
+    "/api/v1/tenants/{tenant}/projects/{project}/instances",
+    "/api/v1/hosts",
+    "/api/v1/configtemplates",
+    "/api/v1/rollouts",
+    "/api/v1/tenants/{tenant}/rollouts",
+];
+
+/// Adds `watch` and `resourceVersion` to the lists that can be watched.
+fn with_watch(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    for (path, item) in doc.paths.paths.iter_mut() {
+        if !WATCHABLE_LISTS.contains(&path.as_str()) {
+            continue;
+        }
+        let Some(op) = &mut item.get else { continue };
+        let params = op.parameters.get_or_insert_with(Vec::new);
+        params.push(
+            ParameterBuilder::new()
+                .name("watch")
+                .parameter_in(ParameterIn::Query)
+                .description(Some("true: stream the changes after resourceVersion as JSON lines {\"type\":\"ADDED|MODIFIED|DELETED\",\"object\":{...}} with periodic {\"type\":\"BOOKMARK\",\"resourceVersion\":N}; server-sent events with Accept: text/event-stream"))
+                .schema(Some(ObjectBuilder::new().schema_type(Type::Boolean)))
+                .build(),
+        );
+        params.push(
+            ParameterBuilder::new()
+                .name("resourceVersion")
+                .parameter_in(ParameterIn::Query)
+                .description(Some("With watch: the index of the list the watch follows on from (default: now); older than the server can replay is 410 Gone"))
+                .schema(Some(ObjectBuilder::new().schema_type(Type::Integer)))
+                .build(),
+        );
     }
 }
 
@@ -263,6 +321,9 @@ mod tests {
             "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}/scale",
             "/api/v1/hosts",
             "/api/v1/hosts/{host}",
+            "/api/v1/hosts/{host}/cordon",
+            "/api/v1/hosts/{host}/uncordon",
+            "/api/v1/hosts/{host}/drain",
             "/api/v1/tokens",
             "/api/v1/tokens/{id}",
             "/api/v1/configtemplates/{name}",

@@ -25,6 +25,10 @@ pub enum Need {
     Open,
     /// A valid token whose role may `verb` `res` (one cell of the permission table).
     Perm(Res, Verb),
+    /// A page or form of the web console: a live console session whose token's role may
+    /// `verb` `res`, the same cell as the API's; a form (any method but `GET`) also needs the
+    /// session's CSRF token.
+    Page(Res, Verb),
 }
 
 impl Need {
@@ -100,7 +104,43 @@ where
     }
 }
 
+/// A console page (`GET`, which also answers `HEAD`) that reads `res`, for a console session.
+pub fn page<H, T>(res: Res, handler: H) -> Ops
+where
+    H: Handler<T, ApiState>,
+    T: 'static,
+{
+    Ops {
+        router: axum::routing::get(handler),
+        declared: vec![(Method::GET, Need::Page(res, Verb::Read))],
+    }
+}
+
+/// A console form (`POST`) that does `verb` to `res`, for a console session with its CSRF
+/// token.
+pub fn form<H, T>(res: Res, verb: Verb, handler: H) -> Ops
+where
+    H: Handler<T, ApiState>,
+    T: 'static,
+{
+    Ops {
+        router: axum::routing::post(handler),
+        declared: vec![(Method::POST, Need::Page(res, verb))],
+    }
+}
+
 impl Ops {
+    /// A `POST` open to everyone (the console's login form, which checks its own CSRF token).
+    pub fn open_post<H, T>(mut self, handler: H) -> Ops
+    where
+        H: Handler<T, ApiState>,
+        T: 'static,
+    {
+        self.router = self.router.post(handler);
+        self.declared.push((Method::POST, Need::Open));
+        self
+    }
+
     pub fn post<H, T>(mut self, res: Res, handler: H) -> Ops
     where
         H: Handler<T, ApiState>,
@@ -229,6 +269,11 @@ impl Routes {
         assert!(previous.is_none(), "the route {path} is mounted twice");
         self.router = self.router.route(path, ops.router);
         self
+    }
+
+    /// Hands the builder to `f` (which mounts more routes).
+    pub fn pipe(self, f: impl FnOnce(Routes) -> Routes) -> Routes {
+        f(self)
     }
 
     pub fn into_parts(self) -> (Router<ApiState>, RouteTable) {

@@ -33,8 +33,6 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = HEADER_READ_TIMEOUT;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a connection being closed for idleness gets to say goodbye (an HTTP/2 GOAWAY).
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// A rustls server configuration (ring, TLS 1.2 and 1.3, HTTP/2 and HTTP/1.1) from PEM files.
 pub fn tls_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
@@ -79,23 +77,19 @@ pub async fn serve(
     let acceptor = tls.map(TlsAcceptor::from);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
+    // Failed accepts (out of file descriptors) pause and back off, logged once per run.
+    let mut backoff = crate::accept::AcceptBackoff::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             biased;
             () = &mut shutdown => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let activity = Activity::new();
-                    conns.spawn(connection(stream, peer, app.clone(), acceptor.clone(), activity, stop_rx.clone()));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                }
-            },
+            (stream, peer) = crate::accept::accept(&listener, &mut backoff, "rest") => {
+                let _ = stream.set_nodelay(true);
+                let activity = Activity::new();
+                conns.spawn(connection(stream, peer, app.clone(), acceptor.clone(), activity, stop_rx.clone()));
+            }
         }
     }
     drop(listener);

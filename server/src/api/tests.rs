@@ -12,9 +12,12 @@ use tower::ServiceExt;
 use super::{ApiState, router};
 
 mod config_center;
+mod console;
 mod permissions;
 mod rollout;
 mod tenancy;
+mod volumes;
+mod watches;
 mod waves;
 use crate::auth::{
     self, PLATFORM_ADMIN, generate_api_token, generate_join_token, generate_token_id, hash_token,

@@ -67,6 +67,9 @@ pub enum Res {
     Projects,
     Instances,
     Hosts,
+    /// Whether the scheduler may place new replicas on a host (`cordon`, `uncordon`), and
+    /// moving its replicas off it (`drain`).
+    HostScheduling,
     Tokens,
     Audit,
     /// The whole audit chain, every tenant's records (`audit verify`).
@@ -88,15 +91,21 @@ pub enum Res {
     Rollouts,
     /// A tenant's `Rollout`s: waves over that tenant's instances only.
     TenantRollouts,
+    /// Events: every role reads those of its scope.
+    Events,
+    /// State volumes on hosts: every role reads those of its scope; an unclaimed one is
+    /// deleted by a platform-admin or its tenant's admin.
+    Volumes,
 }
 
 impl Res {
-    pub const ALL: [Res; 17] = [
+    pub const ALL: [Res; 20] = [
         Res::Info,
         Res::Tenants,
         Res::Projects,
         Res::Instances,
         Res::Hosts,
+        Res::HostScheduling,
         Res::Tokens,
         Res::Audit,
         Res::AuditChain,
@@ -109,6 +118,8 @@ impl Res {
         Res::Apply,
         Res::Rollouts,
         Res::TenantRollouts,
+        Res::Events,
+        Res::Volumes,
     ];
 
     /// What writing or deleting an object of `kind` touches: a secret is its tenant's or, when
@@ -140,8 +151,11 @@ impl Res {
             Res::Info => "server info, API description",
             Res::Tenants => "tenants",
             Res::Projects => "projects",
-            Res::Instances => "instances, their config revisions, diff, rollback and rollouts",
+            Res::Instances => {
+                "instances, their config revisions, diff, rollback, rollouts and logs"
+            }
             Res::Hosts => "hosts",
+            Res::HostScheduling => "host scheduling (`cordon`, `uncordon`, `drain`)",
             Res::Tokens => "tokens",
             Res::Audit => "audit log",
             Res::AuditChain => "the audit chain (`audit verify`)",
@@ -154,6 +168,10 @@ impl Res {
             Res::Apply => "`apply` and `delete -f` (a batch; each document is checked as its kind)",
             Res::Rollouts => "cluster-wide rollouts (waves across tenants)",
             Res::TenantRollouts => "a tenant's rollouts (waves over its own instances)",
+            Res::Events => {
+                "events (a tenant's own; host and cluster-wide ones to cluster-wide callers)"
+            }
+            Res::Volumes => "state volumes on hosts (a tenant's own; `delete volume`)",
         }
     }
 
@@ -164,6 +182,7 @@ impl Res {
             Res::Projects => "projects",
             Res::Instances => "instances",
             Res::Hosts => "hosts",
+            Res::HostScheduling => "host scheduling",
             Res::Templates => "config templates",
             Res::Secrets => "secrets",
             Res::TenantSecrets => "a tenant's secrets",
@@ -176,6 +195,8 @@ impl Res {
             Res::Metrics => "metrics",
             Res::Rollouts => "cluster-wide rollouts",
             Res::TenantRollouts => "a tenant's rollouts",
+            Res::Events => "events",
+            Res::Volumes => "state volumes",
         }
     }
 }
@@ -246,6 +267,9 @@ pub const PERMISSIONS: &[Permission] = &[
     p(Res::Hosts, Verb::Read, PA_VIEWER, true),
     // Hosts are written by their agents only: no role writes them.
     p(Res::Hosts, Verb::Delete, PA, false),
+    // Cordon, uncordon and drain: the one field of a host users set, and moving its replicas.
+    p(Res::HostScheduling, Verb::Read, PA, false),
+    p(Res::HostScheduling, Verb::Write, PA, false),
     p(Res::Tokens, Verb::Read, PA_TA, false),
     p(Res::Tokens, Verb::Write, PA_TA, false),
     p(Res::Tokens, Verb::Delete, PA_TA, false),
@@ -267,6 +291,9 @@ pub const PERMISSIONS: &[Permission] = &[
     p(Res::TenantRollouts, Verb::Read, EVERY_ROLE, false),
     p(Res::TenantRollouts, Verb::Write, PA_TA, false),
     p(Res::TenantRollouts, Verb::Delete, PA_TA, false),
+    p(Res::Events, Verb::Read, EVERY_ROLE, false),
+    p(Res::Volumes, Verb::Read, EVERY_ROLE, false),
+    p(Res::Volumes, Verb::Delete, PA_TA, false),
     p(Res::Apply, Verb::Write, EDITORS, false),
     p(Res::Apply, Verb::Delete, EDITORS, false),
 ];

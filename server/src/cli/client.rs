@@ -236,6 +236,37 @@ impl Client {
         Err(CliError::Api(err))
     }
 
+    /// `GET path` for a long-running stream (no overall time limit): the answer, to read in
+    /// chunks; a non-2xx answer becomes [`CliError::Api`].
+    pub async fn get_stream(&self, path: &str) -> Result<reqwest::Response, CliError> {
+        self.open_stream(path, "text/plain, application/json").await
+    }
+
+    /// A GET whose answer streams until the server ends it or the caller drops it (no overall
+    /// timeout), asking for `accept`; a non-2xx answer becomes [`CliError::Api`].
+    async fn open_stream(&self, path: &str, accept: &str) -> Result<reqwest::Response, CliError> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(self.token.expose())
+            .header("Accept", accept)
+            // As good as no limit: a followed stream runs until it is interrupted.
+            .timeout(Duration::from_secs(10 * 365 * 24 * 3600))
+            .send()
+            .await
+            .map_err(|e| transport_error(&self.base, &e))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| transport_error(&self.base, &e))?;
+        Err(CliError::Api(ApiError::from_body(status, &body)))
+    }
+
     /// Sends a request and decodes the JSON answer.
     pub async fn json<T: DeserializeOwned>(
         &self,
@@ -254,6 +285,12 @@ impl Client {
                 self.base
             ))
         })
+    }
+
+    /// Opens a watch: a GET whose answer streams for as long as the server keeps it open
+    /// (no overall timeout). A non-2xx answer becomes [`CliError::Api`].
+    pub async fn watch(&self, path: &str) -> Result<reqwest::Response, CliError> {
+        self.open_stream(path, "application/x-ndjson").await
     }
 
     pub async fn get(&self, path: &str) -> Result<Value, CliError> {

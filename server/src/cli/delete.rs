@@ -13,10 +13,32 @@ use super::settings::{ClientOpts, Settings};
 use super::{CliError, CliResult, print_out};
 use crate::model::{Kind, ObjectKey};
 
+/// What `delete` removes: objects of a kind, or a state volume on a host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeleteKind {
+    Object(Kind),
+    /// `delete volume HOST/NAME`.
+    Volume,
+}
+
+fn parse_delete_kind(s: &str) -> Result<DeleteKind, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "volume" | "volumes" | "vol" => Ok(DeleteKind::Volume),
+        _ => parse_kind(s).map(DeleteKind::Object),
+    }
+}
+
+fn delete_kind_help() -> String {
+    format!(
+        "{}, or volume (then NAME is HOST/VOLUME, as `get volumes` shows it)",
+        kind_arg_help()
+    )
+}
+
 #[derive(Args, Debug)]
 pub struct DeleteArgs {
-    #[arg(value_parser = parse_kind, help = kind_arg_help(), value_name = "KIND", required_unless_present = "files", requires = "name")]
-    pub kind: Option<Kind>,
+    #[arg(value_parser = parse_delete_kind, help = delete_kind_help(), value_name = "KIND", required_unless_present = "files", requires = "name")]
+    pub kind: Option<DeleteKind>,
     pub name: Option<String>,
     /// Delete the objects these manifests name (file, directory or -); repeatable. All or
     /// nothing: one object that cannot be deleted (missing, still has children the files do
@@ -88,7 +110,11 @@ struct DeleteAnswer {
 
 pub async fn run(args: DeleteArgs) -> CliResult {
     let settings = Settings::resolve(&args.client)?;
-    if let (Some(kind), Some(name)) = (args.kind, args.name.as_deref()) {
+    if let (Some(DeleteKind::Volume), Some(name)) = (args.kind, args.name.as_deref()) {
+        let client = Client::new(&settings)?;
+        return super::volumes::delete_volume(&client, name, args.ignore_not_found).await;
+    }
+    if let (Some(DeleteKind::Object(kind)), Some(name)) = (args.kind, args.name.as_deref()) {
         let client = Client::new(&settings)?;
         let key = match resolve::find(&client, &settings, kind, name).await {
             Ok((key, _)) => key,

@@ -11,7 +11,7 @@ use super::output::{age, keys_at, labels, str_at, table, text_at};
 use super::resolve::{self, kind_arg_help, list_path, parse_kind};
 use super::settings::{ClientOpts, Settings};
 use super::{CliResult, print_out};
-use crate::model::{DEFAULT_IMAGE_REPOSITORY, Kind, format_cpu, format_memory};
+use crate::model::{DEFAULT_IMAGE_REPOSITORY, Kind, ObjectKey, format_cpu, format_memory};
 
 #[derive(Args, Debug)]
 pub struct DescribeArgs {
@@ -460,6 +460,13 @@ fn host(out: &mut Out, v: &Value, now: SystemTime, replicas: &[Vec<String>]) {
     if let Some(m) = v.pointer("/status/message").and_then(Value::as_str) {
         out.field(2, "Message", m);
     }
+    if let Some(t) = v.pointer("/status/notReadySince").and_then(Value::as_str) {
+        out.field(
+            2,
+            "Not ready since",
+            format!("{t} ({} ago)", age(Some(t), now)),
+        );
+    }
     let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
     out.field(
         2,
@@ -482,6 +489,103 @@ fn host(out: &mut Out, v: &Value, now: SystemTime, replicas: &[Vec<String>]) {
         );
     }
     conditions(out, v, now);
+}
+
+/// The `Drain` section of `describe host`, from the host's drain as `GET .../drain` answers it
+/// (with the bytes relayed so far): its phase and times, how many replicas moved of how many,
+/// the replicas moving (where to, how much state so far), and each failure with its reason.
+pub fn drain_section(d: &Value, now: SystemTime) -> String {
+    let mut out = Out {
+        text: String::new(),
+    };
+    out.heading(0, "Drain");
+    let phase = str_at(d, "/phase");
+    out.field(
+        2,
+        "Phase",
+        if phase.is_empty() { "Draining" } else { phase },
+    );
+    if let Some(t) = d.get("startedAt").and_then(Value::as_str) {
+        out.field(2, "Started", format!("{t} ({} ago)", age(Some(t), now)));
+    }
+    match d.get("finishedAt").and_then(Value::as_str) {
+        Some(t) => out.field(2, "Finished", format!("{t} ({} ago)", age(Some(t), now))),
+        None => {
+            if let Some(t) = d.get("deadline").and_then(Value::as_str) {
+                out.field(2, "Deadline", t);
+            }
+        }
+    }
+    out.field(
+        2,
+        "State",
+        if d.get("discardState").and_then(Value::as_bool) == Some(true) {
+            "discarded (replicas start fresh)"
+        } else {
+            "carried through the control plane"
+        },
+    );
+    let replicas: &[Value] = d
+        .get("replicas")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice);
+    let count = |p: &str| replicas.iter().filter(|r| r["phase"] == p).count();
+    let (moved, moving, failed) = (count("Moved"), count("Moving"), count("Failed"));
+    out.field(
+        2,
+        "Progress",
+        if d.get("listed").and_then(Value::as_bool) == Some(true) || !replicas.is_empty() {
+            format!(
+                "{moved}/{} moved, {moving} moving, {} waiting, {failed} failed",
+                replicas.len(),
+                replicas.len() - moved - moving - failed
+            )
+        } else {
+            "listing the host's replicas".into()
+        },
+    );
+    if let Some(m) = d.get("message").and_then(Value::as_str) {
+        out.field(2, "Message", m);
+    }
+    if !replicas.is_empty() {
+        let rows: Vec<Vec<String>> = replicas
+            .iter()
+            .map(|r| {
+                let state = match (r["bytes"].as_u64(), r["sha256"].as_str()) {
+                    (Some(b), Some(sha)) => format!(
+                        "{:.1} MiB, sha256 {}",
+                        b as f64 / (1024.0 * 1024.0),
+                        &sha[..sha.len().min(12)]
+                    ),
+                    (Some(b), None) => format!("{:.1} MiB so far", b as f64 / (1024.0 * 1024.0)),
+                    (None, _)
+                        if r.get("transfer").is_none()
+                            && (r["phase"] == "Moving" || r["phase"] == "Moved") =>
+                    {
+                        "fresh".into()
+                    }
+                    (None, _) => "-".into(),
+                };
+                vec![
+                    format!(
+                        "{}/{}/{}",
+                        str_at(r, "/tenant"),
+                        str_at(r, "/project"),
+                        str_at(r, "/replica")
+                    ),
+                    text_at(r, "/phase"),
+                    text_at(r, "/to"),
+                    state,
+                    text_at(r, "/message"),
+                ]
+            })
+            .collect();
+        out.block(
+            2,
+            &table(&["REPLICA", "PHASE", "TO", "STATE", "MESSAGE"], &rows),
+        );
+    }
+    out.text
 }
 
 /// The text of `describe` for one object; `host_replicas` lists replicas placed on a host.
@@ -547,7 +651,50 @@ pub async fn run(args: DescribeArgs) -> CliResult {
     } else {
         Vec::new()
     };
-    print_out(&render(args.kind, &obj, &host_replicas, SystemTime::now()))
+    let mut text = render(args.kind, &obj, &host_replicas, SystemTime::now());
+    if args.kind == Kind::Host && obj.pointer("/status/drain").is_some() {
+        // The drain endpoint adds the bytes relayed so far; the stored one is the fallback.
+        let path = format!(
+            "{}/drain",
+            resolve::object_path(&ObjectKey::cluster(Kind::Host, &args.name))
+        );
+        let drain = match client.get(&path).await {
+            Ok(d) => d,
+            Err(_) => obj.pointer("/status/drain").cloned().unwrap_or_default(),
+        };
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&drain_section(&drain, SystemTime::now()));
+    }
+    if args.kind == Kind::Host {
+        let volumes = super::volumes::of_host(&client, &args.name).await;
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&super::volumes::describe_section(
+            &volumes,
+            SystemTime::now(),
+        ));
+    }
+    let for_ = match args.kind {
+        Kind::OpenClawInstance => Some("instance"),
+        Kind::Host => Some("host"),
+        Kind::Rollout => Some("rollout"),
+        _ => None,
+    };
+    if let Some(k) = for_ {
+        let tenant = obj.pointer("/metadata/tenant").and_then(Value::as_str);
+        let project = obj.pointer("/metadata/project").and_then(Value::as_str);
+        let name = str_at(&obj, "/metadata/name");
+        let events =
+            super::events::of_object(&client, tenant, project, &format!("{k}/{name}")).await;
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&super::events::describe_section(&events, SystemTime::now()));
+    }
+    print_out(&text)
 }
 
 #[cfg(test)]
@@ -651,5 +798,53 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_drain_in_progress_shows_progress_the_moving_replica_and_failures() {
+        let d = json!({
+            "phase": "Draining", "startedAt": "2026-07-10T11:59:00Z",
+            "deadline": "2026-07-10T12:09:00Z", "listed": true,
+            "replicas": [
+                {"tenant": "acme", "project": "web", "instance": "bot", "replica": "bot-0",
+                 "ordinal": 0, "phase": "Moved", "to": "h2", "transfer": "drain-1",
+                 "bytes": 10485760u64, "sha256": "0123456789abcdef0123", "message": "Ready on h2"},
+                {"tenant": "acme", "project": "web", "instance": "bot", "replica": "bot-1",
+                 "ordinal": 1, "phase": "Moving", "to": "h2", "transfer": "drain-2",
+                 "bytes": 3145728u64},
+                {"tenant": "acme", "project": "web", "instance": "aux", "replica": "aux-0",
+                 "ordinal": 0, "phase": "Failed",
+                 "message": "no other host fits: Unschedulable: 0/1 hosts fit (1 unschedulable)"},
+                {"tenant": "acme", "project": "web", "instance": "aux", "replica": "aux-1",
+                 "ordinal": 1, "phase": "Waiting"}
+            ]
+        });
+        let text = drain_section(&d, now());
+        assert!(text.starts_with("Drain:\n"), "{text}");
+        let flat = |t: &str| t.split_whitespace().collect::<Vec<_>>().join(" ");
+        let all = flat(&text);
+        for needle in [
+            "Phase: Draining",
+            "Started: 2026-07-10T11:59:00Z (60s ago)",
+            "Deadline: 2026-07-10T12:09:00Z",
+            "Progress: 1/4 moved, 1 moving, 1 waiting, 1 failed",
+            "acme/web/bot-0 Moved h2 10.0 MiB, sha256 0123456789ab Ready on h2",
+            "acme/web/bot-1 Moving h2 3.0 MiB so far -",
+            "acme/web/aux-0 Failed - - no other host fits: Unschedulable",
+            "acme/web/aux-1 Waiting - - -",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in\n{text}");
+        }
+        // Finished: the end time instead of the deadline.
+        let done = json!({"phase": "Succeeded", "startedAt": "2026-07-10T11:59:00Z",
+            "deadline": "2026-07-10T12:09:00Z", "finishedAt": "2026-07-10T11:59:30Z",
+            "listed": true, "message": "0 replica(s) moved off host h1", "replicas": []});
+        let text = drain_section(&done, now());
+        assert!(
+            flat(&text).contains("Finished: 2026-07-10T11:59:30Z (30s ago)"),
+            "{text}"
+        );
+        assert!(!text.contains("Deadline"), "{text}");
+        assert!(text.contains("0/0 moved"), "{text}");
     }
 }

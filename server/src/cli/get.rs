@@ -15,10 +15,31 @@ use super::settings::{ClientOpts, Settings};
 use super::{CliResult, print_out, stdout_error};
 use crate::model::{DEFAULT_IMAGE_REPOSITORY, Kind, Scope, format_cpu};
 
+/// What `get` lists: objects of a kind, or events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GetKind {
+    Object(Kind),
+    Events,
+    /// State volumes on hosts.
+    Volumes,
+}
+
+fn parse_get_kind(s: &str) -> Result<GetKind, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "events" | "event" | "ev" => Ok(GetKind::Events),
+        "volumes" | "volume" | "vol" => Ok(GetKind::Volumes),
+        _ => parse_kind(s).map(GetKind::Object),
+    }
+}
+
+fn get_kind_help() -> String {
+    format!("{}, events, or volumes", kind_arg_help())
+}
+
 #[derive(Args, Debug)]
 pub struct GetArgs {
-    #[arg(value_parser = parse_kind, help = kind_arg_help(), value_name = "KIND")]
-    pub kind: Kind,
+    #[arg(value_parser = parse_get_kind, help = get_kind_help(), value_name = "KIND")]
+    pub kind: GetKind,
     /// Show only this object
     pub name: Option<String>,
     /// Output format
@@ -30,6 +51,15 @@ pub struct GetArgs {
     /// List across all tenants and projects, ignoring -t/-p and the configured ones
     #[arg(short = 'A', long)]
     pub all_tenants: bool,
+    /// After the list, print changes as they happen (until interrupted)
+    #[arg(short = 'w', long)]
+    pub watch: bool,
+    /// Events: only those of one object, e.g. instance/support-bot, host/h1, rollout/NAME
+    #[arg(long = "for", value_name = "KIND/NAME")]
+    pub for_object: Option<String>,
+    /// Volumes: only those of this host
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
     #[command(flatten)]
     pub client: ClientOpts,
 }
@@ -493,16 +523,68 @@ pub fn rows(
 pub async fn run(args: GetArgs) -> CliResult {
     let settings = Settings::resolve(&args.client)?;
     let client = Client::new(&settings)?;
-    if let Some(name) = &args.name {
-        let (_, obj) = resolve::find(&client, &settings, args.kind, name).await?;
-        return print_one(args.kind, &obj, args.output);
-    }
     let (tenant, project) = if args.all_tenants {
         (None, None)
     } else {
         (settings.tenant.as_deref(), settings.project.as_deref())
     };
-    let path = list_path(args.kind, tenant, project, args.selector.as_deref());
+    let kind = match args.kind {
+        GetKind::Events => {
+            if let Some(f) = &args.for_object {
+                crate::events::parse_for(f).map_err(super::CliError::Failed)?;
+            }
+            return super::events::get_events(
+                &client,
+                tenant,
+                project,
+                args.for_object.as_deref(),
+                args.output,
+                args.watch,
+            )
+            .await;
+        }
+        GetKind::Volumes => {
+            if args.for_object.is_some() || args.name.is_some() || args.watch {
+                return Err(super::CliError::Failed(
+                    "get volumes takes only --host and -o".into(),
+                ));
+            }
+            return super::volumes::get_volumes(&client, args.host.as_deref(), args.output).await;
+        }
+        GetKind::Object(k) => k,
+    };
+    if args.host.is_some() {
+        return Err(super::CliError::Failed(
+            "--host goes with get volumes".into(),
+        ));
+    }
+    if args.for_object.is_some() {
+        return Err(super::CliError::Failed("--for goes with get events".into()));
+    }
+    if let Some(name) = &args.name {
+        let (_, obj) = resolve::find(&client, &settings, kind, name).await?;
+        return print_one(kind, &obj, args.output);
+    }
+    let path = list_path(kind, tenant, project, args.selector.as_deref());
+    if args.watch {
+        let format = args.output;
+        return super::events::follow(&client, &path, true, |items, first| {
+            Ok(match format {
+                Format::Json | Format::Yaml => items.iter().map(|i| format!("{i}\n")).collect(),
+                Format::Table | Format::Wide => {
+                    let (header, rows) =
+                        rows(kind, items, format == Format::Wide, SystemTime::now());
+                    let text = output::table(&header, &rows);
+                    if first {
+                        text
+                    } else {
+                        text.lines().skip(1).map(|l| format!("{l}\n")).collect()
+                    }
+                }
+            })
+        })
+        .await;
+    }
     let items = |list: Value| match list {
         Value::Object(mut m) => match m.remove("items") {
             Some(Value::Array(items)) => items,
@@ -525,20 +607,15 @@ pub async fn run(args: GetArgs) -> CliResult {
             let list: BriefList = client.json(Method::GET, &path, None).await?;
             let items: Vec<Value> = list.items.into_iter().map(Brief::into_value).collect();
             if items.is_empty() {
-                let scope = match (args.kind.scope(), tenant, project) {
+                let scope = match (kind.scope(), tenant, project) {
                     (Scope::Cluster, _, _) | (_, None, _) => String::new(),
                     (Scope::Project, Some(t), Some(p)) => format!(" in project {t}/{p}"),
                     (_, Some(t), _) => format!(" in tenant {t}"),
                 };
-                eprintln!("No {} found{scope}.", args.kind.plural());
+                eprintln!("No {} found{scope}.", kind.plural());
                 return Ok(());
             }
-            let (header, rows) = rows(
-                args.kind,
-                &items,
-                args.output == Format::Wide,
-                SystemTime::now(),
-            );
+            let (header, rows) = rows(kind, &items, args.output == Format::Wide, SystemTime::now());
             print_out(&output::table(&header, &rows))
         }
     }

@@ -6,12 +6,16 @@ mod audit;
 mod client;
 mod completion;
 mod config;
+mod cordon;
 mod delete;
 mod describe;
 mod dev;
 mod docs;
+mod drain;
+mod events;
 mod get;
 mod login;
+mod logs;
 mod manifest;
 mod output;
 mod pki;
@@ -21,6 +25,7 @@ mod scale;
 mod secret;
 mod settings;
 mod token;
+mod volumes;
 mod waves;
 
 use std::fmt;
@@ -83,7 +88,7 @@ fn kinds_and_exit_codes_help() -> String {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the control plane (REST API and agent port).
-    Server(crate::config::ServerArgs),
+    Server(Box<crate::config::ServerArgs>),
     /// Create or update objects from YAML or JSON manifests (all or nothing).
     #[command(after_help = EXIT_CODES_HELP)]
     Apply(apply::ApplyArgs),
@@ -99,10 +104,24 @@ pub enum Command {
     /// Change the number of replicas of an instance.
     #[command(after_help = EXIT_CODES_HELP)]
     Scale(scale::ScaleArgs),
+    /// Stop placing new replicas on a host (those it runs stay).
+    #[command(after_help = EXIT_CODES_HELP)]
+    Cordon(cordon::CordonArgs),
+    /// Let the scheduler place replicas on a cordoned host again.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Uncordon(cordon::CordonArgs),
+    /// Cordon a host and move its replicas elsewhere, each with its state volume (unless
+    /// --discard-state), within each instance's maxUnavailable. The server carries the drain
+    /// out; this command follows it and exits 1 naming each replica that could not be moved.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Drain(drain::DrainArgs),
     /// Show and steer an instance's update: status (-w waits), history, pause, resume,
     /// promote, abort, undo.
     #[command(after_help = EXIT_CODES_HELP)]
     Rollout(rollout::RolloutArgs),
+    /// Show a replica's container output (redacted), streamed from its host; -f follows it.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Logs(logs::LogsArgs),
     /// Manage the certificate authority of the agent port.
     Pki(pki::PkiArgs),
     /// Create, list and revoke tokens.
@@ -198,7 +217,11 @@ pub fn run(command: Command) -> CliResult {
         Command::Describe(args) => block_on(describe::run(args)),
         Command::Delete(args) => block_on(delete::run(args)),
         Command::Scale(args) => block_on(scale::run(args)),
+        Command::Cordon(args) => block_on(cordon::run(args, true)),
+        Command::Uncordon(args) => block_on(cordon::run(args, false)),
+        Command::Drain(args) => block_on(drain::run(args)),
         Command::Rollout(args) => block_on(rollout::run(args)),
+        Command::Logs(args) => block_on(logs::run(args)),
         Command::Token(args) => block_on(token::run(args)),
         Command::Audit(args) => block_on(audit::run(args)),
         Command::Login(args) => block_on(login::run(args)),

@@ -843,6 +843,7 @@ pub fn reconcile_once(store: &dyn Store, now_ms: i64) -> Result<PassReport, Roll
     let mut report = PassReport::default();
     let mut keys: Vec<ObjectKey> = Vec::new();
     let mut wake: Option<i64> = None;
+    let mut events = Vec::new();
     for o in objects {
         let mut instance = match o.resource() {
             Ok(Resource::OpenClawInstance(i)) => i,
@@ -854,8 +855,14 @@ pub fn reconcile_once(store: &dyn Store, now_ms: i64) -> Result<PassReport, Roll
         report.instances += 1;
         let d = plan(&instance, now_ms);
         wake = earliest(wake, d.wake_after_ms);
+        let before = instance.status.clone();
         if apply(&mut instance, &d, now_ms) {
             keys.push(o.key.clone());
+            events.extend(rollout_events(
+                &o.key,
+                before.as_ref(),
+                instance.status.as_ref(),
+            ));
         }
     }
     let mut change = |r: &mut Resource| -> bool {
@@ -881,8 +888,68 @@ pub fn reconcile_once(store: &dyn Store, now_ms: i64) -> Result<PassReport, Roll
             })?;
         report.written += chunk.len();
     }
+    crate::events::record_all(store, events);
     report.wake_after = wake.map(|ms| Duration::from_millis(ms.max(0) as u64));
     Ok(report)
+}
+
+/// The events of one step of an update: the update's phase turning (`RolloutProgressing`,
+/// `RolloutSucceeded`, `RolloutRolledBack`...), and every replica whose target revision moves.
+pub fn rollout_events(
+    key: &ObjectKey,
+    before: Option<&crate::model::InstanceStatus>,
+    after: Option<&crate::model::InstanceStatus>,
+) -> Vec<crate::events::Event> {
+    use crate::events::Event;
+    use crate::model::RolloutPhase;
+    let mut out = Vec::new();
+    let Some(after) = after else { return out };
+    let (b, a) = (
+        before.and_then(|s| s.rollout.as_ref()),
+        after.rollout.as_ref(),
+    );
+    if let Some(a) = a
+        && b.is_none_or(|b| b.phase != a.phase || b.revision != a.revision)
+    {
+        let phase = format!("{:?}", a.phase);
+        let message = match &a.message {
+            Some(m) => format!("update to revision {}: {phase}: {m}", a.revision),
+            None => format!("update to revision {}: {phase}", a.revision),
+        };
+        let reason = format!("Rollout{phase}");
+        let e = match a.phase {
+            RolloutPhase::Failed | RolloutPhase::RolledBack => {
+                Event::warning(key.clone(), &reason, message)
+            }
+            _ => Event::normal(key.clone(), &reason, message),
+        };
+        out.push(e.source("rollout"));
+    }
+    let old: std::collections::HashMap<&str, Option<u64>> = before
+        .map(|s| {
+            s.replica_status
+                .iter()
+                .map(|r| (r.name.as_str(), r.target_revision))
+                .collect()
+        })
+        .unwrap_or_default();
+    for r in &after.replica_status {
+        if let (Some(target), Some(prev)) = (r.target_revision, old.get(r.name.as_str()))
+            && *prev != Some(target)
+            && prev.is_some()
+        {
+            out.push(
+                Event::normal(
+                    key.clone(),
+                    "ReplicaTargetMoved",
+                    format!("{} moves to revision {target}", r.name),
+                )
+                .replica(r.name.clone())
+                .source("rollout"),
+            );
+        }
+    }
+    out
 }
 
 fn now_ms() -> i64 {

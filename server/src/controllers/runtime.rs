@@ -1,5 +1,5 @@
 //! One loop for every controller: a pass at start, after every burst of store changes
-//! (coalesced for [`DEBOUNCE`]), when the pass asks to look again, and every `resync`; retries
+//! (coalesced for [`DEBOUNCE`]; paced by [`OBSERVED_PACE`] when only observed state changed), when the pass asks to look again, and every `resync`; retries
 //! with [`backoff`] after a failed pass; stops when `shutdown` turns true (or its sender goes).
 
 use std::fmt::Display;
@@ -12,6 +12,13 @@ use crate::store::Store;
 
 /// After a wake-up by a store change, further changes are coalesced for this long.
 pub const DEBOUNCE: Duration = Duration::from_millis(20);
+/// After a wake-up by changes of observed state only (status reports, host refreshes: the
+/// desired index did not move), the next pass waits this many times as long as the last one
+/// took, so that a steady trickle of such writes keeps a pass over a large store from running
+/// all the time (at most a fifth of it); a change of desired state cuts the wait short.
+pub const OBSERVED_PACE: u32 = 4;
+/// The longest such wait.
+pub const MAX_OBSERVED_WAIT: Duration = Duration::from_secs(2);
 /// First retry delay after a failed pass; doubles on every further failure.
 pub const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 /// Upper bound of the retry delay.
@@ -53,6 +60,7 @@ pub async fn run<E, F>(
 {
     let pass = Arc::new(pass);
     let mut changes = store.subscribe();
+    let mut desired = store.subscribe_desired();
     let mut changes_open = true;
     let mut failures: u32 = 0;
     tracing::info!(controller = name, resync = ?resync, "controller started");
@@ -62,12 +70,15 @@ pub async fn run<E, F>(
         }
         // Mark what this pass will see, so any later change wakes the loop again.
         changes.borrow_and_update();
+        let desired_before = *desired.borrow_and_update();
+        let started = std::time::Instant::now();
         let (s, p) = (Arc::clone(&store), Arc::clone(&pass));
         let joined = tokio::task::spawn_blocking(move || p(s.as_ref()).map_err(|e| e.to_string()));
         let outcome = tokio::select! {
             joined = joined => joined.unwrap_or_else(|e| Err(format!("the pass panicked: {e}"))),
             () = shutdown_requested(&mut shutdown) => break,
         };
+        let took = started.elapsed();
         let sleep_for = match outcome {
             Ok(after) => {
                 failures = 0;
@@ -96,8 +107,27 @@ pub async fn run<E, F>(
             () = shutdown_requested(&mut shutdown) => break,
         };
         if woken_by_change {
+            let wait = if *desired.borrow() != desired_before {
+                DEBOUNCE
+            } else {
+                took.saturating_mul(OBSERVED_PACE)
+                    .clamp(DEBOUNCE, MAX_OBSERVED_WAIT)
+            };
             tokio::select! {
-                () = tokio::time::sleep(DEBOUNCE) => {}
+                () = tokio::time::sleep(wait) => {}
+                r = desired.changed(), if wait > DEBOUNCE => {
+                    if r.is_ok() {
+                        tokio::select! {
+                            () = tokio::time::sleep(DEBOUNCE) => {}
+                            () = shutdown_requested(&mut shutdown) => break,
+                        }
+                    } else {
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            () = shutdown_requested(&mut shutdown) => break,
+                        }
+                    }
+                }
                 () = shutdown_requested(&mut shutdown) => break,
             }
         }

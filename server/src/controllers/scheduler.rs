@@ -15,6 +15,18 @@
 //! the highest ordinals; with `spec.volumeRetention.whenScaled: Retain` (the default) their
 //! volumes are listed in `status.retainedVolumes`, and scaling back up places each such ordinal
 //! on the host holding its volume when that host fits.
+//!
+//! Failover: with `spec.failover.policy: Reschedule`, a replica whose host has been NotReady
+//! (`status.notReadySince`) for `failover.after` is no longer held there: it is placed like a
+//! new replica on another eligible host (starting with fresh state) and the volume it leaves
+//! behind is listed in `status.retainedVolumes` with reason `Failover`, so the lost host keeps
+//! it when it comes back. When no other host fits, the replica stays where it is. With
+//! `Manual` (the default) nothing moves.
+//!
+//! Epochs: every placement of a replica on a host (the first one and every move) gives it a new
+//! `epoch`, higher than any it had and higher than the instance's `resourceVersion`; since the
+//! store's index only grows, an epoch is never reused for a replica name, even after the
+//! instance is deleted and created again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -24,11 +36,13 @@ use tokio::sync::watch;
 
 use crate::model::{
     Condition, Host, HostPhase, HostResources, HostStatus, InstanceStatus, Kind, MAX_REPLICAS,
-    ObjectKey, OpenClawInstance, ReplicaState, ReplicaStatus, Resource, RetainedVolume,
-    RetentionPolicy, parse_cpu, parse_memory, summarize,
+    ObjectKey, OpenClawInstance, RETAINED_BY_FAILOVER, ReplicaState, ReplicaStatus, Resource,
+    RetainedVolume, RetentionPolicy, parse_cpu, parse_memory, summarize,
 };
 use crate::store::{ListFilter, Store, StoreError, StoredObject};
 
+#[cfg(test)]
+mod failover_tests;
 #[cfg(test)]
 mod tests;
 
@@ -99,6 +113,34 @@ pub struct Plan {
     pub instances: BTreeMap<ObjectKey, InstancePlan>,
     /// What is placed on every host given to [`plan`], by host name.
     pub hosts: BTreeMap<String, HostResources>,
+    /// Replicas moved off a lost host by failover, by instance and ordinal.
+    pub moves: BTreeMap<ObjectKey, Moves>,
+    /// How soon a replica on a NotReady host comes due for failover, if one will (the time
+    /// alone makes it due: no store change wakes the scheduler for it).
+    pub next_failover: Option<Duration>,
+}
+
+/// A replica moved off a lost host by failover.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Moved {
+    /// The host it leaves (its state volume stays there).
+    pub from: String,
+    /// How long that host had been NotReady.
+    pub not_ready_for: Duration,
+}
+
+/// Failover moves of one instance, by ordinal.
+pub type Moves = BTreeMap<u32, Moved>;
+
+impl Moved {
+    /// The replica's status message after the move.
+    pub fn message(&self) -> String {
+        format!(
+            "rescheduled from host {} after {} NotReady; started with fresh state",
+            self.from,
+            humantime::format_duration(Duration::from_secs(self.not_ready_for.as_secs()))
+        )
+    }
 }
 
 impl Plan {
@@ -171,6 +213,8 @@ struct Node<'a> {
     name: &'a str,
     host: &'a Host,
     ready: bool,
+    /// When the host turned NotReady (Unix milliseconds), while it is.
+    not_ready_since: Option<i64>,
     cpu_capacity: u64,
     memory_capacity: u64,
     cpu_used: u64,
@@ -187,6 +231,12 @@ impl<'a> Node<'a> {
                 .status
                 .as_ref()
                 .is_some_and(|s| s.phase == HostPhase::Ready),
+            not_ready_since: host
+                .status
+                .as_ref()
+                .filter(|s| s.phase == HostPhase::NotReady)
+                .and_then(|s| s.not_ready_since.as_deref())
+                .and_then(crate::model::unix_millis),
             // A capacity that does not parse offers nothing rather than failing the pass.
             cpu_capacity: parse_cpu(host.spec.capacity.cpu.as_str()).unwrap_or(0),
             memory_capacity: parse_memory(host.spec.capacity.memory.as_str()).unwrap_or(0),
@@ -222,6 +272,14 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// How long the host has been NotReady at `now_ms`, if it is and says since when.
+    fn not_ready_for(&self, now_ms: i64) -> Option<Duration> {
+        let since = self.not_ready_since?;
+        Some(Duration::from_millis(
+            u64::try_from(now_ms.saturating_sub(since)).unwrap_or(0),
+        ))
+    }
+
     fn charge(&mut self, cpu: u64, memory: u64) {
         self.cpu_used = self.cpu_used.saturating_add(cpu);
         self.memory_used = self.memory_used.saturating_add(memory);
@@ -255,16 +313,29 @@ struct Work<'a> {
     /// Host index per ordinal.
     slots: Vec<Option<usize>>,
     reasons: Vec<Option<String>>,
+    /// Ordinals let go of their lost host by failover: (host index, NotReady for).
+    lost: BTreeMap<usize, (usize, Duration)>,
 }
 
-/// Decides where every replica of every instance goes. Pure and deterministic: the result does
-/// not depend on the order of either input. Runs in O(replicas × hosts).
+/// [`plan_at`] now.
+pub fn plan(instances: &[OpenClawInstance], hosts: &[Host]) -> Plan {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    plan_at(instances, hosts, now_ms)
+}
+
+/// Decides where every replica of every instance goes, at `now_ms` (Unix milliseconds, which
+/// only failover looks at). Pure and deterministic: the result does not depend on the order of
+/// either input. Runs in O(replicas × hosts).
 ///
 /// Existing placements (`status.replicaStatus[].host`) are kept while their host exists and the
-/// ordinal is below `spec.replicas`; they are charged to their host first, then the remaining
-/// replicas are placed instance by instance (in key order), ordinal by ordinal.
-pub fn plan(instances: &[OpenClawInstance], hosts: &[Host]) -> Plan {
+/// ordinal is below `spec.replicas` (and failover does not let them go); they are charged to
+/// their host first, then the remaining replicas are placed instance by instance (in key
+/// order), ordinal by ordinal.
+pub fn plan_at(instances: &[OpenClawInstance], hosts: &[Host], now_ms: i64) -> Plan {
     let mut nodes: Vec<Node<'_>> = hosts.iter().map(Node::new).collect();
+    let mut next_failover: Option<Duration> = None;
     // Names are unique in the store; should a name come twice, the newest record wins.
     nodes.sort_by(|a, b| {
         (a.name.cmp(b.name)).then(
@@ -289,6 +360,7 @@ pub fn plan(instances: &[OpenClawInstance], hosts: &[Host]) -> Plan {
                 memory: instance.spec.memory_bytes(),
                 slots: vec![None; desired],
                 reasons: vec![None; desired],
+                lost: BTreeMap::new(),
             }
         })
         .collect();
@@ -316,6 +388,20 @@ pub fn plan(instances: &[OpenClawInstance], hosts: &[Host]) -> Plan {
                 continue;
             }
             if let Some(&i) = by_name.get(host.as_str()) {
+                let failover = &w.instance.spec.failover;
+                if failover.reschedules()
+                    && let Some(down) = nodes[i].not_ready_for(now_ms)
+                    && down >= failover.after()
+                {
+                    w.lost.insert(ordinal, (i, down));
+                    continue;
+                }
+                if failover.reschedules()
+                    && let Some(down) = nodes[i].not_ready_for(now_ms)
+                {
+                    let due = failover.after().saturating_sub(down);
+                    next_failover = Some(next_failover.map_or(due, |n| n.min(due)));
+                }
                 w.slots[ordinal] = Some(i);
                 nodes[i].charge(w.cpu, w.memory);
             }
@@ -342,14 +428,15 @@ pub fn plan(instances: &[OpenClawInstance], hosts: &[Host]) -> Plan {
         }
         // Ordinals whose state volume was kept on a host (scale-down with whenScaled: Retain)
         // go back there when it fits.
+        let retain_scaled = w.instance.spec.volume_retention.when_scaled == RetentionPolicy::Retain;
         let retained: Vec<(u32, usize)> = match &w.instance.status {
-            Some(st) if w.instance.spec.volume_retention.when_scaled == RetentionPolicy::Retain => {
-                st.retained_volumes
-                    .iter()
-                    .filter_map(|v| Some((v.ordinal, *by_name.get(v.host.as_str())?)))
-                    .collect()
-            }
-            _ => Vec::new(),
+            Some(st) => st
+                .retained_volumes
+                .iter()
+                .filter(|v| retain_scaled || v.from_failover())
+                .filter_map(|v| Some((v.ordinal, *by_name.get(v.host.as_str())?)))
+                .collect(),
+            None => Vec::new(),
         };
         for ordinal in 0..w.slots.len() {
             if w.slots[ordinal].is_some() {
@@ -380,13 +467,22 @@ pub fn plan(instances: &[OpenClawInstance], hosts: &[Host]) -> Plan {
                     best = Some(candidate);
                 }
             }
-            match best {
-                Some((_, _, i)) => {
+            match (best, w.lost.get(&ordinal)) {
+                (Some((_, _, i)), _) => {
                     w.slots[ordinal] = Some(i);
                     nodes[i].charge(w.cpu, w.memory);
                     spread[i] += 1;
                 }
-                None => w.reasons[ordinal] = Some(unschedulable_message(nodes.len(), &misfits)),
+                // Nowhere else to go: the replica keeps waiting for its host.
+                (None, Some(&(i, _))) => {
+                    w.lost.remove(&ordinal);
+                    w.slots[ordinal] = Some(i);
+                    nodes[i].charge(w.cpu, w.memory);
+                    spread[i] += 1;
+                }
+                (None, None) => {
+                    w.reasons[ordinal] = Some(unschedulable_message(nodes.len(), &misfits))
+                }
             }
         }
         for i in w.slots.iter().flatten() {
@@ -394,6 +490,24 @@ pub fn plan(instances: &[OpenClawInstance], hosts: &[Host]) -> Plan {
         }
     }
 
+    let mut moves = BTreeMap::new();
+    for w in &work {
+        let these: Moves = w
+            .lost
+            .iter()
+            .filter(|(o, (from, _))| w.slots[**o].is_some_and(|to| to != *from))
+            .map(|(o, (from, down))| {
+                let m = Moved {
+                    from: nodes[*from].name.to_string(),
+                    not_ready_for: *down,
+                };
+                (*o as u32, m)
+            })
+            .collect();
+        if !these.is_empty() {
+            moves.insert(w.key.clone(), these);
+        }
+    }
     let instances = work
         .into_iter()
         .map(|w| {
@@ -430,7 +544,12 @@ pub fn plan(instances: &[OpenClawInstance], hosts: &[Host]) -> Plan {
             (n.name.to_string(), allocated)
         })
         .collect();
-    Plan { instances, hosts }
+    Plan {
+        instances,
+        hosts,
+        moves,
+        next_failover,
+    }
 }
 
 /// Writes `plan` into an instance's status; returns whether anything changed. `now` (RFC 3339)
@@ -447,7 +566,30 @@ pub fn apply_instance_plan(
     plan: &InstancePlan,
     now: &str,
 ) -> bool {
+    apply_instance_plan_moving(instance, plan, &Moves::new(), now)
+}
+
+/// The epoch of a new placement: above the replica's last one and above the instance's
+/// `resourceVersion` (an index of the store, which only grows; the write that records this
+/// epoch gets a higher one, so a later placement, or one of a re-created instance, is higher
+/// still).
+pub fn next_epoch(previous: Option<u64>, resource_version: Option<u64>) -> u64 {
+    previous
+        .unwrap_or(0)
+        .max(resource_version.unwrap_or(0))
+        .saturating_add(1)
+}
+
+/// [`apply_instance_plan`] where failover moved the replicas in `moved` off their lost host:
+/// their message says so and the volumes they leave are retained there.
+pub fn apply_instance_plan_moving(
+    instance: &mut OpenClawInstance,
+    plan: &InstancePlan,
+    moved: &Moves,
+    now: &str,
+) -> bool {
     let before = instance.status.clone();
+    let resource_version = instance.metadata.resource_version;
     let name = instance.metadata.name.clone();
     let initial_target = super::rollout::initial_target(instance);
     let status = instance.status.get_or_insert_with(InstanceStatus::default);
@@ -459,6 +601,7 @@ pub fn apply_instance_plan(
     let old_hosts: Vec<(u32, Option<String>)> =
         previous.iter().map(|(o, r)| (*o, r.host.clone())).collect();
     let mut replicas = Vec::with_capacity(plan.replicas.len());
+    let mut lost_volumes = Vec::new();
     for (ordinal, placement) in plan.replicas.iter().enumerate() {
         let ordinal = ordinal as u32;
         let replica_name = format!("{name}-{ordinal}");
@@ -467,20 +610,47 @@ pub fn apply_instance_plan(
                 if r.host.as_deref() == Some(host.as_str()) =>
             {
                 r.name = replica_name;
+                if r.epoch.is_none() {
+                    r.epoch = Some(next_epoch(None, resource_version));
+                }
                 r
             }
-            (ReplicaPlacement::Placed { host }, prev) => ReplicaStatus {
-                name: replica_name,
-                ordinal,
-                host: Some(host.clone()),
-                target_revision: prev.and_then(|p| p.target_revision).or(initial_target),
-                ..ReplicaStatus::default()
-            },
+            (ReplicaPlacement::Placed { host }, prev) => {
+                let message = moved
+                    .get(&ordinal)
+                    .filter(|m| prev.as_ref().and_then(|p| p.host.as_deref()) == Some(&m.from))
+                    .map(Moved::message);
+                if let (Some(p), Some(_)) = (&prev, &message)
+                    && let Some(from) = &p.host
+                {
+                    lost_volumes.push(RetainedVolume {
+                        replica: p.name.clone(),
+                        ordinal,
+                        host: from.clone(),
+                        since: Some(now.to_string()),
+                        reason: Some(RETAINED_BY_FAILOVER.to_string()),
+                    });
+                }
+                ReplicaStatus {
+                    name: replica_name,
+                    ordinal,
+                    host: Some(host.clone()),
+                    message,
+                    epoch: Some(next_epoch(
+                        prev.as_ref().and_then(|p| p.epoch),
+                        resource_version,
+                    )),
+                    target_revision: prev.and_then(|p| p.target_revision).or(initial_target),
+                    ..ReplicaStatus::default()
+                }
+            }
             (ReplicaPlacement::Unplaced { reason }, prev) => ReplicaStatus {
                 name: replica_name,
                 ordinal,
                 state: ReplicaState::Pending,
                 message: Some(reason.clone()),
+                // The epoch stays, so the next placement is above it.
+                epoch: prev.as_ref().and_then(|p| p.epoch),
                 target_revision: prev.and_then(|p| p.target_revision).or(initial_target),
                 ..ReplicaStatus::default()
             },
@@ -494,8 +664,14 @@ pub fn apply_instance_plan(
     let placement_changed = before.is_none() || old_hosts != new_hosts;
     let retain = instance_retains(&instance.spec);
     let status = instance.status.get_or_insert_with(InstanceStatus::default);
-    status.retained_volumes =
-        retained_after(&status.retained_volumes, retain, &previous, &replicas, now);
+    status.retained_volumes = retained_after(
+        &status.retained_volumes,
+        retain,
+        &previous,
+        &lost_volumes,
+        &replicas,
+        now,
+    );
     status.replica_status = replicas;
     status.replicas = plan.replicas.len() as i64;
 
@@ -544,19 +720,31 @@ fn instance_retains(spec: &crate::model::InstanceSpec) -> bool {
 /// `status.retainedVolumes` after a placement: with `retain`, every replica removed by a
 /// scale-down (`removed`, those that had a host) keeps its volume listed (replica, ordinal,
 /// host, since `now`), and an entry is dropped once its ordinal is placed on its host again;
-/// an ordinal placed elsewhere keeps its old volume listed. Without `retain`, nothing is.
+/// an ordinal placed elsewhere keeps its old volume listed. Without `retain`, none of those
+/// is. Volumes left on a lost host by failover (`lost`) are listed whatever `retain` says.
 pub fn retained_after(
     before: &[RetainedVolume],
     retain: bool,
     removed: &BTreeMap<u32, ReplicaStatus>,
+    lost: &[RetainedVolume],
     placed: &[ReplicaStatus],
     now: &str,
 ) -> Vec<RetainedVolume> {
-    if !retain {
-        return Vec::new();
+    let mut out: Vec<RetainedVolume> = before
+        .iter()
+        .filter(|v| retain || v.always_kept())
+        .cloned()
+        .collect();
+    for v in lost {
+        if !out
+            .iter()
+            .any(|o| o.ordinal == v.ordinal && o.host == v.host)
+        {
+            out.push(v.clone());
+        }
     }
-    let mut out: Vec<RetainedVolume> = before.to_vec();
-    for r in removed.values() {
+    let removed = removed.values().filter(|_| retain);
+    for r in removed {
         let Some(host) = &r.host else { continue };
         if !out
             .iter()
@@ -567,6 +755,7 @@ pub fn retained_after(
                 ordinal: r.ordinal,
                 host: host.clone(),
                 since: Some(now.to_string()),
+                reason: None,
             });
         }
     }
@@ -654,8 +843,22 @@ pub struct PassReport {
     pub instances_written: usize,
     pub hosts_written: usize,
     pub unplaced_replicas: usize,
+    /// Replicas moved off a lost host by failover.
+    pub moved_replicas: usize,
+    /// When to run again for a failover that comes due with time alone.
+    pub requeue_after: Option<Duration>,
     /// The store index after the last write, if anything was written.
     pub index: Option<u64>,
+}
+
+/// Every replica's host, by ordinal.
+fn placements(instance: &OpenClawInstance) -> Vec<(u32, Option<String>)> {
+    instance
+        .status
+        .iter()
+        .flat_map(|s| s.replica_status.iter())
+        .map(|r| (r.ordinal, r.host.clone()))
+        .collect()
 }
 
 fn decode(o: &StoredObject) -> Option<Resource> {
@@ -710,14 +913,25 @@ pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
     report.hosts = hosts.len();
 
     let decided = plan(&instances, &hosts);
+    let no_moves = Moves::new();
+    let moves_of = |key: &ObjectKey| decided.moves.get(key).unwrap_or(&no_moves);
     report.unplaced_replicas = decided.instances.values().map(InstancePlan::unplaced).sum();
+    report.requeue_after = decided.next_failover;
 
     let now = crate::util::now_rfc3339();
     let mut keys = Vec::new();
+    let mut events = Vec::new();
+    // The placements the pass read: another controller (a drain) may move a replica between
+    // this read and the write, and a plan made before that move must not undo it.
+    let mut read_hosts: HashMap<ObjectKey, Vec<(u32, Option<String>)>> = HashMap::new();
     for mut instance in instances {
         let key = instance.key();
+        read_hosts.insert(key.clone(), placements(&instance));
+        if let Some(p) = decided.instances.get(&key) {
+            events.extend(placement_events(&instance, p));
+        }
         if let Some(p) = decided.instances.get(&key)
-            && apply_instance_plan(&mut instance, p, &now)
+            && apply_instance_plan_moving(&mut instance, p, moves_of(&key), &now)
         {
             keys.push(key);
             report.instances_written += 1;
@@ -742,8 +956,11 @@ pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
                 match decided.instances.get(&key) {
                     // A spec changed since the pass read it: the next pass (woken by that very
                     // change) plans it again.
-                    Some(p) if p.generation == instance.metadata.generation => {
-                        apply_instance_plan(instance, p, &now)
+                    Some(p)
+                        if p.generation == instance.metadata.generation
+                            && read_hosts.get(&key) == Some(&placements(instance)) =>
+                    {
+                        apply_instance_plan_moving(instance, p, moves_of(&key), &now)
                     }
                     _ => false,
                 }
@@ -761,7 +978,15 @@ pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
     };
     for chunk in keys.chunks(WRITE_BATCH) {
         match store.update_many(chunk, &mut change) {
-            Ok(Some(index)) => report.index = Some(index),
+            Ok(Some(index)) => {
+                report.index = Some(index);
+                for key in chunk {
+                    for (ordinal, m) in decided.moves.get(key).into_iter().flatten() {
+                        events.push(record_failover(key, *ordinal, m));
+                        report.moved_replicas += 1;
+                    }
+                }
+            }
             Ok(None) => {}
             Err(e) => {
                 return Err(SchedulerError::Write {
@@ -771,7 +996,77 @@ pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
             }
         }
     }
+    crate::events::record_all(store, events);
     Ok(report)
+}
+
+/// The one place a failover is recorded: a log line and a Warning event `Rescheduled`.
+fn record_failover(key: &ObjectKey, ordinal: u32, m: &Moved) -> crate::events::Event {
+    let replica = format!("{}-{ordinal}", key.name);
+    tracing::warn!(
+        target: "clusterclaw::events",
+        reason = "Rescheduled",
+        instance = %key,
+        replica = %replica,
+        from = %m.from,
+        "{}",
+        m.message()
+    );
+    crate::events::Event::warning(key.clone(), "Rescheduled", m.message())
+        .replica(replica)
+        .source("scheduler")
+}
+
+/// The events of a placement decision: `Scheduled` for every replica placed on a host it was
+/// not on, `FailedScheduling` (Warning) for every replica that cannot be placed, unless its
+/// status already says so for the same reason.
+pub fn placement_events(
+    instance: &OpenClawInstance,
+    plan: &InstancePlan,
+) -> Vec<crate::events::Event> {
+    use crate::events::Event;
+    let key = instance.key();
+    let previous = instance
+        .status
+        .as_ref()
+        .map(|s| s.replica_status.as_slice())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for (ordinal, placement) in plan.replicas.iter().enumerate() {
+        let replica = format!("{}-{ordinal}", instance.metadata.name);
+        let before = previous.iter().find(|r| r.ordinal == ordinal as u32);
+        match placement {
+            ReplicaPlacement::Placed { host } => {
+                if before.and_then(|r| r.host.as_deref()) != Some(host.as_str()) {
+                    out.push(
+                        Event::normal(
+                            key.clone(),
+                            REASON_SCHEDULED,
+                            format!(
+                                "Successfully assigned {}/{}/{replica} to host {host}",
+                                key.tenant, key.project
+                            ),
+                        )
+                        .replica(replica)
+                        .source("scheduler"),
+                    );
+                }
+            }
+            ReplicaPlacement::Unplaced { reason } => {
+                let same = before.is_some_and(|r| {
+                    r.host.is_none() && r.message.as_deref() == Some(reason.as_str())
+                });
+                if !same {
+                    out.push(
+                        Event::warning(key.clone(), "FailedScheduling", reason.clone())
+                            .replica(replica)
+                            .source("scheduler"),
+                    );
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A host with only a name: exists, is not ready, offers nothing.
@@ -809,7 +1104,7 @@ pub async fn run(store: Arc<dyn Store>, shutdown: watch::Receiver<bool>, resync:
                 "scheduler pass changed nothing"
             );
         }
-        Ok::<_, SchedulerError>(None)
+        Ok::<_, SchedulerError>(report.requeue_after)
     })
     .await;
 }

@@ -437,6 +437,10 @@ pub fn reconcile_once(store: &dyn Store, now: i64) -> Result<usize, WaveError> {
         );
         execute(store, &r, &decided.steps)?;
         if Some(&decided.status) != r.status.as_ref() {
+            crate::events::record_all(
+                store,
+                wave_events(&o.key, r.status.as_ref(), &decided.status),
+            );
             let key = o.key.clone();
             let new_status = decided.status;
             store
@@ -558,6 +562,37 @@ pub async fn run(store: Arc<dyn Store>, shutdown: watch::Receiver<bool>) {
         Ok::<_, WaveError>(None)
     })
     .await;
+}
+
+/// The events of a fleet-wide change: its phase turning, and each new wave.
+pub fn wave_events(
+    key: &ObjectKey,
+    before: Option<&crate::model::WaveStatus>,
+    after: &crate::model::WaveStatus,
+) -> Vec<crate::events::Event> {
+    use crate::events::Event;
+    use crate::model::WavePhase;
+    let mut out = Vec::new();
+    let message = after.message.clone().unwrap_or_default();
+    if before.is_none_or(|b| b.phase != after.phase) {
+        let reason = format!("Rollout{:?}", after.phase);
+        let e = match after.phase {
+            WavePhase::Halted => Event::warning(key.clone(), &reason, message.clone()),
+            _ => Event::normal(key.clone(), &reason, message.clone()),
+        };
+        out.push(e.source("rollout"));
+    }
+    if before.is_some_and(|b| b.wave != after.wave) {
+        out.push(
+            Event::normal(
+                key.clone(),
+                "WaveStarted",
+                format!("wave {} of {} started", after.wave + 1, after.waves),
+            )
+            .source("rollout"),
+        );
+    }
+    out
 }
 
 #[cfg(test)]

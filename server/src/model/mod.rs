@@ -1,6 +1,8 @@
 //! Resource types of the `clusterclaw.io/v1` API and their validation (pure, no I/O).
 
 mod config;
+mod drain;
+mod failover;
 mod names;
 mod quantity;
 mod resources;
@@ -10,6 +12,8 @@ mod validate;
 mod waves;
 
 pub use config::*;
+pub use drain::*;
+pub use failover::*;
 pub use names::{validate_dns_label, validate_label_key, validate_label_value};
 pub use quantity::{format_cpu, format_memory, parse_cpu, parse_memory};
 pub use resources::*;

@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 
 use super::FieldProblem;
 use super::config::{ConfigFragment, ConfigTemplateSpec, EnvValue, SecretSpec};
+use super::failover::Failover;
 use super::rollout::{
     RetainedVolume, RolloutStatus, SnapshotInfo, UpdateStrategy, VolumeRetention,
 };
@@ -432,6 +433,32 @@ pub struct InstanceSpec {
     /// What happens to replicas' state volumes on scale-down and on deletion.
     #[serde(default, skip_serializing_if = "is_default_retention")]
     pub volume_retention: VolumeRetention,
+    /// What happens to replicas when their host is lost: `Manual` (the default) or
+    /// `Reschedule` (see [`Failover`]).
+    #[serde(default, skip_serializing_if = "Failover::is_default")]
+    pub failover: Failover,
+    /// What the replicas' own figures the control plane relays (see [`InstanceMetrics`]).
+    #[serde(default, skip_serializing_if = "InstanceMetrics::is_default")]
+    pub metrics: InstanceMetrics,
+}
+
+/// `spec.metrics`: with `gateway: true` every replica's Gateway serves its own figures (the
+/// config keys `diagnostics.enabled` and `plugins.entries.diagnostics-prometheus.enabled` are
+/// set over every other layer), its host's agent scrapes them with an operator token and
+/// relays them, and `/metrics` serves them with `tenant`, `project`, `instance` and `replica`
+/// labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InstanceMetrics {
+    /// Relay the Gateway's Prometheus figures (`/api/diagnostics/prometheus`); `false` by default.
+    #[serde(default)]
+    pub gateway: bool,
+}
+
+impl InstanceMetrics {
+    pub fn is_default(&self) -> bool {
+        *self == InstanceMetrics::default()
+    }
 }
 
 fn is_default_strategy(s: &UpdateStrategy) -> bool {
@@ -573,6 +600,9 @@ pub struct HostStatus {
     pub last_heartbeat: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// When the host last turned NotReady (server clock, RFC 3339); none while Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready_since: Option<String>,
     /// What the scheduler has placed here.
     #[serde(default)]
     pub allocated: HostResources,
@@ -582,6 +612,9 @@ pub struct HostStatus {
     pub usage: Option<Value>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The last drain of the host (`clusterclaw drain host`), in progress or finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<super::DrainStatus>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -605,6 +638,8 @@ pub enum ReplicaState {
     Unhealthy,
     CrashLoopBackOff,
     Failed,
+    /// The replica's host stopped reporting: what the replica does now is not known.
+    Unknown,
 }
 
 /// Observed state of one replica `<name>-<ordinal>`.
@@ -654,6 +689,15 @@ pub struct ReplicaStatus {
     /// gate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarts_at_update: Option<u32>,
+    /// The placement epoch: raised every time the replica is placed (on any host). An agent
+    /// runs the replica only under the newest epoch it was given; reports of older epochs are
+    /// refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// Set while a drain moves the replica here with its state: the agent imports the state
+    /// volume of this transfer before the replica's first container here starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_from: Option<super::StateFrom>,
 }
 
 /// How a replica's real config compares with what it was given.
@@ -792,6 +836,63 @@ impl OpenClawInstance {
             &m.name,
         )
     }
+
+    /// The parts of the instance its hosts' assignments are made from. A write that leaves
+    /// this view as it was (a replica's observed state, health, restarts, readiness) changes
+    /// nothing any host must run.
+    pub fn assigned_view(&self) -> AssignedView<'_> {
+        let m = &self.metadata;
+        let status = self.status.as_ref();
+        AssignedView {
+            name: &m.name,
+            tenant: m.tenant.as_deref(),
+            project: m.project.as_deref(),
+            uid: m.uid.as_deref(),
+            generation: m.generation,
+            spec: &self.spec,
+            replicas: status
+                .map(|s| s.replica_status.iter().map(PlacedReplica::of).collect())
+                .unwrap_or_default(),
+            retained_volumes: status.map_or(&[], |s| &s.retained_volumes),
+        }
+    }
+}
+
+/// What of an instance reaches its hosts: identity, spec, where each replica is placed and
+/// what it targets, and the volumes kept ([`OpenClawInstance::assigned_view`]). A new input of
+/// the assignments is a new field here.
+#[derive(Debug, PartialEq)]
+pub struct AssignedView<'a> {
+    pub name: &'a str,
+    pub tenant: Option<&'a str>,
+    pub project: Option<&'a str>,
+    pub uid: Option<&'a str>,
+    pub generation: Option<i64>,
+    pub spec: &'a InstanceSpec,
+    pub replicas: Vec<PlacedReplica<'a>>,
+    pub retained_volumes: &'a [RetainedVolume],
+}
+
+/// The desired side of one replica: its placement and target.
+#[derive(Debug, PartialEq)]
+pub struct PlacedReplica<'a> {
+    pub name: &'a str,
+    pub ordinal: u32,
+    pub host: Option<&'a str>,
+    pub target_revision: Option<u64>,
+    pub epoch: Option<u64>,
+}
+
+impl<'a> PlacedReplica<'a> {
+    fn of(r: &'a ReplicaStatus) -> Self {
+        PlacedReplica {
+            name: &r.name,
+            ordinal: r.ordinal,
+            host: r.host.as_deref(),
+            target_revision: r.target_revision,
+            epoch: r.epoch,
+        }
+    }
 }
 
 impl Host {
@@ -832,6 +933,8 @@ impl Default for InstanceSpec {
             update_strategy: UpdateStrategy::default(),
             termination_grace_period: None,
             volume_retention: VolumeRetention::default(),
+            failover: Failover::default(),
+            metrics: InstanceMetrics::default(),
         }
     }
 }

@@ -235,8 +235,9 @@ pub struct RolloutStatus {
     pub held_by: Option<String>,
 }
 
-/// A state volume kept after its replica went (scale-down with `whenScaled: Retain`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// A state volume kept after its replica went (scale-down with `whenScaled: Retain`, or a
+/// failover that moved the replica off its host).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetainedVolume {
     pub replica: String,
@@ -245,6 +246,30 @@ pub struct RetainedVolume {
     /// When the replica went, RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
+    /// Why it is kept: none for a scale-down, `Failover` when the replica was rescheduled off
+    /// a lost host (kept whatever `volumeRetention.whenScaled` says).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `RetainedVolume.reason` of a volume left behind by a failover.
+pub const RETAINED_BY_FAILOVER: &str = "Failover";
+
+impl RetainedVolume {
+    pub fn from_failover(&self) -> bool {
+        self.reason.as_deref() == Some(RETAINED_BY_FAILOVER)
+    }
+
+    /// Left by a drain: kept whatever `volumeRetention.whenScaled` says, until the drain
+    /// controller lets it go.
+    pub fn from_drain(&self) -> bool {
+        self.reason.as_deref() == Some(super::RETAINED_BY_DRAIN)
+    }
+
+    /// Kept whatever `volumeRetention.whenScaled` says (left by a failover or a drain).
+    pub fn always_kept(&self) -> bool {
+        self.from_failover() || self.from_drain()
+    }
 }
 
 /// A snapshot of a replica's state volume, taken on its host before a version change.

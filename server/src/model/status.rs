@@ -30,7 +30,7 @@ pub fn summarize(instance: &mut OpenClawInstance) {
 /// - available: ready replicas that have been Ready for `minReadySeconds`;
 /// - phase: `Progressing` while an update runs (`status.rollout` Progressing or Paused),
 ///   `Running` once every replica is Ready on one revision, `Degraded` when a replica is broken
-///   or unplaced.
+///   (including `Unknown`: its host stopped reporting) or unplaced.
 pub fn summarize_at(instance: &mut OpenClawInstance, now_ms: i64) {
     let generation = instance.metadata.generation.unwrap_or(1);
     let desired = instance.spec.replicas;
@@ -81,7 +81,10 @@ pub fn summarize_at(instance: &mut OpenClawInstance, now_ms: i64) {
     let broken = |s: ReplicaState| {
         matches!(
             s,
-            ReplicaState::Unhealthy | ReplicaState::CrashLoopBackOff | ReplicaState::Failed
+            ReplicaState::Unhealthy
+                | ReplicaState::CrashLoopBackOff
+                | ReplicaState::Failed
+                | ReplicaState::Unknown
         )
     };
     let failed = status
@@ -183,6 +186,19 @@ mod tests {
         summarize(i);
         let s = i.status.as_ref().unwrap();
         (s.phase, s.ready_replicas)
+    }
+
+    #[test]
+    fn unknown_replicas_are_neither_ready_nor_available() {
+        use ReplicaState::*;
+        let mut i = inst(2, &[(Some("h"), Unknown, 2), (Some("h"), Ready, 2)]);
+        summarize(&mut i);
+        let s = i.status.as_ref().unwrap();
+        assert_eq!((s.ready_replicas, s.available_replicas), (1, 1));
+        assert_eq!(s.phase, InstancePhase::Degraded);
+        assert_eq!(s.message.as_deref(), Some("bot-0: boom"));
+        let mut all = inst(2, &[(Some("h"), Unknown, 2), (Some("h"), Unknown, 2)]);
+        assert_eq!(phase(&mut all), (InstancePhase::Degraded, 0));
     }
 
     #[test]

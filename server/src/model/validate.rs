@@ -404,6 +404,7 @@ pub fn validate_object(r: &Resource) -> Vec<FieldProblem> {
                 s.termination_grace_period.as_deref(),
                 &mut out,
             );
+            super::check_failover(&s.failover, &mut out);
             if !(0..=MAX_REPLICAS).contains(&s.replicas) {
                 out.push(FieldProblem::new(
                     "spec.replicas",

@@ -540,6 +540,13 @@ fn server_cert_is_current(ca: &Ca, files: &PkiFiles, names: &[String]) -> bool {
         .all(|n| have.iter().any(|h| h.eq_ignore_ascii_case(n)))
 }
 
+/// When the first certificate of a PEM text expires (Unix seconds); `None` when unreadable.
+pub fn pem_not_after(pem: &str) -> Option<i64> {
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    let (_, cert) = X509Certificate::from_der(&der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// DNS names and IP addresses in a certificate's subject alternative names.
 pub fn san_names(cert: &X509Certificate<'_>) -> Vec<String> {
     let mut out = Vec::new();

@@ -1407,6 +1407,7 @@ fn plan_keys_match_resource_keys() {
 
 fn retained(ordinal: u32, host: &str) -> crate::model::RetainedVolume {
     crate::model::RetainedVolume {
+        reason: None,
         replica: format!("bot-{ordinal}"),
         ordinal,
         host: host.into(),
