@@ -8,7 +8,8 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail, ensure};
@@ -58,27 +59,46 @@ pub fn free_port() -> u16 {
 }
 
 pub fn docker(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("docker")
+    engine_cli("docker", args)
+}
+
+/// Runs the engine's command line (`docker` or `podman`, which take the same arguments here)
+/// and returns its trimmed standard output.
+pub fn engine_cli(cli: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cli)
         .args(args)
         .output()
-        .context("run docker")?;
+        .with_context(|| format!("run {cli}"))?;
     ensure!(
         out.status.success(),
-        "docker {args:?} failed: {}",
+        "{cli} {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// Removes everything labelled with one of the given label filters, on drop.
+/// Works through the `docker` command line unless built with [`DockerCleanup::tenant_on`].
 #[derive(Default)]
 pub struct DockerCleanup {
     pub filters: std::sync::Mutex<Vec<String>>,
+    /// The engine's command line; `docker` when empty.
+    pub cli: String,
 }
 
 impl DockerCleanup {
     pub fn tenant(tenant: &str) -> Self {
         let c = DockerCleanup::default();
+        c.add(&format!("io.clusterclaw.tenant={tenant}"));
+        c
+    }
+
+    /// As [`DockerCleanup::tenant`], through another engine's command line (`podman`).
+    pub fn tenant_on(cli: &str, tenant: &str) -> Self {
+        let c = DockerCleanup {
+            filters: Default::default(),
+            cli: cli.to_owned(),
+        };
         c.add(&format!("io.clusterclaw.tenant={tenant}"));
         c
     }
@@ -102,6 +122,11 @@ impl Drop for DockerCleanup {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let cli = if self.cli.is_empty() {
+            "docker"
+        } else {
+            self.cli.as_str()
+        };
         for filter in &filters {
             for (list, remove) in [
                 (
@@ -117,7 +142,7 @@ impl Drop for DockerCleanup {
                     vec!["network", "rm"],
                 ),
             ] {
-                let Ok(out) = Command::new("docker").args(&list).output() else {
+                let Ok(out) = Command::new(cli).args(&list).output() else {
                     continue;
                 };
                 let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
@@ -125,7 +150,7 @@ impl Drop for DockerCleanup {
                     .map(str::to_owned)
                     .collect();
                 if !ids.is_empty() {
-                    let _ = Command::new("docker").args(&remove).args(&ids).output();
+                    let _ = Command::new(cli).args(&remove).args(&ids).output();
                 }
             }
         }
@@ -383,6 +408,8 @@ pub fn wait_host_ready(server: &TestServer, host: &str) -> anyhow::Result<Value>
 pub struct Scope {
     pub tenant: String,
     pub project: String,
+    /// The engine's command line the container look-ups use: `docker` or `podman`.
+    pub cli: &'static str,
 }
 
 impl Scope {
@@ -390,6 +417,15 @@ impl Scope {
         Scope {
             tenant: unique(prefix),
             project: "e2e".into(),
+            cli: "docker",
+        }
+    }
+
+    /// A scope whose containers, volumes and networks are looked up with `podman`.
+    pub fn podman(prefix: &str) -> Scope {
+        Scope {
+            cli: "podman",
+            ..Scope::new(prefix)
         }
     }
 
@@ -475,20 +511,23 @@ impl Scope {
 
     /// The instance's containers: replica name → (full id, host label, state, started at).
     pub fn containers(&self, instance: &str) -> anyhow::Result<BTreeMap<String, Container>> {
-        let out = docker(&[
-            "ps",
-            "-a",
-            "--no-trunc",
-            "--filter",
-            &format!("label=io.clusterclaw.tenant={}", self.tenant),
-            "--filter",
-            &format!("label=io.clusterclaw.instance={instance}"),
-            "--format",
-            "{{.ID}}",
-        ])?;
+        let out = engine_cli(
+            self.cli,
+            &[
+                "ps",
+                "-a",
+                "--no-trunc",
+                "--filter",
+                &format!("label=io.clusterclaw.tenant={}", self.tenant),
+                "--filter",
+                &format!("label=io.clusterclaw.instance={instance}"),
+                "--format",
+                "{{.ID}}",
+            ],
+        )?;
         let mut found = BTreeMap::new();
         for id in out.split_whitespace() {
-            let v: Value = serde_json::from_str(&docker(&["inspect", id])?)?;
+            let v: Value = serde_json::from_str(&engine_cli(self.cli, &["inspect", id])?)?;
             let c = &v[0];
             let label = |k: &str| {
                 c.pointer(&format!("/Config/Labels/io.clusterclaw.{k}"))
@@ -529,26 +568,32 @@ impl Scope {
     }
 
     pub fn volumes(&self) -> anyhow::Result<Vec<String>> {
-        Ok(docker(&[
-            "volume",
-            "ls",
-            "-q",
-            "--filter",
-            &format!("label=io.clusterclaw.tenant={}", self.tenant),
-        ])?
+        Ok(engine_cli(
+            self.cli,
+            &[
+                "volume",
+                "ls",
+                "-q",
+                "--filter",
+                &format!("label=io.clusterclaw.tenant={}", self.tenant),
+            ],
+        )?
         .split_whitespace()
         .map(str::to_owned)
         .collect())
     }
 
     pub fn networks(&self) -> anyhow::Result<Vec<String>> {
-        Ok(docker(&[
-            "network",
-            "ls",
-            "-q",
-            "--filter",
-            &format!("label=io.clusterclaw.tenant={}", self.tenant),
-        ])?
+        Ok(engine_cli(
+            self.cli,
+            &[
+                "network",
+                "ls",
+                "-q",
+                "--filter",
+                &format!("label=io.clusterclaw.tenant={}", self.tenant),
+            ],
+        )?
         .split_whitespace()
         .map(str::to_owned)
         .collect())
@@ -738,4 +783,86 @@ pub fn plain_docker_ready(image: &str, n: usize, tag: &str) -> anyhow::Result<Du
         .args(&names)
         .output();
     Ok(took)
+}
+
+/// A running container: (replica, host, id).
+pub type Running = Vec<(String, String, String)>;
+
+/// The running containers of `tenant`'s replicas: (replica, host, id).
+pub fn running_replicas(tenant: &str) -> anyhow::Result<Running> {
+    let out = docker(&[
+        "ps",
+        "--no-trunc",
+        "--filter",
+        &format!("label=io.clusterclaw.tenant={tenant}"),
+        "--format",
+        "{{.Label \"io.clusterclaw.replica\"}} {{.Label \"io.clusterclaw.host\"}} {{.ID}}",
+    ])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let mut p = l.split_whitespace();
+            Some((
+                p.next()?.to_string(),
+                p.next()?.to_string(),
+                p.next()?.to_string(),
+            ))
+        })
+        .collect())
+}
+
+/// Samples `docker ps` every `period` until dropped; remembers any moment where one replica had
+/// two running containers.
+pub struct DoubleSampler {
+    stop: Arc<AtomicBool>,
+    doubles: Arc<Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DoubleSampler {
+    pub fn start(tenant: &str, period: Duration) -> DoubleSampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let doubles = Arc::new(Mutex::new(Vec::new()));
+        let (s, d, tenant) = (stop.clone(), doubles.clone(), tenant.to_string());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                if let Ok(list) = running_replicas(&tenant) {
+                    let mut by_replica: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+                    for (replica, host, _) in &list {
+                        by_replica.entry(replica).or_default().push(host);
+                    }
+                    for (replica, hosts) in by_replica {
+                        if hosts.len() > 1 {
+                            d.lock()
+                                .unwrap()
+                                .push(format!("{replica} running on {hosts:?}"));
+                        }
+                    }
+                }
+                std::thread::sleep(period);
+            }
+        });
+        DoubleSampler {
+            stop,
+            doubles,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; fails when two copies of a replica were ever seen running.
+    pub fn finish(mut self) -> anyhow::Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let d = self.doubles.lock().unwrap().clone();
+        anyhow::ensure!(d.is_empty(), "two running copies of a replica: {d:?}");
+        Ok(())
+    }
+}
+
+impl Drop for DoubleSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
 }

@@ -2,7 +2,10 @@
 
 pub mod agent;
 pub mod fleet;
+pub mod podman;
+pub mod proxy;
 pub mod server;
+pub mod simfleet;
 pub mod standin;
 
 pub use standin::{docker_available, ensure_standin_image, ensure_standin_versions};

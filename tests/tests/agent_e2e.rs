@@ -428,13 +428,14 @@ fn refusals() -> anyhow::Result<()> {
     let refused = watch_with(|| clusterclaw_agent::client::authenticated(&identity))?
         .expect_err("a revoked host is refused");
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    // The agent logs its removal, then records it in removed.json: wait for both.
     wait_for("the agent to stand down as removed", WAIT, || {
-        Ok(first
+        Ok((first
             .log()
             .contains("the control plane has removed this host")
-            .then_some(()))
+            && first.data_dir().join("removed.json").exists())
+        .then_some(()))
     })?;
-    assert!(first.data_dir().join("removed.json").exists());
 
     // An expired token.
     let left = Duration::from_secs(62).saturating_sub(expiring_since.elapsed());

@@ -1,0 +1,436 @@
+//! Fleet scale, end to end against the real release server binary: 1,000, 3,000 and 10,000
+//! simulated hosts (`clusterclaw_tests::simfleet`: each its own mutual-TLS client that enrolls
+//! with a join token, long polls `WatchAssignments` and reports every 10 s as
+//! `clusterclaw-agent` does), all in this process on one two-worker runtime, sharing the
+//! machine's cores with the server.
+//!
+//! Per fleet size it measures:
+//! - enrollment: the time until every host is enrolled (hosts/s) and until the server shows
+//!   every one `Ready`;
+//! - the server's CPU (share of one core) and resident memory, sampled from `/proc` over an idle
+//!   window, once with nothing placed and once with every replica placed and running;
+//! - placement: `POST /api/v1/apply` of 1,000 instances of 10 replicas (10,000 new replicas)
+//!   until the hosts' long polls have brought all of them, and until the server shows every
+//!   replica `Running` (the simulated hosts report `Running` at once);
+//! - spec change: with the 1,000 instances stored, a change of one instance's environment,
+//!   from the apply's answer until each of its hosts' long polls brought it (p50 / p99 over
+//!   every replica of every change).
+//!
+//! Run with `cargo bench -p clusterclaw-tests --bench fleet`. Knobs (environment):
+//! `CLUSTERCLAW_BENCH_FLEET_HOSTS` (sizes, default `1000,3000,10000`),
+//! `CLUSTERCLAW_BENCH_FLEET_IDLE_SECS` (each idle window, default 60),
+//! `CLUSTERCLAW_BENCH_FLEET_INSTANCES` (default 1000), `CLUSTERCLAW_BENCH_FLEET_REPLICAS`
+//! (per instance, default 10) and `CLUSTERCLAW_BENCH_FLEET_CHANGES` (default 40).
+//!
+//! The bench raises its soft open-files limit to the hard limit (the server it starts inherits
+//! it): each host holds one connection, so 10,000 hosts need 10,000 descriptors on each side.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use clusterclaw_agent::rlimit::{NofileLimit, raise_nofile};
+use clusterclaw_tests::agent::{cpu_time, join_token, rss_bytes};
+use clusterclaw_tests::server::TestServer;
+use clusterclaw_tests::simfleet::{FleetTarget, MARKER, SimFleet, SimSettings};
+use serde_json::{Value, json};
+
+const TENANT: &str = "fleet";
+const PROJECT: &str = "sim";
+/// Settle time after a burst, before an idle window starts.
+const SETTLE: Duration = Duration::from_secs(10);
+/// Interval of the memory samples of an idle window.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// How long one spec change may take to reach all its hosts before the bench gives up.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Pause between spec changes.
+const CHANGE_PAUSE: Duration = Duration::from_millis(200);
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn sizes() -> Vec<usize> {
+    std::env::var("CLUSTERCLAW_BENCH_FLEET_HOSTS")
+        .ok()
+        .map(|v| {
+            v.split(',')
+                .filter_map(|s| s.trim().replace('_', "").parse().ok())
+                .collect()
+        })
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .unwrap_or_else(|| vec![1_000, 3_000, 10_000])
+}
+
+/// CPU share of one core and memory of a process over an idle window.
+#[derive(Clone, Copy, Debug, Default)]
+struct Idle {
+    cpu_percent: f64,
+    rss_median_mb: f64,
+    rss_max_mb: f64,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Row {
+    hosts: usize,
+    enrolled_secs: f64,
+    ready_secs: f64,
+    idle_empty: Idle,
+    idle_placed: Idle,
+    replicas: usize,
+    placed_secs: f64,
+    running_secs: f64,
+    change_p50_ms: f64,
+    change_p99_ms: f64,
+    change_max_ms: f64,
+    change_samples: usize,
+    errors: u64,
+    last_error: Option<String>,
+    sim_rss_mb: f64,
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+fn idle_window(pid: u32, window: Duration) -> anyhow::Result<Idle> {
+    let started = Instant::now();
+    let cpu0 = cpu_time(pid)?;
+    let mut rss = Vec::new();
+    while started.elapsed() < window {
+        rss.push(mb(rss_bytes(pid)?));
+        std::thread::sleep(SAMPLE_EVERY.min(window.saturating_sub(started.elapsed())));
+    }
+    let cpu1 = cpu_time(pid)?;
+    let took = started.elapsed().as_secs_f64();
+    let max = rss.iter().copied().fold(0.0, f64::max);
+    Ok(Idle {
+        cpu_percent: (cpu1 - cpu0).as_secs_f64() / took * 100.0,
+        rss_median_mb: median(&mut rss),
+        rss_max_mb: max,
+    })
+}
+
+fn apply(server: &TestServer, docs: Vec<Value>) -> anyhow::Result<()> {
+    let body = json!({ "items": docs }).to_string();
+    let r = server.http(
+        "POST",
+        "/api/v1/apply",
+        Some(&body),
+        Some(server.admin_token()),
+    );
+    ensure!(r.status == 200, "apply: {} {}", r.status, r.body);
+    Ok(())
+}
+
+fn instance_doc(i: usize, replicas: usize, seq: u64) -> Value {
+    json!({"apiVersion": "clusterclaw.io/v1", "kind": "OpenClawInstance",
+        "metadata": {"name": format!("bot-{i}"), "tenant": TENANT, "project": PROJECT},
+        "spec": {"version": "2026.7.1", "replicas": replicas,
+            "resources": {"cpu": "10m", "memory": "32Mi"},
+            "env": {MARKER: seq.to_string()},
+            // Every replica takes a change at once: the simulated hosts report Running, never
+            // Ready, so a one-at-a-time rollout would wait on each.
+            "updateStrategy": {"type": "Rolling", "maxUnavailable": "100%"}}})
+}
+
+fn ready_hosts(server: &TestServer) -> usize {
+    server.get_json("/api/v1/hosts")["items"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|h| h.pointer("/status/phase") == Some(&json!("Ready")))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn running_replicas(server: &TestServer) -> usize {
+    server.get_json(&format!(
+        "/api/v1/instances?tenant={TENANT}&project={PROJECT}"
+    ))["items"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|i| i.pointer("/status/replicaStatus")?.as_array())
+                .flatten()
+                .filter(|r| r["state"] == "Running" && r["host"].is_string())
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
+    let instances = env_or("CLUSTERCLAW_BENCH_FLEET_INSTANCES", 1_000) as usize;
+    let per_instance = env_or("CLUSTERCLAW_BENCH_FLEET_REPLICAS", 10) as usize;
+    let changes = env_or("CLUSTERCLAW_BENCH_FLEET_CHANGES", 40) as usize;
+    let total = instances * per_instance;
+    let mut row = Row {
+        hosts,
+        replicas: total,
+        ..Row::default()
+    };
+
+    let server = TestServer::start()?;
+    let pid = server.pid().context("the server is not running")?;
+    let ca_path = server
+        .endpoints()
+        .ca_cert
+        .clone()
+        .context("endpoints.json names no CA certificate")?;
+    let ca_pem =
+        std::fs::read_to_string(&ca_path).with_context(|| format!("read {}", ca_path.display()))?;
+    let target = FleetTarget {
+        url: format!("https://{}", server.endpoints().agent),
+        ca_pem,
+        join_token: join_token(&server, hosts as u32, "60m"),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("simfleet")
+        .enable_all()
+        .build()?;
+
+    // 1. Enrollment: every host enrolls and starts its loops; then all Ready.
+    let started = Instant::now();
+    let fleet = {
+        let _guard = rt.enter();
+        SimFleet::start(target, "sim", hosts, SimSettings::default())
+    };
+    let enroll_limit = Duration::from_secs(60 + hosts as u64 / 20);
+    while fleet.enrolled() < hosts {
+        if started.elapsed() > enroll_limit {
+            bail!(
+                "{} of {hosts} hosts enrolled after {enroll_limit:?}; last error: {:?}",
+                fleet.enrolled(),
+                fleet.state().last_error()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    row.enrolled_secs = started.elapsed().as_secs_f64();
+    loop {
+        let ready = ready_hosts(&server);
+        if ready == hosts {
+            break;
+        }
+        if started.elapsed() > enroll_limit + Duration::from_secs(60) {
+            bail!(
+                "{ready} of {hosts} hosts Ready after {:?}",
+                started.elapsed()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    row.ready_secs = started.elapsed().as_secs_f64();
+    println!(
+        "  {hosts} hosts: enrolled in {:.2} s ({:.0}/s), all Ready after {:.2} s",
+        row.enrolled_secs,
+        hosts as f64 / row.enrolled_secs,
+        row.ready_secs
+    );
+
+    // 2. Idle, nothing placed.
+    std::thread::sleep(SETTLE);
+    row.idle_empty = idle_window(pid, idle)?;
+    println!("  idle, nothing placed: {:?}", row.idle_empty);
+
+    // 3. Placement of `total` new replicas.
+    apply(
+        &server,
+        vec![
+            json!({"apiVersion": "clusterclaw.io/v1", "kind": "Tenant", "metadata": {"name": TENANT}}),
+            json!({"apiVersion": "clusterclaw.io/v1", "kind": "Project",
+                "metadata": {"name": PROJECT, "tenant": TENANT}}),
+        ],
+    )?;
+    let docs: Vec<Value> = (0..instances)
+        .map(|i| instance_doc(i, per_instance, 0))
+        .collect();
+    let state = fleet.state().clone();
+    let applied = Instant::now();
+    apply(&server, docs)?;
+    // Generous: on a loaded machine a burst of 10,000 can take minutes.
+    let place_limit = Duration::from_secs(600);
+    loop {
+        let assigned = state.assigned();
+        if assigned >= total {
+            break;
+        }
+        if applied.elapsed() > place_limit {
+            bail!("{assigned} of {total} replicas assigned after {place_limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let placed = state.assigned_moved().unwrap_or_else(Instant::now);
+    row.placed_secs = placed.duration_since(applied).as_secs_f64();
+    println!(
+        "  {total} replicas: all assigned after {:.2} s ({:.0}/s)",
+        row.placed_secs,
+        total as f64 / row.placed_secs
+    );
+    let mut running = 0;
+    loop {
+        running = running_replicas(&server).max(running);
+        if running >= total {
+            break;
+        }
+        if applied.elapsed() > place_limit {
+            bail!("{running} of {total} replicas Running after {place_limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    row.running_secs = applied.elapsed().as_secs_f64();
+    println!("  all Running after {:.2} s", row.running_secs);
+
+    // 4. Idle with every replica placed and running.
+    std::thread::sleep(SETTLE);
+    row.idle_placed = idle_window(pid, idle)?;
+    println!("  idle, {total} replicas placed: {:?}", row.idle_placed);
+
+    // 5. Spec changes of one instance at a time, with `instances` stored.
+    let _ = state.take_seen();
+    let mut samples = Vec::new();
+    let mut seen_later: HashMap<(String, u64), Vec<Instant>> = HashMap::new();
+    for k in 0..changes {
+        let i = (k * 37) % instances;
+        let seq = k as u64 + 1;
+        let name = format!("{TENANT}/{PROJECT}/bot-{i}");
+        apply(&server, vec![instance_doc(i, per_instance, seq)])?;
+        let acked = Instant::now();
+        loop {
+            for s in state.take_seen() {
+                seen_later
+                    .entry((s.instance, s.seq))
+                    .or_default()
+                    .push(s.at);
+            }
+            let got = seen_later.get(&(name.clone(), seq)).map_or(0, Vec::len);
+            if got >= per_instance {
+                break;
+            }
+            if acked.elapsed() > CHANGE_TIMEOUT {
+                bail!("change {seq} of {name} reached {got} of {per_instance} replicas' hosts");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for at in seen_later.remove(&(name, seq)).unwrap_or_default() {
+            samples.push(at.saturating_duration_since(acked).as_secs_f64() * 1000.0);
+        }
+        std::thread::sleep(CHANGE_PAUSE);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    row.change_p50_ms = pct(&samples, 0.50);
+    row.change_p99_ms = pct(&samples, 0.99);
+    row.change_max_ms = samples.last().copied().unwrap_or(0.0);
+    row.change_samples = samples.len();
+    row.errors = state.errors();
+    row.last_error = state.last_error();
+    row.sim_rss_mb = mb(rss_bytes(std::process::id())?);
+    println!(
+        "  spec change -> host: p50 {:.1} ms p99 {:.1} ms max {:.1} ms over {} ({} polls, {} reports, {} errors)",
+        row.change_p50_ms,
+        row.change_p99_ms,
+        row.change_max_ms,
+        row.change_samples,
+        state.polls(),
+        state.reports(),
+        row.errors
+    );
+    fleet.stop();
+    drop(fleet);
+    rt.shutdown_timeout(Duration::from_secs(5));
+    drop(server);
+    Ok(row)
+}
+
+fn main() -> anyhow::Result<()> {
+    match raise_nofile() {
+        Ok(NofileLimit::Raised { from, to }) => {
+            println!("open-files soft limit raised from {from} to {to} (the server inherits it)")
+        }
+        Ok(NofileLimit::AtHard { limit }) => {
+            println!("open-files soft limit already at the hard limit, {limit}")
+        }
+        Err(e) => println!("cannot raise the open-files soft limit: {e}"),
+    }
+    let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    let idle = Duration::from_secs(env_or("CLUSTERCLAW_BENCH_FLEET_IDLE_SECS", 60).max(1));
+    let mut rows = Vec::new();
+    for hosts in sizes() {
+        // One connection per host on each side, plus the server's own files and the bench's.
+        if hosts as u64 + 512 > soft {
+            println!(
+                "skipping {hosts} hosts: they need {hosts} connections on each side and the open-files limit is {soft}"
+            );
+            continue;
+        }
+        println!("fleet of {hosts} hosts");
+        rows.push(run_size(hosts, idle)?);
+    }
+    println!(
+        "\nfleet figures ({} cores, server and simulated hosts sharing them; idle windows of {} s)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        idle.as_secs()
+    );
+    println!(
+        "| hosts | enroll | all Ready | idle CPU / RSS (nothing placed) | idle CPU / RSS (replicas placed) | replicas placed | all Running | spec change p50 / p99 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.2} s ({:.0}/s) | {:.2} s | {:.1}% / {:.0} MB (max {:.0}) | {:.1}% / {:.0} MB (max {:.0}) | {} in {:.2} s ({:.0}/s) | {:.2} s | {:.1} / {:.1} ms |",
+            r.hosts,
+            r.enrolled_secs,
+            r.hosts as f64 / r.enrolled_secs,
+            r.ready_secs,
+            r.idle_empty.cpu_percent,
+            r.idle_empty.rss_median_mb,
+            r.idle_empty.rss_max_mb,
+            r.idle_placed.cpu_percent,
+            r.idle_placed.rss_median_mb,
+            r.idle_placed.rss_max_mb,
+            r.replicas,
+            r.placed_secs,
+            r.replicas as f64 / r.placed_secs,
+            r.running_secs,
+            r.change_p50_ms,
+            r.change_p99_ms
+        );
+    }
+    for r in &rows {
+        println!(
+            "{} hosts: {} failed calls{}; simulator RSS {:.0} MB; spec change max {:.1} ms over {} samples",
+            r.hosts,
+            r.errors,
+            r.last_error
+                .as_ref()
+                .map(|e| format!(" (last: {e})"))
+                .unwrap_or_default(),
+            r.sim_rss_mb,
+            r.change_max_ms,
+            r.change_samples
+        );
+    }
+    Ok(())
+}

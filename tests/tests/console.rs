@@ -1,0 +1,363 @@
+//! End to end in a real browser: headless Chromium over WebDriver (chromedriver) against the
+//! real server and agent on Docker, the stand-in OpenClaw image behind the instances.
+//!
+//! Logs in with a tenant's token and sees only that tenant; applies an instance through the
+//! API and sees it turn Running on the open list without a reload; reads its live logs;
+//! cordons a host from the hosts page; a forged form post without the CSRF token is refused;
+//! a viewer gets no button that writes. Screenshots of every page are written under
+//! `target/console-screenshots/`.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (`tests/browser-setup.sh` installs them):
+//! without them the test skips, unless `CI=true` (then it fails).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use clusterclaw_tests::agent::*;
+use clusterclaw_tests::server::TestServer;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// `chromedriver` on a free port; killed on drop.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn found(cmd: &str) -> bool {
+    Command::new(cmd)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `tests/browser-setup.sh` when chromium or chromedriver is missing. `Ok(false)`:
+/// skip (still missing, and `CI` is not `true`).
+fn browser_available() -> anyhow::Result<bool> {
+    if found("chromium") && found("chromedriver") {
+        return Ok(true);
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser-setup.sh");
+    let _ = Command::new("bash").arg(&script).status();
+    if found("chromium") && found("chromedriver") {
+        return Ok(true);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        bail!(
+            "CI=true but chromium or chromedriver is missing (tests/browser-setup.sh installs them)"
+        );
+    }
+    eprintln!(
+        "no chromium/chromedriver; skipping (tests/browser-setup.sh installs them; CI=true fails)"
+    );
+    Ok(false)
+}
+
+fn start_driver() -> anyhow::Result<Driver> {
+    let port = free_port();
+    let child = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start chromedriver")?;
+    let driver = Driver {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    wait_for("chromedriver to listen", Duration::from_secs(20), || {
+        Ok(std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+    })?;
+    Ok(driver)
+}
+
+async fn browser(driver: &Driver) -> anyhow::Result<Client> {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+            "--disable-dev-shm-usage", "--window-size=1280,1000"]}),
+    );
+    Ok(
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&driver.url)
+            .await?,
+    )
+}
+
+fn shots_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("console-screenshots");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+async fn shot(c: &Client, name: &str) -> anyhow::Result<()> {
+    let png = c.screenshot().await?;
+    std::fs::write(shots_dir().join(format!("{name}.png")), png)?;
+    Ok(())
+}
+
+async fn log_in(c: &Client, api: &str, token: &str) -> anyhow::Result<()> {
+    c.goto(&format!("{api}/ui/login")).await?;
+    c.find(Locator::Id("token")).await?.send_keys(token).await?;
+    c.find(Locator::Css("form button[type=submit]"))
+        .await?
+        .click()
+        .await?;
+    c.wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Id("who"))
+        .await?;
+    Ok(())
+}
+
+async fn log_out(c: &Client) -> anyhow::Result<()> {
+    c.find(Locator::Css("form.logout button"))
+        .await?
+        .click()
+        .await?;
+    c.wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Id("token"))
+        .await?;
+    Ok(())
+}
+
+/// The page's text now.
+async fn text(c: &Client) -> anyhow::Result<String> {
+    Ok(c.find(Locator::Css("body")).await?.text().await?)
+}
+
+/// Waits until the page (not reloaded) shows `want`.
+async fn wait_text(c: &Client, what: &str, want: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let t = text(c).await?;
+        if want(&t) {
+            return Ok(t);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}; the page shows:\n{t}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn token(server: &TestServer, role: &str, tenant: &str) -> String {
+    server
+        .cli(&["token", "create", "api", "--role", role, "-t", tenant])
+        .ok()
+        .stdout
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn the_console_in_a_real_browser() -> anyhow::Result<()> {
+    let Some(image) = require_docker()? else {
+        return Ok(());
+    };
+    if !browser_available()? {
+        return Ok(());
+    }
+    let scope = Scope::new("ccui");
+    let cleanup = DockerCleanup::tenant(&scope.tenant);
+    let port = free_port();
+    let server = TestServer::start_on(&format!("127.0.0.1:{port}"), &[])?;
+    let join = join_token(&server, 1, "10m");
+    let host_name = unique("ccui-host");
+    let mut agent = TestAgent::enroll(&server, port, &join, &["--name", &host_name])?;
+    let host = agent.wait_enrolled()?;
+    cleanup.host(&host);
+    wait_host_ready(&server, &host)?;
+
+    let (t, p) = (scope.tenant.clone(), scope.project.clone());
+    scope.apply_http(&server, &scope.base_manifest());
+    // Another tenant, with an instance this tenant's token must never see.
+    let other = Scope::new("ccui-other");
+    scope.apply_http(&server, &other.base_manifest());
+    other.apply_http(
+        &server,
+        &other.instance_manifest("hidden-bot", &image, 0, &Default::default()),
+    );
+    let tenant_token = token(&server, "tenant-admin", &t);
+    let viewer_token = token(&server, "viewer", &t);
+    let api = server.api_url().to_string();
+
+    let driver = start_driver()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let c = rt.block_on(browser(&driver))?;
+    let result = (|| -> anyhow::Result<()> {
+        // The login page, then the tenant's session.
+        rt.block_on(async {
+            c.goto(&format!("{api}/ui/")).await?;
+            let url = c.current_url().await?;
+            ensure!(
+                url.path() == "/ui/login",
+                "not sent to the login page: {url}"
+            );
+            shot(&c, "01-login").await?;
+            log_in(&c, &api, &tenant_token).await?;
+            shot(&c, "02-overview-tenant").await?;
+            c.goto(&format!("{api}/ui/instances")).await?;
+            let page = text(&c).await?;
+            ensure!(
+                !page.contains("hidden-bot"),
+                "another tenant's instance shows: {page}"
+            );
+            ensure!(
+                !page.contains(&other.tenant),
+                "another tenant shows: {page}"
+            );
+            c.goto(&format!("{api}/ui/tenants")).await?;
+            let page = text(&c).await?;
+            ensure!(page.contains(&format!("Tenant {t}")), "{page}");
+            ensure!(
+                !page.contains(&other.tenant),
+                "another tenant shows: {page}"
+            );
+            shot(&c, "03-tenants").await?;
+            // The list, open, with a mark that a reload would wipe.
+            c.goto(&format!("{api}/ui/instances?tenant={t}")).await?;
+            c.execute("window.ccuiMark = 'still here'; return null;", vec![])
+                .await?;
+            Ok(())
+        })?;
+
+        // Applied through the API while the page is open.
+        let applied = Instant::now();
+        scope.apply_http(
+            &server,
+            &scope.instance_manifest("bot", &image, 1, &Default::default()),
+        );
+        rt.block_on(async {
+            let key = format!("{t}/{p}/bot");
+            wait_text(&c, "the new instance Running on the open page", |s| {
+                s.lines()
+                    .any(|l| l.contains(&key) && l.contains("Running") && l.contains("1/1"))
+            })
+            .await?;
+            eprintln!(
+                "Running on the open page {:?} after the apply",
+                applied.elapsed()
+            );
+            let mark = c.execute("return window.ccuiMark || null;", vec![]).await?;
+            ensure!(mark == json!("still here"), "the page was reloaded: {mark}");
+            shot(&c, "04-instances-live").await?;
+
+            // The instance page, its live logs.
+            c.goto(&format!("{api}/ui/tenants/{t}/projects/{p}/instances/bot"))
+                .await?;
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let logs = c.find(Locator::Id("logs")).await?.text().await?;
+                if logs.contains("openclaw-standin: listening") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("no live logs on the instance page: {logs:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let page = text(&c).await?;
+            ensure!(page.contains("Replicas") && page.contains(&host), "{page}");
+            shot(&c, "05-instance").await?;
+            // A tenant-admin sees no host page.
+            let page = text(&c).await?;
+            ensure!(!page.contains("Hosts"), "{page}");
+            log_out(&c).await?;
+
+            // A viewer: the same page without a single button that writes.
+            log_in(&c, &api, &viewer_token).await?;
+            c.goto(&format!("{api}/ui/tenants/{t}/projects/{p}/instances/bot"))
+                .await?;
+            let buttons = c
+                .find_all(Locator::Css("main form[method=post] button"))
+                .await?;
+            ensure!(
+                buttons.is_empty(),
+                "a viewer sees {} buttons that write",
+                buttons.len()
+            );
+            let forms = c.find_all(Locator::Css("form[method=post]")).await?;
+            ensure!(
+                forms.len() == 1,
+                "a viewer has {} forms (only logout)",
+                forms.len()
+            );
+            shot(&c, "06-instance-viewer").await?;
+            log_out(&c).await?;
+
+            // The platform admin cordons the host from the hosts page.
+            log_in(&c, &api, server.admin_token()).await?;
+            c.goto(&format!("{api}/ui/hosts")).await?;
+            let row = format!("tr[data-host='{host}']");
+            c.find(Locator::Css(&format!(
+                "{row} button[aria-label='Cordon {host}']"
+            )))
+            .await?
+            .click()
+            .await?;
+            wait_text(&c, "the host cordoned", |s| s.contains("cordoned")).await?;
+            shot(&c, "07-hosts-cordoned").await?;
+            Ok(())
+        })?;
+        let h = server.get_json(&format!("/api/v1/hosts/{host}"));
+        ensure!(h["spec"]["unschedulable"] == json!(true), "{h}");
+
+        // A forged post from the page's own origin, with the session cookie but no CSRF
+        // token, is refused and changes nothing.
+        rt.block_on(async {
+            let status = c
+                .execute_async(
+                    &format!(
+                        "const done = arguments[0]; fetch('/ui/hosts/{host}/uncordon', {{method: 'POST', \
+                         headers: {{'Content-Type': 'application/x-www-form-urlencoded'}}, body: 'x=1'}})\
+                         .then(r => done(r.status)).catch(e => done(String(e)));"
+                    ),
+                    vec![],
+                )
+                .await?;
+            ensure!(status == json!(403), "a forged post was answered {status}");
+            c.goto(&format!("{api}/ui/")).await?;
+            shot(&c, "08-overview-admin").await?;
+            c.goto(&format!("{api}/ui/audit")).await?;
+            let page = text(&c).await?;
+            ensure!(page.contains("host.cordon"), "{page}");
+            shot(&c, "09-audit").await?;
+            Ok(())
+        })?;
+        let h = server.get_json(&format!("/api/v1/hosts/{host}"));
+        ensure!(
+            h["spec"]["unschedulable"] == json!(true),
+            "the forged post uncordoned: {h}"
+        );
+        Ok(())
+    })();
+    let _ = rt.block_on(c.close());
+    drop(driver);
+    if let Err(e) = &result {
+        eprintln!("server log:\n{}", server.log());
+        eprintln!("agent log:\n{}", agent.log());
+        let _ = e;
+    }
+    drop(agent);
+    result
+}
