@@ -138,7 +138,9 @@ rpm_lists=$(rpm -qp --nosignature -l "$(rpmfile server)" "$(rpmfile agent)")
 for f in /usr/bin/clusterclaw /usr/bin/clusterclaw-agent /usr/lib/systemd/system/clusterclaw-server.service \
 	/usr/lib/systemd/system/clusterclaw-agent.service /usr/share/man/man1/clusterclaw-server.1.gz \
 	/usr/share/man/man8/clusterclaw-agent.8.gz /usr/share/bash-completion/completions/clusterclaw \
-	/usr/share/zsh/site-functions/_clusterclaw-agent /usr/lib/sysusers.d/clusterclaw-server.conf; do
+	/usr/share/zsh/site-functions/_clusterclaw-agent /usr/lib/sysusers.d/clusterclaw-server.conf \
+	/usr/share/clusterclaw/grafana/clusterclaw-dashboard.json /usr/share/clusterclaw/prometheus/clusterclaw-alerts.yml \
+	/usr/share/clusterclaw/prometheus/clusterclaw-alerts.test.yml; do
 	grep -qx "$f" <<<"$rpm_lists" || fail "the .rpms lack $f"
 done
 [ "$(rpm -qp --nosignature --configfiles "$(rpmfile server)" "$(rpmfile agent)" | sort | tr '\n' ' ')" = "/etc/clusterclaw/agent.toml /etc/clusterclaw/server.toml " ] ||
@@ -244,7 +246,8 @@ for f in /usr/bin/clusterclaw /etc/clusterclaw/server.toml /lib/systemd/system/c
 	/usr/share/man/man1/clusterclaw.1.gz /usr/share/man/man1/clusterclaw-server.1.gz \
 	/usr/share/bash-completion/completions/clusterclaw /usr/share/zsh/vendor-completions/_clusterclaw \
 	/usr/share/fish/vendor_completions.d/clusterclaw.fish /usr/lib/sysusers.d/clusterclaw-server.conf \
-	/usr/share/clusterclaw/openclaw.schema.json; do
+	/usr/share/clusterclaw/openclaw.schema.json /usr/share/clusterclaw/grafana/clusterclaw-dashboard.json \
+	/usr/share/clusterclaw/prometheus/clusterclaw-alerts.yml /usr/share/clusterclaw/prometheus/clusterclaw-alerts.test.yml; do
 	cx test -f "$f" || fail "the server package did not install $f"
 done
 expect_eq "conffiles" "$(cx dpkg-query -W -f='${Conffiles}' clusterclaw-server | awk 'NF { print $1 }')" /etc/clusterclaw/server.toml
