@@ -76,21 +76,8 @@ fn measure(server: &TestServer) -> anyhow::Result<(f64, f64)> {
     Ok((median(&mut apply), median(&mut get)))
 }
 
-fn postgres_url() -> Option<String> {
-    if let Ok(url) = std::env::var("CLUSTERCLAW_TEST_POSTGRES_URL")
-        && !url.trim().is_empty()
-    {
-        return Some(url.trim().to_string());
-    }
-    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/postgres-url");
-    std::fs::read_to_string(file)
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-}
-
 fn main() -> anyhow::Result<()> {
-    let url = postgres_url().context(
+    let url = clusterclaw_tests::postgres::url().context(
         "no PostgreSQL test server: run tests/postgres-setup.sh or set CLUSTERCLAW_TEST_POSTGRES_URL",
     )?;
     let config: postgres::Config = url.parse()?;

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod fleet;
 pub mod podman;
+pub mod postgres;
 pub mod proxy;
 pub mod server;
 pub mod simfleet;

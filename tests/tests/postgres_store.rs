@@ -11,21 +11,6 @@ use clusterclaw_tests::proxy::TcpProxy;
 use clusterclaw_tests::server::TestServer;
 use serde_json::json;
 
-/// The test server's URL: `CLUSTERCLAW_TEST_POSTGRES_URL`, else what `tests/postgres-setup.sh`
-/// wrote to `target/postgres-url`.
-fn postgres_url() -> Option<String> {
-    if let Ok(url) = std::env::var("CLUSTERCLAW_TEST_POSTGRES_URL")
-        && !url.trim().is_empty()
-    {
-        return Some(url.trim().to_string());
-    }
-    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/postgres-url");
-    std::fs::read_to_string(file)
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-}
-
 fn skip(why: &str) {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("the PostgreSQL store test cannot run: {why}");
@@ -67,7 +52,7 @@ fn wait_ready(server: &TestServer, want: bool) -> serde_json::Value {
 
 #[test]
 fn a_server_on_postgres_keeps_its_objects_there_and_reports_an_unreachable_store() {
-    let Some(url) = postgres_url() else {
+    let Some(url) = clusterclaw_tests::postgres::url() else {
         return skip(
             "no PostgreSQL test server: CLUSTERCLAW_TEST_POSTGRES_URL is unset and target/postgres-url is missing",
         );

@@ -33,8 +33,38 @@ pub fn sqlite() -> Subject {
     }
 }
 
-/// The URL of the test server, if one is configured.
+/// The URL of the test server: `CLUSTERCLAW_TEST_POSTGRES_URL`, else what
+/// `tests/postgres-setup.sh` wrote to `target/postgres-url`. When neither exists the script is
+/// run once (it installs and starts a throwaway cluster where it may), so a plain
+/// `cargo test --workspace` on a fresh machine needs no step of its own.
 pub fn postgres_url() -> Option<String> {
+    static URL: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    URL.get_or_init(|| {
+        if let Some(url) = known_postgres_url() {
+            return Some(url);
+        }
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/postgres-setup.sh");
+        eprintln!(
+            "no PostgreSQL test server yet; running {}",
+            script.display()
+        );
+        let ok = std::process::Command::new(&script)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!(
+                "{} could not make a PostgreSQL server ready",
+                script.display()
+            );
+        }
+        known_postgres_url()
+    })
+    .clone()
+}
+
+fn known_postgres_url() -> Option<String> {
     if let Ok(url) = std::env::var("CLUSTERCLAW_TEST_POSTGRES_URL")
         && !url.trim().is_empty()
     {
