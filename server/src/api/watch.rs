@@ -492,8 +492,10 @@ mod tests {
         });
         // The client reads nothing while 100 changes go by: its own queue fills (4 lines),
         // the follower waits on it, and the shared ring (8 batches) overflows.
+        // Once the follower has given up (410) it holds no receiver, and later sends find none:
+        // when that happens depends on the scheduler, so a send's result is not the test.
         for rv in 1..=100 {
-            feed.send(batch(rv)).unwrap();
+            let _ = feed.send(batch(rv));
             tokio::task::yield_now().await;
         }
         let mut got = Vec::new();
