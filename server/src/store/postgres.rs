@@ -664,7 +664,7 @@ impl PgStore {
                 "UPDATE meta SET value = $1 WHERE key = 'index'",
                 &[&(next as i64)],
             )?;
-            if next % super::feed::TRIM_EVERY == 0 {
+            if next.is_multiple_of(super::feed::TRIM_EVERY) {
                 super::feed::trim(&mut ptx)?;
             }
             let desired: i64 = if effect == Effect::Desired {

@@ -296,7 +296,7 @@ impl SqliteStore {
         }
         tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'index'")?
             .execute([next as i64])?;
-        if next % super::feed::TRIM_EVERY == 0 {
+        if next.is_multiple_of(super::feed::TRIM_EVERY) {
             super::feed::trim(&mut SqliteTx(&tx))?;
         }
         tx.commit()?;
