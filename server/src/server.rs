@@ -177,11 +177,6 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
                 if let Some(schema) = schema {
                     store.set_schema(schema);
                 }
-                tracing::warn!(
-                    "the PostgreSQL store keeps objects, tokens, the audit log and heartbeats; \
-                     instance revisions, secret values, the change log (watches), events and \
-                     host volumes are kept only by the SQLite store so far"
-                );
                 let shown = store.shown().to_string();
                 (Arc::new(store) as Arc<dyn Store>, shown)
             }

@@ -1,6 +1,8 @@
 //! `clusterclaw server --store postgres://...` against a real PostgreSQL server
 //! (`tests/postgres-setup.sh`): objects land in the database, survive a restart, and `/readyz`
-//! turns false while the database cannot be reached and true again when it can.
+//! turns false while the database cannot be reached and true again when it can; and a server on
+//! PostgreSQL with a real agent on Docker runs an instance with a secret, makes revisions,
+//! undoes one, keeps events and serves `get instances -w`.
 //!
 //! Without a PostgreSQL server the test skips with the reason printed, unless `CI=true`.
 
@@ -197,4 +199,422 @@ fn a_server_on_postgres_keeps_its_objects_there_and_reports_an_unreachable_store
     assert_eq!(names, ["acme", "beta"]);
     drop(server);
     drop(proxy);
+}
+
+/// A schema of its own for one server, reached with the password in a file: the database,
+/// the `--store` URL and the arguments that give it.
+struct PgServerStore {
+    schema: Schema,
+    admin: postgres::Client,
+    url: String,
+    password_file: std::path::PathBuf,
+    _scratch: tempfile::TempDir,
+}
+
+impl PgServerStore {
+    fn new() -> Option<PgServerStore> {
+        let Some(url) = clusterclaw_tests::postgres::url() else {
+            skip(
+                "no PostgreSQL test server: CLUSTERCLAW_TEST_POSTGRES_URL is unset and target/postgres-url is missing",
+            );
+            return None;
+        };
+        let config: postgres::Config = url.parse().expect("a PostgreSQL URL");
+        let mut admin = match config.connect(postgres::NoTls) {
+            Ok(c) => c,
+            Err(e) => {
+                skip(&format!(
+                    "cannot connect to the PostgreSQL test server: {e}"
+                ));
+                return None;
+            }
+        };
+        let schema = Schema {
+            config: config.clone(),
+            name: clusterclaw_tests::agent::unique("e2e").replace('-', "_"),
+        };
+        admin
+            .batch_execute(&format!("CREATE SCHEMA {}", schema.name))
+            .unwrap();
+        let host = match &config.get_hosts()[0] {
+            postgres::config::Host::Tcp(h) => h.clone(),
+            other => panic!("the test server is reached over TCP, not {other:?}"),
+        };
+        let password = String::from_utf8(config.get_password().unwrap().to_vec()).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let password_file = scratch.path().join("pgpass");
+        std::fs::write(&password_file, format!("{password}\n")).unwrap();
+        let url = format!(
+            "postgres://{}@{host}:{}/{}?options=-c%20search_path%3D{}",
+            config.get_user().unwrap(),
+            config.get_ports()[0],
+            config.get_dbname().unwrap(),
+            schema.name
+        );
+        Some(PgServerStore {
+            schema,
+            admin,
+            url,
+            password_file,
+            _scratch: scratch,
+        })
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--store".into(),
+            self.url.clone(),
+            "--store-password-file".into(),
+            self.password_file.display().to_string(),
+        ]
+    }
+}
+
+mod with_an_agent {
+    use std::collections::BTreeMap;
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use clusterclaw_tests::agent::*;
+    use clusterclaw_tests::server::TestServer;
+    use serde_json::Value;
+
+    use super::PgServerStore;
+
+    /// A replica's revision and whether its config is in sync.
+    type ReplicaConfig = (Option<u64>, Option<String>);
+
+    /// The instance's revision and, per replica, the revision it runs and whether in sync.
+    fn revisions(
+        server: &TestServer,
+        scope: &Scope,
+        name: &str,
+    ) -> (Option<u64>, Vec<ReplicaConfig>) {
+        let v = scope.instance(server, name);
+        let replicas = v
+            .pointer("/status/replicaStatus")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map(|r| {
+                        (
+                            r["configRevision"].as_u64(),
+                            r["configSync"].as_str().map(str::to_string),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        (
+            v.pointer("/status/configRevision").and_then(Value::as_u64),
+            replicas,
+        )
+    }
+
+    fn wait_revision(
+        server: &TestServer,
+        scope: &Scope,
+        name: &str,
+        rev: u64,
+    ) -> anyhow::Result<()> {
+        wait_for(
+            &format!("{name} running revision {rev}, in sync"),
+            WAIT,
+            || {
+                let (current, replicas) = revisions(server, scope, name);
+                Ok((current == Some(rev)
+                    && !replicas.is_empty()
+                    && replicas
+                        .iter()
+                        .all(|(r, s)| *r == Some(rev) && s.as_deref() == Some("InSync")))
+                .then_some(()))
+            },
+        )
+    }
+
+    /// Waits for a Ready container of `replica` other than `old`; what the stand-in saw.
+    fn replaced(
+        server: &TestServer,
+        scope: &Scope,
+        name: &str,
+        replica: &str,
+        old: &str,
+    ) -> anyhow::Result<(Container, Value)> {
+        wait_for(&format!("{replica} replaced"), WAIT, || {
+            let (status, now) = wait_ready(server, scope, name, 1)?;
+            let Some(c) = now.get(replica).filter(|c| c.id != old) else {
+                return Ok(None);
+            };
+            let reported = status["status"]["replicaStatus"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| {
+                    r["name"] == replica
+                        && r["containerId"] == c.id.as_str()
+                        && r["state"] == "Ready"
+                });
+            let Some(port) = c.port.filter(|_| reported) else {
+                return Ok(None);
+            };
+            Ok(gateway_get(port, "/standin/info")
+                .ok()
+                .map(|info| (c.clone(), info)))
+        })
+    }
+
+    /// `clusterclaw get instances -w -o json` running in the background: its lines (one object
+    /// each) as they come.
+    struct Watch {
+        child: std::process::Child,
+        lines: mpsc::Receiver<String>,
+    }
+
+    impl Watch {
+        fn start(server: &TestServer, scope: &Scope) -> Watch {
+            let bin = clusterclaw_tests::server::clusterclaw_bin().unwrap();
+            let mut child = Command::new(bin)
+                .args([
+                    "get",
+                    "instances",
+                    "-w",
+                    "-o",
+                    "json",
+                    "-t",
+                    &scope.tenant,
+                    "-p",
+                    &scope.project,
+                ])
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .env(
+                    "CLUSTERCLAW_CONFIG",
+                    server.scratch_dir().join("watch-cli-config.toml"),
+                )
+                .env("CLUSTERCLAW_SERVER", server.api_url())
+                .env("CLUSTERCLAW_TOKEN", server.admin_token())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let stdout = child.stdout.take().unwrap();
+            let (tx, lines) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            Watch { child, lines }
+        }
+
+        /// Waits for a line that `want` accepts, up to `limit`.
+        fn wait(&self, what: &str, limit: Duration, want: impl Fn(&Value) -> bool) -> Value {
+            let deadline = Instant::now() + limit;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let line = self
+                    .lines
+                    .recv_timeout(left)
+                    .unwrap_or_else(|_| panic!("`get instances -w` never showed {what}"));
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && want(&v)
+                {
+                    return v;
+                }
+            }
+        }
+    }
+
+    impl Drop for Watch {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    #[test]
+    fn instances_with_secrets_revisions_undo_events_and_watches_on_postgres() -> anyhow::Result<()>
+    {
+        let Some(image) = require_docker()? else {
+            return Ok(());
+        };
+        let Some(mut pg) = PgServerStore::new() else {
+            return Ok(());
+        };
+        let scope = Scope::new("e2e-pg");
+        let cleanup = DockerCleanup::tenant(&scope.tenant);
+        let port = free_port();
+        let args = pg.args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = TestServer::start_on(&format!("127.0.0.1:{port}"), &args)?;
+        assert!(
+            !server.log().contains("kept only by the SQLite store"),
+            "{}",
+            server.log()
+        );
+        let token = join_token(&server, 1, "10m");
+        let host_name = unique("pg-host");
+        let mut agent = TestAgent::enroll(&server, port, &token, &["--name", &host_name])?;
+        let host = agent.wait_enrolled()?;
+        cleanup.host(&host);
+        wait_host_ready(&server, &host)?;
+        scope.apply(&server, "base", &scope.base_manifest());
+        let t = &scope.tenant;
+        let watch = Watch::start(&server, &scope);
+
+        // A secret: its value is sealed in the database, never plain.
+        let key_file = server.write_file("anthropic.key", "sk-ant-pg-e2e\n");
+        let from = format!("anthropic={}", key_file.display());
+        let out = server
+            .cli(&[
+                "secret",
+                "set",
+                "llm-keys",
+                "-t",
+                t,
+                "-p",
+                "",
+                "--from-file",
+                &from,
+            ])
+            .ok();
+        assert!(!out.stdout.contains("sk-ant-pg-e2e"), "{}", out.stdout);
+        let sealed: Vec<String> = pg
+            .admin
+            .query(
+                &format!("SELECT sealed FROM {}.secret_values", pg.schema.name),
+                &[],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(sealed.len(), 1, "{sealed:?}");
+        assert!(
+            sealed[0].starts_with("ccs1:") && !sealed[0].contains("sk-ant"),
+            "{sealed:?}"
+        );
+
+        // An instance that uses it runs Ready with the value in its environment.
+        let name = "bot";
+        let manifest = |level: &str| {
+            format!(
+                "{}  env:\n    OPENCLAW_GATEWAY_TOKEN:\n      secretRef: {{name: llm-keys, key: anthropic}}\n  config:\n    logging:\n      level: {level}\n",
+                scope.instance_manifest(name, &image, 1, &BTreeMap::new())
+            )
+        };
+        scope.apply(&server, name, &manifest("info"));
+        let (_, first) = wait_ready(&server, &scope, name, 1)?;
+        let replica = format!("{name}-0");
+        let c1 = first[&replica].clone();
+        let info = gateway_get(c1.port.unwrap(), "/standin/info")?;
+        assert_eq!(
+            info["env"]["OPENCLAW_GATEWAY_TOKEN"], "sk-ant-pg-e2e",
+            "{info}"
+        );
+        assert_eq!(info["config"]["logging"]["level"], "info", "{info}");
+        wait_revision(&server, &scope, name, 1)?;
+        // The watch saw it come.
+        // The watch began before the instance existed: it came as a change.
+        watch.wait("the instance", Duration::from_secs(30), |v| {
+            v["metadata"]["name"] == name
+        });
+
+        // A config change: a new revision, a new container with the new file.
+        scope.apply(&server, name, &manifest("debug"));
+        let (c2, info) = replaced(&server, &scope, name, &replica, &c1.id)?;
+        assert_eq!(info["config"]["logging"]["level"], "debug", "{info}");
+        wait_revision(&server, &scope, name, 2)?;
+        let history = server
+            .cli(&[
+                "config",
+                "history",
+                "instance",
+                name,
+                "-t",
+                t,
+                "-p",
+                &scope.project,
+                "-o",
+                "json",
+            ])
+            .ok()
+            .json();
+        let items = history["items"].as_array().unwrap();
+        assert_eq!(items.len(), 2, "{history}");
+        assert_eq!(items[0]["message"], "config changed", "{history}");
+        let stored: i64 = pg
+            .admin
+            .query_one(
+                &format!("SELECT COUNT(*) FROM {}.config_revisions", pg.schema.name),
+                &[],
+            )?
+            .get(0);
+        assert_eq!(stored, 2, "the revisions are rows of the database");
+        // The watch saw the change (the instance's revision 2 in its status).
+        watch.wait("revision 2", Duration::from_secs(30), |v| {
+            v["metadata"]["name"] == name && v["status"]["configRevision"] == 2
+        });
+
+        // Undo: a new revision with the first one's content, and the first config back.
+        server
+            .cli(&[
+                "rollout",
+                "undo",
+                "instance",
+                name,
+                "-t",
+                t,
+                "-p",
+                &scope.project,
+            ])
+            .ok();
+        let (_, info) = replaced(&server, &scope, name, &replica, &c2.id)?;
+        assert_eq!(info["config"]["logging"]["level"], "info", "{info}");
+        assert_eq!(
+            info["env"]["OPENCLAW_GATEWAY_TOKEN"], "sk-ant-pg-e2e",
+            "{info}"
+        );
+        wait_revision(&server, &scope, name, 3)?;
+
+        // Events are kept in the database and listed.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let events = loop {
+            let out = server
+                .cli(&[
+                    "get",
+                    "events",
+                    "-t",
+                    t,
+                    "-p",
+                    &scope.project,
+                    "--for",
+                    "instance/bot",
+                ])
+                .ok();
+            if out.stdout.contains("ContainerStarted") || Instant::now() > deadline {
+                break out.stdout;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(events.contains("Scheduled"), "{events}");
+        assert!(events.contains("ContainerStarted"), "{events}");
+        let stored: i64 = pg
+            .admin
+            .query_one(
+                &format!("SELECT COUNT(*) FROM {}.events", pg.schema.name),
+                &[],
+            )?
+            .get(0);
+        assert!(stored > 0);
+        drop(watch);
+        drop(agent);
+        drop(server);
+        Ok(())
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, Transaction, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
 use super::{AuditFilter, AuditRecord, AuditVerification, ChainBreak, ChainProblem, ChainVerifier};
 use crate::store::StoreError;
@@ -57,7 +57,7 @@ fn written_in(conn: &Connection) -> Result<u64, StoreError> {
 
 /// The end of the log inside the caller's transaction: the last record's `seq` and hash, and
 /// how many records were written ([`crate::store::backend::Tx::audit_head`]).
-pub(crate) fn head_in(tx: &Transaction<'_>) -> Result<(u64, Option<String>, u64), StoreError> {
+pub(crate) fn head_in(tx: &Connection) -> Result<(u64, Option<String>, u64), StoreError> {
     let last: Option<(i64, String)> = tx
         .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -71,7 +71,7 @@ pub(crate) fn head_in(tx: &Transaction<'_>) -> Result<(u64, Option<String>, u64)
 
 /// Inserts records chained by [`crate::store::rules::append_audit`], inside the caller's
 /// transaction.
-pub(crate) fn insert_in(tx: &Transaction<'_>, records: &[AuditRecord]) -> Result<(), StoreError> {
+pub(crate) fn insert_in(tx: &Connection, records: &[AuditRecord]) -> Result<(), StoreError> {
     let mut stmt = tx.prepare_cached(&format!(
         "INSERT INTO audit ({COLUMNS}) VALUES \
          (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
@@ -106,7 +106,7 @@ pub(crate) fn insert_in(tx: &Transaction<'_>, records: &[AuditRecord]) -> Result
 }
 
 /// Records how many records the log has written, inside the caller's transaction.
-pub(crate) fn set_written_in(tx: &Transaction<'_>, written: u64) -> Result<(), StoreError> {
+pub(crate) fn set_written_in(tx: &Connection, written: u64) -> Result<(), StoreError> {
     tx.prepare_cached(
         "INSERT INTO meta (key, value) VALUES ('audit_written', ?1)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",

@@ -143,6 +143,9 @@ pub fn postgres() -> Option<Subject> {
     })
 }
 
+use super::feed_tests::*;
+use super::revision_tests::*;
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod on_sqlite {
@@ -188,6 +191,18 @@ suite!(
     one_of_racing_conditional_updates_wins,
     racing_enrollments_use_a_token_no_more_than_allowed,
     the_audit_chain_stays_intact_under_concurrent_writes,
+    each_cause_makes_one_revision_per_reached_instance_and_the_same_content_none,
+    pruning_keeps_the_revisions_replicas_and_the_rollout_need,
+    deleting_with_when_deleted_retain_keeps_the_volumes_listed,
+    rotation_reseals_the_values_revisions_hold,
+    racing_writers_make_one_revision_each_without_gaps,
+    secret_values_are_kept_sealed_apart_and_go_with_their_secret,
+    object_changes_are_logged_with_their_type,
+    watchers_see_every_change_of_racing_writers_in_order,
+    a_crash_loop_is_one_stored_event_that_counts,
+    retention_prunes_by_age_and_by_count_per_tenant,
+    event_changes_follow_their_own_sequence,
+    host_volumes_are_kept_and_their_removal_asked_for,
 );
 
 fn res(v: serde_json::Value) -> Resource {

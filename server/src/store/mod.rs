@@ -5,6 +5,8 @@ pub mod backend;
 #[cfg(test)]
 mod conformance;
 pub mod feed;
+#[cfg(test)]
+mod feed_tests;
 pub mod postgres;
 #[cfg(test)]
 mod revision_tests;

@@ -7,9 +7,10 @@
 //! and moves its own, and reads them every second as well, for notifications lost while its
 //! listening connection was down: long polls and watches wake on writes made through any server.
 //!
-//! What it keeps: objects, the global index, tokens, the audit log and host heartbeats. Not
-//! yet: instance revisions, sealed secret values, the change log, events and host volumes
-//! (writing a secret with values is refused rather than losing them).
+//! What it keeps is what the SQLite store keeps, through the same rules ([`super::rules`],
+//! [`super::revisions`], [`super::feed`], [`super::volumes`]): objects, the global index,
+//! tokens, the audit log, host heartbeats, instance revisions, sealed secret values, the change
+//! log (watches), events (their sequence notified like the index) and host volumes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -23,9 +24,11 @@ use postgres::{Client, Config, IsolationLevel, NoTls, Row, Statement, Transactio
 use rustls_pki_types::pem::PemObject;
 use tokio::sync::watch;
 
-use super::backend::{Blame, Tx};
-use super::revisions::ChangeNote;
+use super::backend::{Reach, RevisionRow, Tx};
+use super::feed::Change;
+use super::revisions::{self, ChangeNote, DeletedVolume, RevisionRecord, SealedValue};
 use super::rules::{self, Effect};
+use super::volumes::{HostVolume, ReportedVolume};
 use super::{
     DeleteAudit, DeleteSummary, ListFilter, Store, StoreError, StoredObject, TokenKind,
     TokenRecord, Usage, UsageByTenant, WriteMode, WriteSummary,
@@ -34,7 +37,8 @@ use crate::audit::{
     AuditEntry, AuditFilter, AuditRecord, AuditVerification, ChainBreak, ChainProblem,
     ChainVerifier,
 };
-use crate::model::{Kind, ObjectKey, Resource, Secret};
+use crate::events::{Event, EventFilter, EventRecord, Folded};
+use crate::model::{Kind, ObjectKey, Resource};
 use crate::openclaw::schema::Schema;
 use crate::util::now_rfc3339;
 
@@ -104,15 +108,123 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit
         FOR EACH ROW EXECUTE FUNCTION clusterclaw_audit_append_only();
     CREATE TABLE host_heartbeats (name TEXT PRIMARY KEY, last_seen_ms BIGINT NOT NULL);"#,
+    // 2: instance revisions, sealed secret values, volumes kept of deleted instances, the
+    // change log (complete from the index at this migration), events, the volumes hosts
+    // report. Revisions of existing instances are made by `revisions::backfill`.
+    r#"INSERT INTO meta (key, value) SELECT 'changes_from', value FROM meta WHERE key = 'index'
+        ON CONFLICT (key) DO NOTHING;
+    INSERT INTO meta (key, value) VALUES ('events_seq', 0), ('events_from', 0)
+        ON CONFLICT (key) DO NOTHING;
+    CREATE TABLE config_revisions (
+        instance_uid TEXT COLLATE "C" NOT NULL,
+        revision BIGINT NOT NULL,
+        tenant TEXT COLLATE "C" NOT NULL,
+        project TEXT COLLATE "C" NOT NULL,
+        instance TEXT COLLATE "C" NOT NULL,
+        config TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        layers TEXT NOT NULL,
+        author TEXT NOT NULL,
+        message TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        image TEXT,
+        env TEXT,
+        resources TEXT,
+        secrets TEXT,
+        spec TEXT,
+        content_hash TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (instance_uid, revision)
+    );
+    CREATE TABLE secret_values (
+        tenant TEXT COLLATE "C" NOT NULL,
+        project TEXT COLLATE "C" NOT NULL,
+        name TEXT COLLATE "C" NOT NULL,
+        key TEXT COLLATE "C" NOT NULL,
+        sealed TEXT NOT NULL,
+        PRIMARY KEY (tenant, project, name, key)
+    );
+    CREATE TABLE retained_volumes (
+        instance_uid TEXT NOT NULL,
+        tenant TEXT COLLATE "C" NOT NULL,
+        project TEXT COLLATE "C" NOT NULL,
+        instance TEXT COLLATE "C" NOT NULL,
+        replica TEXT NOT NULL,
+        ordinal BIGINT NOT NULL,
+        host TEXT COLLATE "C" NOT NULL,
+        since TEXT NOT NULL,
+        PRIMARY KEY (instance_uid, ordinal, host)
+    );
+    CREATE INDEX retained_volumes_instance ON retained_volumes (tenant, project, instance);
+    CREATE TABLE changes (
+        seq BIGSERIAL PRIMARY KEY,
+        rv BIGINT NOT NULL,
+        type TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        project TEXT NOT NULL,
+        name TEXT NOT NULL,
+        labels TEXT NOT NULL,
+        body TEXT NOT NULL,
+        UNIQUE (rv, kind, tenant, project, name)
+    );
+    CREATE TABLE events (
+        id BIGSERIAL PRIMARY KEY,
+        seq BIGINT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        tenant TEXT COLLATE "C" NOT NULL,
+        project TEXT NOT NULL,
+        name TEXT NOT NULL,
+        replica TEXT NOT NULL,
+        type TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        message TEXT NOT NULL,
+        source TEXT NOT NULL,
+        count BIGINT NOT NULL,
+        first_ms BIGINT NOT NULL,
+        last_ms BIGINT NOT NULL
+    );
+    CREATE INDEX events_object ON events (kind, tenant, project, name, reason);
+    CREATE INDEX events_tenant ON events (tenant, last_ms);
+    CREATE TABLE host_volumes (
+        host TEXT COLLATE "C" NOT NULL,
+        name TEXT COLLATE "C" NOT NULL,
+        tenant TEXT NOT NULL,
+        project TEXT NOT NULL,
+        instance TEXT NOT NULL,
+        replica TEXT NOT NULL,
+        first_seen TEXT NOT NULL,
+        orphaned_since TEXT,
+        delete_requested TEXT,
+        delete_reason TEXT,
+        PRIMARY KEY (host, name)
+    );"#,
 ];
+
+/// The schema version whose migration added instance revisions.
+const REVISIONS_VERSION: usize = 2;
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Taken (per transaction) while migrating, so that servers starting together migrate once.
 const MIGRATION_LOCK: i64 = 0x0063_6c75_7374_6572;
 const MAX_IDLE_CONNECTIONS: usize = 16;
-/// The channel every committed write notifies, with `"<index> <desired index>"`.
+/// The start of the channel every committed write notifies, with `"<index> <desired index>"`
+/// (and every flush of events with `"events <sequence>"`); the rest names the schema, since
+/// notifications reach every schema of a database ([`channel_of`]).
 const CHANNEL: &str = "clusterclaw_index";
+
+/// The notification channel of the store in `schema`: several stores may share a database in
+/// schemas of their own, and one must not wake on another's writes. Channel names are
+/// identifiers (at most 63 bytes): a long schema name is shortened to a hash of it.
+fn channel_of(schema: &str) -> String {
+    let full = format!("{CHANNEL}:{schema}");
+    if full.len() <= 63 {
+        return full;
+    }
+    use sha2::{Digest, Sha256};
+    let h = crate::util::hex(&Sha256::digest(schema.as_bytes()));
+    format!("{CHANNEL}:{}", &h[..32])
+}
 /// How often the listener reads the index itself, for notifications lost while its connection
 /// was down (and as a heartbeat of that connection).
 const CATCH_UP_EVERY: Duration = Duration::from_secs(1);
@@ -199,6 +311,10 @@ pub struct PgStore {
     schema: RwLock<Arc<Schema>>,
     /// Tells the listener thread to stop.
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Events recorded and not yet written.
+    events: Mutex<super::feed::EventQueue>,
+    /// Where this store's writes are notified ([`channel_of`]).
+    channel: String,
 }
 
 /// The indexes this server knows of, moved by its own writes and by every other server's
@@ -207,9 +323,20 @@ struct Indexes {
     index: AtomicU64,
     notify: watch::Sender<u64>,
     desired: watch::Sender<u64>,
+    /// The events' sequence.
+    events: watch::Sender<u64>,
 }
 
 impl Indexes {
+    /// Moves the events' sequence to `seq` unless already past it.
+    fn advance_events(&self, seq: u64) {
+        self.events.send_if_modified(|s| {
+            let moved = seq > *s;
+            *s = (*s).max(seq);
+            moved
+        });
+    }
+
     /// Moves to `index` (and the desired index to `desired`) unless already past them.
     fn advance(&self, index: u64, desired: u64) {
         // The desired index first: whoever wakes on the global one and then asks for it
@@ -251,20 +378,22 @@ fn connect_with(config: &Config, tls: &Tls) -> Result<Client, postgres::Error> {
     }
 }
 
-/// The index and desired index stored in the database.
-fn read_indexes(client: &mut Client) -> Result<(u64, u64), StoreError> {
+/// The index, desired index and events' sequence stored in the database.
+fn read_indexes(client: &mut Client) -> Result<(u64, u64, u64), StoreError> {
     let r = client.query_one(
         "SELECT (SELECT value FROM meta WHERE key = 'index'),
-                (SELECT value FROM meta WHERE key = 'desired')",
+                (SELECT value FROM meta WHERE key = 'desired'),
+                COALESCE((SELECT value FROM meta WHERE key = 'events_seq'), 0)",
         &[],
     )?;
     Ok((
         r.try_get::<_, i64>(0)? as u64,
         r.try_get::<_, i64>(1)? as u64,
+        r.try_get::<_, i64>(2)? as u64,
     ))
 }
 
-/// Follows the writes of every server: `LISTEN`s on [`CHANNEL`] and moves `indexes` on each
+/// Follows the writes of every server: `LISTEN`s on `channel` and moves `indexes` on each
 /// notification, reads the stored indexes every [`CATCH_UP_EVERY`] (a notification sent while
 /// the connection was down is lost), and connects again when the connection drops. Stops soon
 /// after `stop` is set.
@@ -272,6 +401,7 @@ fn listen(
     config: Config,
     tls: Tls,
     shown: String,
+    channel: String,
     indexes: Arc<Indexes>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
@@ -279,20 +409,29 @@ fn listen(
     while !stop.load(Ordering::SeqCst) {
         let outcome = (|| -> Result<(), StoreError> {
             let mut client = connect_with(&config, &tls)?;
-            client.batch_execute(&format!("LISTEN {CHANNEL}"))?;
+            client.batch_execute(&format!("LISTEN \"{channel}\""))?;
             if failing {
                 tracing::info!(database = %shown, "following the writes of other servers again");
                 failing = false;
             }
             loop {
-                let (index, desired) = read_indexes(&mut client)?;
+                let (index, desired, events) = read_indexes(&mut client)?;
                 indexes.advance(index, desired);
+                indexes.advance_events(events);
                 let mut notes = client.notifications();
                 let mut iter = notes.timeout_iter(CATCH_UP_EVERY);
                 while let Some(note) = iter.next()? {
-                    let mut parts = note.payload().split(' ').map(str::parse::<u64>);
-                    if let (Some(Ok(index)), Some(Ok(desired))) = (parts.next(), parts.next()) {
-                        indexes.advance(index, desired);
+                    // `<index> <desired index>`, or `events <sequence>`.
+                    let payload = note.payload();
+                    if let Some(seq) = payload.strip_prefix("events ") {
+                        if let Ok(seq) = seq.parse::<u64>() {
+                            indexes.advance_events(seq);
+                        }
+                    } else {
+                        let mut parts = payload.split(' ').map(str::parse::<u64>);
+                        if let (Some(Ok(index)), Some(Ok(desired))) = (parts.next(), parts.next()) {
+                            indexes.advance(index, desired);
+                        }
                     }
                     if stop.load(Ordering::SeqCst) {
                         return Ok(());
@@ -375,7 +514,7 @@ impl PgStore {
     }
 
     fn open_with(shown: String, config: Config, tls: Tls) -> Result<PgStore, StoreError> {
-        let store = PgStore {
+        let mut store = PgStore {
             shown,
             config,
             tls,
@@ -384,28 +523,39 @@ impl PgStore {
                 index: AtomicU64::new(0),
                 notify: watch::channel(0).0,
                 desired: watch::channel(0).0,
+                events: watch::channel(0).0,
             }),
+            events: Mutex::default(),
+            channel: String::new(),
             schema: RwLock::new(Arc::new(Schema::builtin())),
             stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
-        let (index, desired) = blocking(|| -> Result<(u64, u64), StoreError> {
-            let mut conn = store.connect()?;
-            migrate(&mut conn.client, &store.shown)?;
-            let indexes = read_indexes(&mut conn.client)?;
-            store.give_back(conn);
-            Ok(indexes)
-        })?;
+        let (index, desired, events, channel) =
+            blocking(|| -> Result<(u64, u64, u64, String), StoreError> {
+                let mut conn = store.connect()?;
+                migrate(&mut conn.client, &store.shown)?;
+                let (index, desired, events) = read_indexes(&mut conn.client)?;
+                let schema: String = conn
+                    .client
+                    .query_one("SELECT current_schema()", &[])?
+                    .try_get(0)?;
+                store.give_back(conn);
+                Ok((index, desired, events, channel_of(&schema)))
+            })?;
+        store.channel = channel;
         store.indexes.advance(index, desired);
-        let (config, tls, shown, indexes, stop) = (
+        store.indexes.advance_events(events);
+        let (config, tls, shown, channel, indexes, stop) = (
             store.config.clone(),
             store.tls.clone(),
             store.shown.clone(),
+            store.channel.clone(),
             Arc::clone(&store.indexes),
             Arc::clone(&store.stop),
         );
         std::thread::Builder::new()
             .name("store-listen".into())
-            .spawn(move || listen(config, tls, shown, indexes, stop))
+            .spawn(move || listen(config, tls, shown, channel, indexes, stop))
             .map_err(|e| StoreError::Backend(format!("cannot start the store listener: {e}")))?;
         Ok(store)
     }
@@ -514,6 +664,9 @@ impl PgStore {
                 "UPDATE meta SET value = $1 WHERE key = 'index'",
                 &[&(next as i64)],
             )?;
+            if next.is_multiple_of(super::feed::TRIM_EVERY) {
+                super::feed::trim(&mut ptx)?;
+            }
             let desired: i64 = if effect == Effect::Desired {
                 ptx.execute(
                     "UPDATE meta SET value = $1 WHERE key = 'desired'",
@@ -526,8 +679,8 @@ impl PgStore {
             };
             // Delivered to every listening server when (and only if) this commits.
             ptx.execute(
-                "SELECT pg_notify('clusterclaw_index', $1)",
-                &[&format!("{next} {desired}")],
+                "SELECT pg_notify($1, $2)",
+                &[&self.channel, &format!("{next} {desired}")],
             )?;
             tx.commit()?;
             Ok((out, effect, next))
@@ -674,6 +827,18 @@ fn migrate(client: &mut Client, shown: &str) -> Result<(), StoreError> {
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.batch_execute(sql)?;
+        if i + 1 == REVISIONS_VERSION {
+            // Instances written before revisions were kept get their first one.
+            let mut statements = HashMap::new();
+            revisions::backfill(
+                &mut PgTx {
+                    tx: &mut tx,
+                    statements: &mut statements,
+                },
+                &Schema::builtin(),
+                &now_rfc3339(),
+            )?;
+        }
         tx.execute(
             "UPDATE clusterclaw_schema SET version = $1",
             &[&(i as i64 + 1)],
@@ -868,6 +1033,28 @@ impl Tx for PgTx<'_, '_> {
     fn put(&mut self, o: &StoredObject, usage: Usage) -> Result<(), StoreError> {
         let labels =
             serde_json::to_string(&o.labels).map_err(|e| StoreError::Backend(e.to_string()))?;
+        // The change log first, to tell ADDED from MODIFIED.
+        let type_ = if self.exists(&o.key)? {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.execute(
+            "INSERT INTO changes (rv, type, kind, tenant, project, name, labels, body)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (rv, kind, tenant, project, name)
+                DO UPDATE SET labels = excluded.labels, body = excluded.body",
+            &[
+                &(o.resource_version as i64),
+                &type_,
+                &o.key.kind.as_str(),
+                &o.key.tenant,
+                &o.key.project,
+                &o.key.name,
+                &labels,
+                &o.json,
+            ],
+        )?;
         self.execute(
             "INSERT INTO objects (kind, tenant, project, name, uid, generation, resource_version, labels, body,
                                   use_replicas, use_cpu_millis, use_memory_bytes)
@@ -897,6 +1084,23 @@ impl Tx for PgTx<'_, '_> {
 
     fn remove(&mut self, o: &StoredObject) -> Result<(), StoreError> {
         let key = &o.key;
+        let labels =
+            serde_json::to_string(&o.labels).map_err(|e| StoreError::Backend(e.to_string()))?;
+        // Logged at the index this transaction commits at (the stored one plus one).
+        self.execute(
+            "INSERT INTO changes (rv, type, kind, tenant, project, name, labels, body)
+             VALUES ((SELECT value + 1 FROM meta WHERE key = 'index'), 'DELETED', $1, $2, $3, $4, $5, $6)
+             ON CONFLICT (rv, kind, tenant, project, name)
+                DO UPDATE SET type = 'DELETED', body = excluded.body",
+            &[
+                &key.kind.as_str(),
+                &key.tenant,
+                &key.project,
+                &key.name,
+                &labels,
+                &o.json,
+            ],
+        )?;
         self.execute(
             "DELETE FROM objects WHERE kind = $1 AND tenant = $2 AND project = $3 AND name = $4",
             &[&key.kind.as_str(), &key.tenant, &key.project, &key.name],
@@ -1017,32 +1221,633 @@ impl Tx for PgTx<'_, '_> {
         Ok(())
     }
 
-    fn seal_secret(&mut self, secret: &mut Secret) -> Result<(), StoreError> {
-        if secret.spec.data.is_empty() {
-            return Ok(());
-        }
-        Err(StoreError::Backend(format!(
-            "{}: the PostgreSQL store keeps no secret values yet; keep secrets on a server with the SQLite store",
-            secret.key()
-        )))
+    fn index(&mut self) -> Result<u64, StoreError> {
+        PgTx::index(self)
     }
 
-    fn revise(
+    fn list_in_tenant(
         &mut self,
-        _changed: &[ObjectKey],
-        _note: &ChangeNote,
-        _schema: &Schema,
-        _index: u64,
-        _now: &str,
-        _blame: Blame<'_>,
-    ) -> Result<(), StoreError> {
-        // Instance revisions are not kept in PostgreSQL yet.
+        kind: Kind,
+        tenant: &str,
+    ) -> Result<Vec<StoredObject>, StoreError> {
+        let mut filter = ListFilter::all(kind);
+        filter.tenant = Some(tenant.to_string());
+        let mut out = Vec::new();
+        self.scan(&filter, &mut |o| {
+            out.push(o);
+            true
+        })?;
+        Ok(out)
+    }
+
+    fn instances(&mut self, reach: Reach<'_>) -> Result<Vec<StoredObject>, StoreError> {
+        let rows = match reach {
+            Reach::All => self.query(
+                "SELECT kind, tenant, project, name, uid, generation, resource_version, labels, body
+                 FROM objects WHERE kind = 'OpenClawInstance' ORDER BY tenant, project, name",
+                &[],
+            )?,
+            Reach::Tenant(t) => self.query(
+                "SELECT kind, tenant, project, name, uid, generation, resource_version, labels, body
+                 FROM objects WHERE kind = 'OpenClawInstance' AND tenant = $1
+                 ORDER BY tenant, project, name",
+                &[&t],
+            )?,
+            Reach::Project(t, p) => self.query(
+                "SELECT kind, tenant, project, name, uid, generation, resource_version, labels, body
+                 FROM objects WHERE kind = 'OpenClawInstance' AND tenant = $1 AND project = $2
+                 ORDER BY tenant, project, name",
+                &[&t, &p],
+            )?,
+            Reach::Template(name) => self.query(
+                "SELECT kind, tenant, project, name, uid, generation, resource_version, labels, body
+                 FROM objects WHERE kind = 'OpenClawInstance'
+                   AND COALESCE(body::jsonb #>> '{spec,configTemplate}', $2) = $1
+                 ORDER BY tenant, project, name",
+                &[&name, &crate::configcenter::DEFAULT_TEMPLATE],
+            )?,
+        };
+        rows.iter().map(object_from_row).collect()
+    }
+
+    fn meta(&mut self, key: &'static str) -> Result<u64, StoreError> {
+        let v: Option<i64> = self
+            .query_opt("SELECT value FROM meta WHERE key = $1", &[&key])?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+        Ok(v.unwrap_or(0).max(0) as u64)
+    }
+
+    fn raise_meta(&mut self, key: &'static str, value: u64) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO meta (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = GREATEST(meta.value, excluded.value)",
+            &[&key, &(value as i64)],
+        )?;
         Ok(())
     }
 
-    fn before_delete(&mut self, _key: &ObjectKey) -> Result<(), StoreError> {
+    fn put_secret_values(
+        &mut self,
+        key: &ObjectKey,
+        values: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        self.drop_secret_values(key)?;
+        for (k, v) in values {
+            self.execute(
+                "INSERT INTO secret_values (tenant, project, name, key, sealed) VALUES ($1, $2, $3, $4, $5)",
+                &[&key.tenant, &key.project, &key.name, k, v],
+            )?;
+        }
         Ok(())
     }
+
+    fn drop_secret_values(&mut self, key: &ObjectKey) -> Result<(), StoreError> {
+        self.execute(
+            "DELETE FROM secret_values WHERE tenant = $1 AND project = $2 AND name = $3",
+            &[&key.tenant, &key.project, &key.name],
+        )?;
+        Ok(())
+    }
+
+    fn sealed_value(
+        &mut self,
+        secret: &ObjectKey,
+        key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        self.query_opt(
+            "SELECT sealed FROM secret_values WHERE tenant = $1 AND project = $2 AND name = $3 AND key = $4",
+            &[&secret.tenant, &secret.project, &secret.name, &key],
+        )?
+        .map(|r| Ok(r.try_get(0)?))
+        .transpose()
+    }
+
+    fn sealed_values(&mut self) -> Result<Vec<SealedValue>, StoreError> {
+        self.query(
+            "SELECT tenant, project, name, key, sealed FROM secret_values ORDER BY tenant, project, name, key",
+            &[],
+        )?
+        .iter()
+        .map(|r| {
+            Ok(SealedValue {
+                tenant: r.try_get(0)?,
+                project: r.try_get(1)?,
+                name: r.try_get(2)?,
+                key: r.try_get(3)?,
+                sealed: r.try_get(4)?,
+            })
+        })
+        .collect()
+    }
+
+    fn set_sealed(&mut self, v: &SealedValue) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE secret_values SET sealed = $5 WHERE tenant = $1 AND project = $2 AND name = $3 AND key = $4",
+            &[&v.tenant, &v.project, &v.name, &v.key, &v.sealed],
+        )?;
+        Ok(())
+    }
+
+    fn latest_revision(&mut self, uid: &str) -> Result<Option<RevisionRow>, StoreError> {
+        self.query_opt(
+            "SELECT instance_uid, revision, tenant, project, instance, config, hash, layers, author,
+                    message, created_at, image, env, resources, secrets, spec, content_hash
+             FROM config_revisions WHERE instance_uid = $1 ORDER BY revision DESC LIMIT 1",
+            &[&uid],
+        )?
+        .map(|r| revision_from_row(&r))
+        .transpose()
+    }
+
+    fn revision(&mut self, uid: &str, revision: u64) -> Result<Option<RevisionRow>, StoreError> {
+        self.query_opt(
+            "SELECT instance_uid, revision, tenant, project, instance, config, hash, layers, author,
+                    message, created_at, image, env, resources, secrets, spec, content_hash
+             FROM config_revisions WHERE instance_uid = $1 AND revision = $2",
+            &[&uid, &(revision as i64)],
+        )?
+        .map(|r| revision_from_row(&r))
+        .transpose()
+    }
+
+    fn revisions(&mut self, uid: &str) -> Result<Vec<RevisionRow>, StoreError> {
+        self.query(
+            "SELECT instance_uid, revision, tenant, project, instance, config, hash, layers, author,
+                    message, created_at, image, env, resources, secrets, spec, content_hash
+             FROM config_revisions WHERE instance_uid = $1 ORDER BY revision DESC",
+            &[&uid],
+        )?
+        .iter()
+        .map(revision_from_row)
+        .collect()
+    }
+
+    fn insert_revision(&mut self, r: &RevisionRow) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO config_revisions (instance_uid, revision, tenant, project, instance, config,
+                hash, layers, author, message, created_at, image, env, resources, secrets, spec,
+                content_hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+            &[
+                &r.instance_uid,
+                &(r.revision as i64),
+                &r.tenant,
+                &r.project,
+                &r.instance,
+                &r.config,
+                &r.hash,
+                &r.layers,
+                &r.author,
+                &r.message,
+                &r.created_at,
+                &r.image,
+                &r.env,
+                &r.resources,
+                &r.secrets,
+                &r.spec,
+                &r.content_hash,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn revision_numbers(&mut self, uid: &str, upto: u64) -> Result<Vec<u64>, StoreError> {
+        self.query(
+            "SELECT revision FROM config_revisions WHERE instance_uid = $1 AND revision <= $2
+             ORDER BY revision",
+            &[&uid, &(upto as i64)],
+        )?
+        .iter()
+        .map(|r| Ok(r.try_get::<_, i64>(0)? as u64))
+        .collect()
+    }
+
+    fn drop_revisions(&mut self, uid: &str, revision: Option<u64>) -> Result<(), StoreError> {
+        self.execute(
+            "DELETE FROM config_revisions WHERE instance_uid = $1
+             AND ($2::BIGINT IS NULL OR revision = $2)",
+            &[&uid, &revision.map(|n| n as i64)],
+        )?;
+        Ok(())
+    }
+
+    fn newest_revisions(&mut self) -> Result<HashMap<String, u64>, StoreError> {
+        self.query(
+            "SELECT instance_uid, MAX(revision) FROM config_revisions GROUP BY instance_uid",
+            &[],
+        )?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get::<_, i64>(1)? as u64)))
+        .collect()
+    }
+
+    fn current_configs(&mut self) -> Result<HashMap<String, (u64, String)>, StoreError> {
+        self.query(
+            "SELECT DISTINCT ON (instance_uid) instance_uid, revision, config FROM config_revisions
+             ORDER BY instance_uid, revision DESC",
+            &[],
+        )?
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get(0)?,
+                (r.try_get::<_, i64>(1)? as u64, r.try_get(2)?),
+            ))
+        })
+        .collect()
+    }
+
+    fn revisions_holding_secrets(&mut self) -> Result<Vec<(String, u64, String)>, StoreError> {
+        self.query(
+            "SELECT instance_uid, revision, secrets FROM config_revisions
+             WHERE secrets IS NOT NULL AND secrets != '[]'",
+            &[],
+        )?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get::<_, i64>(1)? as u64, r.try_get(2)?)))
+        .collect()
+    }
+
+    fn set_revision_secrets(
+        &mut self,
+        uid: &str,
+        revision: u64,
+        secrets: &str,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE config_revisions SET secrets = $3 WHERE instance_uid = $1 AND revision = $2",
+            &[&uid, &(revision as i64), &secrets],
+        )?;
+        Ok(())
+    }
+
+    fn retained_volumes(
+        &mut self,
+        instance: Option<(&str, &str, &str)>,
+    ) -> Result<Vec<DeletedVolume>, StoreError> {
+        let (t, p, i) = match instance {
+            Some((t, p, i)) => (Some(t), Some(p), Some(i)),
+            None => (None, None, None),
+        };
+        self.query(
+            "SELECT instance_uid, tenant, project, instance, replica, ordinal, host, since
+             FROM retained_volumes
+             WHERE ($1::TEXT IS NULL OR (tenant = $1 AND project = $2 AND instance = $3))
+             ORDER BY host, tenant, project, instance, ordinal",
+            &[&t, &p, &i],
+        )?
+        .iter()
+        .map(|r| {
+            Ok(DeletedVolume {
+                instance_uid: r.try_get(0)?,
+                tenant: r.try_get(1)?,
+                project: r.try_get(2)?,
+                instance: r.try_get(3)?,
+                replica: r.try_get(4)?,
+                ordinal: r.try_get::<_, i64>(5)? as u32,
+                host: r.try_get(6)?,
+                since: r.try_get(7)?,
+            })
+        })
+        .collect()
+    }
+
+    fn keep_volume(&mut self, v: &DeletedVolume) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO retained_volumes (instance_uid, tenant, project, instance, replica, ordinal, host, since)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (instance_uid, ordinal, host) DO UPDATE SET tenant = excluded.tenant,
+                project = excluded.project, instance = excluded.instance,
+                replica = excluded.replica, since = excluded.since",
+            &[
+                &v.instance_uid,
+                &v.tenant,
+                &v.project,
+                &v.instance,
+                &v.replica,
+                &i64::from(v.ordinal),
+                &v.host,
+                &v.since,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn drop_retained_volumes(
+        &mut self,
+        (t, p, i): (&str, &str, &str),
+        replica_on: Option<(&str, &str)>,
+    ) -> Result<(), StoreError> {
+        let (replica, host) = match replica_on {
+            Some((r, h)) => (Some(r), Some(h)),
+            None => (None, None),
+        };
+        self.execute(
+            "DELETE FROM retained_volumes WHERE tenant = $1 AND project = $2 AND instance = $3
+             AND ($4::TEXT IS NULL OR (replica = $4 AND host = $5))",
+            &[&t, &p, &i, &replica, &host],
+        )?;
+        Ok(())
+    }
+
+    fn host_volumes(&mut self, host: Option<&str>) -> Result<Vec<HostVolume>, StoreError> {
+        self.query(
+            "SELECT host, name, tenant, project, instance, replica, first_seen, orphaned_since,
+                    delete_requested, delete_reason
+             FROM host_volumes WHERE $1::TEXT IS NULL OR host = $1 ORDER BY host, name",
+            &[&host],
+        )?
+        .iter()
+        .map(|r| {
+            Ok(HostVolume {
+                host: r.try_get(0)?,
+                volume: ReportedVolume {
+                    name: r.try_get(1)?,
+                    tenant: r.try_get(2)?,
+                    project: r.try_get(3)?,
+                    instance: r.try_get(4)?,
+                    replica: r.try_get(5)?,
+                },
+                first_seen: r.try_get(6)?,
+                orphaned_since: r.try_get(7)?,
+                delete_requested: r.try_get(8)?,
+                delete_reason: r.try_get(9)?,
+            })
+        })
+        .collect()
+    }
+
+    fn put_host_volume(
+        &mut self,
+        host: &str,
+        v: &ReportedVolume,
+        now: &str,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO host_volumes (host, name, tenant, project, instance, replica, first_seen)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (host, name) DO UPDATE SET tenant = excluded.tenant,
+                project = excluded.project, instance = excluded.instance, replica = excluded.replica",
+            &[
+                &host,
+                &v.name,
+                &v.tenant,
+                &v.project,
+                &v.instance,
+                &v.replica,
+                &now,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn drop_host_volumes(&mut self, host: &str, name: Option<&str>) -> Result<(), StoreError> {
+        self.execute(
+            "DELETE FROM host_volumes WHERE host = $1 AND ($2::TEXT IS NULL OR name = $2)",
+            &[&host, &name],
+        )?;
+        Ok(())
+    }
+
+    fn set_orphaned(
+        &mut self,
+        host: &str,
+        name: &str,
+        since: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE host_volumes SET orphaned_since = $3 WHERE host = $1 AND name = $2",
+            &[&host, &name, &since],
+        )?;
+        Ok(())
+    }
+
+    fn set_volume_deletion(
+        &mut self,
+        host: &str,
+        name: &str,
+        now: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE host_volumes SET delete_requested = COALESCE(delete_requested, $3),
+                delete_reason = COALESCE(delete_reason, $4)
+             WHERE host = $1 AND name = $2",
+            &[&host, &name, &now, &reason],
+        )?;
+        Ok(())
+    }
+
+    fn change_rows(&mut self, after: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
+        self.query(
+            "SELECT rv, type, kind, tenant, project, name, labels, body FROM changes
+             WHERE rv > $1 ORDER BY seq LIMIT $2",
+            &[&(after as i64), &(limit as i64)],
+        )?
+        .iter()
+        .map(|r| {
+            let type_: String = r.try_get(1)?;
+            let kind: String = r.try_get(2)?;
+            let labels: String = r.try_get(6)?;
+            super::sqlite::change_of(
+                r.try_get(0)?,
+                &type_,
+                &kind,
+                r.try_get(3)?,
+                r.try_get(4)?,
+                r.try_get(5)?,
+                &labels,
+                r.try_get(7)?,
+            )
+        })
+        .collect()
+    }
+
+    fn change_rv_from_newest(&mut self, offset: u64) -> Result<Option<u64>, StoreError> {
+        self.query_opt(
+            "SELECT rv FROM changes ORDER BY seq DESC LIMIT 1 OFFSET $1",
+            &[&(offset as i64)],
+        )?
+        .map(|r| Ok(r.try_get::<_, i64>(0)? as u64))
+        .transpose()
+    }
+
+    fn drop_changes(&mut self, upto: u64) -> Result<(), StoreError> {
+        self.execute("DELETE FROM changes WHERE rv <= $1", &[&(upto as i64)])?;
+        Ok(())
+    }
+
+    fn find_event(&mut self, e: &Event, since_ms: i64) -> Result<Option<i64>, StoreError> {
+        self.query_opt(
+            "SELECT id FROM events WHERE kind = $1 AND tenant = $2 AND project = $3 AND name = $4
+             AND reason = $5 AND replica = $6 AND type = $7 AND message = $8 AND source = $9
+             AND last_ms >= $10 ORDER BY last_ms DESC LIMIT 1",
+            &[
+                &e.object.kind.as_str(),
+                &e.object.tenant,
+                &e.object.project,
+                &e.object.name,
+                &e.reason,
+                &e.replica.as_deref().unwrap_or(""),
+                &e.type_.as_str(),
+                &e.message,
+                &e.source,
+                &since_ms,
+            ],
+        )?
+        .map(|r| Ok(r.try_get(0)?))
+        .transpose()
+    }
+
+    fn fold_event(
+        &mut self,
+        id: i64,
+        count: u64,
+        last_ms: i64,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE events SET count = count + $1, last_ms = GREATEST(last_ms, $2), seq = $3
+             WHERE id = $4",
+            &[&(count as i64), &last_ms, &(seq as i64), &id],
+        )?;
+        Ok(())
+    }
+
+    fn insert_event(&mut self, seq: u64, f: &Folded) -> Result<(), StoreError> {
+        let e = &f.event;
+        self.execute(
+            "INSERT INTO events (seq, kind, tenant, project, name, replica, type, reason, message,
+                source, count, first_ms, last_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            &[
+                &(seq as i64),
+                &e.object.kind.as_str(),
+                &e.object.tenant,
+                &e.object.project,
+                &e.object.name,
+                &e.replica.as_deref().unwrap_or(""),
+                &e.type_.as_str(),
+                &e.reason,
+                &e.message,
+                &e.source,
+                &(f.count as i64),
+                &f.first_ms,
+                &f.last_ms,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn drop_events_before(&mut self, cutoff_ms: i64) -> Result<(u64, usize), StoreError> {
+        let newest: i64 = self
+            .query_one(
+                "SELECT COALESCE(MAX(seq), 0)::BIGINT FROM events WHERE last_ms < $1",
+                &[&cutoff_ms],
+            )?
+            .try_get(0)?;
+        let n = self.execute("DELETE FROM events WHERE last_ms < $1", &[&cutoff_ms])?;
+        Ok((newest as u64, n as usize))
+    }
+
+    fn event_counts(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.query(
+            "SELECT tenant, COUNT(*) FROM events GROUP BY tenant ORDER BY tenant",
+            &[],
+        )?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get::<_, i64>(1)? as u64)))
+        .collect()
+    }
+
+    fn drop_oldest_events(&mut self, tenant: &str, n: u64) -> Result<(u64, usize), StoreError> {
+        let rows = self.query(
+            "DELETE FROM events WHERE id IN
+                (SELECT id FROM events WHERE tenant = $1 ORDER BY last_ms, id LIMIT $2)
+             RETURNING seq",
+            &[&tenant, &(n as i64)],
+        )?;
+        let mut newest = 0u64;
+        for r in &rows {
+            newest = newest.max(r.try_get::<_, i64>(0)? as u64);
+        }
+        Ok((newest, rows.len()))
+    }
+
+    fn events(&mut self, filter: &EventFilter) -> Result<Vec<EventRecord>, StoreError> {
+        let (kind, name) = match &filter.object {
+            Some((k, n)) => (Some(k.as_str()), Some(n.as_str())),
+            None => (None, None),
+        };
+        let limit = filter.limit.map(|l| l as i64);
+        self.query(
+            "SELECT id, seq, kind, tenant, project, name, replica, type, reason, message, source,
+                    count, first_ms, last_ms
+             FROM events
+             WHERE ($1::TEXT IS NULL OR tenant = $1) AND ($2::TEXT IS NULL OR project = $2)
+               AND ($3::TEXT IS NULL OR (kind = $3 AND name = $4))
+             ORDER BY last_ms DESC, id DESC LIMIT $5",
+            &[&filter.tenant, &filter.project, &kind, &name, &limit],
+        )?
+        .iter()
+        .map(event_from_row)
+        .collect()
+    }
+
+    fn events_after(&mut self, after: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        self.query(
+            "SELECT id, seq, kind, tenant, project, name, replica, type, reason, message, source,
+                    count, first_ms, last_ms
+             FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &[&(after as i64), &(limit as i64)],
+        )?
+        .iter()
+        .map(event_from_row)
+        .collect()
+    }
+}
+
+fn revision_from_row(r: &Row) -> Result<RevisionRow, StoreError> {
+    Ok(RevisionRow {
+        instance_uid: r.try_get(0)?,
+        revision: r.try_get::<_, i64>(1)? as u64,
+        tenant: r.try_get(2)?,
+        project: r.try_get(3)?,
+        instance: r.try_get(4)?,
+        config: r.try_get(5)?,
+        hash: r.try_get(6)?,
+        layers: r.try_get(7)?,
+        author: r.try_get(8)?,
+        message: r.try_get(9)?,
+        created_at: r.try_get(10)?,
+        image: r.try_get(11)?,
+        env: r.try_get(12)?,
+        resources: r.try_get(13)?,
+        secrets: r.try_get(14)?,
+        spec: r.try_get(15)?,
+        content_hash: r.try_get(16)?,
+    })
+}
+
+fn event_from_row(r: &Row) -> Result<EventRecord, StoreError> {
+    super::sqlite::EventRow {
+        id: r.try_get(0)?,
+        seq: r.try_get(1)?,
+        kind: r.try_get(2)?,
+        tenant: r.try_get(3)?,
+        project: r.try_get(4)?,
+        name: r.try_get(5)?,
+        replica: r.try_get(6)?,
+        type_: r.try_get(7)?,
+        reason: r.try_get(8)?,
+        message: r.try_get(9)?,
+        source: r.try_get(10)?,
+        count: r.try_get(11)?,
+        first_ms: r.try_get(12)?,
+        last_ms: r.try_get(13)?,
+    }
+    .into_record()
 }
 
 impl Store for PgStore {
@@ -1328,6 +2133,181 @@ impl Store for PgStore {
         self.side_tx(|tx| {
             tx.execute("DELETE FROM host_heartbeats WHERE name = $1", &[&host])?;
             Ok(())
+        })
+    }
+
+    fn config_revisions(&self, uid: &str) -> Result<Vec<RevisionRecord>, StoreError> {
+        self.read(|tx| revisions::revisions_of(tx, uid))
+    }
+
+    fn config_revision(
+        &self,
+        uid: &str,
+        revision: u64,
+    ) -> Result<Option<RevisionRecord>, StoreError> {
+        self.read(|tx| revisions::revision_of(tx, uid, revision))
+    }
+
+    fn current_configs(&self) -> Result<HashMap<String, (u64, String)>, StoreError> {
+        self.read(|tx| tx.current_configs())
+    }
+
+    fn newest_revisions(&self) -> Result<HashMap<String, u64>, StoreError> {
+        self.read(|tx| tx.newest_revisions())
+    }
+
+    fn revision_contents(
+        &self,
+        wanted: &[(String, u64)],
+    ) -> Result<Vec<revisions::RevisionContent>, StoreError> {
+        self.read(|tx| revisions::revision_contents(tx, wanted))
+    }
+
+    fn deleted_volumes(&self) -> Result<Vec<DeletedVolume>, StoreError> {
+        self.read(|tx| tx.retained_volumes(None))
+    }
+
+    fn sealed_values(&self) -> Result<Vec<SealedValue>, StoreError> {
+        self.read(|tx| tx.sealed_values())
+    }
+
+    fn reseal(
+        &self,
+        reseal: &mut dyn FnMut(&SealedValue) -> Result<String, StoreError>,
+    ) -> Result<usize, StoreError> {
+        let (count, _) = self.write_tx(false, |tx, _next| {
+            // Revisions keep the values their replicas run with, sealed: those too.
+            let (values, held) = revisions::reseal_all(tx, reseal)?;
+            tracing::info!(values, held_by_revisions = held, "secret values re-sealed");
+            // The index moves, so that the assignment book reads the new envelopes.
+            Ok((values, Effect::Desired))
+        })?;
+        Ok(count)
+    }
+
+    fn record_host_volumes(
+        &self,
+        host: &str,
+        listed: &[ReportedVolume],
+        now: &str,
+    ) -> Result<bool, StoreError> {
+        // A list that ends an asked-for removal moves the index (and commits here) ...
+        let ((changed, finished), _) = self.write_tx(false, |tx, _next| {
+            let (changed, finished) = super::volumes::replace_list(tx, host, listed, now)?;
+            // The removal's end changes what the host is told: desired state.
+            let effect = if finished {
+                Effect::Desired
+            } else {
+                Effect::Unchanged
+            };
+            Ok(((changed, finished), effect))
+        })?;
+        if finished || !changed {
+            return Ok(changed);
+        }
+        // ... any other change is written without moving it.
+        self.side_tx(|tx| super::volumes::replace_list(tx, host, listed, now))?;
+        Ok(true)
+    }
+
+    fn host_volumes(&self, host: Option<&str>) -> Result<Vec<HostVolume>, StoreError> {
+        self.read(|tx| tx.host_volumes(host))
+    }
+
+    fn volume_deletions(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.read(|tx| super::volumes::deletions(tx))
+    }
+
+    fn mark_orphaned_volumes(
+        &self,
+        marks: &[(String, String, Option<String>)],
+    ) -> Result<(), StoreError> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        self.side_tx(|tx| super::volumes::mark_orphaned(tx, marks))
+    }
+
+    fn request_volume_deletion(
+        &self,
+        host: &str,
+        name: &str,
+        reason: &str,
+        now: &str,
+    ) -> Result<(Option<HostVolume>, u64), StoreError> {
+        self.write_tx(false, |tx, _next| {
+            let v = super::volumes::request_deletion(tx, host, name, reason, now)?;
+            // What the host is told changes: desired state.
+            let effect = if v.is_some() {
+                Effect::Desired
+            } else {
+                Effect::Unchanged
+            };
+            Ok((v, effect))
+        })
+    }
+
+    fn forget_host_volumes(&self, host: &str) -> Result<(), StoreError> {
+        self.side_tx(|tx| tx.drop_host_volumes(host, None))
+    }
+
+    fn record_events(&self, events: Vec<Event>) {
+        lock(&self.events).push(events);
+    }
+
+    fn flush_events(&self) -> Result<usize, StoreError> {
+        let folded = lock(&self.events).take();
+        if folded.is_empty() {
+            return Ok(0);
+        }
+        let seq = self.side_tx(|tx| {
+            // One writer of events at a time, on every server: the sequence row is locked.
+            tx.query_one(
+                "SELECT value FROM meta WHERE key = 'events_seq' FOR UPDATE",
+                &[],
+            )?;
+            let seq = super::feed::write_events(tx, &folded)?;
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&self.channel, &format!("events {seq}")],
+            )?;
+            Ok(seq)
+        })?;
+        self.indexes.advance_events(seq);
+        Ok(folded.len())
+    }
+
+    fn prune_events(
+        &self,
+        retention: &crate::events::Retention,
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
+        self.side_tx(|tx| {
+            tx.query_one(
+                "SELECT value FROM meta WHERE key = 'events_seq' FOR UPDATE",
+                &[],
+            )?;
+            super::feed::prune_events(tx, retention, now_ms)
+        })
+    }
+
+    fn list_events(&self, filter: &EventFilter) -> Result<(u64, Vec<EventRecord>), StoreError> {
+        self.read(|tx| super::feed::list_events(tx, filter))
+    }
+
+    fn subscribe_events(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.indexes.events.subscribe())
+    }
+
+    fn changes_since(
+        &self,
+        feed: super::Feed,
+        after: u64,
+        limit: usize,
+    ) -> Result<super::ChangesSince, StoreError> {
+        self.read(|tx| match feed {
+            super::Feed::Objects => super::feed::object_changes_since(tx, after, limit),
+            super::Feed::Events => super::feed::event_changes_since(tx, after, limit),
         })
     }
 

@@ -1,4 +1,5 @@
-//! Instance revisions: what makes one, what it holds, what pruning keeps, the upgrade.
+//! Instance revisions: what makes one, what it holds, what pruning keeps, the upgrade. The
+//! tests that take a store run on every engine (in [`super::conformance`]).
 
 use serde_json::json;
 
@@ -6,17 +7,11 @@ use super::sqlite::SqliteStore;
 use super::{Store, WriteMode};
 use crate::model::{ObjectKey, Resource};
 
-fn open() -> (tempfile::TempDir, SqliteStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("c.db")).unwrap();
-    (dir, store)
-}
-
 fn res(v: serde_json::Value) -> Resource {
     Resource::from_value(v).unwrap()
 }
 
-fn apply(store: &SqliteStore, items: Vec<serde_json::Value>) {
+fn apply(store: &dyn Store, items: Vec<serde_json::Value>) {
     let batch: Vec<_> = items
         .into_iter()
         .map(|v| (res(v), WriteMode::Apply))
@@ -47,7 +42,7 @@ fn bot(name: &str, image: &str, with_secret: bool) -> serde_json::Value {
     v
 }
 
-fn uid(store: &SqliteStore, name: &str) -> String {
+fn uid(store: &dyn Store, name: &str) -> String {
     store
         .get(&ObjectKey::instance("acme", "web", name))
         .unwrap()
@@ -55,7 +50,7 @@ fn uid(store: &SqliteStore, name: &str) -> String {
         .uid
 }
 
-fn messages(store: &SqliteStore, name: &str) -> Vec<String> {
+fn messages(store: &dyn Store, name: &str) -> Vec<String> {
     store
         .config_revisions(&uid(store, name))
         .unwrap()
@@ -64,53 +59,50 @@ fn messages(store: &SqliteStore, name: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn each_cause_makes_one_revision_per_reached_instance_and_the_same_content_none() {
-    let (_d, store) = open();
+pub fn each_cause_makes_one_revision_per_reached_instance_and_the_same_content_none(
+    store: &dyn Store,
+) {
     let mut items = base();
     items.push(secret("v1", "hmac-sha256:one"));
     items.push(bot("user", "img:1", true));
     items.push(bot("plain", "img:1", false));
-    apply(&store, items);
-    assert_eq!(messages(&store, "user"), ["created"]);
+    apply(store, items);
+    assert_eq!(messages(store, "user"), ["created"]);
 
     // The instance's own image.
-    apply(&store, vec![bot("user", "img:2", true)]);
+    apply(store, vec![bot("user", "img:2", true)]);
     assert_eq!(
-        messages(&store, "user"),
+        messages(store, "user"),
         ["image changed to img:2", "created"]
     );
     // Same content again: no revision.
-    apply(&store, vec![bot("user", "img:2", true)]);
-    assert_eq!(messages(&store, "user").len(), 2);
+    apply(store, vec![bot("user", "img:2", true)]);
+    assert_eq!(messages(store, "user").len(), 2);
 
     // A template reaches both.
     apply(
-        &store,
+        store,
         vec![
             json!({"apiVersion": "clusterclaw.io/v1", "kind": "ConfigTemplate",
             "metadata": {"name": "default"},
             "spec": {"config": {"logging": {"level": "debug"}}}}),
         ],
     );
+    assert_eq!(messages(store, "user")[0], "ConfigTemplate/default changed");
     assert_eq!(
-        messages(&store, "user")[0],
+        messages(store, "plain")[0],
         "ConfigTemplate/default changed"
     );
-    assert_eq!(
-        messages(&store, "plain")[0],
-        "ConfigTemplate/default changed"
-    );
-    assert_eq!(messages(&store, "plain").len(), 2);
+    assert_eq!(messages(store, "plain").len(), 2);
 
     // A secret's value revises its users only.
-    apply(&store, vec![secret("v2", "hmac-sha256:two")]);
-    assert_eq!(messages(&store, "user")[0], "secret acme/llm changed");
-    assert_eq!(messages(&store, "user").len(), 4);
-    assert_eq!(messages(&store, "plain").len(), 2);
+    apply(store, vec![secret("v2", "hmac-sha256:two")]);
+    assert_eq!(messages(store, "user")[0], "secret acme/llm changed");
+    assert_eq!(messages(store, "user").len(), 4);
+    assert_eq!(messages(store, "plain").len(), 2);
 
     // The revision holds the value it was made with; status points at the newest.
-    let u = uid(&store, "user");
+    let u = uid(store, "user");
     let contents = store
         .revision_contents(&[(u.clone(), 3), (u.clone(), 4), (u.clone(), 99)])
         .unwrap();
@@ -138,12 +130,10 @@ fn each_cause_makes_one_revision_per_reached_instance_and_the_same_content_none(
     assert!(!format!("{:?}", store.config_revisions(&u).unwrap()).contains("v2\""));
 }
 
-#[test]
-fn pruning_keeps_the_revisions_replicas_and_the_rollout_need() {
-    let (_d, store) = open();
+pub fn pruning_keeps_the_revisions_replicas_and_the_rollout_need(store: &dyn Store) {
     let mut items = base();
     items.push(bot("bot", "img:0", false));
-    apply(&store, items);
+    apply(store, items);
     let key = ObjectKey::instance("acme", "web", "bot");
     store
         .update(&key, &mut |r| {
@@ -164,9 +154,9 @@ fn pruning_keeps_the_revisions_replicas_and_the_rollout_need() {
         })
         .unwrap();
     for n in 1..=super::revisions::KEEP_REVISIONS + 10 {
-        apply(&store, vec![bot("bot", &format!("img:{n}"), false)]);
+        apply(store, vec![bot("bot", &format!("img:{n}"), false)]);
     }
-    let u = uid(&store, "bot");
+    let u = uid(store, "bot");
     let kept: Vec<u64> = store
         .config_revisions(&u)
         .unwrap()
@@ -188,10 +178,11 @@ fn upgrading_fills_in_the_newest_revision_and_makes_no_new_one() {
     let path = dir.path().join("c.db");
     {
         let store = SqliteStore::open(&path).unwrap();
+        let store: &dyn Store = &store;
         let mut items = base();
         items.push(bot("bot", "img:1", false));
-        apply(&store, items);
-        apply(&store, vec![bot("bot", "img:2", false)]);
+        apply(store, items);
+        apply(store, vec![bot("bot", "img:2", false)]);
     }
     {
         // The database as schema version 4 left it.
@@ -209,26 +200,25 @@ fn upgrading_fills_in_the_newest_revision_and_makes_no_new_one() {
         .unwrap();
     }
     let store = SqliteStore::open(&path).unwrap();
-    let u = uid(&store, "bot");
+    let store: &dyn Store = &store;
+    let u = uid(store, "bot");
     let newest = store.config_revision(&u, 2).unwrap().unwrap();
     assert_eq!(newest.image.as_deref(), Some("img:2"));
     assert!(newest.spec.is_some());
     let older = store.config_revision(&u, 1).unwrap().unwrap();
     assert_eq!(older.image, None, "not known for revisions made before");
-    apply(&store, vec![bot("bot", "img:2", false)]);
+    apply(store, vec![bot("bot", "img:2", false)]);
     assert_eq!(store.config_revisions(&u).unwrap().len(), 2);
     assert!(store.deleted_volumes().unwrap().is_empty());
 }
 
-#[test]
-fn deleting_with_when_deleted_retain_keeps_the_volumes_listed() {
-    let (_d, store) = open();
+pub fn deleting_with_when_deleted_retain_keeps_the_volumes_listed(store: &dyn Store) {
     let mut items = base();
     let mut keep = bot("keep", "img:1", false);
     keep["spec"]["volumeRetention"] = json!({"whenDeleted": "Retain"});
     items.push(keep);
     items.push(bot("drop", "img:1", false));
-    apply(&store, items);
+    apply(store, items);
     for name in ["keep", "drop"] {
         let key = ObjectKey::instance("acme", "web", name);
         store
@@ -264,7 +254,7 @@ fn deleting_with_when_deleted_retain_keeps_the_volumes_listed() {
     // A new instance of the name takes them over as its own retained volumes.
     let mut again = bot("keep", "img:1", false);
     again["spec"]["replicas"] = json!(1);
-    apply(&store, vec![again]);
+    apply(store, vec![again]);
     assert!(store.deleted_volumes().unwrap().is_empty());
     let Resource::OpenClawInstance(i) = store
         .get(&ObjectKey::instance("acme", "web", "keep"))
@@ -285,19 +275,17 @@ fn deleting_with_when_deleted_retain_keeps_the_volumes_listed() {
     assert_eq!(hosts, ["h1", "h2"]);
 }
 
-#[test]
-fn rotation_reseals_the_values_revisions_hold() {
-    let (_d, store) = open();
+pub fn rotation_reseals_the_values_revisions_hold(store: &dyn Store) {
     let mut items = base();
     items.push(secret("v1", "hmac-sha256:one"));
     items.push(bot("user", "img:1", true));
-    apply(&store, items);
-    apply(&store, vec![secret("v2", "hmac-sha256:two")]);
+    apply(store, items);
+    apply(store, vec![secret("v2", "hmac-sha256:two")]);
     let count = store
         .reseal(&mut |v| Ok(format!("{}-again", v.sealed)))
         .unwrap();
     assert_eq!(count, 1, "counts the secrets' own values");
-    let u = uid(&store, "user");
+    let u = uid(store, "user");
     let held: Vec<String> = store
         .revision_contents(&[(u.clone(), 1), (u, 2)])
         .unwrap()

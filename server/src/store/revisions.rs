@@ -1,13 +1,14 @@
-//! Config revisions and sealed secret values in SQLite, kept in the transaction of the write
-//! that causes them: a change to any layer validates and revises every instance it reaches,
-//! or nothing is written.
+//! Instance revisions and sealed secret values, kept in the transaction of the write that
+//! causes them: a change to any layer validates and revises every instance it reaches, or
+//! nothing is written. Engine-neutral: the rows are read and written through
+//! [`super::backend::Tx`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
 
-use super::{StoreError, StoredObject};
+use super::backend::{Reach, RevisionRow, Tx};
+use super::{StoreError, StoredObject, Usage};
 use crate::configcenter::{self, LayerRef, SecretLookup};
 use crate::model::{
     ConfigTemplate, EnvValue, FieldProblem, Kind, ObjectKey, OpenClawInstance, Project, Resource,
@@ -16,7 +17,7 @@ use crate::model::{
 use crate::openclaw::schema::Schema;
 use crate::openclaw::secretref::SecretRef;
 
-/// Tables of migration 4.
+/// Tables of SQLite migration 4.
 pub const MIGRATION: &str = "
 CREATE TABLE config_revisions (
     instance_uid TEXT NOT NULL,
@@ -41,7 +42,7 @@ CREATE TABLE secret_values (
     PRIMARY KEY (tenant, project, name, key)
 );";
 
-/// Migration 5: config revisions become instance revisions (image, env, resources, the secret
+/// SQLite migration 5: config revisions become instance revisions (image, env, resources, the secret
 /// values by fingerprint and sealed, the instance's own spec fields; filled in for existing
 /// rows by [`backfill_instance_revisions`]), and the volumes kept of deleted instances.
 pub const INSTANCE_REVISIONS_MIGRATION: &str = "
@@ -185,10 +186,10 @@ fn problem(field: &str, text: String) -> StoreError {
     StoreError::Invalid(vec![FieldProblem::new(field, text)])
 }
 
-/// Moves a secret's sealed `data` into `secret_values` (replacing its previous set) and
+/// Moves a secret's sealed `data` into the stored values (replacing its previous set) and
 /// leaves only the fingerprints in the object. Values that are not sealed are refused: the
 /// API seals before it writes, and plaintext must never reach the database.
-pub fn store_secret_values(tx: &Transaction<'_>, secret: &mut Secret) -> Result<(), StoreError> {
+pub fn seal_secret(tx: &mut dyn Tx, secret: &mut Secret) -> Result<(), StoreError> {
     let key = secret.key();
     let data = std::mem::take(&mut secret.spec.data);
     if data.is_empty() {
@@ -199,45 +200,13 @@ pub fn store_secret_values(tx: &Transaction<'_>, secret: &mut Secret) -> Result<
             "refusing to store an unsealed value of {key}"
         )));
     }
-    tx.prepare_cached(
-        "DELETE FROM secret_values WHERE tenant = ?1 AND project = ?2 AND name = ?3",
-    )?
-    .execute(params![key.tenant, key.project, key.name])?;
-    let mut insert = tx.prepare_cached(
-        "INSERT INTO secret_values (tenant, project, name, key, sealed) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?;
-    for (k, v) in &data {
-        insert.execute(params![key.tenant, key.project, key.name, k, v.0])?;
-    }
-    Ok(())
+    let values: Vec<(String, String)> = data.into_iter().map(|(k, v)| (k, v.0)).collect();
+    tx.put_secret_values(&key, &values)
 }
 
-/// Every sealed value (for the assignment book and key rotation).
-pub fn sealed_values(conn: &Connection) -> Result<Vec<SealedValue>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT tenant, project, name, key, sealed FROM secret_values ORDER BY tenant, project, name, key",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok(SealedValue {
-            tenant: r.get(0)?,
-            project: r.get(1)?,
-            name: r.get(2)?,
-            key: r.get(3)?,
-            sealed: r.get(4)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
-/// Replaces sealed values by key (after a re-seal with a new data key).
-pub fn replace_sealed(tx: &Transaction<'_>, values: &[SealedValue]) -> Result<(), StoreError> {
-    let mut stmt = tx.prepare_cached(
-        "UPDATE secret_values SET sealed = ?5 WHERE tenant = ?1 AND project = ?2 AND name = ?3 AND key = ?4",
-    )?;
-    for v in values {
-        stmt.execute(params![v.tenant, v.project, v.name, v.key, v.sealed])?;
-    }
-    Ok(())
+/// Writes one whole object as it is (server-owned metadata already set).
+pub fn put_resource(tx: &mut dyn Tx, r: &Resource) -> Result<(), StoreError> {
+    tx.put(&super::rules::to_stored(r)?, Usage::of(r))
 }
 
 fn instance_of(o: &StoredObject) -> Result<OpenClawInstance, StoreError> {
@@ -247,85 +216,41 @@ fn instance_of(o: &StoredObject) -> Result<OpenClawInstance, StoreError> {
     }
 }
 
-fn instances_where(
-    conn: &Connection,
-    sql_where: &str,
-    args: &[&dyn rusqlite::ToSql],
-) -> Result<Vec<StoredObject>, StoreError> {
-    let sql = format!(
-        "SELECT kind, tenant, project, name, uid, generation, resource_version, labels, body
-         FROM objects WHERE kind = 'OpenClawInstance' AND {sql_where} ORDER BY tenant, project, name"
-    );
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(args, super::sqlite::row_to_object)?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (kind, k, s) = row?;
-        out.push(super::sqlite::assemble(kind, k, s)?);
-    }
-    Ok(out)
-}
-
 /// The instances whose effective config a change of `key` may change (or whose references
 /// it may break).
-fn reached_by(conn: &Connection, key: &ObjectKey) -> Result<Vec<StoredObject>, StoreError> {
+fn reached_by(tx: &mut dyn Tx, key: &ObjectKey) -> Result<Vec<StoredObject>, StoreError> {
     match key.kind {
-        Kind::OpenClawInstance => Ok(super::sqlite::get_in(conn, key)?.into_iter().collect()),
-        Kind::Tenant => instances_where(conn, "tenant = ?1", &[&key.name]),
-        Kind::Project => instances_where(
-            conn,
-            "tenant = ?1 AND project = ?2",
-            &[&key.tenant, &key.name],
-        ),
-        Kind::ConfigTemplate => instances_where(
-            conn,
-            &format!(
-                "COALESCE(json_extract(body, '$.spec.configTemplate'), '{}') = ?1",
-                configcenter::DEFAULT_TEMPLATE
-            ),
-            &[&key.name],
-        ),
-        Kind::Secret if key.project.is_empty() => {
-            instances_where(conn, "tenant = ?1", &[&key.tenant])
-        }
-        Kind::Secret => instances_where(
-            conn,
-            "tenant = ?1 AND project = ?2",
-            &[&key.tenant, &key.project],
-        ),
+        Kind::OpenClawInstance => Ok(tx.get(key)?.into_iter().collect()),
+        Kind::Tenant => tx.instances(Reach::Tenant(&key.name)),
+        Kind::Project => tx.instances(Reach::Project(&key.tenant, &key.name)),
+        Kind::ConfigTemplate => tx.instances(Reach::Template(&key.name)),
+        Kind::Secret if key.project.is_empty() => tx.instances(Reach::Tenant(&key.tenant)),
+        Kind::Secret => tx.instances(Reach::Project(&key.tenant, &key.project)),
         Kind::Host | Kind::Rollout => Ok(Vec::new()),
     }
 }
 
 /// Reads objects of the layers once per change.
-struct LayerCache<'c> {
-    conn: &'c Connection,
+#[derive(Default)]
+struct LayerCache {
     templates: HashMap<String, Option<ConfigTemplate>>,
     tenants: HashMap<String, Option<Tenant>>,
     projects: HashMap<(String, String), Option<Project>>,
     secrets: HashMap<ObjectKey, Option<BTreeMap<String, String>>>,
 }
 
-impl<'c> LayerCache<'c> {
-    fn new(conn: &'c Connection) -> Self {
-        LayerCache {
-            conn,
-            templates: HashMap::new(),
-            tenants: HashMap::new(),
-            projects: HashMap::new(),
-            secrets: HashMap::new(),
-        }
+impl LayerCache {
+    fn read(tx: &mut dyn Tx, key: &ObjectKey) -> Result<Option<Resource>, StoreError> {
+        tx.get(key)?.map(|o| o.resource()).transpose()
     }
 
-    fn read(&self, key: &ObjectKey) -> Result<Option<Resource>, StoreError> {
-        super::sqlite::get_in(self.conn, key)?
-            .map(|o| o.resource())
-            .transpose()
-    }
-
-    fn template(&mut self, name: &str) -> Result<Option<ConfigTemplate>, StoreError> {
+    fn template(
+        &mut self,
+        tx: &mut dyn Tx,
+        name: &str,
+    ) -> Result<Option<ConfigTemplate>, StoreError> {
         if !self.templates.contains_key(name) {
-            let t = match self.read(&ObjectKey::cluster(Kind::ConfigTemplate, name))? {
+            let t = match Self::read(tx, &ObjectKey::cluster(Kind::ConfigTemplate, name))? {
                 Some(Resource::ConfigTemplate(t)) => Some(t),
                 _ => None,
             };
@@ -334,9 +259,9 @@ impl<'c> LayerCache<'c> {
         Ok(self.templates[name].clone())
     }
 
-    fn tenant(&mut self, name: &str) -> Result<Option<Tenant>, StoreError> {
+    fn tenant(&mut self, tx: &mut dyn Tx, name: &str) -> Result<Option<Tenant>, StoreError> {
         if !self.tenants.contains_key(name) {
-            let t = match self.read(&ObjectKey::cluster(Kind::Tenant, name))? {
+            let t = match Self::read(tx, &ObjectKey::cluster(Kind::Tenant, name))? {
                 Some(Resource::Tenant(t)) => Some(t),
                 _ => None,
             };
@@ -345,10 +270,15 @@ impl<'c> LayerCache<'c> {
         Ok(self.tenants[name].clone())
     }
 
-    fn project(&mut self, tenant: &str, name: &str) -> Result<Option<Project>, StoreError> {
+    fn project(
+        &mut self,
+        tx: &mut dyn Tx,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<Project>, StoreError> {
         let k = (tenant.to_string(), name.to_string());
         if !self.projects.contains_key(&k) {
-            let p = match self.read(&ObjectKey::project(tenant, name))? {
+            let p = match Self::read(tx, &ObjectKey::project(tenant, name))? {
                 Some(Resource::Project(p)) => Some(p),
                 _ => None,
             };
@@ -360,10 +290,11 @@ impl<'c> LayerCache<'c> {
     /// The keys of a secret with the fingerprints of their values.
     fn secret_fingerprints(
         &mut self,
+        tx: &mut dyn Tx,
         key: &ObjectKey,
     ) -> Result<Option<BTreeMap<String, String>>, StoreError> {
         if !self.secrets.contains_key(key) {
-            let keys = match self.read(key)? {
+            let keys = match Self::read(tx, key)? {
                 Some(Resource::Secret(s)) => Some(s.spec.keys),
                 _ => None,
             };
@@ -372,20 +303,25 @@ impl<'c> LayerCache<'c> {
         Ok(self.secrets[key].clone())
     }
 
-    fn secret_keys(&mut self, key: &ObjectKey) -> Result<Option<Vec<String>>, StoreError> {
+    fn secret_keys(
+        &mut self,
+        tx: &mut dyn Tx,
+        key: &ObjectKey,
+    ) -> Result<Option<Vec<String>>, StoreError> {
         Ok(self
-            .secret_fingerprints(key)?
+            .secret_fingerprints(tx, key)?
             .map(|m| m.into_keys().collect()))
     }
 
     fn lookup(
         &mut self,
+        tx: &mut dyn Tx,
         tenant: &str,
         project: &str,
         r: &SecretRef,
     ) -> Result<SecretLookup, StoreError> {
         for k in configcenter::secret_keys(tenant, project, r) {
-            if let Some(keys) = self.secret_keys(&k)? {
+            if let Some(keys) = self.secret_keys(tx, &k)? {
                 return Ok(SecretLookup::Found { keys });
             }
         }
@@ -395,51 +331,20 @@ impl<'c> LayerCache<'c> {
 
 /// The layers of a stored instance, read through `cache`.
 fn layers_in(
-    cache: &mut LayerCache<'_>,
+    tx: &mut dyn Tx,
+    cache: &mut LayerCache,
     i: &OpenClawInstance,
 ) -> Result<Vec<configcenter::OwnedLayer>, StoreError> {
     let k = i.key();
-    let template = cache.template(configcenter::template_name(i))?;
-    let tenant = cache.tenant(&k.tenant)?;
-    let project = cache.project(&k.tenant, &k.project)?;
+    let template = cache.template(tx, configcenter::template_name(i))?;
+    let tenant = cache.tenant(tx, &k.tenant)?;
+    let project = cache.project(tx, &k.tenant, &k.project)?;
     Ok(configcenter::layers_of(
         i,
         template.as_ref(),
         tenant.as_ref(),
         project.as_ref(),
     ))
-}
-
-/// The newest revision of an instance, as far as deciding on (and describing) the next one
-/// needs it.
-struct Previous {
-    revision: u64,
-    content_hash: String,
-    config_hash: String,
-    image: Option<String>,
-    env: Option<String>,
-    resources: Option<String>,
-    secrets: Option<String>,
-}
-
-fn latest(conn: &Connection, uid: &str) -> Result<Option<Previous>, StoreError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT revision, content_hash, hash, image, env, resources, secrets FROM config_revisions
-             WHERE instance_uid = ?1 ORDER BY revision DESC LIMIT 1",
-        )?
-        .query_row([uid], |r| {
-            Ok(Previous {
-                revision: r.get::<_, i64>(0)? as u64,
-                content_hash: r.get(1)?,
-                config_hash: r.get(2)?,
-                image: r.get(3)?,
-                env: r.get(4)?,
-                resources: r.get(5)?,
-                secrets: r.get(6)?,
-            })
-        })
-        .optional()?)
 }
 
 /// What one revision of an instance captures, worked out from its current layers.
@@ -481,22 +386,6 @@ fn own_spec(i: &OpenClawInstance) -> Result<serde_json::Value, StoreError> {
     Ok(serde_json::Value::Object(out))
 }
 
-fn sealed_of(
-    conn: &Connection,
-    secret: &ObjectKey,
-    key: &str,
-) -> Result<Option<String>, StoreError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT sealed FROM secret_values WHERE tenant = ?1 AND project = ?2 AND name = ?3 AND key = ?4",
-        )?
-        .query_row(
-            params![secret.tenant, secret.project, secret.name, key],
-            |r| r.get(0),
-        )
-        .optional()?)
-}
-
 /// The hash that decides whether a new revision is made: image, config, env (references,
 /// not values), resources and the fingerprint of every secret value used.
 fn content_hash_of(
@@ -522,7 +411,8 @@ fn content_hash_of(
 }
 
 fn content_of(
-    cache: &mut LayerCache<'_>,
+    tx: &mut dyn Tx,
+    cache: &mut LayerCache,
     i: &OpenClawInstance,
     effective: &serde_json::Value,
 ) -> Result<Content, StoreError> {
@@ -539,10 +429,10 @@ fn content_of(
     let mut secrets: Vec<RevisionSecret> = Vec::new();
     for r in configcenter::references(i, effective) {
         for sk in configcenter::secret_keys(&k.tenant, &k.project, &r) {
-            if let Some(fps) = cache.secret_fingerprints(&sk)? {
+            if let Some(fps) = cache.secret_fingerprints(tx, &sk)? {
                 secrets.push(RevisionSecret {
                     fingerprint: fps.get(&r.key).cloned().unwrap_or_default(),
-                    sealed: sealed_of(cache.conn, &sk, &r.key)?.unwrap_or_default(),
+                    sealed: tx.sealed_value(&sk, &r.key)?.unwrap_or_default(),
                     tenant: sk.tenant,
                     project: sk.project,
                     name: sk.name,
@@ -585,12 +475,12 @@ fn layer_changed(key: &ObjectKey) -> String {
 }
 
 /// What an instance's own change altered since `prev`, in words.
-fn own_change(key: &ObjectKey, prev: &Previous, new: &Content) -> String {
+fn own_change(key: &ObjectKey, prev: &RevisionRow, new: &Content) -> String {
     let mut parts = Vec::new();
     if prev.image.as_deref() != Some(new.image.as_str()) {
         parts.push(format!("image changed to {}", new.image));
     }
-    if prev.config_hash != new.config_hash {
+    if prev.hash != new.config_hash {
         parts.push("config changed".to_string());
     }
     if prev.env.as_deref() != Some(new.env.as_str()) {
@@ -649,27 +539,14 @@ fn protected_revisions(i: &OpenClawInstance) -> BTreeSet<u64> {
 }
 
 /// Drops revisions beyond the newest `KEEP_REVISIONS`, except those in `keep`.
-fn prune(
-    tx: &Transaction<'_>,
-    uid: &str,
-    newest: u64,
-    keep: &BTreeSet<u64>,
-) -> Result<(), StoreError> {
+fn prune(tx: &mut dyn Tx, uid: &str, newest: u64, keep: &BTreeSet<u64>) -> Result<(), StoreError> {
     let limit = newest as i64 - KEEP_REVISIONS;
     if limit < 1 {
         return Ok(());
     }
-    let old: Vec<i64> = tx
-        .prepare_cached(
-            "SELECT revision FROM config_revisions WHERE instance_uid = ?1 AND revision <= ?2",
-        )?
-        .query_map(params![uid, limit], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    let mut delete = tx
-        .prepare_cached("DELETE FROM config_revisions WHERE instance_uid = ?1 AND revision = ?2")?;
-    for n in old {
-        if !keep.contains(&(n as u64)) {
-            delete.execute(params![uid, n])?;
+    for n in tx.revision_numbers(uid, limit as u64)? {
+        if !keep.contains(&n) {
+            tx.drop_revisions(uid, Some(n))?;
         }
     }
     Ok(())
@@ -680,7 +557,7 @@ fn prune(
 /// the whole write, naming the instance and the key. Returns the instances revised, with their
 /// new revision, and writes each new revision number into the instance's status.
 pub fn revise(
-    tx: &Transaction<'_>,
+    tx: &mut dyn Tx,
     changed: &[ObjectKey],
     note: &ChangeNote,
     schema: &Schema,
@@ -688,16 +565,16 @@ pub fn revise(
     now: &str,
     blame: &dyn Fn(&ObjectKey, StoreError) -> StoreError,
 ) -> Result<Vec<(ObjectKey, u64)>, StoreError> {
-    let mut cache = LayerCache::new(tx);
+    let mut cache = LayerCache::default();
     let mut seen = HashSet::new();
     let mut revised = Vec::new();
     for key in changed {
         if key.kind == Kind::OpenClawInstance
-            && let Some(o) = super::sqlite::get_in(tx, key)?
+            && let Some(o) = tx.get(key)?
         {
             let i = instance_of(&o)?;
             let name = configcenter::template_name(&i);
-            if i.spec.config_template.is_some() && cache.template(name)?.is_none() {
+            if i.spec.config_template.is_some() && cache.template(tx, name)?.is_none() {
                 return Err(blame(
                     key,
                     problem(
@@ -715,13 +592,13 @@ pub fn revise(
                 continue;
             }
             let mut i = instance_of(&o)?;
-            let layers = layers_in(&mut cache, &i)?;
+            let layers = layers_in(tx, &mut cache, &i)?;
             let effective = configcenter::render(&layers);
             let (tenant, project) = (o.key.tenant.clone(), o.key.project.clone());
             let mut lookup_err = None;
             let problems =
                 configcenter::check(&i, &layers, &effective, schema, &mut |r| match cache
-                    .lookup(&tenant, &project, r)
+                    .lookup(tx, &tenant, &project, r)
                 {
                     Ok(l) => l,
                     Err(e) => {
@@ -753,8 +630,8 @@ pub fn revise(
                     .collect();
                 return Err(blame(key, StoreError::Invalid(problems)));
             }
-            let content = content_of(&mut cache, &i, &effective)?;
-            let last = latest(tx, &o.uid)?;
+            let content = content_of(tx, &mut cache, &i, &effective)?;
+            let last = tx.latest_revision(&o.uid)?;
             if last
                 .as_ref()
                 .is_some_and(|p| p.content_hash == content.content_hash)
@@ -768,29 +645,29 @@ pub fn revise(
                 Some(prev) if *key == o.key => own_change(&o.key, prev, &content),
                 Some(_) => layer_changed(key),
             });
-            tx.prepare_cached(
-                "INSERT INTO config_revisions (instance_uid, revision, tenant, project, instance, config, hash, layers, author, message, created_at, image, env, resources, secrets, spec, content_hash)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-            )?
-            .execute(params![
-                o.uid,
-                revision as i64,
-                o.key.tenant,
-                o.key.project,
-                o.key.name,
-                content.config_text,
-                content.config_hash,
-                layer_refs,
-                if note.author.is_empty() { "system" } else { note.author.as_str() },
+            tx.insert_revision(&RevisionRow {
+                instance_uid: o.uid.clone(),
+                revision,
+                tenant: o.key.tenant.clone(),
+                project: o.key.project.clone(),
+                instance: o.key.name.clone(),
+                config: content.config_text,
+                hash: content.config_hash,
+                layers: layer_refs,
+                author: if note.author.is_empty() {
+                    "system".into()
+                } else {
+                    note.author.clone()
+                },
                 message,
-                now,
-                content.image,
-                content.env,
-                content.resources,
-                json_text(&content.secrets)?,
-                content.spec,
-                content.content_hash,
-            ])?;
+                created_at: now.to_string(),
+                image: Some(content.image),
+                env: Some(content.env),
+                resources: Some(content.resources),
+                secrets: Some(json_text(&content.secrets)?),
+                spec: Some(content.spec),
+                content_hash: content.content_hash,
+            })?;
             prune(tx, &o.uid, revision, &protected_revisions(&i))?;
             i.status
                 .get_or_insert_with(Default::default)
@@ -799,8 +676,7 @@ pub fn revise(
                 adopt_volumes(tx, &mut i)?;
             }
             i.metadata.resource_version = Some(index);
-            let r = Resource::OpenClawInstance(i);
-            super::sqlite::put_in(tx, &r)?;
+            put_resource(tx, &Resource::OpenClawInstance(i))?;
             revised.push((o.key.clone(), revision));
         }
     }
@@ -811,16 +687,16 @@ pub fn revise(
 
 /// Refuses to delete a template or secret that instances still use, naming them; drops an
 /// instance's revisions and a secret's values with it.
-pub fn before_delete(tx: &Transaction<'_>, key: &ObjectKey) -> Result<(), StoreError> {
+pub fn before_delete(tx: &mut dyn Tx, key: &ObjectKey) -> Result<(), StoreError> {
     const SHOWN: usize = 5;
     let users: Vec<ObjectKey> = match key.kind {
         Kind::ConfigTemplate => reached_by(tx, key)?.into_iter().map(|o| o.key).collect(),
         Kind::Secret => {
-            let mut cache = LayerCache::new(tx);
+            let mut cache = LayerCache::default();
             let mut users = Vec::new();
             for o in reached_by(tx, key)? {
                 let i = instance_of(&o)?;
-                let effective = configcenter::render(&layers_in(&mut cache, &i)?);
+                let effective = configcenter::render(&layers_in(tx, &mut cache, &i)?);
                 let uses = configcenter::references(&i, &effective).iter().any(|r| {
                     // The reference resolves to this secret: same name, and no project
                     // secret of that name shadows a tenant-level one.
@@ -828,6 +704,7 @@ pub fn before_delete(tx: &Transaction<'_>, key: &ObjectKey) -> Result<(), StoreE
                         && (!key.project.is_empty()
                             || cache
                                 .secret_keys(
+                                    tx,
                                     &configcenter::secret_keys(&o.key.tenant, &o.key.project, r)[0],
                                 )
                                 .ok()
@@ -841,9 +718,8 @@ pub fn before_delete(tx: &Transaction<'_>, key: &ObjectKey) -> Result<(), StoreE
             users
         }
         Kind::OpenClawInstance => {
-            if let Some(o) = super::sqlite::get_in(tx, key)? {
-                tx.prepare_cached("DELETE FROM config_revisions WHERE instance_uid = ?1")?
-                    .execute([&o.uid])?;
+            if let Some(o) = tx.get(key)? {
+                tx.drop_revisions(&o.uid, None)?;
                 keep_volumes_of(tx, &o, &crate::util::now_rfc3339())?;
             }
             Vec::new()
@@ -879,108 +755,77 @@ pub fn before_delete(tx: &Transaction<'_>, key: &ObjectKey) -> Result<(), StoreE
         });
     }
     if key.kind == Kind::Secret {
-        tx.prepare_cached(
-            "DELETE FROM secret_values WHERE tenant = ?1 AND project = ?2 AND name = ?3",
-        )?
-        .execute(params![key.tenant, key.project, key.name])?;
+        tx.drop_secret_values(key)?;
     }
     Ok(())
 }
 
-fn record_from_row(r: &rusqlite::Row<'_>, full: bool) -> rusqlite::Result<RawRecord> {
-    Ok(RawRecord {
-        rec: RevisionRecord {
-            revision: r.get::<_, i64>(0)? as u64,
-            hash: r.get(1)?,
-            author: r.get(2)?,
-            created_at: r.get(3)?,
-            message: r.get(4)?,
-            layers: Vec::new(),
-            config: None,
-            image: r.get(6)?,
-            spec: None,
-        },
-        layers: r.get(5)?,
-        config: if full { r.get(7)? } else { String::new() },
-        spec: if full { r.get(8)? } else { None },
-    })
-}
-
-struct RawRecord {
-    rec: RevisionRecord,
-    layers: String,
-    config: String,
-    spec: Option<String>,
-}
-
-fn finish(raw: RawRecord, full: bool) -> Result<RevisionRecord, StoreError> {
-    let mut rec = raw.rec;
-    rec.layers = serde_json::from_str(&raw.layers)
-        .map_err(|e| StoreError::Corrupt(format!("layers of revision {}: {e}", rec.revision)))?;
-    if full {
-        rec.config = Some(serde_json::from_str(&raw.config).map_err(|e| {
-            StoreError::Corrupt(format!("config of revision {}: {e}", rec.revision))
-        })?);
-        rec.spec = raw
+fn record_of(row: RevisionRow, full: bool) -> Result<RevisionRecord, StoreError> {
+    let revision = row.revision;
+    let layers = serde_json::from_str(&row.layers)
+        .map_err(|e| StoreError::Corrupt(format!("layers of revision {revision}: {e}")))?;
+    let (config, spec) = if full {
+        let config = serde_json::from_str(&row.config)
+            .map_err(|e| StoreError::Corrupt(format!("config of revision {revision}: {e}")))?;
+        let spec = row
             .spec
             .map(|t| serde_json::from_str(&t))
             .transpose()
-            .map_err(|e| StoreError::Corrupt(format!("spec of revision {}: {e}", rec.revision)))?;
-    }
-    Ok(rec)
+            .map_err(|e| StoreError::Corrupt(format!("spec of revision {revision}: {e}")))?;
+        (Some(config), spec)
+    } else {
+        (None, None)
+    };
+    Ok(RevisionRecord {
+        revision,
+        hash: row.hash,
+        author: row.author,
+        created_at: row.created_at,
+        message: row.message,
+        layers,
+        config,
+        image: row.image,
+        spec,
+    })
 }
 
 /// An instance's revisions, newest first (without their configs and specs).
-pub fn revisions_of(conn: &Connection, uid: &str) -> Result<Vec<RevisionRecord>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT revision, hash, author, created_at, message, layers, image FROM config_revisions
-         WHERE instance_uid = ?1 ORDER BY revision DESC",
-    )?;
-    let rows = stmt.query_map([uid], |r| record_from_row(r, false))?;
-    rows.map(|r| finish(r?, false)).collect()
+pub fn revisions_of(tx: &mut dyn Tx, uid: &str) -> Result<Vec<RevisionRecord>, StoreError> {
+    tx.revisions(uid)?
+        .into_iter()
+        .map(|r| record_of(r, false))
+        .collect()
 }
 
 /// One revision of an instance, in full: config, image and the instance's own spec fields
 /// (`spec` is absent for revisions made before instance revisions existed).
 pub fn revision_of(
-    conn: &Connection,
+    tx: &mut dyn Tx,
     uid: &str,
     revision: u64,
 ) -> Result<Option<RevisionRecord>, StoreError> {
-    let row = conn
-        .prepare_cached(
-            "SELECT revision, hash, author, created_at, message, layers, image, config, spec FROM config_revisions
-             WHERE instance_uid = ?1 AND revision = ?2",
-        )?
-        .query_row(params![uid, revision as i64], |r| record_from_row(r, true))
-        .optional()?;
-    row.map(|r| finish(r, true)).transpose()
+    tx.revision(uid, revision)?
+        .map(|r| record_of(r, true))
+        .transpose()
 }
 
 /// What the replicas of the given `(instance uid, revision)` pairs run; pairs that have no
 /// revision are left out.
 pub fn revision_contents(
-    conn: &Connection,
+    tx: &mut dyn Tx,
     wanted: &[(String, u64)],
 ) -> Result<Vec<RevisionContent>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT config, image, env, resources, secrets FROM config_revisions
-         WHERE instance_uid = ?1 AND revision = ?2",
-    )?;
     let mut out = Vec::with_capacity(wanted.len());
     for (uid, revision) in wanted {
-        let row = stmt
-            .query_row(params![uid, *revision as i64], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, Option<String>>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                    r.get::<_, Option<String>>(4)?,
-                ))
-            })
-            .optional()?;
-        let Some((config, image, env, resources, secrets)) = row else {
+        let Some(RevisionRow {
+            config,
+            image,
+            env,
+            resources,
+            secrets,
+            ..
+        }) = tx.revision(uid, *revision)?
+        else {
             continue;
         };
         let corrupt = |what: &str, e: serde_json::Error| {
@@ -1011,33 +856,13 @@ pub fn revision_contents(
     Ok(out)
 }
 
-/// The newest revision number of every instance.
-pub fn newest_revisions(conn: &Connection) -> Result<HashMap<String, u64>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT instance_uid, MAX(revision) FROM config_revisions GROUP BY instance_uid",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
 /// Re-seals the secret values held by revisions (key rotation); returns how many.
 pub fn reseal_revisions(
-    tx: &Transaction<'_>,
+    tx: &mut dyn Tx,
     reseal: &mut dyn FnMut(&SealedValue) -> Result<String, StoreError>,
 ) -> Result<usize, StoreError> {
-    let rows: Vec<(String, i64, String)> = tx
-        .prepare_cached(
-            "SELECT instance_uid, revision, secrets FROM config_revisions
-             WHERE secrets IS NOT NULL AND secrets != '[]'",
-        )?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect::<Result<_, _>>()?;
+    let rows = tx.revisions_holding_secrets()?;
     let mut count = 0;
-    let mut update = tx.prepare_cached(
-        "UPDATE config_revisions SET secrets = ?3 WHERE instance_uid = ?1 AND revision = ?2",
-    )?;
     for (uid, revision, text) in rows {
         let mut secrets: Vec<RevisionSecret> = serde_json::from_str(&text).map_err(|e| {
             StoreError::Corrupt(format!(
@@ -1057,59 +882,49 @@ pub fn reseal_revisions(
             })?;
             count += 1;
         }
-        update.execute(params![uid, revision, json_text(&secrets)?])?;
+        tx.set_revision_secrets(&uid, revision, &json_text(&secrets)?)?;
     }
     Ok(count)
 }
 
-/// Volumes kept of deleted instances.
-pub fn deleted_volumes(conn: &Connection) -> Result<Vec<DeletedVolume>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT instance_uid, tenant, project, instance, replica, ordinal, host, since
-         FROM retained_volumes ORDER BY host, tenant, project, instance, ordinal",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok(DeletedVolume {
-            instance_uid: r.get(0)?,
-            tenant: r.get(1)?,
-            project: r.get(2)?,
-            instance: r.get(3)?,
-            replica: r.get(4)?,
-            ordinal: r.get::<_, i64>(5)? as u32,
-            host: r.get(6)?,
-            since: r.get(7)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+/// Every sealed value re-sealed by `reseal` (key rotation), and the values revisions hold:
+/// how many of each.
+pub fn reseal_all(
+    tx: &mut dyn Tx,
+    reseal: &mut dyn FnMut(&SealedValue) -> Result<String, StoreError>,
+) -> Result<(usize, usize), StoreError> {
+    let mut values = tx.sealed_values()?;
+    for v in &mut values {
+        v.sealed = reseal(v)?;
+    }
+    for v in &values {
+        tx.set_sealed(v)?;
+    }
+    let held = reseal_revisions(tx, reseal)?;
+    Ok((values.len(), held))
 }
 
 /// A new instance takes over the volumes kept of a deleted instance of its name (the agent
 /// names volumes by tenant, project and replica): they become its own retained volumes, so
 /// its replicas return to them (with `whenScaled: Delete` they are let go).
-fn adopt_volumes(tx: &Transaction<'_>, i: &mut OpenClawInstance) -> Result<(), StoreError> {
+fn adopt_volumes(tx: &mut dyn Tx, i: &mut OpenClawInstance) -> Result<(), StoreError> {
     let k = i.key();
-    let kept: Vec<crate::model::RetainedVolume> = tx
-        .prepare_cached(
-            "SELECT replica, ordinal, host, since FROM retained_volumes
-             WHERE tenant = ?1 AND project = ?2 AND instance = ?3 ORDER BY ordinal, host",
-        )?
-        .query_map(params![k.tenant, k.project, k.name], |r| {
-            Ok(crate::model::RetainedVolume {
-                replica: r.get(0)?,
-                ordinal: r.get::<_, i64>(1)? as u32,
-                host: r.get(2)?,
-                reason: None,
-                since: r.get(3)?,
-            })
-        })?
-        .collect::<Result<_, _>>()?;
+    let mut kept: Vec<crate::model::RetainedVolume> = tx
+        .retained_volumes(Some((&k.tenant, &k.project, &k.name)))?
+        .into_iter()
+        .map(|v| crate::model::RetainedVolume {
+            replica: v.replica,
+            ordinal: v.ordinal,
+            host: v.host,
+            reason: None,
+            since: Some(v.since),
+        })
+        .collect();
     if kept.is_empty() {
         return Ok(());
     }
-    tx.prepare_cached(
-        "DELETE FROM retained_volumes WHERE tenant = ?1 AND project = ?2 AND instance = ?3",
-    )?
-    .execute(params![k.tenant, k.project, k.name])?;
+    kept.sort_by(|a, b| (a.ordinal, &a.host).cmp(&(b.ordinal, &b.host)));
+    tx.drop_retained_volumes((&k.tenant, &k.project, &k.name), None)?;
     if i.spec.volume_retention.when_scaled == crate::model::RetentionPolicy::Retain {
         let status = i.status.get_or_insert_with(Default::default);
         for v in kept {
@@ -1127,7 +942,7 @@ fn adopt_volumes(tx: &Transaction<'_>, i: &mut OpenClawInstance) -> Result<(), S
 
 /// Records the volumes of an instance being deleted with `whenDeleted: Retain`: every
 /// placed replica's and every volume already retained from a scale-down.
-fn keep_volumes_of(tx: &Transaction<'_>, o: &StoredObject, now: &str) -> Result<(), StoreError> {
+fn keep_volumes_of(tx: &mut dyn Tx, o: &StoredObject, now: &str) -> Result<(), StoreError> {
     let i = instance_of(o)?;
     if i.spec.volume_retention.when_deleted != crate::model::RetentionPolicy::Retain {
         return Ok(());
@@ -1135,10 +950,6 @@ fn keep_volumes_of(tx: &Transaction<'_>, o: &StoredObject, now: &str) -> Result<
     let Some(status) = &i.status else {
         return Ok(());
     };
-    let mut insert = tx.prepare_cached(
-        "INSERT OR REPLACE INTO retained_volumes (instance_uid, tenant, project, instance, replica, ordinal, host, since)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?;
     let placed = status
         .replica_status
         .iter()
@@ -1148,41 +959,25 @@ fn keep_volumes_of(tx: &Transaction<'_>, o: &StoredObject, now: &str) -> Result<
         .iter()
         .map(|v| (v.replica.as_str(), v.ordinal, v.host.as_str()));
     for (replica, ordinal, host) in placed.chain(kept) {
-        insert.execute(params![
-            o.uid,
-            o.key.tenant,
-            o.key.project,
-            o.key.name,
-            replica,
-            ordinal as i64,
-            host,
-            now
-        ])?;
+        tx.keep_volume(&DeletedVolume {
+            instance_uid: o.uid.clone(),
+            tenant: o.key.tenant.clone(),
+            project: o.key.project.clone(),
+            instance: o.key.name.clone(),
+            replica: replica.to_string(),
+            ordinal,
+            host: host.to_string(),
+            since: now.to_string(),
+        })?;
     }
     Ok(())
 }
 
-/// The newest revision of every instance: uid → (revision, config text).
-pub fn current_configs(conn: &Connection) -> Result<HashMap<String, (u64, String)>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT r.instance_uid, r.revision, r.config FROM config_revisions r
-         JOIN (SELECT instance_uid, MAX(revision) AS revision FROM config_revisions GROUP BY instance_uid) m
-           ON r.instance_uid = m.instance_uid AND r.revision = m.revision",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            (r.get::<_, i64>(1)? as u64, r.get::<_, String>(2)?),
-        ))
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
 /// Fills in revisions for instances written before the config center existed (migration 4).
-pub fn backfill(tx: &Transaction<'_>, schema: &Schema, now: &str) -> Result<(), StoreError> {
-    let all = instances_where(tx, "1 = 1", &[])?;
+pub fn backfill(tx: &mut dyn Tx, schema: &Schema, now: &str) -> Result<(), StoreError> {
+    let all = tx.instances(Reach::All)?;
     let keys: Vec<ObjectKey> = all.into_iter().map(|o| o.key).collect();
-    let index = super::sqlite::index_in(tx)?;
+    let index = tx.index()?;
     let note = ChangeNote::system("revision of the config in effect when revisions began");
     for k in keys {
         if let Err(e) = revise(
@@ -1204,41 +999,30 @@ pub fn backfill(tx: &Transaction<'_>, schema: &Schema, now: &str) -> Result<(), 
 /// newest revision of each instance gets everything it runs now (so that an unchanged
 /// instance gets no new revision), older ones keep only their config (the book renders
 /// them with the instance's current image, env and resources).
-pub fn backfill_instance_revisions(tx: &Transaction<'_>) -> Result<(), StoreError> {
-    let newest = newest_revisions(tx)?;
-    let mut cache = LayerCache::new(tx);
-    for o in instances_where(tx, "1 = 1", &[])? {
-        let Some(&revision) = newest.get(&o.uid) else {
+pub fn backfill_instance_revisions(tx: &mut dyn Tx) -> Result<(), StoreError> {
+    let mut cache = LayerCache::default();
+    for o in tx.instances(Reach::All)? {
+        let Some(mut row) = tx.latest_revision(&o.uid)? else {
             continue;
         };
         let i = instance_of(&o)?;
-        let layers = layers_in(&mut cache, &i)?;
+        let layers = layers_in(tx, &mut cache, &i)?;
         let effective = configcenter::render(&layers);
-        let content = content_of(&mut cache, &i, &effective)?;
-        if content.config_hash
-            != latest(tx, &o.uid)?
-                .map(|p| p.config_hash)
-                .unwrap_or_default()
-        {
+        let content = content_of(tx, &mut cache, &i, &effective)?;
+        if content.config_hash != row.hash {
             // The layers changed without a revision (the write was refused since): the
             // newest revision keeps its config and gets a content hash of its own.
             tracing::warn!(instance = %o.key, "the newest config revision is not the config in effect; the next write makes a new revision");
             continue;
         }
-        tx.prepare_cached(
-            "UPDATE config_revisions SET image = ?3, env = ?4, resources = ?5, secrets = ?6, spec = ?7, content_hash = ?8
-             WHERE instance_uid = ?1 AND revision = ?2",
-        )?
-        .execute(params![
-            o.uid,
-            revision as i64,
-            content.image,
-            content.env,
-            content.resources,
-            json_text(&content.secrets)?,
-            content.spec,
-            content.content_hash,
-        ])?;
+        row.image = Some(content.image);
+        row.env = Some(content.env);
+        row.resources = Some(content.resources);
+        row.secrets = Some(json_text(&content.secrets)?);
+        row.spec = Some(content.spec);
+        row.content_hash = content.content_hash;
+        tx.drop_revisions(&o.uid, Some(row.revision))?;
+        tx.insert_revision(&row)?;
     }
     Ok(())
 }

@@ -177,7 +177,7 @@ pub fn write_batch(
                     (&mut admitted.resource, incoming_secret.take())
                 {
                     s.spec.data = data;
-                    tx.seal_secret(s).map_err(|e| in_batch(i, e))?;
+                    super::revisions::seal_secret(tx, s).map_err(|e| in_batch(i, e))?;
                 }
                 check_project_quota(tx, &admitted.resource).map_err(|e| in_batch(i, e))?;
                 let o = to_stored(&admitted.resource)?;
@@ -200,7 +200,7 @@ pub fn write_batch(
             .filter(|r| r.outcome != Outcome::Unchanged)
             .map(|r| r.key.clone())
             .collect();
-        tx.revise(&changed_keys, note, schema, next, now, &|k, e| {
+        super::revisions::revise(tx, &changed_keys, note, schema, next, now, &|k, e| {
             // Name the document whose change the problem comes from.
             match keys.iter().position(|b| b == k) {
                 Some(at) if batch.len() > 1 => in_batch(at, e),
@@ -308,7 +308,7 @@ pub fn delete_one(
             child,
         });
     }
-    tx.before_delete(key)?;
+    super::revisions::before_delete(tx, key)?;
     tx.remove(&existing)?;
     Ok(generation)
 }

@@ -15,14 +15,17 @@ use rusqlite::{
 };
 use tokio::sync::watch;
 
-use super::backend::{Blame, Tx};
-use super::revisions::{self, ChangeNote, RevisionRecord, SealedValue};
+use super::backend::{Reach, RevisionRow, Tx};
+use super::feed::{Change, ChangeType};
+use super::revisions::{self, ChangeNote, DeletedVolume, RevisionRecord, SealedValue};
 use super::rules::{self, Effect, WriteAudit};
+use super::volumes::{HostVolume, ReportedVolume};
 use super::{
     DeleteAudit, DeleteSummary, ListFilter, Store, StoreError, StoredObject, TokenKind,
     TokenRecord, Usage, WriteMode, WriteSummary,
 };
 use crate::audit::{AuditEntry, AuditFilter, AuditRecord, AuditVerification};
+use crate::events::{Event, EventFilter, EventRecord, EventType, Folded};
 use crate::model::{Kind, ObjectKey, Resource};
 use crate::openclaw::schema::Schema;
 use crate::util::now_rfc3339;
@@ -293,8 +296,8 @@ impl SqliteStore {
         }
         tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'index'")?
             .execute([next as i64])?;
-        if next % super::feed::TRIM_EVERY == 0 {
-            super::feed::trim(&tx)?;
+        if next.is_multiple_of(super::feed::TRIM_EVERY) {
+            super::feed::trim(&mut SqliteTx(&tx))?;
         }
         tx.commit()?;
         self.index.store(next, Ordering::SeqCst);
@@ -384,8 +387,8 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
         // The first revisions of existing instances (the tables of version 4) are written in
         // this build's row format, so they are made once the columns of version 5 exist.
         if i + 1 == INSTANCE_REVISIONS_VERSION {
-            super::revisions::backfill_instance_revisions(&tx)?;
-            super::revisions::backfill(&tx, &Schema::builtin(), &now_rfc3339())?;
+            super::revisions::backfill_instance_revisions(&mut SqliteTx(&tx))?;
+            super::revisions::backfill(&mut SqliteTx(&tx), &Schema::builtin(), &now_rfc3339())?;
         }
         tx.execute_batch(&format!("PRAGMA user_version = {}", i + 1))?;
         tx.commit()?;
@@ -436,9 +439,7 @@ fn kind_from_db(s: &str) -> Result<Kind, StoreError> {
         .ok_or_else(|| StoreError::Corrupt(format!("unknown kind {s:?} in the objects table")))
 }
 
-pub(super) fn row_to_object(
-    r: &rusqlite::Row<'_>,
-) -> rusqlite::Result<(String, ObjectKeyParts, StoredParts)> {
+fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, ObjectKeyParts, StoredParts)> {
     Ok((
         r.get(0)?,
         (r.get(1)?, r.get(2)?, r.get(3)?),
@@ -449,11 +450,7 @@ pub(super) fn row_to_object(
 type ObjectKeyParts = (String, String, String);
 type StoredParts = (String, i64, i64, String, String);
 
-pub(super) fn assemble(
-    kind: String,
-    k: ObjectKeyParts,
-    s: StoredParts,
-) -> Result<StoredObject, StoreError> {
+fn assemble(kind: String, k: ObjectKeyParts, s: StoredParts) -> Result<StoredObject, StoreError> {
     let key = ObjectKey {
         kind: kind_from_db(&kind)?,
         tenant: k.0,
@@ -472,10 +469,7 @@ pub(super) fn assemble(
     })
 }
 
-pub(super) fn get_in(
-    conn: &Connection,
-    key: &ObjectKey,
-) -> Result<Option<StoredObject>, StoreError> {
+fn get_in(conn: &Connection, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError> {
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {OBJECT_COLUMNS} FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4"
     ))?;
@@ -488,7 +482,7 @@ pub(super) fn get_in(
     row.map(|(kind, k, s)| assemble(kind, k, s)).transpose()
 }
 
-pub(super) fn index_in(conn: &Connection) -> Result<u64, StoreError> {
+fn index_in(conn: &Connection) -> Result<u64, StoreError> {
     // Cached: it runs on every read that reports its index and on every write.
     let index: i64 = conn
         .prepare_cached("SELECT value FROM meta WHERE key = 'index'")?
@@ -552,16 +546,11 @@ fn exists_in(conn: &Connection, key: &ObjectKey) -> Result<bool, StoreError> {
     ])?)
 }
 
-/// Writes a whole object as it is (server-owned metadata already set).
-pub(super) fn put_in(conn: &Connection, r: &Resource) -> Result<(), StoreError> {
-    upsert_in(conn, &rules::to_stored(r)?, Usage::of(r))
-}
-
 /// Writes one object; `usage` is what it consumes (nothing, but for instances).
 fn upsert_in(conn: &Connection, o: &StoredObject, usage: Usage) -> Result<(), StoreError> {
     let labels =
         serde_json::to_string(&o.labels).map_err(|e| StoreError::Backend(e.to_string()))?;
-    super::feed::log_upsert(conn, o, &labels)?;
+    log_upsert(conn, o, &labels)?;
     let mut stmt = conn.prepare_cached(
         "INSERT INTO objects (kind, tenant, project, name, uid, generation, resource_version, labels, body,
                               use_replicas, use_cpu_millis, use_memory_bytes)
@@ -589,10 +578,142 @@ fn upsert_in(conn: &Connection, o: &StoredObject, usage: Usage) -> Result<(), St
     Ok(())
 }
 
-/// A write transaction of the SQLite engine, as the rules of a write see it.
-struct SqliteTx<'a, 'c>(&'a Transaction<'c>);
+/// A transaction (or read snapshot) of the SQLite engine, as the rules of a write see it.
+pub(super) struct SqliteTx<'a>(pub(super) &'a Connection);
 
-impl Tx for SqliteTx<'_, '_> {
+fn opt_u64(v: Option<i64>) -> u64 {
+    v.unwrap_or(0).max(0) as u64
+}
+
+fn revision_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RevisionRow> {
+    Ok(RevisionRow {
+        instance_uid: r.get(0)?,
+        revision: r.get::<_, i64>(1)? as u64,
+        tenant: r.get(2)?,
+        project: r.get(3)?,
+        instance: r.get(4)?,
+        config: r.get(5)?,
+        hash: r.get(6)?,
+        layers: r.get(7)?,
+        author: r.get(8)?,
+        message: r.get(9)?,
+        created_at: r.get(10)?,
+        image: r.get(11)?,
+        env: r.get(12)?,
+        resources: r.get(13)?,
+        secrets: r.get(14)?,
+        spec: r.get(15)?,
+        content_hash: r.get(16)?,
+    })
+}
+
+const REVISION_COLUMNS: &str = "instance_uid, revision, tenant, project, instance, config, hash, layers, author, message, created_at, image, env, resources, secrets, spec, content_hash";
+
+fn host_volume_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostVolume> {
+    Ok(HostVolume {
+        host: r.get(0)?,
+        volume: ReportedVolume {
+            name: r.get(1)?,
+            tenant: r.get(2)?,
+            project: r.get(3)?,
+            instance: r.get(4)?,
+            replica: r.get(5)?,
+        },
+        first_seen: r.get(6)?,
+        orphaned_since: r.get(7)?,
+        delete_requested: r.get(8)?,
+        delete_reason: r.get(9)?,
+    })
+}
+
+const EVENT_COLUMNS: &str = "id, seq, kind, tenant, project, name, replica, type, reason, message, source, count, first_ms, last_ms";
+
+fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+    Ok(EventRow {
+        id: r.get(0)?,
+        seq: r.get(1)?,
+        kind: r.get(2)?,
+        tenant: r.get(3)?,
+        project: r.get(4)?,
+        name: r.get(5)?,
+        replica: r.get(6)?,
+        type_: r.get(7)?,
+        reason: r.get(8)?,
+        message: r.get(9)?,
+        source: r.get(10)?,
+        count: r.get(11)?,
+        first_ms: r.get(12)?,
+        last_ms: r.get(13)?,
+    })
+}
+
+/// A stored event as its columns (shared by both engines).
+pub(super) struct EventRow {
+    pub id: i64,
+    pub seq: i64,
+    pub kind: String,
+    pub tenant: String,
+    pub project: String,
+    pub name: String,
+    pub replica: String,
+    pub type_: String,
+    pub reason: String,
+    pub message: String,
+    pub source: String,
+    pub count: i64,
+    pub first_ms: i64,
+    pub last_ms: i64,
+}
+
+impl EventRow {
+    pub(super) fn into_record(self) -> Result<EventRecord, StoreError> {
+        Ok(EventRecord {
+            id: self.id as u64,
+            seq: self.seq as u64,
+            event: Event {
+                object: ObjectKey {
+                    kind: kind_from_db(&self.kind)?,
+                    tenant: self.tenant,
+                    project: self.project,
+                    name: self.name,
+                },
+                replica: Some(self.replica).filter(|r| !r.is_empty()),
+                type_: EventType::parse(&self.type_).unwrap_or(EventType::Normal),
+                reason: self.reason,
+                message: self.message,
+                source: self.source,
+                at_ms: self.last_ms,
+            },
+            count: self.count as u64,
+            first_ms: self.first_ms,
+            last_ms: self.last_ms,
+        })
+    }
+}
+
+/// Logs the write of `o` (before it is written, to tell ADDED from MODIFIED).
+fn log_upsert(conn: &Connection, o: &StoredObject, labels: &str) -> Result<(), StoreError> {
+    let exists = exists_in(conn, &o.key)?;
+    let type_ = if exists { "MODIFIED" } else { "ADDED" };
+    conn.prepare_cached(
+        "INSERT INTO changes (rv, type, kind, tenant, project, name, labels, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (rv, kind, tenant, project, name) DO UPDATE SET labels = excluded.labels, body = excluded.body",
+    )?
+    .execute(params![
+        o.resource_version as i64,
+        type_,
+        o.key.kind.as_str(),
+        o.key.tenant,
+        o.key.project,
+        o.key.name,
+        labels,
+        o.json
+    ])?;
+    Ok(())
+}
+
+impl Tx for SqliteTx<'_> {
     fn get(&mut self, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError> {
         get_in(self.0, key)
     }
@@ -605,9 +726,25 @@ impl Tx for SqliteTx<'_, '_> {
         upsert_in(self.0, object, usage)
     }
 
-    fn remove(&mut self, object: &StoredObject) -> Result<(), StoreError> {
-        let key = &object.key;
-        super::feed::log_delete(self.0, object)?;
+    fn remove(&mut self, o: &StoredObject) -> Result<(), StoreError> {
+        let key = &o.key;
+        // Logged at the index this transaction commits at (the stored one plus one).
+        let labels =
+            serde_json::to_string(&o.labels).map_err(|e| StoreError::Backend(e.to_string()))?;
+        self.0
+            .prepare_cached(
+                "INSERT INTO changes (rv, type, kind, tenant, project, name, labels, body)
+                 VALUES ((SELECT value + 1 FROM meta WHERE key = 'index'), 'DELETED', ?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (rv, kind, tenant, project, name) DO UPDATE SET type = 'DELETED', body = excluded.body",
+            )?
+            .execute(params![
+                key.kind.as_str(),
+                key.tenant,
+                key.project,
+                key.name,
+                labels,
+                o.json
+            ])?;
         self.0.execute(
             "DELETE FROM objects WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4",
             params![key.kind.as_str(), key.tenant, key.project, key.name],
@@ -664,26 +801,591 @@ impl Tx for SqliteTx<'_, '_> {
         crate::audit::set_written_in(self.0, written)
     }
 
-    fn seal_secret(&mut self, secret: &mut crate::model::Secret) -> Result<(), StoreError> {
-        revisions::store_secret_values(self.0, secret)
+    fn index(&mut self) -> Result<u64, StoreError> {
+        index_in(self.0)
     }
 
-    fn revise(
+    fn list_in_tenant(
         &mut self,
-        changed: &[ObjectKey],
-        note: &ChangeNote,
-        schema: &Schema,
-        index: u64,
-        now: &str,
-        blame: Blame<'_>,
-    ) -> Result<(), StoreError> {
-        revisions::revise(self.0, changed, note, schema, index, now, blame)?;
+        kind: Kind,
+        tenant: &str,
+    ) -> Result<Vec<StoredObject>, StoreError> {
+        let mut filter = ListFilter::all(kind);
+        filter.tenant = Some(tenant.to_string());
+        list_in(self.0, &filter)
+    }
+
+    fn instances(&mut self, reach: Reach<'_>) -> Result<Vec<StoredObject>, StoreError> {
+        let template = crate::configcenter::DEFAULT_TEMPLATE;
+        let (sql_where, args): (&str, Vec<&dyn rusqlite::ToSql>) = match &reach {
+            Reach::All => ("1 = 1", vec![]),
+            Reach::Tenant(t) => ("tenant = ?1", vec![t]),
+            Reach::Project(t, p) => ("tenant = ?1 AND project = ?2", vec![t, p]),
+            Reach::Template(name) => (
+                "COALESCE(json_extract(body, '$.spec.configTemplate'), ?2) = ?1",
+                vec![name, &template],
+            ),
+        };
+        let sql = format!(
+            "SELECT {OBJECT_COLUMNS} FROM objects WHERE kind = 'OpenClawInstance' AND {sql_where}
+             ORDER BY tenant, project, name"
+        );
+        let mut stmt = self.0.prepare_cached(&sql)?;
+        let rows = stmt.query_map(args.as_slice(), row_to_object)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (kind, k, s) = row?;
+            out.push(assemble(kind, k, s)?);
+        }
+        Ok(out)
+    }
+
+    fn meta(&mut self, key: &'static str) -> Result<u64, StoreError> {
+        let v: Option<i64> = self
+            .0
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+            .query_row([key], |r| r.get(0))
+            .optional()?;
+        Ok(opt_u64(v))
+    }
+
+    fn raise_meta(&mut self, key: &'static str, value: u64) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
+            )?
+            .execute(params![key, value as i64])?;
         Ok(())
     }
 
-    fn before_delete(&mut self, key: &ObjectKey) -> Result<(), StoreError> {
-        revisions::before_delete(self.0, key)
+    fn put_secret_values(
+        &mut self,
+        key: &ObjectKey,
+        values: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        self.drop_secret_values(key)?;
+        let mut insert = self.0.prepare_cached(
+            "INSERT INTO secret_values (tenant, project, name, key, sealed) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for (k, v) in values {
+            insert.execute(params![key.tenant, key.project, key.name, k, v])?;
+        }
+        Ok(())
     }
+
+    fn drop_secret_values(&mut self, key: &ObjectKey) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached(
+                "DELETE FROM secret_values WHERE tenant = ?1 AND project = ?2 AND name = ?3",
+            )?
+            .execute(params![key.tenant, key.project, key.name])?;
+        Ok(())
+    }
+
+    fn sealed_value(
+        &mut self,
+        secret: &ObjectKey,
+        key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .0
+            .prepare_cached(
+                "SELECT sealed FROM secret_values WHERE tenant = ?1 AND project = ?2 AND name = ?3 AND key = ?4",
+            )?
+            .query_row(
+                params![secret.tenant, secret.project, secret.name, key],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn sealed_values(&mut self) -> Result<Vec<SealedValue>, StoreError> {
+        let mut stmt = self.0.prepare_cached(
+            "SELECT tenant, project, name, key, sealed FROM secret_values ORDER BY tenant, project, name, key",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(SealedValue {
+                tenant: r.get(0)?,
+                project: r.get(1)?,
+                name: r.get(2)?,
+                key: r.get(3)?,
+                sealed: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn set_sealed(&mut self, v: &SealedValue) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached(
+                "UPDATE secret_values SET sealed = ?5 WHERE tenant = ?1 AND project = ?2 AND name = ?3 AND key = ?4",
+            )?
+            .execute(params![v.tenant, v.project, v.name, v.key, v.sealed])?;
+        Ok(())
+    }
+
+    fn latest_revision(&mut self, uid: &str) -> Result<Option<RevisionRow>, StoreError> {
+        Ok(self
+            .0
+            .prepare_cached(&format!(
+                "SELECT {REVISION_COLUMNS} FROM config_revisions WHERE instance_uid = ?1
+                 ORDER BY revision DESC LIMIT 1"
+            ))?
+            .query_row([uid], revision_from_row)
+            .optional()?)
+    }
+
+    fn revision(&mut self, uid: &str, revision: u64) -> Result<Option<RevisionRow>, StoreError> {
+        Ok(self
+            .0
+            .prepare_cached(&format!(
+                "SELECT {REVISION_COLUMNS} FROM config_revisions WHERE instance_uid = ?1 AND revision = ?2"
+            ))?
+            .query_row(params![uid, revision as i64], revision_from_row)
+            .optional()?)
+    }
+
+    fn revisions(&mut self, uid: &str) -> Result<Vec<RevisionRow>, StoreError> {
+        let mut stmt = self.0.prepare_cached(&format!(
+            "SELECT {REVISION_COLUMNS} FROM config_revisions WHERE instance_uid = ?1 ORDER BY revision DESC"
+        ))?;
+        let rows = stmt.query_map([uid], revision_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn insert_revision(&mut self, r: &RevisionRow) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached(&format!(
+                "INSERT INTO config_revisions ({REVISION_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+            ))?
+            .execute(params![
+                r.instance_uid,
+                r.revision as i64,
+                r.tenant,
+                r.project,
+                r.instance,
+                r.config,
+                r.hash,
+                r.layers,
+                r.author,
+                r.message,
+                r.created_at,
+                r.image,
+                r.env,
+                r.resources,
+                r.secrets,
+                r.spec,
+                r.content_hash,
+            ])?;
+        Ok(())
+    }
+
+    fn revision_numbers(&mut self, uid: &str, upto: u64) -> Result<Vec<u64>, StoreError> {
+        let mut stmt = self.0.prepare_cached(
+            "SELECT revision FROM config_revisions WHERE instance_uid = ?1 AND revision <= ?2 ORDER BY revision",
+        )?;
+        let rows = stmt.query_map(params![uid, upto as i64], |r| r.get::<_, i64>(0))?;
+        Ok(rows
+            .map(|r| r.map(|n| n as u64))
+            .collect::<Result<_, _>>()?)
+    }
+
+    fn drop_revisions(&mut self, uid: &str, revision: Option<u64>) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached(
+                "DELETE FROM config_revisions WHERE instance_uid = ?1 AND (?2 IS NULL OR revision = ?2)",
+            )?
+            .execute(params![uid, revision.map(|n| n as i64)])?;
+        Ok(())
+    }
+
+    fn newest_revisions(&mut self) -> Result<HashMap<String, u64>, StoreError> {
+        let mut stmt = self.0.prepare_cached(
+            "SELECT instance_uid, MAX(revision) FROM config_revisions GROUP BY instance_uid",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn current_configs(&mut self) -> Result<HashMap<String, (u64, String)>, StoreError> {
+        let mut stmt = self.0.prepare_cached(
+            "SELECT r.instance_uid, r.revision, r.config FROM config_revisions r
+             JOIN (SELECT instance_uid, MAX(revision) AS revision FROM config_revisions GROUP BY instance_uid) m
+               ON r.instance_uid = m.instance_uid AND r.revision = m.revision",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                (r.get::<_, i64>(1)? as u64, r.get::<_, String>(2)?),
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn revisions_holding_secrets(&mut self) -> Result<Vec<(String, u64, String)>, StoreError> {
+        let mut stmt = self.0.prepare_cached(
+            "SELECT instance_uid, revision, secrets FROM config_revisions
+             WHERE secrets IS NOT NULL AND secrets != '[]'",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn set_revision_secrets(
+        &mut self,
+        uid: &str,
+        revision: u64,
+        secrets: &str,
+    ) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached(
+                "UPDATE config_revisions SET secrets = ?3 WHERE instance_uid = ?1 AND revision = ?2",
+            )?
+            .execute(params![uid, revision as i64, secrets])?;
+        Ok(())
+    }
+
+    fn retained_volumes(
+        &mut self,
+        instance: Option<(&str, &str, &str)>,
+    ) -> Result<Vec<DeletedVolume>, StoreError> {
+        let (t, p, i) = match instance {
+            Some((t, p, i)) => (Some(t), Some(p), Some(i)),
+            None => (None, None, None),
+        };
+        let mut stmt = self.0.prepare_cached(
+            "SELECT instance_uid, tenant, project, instance, replica, ordinal, host, since
+             FROM retained_volumes
+             WHERE (?1 IS NULL OR (tenant = ?1 AND project = ?2 AND instance = ?3))
+             ORDER BY host, tenant, project, instance, ordinal",
+        )?;
+        let rows = stmt.query_map(params![t, p, i], |r| {
+            Ok(DeletedVolume {
+                instance_uid: r.get(0)?,
+                tenant: r.get(1)?,
+                project: r.get(2)?,
+                instance: r.get(3)?,
+                replica: r.get(4)?,
+                ordinal: r.get::<_, i64>(5)? as u32,
+                host: r.get(6)?,
+                since: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn keep_volume(&mut self, v: &DeletedVolume) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached(
+                "INSERT OR REPLACE INTO retained_volumes (instance_uid, tenant, project, instance, replica, ordinal, host, since)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                v.instance_uid,
+                v.tenant,
+                v.project,
+                v.instance,
+                v.replica,
+                v.ordinal as i64,
+                v.host,
+                v.since
+            ])?;
+        Ok(())
+    }
+
+    fn drop_retained_volumes(
+        &mut self,
+        (t, p, i): (&str, &str, &str),
+        replica_on: Option<(&str, &str)>,
+    ) -> Result<(), StoreError> {
+        let (replica, host) = match replica_on {
+            Some((r, h)) => (Some(r), Some(h)),
+            None => (None, None),
+        };
+        self.0
+            .prepare_cached(
+                "DELETE FROM retained_volumes WHERE tenant = ?1 AND project = ?2 AND instance = ?3
+                 AND (?4 IS NULL OR (replica = ?4 AND host = ?5))",
+            )?
+            .execute(params![t, p, i, replica, host])?;
+        Ok(())
+    }
+
+    fn host_volumes(&mut self, host: Option<&str>) -> Result<Vec<HostVolume>, StoreError> {
+        let mut stmt = self.0.prepare_cached(
+            "SELECT host, name, tenant, project, instance, replica, first_seen, orphaned_since,
+                    delete_requested, delete_reason
+             FROM host_volumes WHERE ?1 IS NULL OR host = ?1 ORDER BY host, name",
+        )?;
+        let rows = stmt.query_map(params![host], host_volume_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn put_host_volume(
+        &mut self,
+        host: &str,
+        v: &ReportedVolume,
+        now: &str,
+    ) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO host_volumes (host, name, tenant, project, instance, replica, first_seen)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (host, name) DO UPDATE SET tenant = excluded.tenant,
+                    project = excluded.project, instance = excluded.instance, replica = excluded.replica",
+            )?
+            .execute(params![
+                host, v.name, v.tenant, v.project, v.instance, v.replica, now
+            ])?;
+        Ok(())
+    }
+
+    fn drop_host_volumes(&mut self, host: &str, name: Option<&str>) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached(
+                "DELETE FROM host_volumes WHERE host = ?1 AND (?2 IS NULL OR name = ?2)",
+            )?
+            .execute(params![host, name])?;
+        Ok(())
+    }
+
+    fn set_orphaned(
+        &mut self,
+        host: &str,
+        name: &str,
+        since: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached(
+                "UPDATE host_volumes SET orphaned_since = ?3 WHERE host = ?1 AND name = ?2",
+            )?
+            .execute(params![host, name, since])?;
+        Ok(())
+    }
+
+    fn set_volume_deletion(
+        &mut self,
+        host: &str,
+        name: &str,
+        now: &str,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached(
+                "UPDATE host_volumes SET delete_requested = coalesce(delete_requested, ?3),
+                    delete_reason = coalesce(delete_reason, ?4)
+                 WHERE host = ?1 AND name = ?2",
+            )?
+            .execute(params![host, name, now, reason])?;
+        Ok(())
+    }
+
+    fn change_rows(&mut self, after: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
+        let mut stmt = self.0.prepare_cached(
+            "SELECT rv, type, kind, tenant, project, name, labels, body FROM changes
+             WHERE rv > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, String>(7)?,
+            ))
+        })?;
+        let mut items = Vec::new();
+        for row in rows {
+            let (rv, type_, kind, tenant, project, name, labels, body) = row?;
+            items.push(change_of(
+                rv, &type_, &kind, tenant, project, name, &labels, body,
+            )?);
+        }
+        Ok(items)
+    }
+
+    fn change_rv_from_newest(&mut self, offset: u64) -> Result<Option<u64>, StoreError> {
+        let cut: Option<i64> = self
+            .0
+            .prepare_cached("SELECT rv FROM changes ORDER BY seq DESC LIMIT 1 OFFSET ?1")?
+            .query_row([offset as i64], |r| r.get(0))
+            .optional()?;
+        Ok(cut.map(|c| c as u64))
+    }
+
+    fn drop_changes(&mut self, upto: u64) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached("DELETE FROM changes WHERE rv <= ?1")?
+            .execute([upto as i64])?;
+        Ok(())
+    }
+
+    fn find_event(&mut self, e: &Event, since_ms: i64) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .0
+            .prepare_cached(
+                "SELECT id FROM events WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4
+                 AND reason = ?5 AND replica = ?6 AND type = ?7 AND message = ?8 AND source = ?9
+                 AND last_ms >= ?10 ORDER BY last_ms DESC LIMIT 1",
+            )?
+            .query_row(
+                params![
+                    e.object.kind.as_str(),
+                    e.object.tenant,
+                    e.object.project,
+                    e.object.name,
+                    e.reason,
+                    e.replica.as_deref().unwrap_or(""),
+                    e.type_.as_str(),
+                    e.message,
+                    e.source,
+                    since_ms
+                ],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn fold_event(
+        &mut self,
+        id: i64,
+        count: u64,
+        last_ms: i64,
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        self.0
+            .prepare_cached(
+                "UPDATE events SET count = count + ?1, last_ms = MAX(last_ms, ?2), seq = ?3 WHERE id = ?4",
+            )?
+            .execute(params![count as i64, last_ms, seq as i64, id])?;
+        Ok(())
+    }
+
+    fn insert_event(&mut self, seq: u64, f: &Folded) -> Result<(), StoreError> {
+        let e = &f.event;
+        self.0
+            .prepare_cached(
+                "INSERT INTO events (seq, kind, tenant, project, name, replica, type, reason, message, source, count, first_ms, last_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            )?
+            .execute(params![
+                seq as i64,
+                e.object.kind.as_str(),
+                e.object.tenant,
+                e.object.project,
+                e.object.name,
+                e.replica.as_deref().unwrap_or(""),
+                e.type_.as_str(),
+                e.reason,
+                e.message,
+                e.source,
+                f.count as i64,
+                f.first_ms,
+                f.last_ms
+            ])?;
+        Ok(())
+    }
+
+    fn drop_events_before(&mut self, cutoff_ms: i64) -> Result<(u64, usize), StoreError> {
+        let newest: i64 = self
+            .0
+            .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM events WHERE last_ms < ?1")?
+            .query_row([cutoff_ms], |r| r.get(0))?;
+        let n = self
+            .0
+            .prepare_cached("DELETE FROM events WHERE last_ms < ?1")?
+            .execute([cutoff_ms])?;
+        Ok((newest as u64, n))
+    }
+
+    fn event_counts(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt = self.0.prepare_cached(
+            "SELECT tenant, COUNT(*) FROM events GROUP BY tenant ORDER BY tenant",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn drop_oldest_events(&mut self, tenant: &str, n: u64) -> Result<(u64, usize), StoreError> {
+        let gone: i64 = self
+            .0
+            .prepare_cached(
+                "SELECT COALESCE(MAX(seq), 0) FROM (SELECT seq FROM events WHERE tenant = ?1 ORDER BY last_ms, id LIMIT ?2)",
+            )?
+            .query_row(params![tenant, n as i64], |r| r.get(0))?;
+        let deleted = self
+            .0
+            .prepare_cached(
+                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE tenant = ?1 ORDER BY last_ms, id LIMIT ?2)",
+            )?
+            .execute(params![tenant, n as i64])?;
+        Ok((gone as u64, deleted))
+    }
+
+    fn events(&mut self, filter: &EventFilter) -> Result<Vec<EventRecord>, StoreError> {
+        let (kind, name) = match &filter.object {
+            Some((k, n)) => (Some(k.as_str()), Some(n.as_str())),
+            None => (None, None),
+        };
+        let limit = filter.limit.map_or(-1, |l| l as i64);
+        let mut stmt = self.0.prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE (?1 IS NULL OR tenant = ?1) AND (?2 IS NULL OR project = ?2)
+               AND (?3 IS NULL OR (kind = ?3 AND name = ?4))
+             ORDER BY last_ms DESC, id DESC LIMIT ?5"
+        ))?;
+        let rows = stmt.query_map(
+            params![filter.tenant, filter.project, kind, name, limit],
+            event_from_row,
+        )?;
+        rows.map(|r| r?.into_record()).collect()
+    }
+
+    fn events_after(&mut self, after: u64, limit: usize) -> Result<Vec<EventRecord>, StoreError> {
+        let mut stmt = self.0.prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![after as i64, limit as i64], event_from_row)?;
+        rows.map(|r| r?.into_record()).collect()
+    }
+}
+
+/// A row of a change log as a change (shared by both engines).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn change_of(
+    rv: i64,
+    type_: &str,
+    kind: &str,
+    tenant: String,
+    project: String,
+    name: String,
+    labels: &str,
+    body: String,
+) -> Result<Change, StoreError> {
+    let key = ObjectKey {
+        kind: kind_from_db(kind)?,
+        tenant,
+        project,
+        name,
+    };
+    let labels = serde_json::from_str(labels)
+        .map_err(|e| StoreError::Corrupt(format!("labels of {key}: {e}")))?;
+    Ok(Change {
+        rv: rv as u64,
+        type_: ChangeType::parse(type_)?,
+        key,
+        labels,
+        json: body,
+    })
 }
 
 fn token_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(TokenRecord, String)> {
@@ -884,7 +1586,7 @@ impl Store for SqliteStore {
     }
 
     fn config_revisions(&self, uid: &str) -> Result<Vec<RevisionRecord>, StoreError> {
-        self.read(|c| revisions::revisions_of(c, uid))
+        self.read(|c| revisions::revisions_of(&mut SqliteTx(c), uid))
     }
 
     fn config_revision(
@@ -892,30 +1594,30 @@ impl Store for SqliteStore {
         uid: &str,
         revision: u64,
     ) -> Result<Option<RevisionRecord>, StoreError> {
-        self.read(|c| revisions::revision_of(c, uid, revision))
+        self.read(|c| revisions::revision_of(&mut SqliteTx(c), uid, revision))
     }
 
     fn current_configs(&self) -> Result<HashMap<String, (u64, String)>, StoreError> {
-        self.read(revisions::current_configs)
+        self.read(|c| SqliteTx(c).current_configs())
     }
 
     fn newest_revisions(&self) -> Result<HashMap<String, u64>, StoreError> {
-        self.read(revisions::newest_revisions)
+        self.read(|c| SqliteTx(c).newest_revisions())
     }
 
     fn revision_contents(
         &self,
         wanted: &[(String, u64)],
     ) -> Result<Vec<revisions::RevisionContent>, StoreError> {
-        self.read(|c| revisions::revision_contents(c, wanted))
+        self.read(|c| revisions::revision_contents(&mut SqliteTx(c), wanted))
     }
 
     fn deleted_volumes(&self) -> Result<Vec<revisions::DeletedVolume>, StoreError> {
-        self.read(revisions::deleted_volumes)
+        self.read(|c| SqliteTx(c).retained_volumes(None))
     }
 
     fn sealed_values(&self) -> Result<Vec<SealedValue>, StoreError> {
-        self.read(revisions::sealed_values)
+        self.read(|c| SqliteTx(c).sealed_values())
     }
 
     fn reseal(
@@ -923,20 +1625,11 @@ impl Store for SqliteStore {
         reseal: &mut dyn FnMut(&SealedValue) -> Result<String, StoreError>,
     ) -> Result<usize, StoreError> {
         let (count, _) = self.write_tx(false, |tx, _next| {
-            let mut values = revisions::sealed_values(tx)?;
-            for v in &mut values {
-                v.sealed = reseal(v)?;
-            }
-            revisions::replace_sealed(tx, &values)?;
             // Revisions keep the values their replicas run with, sealed: those too.
-            let held = revisions::reseal_revisions(tx, reseal)?;
-            tracing::info!(
-                values = values.len(),
-                held_by_revisions = held,
-                "secret values re-sealed"
-            );
+            let (values, held) = revisions::reseal_all(&mut SqliteTx(tx), reseal)?;
+            tracing::info!(values, held_by_revisions = held, "secret values re-sealed");
             // The index moves, so that the assignment book reads the new envelopes.
-            Ok((values.len(), Effect::Desired))
+            Ok((values, Effect::Desired))
         })?;
         Ok(count)
     }
@@ -1093,7 +1786,8 @@ impl Store for SqliteStore {
     ) -> Result<bool, StoreError> {
         // A list that ends an asked-for removal moves the index (and commits here) ...
         let ((changed, finished), _) = self.write_tx(false, |tx, _next| {
-            let (changed, finished) = super::volumes::replace_list(tx, host, listed, now)?;
+            let (changed, finished) =
+                super::volumes::replace_list(&mut SqliteTx(tx), host, listed, now)?;
             // The removal's end changes what the host is told: desired state.
             let effect = if finished {
                 Effect::Desired
@@ -1108,7 +1802,7 @@ impl Store for SqliteStore {
         // ... any other change is written without moving it.
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        super::volumes::replace_list(&tx, host, listed, now)?;
+        super::volumes::replace_list(&mut SqliteTx(&tx), host, listed, now)?;
         tx.commit()?;
         Ok(true)
     }
@@ -1117,11 +1811,11 @@ impl Store for SqliteStore {
         &self,
         host: Option<&str>,
     ) -> Result<Vec<super::volumes::HostVolume>, StoreError> {
-        self.read(|c| super::volumes::list(c, host))
+        self.read(|c| SqliteTx(c).host_volumes(host))
     }
 
     fn volume_deletions(&self) -> Result<Vec<(String, String)>, StoreError> {
-        self.read(super::volumes::deletions)
+        self.read(|c| super::volumes::deletions(&mut SqliteTx(c)))
     }
 
     fn mark_orphaned_volumes(
@@ -1133,7 +1827,7 @@ impl Store for SqliteStore {
         }
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        super::volumes::mark_orphaned(&tx, marks)?;
+        super::volumes::mark_orphaned(&mut SqliteTx(&tx), marks)?;
         tx.commit()?;
         Ok(())
     }
@@ -1146,7 +1840,7 @@ impl Store for SqliteStore {
         now: &str,
     ) -> Result<(Option<super::volumes::HostVolume>, u64), StoreError> {
         self.write_tx(false, |tx, _next| {
-            let v = super::volumes::request_deletion(tx, host, name, reason, now)?;
+            let v = super::volumes::request_deletion(&mut SqliteTx(tx), host, name, reason, now)?;
             // What the host is told changes: desired state.
             let effect = if v.is_some() {
                 Effect::Desired
@@ -1159,7 +1853,7 @@ impl Store for SqliteStore {
 
     fn forget_host_volumes(&self, host: &str) -> Result<(), StoreError> {
         let conn = lock(&self.writer);
-        super::volumes::forget_host(&conn, host)
+        SqliteTx(&conn).drop_host_volumes(host, None)
     }
 
     fn record_events(&self, events: Vec<crate::events::Event>) {
@@ -1167,26 +1861,13 @@ impl Store for SqliteStore {
     }
 
     fn flush_events(&self) -> Result<usize, StoreError> {
-        let (queued, dropped) = {
-            let mut q = lock(&self.events);
-            (
-                std::mem::take(&mut q.queued),
-                std::mem::take(&mut q.dropped),
-            )
-        };
-        if dropped > 0 {
-            tracing::warn!(
-                dropped,
-                "events came faster than they could be written; the oldest were dropped"
-            );
-        }
-        if queued.is_empty() {
+        let folded = lock(&self.events).take();
+        if folded.is_empty() {
             return Ok(0);
         }
-        let folded = crate::events::fold(queued);
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let seq = super::feed::write_events(&tx, &folded)?;
+        let seq = super::feed::write_events(&mut SqliteTx(&tx), &folded)?;
         tx.commit()?;
         self.events_notify.send_replace(seq);
         Ok(folded.len())
@@ -1199,7 +1880,7 @@ impl Store for SqliteStore {
     ) -> Result<usize, StoreError> {
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let n = super::feed::prune_events(&tx, retention, now_ms)?;
+        let n = super::feed::prune_events(&mut SqliteTx(&tx), retention, now_ms)?;
         tx.commit()?;
         Ok(n)
     }
@@ -1210,7 +1891,7 @@ impl Store for SqliteStore {
     ) -> Result<(u64, Vec<crate::events::EventRecord>), StoreError> {
         self.read(|c| {
             let tx = c.unchecked_transaction()?;
-            let out = super::feed::list_events(&tx, filter)?;
+            let out = super::feed::list_events(&mut SqliteTx(&tx), filter)?;
             tx.commit()?;
             Ok(out)
         })
@@ -1229,8 +1910,12 @@ impl Store for SqliteStore {
         self.read(|c| {
             let tx = c.unchecked_transaction()?;
             let out = match feed {
-                super::Feed::Objects => super::feed::object_changes_since(&tx, after, limit)?,
-                super::Feed::Events => super::feed::event_changes_since(&tx, after, limit)?,
+                super::Feed::Objects => {
+                    super::feed::object_changes_since(&mut SqliteTx(&tx), after, limit)?
+                }
+                super::Feed::Events => {
+                    super::feed::event_changes_since(&mut SqliteTx(&tx), after, limit)?
+                }
             };
             tx.commit()?;
             Ok(out)

@@ -2,11 +2,10 @@
 //! unchanged list writes nothing and a changed one moves no index, except where it ends a
 //! deletion the control plane asked for (the assignment book then stops asking).
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
-
 use super::StoreError;
+use super::backend::Tx;
 
-/// Migration 8: the volumes hosts report, when each was first seen, since when no replica
+/// SQLite migration 8: the volumes hosts report, when each was first seen, since when no replica
 /// claims it, and whether its removal was asked for.
 pub const MIGRATION: &str = "
 CREATE TABLE IF NOT EXISTS host_volumes (
@@ -54,86 +53,49 @@ pub struct HostVolume {
 /// names no longer listed are dropped. Returns whether anything changed and whether a dropped
 /// one had its removal asked for (a finished deletion).
 pub fn replace_list(
-    tx: &Transaction<'_>,
+    tx: &mut dyn Tx,
     host: &str,
     listed: &[ReportedVolume],
     now: &str,
 ) -> Result<(bool, bool), StoreError> {
-    let before = list(tx, Some(host))?;
+    let before = tx.host_volumes(Some(host))?;
     let mut changed = false;
     let mut finished = false;
-    let mut drop = tx.prepare_cached("DELETE FROM host_volumes WHERE host = ?1 AND name = ?2")?;
     for old in &before {
         if !listed.iter().any(|v| v.name == old.volume.name) {
-            drop.execute(params![host, old.volume.name])?;
+            tx.drop_host_volumes(host, Some(&old.volume.name))?;
             changed = true;
             finished |= old.delete_requested.is_some();
         }
     }
-    let mut insert = tx.prepare_cached(
-        "INSERT INTO host_volumes (host, name, tenant, project, instance, replica, first_seen)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-         ON CONFLICT (host, name) DO UPDATE SET tenant = excluded.tenant,
-            project = excluded.project, instance = excluded.instance, replica = excluded.replica",
-    )?;
     for v in listed {
         let same = before.iter().find(|o| o.volume.name == v.name);
         if same.is_some_and(|o| o.volume == *v) {
             continue;
         }
-        insert.execute(params![
-            host, v.name, v.tenant, v.project, v.instance, v.replica, now
-        ])?;
+        tx.put_host_volume(host, v, now)?;
         changed = true;
     }
     Ok((changed, finished))
 }
 
-/// Every kept volume (of one host, or of all), by host and name.
-pub fn list(conn: &Connection, host: Option<&str>) -> Result<Vec<HostVolume>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT host, name, tenant, project, instance, replica, first_seen, orphaned_since,
-                delete_requested, delete_reason
-         FROM host_volumes WHERE ?1 IS NULL OR host = ?1 ORDER BY host, name",
-    )?;
-    let rows = stmt.query_map(params![host], |r| {
-        Ok(HostVolume {
-            host: r.get(0)?,
-            volume: ReportedVolume {
-                name: r.get(1)?,
-                tenant: r.get(2)?,
-                project: r.get(3)?,
-                instance: r.get(4)?,
-                replica: r.get(5)?,
-            },
-            first_seen: r.get(6)?,
-            orphaned_since: r.get(7)?,
-            delete_requested: r.get(8)?,
-            delete_reason: r.get(9)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
-}
-
 /// (host, name) of every volume whose removal was asked for, by host and name.
-pub fn deletions(conn: &Connection) -> Result<Vec<(String, String)>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT host, name FROM host_volumes WHERE delete_requested IS NOT NULL ORDER BY host, name",
-    )?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    Ok(rows.collect::<Result<_, _>>()?)
+pub fn deletions(tx: &mut dyn Tx) -> Result<Vec<(String, String)>, StoreError> {
+    Ok(tx
+        .host_volumes(None)?
+        .into_iter()
+        .filter(|v| v.delete_requested.is_some())
+        .map(|v| (v.host, v.volume.name))
+        .collect())
 }
 
 /// Sets or clears when each named volume turned orphaned.
 pub fn mark_orphaned(
-    tx: &Transaction<'_>,
+    tx: &mut dyn Tx,
     marks: &[(String, String, Option<String>)],
 ) -> Result<(), StoreError> {
-    let mut stmt = tx.prepare_cached(
-        "UPDATE host_volumes SET orphaned_since = ?3 WHERE host = ?1 AND name = ?2",
-    )?;
     for (host, name, since) in marks {
-        stmt.execute(params![host, name, since])?;
+        tx.set_orphaned(host, name, since.as_deref())?;
     }
     Ok(())
 }
@@ -142,47 +104,27 @@ pub fn mark_orphaned(
 /// again), and lets go of what kept it for a deleted instance. Returns the volume, or `None`
 /// when the host reports no such volume.
 pub fn request_deletion(
-    tx: &Transaction<'_>,
+    tx: &mut dyn Tx,
     host: &str,
     name: &str,
     reason: &str,
     now: &str,
 ) -> Result<Option<HostVolume>, StoreError> {
     let Some(v) = tx
-        .prepare_cached(
-            "SELECT tenant, project, instance, replica FROM host_volumes WHERE host = ?1 AND name = ?2",
-        )?
-        .query_row(params![host, name], |r| {
-            Ok(ReportedVolume {
-                name: name.to_string(),
-                tenant: r.get(0)?,
-                project: r.get(1)?,
-                instance: r.get(2)?,
-                replica: r.get(3)?,
-            })
-        })
-        .optional()?
+        .host_volumes(Some(host))?
+        .into_iter()
+        .find(|h| h.volume.name == name)
     else {
         return Ok(None);
     };
-    tx.prepare_cached(
-        "UPDATE host_volumes SET delete_requested = coalesce(delete_requested, ?3),
-            delete_reason = coalesce(delete_reason, ?4)
-         WHERE host = ?1 AND name = ?2",
-    )?
-    .execute(params![host, name, now, reason])?;
-    tx.prepare_cached(
-        "DELETE FROM retained_volumes
-         WHERE host = ?1 AND tenant = ?2 AND project = ?3 AND instance = ?4 AND replica = ?5",
-    )?
-    .execute(params![host, v.tenant, v.project, v.instance, v.replica])?;
-    Ok(list(tx, Some(host))?
+    tx.set_volume_deletion(host, name, now, reason)?;
+    let v = v.volume;
+    tx.drop_retained_volumes(
+        (&v.tenant, &v.project, &v.instance),
+        Some((&v.replica, host)),
+    )?;
+    Ok(tx
+        .host_volumes(Some(host))?
         .into_iter()
         .find(|h| h.volume.name == name))
-}
-
-/// Drops everything kept of `host`'s volumes (the host was deleted).
-pub fn forget_host(conn: &Connection, host: &str) -> Result<(), StoreError> {
-    conn.execute("DELETE FROM host_volumes WHERE host = ?1", [host])?;
-    Ok(())
 }

@@ -1,9 +1,9 @@
 //! Fleet-wide changes in the store: the `Rollout` a write to a shared layer makes, in that
 //! write's transaction, and the holds it keeps on the instances it reached.
 
-use rusqlite::Transaction;
-
 use super::StoreError;
+use super::backend::Tx;
+use super::revisions::put_resource;
 use crate::model::{
     API_VERSION, InstanceRef, Kind, MIN_FLEET_INSTANCES, Metadata, ObjectKey, Resource, Rollout,
     RolloutSpec, RolloutStatus, WaveInstance, WaveInstanceState, WaveStatus,
@@ -34,7 +34,7 @@ pub fn rollout_name(source: &ObjectKey, index: u64) -> String {
 /// hold. Instances created or changed by the write itself are not held: their own update
 /// moves them. Returns the Rollout's key, if one was made.
 pub fn hold_revised(
-    tx: &Transaction<'_>,
+    tx: &mut dyn Tx,
     changed: &[ObjectKey],
     revised: &[(ObjectKey, u64)],
     index: u64,
@@ -111,7 +111,7 @@ pub fn hold_revised(
         }),
     };
     let key = rollout.key();
-    super::sqlite::put_in(tx, &Resource::Rollout(rollout))?;
+    put_resource(tx, &Resource::Rollout(rollout))?;
     for (k, _) in reached {
         set_hold(tx, k, Some(&name), index)?;
     }
@@ -120,12 +120,12 @@ pub fn hold_revised(
 
 /// Sets (or, with `None`, clears) the hold on one instance.
 fn set_hold(
-    tx: &Transaction<'_>,
+    tx: &mut dyn Tx,
     key: &ObjectKey,
     holder: Option<&str>,
     index: u64,
 ) -> Result<(), StoreError> {
-    let Some(o) = super::sqlite::get_in(tx, key)? else {
+    let Some(o) = tx.get(key)? else {
         return Ok(());
     };
     let Resource::OpenClawInstance(mut i) = o.resource()? else {
@@ -138,19 +138,19 @@ fn set_hold(
         .get_or_insert_with(RolloutStatus::default);
     rollout.held_by = holder.map(str::to_string);
     i.metadata.resource_version = Some(index);
-    super::sqlite::put_in(tx, &Resource::OpenClawInstance(i))
+    put_resource(tx, &Resource::OpenClawInstance(i))
 }
 
 /// Before a Rollout is deleted: the instances it still holds are let go (their own update then
 /// moves them to their newest revision).
-pub fn before_delete(tx: &Transaction<'_>, key: &ObjectKey) -> Result<(), StoreError> {
-    let Some(o) = super::sqlite::get_in(tx, key)? else {
+pub fn before_delete(tx: &mut dyn Tx, key: &ObjectKey) -> Result<(), StoreError> {
+    let Some(o) = tx.get(key)? else {
         return Ok(());
     };
     let Resource::Rollout(r) = o.resource()? else {
         return Ok(());
     };
-    let index = super::sqlite::index_in(tx)? + 1;
+    let index = tx.index()? + 1;
     let mut members = r.spec.instances.clone();
     if let Some(s) = &r.status {
         members.extend(s.instances.iter().map(WaveInstance::instance));
@@ -159,7 +159,7 @@ pub fn before_delete(tx: &Transaction<'_>, key: &ObjectKey) -> Result<(), StoreE
     members.dedup();
     for m in members {
         let k = ObjectKey::instance(&m.tenant, &m.project, &m.name);
-        let Some(o) = super::sqlite::get_in(tx, &k)? else {
+        let Some(o) = tx.get(&k)? else {
             continue;
         };
         let Resource::OpenClawInstance(i) = o.resource()? else {
@@ -180,9 +180,9 @@ pub fn before_delete(tx: &Transaction<'_>, key: &ObjectKey) -> Result<(), StoreE
 
 /// Before a tenant is deleted (it has no projects, so no instances, left): its Rollouts go with
 /// it.
-pub fn drop_tenant_rollouts(tx: &Transaction<'_>, tenant: &str) -> Result<(), StoreError> {
-    super::feed::log_delete_tenant_rollouts(tx, tenant)?;
-    tx.prepare_cached("DELETE FROM objects WHERE kind = 'Rollout' AND tenant = ?1")?
-        .execute([tenant])?;
+pub fn drop_tenant_rollouts(tx: &mut dyn Tx, tenant: &str) -> Result<(), StoreError> {
+    for o in tx.list_in_tenant(Kind::Rollout, tenant)? {
+        tx.remove(&o)?;
+    }
     Ok(())
 }
