@@ -54,7 +54,9 @@ pub struct LogsArgs {
     /// Start each line with its timestamp
     #[arg(long)]
     pub timestamps: bool,
-    /// The container the replica ran before its current one, if its host still has it
+    /// What the replica's container wrote before its last restart (its earlier runs, the
+    /// last of them the one that crashed), else an older container of the replica its host
+    /// still has
     #[arg(long)]
     pub previous: bool,
     #[command(flatten)]
