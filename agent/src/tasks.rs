@@ -283,7 +283,7 @@ impl TaskRunner {
         let mut containers = self.containers(&key).await?;
         let redactor = Redactor::for_assignment(&assignment);
         if task.previous {
-            let (container, stream) = self.previous_output(task, containers).await?;
+            let (container, stream) = self.previous_output(task, &key, containers).await?;
             return Ok((container, stream, redactor));
         }
         if containers.is_empty() {
@@ -316,6 +316,7 @@ impl TaskRunner {
     async fn previous_output(
         &self,
         task: &pb::LogTask,
+        key: &ReplicaKey,
         containers: Vec<ObservedContainer>,
     ) -> Result<(ObservedContainer, LogStream), Refusal> {
         let runtime = self.reconciler.runtime();
@@ -327,6 +328,20 @@ impl TaskRunner {
             let started_secs = started
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
+            // When the previous run began, if this agent restarted the container (it does
+            // not know after a restart of its own: then every earlier run is shown).
+            let from = self
+                .reconciler
+                .book()
+                .get(key)
+                .previous_run
+                .filter(|p| p.container_id == current.id)
+                .and_then(|p| engine_time(&p.started_at))
+                .filter(|from| *from < started);
+            let from_secs = from.map_or(0, |f| {
+                f.duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
+            });
             // The engine cuts at whole seconds: read up to the second after the start and
             // keep the lines stamped before it. Its `tail` counts the lines of the current run
             // within that second too: ask for that many more.
@@ -350,7 +365,7 @@ impl TaskRunner {
             let options = LogOptions {
                 follow: false,
                 tail,
-                since_unix,
+                since_unix: since_unix.max(from_secs),
                 until_unix,
                 timestamps: true,
             };
@@ -358,7 +373,7 @@ impl TaskRunner {
                 .container_logs(&current.id, &options)
                 .await
                 .map_err(|e| (tonic::Code::Unavailable, e.to_string()))?;
-            let mut earlier = written_before(stream, started, task.timestamps);
+            let mut earlier = written_between(stream, from, started, task.timestamps);
             match earlier.next().await {
                 Some(first) => {
                     let stream = futures::stream::iter([first]).chain(earlier).boxed();
@@ -598,17 +613,29 @@ async fn lines_from(mut stream: LogStream, from: SystemTime) -> u64 {
     count
 }
 
-/// The lines of `stream` (read with the engine's timestamps) written before `until`: it ends
-/// at the first line stamped at or after it (the output is in order). A line keeps its
-/// timestamp only with `keep_timestamps`; a line without one is passed as it is.
-pub fn written_before(stream: LogStream, until: SystemTime, keep_timestamps: bool) -> LogStream {
+/// The lines of `stream` (read with the engine's timestamps) written from `from` (when given)
+/// and before `until`: it ends at the first line stamped at or after `until` (the output is
+/// in order). A line keeps its timestamp only with `keep_timestamps`; a line without one is
+/// passed as it is.
+pub fn written_between(
+    stream: LogStream,
+    from: Option<SystemTime>,
+    until: SystemTime,
+    keep_timestamps: bool,
+) -> LogStream {
     struct State {
         stream: LogStream,
         partial: Vec<u8>,
         done: bool,
     }
-    /// The line to pass (`Some`), or `None` once it was written at or after `until`.
-    fn pass(line: &[u8], until: SystemTime, keep: bool) -> Option<Vec<u8>> {
+    /// The line to pass (`Some`, empty for a line before `from`), or `None` once it was
+    /// written at or after `until`.
+    fn pass(
+        line: &[u8],
+        from: Option<SystemTime>,
+        until: SystemTime,
+        keep: bool,
+    ) -> Option<Vec<u8>> {
         let stamp_end = line.iter().position(|b| *b == b' ');
         let stamped = stamp_end.and_then(|end| {
             let t = std::str::from_utf8(&line[..end])
@@ -618,6 +645,7 @@ pub fn written_before(stream: LogStream, until: SystemTime, keep_timestamps: boo
         });
         match stamped {
             Some((t, _)) if t >= until => None,
+            Some((t, _)) if from.is_some_and(|from| t < from) => Some(Vec::new()),
             Some((_, rest)) if !keep => Some(line[rest..].to_vec()),
             _ => Some(line.to_vec()),
         }
@@ -637,7 +665,7 @@ pub fn written_before(stream: LogStream, until: SystemTime, keep_timestamps: boo
             while let Some(pos) = st.partial[start..].iter().position(|b| *b == b'\n') {
                 let line = &st.partial[start..=start + pos];
                 start += pos + 1;
-                match pass(line, until, keep_timestamps) {
+                match pass(line, from, until, keep_timestamps) {
                     Some(l) => out.extend(l),
                     None => {
                         st.done = true;
@@ -648,7 +676,7 @@ pub fn written_before(stream: LogStream, until: SystemTime, keep_timestamps: boo
             st.partial.drain(..start);
             if !st.done && st.partial.len() > MAX_LINE {
                 let line = std::mem::take(&mut st.partial);
-                match pass(&line, until, keep_timestamps) {
+                match pass(&line, from, until, keep_timestamps) {
                     Some(l) => out.extend(l),
                     None => st.done = true,
                 }
@@ -669,7 +697,7 @@ pub fn written_before(stream: LogStream, until: SystemTime, keep_timestamps: boo
                     st.done = true;
                     let line = std::mem::take(&mut st.partial);
                     return (!line.is_empty())
-                        .then(|| pass(&line, until, keep_timestamps))
+                        .then(|| pass(&line, from, until, keep_timestamps))
                         .flatten()
                         .map(|l| (Ok(l), st));
                 }
@@ -870,11 +898,17 @@ mod tests {
         let started = engine_time("2026-12-04T10:00:05.500000000Z").unwrap();
         let stream = || futures::stream::iter(pieces.clone()).boxed();
         assert_eq!(
-            collect(written_before(stream(), started, false)),
+            collect(written_between(stream(), None, started, false)),
             "boot 1\ncrashing\n"
         );
+        // From the start of the previous run on only.
+        let previous = engine_time("2026-12-04T10:00:05.000000000Z");
         assert_eq!(
-            collect(written_before(stream(), started, true)),
+            collect(written_between(stream(), previous, started, false)),
+            "crashing\n"
+        );
+        assert_eq!(
+            collect(written_between(stream(), None, started, true)),
             "2026-12-04T10:00:01.000000000Z boot 1\n2026-12-04T10:00:05.100000000Z crashing\n"
         );
         assert_eq!(
@@ -883,7 +917,7 @@ mod tests {
         );
         // Nothing before the first start: nothing at all.
         let first = engine_time("2026-12-04T10:00:00Z").unwrap();
-        assert_eq!(collect(written_before(stream(), first, false)), "");
+        assert_eq!(collect(written_between(stream(), None, first, false)), "");
         assert_eq!(engine_time("0001-01-01T00:00:00Z"), None);
     }
 }

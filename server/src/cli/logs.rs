@@ -54,9 +54,8 @@ pub struct LogsArgs {
     /// Start each line with its timestamp
     #[arg(long)]
     pub timestamps: bool,
-    /// What the replica's container wrote before its last restart (its earlier runs, the
-    /// last of them the one that crashed), else an older container of the replica its host
-    /// still has
+    /// The output of the replica container's previous run (the one before its last restart),
+    /// else an older container of the replica its host still has
     #[arg(long)]
     pub previous: bool,
     #[command(flatten)]
