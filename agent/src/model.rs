@@ -49,7 +49,7 @@ pub struct Resources {
 
 /// One replica the host must run, as the control plane assigned it.
 ///
-/// `env` and `config_json` may hold secrets: `Debug` shows env names and the config's size only.
+/// `env`, `config_json` and `redact` hold secrets: `Debug` shows env names and sizes only.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Assignment {
     pub tenant: String,
@@ -88,6 +88,9 @@ pub struct Assignment {
     /// volume is imported before the replica's first container here starts.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub import_transfer: String,
+    /// The secret values the replica was given, which its streamed output never shows.
+    #[serde(default)]
+    pub redact: Vec<String>,
 }
 
 impl Assignment {
@@ -155,6 +158,7 @@ impl fmt::Debug for Assignment {
             .field("config_revision", &self.config_revision)
             .field("content_hash", &self.content_hash)
             .field("termination_grace_seconds", &self.termination_grace_seconds)
+            .field("redact", &format_args!("<{} values>", self.redact.len()))
             .finish()
     }
 }
@@ -249,6 +253,7 @@ impl TryFrom<proto::Assignment> for Assignment {
             epoch: a.epoch,
             stop_after_seconds: a.stop_after_seconds,
             import_transfer: a.import_transfer,
+            redact: a.redact,
         })
     }
 }
@@ -419,6 +424,7 @@ pub(crate) mod fixtures {
                 epoch: 0,
                 stop_after_seconds: 0,
                 import_transfer: String::new(),
+                redact: Vec::new(),
             }
         }
 
@@ -492,6 +498,7 @@ mod tests {
             epoch: 0,
             stop_after_seconds: 0,
             import_transfer: String::new(),
+            redact: vec!["sk-in-config".into()],
         }
     }
 
@@ -507,6 +514,8 @@ mod tests {
         assert_eq!(a.env["OPENCLAW_GATEWAY_TOKEN"], "s3cret");
         assert_eq!(a.config_revision, 3);
         assert_eq!(a.content_hash, "ab".repeat(32), "normalised to lowercase");
+        assert_eq!(a.redact, ["sk-in-config"]);
+        assert!(!format!("{a:?}").contains("sk-in-config"), "{a:?}");
 
         // An older server sends no content hash: accepted, drift is not checked.
         let old = proto::Assignment {

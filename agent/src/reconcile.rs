@@ -137,6 +137,16 @@ pub struct ReplicaRecord {
     pub measured: Option<Measurement>,
     /// A drift being repaired: its event is queued once a new container runs.
     pub repairing: Option<Drift>,
+    /// The run before its container's last restart (the agent restarts a container in place,
+    /// so one container holds every run): what `logs --previous` shows.
+    pub previous_run: Option<PreviousRun>,
+}
+
+/// When the run before a container's last restart started, as the engine said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviousRun {
+    pub container_id: String,
+    pub started_at: String,
 }
 
 /// Per-replica records, shared between the reconciler and the status reporter.
@@ -180,6 +190,22 @@ impl ReplicaBook {
         r.last_attempt = Some(now);
         r.last_error = None;
         r.activity = None;
+    }
+
+    /// The container `container_id`, whose last run started at `started_at`, is started
+    /// again: that run becomes its previous one.
+    pub fn record_previous_run(
+        &self,
+        key: &ReplicaKey,
+        container_id: &str,
+        started_at: Option<String>,
+    ) {
+        let mut records = self.lock();
+        let r = records.entry(key.clone()).or_default();
+        r.previous_run = started_at.map(|started_at| PreviousRun {
+            container_id: container_id.to_owned(),
+            started_at,
+        });
     }
 
     /// An attempt to create or start failed with `error`.
@@ -1943,6 +1969,12 @@ impl Worker {
                 .await;
                 match restarted {
                     Ok(()) => {
+                        let started_at = observed
+                            .containers
+                            .iter()
+                            .find(|c| c.id == *container_id)
+                            .and_then(|c| c.started_at.clone());
+                        self.book.record_previous_run(key, container_id, started_at);
                         self.book.record_restart(key, now);
                         for e in restart_events(key, reason) {
                             self.events.push(e);

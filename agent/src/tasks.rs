@@ -10,7 +10,7 @@
 //! replaced (with a marker line) and ends when the replica is no longer assigned here.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clusterclaw_proto::agent as pb;
 use futures::StreamExt;
@@ -281,30 +281,24 @@ impl TaskRunner {
         };
         let key = assignment.key();
         let mut containers = self.containers(&key).await?;
-        let container = if task.previous {
-            if containers.len() < 2 {
-                return Err((
-                    tonic::Code::NotFound,
-                    format!(
-                        "no previous container of replica {} is kept on this host (a replaced container is removed)",
-                        task.replica
-                    ),
-                ));
-            }
-            containers.swap_remove(1)
-        } else if containers.is_empty() {
+        let redactor = Redactor::for_assignment(&assignment);
+        if task.previous {
+            let (container, stream) = self.previous_output(task, &key, containers).await?;
+            return Ok((container, stream, redactor));
+        }
+        if containers.is_empty() {
             return Err((
                 tonic::Code::NotFound,
                 format!("replica {} has no container on this host yet", task.replica),
             ));
-        } else {
-            containers.swap_remove(0)
-        };
+        }
+        let container = containers.swap_remove(0);
         let options = LogOptions {
-            follow: task.follow && !task.previous,
+            follow: task.follow,
             tail: u64::try_from(task.tail).ok(),
             since_unix: task.since_unix.max(0),
             timestamps: task.timestamps,
+            ..Default::default()
         };
         let stream = self
             .reconciler
@@ -312,7 +306,106 @@ impl TaskRunner {
             .container_logs(&container.id, &options)
             .await
             .map_err(|e| (tonic::Code::Unavailable, e.to_string()))?;
-        Ok((container, stream, Redactor::for_assignment(&assignment)))
+        Ok((container, stream, redactor))
+    }
+
+    /// `previous`: what the replica's current container wrote before its last start (the
+    /// agent restarts a stopped container in place, so one container holds every run), else
+    /// the output of an older container of the replica still on the host. `NotFound` when
+    /// there is neither.
+    async fn previous_output(
+        &self,
+        task: &pb::LogTask,
+        key: &ReplicaKey,
+        containers: Vec<ObservedContainer>,
+    ) -> Result<(ObservedContainer, LogStream), Refusal> {
+        let runtime = self.reconciler.runtime();
+        let tail = u64::try_from(task.tail).ok();
+        let since_unix = task.since_unix.max(0);
+        if let Some(current) = containers.first()
+            && let Some(started) = current.started_at.as_deref().and_then(engine_time)
+        {
+            let started_secs = started
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            // When the previous run began, if this agent restarted the container (it does
+            // not know after a restart of its own: then every earlier run is shown).
+            let from = self
+                .reconciler
+                .book()
+                .get(key)
+                .previous_run
+                .filter(|p| p.container_id == current.id)
+                .and_then(|p| engine_time(&p.started_at))
+                .filter(|from| *from < started);
+            let from_secs = from.map_or(0, |f| {
+                f.duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
+            });
+            // The engine cuts at whole seconds: read up to the second after the start and
+            // keep the lines stamped before it. Its `tail` counts the lines of the current run
+            // within that second too: ask for that many more.
+            let until_unix = i64::try_from(started_secs + 1).unwrap_or(i64::MAX);
+            let tail = match tail {
+                Some(n) => {
+                    let boundary = LogOptions {
+                        since_unix: i64::try_from(started_secs).unwrap_or(i64::MAX),
+                        until_unix,
+                        timestamps: true,
+                        ..Default::default()
+                    };
+                    let stream = runtime
+                        .container_logs(&current.id, &boundary)
+                        .await
+                        .map_err(|e| (tonic::Code::Unavailable, e.to_string()))?;
+                    Some(n + lines_from(stream, started).await)
+                }
+                None => None,
+            };
+            let options = LogOptions {
+                follow: false,
+                tail,
+                since_unix: since_unix.max(from_secs),
+                until_unix,
+                timestamps: true,
+            };
+            let stream = runtime
+                .container_logs(&current.id, &options)
+                .await
+                .map_err(|e| (tonic::Code::Unavailable, e.to_string()))?;
+            let mut earlier = written_between(stream, from, started, task.timestamps);
+            match earlier.next().await {
+                Some(first) => {
+                    let stream = futures::stream::iter([first]).chain(earlier).boxed();
+                    return Ok((current.clone(), stream));
+                }
+                // `since` leaves nothing of an earlier run (or there is none): nothing to show.
+                None if since_unix > 0 => {
+                    return Ok((current.clone(), futures::stream::empty().boxed()));
+                }
+                None => {}
+            }
+        }
+        let Some(older) = containers.get(1) else {
+            return Err((
+                tonic::Code::NotFound,
+                format!(
+                    "replica {} has no previous run on this host: its container has not been restarted (the output of a replaced container goes with it)",
+                    task.replica
+                ),
+            ));
+        };
+        let options = LogOptions {
+            tail,
+            since_unix,
+            timestamps: task.timestamps,
+            ..Default::default()
+        };
+        let stream = runtime
+            .container_logs(&older.id, &options)
+            .await
+            .map_err(|e| (tonic::Code::Unavailable, e.to_string()))?;
+        Ok((older.clone(), stream))
     }
 
     /// Sends the output, redacted, until it ends (following into the next container with
@@ -417,7 +510,7 @@ impl TaskRunner {
                             follow: true,
                             since_unix: since,
                             timestamps: task.timestamps,
-                            tail: None,
+                            ..Default::default()
                         },
                     )
                 }
@@ -482,6 +575,138 @@ impl TaskRunner {
     }
 }
 
+/// A time as the engine writes it (`2026-12-04T14:26:05.123456789Z`); `None` for its zero
+/// time (never started) or anything else.
+fn engine_time(s: &str) -> Option<SystemTime> {
+    let t = humantime::parse_rfc3339_weak(s.trim()).ok()?;
+    (t > UNIX_EPOCH).then_some(t)
+}
+
+/// How many lines of `stream` (read with the engine's timestamps) were written at or after
+/// `from`.
+async fn lines_from(mut stream: LogStream, from: SystemTime) -> u64 {
+    let mut partial: Vec<u8> = Vec::new();
+    let mut count = 0;
+    let mut line_at = |line: &[u8]| {
+        let stamp = line.split(|b| *b == b' ').next().unwrap_or_default();
+        let t = std::str::from_utf8(stamp).ok().and_then(engine_time);
+        if t.is_some_and(|t| t >= from) {
+            count += 1;
+        }
+    };
+    while let Some(Ok(piece)) = stream.next().await {
+        partial.extend_from_slice(&piece);
+        let mut start = 0;
+        while let Some(pos) = partial[start..].iter().position(|b| *b == b'\n') {
+            line_at(&partial[start..start + pos]);
+            start += pos + 1;
+        }
+        partial.drain(..start);
+        if partial.len() > MAX_LINE {
+            line_at(&partial);
+            partial.clear();
+        }
+    }
+    if !partial.is_empty() {
+        line_at(&partial);
+    }
+    count
+}
+
+/// The lines of `stream` (read with the engine's timestamps) written from `from` (when given)
+/// and before `until`: it ends at the first line stamped at or after `until` (the output is
+/// in order). A line keeps its timestamp only with `keep_timestamps`; a line without one is
+/// passed as it is.
+pub fn written_between(
+    stream: LogStream,
+    from: Option<SystemTime>,
+    until: SystemTime,
+    keep_timestamps: bool,
+) -> LogStream {
+    struct State {
+        stream: LogStream,
+        partial: Vec<u8>,
+        done: bool,
+    }
+    /// The line to pass (`Some`, empty for a line before `from`), or `None` once it was
+    /// written at or after `until`.
+    fn pass(
+        line: &[u8],
+        from: Option<SystemTime>,
+        until: SystemTime,
+        keep: bool,
+    ) -> Option<Vec<u8>> {
+        let stamp_end = line.iter().position(|b| *b == b' ');
+        let stamped = stamp_end.and_then(|end| {
+            let t = std::str::from_utf8(&line[..end])
+                .ok()
+                .and_then(engine_time)?;
+            Some((t, end + 1))
+        });
+        match stamped {
+            Some((t, _)) if t >= until => None,
+            Some((t, _)) if from.is_some_and(|from| t < from) => Some(Vec::new()),
+            Some((_, rest)) if !keep => Some(line[rest..].to_vec()),
+            _ => Some(line.to_vec()),
+        }
+    }
+    let state = State {
+        stream,
+        partial: Vec::new(),
+        done: false,
+    };
+    futures::stream::unfold(state, move |mut st| async move {
+        loop {
+            if st.done {
+                return None;
+            }
+            let mut out = Vec::new();
+            let mut start = 0;
+            while let Some(pos) = st.partial[start..].iter().position(|b| *b == b'\n') {
+                let line = &st.partial[start..=start + pos];
+                start += pos + 1;
+                match pass(line, from, until, keep_timestamps) {
+                    Some(l) => out.extend(l),
+                    None => {
+                        st.done = true;
+                        break;
+                    }
+                }
+            }
+            st.partial.drain(..start);
+            if !st.done && st.partial.len() > MAX_LINE {
+                let line = std::mem::take(&mut st.partial);
+                match pass(&line, from, until, keep_timestamps) {
+                    Some(l) => out.extend(l),
+                    None => st.done = true,
+                }
+            }
+            if !out.is_empty() {
+                return Some((Ok(out), st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.stream.next().await {
+                Some(Ok(piece)) => st.partial.extend_from_slice(&piece),
+                Some(Err(e)) => {
+                    st.done = true;
+                    return Some((Err(e), st));
+                }
+                None => {
+                    st.done = true;
+                    let line = std::mem::take(&mut st.partial);
+                    return (!line.is_empty())
+                        .then(|| pass(&line, from, until, keep_timestamps))
+                        .flatten()
+                        .map(|l| (Ok(l), st));
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
 fn short_id(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
 }
@@ -495,10 +720,13 @@ pub struct Redactor {
 
 impl Redactor {
     /// The values of the assignment's environment (with the Gateway token the agent adds, see
-    /// [`crate::gateway`]), and the strings of its config under keys
+    /// [`crate::gateway`]), the secret values the control plane listed (`redact`: its
+    /// config's resolved secret references, wherever they are), and the strings of its config
+    /// under keys
     /// that name a secret (`token`, `password`, `secret`, `apiKey`, ...).
     pub fn for_assignment(a: &Assignment) -> Self {
         let mut values: Vec<String> = a.env.values().cloned().collect();
+        values.extend(a.redact.iter().cloned());
         values.extend(crate::gateway::injected_token(a));
         if let Ok(config) = serde_json::from_str::<serde_json::Value>(&a.config_json) {
             secret_strings(&config, false, &mut values);
@@ -636,12 +864,60 @@ mod tests {
         let mut a = Assignment::test("bot-0");
         a.env
             .insert("OPENCLAW_GATEWAY_TOKEN".into(), "gw-token-1".into());
-        a.config_json = r#"{"gateway":{"auth":{"token":"tok-in-config"}},"models":{"apiKey":"sk-123456"},"name":"visible"}"#.into();
-        let r = Redactor::for_assignment(&a);
-        let line = b"gw-token-1 tok-in-config sk-123456 visible";
+        a.config_json = r#"{"gateway":{"auth":{"token":"tok-in-config"}},"models":{"apiKey":"sk-123456"},"hooks":{"url":"https://hooks.example/T0/B1/xyzzy"},"name":"visible"}"#.into();
+        // A secret reference under a key that names no secret: only the control plane's
+        // list tells it apart.
+        let line = b"gw-token-1 tok-in-config sk-123456 https://hooks.example/T0/B1/xyzzy visible";
         assert_eq!(
-            String::from_utf8(r.redact(line)).unwrap(),
-            "[REDACTED] [REDACTED] [REDACTED] visible"
+            String::from_utf8(Redactor::for_assignment(&a).redact(line)).unwrap(),
+            "[REDACTED] [REDACTED] [REDACTED] https://hooks.example/T0/B1/xyzzy visible"
         );
+        a.redact = vec!["https://hooks.example/T0/B1/xyzzy".into()];
+        assert_eq!(
+            String::from_utf8(Redactor::for_assignment(&a).redact(line)).unwrap(),
+            "[REDACTED] [REDACTED] [REDACTED] [REDACTED] visible"
+        );
+    }
+
+    fn collect(stream: LogStream) -> String {
+        let pieces: Vec<Vec<u8>> = futures::executor::block_on(stream.collect::<Vec<_>>())
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        String::from_utf8(pieces.concat()).unwrap()
+    }
+
+    #[test]
+    fn the_previous_run_is_what_was_written_before_the_last_start() {
+        // One container, two runs: the restart at 10:00:05.5, within the second of the crash.
+        let pieces: Vec<Result<Vec<u8>, crate::runtime::RuntimeError>> = vec![
+            Ok(b"2026-12-04T10:00:01.000000000Z boot 1\n2026-12-04T10:00:05.1".to_vec()),
+            Ok(b"00000000Z crashing\n2026-12-04T10:00:05.600000000Z boot 2\n".to_vec()),
+            Ok(b"2026-12-04T10:00:05.700000000Z after\n".to_vec()),
+        ];
+        let started = engine_time("2026-12-04T10:00:05.500000000Z").unwrap();
+        let stream = || futures::stream::iter(pieces.clone()).boxed();
+        assert_eq!(
+            collect(written_between(stream(), None, started, false)),
+            "boot 1\ncrashing\n"
+        );
+        // From the start of the previous run on only.
+        let previous = engine_time("2026-12-04T10:00:05.000000000Z");
+        assert_eq!(
+            collect(written_between(stream(), previous, started, false)),
+            "crashing\n"
+        );
+        assert_eq!(
+            collect(written_between(stream(), None, started, true)),
+            "2026-12-04T10:00:01.000000000Z boot 1\n2026-12-04T10:00:05.100000000Z crashing\n"
+        );
+        assert_eq!(
+            futures::executor::block_on(lines_from(stream(), started)),
+            2
+        );
+        // Nothing before the first start: nothing at all.
+        let first = engine_time("2026-12-04T10:00:00Z").unwrap();
+        assert_eq!(collect(written_between(stream(), None, first, false)), "");
+        assert_eq!(engine_time("0001-01-01T00:00:00Z"), None);
     }
 }

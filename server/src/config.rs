@@ -1455,6 +1455,42 @@ resync_interval = "1m"
     }
 
     #[test]
+    fn event_retention_is_an_hour_and_10000_per_tenant_unless_set() {
+        let c = load_with(&ServerArgs::default(), &env()).unwrap();
+        assert_eq!(c.events, crate::events::Retention::default());
+        assert_eq!(
+            (c.events.ttl, c.events.max_per_tenant),
+            (Duration::from_secs(3600), 10_000)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "[events]\nttl = \"2h\"\nmax_per_tenant = 500\n");
+        let args = ServerArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        let c = load_with(&args, &env()).unwrap();
+        assert_eq!(
+            (c.events.ttl, c.events.max_per_tenant),
+            (Duration::from_secs(7200), 500)
+        );
+        let args = ServerArgs {
+            config: Some(p),
+            events_ttl: Some("10s".into()),
+            events_max_per_tenant: Some("-1".into()),
+            ..Default::default()
+        };
+        let e = load_with(&args, &env()).unwrap_err().to_string();
+        assert!(
+            e.contains("--events-ttl") && e.contains("from 1m to 30d"),
+            "{e}"
+        );
+        assert!(
+            e.contains("--events-max-per-tenant") && e.contains("from 100 to 1000000"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn fleet_waves_and_bake_time_come_from_the_file_or_flags() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(

@@ -39,8 +39,8 @@ struct RpcFigures {
 struct HttpFigures {
     /// By route template, method and status code.
     requests: BTreeMap<(String, &'static str, u16), u64>,
-    /// By route template and method.
-    latency: BTreeMap<(String, &'static str), Histogram>,
+    /// By route template, method and status code.
+    latency: BTreeMap<(String, &'static str, u16), Histogram>,
 }
 
 /// What agents reported happening to an instance's containers, as counters.
@@ -83,7 +83,7 @@ impl InstanceEvent {
             ),
             InstanceEvent::ProbeFailed => (
                 "clusterclaw_probe_failures_total",
-                "Failed liveness or readiness probes of an instance's replicas.",
+                "Failed liveness probes of an instance's replicas (each restarts the container).",
             ),
             InstanceEvent::ConfigDriftRepaired => (
                 "clusterclaw_config_drift_repairs_total",
@@ -221,7 +221,7 @@ impl Metrics {
         *f.requests
             .entry((route.clone(), method, status))
             .or_default() += 1;
-        observe(f.latency.entry((route, method)).or_default(), took);
+        observe(f.latency.entry((route, method, status)).or_default(), took);
     }
 
     /// Counts what an agent reported happening to a replica of an instance.
@@ -641,13 +641,16 @@ impl Metrics {
                 &mut out,
                 "clusterclaw_http_request_duration_seconds",
                 "histogram",
-                "API request latency by route template and method (a stream counts until its head).",
+                "API request latency by route template, method and status code (a stream counts until its head).",
             );
-            for ((route, method), h) in &f.latency {
+            for ((route, method, code), h) in &f.latency {
                 write_histogram(
                     &mut out,
                     "clusterclaw_http_request_duration_seconds",
-                    &format!("route=\"{}\",method=\"{method}\"", escape(route)),
+                    &format!(
+                        "route=\"{}\",method=\"{method}\",code=\"{code}\"",
+                        escape(route)
+                    ),
                     h,
                 );
             }
@@ -851,9 +854,15 @@ mod tests {
         assert!(text.contains(
             "clusterclaw_http_requests_total{route=\"unmatched\",method=\"other\",code=\"404\"} 1"
         ));
-        assert!(text.contains(&format!(
-            "clusterclaw_http_request_duration_seconds_count{{route=\"{route}\",method=\"GET\"}} 2"
-        )));
+        // Latency by route and code too: the 404s apart from the 200.
+        for code in ["200", "404"] {
+            assert!(
+                text.contains(&format!(
+                    "clusterclaw_http_request_duration_seconds_count{{route=\"{route}\",method=\"GET\",code=\"{code}\"}} 1"
+                )),
+                "{text}"
+            );
+        }
     }
 
     #[test]

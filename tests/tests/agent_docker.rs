@@ -182,6 +182,7 @@ fn assignment(image: &str, replica: &str, tenant: &str) -> Assignment {
         epoch: 0,
         stop_after_seconds: 0,
         import_transfer: String::new(),
+        redact: Vec::new(),
     }
 }
 

@@ -1,9 +1,143 @@
 //! End to end: events of a real instance on a real agent and Docker, through the CLI.
 
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use anyhow::{Context, bail, ensure};
 use clusterclaw_tests::agent::*;
-use clusterclaw_tests::server::TestServer;
+use clusterclaw_tests::server::{TestServer, clusterclaw_bin};
+
+/// A `clusterclaw ... -w` running in the background; its output lines arrive on a channel.
+struct Watcher {
+    child: std::process::Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Watcher {
+    fn start(server: &TestServer, args: &[&str]) -> anyhow::Result<Watcher> {
+        let mut child = Command::new(clusterclaw_bin()?)
+            .args(args)
+            .env(
+                "CLUSTERCLAW_CONFIG",
+                server.scratch_dir().join("cli-config.toml"),
+            )
+            .env("CLUSTERCLAW_SERVER", server.api_url())
+            .env("CLUSTERCLAW_TOKEN", server.admin_token())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("start clusterclaw {args:?}"))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Watcher {
+            child,
+            lines,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Waits for a line matching `want`; returns it.
+    fn wait_line(&mut self, what: &str, want: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if want(&line) {
+                        return Ok(line);
+                    }
+                }
+                Err(_) => bail!("no {what} within the deadline; lines: {:?}", self.seen),
+            }
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `get events --for instance/NAME -w` and `get instances -w` print what happens as it
+/// happens: an instance no host can take shows up in the instances' watch and its
+/// `FailedScheduling` Warning in the events' watch; `describe` of the instance ends with it, and
+/// `describe` of its tenant and project ends with their (empty) events.
+#[test]
+fn watches_print_changes_and_failed_scheduling_as_they_happen() -> anyhow::Result<()> {
+    let server = TestServer::start()?;
+    let scope = Scope::new("ev-watch");
+    scope.apply_http(&server, &scope.base_manifest());
+    let (t, p) = (scope.tenant.as_str(), scope.project.as_str());
+    let mut events = Watcher::start(
+        &server,
+        &[
+            "get",
+            "events",
+            "-t",
+            t,
+            "-p",
+            p,
+            "--for",
+            "instance/bot",
+            "-w",
+        ],
+    )?;
+    let mut instances = Watcher::start(
+        &server,
+        &["get", "instances", "-t", t, "-p", p, "-w", "-o", "json"],
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    // No host at all: the scheduler cannot place the replica.
+    scope.apply_http(
+        &server,
+        &scope.instance_manifest("bot", "example/openclaw:1", 1, &BTreeMap::new()),
+    );
+    instances.wait_line("the new instance", |l| l.contains("\"name\":\"bot\""))?;
+    let failed = events.wait_line("FailedScheduling", |l| {
+        l.contains("FailedScheduling") && l.contains("instance/bot-0")
+    })?;
+    ensure!(failed.contains("Warning"), "{failed}");
+    ensure!(failed.contains("scheduler"), "{failed}");
+
+    let describe = server
+        .cli(&["describe", "instance", "bot", "-t", t, "-p", p])
+        .ok();
+    let (_, tail) = describe
+        .stdout
+        .rsplit_once("Events:")
+        .context("describe ends with Events:")?;
+    ensure!(tail.contains("FailedScheduling"), "{}", describe.stdout);
+    for args in [
+        vec!["describe", "tenant", t],
+        vec!["describe", "project", p, "-t", t],
+    ] {
+        let out = server.cli(&args).ok();
+        ensure!(out.stdout.contains("\nEvents:"), "{args:?}: {}", out.stdout);
+    }
+
+    // Deleting the instance shows in the instances' watch too.
+    scope.delete(&server, "bot");
+    instances.wait_line("the instance's delete", |l| {
+        l.contains("\"name\":\"bot\"") && l.contains("\"deleted\":true")
+    })?;
+    Ok(())
+}
 
 /// An instance applied on a real host: `get events --for instance/NAME` shows it scheduled and
 /// its container started, and `describe` ends with the same events.

@@ -271,7 +271,7 @@ fn logs_are_streamed_redacted_merged_followed_and_scoped() -> anyhow::Result<()>
         .cli(&["logs", "instance", name, "-t", t, "-p", p, "--replica", "7"])
         .code(1);
     ensure!(
-        out.stderr.contains("replica") && out.stderr.contains("no replica 7"),
+        out.stderr.contains("--replica") && out.stderr.contains("no replica 7"),
         "{}",
         out.stderr
     );
@@ -363,6 +363,134 @@ fn logs_are_streamed_redacted_merged_followed_and_scoped() -> anyhow::Result<()>
             "{secret} leaked while following"
         );
     }
+    drop(agent);
+    Ok(())
+}
+
+/// The boot numbers of the stand-in's `listening on ... (boot N)` lines, in order.
+fn boots(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter(|l| l.contains("openclaw-standin: listening on"))
+        .filter_map(|l| {
+            l.rsplit_once("(boot ")
+                .and_then(|(_, n)| n.trim_end_matches(')').parse().ok())
+        })
+        .collect()
+}
+
+/// `--previous`: a replica whose container crashed and was restarted shows what its previous
+/// run wrote (up to the crash), and nothing of the runs before or of the current one; a
+/// replica never restarted has no previous run.
+#[test]
+fn previous_shows_the_run_before_the_last_restart() -> anyhow::Result<()> {
+    let Some(image) = require_docker()? else {
+        return Ok(());
+    };
+    let scope = Scope::new("logs-prev");
+    let cleanup = DockerCleanup::tenant(&scope.tenant);
+    let port = free_port();
+    let server = TestServer::start_on(&format!("127.0.0.1:{port}"), &[])?;
+    let token = join_token(&server, 1, "10m");
+    let host_name = unique("logs-prev-host");
+    let mut agent = TestAgent::enroll(&server, port, &token, &["--name", &host_name])?;
+    let host = agent.wait_enrolled()?;
+    cleanup.host(&host);
+    wait_host_ready(&server, &host)?;
+    let (t, p) = (scope.tenant.as_str(), scope.project.as_str());
+    scope.apply(&server, "base", &scope.base_manifest());
+    let crashing = BTreeMap::from([
+        ("STANDIN_CRASH_AFTER_MS", "4000"),
+        ("STANDIN_LOG_LINES_PER_SEC", "2"),
+    ]);
+    scope.apply(
+        &server,
+        "crashy",
+        &scope.instance_manifest("crashy", &image, 1, &crashing),
+    );
+    scope.apply(
+        &server,
+        "steady",
+        &scope.instance_manifest("steady", &image, 1, &BTreeMap::new()),
+    );
+    wait_ready(&server, &scope, "steady", 1)?;
+
+    // The crashing replica restarted at least once: its container shows two boots.
+    wait_for("a restart of crashy-0", WAIT, || {
+        let out = server.cli(&["logs", "instance", "crashy", "-t", t, "-p", p]);
+        Ok((boots(&out.stdout).len() >= 2).then_some(()))
+    })?;
+    // `--previous` between two reads of the whole output that show the same current run (a
+    // restart in between would blur which run is current: read again).
+    let all_boots = || {
+        boots(
+            &server
+                .cli(&["logs", "instance", "crashy", "-t", t, "-p", p])
+                .ok()
+                .stdout,
+        )
+    };
+    let (previous, current) = {
+        let mut tries = 0;
+        loop {
+            let before = all_boots();
+            let previous = server
+                .cli(&["logs", "instance", "crashy", "-t", t, "-p", p, "--previous"])
+                .ok();
+            let after = all_boots();
+            tries += 1;
+            if before.iter().max() == after.iter().max() || tries == 5 {
+                break (previous, after.iter().max().copied());
+            }
+        }
+    };
+    let earlier = boots(&previous.stdout);
+    ensure!(
+        earlier.len() == 1,
+        "one run, the one before the current: {}",
+        previous.stdout
+    );
+    ensure!(
+        earlier.iter().max().copied() < current,
+        "the current run (boot {current:?}) is not in --previous: {earlier:?}"
+    );
+    let last_line = previous.stdout.lines().last().unwrap_or_default();
+    ensure!(
+        last_line.contains("crashing as told"),
+        "the previous run ends with its crash: {}",
+        previous.stdout
+    );
+    ensure!(previous.stdout.contains("log line"), "{}", previous.stdout);
+    // With timestamps each line starts with the engine's time.
+    let stamped = server
+        .cli(&[
+            "logs",
+            "instance",
+            "crashy",
+            "-t",
+            t,
+            "-p",
+            p,
+            "--previous",
+            "--timestamps",
+            "--tail",
+            "3",
+        ])
+        .ok();
+    ensure!(
+        !stamped.stdout.is_empty()
+            && stamped
+                .stdout
+                .lines()
+                .all(|l| humantime::parse_rfc3339_weak(l.split(' ').next().unwrap_or("")).is_ok()),
+        "{}",
+        stamped.stdout
+    );
+
+    // Never restarted: no previous run, said plainly.
+    let out = server
+        .cli(&["logs", "instance", "steady", "-t", t, "-p", p, "--previous"])
+        .code(1);
+    ensure!(out.stderr.contains("no previous run"), "{}", out.stderr);
     drop(agent);
     Ok(())
 }

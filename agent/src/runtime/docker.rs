@@ -790,7 +790,7 @@ impl ContainerRuntime for DockerRuntime {
             stdout: true,
             stderr: true,
             since: i32::try_from(options.since_unix).unwrap_or(i32::MAX),
-            until: 0,
+            until: i32::try_from(options.until_unix.max(0)).unwrap_or(0),
             timestamps: options.timestamps,
             tail: options
                 .tail

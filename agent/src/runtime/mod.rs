@@ -356,6 +356,8 @@ pub struct LogOptions {
     pub tail: Option<u64>,
     /// Only output since this time (Unix seconds); 0 for all of it.
     pub since_unix: i64,
+    /// Only output before this time (Unix seconds); 0 for all of it.
+    pub until_unix: i64,
     /// Start each line with the engine's RFC 3339 timestamp.
     pub timestamps: bool,
 }

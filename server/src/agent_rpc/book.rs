@@ -212,6 +212,8 @@ struct Rendered {
     config_hash: String,
     resources: pb::Resources,
     content_hash: String,
+    /// The secret values it resolved (config and env), for the agent to redact from logs.
+    redact: Vec<String>,
 }
 
 /// Renders revision `revision` of `instance` (0: none recorded, the instance's own layer
@@ -259,12 +261,14 @@ fn render_revision(
     h.update(text.as_bytes());
     h.update([0]);
     let mut fingerprints = BTreeMap::new();
+    let mut redact = std::collections::BTreeSet::new();
     let mut failure = None;
     let resolved = secretref::substitute(&config, &mut |r| match opener
         .open(&tenant, &project, r, held)
     {
         Ok((v, fp)) => {
             fingerprints.insert(format!("{}/{}", r.name, r.key), fp);
+            redact.insert(v.expose().to_string());
             Some(v.expose().to_string())
         }
         Err(e) => {
@@ -290,6 +294,7 @@ fn render_revision(
                 let (value, fp) = opener.open(&tenant, &project, r, held)?;
                 h.update(format!("secretRef:{}/{}", r.name, r.key).as_bytes());
                 fingerprints.insert(format!("{}/{}", r.name, r.key), fp);
+                redact.insert(value.expose().to_string());
                 value.expose().to_string()
             }
         };
@@ -315,6 +320,7 @@ fn render_revision(
         config_hash,
         resources,
         content_hash,
+        redact: redact.into_iter().collect(),
     })
 }
 
@@ -422,6 +428,7 @@ fn assignments_with(
                     .as_ref()
                     .map(|f| f.transfer.clone())
                     .unwrap_or_default(),
+                redact: v.redact.clone(),
             },
         ));
     }
@@ -1255,10 +1262,18 @@ mod tests {
         }))
         .unwrap();
         let other = inst("plain", 1, &[Some("h2")], "1Gi");
-        book.rebuild_with(&[user.clone(), other.clone()], &inputs, 2);
+        // A reference under a key that names no secret: listed for redaction all the same.
+        let mut hooked = inst("hooked", 1, &[Some("h3")], "1Gi");
+        hooked.spec.config = serde_json::from_value(serde_json::json!({
+            "hooks": {"url": {"secretRef": {"name": "llm", "key": "anthropic"}}}
+        }))
+        .unwrap();
+        book.rebuild_with(&[user.clone(), other.clone(), hooked], &inputs, 2);
+        assert_eq!(book.current("h3").assignments[0].redact, ["sk-one"]);
         let h1 = book.current("h1");
         let a = &h1.assignments[0];
         assert_eq!(a.env["ANTHROPIC_API_KEY"], "sk-one");
+        assert_eq!(a.redact, ["sk-one"]);
         let config: Value = serde_json::from_str(&a.config_json).unwrap();
         assert_eq!(
             config["models"]["providers"]["anthropic"]["apiKey"],

@@ -136,10 +136,10 @@ fn task_error(e: TaskError) -> ApiError {
         ("tail" = Option<u64>, Query, description = "Lines from the end to start with (default: all)"),
         ("since" = Option<String>, Query, description = "Only output since this long ago (`10m`) or this RFC 3339 time"),
         ("timestamps" = Option<bool>, Query, description = "Start each line with its timestamp"),
-        ("previous" = Option<bool>, Query, description = "The container the replica ran before its current one, if its host still has it")),
+        ("previous" = Option<bool>, Query, description = "The output of the replica container's previous run (the one before its last restart, which crashed or was stopped), else an older container of the replica its host still has")),
     responses((status = 200, description = "The output, as chunked text/plain", content_type = "text/plain", body = String),
         (status = 400, description = "BadRequest: a bad parameter (named in details)", body = super::error::ErrorBody),
-        (status = 404, description = "NotFound: no such instance in scope, or no such container", body = super::error::ErrorBody),
+        (status = 404, description = "NotFound: no such instance in scope, no such container, or (previous) no previous run", body = super::error::ErrorBody),
         (status = 503, description = "Unavailable: the replica's host is not connected", body = super::error::ErrorBody)))]
 pub async fn instance_logs(
     state: Ctx,

@@ -677,11 +677,15 @@ pub async fn run(args: DescribeArgs) -> CliResult {
             SystemTime::now(),
         ));
     }
+    // Config templates and secrets have no events of their own (their changes are in the
+    // audit log and the instances' revisions).
     let for_ = match args.kind {
         Kind::OpenClawInstance => Some("instance"),
         Kind::Host => Some("host"),
         Kind::Rollout => Some("rollout"),
-        _ => None,
+        Kind::Tenant => Some("tenant"),
+        Kind::Project => Some("project"),
+        Kind::ConfigTemplate | Kind::Secret => None,
     };
     if let Some(k) = for_ {
         let tenant = obj.pointer("/metadata/tenant").and_then(Value::as_str);

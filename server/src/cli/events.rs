@@ -146,7 +146,7 @@ pub async fn get_events(
 
 /// Lists `path`, prints it with `show(items, true)`, and with `watch` follows its changes,
 /// printing each changed object with `show(&[object], false)`. A watch the server cannot
-/// resume (410, or an `ERROR` line) lists again.
+/// resume (410, or an `ERROR` line) lists again and prints that list with `show(items, false)`.
 pub async fn follow(
     client: &Client,
     path: &str,
@@ -164,6 +164,10 @@ pub async fn follow(
         if first {
             print_out(&show(&items, true)?)?;
             first = false;
+        } else {
+            // Listed again after the server could not resume the watch: what changed
+            // meanwhile is in this list, so print it rather than miss it.
+            print_out(&show(&items, false)?)?;
         }
         if !watch {
             return Ok(());

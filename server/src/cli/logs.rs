@@ -54,7 +54,8 @@ pub struct LogsArgs {
     /// Start each line with its timestamp
     #[arg(long)]
     pub timestamps: bool,
-    /// The container the replica ran before its current one, if its host still has it
+    /// The output of the replica container's previous run (the one before its last restart),
+    /// else an older container of the replica its host still has
     #[arg(long)]
     pub previous: bool,
     #[command(flatten)]
@@ -86,7 +87,15 @@ pub async fn run(args: LogsArgs) -> CliResult {
             ("previous", flag(args.previous)),
         ],
     );
-    let mut resp = client.get_stream(&path).await?;
+    let mut resp = client.get_stream(&path).await.map_err(|e| match e {
+        // A parameter the server refused is the flag of the same name.
+        CliError::Api(e) if e.status == 400 && !e.details.is_empty() => {
+            let flags: Vec<String> = e.details.iter().map(|d| format!("--{}", d.field)).collect();
+            let problems: Vec<&str> = e.details.iter().map(|d| d.problem.as_str()).collect();
+            CliError::Failed(format!("{}: {}", flags.join(", "), problems.join("; ")))
+        }
+        other => other,
+    })?;
     let mut out = std::io::stdout().lock();
     loop {
         match resp.chunk().await {

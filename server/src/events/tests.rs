@@ -2,6 +2,7 @@
 //! `store::feed_tests`.
 
 use super::*;
+use crate::store::sqlite::SqliteStore;
 
 fn inst(tenant: &str, name: &str) -> ObjectKey {
     ObjectKey {
@@ -10,6 +11,12 @@ fn inst(tenant: &str, name: &str) -> ObjectKey {
         project: "p".into(),
         name: name.into(),
     }
+}
+
+fn open() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+    (dir, store)
 }
 
 #[test]
@@ -60,4 +67,169 @@ fn a_tenant_sees_only_its_own_events_and_no_host_events() {
     ));
     assert!(parse_for("pod/x").is_err());
     assert!(parse_for("instance").is_err());
+}
+
+fn reasons(events: &[Event]) -> Vec<(&str, EventType, Option<&str>)> {
+    events
+        .iter()
+        .map(|e| (e.reason.as_str(), e.type_, e.replica.as_deref()))
+        .collect()
+}
+
+/// Scheduling: a replica placed on a new host is `Scheduled`, one no host fits is
+/// `FailedScheduling` (a Warning with the scheduler's reason), said once per reason.
+#[test]
+fn placement_records_scheduled_and_failed_scheduling() {
+    use crate::controllers::scheduler::{InstancePlan, ReplicaPlacement, placement_events};
+    let mut instance: crate::model::OpenClawInstance = serde_json::from_value(
+        serde_json::json!({"apiVersion": "clusterclaw.io/v1", "kind": "OpenClawInstance",
+            "metadata": {"name": "bot", "tenant": "acme", "project": "p"},
+            "spec": {"version": "2026.7.1", "replicas": 2}}),
+    )
+    .unwrap();
+    let why = "Unschedulable: 0/1 hosts fit (h1: 1Gi memory free, 2Gi asked)";
+    let plan = InstancePlan {
+        generation: Some(1),
+        replicas: vec![
+            ReplicaPlacement::Placed { host: "h1".into() },
+            ReplicaPlacement::Unplaced { reason: why.into() },
+        ],
+    };
+    let events = placement_events(&instance, &plan);
+    assert_eq!(
+        reasons(&events),
+        [
+            ("Scheduled", EventType::Normal, Some("bot-0")),
+            ("FailedScheduling", EventType::Warning, Some("bot-1")),
+        ]
+    );
+    assert!(events[0].message.contains("to host h1"), "{events:?}");
+    assert_eq!(events[1].message, why);
+    assert!(events.iter().all(|e| e.source == "scheduler"));
+    // Once recorded in the status, the same placement says nothing again.
+    instance.status = Some(crate::model::InstanceStatus {
+        replica_status: vec![
+            crate::model::ReplicaStatus {
+                name: "bot-0".into(),
+                ordinal: 0,
+                host: Some("h1".into()),
+                ..Default::default()
+            },
+            crate::model::ReplicaStatus {
+                name: "bot-1".into(),
+                ordinal: 1,
+                message: Some(why.into()),
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    });
+    assert!(placement_events(&instance, &plan).is_empty());
+}
+
+/// Rollout steps: the update's phase turning (a failure as a Warning) and each replica moved
+/// to the new revision.
+#[test]
+fn rollout_steps_are_events() {
+    use crate::controllers::rollout::rollout_events;
+    use crate::model::{InstanceStatus, ReplicaStatus, RolloutPhase, RolloutStatus};
+    let key = inst("acme", "bot");
+    let status = |phase, target: Option<u64>| InstanceStatus {
+        rollout: Some(RolloutStatus {
+            revision: 2,
+            phase,
+            ..Default::default()
+        }),
+        replica_status: vec![ReplicaStatus {
+            name: "bot-0".into(),
+            target_revision: target,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let progressing = status(RolloutPhase::Progressing, Some(1));
+    let events = rollout_events(&key, None, Some(&progressing));
+    assert_eq!(
+        reasons(&events),
+        [("RolloutProgressing", EventType::Normal, None)]
+    );
+    let moved = status(RolloutPhase::Progressing, Some(2));
+    assert_eq!(
+        reasons(&rollout_events(&key, Some(&progressing), Some(&moved))),
+        [("ReplicaTargetMoved", EventType::Normal, Some("bot-0"))]
+    );
+    let failed = status(RolloutPhase::Failed, Some(2));
+    let events = rollout_events(&key, Some(&moved), Some(&failed));
+    assert_eq!(
+        reasons(&events),
+        [("RolloutFailed", EventType::Warning, None)]
+    );
+    assert!(events[0].message.contains("revision 2"), "{events:?}");
+    assert_eq!(
+        reasons(&rollout_events(
+            &key,
+            Some(&failed),
+            Some(&status(RolloutPhase::Succeeded, Some(2)))
+        )),
+        [("RolloutSucceeded", EventType::Normal, None)]
+    );
+}
+
+/// Fleet-wide changes: each wave, and a halt as a Warning.
+#[test]
+fn waves_are_events() {
+    use crate::controllers::waves::wave_events;
+    use crate::model::{WavePhase, WaveStatus};
+    let key = ObjectKey::cluster(Kind::Rollout, "fleet-update");
+    let at = |phase, wave| WaveStatus {
+        phase,
+        wave,
+        waves: 3,
+        ..Default::default()
+    };
+    assert_eq!(
+        reasons(&wave_events(
+            &key,
+            Some(&at(WavePhase::Progressing, 0)),
+            &at(WavePhase::Progressing, 1)
+        )),
+        [("WaveStarted", EventType::Normal, None)]
+    );
+    assert_eq!(
+        reasons(&wave_events(
+            &key,
+            Some(&at(WavePhase::Progressing, 1)),
+            &at(WavePhase::Halted, 1)
+        )),
+        [("RolloutHalted", EventType::Warning, None)]
+    );
+}
+
+/// Host transitions: NotReady (Warning) and Ready again, kept as events of the host.
+#[test]
+fn host_transitions_are_events() {
+    use crate::agent_rpc::reports::{host_not_ready_event, host_ready_event};
+    let (_d, store) = open();
+    record(
+        &store,
+        host_not_ready_event("h1", "no status report for 31s"),
+    );
+    record(&store, host_ready_event("h1", "the host reports again"));
+    store.flush_events().unwrap();
+    let filter = EventFilter {
+        object: Some(parse_for("host/h1").unwrap()),
+        ..Default::default()
+    };
+    let (_, events) = store.list_events(&filter).unwrap();
+    let got: Vec<_> = events
+        .iter()
+        .map(|e| (e.event.reason.as_str(), e.event.type_))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("HostNotReady", EventType::Warning),
+            ("HostReady", EventType::Normal)
+        ]
+    );
 }

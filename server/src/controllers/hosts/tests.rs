@@ -251,6 +251,16 @@ fn a_silent_host_turns_not_ready_and_its_replicas_unknown() {
         );
     }
     assert!(s.message.unwrap().contains("host h1 is NotReady"));
+    // The transition is an event of the host.
+    store.flush_events().unwrap();
+    let (_, events) = store
+        .list_events(&crate::events::EventFilter::default())
+        .unwrap();
+    assert!(
+        events.iter().any(|e| e.event.reason == "HostNotReady"
+            && e.event.object == ObjectKey::cluster(Kind::Host, "h1")),
+        "{events:?}"
+    );
 
     // Later passes keep notReadySince and write nothing.
     let index = store.index();
