@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod fleet;
+pub mod oidc_provider;
 pub mod podman;
 pub mod postgres;
 pub mod proxy;

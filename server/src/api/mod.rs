@@ -84,6 +84,10 @@ struct Inner {
     hub: watch::Hub,
     /// The web console's sessions.
     sessions: crate::ui::session::Sessions,
+    /// Single sign-on issuers (the console's sign-ins use them too).
+    oidc: Option<Arc<OidcVerifier>>,
+    /// The console's single sign-ins between their start and their callback.
+    sso_pending: crate::ui::sso::PendingLogins,
     /// The console's cookies are `Secure` (the API is served over TLS).
     secure_cookies: bool,
 }
@@ -149,6 +153,7 @@ impl ApiState {
         options: ApiOptions,
     ) -> Self {
         let index = store.subscribe();
+        let oidc = options.oidc.clone();
         let auth = Authenticator::new(Arc::clone(&store), admin_token_path).with_oidc(options.oidc);
         ApiState {
             inner: Arc::new(Inner {
@@ -168,6 +173,8 @@ impl ApiState {
 
                 hub: watch::Hub::default(),
                 sessions: crate::ui::session::Sessions::default(),
+                oidc,
+                sso_pending: crate::ui::sso::PendingLogins::default(),
                 secure_cookies: options.secure_cookies,
             }),
         }
@@ -223,6 +230,21 @@ impl ApiState {
     /// The web console's sessions.
     pub(crate) fn sessions(&self) -> &crate::ui::session::Sessions {
         &self.inner.sessions
+    }
+
+    /// The single sign-on issuers, when configured.
+    pub(crate) fn oidc(&self) -> Option<&Arc<OidcVerifier>> {
+        self.inner.oidc.as_ref()
+    }
+
+    /// The console's pending single sign-ins.
+    pub(crate) fn sso_pending(&self) -> &crate::ui::sso::PendingLogins {
+        &self.inner.sso_pending
+    }
+
+    /// The audit log's writer, when the server keeps one.
+    pub(crate) fn audit_writer(&self) -> Option<&AuditWriter> {
+        self.inner.audit.as_ref()
     }
 
     /// Whether the console's cookies are `Secure`.
@@ -736,7 +758,8 @@ fn audit_entry(
         .map(|e| e.0.clone());
     let result = if denied {
         AuditResult::denied(status.as_u16(), reason.unwrap_or_default())
-    } else if status.is_success() {
+    } else if status.is_success() || status.is_redirection() {
+        // A console form answers its success with a redirect (logout, for one).
         AuditResult::ok(status.as_u16())
     } else {
         AuditResult::error(status.as_u16(), reason.unwrap_or_default())

@@ -24,6 +24,7 @@
 mod config;
 mod crypto;
 mod jwks;
+pub mod sso;
 #[cfg(test)]
 mod tests;
 
@@ -45,10 +46,11 @@ pub(crate) fn install_crypto() {
 }
 
 pub use config::{
-    DEFAULT_ALGORITHMS, DEFAULT_CLOCK_SKEW, DEFAULT_GROUPS_CLAIM, DEFAULT_USERNAME_CLAIM,
-    IssuerConfig, IssuerSettings, MAX_CLOCK_SKEW, MappingConfig, OidcConfig, OidcConfigProblem,
-    OidcSettings, OneOrMany, PROJECT_EDITOR, ROLES_BY_PRIVILEGE, RoleMapping, SUPPORTED_ALGORITHMS,
-    TENANT_ADMIN, VIEWER, algorithm_names, privilege_rank,
+    CALLBACK_PATH, ClientSecret, ConsoleLogin, DEFAULT_ALGORITHMS, DEFAULT_CLOCK_SKEW,
+    DEFAULT_GROUPS_CLAIM, DEFAULT_SCOPES, DEFAULT_USERNAME_CLAIM, IssuerConfig, IssuerSettings,
+    MAX_CLOCK_SKEW, MappingConfig, OidcConfig, OidcConfigProblem, OidcSettings, OneOrMany,
+    PROJECT_EDITOR, ROLES_BY_PRIVILEGE, RoleMapping, SUPPORTED_ALGORITHMS, TENANT_ADMIN, VIEWER,
+    algorithm_names, privilege_rank,
 };
 
 /// The longest token accepted, in bytes. Real ID and access tokens are 1 to 4 KiB.
@@ -179,6 +181,10 @@ pub enum OidcError {
     Internal(String),
 }
 
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 fn note_suffix(note: &Option<String>) -> String {
     note.as_ref().map(|n| format!(" ({n})")).unwrap_or_default()
 }
@@ -194,12 +200,34 @@ pub struct OidcSetupError {
 struct Issuer {
     settings: IssuerSettings,
     keys: Arc<KeySource>,
+    http: reqwest::Client,
+    /// The endpoints of console single sign-on.
+    discovery: tokio::sync::Mutex<sso::DiscoveryCache>,
 }
 
 /// Verifies bearer JWTs against the configured issuers. Cheap to share (`Arc`); the key
 /// caches live inside.
 pub struct OidcVerifier {
     issuers: Vec<Issuer>,
+    external_url: Option<reqwest::Url>,
+}
+
+/// Why a console sign-in's ID token was refused: the token's own problem, or a claim that
+/// does not belong to this sign-in.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IdTokenError {
+    #[error(transparent)]
+    Token(#[from] OidcError),
+    #[error("the ID token was issued by {got}, not by {expected}, where this sign-in began")]
+    OtherIssuer { got: String, expected: String },
+    #[error("the ID token was issued to another client: its 'aud' does not hold {client_id}")]
+    OtherClient { client_id: String },
+    #[error("the ID token's 'azp' names another client than {client_id}")]
+    OtherParty { client_id: String },
+    #[error(
+        "the ID token's nonce does not match this sign-in's: it was issued for another sign-in (a replay)"
+    )]
+    WrongNonce,
 }
 
 impl OidcVerifier {
@@ -231,11 +259,117 @@ impl OidcVerifier {
                 reason: e.to_string(),
             })?;
             issuers.push(Issuer {
-                keys: Arc::new(KeySource::new(s, http, options.clone())),
+                keys: Arc::new(KeySource::new(s, http.clone(), options.clone())),
                 settings: s.clone(),
+                http,
+                discovery: Default::default(),
             });
         }
-        Ok(OidcVerifier { issuers })
+        Ok(OidcVerifier {
+            issuers,
+            external_url: settings.external_url.clone(),
+        })
+    }
+
+    /// The issuers the console offers single sign-on with: their index and their settings.
+    pub fn console_logins(&self) -> impl Iterator<Item = (usize, &ConsoleLogin)> {
+        self.issuers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.settings.console.as_ref().map(|c| (i, c)))
+    }
+
+    /// Issuer `index` when it offers console single sign-on.
+    pub fn console_login(&self, index: usize) -> Option<(&str, &ConsoleLogin)> {
+        let i = self.issuers.get(index)?;
+        Some((i.settings.issuer.as_str(), i.settings.console.as_ref()?))
+    }
+
+    /// `external_url`: where browsers reach the console, when configured.
+    pub fn external_url(&self) -> Option<&reqwest::Url> {
+        self.external_url.as_ref()
+    }
+
+    /// The authorization and token endpoints of issuer `index` (from its discovery document,
+    /// cached).
+    pub async fn endpoints(&self, index: usize) -> Result<Arc<sso::Endpoints>, String> {
+        let i = self
+            .issuers
+            .get(index)
+            .ok_or_else(|| format!("no issuer number {index}"))?;
+        sso::endpoints(&i.http, &i.settings.issuer, &i.discovery).await
+    }
+
+    /// Exchanges a code from issuer `index` for its ID token (not verified yet).
+    pub async fn exchange_code(
+        &self,
+        index: usize,
+        code: &str,
+        verifier: &str,
+        redirect_uri: &str,
+    ) -> Result<String, String> {
+        let i = self
+            .issuers
+            .get(index)
+            .ok_or_else(|| format!("no issuer number {index}"))?;
+        let login = i
+            .settings
+            .console
+            .as_ref()
+            .ok_or_else(|| format!("{} has no console single sign-on", i.settings.issuer))?;
+        let endpoints = sso::endpoints(&i.http, &i.settings.issuer, &i.discovery).await?;
+        sso::exchange_code(&i.http, &endpoints, login, code, verifier, redirect_uri).await
+    }
+
+    /// Checks the ID token of a console sign-in begun with issuer `index`: everything
+    /// [`OidcVerifier::verify`] checks, and that it was issued by that issuer to its console
+    /// client (`aud`, and `azp` when present) for this sign-in (`nonce`). Returns the user and
+    /// the token's expiry (seconds since 1970).
+    pub async fn verify_id_token(
+        &self,
+        index: usize,
+        token: &str,
+        nonce: &str,
+    ) -> Result<(Principal, u64), IdTokenError> {
+        let expected = self
+            .issuers
+            .get(index)
+            .ok_or_else(|| OidcError::Internal(format!("no issuer number {index}")))?;
+        let client_id = expected
+            .settings
+            .console
+            .as_ref()
+            .map(|c| c.client_id.clone())
+            .ok_or_else(|| OidcError::Internal("no console client".into()))?;
+        let (issuer, claims) = self.verified_claims(token).await?;
+        if issuer.settings.issuer != expected.settings.issuer {
+            return Err(IdTokenError::OtherIssuer {
+                got: issuer.settings.issuer.clone(),
+                expected: expected.settings.issuer.clone(),
+            });
+        }
+        let for_client = match claims.get("aud") {
+            Some(Value::String(a)) => a == &client_id,
+            Some(Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(&client_id)),
+            _ => false,
+        };
+        if !for_client {
+            return Err(IdTokenError::OtherClient { client_id });
+        }
+        if let Some(azp) = claims.get("azp")
+            && azp.as_str() != Some(client_id.as_str())
+        {
+            return Err(IdTokenError::OtherParty { client_id });
+        }
+        let sent = claims.get("nonce").and_then(Value::as_str).unwrap_or("");
+        if !constant_time_eq(sent.as_bytes(), nonce.as_bytes()) {
+            return Err(IdTokenError::WrongNonce);
+        }
+        let exp = claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| OidcError::MissingClaim("exp".into()))?;
+        Ok((principal(&issuer.settings, &claims)?, exp))
     }
 
     /// Whether no issuer is configured (then no JWT is ever accepted).
@@ -263,6 +397,16 @@ impl OidcVerifier {
 
     /// Checks a bearer JWT and returns who it stands for.
     pub async fn verify(&self, token: &str) -> Result<Principal, OidcError> {
+        let (issuer, claims) = self.verified_claims(token).await?;
+        principal(&issuer.settings, &claims)
+    }
+
+    /// The issuer and the claims of a JWT whose signature, `iss`, `aud`, `exp` and `nbf`
+    /// check out.
+    async fn verified_claims(
+        &self,
+        token: &str,
+    ) -> Result<(&Issuer, Map<String, Value>), OidcError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(OidcError::TooLarge {
                 len: token.len(),
@@ -322,7 +466,7 @@ impl OidcVerifier {
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         let verified = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation)
             .map_err(|e| map_jwt_error(e.into_kind(), header.alg, &claims, s))?;
-        principal(s, &verified.claims)
+        Ok((issuer, verified.claims))
     }
 }
 

@@ -12,6 +12,7 @@ pub mod gate;
 mod login;
 pub mod pages;
 pub mod session;
+pub mod sso;
 pub mod views;
 
 use axum::http::{HeaderValue, header};
@@ -36,6 +37,10 @@ pub fn mount(routes: Routes) -> Routes {
             "/ui/login",
             open(login::login_page).open_post(login::log_in),
         )
+        // Single sign-on: pre-login pages, like the login form (the callback checks its own
+        // state, browser binding, PKCE and nonce).
+        .route("/ui/login/oidc", open(sso::start))
+        .route(sso::CALLBACK, open(sso::callback))
         .route("/ui/logout", form(Info, Verb::Read, login::log_out))
         .route("/ui/", page(Instances, pages::overview))
         .route("/ui/tenants", page(Tenants, pages::tenants))

@@ -52,6 +52,8 @@ struct Entry {
     csrf: String,
     created: Instant,
     last_seen: Instant,
+    /// When the session ends whatever else: the expiry of a single sign-on ID token.
+    until: Option<Instant>,
 }
 
 /// What a request learns of its session: put in the request's extensions for the pages.
@@ -87,6 +89,17 @@ pub fn same_secret(a: &str, b: &str) -> bool {
 impl Sessions {
     /// Opens a session for `token` (already authenticated by the caller); returns its id.
     pub fn open(&self, token: SessionToken, now: Instant) -> SessionInfo {
+        self.open_until(token, now, None)
+    }
+
+    /// Like [`Sessions::open`], for a session that also ends at `until` (when its single
+    /// sign-on ID token expires), or at the idle and absolute limits if sooner.
+    pub fn open_until(
+        &self,
+        token: SessionToken,
+        now: Instant,
+        until: Option<Instant>,
+    ) -> SessionInfo {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, e| live(e, now));
         if map.len() >= MAX_SESSIONS
@@ -106,6 +119,7 @@ impl Sessions {
                 csrf: csrf.clone(),
                 created: now,
                 last_seen: now,
+                until,
             },
         );
         SessionInfo { id, csrf, token }
@@ -148,6 +162,7 @@ impl Sessions {
 fn live(e: &Entry, now: Instant) -> bool {
     now.saturating_duration_since(e.last_seen) < IDLE_TIMEOUT
         && now.saturating_duration_since(e.created) < MAX_LIFETIME
+        && e.until.is_none_or(|until| now < until)
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
@@ -251,6 +266,19 @@ mod tests {
             assert!(s.touch(&info.id, now).is_some());
         }
         assert!(s.touch(&info.id, t0 + MAX_LIFETIME).is_none());
+    }
+
+    #[test]
+    fn a_single_sign_on_session_ends_with_its_id_token() {
+        let s = Sessions::default();
+        let t0 = Instant::now();
+        let info = s.open_until(token(), t0, Some(t0 + Duration::from_secs(300)));
+        assert!(s.touch(&info.id, t0 + Duration::from_secs(299)).is_some());
+        assert!(s.touch(&info.id, t0 + Duration::from_secs(300)).is_none());
+        assert!(s.is_empty());
+        // A token that outlives the session's limits does not stretch them.
+        let info = s.open_until(token(), t0, Some(t0 + MAX_LIFETIME * 2));
+        assert!(s.touch(&info.id, t0 + IDLE_TIMEOUT).is_none());
     }
 
     #[test]

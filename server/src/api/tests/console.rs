@@ -540,3 +540,95 @@ async fn every_console_route_answers_every_caller_as_the_table_says() {
     }
     assert!(checked > 60, "{checked}");
 }
+
+#[tokio::test]
+async fn logins_and_logouts_are_audited_without_the_token() {
+    let base = two_tenants().await;
+    let (f, writer) = base.audited();
+    // Refused: a token that is not one; then accepted, then a logout.
+    let mut stranger = Browser::default();
+    let form = stranger.get(&f, "/ui/login").await;
+    let csrf = form.csrf();
+    let bad = format!("cca_{}", "z".repeat(40));
+    let r = stranger
+        .post(&f, "/ui/login", &format!("csrf={csrf}&token={bad}"))
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    let (mut b, csrf) = Browser::log_in(&f, &f.token).await;
+    let r = b.post(&f, "/ui/logout", &format!("csrf={csrf}")).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    writer.flush().await.unwrap();
+    let records = f.audit_records();
+    let logins: Vec<_> = records
+        .iter()
+        .filter(|r| r.entry.action == "login")
+        .collect();
+    assert_eq!(logins.len(), 2, "{logins:#?}");
+    assert_eq!(logins[0].entry.result.status, 401);
+    assert_eq!(logins[0].entry.principal.id, "anonymous");
+    assert_eq!(logins[1].entry.result.status, 303);
+    assert_ne!(logins[1].entry.principal.id, "anonymous");
+    assert_eq!(logins[1].entry.object.as_ref().unwrap().name, "token");
+    let logout = records
+        .iter()
+        .find(|r| r.entry.action == "logout")
+        .expect("a logout record");
+    assert_eq!(
+        logout.entry.result.outcome,
+        crate::audit::AuditOutcome::Ok,
+        "{logout:?}"
+    );
+    assert_eq!(logout.entry.principal.id, logins[1].entry.principal.id);
+    let all = format!("{records:?}");
+    assert!(!all.contains(&f.token) && !all.contains(&bad));
+}
+
+#[tokio::test]
+async fn single_sign_on_refuses_what_it_cannot_tie_to_a_sign_in() {
+    let base = two_tenants().await;
+    let (f, writer) = base.audited();
+    let mut b = Browser::default();
+    // Without an issuer configured for the console.
+    let r = b.get(&f, "/ui/login/oidc?issuer=0").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    assert!(r.body.contains("not configured"), "{}", r.body);
+    let form = b.get(&f, "/ui/login").await;
+    assert!(!form.body.contains("Sign in with"), "{}", form.body);
+    // A callback is never a session, whatever it carries.
+    for q in ["", "?state=x&code=y", "?error=access_denied&state=x"] {
+        let r = b.get(&f, &format!("/ui/login/oidc/callback{q}")).await;
+        assert!(r.status.is_client_error(), "{q}: {}", r.status);
+        assert!(r.body.contains("Single sign-on failed"), "{q}: {}", r.body);
+        assert!(b.cookies.iter().all(|(k, _)| k != "ccui_session"), "{q}");
+    }
+    writer.flush().await.unwrap();
+    let refused = f
+        .audit_records()
+        .into_iter()
+        .filter(|r| r.entry.action == "login" && r.entry.result.status >= 400)
+        .count();
+    assert_eq!(refused, 3);
+}
+
+#[test]
+fn the_pre_login_routes_are_the_only_open_console_routes() {
+    let table = crate::api::route_table();
+    let mut open: Vec<String> = table
+        .entries()
+        .filter(|(path, _, need)| *need == Need::Open && path.starts_with("/ui"))
+        .map(|(path, method, _)| format!("{method} {path}"))
+        .collect();
+    open.sort();
+    assert_eq!(
+        open,
+        [
+            "GET /ui",
+            "GET /ui/login",
+            "GET /ui/login/oidc",
+            "GET /ui/login/oidc/callback",
+            "GET /ui/static/console.css",
+            "GET /ui/static/console.js",
+            "POST /ui/login",
+        ]
+    );
+}

@@ -2,6 +2,9 @@
 //! groups map to roles, checked whole before the server starts.
 //!
 //! ```toml
+//! [oidc]
+//! # external_url = "https://cc.example.com:8443"   # the console's address as browsers see it
+//!
 //! [[oidc.issuers]]
 //! issuer = "https://login.example.com/realms/corp"   # equal to the tokens' `iss`
 //! audience = "clusterclaw"                           # or a list; the tokens' `aud` must hold one
@@ -12,6 +15,13 @@
 //! # clock_skew = "60s"
 //! # username_claim = "sub"          # e.g. "preferred_username" or "email"
 //! # groups_claim = "groups"
+//! # Console single sign-on (authorization code flow with PKCE), when client_id is set:
+//! # client_id = "clusterclaw-console"          # also accepted as an audience
+//! # client_secret_file = "console-secret"     # first line is the secret; none for a public client
+//! # redirect_url = "https://cc.example.com/ui/login/oidc/callback"
+//! #   (default: <oidc.external_url>/ui/login/oidc/callback, else from the request's Host)
+//! # scopes = ["openid", "profile", "email", "groups"]
+//! # display_name = "Corp login"                # the button says "Sign in with Corp login"
 //!
 //! [[oidc.issuers.mappings]]
 //! group = "platform-operators"
@@ -83,6 +93,9 @@ pub const DEFAULT_GROUPS_CLAIM: &str = "groups";
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OidcConfig {
+    /// The console's address as browsers reach it (scheme, host, port), for the default
+    /// redirect URL of console single sign-on.
+    pub external_url: Option<Spanned<String>>,
     #[serde(default)]
     pub issuers: Vec<Spanned<IssuerConfig>>,
 }
@@ -99,6 +112,13 @@ pub struct IssuerConfig {
     pub clock_skew: Option<Spanned<String>>,
     pub username_claim: Option<Spanned<String>>,
     pub groups_claim: Option<Spanned<String>>,
+    /// Console single sign-on: the client the console is registered as at the issuer.
+    pub client_id: Option<Spanned<String>>,
+    /// A file whose first line is the client's secret (a confidential client).
+    pub client_secret_file: Option<Spanned<String>>,
+    pub redirect_url: Option<Spanned<String>>,
+    pub scopes: Option<Spanned<Vec<Spanned<String>>>>,
+    pub display_name: Option<Spanned<String>>,
     #[serde(default)]
     pub mappings: Vec<Spanned<MappingConfig>>,
 }
@@ -124,7 +144,39 @@ pub struct MappingConfig {
 /// The checked OIDC settings.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OidcSettings {
+    /// `external_url`: where browsers reach the console.
+    pub external_url: Option<Url>,
     pub issuers: Vec<IssuerSettings>,
+}
+
+/// The path of the console's single sign-on callback.
+pub const CALLBACK_PATH: &str = "/ui/login/oidc/callback";
+/// Scopes asked for when `scopes` is not set.
+pub const DEFAULT_SCOPES: &[&str] = &["openid", "profile", "email", "groups"];
+/// The longest `display_name`, in characters.
+pub const MAX_DISPLAY_NAME: usize = 64;
+
+/// A client secret, read from its file; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientSecret(pub String);
+
+impl fmt::Debug for ClientSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// How the console signs users in with an issuer (authorization code flow with PKCE).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsoleLogin {
+    pub client_id: String,
+    /// `None`: a public client (PKCE alone protects the code).
+    pub client_secret: Option<ClientSecret>,
+    /// `None`: `<external_url>/ui/login/oidc/callback`, or the request's own address.
+    pub redirect_url: Option<Url>,
+    pub scopes: Vec<String>,
+    /// What the login page's button names.
+    pub display_name: String,
 }
 
 /// One trusted issuer, checked.
@@ -146,6 +198,8 @@ pub struct IssuerSettings {
     pub groups_claim: String,
     /// In file order.
     pub mappings: Vec<RoleMapping>,
+    /// Console single sign-on with this issuer, when `client_id` is set.
+    pub console: Option<ConsoleLogin>,
 }
 
 impl IssuerSettings {
@@ -165,6 +219,7 @@ impl IssuerSettings {
             username_claim: DEFAULT_USERNAME_CLAIM.into(),
             groups_claim: DEFAULT_GROUPS_CLAIM.into(),
             mappings,
+            console: None,
         }
     }
 
@@ -261,6 +316,26 @@ impl OidcConfig {
     /// directory of the config file). Every problem is reported at once.
     pub fn validate(&self, base_dir: &Path) -> Result<OidcSettings, Vec<OidcConfigProblem>> {
         let mut p = Problems(Vec::new());
+        let external_url = self.external_url.as_ref().and_then(|u| {
+            match check_url(u.get_ref(), true) {
+                Ok(url) if url.path() == "/" => Some(url),
+                Ok(_) => {
+                    p.push(
+                        "oidc.external_url",
+                        u,
+                        format!(
+                            "{:?} has a path; give only the scheme, host and port browsers use to reach the console (e.g. https://cc.example.com:8443)",
+                            u.get_ref()
+                        ),
+                    );
+                    None
+                }
+                Err(e) => {
+                    p.push("oidc.external_url", u, e);
+                    None
+                }
+            }
+        });
         let mut issuers = Vec::new();
         for (i, spanned) in self.issuers.iter().enumerate() {
             let key = format!("oidc.issuers[{i}]");
@@ -281,7 +356,10 @@ impl OidcConfig {
             issuers.push(issuer);
         }
         if p.0.is_empty() {
-            Ok(OidcSettings { issuers })
+            Ok(OidcSettings {
+                external_url,
+                issuers,
+            })
         } else {
             Err(p.0)
         }
@@ -417,6 +495,15 @@ fn validate_issuer(
         );
     }
 
+    let console = validate_console(c, key, base_dir, &issuer, p);
+    let mut audiences = audiences;
+    if let Some(c) = &console
+        && !audiences.contains(&c.client_id)
+    {
+        // The console's ID tokens are issued to its client id.
+        audiences.push(c.client_id.clone());
+    }
+
     IssuerSettings {
         issuer,
         audiences,
@@ -427,7 +514,164 @@ fn validate_issuer(
         username_claim,
         groups_claim,
         mappings,
+        console,
     }
+}
+
+/// The console single sign-on settings of an issuer: `None` without `client_id` (then none of
+/// the other console settings may be set).
+fn validate_console(
+    c: &IssuerConfig,
+    key: &str,
+    base_dir: &Path,
+    issuer: &str,
+    p: &mut Problems,
+) -> Option<ConsoleLogin> {
+    let Some(client_id) = &c.client_id else {
+        let without = "is a setting of console single sign-on; set client_id too (the client the console is registered as at the issuer), or remove it";
+        if let Some(v) = &c.client_secret_file {
+            p.push(&format!("{key}.client_secret_file"), v, without);
+        }
+        if let Some(v) = &c.redirect_url {
+            p.push(&format!("{key}.redirect_url"), v, without);
+        }
+        if let Some(v) = &c.scopes {
+            p.push(&format!("{key}.scopes"), v, without);
+        }
+        if let Some(v) = &c.display_name {
+            p.push(&format!("{key}.display_name"), v, without);
+        }
+        return None;
+    };
+    let id = client_id.get_ref();
+    if id.trim().is_empty() || id.len() > 256 || id.chars().any(|c| c.is_control()) {
+        p.push(
+            &format!("{key}.client_id"),
+            client_id,
+            "must be the console's client id at the issuer: 1 to 256 characters, no control characters",
+        );
+    }
+    let client_secret =
+        c.client_secret_file
+            .as_ref()
+            .and_then(|f| match read_secret_file(base_dir, f.get_ref()) {
+                Ok(s) => Some(ClientSecret(s)),
+                Err(e) => {
+                    p.push(&format!("{key}.client_secret_file"), f, e);
+                    None
+                }
+            });
+    let redirect_url = c.redirect_url.as_ref().and_then(|u| {
+        match check_url(u.get_ref(), true) {
+            Ok(url) if url.path().trim_end_matches('/') == CALLBACK_PATH => Some(url),
+            Ok(_) => {
+                p.push(
+                    &format!("{key}.redirect_url"),
+                    u,
+                    format!(
+                        "{:?} must end in the console's callback path {CALLBACK_PATH} (e.g. https://cc.example.com{CALLBACK_PATH})",
+                        u.get_ref()
+                    ),
+                );
+                None
+            }
+            Err(e) => {
+                p.push(&format!("{key}.redirect_url"), u, e);
+                None
+            }
+        }
+    });
+    let scopes = match &c.scopes {
+        None => DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect(),
+        Some(list) => {
+            let mut scopes: Vec<String> = Vec::new();
+            for s in list.get_ref() {
+                let v = s.get_ref();
+                if v.is_empty()
+                    || !v
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+                {
+                    p.push(
+                        &format!("{key}.scopes"),
+                        s,
+                        format!(
+                            "{v:?} is not a scope: a scope is printable ASCII without spaces, quotes or backslashes"
+                        ),
+                    );
+                } else if !scopes.contains(v) {
+                    scopes.push(v.clone());
+                }
+            }
+            if !list.get_ref().iter().any(|s| s.get_ref() == "openid") {
+                p.push(
+                    &format!("{key}.scopes"),
+                    list,
+                    format!(
+                        "must include \"openid\" (an ID token is what signs the user in); default {DEFAULT_SCOPES:?}"
+                    ),
+                );
+            }
+            scopes
+        }
+    };
+    let display_name = match &c.display_name {
+        None => Url::parse(issuer)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_else(|| issuer.to_string()),
+        Some(n) => {
+            let v = n.get_ref().trim();
+            if v.is_empty()
+                || v.chars().count() > MAX_DISPLAY_NAME
+                || v.chars().any(|c| c.is_control())
+            {
+                p.push(
+                    &format!("{key}.display_name"),
+                    n,
+                    format!(
+                        "must be 1 to {MAX_DISPLAY_NAME} characters without control characters (the login button says \"Sign in with <display_name>\")"
+                    ),
+                );
+            }
+            v.to_string()
+        }
+    };
+    Some(ConsoleLogin {
+        client_id: id.clone(),
+        client_secret,
+        redirect_url,
+        scopes,
+        display_name,
+    })
+}
+
+/// The first line of a secret file, trimmed; the error never holds the file's content.
+fn read_secret_file(base_dir: &Path, value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        return Err("must name a file whose first line is the client secret".into());
+    }
+    let path: PathBuf = if Path::new(value).is_absolute() {
+        PathBuf::from(value)
+    } else {
+        base_dir.join(value)
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let secret = text.lines().next().unwrap_or_default().trim();
+    if secret.is_empty() {
+        return Err(format!(
+            "{} is empty; its first line must be the client secret",
+            path.display()
+        ));
+    }
+    if secret.chars().any(|c| c.is_control()) {
+        return Err(format!(
+            "the first line of {} holds control characters; a client secret is printable text",
+            path.display()
+        ));
+    }
+    Ok(secret.to_string())
 }
 
 fn validate_mapping(m: &MappingConfig, key: &str, p: &mut Problems) -> RoleMapping {
@@ -914,6 +1158,130 @@ role = "viewer"
             ]
         );
         assert!(p[5].problem.contains("already configured"), "{}", p[5]);
+    }
+
+    fn with_console(lines: &str) -> String {
+        MINIMAL.replace(
+            "audience = \"clusterclaw\"",
+            &format!("audience = \"clusterclaw\"\n{lines}"),
+        )
+    }
+
+    #[test]
+    fn console_sign_on_defaults_and_settings() {
+        let s = parse(MINIMAL).validate(Path::new("/")).unwrap();
+        assert_eq!(s.issuers[0].console, None);
+        assert_eq!(s.external_url, None);
+
+        let s = parse(&with_console("client_id = \"cc-console\""))
+            .validate(Path::new("/"))
+            .unwrap();
+        let c = s.issuers[0].console.as_ref().unwrap();
+        assert_eq!(c.client_id, "cc-console");
+        assert_eq!(c.client_secret, None);
+        assert_eq!(c.redirect_url, None);
+        assert_eq!(c.scopes, ["openid", "profile", "email", "groups"]);
+        assert_eq!(c.display_name, "login.example.com");
+        // The console's ID tokens are issued to its client id.
+        assert_eq!(s.issuers[0].audiences, ["clusterclaw", "cc-console"]);
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "  hunter2 \nignored\n").unwrap();
+        let text = format!(
+            "[oidc]\nexternal_url = \"https://cc.example.com:8443\"\n{}",
+            with_console(
+                "client_id = \"clusterclaw\"\nclient_secret_file = \"secret\"\nredirect_url = \"https://cc.example.com/ui/login/oidc/callback\"\nscopes = [\"openid\", \"groups\", \"openid\"]\ndisplay_name = \"Corp login\""
+            )
+        );
+        let s = parse(&text).validate(dir.path()).unwrap();
+        assert_eq!(
+            s.external_url.as_ref().unwrap().as_str(),
+            "https://cc.example.com:8443/"
+        );
+        let i = &s.issuers[0];
+        assert_eq!(i.audiences, ["clusterclaw"]);
+        let c = i.console.as_ref().unwrap();
+        assert_eq!(c.client_secret.as_ref().unwrap().0, "hunter2");
+        assert_eq!(
+            c.redirect_url.as_ref().unwrap().as_str(),
+            "https://cc.example.com/ui/login/oidc/callback"
+        );
+        assert_eq!(c.scopes, ["openid", "groups"]);
+        assert_eq!(c.display_name, "Corp login");
+        // The secret never prints.
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn console_sign_on_problems_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("empty"), "\n").unwrap();
+        for (lines, key, words) in [
+            (
+                "redirect_url = \"https://cc.example.com/ui/login/oidc/callback\"",
+                "redirect_url",
+                "set client_id too",
+            ),
+            ("scopes = [\"openid\"]", "scopes", "set client_id too"),
+            (
+                "client_secret_file = \"secret\"",
+                "client_secret_file",
+                "set client_id too",
+            ),
+            ("client_id = \" \"", "client_id", "1 to 256 characters"),
+            (
+                "client_id = \"cc\"\nclient_secret_file = \"missing\"",
+                "client_secret_file",
+                "cannot read",
+            ),
+            (
+                "client_id = \"cc\"\nclient_secret_file = \"empty\"",
+                "client_secret_file",
+                "is empty",
+            ),
+            (
+                "client_id = \"cc\"\nredirect_url = \"https://cc.example.com/elsewhere\"",
+                "redirect_url",
+                "/ui/login/oidc/callback",
+            ),
+            (
+                "client_id = \"cc\"\nredirect_url = \"http://cc.example.com/ui/login/oidc/callback\"",
+                "redirect_url",
+                "plain http",
+            ),
+            (
+                "client_id = \"cc\"\nscopes = [\"profile\", \"groups\"]",
+                "scopes",
+                "must include \"openid\"",
+            ),
+            (
+                "client_id = \"cc\"\nscopes = [\"openid\", \"two words\"]",
+                "scopes",
+                "is not a scope",
+            ),
+            (
+                "client_id = \"cc\"\ndisplay_name = \"\"",
+                "display_name",
+                "1 to 64 characters",
+            ),
+        ] {
+            let p = parse(&with_console(lines))
+                .validate(dir.path())
+                .unwrap_err();
+            assert_eq!(p.len(), 1, "{lines}: {p:#?}");
+            assert_eq!(p[0].key, format!("oidc.issuers[0].{key}"), "{lines}");
+            assert!(p[0].problem.contains(words), "{lines}: {}", p[0].problem);
+        }
+        for (url, words) in [
+            ("https://cc.example.com/console", "has a path"),
+            ("http://cc.example.com", "plain http"),
+            ("cc.example.com", "not a URL"),
+        ] {
+            let p = problems(&format!("[oidc]\nexternal_url = \"{url}\"\n{MINIMAL}"));
+            assert_eq!(p.len(), 1, "{p:#?}");
+            assert_eq!(p[0].key, "oidc.external_url");
+            assert!(p[0].problem.contains(words), "{url}: {}", p[0].problem);
+        }
     }
 
     #[test]

@@ -214,55 +214,91 @@ impl KeySource {
     }
 
     async fn get_json<T: DeserializeOwned>(&self, url: &Url, what: &str) -> Result<T, String> {
-        let mut resp = self
-            .http
-            .get(url.clone())
-            .header(ACCEPT, "application/json")
-            .send()
-            .await
-            .map_err(|e| format!("cannot fetch {what} from {url}: {}", error_chain(&e)))?;
-        let status = resp.status();
-        if status.is_redirection() {
-            let to = resp
-                .headers()
-                .get(LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("?");
-            return Err(format!(
-                "{url} answered with a redirect (HTTP {status}) to {to}; redirects are not followed: configure the final address"
-            ));
-        }
-        if !status.is_success() {
-            return Err(format!("{url} answered HTTP {status} for {what}"));
-        }
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_DOCUMENT_BYTES as u64)
-        {
+        get_json(&self.http, url, what).await
+    }
+}
+
+/// Fetches a JSON document of at most [`MAX_DOCUMENT_BYTES`], without following redirects.
+pub(super) async fn get_json<T: DeserializeOwned>(
+    http: &reqwest::Client,
+    url: &Url,
+    what: &str,
+) -> Result<T, String> {
+    let resp = http
+        .get(url.clone())
+        .header(ACCEPT, "application/json")
+        .send()
+        .await
+        .map_err(|e| format!("cannot fetch {what} from {url}: {}", error_chain(&e)))?;
+    read_json(resp, url, what).await
+}
+
+/// Reads a JSON answer of at most [`MAX_DOCUMENT_BYTES`]; a redirect or an error status is an
+/// error naming `what`.
+pub(super) async fn read_json<T: DeserializeOwned>(
+    mut resp: reqwest::Response,
+    url: &Url,
+    what: &str,
+) -> Result<T, String> {
+    let status = resp.status();
+    if status.is_redirection() {
+        let to = resp
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?");
+        return Err(format!(
+            "{url} answered with a redirect (HTTP {status}) to {to}; redirects are not followed: configure the final address"
+        ));
+    }
+    let body = read_body(&mut resp, url, what).await?;
+    if !status.is_success() {
+        // An OAuth error answer names what went wrong; anything else is shown by its status.
+        let detail = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                let e = v.get("error")?.as_str()?.to_string();
+                let d = v
+                    .get("error_description")
+                    .and_then(|d| d.as_str())
+                    .map(|d| format!(": {}", d.chars().take(200).collect::<String>()))
+                    .unwrap_or_default();
+                Some(format!(" ({e}{d})"))
+            })
+            .unwrap_or_default();
+        return Err(format!("{url} answered HTTP {status} for {what}{detail}"));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| format!("{what} at {url} is not the expected JSON: {e}"))
+}
+
+async fn read_body(resp: &mut reqwest::Response, url: &Url, what: &str) -> Result<Vec<u8>, String> {
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_DOCUMENT_BYTES as u64)
+    {
+        return Err(format!(
+            "{what} at {url} is larger than {MAX_DOCUMENT_BYTES} bytes"
+        ));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| format!("cannot read {what} from {url}: {}", error_chain(&e)))?
+    {
+        if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
             return Err(format!(
                 "{what} at {url} is larger than {MAX_DOCUMENT_BYTES} bytes"
             ));
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| format!("cannot read {what} from {url}: {}", error_chain(&e)))?
-        {
-            if body.len() + chunk.len() > MAX_DOCUMENT_BYTES {
-                return Err(format!(
-                    "{what} at {url} is larger than {MAX_DOCUMENT_BYTES} bytes"
-                ));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        serde_json::from_slice(&body)
-            .map_err(|e| format!("{what} at {url} is not the expected JSON: {e}"))
+        body.extend_from_slice(&chunk);
     }
+    Ok(body)
 }
 
 /// The error and its causes, `a: b: c`, without repeats.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

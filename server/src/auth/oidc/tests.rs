@@ -334,6 +334,7 @@ fn new_verifier(
 fn verifier(settings: IssuerSettings, options: VerifierOptions) -> OidcVerifier {
     new_verifier(
         &OidcSettings {
+            external_url: None,
             issuers: vec![settings],
         },
         options,
@@ -1025,6 +1026,7 @@ async fn tokens_of_several_issuers() {
     let b = Idp::start(&[&b_key]).await;
     let v = new_verifier(
         &OidcSettings {
+            external_url: None,
             issuers: vec![a.settings(), b.settings()],
         },
         fast(),
