@@ -377,7 +377,11 @@ mod tests {
             ca_pem: cert.pem(),
         };
         let control = GrpcControlPlane::new(&identity, &servers).unwrap();
-        assert_eq!(control.server(), servers[0], "the first given, not the enrolled one");
+        assert_eq!(
+            control.server(),
+            servers[0],
+            "the first given, not the enrolled one"
+        );
         let e = control
             .watch_assignments(0, Duration::from_secs(1))
             .await
