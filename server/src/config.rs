@@ -139,7 +139,7 @@ pub struct ServerArgs {
     pub heartbeat_timeout: Option<String>,
     /// How long the leader lease lasts: the leader renews it every third of that, and another
     /// server takes over at most this long after the leader stopped renewing, from 1s to 5m
-    /// [default: 8s] [env: CLUSTERCLAW_SERVER_LEASE_DURATION].
+    /// [default: 6s] [env: CLUSTERCLAW_SERVER_LEASE_DURATION].
     #[arg(long, value_name = "DURATION")]
     pub lease_duration: Option<String>,
     /// How long events are kept after they last happened, from 1m to 30d [default: 1h] [env:
@@ -1469,6 +1469,36 @@ resync_interval = "1m"
         let e = load_with(&args, &env()).unwrap_err().to_string();
         assert!(e.contains("--orphan-retention"), "{e}");
         assert!(e.contains("from 10s to 10y"), "{e}");
+    }
+
+    #[test]
+    fn lease_duration_comes_from_the_file_or_the_flag_within_its_range() {
+        use crate::store::lease::DEFAULT_LEASE;
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "[store]\nlease_duration = \"3s\"\n");
+        let args = ServerArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        assert_eq!(
+            load_with(&args, &env()).unwrap().lease_duration,
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            load_with(&ServerArgs::default(), &env())
+                .unwrap()
+                .lease_duration,
+            DEFAULT_LEASE
+        );
+        for (bad, why) in [("500ms", "from 1s to 5m"), ("soon", "not a duration")] {
+            let args = ServerArgs {
+                config: Some(p.clone()),
+                lease_duration: Some(bad.into()),
+                ..Default::default()
+            };
+            let e = load_with(&args, &env()).unwrap_err().to_string();
+            assert!(e.contains("--lease-duration") && e.contains(why), "{e}");
+        }
     }
 
     #[test]

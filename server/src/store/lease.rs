@@ -32,7 +32,7 @@ use super::{Store, StoreError};
 /// The name of the controllers' lease row.
 pub const LEASE_NAME: &str = "controllers";
 /// The default length of a lease.
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(8);
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(6);
 /// The shortest lease allowed (renewals every third of it must fit in).
 pub const MIN_LEASE: Duration = Duration::from_secs(1);
 /// The longest lease allowed.
