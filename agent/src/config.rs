@@ -130,9 +130,11 @@ pub struct AgentArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The control plane's agent port, https://HOST:PORT (needed to enroll; later starts use
-    /// the server the host enrolled with unless this is given) [env: CLUSTERCLAW_AGENT_SERVER].
+    /// the server the host enrolled with unless this is given). Repeat it, or give a
+    /// comma-separated list, for several servers of one cluster: the agent uses the first that
+    /// answers and moves to the next when its server fails [env: CLUSTERCLAW_AGENT_SERVER].
     #[arg(long, value_name = "URL")]
-    pub server: Option<String>,
+    pub server: Vec<String>,
     /// PEM file of the cluster CA (needed only to enroll; `clusterclaw server` prints its path)
     /// [env: CLUSTERCLAW_AGENT_CA_CERT].
     #[arg(long, value_name = "FILE")]
@@ -229,8 +231,11 @@ pub struct AgentArgs {
 pub struct AgentConfig {
     /// The config file the settings came from, if any.
     pub config_file: Option<PathBuf>,
-    /// `https://HOST:PORT`; `None` only when the data dir holds an identity naming its server.
+    /// `https://HOST:PORT`, the first of [`AgentConfig::servers`]; `None` only when the data
+    /// dir holds an identity naming its server.
     pub server: Option<String>,
+    /// Every server given, in the order to try them (empty: the one the host enrolled with).
+    pub servers: Vec<String>,
     /// PEM text of the cluster CA, read from `--ca-cert`.
     pub ca_pem: Option<String>,
     pub ca_cert: Option<PathBuf>,
@@ -262,6 +267,7 @@ impl AgentConfig {
     pub fn new(data_dir: impl Into<PathBuf>, server: Option<String>) -> Self {
         AgentConfig {
             config_file: None,
+            servers: server.iter().cloned().collect(),
             server,
             ca_pem: None,
             ca_cert: None,
@@ -398,7 +404,7 @@ fn running_as_root() -> bool {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
-    server: Option<Spanned<String>>,
+    server: Option<Spanned<ServerList>>,
     ca_cert: Option<Spanned<String>>,
     join_token_file: Option<Spanned<String>>,
     data_dir: Option<Spanned<String>>,
@@ -558,6 +564,41 @@ fn count_setting(
 
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// `server` in the config file: one URL or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ServerList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl ServerList {
+    fn joined(&self) -> String {
+        match self {
+            ServerList::One(s) => s.clone(),
+            ServerList::Many(v) => v.join(","),
+        }
+    }
+}
+
+/// Checks a list of agent-port URLs (comma-separated): each as [`check_server_url`], at least
+/// one, duplicates dropped, order kept.
+pub fn check_server_list(list: &str) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let url = check_server_url(part)?;
+        if !out.contains(&url) {
+            out.push(url);
+        }
+    }
+    if out.is_empty() {
+        return Err(format!(
+            "{list:?} names no server; expected https://HOST:PORT, or several separated by commas"
+        ));
+    }
+    Ok(out)
 }
 
 /// Checks a server URL of the agent port: `https://HOST[:PORT]`, nothing after the authority.
@@ -752,21 +793,23 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
     let enrolled = !data_dir.as_os_str().is_empty() && IdentityFiles::in_dir(&data_dir).exist();
 
     // Server.
+    let server_flags = (!args.server.is_empty()).then(|| args.server.join(","));
     let server_setting = pick(
-        given(args.server.clone(), "--server", env, same),
+        given(server_flags, "--server", env, same),
         file.server.as_ref(),
         "server",
         src,
-        string,
+        |_, v: &ServerList| v.joined(),
     );
     let server_given = server_setting.is_some();
-    let server = server_setting.and_then(|s| match check_server_url(&s.value) {
-        Ok(url) => Some(url),
+    let servers = server_setting.map_or_else(Vec::new, |s| match check_server_list(&s.value) {
+        Ok(urls) => urls,
         Err(problem) => {
             c.push(s.location, problem);
-            None
+            Vec::new()
         }
     });
+    let server = servers.first().cloned();
 
     // Join token: the flag or its environment variable, or a file. A token given directly beats
     // a token file named in the config file; both given directly is ambiguous. Once the host
@@ -1238,6 +1281,7 @@ pub fn load_with(args: &AgentArgs, env: &Environment) -> Result<AgentConfig, Con
     Ok(AgentConfig {
         config_file: source.map(|s| s.path),
         server,
+        servers,
         ca_pem,
         ca_cert: ca_path,
         join_token,
@@ -1283,7 +1327,7 @@ mod tests {
         let ca = dir.join("ca.pem");
         std::fs::write(&ca, CA).unwrap();
         AgentArgs {
-            server: Some("https://cp.example.com:7443".into()),
+            server: vec!["https://cp.example.com:7443".into()],
             ca_cert: Some(ca),
             join_token: Some("ccj_secret".into()),
             data_dir: Some(dir.join("data")),
@@ -1367,7 +1411,7 @@ mod tests {
     fn reports_every_problem_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let args = AgentArgs {
-            server: Some("http://cp:7443".into()),
+            server: vec!["http://cp:7443".into()],
             labels: vec!["region".into(), "-bad=x".into(), "zone=eu west".into()],
             runtime: Some("containerd".into()),
             report_interval: Some("fast".into()),
@@ -1504,6 +1548,61 @@ mod tests {
     }
 
     #[test]
+    fn several_servers_from_flags_the_environment_or_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = enrolling(dir.path());
+        args.server = vec![
+            "https://a.example:7443".into(),
+            "https://b.example:7443, https://a.example:7443".into(),
+        ];
+        let cfg = load_with(&args, &env(dir.path())).unwrap();
+        assert_eq!(
+            cfg.servers,
+            ["https://a.example:7443", "https://b.example:7443"]
+        );
+        assert_eq!(cfg.server.as_deref(), Some("https://a.example:7443"));
+
+        args.server = Vec::new();
+        let vars = with_vars(
+            dir.path(),
+            &[(
+                "CLUSTERCLAW_AGENT_SERVER",
+                "https://c.example:7443,https://d.example:7443",
+            )],
+        );
+        let cfg = load_with(&args, &vars).unwrap();
+        assert_eq!(
+            cfg.servers,
+            ["https://c.example:7443", "https://d.example:7443"]
+        );
+
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "server = [\"https://e.example:7443\", \"https://f.example:7443\"]\n",
+        )
+        .unwrap();
+        args.config = Some(file);
+        let cfg = load_with(&args, &env(dir.path())).unwrap();
+        assert_eq!(
+            cfg.servers,
+            ["https://e.example:7443", "https://f.example:7443"]
+        );
+
+        args.config = None;
+        args.server = vec!["https://a.example:7443,http://b.example:7443".into()];
+        let err = load_with(&args, &env(dir.path())).unwrap_err();
+        assert!(
+            err.to_string().contains("--server")
+                && err.to_string().contains("http://b.example:7443"),
+            "{err}"
+        );
+        args.server = vec![" , ".into()];
+        let err = load_with(&args, &env(dir.path())).unwrap_err();
+        assert!(err.to_string().contains("names no server"), "{err}");
+    }
+
+    #[test]
     fn server_urls() {
         assert_eq!(
             check_server_url("https://cp.example.com:7443/").unwrap(),
@@ -1590,7 +1689,7 @@ mod tests {
         )
         .unwrap();
         let mut args = enrolling(dir.path());
-        args.server = None;
+        args.server = Vec::new();
         args.config = Some(file);
         let cfg = load_with(&args, &env(dir.path())).unwrap();
         assert_eq!(cfg.server.as_deref(), Some("https://file.example:7443"));
@@ -1618,7 +1717,7 @@ mod tests {
         assert_eq!(cfg.labels["zone"], "a");
         assert_eq!(cfg.labels["disk"], "ssd");
 
-        args.server = Some("https://flag.example:7443".into());
+        args.server = vec!["https://flag.example:7443".into()];
         args.report_interval = Some("5s".into());
         args.labels = vec!["zone=b".into()];
         args.probe_failure_threshold = Some(2);

@@ -1,6 +1,7 @@
 //! The control plane as the sync loop sees it: a small [`ControlPlane`] trait (long poll and status stream) and its gRPC implementation over mutual TLS.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -165,7 +166,15 @@ pub trait ControlPlane: Send + Sync + 'static {
 
 /// The control plane over gRPC, authenticated as the enrolled host. The identity can be
 /// swapped after a certificate renewal; the next call uses it.
+///
+/// With several servers (of one cluster, sharing its CA) it talks to one at a time, starting
+/// with the first, and moves to the next in order when a call finds its server unreachable;
+/// the caller's retries (with backoff) then reach the next one.
 pub struct GrpcControlPlane {
+    servers: Vec<String>,
+    /// How many times it moved on; the server in use is `servers[moves % servers.len()]`.
+    moves: AtomicUsize,
+    identity: RwLock<HostIdentity>,
     client: RwLock<AgentServiceClient<Channel>>,
     /// A connection of its own for task streams (logs): a reader that stalls one holds up to
     /// a flow-control window of it, which must never hold up the long poll or the reports.
@@ -173,11 +182,71 @@ pub struct GrpcControlPlane {
 }
 
 impl GrpcControlPlane {
-    pub fn new(identity: &HostIdentity) -> Result<Self, ClientError> {
+    /// Talks to `servers` in order (none given: the server of the identity).
+    pub fn new(identity: &HostIdentity, servers: &[String]) -> Result<Self, ClientError> {
+        let servers = if servers.is_empty() {
+            vec![identity.record.server.clone()]
+        } else {
+            servers.to_vec()
+        };
+        let first = with_server(identity, &servers[0]);
         Ok(GrpcControlPlane {
-            client: RwLock::new(client::authenticated(identity)?),
-            task_client: RwLock::new(client::authenticated(identity)?),
+            client: RwLock::new(client::authenticated(&first)?),
+            task_client: RwLock::new(client::authenticated(&first)?),
+            servers,
+            moves: AtomicUsize::new(0),
+            identity: RwLock::new(identity.clone()),
         })
+    }
+
+    /// The server calls go to now.
+    pub fn server(&self) -> String {
+        let moves = self.moves.load(Ordering::SeqCst);
+        self.servers[moves % self.servers.len()].clone()
+    }
+
+    /// After a call made while `moves` was current found its server unreachable: moves to the
+    /// next server (once, however many calls failed together).
+    fn move_on(&self, moves: usize, error: &CallError) {
+        if self.servers.len() < 2 || !matches!(error, CallError::Unreachable(_)) {
+            return;
+        }
+        if self
+            .moves
+            .compare_exchange(
+                moves,
+                moves.wrapping_add(1),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_err()
+        {
+            return;
+        }
+        let from = &self.servers[moves % self.servers.len()];
+        let to = self.servers[moves.wrapping_add(1) % self.servers.len()].clone();
+        let identity = self
+            .identity
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match self.connect(&identity, &to) {
+            Ok(()) => {
+                tracing::warn!(from = %from, to = %to, error = %error, "the control plane server is unreachable; moving to the next one")
+            }
+            Err(e) => {
+                tracing::warn!(server = %to, error = %e, "cannot set up a connection to the next server")
+            }
+        }
+    }
+
+    fn connect(&self, identity: &HostIdentity, server: &str) -> Result<(), ClientError> {
+        let id = with_server(identity, server);
+        let fresh = client::authenticated(&id)?;
+        let fresh_tasks = client::authenticated(&id)?;
+        *self.client.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        *self.task_client.write().unwrap_or_else(|e| e.into_inner()) = fresh_tasks;
+        Ok(())
     }
 
     /// A client on the task connection, with the current identity.
@@ -197,15 +266,14 @@ impl GrpcControlPlane {
 
     /// Uses `identity` (a renewed certificate) from the next call on.
     pub fn set_identity(&self, identity: &HostIdentity) -> Result<(), ClientError> {
-        let fresh = client::authenticated(identity)?;
-        let fresh_tasks = client::authenticated(identity)?;
-        *self.client.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-        *self.task_client.write().unwrap_or_else(|e| e.into_inner()) = fresh_tasks;
+        self.connect(identity, &self.server())?;
+        *self.identity.write().unwrap_or_else(|e| e.into_inner()) = identity.clone();
         Ok(())
     }
 
     /// `RenewCertificate` for a new key's CSR; returns the new certificate.
     pub async fn renew_certificate(&self, csr_pem: String) -> Result<String, CallError> {
+        let moves = self.moves.load(Ordering::SeqCst);
         let mut client = self.client();
         let mut request = tonic::Request::new(pb::RenewCertificateRequest { csr_pem });
         request.set_timeout(Duration::from_secs(30));
@@ -214,6 +282,7 @@ impl GrpcControlPlane {
             .await
             .map(|r| r.into_inner().certificate_pem)
             .map_err(|s| CallError::from_status(&s))
+            .inspect_err(|e| self.move_on(moves, e))
     }
 }
 
@@ -224,6 +293,7 @@ impl ControlPlane for GrpcControlPlane {
         known_index: u64,
         wait: Duration,
     ) -> Result<WatchAnswer, CallError> {
+        let moves = self.moves.load(Ordering::SeqCst);
         let mut client = self.client();
         let mut request = tonic::Request::new(pb::WatchAssignmentsRequest {
             known_index,
@@ -233,7 +303,8 @@ impl ControlPlane for GrpcControlPlane {
         let answer = client
             .watch_assignments(request)
             .await
-            .map_err(|s| CallError::from_status(&s))?
+            .map_err(|s| CallError::from_status(&s))
+            .inspect_err(|e| self.move_on(moves, e))?
             .into_inner();
         Ok(WatchAnswer {
             index: answer.index,
@@ -245,13 +316,22 @@ impl ControlPlane for GrpcControlPlane {
     }
 
     async fn report_status(&self, reports: ReportStream) -> Result<(), CallError> {
+        let moves = self.moves.load(Ordering::SeqCst);
         let mut client = self.client();
         client
             .report_status(reports)
             .await
             .map(drop)
             .map_err(|s| CallError::from_status(&s))
+            .inspect_err(|e| self.move_on(moves, e))
     }
+}
+
+/// `identity` talking to `server`.
+fn with_server(identity: &HostIdentity, server: &str) -> HostIdentity {
+    let mut id = identity.clone();
+    id.record.server = server.to_string();
+    id
 }
 
 /// A shared control plane, as the sync loop holds it.
@@ -265,6 +345,63 @@ mod tests {
 
     fn event(message: &str) -> AgentEvent {
         AgentEvent::about(&Assignment::test("bot-0"), "Test", message.into())
+    }
+
+    /// A port of 127.0.0.1 nothing listens on.
+    fn closed_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_moves_the_calls_to_the_next_in_order() {
+        crate::crypto::install_provider();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let servers: Vec<String> = (0..2)
+            .map(|_| format!("https://127.0.0.1:{}", closed_port()))
+            .collect();
+        let identity = HostIdentity {
+            record: crate::enroll::HostRecord {
+                host_id: "h".into(),
+                server: "https://127.0.0.1:1".into(),
+            },
+            key_pem: key.serialize_pem(),
+            cert_pem: cert.pem(),
+            ca_pem: cert.pem(),
+        };
+        let control = GrpcControlPlane::new(&identity, &servers).unwrap();
+        assert_eq!(
+            control.server(),
+            servers[0],
+            "the first given, not the enrolled one"
+        );
+        let e = control
+            .watch_assignments(0, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CallError::Unreachable(_)), "{e}");
+        assert_eq!(control.server(), servers[1]);
+        let (tx, rx) = mpsc::channel(1);
+        drop(tx);
+        let e = control
+            .report_status(ReportStream::new(rx, EventQueue::default()))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CallError::Unreachable(_)), "{e}");
+        assert_eq!(control.server(), servers[0], "round and round");
+
+        // One server: nothing to move to.
+        let alone = GrpcControlPlane::new(&identity, &[]).unwrap();
+        assert_eq!(alone.server(), "https://127.0.0.1:1");
+        let _ = alone.watch_assignments(0, Duration::from_secs(1)).await;
+        assert_eq!(alone.server(), "https://127.0.0.1:1");
     }
 
     #[tokio::test]

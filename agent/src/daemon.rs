@@ -235,7 +235,10 @@ pub async fn run_until(
 
     let host_id = identity.record.host_id.clone();
     let reconciler = Arc::new(reconciler_for(&config, &identity)?);
-    let control = Arc::new(GrpcControlPlane::new(&identity)?);
+    if config.servers.len() > 1 {
+        tracing::info!(servers = ?config.servers, "several servers given; moving to the next when one is unreachable");
+    }
+    let control = Arc::new(GrpcControlPlane::new(&identity, &config.servers)?);
     let loops = HostLoops::new(
         SyncSettings {
             host_id: host_id.clone(),

@@ -55,6 +55,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ),
     ("--events-ttl", "CLUSTERCLAW_SERVER_EVENTS_TTL"),
     ("--orphan-retention", "CLUSTERCLAW_SERVER_ORPHAN_RETENTION"),
+    ("--lease-duration", "CLUSTERCLAW_SERVER_LEASE_DURATION"),
     (
         "--events-max-per-tenant",
         "CLUSTERCLAW_SERVER_EVENTS_MAX_PER_TENANT",
@@ -136,6 +137,11 @@ pub struct ServerArgs {
     /// replicas Unknown, from 2s to 1h [default: 30s] [env: CLUSTERCLAW_SERVER_HEARTBEAT_TIMEOUT].
     #[arg(long, value_name = "DURATION")]
     pub heartbeat_timeout: Option<String>,
+    /// How long the leader lease lasts: the leader renews it every third of that, and another
+    /// server takes over at most this long after the leader stopped renewing, from 1s to 5m
+    /// [default: 6s] [env: CLUSTERCLAW_SERVER_LEASE_DURATION].
+    #[arg(long, value_name = "DURATION")]
+    pub lease_duration: Option<String>,
     /// How long events are kept after they last happened, from 1m to 30d [default: 1h] [env:
     /// CLUSTERCLAW_SERVER_EVENTS_TTL].
     #[arg(long, value_name = "DURATION")]
@@ -206,6 +212,8 @@ pub struct ServerConfig {
     pub resync_interval: Duration,
     /// `[hosts] heartbeat_timeout`: a host silent this long is NotReady.
     pub heartbeat_timeout: Duration,
+    /// `[store] lease_duration`: the length of the leader lease.
+    pub lease_duration: Duration,
     /// `[volumes] orphan_retention`: how long an orphaned state volume is kept before its
     /// removal is asked of its host; `None` (the default, `off`) keeps orphans until a person
     /// deletes them.
@@ -239,6 +247,7 @@ impl ServerConfig {
             server_names: Vec::new(),
             resync_interval: DEFAULT_RESYNC_INTERVAL,
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
+            lease_duration: crate::store::lease::DEFAULT_LEASE,
             orphan_retention: None,
             events: crate::events::Retention::default(),
             fleet: crate::model::FleetDefaults::default(),
@@ -406,6 +415,7 @@ struct StoreSection {
     url: Option<Spanned<String>>,
     password_file: Option<Spanned<String>>,
     ca_file: Option<Spanned<String>>,
+    lease_duration: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -908,6 +918,38 @@ pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, C
             }
         },
     };
+    let lease_duration = {
+        use crate::store::lease::{DEFAULT_LEASE, MAX_LEASE, MIN_LEASE};
+        match pick(
+            given(args.lease_duration.clone(), "--lease-duration", env, string),
+            file.store.lease_duration.as_ref(),
+            "store.lease_duration",
+            src,
+            |_, v| v.to_string(),
+        ) {
+            None => DEFAULT_LEASE,
+            Some(s) => match humantime::parse_duration(s.value.trim()) {
+                Ok(d) if (MIN_LEASE..=MAX_LEASE).contains(&d) => d,
+                Ok(_) => {
+                    c.push(
+                        s.location,
+                        format!(
+                            "{:?} is out of range; the lease duration is from 1s to 5m",
+                            s.value
+                        ),
+                    );
+                    DEFAULT_LEASE
+                }
+                Err(e) => {
+                    c.push(
+                        s.location,
+                        format!("{:?} is not a duration such as 8s: {e}", s.value),
+                    );
+                    DEFAULT_LEASE
+                }
+            },
+        }
+    };
     let orphan_retention = match pick(
         given(
             args.orphan_retention.clone(),
@@ -1059,6 +1101,7 @@ pub fn load_with(args: &ServerArgs, env: &Environment) -> Result<ServerConfig, C
         server_names,
         resync_interval,
         heartbeat_timeout,
+        lease_duration,
         orphan_retention,
         events,
         fleet,
@@ -1426,6 +1469,36 @@ resync_interval = "1m"
         let e = load_with(&args, &env()).unwrap_err().to_string();
         assert!(e.contains("--orphan-retention"), "{e}");
         assert!(e.contains("from 10s to 10y"), "{e}");
+    }
+
+    #[test]
+    fn lease_duration_comes_from_the_file_or_the_flag_within_its_range() {
+        use crate::store::lease::DEFAULT_LEASE;
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "[store]\nlease_duration = \"3s\"\n");
+        let args = ServerArgs {
+            config: Some(p.clone()),
+            ..Default::default()
+        };
+        assert_eq!(
+            load_with(&args, &env()).unwrap().lease_duration,
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            load_with(&ServerArgs::default(), &env())
+                .unwrap()
+                .lease_duration,
+            DEFAULT_LEASE
+        );
+        for (bad, why) in [("500ms", "from 1s to 5m"), ("soon", "not a duration")] {
+            let args = ServerArgs {
+                config: Some(p.clone()),
+                lease_duration: Some(bad.into()),
+                ..Default::default()
+            };
+            let e = load_with(&args, &env()).unwrap_err().to_string();
+            assert!(e.contains("--lease-duration") && e.contains(why), "{e}");
+        }
     }
 
     #[test]

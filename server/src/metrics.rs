@@ -111,6 +111,8 @@ pub struct Metrics {
     events: Mutex<BTreeMap<(InstanceLabels, InstanceEvent), u64>>,
     /// Expiry (Unix seconds) of the server's certificates, by name.
     certificates: Mutex<BTreeMap<String, i64>>,
+    /// What this server knows of the leader lease.
+    leader: Mutex<Option<crate::store::lease::LeaderStatus>>,
 }
 
 /// Prometheus' text for a sample value.
@@ -244,6 +246,19 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string(), not_after_unix);
+    }
+
+    /// Records what this server knows of the leader lease.
+    pub fn set_leader(&self, status: crate::store::lease::LeaderStatus) {
+        *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = Some(status);
+    }
+
+    /// What this server knows of the leader lease (`None` before the election started).
+    pub fn leader(&self) -> Option<crate::store::lease::LeaderStatus> {
+        self.leader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The exposition text (blocking: reads the store).
@@ -574,6 +589,27 @@ impl Metrics {
         out.push_str(&mem);
         relay.write(&mut out);
 
+        if let Some(l) = self.leader() {
+            header(
+                &mut out,
+                "clusterclaw_leader",
+                "gauge",
+                "1 when this server holds the leader lease (runs the controllers), else 0.",
+            );
+            let _ = writeln!(
+                out,
+                "clusterclaw_leader{{server=\"{}\"}} {}",
+                escape(&l.server),
+                u8::from(l.leading)
+            );
+            header(
+                &mut out,
+                "clusterclaw_leader_epoch",
+                "gauge",
+                "The epoch of the leader lease as this server last read it.",
+            );
+            let _ = writeln!(out, "clusterclaw_leader_epoch {}", l.epoch);
+        }
         header(
             &mut out,
             "clusterclaw_certificate_expiry_timestamp_seconds",

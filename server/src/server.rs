@@ -211,8 +211,11 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
     let names = certificate_names(&config);
     let pki_dir = std::path::absolute(&config.pki_dir).unwrap_or_else(|_| config.pki_dir.clone());
     let (pki_files, setup) = {
-        let (dir, names) = (pki_dir.clone(), names.clone());
-        blocking("setting up the PKI", move || pki::ensure(&dir, &names)).await??
+        let (dir, names, store) = (pki_dir.clone(), names.clone(), Arc::clone(&store));
+        blocking("setting up the PKI", move || {
+            ensure_shared_pki(store.as_ref(), &dir, &names)
+        })
+        .await??
     };
     match setup {
         PkiSetup::Created => {
@@ -334,70 +337,56 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
             "assignment book"
         });
     }
+    // One server of a database leads (the leader lease, [`crate::store::lease`]); only the
+    // leader runs the controllers, each term under its epoch.
+    let server_id = crate::store::lease::new_server_id();
+    let (leader_tx, leader_rx) =
+        watch::channel(crate::store::lease::LeaderStatus::unknown(&server_id));
     {
-        let (store, stop, resync, ttl) = (
+        let (store, stop, ttl) = (
             Arc::clone(&store),
             tasks_stop.clone(),
-            config.resync_interval,
-            config.heartbeat_timeout,
+            config.lease_duration,
         );
         tasks.spawn(async move {
-            crate::controllers::hosts::run(store, stop, resync, ttl).await;
-            "host liveness controller"
-        });
-    }
-
-    {
-        let (store, stop, resync, retention) = (
-            Arc::clone(&store),
-            tasks_stop.clone(),
-            config.resync_interval,
-            config.orphan_retention,
-        );
-        tasks.spawn(async move {
-            crate::controllers::volumes::run(store, stop, resync, retention).await;
-            "volume controller"
+            crate::store::lease::run_election(store, server_id, ttl, leader_tx, stop).await;
+            "leader election"
         });
     }
     {
-        let (store, stop, retention) = (Arc::clone(&store), tasks_stop.clone(), config.events);
+        let (metrics, mut leader) = (Arc::clone(&rpc.metrics), leader_rx.clone());
         tasks.spawn(async move {
-            crate::events::run_flusher(store, retention, stop).await;
+            loop {
+                let status = leader.borrow_and_update().clone();
+                metrics.set_leader(status);
+                if leader.changed().await.is_err() {
+                    break;
+                }
+            }
+            "leader status"
+        });
+    }
+    {
+        let (store, stop, retention, leader) = (
+            Arc::clone(&store),
+            tasks_stop.clone(),
+            config.events,
+            leader_rx.clone(),
+        );
+        tasks.spawn(async move {
+            let prune_as = move || leader.borrow().leading_epoch();
+            crate::events::run_flusher(store, retention, stop, prune_as).await;
             "events"
         });
     }
     crate::model::set_fleet_defaults(config.fleet.clone());
     {
-        let (store, stop, resync) = (
-            Arc::clone(&store),
-            tasks_stop.clone(),
-            config.resync_interval,
-        );
+        let starters = controller_starters(&config, &store, &rpc.tasks);
+        let (leader, stop) = (leader_rx.clone(), tasks_stop.clone());
         tasks.spawn(async move {
-            crate::controllers::scheduler::run(store, stop, resync).await;
-            "scheduler"
-        });
-    }
-    {
-        let (store, stop) = (Arc::clone(&store), tasks_stop.clone());
-        tasks.spawn(async move {
-            crate::controllers::waves::run(store, stop).await;
-            "wave controller"
-        });
-    }
-
-    {
-        let (store, stop) = (Arc::clone(&store), tasks_stop.clone());
-        tasks.spawn(async move {
-            crate::controllers::rollout::run(store, stop).await;
-            "rollout controller"
-        });
-    }
-    {
-        let (store, hub, stop) = (Arc::clone(&store), rpc.tasks.clone(), tasks_stop.clone());
-        tasks.spawn(async move {
-            crate::controllers::drain::run(store, hub, stop).await;
-            "drain controller"
+            crate::controllers::while_leading(leader, stop, starters)
+                .await
+                .unwrap_or("controllers")
         });
     }
 
@@ -491,6 +480,87 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
             Ok(())
         }
     }
+}
+
+/// The controllers the leader runs (host liveness, volumes, scheduler, waves, rollouts, drain).
+fn controller_starters(
+    config: &ServerConfig,
+    store: &Arc<dyn Store>,
+    hub: &Arc<crate::agent_rpc::tasks::TaskHub>,
+) -> Vec<(&'static str, crate::controllers::Starter)> {
+    use crate::controllers;
+    let (resync, ttl, retention) = (
+        config.resync_interval,
+        config.heartbeat_timeout,
+        config.orphan_retention,
+    );
+    let s = Arc::clone(store);
+    let hosts: controllers::Starter =
+        Box::new(move |stop| Box::pin(controllers::hosts::run(Arc::clone(&s), stop, resync, ttl)));
+    let s = Arc::clone(store);
+    let volumes: controllers::Starter = Box::new(move |stop| {
+        Box::pin(controllers::volumes::run(
+            Arc::clone(&s),
+            stop,
+            resync,
+            retention,
+        ))
+    });
+    let s = Arc::clone(store);
+    let scheduler: controllers::Starter =
+        Box::new(move |stop| Box::pin(controllers::scheduler::run(Arc::clone(&s), stop, resync)));
+    let s = Arc::clone(store);
+    let waves: controllers::Starter =
+        Box::new(move |stop| Box::pin(controllers::waves::run(Arc::clone(&s), stop)));
+    let s = Arc::clone(store);
+    let rollout: controllers::Starter =
+        Box::new(move |stop| Box::pin(controllers::rollout::run(Arc::clone(&s), stop)));
+    let (s, hub) = (Arc::clone(store), Arc::clone(hub));
+    let drain: controllers::Starter = Box::new(move |stop| {
+        Box::pin(controllers::drain::run(
+            Arc::clone(&s),
+            Arc::clone(&hub),
+            stop,
+        ))
+    });
+    vec![
+        ("host liveness controller", hosts),
+        ("volume controller", volumes),
+        ("scheduler", scheduler),
+        ("wave controller", waves),
+        ("rollout controller", rollout),
+        ("drain controller", drain),
+    ]
+}
+
+/// The PKI in `dir`, with the certificate authority every server of the store shares: the
+/// first server of a shared store offers its CA, every later one takes the stored CA (and
+/// issues its agent-port certificate from it), so that hosts enrolled through one server are
+/// known to all and trust each.
+fn ensure_shared_pki(
+    store: &dyn Store,
+    dir: &Path,
+    names: &[String],
+) -> anyhow::Result<(pki::PkiFiles, PkiSetup)> {
+    let (files, setup) = pki::ensure(dir, names)?;
+    let read =
+        |p: &Path| fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()));
+    let local = (read(&files.ca_cert)?, read(&files.ca_key)?);
+    let Some(shared) = store
+        .shared_ca(&local)
+        .map_err(|e| anyhow!("cannot read the shared certificate authority: {e}"))?
+    else {
+        return Ok((files, setup));
+    };
+    if shared == local {
+        return Ok((files, setup));
+    }
+    tracing::info!(dir = %dir.display(), "taking the certificate authority shared by the servers of this store");
+    auth::write_file_atomic(&files.ca_key, shared.1.as_bytes(), 0o600)
+        .with_context(|| format!("cannot write {}", files.ca_key.display()))?;
+    auth::write_file_atomic(&files.ca_cert, shared.0.as_bytes(), 0o644)
+        .with_context(|| format!("cannot write {}", files.ca_cert.display()))?;
+    Ok(pki::ensure(dir, names)?)
 }
 
 /// Completes on the first SIGTERM or SIGINT.

@@ -495,7 +495,7 @@ impl FleetHost {
         let control = {
             let _guard = rt.enter();
             Arc::new(TimedControl {
-                inner: GrpcControlPlane::new(&identity)?,
+                inner: GrpcControlPlane::new(&identity, &[])?,
                 answered: self.answered.clone(),
             })
         };

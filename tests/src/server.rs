@@ -214,7 +214,18 @@ impl TestServer {
     /// Like [`TestServer::start_with`], with the agent port on `agent_listen` (kept across
     /// [`TestServer::restart`], so that agents find the server again).
     pub fn start_on(agent_listen: &str, extra_args: &[&str]) -> anyhow::Result<TestServer> {
-        TestServer::start_full(agent_listen, extra_args, &[], None)
+        TestServer::start_full(agent_listen, extra_args, &[], None, None)
+    }
+
+    /// [`TestServer::start_on`] for one more server of a shared store (PostgreSQL), whose
+    /// admin token the first server made: `admin_token` is put in the data directory first
+    /// (a server writes the file only when it creates the token).
+    pub fn start_joining(
+        agent_listen: &str,
+        extra_args: &[&str],
+        admin_token: &str,
+    ) -> anyhow::Result<TestServer> {
+        TestServer::start_full(agent_listen, extra_args, &[], None, Some(admin_token))
     }
 
     /// [`TestServer::start_on`] with extra environment variables for the server process.
@@ -223,14 +234,14 @@ impl TestServer {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<TestServer> {
-        TestServer::start_full(agent_listen, extra_args, env, None)
+        TestServer::start_full(agent_listen, extra_args, env, None, None)
     }
 
     /// Like [`TestServer::start`], with the server's soft limit on open files set to
     /// `soft_nofile` when it starts (as a service manager's default would), through
     /// `sh -c 'ulimit -Sn N; exec clusterclaw ...'`.
     pub fn start_with_soft_nofile(soft_nofile: u64) -> anyhow::Result<TestServer> {
-        TestServer::start_full("127.0.0.1:0", &[], &[], Some(soft_nofile))
+        TestServer::start_full("127.0.0.1:0", &[], &[], Some(soft_nofile), None)
     }
 
     fn start_full(
@@ -238,6 +249,7 @@ impl TestServer {
         extra_args: &[&str],
         env: &[(&str, &str)],
         soft_nofile: Option<u64>,
+        admin_token: Option<&str>,
     ) -> anyhow::Result<TestServer> {
         clusterclaw_agent::crypto::install_provider();
         let bin = clusterclaw_bin()?;
@@ -247,6 +259,12 @@ impl TestServer {
         let scratch = tempfile::Builder::new()
             .prefix("clusterclaw-work-")
             .tempdir()?;
+        if let Some(token) = admin_token {
+            use std::os::unix::fs::PermissionsExt;
+            let path = data_dir.path().join("admin.token");
+            fs::write(&path, format!("{token}\n"))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;

@@ -234,7 +234,8 @@ impl From<StoreError> for ApiError {
             e @ StoreError::JoinRefused(_) => ApiError::new(ErrorCode::Unauthorized, e.to_string()),
             e @ (StoreError::SchemaTooNew { .. }
             | StoreError::Corrupt(_)
-            | StoreError::Backend(_)) => ApiError::internal(e),
+            | StoreError::Backend(_)
+            | StoreError::Fenced { .. }) => ApiError::internal(e),
         }
     }
 }

@@ -217,6 +217,11 @@ impl ApiState {
         self.inner.shutting_down.load(Ordering::SeqCst)
     }
 
+    /// The server's counters (and its view of the leader lease).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
     /// The latest status report of every host.
     pub fn reports(&self) -> &Arc<Reports> {
         &self.inner.reports

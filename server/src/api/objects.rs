@@ -42,6 +42,10 @@ pub struct Ready {
     pub ready: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// This server's view of the leader lease: whether it leads, who does, the epoch and
+    /// when the lease expires.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader: Option<crate::store::lease::LeaderStatus>,
 }
 
 /// `GET /api/v1/info` answer.
@@ -689,6 +693,7 @@ pub async fn readyz(State(state): State<ApiState>) -> Response {
         let body = Ready {
             ready: false,
             reason: Some("shutting down".into()),
+            leader: state.metrics().leader(),
         };
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
     }
@@ -708,12 +713,14 @@ pub async fn readyz(State(state): State<ApiState>) -> Response {
         let body = Ready {
             ready: false,
             reason: Some(reason),
+            leader: state.metrics().leader(),
         };
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
     }
     axum::Json(Ready {
         ready: true,
         reason: None,
+        leader: state.metrics().leader(),
     })
     .into_response()
 }

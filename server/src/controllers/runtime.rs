@@ -59,11 +59,14 @@ pub async fn run<E, F>(
     F: Fn(&dyn Store) -> Result<Option<Duration>, E> + Send + Sync + 'static,
 {
     let pass = Arc::new(pass);
+    // Run as the leader of an epoch ([`crate::store::lease::as_leader`]): every write of a
+    // pass carries it and is refused once a newer leader exists.
+    let epoch = crate::store::lease::leader_epoch();
     let mut changes = store.subscribe();
     let mut desired = store.subscribe_desired();
     let mut changes_open = true;
     let mut failures: u32 = 0;
-    tracing::info!(controller = name, resync = ?resync, "controller started");
+    tracing::info!(controller = name, resync = ?resync, epoch = ?epoch, "controller started");
     loop {
         if *shutdown.borrow() {
             break;
@@ -73,7 +76,9 @@ pub async fn run<E, F>(
         let desired_before = *desired.borrow_and_update();
         let started = std::time::Instant::now();
         let (s, p) = (Arc::clone(&store), Arc::clone(&pass));
-        let joined = tokio::task::spawn_blocking(move || p(s.as_ref()).map_err(|e| e.to_string()));
+        let joined = tokio::task::spawn_blocking(move || {
+            crate::store::lease::fenced(epoch, || p(s.as_ref())).map_err(|e| e.to_string())
+        });
         let outcome = tokio::select! {
             joined = joined => joined.unwrap_or_else(|e| Err(format!("the pass panicked: {e}"))),
             () = shutdown_requested(&mut shutdown) => break,

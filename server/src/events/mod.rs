@@ -320,6 +320,7 @@ pub async fn run_flusher(
     store: Arc<dyn Store>,
     retention: Retention,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
+    prune_as: impl Fn() -> Option<u64> + Send + 'static,
 ) {
     let mut flush = tokio::time::interval(FLUSH_INTERVAL);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -333,7 +334,9 @@ pub async fn run_flusher(
                 return;
             }
         }
-        let prune = last_prune.elapsed() >= PRUNE_INTERVAL;
+        // Every server writes the events it queued; only the leader prunes (under its epoch).
+        let prune_epoch = prune_as();
+        let prune = prune_epoch.is_some() && last_prune.elapsed() >= PRUNE_INTERVAL;
         if prune {
             last_prune = tokio::time::Instant::now();
         }
@@ -341,7 +344,7 @@ pub async fn run_flusher(
         let result = tokio::task::spawn_blocking(move || {
             s.flush_events()?;
             if prune {
-                s.prune_events(&retention, now_ms())?;
+                crate::store::lease::fenced(prune_epoch, || s.prune_events(&retention, now_ms()))?;
             }
             Ok::<_, crate::store::StoreError>(())
         })

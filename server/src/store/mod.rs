@@ -7,6 +7,7 @@ mod conformance;
 pub mod feed;
 #[cfg(test)]
 mod feed_tests;
+pub mod lease;
 pub mod postgres;
 #[cfg(test)]
 mod revision_tests;
@@ -355,6 +356,11 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database error: {0}")]
     Backend(String),
+    /// A controller write of a leader whose term has ended: another server took the lease.
+    #[error(
+        "refused: this server led in epoch {epoch}, but the leader lease is at epoch {current} (another server leads now)"
+    )]
+    Fenced { epoch: u64, current: u64 },
 }
 
 fn no_config_center() -> StoreError {
@@ -601,6 +607,36 @@ pub trait Store: Send + Sync + 'static {
         Err(StoreError::Backend(
             "this store cannot delete a batch in one transaction".into(),
         ))
+    }
+
+    /// Takes the controllers' lease for `holder` when it has expired (bumping the epoch), or
+    /// renews it when `holder` holds it in `epoch`, for `ttl` on the database's clock
+    /// ([`lease`]). Answers the lease as it is afterwards (held by someone else: refused).
+    fn lease_acquire(
+        &self,
+        holder: &str,
+        epoch: u64,
+        ttl: std::time::Duration,
+    ) -> Result<lease::LeaseRecord, StoreError> {
+        let _ = (holder, epoch, ttl);
+        Err(StoreError::Backend(
+            "this store keeps no leader lease".into(),
+        ))
+    }
+    /// Lets the lease expire now if `holder` holds it in `epoch` (a leader that stops).
+    fn lease_release(&self, holder: &str, epoch: u64) -> Result<(), StoreError> {
+        let _ = (holder, epoch);
+        Ok(())
+    }
+    /// The cluster's certificate authority (PEM certificate and key) kept in the store for
+    /// every server of it: stores `offered` if the store keeps none yet, and answers the one
+    /// kept. A store of one server keeps none (`None`: the server's own files are the CA).
+    fn shared_ca(
+        &self,
+        offered: &(String, String),
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let _ = offered;
+        Ok(None)
     }
 
     fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;

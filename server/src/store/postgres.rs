@@ -26,6 +26,7 @@ use tokio::sync::watch;
 
 use super::backend::{Reach, RevisionRow, Tx};
 use super::feed::Change;
+use super::lease::{self, LeaseRecord};
 use super::revisions::{self, ChangeNote, DeletedVolume, RevisionRecord, SealedValue};
 use super::rules::{self, Effect};
 use super::volumes::{HostVolume, ReportedVolume};
@@ -198,6 +199,8 @@ const MIGRATIONS: &[&str] = &[
         delete_reason TEXT,
         PRIMARY KEY (host, name)
     );"#,
+    // 3: the leader lease and the shared certificate authority.
+    super::lease::PG_MIGRATION,
 ];
 
 /// The schema version whose migration added instance revisions.
@@ -655,6 +658,7 @@ impl PgStore {
                 .get(0);
             let current = current as u64;
             let next = current + 1;
+            fence_check(&mut ptx)?;
             let (out, effect) = f(&mut ptx, next)?;
             if effect == Effect::Unchanged || dry_run {
                 tx.rollback()?;
@@ -700,10 +704,12 @@ impl PgStore {
     ) -> Result<T, StoreError> {
         self.with(|conn| {
             let mut tx = conn.client.transaction()?;
-            let out = f(&mut PgTx {
+            let mut ptx = PgTx {
                 tx: &mut tx,
                 statements: &mut conn.statements,
-            })?;
+            };
+            fence_check(&mut ptx)?;
+            let out = f(&mut ptx)?;
             tx.commit()?;
             Ok(out)
         })
@@ -748,6 +754,33 @@ impl PgStore {
         })?;
         Ok((index, records))
     }
+}
+
+/// Refuses the writes of a transaction fenced by an epoch older than the lease's
+/// ([`super::lease`]). The lease row is read `FOR SHARE`: a takeover waits until this
+/// transaction ends, so a write either lands before the new epoch exists or not at all.
+fn fence_check(tx: &mut PgTx<'_, '_>) -> Result<(), StoreError> {
+    let fence = lease::fence();
+    if fence.is_none() {
+        return Ok(());
+    }
+    let current: i64 = tx
+        .query_one(
+            "SELECT epoch FROM leader_lease WHERE name = 'controllers' FOR SHARE",
+            &[],
+        )?
+        .try_get(0)?;
+    lease::check_fence(fence, current as u64)
+}
+
+/// A lease row as the lease statements answer it: holder, epoch, expiry, now (ms).
+fn lease_from_row(r: &Row) -> Result<LeaseRecord, StoreError> {
+    Ok(LeaseRecord {
+        holder: r.try_get(0)?,
+        epoch: r.try_get::<_, i64>(1)? as u64,
+        expires_at_ms: r.try_get(2)?,
+        now_ms: r.try_get(3)?,
+    })
 }
 
 /// A client TLS configuration trusting `ca_file` (PEM), or the system's roots.
@@ -2026,6 +2059,80 @@ impl Store for PgStore {
             Ok(((deleted, records), effect))
         })?;
         Ok((DeleteSummary { index, deleted }, records))
+    }
+
+    fn lease_acquire(
+        &self,
+        holder: &str,
+        epoch: u64,
+        ttl: Duration,
+    ) -> Result<LeaseRecord, StoreError> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let epoch = epoch as i64;
+        lease::fenced(None, || {
+            self.side_tx(|tx| {
+                // Renewed when this holder holds it in this epoch and it has not expired;
+                // taken with the next epoch when it has expired; else left as it is.
+                let renewed = tx.query_opt(
+                    "UPDATE leader_lease SET
+                        epoch = CASE WHEN holder = $1 AND epoch = $2 AND expires_at > now()
+                                     THEN epoch ELSE epoch + 1 END,
+                        acquired_at = CASE WHEN holder = $1 AND epoch = $2 AND expires_at > now()
+                                           THEN acquired_at ELSE now() END,
+                        holder = $1,
+                        renewed_at = now(),
+                        expires_at = now() + $3::BIGINT * interval '1 millisecond'
+                     WHERE name = 'controllers'
+                       AND (expires_at <= now() OR (holder = $1 AND epoch = $2))
+                     RETURNING holder, epoch,
+                        (extract(epoch FROM expires_at) * 1000)::BIGINT,
+                        (extract(epoch FROM now()) * 1000)::BIGINT",
+                    &[&holder, &epoch, &ttl_ms],
+                )?;
+                let row = match renewed {
+                    Some(r) => r,
+                    None => tx.query_one(
+                        "SELECT holder, epoch,
+                            (extract(epoch FROM GREATEST(expires_at, '1970-01-01'::timestamptz)) * 1000)::BIGINT,
+                            (extract(epoch FROM now()) * 1000)::BIGINT
+                         FROM leader_lease WHERE name = 'controllers'",
+                        &[],
+                    )?,
+                };
+                lease_from_row(&row)
+            })
+        })
+    }
+
+    fn lease_release(&self, holder: &str, epoch: u64) -> Result<(), StoreError> {
+        lease::fenced(None, || {
+            self.side_tx(|tx| {
+                tx.execute(
+                    "UPDATE leader_lease SET expires_at = now()
+                     WHERE name = 'controllers' AND holder = $1 AND epoch = $2",
+                    &[&holder, &(epoch as i64)],
+                )?;
+                Ok(())
+            })
+        })
+    }
+
+    fn shared_ca(
+        &self,
+        offered: &(String, String),
+    ) -> Result<Option<(String, String)>, StoreError> {
+        lease::fenced(None, || {
+            self.side_tx(|tx| {
+                tx.execute(
+                    "INSERT INTO cluster_ca (id, cert_pem, key_pem) VALUES (1, $1, $2)
+                     ON CONFLICT (id) DO NOTHING",
+                    &[&offered.0, &offered.1],
+                )?;
+                let r =
+                    tx.query_one("SELECT cert_pem, key_pem FROM cluster_ca WHERE id = 1", &[])?;
+                Ok(Some((r.try_get(0)?, r.try_get(1)?)))
+            })
+        })
     }
 
     fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {

@@ -30,6 +30,8 @@ use crate::model::{Kind, ObjectKey, Resource};
 use crate::openclaw::schema::Schema;
 use crate::util::now_rfc3339;
 
+use super::lease::{self, LeaseRecord};
+
 /// Schema migrations; migration `i` takes the database from version `i` to `i + 1`
 /// (`PRAGMA user_version`). Append only: a released migration never changes.
 const MIGRATIONS: &[&str] = &[
@@ -82,6 +84,8 @@ const MIGRATIONS: &[&str] = &[
     super::feed::MIGRATION,
     // 8: the state volumes hosts report (written outside the global index).
     super::volumes::MIGRATION,
+    // 9: the leader lease (one server is always its holder).
+    super::lease::SQLITE_MIGRATION,
 ];
 
 /// The schema version whose migration added the usage columns.
@@ -287,6 +291,7 @@ impl SqliteStore {
     ) -> Result<(T, u64), StoreError> {
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        fence_check(&tx)?;
         let current = index_in(&tx)?;
         let next = current + 1;
         let (out, effect) = f(&tx, next)?;
@@ -309,6 +314,21 @@ impl SqliteStore {
         self.notify.send_replace(next);
         Ok((out, next))
     }
+}
+
+/// Refuses the writes of a transaction fenced by an epoch older than the lease's
+/// ([`super::lease`]); the writer's lock keeps the lease from moving meanwhile.
+fn fence_check(conn: &Connection) -> Result<(), StoreError> {
+    let fence = lease::fence();
+    if fence.is_none() {
+        return Ok(());
+    }
+    let current: i64 = conn.query_row(
+        "SELECT epoch FROM leader_lease WHERE name = 'controllers'",
+        [],
+        |r| r.get(0),
+    )?;
+    lease::check_fence(fence, current as u64)
 }
 
 /// Files SQLite keeps beside a database in WAL mode (and the rollback journal of older ones).
@@ -1668,8 +1688,49 @@ impl Store for SqliteStore {
         Ok(changed.then_some(index))
     }
 
+    fn lease_acquire(
+        &self,
+        holder: &str,
+        epoch: u64,
+        ttl: Duration,
+    ) -> Result<LeaseRecord, StoreError> {
+        // One server per database: it takes the lease whatever its expiry (a server stopped
+        // without giving it up left it behind), with the next epoch unless it renews.
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let conn = lock(&self.writer);
+        let row = conn.query_row(
+            "UPDATE leader_lease SET
+                epoch = CASE WHEN holder = ?1 AND epoch = ?2 THEN epoch ELSE epoch + 1 END,
+                acquired_at_ms = CASE WHEN holder = ?1 AND epoch = ?2 THEN acquired_at_ms ELSE ?4 END,
+                holder = ?1,
+                renewed_at_ms = ?4,
+                expires_at_ms = ?4 + ?3
+             WHERE name = 'controllers'
+             RETURNING holder, epoch, expires_at_ms",
+            rusqlite::params![holder, epoch as i64, ttl_ms, crate::events::now_ms()],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
+        )?;
+        Ok(LeaseRecord {
+            holder: row.0,
+            epoch: row.1 as u64,
+            expires_at_ms: row.2,
+            now_ms: crate::events::now_ms(),
+        })
+    }
+
+    fn lease_release(&self, holder: &str, epoch: u64) -> Result<(), StoreError> {
+        let conn = lock(&self.writer);
+        conn.execute(
+            "UPDATE leader_lease SET expires_at_ms = ?3
+             WHERE name = 'controllers' AND holder = ?1 AND epoch = ?2",
+            rusqlite::params![holder, epoch as i64, crate::events::now_ms()],
+        )?;
+        Ok(())
+    }
+
     fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
         let conn = lock(&self.writer);
+        fence_check(&conn)?;
         conn.execute(
             &format!("INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
             params![
@@ -1704,6 +1765,7 @@ impl Store for SqliteStore {
     fn consume_join_token(&self, hash: &str, now: i64) -> Result<TokenRecord, StoreError> {
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        fence_check(&tx)?;
         let t = rules::use_join_token(&mut SqliteTx(&tx), hash, now)?;
         tx.commit()?;
         Ok(t)
@@ -1742,6 +1804,7 @@ impl Store for SqliteStore {
 
     fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
         let conn = lock(&self.writer);
+        fence_check(&conn)?;
         Ok(conn.execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", [id])? > 0)
     }
 
@@ -1751,6 +1814,7 @@ impl Store for SqliteStore {
         }
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        fence_check(&tx)?;
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO host_heartbeats (name, last_seen_ms) VALUES (?1, ?2)
@@ -1774,6 +1838,7 @@ impl Store for SqliteStore {
 
     fn forget_heartbeat(&self, host: &str) -> Result<(), StoreError> {
         let conn = lock(&self.writer);
+        fence_check(&conn)?;
         conn.execute("DELETE FROM host_heartbeats WHERE name = ?1", [host])?;
         Ok(())
     }
@@ -1802,6 +1867,7 @@ impl Store for SqliteStore {
         // ... any other change is written without moving it.
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        fence_check(&tx)?;
         super::volumes::replace_list(&mut SqliteTx(&tx), host, listed, now)?;
         tx.commit()?;
         Ok(true)
@@ -1827,6 +1893,7 @@ impl Store for SqliteStore {
         }
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        fence_check(&tx)?;
         super::volumes::mark_orphaned(&mut SqliteTx(&tx), marks)?;
         tx.commit()?;
         Ok(())
@@ -1853,6 +1920,7 @@ impl Store for SqliteStore {
 
     fn forget_host_volumes(&self, host: &str) -> Result<(), StoreError> {
         let conn = lock(&self.writer);
+        fence_check(&conn)?;
         SqliteTx(&conn).drop_host_volumes(host, None)
     }
 
@@ -1867,6 +1935,7 @@ impl Store for SqliteStore {
         }
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        fence_check(&tx)?;
         let seq = super::feed::write_events(&mut SqliteTx(&tx), &folded)?;
         tx.commit()?;
         self.events_notify.send_replace(seq);
@@ -1880,6 +1949,7 @@ impl Store for SqliteStore {
     ) -> Result<usize, StoreError> {
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        fence_check(&tx)?;
         let n = super::feed::prune_events(&mut SqliteTx(&tx), retention, now_ms)?;
         tx.commit()?;
         Ok(n)
@@ -1928,6 +1998,7 @@ impl Store for SqliteStore {
         }
         let mut conn = lock(&self.writer);
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        fence_check(&tx)?;
         let records = rules::append_audit(&mut SqliteTx(&tx), entries)?;
         tx.commit()?;
         Ok(records)
