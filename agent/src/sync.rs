@@ -1,6 +1,6 @@
 //! The host's loops: long-poll the assignments (saved to disk before acting), reconcile the engine against them, probe the replicas, and stream status reports.
 //!
-//! Four tasks share their views through watch channels:
+//! Five tasks share their views through watch channels:
 //!
 //! - **watch**: `WatchAssignments` in a loop; every new set is saved to `state.json`, then
 //!   published. While the server is away it retries with jittered, capped exponential backoff.
@@ -12,9 +12,13 @@
 //!   every [`STARTUP_PROBE_INTERVAL`] during its initial delay and, if not ready by then, for
 //!   readiness every tenth of its age (liveness keeps the probe interval), so Ready is seen
 //!   quickly.
-//! - **report**: one `ReportStatus` stream; a report every report interval with host figures
-//!   and container stats, and at once after any change of a replica's state or a new event.
-//!   Queued events ride on the next report the stream takes (see [`ReportStream`]).
+//! - **sample**: host figures, container stats and Gateway figures once a report interval.
+//!   Container stats take the engine about a second, so they are sampled here, never on the
+//!   report path.
+//! - **report**: one `ReportStatus` stream; a report every report interval with the latest
+//!   samples, and at once after any change of a replica's state or a new event (nothing on that
+//!   path waits for the engine). Queued events ride on the next report the stream takes (see
+//!   [`ReportStream`]).
 //!
 //! The saved set is acted on once the first long poll has answered or failed, or after
 //! [`START_GATE`] at the latest: a control plane that can be reached gets to say that this host
@@ -142,6 +146,20 @@ struct Hub {
     catching_up: watch::Sender<Option<u64>>,
     /// The newest placement epoch given per replica (saved with the assignments).
     epochs: std::sync::Mutex<crate::fencing::Epochs>,
+    /// The latest figures of the sample loop; `None` until the host's first are known.
+    samples: watch::Sender<Option<Arc<Samples>>>,
+}
+
+/// What the sample loop measures once a report interval, on its own task: sampling container
+/// stats takes the engine about a second, and a change of a replica's state must not wait for
+/// it (nor may a heartbeat).
+#[derive(Debug, Clone, Default)]
+struct Samples {
+    figures: HostFigures,
+    /// Last stats per container id.
+    stats: HashMap<String, ContainerStats>,
+    /// Last Gateway figures per replica (see [`crate::gateway`]).
+    gateway: HashMap<ReplicaKey, pb::GatewayMetrics>,
 }
 
 /// Why [`HostLoops::run`] returned.
@@ -209,6 +227,7 @@ impl HostLoops {
             last_contact: watch::Sender::new(Instant::now()),
             catching_up: watch::Sender::new(None),
             epochs: std::sync::Mutex::new(crate::fencing::Epochs::new()),
+            samples: watch::Sender::new(None),
         };
         HostLoops {
             settings,
@@ -279,6 +298,7 @@ impl HostLoops {
         tasks.spawn(Arc::clone(&this).watch_loop(known, stop.clone()));
         tasks.spawn(Arc::clone(&this).reconcile_loop(stop.clone()));
         tasks.spawn(Arc::clone(&this).probe_loop(stop.clone()));
+        tasks.spawn(Arc::clone(&this).sample_loop(stop.clone()));
         tasks.spawn(Arc::clone(&this).report_loop(stop.clone()));
         let reason = loop {
             tokio::select! {
@@ -703,8 +723,9 @@ impl HostLoops {
                         if live_probed {
                             s.last_live = Some(at);
                         }
-                        if prober.status(&key).is_some_and(|p| p.ready) {
+                        if !s.ready_seen && prober.status(&key).is_some_and(|p| p.ready) {
                             s.ready_seen = true;
+                            tracing::info!(replica = %key, after_ms = at.saturating_duration_since(s.since).as_millis() as u64, "replica ready");
                         }
                     }
                 }
@@ -746,7 +767,9 @@ impl HostLoops {
 
     // --------------------------------------------------------------- report
 
-    async fn report_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    /// Samples host figures, container stats and Gateway figures every report interval and
+    /// publishes them for the reports (the first host figures at once).
+    async fn sample_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let data_dir = self.settings.data_dir.clone();
         let mut metrics = match tokio::task::spawn_blocking(move || HostMetrics::new(data_dir))
             .await
@@ -758,13 +781,43 @@ impl HostLoops {
             }
             Err(_) => None,
         };
+        let mut current = Samples::default();
+        loop {
+            let round = async {
+                current.figures = sample(&mut metrics).await;
+                if self.hub.samples.borrow().is_none() {
+                    self.hub
+                        .samples
+                        .send_replace(Some(Arc::new(current.clone())));
+                }
+                current.stats = self.sample_stats().await;
+                current.gateway = self.sample_gateway().await;
+                self.hub
+                    .samples
+                    .send_replace(Some(Arc::new(current.clone())));
+            };
+            tokio::select! {
+                () = stopped(&mut stop) => return,
+                () = round => {}
+            }
+            tokio::select! {
+                () = stopped(&mut stop) => return,
+                () = tokio::time::sleep(self.settings.report_interval) => {}
+            }
+        }
+    }
+
+    async fn report_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut reporter = Reporter {
-            stats: HashMap::new(),
-            figures: HostFigures::default(),
             last_sent: None,
             volumes: VolumeReporter::default(),
-            gateway: HashMap::new(),
         };
+        // The first report carries the host's figures (its capacity places replicas).
+        let mut samples = self.hub.samples.subscribe();
+        tokio::select! {
+            () = stopped(&mut stop) => return,
+            r = samples.wait_for(Option::is_some) => if r.is_err() { return },
+        }
         let cap = self.settings.report_interval.min(RECONNECT_MAX_DELAY);
         let mut backoff = reconnect_backoff(cap);
         let mut desired_rx = self.hub.desired.subscribe();
@@ -773,7 +826,6 @@ impl HostLoops {
         let mut engine_rx = self.hub.engine.subscribe();
         let mut events_rx = self.reconciler.events().subscribe();
         let mut failing = false;
-        reporter.figures = sample(&mut metrics).await;
         loop {
             // A host back from a cut applies what the control plane now says before it reports
             // (and so turns Ready): its stale copies are gone first.
@@ -809,9 +861,8 @@ impl HostLoops {
                     }
                     r = &mut call => break r,
                     _ = tick.tick() => {
-                        reporter.figures = sample(&mut metrics).await;
-                        self.refresh_stats(&mut reporter).await;
-                        self.refresh_gateway(&mut reporter).await;
+                        // Nothing here may wait (see [`Samples`]): the figures are the sample
+                        // loop's latest.
                         let report = self.build_report(&mut reporter, true);
                         if tx.try_send(report).is_err() {
                             reporter.volumes.forget();
@@ -867,9 +918,9 @@ impl HostLoops {
     }
 
     /// Samples container stats of every running replica (concurrently).
-    async fn refresh_stats(&self, reporter: &mut Reporter) {
+    async fn sample_stats(&self) -> HashMap<String, ContainerStats> {
         let Some(observed) = self.hub.observed.borrow().clone() else {
-            return;
+            return HashMap::new();
         };
         let runtime: &Arc<dyn ContainerRuntime> = self.reconciler.runtime();
         let running: Vec<String> = observed
@@ -883,25 +934,26 @@ impl HostLoops {
             (id.clone(), s)
         }))
         .await;
-        reporter.stats.clear();
+        let mut stats = HashMap::new();
         for (id, s) in samples {
             match s {
-                Ok(Ok(stats)) => {
-                    reporter.stats.insert(id, stats);
+                Ok(Ok(s)) => {
+                    stats.insert(id, s);
                 }
                 Ok(Err(err)) => tracing::debug!(container = %id, error = %err, "no stats"),
                 Err(_) => tracing::debug!(container = %id, "stats timed out"),
             }
         }
+        stats
     }
 
     /// Scrapes the Gateway figures of every running replica whose config enables them
     /// (concurrently, each bounded by [`crate::gateway::SCRAPE_TIMEOUT`]).
-    async fn refresh_gateway(&self, reporter: &mut Reporter) {
+    async fn sample_gateway(&self) -> HashMap<ReplicaKey, pb::GatewayMetrics> {
         let desired = self.hub.desired.borrow().clone();
         let observed = self.hub.observed.borrow().clone();
         let probes = self.hub.probes.borrow().clone();
-        reporter.gateway = scrape_gateways(&self.reconciler, desired, observed, &probes).await;
+        scrape_gateways(&self.reconciler, desired, observed, &probes).await
     }
 
     fn build_report(&self, reporter: &mut Reporter, remember: bool) -> pb::StatusReport {
@@ -909,6 +961,7 @@ impl HostLoops {
         let observed = self.hub.observed.borrow().clone();
         let probes = self.hub.probes.borrow().clone();
         let engine = self.hub.engine.borrow().clone();
+        let samples = self.hub.samples.borrow().clone().unwrap_or_default();
         let (index, replicas) = match (&desired, &observed) {
             (Some(set), Some(observed)) => {
                 let statuses: Vec<ReplicaStatus> =
@@ -920,9 +973,9 @@ impl HostLoops {
                         s.stats = s
                             .container_id
                             .as_ref()
-                            .and_then(|id| reporter.stats.get(id).copied());
+                            .and_then(|id| samples.stats.get(id).copied());
                         let mut p = s.to_proto();
-                        p.gateway_metrics = reporter.gateway.get(&s.key()).cloned();
+                        p.gateway_metrics = samples.gateway.get(&s.key()).cloned();
                         p
                     })
                     .collect();
@@ -960,7 +1013,7 @@ impl HostLoops {
             volumes,
             volumes_listed,
             volumes_total,
-            host: Some(reporter.figures.to_proto()),
+            host: Some(samples.figures.to_proto()),
             runtime: Some(engine.to_proto()),
             replicas,
             applied_index: index,
@@ -1081,11 +1134,6 @@ impl RunSchedule {
 }
 
 struct Reporter {
-    /// Last stats per container id.
-    stats: HashMap<String, ContainerStats>,
-    /// Last Gateway figures per replica (see [`crate::gateway`]).
-    gateway: HashMap<ReplicaKey, pb::GatewayMetrics>,
-    figures: HostFigures,
     /// What the last report said about the replicas and the engine.
     last_sent: Option<Signature>,
     /// What the last reports said about the state volumes.

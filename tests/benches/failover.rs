@@ -14,7 +14,8 @@
 //!
 //! Where the overhead goes is printed from the server's and the new host's own clocks (one
 //! machine, one clock): `notReadySince` -> the new placement reaching the other agent ("new
-//! assignments" in its log) -> its container started -> Ready seen through the API.
+//! assignments" in its log) -> its container started -> its first passing readiness probe
+//! ("replica ready") -> Ready seen through the API.
 //!
 //! Fencing is checked on the way: a sampler lists the runs' containers every 200 ms and the run
 //! fails if one replica is ever seen running twice.
@@ -54,6 +55,8 @@ struct Run {
     to_assignment: Duration,
     /// ... -> its container started.
     to_started: Duration,
+    /// ... -> the agent's first passing readiness probe of it.
+    to_agent_ready: Duration,
     /// ... -> Ready seen through the API.
     to_ready: Duration,
 }
@@ -170,6 +173,9 @@ fn one_run(image: &str, run: usize) -> anyhow::Result<Run> {
     let started = after_since("replica container started", &|f| {
         f["replica"].as_str().is_some_and(|r| r.contains(&moved))
     })?;
+    let agent_ready = after_since("replica ready", &|f| {
+        f["replica"].as_str().is_some_and(|r| r.contains(&moved))
+    })?;
     let ready = unix(ready_at);
     let d = |a: f64, b: f64| Duration::from_secs_f64((b - a).max(0.0));
 
@@ -182,6 +188,7 @@ fn one_run(image: &str, run: usize) -> anyhow::Result<Run> {
         image_start,
         to_assignment: d(since, assigned),
         to_started: d(since, started),
+        to_agent_ready: d(since, agent_ready),
         to_ready: d(since, ready),
     })
 }
@@ -227,7 +234,7 @@ fn main() -> anyhow::Result<()> {
     for i in 0..runs {
         let r = one_run(&image, i)?;
         println!(
-            "run {}: detection {:.2}s; replacement {:.2}s ({:.2}s over heartbeat timeout + after; image start {:.2}s); from notReadySince: assignment {:.2}s, container started {:.2}s, Ready {:.2}s",
+            "run {}: detection {:.2}s; replacement {:.2}s ({:.2}s over heartbeat timeout + after; image start {:.2}s); from notReadySince: assignment {:.2}s, container started {:.2}s, ready on the agent {:.2}s, Ready through the API {:.2}s",
             i + 1,
             secs(r.detection),
             secs(r.replacement),
@@ -235,6 +242,7 @@ fn main() -> anyhow::Result<()> {
             secs(r.image_start),
             secs(r.to_assignment),
             secs(r.to_started),
+            secs(r.to_agent_ready),
             secs(r.to_ready),
         );
         all.push(r);
@@ -269,10 +277,31 @@ fn main() -> anyhow::Result<()> {
         secs(start) + 2.0
     );
     println!(
-        "  from notReadySince: assignment on the other host {:.2}s, container started {:.2}s, Ready {:.2}s",
+        "  from notReadySince: assignment on the other host {:.2}s, container started {:.2}s, ready on the agent {:.2}s, Ready through the API {:.2}s",
         secs(m(|r| r.to_assignment)),
         secs(m(|r| r.to_started)),
+        secs(m(|r| r.to_agent_ready)),
         secs(m(|r| r.to_ready)),
+    );
+    let started_to_ready: Vec<Duration> = all
+        .iter()
+        .map(|r| r.to_ready.saturating_sub(r.to_started))
+        .collect();
+    println!(
+        "  container started -> Ready through the API: median {:.2}s, max {:.2}s",
+        secs(median(started_to_ready.clone())),
+        secs(started_to_ready.iter().max().copied().unwrap_or_default()),
+    );
+    let detected = all
+        .iter()
+        .filter(|r| r.detection < TTL + Duration::from_secs(1))
+        .count();
+    let replaced = all
+        .iter()
+        .filter(|r| r.overhead() < r.image_start + Duration::from_secs(2))
+        .count();
+    println!(
+        "  within target: detection {detected}/{runs} runs, replacement {replaced}/{runs} runs"
     );
     Ok(())
 }

@@ -16,6 +16,9 @@ use serde_json::{Value, json};
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 const AFTER: Duration = Duration::from_secs(20);
 const STOP_AFTER: Duration = Duration::from_secs(10);
+/// What a timing may take beyond its setting on a loaded test machine (the engine stopping or
+/// starting a container, a probe, a report).
+const MARGIN: Duration = Duration::from_secs(5);
 
 struct Cluster {
     server: TestServer,
@@ -142,6 +145,9 @@ fn reschedule_manifest() -> String {
 /// Cut one of two hosts: its copy stops there by about stopAfter, the replica runs on the other
 /// host after about heartbeat timeout + after, and the healed host keeps the old volume but runs
 /// no stale copy when it is Ready again. Never two running copies of a replica.
+///
+/// "About" has a margin for a loaded machine: the stop within stopAfter + [`MARGIN`], the
+/// replacement within heartbeat timeout + after + [`MARGIN`].
 #[test]
 fn a_cut_host_loses_its_replica_to_another_host() -> anyhow::Result<()> {
     let Some(c) = cluster("e2e-fo", 2)? else {
@@ -226,12 +232,16 @@ fn a_cut_host_loses_its_replica_to_another_host() -> anyhow::Result<()> {
         replaced.as_secs_f64() - (HEARTBEAT_TIMEOUT + AFTER).as_secs_f64()
     );
     assert!(
-        cut_to_stop < AFTER,
-        "the copy stopped {cut_to_stop:?} after the cut"
+        cut_to_stop < STOP_AFTER + MARGIN,
+        "the copy stopped {cut_to_stop:?} after the cut (stopAfter {STOP_AFTER:?})"
     );
     assert!(
         replaced >= AFTER,
         "replaced after {replaced:?}, before failover.after"
+    );
+    assert!(
+        replaced < HEARTBEAT_TIMEOUT + AFTER + MARGIN,
+        "replaced {replaced:?} after the cut (heartbeat timeout {HEARTBEAT_TIMEOUT:?} + after {AFTER:?})"
     );
 
     // Heal: when the host is Ready again, it runs no copy of the moved replica; its volume stays.
@@ -264,7 +274,7 @@ fn a_cut_host_loses_its_replica_to_another_host() -> anyhow::Result<()> {
 }
 
 /// `Manual`: nothing moves and nothing stops while a host is cut off; after healing the same
-/// containers run on.
+/// containers (same ids, same start times, no restarts counted) run on and are Ready.
 #[test]
 fn manual_failover_waits_for_the_host() -> anyhow::Result<()> {
     let Some(c) = cluster("e2e-fm", 2)? else {
@@ -275,6 +285,19 @@ fn manual_failover_waits_for_the_host() -> anyhow::Result<()> {
     c.apply_instance(name, 2, "");
     c.wait_all_ready(name, 2)?;
     let before = running_replicas(&c.scope.tenant)?;
+    let started = |rs: &[(String, String, String)]| -> anyhow::Result<BTreeMap<String, String>> {
+        rs.iter()
+            .map(|(_, _, id)| {
+                Ok((
+                    id.clone(),
+                    docker(&["inspect", "-f", "{{.State.StartedAt}}", id])?
+                        .trim()
+                        .to_string(),
+                ))
+            })
+            .collect()
+    };
+    let started_before = started(&before)?;
     let placed = c.placements(name);
     let (host, _, proxy) = &c.hosts[0];
     proxy.cut();
@@ -310,11 +333,20 @@ fn manual_failover_waits_for_the_host() -> anyhow::Result<()> {
     let mut after = running_replicas(&c.scope.tenant)?;
     after.sort();
     assert_eq!(after, expected, "the same containers run on");
+    assert_eq!(
+        started(&after)?,
+        started_before,
+        "no container was restarted"
+    );
+    for (replica, (_, state, status)) in c.placements(name) {
+        assert_eq!(state, "Ready", "{replica}: {status}");
+        assert_eq!(status["restarts"].as_u64().unwrap_or(0), 0, "{status}");
+    }
     sampler.finish()
 }
 
-/// An agent killed with its containers removed: with `Reschedule` its replica runs elsewhere
-/// within heartbeat timeout + after + 10 s.
+/// An agent killed (SIGKILL) with its containers removed: with `Reschedule` its replica runs
+/// elsewhere within heartbeat timeout + after + 10 s of the kill.
 #[test]
 fn a_dead_host_is_replaced_within_after() -> anyhow::Result<()> {
     let Some(mut c) = cluster("e2e-fk", 2)? else {
@@ -352,8 +384,8 @@ fn a_dead_host_is_replaced_within_after() -> anyhow::Result<()> {
     let took = killed.elapsed();
     println!("figure: replaced {:.1}s after the kill", took.as_secs_f64());
     assert!(
-        took <= limit + Duration::from_secs(20),
-        "replaced after {took:?}"
+        took <= limit,
+        "replaced {took:?} after the kill (limit {limit:?})"
     );
     sampler.finish()
 }

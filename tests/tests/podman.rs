@@ -1,10 +1,12 @@
 //! End to end on Podman: the real server and agent (`--runtime podman`) against a real `podman system service` socket and the stand-in OpenClaw image.
 //!
-//! The test skips when there is no `podman` command, unless `CI=true` (then it fails):
-//! `tests/podman-setup.sh` installs and configures Podman. Every object the agent creates
-//! carries the test's own tenant label and is removed through `podman` on drop.
+//! The tests skip when there is no `podman` command, unless `CI=true` (then they fail):
+//! `tests/podman-setup.sh` installs and configures Podman. Every object the agents create
+//! carries the test's own tenant label and is removed through `podman` (and `docker`) on drop.
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Context;
 use clusterclaw_tests::agent::*;
@@ -181,5 +183,203 @@ fn podman_lifecycle() -> anyhow::Result<()> {
         "no errors: {}",
         agent.log()
     );
+    Ok(())
+}
+
+/// SHA-256 of a file, in hex.
+fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `mib` MiB of incompressible bytes in `path`.
+fn random_file(path: &Path, mib: usize) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut block = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id());
+    for _ in 0..mib {
+        for chunk in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&block)?;
+    }
+    Ok(f.flush()?)
+}
+
+/// Where the stand-in keeps its state, inside the container.
+const STATE_DIR: &str = "/home/node/.openclaw";
+
+/// A replica's state volume carried by drains between a Docker host and a Podman host, both
+/// ways, through the control plane: a Docker agent and a Podman agent (`--runtime podman`
+/// against a real `podman system service`) on one server. The replica starts on the Docker
+/// host with a state file and an 8 MiB blob; `drain host` of the Docker host moves it to the
+/// Podman host (Docker reads the volume out, Podman's archive API writes it in), then `drain
+/// host` of the Podman host moves it back (Podman reads it out). After each move the replica
+/// is Ready on the other engine with its file and a blob of the same SHA-256, the drain says
+/// the transfer was checksummed, and the volume it left is removed from the engine it left.
+#[test]
+fn a_drain_carries_state_between_docker_and_podman() -> anyhow::Result<()> {
+    if !podman_available()? {
+        return Ok(());
+    }
+    let Some(image) = require_docker()? else {
+        return Ok(());
+    };
+    ensure_standin_in_podman()?;
+    let service = PodmanService::start()?;
+
+    let on_docker = Scope::new("e2e-pdrain");
+    let on_podman = Scope {
+        cli: "podman",
+        tenant: on_docker.tenant.clone(),
+        project: on_docker.project.clone(),
+    };
+    let docker_cleanup = DockerCleanup::tenant(&on_docker.tenant);
+    let podman_cleanup = DockerCleanup::tenant_on("podman", &on_docker.tenant);
+    let port = free_port();
+    let server = TestServer::start_on(&format!("127.0.0.1:{port}"), &[])?;
+    let token = join_token(&server, 2, "10m");
+    let d_name = unique("pdr-docker");
+    let mut d_agent = TestAgent::enroll(&server, port, &token, &["--name", &d_name])?;
+    let d = d_agent.wait_enrolled()?;
+    docker_cleanup.host(&d);
+    let p_name = unique("pdr-podman");
+    let url = service.url();
+    let mut p_agent = TestAgent::enroll(
+        &server,
+        port,
+        &token,
+        &[
+            "--name",
+            &p_name,
+            "--runtime",
+            "podman",
+            "--docker-host",
+            &url,
+        ],
+    )?;
+    let p = p_agent.wait_enrolled()?;
+    podman_cleanup.host(&p);
+
+    let result = (|| -> anyhow::Result<()> {
+        wait_host_ready(&server, &d)?;
+        wait_host_ready(&server, &p)?;
+        let name = "bot";
+        let replica = format!("{name}-0");
+        on_docker.apply(&server, "base", &on_docker.base_manifest());
+        // It starts on the Docker host.
+        server.cli(&["cordon", "host", &p]).ok();
+        let manifest = on_docker.instance_manifest(
+            name,
+            &image,
+            1,
+            &BTreeMap::from([("OPENCLAW_E2E", "podman-drain")]),
+        );
+        on_docker.apply(&server, name, &manifest);
+        let (_, first) = wait_ready(&server, &on_docker, name, 1)?;
+        let ct = &first[&replica];
+        assert_eq!(ct.host, d, "{replica} starts on the Docker host");
+        let marker = format!("state of {replica} {}", unique("x"));
+        standin_put_file(ct.port.expect("a published port"), "marker.txt", &marker)?;
+        let scratch = tempfile::tempdir()?;
+        let blob = scratch.path().join("blob.bin");
+        random_file(&blob, 8)?;
+        let want = sha256_file(&blob)?;
+        docker(&[
+            "cp",
+            blob.to_str().expect("utf-8 path"),
+            &format!("{}:{STATE_DIR}/blob.bin", ct.id),
+        ])?;
+        server.cli(&["uncordon", "host", &p]).ok();
+
+        // Docker -> Podman, then Podman -> Docker.
+        let legs = [
+            (&d, &p, &on_docker, &on_podman),
+            (&p, &d, &on_podman, &on_docker),
+        ];
+        for (from, to, from_scope, to_scope) in legs {
+            let out = server
+                .cli_within(
+                    &["drain", "host", from, "--timeout", "3m"],
+                    Duration::from_secs(240),
+                )
+                .expect("the drain ended in time");
+            println!(
+                "drain {from} ({}):\n{}\n{}",
+                from_scope.cli, out.stdout, out.stderr
+            );
+            assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+            assert!(out.stdout.contains("drained"), "{}", out.stdout);
+            assert!(out.stdout.contains("sha256"), "{}", out.stdout);
+            let (_, now) = wait_ready(&server, to_scope, name, 1)?;
+            let ct = &now[&replica];
+            assert_eq!(&ct.host, to, "{replica} runs on {to} ({})", to_scope.cli);
+            let gw = ct.port.expect("a published port");
+            assert_eq!(
+                standin_file(gw, "marker.txt")?.as_deref(),
+                Some(marker.as_str()),
+                "{replica}'s state file on {}",
+                to_scope.cli
+            );
+            assert_eq!(
+                gateway_get(gw, "/standin/info")?["env"]["OPENCLAW_E2E"],
+                "podman-drain"
+            );
+            let copy = scratch.path().join(format!("from-{}.bin", from_scope.cli));
+            engine_cli(
+                to_scope.cli,
+                &[
+                    "cp",
+                    &format!("{}:{STATE_DIR}/blob.bin", ct.id),
+                    copy.to_str().expect("utf-8 path"),
+                ],
+            )?;
+            assert_eq!(
+                sha256_file(&copy)?,
+                want,
+                "{replica}'s blob arrived changed on {}",
+                to_scope.cli
+            );
+            // The host it left keeps no copy: its container and volume are gone.
+            wait_for(
+                &format!("{replica}'s volume removed from {}", from_scope.cli),
+                WAIT,
+                || {
+                    Ok((from_scope.containers(name)?.is_empty()
+                        && from_scope.volumes()?.is_empty())
+                    .then_some(()))
+                },
+            )?;
+            server.cli(&["uncordon", "host", from]).ok();
+        }
+        Ok(())
+    })();
+    if let Err(err) = &result {
+        eprintln!(
+            "{err:#}\n--- docker agent log:\n{}\n--- podman agent log:\n{}\n--- podman service log:\n{}",
+            d_agent.log(),
+            p_agent.log(),
+            service.log()
+        );
+    }
+    result?;
+    for (which, agent) in [("docker", &d_agent), ("podman", &p_agent)] {
+        assert!(
+            !agent.log().contains("\"level\":\"ERROR\""),
+            "no errors from the {which} agent: {}",
+            agent.log()
+        );
+    }
+    drop(d_agent);
+    drop(p_agent);
+    drop(docker_cleanup);
+    drop(podman_cleanup);
     Ok(())
 }

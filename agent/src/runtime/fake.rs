@@ -57,6 +57,8 @@ struct State {
     counter: u64,
     /// How long a stop takes (a Gateway using its whole grace period).
     stop_delay: Duration,
+    /// How long a stats sample takes (the engine samples twice, about a second apart).
+    stats_delay: Duration,
     /// Operations (stops, creations) running right now, and the most at once so far.
     busy: usize,
     max_busy: usize,
@@ -134,6 +136,11 @@ impl FakeRuntime {
     /// Makes every stop take `delay` (in tokio time) before the container exits.
     pub fn set_stop_delay(&self, delay: Duration) {
         self.lock().stop_delay = delay;
+    }
+
+    /// Makes every stats sample take `delay` (in tokio time).
+    pub fn set_stats_delay(&self, delay: Duration) {
+        self.lock().stats_delay = delay;
     }
 
     /// The most stops and creations that ran at once so far.
@@ -582,8 +589,15 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn container_stats(&self, id: &str) -> Result<ContainerStats, RuntimeError> {
-        let state = self.record(FakeCall::ContainerStats(id.into()));
-        Self::check(&state)?;
+        let delay = {
+            let state = self.record(FakeCall::ContainerStats(id.into()));
+            Self::check(&state)?;
+            state.stats_delay
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let state = self.lock();
         match state.containers.get(id) {
             Some(_) => Ok(ContainerStats::default()),
             None => Err(RuntimeError::NotFound(format!("container {id}"))),

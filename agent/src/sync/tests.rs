@@ -537,6 +537,54 @@ async fn events_wait_for_a_report_that_is_sent() {
 }
 
 #[tokio::test]
+async fn a_slow_stats_sample_holds_back_no_report() {
+    let mut h = Harness::new();
+    // As with a real engine, a stats sample takes its time; here far longer than the report
+    // interval (300 ms).
+    h.engine.set_stats_delay(Duration::from_secs(3));
+    h.control.answer(1, &replicas(1));
+    h.start();
+    wait_until("the replica runs", || h.running().len() == 1).await;
+    wait_until("a stats sample is under way", || {
+        h.engine
+            .calls()
+            .iter()
+            .any(|c| matches!(c, FakeCall::ContainerStats(_)))
+    })
+    .await;
+    let before = h.control.reports().len();
+    let sampling = Instant::now();
+    let a = Assignment::test("bot-0");
+    h.reconciler().events().push(AgentEvent::about(
+        &a,
+        "Test",
+        "while stats are sampled".into(),
+    ));
+    wait_until("a report carrying the event", || {
+        h.events_received()
+            .iter()
+            .any(|e| e.message == "while stats are sampled")
+    })
+    .await;
+    let changed = sampling.elapsed();
+    assert!(
+        changed < Duration::from_millis(500),
+        "a change waited {changed:?} for a stats sample"
+    );
+    // The periodic reports (the host's heartbeat) keep their pace meanwhile.
+    wait_until("three more reports", || {
+        h.control.reports().len() >= before + 4
+    })
+    .await;
+    let periodic = sampling.elapsed();
+    assert!(
+        periodic < Duration::from_secs(2),
+        "three report intervals took {periodic:?} during a stats sample"
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn a_new_event_alone_is_reported_at_once() {
     let mut h = Harness::new();
     h.control.answer(1, &[]);
