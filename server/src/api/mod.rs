@@ -17,7 +17,7 @@ mod serve;
 mod tokens;
 mod volumes;
 pub mod watch;
-mod waves;
+pub(crate) mod waves;
 
 #[cfg(test)]
 mod tests;
@@ -84,6 +84,8 @@ struct Inner {
     hub: watch::Hub,
     /// The web console's sessions.
     sessions: crate::ui::session::Sessions,
+    /// The console's index of instances.
+    console_index: Arc<crate::ui::index::InstanceIndex>,
     /// The console's cookies are `Secure` (the API is served over TLS).
     secure_cookies: bool,
 }
@@ -168,6 +170,7 @@ impl ApiState {
 
                 hub: watch::Hub::default(),
                 sessions: crate::ui::session::Sessions::default(),
+                console_index: Arc::default(),
                 secure_cookies: options.secure_cookies,
             }),
         }
@@ -225,6 +228,11 @@ impl ApiState {
         &self.inner.sessions
     }
 
+    /// The console's index of instances.
+    pub(crate) fn console_index(&self) -> &Arc<crate::ui::index::InstanceIndex> {
+        &self.inner.console_index
+    }
+
     /// Whether the console's cookies are `Secure`.
     pub(crate) fn secure_cookies(&self) -> bool {
         self.inner.secure_cookies
@@ -258,7 +266,7 @@ impl ApiState {
 
     /// Runs store work on the blocking pool, unscoped: only for what is not tenant data
     /// (metrics); handlers go through [`Ctx::run`].
-    async fn run_unscoped<T, F>(&self, f: F) -> Result<T, ApiError>
+    pub(crate) async fn run_unscoped<T, F>(&self, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, ApiError> + Send + 'static,
