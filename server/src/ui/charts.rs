@@ -168,16 +168,22 @@ pub fn svg(
     s
 }
 
+/// What a chart plots of a sample, how it writes a value, and the least top of its axis.
+struct Measure {
+    value: fn(&Sample) -> f64,
+    show: fn(f64) -> String,
+    floor: f64,
+}
+
 fn chart(
     id: String,
     title: String,
     samples: &[Sample],
     now: Instant,
-    value: fn(&Sample) -> f64,
-    show: fn(f64) -> String,
-    floor: f64,
+    m: Measure,
     extra: Option<String>,
 ) -> Chart {
+    let Measure { value, show, floor } = m;
     let points: Vec<(f64, f64)> = samples
         .iter()
         .map(|s| (now.saturating_duration_since(s.at).as_secs_f64(), value(s)))
@@ -235,9 +241,11 @@ pub fn replica_charts(h: &ReplicaHistory, now: Instant) -> ReplicaCharts {
             format!("CPU of {}, last hour", h.replica),
             &h.samples,
             now,
-            |s| s.cpu_percent,
-            show_cpu,
-            10.0,
+            Measure {
+                value: |s| s.cpu_percent,
+                show: show_cpu,
+                floor: 10.0,
+            },
             None,
         ),
         memory: chart(
@@ -245,9 +253,11 @@ pub fn replica_charts(h: &ReplicaHistory, now: Instant) -> ReplicaCharts {
             format!("Memory of {}, last hour", h.replica),
             &h.samples,
             now,
-            |s| s.memory_bytes as f64,
-            show_memory,
-            (64u64 << 20) as f64,
+            Measure {
+                value: |s| s.memory_bytes as f64,
+                show: show_memory,
+                floor: (64u64 << 20) as f64,
+            },
             limit,
         ),
         replica: h.replica.clone(),
