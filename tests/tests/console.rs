@@ -4,7 +4,9 @@
 //! Logs in with a tenant's token and sees only that tenant; applies an instance through the
 //! API and sees it turn Running on the open list without a reload; reads its live logs;
 //! cordons a host from the hosts page; a forged form post without the CSRF token is refused;
-//! a viewer gets no button that writes. Screenshots of every page are written under
+//! a viewer gets no button that writes; starts a Canary update and promotes it from the
+//! instance page until it succeeds; sees the CPU and memory charts of a replica; takes the
+//! instance page and the overview at a phone's size. Screenshots of every page are written under
 //! `target/console-screenshots/`.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`tests/browser-setup.sh` installs them):
@@ -282,6 +284,97 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
             // A tenant-admin sees no host page.
             let page = text(&c).await?;
             ensure!(!page.contains("Hosts"), "{page}");
+            // The replica's CPU and memory over the last hour, from the agent's reports: a
+            // chart with labelled axes and the current value in words.
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let charts = c.find_all(Locator::Css("#usage svg.chart")).await?;
+                if charts.len() == 2 {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("no CPU and memory charts: {}", text(&c).await?);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                c.refresh().await?;
+            }
+            let usage = c.find(Locator::Id("usage")).await?.text().await?;
+            for want in [
+                "CPU of bot-0, last hour",
+                "% CPU (now)",
+                "MiB (now)",
+                "60 min ago",
+            ] {
+                ensure!(usage.contains(want), "the charts lack {want:?}: {usage}");
+            }
+            shot(&c, "05b-instance-charts").await?;
+            // The same page on a phone.
+            c.set_window_size(390, 844).await?;
+            shot(&c, "05c-instance-phone").await?;
+            c.goto(&format!("{api}/ui/")).await?;
+            shot(&c, "05d-overview-phone").await?;
+            c.set_window_size(1280, 1000).await?;
+            Ok(())
+        })?;
+
+        // A Canary update, paused after its first replica, promoted from the page.
+        let canary = |env: &str| {
+            format!(
+                "{}  updateStrategy:\n    type: Canary\n    minReadySeconds: 1\n    progressDeadline: 60s\n    steps:\n      - replicas: 1\n      - pause: {{}}\n  env:\n    WAVE: \"{env}\"\n",
+                scope.instance_manifest("canary", &image, 2, &Default::default())
+            )
+        };
+        scope.apply_http(&server, &canary("1"));
+        wait_for("canary Running 2/2", WAIT, || {
+            let i = scope.instance(&server, "canary");
+            Ok((i["status"]["readyReplicas"] == json!(2)
+                && i["status"]["phase"] == json!("Running"))
+            .then_some(()))
+        })?;
+        scope.apply_http(&server, &canary("2"));
+        rt.block_on(async {
+            let page = format!("{api}/ui/tenants/{t}/projects/{p}/instances/canary");
+            c.goto(&page).await?;
+            // The page follows the update live, to its pause.
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let phase = match c.find(Locator::Id("rollout-phase")).await {
+                    Ok(e) => e.text().await?,
+                    Err(_) => String::new(),
+                };
+                if phase.starts_with("Paused") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("the canary never showed Paused: {}", text(&c).await?);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            shot(&c, "06-canary-paused").await?;
+            c.find(Locator::Css("form[action$='/rollout/promote'] button"))
+                .await?
+                .click()
+                .await?;
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let phase = match c.find(Locator::Id("rollout-phase")).await {
+                    Ok(e) => e.text().await?,
+                    Err(_) => String::new(),
+                };
+                if phase == "Succeeded" {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "the promoted canary never showed Succeeded: {}",
+                        text(&c).await?
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let page = text(&c).await?;
+            ensure!(page.contains("2/2"), "not every replica Ready: {page}");
+            shot(&c, "06b-canary-succeeded").await?;
             log_out(&c).await?;
 
             // A viewer: the same page without a single button that writes.
@@ -302,7 +395,7 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
                 "a viewer has {} forms (only logout)",
                 forms.len()
             );
-            shot(&c, "06-instance-viewer").await?;
+            shot(&c, "06c-instance-viewer").await?;
             log_out(&c).await?;
 
             // The platform admin cordons the host from the hosts page.

@@ -2,6 +2,7 @@
 //! assignment long poll and status reports. The server never connects to a host.
 
 pub mod book;
+pub mod history;
 pub mod identity;
 pub mod reports;
 pub mod tasks;

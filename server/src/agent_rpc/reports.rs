@@ -70,6 +70,8 @@ pub struct Reports {
     /// Replica entries refused: from a host the replica is not placed on, or of an epoch older
     /// than the replica's current one.
     refused: AtomicU64,
+    /// What each replica used lately, for the console's charts.
+    history: Mutex<super::history::History>,
 }
 
 /// Why a replica entry of a report is not taken, if it is not: the reporting host is not the
@@ -122,7 +124,24 @@ impl Reports {
         self.refused.load(Ordering::Relaxed)
     }
 
+    /// The last hour of CPU and memory samples of an instance's replicas.
+    pub fn usage_history(
+        &self,
+        tenant: &str,
+        project: &str,
+        instance: &str,
+    ) -> Vec<super::history::ReplicaHistory> {
+        self.history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .of_instance(tenant, project, instance, Instant::now())
+    }
+
     pub fn forget(&self, host: &str) {
+        self.history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget_host(host);
         self.hosts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -218,6 +237,10 @@ impl Reports {
             // waits for the next batch.
             self.heartbeat_later(store, &host.name)?;
             self.unchanged.fetch_add(1, Ordering::Relaxed);
+            self.history
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .record(&host.name, now, &report.replicas);
             let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(prev) = hosts.get_mut(&host.name) {
                 prev.received = now;
@@ -359,6 +382,10 @@ impl Reports {
         let clean = refused.iter().all(Option::is_none);
         let mut accepted = accepted.into_iter();
         report.replicas.retain(|_| accepted.next().unwrap_or(false));
+        self.history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(&host.name, now, &report.replicas);
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
         let status_written = match hosts.get(&host.name) {
             Some(prev) if !wrote_host => prev.status_written,

@@ -17,7 +17,7 @@ mod serve;
 mod tokens;
 mod volumes;
 pub mod watch;
-mod waves;
+pub(crate) mod waves;
 
 #[cfg(test)]
 mod tests;
@@ -88,6 +88,8 @@ struct Inner {
     oidc: Option<Arc<OidcVerifier>>,
     /// The console's single sign-ins between their start and their callback.
     sso_pending: crate::ui::sso::PendingLogins,
+    /// The console's index of instances.
+    console_index: Arc<crate::ui::index::InstanceIndex>,
     /// The console's cookies are `Secure` (the API is served over TLS).
     secure_cookies: bool,
 }
@@ -175,6 +177,7 @@ impl ApiState {
                 sessions: crate::ui::session::Sessions::default(),
                 oidc,
                 sso_pending: crate::ui::sso::PendingLogins::default(),
+                console_index: Arc::default(),
                 secure_cookies: options.secure_cookies,
             }),
         }
@@ -252,6 +255,11 @@ impl ApiState {
         self.inner.audit.as_ref()
     }
 
+    /// The console's index of instances.
+    pub(crate) fn console_index(&self) -> &Arc<crate::ui::index::InstanceIndex> {
+        &self.inner.console_index
+    }
+
     /// Whether the console's cookies are `Secure`.
     pub(crate) fn secure_cookies(&self) -> bool {
         self.inner.secure_cookies
@@ -285,7 +293,7 @@ impl ApiState {
 
     /// Runs store work on the blocking pool, unscoped: only for what is not tenant data
     /// (metrics); handlers go through [`Ctx::run`].
-    async fn run_unscoped<T, F>(&self, f: F) -> Result<T, ApiError>
+    pub(crate) async fn run_unscoped<T, F>(&self, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
         F: FnOnce(&dyn Store) -> Result<T, ApiError> + Send + 'static,

@@ -8,7 +8,9 @@
 //! operations of the API: they are left out of the OpenAPI document.
 
 mod actions;
+pub mod charts;
 pub mod gate;
+pub mod index;
 mod login;
 pub mod pages;
 pub mod session;

@@ -162,49 +162,86 @@ struct OverviewPage {
     phases: Vec<(String, usize)>,
     total: usize,
     rollouts: Vec<InstanceRow>,
+    /// Instances with an update in progress (more than `rollouts` lists when many).
+    rolling: usize,
     warnings: Vec<EventRow>,
+    /// Fleet-wide Rollouts not yet done; `None`: the caller may not read them.
+    waves: Option<Vec<WaveRow>>,
     index: u64,
 }
 
-/// Counts of instances by phase and the rollouts in progress, in one pass over the scope.
-pub async fn instance_summary(
-    ctx: &Ctx,
-) -> Result<(u64, BTreeMap<String, usize>, usize, Vec<InstanceRow>), ApiError> {
-    ctx.run(|store| {
-        let mut index = 0;
-        let mut phases: BTreeMap<String, usize> = BTreeMap::new();
-        for p in ["Pending", "Progressing", "Running", "Degraded", "Failed"] {
-            phases.insert(p.to_string(), 0);
+/// A fleet-wide Rollout as the overview shows it.
+pub struct WaveRow {
+    /// `name` or `tenant/name`.
+    pub name: String,
+    pub phase: String,
+    /// `2 of 4`.
+    pub wave: String,
+    pub succeeded: i64,
+    pub total: i64,
+    pub failed: i64,
+    pub message: String,
+}
+
+impl WaveRow {
+    pub fn of(r: &Value) -> WaveRow {
+        let st = &r["status"];
+        let counts = &st["counts"];
+        let total = [
+            "held",
+            "progressing",
+            "succeeded",
+            "failed",
+            "superseded",
+            "gone",
+        ]
+        .iter()
+        .map(|k| views::num(counts, k))
+        .sum();
+        let (wave, waves) = (views::num(st, "wave"), views::num(st, "waves"));
+        let tenant = text(r, "metadata.tenant");
+        let name = text(r, "metadata.name");
+        WaveRow {
+            name: if tenant.is_empty() {
+                name
+            } else {
+                format!("{tenant}/{name}")
+            },
+            phase: match text(st, "phase") {
+                p if p.is_empty() => "Progressing".into(),
+                p => p,
+            },
+            wave: format!("{} of {waves}", (wave + 1).min(waves.max(1))),
+            succeeded: views::num(counts, "succeeded")
+                + views::num(counts, "superseded")
+                + views::num(counts, "gone"),
+            total,
+            failed: views::num(counts, "failed"),
+            message: text(st, "message"),
         }
-        let mut total = 0;
-        let mut rollouts = Vec::new();
-        store.scan(
-            &ListFilter::all(Kind::OpenClawInstance),
-            &mut |i| {
-                index = i;
-                true
-            },
-            &mut |o| {
-                if let Some(row) = views::instance_row(o) {
-                    total += 1;
-                    *phases.entry(row.phase.clone()).or_default() += 1;
-                    if row.rollout.is_some() && rollouts.len() < OVERVIEW_ROLLOUTS {
-                        rollouts.push(row);
-                    }
-                }
-                true
-            },
-        )?;
-        Ok((index, phases, total, rollouts))
-    })
-    .await
+    }
+}
+
+/// Counts of instances by phase and the rollouts in progress of the caller's scope, from the
+/// console's index of instances (caught up with the store first).
+pub async fn instance_summary(ctx: &Ctx) -> Result<super::index::Summary, ApiError> {
+    let scope = ctx.caller().scope.clone();
+    let index = std::sync::Arc::clone(ctx.console_index());
+    ctx.run_unscoped(move |store| Ok(index.summary(store, &scope, OVERVIEW_ROLLOUTS)?))
+        .await
 }
 
 pub async fn overview(
     ctx: Ctx,
     Extension(session): Extension<SessionInfo>,
 ) -> Result<Response, Response> {
-    let (index, phases, total, rollouts) = instance_summary(&ctx)
+    let super::index::Summary {
+        index,
+        total,
+        phases,
+        rollouts,
+        rolling,
+    } = instance_summary(&ctx)
         .await
         .map_err(IntoResponse::into_response)?;
     let hosts = if may(&ctx, Res::Hosts, Verb::Read) {
@@ -252,6 +289,30 @@ pub async fn overview(
         .take(OVERVIEW_WARNINGS)
         .map(EventRow::of)
         .collect();
+    let cluster = ctx.caller().scope == crate::store::Scope::Cluster;
+    let waves = if may(
+        &ctx,
+        if cluster {
+            Res::Rollouts
+        } else {
+            Res::TenantRollouts
+        },
+        Verb::Read,
+    ) {
+        let list = answer_json(crate::api::waves::list_rollouts(ctx.clone(), RawQuery(None)).await)
+            .await?;
+        Some(
+            list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(WaveRow::of)
+                .filter(|w| w.phase != "Succeeded")
+                .collect(),
+        )
+    } else {
+        None
+    };
     let (hosts, cordoned) = match hosts {
         Some((h, c)) => (Some(h), c),
         None => (None, 0),
@@ -275,7 +336,9 @@ pub async fn overview(
         },
         total,
         rollouts,
+        rolling,
         warnings,
+        waves,
         index,
     })
     .map_err(IntoResponse::into_response)
@@ -412,32 +475,17 @@ pub async fn instances(
     filter.tenant = (!tenant.is_empty()).then(|| tenant.clone());
     filter.project = (!project.is_empty()).then(|| project.clone());
     filter.labels = labels;
-    let want_phase = phase.clone();
     let skip = (page - 1) * PAGE_SIZE;
-    let (index, rows, matched) = ctx
-        .run(move |store| {
-            let mut index = 0;
-            let mut rows = Vec::new();
-            let mut matched = 0;
-            store.scan(
-                &filter,
-                &mut |i| {
-                    index = i;
-                    true
-                },
-                &mut |o| {
-                    if let Some(row) = views::instance_row(o)
-                        && (want_phase.is_empty() || row.phase == want_phase)
-                    {
-                        if matched >= skip && rows.len() < PAGE_SIZE {
-                            rows.push(row);
-                        }
-                        matched += 1;
-                    }
-                    true
-                },
-            )?;
-            Ok((index, rows, matched))
+    let scope = ctx.caller().scope.clone();
+    let console_index = std::sync::Arc::clone(ctx.console_index());
+    let want_phase = phase.clone();
+    let super::index::ListPage {
+        index,
+        rows,
+        matched,
+    } = ctx
+        .run_unscoped(move |store| {
+            Ok(console_index.list(store, &scope, &filter, &want_phase, skip, PAGE_SIZE)?)
         })
         .await
         .map_err(IntoResponse::into_response)?;
@@ -516,6 +564,8 @@ struct InstancePage {
     diff_from: String,
     diff_to: String,
     events: Vec<EventRow>,
+    /// CPU and memory of each replica over the last hour.
+    charts: Vec<super::charts::ReplicaCharts>,
     can_write: bool,
     can_delete: bool,
     index: u64,
@@ -627,6 +677,14 @@ pub async fn instance(
         }
     };
     let index = ctx.index();
+    // The instance was read in the caller's scope above: its replicas' figures are theirs.
+    let now = std::time::Instant::now();
+    let charts = ctx
+        .reports()
+        .usage_history(&tenant, &project, &name)
+        .iter()
+        .map(|h| super::charts::replica_charts(h, now))
+        .collect();
     html(&InstancePage {
         c: Chrome::new(
             &ctx,
@@ -657,6 +715,7 @@ pub async fn instance(
         diff_from,
         diff_to,
         events,
+        charts,
         can_write: may(&ctx, Res::Instances, Verb::Write),
         can_delete: may(&ctx, Res::Instances, Verb::Delete),
         index,

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::model::ObjectKey;
 use crate::model::{format_cpu, format_memory, parse_cpu, parse_memory};
 use crate::store::StoredObject;
 
@@ -186,21 +187,31 @@ struct Light {
 
 /// The row of a stored instance; `None` when its JSON does not decode.
 pub fn instance_row(o: &StoredObject) -> Option<InstanceRow> {
-    let l: Light = serde_json::from_str(&o.json).ok()?;
+    instance_row_of(&o.key, &o.labels, &o.json)
+}
+
+/// The row of an instance from its key, labels and stored JSON; `None` when the JSON does not
+/// decode.
+pub fn instance_row_of(
+    key: &ObjectKey,
+    labels: &BTreeMap<String, String>,
+    json: &str,
+) -> Option<InstanceRow> {
+    let l: Light = serde_json::from_str(json).ok()?;
     let status = l.status.unwrap_or_default();
     let rollout = status.rollout.and_then(|r| {
         let phase = r.phase.unwrap_or_else(|| "Progressing".into());
         matches!(phase.as_str(), "Progressing" | "Paused").then_some((phase, r.revision))
     });
     Some(InstanceRow {
-        tenant: o.key.tenant.clone(),
-        project: o.key.project.clone(),
-        name: o.key.name.clone(),
+        tenant: key.tenant.clone(),
+        project: key.project.clone(),
+        name: key.name.clone(),
         phase: status.phase.unwrap_or_else(|| "Pending".into()),
         replicas: l.spec.replicas,
         ready: status.ready_replicas,
         version: l.spec.version.or(l.spec.image).unwrap_or_default(),
-        labels: labels_text(&o.labels),
+        labels: labels_text(labels),
         rollout,
     })
 }

@@ -65,6 +65,14 @@
     open(index);
   }
 
+  // Parts that change without a write to the store (the charts of what replicas use) are
+  // fetched again on their own period, in seconds.
+  var periodic = document.querySelector("[data-live][data-refresh]");
+  if (periodic) {
+    var every = parseInt(periodic.getAttribute("data-refresh"), 10);
+    if (every > 0) { setInterval(schedule, every * 1000); }
+  }
+
   // Live logs: a streaming fetch of the logs endpoint, the newest lines kept.
   var logs = document.getElementById("logs");
   if (logs && window.fetch && window.TextDecoder) {

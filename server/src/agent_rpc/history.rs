@@ -1,0 +1,234 @@
+//! A short memory of what each replica used: one CPU and memory sample per [`SAMPLE_EVERY`]
+//! per replica, for the last [`KEEP`] samples (an hour), taken from the agents' status
+//! reports. Fixed-size rings in memory only (nothing is written to the store); a replica's
+//! ring goes when its host stops reporting it or the host is forgotten.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use clusterclaw_proto::agent as pb;
+
+/// At most one sample per replica this often.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(30);
+/// How far back the history reaches.
+pub const SPAN: Duration = Duration::from_secs(3600);
+/// Samples kept per replica: [`SPAN`] / [`SAMPLE_EVERY`].
+pub const KEEP: usize = (SPAN.as_secs() / SAMPLE_EVERY.as_secs()) as usize;
+
+/// One replica's figures at one time.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sample {
+    pub at: Instant,
+    /// Percent of one CPU (200 is two CPUs busy).
+    pub cpu_percent: f64,
+    pub memory_bytes: u64,
+    /// 0: no limit.
+    pub memory_limit_bytes: u64,
+}
+
+/// (tenant, project, instance, replica).
+type ReplicaId = (String, String, String, String);
+
+struct Ring {
+    /// The host that reports the replica.
+    host: String,
+    samples: VecDeque<Sample>,
+}
+
+/// The samples of every replica reported lately.
+#[derive(Default)]
+pub struct History {
+    replicas: HashMap<ReplicaId, Ring>,
+}
+
+/// One replica's samples, oldest first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplicaHistory {
+    pub replica: String,
+    pub host: String,
+    pub samples: Vec<Sample>,
+}
+
+impl History {
+    /// Takes the figures of one report of `host` at `now`: a sample for each replica that has
+    /// figures, unless its last one is younger than [`SAMPLE_EVERY`]. Replicas `host` reported
+    /// before and no longer does are dropped.
+    pub fn record(&mut self, host: &str, now: Instant, replicas: &[pb::ReplicaStatus]) {
+        let mut reported: Vec<ReplicaId> = Vec::with_capacity(replicas.len());
+        for r in replicas {
+            let id = (
+                r.tenant.clone(),
+                r.project.clone(),
+                r.instance.clone(),
+                r.replica.clone(),
+            );
+            reported.push(id.clone());
+            let Some(stats) = &r.stats else { continue };
+            let ring = self.replicas.entry(id).or_insert_with(|| Ring {
+                host: host.to_string(),
+                samples: VecDeque::with_capacity(KEEP),
+            });
+            if ring.host != host {
+                // The replica moved: its figures on the old host say nothing of the new one.
+                ring.host = host.to_string();
+                ring.samples.clear();
+            }
+            if ring
+                .samples
+                .back()
+                .is_some_and(|last| now.saturating_duration_since(last.at) < SAMPLE_EVERY)
+            {
+                continue;
+            }
+            if ring.samples.len() == KEEP {
+                ring.samples.pop_front();
+            }
+            ring.samples.push_back(Sample {
+                at: now,
+                cpu_percent: if stats.cpu_percent.is_finite() {
+                    stats.cpu_percent.max(0.0)
+                } else {
+                    0.0
+                },
+                memory_bytes: stats.memory_bytes,
+                memory_limit_bytes: stats.memory_limit_bytes,
+            });
+        }
+        self.replicas
+            .retain(|id, ring| ring.host != host || reported.contains(id));
+    }
+
+    /// Drops every replica `host` reported.
+    pub fn forget_host(&mut self, host: &str) {
+        self.replicas.retain(|_, ring| ring.host != host);
+    }
+
+    /// The samples of an instance's replicas within [`SPAN`] before `now`, by replica name.
+    pub fn of_instance(
+        &self,
+        tenant: &str,
+        project: &str,
+        instance: &str,
+        now: Instant,
+    ) -> Vec<ReplicaHistory> {
+        let mut out: Vec<ReplicaHistory> = self
+            .replicas
+            .iter()
+            .filter(|((t, p, i, _), _)| t == tenant && p == project && i == instance)
+            .map(|((_, _, _, replica), ring)| ReplicaHistory {
+                replica: replica.clone(),
+                host: ring.host.clone(),
+                samples: ring
+                    .samples
+                    .iter()
+                    .filter(|s| now.saturating_duration_since(s.at) <= SPAN)
+                    .copied()
+                    .collect(),
+            })
+            .filter(|h| !h.samples.is_empty())
+            .collect();
+        out.sort_by(|a, b| a.replica.cmp(&b.replica));
+        out
+    }
+
+    /// How many samples are held in all (for tests and metrics).
+    pub fn samples(&self) -> usize {
+        self.replicas.values().map(|r| r.samples.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replica(name: &str, cpu: f64, mem: u64) -> pb::ReplicaStatus {
+        pb::ReplicaStatus {
+            tenant: "t".into(),
+            project: "p".into(),
+            instance: "bot".into(),
+            replica: name.into(),
+            stats: Some(pb::ContainerStats {
+                cpu_percent: cpu,
+                memory_bytes: mem,
+                memory_limit_bytes: 1 << 30,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn one_sample_per_period_and_at_most_an_hour_of_them() {
+        let mut h = History::default();
+        let t0 = Instant::now();
+        h.record("h1", t0, &[replica("bot-0", 10.0, 100)]);
+        // A report 10 s later adds nothing: the last sample is younger than the period.
+        h.record(
+            "h1",
+            t0 + Duration::from_secs(10),
+            &[replica("bot-0", 99.0, 100)],
+        );
+        let got = h.of_instance("t", "p", "bot", t0 + Duration::from_secs(10));
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].samples.len(), 1);
+        assert_eq!(got[0].samples[0].cpu_percent, 10.0);
+        // Three hours of reports every 10 s keep exactly KEEP samples, the newest.
+        let mut now = t0;
+        for i in 0..1080u64 {
+            now = t0 + Duration::from_secs(30 + i * 10);
+            h.record("h1", now, &[replica("bot-0", i as f64, i)]);
+        }
+        assert_eq!(h.samples(), KEEP);
+        let got = h.of_instance("t", "p", "bot", now);
+        let s = &got[0].samples;
+        assert_eq!(s.len(), KEEP);
+        assert!(s.windows(2).all(|w| w[1].at - w[0].at >= SAMPLE_EVERY));
+        assert_eq!(s.last().unwrap().memory_bytes, 1077);
+    }
+
+    #[test]
+    fn replicas_go_when_no_longer_reported_or_their_host_is_forgotten() {
+        let mut h = History::default();
+        let t0 = Instant::now();
+        h.record(
+            "h1",
+            t0,
+            &[replica("bot-0", 1.0, 1), replica("bot-1", 2.0, 2)],
+        );
+        h.record("h2", t0, &[replica("bot-2", 3.0, 3)]);
+        let names = |h: &History| {
+            h.of_instance("t", "p", "bot", t0)
+                .into_iter()
+                .map(|r| r.replica)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&h), ["bot-0", "bot-1", "bot-2"]);
+        // h1 no longer reports bot-1; h2's replica is untouched by h1's report.
+        h.record("h1", t0 + SAMPLE_EVERY, &[replica("bot-0", 1.0, 1)]);
+        assert_eq!(names(&h), ["bot-0", "bot-2"]);
+        h.forget_host("h2");
+        assert_eq!(names(&h), ["bot-0"]);
+        // A replica that moves to another host starts a new history there.
+        h.record("h2", t0 + SAMPLE_EVERY * 2, &[replica("bot-0", 5.0, 5)]);
+        let got = h.of_instance("t", "p", "bot", t0 + SAMPLE_EVERY * 2);
+        assert_eq!(got[0].host, "h2");
+        assert_eq!(got[0].samples.len(), 1);
+        // h1's next report no longer names it, and it stays: it is h2's now.
+        h.record("h1", t0 + SAMPLE_EVERY * 3, &[]);
+        assert_eq!(names(&h), ["bot-0"]);
+    }
+
+    #[test]
+    fn old_samples_are_not_shown_and_bad_figures_are_clamped() {
+        let mut h = History::default();
+        let t0 = Instant::now();
+        h.record("h1", t0, &[replica("bot-0", f64::NAN, 1)]);
+        h.record("h1", t0 + SAMPLE_EVERY, &[replica("bot-0", -5.0, 2)]);
+        let got = h.of_instance("t", "p", "bot", t0 + SAMPLE_EVERY);
+        assert!(got[0].samples.iter().all(|s| s.cpu_percent == 0.0));
+        // Two hours later, nothing within the span remains to show.
+        assert!(h.of_instance("t", "p", "bot", t0 + SPAN * 2).is_empty());
+        // Another instance's replicas are not this one's.
+        assert!(h.of_instance("t", "p", "other", t0).is_empty());
+    }
+}
