@@ -1,6 +1,7 @@
 //! Test support.
 
 pub mod agent;
+pub mod browser;
 pub mod fleet;
 pub mod oidc_provider;
 pub mod podman;

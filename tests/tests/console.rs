@@ -12,109 +12,16 @@
 //! Needs Debian's `chromium` and `chromium-driver` (`tests/browser-setup.sh` installs them):
 //! without them the test skips, unless `CI=true` (then it fails).
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{bail, ensure};
 use clusterclaw_tests::agent::*;
+use clusterclaw_tests::browser::{browser, browser_available, shot, start_driver};
 use clusterclaw_tests::server::TestServer;
-use fantoccini::{Client, ClientBuilder, Locator};
+use fantoccini::{Client, Locator};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(90);
-
-/// `chromedriver` on a free port; killed on drop.
-struct Driver {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn found(cmd: &str) -> bool {
-    Command::new(cmd)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Runs `tests/browser-setup.sh` when chromium or chromedriver is missing. `Ok(false)`:
-/// skip (still missing, and `CI` is not `true`).
-fn browser_available() -> anyhow::Result<bool> {
-    if found("chromium") && found("chromedriver") {
-        return Ok(true);
-    }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser-setup.sh");
-    let _ = Command::new("bash").arg(&script).status();
-    if found("chromium") && found("chromedriver") {
-        return Ok(true);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        bail!(
-            "CI=true but chromium or chromedriver is missing (tests/browser-setup.sh installs them)"
-        );
-    }
-    eprintln!(
-        "no chromium/chromedriver; skipping (tests/browser-setup.sh installs them; CI=true fails)"
-    );
-    Ok(false)
-}
-
-fn start_driver() -> anyhow::Result<Driver> {
-    let port = free_port();
-    let child = Command::new("chromedriver")
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start chromedriver")?;
-    let driver = Driver {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    };
-    wait_for("chromedriver to listen", Duration::from_secs(20), || {
-        Ok(std::net::TcpStream::connect(("127.0.0.1", port)).ok())
-    })?;
-    Ok(driver)
-}
-
-async fn browser(driver: &Driver) -> anyhow::Result<Client> {
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-            "--disable-dev-shm-usage", "--window-size=1280,1000"]}),
-    );
-    Ok(
-        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-            .capabilities(caps)
-            .connect(&driver.url)
-            .await?,
-    )
-}
-
-fn shots_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("target")
-        .join("console-screenshots");
-    let _ = std::fs::create_dir_all(&dir);
-    dir
-}
-
-async fn shot(c: &Client, name: &str) -> anyhow::Result<()> {
-    let png = c.screenshot().await?;
-    std::fs::write(shots_dir().join(format!("{name}.png")), png)?;
-    Ok(())
-}
 
 async fn log_in(c: &Client, api: &str, token: &str) -> anyhow::Result<()> {
     c.goto(&format!("{api}/ui/login")).await?;

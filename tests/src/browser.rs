@@ -1,0 +1,108 @@
+//! A real browser for the console's tests: headless Chromium driven over WebDriver by a
+//! `chromedriver` of its own, and screenshots written under `target/console-screenshots/`.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fantoccini::{Client, ClientBuilder};
+use serde_json::json;
+
+use crate::agent::{free_port, wait_for};
+
+/// `chromedriver` on a free port; killed on drop.
+pub struct Driver {
+    child: Child,
+    pub url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `cmd --version` runs.
+fn found(cmd: &str) -> bool {
+    Command::new(cmd)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `tests/browser-setup.sh` when chromium or chromedriver is missing. `Ok(false)`:
+/// skip (still missing, and `CI` is not `true`).
+pub fn browser_available() -> anyhow::Result<bool> {
+    if found("chromium") && found("chromedriver") {
+        return Ok(true);
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser-setup.sh");
+    let _ = Command::new("bash").arg(&script).status();
+    if found("chromium") && found("chromedriver") {
+        return Ok(true);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        bail!(
+            "CI=true but chromium or chromedriver is missing (tests/browser-setup.sh installs them)"
+        );
+    }
+    eprintln!(
+        "no chromium/chromedriver; skipping (tests/browser-setup.sh installs them; CI=true fails)"
+    );
+    Ok(false)
+}
+
+pub fn start_driver() -> anyhow::Result<Driver> {
+    let port = free_port();
+    let child = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start chromedriver")?;
+    let driver = Driver {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    wait_for("chromedriver to listen", Duration::from_secs(20), || {
+        Ok(std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+    })?;
+    Ok(driver)
+}
+
+/// A headless Chromium session at 1280 x 1000.
+pub async fn browser(driver: &Driver) -> anyhow::Result<Client> {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({"args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+            "--disable-dev-shm-usage", "--window-size=1280,1000"]}),
+    );
+    Ok(
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&driver.url)
+            .await?,
+    )
+}
+
+/// Where screenshots go.
+pub fn shots_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("console-screenshots");
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// A screenshot of the page as `NAME.png`.
+pub async fn shot(c: &Client, name: &str) -> anyhow::Result<()> {
+    let png = c.screenshot().await?;
+    std::fs::write(shots_dir().join(format!("{name}.png")), png)?;
+    Ok(())
+}
