@@ -61,8 +61,9 @@ pub const PG_MIGRATION: &str = r#"CREATE TABLE leader_lease (
         key_pem TEXT NOT NULL
     );"#;
 
-/// The SQLite migration: the lease row (times in Unix milliseconds).
-pub const SQLITE_MIGRATION: &str = "CREATE TABLE leader_lease (
+/// The SQLite migration: the lease row (times in Unix milliseconds). IF NOT EXISTS and OR IGNORE:
+/// a database whose version was set back by hand keeps its lease and epoch.
+pub const SQLITE_MIGRATION: &str = "CREATE TABLE IF NOT EXISTS leader_lease (
         name TEXT PRIMARY KEY,
         holder TEXT NOT NULL,
         epoch INTEGER NOT NULL,
@@ -70,7 +71,7 @@ pub const SQLITE_MIGRATION: &str = "CREATE TABLE leader_lease (
         renewed_at_ms INTEGER NOT NULL,
         expires_at_ms INTEGER NOT NULL
     );
-    INSERT INTO leader_lease (name, holder, epoch, acquired_at_ms, renewed_at_ms, expires_at_ms)
+    INSERT OR IGNORE INTO leader_lease (name, holder, epoch, acquired_at_ms, renewed_at_ms, expires_at_ms)
         VALUES ('controllers', '', 0, 0, 0, 0);";
 
 /// What the database says of the lease after an attempt to take or renew it.
