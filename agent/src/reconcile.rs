@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
@@ -140,13 +140,24 @@ pub struct ReplicaRecord {
     /// The run before its container's last restart (the agent restarts a container in place,
     /// so one container holds every run): what `logs --previous` shows.
     pub previous_run: Option<PreviousRun>,
+    /// When this agent last asked the engine to start the replica's current container (its
+    /// creation or its last restart): every line of the run that began then was written after
+    /// it, and every line of the run before it was written before it.
+    pub last_start: Option<SystemTime>,
 }
 
-/// When the run before a container's last restart started, as the engine said.
+/// The run before a container's last restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreviousRun {
     pub container_id: String,
-    pub started_at: String,
+    /// When this agent asked the engine to start that run; `None` when it does not know (the
+    /// container was started before this agent's own start).
+    pub from: Option<SystemTime>,
+    /// When that run started, as the engine said (it records the time once the process runs,
+    /// so the run's first lines may be stamped before it): the fallback for `from`.
+    pub started_at: Option<String>,
+    /// When this agent asked the engine to start the run after it.
+    pub until: SystemTime,
 }
 
 /// Per-replica records, shared between the reconciler and the status reporter.
@@ -192,20 +203,30 @@ impl ReplicaBook {
         r.activity = None;
     }
 
-    /// The container `container_id`, whose last run started at `started_at`, is started
-    /// again: that run becomes its previous one.
+    /// The container `container_id`, whose last run the engine says started at `started_at`,
+    /// was asked at `asked` to start again: that run becomes its previous one.
     pub fn record_previous_run(
         &self,
         key: &ReplicaKey,
         container_id: &str,
         started_at: Option<String>,
+        asked: SystemTime,
     ) {
         let mut records = self.lock();
         let r = records.entry(key.clone()).or_default();
-        r.previous_run = started_at.map(|started_at| PreviousRun {
+        r.previous_run = Some(PreviousRun {
             container_id: container_id.to_owned(),
+            from: r.last_start,
             started_at,
+            until: asked,
         });
+        r.last_start = Some(asked);
+    }
+
+    /// A new container of the replica was asked at `asked` to start.
+    pub fn record_start_asked(&self, key: &ReplicaKey, asked: SystemTime) {
+        let mut records = self.lock();
+        records.entry(key.clone()).or_default().last_start = Some(asked);
     }
 
     /// An attempt to create or start failed with `error`.
@@ -1964,17 +1985,22 @@ impl Worker {
                     if *running {
                         self.runtime.stop_container(container_id, grace).await?;
                     }
-                    self.runtime.start_container(container_id).await
+                    let asked = SystemTime::now();
+                    self.runtime
+                        .start_container(container_id)
+                        .await
+                        .map(|()| asked)
                 }
                 .await;
                 match restarted {
-                    Ok(()) => {
+                    Ok(asked) => {
                         let started_at = observed
                             .containers
                             .iter()
                             .find(|c| c.id == *container_id)
                             .and_then(|c| c.started_at.clone());
-                        self.book.record_previous_run(key, container_id, started_at);
+                        self.book
+                            .record_previous_run(key, container_id, started_at, asked);
                         self.book.record_restart(key, now);
                         for e in restart_events(key, reason) {
                             self.events.push(e);
@@ -2070,12 +2096,14 @@ impl Worker {
         restore: Option<&Path>,
     ) -> Result<(), StepError> {
         let key = a.key();
+        let asked = SystemTime::now();
         let result = self
             .try_create(a, preferred_port, own, observed, ports, restore)
             .await;
         match &result {
             Ok(()) => {
                 self.book.record_created(&key, now);
+                self.book.record_start_asked(&key, asked);
                 self.events.push(AgentEvent::about(
                     a,
                     crate::events::CONTAINER_STARTED,

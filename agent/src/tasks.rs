@@ -322,21 +322,31 @@ impl TaskRunner {
         let runtime = self.reconciler.runtime();
         let tail = u64::try_from(task.tail).ok();
         let since_unix = task.since_unix.max(0);
+        let previous_run = self
+            .reconciler
+            .book()
+            .get(key)
+            .previous_run
+            .filter(|p| containers.first().is_some_and(|c| c.id == p.container_id));
         if let Some(current) = containers.first()
-            && let Some(started) = current.started_at.as_deref().and_then(engine_time)
+            && let Some(started) = previous_run
+                .as_ref()
+                .map(|p| p.until)
+                .or_else(|| current.started_at.as_deref().and_then(engine_time))
         {
             let started_secs = started
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            // When the previous run began, if this agent restarted the container (it does
-            // not know after a restart of its own: then every earlier run is shown).
-            let from = self
-                .reconciler
-                .book()
-                .get(key)
-                .previous_run
-                .filter(|p| p.container_id == current.id)
-                .and_then(|p| engine_time(&p.started_at))
+            // The runs are told apart by when this agent asked the engine to start each: the
+            // engine's own start time is taken once the process runs, after its first lines
+            // may have been stamped. When the previous run began, if this agent restarted the
+            // container (it does not know after a restart of its own: then every earlier run
+            // is shown).
+            let from = previous_run
+                .and_then(|p| {
+                    p.from
+                        .or_else(|| p.started_at.as_deref().and_then(engine_time))
+                })
                 .filter(|from| *from < started);
             let from_secs = from.map_or(0, |f| {
                 f.duration_since(UNIX_EPOCH)

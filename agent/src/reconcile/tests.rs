@@ -2131,3 +2131,37 @@ fn only_unclaimed_volumes_of_this_agent_go_on_request() {
     // Nothing asked, nothing goes.
     assert!(volumes_to_delete(&[], &observed, &[], &[]).0.is_empty());
 }
+
+/// `logs --previous` tells runs apart by when the agent asked the engine to start each: the
+/// previous run lies between the two last starts it asked for, whatever the engine's own start
+/// times (taken once the process runs, after its first lines may be stamped).
+#[test]
+fn the_previous_run_lies_between_the_two_last_starts_asked_for() {
+    use std::time::{Duration, SystemTime};
+    let book = ReplicaBook::new(BackoffPolicy::default());
+    let key = ReplicaKey {
+        tenant: "acme".into(),
+        project: "p".into(),
+        replica: "bot-0".into(),
+    };
+    let created = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+    let first_restart = created + Duration::from_secs(5);
+    let second_restart = first_restart + Duration::from_secs(5);
+    book.record_start_asked(&key, created);
+    book.record_previous_run(&key, "c1", Some("engine time".into()), first_restart);
+    let p = book.get(&key).previous_run.unwrap();
+    assert_eq!((p.from, p.until), (Some(created), first_restart));
+    assert_eq!(p.container_id, "c1");
+    book.record_previous_run(&key, "c1", None, second_restart);
+    let p = book.get(&key).previous_run.unwrap();
+    assert_eq!((p.from, p.until), (Some(first_restart), second_restart));
+    // A container this agent did not start: only the engine's start time is known.
+    let other = ReplicaKey {
+        replica: "bot-1".into(),
+        ..key
+    };
+    book.record_previous_run(&other, "c2", Some("engine time".into()), second_restart);
+    let p = book.get(&other).previous_run.unwrap();
+    assert_eq!(p.from, None);
+    assert_eq!(p.started_at.as_deref(), Some("engine time"));
+}
