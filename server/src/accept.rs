@@ -64,6 +64,24 @@ pub fn is_out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
 }
 
+/// How many connections the kernel may complete before they are accepted (capped by
+/// `net.core.somaxconn`). A burst larger than the queue has its handshakes dropped and retried
+/// by the clients a second or more later.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with a queue of [`LISTEN_BACKLOG`] (binding as `TcpListener::bind`
+/// does, with `SO_REUSEADDR`).
+pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Accepts the next connection on `listener`, pausing with `backoff` after failures instead of
 /// retrying at once; never returns an error.
 pub async fn accept(

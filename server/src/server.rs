@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use serde::Serialize;
-use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
@@ -235,20 +234,17 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
             Some(api::tls_server_config(&files.cert, &files.key).map_err(|e| anyhow!(e))?)
         }
     };
-    let listener = TcpListener::bind(config.api_listen)
-        .await
+    let listener = crate::accept::listen(config.api_listen)
         .with_context(|| format!("cannot listen on {} for the API", config.api_listen))?;
     let api_addr = listener
         .local_addr()
         .context("the API listener has no address")?;
-    let agent_listener = TcpListener::bind(config.agent_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} for the agent port",
-                config.agent_listen
-            )
-        })?;
+    let agent_listener = crate::accept::listen(config.agent_listen).with_context(|| {
+        format!(
+            "cannot listen on {} for the agent port",
+            config.agent_listen
+        )
+    })?;
     let agent_addr = agent_listener
         .local_addr()
         .context("the agent listener has no address")?;
