@@ -94,9 +94,33 @@ fn scoped_tenant(caller: &Caller, asked: Option<String>) -> Result<Option<String
     }
 }
 
-/// Reads the query of a list.
-fn filter(raw: Option<&str>, now: SystemTime) -> Result<AuditFilter, ApiError> {
-    let params = query::parse(raw, &["tenant", "since", "after", "limit"])?;
+/// Reads the query of a list, and of a watch: `Some(from)` with `watch=true` (the `seq` to
+/// follow on from; `None`: from the newest record).
+fn filter(
+    raw: Option<&str>,
+    now: SystemTime,
+) -> Result<(AuditFilter, Option<Option<u64>>), ApiError> {
+    let params = query::parse(
+        raw,
+        &[
+            "tenant",
+            "since",
+            "after",
+            "limit",
+            "watch",
+            "resourceVersion",
+        ],
+    )?;
+    let watch = super::watch::params(&params)?;
+    if watch.is_some()
+        && let Some(p) = ["since", "after", "limit"]
+            .into_iter()
+            .find(|p| params.get(p).is_some())
+    {
+        return Err(ApiError::bad_request(format!(
+            "{p} does not go with watch=true; a watch of the audit log sends the records after resourceVersion (a record's seq)"
+        )));
+    }
     let tenant = params
         .get("tenant")
         .map(|t| {
@@ -119,13 +143,16 @@ fn filter(raw: Option<&str>, now: SystemTime) -> Result<AuditFilter, ApiError> {
             )));
         }
     };
-    Ok(AuditFilter {
-        tail: since.is_none() && after_seq.is_none(),
-        tenant,
-        since,
-        after_seq,
-        limit,
-    })
+    Ok((
+        AuditFilter {
+            tail: since.is_none() && after_seq.is_none(),
+            tenant,
+            since,
+            after_seq,
+            limit,
+        },
+        watch,
+    ))
 }
 
 /// Lists audit records, oldest first. With `since` or `after`, the first `limit` records
@@ -143,13 +170,61 @@ fn filter(raw: Option<&str>, now: SystemTime) -> Result<AuditFilter, ApiError> {
         (status = 403, description = "The token may not read this tenant's records", body = ErrorBody),
     ))]
 pub async fn list_audit(ctx: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
-    let mut filter = filter(raw.as_deref(), SystemTime::now())?;
+    let (mut filter, watch) = filter(raw.as_deref(), SystemTime::now())?;
     filter.tenant = scoped_tenant(ctx.caller(), filter.tenant.take())?;
+    if let Some(from) = watch {
+        return watch_audit(&ctx, filter.tenant, from).await;
+    }
     let items = ctx
         .run_unscoped(move |store| Ok(store.list_audit(&filter)?))
         .await?;
     let text = serde_json::to_string(&AuditList { items }).map_err(ApiError::internal)?;
     Ok(json_response(StatusCode::OK, text, ctx.index()))
+}
+
+/// A watch of the audit log: the records (of `tenant`) after `from`, or after the newest one.
+async fn watch_audit(
+    ctx: &Ctx,
+    tenant: Option<String>,
+    from: Option<u64>,
+) -> Result<Response, ApiError> {
+    let from = match from {
+        Some(seq) => seq,
+        None => {
+            let newest = AuditFilter {
+                tail: true,
+                limit: 1,
+                ..AuditFilter::default()
+            };
+            ctx.run_unscoped(move |store| Ok(store.list_audit(&newest)?))
+                .await?
+                .last()
+                .map_or(0, |r| r.seq)
+        }
+    };
+    let state: ApiState = (**ctx).clone();
+    let reader = state.clone();
+    super::watch::watch_appended(&state, from, ctx.sse, move |after| {
+        let (state, tenant) = (reader.clone(), tenant.clone());
+        async move {
+            let page = AuditFilter {
+                tenant,
+                after_seq: Some(after),
+                limit: MAX_LIMIT,
+                ..AuditFilter::default()
+            };
+            let records = state
+                .run_unscoped(move |store| Ok(store.list_audit(&page)?))
+                .await?;
+            let full = records.len() >= MAX_LIMIT;
+            let lines = records
+                .iter()
+                .map(|r| Ok((r.seq, serde_json::to_string(r).map_err(ApiError::internal)?)))
+                .collect::<Result<Vec<_>, ApiError>>()?;
+            Ok((lines, full))
+        }
+    })
+    .await
 }
 
 /// Recomputes the audit log's hash chain from its first record.

@@ -451,7 +451,8 @@ pub struct History {
     items: Vec<crate::store::RevisionRecord>,
 }
 
-/// `GET .../config/revisions`: newest first.
+/// `GET .../config/revisions`: newest first. With `watch=true`, streams the changes of the
+/// list (see [`super::watch::watch_polled`]).
 #[utoipa::path(get, path = "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}/config/revisions", tag = "config", params(("tenant" = String, Path), ("project" = String, Path), ("name" = String, Path)),
     responses((status = 200, description = "Revisions, newest first", body = History), (status = 404, description = "NotFound", body = ErrorBody)))]
 pub async fn history(
@@ -459,8 +460,28 @@ pub async fn history(
     P(path): InstancePath,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
-    query::parse(raw.as_deref(), &[])?;
+    let params = query::parse(raw.as_deref(), &["watch", "resourceVersion"])?;
     let key = instance_key(path)?;
+    if let Some(from) = super::watch::params(&params)? {
+        let reader = state.clone();
+        return super::watch::watch_polled(&state, from, state.sse, move || {
+            let (ctx, key) = (reader.clone(), key.clone());
+            async move {
+                ctx.run(move |store| {
+                    let (_, items) = store.config_revisions(&key)?;
+                    items
+                        .iter()
+                        .map(|r| {
+                            let json = serde_json::to_string(r).map_err(ApiError::internal)?;
+                            Ok((r.revision.to_string(), json))
+                        })
+                        .collect()
+                })
+                .await
+            }
+        })
+        .await;
+    }
     let (index, text) = state
         .run(move |store| {
             let index = store.index();

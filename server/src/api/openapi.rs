@@ -238,17 +238,27 @@ fn with_permissions(doc: &mut utoipa::openapi::OpenApi, table: &super::routes::R
     }
 }
 
-/// The lists that can be watched.
+/// The lists that can be watched: every list the API serves.
 pub const WATCHABLE_LISTS: &[&str] = &[
     "/api/v1/tenants",
     "/api/v1/projects",
     "/api/v1/tenants/{tenant}/projects",
     "/api/v1/instances",
     "/api/v1/tenants/{tenant}/projects/{project}/instances",
+    "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}/config/revisions",
     "/api/v1/hosts",
     "/api/v1/configtemplates",
+    "/api/v1/secrets",
+    "/api/v1/tenants/{tenant}/secrets",
+    "/api/v1/tenants/{tenant}/projects/{project}/secrets",
     "/api/v1/rollouts",
     "/api/v1/tenants/{tenant}/rollouts",
+    "/api/v1/volumes",
+    "/api/v1/tokens",
+    "/api/v1/events",
+    "/api/v1/tenants/{tenant}/events",
+    "/api/v1/tenants/{tenant}/projects/{project}/events",
+    "/api/v1/audit",
 ];
 
 /// Adds `watch` and `resourceVersion` to the lists that can be watched.
@@ -265,7 +275,7 @@ fn with_watch(doc: &mut utoipa::openapi::OpenApi) {
             ParameterBuilder::new()
                 .name("watch")
                 .parameter_in(ParameterIn::Query)
-                .description(Some("true: stream the changes after resourceVersion as JSON lines {\"type\":\"ADDED|MODIFIED|DELETED\",\"object\":{...}} with periodic {\"type\":\"BOOKMARK\",\"resourceVersion\":N}; server-sent events with Accept: text/event-stream"))
+                .description(Some("true: stream the changes after resourceVersion as JSON lines {\"type\":\"ADDED|MODIFIED|DELETED\",\"object\":{...}} with periodic {\"type\":\"BOOKMARK\",\"resourceVersion\":N}; server-sent events with Accept: text/event-stream. Lists without a change log (volumes, tokens, config revisions) start with their current items as ADDED and a BOOKMARK with \"initialEventsEnd\":true"))
                 .schema(Some(ObjectBuilder::new().schema_type(Type::Boolean)))
                 .build(),
         );
@@ -273,7 +283,7 @@ fn with_watch(doc: &mut utoipa::openapi::OpenApi) {
             ParameterBuilder::new()
                 .name("resourceVersion")
                 .parameter_in(ParameterIn::Query)
-                .description(Some("With watch: the index of the list the watch follows on from (default: now); older than the server can replay is 410 Gone"))
+                .description(Some("With watch: the index of the list the watch follows on from (for the audit log: a record's seq; default: now); older than the server can replay is 410 Gone"))
                 .schema(Some(ObjectBuilder::new().schema_type(Type::Integer)))
                 .build(),
         );

@@ -362,7 +362,27 @@ fn missing(field: &str, key: &ObjectKey) -> ApiError {
 #[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens",
     responses((status = 200, description = "Token records", body = TokenList)))]
 pub async fn list_tokens(state: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
-    query::parse(raw.as_deref(), &[])?;
+    let params = query::parse(raw.as_deref(), &["watch", "resourceVersion"])?;
+    if let Some(from) = super::watch::params(&params)? {
+        let reader = state.clone();
+        return super::watch::watch_polled(&state, from, state.sse, move || {
+            let ctx = reader.clone();
+            async move {
+                ctx.run(|store| {
+                    store
+                        .list_tokens()?
+                        .iter()
+                        .map(|t| {
+                            let json = serde_json::to_string(t).map_err(ApiError::internal)?;
+                            Ok((t.id.clone(), json))
+                        })
+                        .collect()
+                })
+                .await
+            }
+        })
+        .await;
+    }
     let (index, items) = state
         .run(|store| Ok((store.index(), store.list_tokens()?)))
         .await?;

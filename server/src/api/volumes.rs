@@ -46,19 +46,43 @@ fn check_volume_name(name: &str) -> Result<(), ApiError> {
 
 /// Lists the state volumes hosts report, with who claims each: `InUse` (a replica placed
 /// there), `Retained` (kept for a replica by `volumeRetention` or a failover), `Orphaned`
-/// (no replica claims it), `Deleting` (its removal was asked for).
+/// (no replica claims it), `Deleting` (its removal was asked for). With `watch=true`, streams
+/// the changes of the list (see [`super::watch::watch_polled`]).
 #[utoipa::path(get, path = "/api/v1/volumes", tag = "volumes",
     params(("host" = Option<String>, Query, description = "Only this host's volumes")),
     responses((status = 200, description = "Volumes by host and name", body = VolumeList)))]
 pub async fn list_volumes(ctx: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
-    let params = query::parse(raw.as_deref(), &["host"])?;
+    let params = query::parse(raw.as_deref(), &["host", "watch", "resourceVersion"])?;
     let host = params.get("host").map(str::to_string);
     if let Some(h) = &host {
         check_path_names(&[("host", h)])?;
     }
+    if let Some(from) = super::watch::params(&params)? {
+        let reader = ctx.clone();
+        return super::watch::watch_polled(&ctx, from, ctx.sse, move || {
+            let (ctx, host) = (reader.clone(), host.clone());
+            async move {
+                let (_, items) = read_volumes(&ctx, host).await?;
+                items
+                    .iter()
+                    .map(|v| {
+                        let json = serde_json::to_string(v).map_err(ApiError::internal)?;
+                        Ok((format!("{}/{}", v.host, v.name), json))
+                    })
+                    .collect()
+            }
+        })
+        .await;
+    }
+    let (index, items) = read_volumes(&ctx, host).await?;
+    let text = serde_json::to_string(&VolumeList { items }).map_err(ApiError::internal)?;
+    Ok(json_response(StatusCode::OK, text, index))
+}
+
+/// The volumes (of `host`, or every host's) the caller sees, with the index read at.
+async fn read_volumes(ctx: &Ctx, host: Option<String>) -> Result<(u64, Vec<VolumeView>), ApiError> {
     let scope = ctx.caller().scope.clone();
-    let (index, items) = ctx
-        .state
+    ctx.state
         .run_unscoped(move |store| {
             let index = store.index();
             let items: Vec<VolumeView> = views(store, host.as_deref())?
@@ -67,9 +91,7 @@ pub async fn list_volumes(ctx: Ctx, RawQuery(raw): RawQuery) -> Result<Response,
                 .collect();
             Ok((index, items))
         })
-        .await?;
-    let text = serde_json::to_string(&VolumeList { items }).map_err(ApiError::internal)?;
-    Ok(json_response(StatusCode::OK, text, index))
+        .await
 }
 
 /// Asks a host to remove one of its state volumes. Refused (409) while a replica claims it

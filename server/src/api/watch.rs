@@ -11,7 +11,18 @@
 //! otherwise). Each watcher filters the shared batches by its list's filter and its caller's
 //! scope, deletes included, and sends the shared lines as they are. A version older than the
 //! change log keeps is answered 410 Gone before the stream starts.
+//!
+//! The lists that are views rather than objects have no change log. Volumes, tokens and an
+//! instance's config revisions are watched by reading the caller's list again after every
+//! change of the store (at most every [`MIN_READ_GAP`], and every [`POLL_INTERVAL`] for what
+//! moves no index, such as the volumes hosts report) and sending what differs
+//! ([`watch_polled`]); given a `resourceVersion`, such a watch cannot replay, so it starts
+//! with every current item as `ADDED` and a bookmark with `"initialEventsEnd":true`. The audit
+//! log is append-only and numbered: its watch sends the records after a `seq`
+//! ([`watch_appended`]).
 
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -24,7 +35,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{ApiError, ApiState, ErrorCode};
 use crate::events::EventFilter;
 use crate::model::Kind;
-use crate::store::{Change, ChangesSince, Feed, ListFilter, Scope, Store};
+use crate::store::{Change, ChangeType, ChangesSince, Feed, ListFilter, Scope, Store};
 
 /// How often an idle watch says where it stands.
 pub const BOOKMARK_INTERVAL: Duration = Duration::from_secs(10);
@@ -34,6 +45,14 @@ pub const RING: usize = 1024;
 const CLIENT_BUFFER: usize = 256;
 /// Changes read from the store at once.
 const READ_LIMIT: usize = 1000;
+/// How often a watch of a list without a change log reads it again when the store's index
+/// did not move (volume reports and audit records of refused requests move none).
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Least time between two reads of a list without a change log, however fast the index moves.
+pub const MIN_READ_GAP: Duration = Duration::from_millis(250);
+
+/// One item of a list without a change log: its identity in the list and its JSON.
+pub type Entry = (String, String);
 
 /// One change of a batch, with its line made once for every watcher.
 #[derive(Debug)]
@@ -236,6 +255,238 @@ fn error_line(message: &str) -> String {
         .to_string()
 }
 
+/// The line that ends a watch on `e` (a list that can no longer be read: its instance was
+/// deleted, the store is away).
+fn failure_line(e: &ApiError) -> String {
+    serde_json::json!({"type": "ERROR", "object": {"code": e.code.status().as_u16(), "reason": e.code, "message": e.message}})
+        .to_string()
+}
+
+/// The bookmark after the current items a watch without replay starts with.
+fn initial_end_line(version: u64) -> String {
+    format!("{{\"type\":\"BOOKMARK\",\"resourceVersion\":{version},\"initialEventsEnd\":true}}")
+}
+
+/// A change of a list without a change log, as a line of the stream.
+fn entry_line(type_: ChangeType, json: &str) -> String {
+    format!("{{\"type\":\"{}\",\"object\":{json}}}", type_.as_str())
+}
+
+/// What changed from `known` to `now` (in `now`'s order, then the deletes by identity), as
+/// lines; `known` becomes `now`.
+pub fn diff(known: &mut BTreeMap<String, String>, now: Vec<Entry>) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut next = BTreeMap::new();
+    for (id, json) in now {
+        match known.remove(&id) {
+            None => lines.push(entry_line(ChangeType::Added, &json)),
+            Some(old) if old != json => lines.push(entry_line(ChangeType::Modified, &json)),
+            Some(_) => {}
+        }
+        next.insert(id, json);
+    }
+    for json in known.values() {
+        lines.push(entry_line(ChangeType::Deleted, json));
+    }
+    *known = next;
+    lines
+}
+
+/// Where the lines of one watch go.
+struct Out {
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    sse: bool,
+}
+
+impl Out {
+    /// Sends `line`; false once the client is gone.
+    async fn send(&self, line: &str) -> bool {
+        self.tx
+            .send(Ok(Bytes::from(frame(line, self.sse))))
+            .await
+            .is_ok()
+    }
+}
+
+/// When a watch of a list without a change log reads again: after a change of the store's
+/// index or every [`POLL_INTERVAL`], at most every [`MIN_READ_GAP`]; a bookmark every
+/// [`BOOKMARK_INTERVAL`] meanwhile.
+struct Pacer {
+    index: watch::Receiver<u64>,
+    poll: tokio::time::Interval,
+    bookmarks: tokio::time::Interval,
+    last_read: tokio::time::Instant,
+}
+
+impl Pacer {
+    /// Started before the first read: a change from then on is a reason to read again.
+    fn new(state: &ApiState) -> Pacer {
+        let mut index = state.inner.index.clone();
+        index.borrow_and_update();
+        let mut poll =
+            tokio::time::interval_at(tokio::time::Instant::now() + POLL_INTERVAL, POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let bookmarks = tokio::time::interval_at(
+            tokio::time::Instant::now() + BOOKMARK_INTERVAL,
+            BOOKMARK_INTERVAL,
+        );
+        Pacer {
+            index,
+            poll,
+            bookmarks,
+            last_read: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Waits until it is time to read again, sending bookmarks at `version()` meanwhile;
+    /// false when the watch is over (the client left, the server is stopping).
+    async fn next(&mut self, state: &ApiState, out: &Out, version: impl Fn() -> u64) -> bool {
+        loop {
+            tokio::select! {
+                r = self.index.changed() => {
+                    if r.is_err() {
+                        return false;
+                    }
+                    break;
+                }
+                _ = self.poll.tick() => break,
+                _ = self.bookmarks.tick() => {
+                    if !out.send(&bookmark_line(version())).await {
+                        return false;
+                    }
+                }
+                () = out.tx.closed() => return false,
+            }
+        }
+        if state.is_shutting_down() {
+            return false;
+        }
+        tokio::time::sleep_until(self.last_read + MIN_READ_GAP).await;
+        self.index.borrow_and_update();
+        self.last_read = tokio::time::Instant::now();
+        true
+    }
+}
+
+/// The streaming answer of a watch.
+fn stream_response(
+    lines: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    sse: bool,
+    from: u64,
+) -> Response {
+    let mut resp = Response::new(Body::from_stream(ReceiverStream::new(lines)));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(if sse {
+            "text/event-stream"
+        } else {
+            "application/x-ndjson"
+        }),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert(super::INDEX_HEADER, HeaderValue::from(from));
+    *resp.status_mut() = StatusCode::OK;
+    resp
+}
+
+/// Answers a watch of a list without a change log, which `read` reads as the caller sees it
+/// (its identities unique). Each read after a change of the store is compared with the one
+/// before and what differs is sent. With `from` (a client that listed before) the stream
+/// starts with every current item as `ADDED`, then a bookmark with `"initialEventsEnd":true`:
+/// what changed between that list and this watch is not known otherwise. A read that fails
+/// (the list's parent was deleted) ends the stream with an `ERROR` line saying why.
+pub async fn watch_polled<F, Fut>(
+    state: &ApiState,
+    from: Option<u64>,
+    sse: bool,
+    read: F,
+) -> Result<Response, ApiError>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Vec<Entry>, ApiError>> + Send + 'static,
+{
+    let mut pacer = Pacer::new(state);
+    let first = read().await?;
+    let at = state.index();
+    let (tx, lines) = mpsc::channel(CLIENT_BUFFER);
+    let state = state.clone();
+    tokio::spawn(async move {
+        let out = Out { tx, sse };
+        if from.is_some() {
+            for (_, json) in &first {
+                if !out.send(&entry_line(ChangeType::Added, json)).await {
+                    return;
+                }
+            }
+            if !out.send(&initial_end_line(at)).await {
+                return;
+            }
+        }
+        let mut known: BTreeMap<String, String> = first.into_iter().collect();
+        while pacer.next(&state, &out, || state.index()).await {
+            let now = match read().await {
+                Ok(now) => now,
+                Err(e) => {
+                    let _ = out.send(&failure_line(&e)).await;
+                    return;
+                }
+            };
+            for line in diff(&mut known, now) {
+                if !out.send(&line).await {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(stream_response(lines, sse, from.unwrap_or(at)))
+}
+
+/// Answers a watch of an append-only, numbered log (the audit log): `read_after(n)` reads the
+/// caller's records numbered after `n`, oldest first, at most a page; each is sent as `ADDED`,
+/// from the records after `from` on. Bookmarks carry the last number sent past.
+pub async fn watch_appended<F, Fut>(
+    state: &ApiState,
+    from: u64,
+    sse: bool,
+    read_after: F,
+) -> Result<Response, ApiError>
+where
+    F: Fn(u64) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(Vec<(u64, String)>, bool), ApiError>> + Send + 'static,
+{
+    let mut pacer = Pacer::new(state);
+    let first = read_after(from).await?;
+    let (tx, lines) = mpsc::channel(CLIENT_BUFFER);
+    let state = state.clone();
+    tokio::spawn(async move {
+        let out = Out { tx, sse };
+        let mut cursor = from;
+        let mut page = first;
+        loop {
+            let (records, full) = page;
+            for (seq, json) in records {
+                if !out.send(&entry_line(ChangeType::Added, &json)).await {
+                    return;
+                }
+                cursor = cursor.max(seq);
+            }
+            // More than a page waits: read on at once.
+            if !full && !pacer.next(&state, &out, || cursor).await {
+                return;
+            }
+            page = match read_after(cursor).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = out.send(&failure_line(&e)).await;
+                    return;
+                }
+            };
+        }
+    });
+    Ok(stream_response(lines, sse, from))
+}
+
 fn gone(given: u64, oldest: u64) -> ApiError {
     ApiError::new(
         ErrorCode::Gone,
@@ -307,20 +558,7 @@ pub async fn watch(
         })
         .await;
     });
-    let mut resp = Response::new(Body::from_stream(ReceiverStream::new(lines)));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(if sse {
-            "text/event-stream"
-        } else {
-            "application/x-ndjson"
-        }),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert(super::INDEX_HEADER, HeaderValue::from(from));
-    *resp.status_mut() = StatusCode::OK;
-    Ok(resp)
+    Ok(stream_response(lines, sse, from))
 }
 
 /// Sends the feed's changes after `cursor` that `want` matches for `scope`, and a bookmark
@@ -411,7 +649,6 @@ mod tests {
 
     use super::*;
     use crate::model::ObjectKey;
-    use crate::store::ChangeType;
 
     fn change(kind: Kind, tenant: &str, project: &str, name: &str, type_: ChangeType) -> Change {
         Change {
@@ -523,6 +760,30 @@ mod tests {
         // Its place in the ring is released.
         assert_eq!(feed.receiver_count(), 0);
         feed.send(batch(101)).unwrap_err();
+    }
+
+    #[test]
+    fn a_list_read_again_sends_what_differs() {
+        let e = |id: &str, json: &str| (id.to_string(), json.to_string());
+        let mut known = BTreeMap::new();
+        assert_eq!(
+            diff(&mut known, vec![e("a", "{\"v\":1}"), e("b", "{\"v\":1}")]),
+            [
+                "{\"type\":\"ADDED\",\"object\":{\"v\":1}}",
+                "{\"type\":\"ADDED\",\"object\":{\"v\":1}}"
+            ]
+        );
+        // Unchanged: nothing; changed: MODIFIED; gone: DELETED as it was; new: ADDED.
+        assert_eq!(
+            diff(&mut known, vec![e("b", "{\"v\":2}"), e("c", "{\"v\":3}")]),
+            [
+                "{\"type\":\"MODIFIED\",\"object\":{\"v\":2}}",
+                "{\"type\":\"ADDED\",\"object\":{\"v\":3}}",
+                "{\"type\":\"DELETED\",\"object\":{\"v\":1}}"
+            ]
+        );
+        assert!(diff(&mut known, vec![e("b", "{\"v\":2}"), e("c", "{\"v\":3}")]).is_empty());
+        assert_eq!(known.len(), 2);
     }
 
     #[test]

@@ -144,9 +144,33 @@ pub async fn get_events(
     .await
 }
 
+/// What `get KIND -w` prints of `items`: one JSON line each (`-o json|yaml`), else the table
+/// `rows` makes of them, with its header only the `first` time.
+pub fn watch_text(
+    format: Format,
+    items: &[Value],
+    first: bool,
+    rows: impl FnOnce(&[Value], bool) -> (Vec<&'static str>, Vec<Vec<String>>),
+) -> String {
+    match format {
+        Format::Json | Format::Yaml => items.iter().map(|i| format!("{i}\n")).collect(),
+        Format::Table | Format::Wide => {
+            let (header, rows) = rows(items, format == Format::Wide);
+            let text = output::table(&header, &rows);
+            if first {
+                text
+            } else {
+                text.lines().skip(1).map(|l| format!("{l}\n")).collect()
+            }
+        }
+    }
+}
+
 /// Lists `path`, prints it with `show(items, true)`, and with `watch` follows its changes,
 /// printing each changed object with `show(&[object], false)`. A watch the server cannot
 /// resume (410, or an `ERROR` line) lists again and prints that list with `show(items, false)`.
+/// A list without a change log starts its watch with its current items (up to a bookmark
+/// with `initialEventsEnd`): those the list already printed as they are are not printed again.
 pub async fn follow(
     client: &Client,
     path: &str,
@@ -181,6 +205,7 @@ pub async fn follow(
         };
         let mut buf: Vec<u8> = Vec::new();
         let mut relist = false;
+        let mut listed = Some(items);
         while let Some(chunk) = resp
             .chunk()
             .await
@@ -193,8 +218,14 @@ pub async fn follow(
                     continue;
                 };
                 match v.get("type").and_then(Value::as_str) {
+                    Some("BOOKMARK") if v.get("initialEventsEnd").is_some() => listed = None,
                     Some("ADDED" | "MODIFIED" | "DELETED") => {
                         let mut obj = v.get("object").cloned().unwrap_or(Value::Null);
+                        if v.get("type").and_then(Value::as_str) == Some("ADDED")
+                            && listed.as_ref().is_some_and(|l| l.contains(&obj))
+                        {
+                            continue;
+                        }
                         if v.get("type").and_then(Value::as_str) == Some("DELETED")
                             && let Value::Object(m) = &mut obj
                         {

@@ -544,12 +544,18 @@ pub async fn run(args: GetArgs) -> CliResult {
             .await;
         }
         GetKind::Volumes => {
-            if args.for_object.is_some() || args.name.is_some() || args.watch {
+            if args.for_object.is_some() || args.name.is_some() {
                 return Err(super::CliError::Failed(
-                    "get volumes takes only --host and -o".into(),
+                    "get volumes takes only --host, -w and -o".into(),
                 ));
             }
-            return super::volumes::get_volumes(&client, args.host.as_deref(), args.output).await;
+            return super::volumes::get_volumes(
+                &client,
+                args.host.as_deref(),
+                args.output,
+                args.watch,
+            )
+            .await;
         }
         GetKind::Object(k) => k,
     };
@@ -569,19 +575,12 @@ pub async fn run(args: GetArgs) -> CliResult {
     if args.watch {
         let format = args.output;
         return super::events::follow(&client, &path, true, |items, first| {
-            Ok(match format {
-                Format::Json | Format::Yaml => items.iter().map(|i| format!("{i}\n")).collect(),
-                Format::Table | Format::Wide => {
-                    let (header, rows) =
-                        rows(kind, items, format == Format::Wide, SystemTime::now());
-                    let text = output::table(&header, &rows);
-                    if first {
-                        text
-                    } else {
-                        text.lines().skip(1).map(|l| format!("{l}\n")).collect()
-                    }
-                }
-            })
+            Ok(super::events::watch_text(
+                format,
+                items,
+                first,
+                |items, wide| rows(kind, items, wide, SystemTime::now()),
+            ))
         })
         .await;
     }

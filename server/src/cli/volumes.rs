@@ -55,7 +55,11 @@ pub fn rows(items: &[Value], wide: bool, now: SystemTime) -> (Vec<&'static str>,
                     str_at(v, "/instance")
                 ),
                 text_at(v, "/replica"),
-                text_at(v, "/status"),
+                if v.get("deleted") == Some(&Value::Bool(true)) {
+                    "Removed".to_string()
+                } else {
+                    text_at(v, "/status")
+                },
                 age(v.get("firstSeen").and_then(Value::as_str), now),
             ];
             if wide {
@@ -67,11 +71,28 @@ pub fn rows(items: &[Value], wide: bool, now: SystemTime) -> (Vec<&'static str>,
     (header, rows)
 }
 
-/// `get volumes`.
-pub async fn get_volumes(client: &Client, host: Option<&str>, format: Format) -> CliResult {
+/// `get volumes`, and with `watch` the changes as they come (a removed volume's row says
+/// `Removed`).
+pub async fn get_volumes(
+    client: &Client,
+    host: Option<&str>,
+    format: Format,
+    watch: bool,
+) -> CliResult {
     if let Some(h) = host {
         crate::model::validate_dns_label(h)
             .map_err(|e| CliError::Failed(format!("--host: {e}")))?;
+    }
+    if watch {
+        return super::events::follow(client, &list_path(host), true, |items, first| {
+            Ok(super::events::watch_text(
+                format,
+                items,
+                first,
+                |items, wide| rows(items, wide, SystemTime::now()),
+            ))
+        })
+        .await;
     }
     let list = client.get(&list_path(host)).await?;
     let items = items(list);
@@ -129,7 +150,11 @@ pub fn describe_section(items: &[Value], now: SystemTime) -> String {
                     str_at(v, "/instance")
                 ),
                 text_at(v, "/replica"),
-                text_at(v, "/status"),
+                if v.get("deleted") == Some(&Value::Bool(true)) {
+                    "Removed".to_string()
+                } else {
+                    text_at(v, "/status")
+                },
                 age(v.get("firstSeen").and_then(Value::as_str), now),
             ]
         })
