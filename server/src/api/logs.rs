@@ -1,6 +1,12 @@
 //! `GET .../instances/{name}/logs`: a replica's container output, streamed from its host's
 //! agent (through the agent's own connection, see [`crate::agent_rpc::tasks`]) as chunked
 //! `text/plain`. The agent redacts the replica's environment and secret values.
+//!
+//! With `follow`, the host's agent follows the replica into its next container on that host;
+//! when the replica leaves the host (a drain or a failover moves it) or the host's stream
+//! breaks, the server finds the host the replica is placed on now, prints a marker line and
+//! follows it there ([`Follow`]), until the replica or its instance is deleted or the reader
+//! goes away.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,6 +28,8 @@ use crate::store::StoreError;
 const MAX_LINE: usize = 64 * 1024;
 /// Chunks buffered between the replicas' streams and the response.
 const MERGE_QUEUE: usize = 8;
+/// How often a follower looks for the host a moved replica runs on now.
+const FOLLOW_RETRY: Duration = Duration::from_millis(500);
 
 fn field_error(field: &str, problem: impl Into<String>) -> ApiError {
     let problem = problem.into();
@@ -130,7 +138,7 @@ fn task_error(e: TaskError) -> ApiError {
 /// `GET .../logs`: a replica's container output, redacted, as chunked text/plain (`follow` keeps streaming it across replacements of the container).
 #[utoipa::path(get, path = "/api/v1/tenants/{tenant}/projects/{project}/instances/{name}/logs", tag = "instances",
     params(("tenant" = String, Path), ("project" = String, Path), ("name" = String, Path),
-        ("follow" = Option<bool>, Query, description = "Keep streaming new output, across replacements of the replica's container, until the replica is deleted"),
+        ("follow" = Option<bool>, Query, description = "Keep streaming new output, across replacements of the replica's container and into its next host when a drain or a failover moves it (a marker line says where), until the replica is deleted"),
         ("replica" = Option<u32>, Query, description = "The replica's ordinal (default: the lowest)"),
         ("all" = Option<bool>, Query, description = "Every replica, merged line by line with a `replica-N | ` prefix"),
         ("tail" = Option<u64>, Query, description = "Lines from the end to start with (default: all)"),
@@ -196,7 +204,7 @@ pub async fn instance_logs(
                 format!("replica {} is not placed on a host", r.name),
             ));
         };
-        let task = pb::task::Kind::Log(pb::LogTask {
+        let task = pb::LogTask {
             tenant: key.tenant.clone(),
             project: key.project.clone(),
             instance: key.name.clone(),
@@ -206,18 +214,30 @@ pub async fn instance_logs(
             since_unix: q.since_unix.unwrap_or(0),
             timestamps: q.timestamps,
             previous: q.previous,
+        };
+        let stream = state
+            .tasks()
+            .ask(&host, pb::task::Kind::Log(task.clone()))
+            .await
+            .map_err(task_error)?;
+        let follow = (q.follow && !q.previous).then(|| Follow {
+            ctx: state.clone(),
+            key: key.clone(),
+            task,
+            host,
         });
-        let stream = state.tasks().ask(&host, task).await.map_err(task_error)?;
-        streams.push((r.name.clone(), stream));
+        streams.push((r.name.clone(), stream, follow));
     }
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(MERGE_QUEUE);
-    if q.all {
-        for (name, stream) in streams {
-            tokio::spawn(relay_prefixed(stream, format!("{name} | "), tx.clone()));
-        }
-    } else if let Some((_, stream)) = streams.pop() {
-        tokio::spawn(relay(stream, tx));
+    for (name, stream, follow) in streams {
+        let prefix = if q.all {
+            format!("{name} | ")
+        } else {
+            String::new()
+        };
+        tokio::spawn(relay(stream, prefix, follow, tx.clone()));
     }
+    drop(tx);
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut resp = Response::new(body);
     *resp.status_mut() = StatusCode::OK;
@@ -250,68 +270,191 @@ fn broken(e: &TaskError) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
-/// One replica's output as it comes; a failure ends the body with an error line and an abort.
-async fn relay(mut stream: TaskStream, tx: mpsc::Sender<Result<Bytes, std::io::Error>>) {
-    while let Some(item) = next_unless_closed(&mut stream, &tx).await {
-        match item {
-            Ok(data) => {
-                if tx.send(Ok(Bytes::from(data))).await.is_err() {
-                    return;
+/// How one host's stream of a replica ended.
+enum Ended {
+    /// The agent ended it: the replica left the host (or, without follow, the output ended).
+    Done,
+    /// The reader went away.
+    Gone,
+    /// The stream broke off.
+    Broken(TaskError),
+}
+
+/// Relays `stream` into the body until it ends: as it comes with an empty `prefix`, else line
+/// by line with `prefix` (a line longer than [`MAX_LINE`] is split), `partial` holding the
+/// start of a line not yet ended.
+async fn pump(
+    stream: &mut TaskStream,
+    prefix: &str,
+    partial: &mut Vec<u8>,
+    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+) -> Ended {
+    while let Some(item) = next_unless_closed(stream, tx).await {
+        let data = match item {
+            Ok(data) => data,
+            Err(e) => return Ended::Broken(e),
+        };
+        let out = if prefix.is_empty() {
+            data
+        } else {
+            partial.extend_from_slice(&data);
+            let mut out = Vec::new();
+            let mut start = 0;
+            while let Some(pos) = partial[start..].iter().position(|b| *b == b'\n') {
+                out.extend_from_slice(prefix.as_bytes());
+                out.extend_from_slice(&partial[start..=start + pos]);
+                start += pos + 1;
+            }
+            partial.drain(..start);
+            if partial.len() > MAX_LINE {
+                out.extend_from_slice(prefix.as_bytes());
+                out.append(partial);
+                out.push(b'\n');
+            }
+            out
+        };
+        if !out.is_empty() && tx.send(Ok(Bytes::from(out))).await.is_err() {
+            return Ended::Gone;
+        }
+    }
+    if tx.is_closed() {
+        Ended::Gone
+    } else {
+        Ended::Done
+    }
+}
+
+/// What a `follow` needs to find a replica again once its host's stream ends.
+struct Follow {
+    ctx: Ctx,
+    key: ObjectKey,
+    /// The task as first asked (tail, since, timestamps).
+    task: pb::LogTask,
+    /// The host streaming now.
+    host: String,
+}
+
+impl Follow {
+    /// The host the replica is placed on now: `Err(())` once the instance or the replica is
+    /// gone (the follow ends), `Ok(None)` while it is placed nowhere.
+    fn placement(&self) -> Result<Option<String>, ()> {
+        let key = self.key.clone();
+        let found = self.ctx.read_point(move |store| {
+            Ok(match store.get(&key)?.map(|o| o.resource()).transpose()? {
+                Some(Resource::OpenClawInstance(i)) => Some(i),
+                _ => None,
+            })
+        });
+        let Ok(Some(instance)) = found else {
+            return Err(());
+        };
+        instance
+            .status
+            .as_ref()
+            .and_then(|s| {
+                s.replica_status
+                    .iter()
+                    .find(|r| r.name == self.task.replica)
+            })
+            .map(|r| r.host.clone())
+            .ok_or(())
+    }
+
+    /// Waits for the replica's next stream (on the host it is placed on now) and says where it
+    /// went with a marker line; `None` when the follow ends (the replica or its instance was
+    /// deleted, the reader went away, the host refused).
+    async fn next(
+        &mut self,
+        prefix: &str,
+        tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+    ) -> Option<TaskStream> {
+        loop {
+            let Ok(placed) = self.placement() else {
+                return None;
+            };
+            if let Some(host) = placed {
+                let mut task = self.task.clone();
+                if host == self.host {
+                    // The same host again (its stream broke): only what comes from now on.
+                    task.tail = 0;
+                } else {
+                    // Another host: the new container's output from its start.
+                    task.tail = -1;
+                    task.since_unix = 0;
+                }
+                match self.ctx.tasks().ask(&host, pb::task::Kind::Log(task)).await {
+                    Ok(stream) => {
+                        let marker = if host == self.host {
+                            format!(
+                                "{prefix}--- replica {} followed again on host {host} ---\n",
+                                self.task.replica
+                            )
+                        } else {
+                            format!(
+                                "{prefix}--- replica {} moved to host {host} ---\n",
+                                self.task.replica
+                            )
+                        };
+                        self.host = host;
+                        if tx.send(Ok(Bytes::from(marker))).await.is_err() {
+                            return None;
+                        }
+                        return Some(stream);
+                    }
+                    // Not there yet (its container is being made, its volume moved), or the
+                    // host is away for now: look again.
+                    Err(TaskError::NotFound(_) | TaskError::NotConnected(_))
+                    | Err(TaskError::NoAnswer(_) | TaskError::Broken(_)) => {}
+                    Err(e @ TaskError::Failed(_)) => {
+                        let _ = tx
+                            .send(Ok(Bytes::from(format!("{prefix}--- error: {e} ---\n"))))
+                            .await;
+                        return None;
+                    }
                 }
             }
-            Err(e) => {
-                let _ = tx
-                    .send(Ok(Bytes::from(format!("--- error: {e} ---\n"))))
-                    .await;
-                let _ = tx.send(Err(broken(&e))).await;
-                return;
+            tokio::select! {
+                () = tokio::time::sleep(FOLLOW_RETRY) => {}
+                () = tx.closed() => return None,
             }
         }
     }
 }
 
-/// One replica's output, line by line with `prefix`, into a merged body.
-async fn relay_prefixed(
+/// One replica's output into the body (line by line with `prefix` when it is not empty);
+/// with `follow`, across hosts. A failure without follow ends the body with an error line and
+/// an abort.
+async fn relay(
     mut stream: TaskStream,
     prefix: String,
+    mut follow: Option<Follow>,
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) {
     let mut partial: Vec<u8> = Vec::new();
-    while let Some(item) = next_unless_closed(&mut stream, &tx).await {
-        match item {
-            Ok(data) => {
-                partial.extend_from_slice(&data);
-                let mut out = Vec::new();
-                let mut start = 0;
-                while let Some(pos) = partial[start..].iter().position(|b| *b == b'\n') {
-                    out.extend_from_slice(prefix.as_bytes());
-                    out.extend_from_slice(&partial[start..=start + pos]);
-                    start += pos + 1;
-                }
-                partial.drain(..start);
-                if partial.len() > MAX_LINE {
-                    out.extend_from_slice(prefix.as_bytes());
-                    out.append(&mut partial);
-                    out.push(b'\n');
-                }
-                if !out.is_empty() && tx.send(Ok(Bytes::from(out))).await.is_err() {
-                    return;
-                }
+    loop {
+        let ended = pump(&mut stream, &prefix, &mut partial, &tx).await;
+        if !partial.is_empty() && !matches!(ended, Ended::Gone) {
+            partial.push(b'\n');
+            let mut out = prefix.clone().into_bytes();
+            out.append(&mut partial);
+            if tx.send(Ok(Bytes::from(out))).await.is_err() {
+                return;
             }
-            Err(e) => {
+        }
+        match (ended, follow.as_mut()) {
+            (Ended::Gone, _) | (Ended::Done, None) => return,
+            (Ended::Broken(e), None) => {
                 let _ = tx
                     .send(Ok(Bytes::from(format!("{prefix}--- error: {e} ---\n"))))
                     .await;
                 let _ = tx.send(Err(broken(&e))).await;
                 return;
             }
+            (Ended::Done | Ended::Broken(_), Some(f)) => match f.next(&prefix, &tx).await {
+                Some(next) => stream = next,
+                None => return,
+            },
         }
-    }
-    if !partial.is_empty() {
-        partial.push(b'\n');
-        let mut out = prefix.into_bytes();
-        out.append(&mut partial);
-        let _ = tx.send(Ok(Bytes::from(out))).await;
     }
 }
 
