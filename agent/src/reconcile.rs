@@ -50,6 +50,69 @@ const PORT_ATTEMPTS: usize = 8;
 
 /// The rendered config's file name in a replica's directory.
 const CONFIG_FILE: &str = "openclaw.json";
+/// The file in a replica's directory that keeps when this agent asked the engine to start the
+/// replica's runs ([`SavedRuns`]), so that `logs --previous` still tells the runs apart after
+/// the agent itself restarted.
+const RUNS_FILE: &str = "runs.json";
+
+/// Milliseconds since the Unix epoch (0 before it).
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn from_unix_ms(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// What [`RUNS_FILE`] holds: a replica's [`ReplicaRecord::last_start`] and
+/// [`ReplicaRecord::previous_run`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SavedRuns {
+    #[serde(default)]
+    last_start_ms: Option<u64>,
+    #[serde(default)]
+    previous: Option<SavedRun>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SavedRun {
+    container_id: String,
+    #[serde(default)]
+    from_ms: Option<u64>,
+    #[serde(default)]
+    started_at: Option<String>,
+    until_ms: u64,
+}
+
+impl SavedRuns {
+    fn of(r: &ReplicaRecord) -> SavedRuns {
+        SavedRuns {
+            last_start_ms: r.last_start.map(unix_ms),
+            previous: r.previous_run.as_ref().map(|p| SavedRun {
+                container_id: p.container_id.clone(),
+                from_ms: p.from.map(unix_ms),
+                started_at: p.started_at.clone(),
+                until_ms: unix_ms(p.until),
+            }),
+        }
+    }
+
+    fn last_start(&self) -> Option<SystemTime> {
+        self.last_start_ms.map(from_unix_ms)
+    }
+
+    fn previous_run(&self) -> Option<PreviousRun> {
+        self.previous.as_ref().map(|p| PreviousRun {
+            container_id: p.container_id.clone(),
+            from: p.from_ms.map(from_unix_ms),
+            started_at: p.started_at.clone(),
+            until: from_unix_ms(p.until_ms),
+        })
+    }
+}
 
 /// A replica's directory under the data dir (its rendered config, its snapshots).
 fn replica_dir(data_dir: &Path, key: &ReplicaKey) -> PathBuf {
@@ -221,6 +284,56 @@ impl ReplicaBook {
             until: asked,
         });
         r.last_start = Some(asked);
+    }
+
+    /// Takes the starts an earlier run of this agent recorded, unless this one knows its own.
+    fn seed_runs(&self, key: &ReplicaKey, saved: &SavedRuns) {
+        let mut records = self.lock();
+        let r = records.entry(key.clone()).or_default();
+        if r.last_start.is_none() && r.previous_run.is_none() {
+            r.last_start = saved.last_start();
+            r.previous_run = saved.previous_run();
+        }
+    }
+
+    /// Reads what an earlier run of this agent recorded in `data_dir` of the replica's starts,
+    /// unless the book already knows them.
+    fn load_runs(&self, data_dir: &Path, key: &ReplicaKey) {
+        let r = self.get(key);
+        if r.last_start.is_some() || r.previous_run.is_some() {
+            return;
+        }
+        let path = replica_dir(data_dir, key).join(RUNS_FILE);
+        let saved = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the replica's recorded starts");
+                return;
+            }
+        };
+        match serde_json::from_slice::<SavedRuns>(&saved) {
+            Ok(saved) => self.seed_runs(key, &saved),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring the replica's recorded starts");
+            }
+        }
+    }
+
+    /// Writes the replica's starts as the book knows them into its directory under `data_dir`
+    /// (replacing the file whole).
+    fn save_runs(&self, data_dir: &Path, key: &ReplicaKey) {
+        let dir = replica_dir(data_dir, key);
+        let saved = SavedRuns::of(&self.get(key));
+        let written = std::fs::create_dir_all(&dir).and_then(|()| {
+            let tmp = dir.join(format!("{RUNS_FILE}.tmp"));
+            let text = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, dir.join(RUNS_FILE))
+        });
+        if let Err(e) = written {
+            tracing::warn!(replica = %key, error = %e, "cannot record the replica's start; logs --previous may show more than its previous run after this agent restarts");
+        }
     }
 
     /// A new container of the replica was asked at `asked` to start.
@@ -1133,6 +1246,13 @@ impl Reconciler {
         &self.book
     }
 
+    /// The run before the replica's container's last restart, as this agent (or an earlier run
+    /// of it, from the replica's directory) recorded it.
+    pub fn previous_run(&self, key: &ReplicaKey) -> Option<PreviousRun> {
+        self.book.load_runs(&self.settings.data_dir, key);
+        self.book.get(key).previous_run
+    }
+
     /// The events it queued (clone it to share with a reporter).
     pub fn events(&self) -> &EventQueue {
         &self.events
@@ -1999,8 +2119,10 @@ impl Worker {
                             .iter()
                             .find(|c| c.id == *container_id)
                             .and_then(|c| c.started_at.clone());
+                        self.book.load_runs(&self.settings.data_dir, key);
                         self.book
                             .record_previous_run(key, container_id, started_at, asked);
+                        self.book.save_runs(&self.settings.data_dir, key);
                         self.book.record_restart(key, now);
                         for e in restart_events(key, reason) {
                             self.events.push(e);
@@ -2104,6 +2226,7 @@ impl Worker {
             Ok(()) => {
                 self.book.record_created(&key, now);
                 self.book.record_start_asked(&key, asked);
+                self.book.save_runs(&self.settings.data_dir, &key);
                 self.events.push(AgentEvent::about(
                     a,
                     crate::events::CONTAINER_STARTED,

@@ -324,9 +324,7 @@ impl TaskRunner {
         let since_unix = task.since_unix.max(0);
         let previous_run = self
             .reconciler
-            .book()
-            .get(key)
-            .previous_run
+            .previous_run(key)
             .filter(|p| containers.first().is_some_and(|c| c.id == p.container_id));
         if let Some(current) = containers.first()
             && let Some(started) = previous_run
@@ -339,9 +337,9 @@ impl TaskRunner {
                 .map_or(0, |d| d.as_secs());
             // The runs are told apart by when this agent asked the engine to start each: the
             // engine's own start time is taken once the process runs, after its first lines
-            // may have been stamped. When the previous run began, if this agent restarted the
-            // container (it does not know after a restart of its own: then every earlier run
-            // is shown).
+            // may have been stamped. When the previous run began, if this agent (or an earlier
+            // run of it, which recorded it in the replica's directory) restarted the container;
+            // else every earlier run is shown.
             let from = previous_run
                 .and_then(|p| {
                     p.from

@@ -2165,3 +2165,48 @@ fn the_previous_run_lies_between_the_two_last_starts_asked_for() {
     assert_eq!(p.from, None);
     assert_eq!(p.started_at.as_deref(), Some("engine time"));
 }
+
+/// The starts the agent asked for are kept in the replica's directory: after a restart of the
+/// agent (a new reconciler over the same data directory, an empty book) the previous run is
+/// still the one between the two last starts, not every run before the current one.
+#[test]
+fn the_previous_run_survives_a_restart_of_the_agent() {
+    use std::time::{Duration, SystemTime};
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let key = ReplicaKey {
+        tenant: "acme".into(),
+        project: "p".into(),
+        replica: "bot-0".into(),
+    };
+    let created = SystemTime::UNIX_EPOCH + Duration::from_millis(1_000_250);
+    let restart = created + Duration::from_millis(5_500);
+    let first = reconciler(&fake, dir.path());
+    first.book().record_start_asked(&key, created);
+    first.book().save_runs(dir.path(), &key);
+    // Restarted: the new agent knows nothing yet, and restarts the container once more.
+    let second = reconciler(&fake, dir.path());
+    assert_eq!(second.book().get(&key).last_start, None);
+    second.book().load_runs(dir.path(), &key);
+    second
+        .book()
+        .record_previous_run(&key, "c1", Some("engine time".into()), restart);
+    second.book().save_runs(dir.path(), &key);
+    let p = second.previous_run(&key).unwrap();
+    assert_eq!((p.from, p.until), (Some(created), restart));
+    // And once more restarted: the previous run is read back whole.
+    let third = reconciler(&fake, dir.path());
+    let p = third.previous_run(&key).unwrap();
+    assert_eq!(p.container_id, "c1");
+    assert_eq!((p.from, p.until), (Some(created), restart));
+    assert_eq!(p.started_at.as_deref(), Some("engine time"));
+    // A file that cannot be read is ignored, not trusted.
+    let other = ReplicaKey {
+        replica: "bot-1".into(),
+        ..key
+    };
+    let other_dir = dir.path().join("replicas").join("acme.p.bot-1");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    std::fs::write(other_dir.join(RUNS_FILE), b"{not json").unwrap();
+    assert_eq!(third.previous_run(&other), None);
+}
