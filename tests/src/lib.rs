@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod browser;
+pub mod cli_stream;
 pub mod fleet;
 pub mod oidc_provider;
 pub mod podman;

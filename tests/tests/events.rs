@@ -1,78 +1,12 @@
 //! End to end: events of a real instance on a real agent and Docker, through the CLI.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use clusterclaw_tests::agent::*;
-use clusterclaw_tests::server::{TestServer, clusterclaw_bin};
-
-/// A `clusterclaw ... -w` running in the background; its output lines arrive on a channel.
-struct Watcher {
-    child: std::process::Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Watcher {
-    fn start(server: &TestServer, args: &[&str]) -> anyhow::Result<Watcher> {
-        let mut child = Command::new(clusterclaw_bin()?)
-            .args(args)
-            .env(
-                "CLUSTERCLAW_CONFIG",
-                server.scratch_dir().join("cli-config.toml"),
-            )
-            .env("CLUSTERCLAW_SERVER", server.api_url())
-            .env("CLUSTERCLAW_TOKEN", server.admin_token())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("start clusterclaw {args:?}"))?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Watcher {
-            child,
-            lines,
-            seen: Vec::new(),
-        })
-    }
-
-    /// Waits for a line matching `want`; returns it.
-    fn wait_line(&mut self, what: &str, want: impl Fn(&str) -> bool) -> anyhow::Result<String> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if want(&line) {
-                        return Ok(line);
-                    }
-                }
-                Err(_) => bail!("no {what} within the deadline; lines: {:?}", self.seen),
-            }
-        }
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use clusterclaw_tests::cli_stream::StreamingCli;
+use clusterclaw_tests::server::TestServer;
 
 /// `get events --for instance/NAME -w` and `get instances -w` print what happens as it
 /// happens: an instance no host can take shows up in the instances' watch and its
@@ -84,7 +18,7 @@ fn watches_print_changes_and_failed_scheduling_as_they_happen() -> anyhow::Resul
     let scope = Scope::new("ev-watch");
     scope.apply_http(&server, &scope.base_manifest());
     let (t, p) = (scope.tenant.as_str(), scope.project.as_str());
-    let mut events = Watcher::start(
+    let mut events = StreamingCli::start(
         &server,
         &[
             "get",
@@ -98,7 +32,7 @@ fn watches_print_changes_and_failed_scheduling_as_they_happen() -> anyhow::Resul
             "-w",
         ],
     )?;
-    let mut instances = Watcher::start(
+    let mut instances = StreamingCli::start(
         &server,
         &["get", "instances", "-t", t, "-p", p, "-w", "-o", "json"],
     )?;

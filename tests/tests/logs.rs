@@ -3,14 +3,12 @@
 //! replacement, in scope only.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::ensure;
 use clusterclaw_tests::agent::*;
-use clusterclaw_tests::server::{CliOutput, TestServer, clusterclaw_bin};
+use clusterclaw_tests::cli_stream::StreamingCli;
+use clusterclaw_tests::server::{CliOutput, TestServer};
 use serde_json::Value;
 
 const GATEWAY_TOKEN: &str = "gw-e2e-token-5f1d2c";
@@ -34,107 +32,6 @@ fn as_token(server: &TestServer, token: &str, args: &[&str]) -> CliOutput {
         ],
         None,
     )
-}
-
-/// A `clusterclaw logs -f` running in the background; its lines arrive on a channel.
-struct Follower {
-    child: std::process::Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Follower {
-    fn start(server: &TestServer, args: &[&str]) -> anyhow::Result<Follower> {
-        let mut child = Command::new(clusterclaw_bin()?)
-            .args(args)
-            .env_remove("CLUSTERCLAW_CONFIG")
-            .env(
-                "CLUSTERCLAW_CONFIG",
-                server.scratch_dir().join("cli-config.toml"),
-            )
-            .env("CLUSTERCLAW_SERVER", server.api_url())
-            .env("CLUSTERCLAW_TOKEN", server.admin_token())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("start clusterclaw logs -f")?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Follower {
-            child,
-            lines,
-            seen: Vec::new(),
-        })
-    }
-
-    /// Waits for a line matching `want` among those seen from index `from` on (earlier
-    /// waits may already have passed it: stdout and stderr lines of one moment arrive in
-    /// either order); returns it.
-    fn wait_line_since(
-        &mut self,
-        from: usize,
-        what: &str,
-        want: impl Fn(&str) -> bool,
-    ) -> anyhow::Result<String> {
-        if let Some(line) = self.seen.iter().skip(from).find(|l| want(l)) {
-            return Ok(line.clone());
-        }
-        self.wait_line(what, want)
-    }
-
-    /// Waits for a line matching `want`; returns it.
-    fn wait_line(&mut self, what: &str, want: impl Fn(&str) -> bool) -> anyhow::Result<String> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if want(&line) {
-                        return Ok(line);
-                    }
-                }
-                Err(_) => bail!(
-                    "no {what} within the deadline; last lines: {:?}",
-                    self.seen.iter().rev().take(10).collect::<Vec<_>>()
-                ),
-            }
-        }
-    }
-
-    fn wait_exit(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            // Keep draining, so that the CLI never blocks on a full pipe.
-            while let Ok(line) = self.lines.try_recv() {
-                self.seen.push(line);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "logs -f did not end after the instance was deleted"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]
@@ -333,7 +230,7 @@ fn logs_are_streamed_redacted_merged_followed_and_scoped() -> anyhow::Result<()>
 
     // Follow: new lines, then a spec change replaces the container and the stream goes on
     // into the new one with a marker; deleting the instance ends it cleanly.
-    let mut follower = Follower::start(
+    let mut follower = StreamingCli::start(
         &server,
         &[
             "logs", "instance", name, "-t", t, "-p", p, "-f", "--tail", "0",
@@ -419,30 +316,7 @@ fn previous_shows_the_run_before_the_last_restart() -> anyhow::Result<()> {
         let out = server.cli(&["logs", "instance", "crashy", "-t", t, "-p", p]);
         Ok((boots(&out.stdout).len() >= 2).then_some(()))
     })?;
-    // `--previous` between two reads of the whole output that show the same current run (a
-    // restart in between would blur which run is current: read again).
-    let all_boots = || {
-        boots(
-            &server
-                .cli(&["logs", "instance", "crashy", "-t", t, "-p", p])
-                .ok()
-                .stdout,
-        )
-    };
-    let (previous, current) = {
-        let mut tries = 0;
-        loop {
-            let before = all_boots();
-            let previous = server
-                .cli(&["logs", "instance", "crashy", "-t", t, "-p", p, "--previous"])
-                .ok();
-            let after = all_boots();
-            tries += 1;
-            if before.iter().max() == after.iter().max() || tries == 5 {
-                break (previous, after.iter().max().copied());
-            }
-        }
-    };
+    let (previous, current) = previous_run(&server, t, p)?;
     let earlier = boots(&previous.stdout);
     ensure!(
         earlier.len() == 1,
@@ -491,6 +365,135 @@ fn previous_shows_the_run_before_the_last_restart() -> anyhow::Result<()> {
         .cli(&["logs", "instance", "steady", "-t", t, "-p", p, "--previous"])
         .code(1);
     ensure!(out.stderr.contains("no previous run"), "{}", out.stderr);
+
+    // The agent restarts: it still tells the previous run from the ones before (it kept the
+    // starts it asked for in the replica's directory), with three runs or more to tell apart.
+    wait_for("three runs of crashy-0", WAIT, || {
+        let out = server.cli(&["logs", "instance", "crashy", "-t", t, "-p", p]);
+        Ok((boots(&out.stdout).len() >= 3).then_some(()))
+    })?;
+    agent.restart_plain()?;
+    wait_host_ready(&server, &host)?;
+    let (previous, current) = previous_run(&server, t, p)?;
+    let earlier = boots(&previous.stdout);
+    ensure!(
+        earlier.len() == 1 && earlier.iter().max().copied() < current,
+        "after the agent's restart, one run, the one before the current (boot {current:?}): {}",
+        previous.stdout
+    );
     drop(agent);
+    Ok(())
+}
+
+/// `logs --previous` of crashy-0 read between two reads of its whole output that show the same
+/// current run (a restart in between would blur which run is current: read again), with the
+/// current run's boot number. A host not yet connected again is waited for.
+fn previous_run(server: &TestServer, t: &str, p: &str) -> anyhow::Result<(CliOutput, Option<u64>)> {
+    let all_boots = || -> anyhow::Result<Vec<u64>> {
+        let out = wait_for("crashy-0's output", WAIT, || {
+            let out = server.cli(&["logs", "instance", "crashy", "-t", t, "-p", p]);
+            Ok((out.code == 0).then_some(out))
+        })?;
+        Ok(boots(&out.stdout))
+    };
+    let mut tries = 0;
+    loop {
+        let before = all_boots()?;
+        let previous = wait_for("crashy-0's previous run", WAIT, || {
+            let out = server.cli(&["logs", "instance", "crashy", "-t", t, "-p", p, "--previous"]);
+            Ok((out.code == 0).then_some(out))
+        })?;
+        let after = all_boots()?;
+        tries += 1;
+        if before.iter().max() == after.iter().max() || tries == 5 {
+            return Ok((previous, after.iter().max().copied()));
+        }
+    }
+}
+
+/// `logs -f` follows a replica that a drain moves to another host: a marker line names the
+/// new host and the stream goes on with the new container's output; `get volumes -w` shows the
+/// replica's volume arrive on the new host and leave the old one as it happens; deleting the
+/// instance ends the follow cleanly.
+#[test]
+fn a_follow_goes_with_its_replica_to_another_host_and_volumes_are_watched() -> anyhow::Result<()> {
+    let Some(image) = require_docker()? else {
+        return Ok(());
+    };
+    let scope = Scope::new("logs-move");
+    let cleanup = DockerCleanup::tenant(&scope.tenant);
+    let port = free_port();
+    let server = TestServer::start_on(&format!("127.0.0.1:{port}"), &[])?;
+    let token = join_token(&server, 2, "10m");
+    let mut hosts = Vec::new();
+    for i in 0..2 {
+        let name = unique(&format!("lm{i}"));
+        let mut agent = TestAgent::enroll(&server, port, &token, &["--name", &name])?;
+        let host = agent.wait_enrolled()?;
+        cleanup.host(&host);
+        wait_host_ready(&server, &host)?;
+        hosts.push((host, agent));
+    }
+    let (a, b) = (hosts[0].0.clone(), hosts[1].0.clone());
+    let (t, p) = (scope.tenant.as_str(), scope.project.as_str());
+    scope.apply(&server, "base", &scope.base_manifest());
+    server.cli(&["cordon", "host", &b]).ok();
+    let env = BTreeMap::from([("STANDIN_LOG_LINES_PER_SEC", "5")]);
+    scope.apply(
+        &server,
+        "bot",
+        &scope.instance_manifest("bot", &image, 1, &env),
+    );
+    let (_, containers) = wait_ready(&server, &scope, "bot", 1)?;
+    ensure!(
+        containers.values().all(|c| c.host == a),
+        "bot-0 starts on a"
+    );
+
+    let mut volumes = StreamingCli::start(&server, &["get", "volumes", "-w", "-o", "json"])?;
+    let mine = |l: &str, host: &str| {
+        serde_json::from_str::<Value>(l)
+            .is_ok_and(|v| v["tenant"] == t && v["replica"] == "bot-0" && v["host"] == host)
+    };
+    volumes.wait_line("bot-0's volume on a", |l| mine(l, &a))?;
+    let mut follower = StreamingCli::start(
+        &server,
+        &[
+            "logs", "instance", "bot", "-t", t, "-p", p, "-f", "--tail", "0",
+        ],
+    )?;
+    follower.wait_line("a line from host a", |l| l.contains("log line"))?;
+
+    server.cli(&["uncordon", "host", &b]).ok();
+    let out = server
+        .cli_within(
+            &["drain", "host", &a, "--timeout", "3m"],
+            std::time::Duration::from_secs(240),
+        )
+        .expect("the drain ended in time");
+    ensure!(out.code == 0, "{}\n{}", out.stdout, out.stderr);
+    let marker = format!("--- replica bot-0 moved to host {b} ---");
+    follower.wait_line("the marker naming host b", |l| l == marker)?;
+    let moved_at = follower.seen.len();
+    follower.wait_line_since(moved_at, "the new container's start", |l| {
+        l.contains("openclaw-standin: listening")
+    })?;
+    follower.wait_line_since(moved_at, "a line from host b", |l| l.contains("log line"))?;
+    volumes.wait_line("bot-0's volume on b", |l| mine(l, &b))?;
+    // The old volume goes once its copy is checked: its delete comes, as it was.
+    volumes.wait_line("bot-0's volume removed from a", |l| {
+        mine(l, &a) && l.contains("\"deleted\":true")
+    })?;
+
+    scope.delete(&server, "bot");
+    let status = follower.wait_exit()?;
+    ensure!(status.success(), "logs -f ended with {status}");
+    let moves: Vec<_> = follower
+        .seen
+        .iter()
+        .filter(|l| l.contains(" moved to host "))
+        .collect();
+    ensure!(moves.len() == 1, "one move: {moves:?}");
+    drop(hosts);
     Ok(())
 }

@@ -272,9 +272,6 @@ impl PgServerStore {
 
 mod with_an_agent {
     use std::collections::BTreeMap;
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
-    use std::sync::mpsc;
     use std::time::{Duration, Instant};
 
     use clusterclaw_tests::agent::*;
@@ -367,74 +364,39 @@ mod with_an_agent {
 
     /// `clusterclaw get instances -w -o json` running in the background: its lines (one object
     /// each) as they come.
-    struct Watch {
-        child: std::process::Child,
-        lines: mpsc::Receiver<String>,
-    }
+    /// `get instances -w -o json` of a scope, running in the background.
+    struct Watch(clusterclaw_tests::cli_stream::StreamingCli);
 
     impl Watch {
         fn start(server: &TestServer, scope: &Scope) -> Watch {
-            let bin = clusterclaw_tests::server::clusterclaw_bin().unwrap();
-            let mut child = Command::new(bin)
-                .args([
-                    "get",
-                    "instances",
-                    "-w",
-                    "-o",
-                    "json",
-                    "-t",
-                    &scope.tenant,
-                    "-p",
-                    &scope.project,
-                ])
-                .env_clear()
-                .env("PATH", std::env::var("PATH").unwrap_or_default())
-                .env(
-                    "CLUSTERCLAW_CONFIG",
-                    server.scratch_dir().join("watch-cli-config.toml"),
+            Watch(
+                clusterclaw_tests::cli_stream::StreamingCli::start(
+                    server,
+                    &[
+                        "get",
+                        "instances",
+                        "-w",
+                        "-o",
+                        "json",
+                        "-t",
+                        &scope.tenant,
+                        "-p",
+                        &scope.project,
+                    ],
                 )
-                .env("CLUSTERCLAW_SERVER", server.api_url())
-                .env("CLUSTERCLAW_TOKEN", server.admin_token())
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let stdout = child.stdout.take().unwrap();
-            let (tx, lines) = mpsc::channel();
-            std::thread::spawn(move || {
-                for line in std::io::BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-            Watch { child, lines }
+                .unwrap(),
+            )
         }
 
         /// Waits for a line that `want` accepts, up to `limit`.
-        fn wait(&self, what: &str, limit: Duration, want: impl Fn(&Value) -> bool) -> Value {
-            let deadline = Instant::now() + limit;
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let line = self
-                    .lines
-                    .recv_timeout(left)
-                    .unwrap_or_else(|_| panic!("`get instances -w` never showed {what}"));
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && want(&v)
-                {
-                    return v;
-                }
-            }
-        }
-    }
-
-    impl Drop for Watch {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        fn wait(&mut self, what: &str, limit: Duration, want: impl Fn(&Value) -> bool) -> Value {
+            let line = self
+                .0
+                .wait_line_within(what, limit, |line| {
+                    serde_json::from_str::<Value>(line).is_ok_and(|v| want(&v))
+                })
+                .unwrap_or_else(|e| panic!("`get instances -w` never showed {what}: {e}"));
+            serde_json::from_str(&line).unwrap()
         }
     }
 
@@ -466,7 +428,7 @@ mod with_an_agent {
         wait_host_ready(&server, &host)?;
         scope.apply(&server, "base", &scope.base_manifest());
         let t = &scope.tenant;
-        let watch = Watch::start(&server, &scope);
+        let mut watch = Watch::start(&server, &scope);
 
         // A secret: its value is sealed in the database, never plain.
         let key_file = server.write_file("anthropic.key", "sk-ant-pg-e2e\n");
