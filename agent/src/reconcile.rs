@@ -325,11 +325,9 @@ impl ReplicaBook {
     fn save_runs(&self, data_dir: &Path, key: &ReplicaKey) {
         let dir = replica_dir(data_dir, key);
         let saved = SavedRuns::of(&self.get(key));
-        let written = std::fs::create_dir_all(&dir).and_then(|()| {
-            let tmp = dir.join(format!("{RUNS_FILE}.tmp"));
+        let written = state::create_private_dir(&dir).and_then(|()| {
             let text = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
-            std::fs::write(&tmp, text)?;
-            std::fs::rename(&tmp, dir.join(RUNS_FILE))
+            state::write_file_atomic(&dir.join(RUNS_FILE), &text, 0o600)
         });
         if let Err(e) = written {
             tracing::warn!(replica = %key, error = %e, "cannot record the replica's start; logs --previous may show more than its previous run after this agent restarts");

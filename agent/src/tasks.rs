@@ -326,7 +326,13 @@ impl TaskRunner {
             .reconciler
             .previous_run(key)
             .filter(|p| containers.first().is_some_and(|c| c.id == p.container_id));
-        if let Some(current) = containers.first()
+        // This agent (or an earlier run of it) started the replica's latest run but never
+        // restarted the current container: it has one run, and no previous one to show (the
+        // engine's start time would let the current run's first lines through). Only a
+        // container this agent knows nothing of is cut at the engine's start time.
+        let one_run =
+            previous_run.is_none() && self.reconciler.book().get(key).last_start.is_some();
+        if let Some(current) = containers.first().filter(|_| !one_run)
             && let Some(started) = previous_run
                 .as_ref()
                 .map(|p| p.until)

@@ -334,9 +334,11 @@ fn previous_shows_the_run_before_the_last_restart() -> anyhow::Result<()> {
         previous.stdout
     );
     ensure!(previous.stdout.contains("log line"), "{}", previous.stdout);
-    // With timestamps each line starts with the engine's time.
-    let stamped = server
-        .cli(&[
+    // With timestamps each line starts with the engine's time. (Asked again while the
+    // current run has just started: the engine cuts at whole seconds, and lines the current
+    // run writes within its first second while the answer is made can crowd out the tail.)
+    let stamped = wait_for("the previous run's last lines", WAIT, || {
+        let out = server.cli(&[
             "logs",
             "instance",
             "crashy",
@@ -348,8 +350,9 @@ fn previous_shows_the_run_before_the_last_restart() -> anyhow::Result<()> {
             "--timestamps",
             "--tail",
             "3",
-        ])
-        .ok();
+        ]);
+        Ok((out.code == 0).then_some(out))
+    })?;
     ensure!(
         !stamped.stdout.is_empty()
             && stamped
