@@ -228,6 +228,18 @@ impl TestServer {
         TestServer::start_full(agent_listen, extra_args, &[], None, Some(admin_token))
     }
 
+    /// [`TestServer::start_on`] on a data directory that holds copies of the files and
+    /// directories `names` of `from` (another server's pki/, secrets.key, admin.token).
+    pub fn start_seeded(
+        agent_listen: &str,
+        extra_args: &[&str],
+        from: &Path,
+        names: &[&str],
+    ) -> anyhow::Result<TestServer> {
+        let seed = (from, names);
+        TestServer::start_inner(agent_listen, extra_args, &[], None, None, Some(seed))
+    }
+
     /// [`TestServer::start_on`] with extra environment variables for the server process.
     pub fn start_with_env(
         agent_listen: &str,
@@ -251,6 +263,24 @@ impl TestServer {
         soft_nofile: Option<u64>,
         admin_token: Option<&str>,
     ) -> anyhow::Result<TestServer> {
+        TestServer::start_inner(
+            agent_listen,
+            extra_args,
+            env,
+            soft_nofile,
+            admin_token,
+            None,
+        )
+    }
+
+    fn start_inner(
+        agent_listen: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        soft_nofile: Option<u64>,
+        admin_token: Option<&str>,
+        seed: Option<(&Path, &[&str])>,
+    ) -> anyhow::Result<TestServer> {
         clusterclaw_agent::crypto::install_provider();
         let bin = clusterclaw_bin()?;
         let data_dir = tempfile::Builder::new()
@@ -259,6 +289,12 @@ impl TestServer {
         let scratch = tempfile::Builder::new()
             .prefix("clusterclaw-work-")
             .tempdir()?;
+        if let Some((from, names)) = seed {
+            for name in names {
+                copy_tree(&from.join(name), &data_dir.path().join(name))
+                    .with_context(|| format!("copy {name} from {}", from.display()))?;
+            }
+        }
         if let Some(token) = admin_token {
             use std::os::unix::fs::PermissionsExt;
             let path = data_dir.path().join("admin.token");
@@ -627,6 +663,21 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Copies a file, or a directory and everything in it, keeping permissions.
+pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    if fs::metadata(from)?.is_dir() {
+        fs::create_dir_all(to)?;
+        fs::set_permissions(to, fs::metadata(from)?.permissions())?;
+        for entry in fs::read_dir(from)? {
+            let entry = entry?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        Ok(())
+    } else {
+        fs::copy(from, to).map(drop)
     }
 }
 
