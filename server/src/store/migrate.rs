@@ -1024,3 +1024,167 @@ fn compare(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Kind, ObjectKey, Resource};
+    use crate::store::WriteMode;
+    use crate::store::conformance::PgSchema;
+    use crate::store::sqlite::SqliteStore;
+
+    /// A stopped single-machine data directory: a tenant, a CA and a secrets key.
+    fn data_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join(crate::server::DB_FILE)).unwrap();
+        let tenant = Resource::from_value(serde_json::json!({"apiVersion": "clusterclaw.io/v1",
+            "kind": "Tenant", "metadata": {"name": "acme"}}))
+        .unwrap();
+        store.write(&[(tenant, WriteMode::Apply)], false).unwrap();
+        let keyring =
+            Keyring::load_or_create(&dir.path().join(crate::server::SECRETS_KEY_FILE)).unwrap();
+        assert_eq!(
+            store.secrets_key(Some(&keyring.identity())).unwrap(),
+            Some(keyring.identity())
+        );
+        crate::pki::init_dir(&dir.path().join("pki"), &["localhost".into()]).unwrap();
+        dir
+    }
+
+    /// The PostgreSQL URL of a test schema (its options put the schema first).
+    fn target(schema: &PgSchema) -> PgTarget {
+        let c = &schema.config;
+        let host = match &c.get_hosts()[0] {
+            postgres::config::Host::Tcp(h) => h.clone(),
+            other => panic!("{other:?}"),
+        };
+        let password = String::from_utf8(c.get_password().unwrap_or_default().to_vec()).unwrap();
+        PgTarget {
+            url: format!(
+                "postgres://{}:{password}@{host}:{}/{}?options=-c%20search_path%3D{}",
+                c.get_user().unwrap(),
+                c.get_ports()[0],
+                c.get_dbname().unwrap(),
+                schema.name
+            ),
+            password_file: None,
+            ca_file: None,
+        }
+    }
+
+    fn tables(schema: &PgSchema) -> Vec<String> {
+        let mut c = schema.config.connect(postgres::NoTls).unwrap();
+        c.query(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = $1 ORDER BY 1",
+            &[&schema.name],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    }
+
+    #[test]
+    fn every_table_is_copied_and_checked_and_the_store_opens_on_the_copy() {
+        let Some(schema) = PgSchema::new() else {
+            return;
+        };
+        let dir = data_dir();
+        let options = MigrateOptions {
+            data_dir: dir.path().to_path_buf(),
+            pki_dir: None,
+            target: target(&schema),
+        };
+        let report = migrate(&options).unwrap();
+        assert!(report.ok(), "{}", report.render());
+        // Every table of the SQLite store has its check.
+        let src = Connection::open(dir.path().join(crate::server::DB_FILE)).unwrap();
+        let names: Vec<String> = src
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for name in names {
+            let what = match name.as_str() {
+                META => "counter index".to_string(),
+                LEASE => "leader lease epoch".to_string(),
+                other => format!("table {other}"),
+            };
+            assert!(
+                report.checks.iter().any(|c| c.what == what && c.ok),
+                "{name}:\n{}",
+                report.render()
+            );
+        }
+        let store = PgStore::open_config(schema.config.clone()).unwrap();
+        assert_eq!(store.index(), 1);
+        assert!(
+            store
+                .get(&ObjectKey::cluster(Kind::Tenant, "acme"))
+                .unwrap()
+                .is_some()
+        );
+        let keyring = Keyring::load(&dir.path().join(crate::server::SECRETS_KEY_FILE))
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.secrets_key(None).unwrap(), Some(keyring.identity()));
+        // The serial counters moved past the copied rows: the next write logs its change.
+        let tenant = Resource::from_value(serde_json::json!({"apiVersion": "clusterclaw.io/v1",
+            "kind": "Tenant", "metadata": {"name": "beta"}}))
+        .unwrap();
+        store.write(&[(tenant, WriteMode::Apply)], false).unwrap();
+        assert_eq!(store.index(), 2);
+    }
+
+    #[test]
+    fn a_table_postgres_lacks_an_old_schema_and_a_wrong_key_are_refused_and_nothing_is_written() {
+        let Some(schema) = PgSchema::new() else {
+            return;
+        };
+        let refused = |dir: &Path, pki: Option<PathBuf>| {
+            let options = MigrateOptions {
+                data_dir: dir.to_path_buf(),
+                pki_dir: pki,
+                target: target(&schema),
+            };
+            match migrate(&options) {
+                Err(MigrateError::Refused(why)) => why,
+                other => panic!("{other:?}"),
+            }
+        };
+        let dir = data_dir();
+        let db = dir.path().join(crate::server::DB_FILE);
+        let src = Connection::open(&db).unwrap();
+        src.execute_batch("CREATE TABLE extra_things (x INTEGER)")
+            .unwrap();
+        let why = refused(dir.path(), None);
+        assert!(
+            why.contains("extra_things") && why.contains("no counterpart"),
+            "{why}"
+        );
+        assert_eq!(tables(&schema), Vec::<String>::new());
+        src.execute_batch("DROP TABLE extra_things").unwrap();
+
+        let why = refused(dir.path(), Some(dir.path().join("elsewhere")));
+        assert!(why.contains("elsewhere/ca.crt"), "{why}");
+
+        let other = tempfile::tempdir().unwrap();
+        let foreign = Keyring::load_or_create(&other.path().join("k")).unwrap();
+        src.execute("UPDATE meta_keys SET identity = ?1", [foreign.identity()])
+            .unwrap();
+        let why = refused(dir.path(), None);
+        assert!(
+            why.contains("secrets.key") && why.contains("is not the one"),
+            "{why}"
+        );
+
+        src.execute_batch("PRAGMA user_version = 1").unwrap();
+        let why = refused(dir.path(), None);
+        assert!(why.contains("older than this clusterclaw writes"), "{why}");
+        assert_eq!(tables(&schema), Vec::<String>::new());
+    }
+}
