@@ -741,6 +741,56 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_secrets_key_must_be_the_one_the_store_records_and_hold_every_key_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join(DB_FILE);
+        let store = SqliteStore::open(&db).unwrap();
+        let path = dir.path().join(SECRETS_KEY_FILE);
+        let first = load_secrets_key(&store, &path, "the store").unwrap();
+        assert_eq!(
+            store.secrets_key(None).unwrap(),
+            Some(first.identity()),
+            "the first use records the identity"
+        );
+        assert_eq!(
+            load_secrets_key(&store, &path, "the store")
+                .unwrap()
+                .identity(),
+            first.identity()
+        );
+        let other = dir.path().join("other.key");
+        crate::secrets::Keyring::load_or_create(&other).unwrap();
+        let e = load_secrets_key(&store, &other, "the store")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("other.key")
+                && e.contains("is not the one")
+                && e.contains("copy secrets.key"),
+            "{e}"
+        );
+        let missing = dir.path().join("missing.key");
+        let e = load_secrets_key(&store, &missing, "the store")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.key is missing"), "{e}");
+        assert!(!missing.exists(), "a missing key file is not created");
+        // A value sealed with a data key the file does not hold (an older copy of the file).
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute(
+                "INSERT INTO secret_values (tenant, project, name, key, sealed)
+                 VALUES ('t', '', 's', 'k', 'ccs1:deadbeef:AAAA')",
+                [],
+            )
+            .unwrap();
+        let e = load_secrets_key(&store, &path, "the store")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data key deadbeef"), "{e}");
+    }
+
+    #[test]
     fn api_urls() {
         assert_eq!(
             api_url("0.0.0.0:7080".parse().unwrap(), false),
