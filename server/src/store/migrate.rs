@@ -409,6 +409,12 @@ pub fn migrate(options: &MigrateOptions) -> Result<Report, MigrateError> {
     let terr = target_error(&shown);
     let serr = source_error(&db);
     let mut tx = client.transaction().map_err(&terr)?;
+    // Servers starting on the target, and other migrations, wait for this one to end.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&super::postgres::MIGRATION_LOCK],
+    )
+    .map_err(&terr)?;
     refuse_non_empty(&mut tx, &shown)?;
     super::postgres::migrate_in(&mut tx, &shown)
         .map_err(|e| MigrateError::Refused(format!("{shown}: {e}")))?;

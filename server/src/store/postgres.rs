@@ -211,7 +211,7 @@ const REVISIONS_VERSION: usize = 2;
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Taken (per transaction) while migrating, so that servers starting together migrate once.
-const MIGRATION_LOCK: i64 = 0x0063_6c75_7374_6572;
+pub(super) const MIGRATION_LOCK: i64 = 0x0063_6c75_7374_6572;
 const MAX_IDLE_CONNECTIONS: usize = 16;
 /// The start of the channel every committed write notifies, with `"<index> <desired index>"`
 /// (and every flush of events with `"events <sequence>"`); the rest names the schema, since
