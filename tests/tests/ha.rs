@@ -58,7 +58,7 @@ fn server(store: &str, password_file: &str, port: u16, first: Option<&TestServer
     ];
     match first {
         None => TestServer::start_on(&listen, &args),
-        Some(first) => TestServer::start_joining(&listen, &args, first.admin_token()),
+        Some(first) => TestServer::start_joining(&listen, &args, first),
     }
     .unwrap()
 }
