@@ -67,37 +67,52 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<DataDirLock> {
         .create(dir)
         .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
     let path = dir.join(LOCK_FILE);
-    let mut file = fs::OpenOptions::new()
+    let mut file = match try_lock(&path)? {
+        Ok(file) => file,
+        Err(who) => bail!(
+            "another clusterclaw server{who} is already using the data directory {}; stop it first, or give this server its own --data-dir",
+            dir.display()
+        ),
+    };
+    file.set_len(0)
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(DataDirLock { _file: file })
+}
+
+/// Opens (creating) and locks the lock file at `path`; `Ok(Err(who))` when a server holds it
+/// (` (pid N)`, or empty when it wrote no pid).
+fn try_lock(path: &Path) -> anyhow::Result<Result<File, String>> {
+    let file = fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(&path)
+        .open(path)
         .with_context(|| format!("cannot open {}", path.display()))?;
     match file.try_lock() {
-        Ok(()) => {}
+        Ok(()) => Ok(Ok(file)),
         Err(TryLockError::WouldBlock) => {
-            let pid = fs::read_to_string(&path).unwrap_or_default();
+            let pid = fs::read_to_string(path).unwrap_or_default();
             let pid = pid.trim();
-            let who = if pid.is_empty() {
+            Ok(Err(if pid.is_empty() {
                 String::new()
             } else {
                 format!(" (pid {pid})")
-            };
-            bail!(
-                "another clusterclaw server{who} is already using the data directory {}; stop it first, or give this server its own --data-dir",
-                dir.display()
-            );
+            }))
         }
         Err(TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
         }
     }
-    file.set_len(0)
-        .and_then(|()| writeln!(file, "{}", std::process::id()))
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(DataDirLock { _file: file })
+}
+
+/// Locks the existing data directory `dir` against a server starting on it, for a command
+/// that must not run beside one (the lock is held while the file lives). `Ok(Err(who))` when
+/// a server runs on it.
+pub fn lock_idle_data_dir(dir: &Path) -> anyhow::Result<Result<File, String>> {
+    try_lock(&dir.join(LOCK_FILE))
 }
 
 /// The machine's host name (Linux), if it is usable in a certificate.
@@ -185,10 +200,9 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
     // The key the values of secrets are sealed with, beside the database.
     let keyring_path = data_dir.join(SECRETS_KEY_FILE);
     let keyring: crate::configcenter::SharedKeyring = {
-        let path = keyring_path.clone();
+        let (path, store, shown) = (keyring_path.clone(), Arc::clone(&store), shown.clone());
         let k = blocking("loading the secrets key", move || {
-            crate::secrets::Keyring::load_or_create(&path)
-                .map_err(|e| anyhow!("the secrets key file: {e}"))
+            load_secrets_key(store.as_ref(), &path, &shown)
         })
         .await??;
         Arc::new(std::sync::RwLock::new(Some(Arc::new(k))))
@@ -559,6 +573,73 @@ fn ensure_shared_pki(
     Ok(pki::ensure(dir, names)?)
 }
 
+/// The secrets key at `path`, which must be the one the store's secret values are sealed with:
+/// its identity is recorded in the store by the first server (creating the file if the store
+/// records none yet), and a server whose file is missing or another is refused, as one whose
+/// file lacks a data key a stored value is sealed with (an older copy, from before a rotation).
+fn load_secrets_key(
+    store: &dyn Store,
+    path: &Path,
+    shown: &str,
+) -> anyhow::Result<crate::secrets::Keyring> {
+    let fix = format!(
+        "copy secrets.key from a server of this cluster (or from the data directory the store was migrated from) to {}",
+        path.display()
+    );
+    let loaded =
+        crate::secrets::Keyring::load(path).map_err(|e| anyhow!("the secrets key file: {e}"))?;
+    let keyring = match loaded {
+        Some(k) => k,
+        None => {
+            if let Some(recorded) = store
+                .secrets_key(None)
+                .map_err(|e| anyhow!("cannot read the secrets key identity in {shown}: {e}"))?
+            {
+                bail!(
+                    "the secrets key file {} is missing, but the secret values in the store {shown} are sealed with the key file whose identity is {recorded}; {fix}",
+                    path.display()
+                );
+            }
+            crate::secrets::Keyring::load_or_create(path)
+                .map_err(|e| anyhow!("the secrets key file: {e}"))?
+        }
+    };
+    let identity = keyring.identity();
+    let recorded = store
+        .secrets_key(Some(&identity))
+        .map_err(|e| anyhow!("cannot record the secrets key identity in {shown}: {e}"))?;
+    if let Some(recorded) = recorded
+        && recorded != identity
+    {
+        bail!(
+            "the secrets key file {} (identity {identity}) is not the one the secret values in the store {shown} are sealed with (identity {recorded}); {fix}",
+            path.display()
+        );
+    }
+    let held = keyring.key_ids();
+    let mut missing: Vec<String> = Vec::new();
+    for value in store
+        .sealed_values()
+        .map_err(|e| anyhow!("cannot read the sealed secret values in {shown}: {e}"))?
+    {
+        if let Some(id) = crate::secrets::Keyring::sealed_key_id(&value.sealed)
+            && !held.contains(&id)
+            && !missing.iter().any(|m| m == id)
+        {
+            missing.push(id.to_string());
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "the store {shown} holds secret values sealed with data key {}, which the secrets key file {} does not hold (it holds {}): it is an older copy, from before a key rotation; {fix}",
+            missing.join(", "),
+            path.display(),
+            held.join(", ")
+        );
+    }
+    Ok(keyring)
+}
+
 /// Completes on the first SIGTERM or SIGINT.
 /// Single sign-on, rate limits and the audit log, from the configuration.
 async fn api_options(
@@ -658,6 +739,56 @@ pub fn admin_token_path(data_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_secrets_key_must_be_the_one_the_store_records_and_hold_every_key_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join(DB_FILE);
+        let store = SqliteStore::open(&db).unwrap();
+        let path = dir.path().join(SECRETS_KEY_FILE);
+        let first = load_secrets_key(&store, &path, "the store").unwrap();
+        assert_eq!(
+            store.secrets_key(None).unwrap(),
+            Some(first.identity()),
+            "the first use records the identity"
+        );
+        assert_eq!(
+            load_secrets_key(&store, &path, "the store")
+                .unwrap()
+                .identity(),
+            first.identity()
+        );
+        let other = dir.path().join("other.key");
+        crate::secrets::Keyring::load_or_create(&other).unwrap();
+        let e = load_secrets_key(&store, &other, "the store")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("other.key")
+                && e.contains("is not the one")
+                && e.contains("copy secrets.key"),
+            "{e}"
+        );
+        let missing = dir.path().join("missing.key");
+        let e = load_secrets_key(&store, &missing, "the store")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.key is missing"), "{e}");
+        assert!(!missing.exists(), "a missing key file is not created");
+        // A value sealed with a data key the file does not hold (an older copy of the file).
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute(
+                "INSERT INTO secret_values (tenant, project, name, key, sealed)
+                 VALUES ('t', '', 's', 'k', 'ccs1:deadbeef:AAAA')",
+                [],
+            )
+            .unwrap();
+        let e = load_secrets_key(&store, &path, "the store")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data key deadbeef"), "{e}");
+    }
 
     #[test]
     fn api_urls() {

@@ -50,3 +50,71 @@ fn known_url() -> Option<String> {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
 }
+
+/// A schema of its own in the test database, dropped (with everything in it) at the end.
+pub struct TestSchema {
+    pub config: postgres::Config,
+    pub name: String,
+}
+
+impl TestSchema {
+    /// Tables in the schema, by name.
+    pub fn tables(&self) -> Vec<String> {
+        let Ok(mut c) = self.config.connect(postgres::NoTls) else {
+            return Vec::new();
+        };
+        c.query(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = $1 ORDER BY 1",
+            &[&self.name],
+        )
+        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        .unwrap_or_default()
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.config.connect(postgres::NoTls) {
+            let _ = c.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
+        }
+    }
+}
+
+/// A fresh schema named after `prefix` in the test database, a store URL that writes into it
+/// (`postgres://USER@HOST:PORT/DB?options=...search_path...`, without the password) and a
+/// password file for it in `scratch`; `Err` says why there is none.
+pub fn database(scratch: &Path, prefix: &str) -> Result<(TestSchema, String, String), String> {
+    let url = url().ok_or("no PostgreSQL test server (CLUSTERCLAW_TEST_POSTGRES_URL)")?;
+    let config: postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
+    let mut admin = config
+        .connect(postgres::NoTls)
+        .map_err(|e| format!("cannot connect to the PostgreSQL test server: {e}"))?;
+    let schema = TestSchema {
+        config: config.clone(),
+        name: crate::agent::unique(prefix).replace('-', "_"),
+    };
+    admin
+        .batch_execute(&format!("CREATE SCHEMA {}", schema.name))
+        .map_err(|e| e.to_string())?;
+    let host = match &config.get_hosts()[0] {
+        postgres::config::Host::Tcp(h) => h.clone(),
+        other => {
+            return Err(format!(
+                "the test server is not reached over TCP: {other:?}"
+            ));
+        }
+    };
+    let password = String::from_utf8(config.get_password().unwrap_or_default().to_vec())
+        .map_err(|e| e.to_string())?;
+    let password_file = scratch.join(format!("pgpass-{}", schema.name));
+    std::fs::write(&password_file, format!("{password}\n")).map_err(|e| e.to_string())?;
+    let store_url = format!(
+        "postgres://{}@{}:{}/{}?options=-c%20search_path%3D{}",
+        config.get_user().unwrap_or("postgres"),
+        host,
+        config.get_ports()[0],
+        config.get_dbname().unwrap_or("postgres"),
+        schema.name
+    );
+    Ok((schema, store_url, password_file.display().to_string()))
+}

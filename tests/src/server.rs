@@ -214,18 +214,32 @@ impl TestServer {
     /// Like [`TestServer::start_with`], with the agent port on `agent_listen` (kept across
     /// [`TestServer::restart`], so that agents find the server again).
     pub fn start_on(agent_listen: &str, extra_args: &[&str]) -> anyhow::Result<TestServer> {
-        TestServer::start_full(agent_listen, extra_args, &[], None, None)
+        TestServer::start_full(agent_listen, extra_args, &[], None)
     }
 
-    /// [`TestServer::start_on`] for one more server of a shared store (PostgreSQL), whose
-    /// admin token the first server made: `admin_token` is put in the data directory first
-    /// (a server writes the file only when it creates the token).
+    /// [`TestServer::start_on`] for one more server of a shared store (PostgreSQL) that
+    /// `first` serves: its data directory gets copies of the first's `admin.token` (a server
+    /// writes the file only when it creates the token) and `secrets.key` (every server of a
+    /// store must seal and open with the same key).
     pub fn start_joining(
         agent_listen: &str,
         extra_args: &[&str],
-        admin_token: &str,
+        first: &TestServer,
     ) -> anyhow::Result<TestServer> {
-        TestServer::start_full(agent_listen, extra_args, &[], None, Some(admin_token))
+        let seed: (&Path, &[&str]) = (first.data_dir(), &["admin.token", "secrets.key"]);
+        TestServer::start_inner(agent_listen, extra_args, &[], None, Some(seed))
+    }
+
+    /// [`TestServer::start_on`] on a data directory that holds copies of the files and
+    /// directories `names` of `from` (another server's pki/, secrets.key, admin.token).
+    pub fn start_seeded(
+        agent_listen: &str,
+        extra_args: &[&str],
+        from: &Path,
+        names: &[&str],
+    ) -> anyhow::Result<TestServer> {
+        let seed = (from, names);
+        TestServer::start_inner(agent_listen, extra_args, &[], None, Some(seed))
     }
 
     /// [`TestServer::start_on`] with extra environment variables for the server process.
@@ -234,14 +248,14 @@ impl TestServer {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<TestServer> {
-        TestServer::start_full(agent_listen, extra_args, env, None, None)
+        TestServer::start_full(agent_listen, extra_args, env, None)
     }
 
     /// Like [`TestServer::start`], with the server's soft limit on open files set to
     /// `soft_nofile` when it starts (as a service manager's default would), through
     /// `sh -c 'ulimit -Sn N; exec clusterclaw ...'`.
     pub fn start_with_soft_nofile(soft_nofile: u64) -> anyhow::Result<TestServer> {
-        TestServer::start_full("127.0.0.1:0", &[], &[], Some(soft_nofile), None)
+        TestServer::start_full("127.0.0.1:0", &[], &[], Some(soft_nofile))
     }
 
     fn start_full(
@@ -249,7 +263,16 @@ impl TestServer {
         extra_args: &[&str],
         env: &[(&str, &str)],
         soft_nofile: Option<u64>,
-        admin_token: Option<&str>,
+    ) -> anyhow::Result<TestServer> {
+        TestServer::start_inner(agent_listen, extra_args, env, soft_nofile, None)
+    }
+
+    fn start_inner(
+        agent_listen: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        soft_nofile: Option<u64>,
+        seed: Option<(&Path, &[&str])>,
     ) -> anyhow::Result<TestServer> {
         clusterclaw_agent::crypto::install_provider();
         let bin = clusterclaw_bin()?;
@@ -259,11 +282,11 @@ impl TestServer {
         let scratch = tempfile::Builder::new()
             .prefix("clusterclaw-work-")
             .tempdir()?;
-        if let Some(token) = admin_token {
-            use std::os::unix::fs::PermissionsExt;
-            let path = data_dir.path().join("admin.token");
-            fs::write(&path, format!("{token}\n"))?;
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+        if let Some((from, names)) = seed {
+            for name in names {
+                copy_tree(&from.join(name), &data_dir.path().join(name))
+                    .with_context(|| format!("copy {name} from {}", from.display()))?;
+            }
         }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -627,6 +650,21 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Copies a file, or a directory and everything in it, keeping permissions.
+pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    if fs::metadata(from)?.is_dir() {
+        fs::create_dir_all(to)?;
+        fs::set_permissions(to, fs::metadata(from)?.permissions())?;
+        for entry in fs::read_dir(from)? {
+            let entry = entry?;
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        Ok(())
+    } else {
+        fs::copy(from, to).map(drop)
     }
 }
 

@@ -34,56 +34,11 @@ fn skip(why: &str) {
     eprintln!("skipped: {why}");
 }
 
-/// A schema of its own in the test database, dropped at the end.
-struct Schema {
-    config: postgres::Config,
-    name: String,
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        if let Ok(mut c) = self.config.connect(postgres::NoTls) {
-            let _ = c.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
-        }
-    }
-}
-
 /// The database URL of a fresh schema (the password in a file), or why there is none.
-fn database(scratch: &std::path::Path) -> Result<(Schema, String, String), String> {
-    let url = clusterclaw_tests::postgres::url()
-        .ok_or("no PostgreSQL test server (CLUSTERCLAW_TEST_POSTGRES_URL)")?;
-    let config: postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
-    let mut admin = config
-        .connect(postgres::NoTls)
-        .map_err(|e| format!("cannot connect to the PostgreSQL test server: {e}"))?;
-    let schema = Schema {
-        config: config.clone(),
-        name: unique("ha").replace('-', "_"),
-    };
-    admin
-        .batch_execute(&format!("CREATE SCHEMA {}", schema.name))
-        .map_err(|e| e.to_string())?;
-    let host = match &config.get_hosts()[0] {
-        postgres::config::Host::Tcp(h) => h.clone(),
-        other => {
-            return Err(format!(
-                "the test server is not reached over TCP: {other:?}"
-            ));
-        }
-    };
-    let password = String::from_utf8(config.get_password().unwrap_or_default().to_vec())
-        .map_err(|e| e.to_string())?;
-    let password_file = scratch.join("pgpass");
-    std::fs::write(&password_file, format!("{password}\n")).map_err(|e| e.to_string())?;
-    let store_url = format!(
-        "postgres://{}@{}:{}/{}?options=-c%20search_path%3D{}",
-        config.get_user().unwrap_or("postgres"),
-        host,
-        config.get_ports()[0],
-        config.get_dbname().unwrap_or("postgres"),
-        schema.name
-    );
-    Ok((schema, store_url, password_file.display().to_string()))
+fn database(
+    scratch: &std::path::Path,
+) -> Result<(clusterclaw_tests::postgres::TestSchema, String, String), String> {
+    clusterclaw_tests::postgres::database(scratch, "ha")
 }
 
 /// One more server on the database, its agent port on `port`; `first` is the server that
@@ -103,7 +58,7 @@ fn server(store: &str, password_file: &str, port: u16, first: Option<&TestServer
     ];
     match first {
         None => TestServer::start_on(&listen, &args),
-        Some(first) => TestServer::start_joining(&listen, &args, first.admin_token()),
+        Some(first) => TestServer::start_joining(&listen, &args, first),
     }
     .unwrap()
 }

@@ -24,6 +24,7 @@ mod rollout;
 mod scale;
 mod secret;
 mod settings;
+mod store;
 mod token;
 mod volumes;
 mod waves;
@@ -141,6 +142,8 @@ pub enum Command {
     Secret(secret::SecretArgs),
     /// Run a whole local cluster (server and an agent on the local Docker) in the foreground.
     Dev(dev::DevArgs),
+    /// Move a single-machine cluster's store to PostgreSQL.
+    Store(store::StoreArgs),
     /// Write the man pages and shell completions (for packaging).
     #[command(hide = true)]
     GenerateDocs(docs::DocsArgs),
@@ -211,6 +214,7 @@ pub fn run(command: Command) -> CliResult {
         Command::Pki(args) => pki::run(args),
         Command::Config(args) => config::run(args),
         Command::Dev(args) => dev::run(args),
+        Command::Store(args) => store::run(args),
         Command::GenerateDocs(args) => docs::run(args),
         Command::Apply(args) => block_on(apply::run(args)),
         Command::Get(args) => block_on(get::run(args)),

@@ -19,6 +19,10 @@ pub const SEALED_PREFIX: &str = "ccs1:";
 const TAG_LEN: usize = 16;
 /// Number of HMAC bytes shown in a fingerprint (16 hex characters).
 const FINGERPRINT_BYTES: usize = 8;
+/// What the fingerprint key signs to make a key file's identity ([`Keyring::identity`]).
+const IDENTITY_LABEL: &[u8] = b"openclusterclaw key file identity v1";
+/// Number of HMAC bytes in a key file's identity (32 hex characters).
+const IDENTITY_BYTES: usize = 16;
 
 /// Why a sealed value could not be opened, or a value not sealed. No message carries a
 /// plaintext or key material.
@@ -87,6 +91,24 @@ impl Keyring {
                 message: "it disappeared while it was being created; start again".into(),
             }),
         }
+    }
+
+    /// Loads the key file at `path` if there is one (`None`: there is none), with the checks
+    /// of [`Keyring::load_or_create`]; never creates it.
+    pub fn load(path: &Path) -> Result<Option<Keyring>, KeyringError> {
+        match keyfile::read(path, keyfile::process_uid())? {
+            Some(file) => Keyring::from_file(path, file).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// What tells this key file from another without revealing a key: `keyring:` and 32 hex
+    /// characters of an HMAC under the fingerprint key, which never rotates, so the identity
+    /// stays the same across data key rotations. Recorded in the store by the first server
+    /// that uses it, so that a server with another key file is refused.
+    pub fn identity(&self) -> String {
+        let tag = hmac::sign(&self.fingerprint, IDENTITY_LABEL);
+        format!("keyring:{}", hex(&tag.as_ref()[..IDENTITY_BYTES]))
     }
 
     /// First step of a key rotation: adds a new data key to the key file at `path` and makes it
@@ -552,6 +574,24 @@ mod tests {
         assert!(!format!("{value:?} {value}").contains("sk-live"));
         let e = ring.open(AAD, "ccs1:0a1b2c3d:AAAA").unwrap_err();
         assert!(!format!("{e:?}").contains("AAAA"));
+    }
+
+    #[test]
+    fn a_key_file_has_one_identity_across_rotations_and_loading_never_creates_one() {
+        let (dir, path, ring) = fresh();
+        let id = ring.identity();
+        assert!(id.starts_with("keyring:"), "{id}");
+        assert_eq!(id.len(), "keyring:".len() + 32);
+        let rotated = Keyring::add_key(&path).expect("add key");
+        assert_eq!(rotated.identity(), id);
+        let retired = Keyring::retire_inactive(&path, &rotated).expect("retire");
+        assert_eq!(retired.identity(), id);
+        assert_eq!(Keyring::load(&path).unwrap().unwrap().identity(), id);
+        let (_dir2, _path2, other) = fresh();
+        assert_ne!(other.identity(), id);
+        let missing = dir.path().join("none.key");
+        assert!(Keyring::load(&missing).unwrap().is_none());
+        assert!(!missing.exists());
     }
 
     #[test]

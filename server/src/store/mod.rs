@@ -8,6 +8,7 @@ pub mod feed;
 #[cfg(test)]
 mod feed_tests;
 pub mod lease;
+pub mod migrate;
 pub mod postgres;
 #[cfg(test)]
 mod revision_tests;
@@ -32,6 +33,17 @@ pub use admission::{Admitted, admit};
 pub use feed::{Change, ChangeType, ChangesSince, Feed};
 pub use revisions::{ChangeNote, RevisionRecord, SealedValue};
 pub use scope::{AuditHook, Scope, Scoped, UsageByTenant};
+
+/// The table of the identity of the key file secret values are sealed with (both engines):
+/// recorded by the first server that uses the store, checked by every later one.
+pub const SECRETS_KEY_MIGRATION: &str = "CREATE TABLE IF NOT EXISTS meta_keys (
+        name TEXT PRIMARY KEY,
+        identity TEXT NOT NULL,
+        recorded_at TEXT NOT NULL
+    );";
+
+/// The row of [`SECRETS_KEY_MIGRATION`] that names the secrets key.
+pub const SECRETS_KEY_ROW: &str = "secrets.key";
 
 /// One object as stored: its identity, concurrency fields and the whole object as JSON text
 /// (metadata, spec and status), ready to be served without re-encoding.
@@ -635,6 +647,14 @@ pub trait Store: Send + Sync + 'static {
         &self,
         offered: &(String, String),
     ) -> Result<Option<(String, String)>, StoreError> {
+        let _ = offered;
+        Ok(None)
+    }
+
+    /// The identity of the key file the store's secret values are sealed with
+    /// ([`crate::secrets::Keyring::identity`]): records `offered` when none is recorded yet,
+    /// and answers the recorded one (`None`: none is, or the store keeps none).
+    fn secrets_key(&self, offered: Option<&str>) -> Result<Option<String>, StoreError> {
         let _ = offered;
         Ok(None)
     }

@@ -201,6 +201,8 @@ const MIGRATIONS: &[&str] = &[
     );"#,
     // 3: the leader lease and the shared certificate authority.
     super::lease::PG_MIGRATION,
+    // 4: the identity of the key the secret values are sealed with.
+    super::SECRETS_KEY_MIGRATION,
 ];
 
 /// The schema version whose migration added instance revisions.
@@ -209,7 +211,7 @@ const REVISIONS_VERSION: usize = 2;
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Taken (per transaction) while migrating, so that servers starting together migrate once.
-const MIGRATION_LOCK: i64 = 0x0063_6c75_7374_6572;
+pub(super) const MIGRATION_LOCK: i64 = 0x0063_6c75_7374_6572;
 const MAX_IDLE_CONNECTIONS: usize = 16;
 /// The start of the channel every committed write notifies, with `"<index> <desired index>"`
 /// (and every flush of events with `"events <sequence>"`); the rest names the schema, since
@@ -361,6 +363,15 @@ impl Indexes {
 impl Drop for PgStore {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        // Closing a connection blocks on the driver's own runtime, which cannot start inside
+        // another: on a thread of an async runtime (a server that stops on an error) the
+        // pooled connections are closed on a thread of their own.
+        let pool = std::mem::take(&mut *lock(&self.pool));
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = std::thread::spawn(move || drop(pool)).join();
+        } else {
+            drop(pool);
+        }
     }
 }
 
@@ -470,10 +481,11 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-impl PgStore {
-    /// Connects, brings the schema up to date and reads the index. A database written by a
-    /// newer clusterclaw is refused.
-    pub fn open(target: &PgTarget) -> Result<PgStore, StoreError> {
+impl PgTarget {
+    /// The URL without its password, the parsed connection settings (password file read,
+    /// connect timeout set) and the TLS to use.
+    fn settings(&self) -> Result<(String, Config, Tls), StoreError> {
+        let target = self;
         let shown = redact(&target.url);
         let mut config = Config::from_str(&target.url).map_err(|e| {
             StoreError::Backend(format!(
@@ -507,6 +519,24 @@ impl PgStore {
             }
             _ => Tls::None,
         };
+        Ok((shown, config, tls))
+    }
+
+    /// One connection of its own (not pooled), for a command that works on the database
+    /// directly; `Err` holds why it could not connect.
+    pub fn connect(&self) -> Result<Client, StoreError> {
+        let (shown, config, tls) = self.settings()?;
+        connect_with(&config, &tls).map_err(|e| {
+            StoreError::Backend(format!("cannot connect to {shown}: {}", describe(&e)))
+        })
+    }
+}
+
+impl PgStore {
+    /// Connects, brings the schema up to date and reads the index. A database written by a
+    /// newer clusterclaw is refused.
+    pub fn open(target: &PgTarget) -> Result<PgStore, StoreError> {
+        let (shown, config, tls) = target.settings()?;
         Self::open_with(shown, config, tls)
     }
 
@@ -842,6 +872,14 @@ fn tls_connector(
 /// server at a time.
 fn migrate(client: &mut Client, shown: &str) -> Result<(), StoreError> {
     let mut tx = client.transaction()?;
+    migrate_in(&mut tx, shown)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// [`migrate`] inside `tx` (which it leaves open): takes the migration lock for the rest of
+/// the transaction.
+pub(super) fn migrate_in(tx: &mut Transaction<'_>, shown: &str) -> Result<(), StoreError> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS clusterclaw_schema (version BIGINT NOT NULL);
@@ -865,7 +903,7 @@ fn migrate(client: &mut Client, shown: &str) -> Result<(), StoreError> {
             let mut statements = HashMap::new();
             revisions::backfill(
                 &mut PgTx {
-                    tx: &mut tx,
+                    tx,
                     statements: &mut statements,
                 },
                 &Schema::builtin(),
@@ -878,7 +916,6 @@ fn migrate(client: &mut Client, shown: &str) -> Result<(), StoreError> {
         )?;
         tracing::info!(database = %shown, version = i + 1, "applied store schema migration");
     }
-    tx.commit()?;
     Ok(())
 }
 
@@ -2131,6 +2168,28 @@ impl Store for PgStore {
                 let r =
                     tx.query_one("SELECT cert_pem, key_pem FROM cluster_ca WHERE id = 1", &[])?;
                 Ok(Some((r.try_get(0)?, r.try_get(1)?)))
+            })
+        })
+    }
+
+    fn secrets_key(&self, offered: Option<&str>) -> Result<Option<String>, StoreError> {
+        lease::fenced(None, || {
+            self.side_tx(|tx| {
+                if let Some(identity) = offered {
+                    tx.execute(
+                        "INSERT INTO meta_keys (name, identity, recorded_at) VALUES ($1, $2, $3)
+                         ON CONFLICT (name) DO NOTHING",
+                        &[&super::SECRETS_KEY_ROW, &identity, &now_rfc3339()],
+                    )?;
+                }
+                let r = tx.query_opt(
+                    "SELECT identity FROM meta_keys WHERE name = $1",
+                    &[&super::SECRETS_KEY_ROW],
+                )?;
+                Ok(match r {
+                    Some(r) => Some(r.try_get(0)?),
+                    None => None,
+                })
             })
         })
     }

@@ -86,6 +86,8 @@ const MIGRATIONS: &[&str] = &[
     super::volumes::MIGRATION,
     // 9: the leader lease (one server is always its holder).
     super::lease::SQLITE_MIGRATION,
+    // 10: the identity of the key the secret values are sealed with.
+    super::SECRETS_KEY_MIGRATION,
 ];
 
 /// The schema version whose migration added the usage columns.
@@ -1726,6 +1728,23 @@ impl Store for SqliteStore {
             rusqlite::params![holder, epoch as i64, crate::events::now_ms()],
         )?;
         Ok(())
+    }
+
+    fn secrets_key(&self, offered: Option<&str>) -> Result<Option<String>, StoreError> {
+        let conn = lock(&self.writer);
+        if let Some(identity) = offered {
+            conn.execute(
+                "INSERT OR IGNORE INTO meta_keys (name, identity, recorded_at) VALUES (?1, ?2, ?3)",
+                params![super::SECRETS_KEY_ROW, identity, now_rfc3339()],
+            )?;
+        }
+        Ok(conn
+            .query_row(
+                "SELECT identity FROM meta_keys WHERE name = ?1",
+                [super::SECRETS_KEY_ROW],
+                |r| r.get(0),
+            )
+            .optional()?)
     }
 
     fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
