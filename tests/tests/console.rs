@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure};
 use clusterclaw_tests::agent::*;
-use clusterclaw_tests::browser::{browser, browser_available, shot, start_driver};
+use clusterclaw_tests::browser::{
+    browser, browser_available, click, page_text as text, shot, start_driver, text_of,
+};
 use clusterclaw_tests::server::TestServer;
 use fantoccini::{Client, Locator};
 use serde_json::json;
@@ -26,10 +28,7 @@ const WAIT: Duration = Duration::from_secs(90);
 async fn log_in(c: &Client, api: &str, token: &str) -> anyhow::Result<()> {
     c.goto(&format!("{api}/ui/login")).await?;
     c.find(Locator::Id("token")).await?.send_keys(token).await?;
-    c.find(Locator::Css("form button[type=submit]"))
-        .await?
-        .click()
-        .await?;
+    click(c, "form button[type=submit]").await?;
     c.wait()
         .at_most(Duration::from_secs(10))
         .for_element(Locator::Id("who"))
@@ -38,20 +37,12 @@ async fn log_in(c: &Client, api: &str, token: &str) -> anyhow::Result<()> {
 }
 
 async fn log_out(c: &Client) -> anyhow::Result<()> {
-    c.find(Locator::Css("form.logout button"))
-        .await?
-        .click()
-        .await?;
+    click(c, "form.logout button").await?;
     c.wait()
         .at_most(Duration::from_secs(10))
         .for_element(Locator::Id("token"))
         .await?;
     Ok(())
-}
-
-/// The page's text now.
-async fn text(c: &Client) -> anyhow::Result<String> {
-    Ok(c.find(Locator::Css("body")).await?.text().await?)
 }
 
 /// Waits until the page (not reloaded) shows `want`.
@@ -176,7 +167,7 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
                 .await?;
             let deadline = Instant::now() + WAIT;
             loop {
-                let logs = c.find(Locator::Id("logs")).await?.text().await?;
+                let logs = text_of(&c, "#logs").await?.unwrap_or_default();
                 if logs.contains("openclaw-standin: listening") {
                     break;
                 }
@@ -205,7 +196,7 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 c.refresh().await?;
             }
-            let usage = c.find(Locator::Id("usage")).await?.text().await?;
+            let usage = text_of(&c, "#usage").await?.unwrap_or_default();
             for want in [
                 "CPU of bot-0, last hour",
                 "% CPU (now)",
@@ -245,10 +236,7 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
             // The page follows the update live, to its pause.
             let deadline = Instant::now() + WAIT;
             loop {
-                let phase = match c.find(Locator::Id("rollout-phase")).await {
-                    Ok(e) => e.text().await?,
-                    Err(_) => String::new(),
-                };
+                let phase = text_of(&c, "#rollout-phase").await?.unwrap_or_default();
                 if phase.starts_with("Paused") {
                     break;
                 }
@@ -258,16 +246,10 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             shot(&c, "06-canary-paused").await?;
-            c.find(Locator::Css("form[action$='/rollout/promote'] button"))
-                .await?
-                .click()
-                .await?;
+            click(&c, "form[action$='/rollout/promote'] button").await?;
             let deadline = Instant::now() + WAIT;
             loop {
-                let phase = match c.find(Locator::Id("rollout-phase")).await {
-                    Ok(e) => e.text().await?,
-                    Err(_) => String::new(),
-                };
+                let phase = text_of(&c, "#rollout-phase").await?.unwrap_or_default();
                 if phase == "Succeeded" {
                     break;
                 }
@@ -309,13 +291,23 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
             log_in(&c, &api, server.admin_token()).await?;
             c.goto(&format!("{api}/ui/hosts")).await?;
             let row = format!("tr[data-host='{host}']");
-            c.find(Locator::Css(&format!(
-                "{row} button[aria-label='Cordon {host}']"
-            )))
-            .await?
-            .click()
-            .await?;
-            wait_text(&c, "the host cordoned", |s| s.contains("cordoned")).await?;
+            click(&c, &format!("{row} button[aria-label='Cordon {host}']")).await?;
+            // The host's own row says so (the page the form answered with, then live).
+            let deadline = Instant::now() + WAIT;
+            let cell = format!("{row} td[data-field=scheduling]");
+            loop {
+                let now = text_of(&c, &cell).await?.unwrap_or_default();
+                if now.starts_with("cordoned") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "the host's row never said cordoned: {now:?}; the page shows:\n{}",
+                        text(&c).await?
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             shot(&c, "07-hosts-cordoned").await?;
             Ok(())
         })?;
@@ -340,7 +332,11 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
             shot(&c, "08-overview-admin").await?;
             c.goto(&format!("{api}/ui/audit")).await?;
             let page = text(&c).await?;
-            ensure!(page.contains("host.cordon"), "{page}");
+            ensure!(
+                page.lines()
+                    .any(|l| l.contains("host.cordon") && l.contains(&host)),
+                "no host.cordon record of {host} on the audit page: {page}"
+            );
             shot(&c, "09-audit").await?;
             Ok(())
         })?;
@@ -354,9 +350,11 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
     let _ = rt.block_on(c.close());
     drop(driver);
     if let Err(e) = &result {
+        // The error first: the logs after it are long, and a log viewer may cut them.
+        eprintln!("the console test failed: {e:#}\n(the server's and the agent's logs follow)");
         eprintln!("server log:\n{}", server.log());
         eprintln!("agent log:\n{}", agent.log());
-        let _ = e;
+        eprintln!("the console test failed: {e:#}");
     }
     drop(agent);
     result
