@@ -106,3 +106,37 @@ pub async fn shot(c: &Client, name: &str) -> anyhow::Result<()> {
     std::fs::write(shots_dir().join(format!("{name}.png")), png)?;
     Ok(())
 }
+
+/// The page's text now, read in one script: an element found first could be swapped by a
+/// live update, or gone with a navigation, before its text is read.
+pub async fn page_text(c: &Client) -> anyhow::Result<String> {
+    Ok(text_of(c, "body").await?.unwrap_or_default())
+}
+
+/// The text of the first element `css` selects, read in one script; `None` when none does.
+pub async fn text_of(c: &Client, css: &str) -> anyhow::Result<Option<String>> {
+    let t = c
+        .execute(
+            "const e = document.querySelector(arguments[0]); return e ? e.innerText : null;",
+            vec![json!(css)],
+        )
+        .await?;
+    Ok(t.as_str().map(str::to_string))
+}
+
+/// Clicks the element `css` selects. The console's live parts are replaced when what they
+/// show changes: an element replaced between being found and clicked is found again.
+pub async fn click(c: &Client, css: &str) -> anyhow::Result<()> {
+    let mut replaced = 0;
+    loop {
+        let found = c.find(fantoccini::Locator::Css(css)).await?;
+        match found.click().await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_stale_element_reference() && replaced < 20 => {
+                replaced += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("click {css}"))),
+        }
+    }
+}

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure};
 use clusterclaw_tests::agent::*;
-use clusterclaw_tests::browser::{browser, browser_available, shot, start_driver};
+use clusterclaw_tests::browser::{
+    browser, browser_available, click, page_text as text, shot, start_driver, text_of,
+};
 use clusterclaw_tests::server::TestServer;
 use fantoccini::{Client, Locator};
 use serde_json::json;
@@ -26,10 +28,7 @@ const WAIT: Duration = Duration::from_secs(90);
 async fn log_in(c: &Client, api: &str, token: &str) -> anyhow::Result<()> {
     c.goto(&format!("{api}/ui/login")).await?;
     c.find(Locator::Id("token")).await?.send_keys(token).await?;
-    c.find(Locator::Css("form button[type=submit]"))
-        .await?
-        .click()
-        .await?;
+    click(c, "form button[type=submit]").await?;
     c.wait()
         .at_most(Duration::from_secs(10))
         .for_element(Locator::Id("who"))
@@ -38,20 +37,12 @@ async fn log_in(c: &Client, api: &str, token: &str) -> anyhow::Result<()> {
 }
 
 async fn log_out(c: &Client) -> anyhow::Result<()> {
-    c.find(Locator::Css("form.logout button"))
-        .await?
-        .click()
-        .await?;
+    click(c, "form.logout button").await?;
     c.wait()
         .at_most(Duration::from_secs(10))
         .for_element(Locator::Id("token"))
         .await?;
     Ok(())
-}
-
-/// The page's text now.
-async fn text(c: &Client) -> anyhow::Result<String> {
-    Ok(c.find(Locator::Css("body")).await?.text().await?)
 }
 
 /// Waits until the page (not reloaded) shows `want`.
@@ -67,6 +58,35 @@ async fn wait_text(c: &Client, what: &str, want: impl Fn(&str) -> bool) -> anyho
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The page at a phone's width: nothing wider than the screen (no sideways scrolling, nothing
+/// past its right edge; what is hidden on purpose sits off its left), every
+/// button within it, every table value labelled with its column.
+async fn fits_a_phone(c: &Client, what: &str) -> anyhow::Result<()> {
+    let wide = c
+        .execute(
+            "const w = document.documentElement.clientWidth; \
+             const over = Array.from(document.querySelectorAll('button, input, select, a, td, th, pre, svg')) \
+               .filter(e => { const r = e.getBoundingClientRect(); return r.width > 0 && r.right > w + 1; }) \
+               .map(e => e.tagName + ' ' + (e.getAttribute('aria-label') || e.textContent.trim().slice(0, 40))); \
+             const bare = Array.from(document.querySelectorAll('main td')) \
+               .filter(td => ['none', 'normal', ''].includes(getComputedStyle(td, '::before').content)) \
+               .map(td => td.textContent.trim().slice(0, 40)); \
+             return {page: document.documentElement.scrollWidth, screen: w, over: over, unlabelled: bare};",
+            vec![],
+        )
+        .await?;
+    ensure!(
+        wide["page"].as_u64() <= wide["screen"].as_u64() && wide["over"] == json!([]),
+        "{what} is wider than a phone: {wide}"
+    );
+    // Table rows are stacked on a phone: each value keeps its column's name.
+    ensure!(
+        wide["unlabelled"] == json!([]),
+        "{what}: values without their column's name on a phone: {wide}"
+    );
+    Ok(())
 }
 
 fn token(server: &TestServer, role: &str, tenant: &str) -> String {
@@ -176,7 +196,7 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
                 .await?;
             let deadline = Instant::now() + WAIT;
             loop {
-                let logs = c.find(Locator::Id("logs")).await?.text().await?;
+                let logs = text_of(&c, "#logs").await?.unwrap_or_default();
                 if logs.contains("openclaw-standin: listening") {
                     break;
                 }
@@ -205,7 +225,7 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 c.refresh().await?;
             }
-            let usage = c.find(Locator::Id("usage")).await?.text().await?;
+            let usage = text_of(&c, "#usage").await?.unwrap_or_default();
             for want in [
                 "CPU of bot-0, last hour",
                 "% CPU (now)",
@@ -217,9 +237,14 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
             shot(&c, "05b-instance-charts").await?;
             // The same page on a phone.
             c.set_window_size(390, 844).await?;
+            fits_a_phone(&c, "the instance page").await?;
             shot(&c, "05c-instance-phone").await?;
             c.goto(&format!("{api}/ui/")).await?;
+            fits_a_phone(&c, "the overview").await?;
             shot(&c, "05d-overview-phone").await?;
+            c.goto(&format!("{api}/ui/instances")).await?;
+            fits_a_phone(&c, "the instance list").await?;
+            shot(&c, "05e-instances-phone").await?;
             c.set_window_size(1280, 1000).await?;
             Ok(())
         })?;
@@ -245,10 +270,7 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
             // The page follows the update live, to its pause.
             let deadline = Instant::now() + WAIT;
             loop {
-                let phase = match c.find(Locator::Id("rollout-phase")).await {
-                    Ok(e) => e.text().await?,
-                    Err(_) => String::new(),
-                };
+                let phase = text_of(&c, "#rollout-phase").await?.unwrap_or_default();
                 if phase.starts_with("Paused") {
                     break;
                 }
@@ -258,16 +280,10 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             shot(&c, "06-canary-paused").await?;
-            c.find(Locator::Css("form[action$='/rollout/promote'] button"))
-                .await?
-                .click()
-                .await?;
+            click(&c, "form[action$='/rollout/promote'] button").await?;
             let deadline = Instant::now() + WAIT;
             loop {
-                let phase = match c.find(Locator::Id("rollout-phase")).await {
-                    Ok(e) => e.text().await?,
-                    Err(_) => String::new(),
-                };
+                let phase = text_of(&c, "#rollout-phase").await?.unwrap_or_default();
                 if phase == "Succeeded" {
                     break;
                 }
@@ -309,13 +325,23 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
             log_in(&c, &api, server.admin_token()).await?;
             c.goto(&format!("{api}/ui/hosts")).await?;
             let row = format!("tr[data-host='{host}']");
-            c.find(Locator::Css(&format!(
-                "{row} button[aria-label='Cordon {host}']"
-            )))
-            .await?
-            .click()
-            .await?;
-            wait_text(&c, "the host cordoned", |s| s.contains("cordoned")).await?;
+            click(&c, &format!("{row} button[aria-label='Cordon {host}']")).await?;
+            // The host's own row says so (the page the form answered with, then live).
+            let deadline = Instant::now() + WAIT;
+            let cell = format!("{row} td[data-field=scheduling]");
+            loop {
+                let now = text_of(&c, &cell).await?.unwrap_or_default();
+                if now.starts_with("cordoned") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "the host's row never said cordoned: {now:?}; the page shows:\n{}",
+                        text(&c).await?
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             shot(&c, "07-hosts-cordoned").await?;
             Ok(())
         })?;
@@ -340,7 +366,11 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
             shot(&c, "08-overview-admin").await?;
             c.goto(&format!("{api}/ui/audit")).await?;
             let page = text(&c).await?;
-            ensure!(page.contains("host.cordon"), "{page}");
+            ensure!(
+                page.lines()
+                    .any(|l| l.contains("host.cordon") && l.contains(&host)),
+                "no host.cordon record of {host} on the audit page: {page}"
+            );
             shot(&c, "09-audit").await?;
             Ok(())
         })?;
@@ -349,14 +379,77 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
             h["spec"]["unschedulable"] == json!(true),
             "the forged post uncordoned: {h}"
         );
+
+        // The hosts page and the audit log on a phone: every action within reach.
+        rt.block_on(async {
+            c.set_window_size(390, 844).await?;
+            c.goto(&format!("{api}/ui/hosts")).await?;
+            fits_a_phone(&c, "the hosts page").await?;
+            shot(&c, "10-hosts-phone").await?;
+            c.goto(&format!("{api}/ui/audit")).await?;
+            fits_a_phone(&c, "the audit log").await?;
+            shot(&c, "11-audit-phone").await?;
+            c.set_window_size(1280, 1000).await?;
+            c.goto(&format!("{api}/ui/hosts")).await?;
+            c.execute("window.ccuiMark = 'still here'; return null;", vec![])
+                .await?;
+            Ok::<_, anyhow::Error>(())
+        })?;
+
+        // A status change is on the open page (not reloaded): the host's scheduling changed
+        // through the API, timed from the request to the row showing it.
+        let cell = format!("tr[data-host='{host}'] td[data-field=scheduling]");
+        let mut took = Vec::new();
+        for i in 0..6 {
+            let (verb, want) = if i % 2 == 0 {
+                ("uncordon", "schedulable")
+            } else {
+                ("cordon", "cordoned")
+            };
+            let asked = Instant::now();
+            let r = server.http(
+                "POST",
+                &format!("/api/v1/hosts/{host}/{verb}"),
+                None,
+                Some(server.admin_token()),
+            );
+            ensure!(r.status == 200, "{verb}: {} {}", r.status, r.body);
+            rt.block_on(async {
+                loop {
+                    let now = text_of(&c, &cell).await?.unwrap_or_default();
+                    if now.starts_with(want) {
+                        return Ok(());
+                    }
+                    if asked.elapsed() > WAIT {
+                        bail!("the open hosts page never showed {want}: {now:?}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })?;
+            took.push(asked.elapsed());
+        }
+        let mark = rt.block_on(c.execute("return window.ccuiMark || null;", vec![]))?;
+        ensure!(mark == json!("still here"), "the page was reloaded: {mark}");
+        took.sort();
+        eprintln!(
+            "a status change on the open page: median {:?}, max {:?} over {} changes (load {})",
+            took[took.len() / 2],
+            took[took.len() - 1],
+            took.len(),
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .trim()
+        );
         Ok(())
     })();
     let _ = rt.block_on(c.close());
     drop(driver);
     if let Err(e) = &result {
+        // The error first: the logs after it are long, and a log viewer may cut them.
+        eprintln!("the console test failed: {e:#}\n(the server's and the agent's logs follow)");
         eprintln!("server log:\n{}", server.log());
         eprintln!("agent log:\n{}", agent.log());
-        let _ = e;
+        eprintln!("the console test failed: {e:#}");
     }
     drop(agent);
     result

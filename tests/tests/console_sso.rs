@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use clusterclaw_tests::agent::Scope;
-use clusterclaw_tests::browser::{browser, browser_available, shot, start_driver};
+use clusterclaw_tests::browser::{
+    browser, browser_available, page_text as text, shot, start_driver,
+};
 use clusterclaw_tests::oidc_provider::{Behaviour, OidcProvider};
 use clusterclaw_tests::server::TestServer;
 use fantoccini::{Client, Locator};
@@ -23,10 +25,6 @@ use serde_json::Value;
 
 const CLIENT_ID: &str = "cc-console";
 const SECRET: &str = "s3cret value/+";
-
-async fn text(c: &Client) -> anyhow::Result<String> {
-    Ok(c.find(Locator::Css("body")).await?.text().await?)
-}
 
 /// Waits for the page to show `want`.
 async fn wait_text(c: &Client, want: &str) -> anyhow::Result<String> {

@@ -1,6 +1,6 @@
 //! Handlers for the audit log: list records, verify the hash chain.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::RawQuery;
 use axum::http::StatusCode;
@@ -18,6 +18,8 @@ use crate::store::Scope;
 pub const DEFAULT_LIMIT: usize = 100;
 /// The largest `limit`.
 pub const MAX_LIMIT: usize = 1000;
+/// How long a listing waits for the records this server has queued before it to be stored.
+pub const QUEUED_WAIT: Duration = Duration::from_secs(5);
 
 /// `GET /api/v1/audit` answer: records, oldest first.
 #[derive(Serialize, ToSchema)]
@@ -172,6 +174,7 @@ fn filter(
 pub async fn list_audit(ctx: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     let (mut filter, watch) = filter(raw.as_deref(), SystemTime::now())?;
     filter.tenant = scoped_tenant(ctx.caller(), filter.tenant.take())?;
+    stored_so_far(&ctx).await;
     if let Some(from) = watch {
         return watch_audit(&ctx, filter.tenant, from).await;
     }
@@ -225,6 +228,26 @@ async fn watch_audit(
         }
     })
     .await
+}
+
+/// Waits until the records this server queued before now are stored: a change answered
+/// before the listing began (a cordon, a login, a refusal, whose records are queued rather
+/// than stored with a change) is in the listing. A log that stays behind for longer than
+/// [`QUEUED_WAIT`] (its store failing) is listed as it is, with a warning.
+async fn stored_so_far(state: &ApiState) {
+    let Some(writer) = state.audit_writer() else {
+        return;
+    };
+    match tokio::time::timeout(QUEUED_WAIT, writer.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "the audit log is listed without its queued records")
+        }
+        Err(_) => tracing::warn!(
+            waited = ?QUEUED_WAIT,
+            "the audit log is behind: listed without the records still queued"
+        ),
+    }
 }
 
 /// Recomputes the audit log's hash chain from its first record.

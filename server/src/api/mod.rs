@@ -273,6 +273,15 @@ impl ApiState {
         self.inner.auth.authenticate(header).await
     }
 
+    /// Authenticates the token a console session holds (see
+    /// [`crate::auth::Authenticator::authenticate_session`]).
+    pub(crate) async fn authenticate_session(
+        &self,
+        header: Option<&[u8]>,
+    ) -> Result<Arc<Principal>, crate::auth::AuthError> {
+        self.inner.auth.authenticate_session(header).await
+    }
+
     /// The latest committed index, without touching the store.
     pub(crate) fn index(&self) -> u64 {
         *self.inner.index.borrow()

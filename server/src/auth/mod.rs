@@ -175,13 +175,35 @@ impl Authenticator {
 
     /// Authenticates the value of an `Authorization` header.
     pub async fn authenticate(&self, header: Option<&[u8]>) -> Result<Arc<Principal>, AuthError> {
+        self.authenticate_for(header, false).await
+    }
+
+    /// Authenticates the token of a console session: as [`Authenticator::authenticate`],
+    /// and a single sign-on ID token may be for the console's client id.
+    pub async fn authenticate_session(
+        &self,
+        header: Option<&[u8]>,
+    ) -> Result<Arc<Principal>, AuthError> {
+        self.authenticate_for(header, true).await
+    }
+
+    async fn authenticate_for(
+        &self,
+        header: Option<&[u8]>,
+        console: bool,
+    ) -> Result<Arc<Principal>, AuthError> {
         let token = bearer_token(header)?;
         if token.starts_with(JOIN_TOKEN_PREFIX) {
             return Err(AuthError::JoinToken);
         }
         if !token.starts_with(API_TOKEN_PREFIX) && oidc::looks_like_jwt(token) {
             let verifier = self.oidc.as_ref().ok_or(AuthError::OidcNotConfigured)?;
-            return Ok(Arc::new(verifier.verify(token).await?));
+            let principal = if console {
+                verifier.verify_console(token).await?
+            } else {
+                verifier.verify(token).await?
+            };
+            return Ok(Arc::new(principal));
         }
         if !has_token_shape(token, API_TOKEN_PREFIX) {
             return Err(AuthError::Malformed(

@@ -205,6 +205,14 @@ struct Issuer {
     discovery: tokio::sync::Mutex<sso::DiscoveryCache>,
 }
 
+/// Which audiences a JWT may be for: the API's (`audience` of the issuer), or on the
+/// console's sign-in and sessions also the issuer's console client id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Audience {
+    Api,
+    Console,
+}
+
 /// Verifies bearer JWTs against the configured issuers. Cheap to share (`Arc`); the key
 /// caches live inside.
 pub struct OidcVerifier {
@@ -341,7 +349,7 @@ impl OidcVerifier {
             .as_ref()
             .map(|c| c.client_id.clone())
             .ok_or_else(|| OidcError::Internal("no console client".into()))?;
-        let (issuer, claims) = self.verified_claims(token).await?;
+        let (issuer, claims) = self.verified_claims(token, Audience::Console).await?;
         if issuer.settings.issuer != expected.settings.issuer {
             return Err(IdTokenError::OtherIssuer {
                 got: issuer.settings.issuer.clone(),
@@ -397,7 +405,14 @@ impl OidcVerifier {
 
     /// Checks a bearer JWT and returns who it stands for.
     pub async fn verify(&self, token: &str) -> Result<Principal, OidcError> {
-        let (issuer, claims) = self.verified_claims(token).await?;
+        let (issuer, claims) = self.verified_claims(token, Audience::Api).await?;
+        principal(&issuer.settings, &claims)
+    }
+
+    /// Checks the JWT of a console session (an ID token a console sign-in took): as
+    /// [`OidcVerifier::verify`], with the issuer's console client id also an audience.
+    pub async fn verify_console(&self, token: &str) -> Result<Principal, OidcError> {
+        let (issuer, claims) = self.verified_claims(token, Audience::Console).await?;
         principal(&issuer.settings, &claims)
     }
 
@@ -406,6 +421,7 @@ impl OidcVerifier {
     async fn verified_claims(
         &self,
         token: &str,
+        audience: Audience,
     ) -> Result<(&Issuer, Map<String, Value>), OidcError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(OidcError::TooLarge {
@@ -461,7 +477,14 @@ impl OidcVerifier {
         validation.validate_exp = true;
         validation.validate_nbf = true;
         validation.validate_aud = true;
-        validation.set_audience(&s.audiences);
+        let mut audiences = s.audiences.clone();
+        if audience == Audience::Console
+            && let Some(c) = &s.console
+            && !audiences.contains(&c.client_id)
+        {
+            audiences.push(c.client_id.clone());
+        }
+        validation.set_audience(&audiences);
         validation.set_issuer(&[&s.issuer]);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         let verified = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &validation)

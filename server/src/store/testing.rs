@@ -26,6 +26,12 @@ pub struct HookStore {
     pub audit_appends: AtomicU32,
     /// The next this many calls of [`Store::append_audit`] fail, as a full disk would.
     pub audit_failures: AtomicU32,
+    /// When set, [`Store::changes_since`] answers this instead of reading the log:
+    /// `Ok(oldest)` as a log pruned past the version asked for, `Err(message)` as a failing
+    /// store.
+    pub changes: Mutex<Option<Result<u64, String>>>,
+    /// The next this many calls of [`Store::list`] (and of the reads built on it) fail.
+    pub list_failures: AtomicU32,
 }
 
 impl HookStore {
@@ -36,6 +42,8 @@ impl HookStore {
             after_token_lookup: Mutex::new(None),
             audit_appends: AtomicU32::new(0),
             audit_failures: AtomicU32::new(0),
+            changes: Mutex::new(None),
+            list_failures: AtomicU32::new(0),
         }
     }
 }
@@ -69,7 +77,16 @@ impl Store for HookStore {
         after: u64,
         limit: usize,
     ) -> Result<super::ChangesSince, StoreError> {
-        self.inner.changes_since(feed, after, limit)
+        match self
+            .changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            Some(Ok(oldest)) => Ok(super::ChangesSince::Gone { oldest }),
+            Some(Err(message)) => Err(StoreError::Backend(message)),
+            None => self.inner.changes_since(feed, after, limit),
+        }
     }
     fn index(&self) -> u64 {
         let stale = *self.stale_index.lock().unwrap_or_else(|e| e.into_inner());
@@ -88,6 +105,13 @@ impl Store for HookStore {
         self.inner.get(key)
     }
     fn list(&self, filter: &ListFilter) -> Result<Vec<StoredObject>, StoreError> {
+        let failing = self
+            .list_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(StoreError::Backend("disk I/O error (a test's hook)".into()));
+        }
         self.inner.list(filter)
     }
     fn write(

@@ -73,7 +73,7 @@ pub async fn session_principal(
         Request::from_parts(parts, Body::from(bytes))
     };
     let bearer = info.token.bearer();
-    let principal = match state.authenticate(Some(bearer.as_bytes())).await {
+    let principal = match state.authenticate_session(Some(bearer.as_bytes())).await {
         Ok(p) => p,
         Err(e) => {
             // The token was revoked or expired: the session ends with it.

@@ -466,4 +466,76 @@ mod tests {
         assert_eq!(page.matched, 5);
         assert_eq!(index.summary(&store, &scope, 10).unwrap().total, 5);
     }
+
+    #[test]
+    fn a_load_that_cannot_catch_up_from_the_change_log_reads_the_store_again() {
+        use std::sync::atomic::Ordering;
+
+        use crate::store::testing::HookStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = HookStore::new(SqliteStore::open(&dir.path().join("db")).unwrap());
+        seed(&store);
+        let index = InstanceIndex::default();
+        let all = ListFilter::all(Kind::OpenClawInstance);
+        let same = |what: &str| {
+            for scope in [Scope::Cluster, Scope::Tenant("b".into())] {
+                for phase in ["", "Running", "Failed"] {
+                    let page = index.list(&store, &scope, &all, phase, 0, 1000).unwrap();
+                    assert_eq!(
+                        names(&page),
+                        scanned(&store.inner, &scope, &all, phase),
+                        "{what}: {scope:?} {phase:?}"
+                    );
+                    assert_eq!(page.index, store.index(), "{what}");
+                }
+            }
+            let s = index.summary(&store, &Scope::Cluster, 10).unwrap();
+            assert_eq!(
+                s.total,
+                scanned(&store.inner, &Scope::Cluster, &all, "").len()
+            );
+        };
+        same("the first load");
+        // Changes the log no longer holds (pruned, or compacted past the rows' index): the
+        // whole index is read again.
+        set_phase(&store, "a", "p1", "bot-1", InstancePhase::Running);
+        store
+            .delete(&ObjectKey::instance("b", "p1", "bot-0"), None)
+            .unwrap();
+        store
+            .write(
+                &[(instance("b", "p2", "new", "t1"), WriteMode::Apply)],
+                false,
+            )
+            .unwrap();
+        *store.changes.lock().unwrap() = Some(Ok(store.index()));
+        same("a pruned log");
+        // The log cannot be read: every instance's version is compared instead.
+        set_phase(&store, "b", "p2", "new", InstancePhase::Failed);
+        store
+            .delete(&ObjectKey::instance("a", "p2", "bot-4"), None)
+            .unwrap();
+        *store.changes.lock().unwrap() = Some(Err("disk I/O error".into()));
+        same("a log that cannot be read");
+        // Nor can the instances: the load fails (a page says so; it never shows a stale
+        // list), and the next one starts again from a full read.
+        set_phase(&store, "b", "p2", "new", InstancePhase::Running);
+        store.list_failures.store(1, Ordering::SeqCst);
+        assert!(
+            index
+                .list(&store, &Scope::Cluster, &all, "", 0, 1000)
+                .is_err()
+        );
+        store
+            .write(
+                &[(instance("a", "p1", "later", "t0"), WriteMode::Apply)],
+                false,
+            )
+            .unwrap();
+        *store.changes.lock().unwrap() = None;
+        same("after a failed load");
+        // And the change log is followed again from there.
+        set_phase(&store, "a", "p1", "later", InstancePhase::Failed);
+        same("the log followed again");
+    }
 }

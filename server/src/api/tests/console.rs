@@ -329,6 +329,51 @@ async fn console_changes_are_audited_as_the_api_s() {
 }
 
 #[tokio::test]
+async fn the_audit_log_lists_what_was_answered_before_it_was_asked() {
+    use crate::audit::{AuditEntry, AuditObject, AuditPrincipal, AuditResult};
+    let base = two_tenants().await;
+    let (f, writer) = base.audited();
+    let (mut b, _) = Browser::log_in(&f, &f.token).await;
+    writer.flush().await.unwrap();
+    // Another writer holds the database: the record queued now (as a cordon's is, once it
+    // is answered) cannot be stored until it lets go.
+    let db = base.dir.path().join("clusterclaw.db");
+    let hold = rusqlite::Connection::open(&db).unwrap();
+    hold.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let entry = AuditEntry::now(
+        AuditPrincipal::anonymous(),
+        "host.cordon",
+        AuditResult::ok(200),
+    )
+    .with_object(AuditObject {
+        kind: "Host".into(),
+        tenant: None,
+        project: None,
+        name: "queued-host".into(),
+    });
+    writer.record(entry).await.unwrap();
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        hold.execute_batch("ROLLBACK").unwrap();
+    };
+    let (page, api, ()) = tokio::join!(
+        b.get(&f, "/ui/audit"),
+        f.send(
+            Method::GET,
+            "/api/v1/audit",
+            Some(&f.token),
+            None,
+            Body::empty()
+        ),
+        release
+    );
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(page.body.contains("queued-host"), "{}", page.body);
+    assert_eq!(api.status, StatusCode::OK, "{}", api.body);
+    assert!(api.body.to_string().contains("queued-host"), "{}", api.body);
+}
+
+#[tokio::test]
 async fn a_tenant_token_sees_only_its_tenant() {
     let f = two_tenants().await;
     let t = token(&f, Role::TenantAdmin, Some("acme"), None);

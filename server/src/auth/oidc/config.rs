@@ -495,14 +495,9 @@ fn validate_issuer(
         );
     }
 
+    // The console's client id is not an API audience unless listed in `audience`: its ID
+    // tokens are accepted on the console's sign-in and sessions only.
     let console = validate_console(c, key, base_dir, &issuer, p);
-    let mut audiences = audiences;
-    if let Some(c) = &console
-        && !audiences.contains(&c.client_id)
-    {
-        // The console's ID tokens are issued to its client id.
-        audiences.push(c.client_id.clone());
-    }
 
     IssuerSettings {
         issuer,
@@ -1182,8 +1177,8 @@ role = "viewer"
         assert_eq!(c.redirect_url, None);
         assert_eq!(c.scopes, ["openid", "profile", "email", "groups"]);
         assert_eq!(c.display_name, "login.example.com");
-        // The console's ID tokens are issued to its client id.
-        assert_eq!(s.issuers[0].audiences, ["clusterclaw", "cc-console"]);
+        // The console's client id is not an API audience unless listed.
+        assert_eq!(s.issuers[0].audiences, ["clusterclaw"]);
 
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("secret"), "  hunter2 \nignored\n").unwrap();

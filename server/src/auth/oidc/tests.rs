@@ -1169,3 +1169,40 @@ async fn a_single_sign_on_user_acts_in_its_mapped_scope_through_the_api() {
     let (status, _) = call("GET", "/api/v1/instances", format!("{header}.{claims}.")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn the_console_s_client_id_is_an_api_audience_only_when_listed() {
+    let key = TestKey::es256("k1");
+    let idp = Idp::start(&[&key]).await;
+    let mut settings = idp.settings();
+    settings.console = Some(ConsoleLogin {
+        client_id: "cc-console".into(),
+        client_secret: None,
+        redirect_url: None,
+        scopes: vec!["openid".into(), "groups".into()],
+        display_name: "IdP".into(),
+    });
+    let to_console = key.token(&with(idp.claims(), "aud", json!("cc-console")));
+    let v = verifier(settings.clone(), fast());
+    // A bearer token for the API: refused, its audience is the console's.
+    let e = v.verify(&to_console).await.unwrap_err();
+    assert!(
+        matches!(&e, OidcError::WrongAudience { expected } if expected == AUD),
+        "{e}"
+    );
+    // The console's own session: taken.
+    let p = v.verify_console(&to_console).await.unwrap();
+    assert_eq!(p.role, PROJECT_EDITOR);
+    // A token for the API is still taken by both.
+    let to_api = key.token(&idp.claims());
+    v.verify(&to_api).await.unwrap();
+    v.verify_console(&to_api).await.unwrap();
+    // Another client's token: by neither.
+    let elsewhere = key.token(&with(idp.claims(), "aud", json!("another-app")));
+    assert!(v.verify_console(&elsewhere).await.is_err());
+
+    // An operator who lists the console's client id among the API's audiences.
+    settings.audiences.push("cc-console".into());
+    let v = verifier(settings, fast());
+    v.verify(&to_console).await.unwrap();
+}
