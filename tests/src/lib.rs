@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod browser;
 pub mod fleet;
+pub mod ha;
 pub mod oidc_provider;
 pub mod podman;
 pub mod postgres;
