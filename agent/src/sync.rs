@@ -99,6 +99,19 @@ pub struct DesiredSet {
     pub retained: Option<Vec<RetainedVolume>>,
 }
 
+/// The replicas (`tenant/project/replica`) of `now` that `before` did not have, and those of
+/// `before` that `now` no longer has, each sorted.
+fn assignment_changes(
+    before: &std::collections::BTreeSet<String>,
+    now: &[Assignment],
+) -> (Vec<String>, Vec<String>) {
+    let now: std::collections::BTreeSet<String> = now.iter().map(|a| a.key().to_string()).collect();
+    (
+        now.difference(before).cloned().collect(),
+        before.difference(&now).cloned().collect(),
+    )
+}
+
 /// Whether the container engine answers.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct EngineCondition {
@@ -491,6 +504,22 @@ impl HostLoops {
             retained_volumes = retained.len(),
             "new assignments"
         );
+        let (added, removed) = {
+            let before = self.hub.desired.borrow();
+            let before: std::collections::BTreeSet<String> = before
+                .as_ref()
+                .map(|s| s.assignments.iter().map(|a| a.key().to_string()).collect())
+                .unwrap_or_default();
+            assignment_changes(&before, &assignments)
+        };
+        if !added.is_empty() || !removed.is_empty() {
+            tracing::info!(
+                index,
+                added = %added.join(","),
+                removed = %removed.join(","),
+                "replicas assigned to this host changed"
+            );
+        }
         self.hub.desired.send_replace(Some(Arc::new(DesiredSet {
             index,
             assignments,

@@ -113,6 +113,9 @@ pub struct Metrics {
     certificates: Mutex<BTreeMap<String, i64>>,
     /// What this server knows of the leader lease.
     leader: Mutex<Option<crate::store::lease::LeaderStatus>>,
+    /// What this server registers of itself among the server replicas, and whether the store
+    /// took its last heartbeat.
+    replica: Mutex<Option<crate::store::replicas::SelfView>>,
 }
 
 /// Prometheus' text for a sample value.
@@ -256,6 +259,19 @@ impl Metrics {
     /// What this server knows of the leader lease (`None` before the election started).
     pub fn leader(&self) -> Option<crate::store::lease::LeaderStatus> {
         self.leader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records what this server registers of itself.
+    pub fn set_replica(&self, view: crate::store::replicas::SelfView) {
+        *self.replica.lock().unwrap_or_else(|e| e.into_inner()) = Some(view);
+    }
+
+    /// What this server registers of itself (`None` before its first heartbeat).
+    pub fn replica(&self) -> Option<crate::store::replicas::SelfView> {
+        self.replica
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()

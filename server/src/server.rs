@@ -358,9 +358,37 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
             tasks_stop.clone(),
             config.lease_duration,
         );
+        let id = server_id.clone();
         tasks.spawn(async move {
-            crate::store::lease::run_election(store, server_id, ttl, leader_tx, stop).await;
+            crate::store::lease::run_election(store, id, ttl, leader_tx, stop).await;
             "leader election"
+        });
+    }
+    // Every replica registers itself in the store and refreshes its row (`get servers`).
+    {
+        let me = crate::store::replicas::ReplicaBeat {
+            id: server_id.clone(),
+            hostname: fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
+            api: endpoints.api.clone(),
+            agent: endpoints.agent.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            started_at_ms: crate::events::now_ms(),
+            beat_every: crate::store::replicas::beat_every(config.lease_duration),
+            leading: false,
+            epoch: 0,
+        };
+        let (store, stop, leader, metrics) = (
+            Arc::clone(&store),
+            tasks_stop.clone(),
+            leader_rx.clone(),
+            Arc::clone(&rpc.metrics),
+        );
+        tasks.spawn(async move {
+            let publish = move |view| metrics.set_replica(view);
+            crate::store::replicas::run_heartbeat(store, me, leader, publish, stop).await;
+            "server heartbeat"
         });
     }
     {

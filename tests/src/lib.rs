@@ -4,6 +4,7 @@ pub mod agent;
 pub mod browser;
 pub mod cli_stream;
 pub mod fleet;
+pub mod ha;
 pub mod oidc_provider;
 pub mod podman;
 pub mod postgres;

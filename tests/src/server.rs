@@ -526,42 +526,72 @@ impl TestServer {
         body: Option<&str>,
         token: Option<&str>,
     ) -> HttpResponse {
-        let url = format!("{}{path}", self.api_url());
-        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("an HTTP method");
-        let mut req = self.http.request(method, &url);
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            let ctype = if b.trim_start().starts_with(['{', '[']) {
-                "application/json"
-            } else {
-                "application/yaml"
-            };
-            req = req.header("Content-Type", ctype).body(b.to_string());
-        }
-        self.runtime.block_on(async {
-            let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
-            let status = resp.status().as_u16();
-            let headers = resp
-                .headers()
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.to_string(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect();
-            let body = resp.text().await.unwrap_or_else(|e| panic!("{url}: {e}"));
-            HttpResponse {
-                status,
-                headers,
-                body,
-            }
-        })
+        self.try_http(method, path, body, token)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
+    /// [`TestServer::http`] that answers an error instead of panicking when the request
+    /// cannot be sent or its answer read (the server is down).
+    pub fn try_http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> anyhow::Result<HttpResponse> {
+        self.runtime.block_on(send(
+            &self.http,
+            &format!("{}{path}", self.api_url()),
+            method,
+            body,
+            token,
+        ))
+    }
+}
+
+/// Sends one HTTP request with `client`: `token` as a bearer token, a body starting with `{`
+/// or `[` as JSON, any other as YAML.
+pub async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    method: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> anyhow::Result<HttpResponse> {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).context("an HTTP method")?;
+    let mut req = client.request(method, url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        let ctype = if b.trim_start().starts_with(['{', '[']) {
+            "application/json"
+        } else {
+            "application/yaml"
+        };
+        req = req.header("Content-Type", ctype).body(b.to_string());
+    }
+    let resp = req.send().await.with_context(|| url.to_string())?;
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = resp.text().await.with_context(|| url.to_string())?;
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+impl TestServer {
     /// GET as the admin, expecting 200 and JSON.
     #[track_caller]
     pub fn get_json(&self, path: &str) -> Value {

@@ -14,6 +14,7 @@ mod query;
 pub(crate) mod rollout;
 pub mod routes;
 mod serve;
+mod servers;
 mod tokens;
 mod volumes;
 pub mod watch;
@@ -1134,6 +1135,7 @@ fn api_routes() -> routes::Routes {
         .route("/metrics", get(Metrics, metrics_handler))
         .route(&v1("/openapi.json"), get(Info, openapi::openapi_handler))
         .route(&v1("/info"), get(Info, objects::info))
+        .route(&v1("/servers"), get(Servers, servers::list_servers))
         .route(
             &v1("/apply"),
             post(Apply, objects::apply).delete(Apply, objects::delete_batch),

@@ -59,6 +59,24 @@ pub struct Info {
     pub api_version: String,
     /// Current store index.
     pub index: u64,
+    /// The replica that answered and what it knows of the leader lease; shown to callers
+    /// who may list the server replicas (platform-admins, cluster-wide viewers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerSelf>,
+}
+
+/// The answering server replica in `GET /api/v1/info`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerSelf {
+    /// Its id (as `GET /api/v1/servers` lists it).
+    pub id: String,
+    /// Whether it leads (runs the controllers).
+    pub leading: bool,
+    /// The id of the leader as it last read the lease (empty: unknown).
+    pub leader: String,
+    /// The lease's epoch as it last read it.
+    pub epoch: u64,
 }
 
 /// `POST /api/v1/apply` JSON body.
@@ -737,10 +755,27 @@ const READY_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 pub async fn info(state: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
     query::parse(raw.as_deref(), &[])?;
     let index = state.index();
+    let caller = state.caller();
+    let may_see = rbac::allowed(
+        caller.role,
+        &caller.scope,
+        rbac::Res::Servers,
+        rbac::Verb::Read,
+    );
+    let server = may_see
+        .then(|| state.metrics().leader())
+        .flatten()
+        .map(|l| ServerSelf {
+            id: l.server,
+            leading: l.leading,
+            leader: l.holder,
+            epoch: l.epoch,
+        });
     let info = Info {
         version: env!("CARGO_PKG_VERSION").into(),
         api_version: API_VERSION.into(),
         index,
+        server,
     };
     let text = serde_json::to_string(&info).map_err(ApiError::internal)?;
     Ok(json_response(StatusCode::OK, text, index))

@@ -160,6 +160,7 @@ impl Modify for BearerAuth {
         super::events::list_project_events,
         super::volumes::list_volumes,
         super::volumes::delete_volume,
+        super::servers::list_servers,
     ),
     components(schemas(
         ErrorBody, ErrorCode, FieldProblem, Health, Ready, Info, ApplyRequest, ApplyResponse, AppliedItem, DeleteBatchResponse, DeletedItem, Outcome,
@@ -172,6 +173,8 @@ impl Modify for BearerAuth {
         super::waves::RolloutList, super::events::EventList,
         super::volumes::VolumeList, crate::controllers::volumes::VolumeView,
         crate::controllers::volumes::VolumeStatus, super::drain::DrainRequest,
+        super::servers::ServerList, crate::store::replicas::ServerView,
+        crate::store::replicas::ServerStatus, super::objects::ServerSelf,
     )),
     tags(
         (name = "health", description = "Liveness and readiness, without authentication"),
@@ -189,6 +192,7 @@ impl Modify for BearerAuth {
         (name = "rollouts", description = "Fleet-wide changes moved across instances in waves"),
         (name = "events", description = "What happened to instances, hosts and rollouts, kept for a while"),
         (name = "volumes", description = "Replicas' state volumes on hosts, who claims them, and the removal of unclaimed ones"),
+        (name = "servers", description = "The control plane's server replicas and which one leads"),
     ),
 )]
 pub struct ApiDoc;

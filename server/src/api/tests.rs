@@ -15,6 +15,7 @@ mod config_center;
 mod console;
 mod permissions;
 mod rollout;
+mod servers;
 mod tenancy;
 mod volumes;
 mod watches;

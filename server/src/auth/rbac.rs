@@ -96,10 +96,12 @@ pub enum Res {
     /// State volumes on hosts: every role reads those of its scope; an unclaimed one is
     /// deleted by a platform-admin or its tenant's admin.
     Volumes,
+    /// The server replicas of the control plane (`get servers`).
+    Servers,
 }
 
 impl Res {
-    pub const ALL: [Res; 20] = [
+    pub const ALL: [Res; 21] = [
         Res::Info,
         Res::Tenants,
         Res::Projects,
@@ -120,6 +122,7 @@ impl Res {
         Res::TenantRollouts,
         Res::Events,
         Res::Volumes,
+        Res::Servers,
     ];
 
     /// What writing or deleting an object of `kind` touches: a secret is its tenant's or, when
@@ -172,6 +175,7 @@ impl Res {
                 "events (a tenant's own; host and cluster-wide ones to cluster-wide callers)"
             }
             Res::Volumes => "state volumes on hosts (a tenant's own; `delete volume`)",
+            Res::Servers => "server replicas (`get servers`)",
         }
     }
 
@@ -197,6 +201,7 @@ impl Res {
             Res::TenantRollouts => "a tenant's rollouts",
             Res::Events => "events",
             Res::Volumes => "state volumes",
+            Res::Servers => "server replicas",
         }
     }
 }
@@ -276,6 +281,7 @@ pub const PERMISSIONS: &[Permission] = &[
     p(Res::Audit, Verb::Read, PA_TA, false),
     p(Res::AuditChain, Verb::Read, PA, false),
     p(Res::Metrics, Verb::Read, PA_VIEWER, true),
+    p(Res::Servers, Verb::Read, PA_VIEWER, true),
     p(Res::Templates, Verb::Read, EVERY_ROLE, false),
     p(Res::Templates, Verb::Write, PA, false),
     p(Res::Templates, Verb::Delete, PA, false),

@@ -22,18 +22,21 @@ pub enum GetKind {
     Events,
     /// State volumes on hosts.
     Volumes,
+    /// The control plane's server replicas.
+    Servers,
 }
 
 fn parse_get_kind(s: &str) -> Result<GetKind, String> {
     match s.to_ascii_lowercase().as_str() {
         "events" | "event" | "ev" => Ok(GetKind::Events),
         "volumes" | "volume" | "vol" => Ok(GetKind::Volumes),
+        "servers" | "server" => Ok(GetKind::Servers),
         _ => parse_kind(s).map(GetKind::Object),
     }
 }
 
 fn get_kind_help() -> String {
-    format!("{}, events, or volumes", kind_arg_help())
+    format!("{}, events, volumes, or servers", kind_arg_help())
 }
 
 #[derive(Args, Debug)]
@@ -556,6 +559,17 @@ pub async fn run(args: GetArgs) -> CliResult {
                 args.watch,
             )
             .await;
+        }
+        GetKind::Servers => {
+            if args.for_object.is_some()
+                || args.name.is_some()
+                || args.watch
+                || args.host.is_some()
+                || args.selector.is_some()
+            {
+                return Err(super::CliError::Failed("get servers takes only -o".into()));
+            }
+            return super::servers::get_servers(&client, args.output).await;
         }
         GetKind::Object(k) => k,
     };

@@ -23,6 +23,7 @@ mod resolve;
 mod rollout;
 mod scale;
 mod secret;
+mod servers;
 mod settings;
 mod store;
 mod token;

@@ -185,6 +185,7 @@ suite!(
     quotas_are_checked_against_the_whole_batch,
     audit_records_chain_and_commit_with_their_change,
     heartbeats_keep_the_newest_time,
+    server_replicas_register_refresh_and_are_pruned,
     racing_writers_get_one_index_each,
     readers_never_see_a_gap_in_the_index,
     racing_writers_never_overrun_a_quota,
@@ -883,6 +884,61 @@ pub fn heartbeats_keep_the_newest_time(store: &dyn Store) {
     store.forget_heartbeat("h2").unwrap();
     assert!(!store.host_heartbeats().unwrap().contains_key("h2"));
     assert_eq!(store.index(), 0, "heartbeats move no index");
+}
+
+pub fn server_replicas_register_refresh_and_are_pruned(store: &dyn Store) {
+    use super::replicas::ReplicaBeat;
+    use std::time::Duration;
+    let beat = |id: &str, leading: bool| ReplicaBeat {
+        id: id.into(),
+        hostname: "machine-1".into(),
+        api: format!("http://127.0.0.1:70{}", id.len()),
+        agent: "127.0.0.1:7443".into(),
+        version: "0.1.0".into(),
+        started_at_ms: 1_000,
+        beat_every: Duration::from_secs(2),
+        leading,
+        epoch: 7,
+    };
+    let keep = Duration::from_secs(3600);
+    store.server_heartbeat(&beat("a", false), keep).unwrap();
+    store.server_heartbeat(&beat("bb", true), keep).unwrap();
+    let first = store.server_replicas().unwrap();
+    assert_eq!(
+        first
+            .rows
+            .iter()
+            .map(|r| r.beat.id.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "bb"]
+    );
+    assert_eq!(first.rows[1].beat, beat("bb", true));
+    assert!(
+        first.rows.iter().all(|r| r.last_seen_ms <= first.now_ms),
+        "{first:?}"
+    );
+    assert!(first.lease.is_some(), "the lease is read with the replicas");
+    // A refresh updates the row; it never moves last seen back.
+    std::thread::sleep(Duration::from_millis(20));
+    store.server_heartbeat(&beat("a", true), keep).unwrap();
+    let second = store.server_replicas().unwrap();
+    assert!(second.rows[0].beat.leading);
+    assert!(second.rows[0].last_seen_ms > first.rows[0].last_seen_ms);
+    assert_eq!(store.index(), 0, "heartbeats move no index");
+    // Not seen for longer than allowed: removed by the next heartbeat of anyone.
+    std::thread::sleep(Duration::from_millis(30));
+    store
+        .server_heartbeat(&beat("a", true), Duration::from_millis(10))
+        .unwrap();
+    let third = store.server_replicas().unwrap();
+    assert_eq!(
+        third
+            .rows
+            .iter()
+            .map(|r| r.beat.id.as_str())
+            .collect::<Vec<_>>(),
+        ["a"]
+    );
 }
 
 const WRITERS: usize = 4;

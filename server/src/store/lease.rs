@@ -193,7 +193,7 @@ pub fn new_server_id() -> String {
     format!("{host}-{}-{suffix:08x}", std::process::id())
 }
 
-fn rfc3339_ms(ms: i64) -> Option<String> {
+pub(crate) fn rfc3339_ms(ms: i64) -> Option<String> {
     let at = std::time::UNIX_EPOCH.checked_add(Duration::from_millis(u64::try_from(ms).ok()?))?;
     Some(humantime::format_rfc3339_millis(at).to_string())
 }

@@ -10,6 +10,7 @@ mod feed_tests;
 pub mod lease;
 pub mod migrate;
 pub mod postgres;
+pub mod replicas;
 #[cfg(test)]
 mod revision_tests;
 pub mod revisions;
@@ -657,6 +658,24 @@ pub trait Store: Send + Sync + 'static {
     fn secrets_key(&self, offered: Option<&str>) -> Result<Option<String>, StoreError> {
         let _ = offered;
         Ok(None)
+    }
+
+    /// Registers or refreshes one server replica's row (last seen: now on the store's clock)
+    /// and removes the rows of replicas not seen for `prune_after`. Moves no index.
+    fn server_heartbeat(
+        &self,
+        beat: &replicas::ReplicaBeat,
+        prune_after: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        let _ = (beat, prune_after);
+        Err(StoreError::Backend(
+            "this store keeps no server replicas".into(),
+        ))
+    }
+    /// The registered server replicas, with the store's clock and the leader lease, read
+    /// together.
+    fn server_replicas(&self) -> Result<replicas::Replicas, StoreError> {
+        Ok(replicas::Replicas::default())
     }
 
     fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;

@@ -203,6 +203,8 @@ const MIGRATIONS: &[&str] = &[
     super::lease::PG_MIGRATION,
     // 4: the identity of the key the secret values are sealed with.
     super::SECRETS_KEY_MIGRATION,
+    // 5: the server replicas (written outside the global index).
+    super::replicas::MIGRATION,
 ];
 
 /// The schema version whose migration added instance revisions.
@@ -2190,6 +2192,92 @@ impl Store for PgStore {
                     Some(r) => Some(r.try_get(0)?),
                     None => None,
                 })
+            })
+        })
+    }
+
+    fn server_heartbeat(
+        &self,
+        beat: &super::replicas::ReplicaBeat,
+        prune_after: Duration,
+    ) -> Result<(), StoreError> {
+        use super::replicas::millis;
+        lease::fenced(None, || {
+            self.side_tx(|tx| {
+                tx.execute(
+                    "INSERT INTO server_replicas (id, hostname, api, agent, version, started_at_ms,
+                        last_seen_ms, beat_every_ms, is_leader, epoch)
+                     VALUES ($1, $2, $3, $4, $5, $6, (extract(epoch FROM now()) * 1000)::BIGINT,
+                        $7, $8, $9)
+                     ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname,
+                        api = excluded.api, agent = excluded.agent, version = excluded.version,
+                        started_at_ms = excluded.started_at_ms,
+                        last_seen_ms = GREATEST(server_replicas.last_seen_ms, excluded.last_seen_ms),
+                        beat_every_ms = excluded.beat_every_ms, is_leader = excluded.is_leader,
+                        epoch = excluded.epoch",
+                    &[
+                        &beat.id,
+                        &beat.hostname,
+                        &beat.api,
+                        &beat.agent,
+                        &beat.version,
+                        &beat.started_at_ms,
+                        &millis(beat.beat_every),
+                        &beat.leading,
+                        &(beat.epoch as i64),
+                    ],
+                )?;
+                tx.execute(
+                    "DELETE FROM server_replicas
+                     WHERE last_seen_ms < (extract(epoch FROM now()) * 1000)::BIGINT - $1",
+                    &[&millis(prune_after)],
+                )?;
+                Ok(())
+            })
+        })
+    }
+
+    fn server_replicas(&self) -> Result<super::replicas::Replicas, StoreError> {
+        self.read(|tx| {
+            let rows = tx
+                .query(
+                    "SELECT id, hostname, api, agent, version, started_at_ms, beat_every_ms,
+                        is_leader, epoch, last_seen_ms
+                     FROM server_replicas ORDER BY id",
+                    &[],
+                )?
+                .iter()
+                .map(|r| {
+                    Ok(super::replicas::ReplicaRow {
+                        beat: super::replicas::ReplicaBeat {
+                            id: r.try_get(0)?,
+                            hostname: r.try_get(1)?,
+                            api: r.try_get(2)?,
+                            agent: r.try_get(3)?,
+                            version: r.try_get(4)?,
+                            started_at_ms: r.try_get(5)?,
+                            beat_every: Duration::from_millis(
+                                r.try_get::<_, i64>(6)?.max(0) as u64
+                            ),
+                            leading: r.try_get(7)?,
+                            epoch: r.try_get::<_, i64>(8)?.max(0) as u64,
+                        },
+                        last_seen_ms: r.try_get(9)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            let lease = tx.query_one(
+                "SELECT holder, epoch,
+                    (extract(epoch FROM GREATEST(expires_at, '1970-01-01'::timestamptz)) * 1000)::BIGINT,
+                    (extract(epoch FROM now()) * 1000)::BIGINT
+                 FROM leader_lease WHERE name = 'controllers'",
+                &[],
+            )?;
+            let record = lease_from_row(&lease)?;
+            Ok(super::replicas::Replicas {
+                rows,
+                now_ms: record.now_ms,
+                lease: Some((record.holder, record.epoch, record.expires_at_ms)),
             })
         })
     }

@@ -88,6 +88,8 @@ const MIGRATIONS: &[&str] = &[
     super::lease::SQLITE_MIGRATION,
     // 10: the identity of the key the secret values are sealed with.
     super::SECRETS_KEY_MIGRATION,
+    // 11: the server replicas (written outside the global index).
+    super::replicas::MIGRATION,
 ];
 
 /// The schema version whose migration added the usage columns.
@@ -1745,6 +1747,88 @@ impl Store for SqliteStore {
                 |r| r.get(0),
             )
             .optional()?)
+    }
+
+    fn server_heartbeat(
+        &self,
+        beat: &super::replicas::ReplicaBeat,
+        prune_after: Duration,
+    ) -> Result<(), StoreError> {
+        use super::replicas::millis;
+        let now = crate::events::now_ms();
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO server_replicas (id, hostname, api, agent, version, started_at_ms,
+                last_seen_ms, beat_every_ms, is_leader, epoch)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT (id) DO UPDATE SET hostname = excluded.hostname, api = excluded.api,
+                agent = excluded.agent, version = excluded.version,
+                started_at_ms = excluded.started_at_ms,
+                last_seen_ms = max(last_seen_ms, excluded.last_seen_ms),
+                beat_every_ms = excluded.beat_every_ms, is_leader = excluded.is_leader,
+                epoch = excluded.epoch",
+            params![
+                beat.id,
+                beat.hostname,
+                beat.api,
+                beat.agent,
+                beat.version,
+                beat.started_at_ms,
+                now,
+                millis(beat.beat_every),
+                beat.leading,
+                beat.epoch as i64
+            ],
+        )?;
+        tx.execute(
+            "DELETE FROM server_replicas WHERE last_seen_ms < ?1",
+            [now.saturating_sub(millis(prune_after))],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn server_replicas(&self) -> Result<super::replicas::Replicas, StoreError> {
+        self.read(|c| {
+            let tx = c.unchecked_transaction()?;
+            let rows = {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT id, hostname, api, agent, version, started_at_ms, beat_every_ms,
+                        is_leader, epoch, last_seen_ms
+                     FROM server_replicas ORDER BY id",
+                )?;
+                let rows = stmt.query_map([], |r| {
+                    Ok(super::replicas::ReplicaRow {
+                        beat: super::replicas::ReplicaBeat {
+                            id: r.get(0)?,
+                            hostname: r.get(1)?,
+                            api: r.get(2)?,
+                            agent: r.get(3)?,
+                            version: r.get(4)?,
+                            started_at_ms: r.get(5)?,
+                            beat_every: Duration::from_millis(r.get::<_, i64>(6)?.max(0) as u64),
+                            leading: r.get(7)?,
+                            epoch: r.get::<_, i64>(8)?.max(0) as u64,
+                        },
+                        last_seen_ms: r.get(9)?,
+                    })
+                })?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            };
+            let lease = tx
+                .query_row(
+                    "SELECT holder, epoch, expires_at_ms FROM leader_lease WHERE name = 'controllers'",
+                    [],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?)),
+                )
+                .optional()?;
+            Ok(super::replicas::Replicas {
+                rows,
+                now_ms: crate::events::now_ms(),
+                lease,
+            })
+        })
     }
 
     fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {

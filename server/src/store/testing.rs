@@ -49,6 +49,16 @@ impl HookStore {
 }
 
 impl Store for HookStore {
+    fn server_heartbeat(
+        &self,
+        beat: &super::replicas::ReplicaBeat,
+        prune_after: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        self.inner.server_heartbeat(beat, prune_after)
+    }
+    fn server_replicas(&self) -> Result<super::replicas::Replicas, StoreError> {
+        self.inner.server_replicas()
+    }
     fn record_events(&self, events: Vec<crate::events::Event>) {
         self.inner.record_events(events)
     }

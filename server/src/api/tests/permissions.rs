@@ -137,6 +137,7 @@ fn expected_need(tag: &str, path: &str, method: &Method) -> Need {
         "rollouts" => Res::Rollouts,
         "events" => Res::Events,
         "volumes" => Res::Volumes,
+        "servers" => Res::Servers,
         other => panic!("{method} {path}: no permission row known for the tag {other:?}"),
     };
     Need::Perm(res, Verb::of_method(method))
