@@ -11,7 +11,8 @@
 //! - **probe**: liveness and readiness of every running replica; a starting replica is probed
 //!   every [`STARTUP_PROBE_INTERVAL`] during its initial delay and, if not ready by then, for
 //!   readiness every tenth of its age (liveness keeps the probe interval), so Ready is seen
-//!   quickly.
+//!   quickly. Each probe runs on its own task and its verdict is published as it returns: a
+//!   slow or timing-out probe delays no other replica's probes or reports.
 //! - **sample**: host figures, container stats and Gateway figures once a report interval.
 //!   Container stats take the engine about a second, so they are sampled here, never on the
 //!   report path.
@@ -697,101 +698,14 @@ impl HostLoops {
     // ---------------------------------------------------------------- probe
 
     async fn probe_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let settings = self.settings.probe;
-        let mut prober = Prober::new(settings);
-        let mut schedule: HashMap<ReplicaKey, RunSchedule> = HashMap::new();
-        let mut targets_rx = self.hub.targets.subscribe();
-        loop {
-            let targets = targets_rx.borrow_and_update().clone();
-            let now = Instant::now();
-            prober.set_targets(&targets, now);
-            schedule.retain(|k, _| targets.iter().any(|t| &t.key == k));
-            for t in targets.iter() {
-                let run = (t.container_id.clone(), t.started_at.clone());
-                let entry = schedule
-                    .entry(t.key.clone())
-                    .or_insert_with(|| RunSchedule::new(run.clone(), now));
-                if entry.run != run {
-                    *entry = RunSchedule::new(run, now);
-                }
-            }
-
-            let due: Vec<(ProbeTarget, bool)> = targets
-                .iter()
-                .filter_map(|t| {
-                    let s = schedule.get(&t.key)?;
-                    (s.next_due(&settings) <= now)
-                        .then(|| (t.clone(), s.liveness_due(&settings, now)))
-                })
-                .collect();
-            if !due.is_empty() {
-                let timeout = settings.timeout;
-                let results =
-                    futures::future::join_all(due.iter().map(|(t, live_due)| async move {
-                        let live = async {
-                            if *live_due {
-                                Some(probe::check(ProbeKind::Liveness, t.addr, timeout).await)
-                            } else {
-                                None
-                            }
-                        };
-                        let (live, ready) =
-                            tokio::join!(live, probe::check(ProbeKind::Readiness, t.addr, timeout));
-                        (t.key.clone(), live, ready)
-                    }))
-                    .await;
-                let at = Instant::now();
-                for (key, live, ready) in results {
-                    let live_probed = live.is_some();
-                    if let Some(live) = live {
-                        prober.record(&key, ProbeKind::Liveness, live, at);
-                    }
-                    prober.record(&key, ProbeKind::Readiness, ready, at);
-                    if let Some(s) = schedule.get_mut(&key) {
-                        s.last = Some(at);
-                        if live_probed {
-                            s.last_live = Some(at);
-                        }
-                        if !s.ready_seen && prober.status(&key).is_some_and(|p| p.ready) {
-                            s.ready_seen = true;
-                            tracing::info!(replica = %key, after_ms = at.saturating_duration_since(s.since).as_millis() as u64, "replica ready");
-                        }
-                    }
-                }
-            }
-            let statuses = prober.statuses();
-            let newly_failed = statuses.iter().any(|(k, p)| {
-                matches!(p.liveness, Liveness::Failed { .. })
-                    && !self
-                        .hub
-                        .probes
-                        .borrow()
-                        .get(k)
-                        .is_some_and(|old| old.liveness == p.liveness)
-            });
-            self.hub.probes.send_if_modified(|p| {
-                if **p == statuses {
-                    false
-                } else {
-                    *p = Arc::new(statuses);
-                    true
-                }
-            });
-            if newly_failed {
-                self.hub.reconcile_now.notify_one();
-            }
-
-            let next = schedule
-                .values()
-                .map(|s| s.next_due(&settings))
-                .min()
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            tokio::select! {
-                () = stopped(&mut stop) => return,
-                r = targets_rx.changed() => if r.is_err() { return },
-                () = tokio::time::sleep_until(next) => {}
-            }
-        }
+        run_probes(
+            self.settings.probe,
+            self.hub.targets.subscribe(),
+            &self.hub.probes,
+            &self.hub.reconcile_now,
+            &mut stop,
+        )
+        .await;
     }
 
     // --------------------------------------------------------------- report
@@ -1110,6 +1024,180 @@ pub async fn scrape_gateways(
     .collect()
 }
 
+/// A container run: its id and start time.
+type Run = (String, Option<String>);
+
+/// What one probe of one replica's container run found (liveness only when it was due).
+struct ProbeResult {
+    key: ReplicaKey,
+    run: Run,
+    live: Option<probe::ProbeOutcome>,
+    ready: probe::ProbeOutcome,
+    at: Instant,
+}
+
+/// Probes every target on its own schedule until `stop`, publishing the verdicts on `probes`
+/// as each probe returns and waking `liveness_failed` when a replica's liveness turns Failed.
+///
+/// Each probe runs as its own task: a slow or timing-out probe (up to the probe timeout)
+/// delays neither another replica's probes nor the publication of their results. A replica
+/// is probed again only once its previous probe has returned; the result of a probe of a
+/// container run that has since been replaced or removed is dropped.
+async fn run_probes(
+    settings: ProbeSettings,
+    mut targets_rx: watch::Receiver<Arc<Vec<ProbeTarget>>>,
+    probes: &watch::Sender<Probes>,
+    liveness_failed: &Notify,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let mut prober = Prober::new(settings);
+    let mut schedule: HashMap<ReplicaKey, RunSchedule> = HashMap::new();
+    let mut in_flight: tokio::task::JoinSet<ProbeResult> = tokio::task::JoinSet::new();
+    // The replica and container run each probe task is for.
+    let mut tasks: HashMap<tokio::task::Id, (ReplicaKey, Run)> = HashMap::new();
+    let mut targets = targets_rx.borrow_and_update().clone();
+    let mut targets_changed = true;
+    let mut results: Vec<ProbeResult> = Vec::new();
+    loop {
+        let now = Instant::now();
+        let publish = targets_changed || !results.is_empty();
+        if targets_changed {
+            targets_changed = false;
+            prober.set_targets(&targets, now);
+            schedule.retain(|k, _| targets.iter().any(|t| &t.key == k));
+            for t in targets.iter() {
+                let run = (t.container_id.clone(), t.started_at.clone());
+                let entry = schedule
+                    .entry(t.key.clone())
+                    .or_insert_with(|| RunSchedule::new(run.clone(), now));
+                if entry.run != run {
+                    *entry = RunSchedule::new(run, now);
+                }
+            }
+        }
+
+        for r in results.drain(..) {
+            let Some(s) = schedule.get_mut(&r.key).filter(|s| s.run == r.run) else {
+                // The run was replaced or the replica removed while it was probed.
+                continue;
+            };
+            s.probing = false;
+            s.last = Some(r.at);
+            if let Some(live) = r.live {
+                s.last_live = Some(r.at);
+                prober.record(&r.key, ProbeKind::Liveness, live, r.at);
+            }
+            prober.record(&r.key, ProbeKind::Readiness, r.ready, r.at);
+            if !s.ready_seen && prober.status(&r.key).is_some_and(|p| p.ready) {
+                s.ready_seen = true;
+                tracing::info!(replica = %r.key, after_ms = r.at.saturating_duration_since(s.since).as_millis() as u64, "replica ready");
+            }
+        }
+
+        // Start the probes that are due, at most one at a time per container run.
+        for t in targets.iter() {
+            let Some(s) = schedule.get_mut(&t.key) else {
+                continue;
+            };
+            if s.probing || s.next_due(&settings) > now {
+                continue;
+            }
+            s.probing = true;
+            let live_due = s.liveness_due(&settings, now);
+            let (key, run, addr, timeout) =
+                (t.key.clone(), s.run.clone(), t.addr, settings.timeout);
+            let for_task = (key.clone(), run.clone());
+            let task = in_flight.spawn(async move {
+                let live = async {
+                    if live_due {
+                        Some(probe::check(ProbeKind::Liveness, addr, timeout).await)
+                    } else {
+                        None
+                    }
+                };
+                let (live, ready) =
+                    tokio::join!(live, probe::check(ProbeKind::Readiness, addr, timeout));
+                ProbeResult {
+                    key,
+                    run,
+                    live,
+                    ready,
+                    at: Instant::now(),
+                }
+            });
+            tasks.insert(task.id(), for_task);
+        }
+
+        if publish {
+            let statuses = prober.statuses();
+            let newly_failed = {
+                let old = probes.borrow();
+                statuses.iter().any(|(k, p)| {
+                    matches!(p.liveness, Liveness::Failed { .. })
+                        && !old.get(k).is_some_and(|o| o.liveness == p.liveness)
+                })
+            };
+            probes.send_if_modified(|p| {
+                if **p == statuses {
+                    false
+                } else {
+                    *p = Arc::new(statuses);
+                    true
+                }
+            });
+            if newly_failed {
+                liveness_failed.notify_one();
+            }
+        }
+
+        let next = schedule
+            .values()
+            .filter(|s| !s.probing)
+            .map(|s| s.next_due(&settings))
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            () = stopped(stop) => {
+                in_flight.abort_all();
+                return;
+            }
+            r = targets_rx.changed() => {
+                if r.is_err() {
+                    in_flight.abort_all();
+                    return;
+                }
+                targets = targets_rx.borrow_and_update().clone();
+                targets_changed = true;
+            }
+            Some(joined) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                // Every probe that has returned meanwhile is recorded in this turn.
+                let mut joined = Some(joined);
+                while let Some(j) = joined {
+                    match j {
+                        Ok((id, r)) => {
+                            tasks.remove(&id);
+                            results.push(r);
+                        }
+                        Err(err) => {
+                            // Short of a bug a probe task does not fail; its run is probed
+                            // again when due.
+                            tracing::warn!(error = %err, "a probe task ended abnormally");
+                            if let Some((key, run)) = tasks.remove(&err.id())
+                                && let Some(s) = schedule.get_mut(&key).filter(|s| s.run == run)
+                            {
+                                s.probing = false;
+                                s.last = Some(Instant::now());
+                            }
+                        }
+                    }
+                    joined = in_flight.try_join_next_with_id();
+                }
+            }
+            () = tokio::time::sleep_until(next) => {}
+        }
+    }
+}
+
 /// Per replica: when its current container run was first seen and last probed.
 #[derive(Debug, Clone)]
 struct RunSchedule {
@@ -1120,6 +1208,8 @@ struct RunSchedule {
     /// The last liveness probe.
     last_live: Option<Instant>,
     ready_seen: bool,
+    /// A probe of this run is under way.
+    probing: bool,
 }
 
 impl RunSchedule {
@@ -1130,6 +1220,7 @@ impl RunSchedule {
             last: None,
             last_live: None,
             ready_seen: false,
+            probing: false,
         }
     }
 

@@ -116,6 +116,8 @@ pub struct Metrics {
     /// What this server registers of itself among the server replicas, and whether the store
     /// took its last heartbeat.
     replica: Mutex<Option<crate::store::replicas::SelfView>>,
+    /// The rollout controller's gate decisions (see [`Metrics::observe_gate_decision`]).
+    gate_decisions: Mutex<Histogram>,
 }
 
 /// Prometheus' text for a sample value.
@@ -168,12 +170,17 @@ fn observe(h: &mut Histogram, took: Duration) {
 }
 
 fn write_histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
+    let (inner, outer) = if labels.is_empty() {
+        (String::new(), String::new())
+    } else {
+        (format!("{labels},"), format!("{{{labels}}}"))
+    };
     for (i, le) in BUCKETS.iter().enumerate() {
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {}", h.counts[i]);
+        let _ = writeln!(out, "{name}_bucket{{{inner}le=\"{le}\"}} {}", h.counts[i]);
     }
-    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
-    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
-    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
+    let _ = writeln!(out, "{name}_bucket{{{inner}le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum{outer} {}", h.sum);
+    let _ = writeln!(out, "{name}_count{outer} {}", h.count);
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -241,6 +248,18 @@ impl Metrics {
             event,
         ))
         .or_default() += 1;
+    }
+
+    /// Records one gate decision of the rollout controller: from a replica passing its gate
+    /// (its Ready report applied, plus `minReadySeconds`) to the targets that gate let move.
+    pub fn observe_gate_decision(&self, took: Duration) {
+        observe(
+            &mut self
+                .gate_decisions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+            took,
+        );
     }
 
     /// Records when one of the server's certificates expires (Unix seconds).
@@ -673,6 +692,24 @@ impl Metrics {
                     h,
                 );
             }
+        }
+        {
+            let h = self
+                .gate_decisions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            header(
+                &mut out,
+                "clusterclaw_rollout_gate_decision_seconds",
+                "histogram",
+                "From a replica passing its update gate (its Ready report applied, plus minReadySeconds) to the rollout controller moving the next targets.",
+            );
+            write_histogram(
+                &mut out,
+                "clusterclaw_rollout_gate_decision_seconds",
+                "",
+                &h,
+            );
         }
         {
             let f = self.http.lock().unwrap_or_else(|e| e.into_inner());

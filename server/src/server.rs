@@ -419,7 +419,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
     }
     crate::model::set_fleet_defaults(config.fleet.clone());
     {
-        let starters = controller_starters(&config, &store, &rpc.tasks);
+        let starters = controller_starters(&config, &store, &rpc.tasks, &rpc.metrics);
         let (leader, stop) = (leader_rx.clone(), tasks_stop.clone());
         tasks.spawn(async move {
             crate::controllers::while_leading(leader, stop, starters)
@@ -525,6 +525,7 @@ fn controller_starters(
     config: &ServerConfig,
     store: &Arc<dyn Store>,
     hub: &Arc<crate::agent_rpc::tasks::TaskHub>,
+    metrics: &Arc<crate::metrics::Metrics>,
 ) -> Vec<(&'static str, crate::controllers::Starter)> {
     use crate::controllers;
     let (resync, ttl, retention) = (
@@ -550,9 +551,14 @@ fn controller_starters(
     let s = Arc::clone(store);
     let waves: controllers::Starter =
         Box::new(move |stop| Box::pin(controllers::waves::run(Arc::clone(&s), stop)));
-    let s = Arc::clone(store);
-    let rollout: controllers::Starter =
-        Box::new(move |stop| Box::pin(controllers::rollout::run(Arc::clone(&s), stop)));
+    let (s, metrics) = (Arc::clone(store), Arc::clone(metrics));
+    let rollout: controllers::Starter = Box::new(move |stop| {
+        Box::pin(controllers::rollout::run(
+            Arc::clone(&s),
+            Arc::clone(&metrics),
+            stop,
+        ))
+    });
     let (s, hub) = (Arc::clone(store), Arc::clone(hub));
     let drain: controllers::Starter = Box::new(move |stop| {
         Box::pin(controllers::drain::run(

@@ -819,3 +819,104 @@ async fn retained_volumes_from_the_server_are_kept_and_saved() {
     assert_eq!(retained[0].key(), kept.key());
     h.stop().await;
 }
+
+/// A Gateway stand-in on 127.0.0.1: answers every connection healthy and ready (counting
+/// them), or, when `silent`, accepts and never answers.
+async fn gateway_stub(silent: bool) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            if silent {
+                held.push(socket);
+                continue;
+            }
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = socket.read(&mut buf).await;
+                let body = br#"{"ok":true,"ready":true}"#;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(body).await;
+            });
+        }
+    });
+    (addr, served)
+}
+
+#[tokio::test]
+async fn a_slow_probe_delays_no_other_replica() {
+    let timeout = Duration::from_secs(3);
+    let settings = ProbeSettings {
+        interval: Duration::from_millis(200),
+        timeout,
+        failure_threshold: 3,
+        initial_delay: Duration::ZERO,
+    };
+    let (slow_addr, _) = gateway_stub(true).await;
+    let (fast_addr, fast_served) = gateway_stub(false).await;
+    let target = |name: &str, addr| ProbeTarget {
+        key: ReplicaKey::new("t", "p", name),
+        container_id: format!("c-{name}"),
+        started_at: Some("s1".into()),
+        addr,
+    };
+    let (_targets_tx, targets_rx) = watch::channel(Arc::new(vec![
+        target("slow", slow_addr),
+        target("fast", fast_addr),
+    ]));
+    let probes: watch::Sender<Probes> = watch::Sender::new(Arc::default());
+    let failed = Notify::new();
+    let (_stop_tx, mut stop) = watch::channel(false);
+    let started = Instant::now();
+    let fast = ReplicaKey::new("t", "p", "fast");
+    let slow = ReplicaKey::new("t", "p", "slow");
+    let mut seen = probes.subscribe();
+    let check = async {
+        // The fast replica is published Ready long before the slow probe times out...
+        seen.wait_for(|p| p.get(&fast).is_some_and(|s| s.ready))
+            .await
+            .unwrap();
+        let ready_after = started.elapsed();
+        assert!(
+            ready_after < Duration::from_secs(1),
+            "the fast replica was published Ready after {ready_after:?}, held up by the slow probe"
+        );
+        // ... and keeps being probed on its own schedule meanwhile.
+        tokio::time::sleep_until(started + Duration::from_millis(1_500)).await;
+        let served = fast_served.load(Ordering::SeqCst);
+        assert!(
+            served >= 6,
+            "the fast replica's Gateway was probed {served} times in 1.5 s (every 200 ms expected)"
+        );
+        let now = probes.borrow().clone();
+        assert!(!now[&slow].ready, "the silent Gateway is not ready");
+        assert!(
+            now[&slow].readiness_message.is_none(),
+            "its probe is still under way (no verdict before the timeout)"
+        );
+        // Once the slow probe times out, its failure is published too.
+        seen.wait_for(|p| {
+            p.get(&slow)
+                .and_then(|s| s.readiness_message.as_deref())
+                .is_some_and(|m| m.contains("timed out"))
+        })
+        .await
+        .unwrap();
+        assert!(started.elapsed() >= timeout);
+    };
+    tokio::select! {
+        () = run_probes(settings, targets_rx, &probes, &failed, &mut stop) => panic!("the probe loop stopped"),
+        r = tokio::time::timeout(WAIT_LIMIT, check) => r.expect("the probes' verdicts in time"),
+    }
+}

@@ -61,6 +61,20 @@ pub struct Decision {
     /// When something is due without any change (a gate's `minReadySeconds`, a pause, a
     /// deadline, a replica becoming available), in milliseconds from now.
     pub wake_after_ms: Option<i64>,
+    /// When this pass moves targets of an update because a replica passed its gate: which
+    /// replica, and how long after its gate passed the targets move.
+    pub gate: Option<GateDecision>,
+}
+
+/// How long the controller took to act on a gate: from the moment a replica on the new
+/// revision passed it (its `readySince`, the time the server applied the report saying Ready,
+/// plus `minReadySeconds`) to the pass that moves the next targets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GateDecision {
+    /// The replica whose gate let the targets move (the latest to pass).
+    pub replica: String,
+    /// Milliseconds from its gate passing to the move.
+    pub after_ms: i64,
 }
 
 impl Decision {
@@ -417,6 +431,40 @@ fn availability_wake(instance: &OpenClawInstance, s: &Strategy, now_ms: i64) -> 
         .map(|at| at - now_ms)
 }
 
+/// What let a pass move targets: the latest of the gates passed on U (`readySince` +
+/// `minReadySeconds`) and of the other replicas turning Ready (`readySince`), when that latest
+/// is a gate; `None` when no gate passed yet (the first step of an update) or a replica not
+/// on U turning Ready came after it.
+fn gate_decision(
+    replicas: &BTreeMap<u32, &ReplicaStatus>,
+    passed: &BTreeSet<u32>,
+    u: u64,
+    min_ready_ms: i64,
+    now_ms: i64,
+) -> Option<GateDecision> {
+    let mut latest: Option<(i64, Option<&str>)> = None;
+    for (o, r) in replicas {
+        let Some(since) = millis(r.ready_since.as_deref()) else {
+            continue;
+        };
+        let candidate = if passed.contains(o) {
+            (since.saturating_add(min_ready_ms), Some(r.name.as_str()))
+        } else if r.state == ReplicaState::Ready && r.target_revision != Some(u) {
+            (since, None)
+        } else {
+            continue;
+        };
+        if candidate.0 <= now_ms && latest.is_none_or(|l| candidate.0 > l.0) {
+            latest = Some(candidate);
+        }
+    }
+    let (at, replica) = latest?;
+    Some(GateDecision {
+        replica: replica?.to_owned(),
+        after_ms: now_ms - at,
+    })
+}
+
 /// Moves an update on by one pass: gates, deadline, steps, completion.
 fn progress(
     ro: &mut RolloutStatus,
@@ -613,6 +661,9 @@ fn progress(
     if moved {
         ro.step_started_at = Some(now.clone());
         wake = earliest(wake, Some(now_ms.saturating_add(s.deadline_ms)));
+        if ro.stable_revision.is_some() {
+            d.gate = gate_decision(replicas, &passed, u, s.min_ready_ms, now_ms);
+        }
     }
     let all_passed = finished_steps
         && !moved
@@ -832,6 +883,8 @@ pub struct PassReport {
     pub written: usize,
     /// When the next pass is due without any change, from now.
     pub wake_after: Option<Duration>,
+    /// The gate decisions of the targets this pass moved ([`GateDecision`]), one per instance.
+    pub gate_decisions: Vec<Duration>,
 }
 
 /// One pass at `now_ms`: plans every instance and writes those whose status changes (each one
@@ -844,6 +897,7 @@ pub fn reconcile_once(store: &dyn Store, now_ms: i64) -> Result<PassReport, Roll
     let mut keys: Vec<ObjectKey> = Vec::new();
     let mut wake: Option<i64> = None;
     let mut events = Vec::new();
+    let mut gates = Vec::new();
     for o in objects {
         let mut instance = match o.resource() {
             Ok(Resource::OpenClawInstance(i)) => i,
@@ -862,7 +916,13 @@ pub fn reconcile_once(store: &dyn Store, now_ms: i64) -> Result<PassReport, Roll
                 &o.key,
                 before.as_ref(),
                 instance.status.as_ref(),
+                d.gate.as_ref(),
             ));
+            if let Some(g) = &d.gate
+                && !d.targets.is_empty()
+            {
+                gates.push(Duration::from_millis(g.after_ms.max(0) as u64));
+            }
         }
     }
     let mut change = |r: &mut Resource| -> bool {
@@ -890,15 +950,19 @@ pub fn reconcile_once(store: &dyn Store, now_ms: i64) -> Result<PassReport, Roll
     }
     crate::events::record_all(store, events);
     report.wake_after = wake.map(|ms| Duration::from_millis(ms.max(0) as u64));
+    report.gate_decisions = gates;
     Ok(report)
 }
 
 /// The events of one step of an update: the update's phase turning (`RolloutProgressing`,
-/// `RolloutSucceeded`, `RolloutRolledBack`...), and every replica whose target revision moves.
+/// `RolloutSucceeded`, `RolloutRolledBack`...), and every replica whose target revision moves
+/// (`ReplicaTargetMoved`; when a gate let it move, its message ends with the gate decision:
+/// `(gate of NAME passed N ms before)`).
 pub fn rollout_events(
     key: &ObjectKey,
     before: Option<&crate::model::InstanceStatus>,
     after: Option<&crate::model::InstanceStatus>,
+    gate: Option<&GateDecision>,
 ) -> Vec<crate::events::Event> {
     use crate::events::Event;
     use crate::model::RolloutPhase;
@@ -938,14 +1002,17 @@ pub fn rollout_events(
             && *prev != Some(target)
             && prev.is_some()
         {
+            let message = match gate {
+                Some(g) => format!(
+                    "{} moves to revision {target} (gate of {} passed {} ms before)",
+                    r.name, g.replica, g.after_ms
+                ),
+                None => format!("{} moves to revision {target}", r.name),
+            };
             out.push(
-                Event::normal(
-                    key.clone(),
-                    "ReplicaTargetMoved",
-                    format!("{} moves to revision {target}", r.name),
-                )
-                .replica(r.name.clone())
-                .source("rollout"),
+                Event::normal(key.clone(), "ReplicaTargetMoved", message)
+                    .replica(r.name.clone())
+                    .source("rollout"),
             );
         }
     }
@@ -960,18 +1027,32 @@ fn now_ms() -> i64 {
 
 /// Runs the rollout controller until `shutdown` turns true: a pass at start, then one after
 /// every burst of store changes, one when a gate, pause or deadline is due, at least one every
-/// [`RESYNC`], and retries after failures (see [`super::runtime`]).
-pub async fn run(store: Arc<dyn Store>, shutdown: watch::Receiver<bool>) {
-    super::runtime::run("rollout", store, shutdown, RESYNC, |store: &dyn Store| {
-        let report = reconcile_once(store, now_ms())?;
-        if report.written > 0 {
-            tracing::info!(
-                instances = report.written,
-                "rollout controller moved targets or status"
-            );
-        }
-        Ok::<_, RolloutError>(report.wake_after)
-    })
+/// [`RESYNC`], and retries after failures (see [`super::runtime`]). Gate decisions go to
+/// `metrics` (`clusterclaw_rollout_gate_decision_seconds`).
+pub async fn run(
+    store: Arc<dyn Store>,
+    metrics: Arc<crate::metrics::Metrics>,
+    shutdown: watch::Receiver<bool>,
+) {
+    super::runtime::run(
+        "rollout",
+        store,
+        shutdown,
+        RESYNC,
+        move |store: &dyn Store| {
+            let report = reconcile_once(store, now_ms())?;
+            for took in &report.gate_decisions {
+                metrics.observe_gate_decision(*took);
+            }
+            if report.written > 0 {
+                tracing::info!(
+                    instances = report.written,
+                    "rollout controller moved targets or status"
+                );
+            }
+            Ok::<_, RolloutError>(report.wake_after)
+        },
+    )
     .await;
 }
 

@@ -1,6 +1,8 @@
 //! One loop for every controller: a pass at start, after every burst of store changes
 //! (coalesced for [`DEBOUNCE`]; paced by [`OBSERVED_PACE`] when only observed state changed), when the pass asks to look again, and every `resync`; retries
 //! with [`backoff`] after a failed pass; stops when `shutdown` turns true (or its sender goes).
+//! The pacing never puts off a pass the last one asked for: a steady trickle of status reports
+//! does not delay a rollout's gate timer.
 
 use std::fmt::Display;
 use std::sync::Arc;
@@ -84,6 +86,7 @@ pub async fn run<E, F>(
             () = shutdown_requested(&mut shutdown) => break,
         };
         let took = started.elapsed();
+        let ended = tokio::time::Instant::now();
         let sleep_for = match outcome {
             Ok(after) => {
                 failures = 0;
@@ -118,6 +121,9 @@ pub async fn run<E, F>(
                 took.saturating_mul(OBSERVED_PACE)
                     .clamp(DEBOUNCE, MAX_OBSERVED_WAIT)
             };
+            // No later than the pass the last one asked for.
+            let wait = wait
+                .min((ended + sleep_for).saturating_duration_since(tokio::time::Instant::now()));
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 r = desired.changed(), if wait > DEBOUNCE => {
@@ -138,4 +144,69 @@ pub async fn run<E, F>(
         }
     }
     tracing::info!(controller = name, "controller stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Resource;
+    use crate::store::WriteMode;
+    use std::sync::Mutex;
+
+    fn host(name: &str, label: u32) -> Resource {
+        Resource::from_value(
+            serde_json::json!({"apiVersion": "clusterclaw.io/v1", "kind": "Host",
+            "metadata": {"name": name, "labels": {"n": label.to_string()}}, "spec": {}}),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_of_observed_changes_does_not_put_off_a_timed_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
+        // A pass of 200 ms that asks to run again 300 ms after it: paced by the changes alone,
+        // the next pass would wait 4 x 200 ms.
+        let passes: Arc<Mutex<Vec<std::time::Instant>>> = Arc::default();
+        let seen = Arc::clone(&passes);
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(run(
+            "test",
+            Arc::clone(&store),
+            shutdown,
+            Duration::from_secs(30),
+            move |_: &dyn Store| {
+                seen.lock().unwrap().push(std::time::Instant::now());
+                std::thread::sleep(Duration::from_millis(200));
+                Ok::<_, String>(Some(Duration::from_millis(300)))
+            },
+        ));
+        // Writes of observed state only (a host's labels) every 20 ms for 4 s.
+        let writer = Arc::clone(&store);
+        tokio::task::spawn_blocking(move || {
+            let until = std::time::Instant::now() + Duration::from_secs(4);
+            let mut n = 0;
+            while std::time::Instant::now() < until {
+                n += 1;
+                writer
+                    .write(&[(host("h1", n), WriteMode::Apply)], false)
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .await
+        .unwrap();
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        let passes = passes.lock().unwrap().clone();
+        let mut gaps: Vec<Duration> = passes.windows(2).map(|w| w[1] - w[0]).collect();
+        gaps.sort();
+        assert!(gaps.len() >= 2, "{} passes in 4 s", passes.len());
+        let median = gaps[gaps.len() / 2];
+        assert!(
+            median < Duration::from_millis(800),
+            "passes {median:?} apart (200 ms pass + 300 ms asked for): the changes put the timer off"
+        );
+    }
 }

@@ -148,18 +148,33 @@ fn rollout_steps_are_events() {
         ..Default::default()
     };
     let progressing = status(RolloutPhase::Progressing, Some(1));
-    let events = rollout_events(&key, None, Some(&progressing));
+    let events = rollout_events(&key, None, Some(&progressing), None);
     assert_eq!(
         reasons(&events),
         [("RolloutProgressing", EventType::Normal, None)]
     );
     let moved = status(RolloutPhase::Progressing, Some(2));
     assert_eq!(
-        reasons(&rollout_events(&key, Some(&progressing), Some(&moved))),
+        reasons(&rollout_events(
+            &key,
+            Some(&progressing),
+            Some(&moved),
+            None
+        )),
         [("ReplicaTargetMoved", EventType::Normal, Some("bot-0"))]
     );
+    // A move a gate let happen says how long after the gate it was decided.
+    let gate = crate::controllers::rollout::GateDecision {
+        replica: "bot-1".into(),
+        after_ms: 12,
+    };
+    let events = rollout_events(&key, Some(&progressing), Some(&moved), Some(&gate));
+    assert_eq!(
+        events[0].message,
+        "bot-0 moves to revision 2 (gate of bot-1 passed 12 ms before)"
+    );
     let failed = status(RolloutPhase::Failed, Some(2));
-    let events = rollout_events(&key, Some(&moved), Some(&failed));
+    let events = rollout_events(&key, Some(&moved), Some(&failed), None);
     assert_eq!(
         reasons(&events),
         [("RolloutFailed", EventType::Warning, None)]
@@ -169,7 +184,8 @@ fn rollout_steps_are_events() {
         reasons(&rollout_events(
             &key,
             Some(&failed),
-            Some(&status(RolloutPhase::Succeeded, Some(2)))
+            Some(&status(RolloutPhase::Succeeded, Some(2))),
+            None
         )),
         [("RolloutSucceeded", EventType::Normal, None)]
     );

@@ -16,7 +16,10 @@
 //!   its lease and resumes writes nothing.
 //!
 //! SQLite has one server per database (its data directory is locked), so that server always
-//! takes the lease at once; the code path is the same.
+//! takes the lease at once; the code path is the same, except that it never steps down
+//! because a renewal came late ([`Store::lease_exclusive`]): no other server can take over,
+//! and stopping the controllers would only stall them (a renewal waits behind the database's
+//! one writer, which a burst of status reports can hold for seconds on a loaded machine).
 
 use std::cell::Cell;
 use std::future::Future;
@@ -209,10 +212,11 @@ pub async fn run_election(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let window = acting_window(ttl);
-    // The epoch held and until when this server may act on it.
-    let mut held: Option<(u64, Instant)> = None;
+    let exclusive = store.lease_exclusive();
+    // The epoch held and until when this server may act on it (`None`: while it renews).
+    let mut held: Option<(u64, Option<Instant>)> = None;
     let mut failures: u32 = 0;
-    let publish = |held: Option<(u64, Instant)>, seen: Option<&LeaseRecord>| {
+    let publish = |held: Option<(u64, Option<Instant>)>, seen: Option<&LeaseRecord>| {
         status.send_if_modified(|s| {
             let before = s.clone();
             s.leading = held.is_some();
@@ -234,7 +238,7 @@ pub async fn run_election(
         let sent = Instant::now();
         let (s, who, epoch) = (Arc::clone(&store), id.clone(), held.map_or(0, |(e, _)| e));
         let call = tokio::task::spawn_blocking(move || s.lease_acquire(&who, epoch, ttl));
-        let deadline = held.map(|(_, d)| d);
+        let deadline = held.and_then(|(_, d)| d);
         let outcome = tokio::select! {
             r = call => Some(r),
             () = sleep_until_opt(deadline) => None,
@@ -247,7 +251,7 @@ pub async fn run_election(
                     if held.map(|(e, _)| e) != Some(record.epoch) {
                         tracing::info!(server = %id, epoch = record.epoch, "this server leads now");
                     }
-                    held = Some((record.epoch, sent + window));
+                    held = Some((record.epoch, acting_until(exclusive, sent, window)));
                 } else {
                     if let Some((epoch, _)) = held {
                         tracing::warn!(server = %id, epoch, leader = %record.holder, new_epoch = record.epoch, "another server took the lease; stepping down");
@@ -267,7 +271,7 @@ pub async fn run_election(
             }
             None => {}
         }
-        if let Some((epoch, until)) = held
+        if let Some((epoch, Some(until))) = held
             && Instant::now() >= until
         {
             tracing::warn!(server = %id, epoch, "could not renew the leader lease in time; stepping down");
@@ -286,7 +290,7 @@ pub async fn run_election(
         };
         tokio::select! {
             () = tokio::time::sleep(next) => {}
-            () = sleep_until_opt(held.map(|(_, d)| d)) => {
+            () = sleep_until_opt(held.and_then(|(_, d)| d)) => {
                 if let Some((epoch, _)) = held {
                     tracing::warn!(server = %id, epoch, "could not renew the leader lease in time; stepping down");
                 }
@@ -314,6 +318,12 @@ pub async fn run_election(
             }
         }
     }
+}
+
+/// Until when a leader whose renewal was sent at `sent` may act: `window` after it, or, on a
+/// store no other server can take the lease of, for as long as it keeps renewing.
+fn acting_until(exclusive: bool, sent: Instant, window: Duration) -> Option<Instant> {
+    (!exclusive).then(|| sent + window)
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -414,6 +424,50 @@ mod tests {
         );
         write_as(&store, Some(2), "two").unwrap();
         write_as(&store, None, "three").unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sqlite_leader_whose_renewal_waits_for_the_writer_keeps_leading() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(super::super::sqlite::SqliteStore::open(&dir.path().join("db")).unwrap());
+        store
+            .write(&[(tenant("busy"), super::super::WriteMode::Apply)], false)
+            .unwrap();
+        let ttl = MIN_LEASE;
+        let (status, mut seen) = watch::channel(LeaderStatus::unknown("a"));
+        let (stop, shutdown) = watch::channel(false);
+        let election = tokio::spawn(run_election(
+            Arc::clone(&store),
+            "a".into(),
+            ttl,
+            status,
+            shutdown,
+        ));
+        seen.wait_for(|s| s.leading).await.unwrap();
+        // One write holds the database's writer for three times the acting window: every
+        // renewal meanwhile waits for it.
+        let busy = Arc::clone(&store);
+        let hold = acting_window(ttl) * 3;
+        let writer = tokio::task::spawn_blocking(move || {
+            let key = crate::model::ObjectKey::cluster(crate::model::Kind::Tenant, "busy");
+            busy.update(&key, &mut |_| {
+                std::thread::sleep(hold);
+                false
+            })
+        });
+        let until = Instant::now() + hold + ttl;
+        while Instant::now() < until {
+            let s = seen.borrow().clone();
+            assert!(
+                s.leading && s.epoch == 1,
+                "the only server of the database stepped down: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        writer.await.unwrap().unwrap();
+        stop.send(true).unwrap();
+        election.await.unwrap();
     }
 
     #[test]

@@ -636,6 +636,12 @@ pub trait Store: Send + Sync + 'static {
             "this store keeps no leader lease".into(),
         ))
     }
+    /// Whether no other server can ever take the lease of this store (one server per
+    /// database): then a renewal that is late, because the database was busy, is no reason
+    /// to step down ([`lease::run_election`]).
+    fn lease_exclusive(&self) -> bool {
+        false
+    }
     /// Lets the lease expire now if `holder` holds it in `epoch` (a leader that stops).
     fn lease_release(&self, holder: &str, epoch: u64) -> Result<(), StoreError> {
         let _ = (holder, epoch);

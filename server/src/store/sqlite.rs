@@ -1722,6 +1722,11 @@ impl Store for SqliteStore {
         })
     }
 
+    /// The data directory is locked: this server is the only one of its database.
+    fn lease_exclusive(&self) -> bool {
+        true
+    }
+
     fn lease_release(&self, holder: &str, epoch: u64) -> Result<(), StoreError> {
         let conn = lock(&self.writer);
         conn.execute(

@@ -211,7 +211,9 @@ fn min_ready_seconds_holds_the_next_move_and_a_restart_fails_the_gate() {
         ..Default::default()
     };
     let mut i = updated_to(3, 2, strategy);
-    pass(&mut i, t0());
+    let first = pass(&mut i, t0());
+    assert_eq!(first.targets, [(2, 2)]);
+    assert_eq!(first.gate, None, "the first move follows no gate");
     let now = t0() + 1000;
     agent(&mut i, now, &|_| true);
     agent(&mut i, now, &|_| true);
@@ -221,6 +223,16 @@ fn min_ready_seconds_holds_the_next_move_and_a_restart_fails_the_gate() {
     assert_eq!(d.wake_after_ms, Some(20_000), "wakes when the gate is due");
     let d = plan(&i, now + 30_000);
     assert_eq!(d.targets, [(1, 2)], "bot-2 passed; bot-1 moves");
+    assert_eq!(
+        d.gate,
+        Some(GateDecision {
+            replica: "bot-2".into(),
+            after_ms: 0
+        }),
+        "the move is decided when bot-2's gate passes"
+    );
+    let late = plan(&i, now + 30_042);
+    assert_eq!(late.gate.map(|g| g.after_ms), Some(42));
     // A restart (the agent reports it; readySince starts over) fails the gate instead.
     let r = &mut i.status.as_mut().unwrap().replica_status[2];
     r.restarts += 1;
@@ -528,7 +540,7 @@ mod with_store {
                     if r.target_revision.is_some() && r.config_revision != r.target_revision {
                         r.config_revision = r.target_revision;
                         r.state = ReplicaState::Ready;
-                        r.ready_since = Some(crate::util::now_rfc3339());
+                        r.ready_since = Some(crate::util::now_rfc3339_millis());
                         changed = true;
                     }
                 }
@@ -587,7 +599,21 @@ mod with_store {
             .unwrap();
         assert_eq!(read(&store).status.unwrap().config_revision, Some(1));
         let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(run(store.clone() as Arc<dyn Store>, rx));
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let task = tokio::spawn(run(store.clone() as Arc<dyn Store>, metrics.clone(), rx));
+        let gate_count = || {
+            let text = metrics
+                .render(store.as_ref(), &crate::agent_rpc::Reports::default())
+                .unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix("clusterclaw_rollout_gate_decision_seconds_count "))
+                .map(|n| n.parse::<u64>().unwrap())
+        };
+        assert_eq!(
+            gate_count(),
+            Some(0),
+            "the histogram is served from the start"
+        );
         eventually("the first revision's targets", || {
             targets(&read(&store)) == [Some(1), Some(1)]
         })
@@ -619,6 +645,11 @@ mod with_store {
             targets(&read(&store)) == [Some(2), Some(2)]
         })
         .await;
+        assert_eq!(
+            gate_count(),
+            Some(1),
+            "one gate decision: bot-1's gate let bot-0 move"
+        );
         report_ready(&store);
         eventually("the update to succeed", || {
             let s = read(&store).status.unwrap();
