@@ -1039,16 +1039,14 @@ mod tests {
             assert_eq!(state_of(&store, &key), ReplicaState::Ready, "{key}");
         }
         for host in ["h1", "h2"] {
-            let Resource::Host(h) = store
-                .get(&ObjectKey::cluster(Kind::Host, host))
-                .unwrap()
-                .unwrap()
-                .resource()
-                .unwrap()
-            else {
-                panic!()
+            let phase = match store.get(&ObjectKey::cluster(Kind::Host, host)) {
+                Ok(Some(o)) => match o.resource() {
+                    Ok(Resource::Host(h)) => h.status.map(|s| s.phase),
+                    _ => None,
+                },
+                _ => None,
             };
-            assert_eq!(h.status.unwrap().phase, HostPhase::Ready, "{host}");
+            assert_eq!(phase, Some(HostPhase::Ready), "{host}");
         }
         let beats = store.host_heartbeats().unwrap();
         assert!(
@@ -1060,7 +1058,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn submitted_reports_are_applied() {
         let (_dir, store, h1) = setup();
-        let store: Arc<dyn Store> = Arc::new(store);
+        let store = Arc::new(store);
         let reports = Arc::new(Reports::default());
         reports
             .submit(
@@ -1074,17 +1072,8 @@ mod tests {
             )
             .await
             .unwrap();
-        let Resource::OpenClawInstance(i) = store
-            .get(&ObjectKey::instance("t", "p", "bot"))
-            .unwrap()
-            .unwrap()
-            .resource()
-            .unwrap()
-        else {
-            panic!()
-        };
         assert_eq!(
-            i.status.unwrap().replica_status[0].state,
+            state_of(&store, &ObjectKey::instance("t", "p", "bot")),
             ReplicaState::Ready
         );
     }
