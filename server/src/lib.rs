@@ -5,6 +5,7 @@ pub mod agent_rpc;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod configcenter;

@@ -56,8 +56,11 @@ pub struct AssignmentBook {
     keyring: crate::configcenter::SharedKeyring,
     /// Secret values opened by earlier rebuilds, by envelope.
     opened: Mutex<HashMap<String, (Arc<SecretValue>, String)>>,
-    /// Bumped whenever any host's assignments change; 0 until the first build.
+    /// 0 until the first build, then 1.
     version: watch::Sender<u64>,
+    /// Per host with a long poll waiting: bumped when that host's assignments change, so that
+    /// a change wakes the polls of the hosts it reaches, not every poll of the fleet.
+    signals: Mutex<HashMap<String, watch::Sender<u64>>>,
     built_at: RwLock<u64>,
 }
 
@@ -69,6 +72,7 @@ impl Default for AssignmentBook {
             keyring: Arc::default(),
             opened: Mutex::default(),
             version: watch::channel(0).0,
+            signals: Mutex::default(),
             built_at: RwLock::new(0),
         }
     }
@@ -786,7 +790,7 @@ impl AssignmentBook {
             touched.extend(parts.deletions.keys().cloned());
             std::mem::swap(&mut parts.deletions, &mut deletions);
         }
-        let mut changed = false;
+        let mut changed_hosts: Vec<String> = Vec::new();
         {
             let mut hosts = self.hosts.write().unwrap_or_else(|e| e.into_inner());
             for name in touched {
@@ -817,7 +821,7 @@ impl AssignmentBook {
                     Some(cur) if cur.digest == digest => {}
                     None if list.is_empty() && kept.is_empty() && delete.is_empty() => {}
                     _ => {
-                        changed = true;
+                        changed_hosts.push(name.clone());
                         hosts.insert(
                             name,
                             Arc::new(HostAssignments {
@@ -838,8 +842,20 @@ impl AssignmentBook {
             *built = index.max(1);
             first
         };
-        if changed || first {
-            self.version.send_modify(|v| *v += 1);
+        if first {
+            self.version.send_replace(1);
+        }
+        if !changed_hosts.is_empty() {
+            let mut signals = self.signals.lock().unwrap_or_else(|e| e.into_inner());
+            for name in &changed_hosts {
+                if let Some(signal) = signals.get(name) {
+                    if signal.receiver_count() == 0 {
+                        signals.remove(name);
+                    } else {
+                        signal.send_modify(|v| *v += 1);
+                    }
+                }
+            }
         }
         stuck
     }
@@ -859,17 +875,26 @@ impl AssignmentBook {
     /// Long poll: returns at once when the host's assignments are at another index than
     /// `known` (0 means "I know nothing"), else waits for a change up to `wait`.
     pub async fn wait(&self, host: &str, known: u64, wait: Duration) -> Wait {
-        let mut rx = self.version.subscribe();
+        let mut built = self.version.subscribe();
+        let mut mine = self
+            .signals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(host.to_string())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            if *rx.borrow_and_update() > 0 {
+            if *built.borrow_and_update() > 0 {
+                mine.borrow_and_update();
                 let cur = self.current(host);
                 if known == 0 || cur.index != known {
                     return Wait::Changed(cur);
                 }
             }
             tokio::select! {
-                r = rx.changed() => if r.is_err() { return Wait::NoChange },
+                r = built.changed() => if r.is_err() { return Wait::NoChange },
+                r = mine.changed() => if r.is_err() { return Wait::NoChange },
                 _ = tokio::time::sleep_until(deadline) => return Wait::NoChange,
             }
         }
@@ -1127,6 +1152,43 @@ mod tests {
         assert!(book.current("h2").assignments.is_empty());
         assert_eq!(book.current("h2").index, 5);
         assert_eq!(book.current("nobody").assignments.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_wakes_only_the_polls_of_the_hosts_it_reaches() {
+        let book = Arc::new(AssignmentBook::default());
+        book.rebuild(&[inst("bot", 1, &[Some("h1")], "1Gi")], 3);
+        let poll = |host: &'static str, known: u64| {
+            let book = book.clone();
+            tokio::spawn(async move { book.wait(host, known, Duration::from_secs(300)).await })
+        };
+        let h1 = poll("h1", 3);
+        let h2 = poll("h2", 1);
+        tokio::task::yield_now().await;
+        assert_eq!(book.signals.lock().unwrap().len(), 2);
+        // Only h2 is reached: its poll answers, h1's is not even woken.
+        let h1_signal = book.signals.lock().unwrap()["h1"].borrow().to_owned();
+        book.rebuild(
+            &[
+                inst("bot", 1, &[Some("h1")], "1Gi"),
+                inst("x", 1, &[Some("h2")], "1Gi"),
+            ],
+            4,
+        );
+        let Wait::Changed(got) = h2.await.unwrap() else {
+            panic!("h2's change was not delivered")
+        };
+        assert_eq!((got.index, got.assignments.len()), (4, 1));
+        assert_eq!(*book.signals.lock().unwrap()["h1"].borrow(), h1_signal);
+        assert!(!h1.is_finished());
+        book.rebuild(&[inst("x", 1, &[Some("h2")], "1Gi")], 5);
+        let Wait::Changed(got) = h1.await.unwrap() else {
+            panic!("h1's change was not delivered")
+        };
+        assert_eq!((got.index, got.assignments.len()), (5, 0));
+        // No poll waits any more: the next change forgets their signals.
+        book.rebuild(&[inst("x", 1, &[Some("h1")], "1Gi")], 6);
+        assert!(book.signals.lock().unwrap().is_empty());
     }
 
     /// The render of `revision` the book holds for instance `name` of `t/p`.

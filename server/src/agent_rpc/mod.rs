@@ -21,6 +21,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::batch::Batcher;
 use crate::metrics::Metrics;
 use crate::model::{
     Host, HostCapacity, HostSpec, Kind, MAX_HOSTNAME_BYTES, Metadata, Quantity, Resource,
@@ -63,7 +64,19 @@ pub struct AgentRpc {
     pub limiter: Option<Arc<crate::ratelimit::AgentRateLimiter>>,
     /// Connected hosts' task streams and the tasks waiting for an answer (shared with the API).
     pub tasks: Arc<tasks::TaskHub>,
+    /// Enrollments waiting for the next group write (started by the first enrollment).
+    pub enrollments: Arc<EnrollmentQueue>,
 }
+
+/// Enrollments waiting for the next group write; none if its thread could not be started.
+pub type EnrollmentQueue = std::sync::OnceLock<
+    Option<Batcher<(String, i64, Resource), Result<crate::store::StoredObject, StoreError>>>,
+>;
+
+/// Most enrollments written in one group.
+const MAX_ENROLL_GROUP: usize = 256;
+/// Most enrollments waiting for a group write.
+const ENROLL_QUEUE: usize = 4096;
 
 fn store_status(e: StoreError) -> Status {
     match e {
@@ -136,90 +149,80 @@ impl AgentRpc {
     }
 
     /// Enrolls a host. Everything about the request is checked before the join token is
-    /// touched; the token is used up and the `Host` created in one store transaction.
-    fn enroll_blocking(&self, req: pb::EnrollRequest) -> Result<pb::EnrollResponse, Status> {
-        if req.hostname.len() > MAX_HOSTNAME_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "the hostname is {} bytes long; at most {MAX_HOSTNAME_BYTES} are allowed",
-                req.hostname.len()
-            )));
-        }
-        if req.labels.len() > MAX_HOST_LABELS {
-            return Err(Status::invalid_argument(format!(
-                "bad host labels: {} labels given; at most {MAX_HOST_LABELS} are allowed",
-                req.labels.len()
-            )));
-        }
-        let mut problems = Vec::new();
-        for (k, v) in &req.labels {
-            if let Err(e) = crate::model::validate_label_key(k)
-                .and_then(|_| crate::model::validate_label_value(v))
-            {
-                problems.push(e);
-            }
-        }
-        if !problems.is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "bad host labels: {}",
-                problems.join("; ")
-            )));
-        }
-        Ca::check_csr(&req.csr_pem)
-            .map_err(|e| Status::invalid_argument(format!("bad certificate request: {e}")))?;
-
-        let base = host_name_from(if req.hostname.is_empty() {
-            "host"
-        } else {
-            &req.hostname
-        });
-        let capacity = req.capacity.unwrap_or_default();
-        let host_named = |name: &str| {
-            Resource::Host(Host {
-                api_version: crate::model::API_VERSION.into(),
-                kind: Kind::Host,
-                metadata: Metadata {
-                    name: name.to_string(),
-                    labels: req.labels.clone().into_iter().collect(),
-                    ..Default::default()
-                },
-                spec: HostSpec {
-                    hostname: req.hostname.clone(),
-                    capacity: HostCapacity {
-                        cpu: Quantity(format_cpu(capacity.cpu_millis)),
-                        memory: Quantity(format_memory(capacity.memory_bytes)),
-                        disk: (capacity.disk_bytes > 0)
-                            .then(|| Quantity(format_memory(capacity.disk_bytes))),
-                    },
-                    unschedulable: false,
-                    agent_version: Some(req.agent_version.clone()).filter(|s| !s.is_empty()),
-                    os: Some(req.os.clone()).filter(|s| !s.is_empty()),
-                    arch: Some(req.arch.clone()).filter(|s| !s.is_empty()),
-                },
-                status: None,
+    /// touched; the token is used up and the `Host` created in one store transaction, shared
+    /// with the enrollments of other hosts arriving meanwhile (one sync to disk for the lot).
+    async fn enroll_grouped(&self, req: pb::EnrollRequest) -> Result<pb::EnrollResponse, Status> {
+        let (req, base) = try_blocking("Enroll", move || {
+            let base = check_enrollment(&req)?;
+            Ok::<_, Status>((req, base))
+        })
+        .await?;
+        let hash = crate::auth::hash_token(&req.join_token);
+        let host = enrolled_host(&req, &base);
+        let store = self.store.clone();
+        let queue = self.enrollments.get_or_init(|| {
+            Batcher::start(
+                "enrollment-writer",
+                MAX_ENROLL_GROUP,
+                ENROLL_QUEUE,
+                move |batch: Vec<(String, i64, Resource)>| store.enroll_hosts(batch),
+            )
+            .inspect_err(|e| {
+                tracing::error!(error = %e, "cannot start the enrollment writer; hosts enroll one by one")
             })
+            .ok()
+        });
+        let first = match queue {
+            Some(q) => q.submit((hash, unix_now(), host)).await,
+            None => None,
         };
-        // The longest name a retry can give is checked too (the suffix adds 5 characters).
-        for name in [base.clone(), format!("{base}-ffff")] {
-            let problems = validate_object(&host_named(&name));
-            if !problems.is_empty() {
-                return Err(store_status(StoreError::Invalid(problems)));
-            }
-        }
+        let this = self.clone();
+        try_blocking("Enroll", move || {
+            let created = match first {
+                Some(Ok(created)) => created,
+                // Its name is taken: other names are tried one by one.
+                Some(Err(StoreError::AlreadyExists(_))) => this.create_enrolled(&req, &base, 1)?,
+                Some(Err(e)) => return Err(store_status(e)),
+                None => this.create_enrolled(&req, &base, 0)?,
+            };
+            this.sign_enrolled(&req, created)
+        })
+        .await
+    }
 
+    /// Creates the host of an enrollment, named `base` (from attempt 0) or `base-XXXX` (a
+    /// random suffix, from attempt 1 on) while its name is taken.
+    fn create_enrolled(
+        &self,
+        req: &pb::EnrollRequest,
+        base: &str,
+        mut attempt: usize,
+    ) -> Result<crate::store::StoredObject, Status> {
         let token_hash = crate::auth::hash_token(&req.join_token);
         let now = unix_now();
-        let mut name = base.clone();
-        let mut attempt = 0;
-        let created = loop {
-            match self.store.enroll_host(&token_hash, now, host_named(&name)) {
-                Ok(created) => break created,
-                Err(StoreError::AlreadyExists(_)) if attempt < NAME_ATTEMPTS => {
-                    attempt += 1;
-                    name = format!("{base}-{:04x}", rand::random::<u16>());
-                }
+        loop {
+            let name = if attempt == 0 {
+                base.to_string()
+            } else {
+                format!("{base}-{:04x}", rand::random::<u16>())
+            };
+            match self
+                .store
+                .enroll_host(&token_hash, now, enrolled_host(req, &name))
+            {
+                Ok(created) => return Ok(created),
+                Err(StoreError::AlreadyExists(_)) if attempt < NAME_ATTEMPTS => attempt += 1,
                 Err(e) => return Err(store_status(e)),
             }
-        };
+        }
+    }
+
+    /// Signs the certificate of a host just created by its enrollment.
+    fn sign_enrolled(
+        &self,
+        req: &pb::EnrollRequest,
+        created: crate::store::StoredObject,
+    ) -> Result<pb::EnrollResponse, Status> {
         let id = HostIdentity {
             name: created.key.name.clone(),
             uid: created.uid.clone(),
@@ -249,6 +252,80 @@ impl AgentRpc {
             ca_pem: self.ca.cert_pem().to_string(),
         })
     }
+}
+
+/// Checks an enrollment request (hostname, labels, certificate request and the names its host
+/// may get) and returns the name its host is given first.
+fn check_enrollment(req: &pb::EnrollRequest) -> Result<String, Status> {
+    if req.hostname.len() > MAX_HOSTNAME_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "the hostname is {} bytes long; at most {MAX_HOSTNAME_BYTES} are allowed",
+            req.hostname.len()
+        )));
+    }
+    if req.labels.len() > MAX_HOST_LABELS {
+        return Err(Status::invalid_argument(format!(
+            "bad host labels: {} labels given; at most {MAX_HOST_LABELS} are allowed",
+            req.labels.len()
+        )));
+    }
+    let mut problems = Vec::new();
+    for (k, v) in &req.labels {
+        if let Err(e) =
+            crate::model::validate_label_key(k).and_then(|_| crate::model::validate_label_value(v))
+        {
+            problems.push(e);
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "bad host labels: {}",
+            problems.join("; ")
+        )));
+    }
+    Ca::check_csr(&req.csr_pem)
+        .map_err(|e| Status::invalid_argument(format!("bad certificate request: {e}")))?;
+    let base = host_name_from(if req.hostname.is_empty() {
+        "host"
+    } else {
+        &req.hostname
+    });
+    // The longest name a retry can give is checked too (the suffix adds 5 characters).
+    for name in [base.clone(), format!("{base}-ffff")] {
+        let problems = validate_object(&enrolled_host(req, &name));
+        if !problems.is_empty() {
+            return Err(store_status(StoreError::Invalid(problems)));
+        }
+    }
+    Ok(base)
+}
+
+/// The `Host` an enrollment creates, named `name`.
+fn enrolled_host(req: &pb::EnrollRequest, name: &str) -> Resource {
+    let capacity = req.capacity.unwrap_or_default();
+    Resource::Host(Host {
+        api_version: crate::model::API_VERSION.into(),
+        kind: Kind::Host,
+        metadata: Metadata {
+            name: name.to_string(),
+            labels: req.labels.clone().into_iter().collect(),
+            ..Default::default()
+        },
+        spec: HostSpec {
+            hostname: req.hostname.clone(),
+            capacity: HostCapacity {
+                cpu: Quantity(format_cpu(capacity.cpu_millis)),
+                memory: Quantity(format_memory(capacity.memory_bytes)),
+                disk: (capacity.disk_bytes > 0)
+                    .then(|| Quantity(format_memory(capacity.disk_bytes))),
+            },
+            unschedulable: false,
+            agent_version: Some(req.agent_version.clone()).filter(|s| !s.is_empty()),
+            os: Some(req.os.clone()).filter(|s| !s.is_empty()),
+            arch: Some(req.arch.clone()).filter(|s| !s.is_empty()),
+        },
+        status: None,
+    })
 }
 
 #[tonic::async_trait]
@@ -309,8 +386,7 @@ impl AgentService for AgentRpc {
         request: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
         let started = Instant::now();
-        let this = self.clone();
-        let r = try_blocking("Enroll", move || this.enroll_blocking(request.into_inner())).await;
+        let r = self.enroll_grouped(request.into_inner()).await;
         self.observe("Enroll", started, &r);
         r.map(Response::new)
     }
@@ -416,32 +492,36 @@ impl AgentService for AgentRpc {
                     break;
                 }
             };
-            let (store, reports, id2) = (self.store.clone(), self.reports.clone(), id.clone());
-            let metrics = self.metrics.clone();
             let assigned = self.book.current(&id.name);
-            let r = try_blocking("ReportStatus", move || {
-                let (events, recorded) = agent_events(&id2, &report.events, &assigned.assignments);
-                for e in &recorded {
-                    if let Some(kind) = crate::metrics::InstanceEvent::of_reason(&e.reason) {
-                        metrics.count_event(
-                            &e.object.tenant,
-                            &e.object.project,
-                            &e.object.name,
-                            kind,
-                        );
-                    }
+            let (events, recorded) = agent_events(&id, &report.events, &assigned.assignments);
+            for e in &recorded {
+                if let Some(kind) = crate::metrics::InstanceEvent::of_reason(&e.reason) {
+                    self.metrics.count_event(
+                        &e.object.tenant,
+                        &e.object.project,
+                        &e.object.name,
+                        kind,
+                    );
                 }
-                crate::events::record_all(store.as_ref(), recorded);
-                reports
-                    .apply_with(store.as_ref(), &id2, report, &assigned.assignments)
-                    .map_err(store_status)?;
-                if !events.is_empty() {
-                    // What an agent repaired on its own is part of the record of changes.
-                    store.append_audit(&events).map_err(store_status)?;
-                }
-                Ok::<(), Status>(())
-            })
-            .await;
+            }
+            crate::events::record_all(self.store.as_ref(), recorded);
+            // Written together with the reports of other hosts arriving meanwhile.
+            let mut r = self
+                .reports
+                .submit(self.store.clone(), id.clone(), report, assigned)
+                .await
+                .map_err(store_status);
+            if r.is_ok() && !events.is_empty() {
+                // What an agent repaired on its own is part of the record of changes.
+                let store = self.store.clone();
+                r = try_blocking("ReportStatus", move || {
+                    store
+                        .append_audit(&events)
+                        .map(|_| ())
+                        .map_err(store_status)
+                })
+                .await;
+            }
             self.metrics.observe_rpc(
                 "ReportStatus",
                 r.as_ref().err().map_or(tonic::Code::Ok, |e| e.code()),

@@ -3,13 +3,14 @@
 //! (read by the host liveness controller).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use clusterclaw_proto::agent as pb;
 use serde_json::json;
 
+use crate::batch::Batcher;
 use crate::model::{
     Condition, ConfigSync, Host, HostCapacity, HostPhase, Kind, ObjectKey, Quantity, ReplicaState,
     Resource, format_cpu, format_memory, summarize,
@@ -72,6 +73,22 @@ pub struct Reports {
     refused: AtomicU64,
     /// What each replica used lately, for the console's charts.
     history: Mutex<super::history::History>,
+    /// Reports waiting for the next group write (started by the first [`Reports::submit`];
+    /// none if its thread could not be started).
+    queue: OnceLock<Option<Batcher<QueuedReport, Result<(), StoreError>>>>,
+}
+
+/// Most reports written in one group.
+const MAX_REPORT_GROUP: usize = 512;
+/// Most reports waiting for a group write (each host has at most one in flight per stream).
+const REPORT_QUEUE: usize = 16_384;
+
+/// A report handed to [`Reports::submit`].
+pub struct QueuedReport {
+    store: Arc<dyn Store>,
+    host: HostIdentity,
+    report: pb::StatusReport,
+    assigned: Arc<super::book::HostAssignments>,
 }
 
 /// Why a replica entry of a report is not taken, if it is not: the reporting host is not the
@@ -114,6 +131,96 @@ fn non_empty(s: &str) -> Option<String> {
 }
 
 impl Reports {
+    /// Applies `report` of `host` (whose current assignments are `assigned`) together with
+    /// the reports of other hosts that arrive meanwhile: what must be written is written by one
+    /// thread in groups, one transaction for a whole group ([`Reports::apply_many`]), so that
+    /// a burst of reports from thousands of hosts costs a few syncs to disk, not one each.
+    pub async fn submit(
+        self: &Arc<Self>,
+        store: Arc<dyn Store>,
+        host: HostIdentity,
+        report: pb::StatusReport,
+        assigned: Arc<super::book::HostAssignments>,
+    ) -> Result<(), StoreError> {
+        let queue = self.queue.get_or_init(|| {
+            let reports = Arc::downgrade(self);
+            Batcher::start(
+                "report-writer",
+                MAX_REPORT_GROUP,
+                REPORT_QUEUE,
+                move |jobs: Vec<QueuedReport>| match reports.upgrade() {
+                    Some(r) => r.apply_queued(jobs),
+                    None => jobs
+                        .iter()
+                        .map(|_| Err(StoreError::Backend("the server is stopping".into())))
+                        .collect(),
+                },
+            )
+            .inspect_err(|e| {
+                tracing::error!(error = %e, "cannot start the report writer; reports are written one by one")
+            })
+            .ok()
+        });
+        let job = QueuedReport {
+            store,
+            host,
+            report,
+            assigned,
+        };
+        match queue {
+            Some(q) => q.submit(job).await.unwrap_or_else(|| {
+                Err(StoreError::Backend(
+                    "the report writer failed on this report's group".into(),
+                ))
+            }),
+            None => {
+                let this = self.clone();
+                crate::util::blocking("ReportStatus", move || this.apply_queued(vec![job]))
+                    .await
+                    .map_err(|e| StoreError::Backend(e.to_string()))?
+                    .pop()
+                    .unwrap_or(Ok(()))
+            }
+        }
+    }
+
+    /// [`Reports::apply_many`] of queued reports, each with its store (one group per store).
+    fn apply_queued(&self, jobs: Vec<QueuedReport>) -> Vec<Result<(), StoreError>> {
+        let mut outcomes: Vec<Option<Result<(), StoreError>>> =
+            std::iter::repeat_with(|| None).take(jobs.len()).collect();
+        let mut stores = Vec::with_capacity(jobs.len());
+        let mut assigned = Vec::with_capacity(jobs.len());
+        let mut reports = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            stores.push(j.store);
+            assigned.push(j.assigned);
+            reports.push(Some((j.host, j.report)));
+        }
+        let mut left: Vec<usize> = (0..stores.len()).collect();
+        while let Some(&first) = left.first() {
+            let store = stores[first].clone();
+            let (same, other): (Vec<usize>, Vec<usize>) = left
+                .into_iter()
+                .partition(|&i| Arc::ptr_eq(&stores[i], &store));
+            left = other;
+            let items = same
+                .iter()
+                .filter_map(|&i| {
+                    let (host, report) = reports[i].take()?;
+                    Some(ReportItem {
+                        host,
+                        report,
+                        assigned: &assigned[i].assignments,
+                    })
+                })
+                .collect();
+            for (i, r) in same.into_iter().zip(self.apply_many(store.as_ref(), items)) {
+                outcomes[i] = Some(r);
+            }
+        }
+        outcomes.into_iter().map(|o| o.unwrap_or(Ok(()))).collect()
+    }
+
     /// A snapshot of every host's latest report.
     pub fn snapshot(&self) -> HashMap<String, HostReport> {
         self.hosts.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -204,9 +311,84 @@ impl Reports {
         &self,
         store: &dyn Store,
         host: &HostIdentity,
-        mut report: pb::StatusReport,
+        report: pb::StatusReport,
         assigned: &[pb::Assignment],
     ) -> Result<(), StoreError> {
+        self.apply_many(
+            store,
+            vec![ReportItem {
+                host: host.clone(),
+                report,
+                assigned,
+            }],
+        )
+        .pop()
+        .unwrap_or(Ok(()))
+    }
+
+    /// [`Reports::apply_with`] for several reports at once (blocking): those that change what a
+    /// person reads are written together, their heartbeats in one transaction and their hosts'
+    /// and instances' status in one more (one sync to disk for the lot, however many hosts
+    /// reported). Each report's outcome, in the order given: a report of a host that is gone
+    /// fails alone; a failed write fails every report that needed it.
+    pub fn apply_many(
+        &self,
+        store: &dyn Store,
+        items: Vec<ReportItem<'_>>,
+    ) -> Vec<Result<(), StoreError>> {
+        let mut outcomes: Vec<Option<Result<(), StoreError>>> =
+            std::iter::repeat_with(|| None).take(items.len()).collect();
+        let mut waiting: Vec<(usize, Pending<'_>)> = Vec::new();
+        for (i, item) in items.into_iter().enumerate() {
+            match self.begin(store, item) {
+                Ok(Some(p)) => waiting.push((i, p)),
+                Ok(None) => outcomes[i] = Some(Ok(())),
+                Err(e) => outcomes[i] = Some(Err(e)),
+            }
+        }
+        // One report per host in a write: a second one of the same host (a stream opened
+        // again) goes in the next, after the first.
+        while !waiting.is_empty() {
+            let mut names = std::collections::HashSet::new();
+            let (mut now, later): (Vec<_>, Vec<_>) = waiting
+                .into_iter()
+                .partition(|(_, p)| names.insert(p.host.name.clone()));
+            waiting = later;
+            let mut batch: Vec<Pending<'_>> = Vec::with_capacity(now.len());
+            let mut at: Vec<usize> = Vec::with_capacity(now.len());
+            for (i, p) in now.drain(..) {
+                at.push(i);
+                batch.push(p);
+            }
+            match write_pending(store, &self.pending, &mut batch) {
+                Ok(()) => {
+                    for (i, p) in at.into_iter().zip(batch) {
+                        outcomes[i] = Some(self.finish(store, p));
+                    }
+                }
+                Err(e) => {
+                    let failed = crate::store::failed_together(e, at.len());
+                    for (i, r) in at.into_iter().zip(failed) {
+                        outcomes[i] = Some(r);
+                    }
+                }
+            }
+        }
+        outcomes.into_iter().map(|o| o.unwrap_or(Ok(()))).collect()
+    }
+
+    /// Applies at once what needs no write (a report that says what the previous one said);
+    /// else what the write needs.
+    fn begin<'a>(
+        &self,
+        store: &dyn Store,
+        item: ReportItem<'a>,
+    ) -> Result<Option<Pending<'a>>, StoreError> {
+        let ReportItem {
+            host,
+            report,
+            assigned,
+        } = item;
         let expected_content: HashMap<(&str, &str, &str), (&str, &str)> = assigned
             .iter()
             .map(|a| {
@@ -246,7 +428,7 @@ impl Reports {
                 prev.received = now;
                 prev.report = report;
             }
-            return Ok(());
+            return Ok(None);
         }
         let mut by_instance: HashMap<ObjectKey, Vec<usize>> = HashMap::new();
         for (i, r) in report.replicas.iter().enumerate() {
@@ -255,94 +437,45 @@ impl Reports {
                 .or_default()
                 .push(i);
         }
-        // The heartbeat first: a liveness pass that reads it after this sees the host alive,
-        // even before the report's writes commit. One upsert, outside the global index.
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .beats
-            .remove(&host.name);
-        store.record_heartbeats(&[(host.name.as_str(), crate::controllers::hosts::now_ms())])?;
-        let host_key = ObjectKey::cluster(Kind::Host, &host.name);
-        let mut instance_keys: Vec<ObjectKey> = by_instance.keys().cloned().collect();
-        instance_keys.sort();
-        // The host first: the replicas are only written once it is known to be this one.
-        let keys: Vec<ObjectKey> = std::iter::once(host_key.clone())
-            .chain(instance_keys)
-            .collect();
-        let mut host_is_current = false;
-        let mut wrote_host = false;
-        let mut turned_ready = false;
-        let mut accepted = vec![false; report.replicas.len()];
-        let mut refused: Vec<Option<String>> = vec![None; report.replicas.len()];
-        let now_ready = crate::util::now_rfc3339_millis();
-        store.update_many(&keys, &mut |res| match res {
-            Resource::Host(h) => {
-                if h.metadata.uid.as_deref() != Some(host.uid.as_str()) {
-                    return false;
-                }
-                host_is_current = true;
-                let phase_changed = h.status.as_ref().map(|s| s.phase) != Some(HostPhase::Ready);
-                if !(refresh_host || phase_changed) {
-                    return false;
-                }
-                turned_ready = phase_changed;
-                wrote_host = true;
-                write_host_status(h, &report);
-                true
-            }
-            Resource::OpenClawInstance(inst) => {
-                if !host_is_current {
-                    return false;
-                }
-                let Some(reported) = by_instance.get(&inst.key()) else {
-                    return false;
-                };
-                let Some(status) = inst.status.as_mut() else {
-                    return false;
-                };
-                for &i in reported {
-                    let rep = &report.replicas[i];
-                    let Some(entry) = status
-                        .replica_status
-                        .iter_mut()
-                        .find(|e| e.name == rep.replica)
-                    else {
-                        continue;
-                    };
-                    if let Some(why) = refuse_replica_report(entry, &host.name, rep.epoch) {
-                        // Counted once per report, not per store retry of this closure.
-                        refused[i] = Some(why);
-                        continue;
-                    }
-                    accepted[i] = true;
-                    let state = replica_state(rep.state);
-                    let revision = (rep.config_revision > 0).then_some(rep.config_revision);
-                    entry.ready_since =
-                        ready_since(entry, state, revision, rep.restarts, &now_ready);
-                    entry.snapshots = snapshots(&rep.snapshots);
-                    entry.state = state;
-                    entry.message = non_empty(&rep.message);
-                    entry.container_id = non_empty(&rep.container_id);
-                    entry.restarts = rep.restarts;
-                    entry.host_port = u16::try_from(rep.host_port).ok().filter(|p| *p != 0);
-                    entry.config_hash = non_empty(&rep.config_hash);
-                    entry.generation = (rep.generation > 0).then_some(rep.generation);
-                    entry.config_revision =
-                        (rep.config_revision > 0).then_some(rep.config_revision);
-                    entry.config_sync = config_sync(&expected_content, rep);
-                }
-                summarize(inst);
-                true
-            }
-            Resource::Tenant(_)
-            | Resource::Project(_)
-            | Resource::ConfigTemplate(_)
-            | Resource::Secret(_)
-            | Resource::Rollout(_) => false,
-        })?;
+        let n = report.replicas.len();
+        Ok(Some(Pending {
+            host,
+            report,
+            expected_content,
+            now,
+            host_now,
+            replicas_now,
+            refresh_host,
+            by_instance,
+            host_is_current: false,
+            wrote_host: false,
+            turned_ready: false,
+            accepted: vec![false; n],
+            refused: vec![None; n],
+        }))
+    }
+
+    /// What follows a report's write: its volumes, its refusals, its event and what is kept
+    /// in memory.
+    fn finish(&self, store: &dyn Store, p: Pending<'_>) -> Result<(), StoreError> {
+        let Pending {
+            host,
+            mut report,
+            now,
+            host_now,
+            replicas_now,
+            host_is_current,
+            wrote_host,
+            turned_ready,
+            accepted,
+            refused,
+            ..
+        } = p;
         if !host_is_current {
-            return Err(StoreError::NotFound(host_key));
+            return Err(StoreError::NotFound(ObjectKey::cluster(
+                Kind::Host,
+                &host.name,
+            )));
         }
         if report.volumes_listed {
             let listed: Vec<ReportedVolume> = report
@@ -404,6 +537,157 @@ impl Reports {
         );
         Ok(())
     }
+}
+
+/// One report to apply: the host that sent it (from its certificate) and its assignments.
+pub struct ReportItem<'a> {
+    pub host: HostIdentity,
+    pub report: pb::StatusReport,
+    pub assigned: &'a [pb::Assignment],
+}
+
+/// A report whose write is due, and what the write found.
+struct Pending<'a> {
+    host: HostIdentity,
+    report: pb::StatusReport,
+    /// (tenant, project, replica) → (config hash, content hash) assigned.
+    expected_content: HashMap<(&'a str, &'a str, &'a str), (&'a str, &'a str)>,
+    now: Instant,
+    host_now: u64,
+    replicas_now: u64,
+    refresh_host: bool,
+    /// The report's replica entries by instance.
+    by_instance: HashMap<ObjectKey, Vec<usize>>,
+    host_is_current: bool,
+    wrote_host: bool,
+    turned_ready: bool,
+    accepted: Vec<bool>,
+    refused: Vec<Option<String>>,
+}
+
+/// Writes the reports of `batch` (one per host): their heartbeats in one transaction, then
+/// each host's status and its replicas' states in one more, a host's replicas only while the
+/// host still exists with the uid of its certificate.
+fn write_pending(
+    store: &dyn Store,
+    beats: &Mutex<PendingBeats>,
+    batch: &mut [Pending<'_>],
+) -> Result<(), StoreError> {
+    // The heartbeats first: a liveness pass that reads them after this sees the hosts alive,
+    // even before the reports' writes commit. One upsert each, outside the global index.
+    {
+        let mut pending = beats.lock().unwrap_or_else(|e| e.into_inner());
+        for p in batch.iter() {
+            pending.beats.remove(&p.host.name);
+        }
+    }
+    let at = crate::controllers::hosts::now_ms();
+    let heartbeats: Vec<(&str, i64)> = batch.iter().map(|p| (p.host.name.as_str(), at)).collect();
+    store.record_heartbeats(&heartbeats)?;
+    drop(heartbeats);
+    let by_host: HashMap<String, usize> = batch
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.host.name.clone(), i))
+        .collect();
+    let mut by_instance: std::collections::BTreeMap<ObjectKey, Vec<usize>> =
+        std::collections::BTreeMap::new();
+    for (i, p) in batch.iter().enumerate() {
+        for key in p.by_instance.keys() {
+            by_instance.entry(key.clone()).or_default().push(i);
+        }
+    }
+    let mut host_keys: Vec<ObjectKey> = batch
+        .iter()
+        .map(|p| ObjectKey::cluster(Kind::Host, &p.host.name))
+        .collect();
+    host_keys.sort();
+    // The hosts first: a host's replicas are only written once it is known to be this one.
+    let keys: Vec<ObjectKey> = host_keys
+        .into_iter()
+        .chain(by_instance.keys().cloned())
+        .collect();
+    let now_ready = crate::util::now_rfc3339_millis();
+    store.update_many(&keys, &mut |res| match res {
+        Resource::Host(h) => {
+            let Some(p) = by_host.get(&h.metadata.name).map(|&i| &mut batch[i]) else {
+                return false;
+            };
+            if h.metadata.uid.as_deref() != Some(p.host.uid.as_str()) {
+                return false;
+            }
+            p.host_is_current = true;
+            let phase_changed = h.status.as_ref().map(|s| s.phase) != Some(HostPhase::Ready);
+            if !(p.refresh_host || phase_changed) {
+                return false;
+            }
+            p.turned_ready = phase_changed;
+            p.wrote_host = true;
+            write_host_status(h, &p.report);
+            true
+        }
+        Resource::OpenClawInstance(inst) => {
+            let key = inst.key();
+            let Some(from) = by_instance.get(&key) else {
+                return false;
+            };
+            let Some(status) = inst.status.as_mut() else {
+                return false;
+            };
+            let mut changed = false;
+            for &b in from {
+                let p = &mut batch[b];
+                if !p.host_is_current {
+                    continue;
+                }
+                let Some(reported) = p.by_instance.get(&key) else {
+                    continue;
+                };
+                changed = true;
+                for &i in reported {
+                    let rep = &p.report.replicas[i];
+                    let Some(entry) = status
+                        .replica_status
+                        .iter_mut()
+                        .find(|e| e.name == rep.replica)
+                    else {
+                        continue;
+                    };
+                    if let Some(why) = refuse_replica_report(entry, &p.host.name, rep.epoch) {
+                        // Counted once per report, not per store retry of this closure.
+                        p.refused[i] = Some(why);
+                        continue;
+                    }
+                    p.accepted[i] = true;
+                    let state = replica_state(rep.state);
+                    let revision = (rep.config_revision > 0).then_some(rep.config_revision);
+                    entry.ready_since =
+                        ready_since(entry, state, revision, rep.restarts, &now_ready);
+                    entry.snapshots = snapshots(&rep.snapshots);
+                    entry.state = state;
+                    entry.message = non_empty(&rep.message);
+                    entry.container_id = non_empty(&rep.container_id);
+                    entry.restarts = rep.restarts;
+                    entry.host_port = u16::try_from(rep.host_port).ok().filter(|p| *p != 0);
+                    entry.config_hash = non_empty(&rep.config_hash);
+                    entry.generation = (rep.generation > 0).then_some(rep.generation);
+                    entry.config_revision =
+                        (rep.config_revision > 0).then_some(rep.config_revision);
+                    entry.config_sync = config_sync(&p.expected_content, rep);
+                }
+            }
+            if changed {
+                summarize(inst);
+            }
+            changed
+        }
+        Resource::Tenant(_)
+        | Resource::Project(_)
+        | Resource::ConfigTemplate(_)
+        | Resource::Secret(_)
+        | Resource::Rollout(_) => false,
+    })?;
+    Ok(())
 }
 
 /// A digest of what a report says about its host that `Host.status` shows and that is not a
@@ -693,6 +977,105 @@ mod tests {
             panic!("{key} is not an instance")
         };
         i.status.unwrap().replica_status[0].state
+    }
+
+    #[test]
+    fn reports_of_many_hosts_are_written_in_one_transaction_and_fail_alone() {
+        let (_dir, store, h1) = setup();
+        let h2 = Resource::from_value(serde_json::json!({"apiVersion": "clusterclaw.io/v1",
+            "kind": "Host", "metadata": {"name": "h2"},
+            "spec": {"hostname": "h2", "capacity": {"cpu": "4", "memory": "8Gi"}}}))
+        .unwrap();
+        let written = store.write(&[(h2, WriteMode::Apply)], false).unwrap();
+        let h2 = HostIdentity {
+            name: "h2".into(),
+            uid: written.results[0].object.uid.clone(),
+        };
+        let gone = HostIdentity {
+            name: "h3".into(),
+            uid: "not-a-host".into(),
+        };
+        let reports = Reports::default();
+        let report = |r: pb::ReplicaStatus| pb::StatusReport {
+            replicas: vec![r],
+            ..Default::default()
+        };
+        let before = store.index();
+        let outcomes = reports.apply_many(
+            &store,
+            vec![
+                ReportItem {
+                    host: h1,
+                    report: report(replica("t", "p", "bot", "bot-0")),
+                    assigned: &[],
+                },
+                ReportItem {
+                    host: gone,
+                    report: report(replica("t", "p", "bot", "bot-0")),
+                    assigned: &[],
+                },
+                ReportItem {
+                    host: h2,
+                    report: report(replica("other", "q", "secret", "secret-0")),
+                    assigned: &[],
+                },
+            ],
+        );
+        assert!(outcomes[0].is_ok(), "{outcomes:?}");
+        assert!(
+            matches!(&outcomes[1], Err(StoreError::NotFound(k)) if k.name == "h3"),
+            "{outcomes:?}"
+        );
+        assert!(outcomes[2].is_ok(), "{outcomes:?}");
+        assert_eq!(
+            store.index(),
+            before + 1,
+            "both hosts, both instances: one write"
+        );
+        for key in [
+            ObjectKey::instance("t", "p", "bot"),
+            ObjectKey::instance("other", "q", "secret"),
+        ] {
+            assert_eq!(state_of(&store, &key), ReplicaState::Ready, "{key}");
+        }
+        for host in ["h1", "h2"] {
+            let phase = match store.get(&ObjectKey::cluster(Kind::Host, host)) {
+                Ok(Some(o)) => match o.resource() {
+                    Ok(Resource::Host(h)) => h.status.map(|s| s.phase),
+                    _ => None,
+                },
+                _ => None,
+            };
+            assert_eq!(phase, Some(HostPhase::Ready), "{host}");
+        }
+        let beats = store.host_heartbeats().unwrap();
+        assert!(
+            beats.contains_key("h1") && beats.contains_key("h2"),
+            "{beats:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn submitted_reports_are_applied() {
+        let (_dir, store, h1) = setup();
+        let store = Arc::new(store);
+        let reports = Arc::new(Reports::default());
+        reports
+            .submit(
+                store.clone(),
+                h1,
+                pb::StatusReport {
+                    replicas: vec![replica("t", "p", "bot", "bot-0")],
+                    ..Default::default()
+                },
+                Arc::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            state_of(&store, &ObjectKey::instance("t", "p", "bot")),
+            ReplicaState::Ready
+        );
     }
 
     #[test]

@@ -39,6 +39,7 @@ async fn start() -> Harness {
         reports: Arc::default(),
         metrics: Arc::default(),
         tasks: Arc::default(),
+        enrollments: Arc::default(),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!(

@@ -28,6 +28,7 @@
 //! store's index only grows, an epoch is never reused for a replica name, even after the
 //! instance is deleted and created again.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -304,6 +305,45 @@ impl<'a> Node<'a> {
     }
 }
 
+/// A host in a ranking: (score with one more replica of the ranking's size, host index, the
+/// host's replica count when scored).
+type Ranked = (u128, usize, u64);
+
+/// What a ranking is for: replicas of this cpu and memory, on hosts matching this selector.
+type Size<'a> = (u64, u64, &'a BTreeMap<String, String>);
+
+/// Rankings kept at once; one more drops them all (each is rebuilt in one scan of the hosts).
+const MAX_RANKINGS: usize = 8;
+
+/// Hosts ranked by how full one more replica of a size would make them (a min-heap), so that
+/// placing a replica costs a few heap steps instead of a scan of every host. An entry scored
+/// before its host was charged again is scored anew when it comes up: scores only grow as a
+/// pass charges hosts, so the first up-to-date entry is the least, as a full scan would find.
+#[derive(Default)]
+struct Rankings<'a> {
+    by_size: HashMap<Size<'a>, std::collections::BinaryHeap<Reverse<Ranked>>>,
+}
+
+impl<'a> Rankings<'a> {
+    /// The ranking of `size`, built from the hosts `eligible` for it if there is none.
+    fn of(
+        &mut self,
+        size: Size<'a>,
+        eligible: &[usize],
+        nodes: &[Node<'_>],
+    ) -> &mut std::collections::BinaryHeap<Reverse<Ranked>> {
+        if !self.by_size.contains_key(&size) && self.by_size.len() >= MAX_RANKINGS {
+            self.by_size.clear();
+        }
+        self.by_size.entry(size).or_insert_with(|| {
+            eligible
+                .iter()
+                .map(|&i| Reverse((nodes[i].score_after(size.0, size.1), i, nodes[i].replicas)))
+                .collect()
+        })
+    }
+}
+
 /// An instance being planned.
 struct Work<'a> {
     key: ObjectKey,
@@ -411,6 +451,9 @@ pub fn plan_at(instances: &[OpenClawInstance], hosts: &[Host], now_ms: i64) -> P
     // Replicas of the instance being placed, per host; reset after each instance.
     let mut spread = vec![0u32; nodes.len()];
     let mut eligible: Vec<usize> = Vec::with_capacity(nodes.len());
+    let mut ranked = Rankings::default();
+    // Hosts taken out of a ranking while an instance is placed (they hold one of its replicas).
+    let mut aside: Vec<Reverse<Ranked>> = Vec::new();
     for w in &mut work {
         if w.slots.iter().all(Option::is_some) {
             continue;
@@ -453,18 +496,45 @@ pub fn plan_at(instances: &[OpenClawInstance], hosts: &[Host], now_ms: i64) -> P
                 spread[i] += 1;
                 continue;
             }
-            let mut misfits = static_misfits;
+            // The emptiest fitting host without a replica of this instance, from the ranking
+            // of its size; a full scan only when there is none (to say why, or to spread).
+            let heap = ranked.of(
+                (w.cpu, w.memory, &w.instance.spec.placement.host_selector),
+                &eligible,
+                &nodes,
+            );
             let mut best: Option<(u32, u128, usize)> = None;
-            for &i in &eligible {
+            while let Some(Reverse((score, i, charges))) = heap.pop() {
                 let node = &nodes[i];
-                if let Some(m) = node.resource_misfit(w.cpu, w.memory) {
-                    misfits[m as usize] += 1;
-                    continue;
+                if charges != node.replicas {
+                    heap.push(Reverse((
+                        node.score_after(w.cpu, w.memory),
+                        i,
+                        node.replicas,
+                    )));
+                } else if spread[i] > 0 {
+                    aside.push(Reverse((score, i, charges)));
+                } else if node.resource_misfit(w.cpu, w.memory).is_none() {
+                    best = Some((0, score, i));
+                    break;
                 }
-                // Hosts are in name order, so a strict improvement keeps the first name on ties.
-                let candidate = (spread[i], node.score_after(w.cpu, w.memory), i);
-                if best.is_none_or(|b| (candidate.0, candidate.1) < (b.0, b.1)) {
-                    best = Some(candidate);
+                // A host this size does not fit never fits it later in the pass (hosts are
+                // only charged): it leaves the ranking.
+            }
+            let mut misfits = static_misfits;
+            if best.is_none() {
+                for &i in &eligible {
+                    let node = &nodes[i];
+                    if let Some(m) = node.resource_misfit(w.cpu, w.memory) {
+                        misfits[m as usize] += 1;
+                        continue;
+                    }
+                    // Hosts are in name order, so a strict improvement keeps the first name on
+                    // ties.
+                    let candidate = (spread[i], node.score_after(w.cpu, w.memory), i);
+                    if best.is_none_or(|b| (candidate.0, candidate.1) < (b.0, b.1)) {
+                        best = Some(candidate);
+                    }
                 }
             }
             match (best, w.lost.get(&ordinal)) {
@@ -472,6 +542,11 @@ pub fn plan_at(instances: &[OpenClawInstance], hosts: &[Host], now_ms: i64) -> P
                     w.slots[ordinal] = Some(i);
                     nodes[i].charge(w.cpu, w.memory);
                     spread[i] += 1;
+                    aside.push(Reverse((
+                        nodes[i].score_after(w.cpu, w.memory),
+                        i,
+                        nodes[i].replicas,
+                    )));
                 }
                 // Nowhere else to go: the replica keeps waiting for its host.
                 (None, Some(&(i, _))) => {
@@ -488,6 +563,13 @@ pub fn plan_at(instances: &[OpenClawInstance], hosts: &[Host], now_ms: i64) -> P
         for i in w.slots.iter().flatten() {
             spread[*i] = 0;
         }
+        ranked
+            .of(
+                (w.cpu, w.memory, &w.instance.spec.placement.host_selector),
+                &eligible,
+                &nodes,
+            )
+            .extend(aside.drain(..));
     }
 
     let mut moves = BTreeMap::new();

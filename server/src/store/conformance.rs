@@ -181,6 +181,7 @@ suite!(
     update_keeps_generation_and_bumps_the_index,
     join_tokens_are_checked_and_used_up,
     enrolling_uses_the_token_and_creates_the_host_together,
+    enrolling_many_hosts_at_once_refuses_each_alone,
     reads_report_the_index_of_their_snapshot,
     quotas_are_checked_against_the_whole_batch,
     audit_records_chain_and_commit_with_their_change,
@@ -760,6 +761,60 @@ pub fn enrolling_uses_the_token_and_creates_the_host_together(store: &dyn Store)
         store.enroll_host("hash-twice", 200, tenant("t")),
         Err(StoreError::Backend(_))
     ));
+}
+
+pub fn enrolling_many_hosts_at_once_refuses_each_alone(store: &dyn Store) {
+    store
+        .insert_token(&token("thrice", TokenKind::Join, Some(1000), Some(3)))
+        .unwrap();
+    store
+        .enroll_host("hash-thrice", 200, host("taken"))
+        .unwrap();
+    let before = store.index();
+    let out = store.enroll_hosts(vec![
+        ("hash-thrice".into(), 200, host("a")),
+        ("hash-thrice".into(), 200, host("taken")),
+        ("hash-nope".into(), 200, host("b")),
+        ("hash-thrice".into(), 200, host("c")),
+        ("hash-thrice".into(), 200, host("d")),
+    ]);
+    assert_eq!(out.len(), 5);
+    assert_eq!(out[0].as_ref().unwrap().key.name, "a");
+    assert!(
+        matches!(&out[1], Err(StoreError::AlreadyExists(_))),
+        "{:?}",
+        out[1]
+    );
+    assert!(
+        matches!(&out[2], Err(StoreError::JoinRefused(JoinRefusal::Unknown))),
+        "{:?}",
+        out[2]
+    );
+    assert_eq!(out[3].as_ref().unwrap().key.name, "c");
+    assert!(
+        matches!(&out[4], Err(StoreError::JoinRefused(JoinRefusal::UsedUp))),
+        "the name taken used nothing up; a and c used the last two: {:?}",
+        out[4]
+    );
+    for (name, exists) in [("a", true), ("b", false), ("c", true), ("d", false)] {
+        assert_eq!(
+            store
+                .get(&ObjectKey::cluster(Kind::Host, name))
+                .unwrap()
+                .is_some(),
+            exists,
+            "{name}"
+        );
+    }
+    assert!(store.index() > before);
+    assert_eq!(
+        store
+            .token_by_hash("hash-thrice")
+            .unwrap()
+            .unwrap()
+            .uses_remaining,
+        Some(0)
+    );
 }
 
 pub fn reads_report_the_index_of_their_snapshot(store: &dyn Store) {

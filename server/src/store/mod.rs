@@ -301,6 +301,20 @@ pub enum JoinRefusal {
     NotAJoinToken,
 }
 
+/// The outcomes of `count` writes that failed together with `e`: the first gets `e`, the
+/// others its text.
+pub fn failed_together<T>(e: StoreError, count: usize) -> Vec<Result<T, StoreError>> {
+    let text = e.to_string();
+    let mut first = Some(e);
+    (0..count)
+        .map(|_| {
+            Err(first
+                .take()
+                .unwrap_or_else(|| StoreError::Backend(text.clone())))
+        })
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{0} not found")]
@@ -700,6 +714,19 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
         host: Resource,
     ) -> Result<StoredObject, StoreError>;
+    /// [`Store::enroll_host`] for several hosts, each `(join_token_hash, now, host)`; each
+    /// enrollment succeeds or fails alone, as it would by itself, and the outcomes come in the
+    /// order given. A store that can writes them in one transaction (one sync to disk for the
+    /// lot); the default enrolls them one by one.
+    fn enroll_hosts(
+        &self,
+        batch: Vec<(String, i64, Resource)>,
+    ) -> Vec<Result<StoredObject, StoreError>> {
+        batch
+            .into_iter()
+            .map(|(hash, now, host)| self.enroll_host(&hash, now, host))
+            .collect()
+    }
     fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
     /// Returns false if there is no such token.
     fn revoke_token(&self, id: &str) -> Result<bool, StoreError>;

@@ -1900,6 +1900,37 @@ impl Store for SqliteStore {
         Ok(object)
     }
 
+    fn enroll_hosts(
+        &self,
+        batch: Vec<(String, i64, Resource)>,
+    ) -> Vec<Result<StoredObject, StoreError>> {
+        let created_at = now_rfc3339();
+        let count = batch.len();
+        let written = self.write_tx(false, |tx, next| {
+            let mut out = Vec::with_capacity(batch.len());
+            for (hash, now, host) in &batch {
+                // Each enrollment in a savepoint of its own: one refused leaves the others.
+                tx.execute_batch("SAVEPOINT enroll")?;
+                let r = rules::enroll_host(&mut SqliteTx(tx), hash, *now, host, next, &created_at);
+                if r.is_err() {
+                    tx.execute_batch("ROLLBACK TO enroll")?;
+                }
+                tx.execute_batch("RELEASE enroll")?;
+                out.push(r);
+            }
+            let effect = if out.iter().any(Result::is_ok) {
+                Effect::Observed
+            } else {
+                Effect::Unchanged
+            };
+            Ok((out, effect))
+        });
+        match written {
+            Ok((out, _)) => out,
+            Err(e) => super::failed_together(e, count),
+        }
+    }
+
     fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(&format!(

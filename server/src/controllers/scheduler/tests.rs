@@ -623,6 +623,92 @@ fn ten_thousand_instances_on_a_hundred_hosts() {
     }
 }
 
+/// New replicas placed as by a scan of every host for each: the least
+/// (replicas of the instance there, fullness after, name) among the hosts that fit.
+fn placed_by_scan(instances: &[OpenClawInstance], hosts: &[Host]) -> Vec<Vec<Option<String>>> {
+    let mut nodes: Vec<Node<'_>> = hosts.iter().map(Node::new).collect();
+    nodes.sort_by(|a, b| a.name.cmp(b.name));
+    let mut sorted: Vec<&OpenClawInstance> = instances.iter().collect();
+    sorted.sort_by_key(|i| i.key());
+    sorted
+        .into_iter()
+        .map(|inst| {
+            let (cpu, memory) = (inst.spec.cpu_millis(), inst.spec.memory_bytes());
+            let mut spread = vec![0u32; nodes.len()];
+            (0..inst.spec.replicas)
+                .map(|_| {
+                    let best = (0..nodes.len())
+                        .filter(|&i| {
+                            nodes[i]
+                                .static_misfit(&inst.spec.placement.host_selector)
+                                .is_none()
+                                && nodes[i].resource_misfit(cpu, memory).is_none()
+                        })
+                        .min_by_key(|&i| (spread[i], nodes[i].score_after(cpu, memory), i))?;
+                    nodes[best].charge(cpu, memory);
+                    spread[best] += 1;
+                    Some(nodes[best].name.to_string())
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn ranked_hosts_place_as_a_scan_of_every_host_would() {
+    // A pseudo-random mix: hosts of many sizes and labels that fill up, instances of more
+    // sizes than rankings are kept, some with selectors, some with more replicas than hosts.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for round in 0..4 {
+        let hosts: Vec<Host> = (0..40 + round * 20)
+            .map(|i| {
+                let b = HostBuilder::new(&format!("h{i:03}"))
+                    .cpu(&format!("{}", 1 + next(8)))
+                    .memory(&format!("{}Gi", 1 + next(16)))
+                    .labels(&[("zone", ["a", "b", "c"][next(3) as usize])]);
+                match next(10) {
+                    0 => b.not_ready(),
+                    1 => b.unschedulable(),
+                    _ => b,
+                }
+                .build()
+            })
+            .collect();
+        let instances: Vec<OpenClawInstance> = (0..120)
+            .map(|i| {
+                let b = InstanceBuilder::new(&format!("bot-{i:03}"))
+                    .replicas(1 + next(6) as i64 + if i % 29 == 0 { 80 } else { 0 })
+                    .cpu(&format!("{}m", 100 * (1 + next(12))))
+                    .memory(&format!("{}Mi", 128 * (1 + next(3))));
+                if next(4) == 0 {
+                    b.selector(&[("zone", ["a", "b", "c"][next(3) as usize])])
+                } else {
+                    b
+                }
+                .build()
+            })
+            .collect();
+        let p = plan(&instances, &hosts);
+        let expected = placed_by_scan(&instances, &hosts);
+        let mut sorted: Vec<&OpenClawInstance> = instances.iter().collect();
+        sorted.sort_by_key(|i| i.key());
+        for (inst, want) in sorted.into_iter().zip(expected) {
+            let got: Vec<Option<String>> = p
+                .hosts_of(&inst.key())
+                .into_iter()
+                .map(|h| h.map(str::to_string))
+                .collect();
+            assert_eq!(got, want, "round {round}, {}", inst.key());
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // status
 
