@@ -760,6 +760,18 @@ pub fn admin_token_path(data_dir: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    /// Stores a sealed value whose data key (`deadbeef`) no key file holds.
+    fn sealed_with_deadbeef(db: &Path) {
+        rusqlite::Connection::open(db)
+            .unwrap()
+            .execute(
+                "INSERT INTO secret_values (tenant, project, name, key, sealed)
+                 VALUES ('t', '', 's', 'k', 'ccs1:deadbeef:AAAA')",
+                [],
+            )
+            .unwrap();
+    }
+
     #[test]
     fn the_secrets_key_must_be_the_one_the_store_records_and_hold_every_key_used() {
         let dir = tempfile::tempdir().unwrap();
@@ -796,14 +808,7 @@ mod tests {
         assert!(e.contains("missing.key is missing"), "{e}");
         assert!(!missing.exists(), "a missing key file is not created");
         // A value sealed with a data key the file does not hold (an older copy of the file).
-        rusqlite::Connection::open(&db)
-            .unwrap()
-            .execute(
-                "INSERT INTO secret_values (tenant, project, name, key, sealed)
-                 VALUES ('t', '', 's', 'k', 'ccs1:deadbeef:AAAA')",
-                [],
-            )
-            .unwrap();
+        sealed_with_deadbeef(&db);
         let e = load_secrets_key(&store, &path, "the store")
             .unwrap_err()
             .to_string();
@@ -812,14 +817,7 @@ mod tests {
         let bare = tempfile::tempdir().unwrap();
         let bare_db = bare.path().join(DB_FILE);
         let bare_store = SqliteStore::open(&bare_db).unwrap();
-        rusqlite::Connection::open(&bare_db)
-            .unwrap()
-            .execute(
-                "INSERT INTO secret_values (tenant, project, name, key, sealed)
-                 VALUES ('t', '', 's', 'k', 'ccs1:deadbeef:AAAA')",
-                [],
-            )
-            .unwrap();
+        sealed_with_deadbeef(&bare_db);
         let fresh = bare.path().join(SECRETS_KEY_FILE);
         let e = load_secrets_key(&bare_store, &fresh, "the store")
             .unwrap_err()
