@@ -623,16 +623,34 @@ fn load_secrets_key(
     );
     let loaded =
         crate::secrets::Keyring::load(path).map_err(|e| anyhow!("the secrets key file: {e}"))?;
+    let recorded = store
+        .secrets_key(None)
+        .map_err(|e| anyhow!("cannot read the secrets key identity in {shown}: {e}"))?;
+    let mut used: Vec<String> = Vec::new();
+    for value in store
+        .sealed_values()
+        .map_err(|e| anyhow!("cannot read the sealed secret values in {shown}: {e}"))?
+    {
+        if let Some(id) = crate::secrets::Keyring::sealed_key_id(&value.sealed)
+            && !used.iter().any(|u| u == id)
+        {
+            used.push(id.to_string());
+        }
+    }
     let keyring = match loaded {
         Some(k) => k,
         None => {
-            if let Some(recorded) = store
-                .secrets_key(None)
-                .map_err(|e| anyhow!("cannot read the secrets key identity in {shown}: {e}"))?
-            {
+            if let Some(recorded) = &recorded {
                 bail!(
                     "the secrets key file {} is missing, but the secret values in the store {shown} are sealed with the key file whose identity is {recorded}; {fix}",
                     path.display()
+                );
+            }
+            if !used.is_empty() {
+                bail!(
+                    "the secrets key file {} is missing, but the store {shown} holds secret values sealed with data key {}; restore the file from a backup (a new one would open none of them)",
+                    path.display(),
+                    used.join(", ")
                 );
             }
             crate::secrets::Keyring::load_or_create(path)
@@ -640,37 +658,39 @@ fn load_secrets_key(
         }
     };
     let identity = keyring.identity();
+    let other = |recorded: &str| {
+        anyhow!(
+            "the secrets key file {} (identity {identity}) is not the one the secret values in the store {shown} are sealed with (identity {recorded}); {fix}",
+            path.display()
+        )
+    };
+    if let Some(recorded) = &recorded
+        && *recorded != identity
+    {
+        return Err(other(recorded));
+    }
+    let held = keyring.key_ids();
+    let missing: Vec<&str> = used
+        .iter()
+        .map(String::as_str)
+        .filter(|id| !held.contains(id))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "the store {shown} holds secret values sealed with data key {}, which the secrets key file {} does not hold (it holds {}): it is an older copy, from before a key rotation, or another installation's; {fix}",
+            missing.join(", "),
+            path.display(),
+            held.join(", ")
+        );
+    }
+    // Recorded only now, so a file that opens nothing is never recorded.
     let recorded = store
         .secrets_key(Some(&identity))
         .map_err(|e| anyhow!("cannot record the secrets key identity in {shown}: {e}"))?;
     if let Some(recorded) = recorded
         && recorded != identity
     {
-        bail!(
-            "the secrets key file {} (identity {identity}) is not the one the secret values in the store {shown} are sealed with (identity {recorded}); {fix}",
-            path.display()
-        );
-    }
-    let held = keyring.key_ids();
-    let mut missing: Vec<String> = Vec::new();
-    for value in store
-        .sealed_values()
-        .map_err(|e| anyhow!("cannot read the sealed secret values in {shown}: {e}"))?
-    {
-        if let Some(id) = crate::secrets::Keyring::sealed_key_id(&value.sealed)
-            && !held.contains(&id)
-            && !missing.iter().any(|m| m == id)
-        {
-            missing.push(id.to_string());
-        }
-    }
-    if !missing.is_empty() {
-        bail!(
-            "the store {shown} holds secret values sealed with data key {}, which the secrets key file {} does not hold (it holds {}): it is an older copy, from before a key rotation; {fix}",
-            missing.join(", "),
-            path.display(),
-            held.join(", ")
-        );
+        return Err(other(&recorded));
     }
     Ok(keyring)
 }
@@ -775,6 +795,18 @@ pub fn admin_token_path(data_dir: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    /// Stores a sealed value whose data key (`deadbeef`) no key file holds.
+    fn sealed_with_deadbeef(db: &Path) {
+        rusqlite::Connection::open(db)
+            .unwrap()
+            .execute(
+                "INSERT INTO secret_values (tenant, project, name, key, sealed)
+                 VALUES ('t', '', 's', 'k', 'ccs1:deadbeef:AAAA')",
+                [],
+            )
+            .unwrap();
+    }
+
     #[test]
     fn the_secrets_key_must_be_the_one_the_store_records_and_hold_every_key_used() {
         let dir = tempfile::tempdir().unwrap();
@@ -811,18 +843,23 @@ mod tests {
         assert!(e.contains("missing.key is missing"), "{e}");
         assert!(!missing.exists(), "a missing key file is not created");
         // A value sealed with a data key the file does not hold (an older copy of the file).
-        rusqlite::Connection::open(&db)
-            .unwrap()
-            .execute(
-                "INSERT INTO secret_values (tenant, project, name, key, sealed)
-                 VALUES ('t', '', 's', 'k', 'ccs1:deadbeef:AAAA')",
-                [],
-            )
-            .unwrap();
+        sealed_with_deadbeef(&db);
         let e = load_secrets_key(&store, &path, "the store")
             .unwrap_err()
             .to_string();
         assert!(e.contains("data key deadbeef"), "{e}");
+        // Without a recorded identity, a missing file is not made anew while values are sealed.
+        let bare = tempfile::tempdir().unwrap();
+        let bare_db = bare.path().join(DB_FILE);
+        let bare_store = SqliteStore::open(&bare_db).unwrap();
+        sealed_with_deadbeef(&bare_db);
+        let fresh = bare.path().join(SECRETS_KEY_FILE);
+        let e = load_secrets_key(&bare_store, &fresh, "the store")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is missing") && e.contains("deadbeef"), "{e}");
+        assert!(!fresh.exists());
+        assert_eq!(bare_store.secrets_key(None).unwrap(), None);
     }
 
     #[test]

@@ -453,6 +453,26 @@ impl TestServer {
         run_cli(&self.bin, self.scratch.path(), args, env, stdin)
     }
 
+    /// `clusterclaw secret set NAME -t TENANT -p PROJECT --from-file KEY=FILE` as the admin,
+    /// the value written to a scratch file first (a tenant's secret when `project` is empty);
+    /// panics unless it succeeds.
+    #[track_caller]
+    pub fn set_secret(&self, tenant: &str, project: &str, name: &str, key: &str, value: &str) {
+        let file = self.write_file(&format!("secret-{name}-{key}"), &format!("{value}\n"));
+        self.cli(&[
+            "secret",
+            "set",
+            name,
+            "-t",
+            tenant,
+            "-p",
+            project,
+            "--from-file",
+            &format!("{key}={}", file.display()),
+        ])
+        .ok();
+    }
+
     /// Runs the CLI as the admin (as [`TestServer::cli`]) but gives up after `timeout`: the
     /// process is killed and `None` returned (for commands that wait, such as
     /// `rollout status -w`).

@@ -529,20 +529,7 @@ fn no_secret_value_in_debug_logs() -> anyhow::Result<()> {
     wait_host_ready(&server, &host)?;
     scope.apply(&server, "base", &scope.base_manifest());
     let value = format!("sk-e2e-{}", unique("secret"));
-    let key_file = server.write_file("llm.key", &format!("{value}\n"));
-    server
-        .cli(&[
-            "secret",
-            "set",
-            "llm-keys",
-            "-t",
-            &scope.tenant,
-            "-p",
-            "",
-            "--from-file",
-            &format!("anthropic={}", key_file.display()),
-        ])
-        .ok();
+    server.set_secret(&scope.tenant, "", "llm-keys", "anthropic", &value);
     let name = "bot";
     let manifest = format!(
         "{}  env:\n    ANTHROPIC_API_KEY:\n      secretRef: {{name: llm-keys, key: anthropic}}\n",

@@ -127,20 +127,13 @@ fn a_single_machine_cluster_moves_to_postgres_and_its_agent_keeps_its_containers
     wait_host_ready(&single, &host).unwrap();
     scope.apply(&single, "base", &scope.base_manifest());
     let value = format!("sk-migrate-{}", unique("secret"));
-    let key_file = single.write_file("llm.key", &format!("{value}\n"));
-    single
-        .cli(&[
-            "secret",
-            "set",
-            "llm-keys",
-            "-t",
-            &scope.tenant,
-            "-p",
-            &scope.project,
-            "--from-file",
-            &format!("anthropic={}", key_file.display()),
-        ])
-        .ok();
+    single.set_secret(
+        &scope.tenant,
+        &scope.project,
+        "llm-keys",
+        "anthropic",
+        &value,
+    );
     let manifest = format!(
         "{}  env:\n    ANTHROPIC_API_KEY:\n      secretRef: {{name: llm-keys, key: anthropic}}\n",
         scope.instance_manifest("bot", &image, 1, &BTreeMap::new())
@@ -224,20 +217,7 @@ fn stopped_cluster() -> TestServer {
     single
         .cli(&["apply", "-f", manifest.to_str().unwrap()])
         .ok();
-    let key = single.write_file("v.txt", "value\n");
-    single
-        .cli(&[
-            "secret",
-            "set",
-            "s",
-            "-t",
-            &t,
-            "-p",
-            "",
-            "--from-file",
-            &format!("k={}", key.display()),
-        ])
-        .ok();
+    single.set_secret(&t, "", "s", "k", "value");
     single
 }
 
