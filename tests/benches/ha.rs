@@ -92,7 +92,7 @@ async fn watch(
 
 fn manifest(scope: &Scope, seq: u64) -> String {
     format!(
-        "apiVersion: clusterclaw.io/v1\nkind: OpenClawInstance\nmetadata:\n  name: watched\n  tenant: {}\n  project: {}\n  labels:\n    {LABEL}: \"{seq}\"\nspec:\n  replicas: 0\n",
+        "apiVersion: clusterclaw.io/v1\nkind: OpenClawInstance\nmetadata:\n  name: watched\n  tenant: {}\n  project: {}\n  labels:\n    {LABEL}: \"{seq}\"\nspec:\n  version: 2026.7.1\n  replicas: 0\n",
         scope.tenant, scope.project
     )
 }

@@ -129,10 +129,28 @@ pub struct SelfView {
     pub store_error: Option<String>,
 }
 
+/// One replica as shown, from what it beat.
+fn view(b: &ReplicaBeat, last_seen_ms: Option<i64>) -> ServerView {
+    let rfc = |ms: i64| crate::store::lease::rfc3339_ms(ms).unwrap_or_default();
+    ServerView {
+        id: b.id.clone(),
+        hostname: b.hostname.clone(),
+        api: b.api.clone(),
+        agent: b.agent.clone(),
+        version: b.version.clone(),
+        started_at: rfc(b.started_at_ms),
+        last_seen: last_seen_ms.map(rfc),
+        status: ServerStatus::Ready,
+        leading: b.leading,
+        epoch: b.epoch,
+        store_reachable: true,
+        this: false,
+    }
+}
+
 /// The list as shown: every stored replica (stale ones included) and the answering one,
 /// which is listed from memory when its row is missing (never written: the store was away).
 pub fn views(replicas: Option<&Replicas>, me: Option<&SelfView>) -> Vec<ServerView> {
-    let rfc = |ms: i64| crate::store::lease::rfc3339_ms(ms).unwrap_or_default();
     let mut out: Vec<ServerView> = Vec::new();
     if let Some(r) = replicas {
         let leader = r
@@ -146,13 +164,6 @@ pub fn views(replicas: Option<&Replicas>, me: Option<&SelfView>) -> Vec<ServerVi
             let unreachable = this && me.is_some_and(|m| m.store_error.is_some());
             let leading = leader.is_some_and(|(holder, ..)| *holder == b.id);
             out.push(ServerView {
-                id: b.id.clone(),
-                hostname: b.hostname.clone(),
-                api: b.api.clone(),
-                agent: b.agent.clone(),
-                version: b.version.clone(),
-                started_at: rfc(b.started_at_ms),
-                last_seen: Some(rfc(row.last_seen_ms)),
                 status: if unreachable {
                     ServerStatus::StoreUnreachable
                 } else if stale {
@@ -167,30 +178,23 @@ pub fn views(replicas: Option<&Replicas>, me: Option<&SelfView>) -> Vec<ServerVi
                 },
                 store_reachable: !stale && !unreachable,
                 this,
+                ..view(b, Some(row.last_seen_ms))
             });
         }
     }
     if let Some(m) = me
         && !out.iter().any(|v| v.this)
     {
-        let b = &m.beat;
+        let reachable = m.store_error.is_none() && replicas.is_some();
         out.push(ServerView {
-            id: b.id.clone(),
-            hostname: b.hostname.clone(),
-            api: b.api.clone(),
-            agent: b.agent.clone(),
-            version: b.version.clone(),
-            started_at: rfc(b.started_at_ms),
-            last_seen: None,
-            status: if m.store_error.is_some() || replicas.is_none() {
-                ServerStatus::StoreUnreachable
-            } else {
+            status: if reachable {
                 ServerStatus::Ready
+            } else {
+                ServerStatus::StoreUnreachable
             },
-            leading: b.leading,
-            epoch: b.epoch,
-            store_reachable: m.store_error.is_none() && replicas.is_some(),
+            store_reachable: reachable,
             this: true,
+            ..view(&m.beat, None)
         });
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));

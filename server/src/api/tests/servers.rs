@@ -94,39 +94,22 @@ async fn the_replicas_are_listed_with_the_leader_of_the_lease_to_cluster_wide_ca
     assert_eq!(info.body["server"]["leading"], true);
     assert_eq!(info.body["server"]["leader"], "cp1-1");
 
-    // A tenant's viewer reads /info without the replica, and may not list the replicas.
+    // A tenant's viewer reads /info without the replica, and may not list the replicas; a
+    // cluster-wide viewer may.
+    let as_caller = |path: &'static str, token: String| {
+        let f = &f;
+        async move {
+            f.send(Method::GET, path, Some(&token), None, Body::empty())
+                .await
+        }
+    };
     let viewer = f.token_record(TokenKind::Api, "viewer", |r| r.tenant = Some("acme".into()));
-    let info = f
-        .send(
-            Method::GET,
-            "/api/v1/info",
-            Some(&viewer),
-            None,
-            Body::empty(),
-        )
-        .await;
+    let info = as_caller("/api/v1/info", viewer.clone()).await;
     assert_eq!(info.status, StatusCode::OK);
     assert!(info.body.get("server").is_none(), "{}", info.body);
-    let r = f
-        .send(
-            Method::GET,
-            "/api/v1/servers",
-            Some(&viewer),
-            None,
-            Body::empty(),
-        )
-        .await;
+    let r = as_caller("/api/v1/servers", viewer).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
-    // A cluster-wide viewer may.
     let viewer = f.token_record(TokenKind::Api, "viewer", |_| {});
-    let r = f
-        .send(
-            Method::GET,
-            "/api/v1/servers",
-            Some(&viewer),
-            None,
-            Body::empty(),
-        )
-        .await;
+    let r = as_caller("/api/v1/servers", viewer).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
 }
