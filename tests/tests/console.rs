@@ -47,16 +47,30 @@ async fn log_out(c: &Client) -> anyhow::Result<()> {
 
 /// Waits until the page (not reloaded) shows `want`.
 async fn wait_text(c: &Client, what: &str, want: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+    wait_for_text(c, "body", what, want).await
+}
+
+/// Waits until the element `css` selects (on the page as it is, not reloaded) shows `want`;
+/// the error names what was waited for and shows the whole page.
+async fn wait_for_text(
+    c: &Client,
+    css: &str,
+    what: &str,
+    want: impl Fn(&str) -> bool,
+) -> anyhow::Result<String> {
     let deadline = Instant::now() + WAIT;
     loop {
-        let t = text(c).await?;
+        let t = text_of(c, css).await?.unwrap_or_default();
         if want(&t) {
             return Ok(t);
         }
         if Instant::now() > deadline {
-            bail!("timed out waiting for {what}; the page shows:\n{t}");
+            bail!(
+                "timed out waiting for {what} ({css} shows {t:?}); the page shows:\n{}",
+                text(c).await?
+            );
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -194,17 +208,10 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
             // The instance page, its live logs.
             c.goto(&format!("{api}/ui/tenants/{t}/projects/{p}/instances/bot"))
                 .await?;
-            let deadline = Instant::now() + WAIT;
-            loop {
-                let logs = text_of(&c, "#logs").await?.unwrap_or_default();
-                if logs.contains("openclaw-standin: listening") {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!("no live logs on the instance page: {logs:?}");
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            wait_for_text(&c, "#logs", "live logs on the instance page", |s| {
+                s.contains("openclaw-standin: listening")
+            })
+            .await?;
             let page = text(&c).await?;
             ensure!(page.contains("Replicas") && page.contains(&host), "{page}");
             shot(&c, "05-instance").await?;
@@ -268,33 +275,14 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
             let page = format!("{api}/ui/tenants/{t}/projects/{p}/instances/canary");
             c.goto(&page).await?;
             // The page follows the update live, to its pause.
-            let deadline = Instant::now() + WAIT;
-            loop {
-                let phase = text_of(&c, "#rollout-phase").await?.unwrap_or_default();
-                if phase.starts_with("Paused") {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!("the canary never showed Paused: {}", text(&c).await?);
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            let phase = "#rollout-phase";
+            wait_for_text(&c, phase, "the canary Paused", |s| s.starts_with("Paused")).await?;
             shot(&c, "06-canary-paused").await?;
             click(&c, "form[action$='/rollout/promote'] button").await?;
-            let deadline = Instant::now() + WAIT;
-            loop {
-                let phase = text_of(&c, "#rollout-phase").await?.unwrap_or_default();
-                if phase == "Succeeded" {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "the promoted canary never showed Succeeded: {}",
-                        text(&c).await?
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            wait_for_text(&c, phase, "the promoted canary Succeeded", |s| {
+                s == "Succeeded"
+            })
+            .await?;
             let page = text(&c).await?;
             ensure!(page.contains("2/2"), "not every replica Ready: {page}");
             shot(&c, "06b-canary-succeeded").await?;
@@ -327,21 +315,11 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
             let row = format!("tr[data-host='{host}']");
             click(&c, &format!("{row} button[aria-label='Cordon {host}']")).await?;
             // The host's own row says so (the page the form answered with, then live).
-            let deadline = Instant::now() + WAIT;
             let cell = format!("{row} td[data-field=scheduling]");
-            loop {
-                let now = text_of(&c, &cell).await?.unwrap_or_default();
-                if now.starts_with("cordoned") {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "the host's row never said cordoned: {now:?}; the page shows:\n{}",
-                        text(&c).await?
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            wait_for_text(&c, &cell, "the host cordoned", |s| {
+                s.starts_with("cordoned")
+            })
+            .await?;
             shot(&c, "07-hosts-cordoned").await?;
             Ok(())
         })?;
@@ -414,18 +392,7 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
                 Some(server.admin_token()),
             );
             ensure!(r.status == 200, "{verb}: {} {}", r.status, r.body);
-            rt.block_on(async {
-                loop {
-                    let now = text_of(&c, &cell).await?.unwrap_or_default();
-                    if now.starts_with(want) {
-                        return Ok(());
-                    }
-                    if asked.elapsed() > WAIT {
-                        bail!("the open hosts page never showed {want}: {now:?}");
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            })?;
+            rt.block_on(wait_for_text(&c, &cell, want, |s| s.starts_with(want)))?;
             took.push(asked.elapsed());
         }
         let mark = rt.block_on(c.execute("return window.ccuiMark || null;", vec![]))?;
