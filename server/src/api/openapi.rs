@@ -263,6 +263,7 @@ pub const WATCHABLE_LISTS: &[&str] = &[
     "/api/v1/tenants/{tenant}/events",
     "/api/v1/tenants/{tenant}/projects/{project}/events",
     "/api/v1/audit",
+    "/api/v1/servers",
 ];
 
 /// Adds `watch` and `resourceVersion` to the lists that can be watched.
@@ -279,7 +280,7 @@ fn with_watch(doc: &mut utoipa::openapi::OpenApi) {
             ParameterBuilder::new()
                 .name("watch")
                 .parameter_in(ParameterIn::Query)
-                .description(Some("true: stream the changes after resourceVersion as JSON lines {\"type\":\"ADDED|MODIFIED|DELETED\",\"object\":{...}} with periodic {\"type\":\"BOOKMARK\",\"resourceVersion\":N}; server-sent events with Accept: text/event-stream. Lists without a change log (volumes, tokens, config revisions) start with their current items as ADDED and a BOOKMARK with \"initialEventsEnd\":true"))
+                .description(Some("true: stream the changes after resourceVersion as JSON lines {\"type\":\"ADDED|MODIFIED|DELETED\",\"object\":{...}} with periodic {\"type\":\"BOOKMARK\",\"resourceVersion\":N}; server-sent events with Accept: text/event-stream. Lists without a change log (volumes, tokens, config revisions, servers) start with their current items as ADDED and a BOOKMARK with \"initialEventsEnd\":true"))
                 .schema(Some(ObjectBuilder::new().schema_type(Type::Boolean)))
                 .build(),
         );

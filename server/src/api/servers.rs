@@ -30,7 +30,31 @@ pub struct ServerList {
         (status = 403, description = "Not a platform-admin or a cluster-wide viewer", body = super::ErrorBody),
     ))]
 pub async fn list_servers(ctx: Ctx, RawQuery(raw): RawQuery) -> Result<Response, ApiError> {
-    query::parse(raw.as_deref(), &[])?;
+    let params = query::parse(raw.as_deref(), &["watch", "resourceVersion"])?;
+    if let Some(from) = super::watch::params(&params)? {
+        let reader = ctx.clone();
+        return super::watch::watch_polled(&ctx, from, ctx.sse, move || {
+            let ctx = reader.clone();
+            async move {
+                let (items, _) = read_servers(&ctx).await?;
+                items
+                    .iter()
+                    .map(|s| {
+                        let json = serde_json::to_string(s).map_err(ApiError::internal)?;
+                        Ok((s.id.clone(), json))
+                    })
+                    .collect()
+            }
+        })
+        .await;
+    }
+    let (items, message) = read_servers(&ctx).await?;
+    let text = serde_json::to_string(&ServerList { items, message }).map_err(ApiError::internal)?;
+    Ok(json_response(StatusCode::OK, text, ctx.index()))
+}
+
+/// The server replicas as listed, and why only this one is when the store cannot be read.
+async fn read_servers(ctx: &Ctx) -> Result<(Vec<ServerView>, Option<String>), ApiError> {
     let read = ctx
         .state
         .run_unscoped(|store| Ok(store.server_replicas().map_err(|e| e.to_string())))
@@ -45,6 +69,5 @@ pub async fn list_servers(ctx: Ctx, RawQuery(raw): RawQuery) -> Result<Response,
             )),
         ),
     };
-    let text = serde_json::to_string(&ServerList { items, message }).map_err(ApiError::internal)?;
-    Ok(json_response(StatusCode::OK, text, ctx.index()))
+    Ok((items, message))
 }
