@@ -699,6 +699,23 @@ pub fn wait_ready(
         if containers.len() != n || containers.values().any(|c| !c.running) {
             return Ok(None);
         }
+        // Ready is what the host reported of the container the engine runs now, not a state
+        // left over from the container it replaced (the report of the new one may be on its way).
+        let reported: BTreeMap<&str, &str> = v
+            .pointer("/status/replicaStatus")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| Some((r["name"].as_str()?, r["containerId"].as_str()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if containers
+            .iter()
+            .any(|(r, c)| reported.get(r.as_str()).is_some_and(|id| *id != c.id))
+        {
+            return Ok(None);
+        }
         Ok(Some((v, containers)))
     })
 }
