@@ -542,46 +542,31 @@ fn kill_9_of_the_leader_amid_a_thousand_instance_apply_and_a_rolling_update() {
     ]));
     let mut takeovers = Vec::new();
 
-    // 1. The apply of 1,000 instances; the leader is killed halfway through.
-    let done = Arc::new(AtomicUsize::new(0));
-    let applying = apply_all(
-        &scope,
-        &image,
-        1,
-        Arc::clone(&api),
-        token.clone(),
-        Arc::clone(&done),
-    );
-    let (killed, took) = kill_leader_at(&mut servers, &done, KILL_AT);
-    takeovers.push(took);
-    let acked_first = applying.join().unwrap().unwrap();
-    assert_eq!(acked_first.len(), INSTANCES);
-    let survivor = 1 - killed;
-    wait_settled(&servers[survivor], &scope, 1, Duration::from_secs(300));
-    servers[killed].restart().unwrap();
-    *api.lock().unwrap() = vec![
-        servers[0].api_url().to_string(),
-        servers[1].api_url().to_string(),
-    ];
-
-    // 2. A rolling update of every instance (the running replicas are replaced); the new
-    // leader is killed halfway through.
-    let done = Arc::new(AtomicUsize::new(0));
-    let applying = apply_all(
-        &scope,
-        &image,
-        2,
-        Arc::clone(&api),
-        token.clone(),
-        Arc::clone(&done),
-    );
-    let (killed, took) = kill_leader_at(&mut servers, &done, KILL_AT);
-    takeovers.push(took);
-    let acked = applying.join().unwrap().unwrap();
-    assert_eq!(acked.len(), INSTANCES);
-    let survivor = 1 - killed;
-    wait_settled(&servers[survivor], &scope, 2, Duration::from_secs(300));
-    servers[killed].restart().unwrap();
+    // 1. The apply of 1,000 instances, then 2. a rolling update of every instance (the running
+    // replicas are replaced); each time the leader is killed halfway through.
+    let (mut acked, mut survivor) = (Default::default(), 0);
+    for mark in [1, 2] {
+        let done = Arc::new(AtomicUsize::new(0));
+        let applying = apply_all(
+            &scope,
+            &image,
+            mark,
+            Arc::clone(&api),
+            token.clone(),
+            Arc::clone(&done),
+        );
+        let (killed, took) = kill_leader_at(&mut servers, &done, KILL_AT);
+        takeovers.push(took);
+        acked = applying.join().unwrap().unwrap();
+        assert_eq!(acked.len(), INSTANCES);
+        survivor = 1 - killed;
+        wait_settled(&servers[survivor], &scope, mark, Duration::from_secs(300));
+        servers[killed].restart().unwrap();
+        *api.lock().unwrap() = vec![
+            servers[0].api_url().to_string(),
+            servers[1].api_url().to_string(),
+        ];
+    }
 
     // No acknowledged write is lost: every instance holds what its last acknowledged write
     // said, at that write's resourceVersion or later; through either server.
