@@ -158,6 +158,7 @@ impl ApiState {
         let index = store.subscribe();
         let oidc = options.oidc.clone();
         let auth = Authenticator::new(Arc::clone(&store), admin_token_path).with_oidc(options.oidc);
+        let sessions = crate::ui::session::Sessions::new(Arc::clone(&store));
         ApiState {
             inner: Arc::new(Inner {
                 store,
@@ -175,7 +176,7 @@ impl ApiState {
                 tasks: options.tasks,
 
                 hub: watch::Hub::default(),
-                sessions: crate::ui::session::Sessions::default(),
+                sessions,
                 oidc,
                 sso_pending: crate::ui::sso::PendingLogins::default(),
                 console_index: Arc::default(),

@@ -187,6 +187,7 @@ suite!(
     audit_records_chain_and_commit_with_their_change,
     heartbeats_keep_the_newest_time,
     server_replicas_register_refresh_and_are_pruned,
+    console_sessions_are_kept_touched_closed_and_pruned,
     racing_writers_get_one_index_each,
     readers_never_see_a_gap_in_the_index,
     racing_writers_never_overrun_a_quota,
@@ -994,6 +995,107 @@ pub fn server_replicas_register_refresh_and_are_pruned(store: &dyn Store) {
             .collect::<Vec<_>>(),
         ["a"]
     );
+}
+
+pub fn console_sessions_are_kept_touched_closed_and_pruned(store: &dyn Store) {
+    use super::sessions::{SessionLimits, SessionRow};
+    let row = |id: &str, used: i64, expires: i64| SessionRow {
+        id_hash: id.into(),
+        token_id: format!("tok-{id}"),
+        sealed_token: format!("sealed-{id}"),
+        created_ms: 1_000,
+        last_used_ms: used,
+        expires_ms: expires,
+    };
+    let limits = |now_ms: i64, max_sessions: usize| SessionLimits {
+        now_ms,
+        idle_ms: 500,
+        max_sessions,
+    };
+    assert_eq!(store.console_session("a").unwrap(), None);
+    store
+        .open_console_session(&row("a", 1_000, 9_000), &limits(1_000, 10))
+        .unwrap();
+    store
+        .open_console_session(&row("b", 1_100, 1_400), &limits(1_100, 10))
+        .unwrap();
+    assert_eq!(
+        store.console_session("a").unwrap(),
+        Some(row("a", 1_000, 9_000))
+    );
+    // A touch moves last use forward, never back.
+    assert!(store.touch_console_session("a", 1_300).unwrap());
+    assert!(store.touch_console_session("a", 1_200).unwrap());
+    assert_eq!(
+        store.console_session("a").unwrap().unwrap().last_used_ms,
+        1_300
+    );
+    assert!(!store.touch_console_session("nobody", 1_300).unwrap());
+    // The next session removes those that ended: b is past its expiry at 1,400.
+    store
+        .open_console_session(&row("c", 1_400, 9_000), &limits(1_400, 10))
+        .unwrap();
+    assert_eq!(store.console_session("b").unwrap(), None);
+    assert!(store.console_session("a").unwrap().is_some());
+    // Idle for 500 ms: a (last used at 1,300) ends at 1,800.
+    store
+        .open_console_session(&row("d", 1_800, 9_000), &limits(1_800, 10))
+        .unwrap();
+    assert_eq!(store.console_session("a").unwrap(), None);
+    assert!(
+        store.console_session("c").unwrap().is_some(),
+        "c was idle 400 ms"
+    );
+    // At the limit, the least recently used goes.
+    store
+        .open_console_session(&row("e", 1_900, 9_000), &limits(1_900, 2))
+        .unwrap();
+    store
+        .open_console_session(&row("f", 2_000, 9_000), &limits(2_000, 2))
+        .unwrap();
+    assert_eq!(store.console_session("c").unwrap(), None);
+    assert_eq!(store.console_session("d").unwrap(), None);
+    assert!(store.console_session("e").unwrap().is_some());
+    assert!(store.console_session("f").unwrap().is_some());
+    // Logout.
+    assert!(store.close_console_session("e").unwrap());
+    assert!(!store.close_console_session("e").unwrap());
+    assert_eq!(store.console_session("e").unwrap(), None);
+    // An id is one session.
+    assert!(
+        store
+            .open_console_session(&row("f", 2_000, 9_000), &limits(2_000, 10))
+            .is_err()
+    );
+    assert_eq!(store.index(), 0, "sessions move no index");
+}
+
+/// Two servers on one PostgreSQL database: a console session opened through one is accepted
+/// by the other, and a logout through either ends it for both.
+#[test]
+fn console_sessions_are_shared_by_the_servers_of_one_database() {
+    use crate::ui::session::{SessionToken, close_in, open_in, touch_in};
+    let Some(schema) = PgSchema::new() else {
+        return;
+    };
+    let one = PgStore::open_config(schema.config.clone()).unwrap();
+    let two = PgStore::open_config(schema.config.clone()).unwrap();
+    let now = crate::events::now_ms();
+    let token = SessionToken::new(format!("cca_{}", "b".repeat(40)));
+    let info = open_in(&one, token.clone(), "tok1", now, None).unwrap();
+    let seen = touch_in(&two, &info.id, now + 1_000).unwrap().unwrap();
+    assert_eq!(seen.csrf, info.csrf);
+    assert_eq!(seen.token.bearer(), token.bearer());
+    // A touch through the second is seen by the first.
+    touch_in(&two, &info.id, now + 61_000).unwrap().unwrap();
+    assert!(
+        touch_in(&one, &info.id, now + 61_000 + 29 * 60_000)
+            .unwrap()
+            .is_some()
+    );
+    close_in(&two, &info.id).unwrap();
+    assert!(touch_in(&one, &info.id, now + 62_000).unwrap().is_none());
+    assert!(touch_in(&two, &info.id, now + 62_000).unwrap().is_none());
 }
 
 const WRITERS: usize = 4;

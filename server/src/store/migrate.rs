@@ -1047,6 +1047,9 @@ mod tests {
             "kind": "Tenant", "metadata": {"name": "acme"}}))
         .unwrap();
         store.write(&[(tenant, WriteMode::Apply)], false).unwrap();
+        store
+            .open_console_session(&console_session(), &console_limits())
+            .unwrap();
         let keyring =
             Keyring::load_or_create(&dir.path().join(crate::server::SECRETS_KEY_FILE)).unwrap();
         assert_eq!(
@@ -1055,6 +1058,26 @@ mod tests {
         );
         crate::pki::init_dir(&dir.path().join("pki"), &["localhost".into()]).unwrap();
         dir
+    }
+
+    /// A console session of the data directory: copied, so that it outlives the move.
+    fn console_session() -> crate::store::sessions::SessionRow {
+        crate::store::sessions::SessionRow {
+            id_hash: "5e55".repeat(16),
+            token_id: "tok1".into(),
+            sealed_token: "c2VhbGVk".into(),
+            created_ms: 1_000,
+            last_used_ms: 2_000,
+            expires_ms: i64::MAX,
+        }
+    }
+
+    fn console_limits() -> crate::store::sessions::SessionLimits {
+        crate::store::sessions::SessionLimits {
+            now_ms: 2_000,
+            idle_ms: 1_000,
+            max_sessions: 10,
+        }
     }
 
     /// The PostgreSQL URL of a test schema (its options put the schema first).
@@ -1138,6 +1161,11 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(store.secrets_key(None).unwrap(), Some(keyring.identity()));
+        // Console sessions are copied: a browser logged in stays logged in.
+        assert_eq!(
+            store.console_session(&console_session().id_hash).unwrap(),
+            Some(console_session())
+        );
         // The serial counters moved past the copied rows: the next write logs its change.
         let tenant = Resource::from_value(serde_json::json!({"apiVersion": "clusterclaw.io/v1",
             "kind": "Tenant", "metadata": {"name": "beta"}}))

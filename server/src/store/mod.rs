@@ -16,6 +16,7 @@ mod revision_tests;
 pub mod revisions;
 pub mod rules;
 mod scope;
+pub mod sessions;
 pub mod sqlite;
 #[cfg(test)]
 pub mod testing;
@@ -696,6 +697,36 @@ pub trait Store: Send + Sync + 'static {
     /// together.
     fn server_replicas(&self) -> Result<replicas::Replicas, StoreError> {
         Ok(replicas::Replicas::default())
+    }
+
+    /// Stores a new console session, after removing the sessions that have ended (idle, or
+    /// past their expiry) and, when `limits.max_sessions` are still kept, the least recently
+    /// used. Moves no index.
+    fn open_console_session(
+        &self,
+        row: &sessions::SessionRow,
+        limits: &sessions::SessionLimits,
+    ) -> Result<(), StoreError> {
+        let _ = (row, limits);
+        Err(StoreError::Backend(
+            "this store keeps no console sessions".into(),
+        ))
+    }
+    /// The console session whose id hashes to `id_hash`, ended or not.
+    fn console_session(&self, id_hash: &str) -> Result<Option<sessions::SessionRow>, StoreError> {
+        let _ = id_hash;
+        Ok(None)
+    }
+    /// Records that the session was used at `at_ms` (a time never moves back); `false` when
+    /// there is no such session. Moves no index.
+    fn touch_console_session(&self, id_hash: &str, at_ms: i64) -> Result<bool, StoreError> {
+        let _ = (id_hash, at_ms);
+        Ok(false)
+    }
+    /// Removes the session (logout, or it ended); `false` when there was none.
+    fn close_console_session(&self, id_hash: &str) -> Result<bool, StoreError> {
+        let _ = id_hash;
+        Ok(false)
     }
 
     fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;

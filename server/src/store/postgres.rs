@@ -205,6 +205,8 @@ const MIGRATIONS: &[&str] = &[
     super::SECRETS_KEY_MIGRATION,
     // 5: the server replicas (written outside the global index).
     super::replicas::MIGRATION,
+    // 6: the web console's sessions (written outside the global index).
+    super::sessions::MIGRATION,
 ];
 
 /// The schema version whose migration added instance revisions.
@@ -2278,6 +2280,93 @@ impl Store for PgStore {
                 rows,
                 now_ms: record.now_ms,
                 lease: Some((record.holder, record.epoch, record.expires_at_ms)),
+            })
+        })
+    }
+
+    fn open_console_session(
+        &self,
+        row: &super::sessions::SessionRow,
+        limits: &super::sessions::SessionLimits,
+    ) -> Result<(), StoreError> {
+        lease::fenced(None, || {
+            self.side_tx(|tx| {
+                tx.execute(
+                    "DELETE FROM console_sessions WHERE expires_ms <= $1 OR last_used_ms <= $2",
+                    &[&limits.now_ms, &limits.idle_before()],
+                )?;
+                let kept: i64 = tx
+                    .query_one("SELECT count(*) FROM console_sessions", &[])?
+                    .try_get(0)?;
+                let over = kept.saturating_add(1) - limits.max_sessions as i64;
+                if over > 0 {
+                    tx.execute(
+                        "DELETE FROM console_sessions WHERE id_hash IN (SELECT id_hash
+                            FROM console_sessions ORDER BY last_used_ms, id_hash LIMIT $1)",
+                        &[&over],
+                    )?;
+                }
+                tx.execute(
+                    "INSERT INTO console_sessions (id_hash, token_id, sealed_token, created_ms,
+                        last_used_ms, expires_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[
+                        &row.id_hash,
+                        &row.token_id,
+                        &row.sealed_token,
+                        &row.created_ms,
+                        &row.last_used_ms,
+                        &row.expires_ms,
+                    ],
+                )?;
+                Ok(())
+            })
+        })
+    }
+
+    fn console_session(
+        &self,
+        id_hash: &str,
+    ) -> Result<Option<super::sessions::SessionRow>, StoreError> {
+        self.read(|tx| {
+            tx.query(
+                "SELECT id_hash, token_id, sealed_token, created_ms, last_used_ms, expires_ms
+                 FROM console_sessions WHERE id_hash = $1",
+                &[&id_hash],
+            )?
+            .first()
+            .map(|r| {
+                Ok(super::sessions::SessionRow {
+                    id_hash: r.try_get(0)?,
+                    token_id: r.try_get(1)?,
+                    sealed_token: r.try_get(2)?,
+                    created_ms: r.try_get(3)?,
+                    last_used_ms: r.try_get(4)?,
+                    expires_ms: r.try_get(5)?,
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn touch_console_session(&self, id_hash: &str, at_ms: i64) -> Result<bool, StoreError> {
+        lease::fenced(None, || {
+            self.side_tx(|tx| {
+                Ok(tx.execute(
+                    "UPDATE console_sessions SET last_used_ms = GREATEST(last_used_ms, $2)
+                     WHERE id_hash = $1",
+                    &[&id_hash, &at_ms],
+                )? > 0)
+            })
+        })
+    }
+
+    fn close_console_session(&self, id_hash: &str) -> Result<bool, StoreError> {
+        lease::fenced(None, || {
+            self.side_tx(|tx| {
+                Ok(tx.execute(
+                    "DELETE FROM console_sessions WHERE id_hash = $1",
+                    &[&id_hash],
+                )? > 0)
             })
         })
     }

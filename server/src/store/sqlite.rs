@@ -90,6 +90,8 @@ const MIGRATIONS: &[&str] = &[
     super::SECRETS_KEY_MIGRATION,
     // 11: the server replicas (written outside the global index).
     super::replicas::MIGRATION,
+    // 12: the web console's sessions (written outside the global index).
+    super::sessions::MIGRATION,
 ];
 
 /// The schema version whose migration added the usage columns.
@@ -1834,6 +1836,78 @@ impl Store for SqliteStore {
                 lease,
             })
         })
+    }
+
+    fn open_console_session(
+        &self,
+        row: &super::sessions::SessionRow,
+        limits: &super::sessions::SessionLimits,
+    ) -> Result<(), StoreError> {
+        let mut conn = lock(&self.writer);
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "DELETE FROM console_sessions WHERE expires_ms <= ?1 OR last_used_ms <= ?2",
+            params![limits.now_ms, limits.idle_before()],
+        )?;
+        let kept: i64 = tx.query_row("SELECT count(*) FROM console_sessions", [], |r| r.get(0))?;
+        let over = kept.saturating_add(1) - limits.max_sessions as i64;
+        if over > 0 {
+            tx.execute(
+                "DELETE FROM console_sessions WHERE id_hash IN (SELECT id_hash
+                    FROM console_sessions ORDER BY last_used_ms, id_hash LIMIT ?1)",
+                [over],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO console_sessions (id_hash, token_id, sealed_token, created_ms,
+                last_used_ms, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                row.id_hash,
+                row.token_id,
+                row.sealed_token,
+                row.created_ms,
+                row.last_used_ms,
+                row.expires_ms
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn console_session(
+        &self,
+        id_hash: &str,
+    ) -> Result<Option<super::sessions::SessionRow>, StoreError> {
+        self.read(|c| {
+            Ok(c.prepare_cached(
+                "SELECT id_hash, token_id, sealed_token, created_ms, last_used_ms, expires_ms
+                 FROM console_sessions WHERE id_hash = ?1",
+            )?
+            .query_row([id_hash], |r| {
+                Ok(super::sessions::SessionRow {
+                    id_hash: r.get(0)?,
+                    token_id: r.get(1)?,
+                    sealed_token: r.get(2)?,
+                    created_ms: r.get(3)?,
+                    last_used_ms: r.get(4)?,
+                    expires_ms: r.get(5)?,
+                })
+            })
+            .optional()?)
+        })
+    }
+
+    fn touch_console_session(&self, id_hash: &str, at_ms: i64) -> Result<bool, StoreError> {
+        let conn = lock(&self.writer);
+        Ok(conn.execute(
+            "UPDATE console_sessions SET last_used_ms = max(last_used_ms, ?2) WHERE id_hash = ?1",
+            params![id_hash, at_ms],
+        )? > 0)
+    }
+
+    fn close_console_session(&self, id_hash: &str) -> Result<bool, StoreError> {
+        let conn = lock(&self.writer);
+        Ok(conn.execute("DELETE FROM console_sessions WHERE id_hash = ?1", [id_hash])? > 0)
     }
 
     fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {

@@ -268,6 +268,25 @@ impl Store for HookStore {
     fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
         self.inner.revoke_token(id)
     }
+    fn open_console_session(
+        &self,
+        row: &super::sessions::SessionRow,
+        limits: &super::sessions::SessionLimits,
+    ) -> Result<(), StoreError> {
+        self.inner.open_console_session(row, limits)
+    }
+    fn console_session(
+        &self,
+        id_hash: &str,
+    ) -> Result<Option<super::sessions::SessionRow>, StoreError> {
+        self.inner.console_session(id_hash)
+    }
+    fn touch_console_session(&self, id_hash: &str, at_ms: i64) -> Result<bool, StoreError> {
+        self.inner.touch_console_session(id_hash, at_ms)
+    }
+    fn close_console_session(&self, id_hash: &str) -> Result<bool, StoreError> {
+        self.inner.close_console_session(id_hash)
+    }
     fn record_heartbeats(&self, beats: &[(&str, i64)]) -> Result<(), StoreError> {
         self.inner.record_heartbeats(beats)
     }

@@ -3,7 +3,6 @@
 //! checked exactly as for the API; API errors on pages are answered as HTML.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -30,8 +29,21 @@ pub async fn session_principal(
         .path_and_query()
         .map_or("/ui/", |p| p.as_str())
         .to_string();
-    let info = session::cookie(req.headers(), SESSION_COOKIE)
-        .and_then(|id| state.sessions().touch(id, Instant::now()));
+    let info = match session::cookie(req.headers(), SESSION_COOKIE) {
+        Some(id) => match state.sessions().touch(id).await {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::error!(error = %e, "a console session could not be read from the store");
+                return Err(refused(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!(
+                        "Your console session could not be read from the store ({e}); try again in a moment."
+                    ),
+                ));
+            }
+        },
+        None => None,
+    };
     let Some(info) = info else {
         return Err(if reading {
             to_login(&back, None)
@@ -77,7 +89,9 @@ pub async fn session_principal(
         Ok(p) => p,
         Err(e) => {
             // The token was revoked or expired: the session ends with it.
-            state.sessions().close(&info.id);
+            if let Err(e) = state.sessions().close(&info.id).await {
+                tracing::error!(error = %e, "an ended console session could not be removed from the store");
+            }
             let why = format!("The session's token no longer authenticates ({e}); log in again.");
             return Err(if reading {
                 to_login(&back, Some(&why))

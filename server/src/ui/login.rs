@@ -2,7 +2,7 @@
 //! verifies), and out; the login page offers single sign-on ([`super::sso`]) with every
 //! issuer configured for it. Every login, accepted or refused, is audited (never the token).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use askama::Template;
 use axum::Extension;
@@ -220,7 +220,21 @@ pub async fn log_in(
         *resp.status_mut() = StatusCode::FORBIDDEN;
         return resp;
     }
-    let info = state.sessions().open(token, Instant::now());
+    let info = match state
+        .sessions()
+        .open(token, &principal.token_id, None)
+        .await
+    {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::error!(error = %e, "a console session could not be stored");
+            return fail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("The session could not be stored ({e}); try again in a moment."),
+            )
+            .await;
+        }
+    };
     audit_login(
         &state,
         &origin,
@@ -249,7 +263,15 @@ pub async fn log_out(
     State(state): State<ApiState>,
     Extension(session): Extension<SessionInfo>,
 ) -> Response {
-    state.sessions().close(&session.id);
+    if let Err(e) = state.sessions().close(&session.id).await {
+        tracing::error!(error = %e, "a console session could not be removed from the store");
+        return super::gate::refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "You were not logged out: the session could not be removed from the store ({e}); try again in a moment."
+            ),
+        );
+    }
     let mut resp = redirect("/ui/login");
     resp.headers_mut().append(
         header::SET_COOKIE,

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use askama::Template;
 use axum::extract::{RawQuery, State};
@@ -396,14 +396,27 @@ async fn finish(
             &format!("Single sign-on failed: {}", e.0),
         );
     }
-    let now_unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let now = Instant::now();
-    let until = now + Duration::from_secs(exp.saturating_sub(now_unix));
-    let info = state
+    let until_ms = i64::try_from(exp.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let info = match state
         .sessions()
-        .open_until(SessionToken::new(id_token), now, Some(until));
+        .open(
+            SessionToken::new(id_token),
+            &principal.token_id,
+            Some(until_ms),
+        )
+        .await
+    {
+        Ok(info) => info,
+        Err(e) => {
+            tracing::error!(error = %e, "a console session could not be stored");
+            return error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "Single sign-on failed: the session could not be stored ({e}); try again in a moment."
+                ),
+            );
+        }
+    };
     audit_login(state, origin, Some(&principal), &via, AuditResult::ok(200)).await;
     tracing::info!(principal = %principal.token_id, "console session opened by single sign-on");
     let page = Done {
