@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clusterclaw_tests::agent::percentile;
+use clusterclaw_tests::console_http;
 use clusterclaw_tests::server::TestServer;
 
 const STORED_INSTANCES: usize = 10_000;
@@ -54,22 +55,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// The value of a cookie set by `resp`.
-fn set_cookie(resp: &reqwest::Response, name: &str) -> Option<String> {
-    resp.headers()
-        .get_all(reqwest::header::SET_COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|v| v.strip_prefix(&format!("{name}=")))
-        .map(|v| v.split(';').next().unwrap_or_default().to_string())
-}
-
-fn csrf_of(html: &str) -> Option<String> {
-    let at = html.find("name=\"csrf\" value=\"")? + "name=\"csrf\" value=\"".len();
-    let rest = &html[at..];
-    Some(rest[..rest.find('"')?].to_string())
-}
-
 fn main() -> anyhow::Result<()> {
     let runs = env_or("CLUSTERCLAW_BENCH_CONSOLE_RUNS", 20) as usize;
     let changes = env_or("CLUSTERCLAW_BENCH_CONSOLE_CHANGES", 20);
@@ -105,22 +90,9 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+        let http = console_http::client()?;
         // Log in as a browser does.
-        let form = http.get(format!("{api}/ui/login")).send().await?;
-        let login_cookie = set_cookie(&form, "ccui_login").context("no login cookie")?;
-        let csrf = csrf_of(&form.text().await?).context("no csrf on the login form")?;
-        let resp = http
-            .post(format!("{api}/ui/login"))
-            .header("Cookie", format!("ccui_login={login_cookie}"))
-            .header("Content-Type", "application/x-www-form-urlencoded")
-            .body(format!("csrf={csrf}&next=%2Fui%2F&token={admin}"))
-            .send()
-            .await?;
-        let session = set_cookie(&resp, "ccui_session").context("no session cookie")?;
-        let cookie = format!("ccui_session={session}");
+        let cookie = console_http::log_in(&http, &api, &admin).await?;
 
         let get = |path: String| {
             let (http, cookie) = (http.clone(), cookie.clone());

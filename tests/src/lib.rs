@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod browser;
 pub mod cli_stream;
+pub mod console_http;
 pub mod fleet;
 pub mod ha;
 pub mod oidc_provider;
