@@ -140,3 +140,92 @@ pub async fn click(c: &Client, css: &str) -> anyhow::Result<()> {
         }
     }
 }
+
+/// Presses `keys` one after the other, as a person at a keyboard does (WebDriver key
+/// actions, sent to whatever has focus).
+pub async fn press(c: &Client, keys: &[fantoccini::key::Key]) -> anyhow::Result<()> {
+    let chars: Vec<char> = keys.iter().map(|k| char::from(*k)).collect();
+    press_chars(c, &chars).await
+}
+
+/// Types `text` into whatever has focus, key by key.
+pub async fn type_keys(c: &Client, text: &str) -> anyhow::Result<()> {
+    let chars: Vec<char> = text.chars().collect();
+    press_chars(c, &chars).await
+}
+
+async fn press_chars(c: &Client, chars: &[char]) -> anyhow::Result<()> {
+    use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+    let mut keys = KeyActions::new("keyboard".into());
+    for &value in chars {
+        keys = keys
+            .then(KeyAction::Down { value })
+            .then(KeyAction::Up { value });
+    }
+    c.perform_actions(keys).await?;
+    Ok(())
+}
+
+/// Shift+Tab: focus goes back one control.
+pub async fn shift_tab(c: &Client) -> anyhow::Result<()> {
+    use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+    use fantoccini::key::Key;
+    let keys = KeyActions::new("keyboard".into())
+        .then(KeyAction::Down {
+            value: Key::Shift.into(),
+        })
+        .then(KeyAction::Down {
+            value: Key::Tab.into(),
+        })
+        .then(KeyAction::Up {
+            value: Key::Tab.into(),
+        })
+        .then(KeyAction::Up {
+            value: Key::Shift.into(),
+        });
+    c.perform_actions(keys).await?;
+    Ok(())
+}
+
+/// What has focus now, read in one script: `None` when nothing does (the page itself).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Focused {
+    /// Lower-case tag name.
+    pub tag: String,
+    pub id: String,
+    /// Its accessible label, else its text, else its value (trimmed, at most 60 characters).
+    pub name: String,
+    pub href: String,
+    /// The focus shows: an outline of 2 px or more, or a box shadow, while `:focus-visible`.
+    pub shows: bool,
+    /// On the screen, not pushed off it.
+    pub on_screen: bool,
+}
+
+pub async fn focused(c: &Client) -> anyhow::Result<Option<Focused>> {
+    let v = c
+        .execute(
+            "const e = document.activeElement; \
+             if (!e || e === document.body || e === document.documentElement) return null; \
+             const s = getComputedStyle(e); const r = e.getBoundingClientRect(); \
+             const label = e.getAttribute('aria-label') || (e.labels && e.labels[0] && e.labels[0].innerText) || e.innerText || e.value || ''; \
+             return {tag: e.tagName.toLowerCase(), id: e.id || '', name: label.trim().slice(0, 60), \
+               href: e.getAttribute('href') || '', \
+               shows: e.matches(':focus-visible') && ((s.outlineStyle !== 'none' && parseFloat(s.outlineWidth) >= 2) || s.boxShadow !== 'none'), \
+               on_screen: r.width > 0 && r.height > 0 && r.right > 0 && r.bottom > 0 && r.left < window.innerWidth};",
+            vec![],
+        )
+        .await?;
+    if v.is_null() {
+        return Ok(None);
+    }
+    let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+    Ok(Some(Focused {
+        tag: s("tag"),
+        id: s("id"),
+        name: s("name"),
+        href: s("href"),
+        shows: v["shows"].as_bool().unwrap_or(false),
+        on_screen: v["on_screen"].as_bool().unwrap_or(false),
+    }))
+}

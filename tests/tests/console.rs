@@ -9,17 +9,26 @@
 //! instance page and the overview at a phone's size. Screenshots of every page are written under
 //! `target/console-screenshots/`.
 //!
+//! And by keyboard alone (no Docker needed): logs in with keys only; Tab from the top of a
+//! page goes through the skip link, the main navigation, logout, then the filters and their
+//! button, in that order, each with a visible focus outline; the skip link jumps past the
+//! navigation; a filter is filled and sent with Enter; focus stays on a link while the list
+//! around it is updated live; an instance is deleted through its confirmation page with keys
+//! only; Tab leaves every page (no trap) and Shift+Tab goes back.
+//!
 //! Needs Debian's `chromium` and `chromium-driver` (`tests/browser-setup.sh` installs them):
 //! without them the test skips, unless `CI=true` (then it fails).
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure};
+use anyhow::{Context, bail, ensure};
 use clusterclaw_tests::agent::*;
 use clusterclaw_tests::browser::{
-    browser, browser_available, click, page_text as text, shot, start_driver, text_of,
+    Focused, browser, browser_available, click, focused, page_text as text, press, shift_tab, shot,
+    start_driver, text_of, type_keys,
 };
 use clusterclaw_tests::server::TestServer;
+use fantoccini::key::Key;
 use fantoccini::{Client, Locator};
 use serde_json::json;
 
@@ -419,5 +428,246 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
         eprintln!("the console test failed: {e:#}");
     }
     drop(agent);
+    result
+}
+
+/// Presses Tab and answers what then has focus; it must show where it is.
+async fn tab(c: &Client) -> anyhow::Result<Option<Focused>> {
+    press(c, &[Key::Tab]).await?;
+    let f = focused(c).await?;
+    if let Some(f) = &f {
+        ensure!(
+            f.shows && f.on_screen,
+            "the keyboard focus does not show on {f:?}"
+        );
+    }
+    Ok(f)
+}
+
+/// Presses Tab until `want` has focus (at most `most` times); every step must move focus
+/// on (no control holds it).
+async fn tab_to(
+    c: &Client,
+    what: &str,
+    most: usize,
+    want: impl Fn(&Focused) -> bool,
+) -> anyhow::Result<Focused> {
+    let mut seen = Vec::new();
+    for _ in 0..most {
+        let f = tab(c).await?;
+        if let Some(f) = &f {
+            if want(f) {
+                return Ok(f.clone());
+            }
+            ensure!(
+                seen.last() != Some(f),
+                "Tab did not move on from {f:?} (a keyboard trap)"
+            );
+            seen.push(f.clone());
+        }
+    }
+    bail!("Tab never reached {what}; it went through {seen:#?}")
+}
+
+/// Waits for the page at `path` (loaded after a key press).
+async fn wait_path(c: &Client, path: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let url = c.current_url().await?;
+        if url.path() == path {
+            c.wait().for_element(Locator::Css("main h1")).await?;
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("still on {url}, not {path}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn the_console_by_keyboard_alone() -> anyhow::Result<()> {
+    if !browser_available()? {
+        return Ok(());
+    }
+    let server = TestServer::start()?;
+    let scope = Scope::new("cckb");
+    let (t, p) = (scope.tenant.clone(), scope.project.clone());
+    scope.apply_http(&server, &scope.base_manifest());
+    let image = "registry.invalid/openclaw:1";
+    scope.apply_http(
+        &server,
+        &scope.instance_manifest("kb-bot", image, 0, &Default::default()),
+    );
+    let api = server.api_url().to_string();
+    let driver = start_driver()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let c = rt.block_on(browser(&driver))?;
+    let bot = format!("/ui/tenants/{t}/projects/{p}/instances/kb-bot");
+    let result = rt.block_on(async {
+        // Log in with keys only: the token field is the first stop, Enter sends it.
+        c.goto(&format!("{api}/ui/login")).await?;
+        let f = tab(&c).await?;
+        ensure!(
+            f.as_ref().is_some_and(|f| f.id == "token"),
+            "the first Tab on the login page went to {f:?}"
+        );
+        type_keys(&c, server.admin_token()).await?;
+        press(&c, &[Key::Enter]).await?;
+        wait_path(&c, "/ui/").await?;
+        shot(&c, "20-keyboard-overview").await?;
+
+        // From the top of a page: the skip link, the navigation, logout, then the filters.
+        c.goto(&format!("{api}/ui/instances")).await?;
+        let mut order = Vec::new();
+        for _ in 0..14 {
+            let f = tab(&c).await?.context("focus left the page")?;
+            order.push(f.name.clone());
+            if order.len() == 1 {
+                shot(&c, "21-keyboard-skip-link").await?;
+            }
+        }
+        let want = [
+            "Skip to content",
+            "openClusterClaw",
+            "Overview",
+            "Tenants",
+            "Instances",
+            "Hosts",
+            "Audit log",
+            "Log out",
+            "Tenant",
+            "Project",
+            "Labels",
+            "Phase",
+            "Filter",
+        ];
+        ensure!(
+            order[..want.len()] == want,
+            "Tab goes through {order:?}, not {want:?}"
+        );
+        // Shift+Tab goes back.
+        shift_tab(&c).await?;
+        let back = focused(&c).await?;
+        ensure!(
+            back.as_ref().is_some_and(|f| f.name == "Filter"),
+            "Shift+Tab went to {back:?}"
+        );
+
+        // The skip link jumps past the navigation to the filters.
+        c.refresh().await?;
+        tab(&c).await?;
+        press(&c, &[Key::Enter]).await?;
+        let f = tab(&c).await?;
+        ensure!(
+            f.as_ref().is_some_and(|f| f.id == "f-tenant"),
+            "after the skip link, Tab went to {f:?}"
+        );
+        // A filter filled and sent with keys only.
+        type_keys(&c, &t).await?;
+        press(&c, &[Key::Enter]).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !c
+            .current_url()
+            .await?
+            .query()
+            .is_some_and(|q| q.contains(&format!("tenant={t}")))
+        {
+            ensure!(Instant::now() < deadline, "the filter was not sent");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        c.wait().for_element(Locator::Css("#instance-list")).await?;
+        shot(&c, "22-keyboard-filtered").await?;
+
+        // Focus stays on a link while the list around it is updated live.
+        let link = tab_to(&c, "the kb-bot link", 20, |f| f.href == bot).await?;
+        Ok::<_, anyhow::Error>(link)
+    });
+    let result = result.and_then(|link| {
+        scope.apply_http(
+            &server,
+            &scope.instance_manifest("kb-bot-2", image, 0, &Default::default()),
+        );
+        rt.block_on(async {
+            wait_for_text(&c, "#instance-list", "kb-bot-2 on the open list", |s| {
+                s.contains("kb-bot-2")
+            })
+            .await?;
+            let now = focused(&c).await?;
+            ensure!(
+                now.as_ref()
+                    .is_some_and(|f| f.tag == link.tag && f.href == link.href),
+                "the live update moved focus from {link:?} to {now:?}"
+            );
+
+            // The instance, then its deletion confirmed, by keyboard.
+            press(&c, &[Key::Enter]).await?;
+            wait_path(&c, &bot).await?;
+            tab_to(&c, "the Delete button", 60, |f| f.name == "Delete…").await?;
+            shot(&c, "23-keyboard-delete").await?;
+            press(&c, &[Key::Enter]).await?;
+            wait_path(&c, &format!("{bot}/delete")).await?;
+            let question = text_of(&c, "#question").await?.unwrap_or_default();
+            ensure!(
+                question.contains("kb-bot") && question.contains(&t),
+                "the confirmation does not name the instance: {question}"
+            );
+            let confirm = tab_to(&c, "the confirming button", 20, |f| {
+                f.tag == "button" && f.name.starts_with("Delete")
+            })
+            .await?;
+            shot(&c, "24-keyboard-confirm").await?;
+            // Cancel is the next stop, then focus leaves the page.
+            let cancel = tab(&c).await?;
+            ensure!(
+                cancel.as_ref().is_some_and(|f| f.name == "Cancel"),
+                "after {confirm:?} came {cancel:?}"
+            );
+            shift_tab(&c).await?;
+            press(&c, &[Key::Enter]).await?;
+            wait_path(&c, "/ui/instances").await?;
+
+            // No page holds the keyboard: Tab goes through the whole instance page and
+            // comes back to its top.
+            c.goto(&format!(
+                "{api}/ui/tenants/{t}/projects/{p}/instances/kb-bot-2"
+            ))
+            .await?;
+            let first = tab(&c).await?;
+            let mut back = false;
+            for _ in 0..80 {
+                let f = tab(&c).await?;
+                if f.is_some() && f == first {
+                    back = true;
+                    break;
+                }
+            }
+            ensure!(back, "Tab never came back to the top of the page (a trap)");
+            Ok(())
+        })
+    });
+    let result = result.and_then(|()| {
+        let gone = server.http(
+            "GET",
+            &scope.instance_path("kb-bot"),
+            None,
+            Some(server.admin_token()),
+        );
+        ensure!(
+            gone.status == 404,
+            "kb-bot was not deleted: {} {}",
+            gone.status,
+            gone.body
+        );
+        Ok(())
+    });
+    let _ = rt.block_on(c.close());
+    drop(driver);
+    if let Err(e) = &result {
+        eprintln!(
+            "the keyboard test failed: {e:#}\nserver log:\n{}",
+            server.log()
+        );
+    }
     result
 }

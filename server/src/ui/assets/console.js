@@ -6,6 +6,21 @@
   var state = document.getElementById("live-state");
   function say(text) { if (state) { state.textContent = text; } }
 
+  // What names a control, so that it is found again in a new version of its part: its id,
+  // else its kind, target, form and label.
+  function identity(e) {
+    if (e.id) { return "#" + e.id; }
+    var form = e.form || e.closest("form");
+    return [e.tagName, e.getAttribute("href"), form ? form.getAttribute("action") : "",
+      e.getAttribute("aria-label"), e.getAttribute("name"), e.textContent.trim()].join("\u0000");
+  }
+  function sameIn(root, e) {
+    var want = identity(e);
+    var all = root.querySelectorAll(e.tagName);
+    for (var i = 0; i < all.length; i++) { if (identity(all[i]) === want) { return all[i]; } }
+    return null;
+  }
+
   // Re-fetches the page and swaps each data-live element for its new version.
   var busy = false, again = false, timer = null;
   function refresh() {
@@ -22,10 +37,11 @@
         document.querySelectorAll("[data-live]").forEach(function (el) {
           var fresh = doc.getElementById(el.id);
           if (fresh) {
-            // Keep focus where it was when the focused element survives.
-            var focused = document.activeElement && el.contains(document.activeElement) ? document.activeElement.id : null;
+            // Keep focus where it was when the focused element survives the swap.
+            var active = document.activeElement;
+            var focused = active && el.contains(active) ? sameIn(fresh, active) : null;
             el.replaceWith(fresh);
-            if (focused) { var f = document.getElementById(focused); if (f) { f.focus(); } }
+            if (focused) { focused.focus(); }
           }
         });
         say("Updated " + new Date().toLocaleTimeString());
