@@ -516,6 +516,20 @@ fn the_console_by_keyboard_alone() -> anyhow::Result<()> {
         press(&c, &[Key::Enter]).await?;
         wait_path(&c, "/ui/").await?;
         shot(&c, "20-keyboard-overview").await?;
+        // Every control of every page says what it is: a label, or a name of its own.
+        for page in ["/ui/", "/ui/tenants", "/ui/instances", "/ui/hosts", "/ui/audit", &bot] {
+            c.goto(&format!("{api}{page}")).await?;
+            let bare = c
+                .execute(
+                    "return Array.from(document.querySelectorAll('input:not([type=hidden]), select, textarea, button, a[href], [tabindex]')) \
+                       .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label') \
+                         && !e.getAttribute('aria-labelledby') && !(e.innerText || '').trim()) \
+                       .map(e => e.outerHTML.slice(0, 120));",
+                    vec![],
+                )
+                .await?;
+            ensure!(bare == json!([]), "controls without a name on {page}: {bare}");
+        }
 
         // From the top of a page: the skip link, the navigation, logout, then the filters.
         c.goto(&format!("{api}/ui/instances")).await?;
