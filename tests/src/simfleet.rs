@@ -446,11 +446,16 @@ impl SimHost {
     }
 }
 
-/// A report of a host whose every assigned replica runs what it was given; `n` varies the host
-/// figures, as a real host's do from one report to the next.
+/// A report of a host whose every assigned replica runs what it was given.
 fn report(assigned: &Assigned, n: u64) -> pb::StatusReport {
-    let replicas = assigned
-        .assignments
+    sample_report(&assigned.assignments, assigned.index, n)
+}
+
+/// A full report of a host running every one of `assignments` as it was given (at assignment
+/// index `index`); `n` varies the host and container figures, as a real host's do from one
+/// report to the next.
+pub fn sample_report(assignments: &[pb::Assignment], index: u64, n: u64) -> pb::StatusReport {
+    let replicas = assignments
         .iter()
         .map(|a| pb::ReplicaStatus {
             tenant: a.tenant.clone(),
@@ -500,7 +505,7 @@ fn report(assigned: &Assigned, n: u64) -> pb::StatusReport {
             message: String::new(),
         }),
         replicas,
-        applied_index: assigned.index,
+        applied_index: index,
         agent_version: clusterclaw_agent::sync::AGENT_VERSION.to_string(),
         events: Vec::new(),
         ..Default::default()
