@@ -1,7 +1,7 @@
 //! The control plane as the sync loop sees it: a small [`ControlPlane`] trait (long poll and status stream) and its gRPC implementation over mutual TLS.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 use crate::client::{self, ClientError};
 use crate::enroll::HostIdentity;
 use crate::events::EventQueue;
+use crate::heartbeat::{DeltaEncoder, Exchange};
 
 /// Extra time a long poll may take beyond the wait the server was asked for, before the agent
 /// gives up on the call and asks again.
@@ -104,22 +105,42 @@ pub fn describe_status(status: &tonic::Status) -> String {
     }
 }
 
-/// The reports of one `ReportStatus` call, as the stream takes them.
+/// The reports of one status stream (`Heartbeat`, or `ReportStatus` with a server that lacks
+/// it), as the stream takes them.
 ///
-/// Taking a report attaches every queued [`crate::events::AgentEvent`] to it and removes them
-/// from the queue. `ReportStatus` answers only when the stream ends, so being taken by the
-/// stream (handed to the connection) is the acknowledgement the protocol allows: a report
-/// that waits in the channel when the call fails is dropped with the channel, and its events
-/// ride on the next report. A report the connection had already taken when it broke can be
-/// lost with its events.
+/// Taking a report numbers it, makes it a delta once enabled (see [`crate::heartbeat`]) and
+/// attaches every queued [`crate::events::AgentEvent`] to it, removing them from the queue.
+/// Being taken by the stream (handed to the connection) is when a report counts as sent: a
+/// report that waits in the channel when the call fails is dropped with the channel, and its
+/// events ride on the next report. A report the connection had already taken when it broke
+/// can be lost with its events.
 pub struct ReportStream {
     reports: mpsc::Receiver<pb::StatusReport>,
     events: EventQueue,
+    encoder: DeltaEncoder,
+    exchange: Arc<Exchange>,
 }
 
 impl ReportStream {
+    /// Full reports until [`ReportStream::enable_deltas`].
     pub fn new(reports: mpsc::Receiver<pb::StatusReport>, events: EventQueue) -> Self {
-        ReportStream { reports, events }
+        let exchange = Arc::new(Exchange::default());
+        ReportStream {
+            reports,
+            events,
+            encoder: DeltaEncoder::new(exchange.clone()),
+            exchange,
+        }
+    }
+
+    /// What this stream sent and what the server answered (its acknowledgements go there).
+    pub fn exchange(&self) -> Arc<Exchange> {
+        self.exchange.clone()
+    }
+
+    /// Reports after the first may carry only what changed (the server acknowledges each).
+    pub fn enable_deltas(&mut self) {
+        self.encoder.enable();
     }
 
     /// The next report, with the queued events attached; `None` when the sender is gone.
@@ -129,7 +150,8 @@ impl ReportStream {
 
     fn poll_report(&mut self, cx: &mut Context<'_>) -> Poll<Option<pb::StatusReport>> {
         match self.reports.poll_recv(cx) {
-            Poll::Ready(Some(mut report)) => {
+            Poll::Ready(Some(report)) => {
+                let mut report = self.encoder.encode(report, tokio::time::Instant::now());
                 let events = self.events.take();
                 report.events.extend(events.iter().map(|e| e.to_proto()));
                 Poll::Ready(Some(report))
@@ -137,6 +159,22 @@ impl ReportStream {
             other => other,
         }
     }
+}
+
+/// Streams `reports` on a `Heartbeat` call of `client` until the channel closes (`Ok`) or the
+/// call fails, taking the server's acknowledgements into the stream's [`Exchange`] (a request
+/// for a full report makes the next one full).
+pub async fn heartbeat(
+    client: &mut AgentServiceClient<Channel>,
+    mut reports: ReportStream,
+) -> Result<(), tonic::Status> {
+    reports.enable_deltas();
+    let exchange = reports.exchange();
+    let mut acks = client.heartbeat(reports).await?.into_inner();
+    while let Some(ack) = acks.message().await? {
+        exchange.acknowledged(&ack);
+    }
+    Ok(())
 }
 
 impl futures::Stream for ReportStream {
@@ -179,6 +217,9 @@ pub struct GrpcControlPlane {
     /// A connection of its own for task streams (logs): a reader that stalls one holds up to
     /// a flow-control window of it, which must never hold up the long poll or the reports.
     task_client: RwLock<AgentServiceClient<Channel>>,
+    /// The server answered that it does not implement `Heartbeat`: reports go by
+    /// `ReportStatus`, every one full (until the agent moves to another server).
+    full_reports_only: AtomicBool,
 }
 
 impl GrpcControlPlane {
@@ -196,6 +237,7 @@ impl GrpcControlPlane {
             servers,
             moves: AtomicUsize::new(0),
             identity: RwLock::new(identity.clone()),
+            full_reports_only: AtomicBool::new(false),
         })
     }
 
@@ -246,6 +288,7 @@ impl GrpcControlPlane {
         let fresh_tasks = client::authenticated(&id)?;
         *self.client.write().unwrap_or_else(|e| e.into_inner()) = fresh;
         *self.task_client.write().unwrap_or_else(|e| e.into_inner()) = fresh_tasks;
+        self.full_reports_only.store(false, Ordering::SeqCst);
         Ok(())
     }
 
@@ -318,12 +361,26 @@ impl ControlPlane for GrpcControlPlane {
     async fn report_status(&self, reports: ReportStream) -> Result<(), CallError> {
         let moves = self.moves.load(Ordering::SeqCst);
         let mut client = self.client();
-        client
-            .report_status(reports)
-            .await
-            .map(drop)
-            .map_err(|s| CallError::from_status(&s))
-            .inspect_err(|e| self.move_on(moves, e))
+        if self.full_reports_only.load(Ordering::SeqCst) {
+            return client
+                .report_status(reports)
+                .await
+                .map(drop)
+                .map_err(|s| CallError::from_status(&s))
+                .inspect_err(|e| self.move_on(moves, e));
+        }
+        match heartbeat(&mut client, reports).await {
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                tracing::info!(
+                    "the control plane does not take status deltas; sending full reports"
+                );
+                self.full_reports_only.store(true, Ordering::SeqCst);
+                Err(CallError::Failed(describe_status(&s)))
+            }
+            r => r
+                .map_err(|s| CallError::from_status(&s))
+                .inspect_err(|e| self.move_on(moves, e)),
+        }
     }
 }
 

@@ -20,6 +20,7 @@ pub mod enroll;
 pub mod events;
 pub mod fencing;
 pub mod gateway;
+pub mod heartbeat;
 pub mod metrics;
 pub mod model;
 pub mod notify;

@@ -16,10 +16,11 @@
 //! - **sample**: host figures, container stats and Gateway figures once a report interval.
 //!   Container stats take the engine about a second, so they are sampled here, never on the
 //!   report path.
-//! - **report**: one `ReportStatus` stream; a report every report interval with the latest
-//!   samples, and at once after any change of a replica's state or a new event (nothing on that
-//!   path waits for the engine). Queued events ride on the next report the stream takes (see
-//!   [`ReportStream`]).
+//! - **report**: one `Heartbeat` stream (`ReportStatus` with a server that lacks it), whose
+//!   reports after the first carry only what changed (see [`crate::heartbeat`]); a report
+//!   every report interval with the latest samples, and at once after any change of a
+//!   replica's state or a new event (nothing on that path waits for the engine). Queued
+//!   events ride on the next report the stream takes (see [`ReportStream`]).
 //!
 //! The saved set is acted on once the first long poll has answered or failed, or after
 //! [`START_GATE`] at the latest: a control plane that can be reached gets to say that this host
@@ -781,9 +782,9 @@ impl HostLoops {
                 }
             }
             let (tx, rx) = mpsc::channel(REPORT_QUEUE);
-            let call = self
-                .control
-                .report_status(ReportStream::new(rx, self.reconciler.events().clone()));
+            let stream = ReportStream::new(rx, self.reconciler.events().clone());
+            let exchange = stream.exchange();
+            let call = self.control.report_status(stream);
             tokio::pin!(call);
             // A fresh report opens every stream.
             reporter.last_sent = None;
@@ -803,6 +804,13 @@ impl HostLoops {
                         return;
                     }
                     r = &mut call => break r,
+                    // The server asked for a full report (the stream makes the next one full).
+                    () = exchange.full_asked() => {
+                        let report = self.build_report(&mut reporter, true);
+                        if tx.try_send(report).is_err() {
+                            reporter.volumes.forget();
+                        }
+                    }
                     _ = tick.tick() => {
                         // Nothing here may wait (see [`Samples`]): the figures are the sample
                         // loop's latest.
@@ -963,6 +971,8 @@ impl HostLoops {
             agent_version: AGENT_VERSION.to_string(),
             // Attached by the stream as it takes the report.
             events: Vec::new(),
+            // Numbered (and made a delta) by the stream as it takes the report.
+            ..Default::default()
         };
         if remember {
             reporter.last_sent = Some(self.signature(&report));

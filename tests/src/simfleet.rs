@@ -3,9 +3,10 @@
 //!
 //! Every [`SimHost`] enrolls as `clusterclaw-agent` does (a fresh key and CSR of its own, the
 //! join token over TLS, trusting the cluster CA), then holds its own mutual-TLS connection on
-//! which it long polls `WatchAssignments` and keeps one `ReportStatus` stream open, sending a
+//! which it long polls `WatchAssignments` and keeps one `Heartbeat` stream open, sending a
 //! report when its assignments change and every report interval (10 s, the agent's default)
-//! otherwise. The client, the proto types and the report stream are the agent library's own.
+//! otherwise. The client, the proto types and the report stream (which sends only what changed
+//! after its first report) are the agent library's own.
 //!
 //! What it does not do: run containers. Replicas are reported `Running` the moment they are
 //! assigned, with the config and content hashes they were given. A host also opens no task
@@ -23,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clusterclaw_agent::control::{POLL_GRACE, ReportStream, describe_status};
+use clusterclaw_agent::control::{POLL_GRACE, ReportStream, describe_status, heartbeat};
 use clusterclaw_agent::enroll::{self, HostIdentity, HostRecord};
 use clusterclaw_agent::events::EventQueue;
 use clusterclaw_proto::agent as pb;
@@ -59,6 +60,8 @@ pub struct FleetState {
     last_error: Mutex<Option<String>>,
     polls: AtomicU64,
     reports: AtomicU64,
+    /// Encoded bytes of the reports of streams that ended (see [`FleetState::report_bytes`]).
+    report_bytes: AtomicU64,
 }
 
 impl FleetState {
@@ -101,6 +104,11 @@ impl FleetState {
     /// Reports handed to report streams so far.
     pub fn reports(&self) -> u64 {
         self.reports.load(Ordering::Relaxed)
+    }
+
+    /// Encoded bytes of the reports sent on the streams that ended so far.
+    pub fn report_bytes(&self) -> u64 {
+        self.report_bytes.load(Ordering::Relaxed)
     }
 
     fn failed(&self, what: String) {
@@ -398,15 +406,20 @@ impl SimHost {
             let (tx, rx) = mpsc::channel(REPORT_QUEUE);
             let mut client = self.client.clone();
             let stream = ReportStream::new(rx, EventQueue::default());
-            let call = client.report_status(stream);
+            let exchange = stream.exchange();
+            let call = heartbeat(&mut client, stream);
             tokio::pin!(call);
             let mut tick = tokio::time::interval(self.report_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let outcome = loop {
                 tokio::select! {
-                    _ = stop.changed() => return,
+                    _ = stop.changed() => {
+                        state.report_bytes.fetch_add(exchange.bytes(), Ordering::Relaxed);
+                        return;
+                    }
                     r = &mut call => break r,
                     _ = tick.tick() => {}
+                    () = exchange.full_asked() => {}
                     r = assigned.changed() => if r.is_err() { return },
                 }
                 let current = assigned.borrow_and_update().clone();
@@ -415,9 +428,12 @@ impl SimHost {
                     state.reports.fetch_add(1, Ordering::Relaxed);
                 }
             };
+            state
+                .report_bytes
+                .fetch_add(exchange.bytes(), Ordering::Relaxed);
             if let Err(s) = outcome {
                 state.failed(format!(
-                    "ReportStatus of {}: {}",
+                    "Heartbeat of {}: {}",
                     self.name,
                     describe_status(&s)
                 ));
@@ -430,11 +446,16 @@ impl SimHost {
     }
 }
 
-/// A report of a host whose every assigned replica runs what it was given; `n` varies the host
-/// figures, as a real host's do from one report to the next.
+/// A report of a host whose every assigned replica runs what it was given.
 fn report(assigned: &Assigned, n: u64) -> pb::StatusReport {
-    let replicas = assigned
-        .assignments
+    sample_report(&assigned.assignments, assigned.index, n)
+}
+
+/// A full report of a host running every one of `assignments` as it was given (at assignment
+/// index `index`); `n` varies the host and container figures, as a real host's do from one
+/// report to the next.
+pub fn sample_report(assignments: &[pb::Assignment], index: u64, n: u64) -> pb::StatusReport {
+    let replicas = assignments
         .iter()
         .map(|a| pb::ReplicaStatus {
             tenant: a.tenant.clone(),
@@ -484,11 +505,9 @@ fn report(assigned: &Assigned, n: u64) -> pb::StatusReport {
             message: String::new(),
         }),
         replicas,
-        applied_index: assigned.index,
+        applied_index: index,
         agent_version: clusterclaw_agent::sync::AGENT_VERSION.to_string(),
         events: Vec::new(),
-        volumes: Vec::new(),
-        volumes_listed: false,
-        volumes_total: 0,
+        ..Default::default()
     }
 }

@@ -484,7 +484,6 @@ impl AgentService for AgentRpc {
         };
         let mut stream = request.into_inner();
         while let Some(msg) = stream.next().await {
-            let each = Instant::now();
             let report = match msg {
                 Ok(r) => r,
                 Err(e) => {
@@ -492,55 +491,139 @@ impl AgentService for AgentRpc {
                     break;
                 }
             };
-            let assigned = self.book.current(&id.name);
-            let (events, recorded) = agent_events(&id, &report.events, &assigned.assignments);
-            for e in &recorded {
-                if let Some(kind) = crate::metrics::InstanceEvent::of_reason(&e.reason) {
-                    self.metrics.count_event(
-                        &e.object.tenant,
-                        &e.object.project,
-                        &e.object.name,
-                        kind,
-                    );
+            // Nothing asks for a full report on this call: a delta that does not fit is
+            // dropped (agents send deltas only on `Heartbeat`).
+            match self.reports.expand(&id.name, report) {
+                Ok(report) => {
+                    // This report's own failure is logged; the stream goes on.
+                    let _ = self.take_report("ReportStatus", &id, report).await?;
                 }
-            }
-            crate::events::record_all(self.store.as_ref(), recorded);
-            // Written together with the reports of other hosts arriving meanwhile.
-            let mut r = self
-                .reports
-                .submit(self.store.clone(), id.clone(), report, assigned)
-                .await
-                .map_err(store_status);
-            if r.is_ok() && !events.is_empty() {
-                // What an agent repaired on its own is part of the record of changes.
-                let store = self.store.clone();
-                r = try_blocking("ReportStatus", move || {
-                    store
-                        .append_audit(&events)
-                        .map(|_| ())
-                        .map_err(store_status)
-                })
-                .await;
-            }
-            self.metrics.observe_rpc(
-                "ReportStatus",
-                r.as_ref().err().map_or(tonic::Code::Ok, |e| e.code()),
-                each.elapsed(),
-            );
-            if let Err(e) = r {
-                tracing::warn!(host = %id.name, error = %e, "could not apply a status report");
-                if e.code() == tonic::Code::NotFound {
-                    // Only a host that is really gone is told so (its agent then stops its
-                    // replicas); anything else is an error of this report.
-                    let (store, current) = (self.store.clone(), id.clone());
-                    try_blocking("checking the host identity", move || {
-                        identity::check_current(&current, store.as_ref())
-                    })
-                    .await?;
+                Err(why) => {
+                    tracing::warn!(host = %id.name, "dropping a status report: {why}");
                 }
             }
         }
         Ok(Response::new(pb::ReportStatusResponse {}))
+    }
+
+    type HeartbeatStream = tokio_stream::wrappers::ReceiverStream<Result<pb::ReportAck, Status>>;
+
+    async fn heartbeat(
+        &self,
+        request: Request<Streaming<pb::StatusReport>>,
+    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        let started = Instant::now();
+        let id = match self.authenticate(&request).await {
+            Ok(id) => id,
+            Err(e) => {
+                self.metrics
+                    .observe_rpc("Heartbeat", e.code(), started.elapsed());
+                return Err(e);
+            }
+        };
+        let mut stream = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = stream.next().await {
+                let report = match msg {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(host = %id.name, error = %e, "status stream ended with an error");
+                        return;
+                    }
+                };
+                let seq = report.seq;
+                let wanted = match this.reports.expand(&id.name, report) {
+                    Err(why) => Some(why),
+                    Ok(report) => match this.take_report("Heartbeat", &id, report).await {
+                        Err(gone) => {
+                            let _ = tx.send(Err(gone)).await;
+                            return;
+                        }
+                        Ok(Err(failed)) => Some(format!(
+                            "report {seq} could not be applied: {}",
+                            failed.message()
+                        )),
+                        Ok(Ok(())) if !this.reports.holds(&id.name, seq) => Some(format!(
+                            "report {seq} is not held as sent (an entry of it was refused)"
+                        )),
+                        Ok(Ok(())) => None,
+                    },
+                };
+                if let Some(why) = &wanted {
+                    tracing::debug!(host = %id.name, "asking for a full status report: {why}");
+                }
+                let ack = pb::ReportAck {
+                    seq,
+                    send_full: wanted.is_some(),
+                    reason: wanted.unwrap_or_default(),
+                };
+                if tx.send(Ok(ack)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+}
+
+impl AgentRpc {
+    /// Applies one full report of `id` (with its events) and records the call as `method`.
+    /// The outer error ends the stream (the host is gone); the inner one is this report's.
+    async fn take_report(
+        &self,
+        method: &'static str,
+        id: &HostIdentity,
+        report: pb::StatusReport,
+    ) -> Result<Result<(), Status>, Status> {
+        let each = Instant::now();
+        let assigned = self.book.current(&id.name);
+        let (events, recorded) = agent_events(id, &report.events, &assigned.assignments);
+        for e in &recorded {
+            if let Some(kind) = crate::metrics::InstanceEvent::of_reason(&e.reason) {
+                self.metrics
+                    .count_event(&e.object.tenant, &e.object.project, &e.object.name, kind);
+            }
+        }
+        crate::events::record_all(self.store.as_ref(), recorded);
+        // Written together with the reports of other hosts arriving meanwhile.
+        let mut r = self
+            .reports
+            .submit(self.store.clone(), id.clone(), report, assigned)
+            .await
+            .map_err(store_status);
+        if r.is_ok() && !events.is_empty() {
+            // What an agent repaired on its own is part of the record of changes.
+            let store = self.store.clone();
+            r = try_blocking(method, move || {
+                store
+                    .append_audit(&events)
+                    .map(|_| ())
+                    .map_err(store_status)
+            })
+            .await;
+        }
+        self.metrics.observe_rpc(
+            method,
+            r.as_ref().err().map_or(tonic::Code::Ok, |e| e.code()),
+            each.elapsed(),
+        );
+        if let Err(e) = &r {
+            tracing::warn!(host = %id.name, error = %e, "could not apply a status report");
+            if e.code() == tonic::Code::NotFound {
+                // Only a host that is really gone is told so (its agent then stops its
+                // replicas); anything else is an error of this report.
+                let (store, current) = (self.store.clone(), id.clone());
+                try_blocking("checking the host identity", move || {
+                    identity::check_current(&current, store.as_ref())
+                })
+                .await?;
+            }
+        }
+        Ok(r)
     }
 }
 

@@ -52,6 +52,9 @@ pub struct HostReport {
     replicas_said: u64,
     /// Whether it was written in full: the host was current and no replica entry refused.
     clean: bool,
+    /// Whether every replica entry of it was taken (none refused, none of a replica the store
+    /// does not have): what is kept is what the host sent, so a delta can be applied onto it.
+    whole: bool,
 }
 
 /// Heartbeats waiting to be written, and when they last were.
@@ -219,6 +222,114 @@ impl Reports {
             }
         }
         outcomes.into_iter().map(|o| o.unwrap_or(Ok(()))).collect()
+    }
+
+    /// The full report a report of `host` stands for: a full one as it is; a delta (see
+    /// `StatusReport.base_seq`) applied onto the report held for `host`, when that is the one
+    /// it was made against and was held whole (every entry accepted). Otherwise why not, and
+    /// nothing is applied: the agent is asked for a full report.
+    pub fn expand(
+        &self,
+        host: &str,
+        mut report: pb::StatusReport,
+    ) -> Result<pb::StatusReport, String> {
+        if report.base_seq == 0 {
+            report.removed.clear();
+            report.figures.clear();
+            return Ok(report);
+        }
+        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(prev) = hosts.get(host) else {
+            return Err(format!(
+                "report {} is a delta onto report {}, and this server holds no report of the host",
+                report.seq, report.base_seq
+            ));
+        };
+        if prev.report.seq != report.base_seq {
+            return Err(format!(
+                "report {} is a delta onto report {}, and this server holds report {}",
+                report.seq, report.base_seq, prev.report.seq
+            ));
+        }
+        if !prev.whole {
+            return Err(format!(
+                "report {} is a delta onto report {}, some of whose entries were refused",
+                report.seq, report.base_seq
+            ));
+        }
+        type Key<'k> = (&'k str, &'k str, &'k str, &'k str);
+        let key = |r: &pb::ReplicaStatus| {
+            (
+                r.tenant.clone(),
+                r.project.clone(),
+                r.instance.clone(),
+                r.replica.clone(),
+            )
+        };
+        let removed: std::collections::HashSet<Key<'_>> = report
+            .removed
+            .iter()
+            .map(|r| {
+                (
+                    r.tenant.as_str(),
+                    r.project.as_str(),
+                    r.instance.as_str(),
+                    r.replica.as_str(),
+                )
+            })
+            .collect();
+        let mut replicas: Vec<pb::ReplicaStatus> = prev
+            .report
+            .replicas
+            .iter()
+            .filter(|r| {
+                !removed.contains(&(
+                    r.tenant.as_str(),
+                    r.project.as_str(),
+                    r.instance.as_str(),
+                    r.replica.as_str(),
+                ))
+            })
+            .cloned()
+            .collect();
+        drop(hosts);
+        let mut at: HashMap<(String, String, String, String), usize> = replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (key(r), i))
+            .collect();
+        for f in std::mem::take(&mut report.figures) {
+            let Some(r) = f.replica else { continue };
+            if let Some(&i) = at.get(&(r.tenant, r.project, r.instance, r.replica)) {
+                replicas[i].stats = f.stats;
+                replicas[i].gateway_metrics = f.gateway_metrics;
+            }
+        }
+        for r in std::mem::take(&mut report.replicas) {
+            match at.get(&key(&r)) {
+                Some(&i) => replicas[i] = r,
+                None => {
+                    at.insert(key(&r), replicas.len());
+                    replicas.push(r);
+                }
+            }
+        }
+        report.replicas = replicas;
+        report.removed.clear();
+        report.base_seq = 0;
+        Ok(report)
+    }
+
+    /// Whether the report held for `host` is report `seq`, every entry of it accepted (a delta
+    /// onto it can be applied).
+    pub fn holds(&self, host: &str, seq: u64) -> bool {
+        seq != 0
+            && self
+                .hosts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(host)
+                .is_some_and(|h| h.whole && h.report.seq == seq)
     }
 
     /// A snapshot of every host's latest report.
@@ -513,6 +624,7 @@ impl Reports {
             );
         }
         let clean = refused.iter().all(Option::is_none);
+        let whole = accepted.iter().all(|a| *a);
         let mut accepted = accepted.into_iter();
         report.replicas.retain(|_| accepted.next().unwrap_or(false));
         self.history
@@ -533,6 +645,7 @@ impl Reports {
                 host_said: host_now,
                 replicas_said: replicas_now,
                 clean,
+                whole,
             },
         );
         Ok(())
@@ -977,6 +1090,143 @@ mod tests {
             panic!("{key} is not an instance")
         };
         i.status.unwrap().replica_status[0].state
+    }
+
+    #[test]
+    fn deltas_apply_onto_the_held_report_and_a_gap_or_refusal_applies_nothing() {
+        let (_dir, store, id) = setup();
+        let key = ObjectKey::instance("t", "p", "bot");
+        store
+            .update(&key, &mut |r| {
+                let Resource::OpenClawInstance(i) = r else {
+                    return false;
+                };
+                i.status.as_mut().unwrap().replica_status[0].epoch = Some(5);
+                true
+            })
+            .unwrap();
+        let reports = Reports::default();
+        let mut bot0 = replica("t", "p", "bot", "bot-0");
+        bot0.epoch = 5;
+        bot0.state = pb::ReplicaState::Running as i32;
+        let bot0_ref = pb::ReplicaRef {
+            tenant: "t".into(),
+            project: "p".into(),
+            instance: "bot".into(),
+            replica: "bot-0".into(),
+        };
+        let apply = |r: pb::StatusReport| {
+            let full = reports.expand("h1", r).unwrap();
+            reports.apply(&store, &id, full).unwrap();
+        };
+        apply(pb::StatusReport {
+            seq: 10,
+            replicas: vec![bot0.clone()],
+            ..Default::default()
+        });
+        assert!(reports.holds("h1", 10));
+        assert_eq!(state_of(&store, &key), ReplicaState::Running);
+
+        // Newer figures only: kept in memory, nothing written.
+        let index = store.index();
+        let figures = pb::StatusReport {
+            seq: 11,
+            base_seq: 10,
+            figures: vec![pb::ReplicaFigures {
+                replica: Some(bot0_ref.clone()),
+                stats: Some(pb::ContainerStats {
+                    cpu_percent: 99.0,
+                    ..Default::default()
+                }),
+                gateway_metrics: None,
+            }],
+            ..Default::default()
+        };
+        let merged = reports.expand("h1", figures.clone()).unwrap();
+        assert_eq!(merged.base_seq, 0);
+        assert_eq!(merged.replicas.len(), 1);
+        assert_eq!(merged.replicas[0].state, pb::ReplicaState::Running as i32);
+        apply(figures);
+        assert_eq!(store.index(), index, "nothing a person reads changed");
+        assert!(reports.holds("h1", 11));
+        assert_eq!(
+            reports.snapshot()["h1"].report.replicas[0]
+                .stats
+                .unwrap()
+                .cpu_percent,
+            99.0
+        );
+
+        // A changed entry is written.
+        let mut ready = bot0.clone();
+        ready.state = pb::ReplicaState::Ready as i32;
+        apply(pb::StatusReport {
+            seq: 12,
+            base_seq: 11,
+            replicas: vec![ready],
+            ..Default::default()
+        });
+        assert_eq!(state_of(&store, &key), ReplicaState::Ready);
+
+        // A delta onto a report the server does not hold applies nothing.
+        let mut failed = bot0.clone();
+        failed.state = pb::ReplicaState::Failed as i32;
+        let gap = pb::StatusReport {
+            seq: 13,
+            base_seq: 11,
+            replicas: vec![failed.clone()],
+            ..Default::default()
+        };
+        let why = reports.expand("h1", gap.clone()).unwrap_err();
+        assert!(why.contains("holds report 12"), "{why}");
+        let why = reports.expand("h2", gap).unwrap_err();
+        assert!(why.contains("holds no report"), "{why}");
+        assert_eq!(state_of(&store, &key), ReplicaState::Ready);
+
+        // An entry of a delta is checked like one of a full report: a stale epoch is refused,
+        // and no delta applies onto what was held then.
+        let mut stale = failed;
+        stale.epoch = 4;
+        apply(pb::StatusReport {
+            seq: 14,
+            base_seq: 12,
+            replicas: vec![stale],
+            ..Default::default()
+        });
+        assert_eq!(state_of(&store, &key), ReplicaState::Ready);
+        assert_eq!(reports.refused_replica_reports(), 1);
+        assert!(!reports.holds("h1", 14));
+        let why = reports
+            .expand(
+                "h1",
+                pb::StatusReport {
+                    seq: 15,
+                    base_seq: 14,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert!(why.contains("refused"), "{why}");
+
+        // A full report starts again; a removed replica leaves what is held.
+        apply(pb::StatusReport {
+            seq: 16,
+            replicas: vec![bot0],
+            ..Default::default()
+        });
+        assert!(reports.holds("h1", 16));
+        let gone = reports
+            .expand(
+                "h1",
+                pb::StatusReport {
+                    seq: 17,
+                    base_seq: 16,
+                    removed: vec![bot0_ref],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert!(gone.replicas.is_empty() && gone.removed.is_empty());
     }
 
     #[test]

@@ -525,3 +525,104 @@ async fn a_removed_hosts_certificate_gets_nothing_more() {
     .expect("the new identity is accepted");
     let _ = h.stop.send(true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_reports_are_acknowledged_and_a_gap_asks_for_a_full_one() {
+    let h = start().await;
+    let token = join_token(h.store.as_ref(), Some(1), None);
+    let (resp, key) = enroll(&h, &token, "beat").await.unwrap();
+    let mut host = client(&h.url, &h.ca_pem, Some((&resp.certificate_pem, &key)));
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut acks = host
+        .heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    async fn exchange(
+        tx: &tokio::sync::mpsc::Sender<pb::StatusReport>,
+        acks: &mut tonic::Streaming<pb::ReportAck>,
+        r: pb::StatusReport,
+    ) -> pb::ReportAck {
+        tx.send(r).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), acks.message())
+            .await
+            .expect("every report is answered")
+            .unwrap()
+            .unwrap()
+    }
+    let runtime = Some(pb::RuntimeCondition {
+        ready: true,
+        runtime: "docker".into(),
+        ..Default::default()
+    });
+    let full = exchange(
+        &tx,
+        &mut acks,
+        pb::StatusReport {
+            seq: 1,
+            runtime: runtime.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!((full.seq, full.send_full), (1, false), "{full:?}");
+    let host_key = ObjectKey::cluster(Kind::Host, &resp.host_id);
+    let Resource::Host(stored) = h.store.get(&host_key).unwrap().unwrap().resource().unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(stored.status.unwrap().phase, HostPhase::Ready);
+
+    let delta = exchange(
+        &tx,
+        &mut acks,
+        pb::StatusReport {
+            seq: 2,
+            base_seq: 1,
+            runtime: runtime.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!((delta.seq, delta.send_full), (2, false), "{delta:?}");
+    // Report 3 never arrived: a delta onto it is not applied and a full report is asked for.
+    let gap = exchange(
+        &tx,
+        &mut acks,
+        pb::StatusReport {
+            seq: 4,
+            base_seq: 3,
+            runtime: runtime.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(gap.send_full, "{gap:?}");
+    assert!(gap.reason.contains("holds report 2"), "{}", gap.reason);
+    let again = exchange(
+        &tx,
+        &mut acks,
+        pb::StatusReport {
+            seq: 5,
+            runtime,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(!again.send_full, "{again:?}");
+
+    // A removed host's stream ends with the refusal.
+    h.store.delete(&host_key, None).unwrap();
+    tx.send(pb::StatusReport {
+        seq: 6,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), acks.message())
+        .await
+        .unwrap()
+        .expect_err("a removed host's report is refused");
+    assert!(is_removed(&refused), "{refused:?}");
+    let _ = h.stop.send(true);
+}
