@@ -626,3 +626,81 @@ async fn heartbeat_reports_are_acknowledged_and_a_gap_asks_for_a_full_one() {
     assert!(is_removed(&refused), "{refused:?}");
     let _ = h.stop.send(true);
 }
+
+/// Fails closed: every RPC of the agent service except `Enroll` refuses a caller without a
+/// host certificate. The list is checked against the service definition, so an RPC added
+/// to the proto without being listed here fails this test.
+#[tokio::test]
+async fn every_rpc_but_enroll_refuses_a_caller_without_a_certificate() {
+    let proto = include_str!("../../../proto/proto/clusterclaw/agent/v1/agent.proto");
+    let declared: std::collections::BTreeSet<&str> = proto
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("rpc "))
+        .filter_map(|l| l.split('(').next())
+        .map(str::trim)
+        .collect();
+    let h = start().await;
+    let anon = || client(&h.url, &h.ca_pem, None);
+    let one_report = || tokio_stream::iter(vec![pb::StatusReport::default()]);
+    let mut checked = std::collections::BTreeSet::new();
+    for rpc in &declared {
+        let refused: Status = match *rpc {
+            "Enroll" => continue,
+            "RenewCertificate" => anon()
+                .renew_certificate(pb::RenewCertificateRequest { csr_pem: csr().0 })
+                .await
+                .unwrap_err(),
+            "WatchAssignments" => anon()
+                .watch_assignments(pb::WatchAssignmentsRequest {
+                    known_index: 0,
+                    wait_seconds: 1,
+                })
+                .await
+                .unwrap_err(),
+            "ReportStatus" => anon().report_status(one_report()).await.unwrap_err(),
+            "Heartbeat" => match anon().heartbeat(one_report()).await {
+                Err(s) => s,
+                Ok(acks) => acks
+                    .into_inner()
+                    .next()
+                    .await
+                    .expect("a refusal, not an empty stream")
+                    .expect_err("a caller without a certificate got an acknowledgement"),
+            },
+            "Tasks" => match anon().tasks(pb::TasksRequest {}).await {
+                Err(s) => s,
+                Ok(tasks) => tasks
+                    .into_inner()
+                    .next()
+                    .await
+                    .expect("a refusal, not an empty stream")
+                    .expect_err("a caller without a certificate got a task"),
+            },
+            "TaskOutput" => anon()
+                .task_output(tokio_stream::iter(vec![pb::TaskChunk::default()]))
+                .await
+                .unwrap_err(),
+            "VolumeImport" => match anon()
+                .volume_import(pb::VolumeImportRequest::default())
+                .await
+            {
+                Err(s) => s,
+                Ok(chunks) => chunks
+                    .into_inner()
+                    .next()
+                    .await
+                    .expect("a refusal, not an empty stream")
+                    .expect_err("a caller without a certificate got volume data"),
+            },
+            other => panic!("the agent RPC {other} has no check here: add one"),
+        };
+        assert_eq!(
+            refused.code(),
+            tonic::Code::Unauthenticated,
+            "{rpc} without a certificate: {refused:?}"
+        );
+        checked.insert(*rpc);
+    }
+    assert_eq!(checked.len() + 1, declared.len());
+    let _ = h.stop.send(true);
+}
