@@ -420,7 +420,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
     }
     crate::model::set_fleet_defaults(config.fleet.clone());
     {
-        let starters = controller_starters(&config, &store, &rpc.tasks, &rpc.metrics);
+        let starters = controller_starters(&config, &store, &rpc.metrics);
         let (leader, stop) = (leader_rx.clone(), tasks_stop.clone());
         tasks.spawn(async move {
             crate::controllers::while_leading(leader, stop, starters)
@@ -525,7 +525,6 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
 fn controller_starters(
     config: &ServerConfig,
     store: &Arc<dyn Store>,
-    hub: &Arc<crate::agent_rpc::tasks::TaskHub>,
     metrics: &Arc<crate::metrics::Metrics>,
 ) -> Vec<(&'static str, crate::controllers::Starter)> {
     use crate::controllers;
@@ -560,14 +559,9 @@ fn controller_starters(
             stop,
         ))
     });
-    let (s, hub) = (Arc::clone(store), Arc::clone(hub));
-    let drain: controllers::Starter = Box::new(move |stop| {
-        Box::pin(controllers::drain::run(
-            Arc::clone(&s),
-            Arc::clone(&hub),
-            stop,
-        ))
-    });
+    let s = Arc::clone(store);
+    let drain: controllers::Starter =
+        Box::new(move |stop| Box::pin(controllers::drain::run(Arc::clone(&s), stop)));
     vec![
         ("host liveness controller", hosts),
         ("volume controller", volumes),

@@ -251,6 +251,8 @@ impl TestAgent {
             .arg("--data-dir")
             .arg(self.data.path())
             .env_remove("CLUSTERCLAW_JOIN_TOKEN")
+            // Names the binary for the test library; the agent refuses unknown settings.
+            .env_remove("CLUSTERCLAW_AGENT_BIN")
             .env("RUST_LOG", "info,clusterclaw_agent=debug")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

@@ -305,7 +305,11 @@ fn a_drain_resumes_after_the_server_restarts() -> anyhow::Result<()> {
         let d = c.server.get_json(&path);
         Ok(d["replicas"].as_array().and_then(|rs| {
             rs.iter()
-                .find(|r| r["phase"] == "Moving" && r["bytes"].as_u64().is_some_and(|b| b > 0))
+                .find(|r| {
+                    r["phase"] == "Moving"
+                        && r["bytes"].as_u64().is_some_and(|b| b > 0)
+                        && r["sha256"].is_null()
+                })
                 .cloned()
         }))
     })?;
@@ -334,6 +338,19 @@ fn a_drain_resumes_after_the_server_restarts() -> anyhow::Result<()> {
     for r in d["replicas"].as_array().expect("replicas") {
         assert_eq!(r["phase"], "Moved", "{d}");
         assert_eq!(r["to"], serde_json::json!(b), "{d}");
+        // The record says how much was relayed, by which attempt: the transfer cut by the
+        // restart started again from byte 0 and says so.
+        assert!(
+            r["bytes"].as_u64().is_some_and(|b| b > 96 << 20),
+            "the whole state counted: {r}"
+        );
+        assert!(r["sha256"].is_string(), "{r}");
+        let attempts = r["attempts"].as_u64().unwrap_or(0);
+        if r["replica"] == moving["replica"] {
+            assert!(attempts >= 2, "the cut transfer counts its attempts: {r}");
+        } else {
+            assert!(attempts >= 1, "{r}");
+        }
     }
     let (_, moved) = wait_ready(&c.server, &c.scope, "bot", 2)?;
     for (replica, ct) in &moved {

@@ -23,8 +23,6 @@ use tonic::{Status, Streaming};
 const TASK_QUEUE: usize = 16;
 /// Chunks buffered between a `TaskOutput` call and its asker.
 const RELAY_QUEUE: usize = 4;
-/// State transfers remembered for progress reads.
-const MAX_TRANSFERS: usize = 1024;
 /// How long an agent has to start answering a task.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -70,18 +68,6 @@ pub struct TaskHub {
     hosts: Mutex<HashMap<String, mpsc::Sender<pb::Task>>>,
     pending: Mutex<HashMap<String, Pending>>,
     next_id: AtomicU64,
-    transfers: Mutex<HashMap<String, Transfer>>,
-}
-
-/// How far a state transfer (a volume relayed from one host to another) has come.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Transfer {
-    pub bytes: u64,
-    pub millis: u64,
-    /// Hex SHA-256 of the whole tar, once checked.
-    pub sha256: Option<String>,
-    pub error: Option<String>,
-    pub done: bool,
 }
 
 /// The bytes of a running task, as the asker reads them. Dropping it cancels the task.
@@ -127,28 +113,6 @@ impl TaskHub {
 
     fn lock_hosts(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<pb::Task>>> {
         self.hosts.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn lock_transfers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Transfer>> {
-        self.transfers.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Records how far transfer `id` has come (kept in memory, read by the drain API).
-    pub fn record_transfer(&self, id: &str, transfer: Transfer) {
-        let mut all = self.lock_transfers();
-        if all.len() >= MAX_TRANSFERS && !all.contains_key(id) {
-            // Forget finished ones first; the drain record keeps what matters.
-            all.retain(|_, t| !t.done);
-            if all.len() >= MAX_TRANSFERS {
-                return;
-            }
-        }
-        all.insert(id.to_string(), transfer);
-    }
-
-    /// How far transfer `id` has come, if this server relays (or relayed) it.
-    pub fn transfer(&self, id: &str) -> Option<Transfer> {
-        self.lock_transfers().get(id).cloned()
     }
 
     /// Whether `host`'s agent holds a `Tasks` call.

@@ -139,7 +139,6 @@ pub async fn start_drain(
             Ok((index, started, result.unwrap_or_default()))
         })
         .await?;
-    let drain = crate::controllers::drain::with_progress(drain, state.tasks());
     let text = serde_json::to_string(&drain).map_err(|e| ApiError::internal(e.to_string()))?;
     let code = if started {
         StatusCode::ACCEPTED
@@ -185,7 +184,6 @@ pub async fn get_drain(
             Ok((index, drain))
         })
         .await?;
-    let drain = crate::controllers::drain::with_progress(drain, state.tasks());
     let text = serde_json::to_string(&drain).map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(json_response(StatusCode::OK, text, index))
 }

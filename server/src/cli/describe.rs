@@ -551,13 +551,19 @@ pub fn drain_section(d: &Value, now: SystemTime) -> String {
         let rows: Vec<Vec<String>> = replicas
             .iter()
             .map(|r| {
+                let attempt = match r["attempts"].as_u64() {
+                    Some(n) if n > 1 => format!(", attempt {n}"),
+                    _ => String::new(),
+                };
                 let state = match (r["bytes"].as_u64(), r["sha256"].as_str()) {
                     (Some(b), Some(sha)) => format!(
-                        "{:.1} MiB, sha256 {}",
+                        "{:.1} MiB, sha256 {}{attempt}",
                         b as f64 / (1024.0 * 1024.0),
                         &sha[..sha.len().min(12)]
                     ),
-                    (Some(b), None) => format!("{:.1} MiB so far", b as f64 / (1024.0 * 1024.0)),
+                    (Some(b), None) => {
+                        format!("{:.1} MiB so far{attempt}", b as f64 / (1024.0 * 1024.0))
+                    }
                     (None, _)
                         if r.get("transfer").is_none()
                             && (r["phase"] == "Moving" || r["phase"] == "Moved") =>
@@ -815,7 +821,7 @@ mod tests {
                  "bytes": 10485760u64, "sha256": "0123456789abcdef0123", "message": "Ready on h2"},
                 {"tenant": "acme", "project": "web", "instance": "bot", "replica": "bot-1",
                  "ordinal": 1, "phase": "Moving", "to": "h2", "transfer": "drain-2",
-                 "bytes": 3145728u64},
+                 "bytes": 3145728u64, "attempts": 2},
                 {"tenant": "acme", "project": "web", "instance": "aux", "replica": "aux-0",
                  "ordinal": 0, "phase": "Failed",
                  "message": "no other host fits: Unschedulable: 0/1 hosts fit (1 unschedulable)"},
@@ -833,7 +839,7 @@ mod tests {
             "Deadline: 2026-07-10T12:09:00Z",
             "Progress: 1/4 moved, 1 moving, 1 waiting, 1 failed",
             "acme/web/bot-0 Moved h2 10.0 MiB, sha256 0123456789ab Ready on h2",
-            "acme/web/bot-1 Moving h2 3.0 MiB so far -",
+            "acme/web/bot-1 Moving h2 3.0 MiB so far, attempt 2 -",
             "acme/web/aux-0 Failed - - no other host fits: Unschedulable",
             "acme/web/aux-1 Waiting - - -",
         ] {

@@ -54,6 +54,14 @@ fn name_of(r: &DrainReplica) -> String {
     format!("{}/{}/{}", r.tenant, r.project, r.replica)
 }
 
+/// `, attempt N` when the state transfer had to start again (its bytes count that attempt).
+fn attempt(r: &DrainReplica) -> String {
+    match r.attempts {
+        Some(n) if n > 1 => format!(", attempt {n}"),
+        _ => String::new(),
+    }
+}
+
 /// One progress line of a replica, `None` while there is nothing to say.
 fn line(r: &DrainReplica, elapsed: &BTreeMap<String, std::time::Instant>) -> Option<String> {
     let to = r.to.as_deref().unwrap_or("?");
@@ -76,21 +84,23 @@ fn line(r: &DrainReplica, elapsed: &BTreeMap<String, std::time::Instant>) -> Opt
                     mib(bytes)
                 ),
                 (Some(_), None) => format!(
-                    "{} -> {to}: moving, {} of state ({})",
+                    "{} -> {to}: moving, {} of state ({}){}",
                     name_of(r),
                     mib(bytes),
-                    rate(bytes, since)
+                    rate(bytes, since),
+                    attempt(r)
                 ),
             }
         }
         DrainReplicaPhase::Moved => match (r.bytes, r.transfer_millis, &r.sha256) {
             (Some(b), Some(ms), Some(sha)) => format!(
-                "{} -> {to}: moved, state {} in {:.1}s ({}), sha256 {}",
+                "{} -> {to}: moved, state {} in {:.1}s ({}), sha256 {}{}",
                 name_of(r),
                 mib(b),
                 ms as f64 / 1000.0,
                 rate(b, ms),
-                &sha[..sha.len().min(12)]
+                &sha[..sha.len().min(12)],
+                attempt(r)
             ),
             _ => format!(
                 "{} -> {to}: moved ({})",

@@ -20,7 +20,6 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::agent_rpc::tasks::{TaskHub, Transfer};
 use crate::model::{
     DrainPhase, DrainReplica, DrainReplicaPhase, DrainStatus, Host, IntOrPercent, Kind, ObjectKey,
     OpenClawInstance, RETAINED_BY_DRAIN, ReplicaState, ReplicaStatus, Resource, RetainedVolume,
@@ -132,7 +131,6 @@ pub fn plan(
     drain: &DrainStatus,
     instances: &[OpenClawInstance],
     hosts: &[Host],
-    transfers: &HashMap<String, Transfer>,
     now_ms: i64,
 ) -> Decision {
     let mut d = drain.clone();
@@ -170,13 +168,6 @@ pub fn plan(
 
     // Moves in flight.
     for dr in d.replicas.iter_mut() {
-        if let Some(t) = dr.transfer.as_ref().and_then(|id| transfers.get(id)) {
-            dr.bytes = Some(t.bytes);
-            if t.done && t.error.is_none() {
-                dr.sha256 = t.sha256.clone();
-                dr.transfer_millis = Some(t.millis);
-            }
-        }
         if dr.phase != DrainReplicaPhase::Moving {
             continue;
         }
@@ -452,14 +443,26 @@ pub fn apply_settle(
     changed
 }
 
-/// A drain record with the live progress of its transfers (what the API shows).
-pub fn with_progress(mut d: DrainStatus, hub: &TaskHub) -> DrainStatus {
-    for r in d.replicas.iter_mut() {
-        if let Some(t) = r.transfer.as_ref().and_then(|id| hub.transfer(id)) {
-            r.bytes = Some(t.bytes.max(r.bytes.unwrap_or(0)));
+/// `new` (the controller's decision) with the transfer progress `stored` holds: the server
+/// relaying a transfer writes those fields, and may have since the controller read the record.
+pub fn keep_progress(mut new: DrainStatus, stored: Option<&DrainStatus>) -> DrainStatus {
+    let Some(stored) = stored else { return new };
+    for r in new.replicas.iter_mut() {
+        let Some(id) = r.transfer.as_deref() else {
+            continue;
+        };
+        if let Some(s) = stored
+            .replicas
+            .iter()
+            .find(|s| s.transfer.as_deref() == Some(id))
+        {
+            r.attempts = s.attempts;
+            r.bytes = s.bytes;
+            r.sha256 = s.sha256.clone();
+            r.transfer_millis = s.transfer_millis;
         }
     }
-    d
+    new
 }
 
 fn now_ms() -> i64 {
@@ -482,11 +485,7 @@ fn decode_all<T>(
 }
 
 /// One pass over every drain in progress; returns when to look again.
-pub fn reconcile_once(
-    store: &dyn Store,
-    hub: &TaskHub,
-    now_ms: i64,
-) -> Result<Option<Duration>, StoreError> {
+pub fn reconcile_once(store: &dyn Store, now_ms: i64) -> Result<Option<Duration>, StoreError> {
     let hosts = decode_all(store, Kind::Host, |r| match r {
         Resource::Host(h) => Some(h),
         _ => None,
@@ -507,13 +506,7 @@ pub fn reconcile_once(
     })?;
     let now = crate::events::rfc3339_ms(now_ms);
     for (name, drain) in draining {
-        let transfers: HashMap<String, Transfer> = drain
-            .replicas
-            .iter()
-            .filter_map(|r| r.transfer.as_ref())
-            .filter_map(|id| Some((id.clone(), hub.transfer(id)?)))
-            .collect();
-        let mut decision = plan(&name, &drain, &instances, &hosts, &transfers, now_ms);
+        let mut decision = plan(&name, &drain, &instances, &hosts, now_ms);
         let mut events = Vec::new();
         for step in &decision.steps {
             match step {
@@ -606,7 +599,7 @@ pub fn reconcile_once(
                 if s.drain.as_ref().map(|d| &d.started_at) != Some(&started) {
                     return false;
                 }
-                s.drain = Some(new.clone());
+                s.drain = Some(keep_progress(new.clone(), s.drain.as_ref()));
                 true
             })?;
         }
@@ -616,13 +609,13 @@ pub fn reconcile_once(
 }
 
 /// Runs the controller until shutdown.
-pub async fn run(store: Arc<dyn Store>, hub: Arc<TaskHub>, shutdown: watch::Receiver<bool>) {
+pub async fn run(store: Arc<dyn Store>, shutdown: watch::Receiver<bool>) {
     super::runtime::run(
         "drain",
         store,
         shutdown,
         RESYNC,
-        move |store: &dyn Store| reconcile_once(store, &hub, now_ms()),
+        move |store: &dyn Store| reconcile_once(store, now_ms()),
     )
     .await;
 }
@@ -683,14 +676,7 @@ mod tests {
 
     #[test]
     fn one_instance_at_a_time_within_max_unavailable() {
-        let d = plan(
-            "a",
-            &drain(false, 60_000),
-            &instances(),
-            &hosts(),
-            &HashMap::new(),
-            NOW,
-        );
+        let d = plan("a", &drain(false, 60_000), &instances(), &hosts(), NOW);
         assert!(d.drain.listed);
         assert_eq!(d.drain.replicas.len(), 3);
         // `aux` sorts first; it alone moves (one instance at a time, maxUnavailable 1).
@@ -738,14 +724,7 @@ mod tests {
 
     #[test]
     fn a_moving_replica_is_moved_once_ready_on_its_new_host() {
-        let d1 = plan(
-            "a",
-            &drain(false, 60_000),
-            &instances(),
-            &hosts(),
-            &HashMap::new(),
-            NOW,
-        );
+        let d1 = plan("a", &drain(false, 60_000), &instances(), &hosts(), NOW);
         let mut moved = instances();
         let transfer = d1.drain.replicas[0].transfer.clone().unwrap();
         assert!(apply_move(
@@ -757,29 +736,26 @@ mod tests {
             "now"
         ));
         // Not Ready yet: still moving, nothing else starts for `aux`; `bot` waits its turn.
-        let d2 = plan(
-            "a",
-            &d1.drain,
-            &moved,
-            &hosts(),
-            &HashMap::new(),
-            NOW + 1000,
-        );
+        let d2 = plan("a", &d1.drain, &moved, &hosts(), NOW + 1000);
         assert!(moves(&d2).is_empty());
         assert_eq!(d2.drain.replicas[0].phase, DrainReplicaPhase::Moving);
         moved[1].status.as_mut().unwrap().replica_status[0].state = ReplicaState::Ready;
-        let transfers = HashMap::from([(
-            transfer.clone(),
-            Transfer {
-                bytes: 2048,
-                millis: 10,
-                sha256: Some("ab".repeat(32)),
-                error: None,
-                done: true,
-            },
-        )]);
-        let d3 = plan("a", &d2.drain, &moved, &hosts(), &transfers, NOW + 2000);
+        // What the relay wrote into the record meanwhile.
+        let mut relayed = d2.drain.clone();
+        relayed.replicas[0].attempts = Some(1);
+        relayed.replicas[0].bytes = Some(2048);
+        relayed.replicas[0].sha256 = Some("ab".repeat(32));
+        relayed.replicas[0].transfer_millis = Some(10);
+        let d3 = plan("a", &relayed, &moved, &hosts(), NOW + 2000);
         assert_eq!(d3.drain.replicas[0].phase, DrainReplicaPhase::Moved);
+        assert!(
+            d3.drain.replicas[0]
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains(&"ab".repeat(32))),
+            "{:?}",
+            d3.drain.replicas[0].message
+        );
         assert_eq!(d3.drain.replicas[0].bytes, Some(2048));
         assert!(
             d3.steps
@@ -791,26 +767,39 @@ mod tests {
     }
 
     #[test]
+    fn the_controller_keeps_the_progress_the_relay_wrote_since_it_read() {
+        let d1 = plan("a", &drain(false, 60_000), &instances(), &hosts(), NOW);
+        let transfer = d1.drain.replicas[0].transfer.clone().unwrap();
+        // The controller decided from a record read before the relay wrote 5 MiB of its
+        // second attempt.
+        let mut stored = d1.drain.clone();
+        stored.replicas[0].attempts = Some(2);
+        stored.replicas[0].bytes = Some(5 << 20);
+        let mut decided = d1.drain.clone();
+        decided.replicas[0].message = Some("starting".into());
+        let kept = keep_progress(decided, Some(&stored));
+        assert_eq!(
+            kept.replicas[0].transfer.as_deref(),
+            Some(transfer.as_str())
+        );
+        assert_eq!(kept.replicas[0].attempts, Some(2));
+        assert_eq!(kept.replicas[0].bytes, Some(5 << 20));
+        assert_eq!(kept.replicas[0].message.as_deref(), Some("starting"));
+        // A replica with no transfer, or a record of another drain, takes nothing.
+        let mut other = stored.clone();
+        other.replicas[0].transfer = Some("drain-other".into());
+        let kept = keep_progress(d1.drain.clone(), Some(&other));
+        assert_eq!(kept.replicas[0].bytes, None);
+        assert_eq!(kept.replicas[0].attempts, None);
+    }
+
+    #[test]
     fn past_the_deadline_the_drain_fails_naming_each_replica_and_why() {
         let only_a = vec![HostBuilder::new("a").unschedulable().build()];
-        let d = plan(
-            "a",
-            &drain(true, 1000),
-            &instances(),
-            &only_a,
-            &HashMap::new(),
-            NOW,
-        );
+        let d = plan("a", &drain(true, 1000), &instances(), &only_a, NOW);
         assert!(moves(&d).is_empty());
         assert_eq!(d.drain.phase, DrainPhase::Draining);
-        let d = plan(
-            "a",
-            &d.drain,
-            &instances(),
-            &only_a,
-            &HashMap::new(),
-            NOW + 1000,
-        );
+        let d = plan("a", &d.drain, &instances(), &only_a, NOW + 1000);
         assert_eq!(d.drain.phase, DrainPhase::Failed);
         let message = d.drain.message.unwrap();
         assert!(message.contains("aux-0"), "{message}");
@@ -825,27 +814,13 @@ mod tests {
 
     #[test]
     fn discarded_state_moves_without_a_transfer_and_keeps_the_old_volume() {
-        let d = plan(
-            "a",
-            &drain(true, 60_000),
-            &instances(),
-            &hosts(),
-            &HashMap::new(),
-            NOW,
-        );
+        let d = plan("a", &drain(true, 60_000), &instances(), &hosts(), NOW);
         assert_eq!(moves(&d), vec![("aux".into(), 0, "b".into(), false)]);
     }
 
     #[test]
     fn an_empty_host_is_drained_at_once() {
-        let d = plan(
-            "b",
-            &drain(false, 60_000),
-            &instances(),
-            &hosts(),
-            &HashMap::new(),
-            NOW,
-        );
+        let d = plan("b", &drain(false, 60_000), &instances(), &hosts(), NOW);
         assert_eq!(d.drain.phase, DrainPhase::Succeeded);
         assert!(d.steps.is_empty());
     }

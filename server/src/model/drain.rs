@@ -58,9 +58,14 @@ pub struct DrainReplica {
     /// The transfer carrying its state volume (none with `discardState`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer: Option<String>,
-    /// State bytes relayed so far (filled in when the drain is read).
+    /// State bytes relayed so far by the current attempt (written by the server that relays
+    /// them, about once a second).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
+    /// How many times its state transfer was started: more than 1 when a server restart or a
+    /// broken connection made the new host ask again, each attempt starting from byte 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
     /// Hex SHA-256 of the state volume's tar, once checked end to end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
