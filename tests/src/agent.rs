@@ -251,6 +251,8 @@ impl TestAgent {
             .arg("--data-dir")
             .arg(self.data.path())
             .env_remove("CLUSTERCLAW_JOIN_TOKEN")
+            // The harness's own variable, which the agent would refuse as an unknown setting.
+            .env_remove("CLUSTERCLAW_AGENT_BIN")
             .env("RUST_LOG", "info,clusterclaw_agent=debug")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
