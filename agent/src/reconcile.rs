@@ -1828,6 +1828,7 @@ impl Reconciler {
             owner: self.owner(),
             holds: Arc::clone(&self.holds),
             network_lock: Arc::clone(&self.network_lock),
+            networks_made: Arc::default(),
             state_source: Arc::clone(&self.state_source),
             imported: Arc::clone(&self.imported),
         }
@@ -1910,6 +1911,9 @@ struct Worker {
     holds: Arc<Mutex<PortHolds>>,
     /// Creating networks one at a time: two creations never race to make a tenant's network.
     network_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Networks this pass's work has made or found (the pass's view predates them): the other
+    /// creations of the pass use them without asking the engine again.
+    networks_made: Arc<Mutex<BTreeSet<String>>>,
     state_source: StateSourceSlot,
     imported: Arc<Mutex<BTreeSet<String>>>,
 }
@@ -2508,7 +2512,18 @@ impl Worker {
             None => {
                 let spec = spec::network_spec(owner, &a.tenant);
                 let _one_at_a_time = self.network_lock.lock().await;
-                self.runtime.ensure_network(&spec).await?;
+                let made = self
+                    .networks_made
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&spec.name);
+                if !made {
+                    self.runtime.ensure_network(&spec).await?;
+                    self.networks_made
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(spec.name.clone());
+                }
                 spec.name
             }
         };

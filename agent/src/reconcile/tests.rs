@@ -1621,6 +1621,28 @@ async fn a_slow_stop_holds_up_neither_the_pass_nor_other_replicas() {
     assert_eq!(r.in_flight(), 0);
 }
 
+#[tokio::test]
+async fn creations_of_one_pass_ask_for_their_tenant_network_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let desired: Vec<Assignment> = (0..10)
+        .map(|i| Assignment::test(&format!("bot-{i}")))
+        .collect();
+    let p = pass(&r, &desired, Instant::now()).await;
+    r.wait_idle().await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    let networks = |fake: &FakeRuntime| {
+        fake.calls()
+            .into_iter()
+            .filter(|c| matches!(c, FakeCall::EnsureNetwork(_)))
+            .count()
+    };
+    assert_eq!(networks(&fake), 1, "{:?}", fake.calls());
+    assert_eq!(fake.containers().len(), 10);
+    assert_eq!(fake.networks().len(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn work_that_ended_after_a_pass_looked_is_left_to_the_next_pass() {
     let dir = tempfile::tempdir().unwrap();
