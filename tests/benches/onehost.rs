@@ -443,7 +443,7 @@ fn compose_down(cli: &[String], tag: &str, dir: &Path) -> anyhow::Result<()> {
 struct Cluster {
     server: TestServer,
     /// Runs for as long as the cluster is used.
-    _agent: TestAgent,
+    agent: TestAgent,
     scope: Scope,
     image: String,
 }
@@ -459,7 +459,7 @@ struct Timeline {
 
 impl Cluster {
     fn timeline(&self, since: SystemTime, name: &str) -> Timeline {
-        let log = self._agent.log();
+        let log = self.agent.log();
         let after = |t: SystemTime| {
             t.duration_since(since)
                 .ok()
@@ -621,7 +621,7 @@ fn main() -> anyhow::Result<()> {
     scope.apply(&server, "base", &scope.base_manifest());
     let cluster = Cluster {
         server,
-        _agent: agent,
+        agent,
         scope,
         image: image.clone(),
     };
@@ -697,7 +697,7 @@ fn main() -> anyhow::Result<()> {
         ours.as_secs_f64() / compose_median.as_secs_f64()
     );
     if let Some(path) = std::env::var_os("CLUSTERCLAW_BENCH_ONEHOST_AGENT_LOG") {
-        std::fs::write(&path, cluster._agent.log())
+        std::fs::write(&path, cluster.agent.log())
             .with_context(|| format!("write the agent's log to {}", Path::new(&path).display()))?;
     }
     drop(cluster);
