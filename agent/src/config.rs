@@ -210,7 +210,7 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DURATION")]
     pub restart_backoff: Option<String>,
     /// How many replicas the agent works on at once (creating, stopping, replacing,
-    /// restarting, removing); a slow stop never holds up the others [default: 8]
+    /// restarting, removing); a slow stop never holds up the others [default: 16]
     /// [env: CLUSTERCLAW_AGENT_PARALLEL_OPERATIONS].
     #[arg(long, value_name = "N")]
     pub parallel_operations: Option<u32>,
@@ -1631,7 +1631,7 @@ mod tests {
         std::fs::write(&file, "parallel_operations = 4\nsnapshots_keep = 5\n").unwrap();
         let mut args = enrolling(dir.path());
         let cfg = load_with(&args, &env(dir.path())).unwrap();
-        assert_eq!(cfg.parallel_operations, 8);
+        assert_eq!(cfg.parallel_operations, 16);
         assert_eq!(cfg.snapshots_keep, 3);
         args.config = Some(file);
         let cfg = load_with(&args, &env(dir.path())).unwrap();
@@ -1639,12 +1639,12 @@ mod tests {
         let vars = with_vars(
             dir.path(),
             &[
-                ("CLUSTERCLAW_AGENT_PARALLEL_OPERATIONS", "16"),
+                ("CLUSTERCLAW_AGENT_PARALLEL_OPERATIONS", "12"),
                 ("CLUSTERCLAW_AGENT_SNAPSHOTS_KEEP", "1"),
             ],
         );
         let cfg = load_with(&args, &vars).unwrap();
-        assert_eq!((cfg.parallel_operations, cfg.snapshots_keep), (16, 1));
+        assert_eq!((cfg.parallel_operations, cfg.snapshots_keep), (12, 1));
         args.parallel_operations = Some(2);
         let cfg = load_with(&args, &vars).unwrap();
         assert_eq!(cfg.parallel_operations, 2, "the flag wins");

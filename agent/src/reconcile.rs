@@ -1099,8 +1099,10 @@ pub struct ReconcilerSettings {
     pub predecessors: Vec<Owner>,
 }
 
-/// Replicas worked on at once by default.
-pub const DEFAULT_MAX_PARALLEL: usize = 8;
+/// Replicas worked on at once by default: enough that the engine gets every creation of a
+/// one-host deployment of 10 Gateways at once, as 10 parallel `docker run` would (with 8, the
+/// last two waited for a whole create and start of others, about a fifth of the time to all ready).
+pub const DEFAULT_MAX_PARALLEL: usize = 16;
 
 impl ReconcilerSettings {
     pub fn new(owner: impl Into<Owner>, data_dir: impl Into<PathBuf>) -> Self {
@@ -1185,6 +1187,8 @@ pub struct Reconciler {
     retained: Mutex<Option<BTreeSet<ReplicaKey>>>,
     /// Replicas (and unidentified containers) with work in flight.
     inflight: Arc<Mutex<BTreeSet<WorkKey>>>,
+    /// When work ended, against the latest observation (see [`Finished`]).
+    finished_work: Arc<Mutex<Finished>>,
     limit: Arc<tokio::sync::Semaphore>,
     finished: Arc<tokio::sync::Notify>,
     holds: Arc<Mutex<PortHolds>>,
@@ -1211,6 +1215,7 @@ impl Reconciler {
             owner: Mutex::new(None),
             retained: Mutex::new(Some(BTreeSet::new())),
             inflight: Arc::default(),
+            finished_work: Arc::default(),
             limit,
             finished: Arc::default(),
             holds: Arc::default(),
@@ -1290,6 +1295,7 @@ impl Reconciler {
     /// written there.
     pub async fn observe(&self) -> Result<Observed, RuntimeError> {
         let host = self.settings.owner.host_name();
+        self.finished_lock().begin_observation();
         self.holds
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1650,8 +1656,11 @@ impl Reconciler {
     /// The steps of one replica (or of one unidentified container) run in plan order in one
     /// task; tasks of different replicas run at once, at most
     /// [`ReconcilerSettings::max_parallel`] of them. A replica whose work from an earlier pass
-    /// is still in flight is left alone this pass. A network is removed only once no work of
-    /// its tenant is in flight. Whenever a task ends, [`Reconciler::work_done`] is notified so
+    /// is still in flight is left alone this pass, and so is one whose work ended after the
+    /// latest [`Reconciler::observe`] began: its steps were planned from a view that does not
+    /// show the result (a creation planned again would only collide with the container just
+    /// made), and the next pass, woken when the work ended, looks again. A network is removed
+    /// only once no work of its tenant is in flight. Whenever a task ends, [`Reconciler::work_done`] is notified so
     /// that the next pass looks at the result.
     pub async fn execute(
         &self,
@@ -1705,6 +1714,13 @@ impl Reconciler {
         let worker = self.worker();
         let mut handles = Vec::new();
         for (key, group) in groups {
+            if self.finished_lock().since_observed(&key) {
+                tracing::debug!(
+                    ?key,
+                    "work of an earlier pass ended after this pass looked; the next pass looks again"
+                );
+                continue;
+            }
             if !self.inflight_lock().insert(key.clone()) {
                 tracing::debug!(
                     ?key,
@@ -1717,6 +1733,7 @@ impl Reconciler {
             let ports = Arc::clone(&observed_ports);
             let limit = Arc::clone(&self.limit);
             let inflight = Arc::clone(&self.inflight);
+            let finished_work = Arc::clone(&self.finished_work);
             let finished = Arc::clone(&self.finished);
             handles.push(tokio::spawn(async move {
                 let permit = limit.acquire_owned().await;
@@ -1727,6 +1744,12 @@ impl Reconciler {
                     out.push((i, StepOutcome { step, result }));
                 }
                 drop(permit);
+                // Recorded as ended before it stops counting as in flight, so that a pass
+                // always sees one or the other.
+                finished_work
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .ended(key.clone());
                 inflight
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -1791,6 +1814,10 @@ impl Reconciler {
         self.inflight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn finished_lock(&self) -> MutexGuard<'_, Finished> {
+        self.finished_work.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn worker(&self) -> Worker {
         Worker {
             runtime: Arc::clone(&self.runtime),
@@ -1801,6 +1828,7 @@ impl Reconciler {
             owner: self.owner(),
             holds: Arc::clone(&self.holds),
             network_lock: Arc::clone(&self.network_lock),
+            networks_made: Arc::default(),
             state_source: Arc::clone(&self.state_source),
             imported: Arc::clone(&self.imported),
         }
@@ -1812,6 +1840,33 @@ impl Reconciler {
 enum WorkKey {
     Replica(ReplicaKey),
     Container(String),
+}
+
+/// Which work ended after the latest observation began: every end gets the next number of a
+/// counter, and an observation remembers the counter as it begins.
+#[derive(Debug, Default)]
+struct Finished {
+    count: u64,
+    observed_at: u64,
+    /// The number of each end since the latest observation began.
+    ends: BTreeMap<WorkKey, u64>,
+}
+
+impl Finished {
+    fn begin_observation(&mut self) {
+        self.observed_at = self.count;
+        self.ends.clear();
+    }
+
+    fn ended(&mut self, key: WorkKey) {
+        self.count += 1;
+        self.ends.insert(key, self.count);
+    }
+
+    /// Whether the work of `key` ended after the latest observation began.
+    fn since_observed(&self, key: &WorkKey) -> bool {
+        self.ends.get(key).is_some_and(|n| *n > self.observed_at)
+    }
 }
 
 /// Host ports handed to creations that have not shown up in an observation yet.
@@ -1856,6 +1911,9 @@ struct Worker {
     holds: Arc<Mutex<PortHolds>>,
     /// Creating networks one at a time: two creations never race to make a tenant's network.
     network_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Networks this pass's work has made or found (the pass's view predates them): the other
+    /// creations of the pass use them without asking the engine again.
+    networks_made: Arc<Mutex<BTreeSet<String>>>,
     state_source: StateSourceSlot,
     imported: Arc<Mutex<BTreeSet<String>>>,
 }
@@ -2454,7 +2512,18 @@ impl Worker {
             None => {
                 let spec = spec::network_spec(owner, &a.tenant);
                 let _one_at_a_time = self.network_lock.lock().await;
-                self.runtime.ensure_network(&spec).await?;
+                let made = self
+                    .networks_made
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&spec.name);
+                if !made {
+                    self.runtime.ensure_network(&spec).await?;
+                    self.networks_made
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(spec.name.clone());
+                }
                 spec.name
             }
         };

@@ -1621,6 +1621,77 @@ async fn a_slow_stop_holds_up_neither_the_pass_nor_other_replicas() {
     assert_eq!(r.in_flight(), 0);
 }
 
+#[tokio::test]
+async fn creations_of_one_pass_ask_for_their_tenant_network_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    let r = reconciler(&fake, dir.path());
+    let desired: Vec<Assignment> = (0..10)
+        .map(|i| Assignment::test(&format!("bot-{i}")))
+        .collect();
+    let p = pass(&r, &desired, Instant::now()).await;
+    r.wait_idle().await;
+    assert!(p.failures().next().is_none(), "{:?}", p.outcomes);
+    let networks = |fake: &FakeRuntime| {
+        fake.calls()
+            .into_iter()
+            .filter(|c| matches!(c, FakeCall::EnsureNetwork(_)))
+            .count()
+    };
+    assert_eq!(networks(&fake), 1, "{:?}", fake.calls());
+    assert_eq!(fake.containers().len(), 10);
+    assert_eq!(fake.networks().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn work_that_ended_after_a_pass_looked_is_left_to_the_next_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(FakeRuntime::new());
+    fake.set_stop_delay(secs(20));
+    let old = Assignment::test("bot-0").config(r#"{"a":1}"#, 1);
+    fake.insert_container(container("old", &old));
+    let r = reconciler(&fake, dir.path());
+    let a = Assignment::test("bot-0")
+        .config(r#"{"a":2}"#, 2)
+        .config_hash(&"b".repeat(64));
+    pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    assert_eq!(r.in_flight(), 1);
+    // A pass looks while the replacement is under way (the old container is still there) and
+    // acts only once it is done: what it planned from that view is not done again.
+    let seen = r.observe().await.unwrap();
+    r.wait_idle().await;
+    let steps = plan(&PlanInput {
+        owner: &me(),
+        desired: std::slice::from_ref(&a),
+        observed: &seen,
+        probes: &BTreeMap::new(),
+        records: &r.book().snapshot(),
+        retained: Some(&BTreeSet::new()),
+        now: Instant::now(),
+    });
+    assert!(
+        steps.iter().any(|s| matches!(s, Step::Replace { .. })),
+        "{steps:?}"
+    );
+    fake.clear_calls();
+    let outcomes = r.execute(steps, &seen, Instant::now()).await;
+    r.wait_idle().await;
+    assert!(fake.mutations().is_empty(), "{:?}", fake.calls());
+    assert!(
+        !outcomes
+            .iter()
+            .any(|o| matches!(o.step, Step::Replace { .. })),
+        "{outcomes:?}"
+    );
+    // The next pass looks again and finds the replica as it should be.
+    let p = pass(&r, std::slice::from_ref(&a), Instant::now()).await;
+    r.wait_idle().await;
+    assert!(fake.mutations().is_empty(), "{:?}", fake.calls());
+    let running: Vec<_> = p.observed.containers.iter().map(|c| c.id.clone()).collect();
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_ne!(running[0], "old");
+}
+
 #[tokio::test(start_paused = true)]
 async fn work_runs_at_once_up_to_the_host_limit() {
     let dir = tempfile::tempdir().unwrap();
