@@ -35,10 +35,27 @@ struct Ring {
     samples: VecDeque<Sample>,
 }
 
+/// What one host reported last: its replicas, and when the first of their rings is due a
+/// sample (none: at its next report).
+struct HostRings {
+    ids: Vec<ReplicaId>,
+    due: Option<Instant>,
+}
+
 /// The samples of every replica reported lately.
 #[derive(Default)]
 pub struct History {
     replicas: HashMap<ReplicaId, Ring>,
+    /// The replicas each host reported last, so that a report looks at its own host's
+    /// replicas only, not at every ring of the fleet.
+    hosts: HashMap<String, HostRings>,
+}
+
+fn same_replicas(ids: &[ReplicaId], replicas: &[pb::ReplicaStatus]) -> bool {
+    ids.len() == replicas.len()
+        && ids.iter().zip(replicas).all(|((t, p, i, n), r)| {
+            *t == r.tenant && *p == r.project && *i == r.instance && *n == r.replica
+        })
 }
 
 /// One replica's samples, oldest first.
@@ -53,7 +70,16 @@ impl History {
     /// Takes the figures of one report of `host` at `now`: a sample for each replica that has
     /// figures, unless its last one is younger than [`SAMPLE_EVERY`]. Replicas `host` reported
     /// before and no longer does are dropped.
+    ///
+    /// A report that names the replicas the host's previous one named, before any of their
+    /// rings is due a sample, costs a comparison and no allocation.
     pub fn record(&mut self, host: &str, now: Instant, replicas: &[pb::ReplicaStatus]) {
+        if let Some(last) = self.hosts.get(host)
+            && last.due.is_some_and(|due| now < due)
+            && same_replicas(&last.ids, replicas)
+        {
+            return;
+        }
         let mut reported: Vec<ReplicaId> = Vec::with_capacity(replicas.len());
         for r in replicas {
             let id = (
@@ -66,7 +92,7 @@ impl History {
             let Some(stats) = &r.stats else { continue };
             let ring = self.replicas.entry(id).or_insert_with(|| Ring {
                 host: host.to_string(),
-                samples: VecDeque::with_capacity(KEEP),
+                samples: VecDeque::new(),
             });
             if ring.host != host {
                 // The replica moved: its figures on the old host say nothing of the new one.
@@ -94,13 +120,51 @@ impl History {
                 memory_limit_bytes: stats.memory_limit_bytes,
             });
         }
-        self.replicas
-            .retain(|id, ring| ring.host != host || reported.contains(id));
+        // Nothing reported: nothing is due until the list changes.
+        let mut due: Option<Instant> = reported.is_empty().then(|| now + SPAN);
+        for id in &reported {
+            match self.replicas.get(id).and_then(|r| r.samples.back()) {
+                Some(last) if self.replicas[id].host == host => {
+                    let at = last.at + SAMPLE_EVERY;
+                    due = Some(due.map_or(at, |d| d.min(at)));
+                }
+                // A replica without figures, or another host's now: look again next time.
+                _ => {
+                    due = Some(now);
+                    break;
+                }
+            }
+        }
+        let latest = HostRings { ids: reported, due };
+        let previous = match self.hosts.get_mut(host) {
+            Some(last) => Some(std::mem::replace(last, latest)),
+            None => {
+                self.hosts.insert(host.to_string(), latest);
+                None
+            }
+        };
+        if let Some(previous) = previous {
+            let now_reported: std::collections::HashSet<&ReplicaId> =
+                self.hosts[host].ids.iter().collect();
+            for id in previous.ids {
+                if !now_reported.contains(&id)
+                    && self.replicas.get(&id).is_some_and(|r| r.host == host)
+                {
+                    self.replicas.remove(&id);
+                }
+            }
+        }
     }
 
     /// Drops every replica `host` reported.
     pub fn forget_host(&mut self, host: &str) {
-        self.replicas.retain(|_, ring| ring.host != host);
+        if let Some(last) = self.hosts.remove(host) {
+            for id in last.ids {
+                if self.replicas.get(&id).is_some_and(|r| r.host == host) {
+                    self.replicas.remove(&id);
+                }
+            }
+        }
     }
 
     /// The samples of an instance's replicas within [`SPAN`] before `now`, by replica name.
@@ -216,6 +280,35 @@ mod tests {
         // h1's next report no longer names it, and it stays: it is h2's now.
         h.record("h1", t0 + SAMPLE_EVERY * 3, &[]);
         assert_eq!(names(&h), ["bot-0"]);
+    }
+
+    #[test]
+    fn a_report_within_the_period_still_drops_what_it_no_longer_names() {
+        let mut h = History::default();
+        let t0 = Instant::now();
+        let both = [replica("bot-0", 1.0, 1), replica("bot-1", 2.0, 2)];
+        h.record("h1", t0, &both);
+        h.record("h2", t0, &[replica("bot-2", 3.0, 3)]);
+        // The same list again before a sample is due changes nothing.
+        h.record("h1", t0 + Duration::from_secs(10), &both);
+        assert_eq!(h.samples(), 3);
+        // A shorter list before a sample is due drops the replica it no longer names.
+        h.record(
+            "h1",
+            t0 + Duration::from_secs(20),
+            &[replica("bot-0", 1.0, 1)],
+        );
+        let names: Vec<String> = h
+            .of_instance("t", "p", "bot", t0 + Duration::from_secs(20))
+            .into_iter()
+            .map(|r| r.replica)
+            .collect();
+        assert_eq!(names, ["bot-0", "bot-2"]);
+        // Once due, the same list takes a sample.
+        h.record("h1", t0 + SAMPLE_EVERY, &[replica("bot-0", 4.0, 4)]);
+        assert_eq!(h.samples(), 3);
+        h.forget_host("h1");
+        assert_eq!(h.samples(), 1);
     }
 
     #[test]

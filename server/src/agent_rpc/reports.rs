@@ -500,15 +500,6 @@ impl Reports {
             report,
             assigned,
         } = item;
-        let expected_content: HashMap<(&str, &str, &str), (&str, &str)> = assigned
-            .iter()
-            .map(|a| {
-                (
-                    (a.tenant.as_str(), a.project.as_str(), a.replica.as_str()),
-                    (a.config_hash.as_str(), a.content_hash.as_str()),
-                )
-            })
-            .collect();
         let now = Instant::now();
         let host_now = host_said(&report);
         let replicas_now = replicas_said(&report.replicas, assigned);
@@ -541,6 +532,15 @@ impl Reports {
             }
             return Ok(None);
         }
+        let expected_content: HashMap<(&str, &str, &str), (&str, &str)> = assigned
+            .iter()
+            .map(|a| {
+                (
+                    (a.tenant.as_str(), a.project.as_str(), a.replica.as_str()),
+                    (a.config_hash.as_str(), a.content_hash.as_str()),
+                )
+            })
+            .collect();
         let mut by_instance: HashMap<ObjectKey, Vec<usize>> = HashMap::new();
         for (i, r) in report.replicas.iter().enumerate() {
             by_instance
