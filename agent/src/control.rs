@@ -115,11 +115,24 @@ pub fn describe_status(status: &tonic::Status) -> String {
 pub struct ReportStream {
     reports: mpsc::Receiver<pb::StatusReport>,
     events: EventQueue,
+    /// Told of every report as the stream takes it.
+    taken: Option<Box<dyn FnMut(&pb::StatusReport) + Send + Sync>>,
 }
 
 impl ReportStream {
     pub fn new(reports: mpsc::Receiver<pb::StatusReport>, events: EventQueue) -> Self {
-        ReportStream { reports, events }
+        ReportStream {
+            reports,
+            events,
+            taken: None,
+        }
+    }
+
+    /// Calls `f` with every report as the stream takes it (hands it to the connection), for
+    /// a control plane that times what it sends.
+    pub fn on_taken(mut self, f: impl FnMut(&pb::StatusReport) + Send + Sync + 'static) -> Self {
+        self.taken = Some(Box::new(f));
+        self
     }
 
     /// The next report, with the queued events attached; `None` when the sender is gone.
@@ -132,6 +145,9 @@ impl ReportStream {
             Poll::Ready(Some(mut report)) => {
                 let events = self.events.take();
                 report.events.extend(events.iter().map(|e| e.to_proto()));
+                if let Some(taken) = self.taken.as_mut() {
+                    taken(&report);
+                }
                 Poll::Ready(Some(report))
             }
             other => other,

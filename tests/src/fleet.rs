@@ -259,11 +259,16 @@ impl ContainerRuntime for TimedEngine {
     }
 }
 
+/// When each replica (`tenant/project/replica`) was first reported Ready on each config
+/// revision: when the report stream took the report saying so.
+type ReadyReports = Arc<Mutex<HashMap<(String, u64), Instant>>>;
+
 /// The agent's gRPC control plane, recording when each long poll that brought a change
-/// returned.
+/// returned, and when each replica was first reported Ready on a revision.
 struct TimedControl {
     inner: GrpcControlPlane,
     answered: Stamps,
+    reported_ready: ReadyReports,
 }
 
 #[async_trait]
@@ -281,6 +286,16 @@ impl ControlPlane for TimedControl {
     }
 
     async fn report_status(&self, reports: ReportStream) -> Result<(), CallError> {
+        let seen = self.reported_ready.clone();
+        let ready = clusterclaw_proto::agent::ReplicaState::Ready as i32;
+        let reports = reports.on_taken(move |report| {
+            let at = Instant::now();
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            for r in report.replicas.iter().filter(|r| r.state == ready) {
+                let key = format!("{}/{}/{}", r.tenant, r.project, r.replica);
+                seen.entry((key, r.config_revision)).or_insert(at);
+            }
+        });
         self.inner.report_status(reports).await
     }
 }
@@ -408,6 +423,7 @@ pub struct FleetHost {
     stop: watch::Sender<bool>,
     answered: Stamps,
     received: Stamps,
+    reported_ready: ReadyReports,
     host_id: Option<String>,
     // Dropped last, after the runtime.
     data: tempfile::TempDir,
@@ -436,6 +452,7 @@ impl FleetHost {
             stop: watch::Sender::new(false),
             answered: Stamps::default(),
             received: Stamps::default(),
+            reported_ready: ReadyReports::default(),
             host_id: None,
             data,
         })
@@ -497,6 +514,7 @@ impl FleetHost {
             Arc::new(TimedControl {
                 inner: GrpcControlPlane::new(&identity, &[])?,
                 answered: self.answered.clone(),
+                reported_ready: self.reported_ready.clone(),
             })
         };
         let loops = HostLoops::new(
@@ -538,6 +556,16 @@ impl FleetHost {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// When the host first reported replica `key` (`tenant/project/replica`) Ready on config
+    /// revision `revision`: when its report stream took that report.
+    pub fn reported_ready(&self, key: &str, revision: u64) -> Option<Instant> {
+        self.reported_ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(key.to_string(), revision))
+            .copied()
     }
 
     /// Every assignment set the host's loops took up: its index and when it was published to

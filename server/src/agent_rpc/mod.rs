@@ -124,6 +124,60 @@ pub fn host_name_from(hostname: &str) -> String {
 }
 
 impl AgentRpc {
+    /// Applies one report of `id` (with the events of those it stands for): the events, then
+    /// the report, written together with the reports of other hosts arriving meanwhile, then
+    /// the audit entries. Fails only when the host is gone.
+    async fn apply_report(&self, id: &HostIdentity, received: Received) -> Result<(), Status> {
+        let each = Instant::now();
+        let Received {
+            report,
+            audited,
+            recorded,
+        } = received;
+        for e in &recorded {
+            if let Some(kind) = crate::metrics::InstanceEvent::of_reason(&e.reason) {
+                self.metrics
+                    .count_event(&e.object.tenant, &e.object.project, &e.object.name, kind);
+            }
+        }
+        crate::events::record_all(self.store.as_ref(), recorded);
+        let assigned = self.book.current(&id.name);
+        let mut r = self
+            .reports
+            .submit(self.store.clone(), id.clone(), report, assigned)
+            .await
+            .map_err(store_status);
+        if r.is_ok() && !audited.is_empty() {
+            // What an agent repaired on its own is part of the record of changes.
+            let store = self.store.clone();
+            r = try_blocking("ReportStatus", move || {
+                store
+                    .append_audit(&audited)
+                    .map(|_| ())
+                    .map_err(store_status)
+            })
+            .await;
+        }
+        self.metrics.observe_rpc(
+            "ReportStatus",
+            r.as_ref().err().map_or(tonic::Code::Ok, |e| e.code()),
+            each.elapsed(),
+        );
+        if let Err(e) = r {
+            tracing::warn!(host = %id.name, error = %e, "could not apply a status report");
+            if e.code() == tonic::Code::NotFound {
+                // Only a host that is really gone is told so (its agent then stops its
+                // replicas); anything else is an error of this report.
+                let (store, current) = (self.store.clone(), id.clone());
+                try_blocking("checking the host identity", move || {
+                    identity::check_current(&current, store.as_ref())
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// The caller's identity from its client certificate, checked against the store on the
     /// blocking pool.
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<HostIdentity, Status> {
@@ -483,64 +537,85 @@ impl AgentService for AgentRpc {
             }
         };
         let mut stream = request.into_inner();
-        while let Some(msg) = stream.next().await {
-            let each = Instant::now();
-            let report = match msg {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::debug!(host = %id.name, error = %e, "status stream ended with an error");
-                    break;
-                }
-            };
-            let assigned = self.book.current(&id.name);
-            let (events, recorded) = agent_events(&id, &report.events, &assigned.assignments);
-            for e in &recorded {
-                if let Some(kind) = crate::metrics::InstanceEvent::of_reason(&e.reason) {
-                    self.metrics.count_event(
-                        &e.object.tenant,
-                        &e.object.project,
-                        &e.object.name,
-                        kind,
-                    );
+        // Reports are read as they arrive, also while an earlier one is being applied, and
+        // what arrived meanwhile is applied as one: each report says everything the host
+        // knows, so the newest stands for those before it (their events and the last volume
+        // list kept). Applying every report in turn would let them queue up in the stream
+        // whenever applying one takes longer than the agent's report interval, and the host's
+        // news (a replica turning Ready) would reach the store that many reports late.
+        let mut waiting: Option<Received> = None;
+        let mut applying = std::pin::pin!(futures::future::OptionFuture::from(None));
+        let mut busy = false;
+        let mut open = true;
+        loop {
+            tokio::select! {
+                msg = stream.next(), if open => match msg {
+                    Some(Ok(report)) => {
+                        let assigned = self.book.current(&id.name);
+                        let received = Received::new(&id, report, &assigned.assignments);
+                        waiting = Some(match waiting.take() {
+                            Some(earlier) => earlier.followed_by(received),
+                            None => received,
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(host = %id.name, error = %e, "status stream ended with an error");
+                        open = false;
+                    }
+                    None => open = false,
+                },
+                Some(outcome) = &mut applying, if busy => {
+                    busy = false;
+                    outcome?;
                 }
             }
-            crate::events::record_all(self.store.as_ref(), recorded);
-            // Written together with the reports of other hosts arriving meanwhile.
-            let mut r = self
-                .reports
-                .submit(self.store.clone(), id.clone(), report, assigned)
-                .await
-                .map_err(store_status);
-            if r.is_ok() && !events.is_empty() {
-                // What an agent repaired on its own is part of the record of changes.
-                let store = self.store.clone();
-                r = try_blocking("ReportStatus", move || {
-                    store
-                        .append_audit(&events)
-                        .map(|_| ())
-                        .map_err(store_status)
-                })
-                .await;
-            }
-            self.metrics.observe_rpc(
-                "ReportStatus",
-                r.as_ref().err().map_or(tonic::Code::Ok, |e| e.code()),
-                each.elapsed(),
-            );
-            if let Err(e) = r {
-                tracing::warn!(host = %id.name, error = %e, "could not apply a status report");
-                if e.code() == tonic::Code::NotFound {
-                    // Only a host that is really gone is told so (its agent then stops its
-                    // replicas); anything else is an error of this report.
-                    let (store, current) = (self.store.clone(), id.clone());
-                    try_blocking("checking the host identity", move || {
-                        identity::check_current(&current, store.as_ref())
-                    })
-                    .await?;
+            if !busy {
+                match waiting.take() {
+                    Some(next) => {
+                        applying.set(Some(self.apply_report(&id, next)).into());
+                        busy = true;
+                    }
+                    None if !open => break,
+                    None => {}
                 }
             }
         }
         Ok(Response::new(pb::ReportStatusResponse {}))
+    }
+}
+
+/// Reports of one stream that arrived while an earlier one was being applied, as one: the
+/// newest report, with the events of all of them (their events and audit entries, made as
+/// each arrived) and the newest volume list any of them carried.
+struct Received {
+    report: pb::StatusReport,
+    audited: Vec<crate::audit::AuditEntry>,
+    recorded: Vec<crate::events::Event>,
+}
+
+impl Received {
+    fn new(host: &HostIdentity, mut report: pb::StatusReport, assigned: &[pb::Assignment]) -> Self {
+        let events = std::mem::take(&mut report.events);
+        let (audited, recorded) = agent_events(host, &events, assigned);
+        Received {
+            report,
+            audited,
+            recorded,
+        }
+    }
+
+    /// This and the `newer` report that followed it, as one.
+    fn followed_by(mut self, mut newer: Received) -> Received {
+        if !newer.report.volumes_listed && self.report.volumes_listed {
+            newer.report.volumes = std::mem::take(&mut self.report.volumes);
+            newer.report.volumes_total = self.report.volumes_total;
+            newer.report.volumes_listed = true;
+        }
+        self.audited.append(&mut newer.audited);
+        self.recorded.append(&mut newer.recorded);
+        newer.audited = self.audited;
+        newer.recorded = self.recorded;
+        newer
     }
 }
 
