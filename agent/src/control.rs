@@ -116,8 +116,11 @@ pub struct ReportStream {
     reports: mpsc::Receiver<pb::StatusReport>,
     events: EventQueue,
     /// Told of every report as the stream takes it.
-    taken: Option<Box<dyn FnMut(&pb::StatusReport) + Send + Sync>>,
+    taken: Option<TakenHook>,
 }
+
+/// What [`ReportStream::on_taken`] calls.
+type TakenHook = Box<dyn FnMut(&pb::StatusReport) + Send + Sync>;
 
 impl ReportStream {
     pub fn new(reports: mpsc::Receiver<pb::StatusReport>, events: EventQueue) -> Self {

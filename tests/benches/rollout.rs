@@ -18,7 +18,11 @@
 //!    `clusterclaw_rollout_gate_decision_seconds` on `/metrics`). The overhead adds the way to
 //!    the host: from the event to the return of the long poll that brought the new assignment
 //!    to its host (the controller's write, the assignment book and the long poll). The figures
-//!    are medians over [`RUNS`] runs (`CLUSTERCLAW_BENCH_RUNS` overrides).
+//!    are medians over [`RUNS`] runs (`CLUSTERCLAW_BENCH_RUNS` overrides). Each run also prints
+//!    where a wave's time goes, stage by stage (p50 and p99 over the replicas): a replica ready
+//!    on its host → the report saying so taken by its agent's report stream → applied on the
+//!    server (`readySince`) → its gate passed and the next targets moved → the long poll
+//!    answered on their host → their new containers created.
 //! 2. `gate`: gate decision latency. One instance of 10 replicas with `maxUnavailable: 1`: from
 //!    the moment the API shows a replica Ready on the new revision to the creation of the next
 //!    replica's new container on its host (target under 1 s + `minReadySeconds`), median and

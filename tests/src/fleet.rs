@@ -40,10 +40,12 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const HEALTHY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 24\r\nConnection: close\r\n\r\n{\"ok\":true,\"ready\":true}";
 /// What a gated health stub answers on `/readyz` before the replica's time-to-ready has passed.
 const NOT_YET_READY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 25\r\nConnection: close\r\n\r\n{\"ok\":true,\"ready\":false}";
-/// Where the health stub starts looking for a block of free ports.
-const STUB_FIRST_BASE: u16 = 42_000;
+/// Where the health stub starts looking for a block of free ports: below Linux's ephemeral
+/// range (32768 up), whose ports the machine's outgoing connections take at random, so that
+/// a busy machine still has whole blocks free.
+const STUB_FIRST_BASE: u16 = 20_000;
 /// How many blocks it tries before giving up.
-const STUB_ATTEMPTS: u16 = 40;
+const STUB_ATTEMPTS: u16 = 80;
 
 /// Store indexes with the instant something happened at them.
 type Stamps = Arc<Mutex<Vec<(u64, Instant)>>>;
