@@ -119,7 +119,12 @@ pub struct ReportStream {
     events: EventQueue,
     encoder: DeltaEncoder,
     exchange: Arc<Exchange>,
+    /// Told of every report as the stream takes it.
+    taken: Option<TakenHook>,
 }
+
+/// What [`ReportStream::on_taken`] calls.
+type TakenHook = Box<dyn FnMut(&pb::StatusReport) + Send + Sync>;
 
 impl ReportStream {
     /// Full reports until [`ReportStream::enable_deltas`].
@@ -130,6 +135,7 @@ impl ReportStream {
             events,
             encoder: DeltaEncoder::new(exchange.clone()),
             exchange,
+            taken: None,
         }
     }
 
@@ -143,6 +149,13 @@ impl ReportStream {
         self.encoder.enable();
     }
 
+    /// Calls `f` with every report as the stream takes it (hands it to the connection), for
+    /// a control plane that times what it sends.
+    pub fn on_taken(mut self, f: impl FnMut(&pb::StatusReport) + Send + Sync + 'static) -> Self {
+        self.taken = Some(Box::new(f));
+        self
+    }
+
     /// The next report, with the queued events attached; `None` when the sender is gone.
     pub async fn recv(&mut self) -> Option<pb::StatusReport> {
         std::future::poll_fn(|cx| self.poll_report(cx)).await
@@ -154,6 +167,9 @@ impl ReportStream {
                 let mut report = self.encoder.encode(report, tokio::time::Instant::now());
                 let events = self.events.take();
                 report.events.extend(events.iter().map(|e| e.to_proto()));
+                if let Some(taken) = self.taken.as_mut() {
+                    taken(&report);
+                }
                 Poll::Ready(Some(report))
             }
             other => other,

@@ -18,7 +18,11 @@
 //!    `clusterclaw_rollout_gate_decision_seconds` on `/metrics`). The overhead adds the way to
 //!    the host: from the event to the return of the long poll that brought the new assignment
 //!    to its host (the controller's write, the assignment book and the long poll). The figures
-//!    are medians over [`RUNS`] runs (`CLUSTERCLAW_BENCH_RUNS` overrides).
+//!    are medians over [`RUNS`] runs (`CLUSTERCLAW_BENCH_RUNS` overrides). Each run also prints
+//!    where a wave's time goes, stage by stage (p50 and p99 over the replicas): a replica ready
+//!    on its host → the report saying so taken by its agent's report stream → applied on the
+//!    server (`readySince`) → its gate passed and the next targets moved → the long poll
+//!    answered on their host → their new containers created.
 //! 2. `gate`: gate decision latency. One instance of 10 replicas with `maxUnavailable: 1`: from
 //!    the moment the API shows a replica Ready on the new revision to the creation of the next
 //!    replica's new container on its host (target under 1 s + `minReadySeconds`), median and
@@ -447,6 +451,9 @@ struct Move {
     /// last one before its new container was created): the write, the assignment book and the
     /// long poll.
     to_host_ms: f64,
+    /// From that long poll's return to the creation of the replica's new container: the
+    /// agent saving the assignments and its reconciler acting on them.
+    acted_ms: f64,
 }
 
 impl Move {
@@ -508,12 +515,72 @@ fn moves(fleet: &Fleet, clock: &Clock, name: &str, revision: u64, since: Instant
                     out.push(Move {
                         decided_ms: *decided,
                         to_host_ms: signed_ms(seen, *at),
+                        acted_ms: signed_ms(c.at, seen),
                     });
                 }
             }
         });
     }
     out
+}
+
+/// The way of one replica's readiness on the new revision to the server, in milliseconds:
+/// from its `/readyz` turning ready on its host (its container's creation + [`TIME_TO_READY`])
+/// to the report saying Ready taken by the agent's report stream (the probe seeing it, the
+/// report built and queued), and from there to the server having applied it (`readySince`,
+/// server clock: the stream, the server's queue and the write).
+struct Readiness {
+    to_report_ms: f64,
+    to_applied_ms: f64,
+}
+
+/// [`Readiness`] of every replica of instance `name` whose container on `revision` was
+/// created since `since`.
+fn readiness(
+    fleet: &Fleet,
+    clock: &Clock,
+    name: &str,
+    revision: u64,
+    since: Instant,
+) -> anyhow::Result<Vec<Readiness>> {
+    let v = instance(&fleet.server, name)?;
+    let applied: HashMap<String, Instant> = v
+        .pointer("/status/replicaStatus")
+        .and_then(Value::as_array)
+        .map(|rs| {
+            rs.iter()
+                .filter(|r| r["configRevision"].as_u64() == Some(revision))
+                .filter_map(|r| {
+                    let at = clock.instant(r["readySince"].as_str()?)?;
+                    Some((r["name"].as_str()?.to_owned(), at))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let prefix = format!("{TENANT}/{PROJECT}/{name}-");
+    let mut out = Vec::new();
+    for h in &fleet.hosts {
+        let made: Vec<(String, Instant)> = h.engine().with_created(|created| {
+            created
+                .iter()
+                .filter(|(k, c)| k.starts_with(&prefix) && c.at >= since && c.revision == revision)
+                .map(|(k, c)| (k.clone(), c.at))
+                .collect()
+        });
+        for (key, created) in made {
+            let replica = key.rsplit('/').next().unwrap_or(&key);
+            let (Some(reported), Some(applied)) =
+                (h.reported_ready(&key, revision), applied.get(replica))
+            else {
+                continue;
+            };
+            out.push(Readiness {
+                to_report_ms: signed_ms(reported, created + TIME_TO_READY),
+                to_applied_ms: signed_ms(*applied, reported),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// The server's gate-decision histogram on `/metrics`: (count, sum in seconds).
@@ -629,10 +696,12 @@ fn fleet_part() -> anyhow::Result<()> {
         )?;
         let total = started.elapsed();
         let mut all = Vec::new();
+        let mut ready = Vec::new();
         let mut created = 0;
         for name in &names {
             created += creations(&fleet, name, started).len();
             all.extend(moves(&fleet, &clock, name, revisions[name], started));
+            ready.extend(readiness(&fleet, &clock, name, revisions[name], started)?);
         }
         ensure!(
             created == INSTANCES * REPLICAS,
@@ -647,6 +716,36 @@ fn fleet_part() -> anyhow::Result<()> {
         let decided: Vec<f64> = all.iter().filter_map(|m| m.decided_ms).collect();
         let run_overheads: Vec<f64> = all.iter().filter_map(Move::overhead_ms).collect();
         let moves: Vec<f64> = all.iter().map(|m| m.to_host_ms).collect();
+        let acted: Vec<f64> = all.iter().map(|m| m.acted_ms).collect();
+        let to_report: Vec<f64> = ready.iter().map(|r| r.to_report_ms).collect();
+        let to_applied: Vec<f64> = ready.iter().map(|r| r.to_applied_ms).collect();
+        // One wave's way, stage by stage (medians): what a wave takes beyond its gate time.
+        let stages = [
+            (
+                "ready on its host → reported Ready (probe, agent)",
+                &to_report,
+            ),
+            ("reported → applied on the server (readySince)", &to_applied),
+            ("gate passed → next targets moved", &decided),
+            ("target moved → long poll answered on its host", &moves),
+            ("long poll answered → container created (agent)", &acted),
+        ];
+        let mut path = 0.0;
+        for (stage, v) in stages {
+            let (p50, p99) = (quantile(v, 0.5), quantile(v, 0.99));
+            path += p50;
+            println!(
+                "fleet run {run}:   {stage}: p50 {p50:.0} ms, p99 {p99:.0} ms ({} samples)",
+                v.len()
+            );
+        }
+        println!(
+            "fleet run {run}:   a wave: gate time {:.0} ms + the medians above {path:.0} ms = \
+             {:.0} ms; measured {:.0} ms a wave ({WAVES} waves)",
+            ms(gate_time),
+            ms(gate_time) + path,
+            total.as_secs_f64() * 1000.0 / WAVES as f64
+        );
         let (p50, p99) = (
             quantile(&run_overheads, 0.5),
             quantile(&run_overheads, 0.99),

@@ -40,10 +40,12 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const HEALTHY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 24\r\nConnection: close\r\n\r\n{\"ok\":true,\"ready\":true}";
 /// What a gated health stub answers on `/readyz` before the replica's time-to-ready has passed.
 const NOT_YET_READY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 25\r\nConnection: close\r\n\r\n{\"ok\":true,\"ready\":false}";
-/// Where the health stub starts looking for a block of free ports.
-const STUB_FIRST_BASE: u16 = 42_000;
+/// Where the health stub starts looking for a block of free ports: below Linux's ephemeral
+/// range (32768 up), whose ports the machine's outgoing connections take at random, so that
+/// a busy machine still has whole blocks free.
+const STUB_FIRST_BASE: u16 = 20_000;
 /// How many blocks it tries before giving up.
-const STUB_ATTEMPTS: u16 = 40;
+const STUB_ATTEMPTS: u16 = 80;
 
 /// Store indexes with the instant something happened at them.
 type Stamps = Arc<Mutex<Vec<(u64, Instant)>>>;
@@ -259,11 +261,16 @@ impl ContainerRuntime for TimedEngine {
     }
 }
 
+/// When each replica (`tenant/project/replica`) was first reported Ready on each config
+/// revision: when the report stream took the report saying so.
+type ReadyReports = Arc<Mutex<HashMap<(String, u64), Instant>>>;
+
 /// The agent's gRPC control plane, recording when each long poll that brought a change
-/// returned.
+/// returned, and when each replica was first reported Ready on a revision.
 struct TimedControl {
     inner: GrpcControlPlane,
     answered: Stamps,
+    reported_ready: ReadyReports,
 }
 
 #[async_trait]
@@ -281,6 +288,16 @@ impl ControlPlane for TimedControl {
     }
 
     async fn report_status(&self, reports: ReportStream) -> Result<(), CallError> {
+        let seen = self.reported_ready.clone();
+        let ready = clusterclaw_proto::agent::ReplicaState::Ready as i32;
+        let reports = reports.on_taken(move |report| {
+            let at = Instant::now();
+            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+            for r in report.replicas.iter().filter(|r| r.state == ready) {
+                let key = format!("{}/{}/{}", r.tenant, r.project, r.replica);
+                seen.entry((key, r.config_revision)).or_insert(at);
+            }
+        });
         self.inner.report_status(reports).await
     }
 }
@@ -408,6 +425,7 @@ pub struct FleetHost {
     stop: watch::Sender<bool>,
     answered: Stamps,
     received: Stamps,
+    reported_ready: ReadyReports,
     host_id: Option<String>,
     // Dropped last, after the runtime.
     data: tempfile::TempDir,
@@ -436,6 +454,7 @@ impl FleetHost {
             stop: watch::Sender::new(false),
             answered: Stamps::default(),
             received: Stamps::default(),
+            reported_ready: ReadyReports::default(),
             host_id: None,
             data,
         })
@@ -497,6 +516,7 @@ impl FleetHost {
             Arc::new(TimedControl {
                 inner: GrpcControlPlane::new(&identity, &[])?,
                 answered: self.answered.clone(),
+                reported_ready: self.reported_ready.clone(),
             })
         };
         let loops = HostLoops::new(
@@ -538,6 +558,16 @@ impl FleetHost {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// When the host first reported replica `key` (`tenant/project/replica`) Ready on config
+    /// revision `revision`: when its report stream took that report.
+    pub fn reported_ready(&self, key: &str, revision: u64) -> Option<Instant> {
+        self.reported_ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(key.to_string(), revision))
+            .copied()
     }
 
     /// Every assignment set the host's loops took up: its index and when it was published to

@@ -124,6 +124,198 @@ pub fn host_name_from(hostname: &str) -> String {
 }
 
 impl AgentRpc {
+    /// Takes the status reports of one stream of `id`.
+    ///
+    /// Reports are read as they arrive, also while an earlier one is being applied, and what
+    /// arrived meanwhile is applied as one: a full report says everything the host knows and a
+    /// delta is expanded onto the report before it (the one waiting or being applied, else the
+    /// one this server holds), so the newest stands for those before it (their events and the
+    /// last volume list kept). Applying every report in turn would let them queue up in the
+    /// stream whenever applying one takes longer than the agent's report interval, and the
+    /// host's news (a replica turning Ready) would reach the store that many reports late.
+    ///
+    /// With `acks`, every report is acknowledged once applied (or at once when it cannot be
+    /// expanded), asking for a full report when it could not be held as sent. Fails only when
+    /// the host is gone.
+    async fn take_reports(
+        &self,
+        method: &'static str,
+        id: &HostIdentity,
+        mut stream: Streaming<pb::StatusReport>,
+        acks: Option<&tokio::sync::mpsc::Sender<Result<pb::ReportAck, Status>>>,
+    ) -> Result<(), Status> {
+        let ack = |seq: u64, wanted: Option<String>| {
+            if let Some(why) = &wanted {
+                tracing::debug!(host = %id.name, "asking for a full status report: {why}");
+            }
+            pb::ReportAck {
+                seq,
+                send_full: wanted.is_some(),
+                reason: wanted.unwrap_or_default(),
+            }
+        };
+        // The reports taken and not yet applied (as one), with the numbers they stand for.
+        let mut waiting: Option<(Received, Vec<u64>)> = None;
+        // The newest report taken, expanded (waiting or being applied): a delta onto it is
+        // expanded onto it.
+        let mut newest: Option<pb::StatusReport> = None;
+        let mut applying = std::pin::pin!(futures::future::OptionFuture::from(None));
+        let mut busy = false;
+        let mut open = true;
+        loop {
+            tokio::select! {
+                msg = stream.next(), if open => match msg {
+                    Some(Ok(report)) => {
+                        let seq = report.seq;
+                        let expanded = match &newest {
+                            Some(n) if report.base_seq != 0 && report.base_seq == n.seq => {
+                                Ok(Reports::expand_onto(n.clone(), report))
+                            }
+                            _ => self.reports.expand(&id.name, report),
+                        };
+                        match expanded {
+                            Ok(report) => {
+                                let assigned = self.book.current(&id.name);
+                                let received = Received::new(id, report, &assigned.assignments);
+                                newest = Some(received.report.clone());
+                                waiting = Some(match waiting.take() {
+                                    Some((earlier, mut seqs)) => {
+                                        seqs.push(seq);
+                                        (earlier.followed_by(received), seqs)
+                                    }
+                                    None => (received, vec![seq]),
+                                });
+                            }
+                            Err(why) => match acks {
+                                Some(tx) => {
+                                    if tx.send(Ok(ack(seq, Some(why)))).await.is_err() {
+                                        return Ok(());
+                                    }
+                                }
+                                None => {
+                                    tracing::warn!(host = %id.name, "dropping a status report: {why}");
+                                }
+                            },
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(host = %id.name, error = %e, "status stream ended with an error");
+                        open = false;
+                    }
+                    None => open = false,
+                },
+                Some((outcome, seqs)) = &mut applying, if busy => {
+                    busy = false;
+                    let (outcome, seqs): (Result<Result<(), Status>, Status>, Vec<u64>) =
+                        (outcome, seqs);
+                    let outcome: Result<(), Status> = match outcome {
+                        Err(gone) => {
+                            if let Some(tx) = acks {
+                                let _ = tx.send(Err(gone.clone())).await;
+                            }
+                            return Err(gone);
+                        }
+                        Ok(outcome) => outcome,
+                    };
+                    if let Some(tx) = acks {
+                        let last = seqs.last().copied();
+                        for seq in seqs {
+                            let wanted = match &outcome {
+                                Err(failed) => Some(format!(
+                                    "report {seq} could not be applied: {}",
+                                    failed.message()
+                                )),
+                                Ok(()) if Some(seq) == last && !self.reports.holds(&id.name, seq) => {
+                                    Some(format!(
+                                        "report {seq} is not held as sent (an entry of it was refused)"
+                                    ))
+                                }
+                                Ok(()) => None,
+                            };
+                            if tx.send(Ok(ack(seq, wanted))).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+            }
+            if !busy {
+                match waiting.take() {
+                    Some((next, seqs)) => {
+                        applying.set(
+                            Some(async move { (self.apply_report(method, id, next).await, seqs) })
+                                .into(),
+                        );
+                        busy = true;
+                    }
+                    None if !open => break,
+                    None => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one report of `id` (with the events of those it stands for): the events, then
+    /// the report, written together with the reports of other hosts arriving meanwhile, then
+    /// the audit entries; the call is recorded as `method`. The outer error ends the stream
+    /// (the host is gone); the inner one is this report's.
+    async fn apply_report(
+        &self,
+        method: &'static str,
+        id: &HostIdentity,
+        received: Received,
+    ) -> Result<Result<(), Status>, Status> {
+        let each = Instant::now();
+        let Received {
+            report,
+            audited,
+            recorded,
+        } = received;
+        for e in &recorded {
+            if let Some(kind) = crate::metrics::InstanceEvent::of_reason(&e.reason) {
+                self.metrics
+                    .count_event(&e.object.tenant, &e.object.project, &e.object.name, kind);
+            }
+        }
+        crate::events::record_all(self.store.as_ref(), recorded);
+        let assigned = self.book.current(&id.name);
+        let mut r = self
+            .reports
+            .submit(self.store.clone(), id.clone(), report, assigned)
+            .await
+            .map_err(store_status);
+        if r.is_ok() && !audited.is_empty() {
+            // What an agent repaired on its own is part of the record of changes.
+            let store = self.store.clone();
+            r = try_blocking(method, move || {
+                store
+                    .append_audit(&audited)
+                    .map(|_| ())
+                    .map_err(store_status)
+            })
+            .await;
+        }
+        self.metrics.observe_rpc(
+            method,
+            r.as_ref().err().map_or(tonic::Code::Ok, |e| e.code()),
+            each.elapsed(),
+        );
+        if let Err(e) = &r {
+            tracing::warn!(host = %id.name, error = %e, "could not apply a status report");
+            if e.code() == tonic::Code::NotFound {
+                // Only a host that is really gone is told so (its agent then stops its
+                // replicas); anything else is an error of this report.
+                let (store, current) = (self.store.clone(), id.clone());
+                try_blocking("checking the host identity", move || {
+                    identity::check_current(&current, store.as_ref())
+                })
+                .await?;
+            }
+        }
+        Ok(r)
+    }
+
     /// The caller's identity from its client certificate, checked against the store on the
     /// blocking pool.
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<HostIdentity, Status> {
@@ -482,27 +674,10 @@ impl AgentService for AgentRpc {
                 return Err(e);
             }
         };
-        let mut stream = request.into_inner();
-        while let Some(msg) = stream.next().await {
-            let report = match msg {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::debug!(host = %id.name, error = %e, "status stream ended with an error");
-                    break;
-                }
-            };
-            // Nothing asks for a full report on this call: a delta that does not fit is
-            // dropped (agents send deltas only on `Heartbeat`).
-            match self.reports.expand(&id.name, report) {
-                Ok(report) => {
-                    // This report's own failure is logged; the stream goes on.
-                    let _ = self.take_report("ReportStatus", &id, report).await?;
-                }
-                Err(why) => {
-                    tracing::warn!(host = %id.name, "dropping a status report: {why}");
-                }
-            }
-        }
+        // Nothing asks for a full report on this call: a delta that does not fit is dropped
+        // (agents send deltas only on `Heartbeat`).
+        self.take_reports("ReportStatus", &id, request.into_inner(), None)
+            .await?;
         Ok(Response::new(pb::ReportStatusResponse {}))
     }
 
@@ -521,48 +696,11 @@ impl AgentService for AgentRpc {
                 return Err(e);
             }
         };
-        let mut stream = request.into_inner();
+        let stream = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move {
-            while let Some(msg) = stream.next().await {
-                let report = match msg {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::debug!(host = %id.name, error = %e, "status stream ended with an error");
-                        return;
-                    }
-                };
-                let seq = report.seq;
-                let wanted = match this.reports.expand(&id.name, report) {
-                    Err(why) => Some(why),
-                    Ok(report) => match this.take_report("Heartbeat", &id, report).await {
-                        Err(gone) => {
-                            let _ = tx.send(Err(gone)).await;
-                            return;
-                        }
-                        Ok(Err(failed)) => Some(format!(
-                            "report {seq} could not be applied: {}",
-                            failed.message()
-                        )),
-                        Ok(Ok(())) if !this.reports.holds(&id.name, seq) => Some(format!(
-                            "report {seq} is not held as sent (an entry of it was refused)"
-                        )),
-                        Ok(Ok(())) => None,
-                    },
-                };
-                if let Some(why) = &wanted {
-                    tracing::debug!(host = %id.name, "asking for a full status report: {why}");
-                }
-                let ack = pb::ReportAck {
-                    seq,
-                    send_full: wanted.is_some(),
-                    reason: wanted.unwrap_or_default(),
-                };
-                if tx.send(Ok(ack)).await.is_err() {
-                    return;
-                }
-            }
+            let _ = this.take_reports("Heartbeat", &id, stream, Some(&tx)).await;
         });
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
@@ -570,60 +708,38 @@ impl AgentService for AgentRpc {
     }
 }
 
-impl AgentRpc {
-    /// Applies one full report of `id` (with its events) and records the call as `method`.
-    /// The outer error ends the stream (the host is gone); the inner one is this report's.
-    async fn take_report(
-        &self,
-        method: &'static str,
-        id: &HostIdentity,
-        report: pb::StatusReport,
-    ) -> Result<Result<(), Status>, Status> {
-        let each = Instant::now();
-        let assigned = self.book.current(&id.name);
-        let (events, recorded) = agent_events(id, &report.events, &assigned.assignments);
-        for e in &recorded {
-            if let Some(kind) = crate::metrics::InstanceEvent::of_reason(&e.reason) {
-                self.metrics
-                    .count_event(&e.object.tenant, &e.object.project, &e.object.name, kind);
-            }
+/// Reports of one stream that arrived while an earlier one was being applied, as one: the
+/// newest report, with the events of all of them (their events and audit entries, made as
+/// each arrived) and the newest volume list any of them carried.
+struct Received {
+    report: pb::StatusReport,
+    audited: Vec<crate::audit::AuditEntry>,
+    recorded: Vec<crate::events::Event>,
+}
+
+impl Received {
+    fn new(host: &HostIdentity, mut report: pb::StatusReport, assigned: &[pb::Assignment]) -> Self {
+        let events = std::mem::take(&mut report.events);
+        let (audited, recorded) = agent_events(host, &events, assigned);
+        Received {
+            report,
+            audited,
+            recorded,
         }
-        crate::events::record_all(self.store.as_ref(), recorded);
-        // Written together with the reports of other hosts arriving meanwhile.
-        let mut r = self
-            .reports
-            .submit(self.store.clone(), id.clone(), report, assigned)
-            .await
-            .map_err(store_status);
-        if r.is_ok() && !events.is_empty() {
-            // What an agent repaired on its own is part of the record of changes.
-            let store = self.store.clone();
-            r = try_blocking(method, move || {
-                store
-                    .append_audit(&events)
-                    .map(|_| ())
-                    .map_err(store_status)
-            })
-            .await;
+    }
+
+    /// This and the `newer` report that followed it, as one.
+    fn followed_by(mut self, mut newer: Received) -> Received {
+        if !newer.report.volumes_listed && self.report.volumes_listed {
+            newer.report.volumes = std::mem::take(&mut self.report.volumes);
+            newer.report.volumes_total = self.report.volumes_total;
+            newer.report.volumes_listed = true;
         }
-        self.metrics.observe_rpc(
-            method,
-            r.as_ref().err().map_or(tonic::Code::Ok, |e| e.code()),
-            each.elapsed(),
-        );
-        if let Err(e) = &r {
-            tracing::warn!(host = %id.name, error = %e, "could not apply a status report");
-            if e.code() == tonic::Code::NotFound {
-                // Only a host that is really gone is told so (its agent then stops its
-                // replicas); anything else is an error of this report.
-                let (store, current) = (self.store.clone(), id.clone());
-                try_blocking("checking the host identity", move || {
-                    identity::check_current(&current, store.as_ref())
-                })
-                .await?;
-            }
-        }
-        Ok(r)
+        self.audited.append(&mut newer.audited);
+        self.recorded.append(&mut newer.recorded);
+        newer.audited = self.audited;
+        newer.recorded = self.recorded;
+        newer
     }
 }
 

@@ -257,6 +257,14 @@ impl Reports {
                 report.seq, report.base_seq
             ));
         }
+        let prev = prev.report.clone();
+        drop(hosts);
+        Ok(Self::expand_onto(prev, report))
+    }
+
+    /// The full report a delta `report` stands for, applied onto the full report `prev` it
+    /// was made against.
+    pub fn expand_onto(prev: pb::StatusReport, mut report: pb::StatusReport) -> pb::StatusReport {
         type Key<'k> = (&'k str, &'k str, &'k str, &'k str);
         let key = |r: &pb::ReplicaStatus| {
             (
@@ -279,9 +287,8 @@ impl Reports {
             })
             .collect();
         let mut replicas: Vec<pb::ReplicaStatus> = prev
-            .report
             .replicas
-            .iter()
+            .into_iter()
             .filter(|r| {
                 !removed.contains(&(
                     r.tenant.as_str(),
@@ -290,9 +297,7 @@ impl Reports {
                     r.replica.as_str(),
                 ))
             })
-            .cloned()
             .collect();
-        drop(hosts);
         let mut at: HashMap<(String, String, String, String), usize> = replicas
             .iter()
             .enumerate()
@@ -317,7 +322,7 @@ impl Reports {
         report.replicas = replicas;
         report.removed.clear();
         report.base_seq = 0;
-        Ok(report)
+        report
     }
 
     /// Whether the report held for `host` is report `seq`, every entry of it accepted (a delta

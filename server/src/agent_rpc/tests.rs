@@ -435,6 +435,90 @@ fn agent_event_reasons_become_audit_actions() {
     );
 }
 
+#[test]
+fn reports_that_queued_up_are_applied_as_the_newest_with_all_their_events() {
+    let host = HostIdentity {
+        name: "h1".into(),
+        uid: "u1".into(),
+    };
+    let assigned = vec![pb::Assignment {
+        tenant: "t".into(),
+        project: "p".into(),
+        instance: "i".into(),
+        replica: "i-0".into(),
+        ..Default::default()
+    }];
+    let replica = |state: pb::ReplicaState| pb::ReplicaStatus {
+        tenant: "t".into(),
+        project: "p".into(),
+        instance: "i".into(),
+        replica: "i-0".into(),
+        state: state as i32,
+        ..Default::default()
+    };
+    let event = |reason: &str| pb::AgentEvent {
+        tenant: "t".into(),
+        project: "p".into(),
+        instance: "i".into(),
+        replica: "i-0".into(),
+        reason: reason.into(),
+        message: "m".into(),
+        time_unix_ms: crate::events::now_ms(),
+        ..Default::default()
+    };
+    let volume = pb::StateVolume {
+        name: "v0".into(),
+        ..Default::default()
+    };
+    let first = pb::StatusReport {
+        applied_index: 1,
+        replicas: vec![replica(pb::ReplicaState::Starting)],
+        events: vec![event("ConfigDriftRepaired")],
+        volumes: vec![volume.clone()],
+        volumes_listed: true,
+        volumes_total: 1,
+        ..Default::default()
+    };
+    let second = pb::StatusReport {
+        applied_index: 2,
+        replicas: vec![replica(pb::ReplicaState::Running)],
+        events: vec![event("ContainerStarted")],
+        ..Default::default()
+    };
+    let third = pb::StatusReport {
+        applied_index: 3,
+        replicas: vec![replica(pb::ReplicaState::Ready)],
+        ..Default::default()
+    };
+    let merged = [second, third]
+        .into_iter()
+        .fold(Received::new(&host, first, &assigned), |earlier, r| {
+            earlier.followed_by(Received::new(&host, r, &assigned))
+        });
+    assert_eq!(merged.report.applied_index, 3, "the newest report stands");
+    assert_eq!(
+        merged.report.replicas[0].state,
+        pb::ReplicaState::Ready as i32
+    );
+    let reasons: Vec<&str> = merged.recorded.iter().map(|e| e.reason.as_str()).collect();
+    assert_eq!(
+        reasons,
+        ["ConfigDriftRepaired", "ContainerStarted"],
+        "every report's events, in order"
+    );
+    assert_eq!(merged.audited.len(), 1, "the repaired drift is audited");
+    assert!(
+        merged.report.events.is_empty(),
+        "events are taken apart once"
+    );
+    assert!(
+        merged.report.volumes_listed,
+        "the last volume list is kept when a newer report lists none"
+    );
+    assert_eq!(merged.report.volumes, vec![volume]);
+    assert_eq!(merged.report.volumes_total, 1);
+}
+
 /// Whether a refusal carries the "host removed" mark agents act on.
 fn is_removed(s: &Status) -> bool {
     s.code() == tonic::Code::Unauthenticated
