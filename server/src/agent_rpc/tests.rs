@@ -711,6 +711,49 @@ async fn heartbeat_reports_are_acknowledged_and_a_gap_asks_for_a_full_one() {
     let _ = h.stop.send(true);
 }
 
+/// Deltas sent one after another without waiting for their acknowledgements (as an agent
+/// does while the server applies an earlier report) are expanded onto the report before
+/// them, also when that one is still waiting or being applied: every one is acknowledged,
+/// in order, and none asks for a full report.
+#[tokio::test]
+async fn deltas_sent_while_earlier_reports_are_applied_are_all_taken() {
+    let h = start().await;
+    let token = join_token(h.store.as_ref(), Some(1), None);
+    let (resp, key) = enroll(&h, &token, "quick").await.unwrap();
+    let mut host = client(&h.url, &h.ca_pem, Some((&resp.certificate_pem, &key)));
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let mut acks = host
+        .heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let runtime = Some(pb::RuntimeCondition {
+        ready: true,
+        runtime: "docker".into(),
+        ..Default::default()
+    });
+    const REPORTS: u64 = 40;
+    for seq in 1..=REPORTS {
+        tx.send(pb::StatusReport {
+            seq,
+            base_seq: seq - 1,
+            runtime: runtime.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    for seq in 1..=REPORTS {
+        let ack = tokio::time::timeout(Duration::from_secs(10), acks.message())
+            .await
+            .expect("every report is answered")
+            .unwrap()
+            .unwrap();
+        assert_eq!((ack.seq, ack.send_full), (seq, false), "{ack:?}");
+    }
+    let _ = h.stop.send(true);
+}
+
 /// Fails closed: every RPC of the agent service except `Enroll` refuses a caller without a
 /// host certificate. The list is checked against the service definition, so an RPC added
 /// to the proto without being listed here fails this test.
