@@ -90,18 +90,21 @@ fn reported(
     )
 }
 
-/// Status reports the server has taken from its agents.
+/// Status reports the server has taken from its agents (on either report call: agents send
+/// `Heartbeat` deltas, and full `ReportStatus` reports to a server without it).
 fn reports(server: &TestServer) -> u64 {
     let r = server.http("GET", "/metrics", None, Some(server.admin_token()));
     r.body
         .lines()
-        .find_map(|l| {
-            l.strip_prefix(
-                "clusterclaw_agent_rpc_requests_total{method=\"ReportStatus\",code=\"Ok\"} ",
-            )
+        .filter_map(|l| {
+            ["ReportStatus", "Heartbeat"].iter().find_map(|m| {
+                l.strip_prefix(&format!(
+                    "clusterclaw_agent_rpc_requests_total{{method=\"{m}\",code=\"Ok\"}} "
+                ))
+            })
         })
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0)
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .sum()
 }
 
 /// Waits for `more` status reports (each after a second of the agent's reconcile passes).

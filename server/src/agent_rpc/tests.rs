@@ -610,18 +610,41 @@ async fn a_removed_hosts_certificate_gets_nothing_more() {
     let _ = h.stop.send(true);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn heartbeat_reports_are_acknowledged_and_a_gap_asks_for_a_full_one() {
-    let h = start().await;
+/// A newly enrolled host `name` with its `Heartbeat` stream open: where to send its reports
+/// (room for 64) and the acknowledgements.
+async fn heartbeat_stream(
+    h: &Harness,
+    name: &str,
+) -> (
+    pb::EnrollResponse,
+    tokio::sync::mpsc::Sender<pb::StatusReport>,
+    tonic::Streaming<pb::ReportAck>,
+) {
     let token = join_token(h.store.as_ref(), Some(1), None);
-    let (resp, key) = enroll(&h, &token, "beat").await.unwrap();
+    let (resp, key) = enroll(h, &token, name).await.unwrap();
     let mut host = client(&h.url, &h.ca_pem, Some((&resp.certificate_pem, &key)));
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let mut acks = host
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acks = host
         .heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .unwrap()
         .into_inner();
+    (resp, tx, acks)
+}
+
+/// A runtime condition that says the engine is up.
+fn ready_runtime() -> Option<pb::RuntimeCondition> {
+    Some(pb::RuntimeCondition {
+        ready: true,
+        runtime: "docker".into(),
+        ..Default::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_reports_are_acknowledged_and_a_gap_asks_for_a_full_one() {
+    let h = start().await;
+    let (resp, tx, mut acks) = heartbeat_stream(&h, "beat").await;
     async fn exchange(
         tx: &tokio::sync::mpsc::Sender<pb::StatusReport>,
         acks: &mut tonic::Streaming<pb::ReportAck>,
@@ -634,11 +657,7 @@ async fn heartbeat_reports_are_acknowledged_and_a_gap_asks_for_a_full_one() {
             .unwrap()
             .unwrap()
     }
-    let runtime = Some(pb::RuntimeCondition {
-        ready: true,
-        runtime: "docker".into(),
-        ..Default::default()
-    });
+    let runtime = ready_runtime();
     let full = exchange(
         &tx,
         &mut acks,
@@ -718,20 +737,8 @@ async fn heartbeat_reports_are_acknowledged_and_a_gap_asks_for_a_full_one() {
 #[tokio::test]
 async fn deltas_sent_while_earlier_reports_are_applied_are_all_taken() {
     let h = start().await;
-    let token = join_token(h.store.as_ref(), Some(1), None);
-    let (resp, key) = enroll(&h, &token, "quick").await.unwrap();
-    let mut host = client(&h.url, &h.ca_pem, Some((&resp.certificate_pem, &key)));
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let mut acks = host
-        .heartbeat(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    let runtime = Some(pb::RuntimeCondition {
-        ready: true,
-        runtime: "docker".into(),
-        ..Default::default()
-    });
+    let (_, tx, mut acks) = heartbeat_stream(&h, "quick").await;
+    let runtime = ready_runtime();
     const REPORTS: u64 = 40;
     for seq in 1..=REPORTS {
         tx.send(pb::StatusReport {
