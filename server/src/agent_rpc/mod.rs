@@ -665,15 +665,11 @@ impl AgentService for AgentRpc {
         request: Request<Streaming<pb::StatusReport>>,
     ) -> Result<Response<pb::ReportStatusResponse>, Status> {
         let started = Instant::now();
-        let id = self.authenticate(&request).await;
-        let id = match id {
-            Ok(id) => id,
-            Err(e) => {
-                self.metrics
-                    .observe_rpc("ReportStatus", e.code(), started.elapsed());
-                return Err(e);
-            }
-        };
+        // Each report is counted as it is applied; the call itself only when refused.
+        let id = self.authenticate(&request).await.inspect_err(|e| {
+            self.metrics
+                .observe_rpc("ReportStatus", e.code(), started.elapsed())
+        })?;
         // Nothing asks for a full report on this call: a delta that does not fit is dropped
         // (agents send deltas only on `Heartbeat`).
         self.take_reports("ReportStatus", &id, request.into_inner(), None)
@@ -688,14 +684,11 @@ impl AgentService for AgentRpc {
         request: Request<Streaming<pb::StatusReport>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
         let started = Instant::now();
-        let id = match self.authenticate(&request).await {
-            Ok(id) => id,
-            Err(e) => {
-                self.metrics
-                    .observe_rpc("Heartbeat", e.code(), started.elapsed());
-                return Err(e);
-            }
-        };
+        // Each report is counted as it is applied; the call itself only when refused.
+        let id = self.authenticate(&request).await.inspect_err(|e| {
+            self.metrics
+                .observe_rpc("Heartbeat", e.code(), started.elapsed())
+        })?;
         let stream = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let this = self.clone();
