@@ -166,6 +166,7 @@ impl AgentRpc {
             tokio::select! {
                 msg = stream.next(), if open => match msg {
                     Some(Ok(report)) => {
+                        self.reports.heard_from(&id.name);
                         let seq = report.seq;
                         let expanded = match &newest {
                             Some(n) if report.base_seq != 0 && report.base_seq == n.seq => {
@@ -890,5 +891,39 @@ pub async fn serve(
 /// Background work of the agent port: the assignment book (host liveness is a controller:
 /// [`crate::controllers::hosts`]).
 pub async fn run_background(rpc: AgentRpc, shutdown: tokio::sync::watch::Receiver<bool>) {
-    book::run(rpc.store.clone(), rpc.book.clone(), shutdown).await;
+    let beats = flush_heartbeats(rpc.store.clone(), rpc.reports.clone(), shutdown.clone());
+    tokio::join!(
+        book::run(rpc.store.clone(), rpc.book.clone(), shutdown),
+        beats
+    );
+}
+
+/// Writes the heartbeats of reports taken (see [`Reports::heard_from`]) every
+/// [`reports::HEARTBEAT_FLUSH`], on its own: not behind the reports' writes.
+async fn flush_heartbeats(
+    store: Arc<dyn Store>,
+    reports: Arc<Reports>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(reports::HEARTBEAT_FLUSH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let (store, reports) = (store.clone(), reports.clone());
+        let flushed =
+            tokio::task::spawn_blocking(move || reports.flush_heartbeats(store.as_ref())).await;
+        match flushed {
+            Ok(Ok(_)) => failing = false,
+            Ok(Err(e)) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "cannot write the hosts' heartbeats; they are kept and tried again");
+            }
+            Ok(Err(_)) => {}
+            Err(e) => tracing::error!(error = %e, "the heartbeat writer panicked"),
+        }
+    }
 }

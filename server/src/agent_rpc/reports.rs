@@ -55,6 +55,10 @@ pub struct HostReport {
     /// Whether every replica entry of it was taken (none refused, none of a replica the store
     /// does not have): what is kept is what the host sent, so a delta can be applied onto it.
     whole: bool,
+    /// The `resourceVersion` of the host object as this report's write left it: a report that
+    /// finds another (the liveness controller marked the host NotReady, a person cordoned it)
+    /// is written in full, whatever it says.
+    host_version: Option<u64>,
 }
 
 /// Heartbeats waiting to be written, and when they last were.
@@ -381,6 +385,49 @@ impl Reports {
         self.unchanged.load(Ordering::Relaxed)
     }
 
+    /// Notes that a report of `host` arrived now, before it is applied: a host whose reports
+    /// wait behind the store's writer (a burst of placements) is alive all the same, and host
+    /// liveness must not take the server's own backlog for the host's silence. Written by the
+    /// next flush ([`Reports::flush_heartbeats`] or a report's).
+    pub fn heard_from(&self, host: &str) {
+        let at = crate::controllers::hosts::now_ms();
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let beat = pending.beats.entry(host.to_string()).or_insert(at);
+        *beat = (*beat).max(at);
+    }
+
+    /// Writes the heartbeats noted and not yet written, unless a report wrote them less than
+    /// [`HEARTBEAT_FLUSH`] ago (blocking). Heartbeats whose write fails are kept for the next.
+    /// Returns how many were written.
+    pub fn flush_heartbeats(&self, store: &dyn Store) -> Result<usize, StoreError> {
+        let now = Instant::now();
+        let batch = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.beats.is_empty()
+                || pending
+                    .flushed
+                    .is_some_and(|at| now.duration_since(at) < HEARTBEAT_FLUSH)
+            {
+                return Ok(0);
+            }
+            pending.flushed = Some(now);
+            std::mem::take(&mut pending.beats)
+        };
+        let beats: Vec<(&str, i64)> = batch.iter().map(|(h, at)| (h.as_str(), *at)).collect();
+        match store.record_heartbeats(&beats) {
+            Ok(()) => Ok(beats.len()),
+            Err(e) => {
+                drop(beats);
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                for (host, at) in batch {
+                    let beat = pending.beats.entry(host).or_insert(at);
+                    *beat = (*beat).max(at);
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Notes that `host` reported now; the heartbeats noted are written in one transaction
     /// once [`HEARTBEAT_FLUSH`] has passed since the last write (by the report that finds it
     /// so). An older time never replaces a newer one in the store.
@@ -508,20 +555,27 @@ impl Reports {
         let now = Instant::now();
         let host_now = host_said(&report);
         let replicas_now = replicas_said(&report.replicas, assigned);
-        let (refresh_host, unchanged) = {
+        let (refresh_host, unchanged, host_version) = {
             let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
             match hosts.get(&host.name) {
-                None => (true, false),
+                None => (true, false, None),
                 Some(prev) => (
                     now.duration_since(prev.status_written) >= HOST_STATUS_REFRESH
                         || prev.host_said != host_now,
                     prev.clean
                         && prev.replicas_said == replicas_now
                         && now.duration_since(prev.received) < UNCHANGED_REPORT_GAP,
+                    prev.host_version,
                 ),
             }
         };
-        if unchanged && !refresh_host && !report.volumes_listed {
+        // Nobody else wrote the host since (one column of one row: no body is read).
+        let host_untouched = || -> Result<bool, StoreError> {
+            Ok(host_version.is_some()
+                && store.resource_version(&ObjectKey::cluster(Kind::Host, &host.name))?
+                    == host_version)
+        };
+        if unchanged && !refresh_host && !report.volumes_listed && host_untouched()? {
             // Nothing a person reads changed: no object is read or written, the heartbeat
             // waits for the next batch.
             self.heartbeat_later(store, &host.name)?;
@@ -565,6 +619,7 @@ impl Reports {
             by_instance,
             host_is_current: false,
             wrote_host: false,
+            host_version: None,
             turned_ready: false,
             accepted: vec![false; n],
             refused: vec![None; n],
@@ -585,6 +640,7 @@ impl Reports {
             turned_ready,
             accepted,
             refused,
+            host_version,
             ..
         } = p;
         if !host_is_current {
@@ -651,6 +707,7 @@ impl Reports {
                 replicas_said: replicas_now,
                 clean,
                 whole,
+                host_version,
             },
         );
         Ok(())
@@ -678,6 +735,8 @@ struct Pending<'a> {
     by_instance: HashMap<ObjectKey, Vec<usize>>,
     host_is_current: bool,
     wrote_host: bool,
+    /// The host's `resourceVersion` once the write is done.
+    host_version: Option<u64>,
     turned_ready: bool,
     accepted: Vec<bool>,
     refused: Vec<Option<String>>,
@@ -726,7 +785,7 @@ fn write_pending(
         .chain(by_instance.keys().cloned())
         .collect();
     let now_ready = crate::util::now_rfc3339_millis();
-    store.update_many(&keys, &mut |res| match res {
+    let written = store.update_many(&keys, &mut |res| match res {
         Resource::Host(h) => {
             let Some(p) = by_host.get(&h.metadata.name).map(|&i| &mut batch[i]) else {
                 return false;
@@ -735,6 +794,7 @@ fn write_pending(
                 return false;
             }
             p.host_is_current = true;
+            p.host_version = h.metadata.resource_version;
             let phase_changed = h.status.as_ref().map(|s| s.phase) != Some(HostPhase::Ready);
             if !(p.refresh_host || phase_changed) {
                 return false;
@@ -805,6 +865,12 @@ fn write_pending(
         | Resource::Secret(_)
         | Resource::Rollout(_) => false,
     })?;
+    // A host written here now carries the transaction's index as its version.
+    if let Some(index) = written {
+        for p in batch.iter_mut().filter(|p| p.wrote_host) {
+            p.host_version = Some(index);
+        }
+    }
     Ok(())
 }
 
@@ -1457,6 +1523,63 @@ mod tests {
             state_of(&store, &ObjectKey::instance("t", "p", "bot")),
             ReplicaState::Failed
         );
+    }
+
+    #[test]
+    fn a_host_marked_not_ready_meanwhile_is_written_ready_by_a_report_that_says_the_same() {
+        let (_dir, store, id) = setup();
+        let reports = Reports::default();
+        let report = pb::StatusReport {
+            replicas: vec![replica("t", "p", "bot", "bot-0")],
+            ..Default::default()
+        };
+        reports.apply(&store, &id, report.clone()).unwrap();
+        let host = ObjectKey::cluster(Kind::Host, "h1");
+        let instance = ObjectKey::instance("t", "p", "bot");
+        // What host liveness writes for a host it found silent (here while its reports were
+        // still arriving: a late mark, as when the heartbeats waited behind a busy store).
+        store
+            .update(&host, &mut |r| {
+                let Resource::Host(h) = r else { return false };
+                h.status.get_or_insert_with(Default::default).phase = HostPhase::NotReady;
+                true
+            })
+            .unwrap()
+            .unwrap();
+        store
+            .update(&instance, &mut |r| {
+                let Resource::OpenClawInstance(i) = r else {
+                    return false;
+                };
+                i.status.as_mut().unwrap().replica_status[0].state = ReplicaState::Unknown;
+                true
+            })
+            .unwrap()
+            .unwrap();
+        // The next report says what the last one said, within the unchanged gap.
+        reports.apply(&store, &id, report.clone()).unwrap();
+        let Resource::Host(h) = store.get(&host).unwrap().unwrap().resource().unwrap() else {
+            panic!("h1 is not a host")
+        };
+        assert_eq!(h.status.unwrap().phase, HostPhase::Ready);
+        assert_eq!(state_of(&store, &instance), ReplicaState::Ready);
+        // Once written, the same report again writes nothing.
+        let index = store.index();
+        reports.apply(&store, &id, report).unwrap();
+        assert_eq!(store.index(), index);
+    }
+
+    #[test]
+    fn a_report_taken_counts_as_a_heartbeat_before_it_is_applied() {
+        let (_dir, store, _id) = setup();
+        let reports = Reports::default();
+        let before = crate::controllers::hosts::now_ms();
+        reports.heard_from("h1");
+        assert_eq!(reports.flush_heartbeats(&store).unwrap(), 1);
+        assert!(store.host_heartbeats().unwrap()["h1"] >= before);
+        // Nothing new: nothing written.
+        std::thread::sleep(HEARTBEAT_FLUSH);
+        assert_eq!(reports.flush_heartbeats(&store).unwrap(), 0);
     }
 
     #[test]

@@ -240,6 +240,10 @@ pub fn reconcile_at(
                     if s.phase == HostPhase::NotReady {
                         return false;
                     }
+                    // A report written since the heartbeats were read: the host is back.
+                    if millis(s.last_heartbeat.as_deref()).is_some_and(|at| at > last) {
+                        return false;
+                    }
                     s.phase = HostPhase::NotReady;
                     s.message = Some(not_ready_message(now_ms.saturating_sub(last)));
                     s.not_ready_since = Some(stamp.clone());

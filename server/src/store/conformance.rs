@@ -660,6 +660,13 @@ pub fn update_keeps_generation_and_bumps_the_index(store: &dyn Store) {
     assert_eq!(noop, None, "an update that changes nothing writes nothing");
     let o = store.get(&key).unwrap().unwrap();
     assert_eq!((o.generation, o.resource_version), (1, 2));
+    assert_eq!(store.resource_version(&key).unwrap(), Some(2));
+    assert_eq!(
+        store
+            .resource_version(&ObjectKey::instance("acme", "web", "gone"))
+            .unwrap(),
+        None
+    );
     // A later apply of the same spec keeps the status.
     let s = apply(store, vec![instance("acme", "web", "bot", 2, "eu")]).unwrap();
     let Resource::OpenClawInstance(i) = s.results[0].object.resource().unwrap() else {

@@ -437,6 +437,11 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
     fn get(&self, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError>;
+    /// The `resourceVersion` of the object at `key`, if it exists: what tells whether anyone
+    /// wrote it since an earlier look, without reading its body.
+    fn resource_version(&self, key: &ObjectKey) -> Result<Option<u64>, StoreError> {
+        Ok(self.get(key)?.map(|o| o.resource_version))
+    }
     /// Objects matching the filter, ordered by tenant, project, name.
     fn list(&self, filter: &ListFilter) -> Result<Vec<StoredObject>, StoreError>;
     /// [`Store::get`] with the index it was read at: never below the object's

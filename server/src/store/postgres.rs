@@ -1952,6 +1952,17 @@ impl Store for PgStore {
         self.read(|tx| tx.get(key))
     }
 
+    fn resource_version(&self, key: &ObjectKey) -> Result<Option<u64>, StoreError> {
+        self.read(|tx| {
+            let row = tx.query_opt(
+                "SELECT resource_version FROM objects
+                 WHERE kind = $1 AND tenant = $2 AND project = $3 AND name = $4",
+                &[&key.kind.as_str(), &key.tenant, &key.project, &key.name],
+            )?;
+            Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+        })
+    }
+
     fn list(&self, filter: &ListFilter) -> Result<Vec<StoredObject>, StoreError> {
         self.read(|tx| {
             let mut out = Vec::new();

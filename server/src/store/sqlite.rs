@@ -1472,6 +1472,22 @@ impl Store for SqliteStore {
         self.read(|c| get_in(c, key))
     }
 
+    fn resource_version(&self, key: &ObjectKey) -> Result<Option<u64>, StoreError> {
+        self.read(|c| {
+            let version: Option<i64> = c
+                .prepare_cached(
+                    "SELECT resource_version FROM objects
+                     WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4",
+                )?
+                .query_row(
+                    params![key.kind.as_str(), key.tenant, key.project, key.name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(version.map(|v| v as u64))
+        })
+    }
+
     fn list(&self, filter: &ListFilter) -> Result<Vec<StoredObject>, StoreError> {
         self.read(|c| list_in(c, filter))
     }

@@ -338,3 +338,23 @@ fn the_message_ages_when_read() {
     age_message(&mut h, Some(T0), T0 + 500_000);
     assert_eq!(h.status.unwrap().message, None);
 }
+
+#[test]
+fn a_host_whose_report_was_written_after_the_heartbeats_were_read_is_not_marked() {
+    let (_dir, store) = setup();
+    store.record_heartbeats(&[("h1", T0)]).unwrap();
+    // The heartbeats say silent for 31 s, but a report written since (its `lastHeartbeat`
+    // later than the heartbeat read) says the host is back: the mark is not written.
+    store
+        .update(&ObjectKey::cluster(Kind::Host, "h1"), &mut |r| {
+            let Resource::Host(h) = r else { return false };
+            h.status.get_or_insert_with(Default::default).last_heartbeat =
+                Some(crate::util::rfc3339((T0 + 30_000) / 1000));
+            true
+        })
+        .unwrap();
+    let report = reconcile_at(&store, TTL, T0, T0 + 31_000).unwrap();
+    assert_eq!((report.hosts_marked, report.instances_marked), (0, 0));
+    assert_eq!(the_host(&store).status.unwrap().phase, HostPhase::Ready);
+    assert_eq!(the_instance(&store).status.unwrap().ready_replicas, 2);
+}
