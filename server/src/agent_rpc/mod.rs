@@ -899,31 +899,38 @@ pub async fn run_background(rpc: AgentRpc, shutdown: tokio::sync::watch::Receive
 }
 
 /// Writes the heartbeats of reports taken (see [`Reports::heard_from`]) every
-/// [`reports::HEARTBEAT_FLUSH`], on its own: not behind the reports' writes.
+/// [`reports::HEARTBEAT_FLUSH`], on a thread of its own: not behind the reports' writes, nor
+/// behind the blocking pool (long controller passes over a large fleet can fill it).
 async fn flush_heartbeats(
     store: Arc<dyn Store>,
     reports: Arc<Reports>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(reports::HEARTBEAT_FLUSH);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.wait_for(|s| *s) => return,
-        }
-        let (store, reports) = (store.clone(), reports.clone());
-        let flushed =
-            tokio::task::spawn_blocking(move || reports.flush_heartbeats(store.as_ref())).await;
-        match flushed {
-            Ok(Ok(_)) => failing = false,
-            Ok(Err(e)) if !failing => {
-                failing = true;
-                tracing::warn!(error = %e, "cannot write the hosts' heartbeats; they are kept and tried again");
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let started = std::thread::Builder::new()
+        .name("heartbeat-writer".into())
+        .spawn(move || {
+            let mut failing = false;
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(reports::HEARTBEAT_FLUSH)
+            {
+                match reports.flush_heartbeats(store.as_ref()) {
+                    Ok(_) => failing = false,
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "cannot write the hosts' heartbeats; they are kept and tried again");
+                    }
+                    Err(_) => {}
+                }
             }
-            Ok(Err(_)) => {}
-            Err(e) => tracing::error!(error = %e, "the heartbeat writer panicked"),
-        }
+            let _ = done.send(());
+        });
+    if let Err(e) = started {
+        tracing::error!(error = %e, "cannot start the heartbeat writer; heartbeats are written with the reports");
+        return;
     }
+    let _ = shutdown.wait_for(|s| *s).await;
+    drop(stop);
+    let _ = finished.await;
 }
