@@ -22,10 +22,16 @@
 //! `CLUSTERCLAW_BENCH_FLEET_INSTANCES` (default 1000), `CLUSTERCLAW_BENCH_FLEET_REPLICAS`
 //! (per instance, default 10) and `CLUSTERCLAW_BENCH_FLEET_CHANGES` (default 40).
 //!
+//! "All Ready" and "all Running" are seen through one watch of the list (`?watch=true`, a list
+//! then the changes), never by reading the whole list again and again, so that the bench does
+//! not load the server it measures.
+//!
 //! The bench raises its soft open-files limit to the hard limit (the server it starts inherits
 //! it): each host holds one connection, so 10,000 hosts need 10,000 descriptors on each side.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -152,30 +158,161 @@ fn instance_doc(i: usize, replicas: usize, seq: u64) -> Value {
             "updateStrategy": {"type": "Rolling", "maxUnavailable": "100%"}}})
 }
 
-fn ready_hosts(server: &TestServer) -> usize {
-    server.get_json("/api/v1/hosts")["items"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|h| h.pointer("/status/phase") == Some(&json!("Ready")))
-                .count()
-        })
-        .unwrap_or(0)
+/// A key and a count for one object of a watched list.
+type Counter = fn(&Value) -> Option<(String, usize)>;
+
+/// A running tally over one list, kept by one watch (`?watch=true`) rather than by reading
+/// the list again and again: it lists once, then applies each change's object, so that what
+/// the bench measures is not its own polling. The sum is read with [`Tally::total`].
+struct Tally {
+    total: Arc<AtomicUsize>,
+    stop: Arc<tokio::sync::Notify>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-fn running_replicas(server: &TestServer) -> usize {
-    server.get_json(&format!(
-        "/api/v1/instances?tenant={TENANT}&project={PROJECT}"
-    ))["items"]
+impl Tally {
+    /// Starts a watch of `path` (a list) on its own thread; `count` gives an object's key and
+    /// what it counts for (a `DELETED` object counts for nothing).
+    fn start(server: &TestServer, path: &str, count: Counter) -> anyhow::Result<Tally> {
+        let total = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let url = format!("{}{path}", server.api_url());
+        let token = server.admin_token().to_string();
+        let (t, s) = (total.clone(), stop.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let thread = std::thread::Builder::new()
+            .name("tally".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let client = reqwest::Client::new();
+                    let watch = async {
+                        loop {
+                            if let Err(e) = tally(&client, &url, &token, count, &t).await {
+                                eprintln!("  watch of {url}: {e:#}; listing again");
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        () = watch => {}
+                        () = s.notified() => {}
+                    }
+                })
+            })?;
+        Ok(Tally {
+            total,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn total(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.stop.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One list and watch, until the watch ends: always an error (the caller lists again).
+async fn tally(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    count: Counter,
+    total: &AtomicUsize,
+) -> anyhow::Result<()> {
+    let list: Value = client
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let index = list["index"].as_u64().context("a list without an index")?;
+    let mut counts: HashMap<String, usize> = list["items"]
         .as_array()
-        .map(|a| {
+        .into_iter()
+        .flatten()
+        .filter_map(count)
+        .collect();
+    total.store(counts.values().sum(), Ordering::Relaxed);
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let mut resp = client
+        .get(format!("{url}{sep}watch=true&resourceVersion={index}"))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut buf = Vec::new();
+    loop {
+        let Some(chunk) = resp.chunk().await? else {
+            bail!("the watch ended");
+        };
+        buf.extend_from_slice(&chunk);
+        let mut changed = false;
+        while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            let Ok(change) = serde_json::from_slice::<Value>(&line) else {
+                continue;
+            };
+            match change["type"].as_str() {
+                Some("ADDED" | "MODIFIED") => {
+                    if let Some((key, n)) = count(&change["object"]) {
+                        counts.insert(key, n);
+                        changed = true;
+                    }
+                }
+                Some("DELETED") => {
+                    if let Some((key, _)) = count(&change["object"]) {
+                        counts.remove(&key);
+                        changed = true;
+                    }
+                }
+                Some("ERROR") => bail!("{}", change["object"]),
+                _ => {}
+            }
+        }
+        if changed {
+            total.store(counts.values().sum(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// A host counts 1 when `Ready`.
+fn ready_host(h: &Value) -> Option<(String, usize)> {
+    let name = h.pointer("/metadata/name")?.as_str()?.to_string();
+    let ready = h.pointer("/status/phase") == Some(&json!("Ready"));
+    Some((name, usize::from(ready)))
+}
+
+/// An instance counts its replicas that are `Running` on a host.
+fn running_replicas(i: &Value) -> Option<(String, usize)> {
+    let m = i.get("metadata")?;
+    let key = format!(
+        "{}/{}/{}",
+        m["tenant"].as_str()?,
+        m["project"].as_str()?,
+        m["name"].as_str()?
+    );
+    let running = i
+        .pointer("/status/replicaStatus")
+        .and_then(Value::as_array)
+        .map_or(0, |a| {
             a.iter()
-                .filter_map(|i| i.pointer("/status/replicaStatus")?.as_array())
-                .flatten()
                 .filter(|r| r["state"] == "Running" && r["host"].is_string())
                 .count()
-        })
-        .unwrap_or(0)
+        });
+    Some((key, running))
 }
 
 fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
@@ -210,6 +347,7 @@ fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
         .build()?;
 
     // 1. Enrollment: every host enrolls and starts its loops; then all Ready.
+    let ready_tally = Tally::start(&server, "/api/v1/hosts", ready_host)?;
     let started = Instant::now();
     let fleet = {
         let _guard = rt.enter();
@@ -228,7 +366,7 @@ fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
     }
     row.enrolled_secs = started.elapsed().as_secs_f64();
     loop {
-        let ready = ready_hosts(&server);
+        let ready = ready_tally.total();
         if ready == hosts {
             break;
         }
@@ -238,7 +376,7 @@ fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
                 started.elapsed()
             );
         }
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(5));
     }
     row.ready_secs = started.elapsed().as_secs_f64();
     println!(
@@ -247,6 +385,8 @@ fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
         hosts as f64 / row.enrolled_secs,
         row.ready_secs
     );
+
+    drop(ready_tally);
 
     // 2. Idle, nothing placed.
     std::thread::sleep(SETTLE);
@@ -266,6 +406,11 @@ fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
         .map(|i| instance_doc(i, per_instance, 0))
         .collect();
     let state = fleet.state().clone();
+    let running_tally = Tally::start(
+        &server,
+        &format!("/api/v1/tenants/{TENANT}/projects/{PROJECT}/instances"),
+        running_replicas,
+    )?;
     let applied = Instant::now();
     apply(&server, docs)?;
     // Generous: on a loaded machine a burst of 10,000 can take minutes.
@@ -287,19 +432,19 @@ fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
         row.placed_secs,
         total as f64 / row.placed_secs
     );
-    let mut running = 0;
     loop {
-        running = running_replicas(&server).max(running);
+        let running = running_tally.total();
         if running >= total {
             break;
         }
         if applied.elapsed() > place_limit {
             bail!("{running} of {total} replicas Running after {place_limit:?}");
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(5));
     }
     row.running_secs = applied.elapsed().as_secs_f64();
     println!("  all Running after {:.2} s", row.running_secs);
+    drop(running_tally);
 
     // 4. Idle with every replica placed and running.
     std::thread::sleep(SETTLE);
