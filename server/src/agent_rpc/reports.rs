@@ -1155,6 +1155,14 @@ mod tests {
         }
     }
 
+    /// A report of `bot-0` of `t/p/bot`, placed on `h1` by [`setup`].
+    fn bot_report() -> pb::StatusReport {
+        pb::StatusReport {
+            replicas: vec![replica("t", "p", "bot", "bot-0")],
+            ..Default::default()
+        }
+    }
+
     fn state_of(store: &SqliteStore, key: &ObjectKey) -> ReplicaState {
         let Resource::OpenClawInstance(i) = store.get(key).unwrap().unwrap().resource().unwrap()
         else {
@@ -1486,10 +1494,7 @@ mod tests {
     fn unchanged_reports_write_no_object_and_batch_their_heartbeats() {
         let (_dir, store, id) = setup();
         let reports = Reports::default();
-        let report = pb::StatusReport {
-            replicas: vec![replica("t", "p", "bot", "bot-0")],
-            ..Default::default()
-        };
+        let report = bot_report();
         reports.apply(&store, &id, report.clone()).unwrap();
         let index = store.index();
         // The first unchanged report writes the heartbeats noted so far (none were yet).
@@ -1529,10 +1534,7 @@ mod tests {
     fn a_host_marked_not_ready_meanwhile_is_written_ready_by_a_report_that_says_the_same() {
         let (_dir, store, id) = setup();
         let reports = Reports::default();
-        let report = pb::StatusReport {
-            replicas: vec![replica("t", "p", "bot", "bot-0")],
-            ..Default::default()
-        };
+        let report = bot_report();
         reports.apply(&store, &id, report.clone()).unwrap();
         let host = ObjectKey::cluster(Kind::Host, "h1");
         let instance = ObjectKey::instance("t", "p", "bot");
