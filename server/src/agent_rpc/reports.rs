@@ -432,23 +432,8 @@ impl Reports {
     /// once [`HEARTBEAT_FLUSH`] has passed since the last write (by the report that finds it
     /// so). An older time never replaces a newer one in the store.
     fn heartbeat_later(&self, store: &dyn Store, host: &str) -> Result<(), StoreError> {
-        let now = Instant::now();
-        let batch = {
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            pending
-                .beats
-                .insert(host.to_string(), crate::controllers::hosts::now_ms());
-            if pending
-                .flushed
-                .is_some_and(|at| now.duration_since(at) < HEARTBEAT_FLUSH)
-            {
-                return Ok(());
-            }
-            pending.flushed = Some(now);
-            std::mem::take(&mut pending.beats)
-        };
-        let beats: Vec<(&str, i64)> = batch.iter().map(|(h, at)| (h.as_str(), *at)).collect();
-        store.record_heartbeats(&beats)
+        self.heard_from(host);
+        self.flush_heartbeats(store).map(drop)
     }
 
     /// Records one report and writes what it changes (blocking; call from `spawn_blocking`).
