@@ -183,6 +183,16 @@ fn write_histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
     let _ = writeln!(out, "{name}_count{outer} {}", h.count);
 }
 
+/// How long the control loops' passes took, by loop (a controller, or the assignment book).
+/// Kept for the whole process, as the loops start and stop with leadership terms.
+static LOOP_PASSES: Mutex<BTreeMap<&'static str, Histogram>> = Mutex::new(BTreeMap::new());
+
+/// Records one pass of the control loop `name` (`scheduler`, `rollout`, `assignment book`...).
+pub fn observe_loop_pass(name: &'static str, took: Duration) {
+    let mut passes = LOOP_PASSES.lock().unwrap_or_else(|e| e.into_inner());
+    observe(passes.entry(name).or_default(), took);
+}
+
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
@@ -710,6 +720,23 @@ impl Metrics {
                 "",
                 &h,
             );
+        }
+        {
+            let passes = LOOP_PASSES.lock().unwrap_or_else(|e| e.into_inner());
+            header(
+                &mut out,
+                "clusterclaw_control_loop_pass_seconds",
+                "histogram",
+                "How long each pass of a control loop (a controller on the leader, or this server's assignment book) took.",
+            );
+            for (name, h) in passes.iter() {
+                write_histogram(
+                    &mut out,
+                    "clusterclaw_control_loop_pass_seconds",
+                    &format!("loop=\"{}\"", escape(name)),
+                    h,
+                );
+            }
         }
         {
             let f = self.http.lock().unwrap_or_else(|e| e.into_inner());

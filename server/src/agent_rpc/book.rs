@@ -1023,7 +1023,9 @@ pub async fn run(
         let (s, b) = (store.clone(), book.clone());
         // Reading and decoding instances is CPU work: it runs on the blocking pool.
         let rebuilt = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let r = pass(s.as_ref(), &b, &mut seen, index);
+            crate::metrics::observe_loop_pass("assignment book", started.elapsed());
             (r, seen)
         })
         .await;

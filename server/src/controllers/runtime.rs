@@ -86,6 +86,7 @@ pub async fn run<E, F>(
             () = shutdown_requested(&mut shutdown) => break,
         };
         let took = started.elapsed();
+        crate::metrics::observe_loop_pass(name, took);
         let ended = tokio::time::Instant::now();
         let sleep_for = match outcome {
             Ok(after) => {
