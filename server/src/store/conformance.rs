@@ -179,6 +179,7 @@ suite!(
     delete_refuses_parents_with_children,
     list_filters_and_orders,
     update_keeps_generation_and_bumps_the_index,
+    decoded_lists_follow_every_write,
     join_tokens_are_checked_and_used_up,
     enrolling_uses_the_token_and_creates_the_host_together,
     enrolling_many_hosts_at_once_refuses_each_alone,
@@ -680,6 +681,46 @@ pub fn update_keeps_generation_and_bumps_the_index(store: &dyn Store) {
         )
         .unwrap();
     assert_eq!(many, None);
+}
+
+pub fn decoded_lists_follow_every_write(store: &dyn Store) {
+    apply(
+        store,
+        vec![
+            tenant("acme"),
+            project("acme", "web"),
+            instance("acme", "web", "b", 1, "eu"),
+            instance("acme", "web", "a", 1, "eu"),
+        ],
+    )
+    .unwrap();
+    let mut versions = store.versions(Kind::OpenClawInstance).unwrap();
+    versions.sort();
+    let names: Vec<&str> = versions.iter().map(|(k, _, _)| k.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    let listed = store
+        .list(&ListFilter::all(Kind::OpenClawInstance))
+        .unwrap();
+    for (o, (k, uid, rv)) in listed.iter().zip(&versions) {
+        assert_eq!((&o.key, &o.uid, o.resource_version), (k, uid, *rv));
+    }
+    let replicas = |store: &dyn Store| -> Vec<(String, i64)> {
+        super::decoded::list_decoded(store, Kind::OpenClawInstance)
+            .unwrap()
+            .iter()
+            .map(|d| match d.resource.as_ref().unwrap() {
+                Resource::OpenClawInstance(i) => (d.key.name.clone(), i.spec.replicas),
+                _ => panic!("not an instance"),
+            })
+            .collect()
+    };
+    assert_eq!(replicas(store), [("a".into(), 1), ("b".into(), 1)]);
+    apply(store, vec![instance("acme", "web", "b", 3, "eu")]).unwrap();
+    store
+        .delete(&ObjectKey::instance("acme", "web", "a"), None)
+        .unwrap();
+    apply(store, vec![instance("acme", "web", "c", 2, "eu")]).unwrap();
+    assert_eq!(replicas(store), [("b".into(), 3), ("c".into(), 2)]);
 }
 
 pub fn join_tokens_are_checked_and_used_up(store: &dyn Store) {

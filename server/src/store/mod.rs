@@ -4,6 +4,7 @@ mod admission;
 pub mod backend;
 #[cfg(test)]
 mod conformance;
+pub mod decoded;
 pub mod feed;
 #[cfg(test)]
 mod feed_tests;
@@ -437,6 +438,11 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
     fn get(&self, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError>;
+    /// The cache of decoded objects [`decoded::list_decoded`] reads through, if this store
+    /// keeps one (one per store, shared by every control loop of the process).
+    fn decoded_cache(&self) -> Option<&decoded::DecodedCache> {
+        None
+    }
     /// The `resourceVersion` of the object at `key`, if it exists: what tells whether anyone
     /// wrote it since an earlier look, without reading its body.
     fn resource_version(&self, key: &ObjectKey) -> Result<Option<u64>, StoreError> {

@@ -324,6 +324,8 @@ pub struct PgStore {
     events: Mutex<super::feed::EventQueue>,
     /// Where this store's writes are notified ([`channel_of`]).
     channel: String,
+    /// Objects the control loops read, decoded ([`Store::decoded_cache`]).
+    decoded: super::decoded::DecodedCache,
 }
 
 /// The indexes this server knows of, moved by its own writes and by every other server's
@@ -566,6 +568,7 @@ impl PgStore {
             channel: String::new(),
             schema: RwLock::new(Arc::new(Schema::builtin())),
             stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            decoded: super::decoded::DecodedCache::default(),
         };
         let (index, desired, events, channel) =
             blocking(|| -> Result<(u64, u64, u64, String), StoreError> {
@@ -1950,6 +1953,34 @@ impl Store for PgStore {
 
     fn get(&self, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError> {
         self.read(|tx| tx.get(key))
+    }
+
+    fn decoded_cache(&self) -> Option<&super::decoded::DecodedCache> {
+        Some(&self.decoded)
+    }
+
+    fn versions(&self, kind: Kind) -> Result<Vec<(ObjectKey, String, u64)>, StoreError> {
+        self.read(|tx| {
+            let rows = tx.query(
+                "SELECT tenant, project, name, uid, resource_version FROM objects WHERE kind = $1",
+                &[&kind.as_str()],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    (
+                        ObjectKey {
+                            kind,
+                            tenant: r.get(0),
+                            project: r.get(1),
+                            name: r.get(2),
+                        },
+                        r.get::<_, String>(3),
+                        r.get::<_, i64>(4) as u64,
+                    )
+                })
+                .collect())
+        })
     }
 
     fn resource_version(&self, key: &ObjectKey) -> Result<Option<u64>, StoreError> {

@@ -125,6 +125,8 @@ pub struct SqliteStore {
     events_notify: watch::Sender<u64>,
     /// The schema every effective `openclaw.json` is checked against before it is stored.
     schema: std::sync::RwLock<std::sync::Arc<Schema>>,
+    /// Objects the control loops read, decoded ([`Store::decoded_cache`]).
+    decoded: super::decoded::DecodedCache,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -186,6 +188,7 @@ impl SqliteStore {
             notify,
             desired,
             schema: std::sync::RwLock::new(std::sync::Arc::new(Schema::builtin())),
+            decoded: super::decoded::DecodedCache::default(),
         })
     }
 
@@ -1493,6 +1496,10 @@ impl Store for SqliteStore {
 
     fn list(&self, filter: &ListFilter) -> Result<Vec<StoredObject>, StoreError> {
         self.read(|c| list_in(c, filter))
+    }
+
+    fn decoded_cache(&self) -> Option<&super::decoded::DecodedCache> {
+        Some(&self.decoded)
     }
 
     fn versions(&self, kind: Kind) -> Result<Vec<(ObjectKey, String, u64)>, StoreError> {

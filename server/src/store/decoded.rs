@@ -1,0 +1,259 @@
+//! Decoded objects, kept between passes: a control loop that reads every host and instance
+//! on each pass decodes only the objects written since its last look, not the whole list.
+//!
+//! [`DecodedCache::list`] reads each object's identity and `resourceVersion`
+//! ([`Store::versions`], no bodies), keeps the decoded objects whose version did not move,
+//! and reads and decodes only the others (one by one, or the whole list when most moved). The
+//! cache holds one decoded copy per object, shared by every caller as an `Arc`; objects gone
+//! from the store leave it on the next look at their kind.
+//!
+//! What a caller gets is the objects as each was at some moment of its call, not one snapshot
+//! of the store: the same guarantee two separate lists give, which is what every control loop
+//! already assumes (each writes with a check of what it read).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::{ListFilter, Store, StoreError, StoredObject};
+use crate::model::{Kind, ObjectKey, Resource};
+
+/// One stored object, decoded. An object whose JSON does not decode (corruption: it was
+/// validated when written) is kept with the error, so a caller can still see it is there.
+#[derive(Debug)]
+pub struct Decoded {
+    pub key: ObjectKey,
+    pub uid: String,
+    pub resource_version: u64,
+    pub resource: Result<Resource, String>,
+}
+
+impl Decoded {
+    fn of(o: &StoredObject) -> Decoded {
+        Decoded {
+            key: o.key.clone(),
+            uid: o.uid.clone(),
+            resource_version: o.resource_version,
+            resource: o.resource().map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// When more than this share of a kind's objects moved, the whole list is read in one query
+/// rather than each object on its own.
+const LIST_WHEN_MOVED: f64 = 0.25;
+
+/// The decoded objects of every kind looked at, by key.
+#[derive(Default)]
+pub struct DecodedCache {
+    kinds: Mutex<HashMap<Kind, HashMap<ObjectKey, Arc<Decoded>>>>,
+}
+
+/// What one [`DecodedCache::list`] call did, for tests and figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Looked {
+    pub kept: usize,
+    pub decoded: usize,
+}
+
+impl DecodedCache {
+    /// Every object of `kind` in `store`, decoded, ordered by tenant, project and name (as
+    /// [`Store::list`]).
+    pub fn list(&self, store: &dyn Store, kind: Kind) -> Result<Vec<Arc<Decoded>>, StoreError> {
+        self.list_counted(store, kind).map(|(objects, _)| objects)
+    }
+
+    /// [`DecodedCache::list`], saying how many objects were kept and how many decoded.
+    pub fn list_counted(
+        &self,
+        store: &dyn Store,
+        kind: Kind,
+    ) -> Result<(Vec<Arc<Decoded>>, Looked), StoreError> {
+        let mut versions = store.versions(kind)?;
+        versions.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out: Vec<Option<Arc<Decoded>>> = {
+            let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+            let known = kinds.get(&kind);
+            versions
+                .iter()
+                .map(|(key, uid, rv)| {
+                    known
+                        .and_then(|m| m.get(key))
+                        .filter(|d| d.resource_version == *rv && &d.uid == uid)
+                        .cloned()
+                })
+                .collect()
+        };
+        let missing: Vec<usize> = (0..out.len()).filter(|i| out[*i].is_none()).collect();
+        let looked = Looked {
+            kept: out.len() - missing.len(),
+            decoded: missing.len(),
+        };
+        if !missing.is_empty() {
+            if missing.len() as f64 > versions.len() as f64 * LIST_WHEN_MOVED {
+                let mut read: HashMap<ObjectKey, StoredObject> = store
+                    .list(&ListFilter::all(kind))?
+                    .into_iter()
+                    .map(|o| (o.key.clone(), o))
+                    .collect();
+                for i in &missing {
+                    if let Some(o) = read.remove(&versions[*i].0) {
+                        out[*i] = Some(Arc::new(Decoded::of(&o)));
+                    }
+                }
+            } else {
+                for i in &missing {
+                    // Gone since the versions were read: left out, as a later list would.
+                    if let Some(o) = store.get(&versions[*i].0)? {
+                        out[*i] = Some(Arc::new(Decoded::of(&o)));
+                    }
+                }
+            }
+        }
+        let out: Vec<Arc<Decoded>> = out.into_iter().flatten().collect();
+        let fresh: HashMap<ObjectKey, Arc<Decoded>> =
+            out.iter().map(|d| (d.key.clone(), Arc::clone(d))).collect();
+        // A concurrent caller may have stored a newer look meanwhile; the next look at a key
+        // that went back reads it again, so this only costs time, never correctness.
+        self.kinds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(kind, fresh);
+        Ok((out, looked))
+    }
+
+    /// Forgets every decoded object (for tests, and a store restored under a running server).
+    pub fn clear(&self) {
+        self.kinds.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+/// Every object of `kind`, decoded: through the store's [`DecodedCache`] when it keeps one,
+/// else read and decoded now.
+pub fn list_decoded(store: &dyn Store, kind: Kind) -> Result<Vec<Arc<Decoded>>, StoreError> {
+    match store.decoded_cache() {
+        Some(cache) => cache.list(store, kind),
+        None => Ok(store
+            .list(&ListFilter::all(kind))?
+            .iter()
+            .map(|o| Arc::new(Decoded::of(o)))
+            .collect()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::WriteMode;
+    use crate::store::sqlite::SqliteStore;
+
+    fn host(name: &str, label: &str) -> Resource {
+        Resource::from_value(
+            serde_json::json!({"apiVersion": "clusterclaw.io/v1", "kind": "Host",
+            "metadata": {"name": name, "labels": {"l": label}}, "spec": {}}),
+        )
+        .unwrap()
+    }
+
+    fn label(d: &Decoded) -> String {
+        match d.resource.as_ref().unwrap() {
+            Resource::Host(h) => h.metadata.labels.get("l").cloned().unwrap_or_default(),
+            _ => panic!("not a host"),
+        }
+    }
+
+    #[test]
+    fn only_objects_written_since_the_last_look_are_decoded_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let cache = DecodedCache::default();
+        let writes: Vec<(Resource, WriteMode)> = (0..20)
+            .map(|i| (host(&format!("h{i:02}"), "a"), WriteMode::Apply))
+            .collect();
+        store.write(&writes, false).unwrap();
+
+        let (first, looked) = cache.list_counted(&store, Kind::Host).unwrap();
+        assert_eq!(
+            looked,
+            Looked {
+                kept: 0,
+                decoded: 20
+            }
+        );
+        assert_eq!(first.len(), 20);
+        let names: Vec<&str> = first.iter().map(|d| d.key.name.as_str()).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted, "ordered by name, as a list");
+
+        store
+            .write(&[(host("h03", "b"), WriteMode::Apply)], false)
+            .unwrap();
+        store
+            .delete(&ObjectKey::cluster(Kind::Host, "h07"), None)
+            .unwrap();
+        store
+            .write(&[(host("h20", "c"), WriteMode::Apply)], false)
+            .unwrap();
+        let (second, looked) = cache.list_counted(&store, Kind::Host).unwrap();
+        assert_eq!(
+            looked,
+            Looked {
+                kept: 18,
+                decoded: 2
+            }
+        );
+        assert_eq!(second.len(), 20);
+        let by_name: HashMap<&str, &Arc<Decoded>> =
+            second.iter().map(|d| (d.key.name.as_str(), d)).collect();
+        assert_eq!(label(by_name["h03"]), "b");
+        assert_eq!(label(by_name["h20"]), "c");
+        assert!(!by_name.contains_key("h07"));
+        // An untouched object is the very same decoded copy.
+        let before = first.iter().find(|d| d.key.name == "h05").unwrap();
+        assert!(Arc::ptr_eq(before, by_name["h05"]));
+    }
+
+    #[test]
+    fn an_object_deleted_and_created_again_under_its_name_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let cache = DecodedCache::default();
+        store
+            .write(&[(host("h1", "a"), WriteMode::Apply)], false)
+            .unwrap();
+        let first = cache.list(&store, Kind::Host).unwrap();
+        store
+            .delete(&ObjectKey::cluster(Kind::Host, "h1"), None)
+            .unwrap();
+        store
+            .write(&[(host("h1", "b"), WriteMode::Apply)], false)
+            .unwrap();
+        let second = cache.list(&store, Kind::Host).unwrap();
+        assert_ne!(first[0].uid, second[0].uid);
+        assert_eq!(label(&second[0]), "b");
+    }
+
+    #[test]
+    fn most_objects_moved_are_read_in_one_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let cache = DecodedCache::default();
+        let writes = |label: &str| -> Vec<(Resource, WriteMode)> {
+            (0..8)
+                .map(|i| (host(&format!("h{i}"), label), WriteMode::Apply))
+                .collect()
+        };
+        store.write(&writes("a"), false).unwrap();
+        cache.list(&store, Kind::Host).unwrap();
+        store.write(&writes("b"), false).unwrap();
+        let (all, looked) = cache.list_counted(&store, Kind::Host).unwrap();
+        assert_eq!(
+            looked,
+            Looked {
+                kept: 0,
+                decoded: 8
+            }
+        );
+        assert!(all.iter().all(|d| label(d) == "b"));
+    }
+}
