@@ -25,7 +25,7 @@ use crate::model::{
     OpenClawInstance, RETAINED_BY_DRAIN, ReplicaState, ReplicaStatus, Resource, RetainedVolume,
     StateFrom,
 };
-use crate::store::{ListFilter, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// How often a drain in progress is looked at without a store change (progress, deadline).
 const POLL: Duration = Duration::from_secs(1);
@@ -471,37 +471,38 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// Every readable object of `kind`, copied out of the store's decoded objects by `pick`.
 fn decode_all<T>(
     store: &dyn Store,
     kind: Kind,
-    pick: impl Fn(Resource) -> Option<T>,
+    pick: impl Fn(&Resource) -> Option<T>,
 ) -> Result<Vec<T>, StoreError> {
-    Ok(store
-        .list(&ListFilter::all(kind))?
+    Ok(crate::store::decoded::list_decoded(store, kind)?
         .iter()
-        .filter_map(|o| o.resource().ok())
+        .filter_map(|o| o.resource.as_ref().ok())
         .filter_map(pick)
         .collect())
 }
 
 /// One pass over every drain in progress; returns when to look again.
 pub fn reconcile_once(store: &dyn Store, now_ms: i64) -> Result<Option<Duration>, StoreError> {
-    let hosts = decode_all(store, Kind::Host, |r| match r {
-        Resource::Host(h) => Some(h),
-        _ => None,
-    })?;
-    let draining: Vec<(String, DrainStatus)> = hosts
-        .iter()
-        .filter_map(|h| {
+    // Most passes find no drain: they copy nothing.
+    let draining = decode_all(store, Kind::Host, |r| match r {
+        Resource::Host(h) => {
             let d = h.status.as_ref()?.drain.as_ref()?;
             (!d.is_finished()).then(|| (h.metadata.name.clone(), d.clone()))
-        })
-        .collect();
+        }
+        _ => None,
+    })?;
     if draining.is_empty() {
         return Ok(None);
     }
+    let hosts = decode_all(store, Kind::Host, |r| match r {
+        Resource::Host(h) => Some(h.clone()),
+        _ => None,
+    })?;
     let instances = decode_all(store, Kind::OpenClawInstance, |r| match r {
-        Resource::OpenClawInstance(i) => Some(i),
+        Resource::OpenClawInstance(i) => Some(i.clone()),
         _ => None,
     })?;
     let now = crate::events::rfc3339_ms(now_ms);

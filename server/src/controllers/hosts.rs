@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::model::{Host, HostPhase, Kind, ObjectKey, ReplicaState, Resource, summarize};
-use crate::store::{ListFilter, Store, StoreError, StoredObject};
+use crate::store::{Store, StoreError, StoredObject};
 
 /// Shortest wait between two timed passes, so that a large fleet whose hosts report at spread
 /// times does not run a pass for every one of them.
@@ -207,16 +207,16 @@ pub fn reconcile_at(
     now_ms: i64,
 ) -> Result<PassReport, StoreError> {
     let mut views = Vec::new();
-    for o in store.list(&ListFilter::all(Kind::Host))? {
-        let Ok(Resource::Host(h)) = o.resource() else {
+    for o in crate::store::decoded::list_decoded(store, Kind::Host)? {
+        let Ok(Resource::Host(h)) = &o.resource else {
             continue;
         };
         let created = millis(h.metadata.created_at.as_deref()).unwrap_or(i64::MIN);
-        let status = h.status.unwrap_or_default();
+        let status = h.status.as_ref();
         views.push(HostView {
-            name: h.metadata.name,
-            phase: status.phase,
-            has_not_ready_since: status.not_ready_since.is_some(),
+            name: h.metadata.name.clone(),
+            phase: status.map(|s| s.phase).unwrap_or_default(),
+            has_not_ready_since: status.is_some_and(|s| s.not_ready_since.is_some()),
             floor_ms: started_ms.max(created),
         });
     }
@@ -291,8 +291,8 @@ fn mark_unknown(store: &dyn Store, hosts: &BTreeSet<String>) -> Result<usize, St
         .map(|h| ObjectKey::cluster(Kind::Host, h))
         .collect();
     let mut instances = Vec::new();
-    for o in store.list(&ListFilter::all(Kind::OpenClawInstance))? {
-        let Ok(Resource::OpenClawInstance(i)) = o.resource() else {
+    for o in crate::store::decoded::list_decoded(store, Kind::OpenClawInstance)? {
+        let Ok(Resource::OpenClawInstance(i)) = &o.resource else {
             continue;
         };
         let stale = i.status.as_ref().is_some_and(|s| {
@@ -302,7 +302,7 @@ fn mark_unknown(store: &dyn Store, hosts: &BTreeSet<String>) -> Result<usize, St
             })
         });
         if stale {
-            instances.push(o.key);
+            instances.push(o.key.clone());
         }
     }
     if instances.is_empty() {

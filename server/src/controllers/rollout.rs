@@ -42,7 +42,7 @@ use crate::model::{
     ReplicaState, ReplicaStatus, Resource, RolloutPhase, RolloutStatus, UpdateType, parse_duration,
     summarize_at,
 };
-use crate::store::{ListFilter, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// Objects written per store transaction.
 pub const WRITE_BATCH: usize = 256;
@@ -890,31 +890,28 @@ pub struct PassReport {
 /// One pass at `now_ms`: plans every instance and writes those whose status changes (each one
 /// planned again on the object as the write transaction reads it). Blocking.
 pub fn reconcile_once(store: &dyn Store, now_ms: i64) -> Result<PassReport, RolloutError> {
-    let objects = store
-        .list(&ListFilter::all(Kind::OpenClawInstance))
+    let objects = crate::store::decoded::list_decoded(store, Kind::OpenClawInstance)
         .map_err(|e| RolloutError::List(Box::new(e)))?;
     let mut report = PassReport::default();
     let mut keys: Vec<ObjectKey> = Vec::new();
     let mut wake: Option<i64> = None;
     let mut events = Vec::new();
     let mut gates = Vec::new();
-    for o in objects {
-        let mut instance = match o.resource() {
-            Ok(Resource::OpenClawInstance(i)) => i,
-            _ => {
-                report.skipped += 1;
-                continue;
-            }
+    for o in &objects {
+        let Ok(Resource::OpenClawInstance(read)) = &o.resource else {
+            report.skipped += 1;
+            continue;
         };
         report.instances += 1;
-        let d = plan(&instance, now_ms);
+        let d = plan(read, now_ms);
         wake = earliest(wake, d.wake_after_ms);
-        let before = instance.status.clone();
+        let before = read.status.as_ref();
+        let mut instance = read.clone();
         if apply(&mut instance, &d, now_ms) {
             keys.push(o.key.clone());
             events.extend(rollout_events(
                 &o.key,
-                before.as_ref(),
+                before,
                 instance.status.as_ref(),
                 d.gate.as_ref(),
             ));

@@ -28,6 +28,7 @@
 //! store's index only grows, an epoch is never reused for a replica name, even after the
 //! instance is deleted and created again.
 
+use std::borrow::Borrow;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -40,7 +41,8 @@ use crate::model::{
     ObjectKey, OpenClawInstance, RETAINED_BY_FAILOVER, ReplicaState, ReplicaStatus, Resource,
     RetainedVolume, RetentionPolicy, parse_cpu, parse_memory, summarize,
 };
-use crate::store::{ListFilter, Store, StoreError, StoredObject};
+use crate::store::decoded::Decoded;
+use crate::store::{Store, StoreError};
 
 #[cfg(test)]
 mod failover_tests;
@@ -358,7 +360,7 @@ struct Work<'a> {
 }
 
 /// [`plan_at`] now.
-pub fn plan(instances: &[OpenClawInstance], hosts: &[Host]) -> Plan {
+pub fn plan<I: Borrow<OpenClawInstance>, H: Borrow<Host>>(instances: &[I], hosts: &[H]) -> Plan {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
@@ -373,8 +375,12 @@ pub fn plan(instances: &[OpenClawInstance], hosts: &[Host]) -> Plan {
 /// ordinal is below `spec.replicas` (and failover does not let them go); they are charged to
 /// their host first, then the remaining replicas are placed instance by instance (in key
 /// order), ordinal by ordinal.
-pub fn plan_at(instances: &[OpenClawInstance], hosts: &[Host], now_ms: i64) -> Plan {
-    let mut nodes: Vec<Node<'_>> = hosts.iter().map(Node::new).collect();
+pub fn plan_at<I: Borrow<OpenClawInstance>, H: Borrow<Host>>(
+    instances: &[I],
+    hosts: &[H],
+    now_ms: i64,
+) -> Plan {
+    let mut nodes: Vec<Node<'_>> = hosts.iter().map(|h| Node::new(h.borrow())).collect();
     let mut next_failover: Option<Duration> = None;
     // Names are unique in the store; should a name come twice, the newest record wins.
     nodes.sort_by(|a, b| {
@@ -392,6 +398,7 @@ pub fn plan_at(instances: &[OpenClawInstance], hosts: &[Host], now_ms: i64) -> P
     let mut work: Vec<Work<'_>> = instances
         .iter()
         .map(|instance| {
+            let instance: &OpenClawInstance = instance.borrow();
             let desired = instance.spec.replicas.clamp(0, MAX_REPLICAS) as usize;
             Work {
                 key: instance.key(),
@@ -943,8 +950,8 @@ fn placements(instance: &OpenClawInstance) -> Vec<(u32, Option<String>)> {
         .collect()
 }
 
-fn decode(o: &StoredObject) -> Option<Resource> {
-    match o.resource() {
+fn decoded(o: &Decoded) -> Option<&Resource> {
+    match &o.resource {
         Ok(r) => Some(r),
         Err(e) => {
             tracing::warn!(object = %o.key, error = %e, "the scheduler skips an object it cannot read");
@@ -957,40 +964,40 @@ fn decode(o: &StoredObject) -> Option<Resource> {
 /// [`WRITE_BATCH`], each one transaction). Blocking; call it from `spawn_blocking`.
 pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
     let list = |kind| {
-        store
-            .list(&ListFilter::all(kind))
-            .map_err(|e| SchedulerError::List {
-                kind,
-                source: Box::new(e),
-            })
+        crate::store::decoded::list_decoded(store, kind).map_err(|e| SchedulerError::List {
+            kind,
+            source: Box::new(e),
+        })
     };
     let instance_objects = list(Kind::OpenClawInstance)?;
     let host_objects = list(Kind::Host)?;
     let mut report = PassReport::default();
 
-    // Each raw object is dropped as soon as it is decoded, so the pass never holds both forms
-    // of every instance at once.
-    let mut instances = Vec::with_capacity(instance_objects.len());
-    for o in instance_objects {
-        match decode(&o) {
+    let mut instances: Vec<&OpenClawInstance> = Vec::with_capacity(instance_objects.len());
+    for o in &instance_objects {
+        match decoded(o) {
             Some(Resource::OpenClawInstance(i)) => instances.push(i),
             _ => report.skipped += 1,
         }
     }
     // A host that cannot be read still holds its replicas (they must not move because of a bad
     // record), but takes nothing new and is not written.
-    let mut hosts = Vec::with_capacity(host_objects.len());
+    let mut readable: Vec<&Host> = Vec::with_capacity(host_objects.len());
     let mut unreadable_hosts = Vec::new();
-    for o in host_objects {
-        match decode(&o) {
-            Some(Resource::Host(h)) => hosts.push(h),
+    for o in &host_objects {
+        match decoded(o) {
+            Some(Resource::Host(h)) => readable.push(h),
             _ => {
                 report.skipped += 1;
-                unreadable_hosts.push(o.key.name.clone());
-                hosts.push(placeholder_host(&o.key.name));
+                unreadable_hosts.push(placeholder_host(&o.key.name));
             }
         }
     }
+    let hosts: Vec<&Host> = readable
+        .iter()
+        .copied()
+        .chain(unreadable_hosts.iter())
+        .collect();
     report.instances = instances.len();
     report.hosts = hosts.len();
 
@@ -1006,25 +1013,22 @@ pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
     // The placements the pass read: another controller (a drain) may move a replica between
     // this read and the write, and a plan made before that move must not undo it.
     let mut read_hosts: HashMap<ObjectKey, Vec<(u32, Option<String>)>> = HashMap::new();
-    for mut instance in instances {
-        let key = instance.key();
-        read_hosts.insert(key.clone(), placements(&instance));
-        if let Some(p) = decided.instances.get(&key) {
-            events.extend(placement_events(&instance, p));
-        }
-        if let Some(p) = decided.instances.get(&key)
-            && apply_instance_plan_moving(&mut instance, p, moves_of(&key), &now)
-        {
+    for read in instances {
+        let key = read.key();
+        read_hosts.insert(key.clone(), placements(read));
+        let Some(p) = decided.instances.get(&key) else {
+            continue;
+        };
+        events.extend(placement_events(read, p));
+        // The plan is tried on a copy: the decoded object is shared with other readers.
+        if apply_instance_plan_moving(&mut read.clone(), p, moves_of(&key), &now) {
             keys.push(key);
             report.instances_written += 1;
         }
     }
-    for mut host in hosts {
-        if unreadable_hosts.contains(&host.metadata.name) {
-            continue;
-        }
+    for host in readable {
         if let Some(allocated) = decided.hosts.get(&host.metadata.name)
-            && apply_host_allocation(&mut host, allocated)
+            && host.status.as_ref().map(|s| &s.allocated) != Some(allocated)
         {
             keys.push(ObjectKey::cluster(Kind::Host, host.metadata.name.clone()));
             report.hosts_written += 1;

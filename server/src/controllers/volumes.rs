@@ -27,7 +27,7 @@ use utoipa::ToSchema;
 use crate::model::{Kind, ObjectKey, OpenClawInstance, Resource, RetentionPolicy};
 use crate::store::revisions::DeletedVolume;
 use crate::store::volumes::HostVolume;
-use crate::store::{ListFilter, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// Who claims a volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, ToSchema)]
@@ -75,14 +75,15 @@ pub struct VolumeView {
 }
 
 /// Classifies every reported volume (see the module documentation). Pure.
-pub fn classify(
+pub fn classify<I: std::borrow::Borrow<OpenClawInstance>>(
     volumes: &[HostVolume],
-    instances: &[OpenClawInstance],
+    instances: &[I],
     deleted: &[DeletedVolume],
 ) -> Vec<VolumeView> {
     let by_key: HashMap<(&str, &str, &str), &OpenClawInstance> = instances
         .iter()
         .map(|i| {
+            let i: &OpenClawInstance = i.borrow();
             let m = &i.metadata;
             (
                 (
@@ -255,29 +256,21 @@ pub fn plan(
     out
 }
 
-/// Every instance in the store.
-fn instances(store: &dyn Store) -> Result<Vec<OpenClawInstance>, StoreError> {
-    Ok(store
-        .list(&ListFilter::all(Kind::OpenClawInstance))?
-        .into_iter()
-        .filter_map(|o| match o.resource() {
-            Ok(Resource::OpenClawInstance(i)) => Some(i),
-            _ => None,
-        })
-        .collect())
-}
-
 /// The classified volumes of one host, or of every host.
 pub fn views(store: &dyn Store, host: Option<&str>) -> Result<Vec<VolumeView>, StoreError> {
     let volumes = store.host_volumes(host)?;
     if volumes.is_empty() {
         return Ok(Vec::new());
     }
-    Ok(classify(
-        &volumes,
-        &instances(store)?,
-        &store.deleted_volumes()?,
-    ))
+    let objects = crate::store::decoded::list_decoded(store, Kind::OpenClawInstance)?;
+    let instances: Vec<&OpenClawInstance> = objects
+        .iter()
+        .filter_map(|o| match &o.resource {
+            Ok(Resource::OpenClawInstance(i)) => Some(i),
+            _ => None,
+        })
+        .collect();
+    Ok(classify(&volumes, &instances, &store.deleted_volumes()?))
 }
 
 /// The event of an orphan removed after the retention period.

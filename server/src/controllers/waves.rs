@@ -378,8 +378,15 @@ pub fn reconcile_once(store: &dyn Store, now: i64) -> Result<usize, WaveError> {
     }
     let mut instances = HashMap::new();
     let mut all = Vec::new();
-    for o in read("instances", Kind::OpenClawInstance)? {
-        let Ok(Resource::OpenClawInstance(i)) = o.resource() else {
+    let decoded =
+        crate::store::decoded::list_decoded(store, Kind::OpenClawInstance).map_err(|source| {
+            WaveError::Read {
+                what: "instances",
+                source: Box::new(source),
+            }
+        })?;
+    for o in &decoded {
+        let Ok(Resource::OpenClawInstance(i)) = &o.resource else {
             continue;
         };
         let k = i.key();
@@ -388,16 +395,16 @@ pub fn reconcile_once(store: &dyn Store, now: i64) -> Result<usize, WaveError> {
             project: k.project,
             name: k.name,
         };
-        let status = i.status.clone().unwrap_or_default();
-        let rollout = status.rollout.clone();
+        let status = i.status.as_ref();
+        let rollout = status.and_then(|s| s.rollout.as_ref());
         instances.insert(
             r.clone(),
             Observed {
-                held_by: rollout.as_ref().and_then(|r| r.held_by.clone()),
-                phase: rollout.as_ref().map(|r| r.phase),
-                rollout_revision: rollout.as_ref().map(|r| r.revision),
-                rollout_message: rollout.and_then(|r| r.message),
-                config_revision: status.config_revision,
+                held_by: rollout.and_then(|r| r.held_by.clone()),
+                phase: rollout.map(|r| r.phase),
+                rollout_revision: rollout.map(|r| r.revision),
+                rollout_message: rollout.and_then(|r| r.message.clone()),
+                config_revision: status.and_then(|s| s.config_revision),
                 version: i.spec.version.clone(),
                 image: i.spec.image.clone(),
             },

@@ -14,6 +14,7 @@ use crate::controllers::fixtures::{
 };
 use crate::model::{HostPhase, InstancePhase, InstanceStatus, ReplicaState};
 use crate::store::sqlite::SqliteStore;
+use crate::store::{ListFilter, StoredObject};
 use crate::store::{TokenRecord, WriteMode, WriteSummary};
 
 fn key(name: &str) -> ObjectKey {
@@ -289,7 +290,10 @@ fn each_host_counts_under_its_first_failing_reason() {
 
 #[test]
 fn with_no_hosts_the_reason_says_how_to_add_one() {
-    let p = plan(&[InstanceBuilder::new("bot").replicas(2).build()], &[]);
+    let p = plan(
+        &[InstanceBuilder::new("bot").replicas(2).build()],
+        &[] as &[Host],
+    );
     assert_eq!(hosts_of(&p, "bot"), [None, None]);
     assert_eq!(
         reason_of(&p, "bot").as_deref(),
