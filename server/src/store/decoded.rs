@@ -42,10 +42,18 @@ impl Decoded {
 /// rather than each object on its own.
 const LIST_WHEN_MOVED: f64 = 0.25;
 
+/// What the cache holds of one kind: the decoded objects by key, and the list as last
+/// returned with the kind's fingerprint ([`Store::kind_fingerprint`]) read before it.
+#[derive(Default)]
+struct OfKind {
+    by_key: HashMap<ObjectKey, Arc<Decoded>>,
+    last: Option<((u64, u64), Vec<Arc<Decoded>>)>,
+}
+
 /// The decoded objects of every kind looked at, by key.
 #[derive(Default)]
 pub struct DecodedCache {
-    kinds: Mutex<HashMap<Kind, HashMap<ObjectKey, Arc<Decoded>>>>,
+    kinds: Mutex<HashMap<Kind, OfKind>>,
 }
 
 /// What one [`DecodedCache::list`] call did, for tests and figures.
@@ -68,6 +76,21 @@ impl DecodedCache {
         store: &dyn Store,
         kind: Kind,
     ) -> Result<(Vec<Arc<Decoded>>, Looked), StoreError> {
+        // Nothing of the kind written since the last look: the same list, without reading a
+        // row of it.
+        let fingerprint = store.kind_fingerprint(kind)?;
+        {
+            let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((seen, list)) = kinds.get(&kind).and_then(|k| k.last.as_ref())
+                && *seen == fingerprint
+            {
+                let looked = Looked {
+                    kept: list.len(),
+                    decoded: 0,
+                };
+                return Ok((list.clone(), looked));
+            }
+        }
         let mut versions = store.versions(kind)?;
         versions.sort_by(|a, b| a.0.cmp(&b.0));
         let mut out: Vec<Option<Arc<Decoded>>> = {
@@ -77,7 +100,7 @@ impl DecodedCache {
                 .iter()
                 .map(|(key, uid, rv)| {
                     known
-                        .and_then(|m| m.get(key))
+                        .and_then(|m| m.by_key.get(key))
                         .filter(|d| d.resource_version == *rv && &d.uid == uid)
                         .cloned()
                 })
@@ -110,14 +133,18 @@ impl DecodedCache {
             }
         }
         let out: Vec<Arc<Decoded>> = out.into_iter().flatten().collect();
-        let fresh: HashMap<ObjectKey, Arc<Decoded>> =
+        let by_key: HashMap<ObjectKey, Arc<Decoded>> =
             out.iter().map(|d| (d.key.clone(), Arc::clone(d))).collect();
-        // A concurrent caller may have stored a newer look meanwhile; the next look at a key
-        // that went back reads it again, so this only costs time, never correctness.
-        self.kinds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(kind, fresh);
+        // The list is at least as new as `fingerprint` (read before it), so a later look with
+        // the same fingerprint may return it. A concurrent caller may have stored a newer look
+        // meanwhile; the next look then reads again, which costs time, never correctness.
+        self.kinds.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            kind,
+            OfKind {
+                by_key,
+                last: Some((fingerprint, out.clone())),
+            },
+        );
         Ok((out, looked))
     }
 
@@ -211,6 +238,40 @@ mod tests {
         // An untouched object is the very same decoded copy.
         let before = first.iter().find(|d| d.key.name == "h05").unwrap();
         assert!(Arc::ptr_eq(before, by_name["h05"]));
+    }
+
+    #[test]
+    fn a_delete_alone_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let cache = DecodedCache::default();
+        let writes: Vec<(Resource, WriteMode)> = (0..3)
+            .map(|i| (host(&format!("h{i}"), "a"), WriteMode::Apply))
+            .collect();
+        store.write(&writes, false).unwrap();
+        assert_eq!(cache.list(&store, Kind::Host).unwrap().len(), 3);
+        let (again, looked) = cache.list_counted(&store, Kind::Host).unwrap();
+        assert_eq!(
+            (again.len(), looked),
+            (
+                3,
+                Looked {
+                    kept: 3,
+                    decoded: 0
+                }
+            )
+        );
+        // Deleting the newest object lowers both the count and the highest version.
+        store
+            .delete(&ObjectKey::cluster(Kind::Host, "h0"), None)
+            .unwrap();
+        let names: Vec<String> = cache
+            .list(&store, Kind::Host)
+            .unwrap()
+            .iter()
+            .map(|d| d.key.name.clone())
+            .collect();
+        assert_eq!(names, ["h1", "h2"]);
     }
 
     #[test]

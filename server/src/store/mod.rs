@@ -486,6 +486,15 @@ pub trait Store: Send + Sync + 'static {
         }
         Ok(())
     }
+    /// How many objects of `kind` there are and the highest `resourceVersion` among them:
+    /// every write of an object of the kind moves one or the other (a write gives its object
+    /// the newest index; a delete lowers the count, and a delete and a create raise the
+    /// highest version), so equal fingerprints mean nothing of the kind changed between them.
+    fn kind_fingerprint(&self, kind: Kind) -> Result<(u64, u64), StoreError> {
+        let versions = self.versions(kind)?;
+        let highest = versions.iter().map(|(_, _, rv)| *rv).max().unwrap_or(0);
+        Ok((versions.len() as u64, highest))
+    }
     /// Every object of `kind` as (key, uid, resourceVersion), without its body: enough to
     /// tell which objects changed since an earlier look.
     fn versions(&self, kind: Kind) -> Result<Vec<(ObjectKey, String, u64)>, StoreError> {

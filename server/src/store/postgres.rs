@@ -1959,6 +1959,18 @@ impl Store for PgStore {
         Some(&self.decoded)
     }
 
+    fn kind_fingerprint(&self, kind: Kind) -> Result<(u64, u64), StoreError> {
+        self.read(|tx| {
+            let row = tx.query_one(
+                "SELECT count(*), max(resource_version) FROM objects WHERE kind = $1",
+                &[&kind.as_str()],
+            )?;
+            let count: i64 = row.get(0);
+            let highest: Option<i64> = row.get(1);
+            Ok((count as u64, highest.unwrap_or(0) as u64))
+        })
+    }
+
     fn versions(&self, kind: Kind) -> Result<Vec<(ObjectKey, String, u64)>, StoreError> {
         self.read(|tx| {
             let rows = tx.query(

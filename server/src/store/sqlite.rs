@@ -1502,6 +1502,17 @@ impl Store for SqliteStore {
         Some(&self.decoded)
     }
 
+    fn kind_fingerprint(&self, kind: Kind) -> Result<(u64, u64), StoreError> {
+        self.read(|c| {
+            let (count, highest): (i64, Option<i64>) = c
+                .prepare_cached(
+                    "SELECT count(*), max(resource_version) FROM objects WHERE kind = ?1",
+                )?
+                .query_row([kind.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok((count as u64, highest.unwrap_or(0) as u64))
+        })
+    }
+
     fn versions(&self, kind: Kind) -> Result<Vec<(ObjectKey, String, u64)>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
