@@ -31,7 +31,7 @@
 //! - `status.rollout.heldBy` (a fleet-wide change waiting for this instance's wave): no target
 //!   moves toward U while it is set.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -879,6 +879,8 @@ pub enum RolloutError {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PassReport {
     pub instances: usize,
+    /// Instances planned (the others were settled: unchanged, no timer due).
+    pub planned: usize,
     pub skipped: usize,
     pub written: usize,
     /// When the next pass is due without any change, from now.
@@ -890,6 +892,34 @@ pub struct PassReport {
 /// One pass at `now_ms`: plans every instance and writes those whose status changes (each one
 /// planned again on the object as the write transaction reads it). Blocking.
 pub fn reconcile_once(store: &dyn Store, now_ms: i64) -> Result<PassReport, RolloutError> {
+    reconcile_settled(store, now_ms, &mut Settled::default())
+}
+
+/// What the controller keeps between passes: each instance whose last plan changed nothing,
+/// at the `resourceVersion` it was planned at, with the time its next timer is due (a gate, a
+/// pause, a deadline). Planning is a function of the instance and the time alone, so such an
+/// instance needs no plan until it is written or its timer is due: a pass after one instance
+/// changed plans that one. Everything is planned again at least every [`RESYNC`].
+#[derive(Debug, Default)]
+pub struct Settled {
+    by_key: HashMap<ObjectKey, (u64, Option<i64>)>,
+    planned_all_at_ms: Option<i64>,
+}
+
+/// [`reconcile_once`], planning only the instances `settled` does not hold; keeps `settled`.
+pub fn reconcile_settled(
+    store: &dyn Store,
+    now_ms: i64,
+    settled: &mut Settled,
+) -> Result<PassReport, RolloutError> {
+    let resync_ms = RESYNC.as_millis() as i64;
+    if settled
+        .planned_all_at_ms
+        .is_none_or(|at| now_ms.saturating_sub(at) >= resync_ms || now_ms < at)
+    {
+        settled.by_key.clear();
+        settled.planned_all_at_ms = Some(now_ms);
+    }
     let objects = crate::store::decoded::list_decoded(store, Kind::OpenClawInstance)
         .map_err(|e| RolloutError::List(Box::new(e)))?;
     let mut report = PassReport::default();
@@ -903,11 +933,28 @@ pub fn reconcile_once(store: &dyn Store, now_ms: i64) -> Result<PassReport, Roll
             continue;
         };
         report.instances += 1;
+        if let Some((version, due)) = settled.by_key.get(&o.key)
+            && *version == o.resource_version
+            && due.is_none_or(|at| now_ms < at)
+        {
+            wake = earliest(wake, due.map(|at| at - now_ms));
+            continue;
+        }
+        report.planned += 1;
         let d = plan(read, now_ms);
         wake = earliest(wake, d.wake_after_ms);
         let before = read.status.as_ref();
         let mut instance = read.clone();
-        if apply(&mut instance, &d, now_ms) {
+        let changed = apply(&mut instance, &d, now_ms);
+        if !changed {
+            settled.by_key.insert(
+                o.key.clone(),
+                (o.resource_version, d.wake_after_ms.map(|w| now_ms + w)),
+            );
+        } else {
+            settled.by_key.remove(&o.key);
+        }
+        if changed {
             keys.push(o.key.clone());
             events.extend(rollout_events(
                 &o.key,
@@ -1031,13 +1078,18 @@ pub async fn run(
     metrics: Arc<crate::metrics::Metrics>,
     shutdown: watch::Receiver<bool>,
 ) {
+    let settled = std::sync::Mutex::new(Settled::default());
     super::runtime::run(
         "rollout",
         store,
         shutdown,
         RESYNC,
         move |store: &dyn Store| {
-            let report = reconcile_once(store, now_ms())?;
+            let report = reconcile_settled(
+                store,
+                now_ms(),
+                &mut settled.lock().unwrap_or_else(|e| e.into_inner()),
+            )?;
             for took in &report.gate_decisions {
                 metrics.observe_gate_decision(*took);
             }

@@ -560,6 +560,48 @@ mod with_store {
         }
     }
 
+    #[test]
+    fn a_pass_plans_only_instances_written_since_or_whose_timer_is_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("state.db")).unwrap();
+        let mut writes = vec![
+            (Resource::Tenant(tenant(TENANT)), WriteMode::Apply),
+            (
+                Resource::Project(project(TENANT, PROJECT)),
+                WriteMode::Apply,
+            ),
+        ];
+        for name in ["a", "b", "c"] {
+            let i = InstanceBuilder::new(name).replicas(1).build();
+            writes.push((Resource::OpenClawInstance(i), WriteMode::Apply));
+        }
+        store.write(&writes, false).unwrap();
+        let mut settled = Settled::default();
+        let now = t0();
+        let first = reconcile_settled(&store, now, &mut settled).unwrap();
+        let second = reconcile_settled(&store, now + 10, &mut settled).unwrap();
+        assert_eq!((first.instances, second.instances), (3, 3));
+        // The first pass may write (a first revision's status); the pass after it plans what
+        // it wrote, and then nothing is left to plan.
+        let third = reconcile_settled(&store, now + 20, &mut settled).unwrap();
+        assert_eq!(third.planned, 0, "{first:?} {second:?} {third:?}");
+        let b = ObjectKey::instance(TENANT, PROJECT, "b");
+        store
+            .update(&b, &mut |r| {
+                let Resource::OpenClawInstance(i) = r else {
+                    return false;
+                };
+                i.metadata.labels.insert("touched".into(), "yes".into());
+                true
+            })
+            .unwrap();
+        let fourth = reconcile_settled(&store, now + 30, &mut settled).unwrap();
+        assert_eq!(fourth.planned, 1, "only the instance written since");
+        let resync =
+            reconcile_settled(&store, now + 30 + RESYNC.as_millis() as i64, &mut settled).unwrap();
+        assert_eq!(resync.planned, 3, "everything again at the resync");
+    }
+
     #[tokio::test]
     async fn the_loop_moves_on_store_changes_and_on_its_gate_timer() {
         let dir = tempfile::tempdir().unwrap();
