@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::store::Store;
 
 /// After a wake-up by a store change, further changes are coalesced for this long.
-pub const DEBOUNCE: Duration = Duration::from_millis(20);
+pub const DEBOUNCE: Duration = Duration::from_millis(10);
 /// After a wake-up by changes of observed state only (status reports, host refreshes: the
 /// desired index did not move), the next pass waits this many times as long as the last one
 /// took, so that a steady trickle of such writes keeps a pass over a large store from running

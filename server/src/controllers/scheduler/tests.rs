@@ -1428,7 +1428,7 @@ async fn a_burst_of_changes_is_one_pass_after_the_debounce() {
     let burst = tokio::time::Instant::now();
     for _ in 0..5 {
         store.bump();
-        tokio::time::sleep(Duration::from_millis(3)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let passes = store.passes(burst);
