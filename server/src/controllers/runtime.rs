@@ -19,6 +19,10 @@ pub const DEBOUNCE: Duration = Duration::from_millis(10);
 /// took, so that a steady trickle of such writes keeps a pass over a large store from running
 /// all the time (at most a fifth of it); a change of desired state cuts the wait short.
 pub const OBSERVED_PACE: u32 = 4;
+/// The shortest such wait: a pass that decodes only what changed is short, and a stream of
+/// status reports would otherwise run it every [`DEBOUNCE`], each pass re-reading the
+/// instances the reports rewrote.
+pub const MIN_OBSERVED_WAIT: Duration = Duration::from_millis(50);
 /// The longest such wait.
 pub const MAX_OBSERVED_WAIT: Duration = Duration::from_secs(2);
 /// First retry delay after a failed pass; doubles on every further failure.
@@ -120,7 +124,7 @@ pub async fn run<E, F>(
                 DEBOUNCE
             } else {
                 took.saturating_mul(OBSERVED_PACE)
-                    .clamp(DEBOUNCE, MAX_OBSERVED_WAIT)
+                    .clamp(MIN_OBSERVED_WAIT, MAX_OBSERVED_WAIT)
             };
             // No later than the pass the last one asked for.
             let wait = wait
