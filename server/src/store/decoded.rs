@@ -188,15 +188,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn only_objects_written_since_the_last_look_are_decoded_again() {
+    /// A new store holding a host of each of `names`, labelled `a`.
+    fn store_with_hosts(names: impl Iterator<Item = String>) -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db")).unwrap();
-        let cache = DecodedCache::default();
-        let writes: Vec<(Resource, WriteMode)> = (0..20)
-            .map(|i| (host(&format!("h{i:02}"), "a"), WriteMode::Apply))
-            .collect();
+        let writes: Vec<(Resource, WriteMode)> =
+            names.map(|n| (host(&n, "a"), WriteMode::Apply)).collect();
         store.write(&writes, false).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn only_objects_written_since_the_last_look_are_decoded_again() {
+        let (_dir, store) = store_with_hosts((0..20).map(|i| format!("h{i:02}")));
+        let cache = DecodedCache::default();
 
         let (first, looked) = cache.list_counted(&store, Kind::Host).unwrap();
         assert_eq!(
@@ -242,13 +247,8 @@ mod tests {
 
     #[test]
     fn a_delete_alone_is_seen() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let (_dir, store) = store_with_hosts((0..3).map(|i| format!("h{i}")));
         let cache = DecodedCache::default();
-        let writes: Vec<(Resource, WriteMode)> = (0..3)
-            .map(|i| (host(&format!("h{i}"), "a"), WriteMode::Apply))
-            .collect();
-        store.write(&writes, false).unwrap();
         assert_eq!(cache.list(&store, Kind::Host).unwrap().len(), 3);
         let (again, looked) = cache.list_counted(&store, Kind::Host).unwrap();
         assert_eq!(
