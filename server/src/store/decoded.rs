@@ -47,8 +47,11 @@ const LIST_WHEN_MOVED: f64 = 0.25;
 #[derive(Default)]
 struct OfKind {
     by_key: HashMap<ObjectKey, Arc<Decoded>>,
-    last: Option<((u64, u64), Vec<Arc<Decoded>>)>,
+    last: Option<(Fingerprint, Vec<Arc<Decoded>>)>,
 }
+
+/// A kind's count and highest `resourceVersion` ([`Store::kind_fingerprint`]).
+type Fingerprint = (u64, u64);
 
 /// The decoded objects of every kind looked at, by key.
 #[derive(Default)]
