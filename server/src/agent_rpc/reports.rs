@@ -59,6 +59,10 @@ pub struct HostReport {
     /// finds another (the liveness controller marked the host NotReady, a person cordoned it)
     /// is written in full, whatever it says.
     host_version: Option<u64>,
+    /// The store's index when the host object was last known to be at `host_version`: while
+    /// the index stays there, nobody wrote anything since, so an unchanged report needs no
+    /// look at the store (see [`Reports::take_unchanged`]).
+    checked_index: Option<u64>,
 }
 
 /// Heartbeats waiting to be written, and when they last were.
@@ -149,6 +153,12 @@ impl Reports {
         report: pb::StatusReport,
         assigned: Arc<super::book::HostAssignments>,
     ) -> Result<(), StoreError> {
+        // Most reports of an idle fleet: taken here, without a hand-off to the writer's thread.
+        let report =
+            match self.take_unchanged(store.as_ref(), &host.name, report, &assigned.assignments) {
+                Ok(()) => return Ok(()),
+                Err(report) => report,
+            };
         let queue = self.queue.get_or_init(|| {
             let reports = Arc::downgrade(self);
             Batcher::start(
@@ -525,6 +535,88 @@ impl Reports {
         outcomes.into_iter().map(|o| o.unwrap_or(Ok(()))).collect()
     }
 
+    /// How `report` compares with the host's report before it, read in memory only.
+    fn compare(
+        &self,
+        host: &str,
+        report: &pb::StatusReport,
+        host_now: u64,
+        replicas_now: u64,
+        now: Instant,
+    ) -> Compared {
+        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        match hosts.get(host) {
+            None => Compared {
+                refresh_host: true,
+                unchanged: false,
+                host_version: None,
+                checked_index: None,
+            },
+            Some(prev) => Compared {
+                refresh_host: now.duration_since(prev.status_written) >= HOST_STATUS_REFRESH
+                    || prev.host_said != host_now,
+                unchanged: prev.clean
+                    && prev.replicas_said == replicas_now
+                    && !report.volumes_listed
+                    && now.duration_since(prev.received) < UNCHANGED_REPORT_GAP,
+                host_version: prev.host_version,
+                checked_index: prev.checked_index,
+            },
+        }
+    }
+
+    /// Keeps `report` as the host's newest without a write (it says what the one before said).
+    fn note_unchanged(
+        &self,
+        host: &str,
+        now: Instant,
+        report: pb::StatusReport,
+        checked_index: Option<u64>,
+    ) {
+        self.unchanged.fetch_add(1, Ordering::Relaxed);
+        self.history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record(host, now, &report.replicas);
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(prev) = hosts.get_mut(host) {
+            prev.received = now;
+            prev.report = report;
+            if checked_index.is_some() {
+                prev.checked_index = checked_index;
+            }
+        }
+    }
+
+    /// Takes a report that says what the host's report before it said, when nothing was
+    /// written to the store since that one was checked against the host object, without any
+    /// look at the store: no read, no wait for the report writer's thread. Non-blocking. Gives
+    /// the report back when it needs [`Reports::apply_many`]. Its heartbeat is noted (the
+    /// caller took it off the stream) and written with the next batch.
+    pub fn take_unchanged(
+        &self,
+        store: &dyn Store,
+        host: &str,
+        report: pb::StatusReport,
+        assigned: &[pb::Assignment],
+    ) -> Result<(), pb::StatusReport> {
+        let now = Instant::now();
+        let host_now = host_said(&report);
+        let replicas_now = replicas_said(&report.replicas, assigned);
+        let seen = self.compare(host, &report, host_now, replicas_now, now);
+        // The host object is where it was when checked, as long as nothing at all was written
+        // since: the index moves with every write (on PostgreSQL, with every server's write once
+        // its notice arrives, so a report taken before another server's notice is checked by
+        // the next one).
+        let untouched = seen.host_version.is_some() && seen.checked_index == Some(store.index());
+        if !(seen.unchanged && !seen.refresh_host && untouched) {
+            return Err(report);
+        }
+        self.heard_from(host);
+        self.note_unchanged(host, now, report, None);
+        Ok(())
+    }
+
     /// Applies at once what needs no write (a report that says what the previous one said);
     /// else what the write needs.
     fn begin<'a>(
@@ -540,42 +632,24 @@ impl Reports {
         let now = Instant::now();
         let host_now = host_said(&report);
         let replicas_now = replicas_said(&report.replicas, assigned);
-        let (refresh_host, unchanged, host_version) = {
-            let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-            match hosts.get(&host.name) {
-                None => (true, false, None),
-                Some(prev) => (
-                    now.duration_since(prev.status_written) >= HOST_STATUS_REFRESH
-                        || prev.host_said != host_now,
-                    prev.clean
-                        && prev.replicas_said == replicas_now
-                        && now.duration_since(prev.received) < UNCHANGED_REPORT_GAP,
-                    prev.host_version,
-                ),
-            }
-        };
+        let seen = self.compare(&host.name, &report, host_now, replicas_now, now);
+        // The index first: a write to the host after it moves the index, so the next report
+        // looks again.
+        let index = store.index();
         // Nobody else wrote the host since (one column of one row: no body is read).
         let host_untouched = || -> Result<bool, StoreError> {
-            Ok(host_version.is_some()
+            Ok(seen.host_version.is_some()
                 && store.resource_version(&ObjectKey::cluster(Kind::Host, &host.name))?
-                    == host_version)
+                    == seen.host_version)
         };
-        if unchanged && !refresh_host && !report.volumes_listed && host_untouched()? {
+        if seen.unchanged && !seen.refresh_host && host_untouched()? {
             // Nothing a person reads changed: no object is read or written, the heartbeat
             // waits for the next batch.
             self.heartbeat_later(store, &host.name)?;
-            self.unchanged.fetch_add(1, Ordering::Relaxed);
-            self.history
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .record(&host.name, now, &report.replicas);
-            let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(prev) = hosts.get_mut(&host.name) {
-                prev.received = now;
-                prev.report = report;
-            }
+            self.note_unchanged(&host.name, now, report, Some(index));
             return Ok(None);
         }
+        let refresh_host = seen.refresh_host;
         let expected_content: HashMap<(&str, &str, &str), (&str, &str)> = assigned
             .iter()
             .map(|a| {
@@ -693,6 +767,8 @@ impl Reports {
                 clean,
                 whole,
                 host_version,
+                // Conservative: the index was at least there when the host was.
+                checked_index: host_version,
             },
         );
         Ok(())
@@ -704,6 +780,16 @@ pub struct ReportItem<'a> {
     pub host: HostIdentity,
     pub report: pb::StatusReport,
     pub assigned: &'a [pb::Assignment],
+}
+
+/// How a report compares with the host's report before it ([`Reports::compare`]).
+struct Compared {
+    /// `Host.status` is due: what it shows changed, or its slow refresh is.
+    refresh_host: bool,
+    /// Its replica entries say what the clean report before said, recently enough.
+    unchanged: bool,
+    host_version: Option<u64>,
+    checked_index: Option<u64>,
 }
 
 /// A report whose write is due, and what the write found.
@@ -1554,6 +1640,63 @@ mod tests {
         let index = store.index();
         reports.apply(&store, &id, report).unwrap();
         assert_eq!(store.index(), index);
+    }
+
+    #[test]
+    fn an_unchanged_report_is_taken_without_the_store_until_anything_is_written() {
+        let (_dir, store, id) = setup();
+        let reports = Reports::default();
+        let report = bot_report();
+        // Never seen: the report needs the writer.
+        assert!(
+            reports
+                .take_unchanged(&store, "h1", report.clone(), &[])
+                .is_err()
+        );
+        reports.apply(&store, &id, report.clone()).unwrap();
+        // The first like report is checked against the host object once (the index moved with
+        // the report's own write since it was taken)...
+        let first = reports.take_unchanged(&store, "h1", report.clone(), &[]);
+        let report = match first {
+            Ok(()) => report,
+            Err(r) => {
+                reports.apply(&store, &id, r).unwrap();
+                report
+            }
+        };
+        // ... and from then on like reports are taken in memory, without a write.
+        let index = store.index();
+        let unchanged = reports.unchanged.load(Ordering::Relaxed);
+        for _ in 0..3 {
+            reports
+                .take_unchanged(&store, "h1", report.clone(), &[])
+                .expect("an unchanged report of an idle store is taken in memory");
+        }
+        assert_eq!(store.index(), index);
+        assert_eq!(reports.unchanged.load(Ordering::Relaxed), unchanged + 3);
+        // A different report is not.
+        let mut other = report.clone();
+        other.replicas[0].restarts += 1;
+        assert!(reports.take_unchanged(&store, "h1", other, &[]).is_err());
+        // Any write to the store (here host liveness marking the host) sends the next like
+        // report through the writer, which finds the host changed and writes it Ready.
+        let host = ObjectKey::cluster(Kind::Host, "h1");
+        store
+            .update(&host, &mut |r| {
+                let Resource::Host(h) = r else { return false };
+                h.status.get_or_insert_with(Default::default).phase = HostPhase::NotReady;
+                true
+            })
+            .unwrap()
+            .unwrap();
+        let back = reports
+            .take_unchanged(&store, "h1", report.clone(), &[])
+            .expect_err("a like report after a write is checked against the store");
+        reports.apply(&store, &id, back).unwrap();
+        let Resource::Host(h) = store.get(&host).unwrap().unwrap().resource().unwrap() else {
+            panic!("h1 is not a host")
+        };
+        assert_eq!(h.status.unwrap().phase, HostPhase::Ready);
     }
 
     #[test]
