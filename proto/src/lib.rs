@@ -1,4 +1,6 @@
-//! Generated code for the agent protocol (`clusterclaw.agent.v1`); no logic lives here.
+//! Generated code for the agent protocol (`clusterclaw.agent.v1`) and the codec it uses.
+
+pub mod codec;
 
 /// `clusterclaw.agent.v1`: Enroll, RenewCertificate, WatchAssignments, ReportStatus.
 pub mod agent {
