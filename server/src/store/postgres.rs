@@ -207,6 +207,10 @@ const MIGRATIONS: &[&str] = &[
     super::replicas::MIGRATION,
     // 6: the web console's sessions (written outside the global index).
     super::sessions::MIGRATION,
+    // 7: each object's identity and version in an index of their own, so that the control
+    // loops' look at what changed (`versions`, `kind_fingerprint`) reads no object body.
+    "CREATE INDEX IF NOT EXISTS objects_versions
+     ON objects (kind, resource_version) INCLUDE (tenant, project, name, uid);",
 ];
 
 /// The schema version whose migration added instance revisions.
