@@ -125,6 +125,14 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), String
         .read_to_end(&mut raw)
         .await
         .map_err(|e| format!("read: {e}"))?;
+    // The answer is read: the connection ends with a reset instead of a close, so that neither
+    // side keeps it in TIME_WAIT. Probes open a connection per check (two per replica and
+    // interval), and where a firewall tracks connections each closed one would hold an entry
+    // for minutes; enough of them fill the table, and then packets of every connection are
+    // dropped.
+    if let Err(e) = stream.set_zero_linger() {
+        tracing::debug!(%addr, error = %e, "cannot set SO_LINGER on a probe connection");
+    }
     parse_response(&raw)
 }
 
