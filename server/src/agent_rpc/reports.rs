@@ -154,11 +154,11 @@ impl Reports {
         assigned: Arc<super::book::HostAssignments>,
     ) -> Result<(), StoreError> {
         // Most reports of an idle fleet: taken here, without a hand-off to the writer's thread.
-        let report =
-            match self.take_unchanged(store.as_ref(), &host.name, report, &assigned.assignments) {
-                Ok(()) => return Ok(()),
-                Err(report) => report,
-            };
+        let Some(report) =
+            self.take_unchanged(store.as_ref(), &host.name, report, &assigned.assignments)
+        else {
+            return Ok(());
+        };
         let queue = self.queue.get_or_init(|| {
             let reports = Arc::downgrade(self);
             Batcher::start(
@@ -591,15 +591,15 @@ impl Reports {
     /// Takes a report that says what the host's report before it said, when nothing was
     /// written to the store since that one was checked against the host object, without any
     /// look at the store: no read, no wait for the report writer's thread. Non-blocking. Gives
-    /// the report back when it needs [`Reports::apply_many`]. Its heartbeat is noted (the
-    /// caller took it off the stream) and written with the next batch.
+    /// the report back when it needs [`Reports::apply_many`] (`None`: taken). Its heartbeat is
+    /// noted (the caller took it off the stream) and written with the next batch.
     pub fn take_unchanged(
         &self,
         store: &dyn Store,
         host: &str,
         report: pb::StatusReport,
         assigned: &[pb::Assignment],
-    ) -> Result<(), pb::StatusReport> {
+    ) -> Option<pb::StatusReport> {
         let now = Instant::now();
         let host_now = host_said(&report);
         let replicas_now = replicas_said(&report.replicas, assigned);
@@ -610,11 +610,11 @@ impl Reports {
         // the next one).
         let untouched = seen.host_version.is_some() && seen.checked_index == Some(store.index());
         if !(seen.unchanged && !seen.refresh_host && untouched) {
-            return Err(report);
+            return Some(report);
         }
         self.heard_from(host);
         self.note_unchanged(host, now, report, None);
-        Ok(())
+        None
     }
 
     /// Applies at once what needs no write (a report that says what the previous one said);
@@ -1234,6 +1234,18 @@ mod tests {
         }
     }
 
+    /// What host liveness writes for a host it found silent.
+    fn mark_not_ready(store: &SqliteStore, host: &ObjectKey) {
+        store
+            .update(host, &mut |r| {
+                let Resource::Host(h) = r else { return false };
+                h.status.get_or_insert_with(Default::default).phase = HostPhase::NotReady;
+                true
+            })
+            .unwrap()
+            .unwrap();
+    }
+
     fn state_of(store: &SqliteStore, key: &ObjectKey) -> ReplicaState {
         let Resource::OpenClawInstance(i) = store.get(key).unwrap().unwrap().resource().unwrap()
         else {
@@ -1611,14 +1623,7 @@ mod tests {
         let instance = ObjectKey::instance("t", "p", "bot");
         // What host liveness writes for a host it found silent (here while its reports were
         // still arriving: a late mark, as when the heartbeats waited behind a busy store).
-        store
-            .update(&host, &mut |r| {
-                let Resource::Host(h) = r else { return false };
-                h.status.get_or_insert_with(Default::default).phase = HostPhase::NotReady;
-                true
-            })
-            .unwrap()
-            .unwrap();
+        mark_not_ready(&store, &host);
         store
             .update(&instance, &mut |r| {
                 let Resource::OpenClawInstance(i) = r else {
@@ -1651,47 +1656,39 @@ mod tests {
         assert!(
             reports
                 .take_unchanged(&store, "h1", report.clone(), &[])
-                .is_err()
+                .is_some()
         );
         reports.apply(&store, &id, report.clone()).unwrap();
         // The first like report is checked against the host object once (the index moved with
         // the report's own write since it was taken)...
         let first = reports.take_unchanged(&store, "h1", report.clone(), &[]);
-        let report = match first {
-            Ok(()) => report,
-            Err(r) => {
-                reports.apply(&store, &id, r).unwrap();
-                report
-            }
-        };
+        if let Some(r) = first {
+            reports.apply(&store, &id, r).unwrap();
+        }
         // ... and from then on like reports are taken in memory, without a write.
         let index = store.index();
         let unchanged = reports.unchanged.load(Ordering::Relaxed);
         for _ in 0..3 {
-            reports
-                .take_unchanged(&store, "h1", report.clone(), &[])
-                .expect("an unchanged report of an idle store is taken in memory");
+            assert!(
+                reports
+                    .take_unchanged(&store, "h1", report.clone(), &[])
+                    .is_none(),
+                "an unchanged report of an idle store is taken in memory"
+            );
         }
         assert_eq!(store.index(), index);
         assert_eq!(reports.unchanged.load(Ordering::Relaxed), unchanged + 3);
         // A different report is not.
         let mut other = report.clone();
         other.replicas[0].restarts += 1;
-        assert!(reports.take_unchanged(&store, "h1", other, &[]).is_err());
+        assert!(reports.take_unchanged(&store, "h1", other, &[]).is_some());
         // Any write to the store (here host liveness marking the host) sends the next like
         // report through the writer, which finds the host changed and writes it Ready.
         let host = ObjectKey::cluster(Kind::Host, "h1");
-        store
-            .update(&host, &mut |r| {
-                let Resource::Host(h) = r else { return false };
-                h.status.get_or_insert_with(Default::default).phase = HostPhase::NotReady;
-                true
-            })
-            .unwrap()
-            .unwrap();
+        mark_not_ready(&store, &host);
         let back = reports
             .take_unchanged(&store, "h1", report.clone(), &[])
-            .expect_err("a like report after a write is checked against the store");
+            .expect("a like report after a write is checked against the store");
         reports.apply(&store, &id, back).unwrap();
         let Resource::Host(h) = store.get(&host).unwrap().unwrap().resource().unwrap() else {
             panic!("h1 is not a host")
