@@ -468,6 +468,9 @@ fn a_follow_goes_with_its_replica_to_another_host_and_volumes_are_watched() -> a
     follower.wait_line("a line from host a", |l| l.contains("log line"))?;
 
     server.cli(&["uncordon", "host", &b]).ok();
+    // The volumes' lines from here on: the old volume's removal and the new one's listing come
+    // in either order (the new host lists its volumes with its next report).
+    let drained_from = volumes.seen.len();
     let out = server
         .cli_within(
             &["drain", "host", &a, "--timeout", "3m"],
@@ -482,9 +485,9 @@ fn a_follow_goes_with_its_replica_to_another_host_and_volumes_are_watched() -> a
         l.contains("openclaw-standin: listening")
     })?;
     follower.wait_line_since(moved_at, "a line from host b", |l| l.contains("log line"))?;
-    volumes.wait_line("bot-0's volume on b", |l| mine(l, &b))?;
+    volumes.wait_line_since(drained_from, "bot-0's volume on b", |l| mine(l, &b))?;
     // The old volume goes once its copy is checked: its delete comes, as it was.
-    volumes.wait_line("bot-0's volume removed from a", |l| {
+    volumes.wait_line_since(drained_from, "bot-0's volume removed from a", |l| {
         mine(l, &a) && l.contains("\"deleted\":true")
     })?;
 
