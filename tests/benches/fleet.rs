@@ -29,7 +29,7 @@
 //! The bench raises its soft open-files limit to the hard limit (the server it starts inherits
 //! it): each host holds one connection, so 10,000 hosts need 10,000 descriptors on each side.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use clusterclaw_agent::rlimit::{NofileLimit, raise_nofile};
 use clusterclaw_tests::agent::{cpu_time, join_token, rss_bytes};
-use clusterclaw_tests::server::TestServer;
+use clusterclaw_tests::server::{TestServer, loop_passes_between};
 use clusterclaw_tests::simfleet::{FleetTarget, MARKER, SimFleet, SimSettings};
 use serde_json::{Value, json};
 
@@ -145,53 +145,6 @@ fn apply(server: &TestServer, docs: Vec<Value>) -> anyhow::Result<()> {
     );
     ensure!(r.status == 200, "apply: {} {}", r.status, r.body);
     Ok(())
-}
-
-/// Each control loop's passes so far (count, seconds in all), from the server's `/metrics`.
-fn loop_passes(server: &TestServer) -> BTreeMap<String, (u64, f64)> {
-    let r = server.http("GET", "/metrics", None, Some(server.admin_token()));
-    let mut out: BTreeMap<String, (u64, f64)> = BTreeMap::new();
-    for line in r.body.lines() {
-        let Some(rest) = line.strip_prefix("clusterclaw_control_loop_pass_seconds_") else {
-            continue;
-        };
-        let Some((series, value)) = rest.rsplit_once(' ') else {
-            continue;
-        };
-        let Some((what, labels)) = series.split_once("{loop=\"") else {
-            continue;
-        };
-        let name = labels.trim_end_matches("\"}").to_string();
-        let value: f64 = value.parse().unwrap_or(0.0);
-        match what {
-            "count" => out.entry(name).or_default().0 = value as u64,
-            "sum" => out.entry(name).or_default().1 = value,
-            _ => {}
-        }
-    }
-    out
-}
-
-/// What the control loops did between two [`loop_passes`] readings: passes and mean time.
-fn print_loop_passes(
-    what: &str,
-    before: &BTreeMap<String, (u64, f64)>,
-    after: &BTreeMap<String, (u64, f64)>,
-) {
-    let parts: Vec<String> = after
-        .iter()
-        .map(|(name, (n, secs))| {
-            let (n0, s0) = before.get(name).copied().unwrap_or_default();
-            let passes = n.saturating_sub(n0);
-            let mean_ms = if passes == 0 {
-                0.0
-            } else {
-                (secs - s0) / passes as f64 * 1000.0
-            };
-            format!("{name} {passes} x {mean_ms:.1} ms")
-        })
-        .collect();
-    println!("  control loop passes {what}: {}", parts.join(", "));
 }
 
 fn instance_doc(i: usize, replicas: usize, seq: u64) -> Value {
@@ -437,9 +390,12 @@ fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
 
     // 2. Idle, nothing placed.
     std::thread::sleep(SETTLE);
-    let passes = loop_passes(&server);
+    let passes = server.loop_passes();
     row.idle_empty = idle_window(pid, idle)?;
-    print_loop_passes("while idle", &passes, &loop_passes(&server));
+    println!(
+        "  control loop passes while idle: {}",
+        loop_passes_between(&passes, &server.loop_passes())
+    );
     println!("  idle, nothing placed: {:?}", row.idle_empty);
 
     // 3. Placement of `total` new replicas.
@@ -497,14 +453,17 @@ fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
 
     // 4. Idle with every replica placed and running.
     std::thread::sleep(SETTLE);
-    let passes = loop_passes(&server);
+    let passes = server.loop_passes();
     row.idle_placed = idle_window(pid, idle)?;
-    print_loop_passes("while idle", &passes, &loop_passes(&server));
+    println!(
+        "  control loop passes while idle: {}",
+        loop_passes_between(&passes, &server.loop_passes())
+    );
     println!("  idle, {total} replicas placed: {:?}", row.idle_placed);
 
     // 5. Spec changes of one instance at a time, with `instances` stored.
     let _ = state.take_seen();
-    let passes = loop_passes(&server);
+    let passes = server.loop_passes();
     let mut samples = Vec::new();
     let mut seen_later: HashMap<(String, u64), Vec<Instant>> = HashMap::new();
     for k in 0..changes {
@@ -534,7 +493,10 @@ fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
         }
         std::thread::sleep(CHANGE_PAUSE);
     }
-    print_loop_passes("during the spec changes", &passes, &loop_passes(&server));
+    println!(
+        "  control loop passes during the spec changes: {}",
+        loop_passes_between(&passes, &server.loop_passes())
+    );
     samples.sort_by(|a, b| a.total_cmp(b));
     row.change_p50_ms = pct(&samples, 0.50);
     row.change_p99_ms = pct(&samples, 0.99);

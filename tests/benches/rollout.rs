@@ -49,7 +49,7 @@ use clusterclaw_agent::probe::ProbeSettings;
 use clusterclaw_proto::agent as pb;
 use clusterclaw_tests::agent::{join_token, percentile, wait_for};
 use clusterclaw_tests::fleet::{FleetHost, HealthStub, Intervals, ReadyGate, TimedEngine};
-use clusterclaw_tests::server::TestServer;
+use clusterclaw_tests::server::{TestServer, loop_passes_between};
 use serde_json::{Value, json};
 
 const HOSTS: usize = 10;
@@ -473,14 +473,19 @@ fn decided_ms(message: &str) -> Option<f64> {
     ms.parse().ok()
 }
 
-/// The moves of the replicas of instance `name` to `revision` since `since` ([`Move`]).
-fn moves(fleet: &Fleet, clock: &Clock, name: &str, revision: u64, since: Instant) -> Vec<Move> {
+/// The stored events of instance `name` (the API's list; null when it cannot be read).
+fn instance_events(fleet: &Fleet, name: &str) -> Value {
     let path =
         format!("/api/v1/events?tenant={TENANT}&project={PROJECT}&for=instance/{name}&limit=10000");
     let r = fleet
         .server
         .http("GET", &path, None, Some(fleet.server.admin_token()));
-    let events: Value = serde_json::from_str(&r.body).unwrap_or_default();
+    serde_json::from_str(&r.body).unwrap_or_default()
+}
+
+/// The moves of the replicas of instance `name` to `revision` since `since` ([`Move`]).
+fn moves(fleet: &Fleet, clock: &Clock, name: &str, revision: u64, since: Instant) -> Vec<Move> {
+    let events = instance_events(fleet, name);
     let moved_to = format!(" moves to revision {revision}");
     let moved: HashMap<String, (Instant, Option<f64>)> = events["items"]
         .as_array()
@@ -553,12 +558,7 @@ fn conntrack_drops() -> Option<u64> {
 
 /// The events of instance `name` since `since`, counted by reason ("Reason xN, ...").
 fn event_counts(fleet: &Fleet, clock: &Clock, name: &str, since: Instant) -> String {
-    let path =
-        format!("/api/v1/events?tenant={TENANT}&project={PROJECT}&for=instance/{name}&limit=10000");
-    let r = fleet
-        .server
-        .http("GET", &path, None, Some(fleet.server.admin_token()));
-    let events: Value = serde_json::from_str(&r.body).unwrap_or_default();
+    let events = instance_events(fleet, name);
     let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     for e in events["items"].as_array().into_iter().flatten() {
         let recent = e["lastTimestamp"]
@@ -734,6 +734,7 @@ fn fleet_part() -> anyhow::Result<()> {
     for run in 1..=runs() {
         let restarted = restarts(&fleet.server, &names)?;
         let dropped_before = conntrack_drops();
+        let passes = fleet.server.loop_passes();
         let started = Instant::now();
         apply(
             &fleet.server,
@@ -770,6 +771,10 @@ fn fleet_part() -> anyhow::Result<()> {
         gates_before = (gates_before.0 + gates, gates_before.1 + gate_secs);
         let restarted = restarts(&fleet.server, &names)?.saturating_sub(restarted);
         let ratio = total.as_secs_f64() / minimum.as_secs_f64();
+        println!(
+            "fleet run {run}:   control loop passes: {}",
+            loop_passes_between(&passes, &fleet.server.loop_passes())
+        );
         let dropped = conntrack_drops()
             .zip(dropped_before)
             .map_or(0, |(after, before)| after.saturating_sub(before));

@@ -7,6 +7,7 @@
 //!
 //! Everything here is synchronous: call it from plain `#[test]` functions.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -762,4 +763,54 @@ pub fn run_cli(
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// Each control loop's passes so far, by loop: (count, seconds in all).
+pub type LoopPasses = BTreeMap<String, (u64, f64)>;
+
+impl TestServer {
+    /// Each control loop's passes so far, from `clusterclaw_control_loop_pass_seconds` on the
+    /// server's `/metrics`.
+    pub fn loop_passes(&self) -> LoopPasses {
+        let r = self.http("GET", "/metrics", None, Some(self.admin_token()));
+        let mut out = LoopPasses::new();
+        for line in r.body.lines() {
+            let Some(rest) = line.strip_prefix("clusterclaw_control_loop_pass_seconds_") else {
+                continue;
+            };
+            let Some((series, value)) = rest.rsplit_once(' ') else {
+                continue;
+            };
+            let Some((what, labels)) = series.split_once("{loop=\"") else {
+                continue;
+            };
+            let name = labels.trim_end_matches("\"}").to_string();
+            let value: f64 = value.parse().unwrap_or(0.0);
+            match what {
+                "count" => out.entry(name).or_default().0 = value as u64,
+                "sum" => out.entry(name).or_default().1 = value,
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// What the control loops did between two [`TestServer::loop_passes`] readings, as
+/// "name N x M ms" (passes and mean time of one), one loop after another.
+pub fn loop_passes_between(before: &LoopPasses, after: &LoopPasses) -> String {
+    let parts: Vec<String> = after
+        .iter()
+        .map(|(name, (n, secs))| {
+            let (n0, s0) = before.get(name).copied().unwrap_or_default();
+            let passes = n.saturating_sub(n0);
+            let mean_ms = if passes == 0 {
+                0.0
+            } else {
+                (secs - s0) / passes as f64 * 1000.0
+            };
+            format!("{name} {passes} x {mean_ms:.1} ms")
+        })
+        .collect();
+    parts.join(", ")
 }
