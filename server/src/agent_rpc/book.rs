@@ -15,7 +15,7 @@ use crate::model::{EnvValue, Kind, OpenClawInstance, Resource, RetentionPolicy};
 use crate::openclaw::secretref::{self, SecretRef};
 use crate::secrets::{Keyring, SecretValue};
 use crate::store::revisions::{DeletedVolume, RevisionContent, RevisionSecret};
-use crate::store::{ListFilter, SealedValue, Store};
+use crate::store::{SealedValue, Store};
 use crate::util::hex;
 
 /// How long a burst of store changes is coalesced before the book is rebuilt.
@@ -919,58 +919,48 @@ fn pass(
     seen: &mut Seen,
     index: u64,
 ) -> Result<(), crate::store::StoreError> {
-    let versions = store.versions(Kind::OpenClawInstance)?;
+    // Through the store's cache of decoded objects: an instance a control loop already
+    // decoded at its current version is not decoded again here.
+    let listed = crate::store::decoded::list_decoded(store, Kind::OpenClawInstance)?;
     let newest = store.newest_revisions()?;
     let sealed = store.sealed_values()?;
     if sealed != seen.sealed {
         // Renders may hold the old values: every instance is looked at again.
         seen.instances.clear();
     }
-    let present: HashSet<&crate::model::ObjectKey> = versions.iter().map(|(k, _, _)| k).collect();
+    let present: HashSet<&crate::model::ObjectKey> = listed.iter().map(|d| &d.key).collect();
     let removed: Vec<crate::model::ObjectKey> = seen
         .instances
         .keys()
         .filter(|k| !present.contains(k))
         .cloned()
         .collect();
-    let changed: Vec<&crate::model::ObjectKey> = versions
-        .iter()
-        .filter(|(k, uid, rv)| match seen.instances.get(k) {
-            Some((u, v)) => u != uid || v != rv || seen.newest.get(uid) != newest.get(uid),
-            None => true,
-        })
-        .map(|(k, _, _)| k)
-        .collect();
     let mut read: HashMap<crate::model::ObjectKey, (String, u64)> = HashMap::new();
-    let mut decode = |o: &crate::store::StoredObject| match o.resource() {
-        Ok(Resource::OpenClawInstance(i)) => {
-            read.insert(o.key.clone(), (o.uid.clone(), o.resource_version));
-            Some(i)
+    let mut instances: Vec<OpenClawInstance> = Vec::new();
+    for d in &listed {
+        let changed = match seen.instances.get(&d.key) {
+            Some((u, v)) => {
+                *u != d.uid
+                    || *v != d.resource_version
+                    || seen.newest.get(&d.uid) != newest.get(&d.uid)
+            }
+            None => true,
+        };
+        if !changed {
+            continue;
         }
-        Ok(_) => None,
-        Err(e) => {
-            tracing::warn!(error = %e, "skipping an undecodable instance");
-            None
-        }
-    };
-    // Each raw object is dropped as soon as it is decoded.
-    let instances: Vec<OpenClawInstance> = if changed.len() * 2 > versions.len() {
-        let wanted: HashSet<&crate::model::ObjectKey> = changed.iter().copied().collect();
-        store
-            .list(&ListFilter::all(Kind::OpenClawInstance))?
-            .iter()
-            .filter(|o| wanted.contains(&o.key))
-            .filter_map(&mut decode)
-            .collect()
-    } else {
-        let mut out = Vec::with_capacity(changed.len());
-        for key in &changed {
-            if let Some(o) = store.get(key)? {
-                out.extend(decode(&o));
+        match &d.resource {
+            Ok(Resource::OpenClawInstance(i)) => {
+                read.insert(d.key.clone(), (d.uid.clone(), d.resource_version));
+                // A copy: the decoded object is shared with the other readers.
+                instances.push(i.clone());
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(instance = %d.key, error = %e, "skipping an undecodable instance")
             }
         }
-        out
-    };
+    }
     // The revisions in use: each changed instance's newest and every replica's target, read
     // by (uid, revision).
     let newest_of_changed: HashMap<String, u64> = instances
