@@ -412,12 +412,17 @@ fn diagnosis(server: &TestServer, name: &str) -> String {
         })
         .unwrap_or_default();
     out.insert(0, format!("the newest events of {name}:"));
-    let saved = std::env::temp_dir().join("clusterclaw-rollout-bench-server.log");
-    match std::fs::write(&saved, server.log()) {
-        Ok(()) => out.push(format!("the server's log: {}", saved.display())),
-        Err(e) => out.push(format!("the server's log could not be saved: {e}")),
-    }
+    out.push(save_log(server, "clusterclaw-rollout-bench-server.log"));
     out.join("\n")
+}
+
+/// Saves the server's log as `file` in the temporary directory; says where, or why not.
+fn save_log(server: &TestServer, file: &str) -> String {
+    let saved = std::env::temp_dir().join(file);
+    match std::fs::write(&saved, server.log()) {
+        Ok(()) => format!("the server's log: {}", saved.display()),
+        Err(e) => format!("the server's log could not be saved: {e}"),
+    }
 }
 
 /// Server wall-clock times mapped onto this process's `Instant`s (same machine, same clock).
@@ -728,7 +733,6 @@ fn fleet_part() -> anyhow::Result<()> {
     let mut decided_p50s = Vec::new();
     let mut decided_p99s = Vec::new();
     let mut clean_totals = Vec::new();
-    let mut dropped_runs = 0;
     let mut gates_before = gate_histogram(&fleet.server)?;
     let clock = Clock::now();
     for run in 1..=runs() {
@@ -779,7 +783,6 @@ fn fleet_part() -> anyhow::Result<()> {
             .zip(dropped_before)
             .map_or(0, |(after, before)| after.saturating_sub(before));
         if dropped > 0 {
-            dropped_runs += 1;
             println!(
                 "fleet run {run}: the kernel dropped {dropped} packets meanwhile (its connection \
                  tracking table was full: see /proc/net/stat/nf_conntrack); the probes' and the \
@@ -790,15 +793,13 @@ fn fleet_part() -> anyhow::Result<()> {
             clean_totals.push(total.as_secs_f64());
         }
         if ratio > SLOW_RUN_RATIO {
-            let saved =
-                std::env::temp_dir().join(format!("clusterclaw-rollout-bench-run{run}.log"));
-            match std::fs::write(&saved, fleet.server.log()) {
-                Ok(()) => println!(
-                    "fleet run {run}: slow ({ratio:.2}x the minimum); the server's log: {}",
-                    saved.display()
-                ),
-                Err(e) => println!("fleet run {run}: slow; its log could not be saved: {e}"),
-            }
+            println!(
+                "fleet run {run}: slow ({ratio:.2}x the minimum); {}",
+                save_log(
+                    &fleet.server,
+                    &format!("clusterclaw-rollout-bench-run{run}.log")
+                )
+            );
             println!(
                 "fleet run {run}: events of {}: {}",
                 names[0],
@@ -875,6 +876,7 @@ fn fleet_part() -> anyhow::Result<()> {
     }
     let ratio = median_f(&ratios);
     let (p50, p99) = (median_f(&p50s), median_f(&p99s));
+    let dropped_runs = totals.len() - clean_totals.len();
     if dropped_runs > 0 {
         println!(
             "fleet: {dropped_runs} of {} runs lost packets to a full connection tracking table; \
