@@ -28,6 +28,18 @@ pub struct Decoded {
 }
 
 impl Decoded {
+    /// An object as its writer holds it after a write: `resource` carries its stored
+    /// metadata (uid, `resourceVersion`).
+    pub fn written(resource: Resource) -> Decoded {
+        let m = resource.metadata();
+        Decoded {
+            key: resource.key(),
+            uid: m.uid.clone().unwrap_or_default(),
+            resource_version: m.resource_version.unwrap_or(0),
+            resource: Ok(resource),
+        }
+    }
+
     fn of(o: &StoredObject) -> Decoded {
         Decoded {
             key: o.key.clone(),
@@ -136,19 +148,60 @@ impl DecodedCache {
             }
         }
         let out: Vec<Arc<Decoded>> = out.into_iter().flatten().collect();
-        let by_key: HashMap<ObjectKey, Arc<Decoded>> =
+        let mut by_key: HashMap<ObjectKey, Arc<Decoded>> =
             out.iter().map(|d| (d.key.clone(), Arc::clone(d))).collect();
         // The list is at least as new as `fingerprint` (read before it), so a later look with
         // the same fingerprint may return it. A concurrent caller may have stored a newer look
         // meanwhile; the next look then reads again, which costs time, never correctness.
-        self.kinds.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            kind,
-            OfKind {
-                by_key,
-                last: Some((fingerprint, out.clone())),
-            },
-        );
+        let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        let of_kind = kinds.entry(kind).or_default();
+        // A writer may have seeded a newer version of a listed object meanwhile: kept.
+        for (key, seeded) in of_kind.by_key.drain() {
+            if let Some(listed) = by_key.get_mut(&key)
+                && listed.uid == seeded.uid
+                && listed.resource_version < seeded.resource_version
+            {
+                *listed = seeded;
+            }
+        }
+        *of_kind = OfKind {
+            by_key,
+            last: Some((fingerprint, out.clone())),
+        };
+        drop(kinds);
         Ok((out, looked))
+    }
+
+    /// The decoded object at `key` if the cache holds it at exactly `resource_version` (and
+    /// `uid`): a writer that read the row can take a copy of it instead of decoding the row.
+    pub fn get(&self, key: &ObjectKey, uid: &str, resource_version: u64) -> Option<Arc<Decoded>> {
+        let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        kinds
+            .get(&key.kind)?
+            .by_key
+            .get(key)
+            .filter(|d| d.resource_version == resource_version && d.uid == uid)
+            .cloned()
+    }
+
+    /// Takes objects just committed, as the writer holds them decoded, so that the next look
+    /// at their kind finds them at their new version instead of reading and decoding their
+    /// rows again. An entry is only ever used at the exact version and uid it holds, so a seed
+    /// that arrives after a newer write costs memory until the next look, never a stale read.
+    pub fn seed(&self, written: Vec<Decoded>) {
+        if written.is_empty() {
+            return;
+        }
+        let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        for d in written {
+            let of_kind = kinds.entry(d.key.kind).or_default();
+            match of_kind.by_key.get(&d.key) {
+                Some(have) if have.uid == d.uid && have.resource_version >= d.resource_version => {}
+                _ => {
+                    of_kind.by_key.insert(d.key.clone(), Arc::new(d));
+                }
+            }
+        }
     }
 
     /// Forgets every decoded object (for tests, and a store restored under a running server).

@@ -2110,13 +2110,15 @@ impl Store for PgStore {
         key: &ObjectKey,
         change: &mut dyn FnMut(&mut Resource) -> bool,
     ) -> Result<Option<u64>, StoreError> {
-        let (changed, index) = self.write_tx(false, |tx, next| {
+        let ((changed, written), index) = self.write_tx(false, |tx, next| {
+            let mut seeds = rules::Seeds::new(Some(&self.decoded));
             let existing = tx
                 .get(key)?
                 .ok_or_else(|| StoreError::NotFound(key.clone()))?;
-            let effect = rules::update_one(tx, existing, next, change)?;
-            Ok((effect != Effect::Unchanged, effect))
+            let effect = rules::update_one(tx, existing, next, change, &mut seeds)?;
+            Ok(((effect != Effect::Unchanged, seeds.into_written()), effect))
         })?;
+        self.decoded.seed(written);
         Ok(changed.then_some(index))
     }
 
@@ -2125,10 +2127,12 @@ impl Store for PgStore {
         keys: &[ObjectKey],
         change: &mut dyn FnMut(&mut Resource) -> bool,
     ) -> Result<Option<u64>, StoreError> {
-        let (changed, index) = self.write_tx(false, |tx, next| {
-            let effect = rules::update_many(tx, keys, next, change)?;
-            Ok((effect != Effect::Unchanged, effect))
+        let ((changed, written), index) = self.write_tx(false, |tx, next| {
+            let mut seeds = rules::Seeds::new(Some(&self.decoded));
+            let effect = rules::update_many(tx, keys, next, change, &mut seeds)?;
+            Ok(((effect != Effect::Unchanged, seeds.into_written()), effect))
         })?;
+        self.decoded.seed(written);
         Ok(changed.then_some(index))
     }
 

@@ -349,16 +349,52 @@ pub fn delete_batch(
     Ok((deleted, records, effect))
 }
 
+/// What the updates of one transaction read from and hand to the store's cache of decoded
+/// objects ([`super::decoded::DecodedCache`]): an object the cache holds at the version read
+/// is copied instead of decoded, and each object written is kept decoded, for the cache to take
+/// once the transaction has committed.
+#[derive(Default)]
+pub struct Seeds<'a> {
+    cache: Option<&'a super::decoded::DecodedCache>,
+    written: Vec<super::decoded::Decoded>,
+}
+
+impl<'a> Seeds<'a> {
+    pub fn new(cache: Option<&'a super::decoded::DecodedCache>) -> Seeds<'a> {
+        Seeds {
+            cache,
+            written: Vec::new(),
+        }
+    }
+
+    /// The objects written: for the cache, after the commit.
+    pub fn into_written(self) -> Vec<super::decoded::Decoded> {
+        self.written
+    }
+
+    /// `existing`, decoded: the cache's copy when it holds this very version.
+    fn read(&self, existing: &StoredObject) -> Result<Resource, StoreError> {
+        let cached = self
+            .cache
+            .and_then(|c| c.get(&existing.key, &existing.uid, existing.resource_version));
+        match cached.as_deref().map(|d| &d.resource) {
+            Some(Ok(r)) => Ok(r.clone()),
+            _ => existing.resource(),
+        }
+    }
+}
+
 /// Applies `change` to one stored object and writes it if it changed; server-owned metadata is
-/// kept and `resourceVersion` set to `next`.
+/// kept and `resourceVersion` set to `next`. The object written is handed to `seeds`.
 pub fn update_one(
     tx: &mut dyn Tx,
     existing: StoredObject,
     next: u64,
     change: &mut dyn FnMut(&mut Resource) -> bool,
+    seeds: &mut Seeds<'_>,
 ) -> Result<Effect, StoreError> {
     let key = existing.key.clone();
-    let before = existing.resource()?;
+    let before = seeds.read(&existing)?;
     let mut after = before.clone();
     if !change(&mut after) || after == before {
         return Ok(Effect::Unchanged);
@@ -375,8 +411,19 @@ pub fn update_one(
     m.uid.clone_from(&bm.uid);
     m.generation = bm.generation;
     m.created_at.clone_from(&bm.created_at);
-    tx.put(&to_stored(&after)?, Usage::of(&after))?;
-    Ok(Effect::of_update(&before, &after))
+    let stored = to_stored(&after)?;
+    // What the cache is given must be what a read of the row decodes to.
+    #[cfg(debug_assertions)]
+    assert!(
+        stored.resource().ok().as_ref() == Some(&after),
+        "{key} does not decode to what was written"
+    );
+    tx.put(&stored, Usage::of(&after))?;
+    let effect = Effect::of_update(&before, &after);
+    if seeds.cache.is_some() {
+        seeds.written.push(super::decoded::Decoded::written(after));
+    }
+    Ok(effect)
 }
 
 /// [`super::Store::update_many`] inside `tx`: keys that no longer exist are skipped.
@@ -385,11 +432,12 @@ pub fn update_many(
     keys: &[ObjectKey],
     next: u64,
     change: &mut dyn FnMut(&mut Resource) -> bool,
+    seeds: &mut Seeds<'_>,
 ) -> Result<Effect, StoreError> {
     let mut effect = Effect::Unchanged;
     for key in keys {
         if let Some(existing) = tx.get(key)? {
-            effect = effect.max(update_one(tx, existing, next, change)?);
+            effect = effect.max(update_one(tx, existing, next, change, seeds)?);
         }
     }
     Ok(effect)

@@ -1722,11 +1722,13 @@ impl Store for SqliteStore {
         key: &ObjectKey,
         change: &mut dyn FnMut(&mut Resource) -> bool,
     ) -> Result<Option<u64>, StoreError> {
-        let (changed, index) = self.write_tx(false, |tx, next| {
+        let ((changed, written), index) = self.write_tx(false, |tx, next| {
+            let mut seeds = rules::Seeds::new(Some(&self.decoded));
             let existing = get_in(tx, key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
-            let effect = rules::update_one(&mut SqliteTx(tx), existing, next, change)?;
-            Ok((effect != Effect::Unchanged, effect))
+            let effect = rules::update_one(&mut SqliteTx(tx), existing, next, change, &mut seeds)?;
+            Ok(((effect != Effect::Unchanged, seeds.into_written()), effect))
         })?;
+        self.decoded.seed(written);
         Ok(changed.then_some(index))
     }
 
@@ -1735,10 +1737,12 @@ impl Store for SqliteStore {
         keys: &[ObjectKey],
         change: &mut dyn FnMut(&mut Resource) -> bool,
     ) -> Result<Option<u64>, StoreError> {
-        let (changed, index) = self.write_tx(false, |tx, next| {
-            let effect = rules::update_many(&mut SqliteTx(tx), keys, next, change)?;
-            Ok((effect != Effect::Unchanged, effect))
+        let ((changed, written), index) = self.write_tx(false, |tx, next| {
+            let mut seeds = rules::Seeds::new(Some(&self.decoded));
+            let effect = rules::update_many(&mut SqliteTx(tx), keys, next, change, &mut seeds)?;
+            Ok(((effect != Effect::Unchanged, seeds.into_written()), effect))
         })?;
+        self.decoded.seed(written);
         Ok(changed.then_some(index))
     }
 
