@@ -19,7 +19,7 @@ use crate::store::{SealedValue, Store};
 use crate::util::hex;
 
 /// How long a burst of store changes is coalesced before the book is rebuilt.
-const REBUILD_DEBOUNCE: Duration = Duration::from_millis(5);
+const REBUILD_DEBOUNCE: Duration = Duration::from_millis(1);
 /// Pause after a failed rebuild.
 const REBUILD_RETRY: Duration = Duration::from_secs(1);
 
