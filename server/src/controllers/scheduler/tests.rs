@@ -1259,6 +1259,9 @@ fn a_pass_skips_objects_it_cannot_read() {
         [],
     )
     .expect("corrupt two records");
+    // Written behind the store's back: its cache of decoded objects (which the updates above
+    // filled) is forgotten, as when a server starts on such a file.
+    c.store.decoded_cache().expect("a cache").clear();
 
     c.apply(InstanceBuilder::new("new").build());
     let report = reconcile_once(c.store.as_ref()).expect("a pass survives unreadable objects");
