@@ -929,6 +929,8 @@ pub struct PassReport {
     pub hosts: usize,
     /// Objects skipped because they could not be decoded.
     pub skipped: usize,
+    /// Instances whose plan was tried on them (the others were settled: see [`Settled`]).
+    pub tried: usize,
     pub instances_written: usize,
     pub hosts_written: usize,
     pub unplaced_replicas: usize,
@@ -963,6 +965,25 @@ fn decoded(o: &Decoded) -> Option<&Resource> {
 /// One pass: reads every instance and host, plans, and writes only what changed (in batches of
 /// [`WRITE_BATCH`], each one transaction). Blocking; call it from `spawn_blocking`.
 pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
+    reconcile_settled(store, &mut Settled::default())
+}
+
+/// What the scheduler keeps between passes: each instance whose plan, tried on it, changed
+/// nothing, with the `resourceVersion` it was tried at and that plan. Trying a plan is a
+/// function of the instance and the plan alone (the time only stamps what changes), so while
+/// neither moved the instance needs no copy and no second try: a pass over a large fleet
+/// after one instance changed tries that one.
+#[derive(Debug, Default)]
+pub struct Settled {
+    by_key: HashMap<ObjectKey, (u64, InstancePlan)>,
+}
+
+/// [`reconcile_once`], trying plans only on instances `settled` does not hold; keeps
+/// `settled`.
+pub fn reconcile_settled(
+    store: &dyn Store,
+    settled: &mut Settled,
+) -> Result<PassReport, SchedulerError> {
     let list = |kind| {
         crate::store::decoded::list_decoded(store, kind).map_err(|e| SchedulerError::List {
             kind,
@@ -1020,12 +1041,28 @@ pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
             continue;
         };
         events.extend(placement_events(read, p));
+        let version = read.metadata.resource_version.unwrap_or(0);
+        let moves = moves_of(&key);
+        if moves.is_empty()
+            && settled
+                .by_key
+                .get(&key)
+                .is_some_and(|(v, tried)| *v == version && tried == p)
+        {
+            continue;
+        }
+        report.tried += 1;
         // The plan is tried on a copy: the decoded object is shared with other readers.
-        if apply_instance_plan_moving(&mut read.clone(), p, moves_of(&key), &now) {
+        if apply_instance_plan_moving(&mut read.clone(), p, moves, &now) {
+            settled.by_key.remove(&key);
             keys.push(key);
             report.instances_written += 1;
+        } else if moves.is_empty() {
+            settled.by_key.insert(key, (version, p.clone()));
         }
     }
+    // Instances gone from the store leave it.
+    settled.by_key.retain(|k, _| read_hosts.contains_key(k));
     for host in readable {
         if let Some(allocated) = decided.hosts.get(&host.metadata.name)
             && host.status.as_ref().map(|s| &s.allocated) != Some(allocated)
@@ -1173,24 +1210,34 @@ fn placeholder_host(name: &str) -> Host {
 /// then one after every burst of store changes (coalesced for [`DEBOUNCE`]), one every `resync`,
 /// and retries after failures with [`backoff`] (see [`super::runtime`]).
 pub async fn run(store: Arc<dyn Store>, shutdown: watch::Receiver<bool>, resync: Duration) {
-    super::runtime::run("scheduler", store, shutdown, resync, |store: &dyn Store| {
-        let report = reconcile_once(store)?;
-        if report.instances_written + report.hosts_written > 0 {
-            tracing::info!(
-                instances = report.instances_written,
-                hosts = report.hosts_written,
-                unplaced_replicas = report.unplaced_replicas,
-                index = report.index,
-                "scheduler updated placements"
-            );
-        } else {
-            tracing::debug!(
-                instances = report.instances,
-                hosts = report.hosts,
-                "scheduler pass changed nothing"
-            );
-        }
-        Ok::<_, SchedulerError>(report.requeue_after)
-    })
+    let settled = std::sync::Mutex::new(Settled::default());
+    super::runtime::run(
+        "scheduler",
+        store,
+        shutdown,
+        resync,
+        move |store: &dyn Store| {
+            let report = reconcile_settled(
+                store,
+                &mut settled.lock().unwrap_or_else(|e| e.into_inner()),
+            )?;
+            if report.instances_written + report.hosts_written > 0 {
+                tracing::info!(
+                    instances = report.instances_written,
+                    hosts = report.hosts_written,
+                    unplaced_replicas = report.unplaced_replicas,
+                    index = report.index,
+                    "scheduler updated placements"
+                );
+            } else {
+                tracing::debug!(
+                    instances = report.instances,
+                    hosts = report.hosts,
+                    "scheduler pass changed nothing"
+                );
+            }
+            Ok::<_, SchedulerError>(report.requeue_after)
+        },
+    )
     .await;
 }

@@ -1584,3 +1584,40 @@ fn scaling_up_returns_to_the_host_holding_the_volume() {
         [retained(1, "h3")]
     );
 }
+
+#[test]
+fn a_pass_tries_plans_only_on_instances_written_since_their_last_try() {
+    let c = Cluster::new();
+    c.add_host(HostBuilder::new("h1").build());
+    c.add_host(HostBuilder::new("h2").build());
+    for name in ["a", "b", "c"] {
+        c.apply(InstanceBuilder::new(name).replicas(2).memory("1Gi").build());
+    }
+    let mut settled = Settled::default();
+    let first = reconcile_settled(c.store.as_ref(), &mut settled).unwrap();
+    assert_eq!((first.tried, first.instances_written), (3, 3));
+    // Its own writes moved every instance: tried once more, and found settled.
+    let second = reconcile_settled(c.store.as_ref(), &mut settled).unwrap();
+    assert_eq!((second.tried, second.instances_written), (3, 0));
+    let third = reconcile_settled(c.store.as_ref(), &mut settled).unwrap();
+    assert_eq!((third.tried, third.instances_written), (0, 0));
+
+    // A change of one instance: that one is tried again.
+    c.store
+        .update(&key("b"), &mut |r| match r {
+            Resource::OpenClawInstance(i) => {
+                i.spec.replicas = 3;
+                true
+            }
+            _ => false,
+        })
+        .unwrap();
+    let fourth = reconcile_settled(c.store.as_ref(), &mut settled).unwrap();
+    assert_eq!((fourth.tried, fourth.instances_written), (1, 1));
+    assert_eq!(c.placement("b").len(), 3);
+    assert!(c.placement("b").iter().all(Option::is_some));
+    // A fresh pass (no memory) writes nothing either: the settled ones were settled.
+    let fresh = reconcile_once(c.store.as_ref()).unwrap();
+    assert_eq!(fresh.instances_written, 0);
+    assert_eq!(fresh.tried, 3);
+}
