@@ -731,24 +731,21 @@ pub fn decoded_lists_follow_every_write(store: &dyn Store) {
         ObjectKey::instance("acme", "web", "b"),
         ObjectKey::instance("acme", "web", "c"),
     ];
-    store
-        .update_many(&keys, &mut |r| match r {
+    fn add_replicas(r: &mut Resource, n: i64) -> bool {
+        match r {
             Resource::OpenClawInstance(i) => {
-                i.spec.replicas += 1;
+                i.spec.replicas += n;
                 true
             }
             _ => false,
-        })
+        }
+    }
+    store
+        .update_many(&keys, &mut |r| add_replicas(r, 1))
         .unwrap()
         .expect("both changed");
     store
-        .update(&keys[0], &mut |r| match r {
-            Resource::OpenClawInstance(i) => {
-                i.spec.replicas += 10;
-                true
-            }
-            _ => false,
-        })
+        .update(&keys[0], &mut |r| add_replicas(r, 10))
         .unwrap()
         .expect("changed");
     let (listed, looked) = cache.list_counted(store, Kind::OpenClawInstance).unwrap();
