@@ -195,6 +195,21 @@ async fn pass(r: &Reconciler, desired: &[Assignment]) -> anyhow::Result<Pass> {
     Ok(pass)
 }
 
+/// The last lines a container wrote (for a failure's message: why it stopped).
+fn container_output(id: &str) -> String {
+    match Command::new("docker")
+        .args(["logs", "--timestamps", "--tail", "40", id])
+        .output()
+    {
+        Ok(o) => format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => format!("(docker logs failed: {e})"),
+    }
+}
+
 fn the_container(
     pass_observed: &[clusterclaw_agent::runtime::ObservedContainer],
 ) -> anyhow::Result<String> {
@@ -627,8 +642,9 @@ async fn a_hand_edited_config_file_is_rewritten_and_the_container_replaced() -> 
             repaired.outcomes.as_slice(),
             [o] if matches!(&o.step, Step::RepairDrift { drift, .. } if drift.kind == DriftKind::ConfigFile)
         ),
-        "{:?}",
-        repaired.outcomes
+        "{:?}\nthe container's output:\n{}",
+        repaired.outcomes,
+        container_output(&old_id)
     );
     assert_eq!(std::fs::read(&config)?, a.config_json.as_bytes());
 
