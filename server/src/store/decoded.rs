@@ -188,13 +188,18 @@ impl DecodedCache {
     /// at their kind finds them at their new version instead of reading and decoding their
     /// rows again. An entry is only ever used at the exact version and uid it holds, so a seed
     /// that arrives after a newer write costs memory until the next look, never a stale read.
+    /// Objects of a kind not looked at yet are left out.
     pub fn seed(&self, written: Vec<Decoded>) {
         if written.is_empty() {
             return;
         }
         let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         for d in written {
-            let of_kind = kinds.entry(d.key.kind).or_default();
+            // Only kinds the loops look at: an entry of a kind never listed would never be
+            // dropped once its object is deleted (a look at the kind drops those).
+            let Some(of_kind) = kinds.get_mut(&d.key.kind) else {
+                continue;
+            };
             match of_kind.by_key.get(&d.key) {
                 Some(have) if have.uid == d.uid && have.resource_version >= d.resource_version => {}
                 _ => {
