@@ -680,6 +680,21 @@ impl PgStore {
         })
     }
 
+    /// An update transaction ([`rules::update_key`], [`rules::update_many`]): it reads
+    /// through the decoded cache, and the cache takes what it wrote once it has committed.
+    fn update_seeded(
+        &self,
+        f: impl FnOnce(&mut dyn Tx, u64, &mut rules::Seeds<'_>) -> Result<Effect, StoreError>,
+    ) -> Result<Option<u64>, StoreError> {
+        let ((changed, written), index) = self.write_tx(false, |tx, next| {
+            let mut seeds = rules::Seeds::new(&self.decoded);
+            let effect = f(tx, next, &mut seeds)?;
+            Ok(((effect != Effect::Unchanged, seeds.into_written()), effect))
+        })?;
+        self.decoded.seed(written);
+        Ok(changed.then_some(index))
+    }
+
     /// Runs `f` in a write transaction holding the index row, with the next index. `f` returns
     /// what it changed; only when it changed anything is the index bumped and the transaction
     /// committed, and the desired index moves too when the change may reach hosts.
@@ -2110,16 +2125,7 @@ impl Store for PgStore {
         key: &ObjectKey,
         change: &mut dyn FnMut(&mut Resource) -> bool,
     ) -> Result<Option<u64>, StoreError> {
-        let ((changed, written), index) = self.write_tx(false, |tx, next| {
-            let mut seeds = rules::Seeds::new(Some(&self.decoded));
-            let existing = tx
-                .get(key)?
-                .ok_or_else(|| StoreError::NotFound(key.clone()))?;
-            let effect = rules::update_one(tx, existing, next, change, &mut seeds)?;
-            Ok(((effect != Effect::Unchanged, seeds.into_written()), effect))
-        })?;
-        self.decoded.seed(written);
-        Ok(changed.then_some(index))
+        self.update_seeded(|tx, next, seeds| rules::update_key(tx, key, next, change, seeds))
     }
 
     fn update_many(
@@ -2127,13 +2133,7 @@ impl Store for PgStore {
         keys: &[ObjectKey],
         change: &mut dyn FnMut(&mut Resource) -> bool,
     ) -> Result<Option<u64>, StoreError> {
-        let ((changed, written), index) = self.write_tx(false, |tx, next| {
-            let mut seeds = rules::Seeds::new(Some(&self.decoded));
-            let effect = rules::update_many(tx, keys, next, change, &mut seeds)?;
-            Ok(((effect != Effect::Unchanged, seeds.into_written()), effect))
-        })?;
-        self.decoded.seed(written);
-        Ok(changed.then_some(index))
+        self.update_seeded(|tx, next, seeds| rules::update_many(tx, keys, next, change, seeds))
     }
 
     fn delete(&self, key: &ObjectKey, expected: Option<u64>) -> Result<u64, StoreError> {

@@ -353,14 +353,13 @@ pub fn delete_batch(
 /// objects ([`super::decoded::DecodedCache`]): an object the cache holds at the version read
 /// is copied instead of decoded, and each object written is kept decoded, for the cache to take
 /// once the transaction has committed.
-#[derive(Default)]
 pub struct Seeds<'a> {
-    cache: Option<&'a super::decoded::DecodedCache>,
+    cache: &'a super::decoded::DecodedCache,
     written: Vec<super::decoded::Decoded>,
 }
 
 impl<'a> Seeds<'a> {
-    pub fn new(cache: Option<&'a super::decoded::DecodedCache>) -> Seeds<'a> {
+    pub fn new(cache: &'a super::decoded::DecodedCache) -> Seeds<'a> {
         Seeds {
             cache,
             written: Vec::new(),
@@ -376,7 +375,7 @@ impl<'a> Seeds<'a> {
     fn read(&self, existing: &StoredObject) -> Result<Resource, StoreError> {
         let cached = self
             .cache
-            .and_then(|c| c.get(&existing.key, &existing.uid, existing.resource_version));
+            .get(&existing.key, &existing.uid, existing.resource_version);
         match cached.as_deref().map(|d| &d.resource) {
             Some(Ok(r)) => Ok(r.clone()),
             _ => existing.resource(),
@@ -386,7 +385,7 @@ impl<'a> Seeds<'a> {
 
 /// Applies `change` to one stored object and writes it if it changed; server-owned metadata is
 /// kept and `resourceVersion` set to `next`. The object written is handed to `seeds`.
-pub fn update_one(
+fn update_one(
     tx: &mut dyn Tx,
     existing: StoredObject,
     next: u64,
@@ -420,10 +419,22 @@ pub fn update_one(
     );
     tx.put(&stored, Usage::of(&after))?;
     let effect = Effect::of_update(&before, &after);
-    if seeds.cache.is_some() {
-        seeds.written.push(super::decoded::Decoded::written(after));
-    }
+    seeds.written.push(super::decoded::Decoded::written(after));
     Ok(effect)
+}
+
+/// [`super::Store::update`] inside `tx`: the object must exist.
+pub fn update_key(
+    tx: &mut dyn Tx,
+    key: &ObjectKey,
+    next: u64,
+    change: &mut dyn FnMut(&mut Resource) -> bool,
+    seeds: &mut Seeds<'_>,
+) -> Result<Effect, StoreError> {
+    let existing = tx
+        .get(key)?
+        .ok_or_else(|| StoreError::NotFound(key.clone()))?;
+    update_one(tx, existing, next, change, seeds)
 }
 
 /// [`super::Store::update_many`] inside `tx`: keys that no longer exist are skipped.

@@ -305,6 +305,21 @@ impl SqliteStore {
         Ok((index, records))
     }
 
+    /// An update transaction ([`rules::update_key`], [`rules::update_many`]): it reads
+    /// through the decoded cache, and the cache takes what it wrote once it has committed.
+    fn update_seeded(
+        &self,
+        f: impl FnOnce(&mut dyn Tx, u64, &mut rules::Seeds<'_>) -> Result<Effect, StoreError>,
+    ) -> Result<Option<u64>, StoreError> {
+        let ((changed, written), index) = self.write_tx(false, |tx, next| {
+            let mut seeds = rules::Seeds::new(&self.decoded);
+            let effect = f(&mut SqliteTx(tx), next, &mut seeds)?;
+            Ok(((effect != Effect::Unchanged, seeds.into_written()), effect))
+        })?;
+        self.decoded.seed(written);
+        Ok(changed.then_some(index))
+    }
+
     /// Runs `f` in an immediate write transaction with the next index. `f` returns what it
     /// changed; only when it changed anything is the index bumped and the transaction
     /// committed, and the desired index moves too when the change may reach hosts.
@@ -1722,14 +1737,7 @@ impl Store for SqliteStore {
         key: &ObjectKey,
         change: &mut dyn FnMut(&mut Resource) -> bool,
     ) -> Result<Option<u64>, StoreError> {
-        let ((changed, written), index) = self.write_tx(false, |tx, next| {
-            let mut seeds = rules::Seeds::new(Some(&self.decoded));
-            let existing = get_in(tx, key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
-            let effect = rules::update_one(&mut SqliteTx(tx), existing, next, change, &mut seeds)?;
-            Ok(((effect != Effect::Unchanged, seeds.into_written()), effect))
-        })?;
-        self.decoded.seed(written);
-        Ok(changed.then_some(index))
+        self.update_seeded(|tx, next, seeds| rules::update_key(tx, key, next, change, seeds))
     }
 
     fn update_many(
@@ -1737,13 +1745,7 @@ impl Store for SqliteStore {
         keys: &[ObjectKey],
         change: &mut dyn FnMut(&mut Resource) -> bool,
     ) -> Result<Option<u64>, StoreError> {
-        let ((changed, written), index) = self.write_tx(false, |tx, next| {
-            let mut seeds = rules::Seeds::new(Some(&self.decoded));
-            let effect = rules::update_many(&mut SqliteTx(tx), keys, next, change, &mut seeds)?;
-            Ok(((effect != Effect::Unchanged, seeds.into_written()), effect))
-        })?;
-        self.decoded.seed(written);
-        Ok(changed.then_some(index))
+        self.update_seeded(|tx, next, seeds| rules::update_many(tx, keys, next, change, seeds))
     }
 
     fn lease_acquire(
