@@ -883,7 +883,10 @@ fn write_pending(
             let Some(status) = inst.status.as_mut() else {
                 return false;
             };
-            let mut changed = false;
+            // Written only when what it shows changed: a host's report that changed one
+            // replica does not rewrite every other instance the host runs.
+            let before = status.clone();
+            let mut reported_here = false;
             for &b in from {
                 let p = &mut batch[b];
                 if !p.host_is_current {
@@ -892,7 +895,7 @@ fn write_pending(
                 let Some(reported) = p.by_instance.get(&key) else {
                     continue;
                 };
-                changed = true;
+                reported_here = true;
                 for &i in reported {
                     let rep = &p.report.replicas[i];
                     let Some(entry) = status
@@ -925,10 +928,11 @@ fn write_pending(
                     entry.config_sync = config_sync(&p.expected_content, rep);
                 }
             }
-            if changed {
-                summarize(inst);
+            if !reported_here {
+                return false;
             }
-            changed
+            summarize(inst);
+            inst.status.as_ref() != Some(&before)
         }
         Resource::Tenant(_)
         | Resource::Project(_)
