@@ -156,7 +156,8 @@ pub trait Tx {
     ) -> Result<(), StoreError>;
 
     // The change log (written by `put` and `remove`).
-    /// Object changes after index `after`, in order, at most `limit`.
+    /// Object changes after index `after`, in order, at most `limit`: a read of the changes
+    /// after `after` only, however long the log.
     fn change_rows(&mut self, after: u64, limit: usize) -> Result<Vec<Change>, StoreError>;
     /// The index of the change `offset` places from the newest.
     fn change_rv_from_newest(&mut self, offset: u64) -> Result<Option<u64>, StoreError>;

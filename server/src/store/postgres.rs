@@ -1737,8 +1737,9 @@ impl Tx for PgTx<'_, '_> {
 
     fn change_rows(&mut self, after: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
         self.query(
+            // As the SQLite store's: the log's order, read through the (rv, ...) index.
             "SELECT rv, type, kind, tenant, project, name, labels, body FROM changes
-             WHERE rv > $1 ORDER BY seq LIMIT $2",
+             WHERE rv > $1 ORDER BY rv, seq LIMIT $2",
             &[&(after as i64), &(limit as i64)],
         )?
         .iter()

@@ -108,6 +108,12 @@ const KIND_FINGERPRINT_SQL: &str =
 /// [`Store::versions`]; served by the versions index alone.
 const VERSIONS_SQL: &str =
     "SELECT tenant, project, name, uid, resource_version FROM objects WHERE kind = ?1";
+/// [`Tx::change_rows`]. `rv` first: a transaction's changes carry its index, which grows with
+/// `seq`, so this is the log's order, and only the changes after `?1` are read, through the
+/// (rv, ...) index. Ordered by `seq` alone, the planner walks the whole log from its oldest
+/// change on every read (every index bump a watch follows).
+const CHANGE_ROWS_SQL: &str = "SELECT rv, type, kind, tenant, project, name, labels, body
+     FROM changes WHERE rv > ?1 ORDER BY rv, seq LIMIT ?2";
 
 /// The schema version whose migration added the usage columns.
 const USAGE_COLUMNS_VERSION: usize = 3;
@@ -1246,10 +1252,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn change_rows(&mut self, after: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
-        let mut stmt = self.0.prepare_cached(
-            "SELECT rv, type, kind, tenant, project, name, labels, body FROM changes
-             WHERE rv > ?1 ORDER BY seq LIMIT ?2",
-        )?;
+        let mut stmt = self.0.prepare_cached(CHANGE_ROWS_SQL)?;
         let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
@@ -2365,6 +2368,30 @@ mod tests {
                 "{sql}: {plan:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_change_log_is_read_from_the_asked_index_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("c.db")).unwrap();
+        apply(&store, vec![tenant("acme"), project("acme", "web")]).unwrap();
+        let plan: Vec<String> = store
+            .read(|c| {
+                let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {CHANGE_ROWS_SQL}"))?;
+                let rows = stmt.query_map([1, 10], |r| r.get::<_, String>(3))?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|step| step.starts_with("SEARCH changes USING INDEX")
+                    && step.contains("(rv>?)")),
+            "{plan:?}"
+        );
+        assert!(
+            !plan.iter().any(|step| step.starts_with("SCAN")),
+            "{plan:?}"
+        );
     }
 
     #[test]
