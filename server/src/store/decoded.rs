@@ -106,8 +106,20 @@ impl DecodedCache {
                 return Ok((list.clone(), looked));
             }
         }
+        let previous = {
+            let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+            kinds
+                .get(&kind)
+                .and_then(|k| k.last.as_ref())
+                .map(|(seen, list)| (seen.1, list.clone()))
+        };
+        if let Some((watermark, previous)) = previous
+            && let Some(done) = self.list_since(store, kind, watermark, previous)?
+        {
+            return Ok(done);
+        }
         let mut versions = store.versions(kind)?;
-        versions.sort_by(|a, b| a.0.cmp(&b.0));
+        versions.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut out: Vec<Option<Arc<Decoded>>> = {
             let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
             let known = kinds.get(&kind);
@@ -170,6 +182,97 @@ impl DecodedCache {
         };
         drop(kinds);
         Ok((out, looked))
+    }
+
+    /// The list of `kind` from the list last returned (`previous`, whose fingerprint's highest
+    /// version was `watermark`) and the objects written since, read through the versions
+    /// index from `watermark` on: no row of an object that did not move is read, and the list
+    /// is not sorted again. Every object with a version up to `watermark` now is one the
+    /// previous list holds at that version (a write gives its object a newer one), so the
+    /// previous list with the moved objects put in is the kind, unless something was deleted:
+    /// then the count read with the moved ones tells, and `None` sends the caller to a whole
+    /// look. Also `None` when too much moved to be read one by one.
+    fn list_since(
+        &self,
+        store: &dyn Store,
+        kind: Kind,
+        watermark: u64,
+        previous: Vec<Arc<Decoded>>,
+    ) -> Result<Option<(Vec<Arc<Decoded>>, Looked)>, StoreError> {
+        let (fingerprint, mut moved) = store.versions_after(kind, watermark)?;
+        moved.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let at = |key: &ObjectKey| previous.binary_search_by(|d| d.key.cmp(key));
+        let replaced = moved.iter().filter(|(key, _, _)| at(key).is_ok()).count();
+        if previous.len() - replaced + moved.len() != fingerprint.0 as usize
+            || moved.len() as f64 > previous.len().max(1) as f64 * LIST_WHEN_MOVED
+        {
+            return Ok(None);
+        }
+        // The moved objects, decoded (from the cache when a writer seeded them).
+        let mut fresh: Vec<Option<Arc<Decoded>>> = {
+            let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+            let known = kinds.get(&kind);
+            moved
+                .iter()
+                .map(|(key, uid, rv)| {
+                    known
+                        .and_then(|m| m.by_key.get(key))
+                        .filter(|d| d.resource_version == *rv && &d.uid == uid)
+                        .cloned()
+                })
+                .collect()
+        };
+        let mut looked = Looked {
+            kept: previous.len() - replaced,
+            decoded: 0,
+        };
+        for (slot, (key, _, _)) in fresh.iter_mut().zip(&moved) {
+            if slot.is_none() {
+                looked.decoded += 1;
+                // Gone since the versions were read: left out, as a later list would.
+                *slot = store.get(key)?.map(|o| Arc::new(Decoded::of(&o)));
+            } else {
+                looked.kept += 1;
+            }
+        }
+        // Both in key order: one merge.
+        let mut out: Vec<Arc<Decoded>> = Vec::with_capacity(previous.len() + moved.len());
+        let mut fresh = moved.iter().zip(fresh).peekable();
+        for old in previous {
+            while let Some(((key, _, _), _)) = fresh.peek()
+                && *key < old.key
+            {
+                if let Some((_, Some(d))) = fresh.next() {
+                    out.push(d);
+                }
+            }
+            match fresh.peek() {
+                Some(((key, _, _), _)) if *key == old.key => {
+                    if let Some((_, Some(d))) = fresh.next() {
+                        out.push(d);
+                    }
+                }
+                _ => out.push(old),
+            }
+        }
+        out.extend(fresh.filter_map(|(_, d)| d));
+        let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        let of_kind = kinds.entry(kind).or_default();
+        for d in &out[..] {
+            if d.resource_version <= watermark {
+                continue;
+            }
+            // A writer may have seeded a newer version meanwhile: kept.
+            match of_kind.by_key.get(&d.key) {
+                Some(have) if have.uid == d.uid && have.resource_version >= d.resource_version => {}
+                _ => {
+                    of_kind.by_key.insert(d.key.clone(), Arc::clone(d));
+                }
+            }
+        }
+        of_kind.last = Some((fingerprint, out.clone()));
+        drop(kinds);
+        Ok(Some((out, looked)))
     }
 
     /// The decoded object at `key` if the cache holds it at exactly `resource_version` (and
@@ -353,6 +456,95 @@ mod tests {
         let second = cache.list(&store, Kind::Host).unwrap();
         assert_ne!(first[0].uid, second[0].uid);
         assert_eq!(label(&second[0]), "b");
+    }
+
+    /// (name, uid, resourceVersion, label) of each object of a list, in its order.
+    fn seen(list: &[Arc<Decoded>]) -> Vec<(String, String, u64, String)> {
+        list.iter()
+            .map(|d| {
+                let name = d.key.name.clone();
+                (name, d.uid.clone(), d.resource_version, label(d))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn objects_written_since_are_put_into_the_last_list_in_order() {
+        let (_dir, store) = store_with_hosts((0..20).map(|i| format!("h{i:02}")));
+        let cache = DecodedCache::default();
+        let first = cache.list(&store, Kind::Host).unwrap();
+        // Changed, created before, between and after the others, and deleted and created
+        // again under its name: nothing gone, so the last list takes what moved.
+        store
+            .write(&[(host("h03", "b"), WriteMode::Apply)], false)
+            .unwrap();
+        for name in ["a00", "h05x", "z"] {
+            store
+                .write(&[(host(name, "c"), WriteMode::Apply)], false)
+                .unwrap();
+        }
+        store
+            .delete(&ObjectKey::cluster(Kind::Host, "h10"), None)
+            .unwrap();
+        store
+            .write(&[(host("h10", "d"), WriteMode::Apply)], false)
+            .unwrap();
+        let (second, looked) = cache.list_counted(&store, Kind::Host).unwrap();
+        assert_eq!(
+            looked,
+            Looked {
+                kept: 18,
+                decoded: 5
+            }
+        );
+        let fresh = DecodedCache::default().list(&store, Kind::Host).unwrap();
+        assert_eq!(seen(&second), seen(&fresh));
+        assert_eq!(second[0].key.name, "a00");
+        assert_eq!(second.last().unwrap().key.name, "z");
+        let before = first.iter().find(|d| d.key.name == "h05").unwrap();
+        let after = second.iter().find(|d| d.key.name == "h05").unwrap();
+        assert!(Arc::ptr_eq(before, after));
+        let h10 = |l: &[Arc<Decoded>]| {
+            l.iter()
+                .find(|d| d.key.name == "h10")
+                .map(|d| d.uid.clone())
+                .unwrap()
+        };
+        assert_ne!(h10(&first), h10(&second));
+    }
+
+    #[test]
+    fn every_look_after_any_writes_is_the_whole_kind_in_order() {
+        let (_dir, store) = store_with_hosts((0..40).map(|i| format!("h{i:02}")));
+        let cache = DecodedCache::default();
+        cache.list(&store, Kind::Host).unwrap();
+        // A fixed pseudo-random walk of writes, creates, deletes and recreates.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for round in 0..60 {
+            for _ in 0..=next(4) {
+                let name = format!("h{:02}", next(50));
+                let key = ObjectKey::cluster(Kind::Host, &name);
+                if next(5) == 0 {
+                    let _ = store.delete(&key, None);
+                } else {
+                    store
+                        .write(
+                            &[(host(&name, &format!("r{round}")), WriteMode::Apply)],
+                            false,
+                        )
+                        .unwrap();
+                }
+            }
+            let listed = cache.list(&store, Kind::Host).unwrap();
+            let fresh = DecodedCache::default().list(&store, Kind::Host).unwrap();
+            assert_eq!(seen(&listed), seen(&fresh), "round {round}");
+        }
     }
 
     #[test]

@@ -504,6 +504,21 @@ pub trait Store: Send + Sync + 'static {
             .map(|o| (o.key, o.uid, o.resource_version))
             .collect())
     }
+    /// [`Store::kind_fingerprint`] and the [`Store::versions`] of the objects of `kind` whose
+    /// `resourceVersion` is above `after`, both of one snapshot: what a caller that knows
+    /// the kind as it was at a fingerprint whose highest version was `after` needs to learn
+    /// what was written since (and, from the count, whether anything was deleted).
+    fn versions_after(
+        &self,
+        kind: Kind,
+        after: u64,
+    ) -> Result<((u64, u64), Vec<(ObjectKey, String, u64)>), StoreError> {
+        let versions = self.versions(kind)?;
+        let highest = versions.iter().map(|(_, _, rv)| *rv).max().unwrap_or(0);
+        let count = versions.len() as u64;
+        let moved = versions.into_iter().filter(|v| v.2 > after).collect();
+        Ok(((count, highest), moved))
+    }
     /// Instance usage of each tenant (or only `tenant`), in total and per project.
     fn usage(&self, tenant: Option<&str>) -> Result<UsageByTenant, StoreError> {
         let mut filter = ListFilter::all(Kind::OpenClawInstance);

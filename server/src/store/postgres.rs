@@ -229,6 +229,24 @@ const CHANNEL: &str = "clusterclaw_index";
 /// The notification channel of the store in `schema`: several stores may share a database in
 /// schemas of their own, and one must not wake on another's writes. Channel names are
 /// identifiers (at most 63 bytes): a long schema name is shortened to a hash of it.
+/// (key, uid, resourceVersion) of version rows (tenant, project, name, uid, resource_version).
+fn version_rows(kind: Kind, rows: &[Row]) -> Vec<(ObjectKey, String, u64)> {
+    rows.iter()
+        .map(|r| {
+            (
+                ObjectKey {
+                    kind,
+                    tenant: r.get(0),
+                    project: r.get(1),
+                    name: r.get(2),
+                },
+                r.get::<_, String>(3),
+                r.get::<_, i64>(4) as u64,
+            )
+        })
+        .collect()
+}
+
 fn channel_of(schema: &str) -> String {
     let full = format!("{CHANNEL}:{schema}");
     if full.len() <= 63 {
@@ -1997,21 +2015,32 @@ impl Store for PgStore {
                 "SELECT tenant, project, name, uid, resource_version FROM objects WHERE kind = $1",
                 &[&kind.as_str()],
             )?;
-            Ok(rows
-                .iter()
-                .map(|r| {
-                    (
-                        ObjectKey {
-                            kind,
-                            tenant: r.get(0),
-                            project: r.get(1),
-                            name: r.get(2),
-                        },
-                        r.get::<_, String>(3),
-                        r.get::<_, i64>(4) as u64,
-                    )
-                })
-                .collect())
+            Ok(version_rows(kind, &rows))
+        })
+    }
+
+    fn versions_after(
+        &self,
+        kind: Kind,
+        after: u64,
+    ) -> Result<((u64, u64), Vec<(ObjectKey, String, u64)>), StoreError> {
+        // One repeatable-read transaction: the count and the rows of one snapshot.
+        self.read(|tx| {
+            let row = tx.query_one(
+                "SELECT count(*), max(resource_version) FROM objects WHERE kind = $1",
+                &[&kind.as_str()],
+            )?;
+            let count: i64 = row.get(0);
+            let highest: Option<i64> = row.get(1);
+            let rows = tx.query(
+                "SELECT tenant, project, name, uid, resource_version FROM objects
+                 WHERE kind = $1 AND resource_version > $2",
+                &[&kind.as_str(), &(after as i64)],
+            )?;
+            Ok((
+                (count as u64, highest.unwrap_or(0) as u64),
+                version_rows(kind, &rows),
+            ))
         })
     }
 

@@ -108,6 +108,9 @@ const KIND_FINGERPRINT_SQL: &str =
 /// [`Store::versions`]; served by the versions index alone.
 const VERSIONS_SQL: &str =
     "SELECT tenant, project, name, uid, resource_version FROM objects WHERE kind = ?1";
+/// [`Store::versions_after`]: the top of the kind's range in the versions index.
+const VERSIONS_AFTER_SQL: &str = "SELECT tenant, project, name, uid, resource_version FROM objects
+     WHERE kind = ?1 AND resource_version > ?2";
 /// [`Tx::change_rows`]. `rv` first: a transaction's changes carry its index, which grows with
 /// `seq`, so this is the log's order, and only the changes after `?1` are read, through the
 /// (rv, ...) index. Ordered by `seq` alone, the planner walks the whole log from its oldest
@@ -497,6 +500,38 @@ fn usage_in(conn: &Connection, tenant: &str, project: Option<&str>) -> Result<Us
             memory_bytes: r.get(3)?,
         })
     })?)
+}
+
+/// (key, uid, resourceVersion) of the objects of `kind` that `sql` (one of [`VERSIONS_SQL`],
+/// [`VERSIONS_AFTER_SQL`]) selects.
+fn versions_in(
+    c: &Connection,
+    sql: &str,
+    kind: Kind,
+    after: Option<u64>,
+) -> Result<Vec<(ObjectKey, String, u64)>, StoreError> {
+    let mut stmt = c.prepare_cached(sql)?;
+    let row = |r: &rusqlite::Row<'_>| {
+        Ok((
+            ObjectKey {
+                kind,
+                tenant: r.get(0)?,
+                project: r.get(1)?,
+                name: r.get(2)?,
+            },
+            r.get::<_, String>(3)?,
+            r.get::<_, i64>(4)? as u64,
+        ))
+    };
+    let rows = match after {
+        None => stmt
+            .query_map([kind.as_str()], row)?
+            .collect::<Result<_, _>>()?,
+        Some(after) => stmt
+            .query_map(params![kind.as_str(), after as i64], row)?
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(rows)
 }
 
 fn kind_from_db(s: &str) -> Result<Kind, StoreError> {
@@ -1545,21 +1580,23 @@ impl Store for SqliteStore {
     }
 
     fn versions(&self, kind: Kind) -> Result<Vec<(ObjectKey, String, u64)>, StoreError> {
+        self.read(|c| versions_in(c, VERSIONS_SQL, kind, None))
+    }
+
+    fn versions_after(
+        &self,
+        kind: Kind,
+        after: u64,
+    ) -> Result<((u64, u64), Vec<(ObjectKey, String, u64)>), StoreError> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(VERSIONS_SQL)?;
-            let rows = stmt.query_map([kind.as_str()], |r| {
-                Ok((
-                    ObjectKey {
-                        kind,
-                        tenant: r.get(0)?,
-                        project: r.get(1)?,
-                        name: r.get(2)?,
-                    },
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)? as u64,
-                ))
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
+            // One read transaction: the count and the rows of one snapshot.
+            let tx = c.unchecked_transaction()?;
+            let (count, highest): (i64, Option<i64>) = tx
+                .prepare_cached(KIND_FINGERPRINT_SQL)?
+                .query_row([kind.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let moved = versions_in(&tx, VERSIONS_AFTER_SQL, kind, Some(after))?;
+            tx.commit()?;
+            Ok(((count as u64, highest.unwrap_or(0) as u64), moved))
         })
     }
 
