@@ -71,6 +71,9 @@ pub struct DecodedCache {
     kinds: Mutex<HashMap<Kind, OfKind>>,
 }
 
+/// A list and what was done to make it.
+type Listed = (Vec<Arc<Decoded>>, Looked);
+
 /// What one [`DecodedCache::list`] call did, for tests and figures.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Looked {
@@ -198,7 +201,7 @@ impl DecodedCache {
         kind: Kind,
         watermark: u64,
         previous: Vec<Arc<Decoded>>,
-    ) -> Result<Option<(Vec<Arc<Decoded>>, Looked)>, StoreError> {
+    ) -> Result<Option<Listed>, StoreError> {
         let (fingerprint, mut moved) = store.versions_after(kind, watermark)?;
         moved.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let at = |key: &ObjectKey| previous.binary_search_by(|d| d.key.cmp(key));

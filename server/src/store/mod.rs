@@ -117,6 +117,9 @@ pub struct WriteSummary {
 }
 
 /// Makes the audit entries of one object a batch delete removes, from its key and generation.
+/// What [`Store::versions_after`] reads: the kind's fingerprint (count, highest
+/// `resourceVersion`) and the (key, uid, `resourceVersion`) of each object written since.
+pub type VersionsAfter = ((u64, u64), Vec<(ObjectKey, String, u64)>);
 pub type DeleteAudit<'a> = &'a mut dyn FnMut(&ObjectKey, Option<i64>) -> Vec<AuditEntry>;
 
 /// The result of one all-or-nothing batch delete.
@@ -508,11 +511,7 @@ pub trait Store: Send + Sync + 'static {
     /// `resourceVersion` is above `after`, both of one snapshot: what a caller that knows
     /// the kind as it was at a fingerprint whose highest version was `after` needs to learn
     /// what was written since (and, from the count, whether anything was deleted).
-    fn versions_after(
-        &self,
-        kind: Kind,
-        after: u64,
-    ) -> Result<((u64, u64), Vec<(ObjectKey, String, u64)>), StoreError> {
+    fn versions_after(&self, kind: Kind, after: u64) -> Result<VersionsAfter, StoreError> {
         let versions = self.versions(kind)?;
         let highest = versions.iter().map(|(_, _, rv)| *rv).max().unwrap_or(0);
         let count = versions.len() as u64;

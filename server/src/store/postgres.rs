@@ -2019,11 +2019,7 @@ impl Store for PgStore {
         })
     }
 
-    fn versions_after(
-        &self,
-        kind: Kind,
-        after: u64,
-    ) -> Result<((u64, u64), Vec<(ObjectKey, String, u64)>), StoreError> {
+    fn versions_after(&self, kind: Kind, after: u64) -> Result<super::VersionsAfter, StoreError> {
         // One repeatable-read transaction: the count and the rows of one snapshot.
         self.read(|tx| {
             let row = tx.query_one(

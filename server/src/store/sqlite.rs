@@ -1583,11 +1583,7 @@ impl Store for SqliteStore {
         self.read(|c| versions_in(c, VERSIONS_SQL, kind, None))
     }
 
-    fn versions_after(
-        &self,
-        kind: Kind,
-        after: u64,
-    ) -> Result<((u64, u64), Vec<(ObjectKey, String, u64)>), StoreError> {
+    fn versions_after(&self, kind: Kind, after: u64) -> Result<super::VersionsAfter, StoreError> {
         self.read(|c| {
             // One read transaction: the count and the rows of one snapshot.
             let tx = c.unchecked_transaction()?;
