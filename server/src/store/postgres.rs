@@ -229,6 +229,17 @@ const CHANNEL: &str = "clusterclaw_index";
 /// The notification channel of the store in `schema`: several stores may share a database in
 /// schemas of their own, and one must not wake on another's writes. Channel names are
 /// identifiers (at most 63 bytes): a long schema name is shortened to a hash of it.
+/// [`Store::kind_fingerprint`] in `tx`.
+fn fingerprint_in(tx: &mut PgTx<'_, '_>, kind: Kind) -> Result<(u64, u64), StoreError> {
+    let row = tx.query_one(
+        "SELECT count(*), max(resource_version) FROM objects WHERE kind = $1",
+        &[&kind.as_str()],
+    )?;
+    let count: i64 = row.get(0);
+    let highest: Option<i64> = row.get(1);
+    Ok((count as u64, highest.unwrap_or(0) as u64))
+}
+
 /// (key, uid, resourceVersion) of version rows (tenant, project, name, uid, resource_version).
 fn version_rows(kind: Kind, rows: &[Row]) -> Vec<(ObjectKey, String, u64)> {
     rows.iter()
@@ -1998,15 +2009,7 @@ impl Store for PgStore {
     }
 
     fn kind_fingerprint(&self, kind: Kind) -> Result<(u64, u64), StoreError> {
-        self.read(|tx| {
-            let row = tx.query_one(
-                "SELECT count(*), max(resource_version) FROM objects WHERE kind = $1",
-                &[&kind.as_str()],
-            )?;
-            let count: i64 = row.get(0);
-            let highest: Option<i64> = row.get(1);
-            Ok((count as u64, highest.unwrap_or(0) as u64))
-        })
+        self.read(|tx| fingerprint_in(tx, kind))
     }
 
     fn versions(&self, kind: Kind) -> Result<Vec<(ObjectKey, String, u64)>, StoreError> {
@@ -2022,21 +2025,13 @@ impl Store for PgStore {
     fn versions_after(&self, kind: Kind, after: u64) -> Result<super::VersionsAfter, StoreError> {
         // One repeatable-read transaction: the count and the rows of one snapshot.
         self.read(|tx| {
-            let row = tx.query_one(
-                "SELECT count(*), max(resource_version) FROM objects WHERE kind = $1",
-                &[&kind.as_str()],
-            )?;
-            let count: i64 = row.get(0);
-            let highest: Option<i64> = row.get(1);
+            let fingerprint = fingerprint_in(tx, kind)?;
             let rows = tx.query(
                 "SELECT tenant, project, name, uid, resource_version FROM objects
                  WHERE kind = $1 AND resource_version > $2",
                 &[&kind.as_str(), &(after as i64)],
             )?;
-            Ok((
-                (count as u64, highest.unwrap_or(0) as u64),
-                version_rows(kind, &rows),
-            ))
+            Ok((fingerprint, version_rows(kind, &rows)))
         })
     }
 

@@ -502,6 +502,14 @@ fn usage_in(conn: &Connection, tenant: &str, project: Option<&str>) -> Result<Us
     })?)
 }
 
+/// [`Store::kind_fingerprint`] on `c`.
+fn fingerprint_in(c: &Connection, kind: Kind) -> Result<(u64, u64), StoreError> {
+    let (count, highest): (i64, Option<i64>) = c
+        .prepare_cached(KIND_FINGERPRINT_SQL)?
+        .query_row([kind.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok((count as u64, highest.unwrap_or(0) as u64))
+}
+
 /// (key, uid, resourceVersion) of the objects of `kind` that `sql` (one of [`VERSIONS_SQL`],
 /// [`VERSIONS_AFTER_SQL`]) selects.
 fn versions_in(
@@ -1571,12 +1579,7 @@ impl Store for SqliteStore {
     }
 
     fn kind_fingerprint(&self, kind: Kind) -> Result<(u64, u64), StoreError> {
-        self.read(|c| {
-            let (count, highest): (i64, Option<i64>) = c
-                .prepare_cached(KIND_FINGERPRINT_SQL)?
-                .query_row([kind.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            Ok((count as u64, highest.unwrap_or(0) as u64))
-        })
+        self.read(|c| fingerprint_in(c, kind))
     }
 
     fn versions(&self, kind: Kind) -> Result<Vec<(ObjectKey, String, u64)>, StoreError> {
@@ -1587,12 +1590,10 @@ impl Store for SqliteStore {
         self.read(|c| {
             // One read transaction: the count and the rows of one snapshot.
             let tx = c.unchecked_transaction()?;
-            let (count, highest): (i64, Option<i64>) = tx
-                .prepare_cached(KIND_FINGERPRINT_SQL)?
-                .query_row([kind.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let fingerprint = fingerprint_in(&tx, kind)?;
             let moved = versions_in(&tx, VERSIONS_AFTER_SQL, kind, Some(after))?;
             tx.commit()?;
-            Ok(((count as u64, highest.unwrap_or(0) as u64), moved))
+            Ok((fingerprint, moved))
         })
     }
 
