@@ -134,6 +134,12 @@ const STATEMENT_CACHE: usize = 64;
 const OBJECT_COLUMNS: &str =
     "kind, tenant, project, name, uid, generation, resource_version, labels, body";
 
+/// How often the checkpointer moves what the write-ahead log holds into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// Log pages (4 KiB each) after which a commit checkpoints by itself, on the writer's path:
+/// only if the checkpointer falls this far behind (SQLite's default is 1,000).
+const WRITER_CHECKPOINT_PAGES: i64 = 16_384;
+
 /// The embedded store.
 pub struct SqliteStore {
     path: PathBuf,
@@ -151,6 +157,8 @@ pub struct SqliteStore {
     schema: std::sync::RwLock<std::sync::Arc<Schema>>,
     /// Objects the control loops read, decoded ([`Store::decoded_cache`]).
     decoded: super::decoded::DecodedCache,
+    /// The checkpointer's thread ends once this is dropped (with the store).
+    _checkpointer: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -160,6 +168,45 @@ impl std::fmt::Debug for SqliteStore {
             .field("index", &self.index())
             .finish()
     }
+}
+
+/// Starts the thread that checkpoints the write-ahead log every [`CHECKPOINT_EVERY`], on a
+/// connection of its own, until the returned sender is dropped. A commit that has to
+/// checkpoint (SQLite's default after 1,000 log pages) copies those pages into the database
+/// file and syncs it while it holds the writer: at a few megabytes of status a second, a stall
+/// of every write several times a second. A passive checkpoint here runs beside the writer
+/// instead: it copies what no reader still needs, without a lock that stops writes, and the
+/// writer's own checkpoint stays as a backstop ([`WRITER_CHECKPOINT_PAGES`]).
+fn start_checkpointer(path: &Path) -> Result<std::sync::mpsc::Sender<()>, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let shown = path.display().to_string();
+    std::thread::Builder::new()
+        .name("sqlite-checkpoint".into())
+        .spawn(move || {
+            let mut failing = false;
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(CHECKPOINT_EVERY)
+            {
+                let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    r.get::<_, i64>(0)
+                });
+                match done {
+                    Ok(_) => failing = false,
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(database = %shown, error = %e, "checkpoint failed; retrying");
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+        .map_err(|e| StoreError::Backend(format!("cannot start the checkpointer: {e}")))?;
+    Ok(stop)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -190,8 +237,19 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;
+             PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES};"
+        ))?;
         migrate(&mut conn, path)?;
+        let checkpointer = start_checkpointer(path)
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "no background checkpointer; the writer checkpoints by itself")
+            })
+            .ok();
+        if checkpointer.is_none() {
+            conn.execute_batch("PRAGMA wal_autocheckpoint = 1000;")?;
+        }
         let index = index_in(&conn)?;
         let (notify, _) = watch::channel(index);
         let (desired, _) = watch::channel(index);
@@ -213,6 +271,7 @@ impl SqliteStore {
             desired,
             schema: std::sync::RwLock::new(std::sync::Arc::new(Schema::builtin())),
             decoded: super::decoded::DecodedCache::default(),
+            _checkpointer: checkpointer,
         })
     }
 
@@ -2401,6 +2460,46 @@ mod tests {
                     .all(|step| step.contains("USING COVERING INDEX objects_versions (")),
                 "{sql}: {plan:?}"
             );
+        }
+    }
+
+    #[test]
+    fn the_log_is_checkpointed_beside_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let writer_pages: i64 = lock(&store.writer)
+            .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(writer_pages, WRITER_CHECKPOINT_PAGES);
+        // Megabytes of log, fewer pages than the writer checkpoints by itself after: only the
+        // checkpointer moves them into the database file.
+        let size = || std::fs::metadata(&path).unwrap().len();
+        let before = size();
+        let labels: serde_json::Map<String, serde_json::Value> = (0..16)
+            .map(|i| (format!("pad{i}"), json!("x".repeat(60))))
+            .collect();
+        for batch in 0..20 {
+            let hosts: Vec<(Resource, WriteMode)> = (0..100)
+                .map(|i| {
+                    let host = res(json!({
+                        "apiVersion": "clusterclaw.io/v1", "kind": "Host",
+                        "metadata": {"name": format!("h{batch}-{i}"), "labels": labels},
+                        "spec": {}
+                    }));
+                    (host, WriteMode::Apply)
+                })
+                .collect();
+            store.write(&hosts, false).unwrap();
+        }
+        let started = std::time::Instant::now();
+        while size() < before + (2 << 20) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the database file holds {} bytes: the log was not checkpointed",
+                size()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
