@@ -237,19 +237,20 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        conn.execute_batch(&format!(
-            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;
-             PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES};"
-        ))?;
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")?;
         migrate(&mut conn, path)?;
         let checkpointer = start_checkpointer(path)
             .inspect_err(|e| {
                 tracing::warn!(error = %e, "no background checkpointer; the writer checkpoints by itself")
             })
             .ok();
-        if checkpointer.is_none() {
-            conn.execute_batch("PRAGMA wal_autocheckpoint = 1000;")?;
-        }
+        // Without the checkpointer, SQLite's own default: the writer checkpoints every 1,000.
+        let writer_pages = if checkpointer.is_some() {
+            WRITER_CHECKPOINT_PAGES
+        } else {
+            1_000
+        };
+        conn.execute_batch(&format!("PRAGMA wal_autocheckpoint = {writer_pages};"))?;
         let index = index_in(&conn)?;
         let (notify, _) = watch::channel(index);
         let (desired, _) = watch::channel(index);
