@@ -24,8 +24,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::batch::Batcher;
 use crate::metrics::Metrics;
 use crate::model::{
-    Host, HostCapacity, HostSpec, Kind, MAX_HOSTNAME_BYTES, Metadata, Quantity, Resource,
-    format_cpu, format_memory, validate_object,
+    Host, HostCapacity, HostResources, HostSpec, HostStatus, Kind, MAX_HOSTNAME_BYTES, Metadata,
+    Quantity, Resource, format_cpu, format_memory, validate_object,
 };
 use crate::pki::Ca;
 use crate::store::{JoinRefusal, Store, StoreError};
@@ -517,7 +517,11 @@ fn enrolled_host(req: &pb::EnrollRequest, name: &str) -> Resource {
             os: Some(req.os.clone()).filter(|s| !s.is_empty()),
             arch: Some(req.arch.clone()).filter(|s| !s.is_empty()),
         },
-        status: None,
+        // As the scheduler's first pass would write it: a new host costs one write, not two.
+        status: Some(HostStatus {
+            allocated: HostResources::nothing_placed(),
+            ..HostStatus::default()
+        }),
     })
 }
 

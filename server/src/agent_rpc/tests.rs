@@ -141,6 +141,39 @@ async fn enroll(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolled_host_is_stored_as_the_scheduler_would_write_it() {
+    let h = start().await;
+    let token = join_token(h.store.as_ref(), Some(1), None);
+    let (resp, _) = enroll(&h, &token, "node-1").await.unwrap();
+    let report = crate::controllers::scheduler::reconcile_once(h.store.as_ref()).unwrap();
+    assert_eq!(
+        (report.hosts, report.hosts_written),
+        (1, 0),
+        "a host that has nothing placed is not written again by the scheduler"
+    );
+    let Ok(Resource::Host(host)) = h
+        .store
+        .get(&ObjectKey::cluster(Kind::Host, &resp.host_id))
+        .unwrap()
+        .expect("the host is stored")
+        .resource()
+    else {
+        panic!("the host reads")
+    };
+    let status = host.status.expect("a status from enrollment on");
+    assert_eq!(
+        status.allocated,
+        crate::model::HostResources::nothing_placed()
+    );
+    assert_eq!(
+        status.phase,
+        HostPhase::default(),
+        "not Ready before it reports"
+    );
+    let _ = h.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enroll_watch_report_revoke() {
     let h = start().await;
     let token = join_token(h.store.as_ref(), Some(2), None);

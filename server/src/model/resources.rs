@@ -591,6 +591,17 @@ pub struct HostResources {
     pub replicas: Option<u64>,
 }
 
+impl HostResources {
+    /// What the scheduler records of a host it placed nothing on.
+    pub fn nothing_placed() -> HostResources {
+        HostResources {
+            cpu_millis: 0,
+            memory_bytes: 0,
+            replicas: Some(0),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HostStatus {

@@ -504,7 +504,13 @@ pub fn enroll_host(
         created_at,
         || uuid::Uuid::new_v4().to_string(),
     )?;
-    let object = to_stored(&admitted.resource)?;
+    // The server's own write: the status the host starts with is kept (admission drops the
+    // status of what people write).
+    let mut created = admitted.resource;
+    if let (Resource::Host(h), Resource::Host(given)) = (&mut created, host) {
+        h.status.clone_from(&given.status);
+    }
+    let object = to_stored(&created)?;
     tx.put(&object, Usage::default())?;
     Ok(object)
 }
