@@ -54,6 +54,9 @@ pub struct Plan {
     pub not_ready: BTreeSet<String>,
     /// When to look again even if nothing changes: when the next Ready host could time out.
     pub next: Option<Duration>,
+    /// The earliest time (Unix ms) any host not timed out now could time out, whatever its
+    /// phase: until then, with no host written, a pass finds what this one found.
+    pub calm_until_ms: Option<i64>,
 }
 
 /// When `host` counts as last seen: its last report, but never before its floor.
@@ -85,6 +88,10 @@ pub fn plan(
         let seen = last_seen_of(h, last_seen);
         let silent = now_ms.saturating_sub(seen);
         let timed_out = silent >= ttl_ms;
+        if !timed_out {
+            let at = seen.saturating_add(ttl_ms);
+            out.calm_until_ms = Some(out.calm_until_ms.map_or(at, |c| c.min(at)));
+        }
         match h.phase {
             HostPhase::NotReady => {
                 if !h.has_not_ready_since {
@@ -196,6 +203,56 @@ pub struct PassReport {
     pub hosts_marked: usize,
     pub instances_marked: usize,
     pub next: Option<Duration>,
+    /// The pass read nothing: [`Quiet`] showed it would find what the last one found.
+    pub skipped: bool,
+}
+
+/// What the liveness loop keeps between passes: the last pass that wrote nothing, with what
+/// it read. A later pass would find the same, and is skipped, while
+/// - no host was written (the hosts' fingerprint has not moved),
+/// - the time has not reached the moment the first host it saw in time could time out (a
+///   heartbeat only ever moves a host's last report later), and
+/// - if that pass found NotReady hosts whose replicas it had to look at, no instance was
+///   written either.
+///
+/// At 10,000 hosts a pass reads every host and heartbeat (several milliseconds); without
+/// this, every instance change in a busy fleet would run one.
+#[derive(Debug, Default)]
+pub struct Quiet {
+    last: Option<QuietPass>,
+}
+
+#[derive(Debug)]
+struct QuietPass {
+    hosts: (u64, u64),
+    instances: Option<(u64, u64)>,
+    until_ms: Option<i64>,
+}
+
+impl Quiet {
+    /// Whether a pass at `now_ms` can be skipped, and when to look again if so.
+    fn holds(
+        &self,
+        store: &dyn Store,
+        hosts: (u64, u64),
+        now_ms: i64,
+    ) -> Result<Option<Option<Duration>>, StoreError> {
+        let Some(last) = &self.last else {
+            return Ok(None);
+        };
+        if last.hosts != hosts || last.until_ms.is_some_and(|until| now_ms >= until) {
+            return Ok(None);
+        }
+        if let Some(instances) = last.instances
+            && store.kind_fingerprint(Kind::OpenClawInstance)? != instances
+        {
+            return Ok(None);
+        }
+        let next = last.until_ms.map(|until| {
+            Duration::from_millis(u64::try_from(until - now_ms).unwrap_or(0)).max(MIN_RECHECK)
+        });
+        Ok(Some(next))
+    }
 }
 
 /// One pass at `now_ms`: reads hosts and heartbeats, writes the plan, then marks `Unknown`
@@ -206,6 +263,28 @@ pub fn reconcile_at(
     started_ms: i64,
     now_ms: i64,
 ) -> Result<PassReport, StoreError> {
+    reconcile_quiet(store, ttl, started_ms, now_ms, &mut Quiet::default())
+}
+
+/// [`reconcile_at`], skipped while `quiet` shows it would find what the last pass found;
+/// keeps `quiet`.
+pub fn reconcile_quiet(
+    store: &dyn Store,
+    ttl: Duration,
+    started_ms: i64,
+    now_ms: i64,
+    quiet: &mut Quiet,
+) -> Result<PassReport, StoreError> {
+    // Read before the hosts: a write landing between moves it, and the next pass runs.
+    let hosts_seen = store.kind_fingerprint(Kind::Host)?;
+    if let Some(next) = quiet.holds(store, hosts_seen, now_ms)? {
+        return Ok(PassReport {
+            next,
+            skipped: true,
+            ..Default::default()
+        });
+    }
+    quiet.last = None;
     let mut views = Vec::new();
     for o in crate::store::decoded::list_decoded(store, Kind::Host)? {
         let Ok(Resource::Host(h)) = &o.resource else {
@@ -276,8 +355,17 @@ pub fn reconcile_at(
             Err(e) => return Err(e),
         }
     }
+    let mut instances_seen = None;
     if !p.not_ready.is_empty() {
+        instances_seen = Some(store.kind_fingerprint(Kind::OpenClawInstance)?);
         report.instances_marked = mark_unknown(store, &p.not_ready)?;
+    }
+    if p.steps.is_empty() && report.instances_marked == 0 {
+        quiet.last = Some(QuietPass {
+            hosts: hosts_seen,
+            instances: instances_seen,
+            until_ms: p.calm_until_ms,
+        });
     }
     Ok(report)
 }
@@ -354,13 +442,15 @@ pub async fn run(
     ttl: Duration,
 ) {
     let started_ms = now_ms();
+    let quiet = std::sync::Mutex::new(Quiet::default());
     super::runtime::run(
         "host liveness",
         store,
         shutdown,
         resync,
         move |store: &dyn Store| {
-            let report = reconcile_at(store, ttl, started_ms, now_ms())?;
+            let mut quiet = quiet.lock().unwrap_or_else(|e| e.into_inner());
+            let report = reconcile_quiet(store, ttl, started_ms, now_ms(), &mut quiet)?;
             if report.hosts_marked + report.instances_marked > 0 {
                 tracing::info!(
                     hosts = report.hosts_marked,

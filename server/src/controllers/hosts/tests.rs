@@ -274,6 +274,55 @@ fn a_silent_host_turns_not_ready_and_its_replicas_unknown() {
 }
 
 #[test]
+fn a_pass_that_would_find_what_the_last_one_found_is_skipped() {
+    let (_dir, store) = setup();
+    store.record_heartbeats(&[("h1", T0)]).unwrap();
+    let started = T0 - 60_000;
+    let mut quiet = Quiet::default();
+    let mut pass = |now: i64| reconcile_quiet(&store, TTL, started, now, &mut quiet).unwrap();
+    assert!(!pass(T0 + 10_000).skipped);
+    // Before h1 could time out, with nothing written: skipped, asked back for when it could.
+    let second = pass(T0 + 20_000);
+    assert!(second.skipped);
+    assert_eq!(second.next, Some(Duration::from_secs(10)));
+    // A heartbeat moves nothing the skip depends on: h1 can only time out later.
+    store.record_heartbeats(&[("h1", T0 + 5_000)]).unwrap();
+    assert!(pass(T0 + 21_000).skipped);
+    // A host written: read again.
+    store
+        .update(&ObjectKey::cluster(Kind::Host, "h1"), &mut |r| {
+            let Resource::Host(h) = r else { return false };
+            h.metadata.labels.insert("rack".into(), "a".into());
+            true
+        })
+        .unwrap();
+    assert!(!pass(T0 + 22_000).skipped);
+    // Once h1 could time out, the pass runs and marks it, then once more (it wrote the host).
+    let late = pass(T0 + 35_000);
+    assert!(!late.skipped);
+    assert_eq!((late.hosts_marked, late.instances_marked), (1, 1));
+    assert!(!pass(T0 + 36_000).skipped);
+    assert!(pass(T0 + 37_000).skipped, "NotReady, nothing left to mark");
+    // A replica on the NotReady host written Ready (by anyone): the pass runs and marks it.
+    store
+        .update(&ObjectKey::instance("t", "p", "bot"), &mut |r| {
+            let Resource::OpenClawInstance(i) = r else {
+                return false;
+            };
+            i.status.as_mut().unwrap().replica_status[0].state = ReplicaState::Ready;
+            true
+        })
+        .unwrap();
+    let marked = pass(T0 + 38_000);
+    assert!(!marked.skipped);
+    assert_eq!(marked.instances_marked, 1);
+    assert_eq!(
+        the_instance(&store).status.unwrap().replica_status[0].state,
+        ReplicaState::Unknown
+    );
+}
+
+#[test]
 fn a_host_that_reported_meanwhile_keeps_its_replicas_states() {
     let (_dir, store) = setup();
     store.record_heartbeats(&[("h1", T0)]).unwrap();
