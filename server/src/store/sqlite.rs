@@ -177,6 +177,21 @@ impl std::fmt::Debug for SqliteStore {
 /// of every write several times a second. A passive checkpoint here runs beside the writer
 /// instead: it copies what no reader still needs, without a lock that stops writes, and the
 /// writer's own checkpoint stays as a backstop ([`WRITER_CHECKPOINT_PAGES`]).
+/// Settings of every connection that runs the store's statements: the cached statements
+/// keep their plans. Without the query planner stability guarantee, SQLite (since 3.46)
+/// marks a statement for preparing again whenever a value bound to an equality it does not
+/// answer from an index, or to a `LIMIT`, changes, and a statement put back in the cache has
+/// its values cleared: every use of such a statement (the event folding, the change log,
+/// paged lists) parsed and planned it anew.
+fn settle_plans(conn: &Connection) -> Result<(), StoreError> {
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(())
+}
+
 fn start_checkpointer(path: &Path) -> Result<std::sync::mpsc::Sender<()>, StoreError> {
     let conn = Connection::open_with_flags(
         path,
@@ -226,7 +241,7 @@ impl SqliteStore {
         make_private(path)?;
         let mut conn = Connection::open(path).map_err(|e| open_error(path, e))?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
-        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        settle_plans(&conn)?;
         // Fails on a file that is not SQLite at all.
         let mode: String = conn
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
@@ -300,7 +315,7 @@ impl SqliteStore {
                 | OpenFlags::SQLITE_OPEN_URI,
         )?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
-        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        settle_plans(&conn)?;
         conn.execute_batch("PRAGMA query_only = ON;")?;
         Ok(conn)
     }
@@ -2525,6 +2540,38 @@ mod tests {
         assert!(
             !plan.iter().any(|step| step.starts_with("SCAN")),
             "{plan:?}"
+        );
+    }
+
+    #[test]
+    fn cached_statements_keep_their_plans_across_uses() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("c.db")).unwrap();
+        // An equality no index answers and a `LIMIT`, both bound: SQLite's planner looks at
+        // such values, and without the stability guarantee prepares the statement again
+        // after every change of them.
+        let sql = "SELECT id FROM events INDEXED BY events_object WHERE kind = ?1 AND tenant = ?2
+                   AND project = ?3 AND name = ?4 AND reason = ?5 AND message = ?6
+                   ORDER BY last_ms DESC LIMIT ?7";
+        let uses = |c: &Connection| -> Result<i32, StoreError> {
+            let mut prepared_again = 0;
+            for i in 0..5 {
+                let mut stmt = c.prepare_cached(sql)?;
+                stmt.query_row(
+                    params!["Host", "", "", "h", "Ready", format!("m{i}"), i + 1],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()?;
+                prepared_again = stmt.get_status(rusqlite::StatementStatus::RePrepare);
+            }
+            Ok(prepared_again)
+        };
+        let writer = uses(&lock(&store.writer)).unwrap();
+        let reader = store.read(uses).unwrap();
+        assert_eq!(
+            (writer, reader),
+            (0, 0),
+            "prepared again on the writer, on a reader"
         );
     }
 
