@@ -421,8 +421,13 @@ fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
     let answered = applied.elapsed();
     // Generous: on a loaded machine a burst of 10,000 can take minutes.
     let place_limit = Duration::from_secs(600);
+    // When a quarter, half and three quarters of the replicas were first seen assigned.
+    let mut quarters: Vec<f64> = Vec::new();
     loop {
         let assigned = state.assigned();
+        while quarters.len() < 3 && assigned * 4 >= total * (quarters.len() + 1) {
+            quarters.push(applied.elapsed().as_secs_f64());
+        }
         if assigned >= total {
             break;
         }
@@ -438,6 +443,11 @@ fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
         row.placed_secs,
         total as f64 / row.placed_secs,
         answered.as_secs_f64()
+    );
+    let quarters: Vec<String> = quarters.iter().map(|q| format!("{q:.2} s")).collect();
+    println!(
+        "  a quarter, half, three quarters assigned after {}",
+        quarters.join(", ")
     );
     loop {
         let running = running_tally.total();
