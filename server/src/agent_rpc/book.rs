@@ -937,7 +937,7 @@ fn pass(
         .collect();
     let mut read: HashMap<crate::model::ObjectKey, (String, u64)> = HashMap::new();
     let mut instances: Vec<OpenClawInstance> = Vec::new();
-    for d in &listed {
+    for d in listed.iter() {
         let changed = match seen.instances.get(&d.key) {
             Some((u, v)) => {
                 *u != d.uid

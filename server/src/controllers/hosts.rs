@@ -286,7 +286,7 @@ pub fn reconcile_quiet(
     }
     quiet.last = None;
     let mut views = Vec::new();
-    for o in crate::store::decoded::list_decoded(store, Kind::Host)? {
+    for o in crate::store::decoded::list_decoded(store, Kind::Host)?.iter() {
         let Ok(Resource::Host(h)) = &o.resource else {
             continue;
         };
@@ -379,7 +379,7 @@ fn mark_unknown(store: &dyn Store, hosts: &BTreeSet<String>) -> Result<usize, St
         .map(|h| ObjectKey::cluster(Kind::Host, h))
         .collect();
     let mut instances = Vec::new();
-    for o in crate::store::decoded::list_decoded(store, Kind::OpenClawInstance)? {
+    for o in crate::store::decoded::list_decoded(store, Kind::OpenClawInstance)?.iter() {
         let Ok(Resource::OpenClawInstance(i)) = &o.resource else {
             continue;
         };

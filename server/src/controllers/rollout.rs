@@ -927,7 +927,7 @@ pub fn reconcile_settled(
     let mut wake: Option<i64> = None;
     let mut events = Vec::new();
     let mut gates = Vec::new();
-    for o in &objects {
+    for o in objects.iter() {
         let Ok(Resource::OpenClawInstance(read)) = &o.resource else {
             report.skipped += 1;
             continue;

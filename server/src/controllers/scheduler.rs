@@ -995,7 +995,7 @@ pub fn reconcile_settled(
     let mut report = PassReport::default();
 
     let mut instances: Vec<&OpenClawInstance> = Vec::with_capacity(instance_objects.len());
-    for o in &instance_objects {
+    for o in instance_objects.iter() {
         match decoded(o) {
             Some(Resource::OpenClawInstance(i)) => instances.push(i),
             _ => report.skipped += 1,
@@ -1005,7 +1005,7 @@ pub fn reconcile_settled(
     // record), but takes nothing new and is not written.
     let mut readable: Vec<&Host> = Vec::with_capacity(host_objects.len());
     let mut unreadable_hosts = Vec::new();
-    for o in &host_objects {
+    for o in host_objects.iter() {
         match decoded(o) {
             Some(Resource::Host(h)) => readable.push(h),
             _ => {

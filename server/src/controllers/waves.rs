@@ -385,7 +385,7 @@ pub fn reconcile_once(store: &dyn Store, now: i64) -> Result<usize, WaveError> {
                 source: Box::new(source),
             }
         })?;
-    for o in &decoded {
+    for o in decoded.iter() {
         let Ok(Resource::OpenClawInstance(i)) = &o.resource else {
             continue;
         };

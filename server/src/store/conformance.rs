@@ -751,7 +751,7 @@ pub fn decoded_lists_follow_every_write(store: &dyn Store) {
     let (listed, looked) = cache.list_counted(store, Kind::OpenClawInstance).unwrap();
     assert_eq!(looked.decoded, 0, "written objects are not decoded again");
     assert_eq!(replicas(store), [("b".into(), 14), ("c".into(), 3)]);
-    for d in &listed {
+    for d in listed.iter() {
         let row = store.get(&d.key).unwrap().unwrap();
         assert_eq!(d.resource_version, row.resource_version);
         assert_eq!(d.resource.as_ref().unwrap(), &row.resource().unwrap());

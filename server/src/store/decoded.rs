@@ -59,8 +59,12 @@ const LIST_WHEN_MOVED: f64 = 0.25;
 #[derive(Default)]
 struct OfKind {
     by_key: HashMap<ObjectKey, Arc<Decoded>>,
-    last: Option<(Fingerprint, Vec<Arc<Decoded>>)>,
+    last: Option<(Fingerprint, DecodedList)>,
 }
+
+/// A kind's decoded objects in key order, shared: a look at a kind nothing was written to
+/// since is a reference count, not a copy of the list.
+pub type DecodedList = Arc<Vec<Arc<Decoded>>>;
 
 /// A kind's count and highest `resourceVersion` ([`Store::kind_fingerprint`]).
 type Fingerprint = (u64, u64);
@@ -72,7 +76,7 @@ pub struct DecodedCache {
 }
 
 /// A list and what was done to make it.
-type Listed = (Vec<Arc<Decoded>>, Looked);
+type Listed = (DecodedList, Looked);
 
 /// What one [`DecodedCache::list`] call did, for tests and figures.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -84,16 +88,12 @@ pub struct Looked {
 impl DecodedCache {
     /// Every object of `kind` in `store`, decoded, ordered by tenant, project and name (as
     /// [`Store::list`]).
-    pub fn list(&self, store: &dyn Store, kind: Kind) -> Result<Vec<Arc<Decoded>>, StoreError> {
+    pub fn list(&self, store: &dyn Store, kind: Kind) -> Result<DecodedList, StoreError> {
         self.list_counted(store, kind).map(|(objects, _)| objects)
     }
 
     /// [`DecodedCache::list`], saying how many objects were kept and how many decoded.
-    pub fn list_counted(
-        &self,
-        store: &dyn Store,
-        kind: Kind,
-    ) -> Result<(Vec<Arc<Decoded>>, Looked), StoreError> {
+    pub fn list_counted(&self, store: &dyn Store, kind: Kind) -> Result<Listed, StoreError> {
         // Nothing of the kind written since the last look: the same list, without reading a
         // row of it.
         let fingerprint = store.kind_fingerprint(kind)?;
@@ -106,7 +106,7 @@ impl DecodedCache {
                     kept: list.len(),
                     decoded: 0,
                 };
-                return Ok((list.clone(), looked));
+                return Ok((Arc::clone(list), looked));
             }
         }
         let previous = {
@@ -114,7 +114,7 @@ impl DecodedCache {
             kinds
                 .get(&kind)
                 .and_then(|k| k.last.as_ref())
-                .map(|(seen, list)| (seen.1, list.clone()))
+                .map(|(seen, list)| (seen.1, Arc::clone(list)))
         };
         if let Some((watermark, previous)) = previous
             && let Some(done) = self.list_since(store, kind, watermark, previous)?
@@ -162,7 +162,7 @@ impl DecodedCache {
                 }
             }
         }
-        let out: Vec<Arc<Decoded>> = out.into_iter().flatten().collect();
+        let out: DecodedList = Arc::new(out.into_iter().flatten().collect());
         let mut by_key: HashMap<ObjectKey, Arc<Decoded>> =
             out.iter().map(|d| (d.key.clone(), Arc::clone(d))).collect();
         // The list is at least as new as `fingerprint` (read before it), so a later look with
@@ -181,7 +181,7 @@ impl DecodedCache {
         }
         *of_kind = OfKind {
             by_key,
-            last: Some((fingerprint, out.clone())),
+            last: Some((fingerprint, Arc::clone(&out))),
         };
         drop(kinds);
         Ok((out, looked))
@@ -200,7 +200,7 @@ impl DecodedCache {
         store: &dyn Store,
         kind: Kind,
         watermark: u64,
-        previous: Vec<Arc<Decoded>>,
+        previous: DecodedList,
     ) -> Result<Option<Listed>, StoreError> {
         let (fingerprint, mut moved) = store.versions_after(kind, watermark)?;
         moved.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -238,42 +238,33 @@ impl DecodedCache {
                 looked.kept += 1;
             }
         }
-        // Both in key order: one merge.
+        // Both in key order: each moved object is put in at the place a binary search finds,
+        // and the runs of unmoved ones between are copied whole.
         let mut out: Vec<Arc<Decoded>> = Vec::with_capacity(previous.len() + moved.len());
-        let mut fresh = moved.iter().zip(fresh).peekable();
-        for old in previous {
-            while let Some(((key, _, _), _)) = fresh.peek()
-                && *key < old.key
-            {
-                if let Some((_, Some(d))) = fresh.next() {
-                    out.push(d);
-                }
-            }
-            match fresh.peek() {
-                Some(((key, _, _), _)) if *key == old.key => {
-                    if let Some((_, Some(d))) = fresh.next() {
-                        out.push(d);
-                    }
-                }
-                _ => out.push(old),
-            }
+        let mut rest: &[Arc<Decoded>] = &previous;
+        for ((key, _, _), d) in moved.iter().zip(&fresh) {
+            let (before, after) = match rest.binary_search_by(|o| o.key.cmp(key)) {
+                Ok(i) => (i, i + 1),
+                Err(i) => (i, i),
+            };
+            out.extend_from_slice(&rest[..before]);
+            out.extend(d.iter().cloned());
+            rest = &rest[after..];
         }
-        out.extend(fresh.filter_map(|(_, d)| d));
+        out.extend_from_slice(rest);
+        let out = Arc::new(out);
         let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         let of_kind = kinds.entry(kind).or_default();
-        for d in &out[..] {
-            if d.resource_version <= watermark {
-                continue;
-            }
+        for d in fresh.into_iter().flatten() {
             // A writer may have seeded a newer version meanwhile: kept.
             match of_kind.by_key.get(&d.key) {
                 Some(have) if have.uid == d.uid && have.resource_version >= d.resource_version => {}
                 _ => {
-                    of_kind.by_key.insert(d.key.clone(), Arc::clone(d));
+                    of_kind.by_key.insert(d.key.clone(), d);
                 }
             }
         }
-        of_kind.last = Some((fingerprint, out.clone()));
+        of_kind.last = Some((fingerprint, Arc::clone(&out)));
         drop(kinds);
         Ok(Some((out, looked)))
     }
@@ -323,14 +314,16 @@ impl DecodedCache {
 
 /// Every object of `kind`, decoded: through the store's [`DecodedCache`] when it keeps one,
 /// else read and decoded now.
-pub fn list_decoded(store: &dyn Store, kind: Kind) -> Result<Vec<Arc<Decoded>>, StoreError> {
+pub fn list_decoded(store: &dyn Store, kind: Kind) -> Result<DecodedList, StoreError> {
     match store.decoded_cache() {
         Some(cache) => cache.list(store, kind),
-        None => Ok(store
-            .list(&ListFilter::all(kind))?
-            .iter()
-            .map(|o| Arc::new(Decoded::of(o)))
-            .collect()),
+        None => Ok(Arc::new(
+            store
+                .list(&ListFilter::all(kind))?
+                .iter()
+                .map(|o| Arc::new(Decoded::of(o)))
+                .collect(),
+        )),
     }
 }
 
@@ -410,6 +403,26 @@ mod tests {
         // An untouched object is the very same decoded copy.
         let before = first.iter().find(|d| d.key.name == "h05").unwrap();
         assert!(Arc::ptr_eq(before, by_name["h05"]));
+    }
+
+    #[test]
+    fn a_look_at_an_unchanged_kind_shares_the_last_list() {
+        let (_dir, store) = store_with_hosts((0..5).map(|i| format!("h{i}")));
+        let cache = DecodedCache::default();
+        let first = cache.list(&store, Kind::Host).unwrap();
+        let again = cache.list(&store, Kind::Host).unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "the same list, not a copy");
+        store
+            .write(&[(host("h2", "b"), WriteMode::Apply)], false)
+            .unwrap();
+        let moved = cache.list(&store, Kind::Host).unwrap();
+        assert!(!Arc::ptr_eq(&first, &moved));
+        assert_eq!(label(&moved[2]), "b");
+        assert_eq!(
+            label(&first[2]),
+            "a",
+            "a list handed out earlier does not change"
+        );
     }
 
     #[test]
