@@ -243,9 +243,14 @@ impl AgentRpc {
             if !busy {
                 match waiting.take() {
                     Some((next, seqs)) => {
+                        // Boxed: this loop waits on every open stream (one per host) between
+                        // reports, and held inline the application would make each of them
+                        // that much larger while idle.
                         applying.set(
-                            Some(async move { (self.apply_report(method, id, next).await, seqs) })
-                                .into(),
+                            Some(Box::pin(async move {
+                                (self.apply_report(method, id, next).await, seqs)
+                            }))
+                            .into(),
                         );
                         busy = true;
                     }
