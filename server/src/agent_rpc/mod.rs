@@ -350,9 +350,9 @@ impl AgentRpc {
     /// touched; the token is used up and the `Host` created in one store transaction, shared
     /// with the enrollments of other hosts arriving meanwhile (one sync to disk for the lot).
     async fn enroll_grouped(&self, req: pb::EnrollRequest) -> Result<pb::EnrollResponse, Status> {
-        let (req, base) = try_blocking("Enroll", move || {
-            let base = check_enrollment(&req)?;
-            Ok::<_, Status>((req, base))
+        let (req, (base, csr)) = try_blocking("Enroll", move || {
+            let checked = check_enrollment(&req)?;
+            Ok::<_, Status>((req, checked))
         })
         .await?;
         let hash = crate::auth::hash_token(&req.join_token);
@@ -383,7 +383,7 @@ impl AgentRpc {
                 Some(Err(e)) => return Err(store_status(e)),
                 None => this.create_enrolled(&req, &base, 0)?,
             };
-            this.sign_enrolled(&req, created)
+            this.sign_enrolled(&req, csr, created)
         })
         .await
     }
@@ -419,14 +419,15 @@ impl AgentRpc {
     fn sign_enrolled(
         &self,
         req: &pb::EnrollRequest,
+        csr: crate::pki::CheckedCsr,
         created: crate::store::StoredObject,
     ) -> Result<pb::EnrollResponse, Status> {
         let id = HostIdentity {
             name: created.key.name.clone(),
             uid: created.uid.clone(),
         };
-        let signed = self.ca.sign_host_csr(
-            &req.csr_pem,
+        let signed = self.ca.sign_checked_csr(
+            csr,
             &id.name,
             Some(&format!("{}{}", identity::HOST_URI_PREFIX, id.uid)),
             HOST_CERT_VALIDITY,
@@ -453,8 +454,8 @@ impl AgentRpc {
 }
 
 /// Checks an enrollment request (hostname, labels, certificate request and the names its host
-/// may get) and returns the name its host is given first.
-fn check_enrollment(req: &pb::EnrollRequest) -> Result<String, Status> {
+/// may get) and returns the name its host is given first, with the checked request.
+fn check_enrollment(req: &pb::EnrollRequest) -> Result<(String, crate::pki::CheckedCsr), Status> {
     if req.hostname.len() > MAX_HOSTNAME_BYTES {
         return Err(Status::invalid_argument(format!(
             "the hostname is {} bytes long; at most {MAX_HOSTNAME_BYTES} are allowed",
@@ -481,7 +482,7 @@ fn check_enrollment(req: &pb::EnrollRequest) -> Result<String, Status> {
             problems.join("; ")
         )));
     }
-    Ca::check_csr(&req.csr_pem)
+    let csr = Ca::check_csr(&req.csr_pem)
         .map_err(|e| Status::invalid_argument(format!("bad certificate request: {e}")))?;
     let base = host_name_from(if req.hostname.is_empty() {
         "host"
@@ -495,7 +496,7 @@ fn check_enrollment(req: &pb::EnrollRequest) -> Result<String, Status> {
             return Err(store_status(StoreError::Invalid(problems)));
         }
     }
-    Ok(base)
+    Ok((base, csr))
 }
 
 /// The `Host` an enrollment creates, named `name`.

@@ -268,10 +268,12 @@ impl Ca {
         self.sign_host_csr(csr_pem, host_id, None, validity_for)
     }
 
-    /// Checks that `csr_pem` is a well-formed CSR whose signature matches its key.
-    pub fn check_csr(csr_pem: &str) -> Result<(), PkiError> {
+    /// Checks that `csr_pem` is a well-formed CSR whose signature matches its key, and keeps
+    /// what signing needs of it: enrollment checks the request before it touches the join
+    /// token and signs it after, without parsing and verifying it twice.
+    pub fn check_csr(csr_pem: &str) -> Result<CheckedCsr, PkiError> {
         CertificateSigningRequestParams::from_pem(csr_pem)
-            .map(|_| ())
+            .map(CheckedCsr)
             .map_err(csr_error)
     }
 
@@ -283,20 +285,20 @@ impl Ca {
         uri: Option<&str>,
         validity_for: Duration,
     ) -> Result<String, PkiError> {
-        if host_id.is_empty()
-            || host_id.len() > MAX_COMMON_NAME
-            || !host_id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
-            return Err(PkiError::BadName {
-                name: host_id.into(),
-                reason: format!(
-                    "a host id is 1 to {MAX_COMMON_NAME} letters, digits, '-', '_' or '.'"
-                ),
-            });
-        }
-        let request = CertificateSigningRequestParams::from_pem(csr_pem).map_err(csr_error)?;
+        check_host_id(host_id)?;
+        self.sign_checked_csr(Self::check_csr(csr_pem)?, host_id, uri, validity_for)
+    }
+
+    /// [`Ca::sign_host_csr`] of a request [`Ca::check_csr`] checked.
+    pub fn sign_checked_csr(
+        &self,
+        csr: CheckedCsr,
+        host_id: &str,
+        uri: Option<&str>,
+        validity_for: Duration,
+    ) -> Result<String, PkiError> {
+        check_host_id(host_id)?;
+        let request = csr.0;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, host_id);
@@ -323,6 +325,31 @@ impl Ca {
         .signed_by(&self.issuer)?;
         Ok(signed.pem())
     }
+}
+
+/// A certificate signing request whose signature [`Ca::check_csr`] checked.
+pub struct CheckedCsr(CertificateSigningRequestParams);
+
+impl std::fmt::Debug for CheckedCsr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CheckedCsr")
+    }
+}
+
+/// A host id a certificate may name: 1 to [`MAX_COMMON_NAME`] letters, digits, '-', '_', '.'.
+fn check_host_id(host_id: &str) -> Result<(), PkiError> {
+    if host_id.is_empty()
+        || host_id.len() > MAX_COMMON_NAME
+        || !host_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(PkiError::BadName {
+            name: host_id.into(),
+            reason: format!("a host id is 1 to {MAX_COMMON_NAME} letters, digits, '-', '_' or '.'"),
+        });
+    }
+    Ok(())
 }
 
 /// Words for why a CSR was refused.
