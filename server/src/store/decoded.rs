@@ -204,8 +204,12 @@ impl DecodedCache {
     ) -> Result<Option<Listed>, StoreError> {
         let (fingerprint, mut moved) = store.versions_after(kind, watermark)?;
         moved.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let at = |key: &ObjectKey| previous.binary_search_by(|d| d.key.cmp(key));
-        let replaced = moved.iter().filter(|(key, _, _)| at(key).is_ok()).count();
+        // Where each moved object is in the previous list (found) or goes (not found).
+        let places: Vec<Result<usize, usize>> = moved
+            .iter()
+            .map(|(key, _, _)| previous.binary_search_by(|d| d.key.cmp(key)))
+            .collect();
+        let replaced = places.iter().filter(|p| p.is_ok()).count();
         if previous.len() - replaced + moved.len() != fingerprint.0 as usize
             || moved.len() as f64 > previous.len().max(1) as f64 * LIST_WHEN_MOVED
         {
@@ -238,20 +242,20 @@ impl DecodedCache {
                 looked.kept += 1;
             }
         }
-        // Both in key order: each moved object is put in at the place a binary search finds,
-        // and the runs of unmoved ones between are copied whole.
+        // Both in key order: each moved object is put in at its place, and the runs of
+        // unmoved ones between are copied whole.
         let mut out: Vec<Arc<Decoded>> = Vec::with_capacity(previous.len() + moved.len());
-        let mut rest: &[Arc<Decoded>] = &previous;
-        for ((key, _, _), d) in moved.iter().zip(&fresh) {
-            let (before, after) = match rest.binary_search_by(|o| o.key.cmp(key)) {
+        let mut copied = 0;
+        for (place, d) in places.iter().zip(&fresh) {
+            let (before, after) = match *place {
                 Ok(i) => (i, i + 1),
                 Err(i) => (i, i),
             };
-            out.extend_from_slice(&rest[..before]);
+            out.extend_from_slice(&previous[copied..before]);
             out.extend(d.iter().cloned());
-            rest = &rest[after..];
+            copied = after;
         }
-        out.extend_from_slice(rest);
+        out.extend_from_slice(&previous[copied..]);
         let out = Arc::new(out);
         let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         let of_kind = kinds.entry(kind).or_default();
