@@ -230,13 +230,14 @@ struct QuietPass {
 }
 
 impl Quiet {
-    /// Whether a pass at `now_ms` can be skipped, and when to look again if so.
-    fn holds(
+    /// The report of a pass at `now_ms` skipped (asking to be run when a host could time
+    /// out), or `None` when the pass must run.
+    fn skip(
         &self,
         store: &dyn Store,
         hosts: (u64, u64),
         now_ms: i64,
-    ) -> Result<Option<Option<Duration>>, StoreError> {
+    ) -> Result<Option<PassReport>, StoreError> {
         let Some(last) = &self.last else {
             return Ok(None);
         };
@@ -251,7 +252,11 @@ impl Quiet {
         let next = last.until_ms.map(|until| {
             Duration::from_millis(u64::try_from(until - now_ms).unwrap_or(0)).max(MIN_RECHECK)
         });
-        Ok(Some(next))
+        Ok(Some(PassReport {
+            next,
+            skipped: true,
+            ..Default::default()
+        }))
     }
 }
 
@@ -277,12 +282,8 @@ pub fn reconcile_quiet(
 ) -> Result<PassReport, StoreError> {
     // Read before the hosts: a write landing between moves it, and the next pass runs.
     let hosts_seen = store.kind_fingerprint(Kind::Host)?;
-    if let Some(next) = quiet.holds(store, hosts_seen, now_ms)? {
-        return Ok(PassReport {
-            next,
-            skipped: true,
-            ..Default::default()
-        });
+    if let Some(skipped) = quiet.skip(store, hosts_seen, now_ms)? {
+        return Ok(skipped);
     }
     quiet.last = None;
     let mut views = Vec::new();
