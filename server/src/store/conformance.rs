@@ -180,6 +180,7 @@ suite!(
     list_filters_and_orders,
     update_keeps_generation_and_bumps_the_index,
     decoded_lists_follow_every_write,
+    kind_fingerprints_count_the_kind_and_move_with_each_of_its_writes,
     join_tokens_are_checked_and_used_up,
     enrolling_uses_the_token_and_creates_the_host_together,
     enrolling_many_hosts_at_once_refuses_each_alone,
@@ -681,6 +682,77 @@ pub fn update_keeps_generation_and_bumps_the_index(store: &dyn Store) {
         )
         .unwrap();
     assert_eq!(many, None);
+}
+
+pub fn kind_fingerprints_count_the_kind_and_move_with_each_of_its_writes(store: &dyn Store) {
+    let of = |kind| store.kind_fingerprint(kind).unwrap();
+    let highest = |kind| {
+        store
+            .versions(kind)
+            .unwrap()
+            .iter()
+            .map(|(_, _, rv)| *rv)
+            .max()
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        of(Kind::OpenClawInstance),
+        (0, 0),
+        "nothing of the kind yet"
+    );
+    apply(
+        store,
+        vec![
+            tenant("acme"),
+            project("acme", "web"),
+            instance("acme", "web", "a", 1, "eu"),
+            instance("acme", "web", "b", 1, "eu"),
+            instance("acme", "web", "c", 1, "eu"),
+        ],
+    )
+    .unwrap();
+    let created = of(Kind::OpenClawInstance);
+    assert_eq!(created, (3, highest(Kind::OpenClawInstance)));
+    assert_eq!(of(Kind::Tenant), (1, highest(Kind::Tenant)));
+
+    // Another kind's write leaves it where it was.
+    apply(store, vec![tenant("beta")]).unwrap();
+    assert_eq!(of(Kind::OpenClawInstance), created);
+    assert_eq!(of(Kind::Tenant).0, 2);
+
+    // A status-only update moves the highest version, not the count.
+    let a = ObjectKey::instance("acme", "web", "a");
+    store
+        .update(&a, &mut |r| {
+            if let Resource::OpenClawInstance(i) = r {
+                i.status.get_or_insert_with(Default::default).replicas = 1;
+            }
+            true
+        })
+        .unwrap()
+        .expect("written");
+    let updated = of(Kind::OpenClawInstance);
+    assert_eq!(updated, (3, store.resource_version(&a).unwrap().unwrap()));
+    assert!(updated.1 > created.1);
+
+    // Deleting the newest object moves the count, even though the highest version ever
+    // written stays.
+    store.delete(&a, None).unwrap();
+    let deleted = of(Kind::OpenClawInstance);
+    assert_eq!(deleted.0, 2);
+    assert_ne!(deleted, updated);
+    // A delete and a create together move the highest version.
+    store
+        .delete(&ObjectKey::instance("acme", "web", "b"), None)
+        .unwrap();
+    apply(store, vec![instance("acme", "web", "d", 1, "eu")]).unwrap();
+    let replaced = of(Kind::OpenClawInstance);
+    assert_eq!(replaced, (2, highest(Kind::OpenClawInstance)));
+    assert!(replaced.1 > deleted.1);
+    assert_eq!(
+        store.versions(Kind::OpenClawInstance).unwrap().len() as u64,
+        replaced.0
+    );
 }
 
 pub fn decoded_lists_follow_every_write(store: &dyn Store) {

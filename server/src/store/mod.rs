@@ -489,10 +489,12 @@ pub trait Store: Send + Sync + 'static {
         }
         Ok(())
     }
-    /// How many objects of `kind` there are and the highest `resourceVersion` among them:
-    /// every write of an object of the kind moves one or the other (a write gives its object
-    /// the newest index; a delete lowers the count, and a delete and a create raise the
-    /// highest version), so equal fingerprints mean nothing of the kind changed between them.
+    /// How many objects of `kind` there are and the highest `resourceVersion` among them (or
+    /// ever written to one of them: the stores keep it in a row of their own, and it stays
+    /// when the object holding it is deleted): every write of an object of the kind moves
+    /// one or the other (a write gives its object the newest index; a delete lowers the count,
+    /// and a delete and a create raise the highest version), so equal fingerprints mean
+    /// nothing of the kind changed between them.
     fn kind_fingerprint(&self, kind: Kind) -> Result<(u64, u64), StoreError> {
         let versions = self.versions(kind)?;
         let highest = versions.iter().map(|(_, _, rv)| *rv).max().unwrap_or(0);

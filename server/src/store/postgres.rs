@@ -211,6 +211,36 @@ const MIGRATIONS: &[&str] = &[
     // loops' look at what changed (`versions`, `kind_fingerprint`) reads no object body.
     "CREATE INDEX IF NOT EXISTS objects_versions
      ON objects (kind, resource_version) INCLUDE (tenant, project, name, uid);",
+    // 8: each kind's count and highest version, kept by a trigger, so that `kind_fingerprint`
+    // (every control loop's first question on every pass) reads one row. Every write already
+    // holds the global index's row, so the kind's row adds no wait. Counted afresh, and
+    // each statement can run again: a database whose version was set back keeps a true count.
+    r#"CREATE TABLE IF NOT EXISTS kind_stats (
+        kind TEXT COLLATE "C" PRIMARY KEY,
+        count BIGINT NOT NULL,
+        highest BIGINT NOT NULL
+    );
+    DELETE FROM kind_stats;
+    INSERT INTO kind_stats (kind, count, highest)
+        SELECT kind, count(*), max(resource_version) FROM objects GROUP BY kind;
+    CREATE OR REPLACE FUNCTION objects_kind_stats() RETURNS trigger LANGUAGE plpgsql AS $body$
+    BEGIN
+        IF TG_OP <> 'INSERT' THEN
+            UPDATE kind_stats SET count = count - 1 WHERE kind = OLD.kind;
+        END IF;
+        IF TG_OP <> 'DELETE' THEN
+            INSERT INTO kind_stats AS s (kind, count, highest)
+                VALUES (NEW.kind, 1, NEW.resource_version)
+            ON CONFLICT (kind) DO UPDATE
+                SET count = s.count + 1, highest = GREATEST(s.highest, excluded.highest);
+        END IF;
+        RETURN NULL;
+    END
+    $body$;
+    DROP TRIGGER IF EXISTS objects_kind_stats ON objects;
+    CREATE TRIGGER objects_kind_stats
+        AFTER INSERT OR DELETE OR UPDATE OF kind, resource_version ON objects
+        FOR EACH ROW EXECUTE FUNCTION objects_kind_stats();"#,
 ];
 
 /// The schema version whose migration added instance revisions.
@@ -231,13 +261,13 @@ const CHANNEL: &str = "clusterclaw_index";
 /// identifiers (at most 63 bytes): a long schema name is shortened to a hash of it.
 /// [`Store::kind_fingerprint`] in `tx`.
 fn fingerprint_in(tx: &mut PgTx<'_, '_>, kind: Kind) -> Result<(u64, u64), StoreError> {
-    let row = tx.query_one(
-        "SELECT count(*), max(resource_version) FROM objects WHERE kind = $1",
+    // Kept by the trigger of schema version 8; no row before the kind's first object.
+    let row = tx.query_opt(
+        "SELECT count, highest FROM kind_stats WHERE kind = $1",
         &[&kind.as_str()],
     )?;
-    let count: i64 = row.get(0);
-    let highest: Option<i64> = row.get(1);
-    Ok((count as u64, highest.unwrap_or(0) as u64))
+    let (count, highest): (i64, i64) = row.map_or((0, 0), |r| (r.get(0), r.get(1)));
+    Ok((count as u64, highest as u64))
 }
 
 /// (key, uid, resourceVersion) of version rows (tenant, project, name, uid, resource_version).
@@ -2832,6 +2862,35 @@ mod tests {
         Resource::from_value(serde_json::json!({"apiVersion": "clusterclaw.io/v1",
             "kind": "Tenant", "metadata": {"name": name}}))
         .unwrap()
+    }
+
+    #[test]
+    fn upgrading_counts_each_kind_written_before() {
+        let Some(schema) = PgSchema::new() else {
+            return;
+        };
+        {
+            let store = PgStore::open_config(schema.config.clone()).unwrap();
+            for name in ["acme", "beta"] {
+                store
+                    .write(&[(tenant(name), WriteMode::Apply)], false)
+                    .unwrap();
+            }
+        }
+        // The database as schema version 7 left it.
+        let mut c = schema.config.connect(NoTls).unwrap();
+        c.batch_execute(
+            "DROP TRIGGER objects_kind_stats ON objects; DROP FUNCTION objects_kind_stats();
+             DROP TABLE kind_stats; UPDATE clusterclaw_schema SET version = 7;",
+        )
+        .unwrap();
+        let store = PgStore::open_config(schema.config.clone()).unwrap();
+        assert_eq!(store.kind_fingerprint(Kind::Tenant).unwrap(), (2, 2));
+        assert_eq!(store.kind_fingerprint(Kind::Host).unwrap(), (0, 0));
+        store
+            .write(&[(tenant("gamma"), WriteMode::Apply)], false)
+            .unwrap();
+        assert_eq!(store.kind_fingerprint(Kind::Tenant).unwrap(), (3, 3));
     }
 
     #[test]
