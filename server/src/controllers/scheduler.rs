@@ -994,13 +994,16 @@ pub fn reconcile_settled(
     let host_objects = list(Kind::Host)?;
     let mut report = PassReport::default();
 
-    let mut instances: Vec<&OpenClawInstance> = Vec::with_capacity(instance_objects.len());
+    // Each readable instance with its key, as the store gave it (in key order).
+    let mut keyed: Vec<(&ObjectKey, &OpenClawInstance)> =
+        Vec::with_capacity(instance_objects.len());
     for o in instance_objects.iter() {
         match decoded(o) {
-            Some(Resource::OpenClawInstance(i)) => instances.push(i),
+            Some(Resource::OpenClawInstance(i)) => keyed.push((&o.key, i)),
             _ => report.skipped += 1,
         }
     }
+    let instances: Vec<&OpenClawInstance> = keyed.iter().map(|(_, i)| *i).collect();
     // A host that cannot be read still holds its replicas (they must not move because of a bad
     // record), but takes nothing new and is not written.
     let mut readable: Vec<&Host> = Vec::with_capacity(host_objects.len());
@@ -1033,36 +1036,42 @@ pub fn reconcile_settled(
     let mut events = Vec::new();
     // The placements the pass read: another controller (a drain) may move a replica between
     // this read and the write, and a plan made before that move must not undo it.
+    // Kept for the instances to be written only.
     let mut read_hosts: HashMap<ObjectKey, Vec<(u32, Option<String>)>> = HashMap::new();
-    for read in instances {
-        let key = read.key();
-        read_hosts.insert(key.clone(), placements(read));
-        let Some(p) = decided.instances.get(&key) else {
+    for &(key, read) in &keyed {
+        let Some(p) = decided.instances.get(key) else {
             continue;
         };
-        events.extend(placement_events(read, p));
         let version = read.metadata.resource_version.unwrap_or(0);
-        let moves = moves_of(&key);
+        let moves = moves_of(key);
+        // Settled: its status already says what the plan says, so it has no placement event
+        // either.
         if moves.is_empty()
             && settled
                 .by_key
-                .get(&key)
+                .get(key)
                 .is_some_and(|(v, tried)| *v == version && tried == p)
         {
             continue;
         }
+        events.extend(placement_events(read, p));
         report.tried += 1;
         // The plan is tried on a copy: the decoded object is shared with other readers.
         if apply_instance_plan_moving(&mut read.clone(), p, moves, &now) {
-            settled.by_key.remove(&key);
-            keys.push(key);
+            settled.by_key.remove(key);
+            read_hosts.insert(key.clone(), placements(read));
+            keys.push(key.clone());
             report.instances_written += 1;
         } else if moves.is_empty() {
-            settled.by_key.insert(key, (version, p.clone()));
+            settled.by_key.insert(key.clone(), (version, p.clone()));
         }
     }
     // Instances gone from the store leave it.
-    settled.by_key.retain(|k, _| read_hosts.contains_key(k));
+    if !settled.by_key.is_empty() {
+        let present: std::collections::HashSet<&ObjectKey> =
+            keyed.iter().map(|(key, _)| *key).collect();
+        settled.by_key.retain(|k, _| present.contains(k));
+    }
     for host in readable {
         if let Some(allocated) = decided.hosts.get(&host.metadata.name)
             && host.status.as_ref().map(|s| &s.allocated) != Some(allocated)
@@ -1156,7 +1165,7 @@ pub fn placement_events(
         .unwrap_or_default();
     let mut out = Vec::new();
     for (ordinal, placement) in plan.replicas.iter().enumerate() {
-        let replica = format!("{}-{ordinal}", instance.metadata.name);
+        let replica = || format!("{}-{ordinal}", instance.metadata.name);
         let before = previous.iter().find(|r| r.ordinal == ordinal as u32);
         match placement {
             ReplicaPlacement::Placed { host } => {
@@ -1166,11 +1175,13 @@ pub fn placement_events(
                             key.clone(),
                             REASON_SCHEDULED,
                             format!(
-                                "Successfully assigned {}/{}/{replica} to host {host}",
-                                key.tenant, key.project
+                                "Successfully assigned {}/{}/{} to host {host}",
+                                key.tenant,
+                                key.project,
+                                replica()
                             ),
                         )
-                        .replica(replica)
+                        .replica(replica())
                         .source("scheduler"),
                     );
                 }
@@ -1182,7 +1193,7 @@ pub fn placement_events(
                 if !same {
                     out.push(
                         Event::warning(key.clone(), "FailedScheduling", reason.clone())
-                            .replica(replica)
+                            .replica(replica())
                             .source("scheduler"),
                     );
                 }
