@@ -312,6 +312,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         metrics: Arc::default(),
         tasks: Arc::default(),
         enrollments: Arc::default(),
+        verified: Arc::default(),
     };
     // The expiry of the server's certificates, for `/metrics` (and the alert on it).
     for (name, pem) in [

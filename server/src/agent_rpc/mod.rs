@@ -66,6 +66,8 @@ pub struct AgentRpc {
     pub tasks: Arc<tasks::TaskHub>,
     /// Enrollments waiting for the next group write (started by the first enrollment).
     pub enrollments: Arc<EnrollmentQueue>,
+    /// Host identities found current, while no host is deleted.
+    pub verified: Arc<identity::Verified>,
 }
 
 /// Enrollments waiting for the next group write; none if its thread could not be started.
@@ -326,9 +328,9 @@ impl AgentRpc {
     /// blocking pool.
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<HostIdentity, Status> {
         let id = identity::peer_identity(request)?;
-        let store = self.store.clone();
+        let (store, verified) = (self.store.clone(), self.verified.clone());
         let id = try_blocking("checking the host identity", move || {
-            identity::check_current(&id, store.as_ref())?;
+            verified.check(&id, store.as_ref())?;
             Ok::<_, Status>(id)
         })
         .await?;
@@ -639,10 +641,10 @@ impl AgentService for AgentRpc {
         let waited = self.book.wait(&id.name, request.known_index, wait).await;
         // The host may have been removed while the poll was held: its (now empty) set must
         // not reach it as "run nothing", which would delete its replicas' state volumes.
-        let store = self.store.clone();
+        let (store, verified) = (self.store.clone(), self.verified.clone());
         let current = id.clone();
         if let Err(e) = try_blocking("checking the host identity", move || {
-            identity::check_current(&current, store.as_ref())
+            verified.check(&current, store.as_ref())
         })
         .await
         {

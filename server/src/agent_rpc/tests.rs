@@ -40,6 +40,7 @@ async fn start() -> Harness {
         metrics: Arc::default(),
         tasks: Arc::default(),
         enrollments: Arc::default(),
+        verified: Arc::default(),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!(

@@ -686,6 +686,8 @@ pub fn update_keeps_generation_and_bumps_the_index(store: &dyn Store) {
 
 pub fn kind_fingerprints_count_the_kind_and_move_with_each_of_its_writes(store: &dyn Store) {
     let of = |kind| store.kind_fingerprint(kind).unwrap();
+    let deletions = |kind| store.kind_deletions(kind).unwrap().expect("kept");
+    assert_eq!(deletions(Kind::OpenClawInstance), 0);
     let highest = |kind| {
         store
             .versions(kind)
@@ -737,7 +739,14 @@ pub fn kind_fingerprints_count_the_kind_and_move_with_each_of_its_writes(store: 
 
     // Deleting the newest object moves the count, even though the highest version ever
     // written stays.
+    assert_eq!(
+        deletions(Kind::OpenClawInstance),
+        0,
+        "writes are not deletions"
+    );
     store.delete(&a, None).unwrap();
+    assert_eq!(deletions(Kind::OpenClawInstance), 1);
+    assert_eq!(deletions(Kind::Tenant), 0);
     let deleted = of(Kind::OpenClawInstance);
     assert_eq!(deleted.0, 2);
     assert_ne!(deleted, updated);
@@ -747,6 +756,7 @@ pub fn kind_fingerprints_count_the_kind_and_move_with_each_of_its_writes(store: 
         .unwrap();
     apply(store, vec![instance("acme", "web", "d", 1, "eu")]).unwrap();
     let replaced = of(Kind::OpenClawInstance);
+    assert_eq!(deletions(Kind::OpenClawInstance), 2);
     assert_eq!(replaced, (2, highest(Kind::OpenClawInstance)));
     assert!(replaced.1 > deleted.1);
     assert_eq!(

@@ -500,6 +500,12 @@ pub trait Store: Send + Sync + 'static {
         let highest = versions.iter().map(|(_, _, rv)| *rv).max().unwrap_or(0);
         Ok((versions.len() as u64, highest))
     }
+    /// How many objects of `kind` have been deleted, by a count that only grows (none for a
+    /// store that does not keep one): while it stays, every object seen since it was read is
+    /// still there, under the same uid.
+    fn kind_deletions(&self, _kind: Kind) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
     /// Every object of `kind` as (key, uid, resourceVersion), without its body: enough to
     /// tell which objects changed since an earlier look.
     fn versions(&self, kind: Kind) -> Result<Vec<(ObjectKey, String, u64)>, StoreError> {

@@ -218,28 +218,37 @@ const MIGRATIONS: &[&str] = &[
     r#"CREATE TABLE IF NOT EXISTS kind_stats (
         kind TEXT COLLATE "C" PRIMARY KEY,
         count BIGINT NOT NULL,
-        highest BIGINT NOT NULL
+        highest BIGINT NOT NULL,
+        deleted BIGINT NOT NULL DEFAULT 0
     );
     DELETE FROM kind_stats;
     INSERT INTO kind_stats (kind, count, highest)
         SELECT kind, count(*), max(resource_version) FROM objects GROUP BY kind;
     CREATE OR REPLACE FUNCTION objects_kind_stats() RETURNS trigger LANGUAGE plpgsql AS $body$
     BEGIN
-        IF TG_OP <> 'INSERT' THEN
-            UPDATE kind_stats SET count = count - 1 WHERE kind = OLD.kind;
+        -- An object written again under another uid (or kind) is deleted and created.
+        IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE'
+                AND (OLD.kind <> NEW.kind OR OLD.uid <> NEW.uid)) THEN
+            UPDATE kind_stats SET count = count - 1, deleted = deleted + 1
+                WHERE kind = OLD.kind;
+            IF TG_OP = 'DELETE' THEN
+                RETURN NULL;
+            END IF;
+        ELSIF TG_OP = 'UPDATE' THEN
+            UPDATE kind_stats SET highest = GREATEST(highest, NEW.resource_version)
+                WHERE kind = NEW.kind;
+            RETURN NULL;
         END IF;
-        IF TG_OP <> 'DELETE' THEN
-            INSERT INTO kind_stats AS s (kind, count, highest)
-                VALUES (NEW.kind, 1, NEW.resource_version)
-            ON CONFLICT (kind) DO UPDATE
-                SET count = s.count + 1, highest = GREATEST(s.highest, excluded.highest);
-        END IF;
+        INSERT INTO kind_stats AS s (kind, count, highest)
+            VALUES (NEW.kind, 1, NEW.resource_version)
+        ON CONFLICT (kind) DO UPDATE
+            SET count = s.count + 1, highest = GREATEST(s.highest, excluded.highest);
         RETURN NULL;
     END
     $body$;
     DROP TRIGGER IF EXISTS objects_kind_stats ON objects;
     CREATE TRIGGER objects_kind_stats
-        AFTER INSERT OR DELETE OR UPDATE OF kind, resource_version ON objects
+        AFTER INSERT OR DELETE OR UPDATE OF kind, uid, resource_version ON objects
         FOR EACH ROW EXECUTE FUNCTION objects_kind_stats();"#,
 ];
 
@@ -2040,6 +2049,16 @@ impl Store for PgStore {
 
     fn kind_fingerprint(&self, kind: Kind) -> Result<(u64, u64), StoreError> {
         self.read(|tx| fingerprint_in(tx, kind))
+    }
+
+    fn kind_deletions(&self, kind: Kind) -> Result<Option<u64>, StoreError> {
+        self.read(|tx| {
+            let row = tx.query_opt(
+                "SELECT deleted FROM kind_stats WHERE kind = $1",
+                &[&kind.as_str()],
+            )?;
+            Ok(Some(row.map_or(0, |r| r.get::<_, i64>(0)) as u64))
+        })
     }
 
     fn versions(&self, kind: Kind) -> Result<Vec<(ObjectKey, String, u64)>, StoreError> {

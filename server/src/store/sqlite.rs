@@ -105,7 +105,9 @@ const MIGRATIONS: &[&str] = &[
 /// and all: at 10,000 hosts, megabytes copied out of the page cache on every pass.
 const VERSIONS_INDEX_MIGRATION: &str = "CREATE INDEX IF NOT EXISTS objects_versions
      ON objects (kind, resource_version, tenant, project, name, uid);";
-/// Each kind's count and the highest version any of its objects was ever written at, kept by
+/// Each kind's count, the highest version any of its objects was ever written at and how many
+/// were deleted (an object written again under another uid counts as deleted and created; since the count was taken: a database whose version was set back counts
+/// afresh, and every reader of the number compares it with itself only), kept by
 /// the triggers of every write of `objects` (in the writing transaction). Counting the kind
 /// instead reads its whole range of the versions index: 10,000 entries for the hosts, on each
 /// pass of each loop. The highest version stays where it was when the object holding it is
@@ -116,7 +118,8 @@ const VERSIONS_INDEX_MIGRATION: &str = "CREATE INDEX IF NOT EXISTS objects_versi
 const KIND_STATS_MIGRATION: &str = "CREATE TABLE IF NOT EXISTS kind_stats (
         kind TEXT PRIMARY KEY,
         count INTEGER NOT NULL,
-        highest INTEGER NOT NULL
+        highest INTEGER NOT NULL,
+        deleted INTEGER NOT NULL DEFAULT 0
      ) WITHOUT ROWID;
      DELETE FROM kind_stats;
      INSERT INTO kind_stats (kind, count, highest)
@@ -127,19 +130,23 @@ const KIND_STATS_MIGRATION: &str = "CREATE TABLE IF NOT EXISTS kind_stats (
             SET count = count + 1, highest = max(highest, excluded.highest);
      END;
      CREATE TRIGGER IF NOT EXISTS objects_kind_stats_delete AFTER DELETE ON objects BEGIN
-        UPDATE kind_stats SET count = count - 1 WHERE kind = OLD.kind;
+        UPDATE kind_stats SET count = count - 1, deleted = deleted + 1 WHERE kind = OLD.kind;
      END;
-     CREATE TRIGGER IF NOT EXISTS objects_kind_stats_update AFTER UPDATE OF kind, resource_version ON objects
+     CREATE TRIGGER IF NOT EXISTS objects_kind_stats_update
+        AFTER UPDATE OF kind, uid, resource_version ON objects
      BEGIN
-        UPDATE kind_stats SET count = count - 1 WHERE kind = OLD.kind AND OLD.kind <> NEW.kind;
+        UPDATE kind_stats SET count = count - 1, deleted = deleted + 1
+            WHERE kind = OLD.kind AND (OLD.kind <> NEW.kind OR OLD.uid <> NEW.uid);
         INSERT INTO kind_stats (kind, count, highest)
-            VALUES (NEW.kind, OLD.kind <> NEW.kind, NEW.resource_version)
+            VALUES (NEW.kind, OLD.kind <> NEW.kind OR OLD.uid <> NEW.uid, NEW.resource_version)
         ON CONFLICT (kind) DO UPDATE
-            SET count = count + (OLD.kind <> NEW.kind), highest = max(highest, excluded.highest);
+            SET count = count + excluded.count, highest = max(highest, excluded.highest);
      END;";
 /// [`Store::kind_fingerprint`]: one row of [`KIND_STATS_MIGRATION`]'s table (none before the
 /// kind's first object).
 const KIND_FINGERPRINT_SQL: &str = "SELECT count, highest FROM kind_stats WHERE kind = ?1";
+/// [`Store::kind_deletions`].
+const KIND_DELETIONS_SQL: &str = "SELECT deleted FROM kind_stats WHERE kind = ?1";
 /// [`Store::versions`]; served by the versions index alone.
 const VERSIONS_SQL: &str =
     "SELECT tenant, project, name, uid, resource_version FROM objects WHERE kind = ?1";
@@ -1692,6 +1699,16 @@ impl Store for SqliteStore {
 
     fn kind_fingerprint(&self, kind: Kind) -> Result<(u64, u64), StoreError> {
         self.read(|c| fingerprint_in(c, kind))
+    }
+
+    fn kind_deletions(&self, kind: Kind) -> Result<Option<u64>, StoreError> {
+        self.read(|c| {
+            let deleted: Option<i64> = c
+                .prepare_cached(KIND_DELETIONS_SQL)?
+                .query_row([kind.as_str()], |r| r.get(0))
+                .optional()?;
+            Ok(Some(deleted.unwrap_or(0) as u64))
+        })
     }
 
     fn versions(&self, kind: Kind) -> Result<Vec<(ObjectKey, String, u64)>, StoreError> {
