@@ -33,13 +33,16 @@ use fantoccini::{Client, Locator};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(90);
+/// How long a page that a form's answer brings may take: the full suite runs beside this test
+/// on two cores, and a logout once took longer than 10 s there.
+const PAGE_WAIT: Duration = Duration::from_secs(30);
 
 async fn log_in(c: &Client, api: &str, token: &str) -> anyhow::Result<()> {
     c.goto(&format!("{api}/ui/login")).await?;
     c.find(Locator::Id("token")).await?.send_keys(token).await?;
     click(c, "form button[type=submit]").await?;
     c.wait()
-        .at_most(Duration::from_secs(10))
+        .at_most(PAGE_WAIT)
         .for_element(Locator::Id("who"))
         .await?;
     Ok(())
@@ -48,7 +51,7 @@ async fn log_in(c: &Client, api: &str, token: &str) -> anyhow::Result<()> {
 async fn log_out(c: &Client) -> anyhow::Result<()> {
     click(c, "form.logout button").await?;
     c.wait()
-        .at_most(Duration::from_secs(10))
+        .at_most(PAGE_WAIT)
         .for_element(Locator::Id("token"))
         .await?;
     Ok(())
