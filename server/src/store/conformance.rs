@@ -246,6 +246,17 @@ fn host(name: &str) -> Resource {
     )
 }
 
+/// Tenant `acme`, its project `web` and one single-replica instance per name, in one apply.
+fn acme_web_with(store: &dyn Store, instances: &[&str]) {
+    let mut items = vec![tenant("acme"), project("acme", "web")];
+    items.extend(
+        instances
+            .iter()
+            .map(|n| instance("acme", "web", n, 1, "eu")),
+    );
+    apply(store, items).unwrap();
+}
+
 fn apply(store: &dyn Store, items: Vec<Resource>) -> Result<WriteSummary, StoreError> {
     let batch: Vec<_> = items.into_iter().map(|r| (r, WriteMode::Apply)).collect();
     store.write(&batch, false)
@@ -702,17 +713,7 @@ pub fn kind_fingerprints_count_the_kind_and_move_with_each_of_its_writes(store: 
         (0, 0),
         "nothing of the kind yet"
     );
-    apply(
-        store,
-        vec![
-            tenant("acme"),
-            project("acme", "web"),
-            instance("acme", "web", "a", 1, "eu"),
-            instance("acme", "web", "b", 1, "eu"),
-            instance("acme", "web", "c", 1, "eu"),
-        ],
-    )
-    .unwrap();
+    acme_web_with(store, &["a", "b", "c"]);
     let created = of(Kind::OpenClawInstance);
     assert_eq!(created, (3, highest(Kind::OpenClawInstance)));
     assert_eq!(of(Kind::Tenant), (1, highest(Kind::Tenant)));
@@ -766,16 +767,7 @@ pub fn kind_fingerprints_count_the_kind_and_move_with_each_of_its_writes(store: 
 }
 
 pub fn decoded_lists_follow_every_write(store: &dyn Store) {
-    apply(
-        store,
-        vec![
-            tenant("acme"),
-            project("acme", "web"),
-            instance("acme", "web", "b", 1, "eu"),
-            instance("acme", "web", "a", 1, "eu"),
-        ],
-    )
-    .unwrap();
+    acme_web_with(store, &["b", "a"]);
     let mut versions = store.versions(Kind::OpenClawInstance).unwrap();
     versions.sort();
     let names: Vec<&str> = versions.iter().map(|(k, _, _)| k.name.as_str()).collect();

@@ -2653,34 +2653,34 @@ mod tests {
         );
     }
 
-    #[test]
-    fn upgrading_counts_each_kind_written_before() {
+    /// A database holding tenant `acme`, its project `helpdesk` and single-replica instances
+    /// of the names given, then changed by `sql` (an older schema version, as it left it).
+    fn written_then_set_back(instances: &[&str], sql: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.db");
         {
             let store = SqliteStore::open(&path).unwrap();
-            apply(
-                &store,
-                vec![
-                    tenant("acme"),
-                    project("acme", "helpdesk"),
-                    instance("acme", "helpdesk", "a", 1, "eu"),
-                    instance("acme", "helpdesk", "b", 1, "eu"),
-                ],
-            )
-            .unwrap();
+            let mut items = vec![tenant("acme"), project("acme", "helpdesk")];
+            items.extend(
+                instances
+                    .iter()
+                    .map(|n| instance("acme", "helpdesk", n, 1, "eu")),
+            );
+            apply(&store, items).unwrap();
         }
-        {
-            // The database as schema version 13 left it.
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(
-                "DROP TRIGGER objects_kind_stats_insert; DROP TRIGGER objects_kind_stats_delete;
-                 DROP TRIGGER objects_kind_stats_update; DROP TABLE kind_stats;
-                 PRAGMA user_version = 13;",
-            )
-            .unwrap();
-        }
-        let store = SqliteStore::open(&path).unwrap();
+        Connection::open(&path).unwrap().execute_batch(sql).unwrap();
+        dir
+    }
+
+    #[test]
+    fn upgrading_counts_each_kind_written_before() {
+        let dir = written_then_set_back(
+            &["a", "b"],
+            "DROP TRIGGER objects_kind_stats_insert; DROP TRIGGER objects_kind_stats_delete;
+             DROP TRIGGER objects_kind_stats_update; DROP TABLE kind_stats;
+             PRAGMA user_version = 13;",
+        );
+        let store = SqliteStore::open(&dir.path().join("c.db")).unwrap();
         let b = store
             .get(&ObjectKey::instance("acme", "helpdesk", "b"))
             .unwrap()
@@ -2700,28 +2700,12 @@ mod tests {
 
     #[test]
     fn upgrading_to_revisions_gives_every_instance_its_first_revision() {
-        let dir = tempfile::tempdir().unwrap();
+        // The database as schema version 3 left it.
+        let dir = written_then_set_back(
+            &["bot"],
+            "DROP TABLE config_revisions; DROP TABLE secret_values; DROP TABLE retained_volumes; PRAGMA user_version = 3;",
+        );
         let path = dir.path().join("c.db");
-        {
-            let store = SqliteStore::open(&path).unwrap();
-            apply(
-                &store,
-                vec![
-                    tenant("acme"),
-                    project("acme", "helpdesk"),
-                    instance("acme", "helpdesk", "bot", 1, "eu"),
-                ],
-            )
-            .unwrap();
-        }
-        {
-            // The database as schema version 3 left it.
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(
-                "DROP TABLE config_revisions; DROP TABLE secret_values; DROP TABLE retained_volumes; PRAGMA user_version = 3;",
-            )
-            .unwrap();
-        }
         let store = SqliteStore::open(&path).unwrap();
         let bot = store
             .get(&ObjectKey::instance("acme", "helpdesk", "bot"))
