@@ -37,7 +37,7 @@ const META: &str = "meta";
 const LEASE: &str = "leader_lease";
 /// The tables of the engine itself, never copied.
 const INTERNAL_PREFIX: &str = "sqlite_";
-/// Each kind's count and highest version: kept by the target's own trigger as the objects are
+/// Each kind's count, highest version and deletions: kept by the target's own trigger as the objects are
 /// copied, so never copied (a copied row would be counted twice).
 const KIND_STATS: &str = "kind_stats";
 /// How many target tables an error about a non-empty target names.

@@ -211,10 +211,11 @@ const MIGRATIONS: &[&str] = &[
     // loops' look at what changed (`versions`, `kind_fingerprint`) reads no object body.
     "CREATE INDEX IF NOT EXISTS objects_versions
      ON objects (kind, resource_version) INCLUDE (tenant, project, name, uid);",
-    // 8: each kind's count and highest version, kept by a trigger, so that `kind_fingerprint`
-    // (every control loop's first question on every pass) reads one row. Every write already
-    // holds the global index's row, so the kind's row adds no wait. Counted afresh, and
-    // each statement can run again: a database whose version was set back keeps a true count.
+    // 8: each kind's count, highest version and deletions, kept by a trigger, so that
+    // `kind_fingerprint` (every control loop's first question on every pass) reads one row.
+    // Every write already holds the global index's row, so the kind's row adds no wait.
+    // Counted afresh, and each statement can run again: a database whose version was set
+    // back keeps a true count.
     r#"CREATE TABLE IF NOT EXISTS kind_stats (
         kind TEXT COLLATE "C" PRIMARY KEY,
         count BIGINT NOT NULL,
@@ -268,15 +269,21 @@ const CHANNEL: &str = "clusterclaw_index";
 /// The notification channel of the store in `schema`: several stores may share a database in
 /// schemas of their own, and one must not wake on another's writes. Channel names are
 /// identifiers (at most 63 bytes): a long schema name is shortened to a hash of it.
-/// [`Store::kind_fingerprint`] in `tx`.
-fn fingerprint_in(tx: &mut PgTx<'_, '_>, kind: Kind) -> Result<(u64, u64), StoreError> {
-    // Kept by the trigger of schema version 8; no row before the kind's first object.
+/// A kind's (count, highest version, deletions) in `tx`: kept by the trigger of schema
+/// version 8; no row before the kind's first object.
+fn kind_stats_in(tx: &mut PgTx<'_, '_>, kind: Kind) -> Result<(u64, u64, u64), StoreError> {
     let row = tx.query_opt(
-        "SELECT count, highest FROM kind_stats WHERE kind = $1",
+        "SELECT count, highest, deleted FROM kind_stats WHERE kind = $1",
         &[&kind.as_str()],
     )?;
-    let (count, highest): (i64, i64) = row.map_or((0, 0), |r| (r.get(0), r.get(1)));
-    Ok((count as u64, highest as u64))
+    let (count, highest, deleted): (i64, i64, i64) =
+        row.map_or((0, 0, 0), |r| (r.get(0), r.get(1), r.get(2)));
+    Ok((count as u64, highest as u64, deleted as u64))
+}
+
+/// [`Store::kind_fingerprint`] in `tx`.
+fn fingerprint_in(tx: &mut PgTx<'_, '_>, kind: Kind) -> Result<(u64, u64), StoreError> {
+    kind_stats_in(tx, kind).map(|(count, highest, _)| (count, highest))
 }
 
 /// (key, uid, resourceVersion) of version rows (tenant, project, name, uid, resource_version).
@@ -2052,13 +2059,7 @@ impl Store for PgStore {
     }
 
     fn kind_deletions(&self, kind: Kind) -> Result<Option<u64>, StoreError> {
-        self.read(|tx| {
-            let row = tx.query_opt(
-                "SELECT deleted FROM kind_stats WHERE kind = $1",
-                &[&kind.as_str()],
-            )?;
-            Ok(Some(row.map_or(0, |r| r.get::<_, i64>(0)) as u64))
-        })
+        self.read(|tx| kind_stats_in(tx, kind).map(|(_, _, deleted)| Some(deleted)))
     }
 
     fn versions(&self, kind: Kind) -> Result<Vec<(ObjectKey, String, u64)>, StoreError> {

@@ -95,7 +95,7 @@ const MIGRATIONS: &[&str] = &[
     // 13: each object's identity and version in an index of their own, so that the control
     // loops' look at what changed (`versions`, `kind_fingerprint`) reads no object body.
     VERSIONS_INDEX_MIGRATION,
-    // 14: each kind's count and highest version, kept by triggers, so that
+    // 14: each kind's count, highest version and deletions, kept by triggers, so that
     // `kind_fingerprint` (every control loop's first question on every pass) reads one row.
     KIND_STATS_MIGRATION,
 ];
@@ -105,16 +105,17 @@ const MIGRATIONS: &[&str] = &[
 /// and all: at 10,000 hosts, megabytes copied out of the page cache on every pass.
 const VERSIONS_INDEX_MIGRATION: &str = "CREATE INDEX IF NOT EXISTS objects_versions
      ON objects (kind, resource_version, tenant, project, name, uid);";
-/// Each kind's count, the highest version any of its objects was ever written at and how many
-/// were deleted (an object written again under another uid counts as deleted and created; since the count was taken: a database whose version was set back counts
-/// afresh, and every reader of the number compares it with itself only), kept by
-/// the triggers of every write of `objects` (in the writing transaction). Counting the kind
-/// instead reads its whole range of the versions index: 10,000 entries for the hosts, on each
-/// pass of each loop. The highest version stays where it was when the object holding it is
-/// deleted; the count moves then, so the pair still changes with every write of the kind.
+/// Each kind's count, the highest version any of its objects was ever written at, and how
+/// many of its objects were deleted (an object written again under another uid counts as
+/// deleted and created), kept by triggers on every write of `objects`, in the writing
+/// transaction. Counting the kind instead reads its whole range of the versions index: 10,000
+/// entries for the hosts, on each pass of each loop. The highest version stays where it was
+/// when the object holding it is deleted; the count moves then, so the pair still changes with
+/// every write of the kind.
 ///
-/// Counted afresh and `IF NOT EXISTS`: a database whose version was set back by hand keeps
-/// its triggers and gets a true count.
+/// Counted afresh and `IF NOT EXISTS`: a database whose version was set back by hand keeps its
+/// triggers and gets a true count (its deletions count from 0 again, at a start, before any
+/// reader has seen them).
 const KIND_STATS_MIGRATION: &str = "CREATE TABLE IF NOT EXISTS kind_stats (
         kind TEXT PRIMARY KEY,
         count INTEGER NOT NULL,
@@ -142,11 +143,9 @@ const KIND_STATS_MIGRATION: &str = "CREATE TABLE IF NOT EXISTS kind_stats (
         ON CONFLICT (kind) DO UPDATE
             SET count = count + excluded.count, highest = max(highest, excluded.highest);
      END;";
-/// [`Store::kind_fingerprint`]: one row of [`KIND_STATS_MIGRATION`]'s table (none before the
-/// kind's first object).
-const KIND_FINGERPRINT_SQL: &str = "SELECT count, highest FROM kind_stats WHERE kind = ?1";
-/// [`Store::kind_deletions`].
-const KIND_DELETIONS_SQL: &str = "SELECT deleted FROM kind_stats WHERE kind = ?1";
+/// [`Store::kind_fingerprint`] and [`Store::kind_deletions`]: one row of
+/// [`KIND_STATS_MIGRATION`]'s table (none before the kind's first object).
+const KIND_STATS_SQL: &str = "SELECT count, highest, deleted FROM kind_stats WHERE kind = ?1";
 /// [`Store::versions`]; served by the versions index alone.
 const VERSIONS_SQL: &str =
     "SELECT tenant, project, name, uid, resource_version FROM objects WHERE kind = ?1";
@@ -619,14 +618,19 @@ fn usage_in(conn: &Connection, tenant: &str, project: Option<&str>) -> Result<Us
     })?)
 }
 
+/// A kind's (count, highest version, deletions) on `c` ([`KIND_STATS_SQL`]).
+fn kind_stats_in(c: &Connection, kind: Kind) -> Result<(u64, u64, u64), StoreError> {
+    let row: Option<(i64, i64, i64)> = c
+        .prepare_cached(KIND_STATS_SQL)?
+        .query_row([kind.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let (count, highest, deleted) = row.unwrap_or((0, 0, 0));
+    Ok((count as u64, highest as u64, deleted as u64))
+}
+
 /// [`Store::kind_fingerprint`] on `c`.
 fn fingerprint_in(c: &Connection, kind: Kind) -> Result<(u64, u64), StoreError> {
-    let row: Option<(i64, i64)> = c
-        .prepare_cached(KIND_FINGERPRINT_SQL)?
-        .query_row([kind.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    let (count, highest) = row.unwrap_or((0, 0));
-    Ok((count as u64, highest as u64))
+    kind_stats_in(c, kind).map(|(count, highest, _)| (count, highest))
 }
 
 /// (key, uid, resourceVersion) of the objects of `kind` that `sql` (one of [`VERSIONS_SQL`],
@@ -1702,13 +1706,7 @@ impl Store for SqliteStore {
     }
 
     fn kind_deletions(&self, kind: Kind) -> Result<Option<u64>, StoreError> {
-        self.read(|c| {
-            let deleted: Option<i64> = c
-                .prepare_cached(KIND_DELETIONS_SQL)?
-                .query_row([kind.as_str()], |r| r.get(0))
-                .optional()?;
-            Ok(Some(deleted.unwrap_or(0) as u64))
-        })
+        self.read(|c| kind_stats_in(c, kind).map(|(_, _, deleted)| Some(deleted)))
     }
 
     fn versions(&self, kind: Kind) -> Result<Vec<(ObjectKey, String, u64)>, StoreError> {
@@ -2517,9 +2515,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("c.db")).unwrap();
         apply(&store, vec![tenant("acme"), project("acme", "web")]).unwrap();
-        for sql in [KIND_FINGERPRINT_SQL, VERSIONS_SQL] {
+        for sql in [KIND_STATS_SQL, VERSIONS_SQL] {
             // The fingerprint is one row of its own table.
-            let index = if sql == KIND_FINGERPRINT_SQL {
+            let index = if sql == KIND_STATS_SQL {
                 "USING PRIMARY KEY (kind=?)"
             } else {
                 "USING COVERING INDEX objects_versions ("
