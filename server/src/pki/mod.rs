@@ -285,8 +285,7 @@ impl Ca {
         uri: Option<&str>,
         validity_for: Duration,
     ) -> Result<String, PkiError> {
-        check_host_id(host_id)?;
-        self.sign_request(Self::check_csr(csr_pem)?, host_id, uri, validity_for)
+        self.sign_checked_csr(Self::check_csr(csr_pem)?, host_id, uri, validity_for)
     }
 
     /// [`Ca::sign_host_csr`] of a request [`Ca::check_csr`] checked.
@@ -298,17 +297,6 @@ impl Ca {
         validity_for: Duration,
     ) -> Result<String, PkiError> {
         check_host_id(host_id)?;
-        self.sign_request(csr, host_id, uri, validity_for)
-    }
-
-    /// Signs a checked request for a checked host id.
-    fn sign_request(
-        &self,
-        csr: CheckedCsr,
-        host_id: &str,
-        uri: Option<&str>,
-        validity_for: Duration,
-    ) -> Result<String, PkiError> {
         let request = csr.0;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
