@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::agent_rpc::Reports;
 use crate::model::{HostPhase, Kind, Resource, parse_cpu, parse_memory};
-use crate::store::{ListFilter, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// Upper bounds (seconds) of the RPC latency histogram.
 const BUCKETS: [f64; 12] = [
@@ -319,12 +319,15 @@ impl Metrics {
         let mut age_lines = String::new();
         let mut cap_lines = String::new();
         let mut alloc_lines = String::new();
-        for o in store.list(&ListFilter::all(Kind::Host))? {
-            let Ok(Resource::Host(h)) = o.resource() else {
+        // Through the decoded cache: a scrape decodes only what was written since the last
+        // look (at 10,000 hosts, decoding every host took most of a scrape's 170 ms).
+        let no_status = Default::default();
+        for d in crate::store::decoded::list_decoded(store, Kind::Host)?.iter() {
+            let Ok(Resource::Host(h)) = &d.resource else {
                 continue;
             };
             let name = h.metadata.name.clone();
-            let status = h.status.clone().unwrap_or_default();
+            let status = h.status.as_ref().unwrap_or(&no_status);
             let phase = match status.phase {
                 HostPhase::Ready => "Ready",
                 HostPhase::NotReady => {
@@ -419,8 +422,9 @@ impl Metrics {
             std::collections::HashSet::new();
         // name -> lines, for the per-instance families.
         let mut fam: BTreeMap<&'static str, String> = BTreeMap::new();
-        for o in store.list(&ListFilter::all(Kind::OpenClawInstance))? {
-            let Ok(Resource::OpenClawInstance(i)) = o.resource() else {
+        let no_status = Default::default();
+        for d in crate::store::decoded::list_decoded(store, Kind::OpenClawInstance)?.iter() {
+            let Ok(Resource::OpenClawInstance(i)) = &d.resource else {
                 continue;
             };
             let m = &i.metadata;
@@ -430,7 +434,7 @@ impl Metrics {
             );
             let l = instance_labels(&t, &p, &m.name);
             existing.insert((t, p, m.name.clone()));
-            let status = i.status.clone().unwrap_or_default();
+            let status = i.status.as_ref().unwrap_or(&no_status);
             *instances.entry(format!("{:?}", status.phase)).or_default() += 1;
             let mut restarts = 0u64;
             for r in &status.replica_status {
