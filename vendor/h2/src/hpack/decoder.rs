@@ -158,7 +158,10 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // Grown to what each decoded string needs: the dynamic table keeps
+            // the strings it indexes, which would pin a larger block per
+            // connection for as long as the connection lives.
+            buffer: BytesMut::new(),
         }
     }
 
