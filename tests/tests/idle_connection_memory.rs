@@ -2,10 +2,13 @@
 //! mostly idle between heartbeats; the workspace's h2 (vendor/h2/PATCHES.md) takes its write,
 //! read and HPACK buffers only while a frame is written or read. This test opens connections
 //! over loopback, each with one open stream in each direction (as a long poll or a heartbeat
-//! stream holds them), lets them go idle, and counts the bytes the heap holds for them, both
+//! stream holds them), sends a message each way, lets them go idle after a keepalive ping (both
+//! ends of the agent port ping every 30 s), and counts the bytes the heap holds for them, both
 //! sides together, with dhat's allocator. With h2's buffers held for the connection's life that
-//! is about 60 KB a connection; the limit is well under half of that. Then every connection
-//! carries a frame larger than the write buffer each way, to show the buffers come back.
+//! is about 73 KB a connection; the limit is well under half of that. Then every connection
+//! carries a frame larger than the write buffer each way, to show the buffers come back, and a
+//! reader that keeps what it reads while small frames trickle in is checked not to pin a read
+//! buffer per frame.
 //!
 //! One test in this file: the allocator and its counts are the whole process's.
 
@@ -24,6 +27,10 @@ const CONNECTIONS: usize = 200;
 const LIMIT_PER_CONNECTION: usize = 20 * 1024;
 /// Larger than the write buffer (16 KiB) and the read buffer (8 KiB).
 const LARGE: usize = 100 * 1024;
+/// Small frames sent one by one to a reader that keeps them (within one stream's window).
+const TRICKLE_FRAMES: usize = 1_000;
+/// What one kept 10-byte frame may cost: its chunk and the stream's queue entry, not a block.
+const TRICKLE_LIMIT_PER_FRAME: usize = 1024;
 
 /// The server's side of one stream, held open.
 struct ServerStream {
@@ -31,10 +38,11 @@ struct ServerStream {
     send: SendStream<Bytes>,
 }
 
-/// The client's side of one stream, held open.
+/// The client's side of one stream, held open, and its connection's pings.
 struct ClientStream {
     send: SendStream<Bytes>,
     body: RecvStream,
+    ping: h2::PingPong,
 }
 
 #[test]
@@ -58,7 +66,7 @@ async fn run() {
     let mut warm = vec![open(addr).await];
     let mut warm_server = vec![accepted_rx.recv().await.expect("accepted")];
     exchange(&mut warm, &mut warm_server, LARGE).await;
-    settle().await;
+    settle(&mut warm).await;
 
     let _profiler = dhat::Profiler::builder().testing().build();
     let before = dhat::HeapStats::get().curr_bytes;
@@ -71,7 +79,7 @@ async fn run() {
     }
     // A small message each way on every stream, as a heartbeat and its acknowledgement.
     exchange(&mut clients, &mut servers, 200).await;
-    settle().await;
+    settle(&mut clients).await;
 
     let after = dhat::HeapStats::get().curr_bytes;
     let per_connection = after.saturating_sub(before) / CONNECTIONS;
@@ -88,6 +96,49 @@ async fn run() {
 
     // The buffers come back when there is something to carry.
     exchange(&mut clients, &mut servers, LARGE).await;
+
+    // A reader that keeps what it received while small frames trickle in, one read each: the
+    // frames share the read buffer's block, as with the published crate (a block a frame would
+    // hold 8 KiB for every 10 bytes sent).
+    let before = dhat::HeapStats::get().curr_bytes;
+    let held = trickle(&mut clients[0], &mut servers[0]).await;
+    let grown = dhat::HeapStats::get().curr_bytes.saturating_sub(before);
+    let per_frame = grown / TRICKLE_FRAMES;
+    eprintln!("{TRICKLE_FRAMES} trickled frames held: {grown} bytes, {per_frame} a frame");
+    assert!(
+        per_frame < TRICKLE_LIMIT_PER_FRAME,
+        "a held 10-byte frame costs {per_frame} bytes (limit {TRICKLE_LIMIT_PER_FRAME}): each \
+         read takes a block of its own again"
+    );
+    drop(held);
+}
+
+/// Sends [`TRICKLE_FRAMES`] frames of 10 bytes from the client, each flushed on its own, and
+/// keeps every chunk the server reads.
+async fn trickle(client: &mut ClientStream, server: &mut ServerStream) -> Vec<Bytes> {
+    let sender = async {
+        for _ in 0..TRICKLE_FRAMES {
+            send(&mut client.send, Bytes::from_static(b"0123456789")).await;
+            tokio::time::sleep(Duration::from_micros(300)).await;
+        }
+    };
+    let receiver = async {
+        let mut held = Vec::new();
+        let mut got = 0;
+        while got < TRICKLE_FRAMES * 10 {
+            let chunk = server
+                .body
+                .data()
+                .await
+                .expect("stream open")
+                .expect("data");
+            got += chunk.len();
+            held.push(chunk);
+        }
+        held
+    };
+    let ((), held) = tokio::join!(sender, receiver);
+    held
 }
 
 /// Accepts connections and hands over each connection's first stream.
@@ -117,7 +168,8 @@ async fn serve(listener: TcpListener, accepted: mpsc::UnboundedSender<ServerStre
 /// Opens a connection and a stream on it, held open both ways.
 async fn open(addr: std::net::SocketAddr) -> ClientStream {
     let socket = TcpStream::connect(addr).await.expect("connect");
-    let (client, connection) = h2::client::handshake(socket).await.expect("handshake");
+    let (client, mut connection) = h2::client::handshake(socket).await.expect("handshake");
+    let ping = connection.ping_pong().expect("the connection's pings");
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -130,6 +182,7 @@ async fn open(addr: std::net::SocketAddr) -> ClientStream {
     ClientStream {
         send,
         body: response.into_body(),
+        ping,
     }
 }
 
@@ -177,7 +230,12 @@ async fn receive(body: &mut RecvStream, len: usize) -> usize {
     got
 }
 
-/// Lets every connection flush, acknowledge and go back to waiting.
-async fn settle() {
+/// Lets every connection flush and acknowledge, pings each (a keepalive: what was read is long
+/// consumed by then) and lets it go back to waiting.
+async fn settle(clients: &mut [ClientStream]) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for client in clients.iter_mut() {
+        client.ping.ping(h2::Ping::opaque()).await.expect("pong");
+    }
     tokio::time::sleep(Duration::from_millis(300)).await;
 }

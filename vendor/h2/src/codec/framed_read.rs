@@ -426,13 +426,23 @@ where
         loop {
             tracing::trace!("poll");
             // The read buffer is taken only while a frame is read: an idle
-            // connection waiting for its next frame holds none.
+            // connection waiting for its next frame holds none. (Taken with
+            // `with_capacity`, so that growing it later allocates at least
+            // this much, as the codec's own buffer does.)
             if self.inner.read_buffer().capacity() == 0 {
-                self.inner.read_buffer_mut().reserve(READ_BUFFER_CAPACITY);
+                *self.inner.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER_CAPACITY);
             }
             let polled = Pin::new(&mut self.inner).poll_next(cx);
-            if polled.is_pending() && self.inner.read_buffer().is_empty() {
-                *self.inner.read_buffer_mut() = BytesMut::new();
+            if polled.is_pending() {
+                // Released when it is empty and no frame still holds a slice
+                // of its block (a DATA payload, a header value): dropping a
+                // shared block frees nothing, and the next read would take a
+                // fresh block instead of the rest of this one. `try_reclaim`
+                // also says yes when the buffer already has that much room.
+                let buf = self.inner.read_buffer_mut();
+                if buf.is_empty() && buf.try_reclaim(READ_BUFFER_CAPACITY) {
+                    *buf = BytesMut::new();
+                }
             }
             let bytes = match ready!(polled) {
                 Some(Ok(bytes)) => bytes,
