@@ -1070,7 +1070,9 @@ async fn run_probes(
     let mut results: Vec<ProbeResult> = Vec::new();
     loop {
         let now = Instant::now();
-        let publish = targets_changed || !results.is_empty();
+        // The statuses are assembled and compared only when a target or a verdict changed:
+        // most probes of a steady host confirm what is already published.
+        let mut publish = targets_changed;
         if targets_changed {
             targets_changed = false;
             prober.set_targets(&targets, now);
@@ -1093,11 +1095,13 @@ async fn run_probes(
             };
             s.probing = false;
             s.last = Some(r.at);
+            let before = prober.status(&r.key);
             if let Some(live) = r.live {
                 s.last_live = Some(r.at);
                 prober.record(&r.key, ProbeKind::Liveness, live, r.at);
             }
             prober.record(&r.key, ProbeKind::Readiness, r.ready, r.at);
+            publish |= prober.status(&r.key) != before;
             if !s.ready_seen && prober.status(&r.key).is_some_and(|p| p.ready) {
                 s.ready_seen = true;
                 tracing::info!(replica = %r.key, after_ms = r.at.saturating_duration_since(s.since).as_millis() as u64, "replica ready");
