@@ -130,6 +130,9 @@ pub trait Tx {
     // The state volumes hosts report.
     /// The reported volumes of one host (or all), by host and name.
     fn host_volumes(&mut self, host: Option<&str>) -> Result<Vec<HostVolume>, StoreError>;
+    /// (host, name) of every reported volume whose removal was asked for, by host and name:
+    /// the few rows with `delete_requested` set, without reading the others' columns.
+    fn requested_volume_deletions(&mut self) -> Result<Vec<(String, String)>, StoreError>;
     /// Adds or updates one reported volume (first seen `now` when new).
     fn put_host_volume(
         &mut self,

@@ -1722,6 +1722,17 @@ impl Tx for PgTx<'_, '_> {
         Ok(())
     }
 
+    fn requested_volume_deletions(&mut self) -> Result<Vec<(String, String)>, StoreError> {
+        self.query(
+            "SELECT host, name FROM host_volumes WHERE delete_requested IS NOT NULL
+             ORDER BY host, name",
+            &[],
+        )?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+    }
+
     fn host_volumes(&mut self, host: Option<&str>) -> Result<Vec<HostVolume>, StoreError> {
         self.query(
             "SELECT host, name, tenant, project, instance, replica, first_seen, orphaned_since,

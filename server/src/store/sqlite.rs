@@ -1358,6 +1358,15 @@ impl Tx for SqliteTx<'_> {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn requested_volume_deletions(&mut self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut stmt = self.0.prepare_cached(
+            "SELECT host, name FROM host_volumes WHERE delete_requested IS NOT NULL
+             ORDER BY host, name",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn put_host_volume(
         &mut self,
         host: &str,

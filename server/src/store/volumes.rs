@@ -81,12 +81,7 @@ pub fn replace_list(
 
 /// (host, name) of every volume whose removal was asked for, by host and name.
 pub fn deletions(tx: &mut dyn Tx) -> Result<Vec<(String, String)>, StoreError> {
-    Ok(tx
-        .host_volumes(None)?
-        .into_iter()
-        .filter(|v| v.delete_requested.is_some())
-        .map(|v| (v.host, v.volume.name))
-        .collect())
+    tx.requested_volume_deletions()
 }
 
 /// Sets or clears when each named volume turned orphaned.
