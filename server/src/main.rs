@@ -5,10 +5,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use clusterclaw_server::cli::{self, Cli, Command};
 
-/// mimalloc gives freed memory back to the system promptly; with the system allocator, the
-/// peaks of a scheduler pass over thousands of instances stayed resident in per-thread arenas.
+/// jemalloc gives freed memory back to the system from a background thread (its defaults are
+/// in `.cargo/config.toml`); with the system allocator, the peaks of a scheduler pass over
+/// thousands of instances stayed resident in per-thread arenas, and mimalloc kept about 60 MB
+/// more than jemalloc at 10,000 hosts in pages still holding a live block.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     clusterclaw_server::crypto::install();
