@@ -741,6 +741,13 @@ impl AssignmentBook {
                             rendered,
                             parts: parts_of(list, retained),
                         };
+                        if entry.parts.is_empty() {
+                            // Nothing of it on any host (no replica placed, no volume kept):
+                            // it is not kept either. With 10,000 instances waiting for hosts,
+                            // their entries held 80 MB. Its next change brings it here again.
+                            parts.remove(&key, &mut touched);
+                            continue;
+                        }
                         // Only hosts whose part of this instance changed are assembled again.
                         let mut scratch = HashSet::new();
                         let before = parts.remove(&key, &mut scratch).unwrap_or_else(|| Entry {
@@ -1181,6 +1188,44 @@ mod tests {
         // No poll waits any more: the next change forgets their signals.
         book.rebuild(&[inst("x", 1, &[Some("h1")], "1Gi")], 6);
         assert!(book.signals.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_instance_with_nothing_on_any_host_is_not_kept() {
+        let book = AssignmentBook::default();
+        let entries = |book: &AssignmentBook| book.parts.lock().unwrap().entries.len();
+        book.rebuild(
+            &[
+                inst("waiting", 2, &[None, None], "1Gi"),
+                inst("bot", 1, &[Some("h1")], "1Gi"),
+            ],
+            3,
+        );
+        assert_eq!(entries(&book), 1, "only the placed instance is kept");
+        assert_eq!(book.current("h1").assignments.len(), 1);
+        // Placed, it is kept and reaches its host.
+        book.rebuild(
+            &[
+                inst("waiting", 2, &[Some("h1"), None], "1Gi"),
+                inst("bot", 1, &[Some("h1")], "1Gi"),
+            ],
+            4,
+        );
+        assert_eq!(entries(&book), 2);
+        let h1 = book.current("h1");
+        assert_eq!((h1.index, h1.assignments.len()), (4, 2));
+        // Its replica unplaced again (its host gone), it leaves the host and the book.
+        book.rebuild(
+            &[
+                inst("waiting", 2, &[None, None], "1Gi"),
+                inst("bot", 1, &[Some("h1")], "1Gi"),
+            ],
+            5,
+        );
+        assert_eq!(entries(&book), 1);
+        let h1 = book.current("h1");
+        assert_eq!((h1.index, h1.assignments.len()), (5, 1));
+        assert_eq!(h1.assignments[0].instance, "bot");
     }
 
     /// The render of `revision` the book holds for instance `name` of `t/p`.
