@@ -2702,7 +2702,7 @@ impl Store for PgStore {
     }
 
     fn volume_deletions(&self) -> Result<Vec<(String, String)>, StoreError> {
-        self.read(|tx| super::volumes::deletions(tx))
+        self.read(|tx| tx.requested_volume_deletions())
     }
 
     fn mark_orphaned_volumes(

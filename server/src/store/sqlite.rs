@@ -2321,7 +2321,7 @@ impl Store for SqliteStore {
     }
 
     fn volume_deletions(&self) -> Result<Vec<(String, String)>, StoreError> {
-        self.read(|c| super::volumes::deletions(&mut SqliteTx(c)))
+        self.read(|c| SqliteTx(c).requested_volume_deletions())
     }
 
     fn mark_orphaned_volumes(

@@ -79,11 +79,6 @@ pub fn replace_list(
     Ok((changed, finished))
 }
 
-/// (host, name) of every volume whose removal was asked for, by host and name.
-pub fn deletions(tx: &mut dyn Tx) -> Result<Vec<(String, String)>, StoreError> {
-    tx.requested_volume_deletions()
-}
-
 /// Sets or clears when each named volume turned orphaned.
 pub fn mark_orphaned(
     tx: &mut dyn Tx,
