@@ -309,11 +309,8 @@ where
             }
 
             Frame::Priority(_) => {
-                /*
-                v.encode(self.buf.get_mut());
-                tracing::trace!("encoded priority; rem={:?}", self.buf.remaining());
-                */
-                unimplemented!();
+                // h2 reads PRIORITY frames but never makes one to send.
+                unreachable!("h2 does not send PRIORITY frames");
             }
             Frame::Reset(v) => {
                 v.encode(self.buf.get_mut());
