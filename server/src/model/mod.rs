@@ -1,5 +1,6 @@
 //! Resource types of the `clusterclaw.io/v1` API and their validation (pure, no I/O).
 
+mod compact;
 mod config;
 mod drain;
 mod failover;

@@ -17,8 +17,9 @@ use std::sync::{Arc, Mutex};
 use super::{ListFilter, Store, StoreError, StoredObject};
 use crate::model::{Kind, ObjectKey, Resource};
 
-/// One stored object, decoded. An object whose JSON does not decode (corruption: it was
-/// validated when written) is kept with the error, so a caller can still see it is there.
+/// One stored object, decoded, without spare capacity ([`Resource::compact`]: it is kept for
+/// long). An object whose JSON does not decode (corruption: it was validated when written) is
+/// kept with the error, so a caller can still see it is there.
 #[derive(Debug)]
 pub struct Decoded {
     pub key: ObjectKey,
@@ -30,7 +31,8 @@ pub struct Decoded {
 impl Decoded {
     /// An object as its writer holds it after a write: `resource` carries its stored
     /// metadata (uid, `resourceVersion`).
-    pub fn written(resource: Resource) -> Decoded {
+    pub fn written(mut resource: Resource) -> Decoded {
+        resource.compact();
         let m = resource.metadata();
         Decoded {
             key: resource.key(),
@@ -45,7 +47,13 @@ impl Decoded {
             key: o.key.clone(),
             uid: o.uid.clone(),
             resource_version: o.resource_version,
-            resource: o.resource().map_err(|e| e.to_string()),
+            resource: o
+                .resource()
+                .map(|mut r| {
+                    r.compact();
+                    r
+                })
+                .map_err(|e| e.to_string()),
         }
     }
 }
