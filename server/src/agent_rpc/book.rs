@@ -612,6 +612,9 @@ fn parts_of(
         parts.entry(host).or_default().retained = kept;
     }
     for p in parts.values_mut() {
+        // Kept until the instance changes: without the room its pushes reserved (a host
+        // with one replica of an instance would otherwise keep room for four).
+        p.assignments.shrink_to_fit();
         p.assignments.sort_by_key(|a| a.ordinal);
         p.digest = digest_part(&p.assignments, &p.retained);
     }
@@ -823,6 +826,8 @@ impl AssignmentBook {
                     h.update(b"\0");
                 }
                 sort_retained(&mut kept);
+                list.shrink_to_fit();
+                kept.shrink_to_fit();
                 let digest: [u8; 32] = h.finalize().into();
                 match hosts.get(&name) {
                     Some(cur) if cur.digest == digest => {}
