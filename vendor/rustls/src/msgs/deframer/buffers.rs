@@ -205,7 +205,17 @@ impl DeframerVecBuffer {
         // we get a message with a length field out of range here,
         // we do a zero length read.  That looks like an EOF to
         // the next layer up, which is fine.
-        let new_bytes = rd.read(&mut self.buf[self.used..])?;
+        let new_bytes = match rd.read(&mut self.buf[self.used..]) {
+            Ok(n) => n,
+            Err(e) => {
+                // Left waiting (or failed) with nothing buffered: give the buffer back until
+                // the next read takes it again, so an idle connection holds none.
+                if self.used == 0 {
+                    self.buf = Vec::new();
+                }
+                return Err(e);
+            }
+        };
         self.used += new_bytes;
         Ok(new_bytes)
     }
