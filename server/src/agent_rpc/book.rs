@@ -615,6 +615,7 @@ fn parts_of(
         // Kept until the instance changes: without the room its pushes reserved (a host
         // with one replica of an instance would otherwise keep room for four).
         p.assignments.shrink_to_fit();
+        p.retained.shrink_to_fit();
         p.assignments.sort_by_key(|a| a.ordinal);
         p.digest = digest_part(&p.assignments, &p.retained);
     }
@@ -826,13 +827,15 @@ impl AssignmentBook {
                     h.update(b"\0");
                 }
                 sort_retained(&mut kept);
-                list.shrink_to_fit();
-                kept.shrink_to_fit();
                 let digest: [u8; 32] = h.finalize().into();
                 match hosts.get(&name) {
                     Some(cur) if cur.digest == digest => {}
                     None if list.is_empty() && kept.is_empty() && delete.is_empty() => {}
                     _ => {
+                        // Kept until the host's next change: without the room the extends
+                        // reserved.
+                        list.shrink_to_fit();
+                        kept.shrink_to_fit();
                         changed_hosts.push(name.clone());
                         hosts.insert(
                             name,

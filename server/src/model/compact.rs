@@ -26,7 +26,13 @@ impl Resource {
             Resource::Project(o) => metadata(&mut o.metadata),
             Resource::ConfigTemplate(o) => metadata(&mut o.metadata),
             Resource::Secret(o) => metadata(&mut o.metadata),
-            Resource::Rollout(o) => metadata(&mut o.metadata),
+            Resource::Rollout(o) => {
+                metadata(&mut o.metadata);
+                if let Some(status) = &mut o.status {
+                    string(&mut status.message);
+                    status.instances.shrink_to_fit();
+                }
+            }
         }
     }
 }
@@ -99,6 +105,9 @@ fn host_status(status: &mut HostStatus) {
     conditions(&mut status.conditions);
     if let Some(usage) = &mut status.usage {
         json(usage);
+    }
+    if let Some(drain) = &mut status.drain {
+        drain.replicas.shrink_to_fit();
     }
 }
 
