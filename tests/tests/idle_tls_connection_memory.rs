@@ -27,6 +27,13 @@ const CONNECTIONS: usize = 200;
 const LARGE: usize = 64 * 1024;
 /// The bytes per idle connection, both sides together, the read buffers would take if kept.
 const KEPT_BUFFERS: usize = 2 * 4096;
+/// How long each phase may take: a lost byte fails the test instead of hanging it.
+const PHASE: Duration = Duration::from_secs(60);
+
+/// The `n` bytes of a message: a pattern, so that bytes out of order or repeated are seen.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
 
 fn heap_bytes() -> usize {
     dhat::HeapStats::get().curr_bytes
@@ -59,15 +66,12 @@ async fn request<S: AsyncReadExt + AsyncWriteExt + Unpin>(
     n: usize,
 ) -> std::io::Result<()> {
     let mut message = (n as u32).to_be_bytes().to_vec();
-    message.extend(std::iter::repeat_n(7u8, n));
+    message.extend(pattern(n));
     stream.write_all(&message).await?;
     stream.flush().await?;
     let mut answer = vec![0u8; n];
     stream.read_exact(&mut answer).await?;
-    assert!(
-        answer.iter().all(|b| *b == 7),
-        "the answer is what was sent"
-    );
+    assert!(answer == pattern(n), "the answer is what was sent");
     Ok(())
 }
 
@@ -139,25 +143,27 @@ async fn run() {
         });
         clients.push(tx);
     }
-    let send_all = |n: usize| {
-        let clients = clients.clone();
-        async move {
+    // Only the client tasks hold a sender now: one that ends early ends the wait below.
+    drop(done_tx);
+    // Every connection sends `n` bytes and has them back.
+    let mut round = async |n: usize| {
+        let all = async {
             for c in &clients {
                 c.send(n).await.expect("the client task runs");
             }
-        }
+            for _ in 0..CONNECTIONS {
+                done_rx.recv().await.expect("every request answered");
+            }
+        };
+        tokio::time::timeout(PHASE, all).await.unwrap_or_else(|_| {
+            panic!("{CONNECTIONS} requests of {n} B not answered in {PHASE:?}")
+        });
     };
-    send_all(100).await;
-    for _ in 0..CONNECTIONS {
-        done_rx.recv().await.expect("answered");
-    }
+    round(100).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle = heap_bytes().saturating_sub(before) / CONNECTIONS;
 
-    send_all(LARGE).await;
-    for _ in 0..CONNECTIONS {
-        done_rx.recv().await.expect("answered");
-    }
+    round(LARGE).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle_after_large = heap_bytes().saturating_sub(before) / CONNECTIONS;
 
