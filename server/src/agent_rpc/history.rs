@@ -2,6 +2,11 @@
 //! per replica, for the last [`KEEP`] samples (an hour), taken from the agents' status
 //! reports. Fixed-size rings in memory only (nothing is written to the store); a replica's
 //! ring goes when its host stops reporting it or the host is forgotten.
+//!
+//! A ring keeps each sample in 16 bytes ([`Kept`]): its time as milliseconds after the
+//! ring's base, the CPU as an `f32`, the memory; the memory limit, which is drawn as one line,
+//! is the ring's latest. A full hour of 10,000 replicas takes about 20 MB, where a [`Sample`]
+//! each (40 bytes) took 51 MB.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -22,7 +27,7 @@ pub struct Sample {
     /// Percent of one CPU (200 is two CPUs busy).
     pub cpu_percent: f64,
     pub memory_bytes: u64,
-    /// 0: no limit.
+    /// 0: no limit. The replica's latest: a ring keeps one.
     pub memory_limit_bytes: u64,
 }
 
@@ -32,7 +37,62 @@ type ReplicaId = (String, String, String, String);
 struct Ring {
     /// The host that reports the replica.
     host: String,
-    samples: VecDeque<Sample>,
+    /// What the samples' times count from.
+    base: Instant,
+    /// The memory limit of the latest sample (0: none).
+    memory_limit_bytes: u64,
+    samples: VecDeque<Kept>,
+}
+
+/// One sample as a ring keeps it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Kept {
+    /// Milliseconds after the ring's base.
+    at_ms: u32,
+    cpu_percent: f32,
+    memory_bytes: u64,
+}
+
+impl Ring {
+    fn new(host: &str, now: Instant) -> Ring {
+        Ring {
+            host: host.to_string(),
+            base: now,
+            memory_limit_bytes: 0,
+            samples: VecDeque::new(),
+        }
+    }
+
+    fn at(&self, k: &Kept) -> Instant {
+        self.base + Duration::from_millis(u64::from(k.at_ms))
+    }
+
+    fn last_at(&self) -> Option<Instant> {
+        self.samples.back().map(|k| self.at(k))
+    }
+
+    /// `now` as milliseconds after the base. When that no longer fits (the ring is weeks
+    /// old), samples older than [`SPAN`] (never shown) are dropped and the base moves to the
+    /// oldest one left, or to `now`.
+    fn offset(&mut self, now: Instant) -> u32 {
+        let fits = |base: Instant| u32::try_from(now.saturating_duration_since(base).as_millis());
+        if let Ok(ms) = fits(self.base) {
+            return ms;
+        }
+        while let Some(oldest) = self.samples.front()
+            && now.saturating_duration_since(self.at(oldest)) > SPAN
+        {
+            self.samples.pop_front();
+        }
+        let base = self.samples.front().map_or(now, |k| self.at(k));
+        let shift = u32::try_from(base.saturating_duration_since(self.base).as_millis())
+            .unwrap_or(u32::MAX);
+        for k in &mut self.samples {
+            k.at_ms -= shift.min(k.at_ms);
+        }
+        self.base = base;
+        fits(base).unwrap_or(0)
+    }
 }
 
 /// What one host reported last: its replicas, and when the first of their rings is due a
@@ -90,42 +150,41 @@ impl History {
             );
             reported.push(id.clone());
             let Some(stats) = &r.stats else { continue };
-            let ring = self.replicas.entry(id).or_insert_with(|| Ring {
-                host: host.to_string(),
-                samples: VecDeque::new(),
-            });
+            let ring = self
+                .replicas
+                .entry(id)
+                .or_insert_with(|| Ring::new(host, now));
             if ring.host != host {
                 // The replica moved: its figures on the old host say nothing of the new one.
-                ring.host = host.to_string();
-                ring.samples.clear();
+                *ring = Ring::new(host, now);
             }
             if ring
-                .samples
-                .back()
-                .is_some_and(|last| now.saturating_duration_since(last.at) < SAMPLE_EVERY)
+                .last_at()
+                .is_some_and(|last| now.saturating_duration_since(last) < SAMPLE_EVERY)
             {
                 continue;
             }
             if ring.samples.len() == KEEP {
                 ring.samples.pop_front();
             }
-            ring.samples.push_back(Sample {
-                at: now,
+            let at_ms = ring.offset(now);
+            ring.memory_limit_bytes = stats.memory_limit_bytes;
+            ring.samples.push_back(Kept {
+                at_ms,
                 cpu_percent: if stats.cpu_percent.is_finite() {
-                    stats.cpu_percent.max(0.0)
+                    stats.cpu_percent.max(0.0) as f32
                 } else {
                     0.0
                 },
                 memory_bytes: stats.memory_bytes,
-                memory_limit_bytes: stats.memory_limit_bytes,
             });
         }
         // Nothing reported: nothing is due until the list changes.
         let mut due: Option<Instant> = reported.is_empty().then(|| now + SPAN);
         for id in &reported {
-            match self.replicas.get(id).and_then(|r| r.samples.back()) {
+            match self.replicas.get(id).and_then(Ring::last_at) {
                 Some(last) if self.replicas[id].host == host => {
-                    let at = last.at + SAMPLE_EVERY;
+                    let at = last + SAMPLE_EVERY;
                     due = Some(due.map_or(at, |d| d.min(at)));
                 }
                 // A replica without figures, or another host's now: look again next time.
@@ -185,8 +244,13 @@ impl History {
                 samples: ring
                     .samples
                     .iter()
+                    .map(|k| Sample {
+                        at: ring.at(k),
+                        cpu_percent: f64::from(k.cpu_percent),
+                        memory_bytes: k.memory_bytes,
+                        memory_limit_bytes: ring.memory_limit_bytes,
+                    })
                     .filter(|s| now.saturating_duration_since(s.at) <= SPAN)
-                    .copied()
                     .collect(),
             })
             .filter(|h| !h.samples.is_empty())
@@ -323,5 +387,36 @@ mod tests {
         assert!(h.of_instance("t", "p", "bot", t0 + SPAN * 2).is_empty());
         // Another instance's replicas are not this one's.
         assert!(h.of_instance("t", "p", "other", t0).is_empty());
+    }
+
+    #[test]
+    fn a_kept_sample_takes_16_bytes() {
+        assert_eq!(std::mem::size_of::<Kept>(), 16);
+    }
+
+    #[test]
+    fn samples_keep_their_time_and_figures_and_a_ring_weeks_old_moves_its_base() {
+        let mut h = History::default();
+        let t0 = Instant::now();
+        h.record("h1", t0, &[replica("bot-0", 12.5, 1 << 30)]);
+        h.record("h1", t0 + SAMPLE_EVERY, &[replica("bot-0", 99.0, 7)]);
+        let got = h.of_instance("t", "p", "bot", t0 + SAMPLE_EVERY);
+        let figures: Vec<(Instant, f64, u64)> = got[0]
+            .samples
+            .iter()
+            .map(|s| (s.at, s.cpu_percent, s.memory_bytes))
+            .collect();
+        assert_eq!(figures, [(t0, 12.5, 1 << 30), (t0 + SAMPLE_EVERY, 99.0, 7)]);
+        // 60 days on (past what milliseconds in 32 bits reach), the old samples go and the
+        // new one is kept at its time.
+        let later = t0 + Duration::from_secs(60 * 24 * 3600);
+        h.record("h1", later, &[replica("bot-0", 4.0, 4)]);
+        let got = h.of_instance("t", "p", "bot", later);
+        assert_eq!(got[0].samples.len(), 1);
+        assert_eq!(got[0].samples[0].at, later);
+        assert_eq!(h.samples(), 1);
+        h.record("h1", later + SAMPLE_EVERY, &[replica("bot-0", 5.0, 5)]);
+        let got = h.of_instance("t", "p", "bot", later + SAMPLE_EVERY);
+        assert_eq!(got[0].samples[1].at, later + SAMPLE_EVERY);
     }
 }
