@@ -31,8 +31,7 @@ pub struct Decoded {
 impl Decoded {
     /// An object as its writer holds it after a write: `resource` carries its stored
     /// metadata (uid, `resourceVersion`).
-    pub fn written(mut resource: Resource) -> Decoded {
-        resource.compact();
+    pub fn written(resource: Resource) -> Decoded {
         let m = resource.metadata();
         Decoded {
             key: resource.key(),
@@ -298,9 +297,16 @@ impl DecodedCache {
     /// rows again. An entry is only ever used at the exact version and uid it holds, so a seed
     /// that arrives after a newer write costs memory until the next look, never a stale read.
     /// Objects of a kind not looked at yet are left out.
-    pub fn seed(&self, written: Vec<Decoded>) {
+    pub fn seed(&self, mut written: Vec<Decoded>) {
         if written.is_empty() {
             return;
+        }
+        // Here, after the commit, rather than in the writer's transaction: the writer is held
+        // for no work the cache alone needs.
+        for d in &mut written {
+            if let Ok(r) = &mut d.resource {
+                r.compact();
+            }
         }
         let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         for d in written {
