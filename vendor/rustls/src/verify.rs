@@ -289,7 +289,7 @@ impl ClientCertVerifier for NoClientAuth {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        unimplemented!();
+        unreachable!("NoClientAuth offers no client authentication");
     }
 
     fn verify_client_cert(
@@ -298,7 +298,7 @@ impl ClientCertVerifier for NoClientAuth {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        unimplemented!();
+        unreachable!("NoClientAuth offers no client authentication");
     }
 
     fn verify_tls12_signature(
@@ -307,7 +307,7 @@ impl ClientCertVerifier for NoClientAuth {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        unimplemented!();
+        unreachable!("NoClientAuth offers no client authentication");
     }
 
     fn verify_tls13_signature(
@@ -316,11 +316,11 @@ impl ClientCertVerifier for NoClientAuth {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        unimplemented!();
+        unreachable!("NoClientAuth offers no client authentication");
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        unimplemented!();
+        unreachable!("NoClientAuth offers no client authentication");
     }
 }
 

@@ -334,7 +334,7 @@ mod tests {
             _cert: &CertificateDer<'_>,
             _dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, Error> {
-            todo!()
+            unreachable!()
         }
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -605,7 +605,7 @@ mod tests {
             _ocsp_response: &[u8],
             _now: UnixTime,
         ) -> Result<ServerCertVerified, Error> {
-            todo!()
+            unreachable!()
         }
 
         #[cfg_attr(coverage_nightly, coverage(off))]
@@ -615,7 +615,7 @@ mod tests {
             _cert: &CertificateDer<'_>,
             _dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, Error> {
-            todo!()
+            unreachable!()
         }
 
         #[cfg_attr(coverage_nightly, coverage(off))]
@@ -625,7 +625,7 @@ mod tests {
             _cert: &CertificateDer<'_>,
             _dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, Error> {
-            todo!()
+            unreachable!()
         }
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -561,7 +561,7 @@ mod tests {
             self: Box<Self>,
             _peer_pub_key: &[u8],
         ) -> Result<crate::crypto::SharedSecret, Error> {
-            todo!()
+            unreachable!()
         }
 
         fn pub_key(&self) -> &[u8] {
