@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use clusterclaw_tests::agent::*;
 use clusterclaw_tests::browser::{
-    Focused, browser, browser_available, click, focused, page_text as text, press, shift_tab, shot,
+    Focused, browser, browser_available, click, focused, page_text as text, press, shift_tab,
     start_driver, text_of, type_keys,
 };
 use clusterclaw_tests::server::TestServer;
@@ -37,24 +37,58 @@ const WAIT: Duration = Duration::from_secs(90);
 /// on two cores, and a logout once took longer than 10 s there.
 const PAGE_WAIT: Duration = Duration::from_secs(30);
 
+/// Says on the test's output what it does now, at the time the server's log uses, so that a
+/// failure's output lines up with the server's.
+fn step(what: &str) {
+    eprintln!(
+        "{} {what}",
+        humantime::format_rfc3339_millis(std::time::SystemTime::now())
+    );
+}
+
+/// A screenshot of the page, named on the test's output as the step it ends.
+async fn shot(c: &Client, name: &str) -> anyhow::Result<()> {
+    step(name);
+    clusterclaw_tests::browser::shot(c, name).await
+}
+
 async fn log_in(c: &Client, api: &str, token: &str) -> anyhow::Result<()> {
+    step("logging in");
     c.goto(&format!("{api}/ui/login")).await?;
     c.find(Locator::Id("token")).await?.send_keys(token).await?;
     click(c, "form button[type=submit]").await?;
-    c.wait()
-        .at_most(PAGE_WAIT)
-        .for_element(Locator::Id("who"))
-        .await?;
-    Ok(())
+    wait_element(c, "#who", "the page after logging in").await
 }
 
 async fn log_out(c: &Client) -> anyhow::Result<()> {
+    step("logging out");
     click(c, "form.logout button").await?;
-    c.wait()
-        .at_most(PAGE_WAIT)
-        .for_element(Locator::Id("token"))
-        .await?;
-    Ok(())
+    wait_element(c, "#token", "the login page after logging out").await
+}
+
+/// Waits (up to [`PAGE_WAIT`]) until an element `css` selects is on the page; the error names
+/// what was waited for, where the browser is and what the page shows.
+async fn wait_element(c: &Client, css: &str, what: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    // A script run while a navigation replaces the page may fail: that is not an answer yet.
+    let mut last_error = None;
+    loop {
+        match text_of(c, css).await {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if started.elapsed() > PAGE_WAIT {
+            let url = c.current_url().await?;
+            bail!(
+                "timed out after {:?} waiting for {what} ({css}); the browser is at {url} \
+                 (last error: {last_error:?}), and the page shows:\n{}",
+                started.elapsed(),
+                text(c).await?
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits until the page (not reloaded) shows `want`.
@@ -169,7 +203,22 @@ fn the_console_in_a_real_browser() -> anyhow::Result<()> {
                 "not sent to the login page: {url}"
             );
             shot(&c, "01-login").await?;
-            log_in(&c, &api, &tenant_token).await?;
+            // A login page loaded while this one is open (in another tab, or by a live page
+            // whose session ended) leaves this form good.
+            let status = c
+                .execute(
+                    "return fetch('/ui/login?next=%2Fui%2Finstances', \
+                     {credentials: 'same-origin'}).then(r => r.status);",
+                    vec![],
+                )
+                .await?;
+            ensure!(status == json!(200), "the second login page: {status}");
+            c.find(Locator::Id("token"))
+                .await?
+                .send_keys(&tenant_token)
+                .await?;
+            click(&c, "form button[type=submit]").await?;
+            wait_element(&c, "#who", "the page after logging in").await?;
             shot(&c, "02-overview-tenant").await?;
             c.goto(&format!("{api}/ui/instances")).await?;
             let page = text(&c).await?;

@@ -105,8 +105,25 @@ pub(super) async fn audit_login(
     }
 }
 
-fn login_form(state: &ApiState, next: String, why: String, error: String) -> Response {
-    let csrf = session::random_id();
+/// The login form's CSRF secret: the one this browser already holds in its login cookie when
+/// that is one the console made (64 hex digits), else a new one. Every login form open in a
+/// browser carries the same secret, so that one loaded later (in another tab, or a live page's
+/// request sent to the login after its session ended) does not void a form already shown.
+fn login_secret(headers: &HeaderMap) -> String {
+    match session::cookie(headers, LOGIN_COOKIE) {
+        Some(c) if c.len() == 64 && c.bytes().all(|b| b.is_ascii_hexdigit()) => c.to_string(),
+        _ => session::random_id(),
+    }
+}
+
+fn login_form(
+    state: &ApiState,
+    headers: &HeaderMap,
+    next: String,
+    why: String,
+    error: String,
+) -> Response {
+    let csrf = login_secret(headers);
     let sso = state
         .oidc()
         .map(|v| {
@@ -144,10 +161,20 @@ fn login_form(state: &ApiState, next: String, why: String, error: String) -> Res
 }
 
 /// `GET /ui/login`: the form.
-pub async fn login_page(State(state): State<ApiState>, RawQuery(raw): RawQuery) -> Response {
+pub async fn login_page(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
     let q = query_params(raw.as_deref());
     let why = q.get("why").cloned().unwrap_or_default();
-    login_form(&state, safe_next(q.get("next")), why, String::new())
+    login_form(
+        &state,
+        &headers,
+        safe_next(q.get("next")),
+        why,
+        String::new(),
+    )
 }
 
 /// `POST /ui/login`: checks the form's CSRF token against its cookie, authenticates the token
@@ -170,7 +197,13 @@ pub async fn log_in(
             AuditResult::denied(status.as_u16(), error),
         )
         .await;
-        let mut resp = login_form(&state, next.clone(), String::new(), error.to_string());
+        let mut resp = login_form(
+            &state,
+            &headers,
+            next.clone(),
+            String::new(),
+            error.to_string(),
+        );
         *resp.status_mut() = status;
         resp
     };
@@ -213,6 +246,7 @@ pub async fn log_in(
         .await;
         let mut resp = login_form(
             &state,
+            &headers,
             next.clone(),
             String::new(),
             format!("Token: {}", e.0),

@@ -144,6 +144,43 @@ fn token(f: &Fixture, role: Role, tenant: Option<&str>, project: Option<&str>) -
 const BOT: &str = "/ui/tenants/acme/projects/helpdesk/instances/bot";
 
 #[tokio::test]
+async fn a_login_page_loaded_later_does_not_void_a_form_already_open() {
+    let f = two_tenants().await;
+    let mut b = Browser::default();
+    let open = b.get(&f, "/ui/login").await.csrf();
+    // Another tab, or a live page whose session ended, loads the login page meanwhile.
+    let later = b.get(&f, "/ui/login?next=/ui/instances").await.csrf();
+    assert_eq!(later, open);
+    let r = b
+        .post(
+            &f,
+            "/ui/login",
+            &format!("csrf={open}&next=%2Fui%2F&token={}", f.token),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    // A login cookie the console did not make is replaced, never echoed into the page.
+    let mut odd = Browser {
+        cookies: vec![("ccui_login".into(), "%22%3E%3Cscript%3E".into())],
+    };
+    let form = odd.get(&f, "/ui/login").await;
+    let csrf = form.csrf();
+    assert!(
+        csrf.len() == 64 && csrf.bytes().all(|c| c.is_ascii_hexdigit()),
+        "{csrf}"
+    );
+    assert!(!form.body.contains("script%3E"), "{}", form.body);
+    let r = odd
+        .post(
+            &f,
+            "/ui/login",
+            &format!("csrf={csrf}&next=%2Fui%2F&token={}", f.token),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+}
+
+#[tokio::test]
 async fn login_opens_a_session_in_a_strict_http_only_cookie() {
     let f = two_tenants().await;
     let mut b = Browser::default();

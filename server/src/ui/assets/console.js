@@ -26,9 +26,11 @@
   function refresh() {
     if (busy) { again = true; return; }
     busy = true;
-    fetch(location.href, { credentials: "same-origin", headers: { "Accept": "text/html" } })
+    // A redirect (the session ended: it would lead to the login page) is not followed here;
+    // the page is loaded again instead, and the server says where to go.
+    fetch(location.href, { credentials: "same-origin", redirect: "manual", headers: { "Accept": "text/html" } })
       .then(function (r) {
-        if (r.redirected || r.status === 401) { location.reload(); return null; }
+        if (r.type === "opaqueredirect" || r.redirected || r.status === 401) { location.reload(); return null; }
         return r.ok ? r.text() : null;
       })
       .then(function (html) {
