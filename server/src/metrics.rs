@@ -22,11 +22,19 @@ const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0,
 ];
 
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 struct Histogram {
     counts: [u64; BUCKETS.len()],
     sum: f64,
     count: u64,
+}
+
+impl Histogram {
+    const EMPTY: Histogram = Histogram {
+        counts: [0; BUCKETS.len()],
+        sum: 0.0,
+        count: 0,
+    };
 }
 
 #[derive(Default)]
@@ -191,6 +199,27 @@ static LOOP_PASSES: Mutex<BTreeMap<&'static str, Histogram>> = Mutex::new(BTreeM
 pub fn observe_loop_pass(name: &'static str, took: Duration) {
     let mut passes = LOOP_PASSES.lock().unwrap_or_else(|e| e.into_inner());
     observe(passes.entry(name).or_default(), took);
+}
+
+/// How long writes waited for the SQLite store's one writer connection, and held it: index 0
+/// for the leader's controllers, 1 for anything else (status reports, the API, enrollment).
+static STORE_WRITER: Mutex<[(Histogram, Histogram); 2]> = Mutex::new([
+    (Histogram::EMPTY, Histogram::EMPTY),
+    (Histogram::EMPTY, Histogram::EMPTY),
+]);
+
+const STORE_WRITERS: [&str; 2] = ["controllers", "other"];
+
+/// Records a wait for the SQLite store's writer connection.
+pub fn observe_store_writer_wait(controllers: bool, took: Duration) {
+    let mut w = STORE_WRITER.lock().unwrap_or_else(|e| e.into_inner());
+    observe(&mut w[usize::from(!controllers)].0, took);
+}
+
+/// Records how long the SQLite store's writer connection was held.
+pub fn observe_store_writer_held(controllers: bool, took: Duration) {
+    let mut w = STORE_WRITER.lock().unwrap_or_else(|e| e.into_inner());
+    observe(&mut w[usize::from(!controllers)].1, took);
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -744,6 +773,29 @@ impl Metrics {
             }
         }
         {
+            let w = *STORE_WRITER.lock().unwrap_or_else(|e| e.into_inner());
+            if w.iter().any(|(wait, _)| wait.count > 0) {
+                for (name, help, held) in [
+                    (
+                        "clusterclaw_store_writer_wait_seconds",
+                        "How long writes waited for the SQLite store's writer connection, by who writes (the leader's controllers, or other: status reports, the API, enrollment).",
+                        false,
+                    ),
+                    (
+                        "clusterclaw_store_writer_held_seconds",
+                        "How long writes held the SQLite store's writer connection, by who writes.",
+                        true,
+                    ),
+                ] {
+                    header(&mut out, name, "histogram", help);
+                    for (who, (wait, hold)) in STORE_WRITERS.iter().zip(&w) {
+                        let h = if held { hold } else { wait };
+                        write_histogram(&mut out, name, &format!("writer=\"{who}\""), h);
+                    }
+                }
+            }
+        }
+        {
             let f = self.http.lock().unwrap_or_else(|e| e.into_inner());
             header(
                 &mut out,
@@ -1066,6 +1118,54 @@ mod tests {
             MAX_RELAYED_SERIES
         );
         assert!(text.contains("clusterclaw_gateway_series_truncated{replica=\"r\"} 1"));
+    }
+
+    /// The count of the series `name{labels}` in `text`.
+    fn count_of(text: &str, name: &str, labels: &str) -> u64 {
+        let prefix = format!("{name}_count{{{labels}}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn the_sqlite_writer_s_waits_and_holds_by_who_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::sqlite::SqliteStore::open(&dir.path().join("db")).unwrap();
+        let tenant = |name: &str| {
+            let v = serde_json::json!({"apiVersion": "clusterclaw.io/v1", "kind": "Tenant", "metadata": {"name": name}});
+            vec![(
+                Resource::from_value(v).unwrap(),
+                crate::store::WriteMode::Apply,
+            )]
+        };
+        let m = Metrics::default();
+        let before = m.render(&store, &Reports::default()).unwrap();
+        store.write(&tenant("a"), false).unwrap();
+        // A controller's write is fenced by its leader epoch.
+        let epoch = store
+            .lease_acquire("me", 0, std::time::Duration::from_secs(10))
+            .unwrap()
+            .epoch;
+        crate::store::lease::fenced(Some(epoch), || store.write(&tenant("b"), false)).unwrap();
+        let after = m.render(&store, &Reports::default()).unwrap();
+        for name in [
+            "clusterclaw_store_writer_wait_seconds",
+            "clusterclaw_store_writer_held_seconds",
+        ] {
+            assert!(
+                after.contains(&format!("# TYPE {name} histogram")),
+                "{after}"
+            );
+            for who in ["controllers", "other"] {
+                let labels = format!("writer=\"{who}\"");
+                assert!(
+                    count_of(&after, name, &labels) > count_of(&before, name, &labels),
+                    "{name}{{{labels}}}: {after}"
+                );
+            }
+        }
     }
 
     #[test]

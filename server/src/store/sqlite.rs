@@ -8,7 +8,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{
     Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
@@ -271,7 +271,49 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The writer connection, held. How long its thread waited for it and held it go to
+/// `/metrics` ([`crate::metrics::observe_store_writer_wait`], [`crate::metrics::observe_store_writer_held`]), by who writes: the leader's
+/// controllers (their writes are fenced) or anything else (status reports, the API).
+struct Writer<'a> {
+    conn: std::sync::MutexGuard<'a, Connection>,
+    since: Instant,
+    controllers: bool,
+}
+
+impl std::ops::Deref for Writer<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Writer<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+}
+
+impl Drop for Writer<'_> {
+    fn drop(&mut self) {
+        crate::metrics::observe_store_writer_held(self.controllers, self.since.elapsed());
+    }
+}
+
 impl SqliteStore {
+    /// Takes the writer connection ([`Writer`]).
+    fn writer(&self) -> Writer<'_> {
+        let asked = Instant::now();
+        let controllers = lease::fence().is_some();
+        let conn = lock(&self.writer);
+        let since = Instant::now();
+        crate::metrics::observe_store_writer_wait(controllers, since - asked);
+        Writer {
+            conn,
+            since,
+            controllers,
+        }
+    }
+
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     /// A database written by a newer clusterclaw is refused.
     /// The database file and its `-wal` and `-shm` companions are readable by the owner only
@@ -453,7 +495,7 @@ impl SqliteStore {
         dry_run: bool,
         f: impl FnOnce(&Transaction<'_>, u64) -> Result<(T, Effect), StoreError>,
     ) -> Result<(T, u64), StoreError> {
-        let mut conn = lock(&self.writer);
+        let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         fence_check(&tx)?;
         let current = index_in(&tx)?;
@@ -1930,7 +1972,7 @@ impl Store for SqliteStore {
         // One server per database: it takes the lease whatever its expiry (a server stopped
         // without giving it up left it behind), with the next epoch unless it renews.
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        let conn = lock(&self.writer);
+        let conn = self.writer();
         let row = conn.query_row(
             "UPDATE leader_lease SET
                 epoch = CASE WHEN holder = ?1 AND epoch = ?2 THEN epoch ELSE epoch + 1 END,
@@ -1957,7 +1999,7 @@ impl Store for SqliteStore {
     }
 
     fn lease_release(&self, holder: &str, epoch: u64) -> Result<(), StoreError> {
-        let conn = lock(&self.writer);
+        let conn = self.writer();
         conn.execute(
             "UPDATE leader_lease SET expires_at_ms = ?3
              WHERE name = 'controllers' AND holder = ?1 AND epoch = ?2",
@@ -1967,7 +2009,7 @@ impl Store for SqliteStore {
     }
 
     fn secrets_key(&self, offered: Option<&str>) -> Result<Option<String>, StoreError> {
-        let conn = lock(&self.writer);
+        let conn = self.writer();
         if let Some(identity) = offered {
             conn.execute(
                 "INSERT OR IGNORE INTO meta_keys (name, identity, recorded_at) VALUES (?1, ?2, ?3)",
@@ -1990,7 +2032,7 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         use super::replicas::millis;
         let now = crate::events::now_ms();
-        let mut conn = lock(&self.writer);
+        let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO server_replicas (id, hostname, api, agent, version, started_at_ms,
@@ -2070,7 +2112,7 @@ impl Store for SqliteStore {
         row: &super::sessions::SessionRow,
         limits: &super::sessions::SessionLimits,
     ) -> Result<(), StoreError> {
-        let mut conn = lock(&self.writer);
+        let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
             "DELETE FROM console_sessions WHERE expires_ms <= ?1 OR last_used_ms <= ?2",
@@ -2125,7 +2167,7 @@ impl Store for SqliteStore {
     }
 
     fn touch_console_session(&self, id_hash: &str, at_ms: i64) -> Result<bool, StoreError> {
-        let conn = lock(&self.writer);
+        let conn = self.writer();
         Ok(conn.execute(
             "UPDATE console_sessions SET last_used_ms = max(last_used_ms, ?2) WHERE id_hash = ?1",
             params![id_hash, at_ms],
@@ -2133,12 +2175,12 @@ impl Store for SqliteStore {
     }
 
     fn close_console_session(&self, id_hash: &str) -> Result<bool, StoreError> {
-        let conn = lock(&self.writer);
+        let conn = self.writer();
         Ok(conn.execute("DELETE FROM console_sessions WHERE id_hash = ?1", [id_hash])? > 0)
     }
 
     fn insert_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
-        let conn = lock(&self.writer);
+        let conn = self.writer();
         fence_check(&conn)?;
         conn.execute(
             &format!("INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
@@ -2172,7 +2214,7 @@ impl Store for SqliteStore {
     }
 
     fn consume_join_token(&self, hash: &str, now: i64) -> Result<TokenRecord, StoreError> {
-        let mut conn = lock(&self.writer);
+        let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         fence_check(&tx)?;
         let t = rules::use_join_token(&mut SqliteTx(&tx), hash, now)?;
@@ -2243,7 +2285,7 @@ impl Store for SqliteStore {
     }
 
     fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
-        let conn = lock(&self.writer);
+        let conn = self.writer();
         fence_check(&conn)?;
         Ok(conn.execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", [id])? > 0)
     }
@@ -2252,7 +2294,7 @@ impl Store for SqliteStore {
         if beats.is_empty() {
             return Ok(());
         }
-        let mut conn = lock(&self.writer);
+        let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         fence_check(&tx)?;
         {
@@ -2277,7 +2319,7 @@ impl Store for SqliteStore {
     }
 
     fn forget_heartbeat(&self, host: &str) -> Result<(), StoreError> {
-        let conn = lock(&self.writer);
+        let conn = self.writer();
         fence_check(&conn)?;
         conn.execute("DELETE FROM host_heartbeats WHERE name = ?1", [host])?;
         Ok(())
@@ -2305,7 +2347,7 @@ impl Store for SqliteStore {
             return Ok(changed);
         }
         // ... any other change is written without moving it.
-        let mut conn = lock(&self.writer);
+        let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         fence_check(&tx)?;
         super::volumes::replace_list(&mut SqliteTx(&tx), host, listed, now)?;
@@ -2331,7 +2373,7 @@ impl Store for SqliteStore {
         if marks.is_empty() {
             return Ok(());
         }
-        let mut conn = lock(&self.writer);
+        let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         fence_check(&tx)?;
         super::volumes::mark_orphaned(&mut SqliteTx(&tx), marks)?;
@@ -2359,7 +2401,7 @@ impl Store for SqliteStore {
     }
 
     fn forget_host_volumes(&self, host: &str) -> Result<(), StoreError> {
-        let conn = lock(&self.writer);
+        let conn = self.writer();
         fence_check(&conn)?;
         SqliteTx(&conn).drop_host_volumes(host, None)
     }
@@ -2373,7 +2415,7 @@ impl Store for SqliteStore {
         if folded.is_empty() {
             return Ok(0);
         }
-        let mut conn = lock(&self.writer);
+        let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         fence_check(&tx)?;
         let seq = super::feed::write_events(&mut SqliteTx(&tx), &folded)?;
@@ -2387,7 +2429,7 @@ impl Store for SqliteStore {
         retention: &crate::events::Retention,
         now_ms: i64,
     ) -> Result<usize, StoreError> {
-        let mut conn = lock(&self.writer);
+        let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         fence_check(&tx)?;
         let n = super::feed::prune_events(&mut SqliteTx(&tx), retention, now_ms)?;
@@ -2436,7 +2478,7 @@ impl Store for SqliteStore {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = lock(&self.writer);
+        let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         fence_check(&tx)?;
         let records = rules::append_audit(&mut SqliteTx(&tx), entries)?;
