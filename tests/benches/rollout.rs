@@ -739,6 +739,12 @@ fn fleet_part() -> anyhow::Result<()> {
         let restarted = restarts(&fleet.server, &names)?;
         let dropped_before = conntrack_drops();
         let passes = fleet.server.loop_passes();
+        let writer_waits = fleet
+            .server
+            .histograms("clusterclaw_store_writer_wait_seconds");
+        let writer_holds = fleet
+            .server
+            .histograms("clusterclaw_store_writer_held_seconds");
         let started = Instant::now();
         apply(
             &fleet.server,
@@ -779,6 +785,26 @@ fn fleet_part() -> anyhow::Result<()> {
             "fleet run {run}:   control loop passes: {}",
             loop_passes_between(&passes, &fleet.server.loop_passes())
         );
+        for (what, name, before) in [
+            (
+                "waits for",
+                "clusterclaw_store_writer_wait_seconds",
+                &writer_waits,
+            ),
+            (
+                "holds",
+                "clusterclaw_store_writer_held_seconds",
+                &writer_holds,
+            ),
+        ] {
+            for (labels, h) in fleet.server.histograms(name) {
+                let h = h.since(&before.get(&labels).cloned().unwrap_or_default());
+                println!(
+                    "fleet run {run}:   the store's writer: {labels} {what} it {}",
+                    h.summary()
+                );
+            }
+        }
         let dropped = conntrack_drops()
             .zip(dropped_before)
             .map_or(0, |(after, before)| after.saturating_sub(before));

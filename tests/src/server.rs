@@ -796,6 +796,100 @@ impl TestServer {
     }
 }
 
+/// A histogram of the server's `/metrics`, by its labels: cumulative bucket counts (upper
+/// bound, count), the sum and the count.
+#[derive(Clone, Debug, Default)]
+pub struct Histogram {
+    pub buckets: Vec<(f64, u64)>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    /// What was observed after `before` (an earlier reading of the same histogram).
+    pub fn since(&self, before: &Histogram) -> Histogram {
+        Histogram {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|(le, n)| {
+                    let b = before
+                        .buckets
+                        .iter()
+                        .find(|(l, _)| l == le)
+                        .map_or(0, |(_, n)| *n);
+                    (*le, n.saturating_sub(b))
+                })
+                .collect(),
+            sum: self.sum - before.sum,
+            count: self.count.saturating_sub(before.count),
+        }
+    }
+
+    /// The upper bound of the bucket the `q` quantile falls in.
+    pub fn quantile_bound(&self, q: f64) -> f64 {
+        let want = (self.count as f64 * q).ceil() as u64;
+        self.buckets
+            .iter()
+            .find(|(_, n)| *n >= want)
+            .map_or(f64::INFINITY, |(le, _)| *le)
+    }
+
+    /// "N x mean M ms, p50 ≤ A ms, p90 ≤ B ms, p99 ≤ C ms".
+    pub fn summary(&self) -> String {
+        let mean = if self.count == 0 {
+            0.0
+        } else {
+            self.sum / self.count as f64 * 1000.0
+        };
+        format!(
+            "{} x mean {mean:.1} ms, p50 ≤ {} ms, p90 ≤ {} ms, p99 ≤ {} ms",
+            self.count,
+            self.quantile_bound(0.5) * 1000.0,
+            self.quantile_bound(0.9) * 1000.0,
+            self.quantile_bound(0.99) * 1000.0
+        )
+    }
+}
+
+impl TestServer {
+    /// The histogram `name` on `/metrics`, by its labels as written there (`a="b"`).
+    pub fn histograms(&self, name: &str) -> BTreeMap<String, Histogram> {
+        let r = self.http("GET", "/metrics", None, Some(self.admin_token()));
+        let mut out: BTreeMap<String, Histogram> = BTreeMap::new();
+        for line in r.body.lines() {
+            let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix('_')) else {
+                continue;
+            };
+            let Some((series, value)) = rest.rsplit_once(' ') else {
+                continue;
+            };
+            let (what, labels) = series.split_once('{').unwrap_or((series, "}"));
+            let labels = labels.trim_end_matches('}');
+            let value: f64 = value.parse().unwrap_or(0.0);
+            match what {
+                "bucket" => {
+                    let (le, rest) = match labels.rsplit_once("le=\"") {
+                        Some((rest, le)) => (le.trim_end_matches('"'), rest),
+                        None => continue,
+                    };
+                    let le: f64 = if le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        le.parse().unwrap_or(f64::INFINITY)
+                    };
+                    let key = rest.trim_end_matches(',').to_string();
+                    out.entry(key).or_default().buckets.push((le, value as u64));
+                }
+                "sum" => out.entry(labels.to_string()).or_default().sum = value,
+                "count" => out.entry(labels.to_string()).or_default().count = value as u64,
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
 /// What the control loops did between two [`TestServer::loop_passes`] readings, as
 /// "name N x M ms" (passes and mean time of one), one loop after another.
 pub fn loop_passes_between(before: &LoopPasses, after: &LoopPasses) -> String {
