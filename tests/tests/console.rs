@@ -79,12 +79,18 @@ async fn wait_element(c: &Client, css: &str, what: &str) -> anyhow::Result<()> {
             Err(e) => last_error = Some(e),
         }
         if started.elapsed() > PAGE_WAIT {
-            let url = c.current_url().await?;
+            let url = match c.current_url().await {
+                Ok(u) => u.to_string(),
+                Err(e) => format!("(unknown: {e})"),
+            };
+            let page = text(c)
+                .await
+                .unwrap_or_else(|e| format!("(unreadable: {e})"));
             bail!(
                 "timed out after {:?} waiting for {what} ({css}); the browser is at {url} \
                  (last error: {last_error:?}), and the page shows:\n{}",
                 started.elapsed(),
-                text(c).await?
+                page
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -106,12 +106,12 @@ pub(super) async fn audit_login(
 }
 
 /// The login form's CSRF secret: the one this browser already holds in its login cookie when
-/// that is one the console made (64 hex digits), else a new one. Every login form open in a
+/// that is one the console made (64 lowercase hex digits), else a new one. Every login form open in a
 /// browser carries the same secret, so that one loaded later (in another tab, or a live page's
 /// request sent to the login after its session ended) does not void a form already shown.
 fn login_secret(headers: &HeaderMap) -> String {
     match session::cookie(headers, LOGIN_COOKIE) {
-        Some(c) if c.len() == 64 && c.bytes().all(|b| b.is_ascii_hexdigit()) => c.to_string(),
+        Some(c) if session::well_formed(c) => c.to_string(),
         _ => session::random_id(),
     }
 }

@@ -110,8 +110,9 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Whether `id` has the shape of a session id (what [`random_id`] makes).
-fn well_formed(id: &str) -> bool {
+/// Whether `id` has the shape of a session id or a login form's secret (what [`random_id`]
+/// makes).
+pub(super) fn well_formed(id: &str) -> bool {
     id.len() == 64
         && id
             .bytes()

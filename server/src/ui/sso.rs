@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use super::gate::redirect;
 use super::login::{Origin, audit_login, safe_next};
 use super::pages::{error_page, html, query_params};
-use super::session::{self, SESSION_COOKIE, SessionToken, set_cookie};
+use super::session::{self, LOGIN_COOKIE, SESSION_COOKIE, SessionToken, set_cookie};
 use crate::api::ApiState;
 use crate::audit::AuditResult;
 use crate::auth::oidc::sso::{AuthRequest, authorization_url, pkce_challenge, pkce_verifier};
@@ -428,6 +428,16 @@ async fn finish(
     resp.headers_mut().append(
         header::SET_COOKIE,
         set_cookie(SESSION_COOKIE, &info.id, None, state.secure_cookies()),
+    );
+    // The login form's secret ends with the login, as after a token's.
+    resp.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(
+            LOGIN_COOKIE,
+            "",
+            Some(std::time::Duration::ZERO),
+            state.secure_cookies(),
+        ),
     );
     resp
 }

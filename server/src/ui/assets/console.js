@@ -30,7 +30,7 @@
     // the page is loaded again instead, and the server says where to go.
     fetch(location.href, { credentials: "same-origin", redirect: "manual", headers: { "Accept": "text/html" } })
       .then(function (r) {
-        if (r.type === "opaqueredirect" || r.redirected || r.status === 401) { location.reload(); return null; }
+        if (r.type === "opaqueredirect" || r.status === 401) { location.reload(); return null; }
         return r.ok ? r.text() : null;
       })
       .then(function (html) {
@@ -96,7 +96,8 @@
   if (logs && window.fetch && window.TextDecoder) {
     var MAX = 2000;
     var lines = [];
-    fetch(logs.getAttribute("data-logs"), { credentials: "same-origin" }).then(function (r) {
+    fetch(logs.getAttribute("data-logs"), { credentials: "same-origin", redirect: "manual" }).then(function (r) {
+      if (r.type === "opaqueredirect") { location.reload(); return null; }
       if (!r.ok || !r.body) {
         return r.text().then(function (t) { logs.textContent = "Logs unavailable (" + r.status + ")"; });
       }
