@@ -95,6 +95,20 @@ impl Browser {
         self.send(f, Method::POST, path, Some(form)).await
     }
 
+    /// Posts the login form with its `csrf` field and the fixture's token; panics unless a
+    /// session opens.
+    async fn submit_login(&mut self, f: &Fixture, csrf: &str) {
+        let r = self
+            .post(
+                f,
+                "/ui/login",
+                &format!("csrf={csrf}&next=%2Fui%2F&token={}", f.token),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+        assert!(self.cookies.iter().any(|(k, _)| k == "ccui_session"));
+    }
+
     /// Logs in with `token`; panics unless the console takes it.
     async fn log_in(f: &Fixture, token: &str) -> (Browser, String) {
         let mut b = Browser::default();
@@ -151,14 +165,7 @@ async fn a_login_page_loaded_later_does_not_void_a_form_already_open() {
     // Another tab, or a live page whose session ended, loads the login page meanwhile.
     let later = b.get(&f, "/ui/login?next=/ui/instances").await.csrf();
     assert_eq!(later, open);
-    let r = b
-        .post(
-            &f,
-            "/ui/login",
-            &format!("csrf={open}&next=%2Fui%2F&token={}", f.token),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    b.submit_login(&f, &open).await;
     // A login cookie the console did not make is replaced, never echoed into the page.
     let mut odd = Browser {
         cookies: vec![("ccui_login".into(), "%22%3E%3Cscript%3E".into())],
@@ -170,14 +177,7 @@ async fn a_login_page_loaded_later_does_not_void_a_form_already_open() {
         "{csrf}"
     );
     assert!(!form.body.contains("script%3E"), "{}", form.body);
-    let r = odd
-        .post(
-            &f,
-            "/ui/login",
-            &format!("csrf={csrf}&next=%2Fui%2F&token={}", f.token),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    odd.submit_login(&f, &csrf).await;
 }
 
 #[tokio::test]
