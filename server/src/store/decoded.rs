@@ -301,8 +301,14 @@ impl DecodedCache {
         if written.is_empty() {
             return;
         }
-        // Here, after the commit, rather than in the writer's transaction: the writer is held
-        // for no work the cache alone needs.
+        // Only kinds the loops look at: an entry of a kind never listed would never be
+        // dropped once its object is deleted (a look at the kind drops those).
+        {
+            let kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+            written.retain(|d| kinds.contains_key(&d.key.kind));
+        }
+        // Here, after the commit, rather than in the writer's transaction (the writer is held
+        // for no work the cache alone needs), and outside the cache's lock.
         for d in &mut written {
             if let Ok(r) = &mut d.resource {
                 r.compact();
@@ -310,8 +316,6 @@ impl DecodedCache {
         }
         let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         for d in written {
-            // Only kinds the loops look at: an entry of a kind never listed would never be
-            // dropped once its object is deleted (a look at the kind drops those).
             let Some(of_kind) = kinds.get_mut(&d.key.kind) else {
                 continue;
             };
