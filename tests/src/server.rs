@@ -772,27 +772,16 @@ impl TestServer {
     /// Each control loop's passes so far, from `clusterclaw_control_loop_pass_seconds` on the
     /// server's `/metrics`.
     pub fn loop_passes(&self) -> LoopPasses {
-        let r = self.http("GET", "/metrics", None, Some(self.admin_token()));
-        let mut out = LoopPasses::new();
-        for line in r.body.lines() {
-            let Some(rest) = line.strip_prefix("clusterclaw_control_loop_pass_seconds_") else {
-                continue;
-            };
-            let Some((series, value)) = rest.rsplit_once(' ') else {
-                continue;
-            };
-            let Some((what, labels)) = series.split_once("{loop=\"") else {
-                continue;
-            };
-            let name = labels.trim_end_matches("\"}").to_string();
-            let value: f64 = value.parse().unwrap_or(0.0);
-            match what {
-                "count" => out.entry(name).or_default().0 = value as u64,
-                "sum" => out.entry(name).or_default().1 = value,
-                _ => {}
-            }
-        }
-        out
+        self.histograms("clusterclaw_control_loop_pass_seconds")
+            .into_iter()
+            .map(|(labels, h)| {
+                let name = labels
+                    .trim_start_matches("loop=\"")
+                    .trim_end_matches('"')
+                    .to_string();
+                (name, (h.count, h.sum))
+            })
+            .collect()
     }
 }
 
