@@ -797,7 +797,7 @@ mod connection {
     /// # fn choose_server_config(
     /// #     _: rustls::server::ClientHello,
     /// # ) -> std::sync::Arc<rustls::ServerConfig> {
-    /// #     unimplemented!();
+    /// #     panic!("the server's own choice of a ServerConfig");
     /// # }
     /// # #[allow(unused_variables)]
     /// # fn main() {
