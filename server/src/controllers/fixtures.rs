@@ -203,7 +203,7 @@ impl HostBuilder {
     }
 
     pub fn labels(mut self, labels: &[(&str, &str)]) -> Self {
-        self.host.metadata.labels = to_map(labels);
+        self.host.metadata.labels = to_map(labels).into();
         self
     }
 

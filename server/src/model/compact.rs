@@ -59,6 +59,7 @@ impl Host {
 
 fn metadata(m: &mut Metadata) {
     m.name.shrink_to_fit();
+    m.labels.shrink_to_fit();
     for s in [&mut m.tenant, &mut m.project, &mut m.uid, &mut m.created_at] {
         string(s);
     }
@@ -66,6 +67,7 @@ fn metadata(m: &mut Metadata) {
 
 fn instance_spec(spec: &mut InstanceSpec) {
     json_map(&mut spec.config.0);
+    spec.env.shrink_to_fit();
     spec.update_strategy.steps.shrink_to_fit();
 }
 

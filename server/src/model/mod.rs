@@ -8,6 +8,7 @@ mod names;
 mod quantity;
 mod resources;
 mod rollout;
+mod sorted_map;
 mod status;
 mod validate;
 mod waves;
@@ -19,6 +20,7 @@ pub use names::{validate_dns_label, validate_label_key, validate_label_value};
 pub use quantity::{format_cpu, format_memory, parse_cpu, parse_memory};
 pub use resources::*;
 pub use rollout::*;
+pub use sorted_map::SortedMap;
 pub use status::{summarize, summarize_at, unix_millis};
 pub use validate::{
     FieldProblem, MAX_ENV_VALUE_BYTES, MAX_HOSTNAME_BYTES, MAX_LABELS, MAX_OBJECT_BYTES,

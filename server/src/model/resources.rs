@@ -8,13 +8,13 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::FieldProblem;
 use super::config::{ConfigFragment, ConfigTemplateSpec, EnvValue, SecretSpec};
 use super::failover::Failover;
 use super::rollout::{
     RetainedVolume, RolloutStatus, SnapshotInfo, UpdateStrategy, VolumeRetention,
 };
 use super::waves::{RolloutSpec, WaveStatus};
+use super::{FieldProblem, SortedMap};
 
 /// The only API version this server speaks.
 pub const API_VERSION: &str = "clusterclaw.io/v1";
@@ -324,8 +324,9 @@ pub struct Metadata {
     /// RFC 3339 time of creation, set by the server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "SortedMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub labels: SortedMap<String, String>,
 }
 
 /// Limits on a tenant's or project's consumption.
@@ -419,9 +420,9 @@ pub struct InstanceSpec {
     #[serde(default, skip_serializing_if = "ConfigFragment::is_empty")]
     pub config: ConfigFragment,
     /// Environment variables of the Gateway container: text, or `{secretRef: {name, key}}`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "SortedMap::is_empty")]
     #[schema(value_type = BTreeMap<String, Object>)]
-    pub env: BTreeMap<String, EnvValue>,
+    pub env: SortedMap<String, EnvValue>,
     #[serde(default, skip_serializing_if = "is_default_placement")]
     pub placement: Placement,
     /// How replicas move to a new revision: `Rolling` (default) or `Canary`.
@@ -939,7 +940,7 @@ impl Default for InstanceSpec {
             resources: ResourceRequirements::default(),
             config_template: None,
             config: ConfigFragment::default(),
-            env: BTreeMap::new(),
+            env: SortedMap::new(),
             placement: Placement::default(),
             update_strategy: UpdateStrategy::default(),
             termination_grace_period: None,

@@ -270,8 +270,8 @@ fn check_host_text(field: &str, value: &str, max: usize, out: &mut Vec<FieldProb
     }
 }
 
-fn check_labels(
-    labels: &std::collections::BTreeMap<String, String>,
+fn check_labels<'a>(
+    labels: impl ExactSizeIterator<Item = (&'a String, &'a String)>,
     path: &str,
     out: &mut Vec<FieldProblem>,
 ) {
@@ -332,7 +332,7 @@ fn check_metadata(kind: Kind, m: &Metadata, out: &mut Vec<FieldProblem>) {
         }
         _ => scope_field("project", &m.project, scope == Scope::Project),
     }
-    check_labels(&m.labels, "metadata.labels", out);
+    check_labels(m.labels.iter(), "metadata.labels", out);
 }
 
 fn check_quota(q: &Option<Quota>, out: &mut Vec<FieldProblem>) {
@@ -458,7 +458,7 @@ pub fn validate_object(r: &Resource) -> Vec<FieldProblem> {
                 out.push(FieldProblem::new("spec.configTemplate", e));
             }
             check_labels(
-                &s.placement.host_selector,
+                s.placement.host_selector.iter(),
                 "spec.placement.hostSelector",
                 &mut out,
             );

@@ -23,6 +23,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::SortedMap;
 use super::rollout::{IntOrPercent, parse_duration};
 use super::validate::FieldProblem;
 
@@ -125,7 +126,7 @@ pub struct RolloutSelector {
 
 impl RolloutSelector {
     /// Whether an instance at `tenant/project` with `labels` is selected.
-    pub fn matches(&self, tenant: &str, project: &str, labels: &BTreeMap<String, String>) -> bool {
+    pub fn matches(&self, tenant: &str, project: &str, labels: &SortedMap<String, String>) -> bool {
         self.tenant.as_deref().is_none_or(|t| t == tenant)
             && self.project.as_deref().is_none_or(|p| p == project)
             && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))

@@ -108,7 +108,7 @@ mod tests {
             uid: m.uid.clone().unwrap(),
             generation: m.generation.unwrap(),
             resource_version: m.resource_version.unwrap(),
-            labels: m.labels.clone(),
+            labels: (&m.labels).into(),
             json: serde_json::to_string(&r.to_value()).unwrap(),
         }
     }

@@ -12,7 +12,7 @@ use super::{StoreError, StoredObject, Usage};
 use crate::configcenter::{self, LayerRef, SecretLookup};
 use crate::model::{
     ConfigTemplate, EnvValue, FieldProblem, Kind, ObjectKey, OpenClawInstance, Project, Resource,
-    SEALED_PREFIX, Secret, Tenant,
+    SEALED_PREFIX, Secret, SortedMap, Tenant,
 };
 use crate::openclaw::schema::Schema;
 use crate::openclaw::secretref::SecretRef;
@@ -141,7 +141,7 @@ pub struct RevisionContent {
     pub image: Option<String>,
     /// The effective config text, secret references in place.
     pub config: String,
-    pub env: Option<BTreeMap<String, EnvValue>>,
+    pub env: Option<SortedMap<String, EnvValue>>,
     pub resources: Option<RevisionResources>,
     pub secrets: Vec<RevisionSecret>,
 }

@@ -2,7 +2,7 @@
 //! secrets kept apart, revisions, join tokens, the audit chain, and what a change moves.
 //! They run inside an engine's write transaction ([`super::backend::Tx`]) with the next index.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::backend::Tx;
 use super::revisions::ChangeNote;
@@ -570,7 +570,7 @@ pub fn to_stored(r: &Resource) -> Result<StoredObject, StoreError> {
         uid: m.uid.clone().unwrap_or_default(),
         generation: m.generation.unwrap_or(1),
         resource_version: m.resource_version.unwrap_or(0),
-        labels: m.labels.clone(),
+        labels: BTreeMap::from(&m.labels),
         json,
     })
 }
