@@ -17,7 +17,7 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// See the module documentation.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct SortedMap<K, V>(Vec<(K, V)>);
 
 impl<K, V> Default for SortedMap<K, V> {
@@ -95,10 +95,6 @@ impl<K: Ord, V> SortedMap<K, V> {
         self.0.iter().map(|(_, v)| v)
     }
 
-    pub fn values_mut(&mut self) -> impl DoubleEndedIterator<Item = &mut V> + ExactSizeIterator {
-        self.0.iter_mut().map(|(_, v)| v)
-    }
-
     pub fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
         self.0.retain_mut(|(k, v)| keep(k, v));
     }
@@ -108,14 +104,15 @@ impl<K: Ord, V> SortedMap<K, V> {
     fn from_unsorted(mut entries: Vec<(K, V)>) -> Self {
         // A stable sort keeps the entries of one key in their given order.
         entries.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut kept: Vec<(K, V)> = Vec::with_capacity(entries.len());
-        for (k, v) in entries {
-            match kept.last_mut() {
-                Some(last) if last.0 == k => last.1 = v,
-                _ => kept.push((k, v)),
+        // In place: a later entry of a kept key hands its value over and is dropped.
+        entries.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                std::mem::swap(&mut later.1, &mut kept.1);
             }
-        }
-        SortedMap(kept)
+            same
+        });
+        SortedMap(entries)
     }
 
     /// Gives back spare room (see [`crate::model::Resource::compact`]).
@@ -136,12 +133,6 @@ impl<'a, K, V> Iterator for Iter<'a, K, V> {
 
     fn size_hint(&self) -> (usize, Option<usize>) {
         self.0.size_hint()
-    }
-}
-
-impl<K, V> DoubleEndedIterator for Iter<'_, K, V> {
-    fn next_back(&mut self) -> Option<Self::Item> {
-        self.0.next_back().map(|(k, v)| (k, v))
     }
 }
 
