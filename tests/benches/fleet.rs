@@ -348,6 +348,7 @@ fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
 
     // 1. Enrollment: every host enrolls and starts its loops; then all Ready.
     let ready_tally = Tally::start(&server, "/api/v1/hosts", ready_host)?;
+    let enroll_passes = server.loop_passes();
     let started = Instant::now();
     let fleet = {
         let _guard = rt.enter();
@@ -385,6 +386,10 @@ fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
         hosts as f64 / row.enrolled_secs,
         row.ready_secs
     );
+    println!(
+        "  control loop passes while enrolling: {}",
+        loop_passes_between(&enroll_passes, &server.loop_passes())
+    );
 
     drop(ready_tally);
 
@@ -416,6 +421,7 @@ fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
         &format!("/api/v1/tenants/{TENANT}/projects/{PROJECT}/instances"),
         running_replicas,
     )?;
+    let place_passes = server.loop_passes();
     let applied = Instant::now();
     apply(&server, docs)?;
     let answered = applied.elapsed();
@@ -461,6 +467,10 @@ fn run_size(hosts: usize, idle: Duration) -> anyhow::Result<Row> {
     }
     row.running_secs = applied.elapsed().as_secs_f64();
     println!("  all Running after {:.2} s", row.running_secs);
+    println!(
+        "  control loop passes while placing: {}",
+        loop_passes_between(&place_passes, &server.loop_passes())
+    );
     drop(running_tally);
 
     // 4. Idle with every replica placed and running.
