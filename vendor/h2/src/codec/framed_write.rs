@@ -72,12 +72,18 @@ const DEFAULT_BUFFER_CAPACITY: usize = 16 * 1_024;
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
 /// will never advertise a max frame size less than this (well, the spec says
 /// the max frame size can't be less than 16kb, so not even close).
-const CHAIN_THRESHOLD: usize = 256;
+///
+/// A chained payload must be written before any other frame is buffered, so
+/// the frames after it go out in a write of their own: a gRPC response of a
+/// few hundred bytes and its trailers took two writes (and, under TLS, two
+/// records). Payloads under 4 KiB are copied into the buffer instead; TLS
+/// copies them into a record anyway.
+const CHAIN_THRESHOLD: usize = 4 * 1_024;
 
 /// Chain payloads bigger than this when vectored I/O is **not** enabled.
 /// A larger value in this scenario will reduce the number of small and
 /// fragmented data being sent, and hereby improve the throughput.
-const CHAIN_THRESHOLD_WITHOUT_VECTORED_IO: usize = 1024;
+const CHAIN_THRESHOLD_WITHOUT_VECTORED_IO: usize = 4 * 1_024;
 
 // TODO: Make generic
 impl<T, B> FramedWrite<T, B>
