@@ -940,6 +940,8 @@ pub struct PassReport {
     pub requeue_after: Option<Duration>,
     /// The store index after the last write, if anything was written.
     pub index: Option<u64>,
+    /// Whether the pass found nothing to do without planning (see [`Settled`]).
+    pub quiet: bool,
 }
 
 /// Every replica's host, by ordinal.
@@ -976,6 +978,63 @@ pub fn reconcile_once(store: &dyn Store) -> Result<PassReport, SchedulerError> {
 #[derive(Debug, Default)]
 pub struct Settled {
     by_key: HashMap<ObjectKey, (u64, InstancePlan)>,
+    /// Set by a pass that found nothing to do; see [`Quiet`].
+    quiet: Option<Quiet>,
+}
+
+/// How long a pass may lean on [`Quiet`] before it plans everything again regardless.
+pub const QUIET_RECHECK: Duration = Duration::from_secs(30);
+
+/// What a pass that found every replica placed and nothing to write leaves for the next: while
+/// no instance is written, a change of hosts can only matter if it removes a host that holds
+/// replicas (they must go elsewhere), turns such a host away from Ready (failover may come due)
+/// or leaves a host's `status.allocated` different from what is placed there. Anything else (a
+/// host enrolled, a heartbeat's refresh, a label, a cordon) changes no placement while nothing
+/// waits for a host, so the next pass checks those three against the hosts alone instead of
+/// planning every host again: enrolling 10,000 hosts no longer plans 10,000 hosts per pass.
+#[derive(Debug)]
+struct Quiet {
+    /// The instance list the pass read: the decoded cache hands out the same list while no
+    /// instance is written, and a new one as soon as one is.
+    instances: crate::store::decoded::DecodedList,
+    /// What is placed on each host holding replicas (the others hold nothing).
+    allocated: HashMap<String, HostResources>,
+    /// When the pass that planned ran.
+    planned_at: std::time::Instant,
+}
+
+impl Quiet {
+    /// Whether a pass reading `instances` and `hosts` would find nothing to do either.
+    fn holds(
+        &self,
+        instances: &crate::store::decoded::DecodedList,
+        hosts: &[Arc<Decoded>],
+    ) -> bool {
+        if !Arc::ptr_eq(&self.instances, instances) || self.planned_at.elapsed() >= QUIET_RECHECK {
+            return false;
+        }
+        let nothing = HostResources::nothing_placed();
+        let mut holding = 0;
+        for o in hosts {
+            let Ok(Resource::Host(host)) = &o.resource else {
+                return false;
+            };
+            let Some(status) = host.status.as_ref() else {
+                return false;
+            };
+            match self.allocated.get(host.metadata.name.as_str()) {
+                Some(allocated) => {
+                    holding += 1;
+                    if status.phase != HostPhase::Ready || status.allocated != *allocated {
+                        return false;
+                    }
+                }
+                None if status.allocated != nothing => return false,
+                None => {}
+            }
+        }
+        holding == self.allocated.len()
+    }
 }
 
 /// [`reconcile_once`], trying plans only on instances `settled` does not hold; keeps
@@ -993,6 +1052,17 @@ pub fn reconcile_settled(
     let instance_objects = list(Kind::OpenClawInstance)?;
     let host_objects = list(Kind::Host)?;
     let mut report = PassReport::default();
+    if settled
+        .quiet
+        .as_ref()
+        .is_some_and(|q| q.holds(&instance_objects, &host_objects))
+    {
+        report.instances = instance_objects.len();
+        report.hosts = host_objects.len();
+        report.quiet = true;
+        return Ok(report);
+    }
+    settled.quiet = None;
 
     // Each readable instance with its key, as the store gave it (in key order).
     let mut keyed: Vec<(&ObjectKey, &OpenClawInstance)> =
@@ -1129,6 +1199,26 @@ pub fn reconcile_settled(
         }
     }
     crate::events::record_all(store, events);
+    // Without a decoded cache every list is a new one: no pass could be quiet.
+    if keys.is_empty()
+        && store.decoded_cache().is_some()
+        && report.skipped == 0
+        && report.unplaced_replicas == 0
+        && decided.moves.is_empty()
+        && decided.next_failover.is_none()
+    {
+        let nothing = HostResources::nothing_placed();
+        settled.quiet = Some(Quiet {
+            instances: Arc::clone(&instance_objects),
+            allocated: decided
+                .hosts
+                .iter()
+                .filter(|(_, a)| **a != nothing)
+                .map(|(name, a)| (name.clone(), a.clone()))
+                .collect(),
+            planned_at: std::time::Instant::now(),
+        });
+    }
     Ok(report)
 }
 

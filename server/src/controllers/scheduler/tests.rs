@@ -1621,3 +1621,153 @@ fn a_pass_tries_plans_only_on_instances_written_since_their_last_try() {
     assert_eq!(fresh.instances_written, 0);
     assert_eq!(fresh.tried, 3);
 }
+
+/// Passes until one writes nothing; returns how many it took.
+fn settle(c: &Cluster, settled: &mut Settled) -> usize {
+    for n in 1..=5 {
+        let r = reconcile_settled(c.store.as_ref(), settled).unwrap();
+        if r.instances_written + r.hosts_written == 0 {
+            return n;
+        }
+    }
+    panic!("the scheduler kept writing");
+}
+
+/// A host as enrollment writes it: Ready once it reports, with nothing placed recorded.
+fn enrolled(name: &str) -> Host {
+    let mut h = HostBuilder::new(name).build();
+    h.status.as_mut().expect("status").allocated = HostResources::nothing_placed();
+    h
+}
+
+fn update_host(c: &Cluster, name: &str, f: impl Fn(&mut Host)) {
+    c.store
+        .update(&ObjectKey::cluster(Kind::Host, name), &mut |r| match r {
+            Resource::Host(h) => {
+                f(h);
+                true
+            }
+            _ => false,
+        })
+        .unwrap();
+}
+
+#[test]
+fn hosts_that_change_no_placement_are_not_planned_again() {
+    let c = Cluster::new();
+    c.add_host(enrolled("h1"));
+    c.add_host(enrolled("h2"));
+    c.apply(InstanceBuilder::new("a").replicas(2).memory("1Gi").build());
+    let mut settled = Settled::default();
+    settle(&c, &mut settled);
+    let quiet = reconcile_settled(c.store.as_ref(), &mut settled).unwrap();
+    assert!(quiet.quiet, "nothing changed: {quiet:?}");
+    assert_eq!((quiet.instances, quiet.hosts), (1, 2));
+
+    // A host enrolls, another is cordoned and relabelled, a third's status is refreshed: no
+    // placement can change, and a pass from scratch agrees.
+    c.add_host(enrolled("h3"));
+    update_host(&c, "h2", |h| {
+        h.spec.unschedulable = true;
+        h.metadata.labels.insert("zone".into(), "b".into());
+    });
+    update_host(&c, "h1", |h| {
+        h.status.as_mut().expect("status").last_heartbeat = Some(NOW.into());
+    });
+    let r = reconcile_settled(c.store.as_ref(), &mut settled).unwrap();
+    assert!(r.quiet, "{r:?}");
+    assert_eq!(r.hosts, 3);
+    let fresh = reconcile_once(c.store.as_ref()).unwrap();
+    assert_eq!(
+        (fresh.instances_written, fresh.hosts_written),
+        (0, 0),
+        "the quiet pass missed work"
+    );
+
+    // A host holding a replica turns NotReady: planned again (failover may come due).
+    update_host(&c, "h1", |h| {
+        let s = h.status.as_mut().expect("status");
+        s.phase = HostPhase::NotReady;
+        s.not_ready_since = Some(NOW.into());
+    });
+    let r = reconcile_settled(c.store.as_ref(), &mut settled).unwrap();
+    assert!(!r.quiet, "{r:?}");
+    update_host(&c, "h1", |h| {
+        let s = h.status.as_mut().expect("status");
+        s.phase = HostPhase::Ready;
+        s.not_ready_since = None;
+    });
+    settle(&c, &mut settled);
+
+    // A host's recorded allocation differs from what is placed there, on a host holding a
+    // replica and on one holding none: planned again, and each is written back.
+    update_host(&c, "h1", |h| {
+        h.status.as_mut().expect("status").allocated = HostResources::default();
+    });
+    let r = reconcile_settled(c.store.as_ref(), &mut settled).unwrap();
+    assert!(!r.quiet, "{r:?}");
+    assert_eq!(r.hosts_written, 1, "{r:?}");
+    settle(&c, &mut settled);
+    assert!(
+        reconcile_settled(c.store.as_ref(), &mut settled)
+            .unwrap()
+            .quiet
+    );
+    update_host(&c, "h3", |h| {
+        h.status.as_mut().expect("status").allocated = HostResources::default();
+    });
+    let r = reconcile_settled(c.store.as_ref(), &mut settled).unwrap();
+    assert!(!r.quiet, "{r:?}");
+    assert_eq!(r.hosts_written, 1, "{r:?}");
+    settle(&c, &mut settled);
+
+    // A host holding a replica is removed: planned again, and its replica goes to the only
+    // host left without one (h3).
+    assert_eq!(
+        c.placement("a"),
+        [Some("h1".to_string()), Some("h2".to_string())]
+    );
+    c.store
+        .delete(&ObjectKey::cluster(Kind::Host, "h2"), None)
+        .unwrap();
+    let r = reconcile_settled(c.store.as_ref(), &mut settled).unwrap();
+    assert!(!r.quiet, "{r:?}");
+    assert_eq!(r.instances_written, 1, "{r:?}");
+    assert_eq!(
+        c.placement("a"),
+        [Some("h1".to_string()), Some("h3".to_string())]
+    );
+    settle(&c, &mut settled);
+    assert!(
+        reconcile_settled(c.store.as_ref(), &mut settled)
+            .unwrap()
+            .quiet
+    );
+
+    // An instance written: planned again.
+    c.apply(InstanceBuilder::new("b").replicas(1).memory("1Gi").build());
+    let r = reconcile_settled(c.store.as_ref(), &mut settled).unwrap();
+    assert!(!r.quiet, "{r:?}");
+    assert_eq!(r.instances_written, 1);
+}
+
+#[test]
+fn a_replica_waiting_for_a_host_keeps_every_pass_planning() {
+    let c = Cluster::new();
+    c.add_host(enrolled("h1"));
+    c.apply(InstanceBuilder::new("a").replicas(2).memory("6Gi").build());
+    let mut settled = Settled::default();
+    settle(&c, &mut settled);
+    let r = reconcile_settled(c.store.as_ref(), &mut settled).unwrap();
+    assert!(!r.quiet, "a replica is unplaced: {r:?}");
+    assert_eq!(r.unplaced_replicas, 1);
+
+    // The host it waits for enrolls: the next pass places it.
+    c.add_host(enrolled("h2"));
+    let r = reconcile_settled(c.store.as_ref(), &mut settled).unwrap();
+    assert_eq!((r.unplaced_replicas, r.instances_written), (0, 1), "{r:?}");
+    assert_eq!(
+        c.placement("a"),
+        [Some("h1".to_string()), Some("h2".to_string())]
+    );
+}
