@@ -1701,25 +1701,20 @@ fn hosts_that_change_no_placement_are_not_planned_again() {
 
     // A host's recorded allocation differs from what is placed there, on a host holding a
     // replica and on one holding none: planned again, and each is written back.
-    update_host(&c, "h1", |h| {
-        h.status.as_mut().expect("status").allocated = HostResources::default();
-    });
-    let r = reconcile_settled(c.store.as_ref(), &mut settled).unwrap();
-    assert!(!r.quiet, "{r:?}");
-    assert_eq!(r.hosts_written, 1, "{r:?}");
-    settle(&c, &mut settled);
-    assert!(
-        reconcile_settled(c.store.as_ref(), &mut settled)
-            .unwrap()
-            .quiet
-    );
-    update_host(&c, "h3", |h| {
-        h.status.as_mut().expect("status").allocated = HostResources::default();
-    });
-    let r = reconcile_settled(c.store.as_ref(), &mut settled).unwrap();
-    assert!(!r.quiet, "{r:?}");
-    assert_eq!(r.hosts_written, 1, "{r:?}");
-    settle(&c, &mut settled);
+    for host in ["h1", "h3"] {
+        update_host(&c, host, |h| {
+            h.status.as_mut().expect("status").allocated = HostResources::default();
+        });
+        let r = reconcile_settled(c.store.as_ref(), &mut settled).unwrap();
+        assert!(!r.quiet, "{host}: {r:?}");
+        assert_eq!(r.hosts_written, 1, "{host}: {r:?}");
+        settle(&c, &mut settled);
+        assert!(
+            reconcile_settled(c.store.as_ref(), &mut settled)
+                .unwrap()
+                .quiet
+        );
+    }
 
     // A host holding a replica is removed: planned again, and its replica goes to the only
     // host left without one (h3).
