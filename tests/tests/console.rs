@@ -54,16 +54,48 @@ async fn shot(c: &Client, name: &str) -> anyhow::Result<()> {
 
 async fn log_in(c: &Client, api: &str, token: &str) -> anyhow::Result<()> {
     step("logging in");
-    c.goto(&format!("{api}/ui/login")).await?;
-    c.find(Locator::Id("token")).await?.send_keys(token).await?;
-    click(c, "form button[type=submit]").await?;
-    wait_element(c, "#who", "the page after logging in").await
+    for attempt in 1..=2 {
+        c.goto(&format!("{api}/ui/login")).await?;
+        c.find(Locator::Id("token")).await?.send_keys(token).await?;
+        click(c, "form button[type=submit]").await?;
+        match wait_element(c, "#who", "the page after logging in").await {
+            Err(e) if attempt == 1 && network_changed(c).await => {
+                step(&format!("{e:#}; logging in again"));
+            }
+            done => return done,
+        }
+    }
+    unreachable!("the second attempt returns")
 }
 
 async fn log_out(c: &Client) -> anyhow::Result<()> {
     step("logging out");
     click(c, "form.logout button").await?;
-    wait_element(c, "#token", "the login page after logging out").await
+    match wait_element(c, "#token", "the login page after logging out").await {
+        Err(e) if network_changed(c).await => {
+            // Whether the first post reached the server or not, the console's front page
+            // shows the login form once the session is gone.
+            step(&format!("{e:#}; logging out again"));
+            let mut url = c.current_url().await?;
+            url.set_path("/ui/");
+            c.goto(url.as_str()).await?;
+            if text_of(c, "#token").await?.is_none() {
+                click(c, "form.logout button").await?;
+            }
+            wait_element(c, "#token", "the login page after logging out again").await
+        }
+        done => done,
+    }
+}
+
+/// Chromium's own error page for a navigation it dropped because the machine's addresses
+/// changed: the agent of this test creates and removes Docker networks, each a bridge with an
+/// address of its own, and a form's post under way when that happens is lost, not answered.
+const NETWORK_CHANGED: &str = "ERR_NETWORK_CHANGED";
+
+/// Whether the browser shows Chromium's error page for a dropped navigation.
+async fn network_changed(c: &Client) -> bool {
+    text(c).await.is_ok_and(|t| t.contains(NETWORK_CHANGED))
 }
 
 /// Waits (up to [`PAGE_WAIT`]) until an element `css` selects is on the page; the error names
@@ -77,6 +109,13 @@ async fn wait_element(c: &Client, css: &str, what: &str) -> anyhow::Result<()> {
             Ok(Some(_)) => return Ok(()),
             Ok(None) => {}
             Err(e) => last_error = Some(e),
+        }
+        if network_changed(c).await {
+            bail!(
+                "waiting for {what} ({css}): the browser dropped the navigation ({NETWORK_CHANGED}) \
+                 after {:?}",
+                started.elapsed()
+            );
         }
         if started.elapsed() > PAGE_WAIT {
             let url = match c.current_url().await {
