@@ -54,18 +54,21 @@ async fn shot(c: &Client, name: &str) -> anyhow::Result<()> {
 
 async fn log_in(c: &Client, api: &str, token: &str) -> anyhow::Result<()> {
     step("logging in");
-    for attempt in 1..=2 {
-        c.goto(&format!("{api}/ui/login")).await?;
-        c.find(Locator::Id("token")).await?.send_keys(token).await?;
-        click(c, "form button[type=submit]").await?;
-        match wait_element(c, "#who", "the page after logging in").await {
-            Err(e) if attempt == 1 && network_changed(c).await => {
-                step(&format!("{e:#}; logging in again"));
-            }
-            done => return done,
+    match send_login(c, api, token).await {
+        Err(e) if network_changed(c).await => {
+            step(&format!("{e:#}; logging in again"));
+            send_login(c, api, token).await
         }
+        done => done,
     }
-    unreachable!("the second attempt returns")
+}
+
+/// Fills in and sends the login form, then waits for the page it brings.
+async fn send_login(c: &Client, api: &str, token: &str) -> anyhow::Result<()> {
+    c.goto(&format!("{api}/ui/login")).await?;
+    c.find(Locator::Id("token")).await?.send_keys(token).await?;
+    click(c, "form button[type=submit]").await?;
+    wait_element(c, "#who", "the page after logging in").await
 }
 
 async fn log_out(c: &Client) -> anyhow::Result<()> {
