@@ -27,6 +27,11 @@ pub type Blame<'a> = &'a dyn Fn(&ObjectKey, StoreError) -> StoreError;
 pub trait Tx {
     /// One object, or `None`.
     fn get(&mut self, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError>;
+    /// An object's uid and `resourceVersion` without its body, or `None`: what an update needs
+    /// to find the object in the decoded cache (a large instance's body is tens of KiB).
+    fn head(&mut self, key: &ObjectKey) -> Result<Option<(String, u64)>, StoreError> {
+        Ok(self.get(key)?.map(|o| (o.uid, o.resource_version)))
+    }
     /// Whether the object exists.
     fn exists(&mut self, key: &ObjectKey) -> Result<bool, StoreError> {
         Ok(self.get(key)?.is_some())

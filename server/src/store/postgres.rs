@@ -1192,6 +1192,16 @@ impl Tx for PgTx<'_, '_> {
         .transpose()
     }
 
+    fn head(&mut self, key: &ObjectKey) -> Result<Option<(String, u64)>, StoreError> {
+        self.query_opt(
+            "SELECT uid, resource_version FROM objects
+             WHERE kind = $1 AND tenant = $2 AND project = $3 AND name = $4",
+            &[&key.kind.as_str(), &key.tenant, &key.project, &key.name],
+        )?
+        .map(|r| Ok((r.try_get(0)?, r.try_get::<_, i64>(1)? as u64)))
+        .transpose()
+    }
+
     fn exists(&mut self, key: &ObjectKey) -> Result<bool, StoreError> {
         Ok(self
             .query_opt(

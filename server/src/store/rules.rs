@@ -371,15 +371,22 @@ impl<'a> Seeds<'a> {
         self.written
     }
 
-    /// `existing`, decoded: the cache's copy when it holds this very version.
-    fn read(&self, existing: &StoredObject) -> Result<Resource, StoreError> {
-        let cached = self
+    /// The object at `key` as stored now, decoded, or `None` when there is none: the cache's
+    /// copy when it holds the stored version (only the row's uid and version are read), else
+    /// the row, read and decoded.
+    fn current(&self, tx: &mut dyn Tx, key: &ObjectKey) -> Result<Option<Resource>, StoreError> {
+        let Some((uid, version)) = tx.head(key)? else {
+            return Ok(None);
+        };
+        if let Some(Ok(r)) = self
             .cache
-            .get(&existing.key, &existing.uid, existing.resource_version);
-        match cached.as_deref().map(|d| &d.resource) {
-            Some(Ok(r)) => Ok(r.clone()),
-            _ => existing.resource(),
+            .get(key, &uid, version)
+            .as_deref()
+            .map(|d| &d.resource)
+        {
+            return Ok(Some(r.clone()));
         }
+        tx.get(key)?.map(|existing| existing.resource()).transpose()
     }
 }
 
@@ -387,18 +394,17 @@ impl<'a> Seeds<'a> {
 /// kept and `resourceVersion` set to `next`. The object written is handed to `seeds`.
 fn update_one(
     tx: &mut dyn Tx,
-    existing: StoredObject,
+    key: &ObjectKey,
+    before: Resource,
     next: u64,
     change: &mut dyn FnMut(&mut Resource) -> bool,
     seeds: &mut Seeds<'_>,
 ) -> Result<Effect, StoreError> {
-    let key = existing.key.clone();
-    let before = seeds.read(&existing)?;
     let mut after = before.clone();
     if !change(&mut after) || after == before {
         return Ok(Effect::Unchanged);
     }
-    if after.key() != key {
+    if after.key() != *key {
         return Err(StoreError::Backend(format!(
             "an update of {key} tried to rename it to {}",
             after.key()
@@ -431,10 +437,10 @@ pub fn update_key(
     change: &mut dyn FnMut(&mut Resource) -> bool,
     seeds: &mut Seeds<'_>,
 ) -> Result<Effect, StoreError> {
-    let existing = tx
-        .get(key)?
+    let before = seeds
+        .current(tx, key)?
         .ok_or_else(|| StoreError::NotFound(key.clone()))?;
-    update_one(tx, existing, next, change, seeds)
+    update_one(tx, key, before, next, change, seeds)
 }
 
 /// [`super::Store::update_many`] inside `tx`: keys that no longer exist are skipped.
@@ -447,8 +453,8 @@ pub fn update_many(
 ) -> Result<Effect, StoreError> {
     let mut effect = Effect::Unchanged;
     for key in keys {
-        if let Some(existing) = tx.get(key)? {
-            effect = effect.max(update_one(tx, existing, next, change, seeds)?);
+        if let Some(before) = seeds.current(tx, key)? {
+            effect = effect.max(update_one(tx, key, before, next, change, seeds)?);
         }
     }
     Ok(effect)

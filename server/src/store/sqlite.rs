@@ -991,6 +991,20 @@ impl Tx for SqliteTx<'_> {
         get_in(self.0, key)
     }
 
+    fn head(&mut self, key: &ObjectKey) -> Result<Option<(String, u64)>, StoreError> {
+        // The body is the row's last column: its overflow pages are not read.
+        let mut stmt = self.0.prepare_cached(
+            "SELECT uid, resource_version FROM objects
+             WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4",
+        )?;
+        Ok(stmt
+            .query_row(
+                params![key.kind.as_str(), key.tenant, key.project, key.name],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)),
+            )
+            .optional()?)
+    }
+
     fn exists(&mut self, key: &ObjectKey) -> Result<bool, StoreError> {
         exists_in(self.0, key)
     }
@@ -2559,6 +2573,49 @@ mod tests {
             let p = PathBuf::from(format!("{}{suffix}", path.display()));
             assert_eq!(mode(&p), 0o600, "{}", p.display());
         }
+    }
+
+    #[test]
+    fn an_update_reads_only_the_row_head_when_the_cache_holds_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("c.db")).unwrap();
+        apply(
+            &store,
+            vec![
+                tenant("acme"),
+                project("acme", "web"),
+                instance("acme", "web", "bot", 1, "eu"),
+            ],
+        )
+        .unwrap();
+        // Instances are in the decoded cache once looked at; tenants are not.
+        crate::store::decoded::list_decoded(&store, Kind::OpenClawInstance).unwrap();
+        let bot = ObjectKey::instance("acme", "web", "bot");
+        let acme = ObjectKey::cluster(Kind::Tenant, "acme");
+        // Bodies that cannot even be read as text, at the versions stored.
+        lock(&store.writer)
+            .execute(
+                "UPDATE objects SET body = X'FF' WHERE name IN ('bot', 'acme')",
+                [],
+            )
+            .unwrap();
+        let relabel = |r: &mut Resource| {
+            r.metadata_mut().labels.insert("tier".into(), "gold".into());
+            true
+        };
+        // The instance starts from the cache's copy, and is written whole from it.
+        store.update(&bot, &mut { relabel }).unwrap();
+        let Resource::OpenClawInstance(i) = store.get(&bot).unwrap().unwrap().resource().unwrap()
+        else {
+            panic!("not an instance");
+        };
+        assert_eq!(
+            i.metadata.labels.get("tier").map(String::as_str),
+            Some("gold")
+        );
+        assert_eq!(i.spec.replicas, 1);
+        // Without a cached copy the row itself is read, and fails.
+        assert!(store.update(&acme, &mut { relabel }).is_err());
     }
 
     #[test]
