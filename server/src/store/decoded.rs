@@ -268,8 +268,10 @@ impl DecodedCache {
         let of_kind = kinds.entry(kind).or_default();
         for d in fresh.into_iter().flatten() {
             // A writer may have seeded a newer version meanwhile: kept.
+            // At an equal version the later one wins: one transaction that wrote a key twice
+            // gave both writes its version, and the row holds the last.
             match of_kind.by_key.get(&d.key) {
-                Some(have) if have.uid == d.uid && have.resource_version >= d.resource_version => {}
+                Some(have) if have.uid == d.uid && have.resource_version > d.resource_version => {}
                 _ => {
                     of_kind.by_key.insert(d.key.clone(), d);
                 }
@@ -319,8 +321,10 @@ impl DecodedCache {
             let Some(of_kind) = kinds.get_mut(&d.key.kind) else {
                 continue;
             };
+            // At an equal version the later one wins: one transaction that wrote a key twice
+            // gave both writes its version, and the row holds the last.
             match of_kind.by_key.get(&d.key) {
-                Some(have) if have.uid == d.uid && have.resource_version >= d.resource_version => {}
+                Some(have) if have.uid == d.uid && have.resource_version > d.resource_version => {}
                 _ => {
                     of_kind.by_key.insert(d.key.clone(), Arc::new(d));
                 }

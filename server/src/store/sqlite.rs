@@ -992,7 +992,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn head(&mut self, key: &ObjectKey) -> Result<Option<(String, u64)>, StoreError> {
-        // The body is the row's last column: its overflow pages are not read.
+        // Only columns before the body are read: its overflow pages stay unread.
         let mut stmt = self.0.prepare_cached(
             "SELECT uid, resource_version FROM objects
              WHERE kind = ?1 AND tenant = ?2 AND project = ?3 AND name = ?4",
@@ -2616,6 +2616,42 @@ mod tests {
         assert_eq!(i.spec.replicas, 1);
         // Without a cached copy the row itself is read, and fails.
         assert!(store.update(&acme, &mut { relabel }).is_err());
+    }
+
+    #[test]
+    fn a_key_updated_twice_in_one_batch_is_cached_as_last_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("c.db")).unwrap();
+        apply(
+            &store,
+            vec![
+                tenant("acme"),
+                project("acme", "web"),
+                instance("acme", "web", "bot", 1, "eu"),
+            ],
+        )
+        .unwrap();
+        crate::store::decoded::list_decoded(&store, Kind::OpenClawInstance).unwrap();
+        let bot = ObjectKey::instance("acme", "web", "bot");
+        // Both writes take the batch's one version; the row holds the second.
+        let mut n = 0;
+        store
+            .update_many(&[bot.clone(), bot.clone()], &mut |r| {
+                n += 1;
+                r.metadata_mut().labels.insert("n".into(), n.to_string());
+                true
+            })
+            .unwrap();
+        store
+            .update(&bot, &mut |r| {
+                r.metadata_mut().labels.insert("tier".into(), "gold".into());
+                true
+            })
+            .unwrap();
+        let stored = store.get(&bot).unwrap().unwrap().resource().unwrap();
+        let labels = &stored.metadata().labels;
+        assert_eq!(labels.get("n").map(String::as_str), Some("2"), "{labels:?}");
+        assert_eq!(labels.get("tier").map(String::as_str), Some("gold"));
     }
 
     #[test]
