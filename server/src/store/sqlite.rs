@@ -2575,8 +2575,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_update_reads_only_the_row_head_when_the_cache_holds_its_version() {
+    /// A store holding tenant `acme`, project `web` and instance `bot`, with the instances in
+    /// the decoded cache (looked at once; tenants are not).
+    fn store_with_cached_bot() -> (tempfile::TempDir, SqliteStore, ObjectKey) {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("c.db")).unwrap();
         apply(
@@ -2588,9 +2589,13 @@ mod tests {
             ],
         )
         .unwrap();
-        // Instances are in the decoded cache once looked at; tenants are not.
         crate::store::decoded::list_decoded(&store, Kind::OpenClawInstance).unwrap();
-        let bot = ObjectKey::instance("acme", "web", "bot");
+        (dir, store, ObjectKey::instance("acme", "web", "bot"))
+    }
+
+    #[test]
+    fn an_update_reads_only_the_row_head_when_the_cache_holds_its_version() {
+        let (_dir, store, bot) = store_with_cached_bot();
         let acme = ObjectKey::cluster(Kind::Tenant, "acme");
         // Bodies that cannot even be read as text, at the versions stored.
         lock(&store.writer)
@@ -2620,19 +2625,7 @@ mod tests {
 
     #[test]
     fn a_key_updated_twice_in_one_batch_is_cached_as_last_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("c.db")).unwrap();
-        apply(
-            &store,
-            vec![
-                tenant("acme"),
-                project("acme", "web"),
-                instance("acme", "web", "bot", 1, "eu"),
-            ],
-        )
-        .unwrap();
-        crate::store::decoded::list_decoded(&store, Kind::OpenClawInstance).unwrap();
-        let bot = ObjectKey::instance("acme", "web", "bot");
+        let (_dir, store, bot) = store_with_cached_bot();
         // Both writes take the batch's one version; the row holds the second.
         let mut n = 0;
         store
