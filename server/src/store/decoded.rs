@@ -267,11 +267,9 @@ impl DecodedCache {
         let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         let of_kind = kinds.entry(kind).or_default();
         for d in fresh.into_iter().flatten() {
-            // A writer may have seeded a newer version meanwhile: kept.
-            // At an equal version the later one wins: one transaction that wrote a key twice
-            // gave both writes its version, and the row holds the last.
+            // A writer may have seeded a newer version meanwhile (or this one): kept.
             match of_kind.by_key.get(&d.key) {
-                Some(have) if have.uid == d.uid && have.resource_version > d.resource_version => {}
+                Some(have) if have.uid == d.uid && have.resource_version >= d.resource_version => {}
                 _ => {
                     of_kind.by_key.insert(d.key.clone(), d);
                 }
